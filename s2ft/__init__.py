@@ -1,0 +1,45 @@
+"""s2ft: Structured Sparse Fine-Tuning (S2FT) for Llama-like decoders, with adapters in original coordinates."""
+
+__version__ = "0.1.0"
+
+from s2ft.adapter import (  # noqa: E402
+    Adapter,
+    AdapterError,
+    fuse_adapters,
+    load_adapter,
+    load_adapter_file,
+    merge_adapter,
+    merge_and_unload,
+    save_adapter,
+    switch_adapter,
+    trainable_parameter_count,
+    unmerge_adapter,
+)
+from s2ft.api import apply_s2ft  # noqa: E402
+from s2ft.config import S2FTConfig, S2FTConfigError  # noqa: E402
+from s2ft.layers import S2FTLinear  # noqa: E402
+from s2ft.permute import permute_model  # noqa: E402
+from s2ft.selection import select_units  # noqa: E402
+from s2ft.structures import find_structures  # noqa: E402
+
+__all__ = [
+    "Adapter",
+    "AdapterError",
+    "S2FTConfig",
+    "S2FTConfigError",
+    "S2FTLinear",
+    "__version__",
+    "apply_s2ft",
+    "find_structures",
+    "fuse_adapters",
+    "load_adapter",
+    "load_adapter_file",
+    "merge_adapter",
+    "merge_and_unload",
+    "permute_model",
+    "save_adapter",
+    "select_units",
+    "switch_adapter",
+    "trainable_parameter_count",
+    "unmerge_adapter",
+]

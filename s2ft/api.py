@@ -1,0 +1,91 @@
+"""apply_s2ft: select coupled structures, optionally co-permute them, freeze the model and wrap the trained blocks."""
+
+import torch
+from torch import nn
+
+from s2ft.adapter import S2FTState, config_metadata, fingerprint, s2ft_modules
+from s2ft.config import COMPONENTS, LAYOUTS, S2FTConfig
+from s2ft.layers import S2FTLinear
+from s2ft.permute import permute_model
+from s2ft.selection import Selection, select_units
+from s2ft.structures import AXIS, find_structures, unit_positions
+
+
+def apply_s2ft(model: nn.Module, cfg: S2FTConfig, calibration=None, layout: str | None = None) -> nn.Module:
+    """Turns ``model`` into an S2FT model in place: only the selected units' rows/columns train.
+
+    Selects units with ``cfg`` (``s2ft.selection.select_units``), then calls ``apply_selection``.
+
+    Args:
+        model: A supported decoder (see ``s2ft.structures.find_structures``) without S2FT applied.
+        cfg: What to train; validated here.
+        calibration: Iterable of tokenized batches for the activation and gradient strategies.
+        layout: Overrides ``cfg.layout`` ("gather" or "permuted").
+
+    Returns:
+        ``model``, with ``model.s2ft_state`` recording the selection settings.
+
+    Raises:
+        ValueError: If the model already has S2FT applied, or on an invalid config/layout.
+    """
+    _check_fresh(model)
+    cfg.validate()
+    layout = cfg.layout if layout is None else layout
+    return apply_selection(model, select_units(model, cfg, calibration), layout, config_metadata(cfg))
+
+
+def apply_selection(model: nn.Module, selection: Selection, layout: str = "gather", metadata=None) -> nn.Module:
+    """Freezes every parameter and wraps each projection with selected units in an ``S2FTLinear``.
+
+    With ``layout="permuted"`` the selected units are first co-permuted to the front of each coupled structure
+    (function-preserving, ``s2ft.permute.permute_model``) so the trained blocks are contiguous; adapters are still
+    saved in the original coordinates and ``merge_and_unload`` permutes back.
+
+    Args:
+        model: A supported decoder without S2FT applied.
+        selection: ``{(layer, component): unit indices}`` in the model's original coordinates; empty entries are
+            skipped.
+        layout: "gather" (train index-gathered units in place) or "permuted".
+        metadata: Selection settings recorded in ``adapter_config.json``.
+
+    Returns:
+        ``model``, in place, with ``model.s2ft_state``.
+    """
+    _check_fresh(model)
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
+    selection = {key: torch.as_tensor(units, dtype=torch.long) for key, units in selection.items() if len(units)}
+    if not selection:
+        raise ValueError("the selection is empty: S2FT needs at least one unit to train")
+    structures = {s.index: s for s in find_structures(model)}
+    unknown = [key for key in selection if key[0] not in structures or key[1] not in COMPONENTS]
+    if unknown:
+        raise ValueError(
+            f"selection keys {unknown} are not (layer, component) of this model: layers "
+            f"0..{len(structures) - 1}, components {', '.join(COMPONENTS)}"
+        )
+    unit_perms = {}
+    if layout == "permuted":
+        selection, permutations = permute_model(model, selection)
+        unit_perms = {(layer, c): p.perm(c) for layer, p in permutations.items() for c in COMPONENTS}
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    base_fingerprint = fingerprint(model)
+    model.requires_grad_(False)
+    modules = {}
+    for (layer, component), units in sorted(selection.items()):
+        structure = structures[layer]
+        name, size = structure.module_name(component), structure.unit_size(component)
+        wrapped = S2FTLinear(
+            structure.linear(component), AXIS[component], unit_positions(units.sort().values, size), size
+        )
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, wrapped)
+        modules[name] = (layer, component)
+    metadata = dict(metadata or {}) | {"layout": layout}
+    model.s2ft_state = S2FTState(modules, metadata, unit_perms, flags, base_fingerprint)
+    return model
+
+
+def _check_fresh(model: nn.Module) -> None:
+    if getattr(model, "s2ft_state", None) is not None or s2ft_modules(model):
+        raise ValueError("this model already has S2FT applied; start from a fresh base model (or merge_and_unload)")

@@ -1,0 +1,149 @@
+"""S2FTConfig: which coupled structures to train, how many, and how to pick them."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+COMPONENTS = ("q", "k", "v", "o", "gate", "up", "down")
+ORDERS = ("large", "small")
+ALLOCATIONS = ("uniform", "global")
+LAYOUTS = ("gather", "permuted")
+DEFAULT_TARGET_SPLIT = {"o": 0.5, "down": 0.5}
+
+
+class S2FTConfigError(ValueError):
+    """A bad S2FTConfig or a budget that does not fit the model."""
+
+
+@dataclass
+class S2FTConfig:
+    """What S2FT trains.
+
+    Give exactly one of `ratios` or `target_params`. The config is validated on construction and again by
+    `select_units`; the budget arithmetic is documented in `s2ft.selection.unit_counts`.
+
+    Attributes:
+        ratios: Component (one of COMPONENTS) -> fraction of its units to train, in (0, 1].
+        target_params: Instead of ratios, a trainable-parameter count (int >= 1) or a fraction of all model
+            parameters (float in (0, 1)).
+        target_split: With target_params, component -> share of the target (shares sum to 1);
+            default {"o": 0.5, "down": 0.5}, the paper's recipe.
+        strategy: Scoring strategy, a name registered in `s2ft.selection.STRATEGIES`
+            (random, weight, activation, weight_activation, gradient).
+        order: "large" keeps the top-k scores, "small" the bottom-k.
+        seed: Seed of the random strategy.
+        allocation: "uniform" gives every layer the same count; "global" picks over all layers at once.
+        layers: Decoder layer indices to select from (default: all).
+        exclude: Units that must not be selected: an Adapter, a Selection dict, or a path to a saved adapter.
+        layout: "gather" trains index-gathered units in place; "permuted" co-permutes them to the front first.
+    """
+
+    ratios: dict[str, float] | None = None
+    target_params: float | int | None = None
+    target_split: dict[str, float] | None = None
+    strategy: str = "random"
+    order: str = "large"
+    seed: int = 0
+    allocation: str = "uniform"
+    layers: list[int] | None = None
+    exclude: Any = None
+    layout: str = "gather"
+
+    def __post_init__(self) -> None:
+        # Hydra hands over DictConfig / ListConfig; plain containers keep the rest of the library simple.
+        if isinstance(self.ratios, Mapping):
+            self.ratios = dict(self.ratios)
+        if isinstance(self.target_split, Mapping):
+            self.target_split = dict(self.target_split)
+        if isinstance(self.layers, Sequence) and not isinstance(self.layers, str):
+            self.layers = list(self.layers)
+        self.validate()
+
+    @property
+    def components(self) -> list[str]:
+        """The components that get units, in COMPONENTS order."""
+        budget = self.ratios if self.ratios is not None else (self.target_split or DEFAULT_TARGET_SPLIT)
+        return [c for c in COMPONENTS if c in budget]
+
+    def validate(self) -> None:
+        """Checks every field and raises one S2FTConfigError that lists every problem found.
+
+        Raises:
+            S2FTConfigError: If any field is invalid.
+        """
+        # Imported here because selection.py imports this module; the registry is the source of valid names.
+        from s2ft.selection import STRATEGIES
+
+        problems = []
+        if (self.ratios is None) == (self.target_params is None):
+            given = "both" if self.ratios is not None else "neither"
+            problems.append(f"give exactly one of ratios or target_params ({given} given)")
+        if self.ratios is not None:
+            problems += _check_shares("ratios", self.ratios)
+        if self.target_params is not None:
+            problems += _check_target(self.target_params)
+        if self.target_split is not None:
+            if self.target_params is None:
+                problems.append("target_split is only used with target_params; remove it or set target_params")
+            problems += _check_shares("target_split", self.target_split)
+            shares = [v for v in self.target_split.values() if _is_number(v)]
+            if shares and len(shares) == len(self.target_split) and not math.isclose(sum(shares), 1.0, abs_tol=1e-6):
+                problems.append(f"target_split shares must sum to 1, got {sum(shares):g}")
+        problems += _check_choice("strategy", self.strategy, tuple(STRATEGIES))
+        problems += _check_choice("order", self.order, ORDERS)
+        problems += _check_choice("allocation", self.allocation, ALLOCATIONS)
+        problems += _check_choice("layout", self.layout, LAYOUTS)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            problems.append(f"seed must be an int, got {self.seed!r}")
+        if self.layers is not None:
+            bad = [i for i in self.layers if not isinstance(i, int) or isinstance(i, bool) or i < 0]
+            if not isinstance(self.layers, list) or not self.layers or bad:
+                problems.append(f"layers must be a non-empty list of layer indices >= 0, got {self.layers!r}")
+            elif len(set(self.layers)) != len(self.layers):
+                problems.append(f"layers has duplicates: {self.layers}")
+        if self.exclude is not None and isinstance(self.exclude, (int, float, bool)):
+            problems.append(f"exclude must be an adapter, a selection dict or an adapter path, got {self.exclude!r}")
+        if problems:
+            raise S2FTConfigError("invalid S2FTConfig:\n  - " + "\n  - ".join(problems))
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_ratio(name: str, value) -> list[str]:
+    if not _is_number(value) or not 0 < value <= 1:
+        return [f"{name} must be a number in (0, 1], got {value!r}"]
+    return []
+
+
+def _check_shares(field: str, shares) -> list[str]:
+    if not isinstance(shares, Mapping) or not shares:
+        return [f"{field} must be a non-empty dict of component -> fraction, got {shares!r}"]
+    problems = []
+    for component, value in shares.items():
+        if component not in COMPONENTS:
+            problems.append(f"{field}: unknown component {component!r}; valid components: {', '.join(COMPONENTS)}")
+        else:
+            problems += _check_ratio(f"{field}[{component!r}]", value)
+    return problems
+
+
+def _check_target(target) -> list[str]:
+    if isinstance(target, int) and not isinstance(target, bool) and target >= 1:
+        return []
+    if isinstance(target, float) and 0 < target < 1:
+        return []
+    return [
+        f"target_params must be a parameter count (int >= 1) or a fraction of all parameters (float in (0, 1)), "
+        f"got {target!r}"
+    ]
+
+
+def _check_choice(field: str, value, valid: tuple[str, ...]) -> list[str]:
+    if value not in valid:
+        return [f"unknown {field} {value!r}; valid: {', '.join(valid)}"]
+    return []

@@ -1,0 +1,166 @@
+"""Loading the registered sets: evaluation tasks, training mixtures (with a validation split) and held-out loss sets.
+
+Every subset is drawn with a seeded permutation of the item indices and nothing else, so the same seed gives the
+same items whatever the other options are, and a smaller limit gives a subset of a larger one.
+"""
+
+import logging
+import random
+from collections.abc import Iterable
+from pathlib import Path
+
+from s2ft.data.overlap import drop_overlaps
+from s2ft.data.records import Example, load_hub, read_gsm8k, read_llm_adapters, read_mawps_raw
+from s2ft.data.tasks import GROUPS, TaskSpec, UnknownNameError, data_path, resolve_tasks, resolve_train_sources
+
+log = logging.getLogger(__name__)
+_READERS = {"llm_adapters": read_llm_adapters, "gsm8k": read_gsm8k, "mawps_raw": read_mawps_raw}
+HELDOUT_SETS = ("gsm8k_test", "commonsense_test")
+
+
+def _permutation(count: int, seed: int, stream: str) -> list[int]:
+    # A string seed is hashed with SHA-512 by `random`, so it is stable across processes and Python versions;
+    # the stream name keeps the training shuffle and the validation draw independent.
+    order = list(range(count))
+    random.Random(f"{stream}:{seed}").shuffle(order)
+    return order
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive integer or None (all items), got {limit!r}")
+
+
+def eval_subset(examples: list[Example], limit: int | None, seed: int = 0) -> list[Example]:
+    """A deterministic subset of ``limit`` items, in file order (all items when limit is None or too large)."""
+    _check_limit(limit)
+    if limit is None or limit >= len(examples):
+        return list(examples)
+    chosen = sorted(_permutation(len(examples), seed, "eval")[:limit])
+    return [examples[i] for i in chosen]
+
+
+def load_eval(task: str | TaskSpec, data_dir: str | Path) -> list[Example]:
+    """Loads every item of one evaluation task.
+
+    The local LLM-Adapters test file is used when present; HellaSwag falls back to the hub (validation split,
+    whose labels are public), with a clear error when offline.
+
+    Raises:
+        UnknownNameError: Unknown task name (groups are not accepted here: use `resolve_tasks`).
+        FileNotFoundError: The test file is missing (names it and the ``paths.data_dir`` fix).
+        DataError: A malformed record (file and index in the message).
+    """
+    if isinstance(task, str):
+        if task.lower() in GROUPS:
+            raise UnknownNameError(f"{task!r} is a group; expand it with resolve_tasks and load each task")
+        (task,) = resolve_tasks(task)
+    path = Path(data_dir) / task.path
+    if task.hub is not None and not path.is_file():
+        return load_hub(task.hub, "validation")
+    return read_llm_adapters(data_path(data_dir, task.path), task.name)
+
+
+def load_train(
+    sources: str | Iterable[str], data_dir: str | Path, limit: int | None = None, seed: int = 0
+) -> list[Example]:
+    """Loads and mixes training sources into one shuffled list.
+
+    Items with an empty output (nothing to train on) are dropped with a warning, and a source with
+    ``clean_against`` loses the items whose question occurs in those evaluation sets (see `TRAIN_SETS`).
+
+    Args:
+        sources: Source names or groups (``commonsense_mix``), see `s2ft.data.tasks.TRAIN_SETS`.
+        data_dir: The data directory.
+        limit: Keep only this many items (the first ones of the seeded shuffle); None keeps all.
+        seed: Shuffle seed.
+
+    Returns:
+        The items of all sources in a seeded random order (training order and subset in one).
+
+    Raises:
+        UnknownNameError: An unknown source.
+        FileNotFoundError: A missing file (named, with the ``paths.data_dir`` fix).
+        DataError: A malformed record (file and index in the message).
+    """
+    _check_limit(limit)
+    examples = []
+    test_sets: dict[tuple[str, ...], dict[str, list[Example]]] = {}
+    for source in resolve_train_sources(sources):
+        if source.reader == "hub":
+            loaded = load_hub(source.path, "train")
+        else:
+            loaded = _READERS[source.reader](data_path(data_dir, source.path), source.name)
+        if source.clean_against:
+            if source.clean_against not in test_sets:
+                tasks = resolve_tasks(source.clean_against)
+                test_sets[source.clean_against] = {task.name: load_eval(task, data_dir) for task in tasks}
+            clean, counts = drop_overlaps(loaded, test_sets[source.clean_against])
+            if len(clean) < len(loaded):
+                shared = {name: count for name, count in counts.items() if count}
+                log.info(
+                    "training source %s: removed %d items whose question is in %s",
+                    source.name,
+                    len(loaded) - len(clean),
+                    shared,
+                )
+            loaded = clean
+        kept = [ex for ex in loaded if ex.output.strip()]
+        if len(kept) < len(loaded):
+            # math_data.json has 3 items without a rationale; an empty target teaches nothing, so they are dropped.
+            dropped = [ex.id for ex in loaded if not ex.output.strip()]
+            log.warning(
+                "training source %s: dropped %d items with an empty output: %s", source.name, len(dropped), dropped
+            )
+        examples.extend(kept)
+    order = _permutation(len(examples), seed, "train")
+    return [examples[i] for i in order[:limit]]
+
+
+def split_validation(
+    examples: list[Example], val_size: int | float, seed: int = 0
+) -> tuple[list[Example], list[Example]]:
+    """Splits off a deterministic validation set.
+
+    Args:
+        examples: The training items.
+        val_size: A count (int >= 0) or a fraction in (0, 1).
+        seed: Draw seed.
+
+    Returns:
+        (train, validation), each keeping the input order.
+
+    Raises:
+        ValueError: A negative size, a fraction outside (0, 1), or no training items left.
+    """
+    if isinstance(val_size, bool) or not isinstance(val_size, int | float):
+        raise ValueError(f"val_size must be a count or a fraction in (0, 1), got {val_size!r}")
+    if isinstance(val_size, float):
+        if not 0 < val_size < 1:
+            raise ValueError(f"a fractional val_size must lie in (0, 1), got {val_size}")
+        val_size = max(1, round(val_size * len(examples)))
+    if val_size < 0 or val_size >= len(examples):
+        raise ValueError(f"val_size={val_size} leaves no training items out of {len(examples)}; use a smaller one")
+    in_val = set(_permutation(len(examples), seed, "validation")[:val_size])
+    train = [ex for i, ex in enumerate(examples) if i not in in_val]
+    val = [ex for i, ex in enumerate(examples) if i in in_val]
+    return train, val
+
+
+def load_heldout(name: str, data_dir: str | Path) -> list[Example]:
+    """Loads a held-out loss set, whose outputs are the targets scored by mean response-token NLL.
+
+    Args:
+        name: ``gsm8k_test`` (GSM8K test questions with their worked solutions: in-domain for arithmetic) or
+            ``commonsense_test`` (the seven local commonsense test sets, "the correct answer is X": far-OOD /
+            forgetting).
+        data_dir: The data directory.
+
+    Raises:
+        UnknownNameError: Unknown name (lists the valid ones).
+    """
+    if name == "gsm8k_test":
+        return read_gsm8k(data_path(data_dir, "gsm8k/test.jsonl"), "gsm8k_test")
+    if name == "commonsense_test":
+        return [ex for task in resolve_tasks("commonsense") for ex in load_eval(task, data_dir)]
+    raise UnknownNameError(f"unknown held-out set {name!r}; valid: {', '.join(HELDOUT_SETS)}")

@@ -1,0 +1,204 @@
+"""Registries: the evaluation tasks (and their groups) and the training sources, by name.
+
+Paths are relative to the data directory (``paths.data_dir``, the repository's ``data/`` by default).
+"""
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from s2ft.data.records import require_file
+
+ARITHMETIC_NEW_TOKENS = 256
+COMMONSENSE_NEW_TOKENS = 32
+
+
+class UnknownNameError(KeyError):
+    """A task, group or training-source name that is not registered (a KeyError that prints its message plainly)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How to load and score one evaluation task.
+
+    Attributes:
+        name: Lowercase task name, e.g. "arc_easy".
+        suite: "arithmetic" or "commonsense".
+        path: Test file relative to the data directory (LLM-Adapters JSON).
+        answer_kind: "number" (last number, tolerance 1e-3), "letter" (A-E) or "label" (first label in the output).
+        labels: The answers the extractor looks for ("true"/"false", "answer1".."answer5", "A".."E"); empty for numbers.
+        max_new_tokens: Generation budget of the suite.
+        hub: Name in `s2ft.data.records.HUB_DATASETS` to load from when the file is absent (HellaSwag), else None.
+    """
+
+    name: str
+    suite: str
+    path: str
+    answer_kind: str
+    labels: tuple[str, ...]
+    max_new_tokens: int
+    hub: str | None = None
+
+
+def _arithmetic(name: str, folder: str, answer_kind: str = "number", labels: tuple[str, ...] = ()) -> TaskSpec:
+    return TaskSpec(
+        name, "arithmetic", f"llm-adapters/dataset/{folder}/test.json", answer_kind, labels, ARITHMETIC_NEW_TOKENS
+    )
+
+
+def _commonsense(name: str, folder: str, labels: tuple[str, ...], hub: str | None = None) -> TaskSpec:
+    return TaskSpec(
+        name, "commonsense", f"llm-adapters/dataset/{folder}/test.json", "label", labels, COMMONSENSE_NEW_TOKENS, hub
+    )
+
+
+def _numbered(prefix: str, count: int) -> tuple[str, ...]:
+    return tuple(f"{prefix}{i}" for i in range(1, count + 1))
+
+
+TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        _arithmetic("gsm8k", "gsm8k"),
+        _arithmetic("svamp", "SVAMP"),
+        _arithmetic("multiarith", "MultiArith"),
+        _arithmetic("addsub", "AddSub"),
+        _arithmetic("singleeq", "SingleEq"),
+        _arithmetic("mawps", "mawps"),
+        _arithmetic("aqua", "AQuA", "letter", tuple("ABCDE")),
+        _commonsense("boolq", "boolq", ("true", "false")),
+        _commonsense("piqa", "piqa", _numbered("solution", 2)),
+        _commonsense("siqa", "social_i_qa", _numbered("answer", 3)),
+        _commonsense("hellaswag", "hellaswag", _numbered("ending", 4), hub="hellaswag"),
+        _commonsense("winogrande", "winogrande", _numbered("option", 2)),
+        _commonsense("arc_easy", "ARC-Easy", _numbered("answer", 5)),
+        _commonsense("arc_challenge", "ARC-Challenge", _numbered("answer", 5)),
+        _commonsense("openbookqa", "openbookqa", _numbered("answer", 4)),
+    )
+}
+TASK_ALIASES = {"social_i_qa": "siqa"}
+
+_LOCAL_COMMONSENSE = ["boolq", "piqa", "siqa", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
+GROUPS: dict[str, list[str]] = {
+    "arithmetic": ["multiarith", "gsm8k", "addsub", "aqua", "singleeq", "svamp", "mawps"],
+    # The seven commonsense sets shipped here; HellaSwag needs the hub, so it is only in commonsense_paper.
+    "commonsense": _LOCAL_COMMONSENSE,
+    "commonsense_paper": [
+        "boolq",
+        "piqa",
+        "siqa",
+        "hellaswag",
+        "winogrande",
+        "arc_easy",
+        "arc_challenge",
+        "openbookqa",
+    ],
+    # The generalization study: in-distribution, near OOD (easy / hard) and far OOD.
+    "id": ["gsm8k", "mawps", "aqua"],
+    "near_ood_easy": ["multiarith", "addsub", "singleeq", "mawps"],
+    "near_ood_hard": ["gsm8k", "aqua", "svamp"],
+    "far_ood": _LOCAL_COMMONSENSE,
+}
+
+
+@dataclass(frozen=True)
+class TrainSource:
+    """One training set.
+
+    Attributes:
+        name: Source name used in ``data.train``.
+        reader: "llm_adapters", "gsm8k", "mawps_raw" or "hub".
+        path: File relative to the data directory (hub sources: the `HUB_DATASETS` name).
+        clean_against: Evaluation tasks or groups whose questions are removed from this source when it is loaded.
+    """
+
+    name: str
+    reader: str
+    path: str
+    clean_against: tuple[str, ...] = ()
+
+
+# The commonsense train files repeat a few of their own test questions (BoolQ 1, ARC-Easy 2: upstream duplicates, not a
+# deliberate split), so they are cleaned on load and the default mix passes the overlap guard. math_data and MAWPS are
+# left alone: their overlap is wholesale (data/README.md) and the guard must refuse them unless the user opts in.
+_CLEAN_COMMONSENSE = ("commonsense",)
+TRAIN_SETS: dict[str, TrainSource] = {
+    source.name: source
+    for source in (
+        TrainSource("boolq", "llm_adapters", "llm-adapters/dataset/boolq/train.json", _CLEAN_COMMONSENSE),
+        TrainSource("arc_easy", "llm_adapters", "llm-adapters/dataset/ARC-Easy/train.json", _CLEAN_COMMONSENSE),
+        TrainSource(
+            "arc_challenge", "llm_adapters", "llm-adapters/dataset/ARC-Challenge/train.json", _CLEAN_COMMONSENSE
+        ),
+        TrainSource("openbookqa", "llm_adapters", "llm-adapters/dataset/openbookqa/train.json", _CLEAN_COMMONSENSE),
+        TrainSource("gsm8k", "gsm8k", "gsm8k/train.jsonl"),
+        TrainSource("mawps", "mawps_raw", "llm-adapters/dataset/mawps/trainset.json"),
+        # An 80% split of the arithmetic test sets (data/README.md): the overlap guard refuses it by default.
+        TrainSource("math_data", "llm_adapters", "llm-adapters/ft-training_set/math_data.json"),
+        TrainSource("commonsense_170k", "hub", "commonsense_170k", _CLEAN_COMMONSENSE),
+        TrainSource("math_10k", "hub", "math_10k"),
+        TrainSource("alpaca_gpt4", "hub", "alpaca_gpt4"),
+    )
+}
+TRAIN_GROUPS: dict[str, list[str]] = {"commonsense_mix": ["boolq", "arc_easy", "arc_challenge", "openbookqa"]}
+TRAIN_ALIASES = {"gsm8k_train": "gsm8k", "mawps_train": "mawps"}
+
+
+def _as_list(names: str | Iterable[str], what: str) -> list[str]:
+    names = [names] if isinstance(names, str) else list(names)
+    if not names:
+        raise ValueError(f"no {what} given")
+    bad = [name for name in names if not isinstance(name, str)]
+    if bad:
+        raise TypeError(f"{what} names must be strings, got {bad!r}")
+    return [name.lower() for name in names]
+
+
+def _expand(names: list[str], registry: dict, groups: dict, aliases: dict, what: str) -> list[str]:
+    expanded = []
+    for name in names:
+        name = aliases.get(name, name)
+        if name in groups:
+            expanded.extend(groups[name])
+        elif name in registry:
+            expanded.append(name)
+        else:
+            raise UnknownNameError(
+                f"unknown {what} {name!r}; valid {what}s: {', '.join(registry)}; groups: {', '.join(groups)}"
+            )
+    return list(dict.fromkeys(expanded))
+
+
+def resolve_tasks(names_or_groups: str | Iterable[str | TaskSpec]) -> list[TaskSpec]:
+    """Expands task and group names into TaskSpecs, in order, without duplicates.
+
+    Args:
+        names_or_groups: A name or a list of names, e.g. ``["arithmetic", "boolq"]``; TaskSpecs pass through.
+
+    Raises:
+        UnknownNameError: (a KeyError) An unknown name; the message lists the valid tasks and groups.
+        ValueError: An empty list.
+    """
+    if not isinstance(names_or_groups, str):
+        names_or_groups = [item.name if isinstance(item, TaskSpec) else item for item in names_or_groups]
+    names = _as_list(names_or_groups, "task")
+    return [TASKS[name] for name in _expand(names, TASKS, GROUPS, TASK_ALIASES, "task")]
+
+
+def resolve_train_sources(names_or_groups: str | Iterable[str]) -> list[TrainSource]:
+    """Expands training-source names and groups (``commonsense_mix``) into TrainSources, in order, deduplicated.
+
+    Raises:
+        UnknownNameError: (a KeyError) An unknown name; the message lists the valid sources and groups.
+        ValueError: An empty list.
+    """
+    names = _as_list(names_or_groups, "training source")
+    return [TRAIN_SETS[name] for name in _expand(names, TRAIN_SETS, TRAIN_GROUPS, TRAIN_ALIASES, "training source")]
+
+
+def data_path(data_dir: str | Path, relative: str) -> Path:
+    """Returns ``data_dir / relative``, or raises FileNotFoundError naming it and the ``paths.data_dir`` fix."""
+    return require_file(Path(data_dir) / relative)

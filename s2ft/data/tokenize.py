@@ -1,0 +1,141 @@
+"""Tokenization for supervised fine-tuning: loss on the response only, EOS appended, dynamic right padding.
+
+The prompt/response boundary. A token must not straddle it: the prompt tokens have to be exactly those the evaluator
+feeds the model (it tokenizes `build_prompt(...)` alone), and every response token, and only those, is a label. The
+prompt and the full text are tokenized separately; when the full text starts with the prompt's tokens (the usual case)
+its tokens are used as they are. When BPE merges across the boundary (the prompt ends in "\\n" and the LLM-Adapters
+arithmetic outputs start with "\\n": a vocabulary with a "\\n\\n" token and no pre-tokenizer split between newlines
+fuses them), the prompt's tokens are kept and the response is tokenized on its own and appended, so training sees the
+same prompt tokens as evaluation and the response text is unchanged. SmolLM2's tokenizer never needs the fallback
+on the shipped sets (its pre-tokenizer splits the newlines); a test covers it with a tokenizer that merges them.
+"""
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import datasets
+import torch
+
+from s2ft.data.prompt import build_prompt
+from s2ft.data.records import Example
+
+IGNORE_INDEX = -100
+log = logging.getLogger(__name__)
+
+
+def encode_batch(
+    instructions: list[str], inputs: list[str], outputs: list[str], tokenizer, max_length: int
+) -> dict[str, list[list[int]]]:
+    """Tokenizes items as ``prompt + response + EOS`` with labels -100 on the prompt, cut to ``max_length`` tokens.
+
+    Args:
+        instructions, inputs, outputs: Parallel columns of the items.
+        tokenizer: A Hugging Face tokenizer with an EOS token.
+        max_length: Maximum tokens per item.
+
+    Returns:
+        Columns ``input_ids``, ``attention_mask`` and ``labels``, one list of ints per item.
+    """
+    _check_tokenizer(tokenizer, max_length)
+    prompts = [build_prompt(instruction, input) for instruction, input in zip(instructions, inputs, strict=True)]
+    prompt_ids = tokenizer(prompts)["input_ids"]
+    full_ids = tokenizer([prompt + output for prompt, output in zip(prompts, outputs, strict=True)])["input_ids"]
+    columns = {"input_ids": [], "attention_mask": [], "labels": []}
+    for prompt, full, output in zip(prompt_ids, full_ids, outputs, strict=True):
+        if full[: len(prompt)] == prompt:
+            response = full[len(prompt) :]
+        else:  # a token merged across the boundary: keep the prompt's own tokens (see the module docstring)
+            response = tokenizer(output, add_special_tokens=False)["input_ids"]
+        ids = (prompt + response + [tokenizer.eos_token_id])[:max_length]
+        columns["input_ids"].append(ids)
+        columns["attention_mask"].append([1] * len(ids))
+        columns["labels"].append(([IGNORE_INDEX] * len(prompt) + ids[len(prompt) :])[:max_length])
+    return columns
+
+
+def _check_tokenizer(tokenizer, max_length: int) -> None:
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token_id; set tokenizer.eos_token before tokenizing")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
+
+
+def tokenize_examples(
+    examples: list[Example], tokenizer, max_length: int, cache_dir: str | Path | None = None
+) -> datasets.Dataset:
+    """Tokenizes examples into a `datasets.Dataset` with ``input_ids``, ``attention_mask`` and ``labels``.
+
+    Items whose prompt alone fills ``max_length`` have no response token left to learn from; they are dropped
+    with a warning (an error if that leaves nothing).
+
+    Args:
+        examples: The training (or validation) items.
+        tokenizer: A Hugging Face tokenizer with an EOS token.
+        max_length: Maximum tokens per item, prompt included; longer items lose the end of the response.
+        cache_dir: Where `datasets` keeps the tokenized arrow file, keyed by a fingerprint of the examples, the
+            tokenizer and max_length, so a rerun reuses it; None tokenizes in memory.
+
+    Raises:
+        ValueError: No examples, no EOS token, a bad max_length, or no item with a response token left.
+    """
+    _check_tokenizer(tokenizer, max_length)
+    if not examples:
+        raise ValueError("tokenize_examples got no examples")
+    records = [dataclasses.asdict(example) for example in examples]
+    map_kwargs = {}
+    if cache_dir is not None:
+        # The encoding code is hashed too, so a change to it never serves a stale file.
+        key = datasets.fingerprint.Hasher.hash(
+            [records, tokenizer, max_length, _encode_trainable, encode_batch, build_prompt]
+        )
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        map_kwargs = {"cache_file_name": str(Path(cache_dir) / f"tokenized-{key}.arrow"), "load_from_cache_file": True}
+    dataset = datasets.Dataset.from_list(records).map(
+        _encode_trainable,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+        batched=True,
+        remove_columns=list(records[0]),
+        desc="tokenizing",
+        **map_kwargs,
+    )
+    if len(dataset) == 0:
+        raise ValueError(f"every prompt is at least max_length={max_length} tokens long: raise data.max_length")
+    if len(dataset) < len(examples):
+        log.warning("dropped %d items whose prompt fills max_length=%d", len(examples) - len(dataset), max_length)
+    return dataset
+
+
+def _encode_trainable(batch: dict[str, list], tokenizer, max_length: int) -> dict[str, list[list[int]]]:
+    # A batched map may return fewer rows: items left without a response token are dropped here, in the same pass.
+    columns = encode_batch(batch["instruction"], batch["input"], batch["output"], tokenizer, max_length)
+    keep = [i for i, labels in enumerate(columns["labels"]) if any(label != IGNORE_INDEX for label in labels)]
+    return {key: [values[i] for i in keep] for key, values in columns.items()}
+
+
+class Collator:
+    """Pads a batch on the right to its longest item: ``input_ids`` with the pad id, ``attention_mask`` with 0,
+    ``labels`` with -100, and returns long tensors.
+
+    Args:
+        tokenizer: A tokenizer with a pad token (or the pad id itself as an int).
+        pad_to_multiple_of: Round the padded length up to a multiple of this (tensor-core friendly); None: no rounding.
+    """
+
+    def __init__(self, tokenizer, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = tokenizer if isinstance(tokenizer, int) else tokenizer.pad_token_id
+        if self.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos_token)")
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        length = max(len(feature["input_ids"]) for feature in features)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        pad_values = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+        batch = {key: torch.full((len(features), length), value, dtype=torch.long) for key, value in pad_values.items()}
+        for row, feature in enumerate(features):
+            for key in pad_values:
+                values = torch.as_tensor(feature[key], dtype=torch.long)
+                batch[key][row, : len(values)] = values
+        return batch

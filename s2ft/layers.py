@@ -1,0 +1,185 @@
+"""The S2FT linear layer: a frozen matrix whose selected rows or columns train densely (partial back-propagation)."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def contiguous_span(index: torch.Tensor) -> tuple[int, int] | None:
+    """Returns ``(start, stop)`` when ``index`` is the range ``start, start + 1, ..., stop - 1``, else None."""
+    if index.numel() == 0:
+        return None
+    start = int(index[0])
+    stop = start + index.numel()
+    if torch.equal(index, torch.arange(start, stop, device=index.device)):
+        return start, stop
+    return None
+
+
+def select(x: torch.Tensor, index: torch.Tensor, span: tuple[int, int] | None) -> torch.Tensor:
+    """A compact copy of ``x[..., index]``; a sliced copy when ``index`` is the contiguous range ``span``."""
+    if span is None:
+        return x.index_select(-1, index)
+    return x[..., span[0] : span[1]].contiguous()
+
+
+class S2FTLinear(nn.Module):
+    """Replaces an ``nn.Linear``: the rows (``axis=0``) or columns (``axis=1``) at ``index`` train, the rest is frozen.
+
+    While unmerged, ``weight`` holds the base matrix with the selected slots zeroed and ``values`` (the only trainable
+    parameter) holds the selected rows or columns; the layer computes ``F.linear(x, weight + scatter(values), bias)``.
+    In training one fused autograd function does this with one matmul forward and, backward, one matmul for the
+    input gradient plus the small one for the values' gradient; the frozen weight gets no gradient, and for
+    ``axis=1`` only the compact selected input columns ``x[..., index]`` are saved, not the whole input. Without
+    gradients it adds the values' small matmul to the frozen one instead (no weight copy per call, for decoding).
+
+    ``merge()`` copies ``values`` into ``weight`` (forward becomes one plain matmul); ``unmerge()`` zeroes the slots
+    again. Both are exact copies. ``base_values`` keeps the base model's original entries at ``index``, so the base
+    can be restored without rounding and adapter deltas (fusion) are exact.
+
+    Args:
+        linear: The layer to replace. Its ``weight`` and ``bias`` Parameters are reused (frozen, slots zeroed in
+            place), so no copy of the full matrix is made.
+        axis: 0 to train output rows (q, k, v, gate, up), 1 to train input columns (o, down).
+        index: Row (axis 0) or column (axis 1) positions to train, unique; units already expanded by their size.
+        unit_size: Rows/columns per unit (head_dim for heads, 1 for FFN channels); recorded for adapters.
+        values: Initial values of the selected slots, shaped like ``weight.index_select(axis, index)``; default: the
+            base values.
+    """
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        axis: int,
+        index: torch.Tensor,
+        unit_size: int = 1,
+        values: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if axis not in (0, 1):
+            raise ValueError(f"axis must be 0 (output rows) or 1 (input columns), got {axis}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.axis, self.unit_size, self.merged = axis, unit_size, False
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.register_buffer("index", torch.empty(0, dtype=torch.long, device=self.weight.device))
+        self.register_buffer("base_values", self.weight.new_empty(0))
+        self.values = nn.Parameter(self.weight.new_empty(0))
+        self.retarget(index, values)
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+
+    def retarget(self, index: torch.Tensor, values: torch.Tensor | None = None, merged: bool = False) -> None:
+        """Restores the current slots to the base, then trains ``index`` starting from ``values``.
+
+        This is how adapters are switched without rebuilding modules: only the old and new slots are touched.
+
+        Args:
+            index: The new row/column positions.
+            values: Their values (default: the base values).
+            merged: Leave the layer merged (the values written into ``weight``) instead of unmerged.
+        """
+        index = index.to(device=self.weight.device, dtype=torch.long)
+        size = self.weight.shape[self.axis]
+        if index.ndim != 1 or index.numel() == 0:
+            raise ValueError(f"index must be a non-empty 1-D tensor of positions, got shape {tuple(index.shape)}")
+        if int(index.min()) < 0 or int(index.max()) >= size:
+            raise IndexError(f"index out of range: positions must lie in [0, {size}) along axis {self.axis}")
+        if torch.unique(index).numel() != index.numel():
+            raise ValueError("index holds duplicate positions; each row/column can be trained only once")
+        shape = list(self.weight.shape)
+        shape[self.axis] = index.numel()
+        if values is not None and list(values.shape) != shape:
+            raise ValueError(f"values have shape {tuple(values.shape)}, expected {tuple(shape)}")
+        with torch.no_grad():
+            if self.index.numel():
+                self.weight.index_copy_(self.axis, self.index, self.base_values)
+            base_values = self.weight.index_select(self.axis, index)
+            new_values = base_values if values is None else values.to(self.weight)
+            if self.values.shape == new_values.shape:  # same size: reuse the tensors, no new Parameter
+                self.index.copy_(index)
+                self.base_values.copy_(base_values)
+                self.values.copy_(new_values)
+            else:
+                self.index, self.base_values = index, base_values
+                self.values = nn.Parameter(new_values.clone(), requires_grad=self.values.requires_grad)
+            if merged:
+                self.weight.index_copy_(self.axis, index, self.values)
+            else:
+                self.weight.index_fill_(self.axis, index, 0)
+        self.merged = merged
+        self.span = contiguous_span(index)
+
+    @property
+    def units(self) -> torch.Tensor:
+        """The trained unit indices (in this layer's current coordinates), in the order of ``values``."""
+        return self.index[:: self.unit_size] // self.unit_size
+
+    def merge(self) -> None:
+        """Writes ``values`` into ``weight``: forward becomes a plain ``F.linear``."""
+        if not self.merged:
+            with torch.no_grad():
+                self.weight.index_copy_(self.axis, self.index, self.values)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        """Zeroes the selected slots of ``weight`` again (the trained values stay in ``values``)."""
+        if self.merged:
+            with torch.no_grad():
+                self.weight.index_fill_(self.axis, self.index, 0)
+            self.merged = False
+
+    def restore_base(self) -> None:
+        """Writes the base model's original entries back into ``weight`` (used when unloading without merging)."""
+        with torch.no_grad():
+            self.weight.index_copy_(self.axis, self.index, self.base_values)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            if self.training and self.values.requires_grad and torch.is_grad_enabled():
+                raise RuntimeError("S2FT adapter is merged, so its values get no gradient; call unmerge() first")
+            return F.linear(x, self.weight, self.bias)
+        if torch.is_grad_enabled() and (self.values.requires_grad or x.requires_grad):
+            return _S2FTLinearFunction.apply(x, self.values, self.weight, self.bias, self.index, self.axis, self.span)
+        # Inference: two matmuls instead of building the merged weight, which would cost a weight copy per call.
+        out = F.linear(x, self.weight, self.bias)
+        if self.axis == 0:
+            return out.index_add(-1, self.index, F.linear(x, self.values).to(out.dtype))
+        return out + F.linear(select(x, self.index, self.span), self.values)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, axis={self.axis}, "
+            f"trained={self.index.numel()}, unit_size={self.unit_size}, contiguous={self.span is not None}, "
+            f"merged={self.merged}"
+        )
+
+
+class _S2FTLinearFunction(torch.autograd.Function):
+    """``F.linear(x, weight with values scattered in, bias)`` with the fewest flops and the least saved memory.
+
+    Forward builds the merged weight (a copy of one matrix, cheap next to the matmul) and runs one matmul, so no flop
+    is spent on the zeroed slots. Backward rebuilds it for the input gradient and computes only the values' gradient:
+    ``grad[..., index]^T @ x`` (rows) or ``grad^T @ x[..., index]`` (columns). Saved: ``x`` for rows (needed for the
+    values' gradient), only the compact ``x[..., index]`` for columns; frozen tensors get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, values, weight, bias, index, axis, span):
+        ctx.axis, ctx.span = axis, span
+        ctx.save_for_backward(x if axis == 0 else select(x, index, span), values, weight, index)
+        return F.linear(x, weight.index_copy(axis, index, values), bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        saved_input, values, weight, index = ctx.saved_tensors
+        # Under autocast the forward matmul ran in grad's (lower) precision; do the same here.
+        grad_input = grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_input = grad @ weight.index_copy(ctx.axis, index, values).to(grad.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_rows = grad if ctx.axis == 1 else select(grad, index, ctx.span)
+            grad_values = grad_rows.flatten(0, -2).T @ saved_input.flatten(0, -2).to(grad.dtype)
+        return grad_input, grad_values, None, None, None, None, None

@@ -1,0 +1,138 @@
+"""Shared fixtures: tiny random decoders built directly from transformers configs, and calibration batches.
+
+Every model fixture builds a fresh fp32 model from a fixed seed, so tests may mutate it. Import the builders
+(`from conftest import build_tiny, calibration_batches`) or use the fixtures of the same names.
+"""
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+VOCAB = 128
+COMMON = dict(
+    vocab_size=VOCAB,
+    num_hidden_layers=2,
+    intermediate_size=96,
+    max_position_embeddings=64,
+    # A larger init than the default 0.02 gives logits of order 1, so permutation or scoring bugs show clearly.
+    initializer_range=0.1,
+    attn_implementation="eager",
+)
+
+# family -> (config class, model class, sizes); head counts chosen to cover GQA groups of 2, 3 and 4.
+TINY = {
+    "llama_gqa": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True),
+    ),
+    "llama_9_3": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        dict(
+            hidden_size=72,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            attention_bias=True,
+            mlp_bias=True,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "mistral": (
+        MistralConfig,
+        MistralForCausalLM,
+        dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=8, sliding_window=None),
+    ),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)),
+    "qwen3": (
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=4, head_dim=16),
+    ),
+}
+
+
+def build_tiny(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A fresh tiny fp32 causal LM of `family` (a key of TINY), initialized from `seed`, in eval mode."""
+    config_cls, model_cls, sizes = TINY[family]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**{**COMMON, **sizes, **overrides}))
+    return model.float().eval()
+
+
+def calibration_batches(
+    vocab: int = VOCAB, num_batches: int = 2, batch_size: int = 3, seq_len: int = 10, seed: int = 0
+) -> list[dict[str, torch.Tensor]]:
+    """Right-padded batches (pad id 0; every row but the first has padding) with input_ids, attention_mask, labels.
+
+    labels are the input_ids with -100 at padding, as a causal-LM collator makes them.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(num_batches):
+        input_ids = torch.randint(1, vocab, (batch_size, seq_len), generator=generator)
+        lengths = torch.tensor([seq_len] + [seq_len - 1 - i % (seq_len - 2) for i in range(batch_size - 1)])
+        attention_mask = (torch.arange(seq_len) < lengths[:, None]).long()
+        input_ids = input_ids * attention_mask
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        batches.append({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
+    return batches
+
+
+@pytest.fixture(name="calibration_batches")
+def calibration_batches_fixture():
+    """The `calibration_batches(vocab, ...)` builder."""
+    return calibration_batches
+
+
+@pytest.fixture(name="build_tiny")
+def build_tiny_fixture():
+    """The `build_tiny(family, seed=0, **overrides)` builder."""
+    return build_tiny
+
+
+@pytest.fixture
+def tiny_llama_gqa():
+    """Llama, 8 query / 4 KV heads, hidden 64, tied embeddings."""
+    return build_tiny("llama_gqa")
+
+
+@pytest.fixture
+def tiny_llama_9_3():
+    """Llama, 9 query / 3 KV heads (SmolLM2's grouping), hidden 72, attention and MLP biases, tied embeddings."""
+    return build_tiny("llama_9_3")
+
+
+@pytest.fixture
+def tiny_mistral():
+    """Mistral, 8 query / 2 KV heads, hidden 64."""
+    return build_tiny("mistral")
+
+
+@pytest.fixture
+def tiny_qwen2():
+    """Qwen2, 4 query / 2 KV heads of dim 16, q/k/v biases."""
+    return build_tiny("qwen2")
+
+
+@pytest.fixture
+def tiny_qwen3():
+    """Qwen3, 8 query / 4 KV heads with an explicit head_dim 16 (q_proj is wider than hidden), q_norm / k_norm."""
+    return build_tiny("qwen3")
+
+
+@pytest.fixture(params=sorted(TINY))
+def tiny_decoder(request):
+    """Each tiny family in turn (parametrized); `.family` on the returned model names it."""
+    model = build_tiny(request.param)
+    model.family = request.param
+    return model

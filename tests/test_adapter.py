@@ -1,0 +1,319 @@
+"""Adapters: save/load, merge/unmerge, merge_and_unload, fusion, switching, and refusal of bad adapters."""
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import build_tiny, calibration_batches
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+import s2ft
+from s2ft.adapter import CONFIG_NAME, WEIGHTS_NAME, AdapterError, extract_adapter, s2ft_modules
+from s2ft.api import apply_selection
+from s2ft.structures import AXIS, find_structures, unit_positions
+
+RATIOS = {"q": 0.25, "k": 0.5, "v": 0.5, "o": 0.25, "gate": 0.05, "up": 0.05, "down": 0.05}
+INPUT_IDS = calibration_batches()[0]["input_ids"]
+
+
+def trained(model, cfg, seed: int = 1):
+    """Applies S2FT and perturbs every trainable value, standing in for training."""
+    s2ft.apply_s2ft(model, cfg)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.2 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(INPUT_IDS).logits
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+
+def assert_same_state(model, state) -> None:
+    current = model.state_dict()
+    assert current.keys() == state.keys()
+    assert all(torch.equal(current[name], state[name]) for name in state)
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "llama_9_3", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("layout", ["gather", "permuted"])
+def test_save_then_load_on_a_fresh_base_reproduces_logits(tmp_path, family, layout):
+    # A permuted model sums in another order than the unpermuted base: compare in fp64 there.
+    dtype, atol = (torch.float32, 1e-6) if layout == "gather" else (torch.float64, 1e-10)
+    base = build_tiny(family).to(dtype)
+    model = trained(copy.deepcopy(base), s2ft.S2FTConfig(ratios=RATIOS, seed=3, layout=layout))
+    expected = logits(model)
+    s2ft.save_adapter(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [WEIGHTS_NAME, CONFIG_NAME]  # no temp files left
+
+    loaded = s2ft.load_adapter(base, tmp_path)
+    torch.testing.assert_close(logits(loaded), expected, rtol=0, atol=atol)
+    assert s2ft.trainable_parameter_count(loaded) == 0
+    assert set(s2ft_modules(loaded)) == set(s2ft_modules(model))
+
+
+def test_adapter_config_records_base_selection_and_original_units(tmp_path):
+    base = build_tiny("llama_gqa")
+    cfg = s2ft.S2FTConfig(ratios={"o": 0.25, "down": 0.05}, strategy="weight", order="small", seed=7)
+    model = copy.deepcopy(base)
+    expected_units = s2ft.select_units(model, cfg)
+    trained(model, cfg)
+    s2ft.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert config["library_version"] == s2ft.__version__
+    assert config["components"] == ["down", "o"]
+    assert config["config"] | {"layout": "gather"} == config["config"]
+    assert {k: config["config"][k] for k in ("ratios", "strategy", "order", "seed", "allocation")} == {
+        "ratios": {"o": 0.25, "down": 0.05},
+        "strategy": "weight",
+        "order": "small",
+        "seed": 7,
+        "allocation": "uniform",
+    }
+    assert config["fingerprint"] == s2ft.adapter.fingerprint(base)
+    adapter = s2ft.load_adapter_file(tmp_path)
+    assert adapter.units().keys() == expected_units.keys()
+    assert all(torch.equal(adapter.units()[key], units) for key, units in expected_units.items())
+    layer0_o = config["modules"]["model.layers.0.self_attn.o_proj"]
+    assert layer0_o | {"layer": 0, "component": "o", "axis": 1, "unit_size": 8, "shape": [64, 64]} == layer0_o
+
+
+def test_permuted_adapter_holds_original_units_and_values():
+    base = build_tiny("llama_9_3")
+    cfg = s2ft.S2FTConfig(ratios=RATIOS, seed=5)
+    expected_units = s2ft.select_units(base, cfg)
+    permuted = s2ft.apply_s2ft(copy.deepcopy(base), cfg, layout="permuted")
+    assert permuted.s2ft_state.unit_perms  # really permuted
+    adapter = extract_adapter(permuted)
+    assert adapter.units().keys() == expected_units.keys()
+    for name, m in adapter.modules.items():
+        assert torch.equal(m.units, expected_units[m.layer, m.component]), name
+        assert torch.equal(m.values, base.get_submodule(name).weight.index_select(m.axis, m.positions)), name
+    assert adapter.fingerprint == s2ft.adapter.fingerprint(base)
+
+
+def test_load_trainable_keeps_values_trainable(tmp_path):
+    base = build_tiny("qwen2")
+    model = trained(copy.deepcopy(base), s2ft.S2FTConfig(ratios={"o": 0.5, "up": 0.1}))
+    s2ft.save_adapter(model, tmp_path)
+    loaded = s2ft.load_adapter(base, tmp_path, trainable=True)
+    assert s2ft.trainable_parameter_count(loaded) == s2ft.trainable_parameter_count(model)
+    assert [n for n, p in loaded.named_parameters() if p.requires_grad] == [
+        n for n, p in model.named_parameters() if p.requires_grad
+    ]
+
+
+@pytest.mark.parametrize("layout", ["gather", "permuted"])
+def test_merge_unmerge_round_trip_is_bit_exact(layout):
+    model = trained(build_tiny("llama_9_3"), s2ft.S2FTConfig(ratios=RATIOS, layout=layout))
+    before, unmerged_logits = snapshot(model), logits(model)
+    s2ft.merge_adapter(model)
+    assert all(m.merged for m in s2ft_modules(model).values())
+    for module in s2ft_modules(model).values():
+        assert torch.equal(module.weight.index_select(module.axis, module.index), module.values)
+    torch.testing.assert_close(logits(model), unmerged_logits, rtol=0, atol=1e-5)
+    s2ft.unmerge_adapter(model)
+    assert_same_state(model, before)
+
+
+@pytest.mark.parametrize("layout", ["gather", "permuted"])
+def test_merge_and_unload_saves_a_plain_model_in_original_coordinates(tmp_path, layout):
+    base = build_tiny("llama_gqa")
+    model = trained(copy.deepcopy(base), s2ft.S2FTConfig(ratios=RATIOS, layout=layout))
+    expected = logits(model)
+    adapter = extract_adapter(model)
+    plain = s2ft.merge_and_unload(model)
+    assert not s2ft_modules(plain) and not hasattr(plain, "s2ft_state")
+    assert all(type(m) is nn.Linear for n, m in plain.named_modules() if n.endswith("_proj"))
+    assert all(p.requires_grad for p in plain.parameters())
+    # Original coordinates: the merged weight is the base with exactly the adapter's slots replaced.
+    for name, m in adapter.modules.items():
+        weight = base.get_submodule(name).weight.detach().index_copy(m.axis, m.positions, m.values)
+        assert torch.equal(plain.get_submodule(name).weight, weight), name
+    plain.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits(reloaded), expected, rtol=0, atol=1e-5)
+
+
+def adapter_files(tmp_path, base, ratios, seed, exclude=None):
+    model = trained(copy.deepcopy(base), s2ft.S2FTConfig(ratios=ratios, seed=seed, exclude=exclude), seed=seed)
+    s2ft.save_adapter(model, tmp_path / f"a{seed}")
+    return tmp_path / f"a{seed}"
+
+
+@pytest.mark.parametrize("disjoint", [False, True])
+def test_fusion_equals_hand_computed_weights(tmp_path, disjoint):
+    base = build_tiny("llama_gqa")
+    first = adapter_files(tmp_path, base, {"o": 0.5, "down": 0.3}, seed=1)
+    second = adapter_files(tmp_path, base, {"o": 0.25, "up": 0.2}, seed=2, exclude=str(first) if disjoint else None)
+    adapters = [s2ft.load_adapter_file(first), s2ft.load_adapter_file(second)]
+    overlap = set(adapters[0].units()) & set(adapters[1].units())
+    shared = sum(len(set(adapters[0].units()[k].tolist()) & set(adapters[1].units()[k].tolist())) for k in overlap)
+    assert (shared == 0) == disjoint
+
+    expected = {name: p.detach().clone() for name, p in base.named_parameters()}
+    for adapter, w in zip(adapters, (0.7, 0.4), strict=True):
+        for name, m in adapter.modules.items():
+            original = base.get_submodule(name).weight.detach()
+            delta = m.values - original.index_select(m.axis, m.positions)
+            expected[f"{name}.weight"].index_add_(m.axis, m.positions, w * delta)
+    fused = s2ft.fuse_adapters(base, [first, second], [0.7, 0.4])
+    for name, param in fused.named_parameters():
+        torch.testing.assert_close(param, expected[name], rtol=0, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+@pytest.mark.parametrize("layout", ["gather", "permuted"])
+def test_switch_equals_loading_the_other_adapter_freshly(tmp_path, merged, layout):
+    base = build_tiny("llama_9_3")
+    first = trained(copy.deepcopy(base), s2ft.S2FTConfig(ratios=RATIOS, seed=1, layout=layout), seed=1)
+    second_path = adapter_files(tmp_path, base, {"o": 0.4, "up": 0.1, "down": 0.2}, seed=2)
+    third_path = adapter_files(tmp_path, base, {"q": 0.3, "down": 0.1}, seed=3)
+
+    fresh = s2ft.load_adapter(copy.deepcopy(base), second_path)
+    if merged:
+        s2ft.merge_adapter(first)
+        s2ft.merge_adapter(fresh)
+    s2ft.switch_adapter(first, second_path)
+    torch.testing.assert_close(logits(first), logits(fresh), rtol=0, atol=1e-5)
+    assert all(m.merged == merged for m in s2ft_modules(first).values())
+    assert set(s2ft_modules(first)) == set(s2ft_modules(fresh))
+
+    s2ft.switch_adapter(first, third_path)
+    third = s2ft.load_adapter(copy.deepcopy(base), third_path)
+    torch.testing.assert_close(logits(first), logits(third), rtol=0, atol=1e-5)
+    if layout == "gather":
+        # Unpermuted: switching touches nothing but the slots, so every tensor equals a fresh load bit for bit.
+        if merged:
+            s2ft.merge_adapter(third)
+        assert_same_state(first, snapshot(third))
+    s2ft.switch_adapter(first, extract_adapter(fresh))
+    s2ft.unmerge_adapter(first)
+    s2ft.unmerge_adapter(fresh)
+    torch.testing.assert_close(logits(first), logits(fresh), rtol=0, atol=1e-5)
+
+
+def test_applying_or_loading_twice_is_refused(tmp_path):
+    model = trained(build_tiny("llama_gqa"), s2ft.S2FTConfig(ratios={"o": 0.25}))
+    s2ft.save_adapter(model, tmp_path)
+    with pytest.raises(ValueError, match="already has S2FT"):
+        s2ft.apply_s2ft(model, s2ft.S2FTConfig(ratios={"o": 0.25}))
+    with pytest.raises(ValueError, match="already has an S2FT adapter"):
+        s2ft.load_adapter(model, tmp_path)
+    with pytest.raises(ValueError, match="plain base"):
+        s2ft.fuse_adapters(model, [tmp_path])
+    with pytest.raises(ValueError, match="no S2FT adapter"):
+        s2ft.save_adapter(build_tiny("llama_gqa"), tmp_path / "other")
+
+
+def corrupt_units(path, units):
+    config = json.loads((path / CONFIG_NAME).read_text())
+    config["modules"]["model.layers.0.self_attn.o_proj"]["units"] = units
+    (path / CONFIG_NAME).write_text(json.dumps(config))
+
+
+def corrupt_values(path, value):
+    tensors = load_file(path / WEIGHTS_NAME)
+    tensors["model.layers.0.self_attn.o_proj.values"][0, 0] = value
+    save_file(tensors, path / WEIGHTS_NAME)
+
+
+BAD_ADAPTERS = {
+    "missing weights": (lambda p: (p / WEIGHTS_NAME).unlink(), "adapter file missing"),
+    "missing config": (lambda p: (p / CONFIG_NAME).unlink(), "adapter file missing"),
+    "corrupt weights": (lambda p: (p / WEIGHTS_NAME).write_bytes(b"\x00garbage"), "corrupt adapter weights"),
+    "corrupt config": (lambda p: (p / CONFIG_NAME).write_text("{not json"), "corrupt adapter config"),
+    "not an adapter": (lambda p: (p / CONFIG_NAME).write_text("{}"), "not an S2FT adapter"),
+    "out of range": (lambda p: corrupt_units(p, [0, 8]), r"must lie in \[0, 8\)"),
+    "negative": (lambda p: corrupt_units(p, [-1, 2]), r"must lie in \[0, 8\)"),
+    "duplicated": (lambda p: corrupt_units(p, [3, 3]), "sorted and unique"),
+    "unsorted": (lambda p: corrupt_units(p, [5, 2]), "sorted and unique"),
+    "not integers": (lambda p: corrupt_units(p, [1.5, 2]), "list of ints"),
+    "wrong count": (lambda p: corrupt_units(p, [1, 2, 3]), "values have shape"),
+    "nan": (lambda p: corrupt_values(p, float("nan")), "NaN/inf"),
+    "inf": (lambda p: corrupt_values(p, float("inf")), "NaN/inf"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ADAPTERS))
+def test_bad_adapter_is_refused_and_the_model_left_unchanged(tmp_path, case):
+    base = build_tiny("llama_gqa")
+    model = trained(copy.deepcopy(base), s2ft.S2FTConfig(ratios={"o": 0.25, "down": 0.05}))
+    s2ft.save_adapter(model, tmp_path)
+    breaks, message = BAD_ADAPTERS[case]
+    breaks(tmp_path)
+    before = snapshot(base)
+    flags = [p.requires_grad for p in base.parameters()]
+    with pytest.raises(AdapterError, match=message):
+        s2ft.load_adapter(base, tmp_path)
+    assert_same_state(base, before)
+    assert flags == [p.requires_grad for p in base.parameters()]
+    assert not s2ft_modules(base) and not hasattr(base, "s2ft_state")
+    with pytest.raises(AdapterError, match=message):
+        s2ft.fuse_adapters(base, [tmp_path])
+    assert_same_state(base, before)
+
+
+@pytest.mark.parametrize(
+    ("other", "message"),
+    [
+        (lambda: build_tiny("llama_gqa", hidden_size=32), "weight shape"),
+        (lambda: build_tiny("llama_gqa", num_hidden_layers=1), "not a linear layer"),
+        (lambda: build_tiny("llama_gqa", vocab_size=64), "names/shapes differ"),
+    ],
+)
+def test_adapter_for_another_base_model_is_refused(tmp_path, other, message):
+    model = trained(build_tiny("llama_gqa"), s2ft.S2FTConfig(ratios={"o": 0.25, "down": 0.05}))
+    s2ft.save_adapter(model, tmp_path)
+    base = other()
+    before = snapshot(base)
+    for action in (lambda: s2ft.load_adapter(base, tmp_path), lambda: s2ft.fuse_adapters(base, [tmp_path])):
+        with pytest.raises(AdapterError, match=message):
+            action()
+        assert_same_state(base, before)
+        assert not s2ft_modules(base)
+    other_s2ft = trained(build_tiny("qwen2"), s2ft.S2FTConfig(ratios={"o": 0.5}))
+    before = snapshot(other_s2ft)
+    with pytest.raises(AdapterError, match="another base model|differ"):
+        s2ft.switch_adapter(other_s2ft, tmp_path)
+    assert_same_state(other_s2ft, before)
+
+
+def test_fusion_weights_must_match_the_adapters(tmp_path):
+    base = build_tiny("llama_gqa")
+    path = adapter_files(tmp_path, base, {"o": 0.25}, seed=1)
+    with pytest.raises(ValueError, match="one finite weight per adapter"):
+        s2ft.fuse_adapters(base, [path], [0.5, 0.5])
+
+
+def test_apply_selection_wraps_exactly_the_selected_slots():
+    model = build_tiny("llama_9_3")
+    reference = copy.deepcopy(model)
+    selection = {(1, "v"): torch.tensor([2]), (0, "down"): torch.tensor([4, 90]), (0, "q"): torch.tensor([])}
+    apply_selection(model, selection)
+    structures = find_structures(reference)
+    assert set(s2ft_modules(model)) == {"model.layers.1.self_attn.v_proj", "model.layers.0.mlp.down_proj"}
+    for (layer, component), units in selection.items():
+        if len(units):
+            module = find_structures(model)[layer].linear(component)
+            positions = unit_positions(units, structures[layer].unit_size(component))
+            assert torch.equal(module.index, positions)
+            assert torch.equal(
+                module.values, structures[layer].linear(component).weight.index_select(AXIS[component], positions)
+            )
+    with pytest.raises(ValueError, match="empty"):
+        apply_selection(build_tiny("llama_9_3"), {(0, "q"): torch.tensor([], dtype=torch.long)})
+    with pytest.raises(ValueError, match=r"\(2, 'o'\)"):
+        apply_selection(build_tiny("llama_9_3"), {(2, "o"): [0]})
+    with pytest.raises(ValueError, match="unknown layout"):
+        apply_selection(build_tiny("llama_9_3"), selection, layout="sideways")

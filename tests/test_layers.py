@@ -1,0 +1,187 @@
+"""S2FTLinear: same function as the linear it replaces, exact gradients, partial back-propagation, merge/unmerge."""
+
+import pytest
+import torch
+from torch import nn
+
+from s2ft.layers import S2FTLinear, contiguous_span
+
+# (axis, positions): gathered, contiguous from 0 (permuted layout), contiguous in the middle, contiguous at the end.
+CASES = [
+    (0, [1, 5, 6, 11]),
+    (0, [0, 1, 2]),
+    (0, [3, 4, 5, 6]),
+    (0, [9, 10, 11]),
+    (1, [3, 7, 8, 15]),
+    (1, [0, 1, 2, 3, 4]),
+    (1, [4, 5, 6, 7]),
+    (1, [13, 14, 15]),
+]
+
+
+def make_pair(bias: bool, seed: int = 0) -> tuple[nn.Linear, nn.Linear]:
+    """Two identical fp64 linears (16 -> 12): one to wrap, one as the reference."""
+    torch.manual_seed(seed)
+    linear = nn.Linear(16, 12, bias=bias, dtype=torch.float64)
+    reference = nn.Linear(16, 12, bias=bias, dtype=torch.float64)
+    reference.load_state_dict(linear.state_dict())
+    return linear, reference
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize(("axis", "positions"), CASES)
+def test_forward_and_gradients_match_the_full_linear(axis, positions, bias):
+    linear, reference = make_pair(bias)
+    index = torch.tensor(positions)
+    layer = S2FTLinear(linear, axis, index)
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    out, out_ref = layer(x), reference(x_ref)
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=1e-12)
+
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    out_ref.backward(grad_out)
+    torch.testing.assert_close(layer.values.grad, reference.weight.grad.index_select(axis, index), rtol=0, atol=1e-12)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-12)
+    assert layer.weight.grad is None and (layer.bias is None or layer.bias.grad is None)
+    assert [name for name, p in layer.named_parameters() if p.requires_grad] == ["values"]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize(("axis", "positions"), CASES)
+def test_inference_path_matches_the_full_linear(axis, positions, bias):
+    linear, reference = make_pair(bias)
+    layer = S2FTLinear(linear, axis, torch.tensor(positions))
+    with torch.no_grad():
+        layer.values.mul_(1.5)
+        reference.weight.index_copy_(axis, layer.index, layer.values)
+        x = torch.randn(2, 5, 16, dtype=torch.float64)
+        torch.testing.assert_close(layer(x), reference(x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("axis", "positions"), CASES)
+def test_frozen_values_pass_the_input_gradient_only(axis, positions):
+    linear, reference = make_pair(bias=True)
+    layer = S2FTLinear(linear, axis, torch.tensor(positions))
+    layer.values.requires_grad_(False)
+    x = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    layer(x).sum().backward()
+    reference(x_ref).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-12)
+    assert layer.values.grad is None
+
+
+@pytest.mark.parametrize(("axis", "positions"), CASES)
+def test_weight_holds_zeroed_slots_and_values_hold_the_base(axis, positions):
+    linear, reference = make_pair(bias=True)
+    index = torch.tensor(positions)
+    layer = S2FTLinear(linear, axis, index)
+    assert layer.weight is linear.weight  # no copy of the full matrix
+    assert torch.equal(layer.values, reference.weight.index_select(axis, index))
+    assert torch.equal(layer.base_values, reference.weight.index_select(axis, index))
+    assert not layer.weight.index_select(axis, index).any()
+    keep = torch.ones(reference.weight.shape[axis], dtype=torch.bool)
+    keep[index] = False
+    assert torch.equal(
+        layer.weight.index_select(axis, keep.nonzero()[:, 0]),
+        reference.weight[keep] if axis == 0 else reference.weight[:, keep],
+    )
+    assert layer.span == contiguous_span(index)
+
+
+@pytest.mark.parametrize("positions", [[3, 7, 8, 15], [0, 1, 2, 3, 4], [4, 5, 6, 7], [13, 14, 15]])
+def test_input_side_layer_saves_only_the_selected_input_columns(positions):
+    linear, _ = make_pair(bias=True)
+    layer = S2FTLinear(linear, 1, torch.tensor(positions))
+    x = torch.randn(2, 5, 16, requires_grad=True, dtype=torch.float64)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    input_storage = x.untyped_storage().data_ptr()
+    assert not any(t.untyped_storage().data_ptr() == input_storage for t in saved), "a view of x is kept"
+    inputs_kept = [t for t in saved if t.shape[-1] == len(positions) and t.numel() == 10 * len(positions)]
+    assert len(inputs_kept) == 1  # the compact x[..., index]
+    assert sum(t.numel() for t in saved if t.dtype.is_floating_point) < x.numel() + 2 * linear.weight.numel()
+    assert not any(t.numel() == x.numel() for t in saved)
+
+
+@pytest.mark.parametrize(("axis", "positions"), CASES)
+def test_merge_unmerge_round_trip_is_bit_exact(axis, positions):
+    linear, reference = make_pair(bias=True)
+    layer = S2FTLinear(linear, axis, torch.tensor(positions))
+    with torch.no_grad():
+        layer.values.add_(torch.randn_like(layer.values))
+    x = torch.randn(3, 16, dtype=torch.float64)
+    unmerged_weight, unmerged_out = layer.weight.clone(), layer(x)
+
+    layer.merge()
+    expected = reference.weight.detach().index_copy(axis, layer.index, layer.values.detach())
+    assert torch.equal(layer.weight, expected)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), unmerged_out, rtol=0, atol=1e-12)
+    layer.merge()  # idempotent
+    assert torch.equal(layer.weight, expected)
+
+    layer.unmerge()
+    assert torch.equal(layer.weight, unmerged_weight)
+    layer.restore_base()
+    assert torch.equal(layer.weight, reference.weight)
+
+
+def test_training_while_merged_is_refused():
+    linear, _ = make_pair(bias=False)
+    layer = S2FTLinear(linear, 1, torch.tensor([2, 3]))
+    layer.merge()
+    with pytest.raises(RuntimeError, match="unmerge"):
+        layer(torch.randn(2, 16, dtype=torch.float64))
+    with torch.no_grad():
+        layer(torch.randn(2, 16, dtype=torch.float64))
+    layer.eval()
+    layer(torch.randn(2, 16, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("new_positions", [[0, 4, 7, 9], [2, 3, 10]])  # resized, and same size (reused in place)
+@pytest.mark.parametrize("axis", [0, 1])
+def test_retarget_equals_a_fresh_layer(axis, new_positions):
+    linear, reference = make_pair(bias=True)
+    layer = S2FTLinear(linear, axis, torch.tensor([1, 2, 3]))
+    with torch.no_grad():
+        layer.values.mul_(3.0)
+    values_param = layer.values
+    new_index = torch.tensor(new_positions)
+    new_values = torch.randn_like(reference.weight.index_select(axis, new_index))
+    layer.retarget(new_index, new_values)
+
+    fresh_linear, _ = make_pair(bias=True)
+    fresh = S2FTLinear(fresh_linear, axis, new_index, values=new_values)
+    for name in ("weight", "bias", "values", "index", "base_values"):
+        assert torch.equal(getattr(layer, name), getattr(fresh, name)), name
+    x = torch.randn(4, 16, dtype=torch.float64)
+    assert torch.equal(layer(x), fresh(x))
+    assert (layer.values is values_param) == (len(new_positions) == 3)
+
+
+def test_units_recover_the_unit_indices():
+    linear = nn.Linear(16, 12, dtype=torch.float64)
+    layer = S2FTLinear(linear, 0, torch.tensor([4, 5, 6, 7, 8, 9, 10, 11]), unit_size=4)
+    assert layer.units.tolist() == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("axis", "index", "values", "error", "match"),
+    [
+        (2, [0], None, ValueError, "axis must be 0"),
+        (0, [12], None, IndexError, "out of range"),
+        (1, [-1], None, IndexError, "out of range"),
+        (0, [1, 1], None, ValueError, "duplicate"),
+        (0, [], None, ValueError, "non-empty"),
+        (0, [1, 2], torch.zeros(3, 16), ValueError, "shape"),
+    ],
+)
+def test_bad_input_is_refused(axis, index, values, error, match):
+    linear, reference = make_pair(bias=True)
+    with pytest.raises(error, match=match):
+        S2FTLinear(linear, axis, torch.tensor(index, dtype=torch.long), values=values)
+    assert torch.equal(linear.weight, reference.weight)
