@@ -1,0 +1,72 @@
+"""Models for the efficiency benchmarks: real checkpoints through `s2ft.models`, or random-initialised shapes.
+
+Timing and memory depend on shapes, not on weight values, so the paper's models (LLaMA2-7B/13B) are benchmarked as
+random-initialised LLaMA architectures of the same shape; nothing has to be downloaded.
+"""
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+SHAPES: dict[str, dict] = {
+    "smollm2_135m_shape": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+    ),
+    "llama2_7b_shape": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    ),
+    "llama2_13b_shape": dict(
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    ),
+}
+CHECKPOINTS = ("smollm2_135m", "tiny_llama")
+MODELS = CHECKPOINTS + tuple(SHAPES)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_bench_model(name: str, dtype: str = "float32", device: str = "cpu") -> PreTrainedModel:
+    """Builds a benchmark model in training mode, every parameter still trainable.
+
+    Args:
+        name: one of `MODELS`: a checkpoint name understood by `s2ft.models.build_model`, or a `*_shape` name
+            (random-initialised LLaMA architecture).
+        dtype: parameter dtype, one of `DTYPES`.
+        device: torch device string ("cpu", "cuda").
+
+    Returns:
+        The causal LM on `device`.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown benchmark model {name!r}; choose one of {', '.join(MODELS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if name in SHAPES:
+        config = LlamaConfig(max_position_embeddings=4096, attention_dropout=0.0, **SHAPES[name])
+        # Initialise directly on the target device and dtype: a 13B model does not fit in fp32 host memory.
+        with torch.device(device):
+            model = LlamaForCausalLM._from_config(config, dtype=DTYPES[dtype])
+    else:
+        from s2ft.models import build_model
+
+        model, _ = build_model(name, dtype=dtype)
+        model = model.to(device)
+    model.requires_grad_(True)
+    return model.train()

@@ -1,0 +1,131 @@
+"""Markdown tables and matplotlib charts of the benchmark results (`results.md`, `results.png`)."""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _machine_line(machine: dict) -> str:
+    line = f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}"
+    if machine.get("gpu"):
+        line += f", GPU {machine['gpu']}"
+    if machine.get("note"):
+        line += f" ({machine['note']})"
+    return line + "."
+
+
+def _ratio(result: dict, key: str) -> str:
+    return f"{result[key]:.2f}×" if key in result else "n/a"
+
+
+def training_table(results: dict) -> str:
+    """Per batch shape: trained parameters, median step time and peak memory of each method, with ratios to full."""
+    config = results["config"]
+    total = config["total_params"]
+    parts = [
+        f"### Training step: {config['model']}, {config['dtype']}, {config['device']}\n",
+        _machine_line(results["machine"]) + f" LoRA rank {config['lora_rank']} on {', '.join(config['lora_targets'])};"
+        f" S2FT/SpFT budget {config['target_params']:,} parameters ({100 * config['target_params'] / total:.2f}%"
+        f" of {total:,}); median of {config['steps']} steps after {config['warmup']} warm-up steps.\n",
+    ]
+    for setting in results["settings"]:
+        rows = [
+            [
+                method,
+                f"{r['trainable_params']:,}",
+                f"{100 * r['trainable_params'] / total:.2f}%",
+                f"{r['step_s']:.3f}",
+                _ratio(r, "step_ratio_full"),
+                f"{r['peak_mem_mb']:.0f}",
+                _ratio(r, "mem_ratio_full"),
+            ]
+            for method, r in setting["methods"].items()
+        ]
+        headers = ["method", "trained params", "% of all", "step (s)", "× full", "peak mem above model (MB)", "× full"]
+        parts.append(f"\nBatch {setting['batch_size']}, sequence {setting['seq_len']}:\n\n")
+        parts.append(markdown_table(headers, rows))
+        if setting["targets"]:
+            checks = [
+                f"{t['metric']} vs {t['versus']}: {t['ratio']:.2f} (≤ {t['limit']}) {'met' if t['met'] else 'MISSED'}"
+                for t in setting["targets"]
+            ]
+            parts.append("\nS2FT targets: " + "; ".join(checks) + ".\n")
+    return "".join(parts)
+
+
+def training_chart(results: dict, path: Path) -> None:
+    """Bar charts of step time and peak memory per method, one row per batch shape, bars labelled with × full."""
+    settings = results["settings"]
+    fig, axes = plt.subplots(len(settings), 2, figsize=(11, 3.6 * len(settings)), squeeze=False)
+    for row, setting in zip(axes, settings, strict=True):
+        methods = setting["methods"]
+        names = list(methods)
+        for ax, key, ratio_key, label in (
+            (row[0], "step_s", "step_ratio_full", "step time (s)"),
+            (row[1], "peak_mem_mb", "mem_ratio_full", "peak memory above model (MB)"),
+        ):
+            colors = ["tab:red" if name == "s2ft" else "tab:gray" for name in names]
+            bars = ax.bar(names, [methods[n][key] for n in names], color=colors)
+            if "full" in methods:
+                ax.bar_label(bars, labels=[f"{methods[n][ratio_key]:.2f}×" for n in names], fontsize=8)
+            ax.set_ylabel(label)
+            ax.set_title(f"batch {setting['batch_size']}, seq {setting['seq_len']}", fontsize=10)
+    config = results["config"]
+    fig.suptitle(f"Training step, {config['model']} ({config['dtype']}, {config['device']}); labels: × full FT")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def switch_table(results: dict) -> str:
+    """The per-layer and whole-model switch times of S2FT and LoRA with LoRA / S2FT speedups and the targets."""
+    config, model = results["config"], results["model"]
+    rows = [[r["d"], f"{r['s2ft_ms']:.3f}", f"{r['lora_ms']:.3f}", f"{r['speedup']:.1f}×"] for r in results["layer"]]
+    parts = [
+        f"### Adapter switching ({config['dtype']}, {config['device']})\n",
+        _machine_line(results["machine"]) + f" Median of {config['repeats']} switches, each run checked.\n",
+        f"\nOne d × d layer: S2FT {config['rows']} rows against LoRA rank {config['rank']}:\n\n",
+        markdown_table(["d", "S2FT (ms)", "LoRA (ms)", "speedup"], rows),
+        f"\nWhole model {model['name']}: `s2ft.switch_adapter` against PEFT LoRA rank {model['lora_rank']}"
+        f" (unmerge, set_adapter, merge), {model['budget_params']:,} parameters per adapter:\n\n",
+        markdown_table(
+            ["S2FT (ms)", "LoRA (ms)", "speedup"],
+            [[f"{model['s2ft_ms']:.2f}", f"{model['lora_ms']:.2f}", f"{model['speedup']:.1f}×"]],
+        ),
+    ]
+    checks = [
+        f"{t['what']}: {t['speedup']:.1f}× (≥ {t['limit']}×) {'met' if t['met'] else 'MISSED'}"
+        for t in results["targets"]
+    ]
+    parts.append("\nS2FT targets: " + "; ".join(checks) + ".\n")
+    return "".join(parts)
+
+
+def switch_chart(results: dict, path: Path) -> None:
+    """Left: switch time against d for one layer (log-log). Right: whole-model switch time, S2FT and LoRA."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    dims = [r["d"] for r in results["layer"]]
+    for key, label, color in (("s2ft_ms", "S2FT", "tab:red"), ("lora_ms", "LoRA", "tab:gray")):
+        left.plot(dims, [r[key] for r in results["layer"]], "o-", label=label, color=color)
+    left.set(xscale="log", yscale="log", xlabel="d (layer is d × d)", ylabel="switch time (ms)", title="one layer")
+    left.set_xticks(dims, [str(d) for d in dims])
+    left.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    left.legend()
+    model = results["model"]
+    bars = right.bar(["S2FT", "LoRA"], [model["s2ft_ms"], model["lora_ms"]], color=["tab:red", "tab:gray"])
+    right.bar_label(bars, fmt="%.2f ms", fontsize=8)
+    right.set(ylabel="switch time (ms)", title=f"whole model {model['name']} ({model['speedup']:.1f}× faster)")
+    config = results["config"]
+    fig.suptitle(f"Adapter switching ({config['dtype']}, {config['device']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,119 @@
+"""Switching adapters on a whole model: `s2ft.switch_adapter` against PEFT LoRA's unmerge, set_adapter, merge.
+
+The two S2FT adapters select different random units (seeds 0 and 1) of the same budget, and their values are the
+base values plus noise, as training would leave them: a switch costs the same whatever the values are. The two LoRA
+adapters have the rank whose parameter count is nearest to that budget (the S2FT budget is set to it exactly) and
+random A and B (so their deltas are not zero). Both sides switch between adapters already in memory, merged.
+"""
+
+import copy
+import tempfile
+
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from experiments.bench_methods import lora_params_per_rank, match_lora_rank
+from experiments.bench_models import build_bench_model
+from experiments.bench_switch_layer import check_nearer
+from experiments.bench_timing import median_time
+
+
+def _s2ft_adapter(base: nn.Module, target_params: int, seed: int):
+    """A "trained" S2FT adapter of `base`: selected with `seed`, values perturbed, saved and read back."""
+    from s2ft import S2FTConfig, apply_s2ft, load_adapter_file, save_adapter
+    from s2ft.layers import S2FTLinear
+
+    model = apply_s2ft(copy.deepcopy(base), S2FTConfig(target_params=target_params, seed=seed))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, S2FTLinear):
+                noise = torch.randn(module.values.shape, generator=generator)
+                module.values.add_(0.01 * noise.to(module.values))
+    with tempfile.TemporaryDirectory() as folder:
+        save_adapter(model, folder)
+        return load_adapter_file(folder)
+
+
+def _expected_s2ft_weights(reference: nn.Module, adapter) -> dict[str, torch.Tensor]:
+    weights = {}
+    for name, m in adapter.modules.items():
+        weight = reference.get_submodule(name).weight.detach().clone()
+        weights[name] = weight.index_copy_(m.axis, m.positions.to(weight.device), m.values.to(weight))
+    return weights
+
+
+def _bench_s2ft(base: nn.Module, reference: nn.Module, target_params: int, repeats: int, device: str) -> float:
+    from s2ft import load_adapter, merge_adapter, switch_adapter
+
+    adapters = [_s2ft_adapter(base, target_params, seed) for seed in (0, 1)]
+    model = load_adapter(base, adapters[0])
+    merge_adapter(model)
+    active = [0]
+
+    def switch() -> None:
+        active[0] = 1 - active[0]
+        switch_adapter(model, adapters[active[0]])
+
+    seconds = median_time(switch, device, repeats)
+    expected = _expected_s2ft_weights(reference, adapters[active[0]])
+    for name in adapters[0].modules.keys() | adapters[1].modules.keys():
+        weight = model.get_submodule(name).weight
+        want = expected.get(name, reference.get_submodule(name).weight)
+        assert torch.equal(weight, want), f"S2FT switch left wrong weights in {name}"
+    return seconds
+
+
+def _bench_lora(base: nn.Module, reference: nn.Module, rank: int, targets, repeats: int, device: str) -> float:
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(targets))
+    config.init_lora_weights = False  # random B as well as A: the deltas are not zero, as after training
+    model = get_peft_model(base, config, adapter_name="first")
+    model.add_adapter("second", config)
+    model.base_model.set_adapter("first")
+    model.base_model.merge_adapter()
+    names = ["first", "second"]
+    active = [0]
+
+    def switch() -> None:
+        model.base_model.unmerge_adapter()
+        active[0] = 1 - active[0]
+        model.base_model.set_adapter(names[active[0]])
+        model.base_model.merge_adapter()
+
+    seconds = median_time(switch, device, repeats)
+    reference_modules = dict(reference.named_modules())
+    for name, module in model.base_model.model.named_modules():
+        if isinstance(module, LoraLayer):
+            base_weight = reference_modules[name].weight
+            with torch.no_grad():
+                expected = base_weight + module.get_delta_weight(names[active[0]])
+                other = base_weight + module.get_delta_weight(names[1 - active[0]])
+            check_nearer(module.get_base_layer().weight, expected, other, f"LoRA switch in {name}")
+    return seconds
+
+
+def bench_model(name: str, dtype: str, device: str, budget: float, targets, repeats: int) -> dict:
+    """Median milliseconds of one adapter switch on the whole model, S2FT against PEFT LoRA of the same budget.
+
+    Returns:
+        {"name", "lora_rank", "budget_params", "s2ft_ms", "lora_ms", "speedup"}.
+
+    Raises:
+        AssertionError: If a switch left wrong weights.
+    """
+    base = build_bench_model(name, dtype, device).eval().requires_grad_(False)
+    reference = copy.deepcopy(base)
+    rank = match_lora_rank(base, budget, targets)
+    target_params = rank * lora_params_per_rank(base, targets)
+    lora_s = _bench_lora(copy.deepcopy(base), reference, rank, targets, repeats, device)
+    s2ft_s = _bench_s2ft(base, reference, target_params, repeats, device)
+    return {
+        "name": name,
+        "lora_rank": rank,
+        "budget_params": target_params,
+        "s2ft_ms": 1000 * s2ft_s,
+        "lora_ms": 1000 * lora_s,
+        "speedup": lora_s / s2ft_s,
+    }

@@ -1,0 +1,181 @@
+"""Training-step time and peak memory of S2FT against LoRA, DoRA, full fine-tuning, SpFT and the frozen floor.
+
+Every method trains on the same random token batches with a matched trainable budget (the LoRA rank nearest to
+`--budget`; S2FT and SpFT get exactly that LoRA's parameter count), each in its own fresh process. Writes
+`results.json`, `results.md` and `results.png` to the output directory.
+
+    python experiments/benchmark_training.py                       # SmolLM2-135M, fp32, batch 4, seq 256, CPU
+    python experiments/benchmark_training.py --quick --out /tmp/b  # tiny model, 2 steps (tests)
+    python experiments/benchmark_training.py --model llama2_7b_shape --dtype bfloat16 \
+        --batch-sizes 1 2 --seq-lens 512 1024 --device cuda       # the paper's settings on a GPU
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.bench_machine import machine_info
+from experiments.bench_methods import LORA_TARGETS, METHODS
+from experiments.bench_models import DTYPES, MODELS
+from experiments.bench_report import training_chart, training_table
+from experiments.bench_train_worker import measure
+
+WORKER = Path(__file__).with_name("bench_train_worker.py")
+# A fixed glibc mmap threshold: tensors of 128 KiB and more get their own mappings and go back to the OS when freed.
+# With glibc's default dynamic threshold, freed activations stay in the heap and the peak RSS measures fragmentation
+# (it varied by hundreds of MB between methods with the same live tensors).
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+# (metric, other method, limit): S2FT's value must be at most limit x the other method's (issue 7, CPU targets).
+TARGETS = (
+    ("step_s", "full", 0.55),
+    ("step_s", "lora", 0.90),
+    ("step_s", "floor", 1.10),
+    ("peak_mem_mb", "full", 0.70),
+    ("peak_mem_mb", "lora", 0.85),
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2_135m", choices=MODELS)
+    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[256])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--budget", type=float, default=0.01, help="trainable fraction (< 1) or count of parameters")
+    parser.add_argument("--lora-targets", nargs="+", default=list(LORA_TARGETS))
+    parser.add_argument("--s2ft-layout", default="gather", choices=("gather", "permuted"))
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (the median is reported)")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default results/training_<cpu|gpu>)")
+    parser.add_argument("--note", default=None, help="state of the machine, stored in results.json")
+    parser.add_argument("--quick", action="store_true", help="tiny_llama, batch 2, seq 32, 1 warm-up + 2 timed steps")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="measure every method in this process: fast, but a method's peak memory can hide in allocator caches "
+        "left by the one before (for tests, not for results)",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.model, args.batch_sizes, args.seq_lens, args.warmup, args.steps = "tiny_llama", [2], [32], 1, 2
+    if args.steps < 1 or args.warmup < 0:
+        parser.error(f"--steps must be >= 1 and --warmup >= 0 (got {args.steps}, {args.warmup})")
+    if min(args.batch_sizes + args.seq_lens) < 1:
+        parser.error("--batch-sizes and --seq-lens must be positive")
+    if args.budget <= 0:
+        parser.error(f"--budget must be positive, got {args.budget}")
+    if args.out is None:
+        kind = "gpu" if torch.device(args.device).type == "cuda" else "cpu"
+        args.out = Path(__file__).resolve().parents[1] / "results" / f"training_{kind}"
+    return args
+
+
+def run_worker(spec: dict) -> dict:
+    """Measures one method in a fresh Python process; a failure names the method and shows the worker's error."""
+    env = os.environ | WORKER_ENV
+    proc = subprocess.run([sys.executable, str(WORKER), json.dumps(spec)], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"benchmark of method {spec['method']!r} (batch {spec['batch_size']}, seq {spec['seq_len']}) failed:\n"
+            f"{proc.stderr[-4000:]}"
+        )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def add_ratios(methods: dict[str, dict]) -> None:
+    """Adds each method's step-time and memory ratios to full fine-tuning (when full was measured)."""
+    if "full" not in methods:
+        return
+    full = methods["full"]
+    for result in methods.values():
+        result["step_ratio_full"] = result["step_s"] / full["step_s"]
+        result["mem_ratio_full"] = result["peak_mem_mb"] / full["peak_mem_mb"]
+
+
+def check_targets(methods: dict[str, dict]) -> list[dict]:
+    """S2FT's ratios against the targets whose methods were measured."""
+    if "s2ft" not in methods:
+        return []
+    checks = []
+    for metric, other, limit in TARGETS:
+        if other in methods:
+            ratio = methods["s2ft"][metric] / methods[other][metric]
+            checks.append({"metric": metric, "versus": other, "ratio": ratio, "limit": limit, "met": ratio <= limit})
+    return checks
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # as the workers do, so that machine_info records it
+    machine = machine_info(args.device, args.note)  # before the runs: the load average then is the telling one
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    settings = []
+    for batch_size in args.batch_sizes:
+        for seq_len in args.seq_lens:
+            methods = {}
+            for method in args.methods:
+                spec = {
+                    "model": args.model,
+                    "dtype": args.dtype,
+                    "device": args.device,
+                    "method": method,
+                    "batch_size": batch_size,
+                    "seq_len": seq_len,
+                    "warmup": args.warmup,
+                    "steps": args.steps,
+                    "seed": args.seed,
+                    "budget": args.budget,
+                    "targets": args.lora_targets,
+                    "layout": args.s2ft_layout,
+                    "lr": args.lr,
+                    "threads": args.threads,
+                }
+                methods[method] = measure(spec) if args.in_process else run_worker(spec)
+                print(
+                    f"b={batch_size} s={seq_len} {method:>5}: {methods[method]['step_s']:.3f} s/step, "
+                    f"{methods[method]['peak_mem_mb']:.0f} MB",
+                    flush=True,
+                )
+            add_ratios(methods)
+            settings.append(
+                {"batch_size": batch_size, "seq_len": seq_len, "methods": methods, "targets": check_targets(methods)}
+            )
+    first = next(iter(settings[0]["methods"].values()))
+    config.update(
+        total_params=first["total_params"],
+        lora_rank=first["lora_rank"],
+        target_params=first["target_params"],
+        optimizer="torch.optim.AdamW (default betas, eps, weight decay)",
+    )
+    # "methods" and "targets" repeat the first setting: the layout issue 7 fixes for a single batch shape.
+    results = {
+        "machine": machine,
+        "config": config,
+        "methods": settings[0]["methods"],
+        "targets": settings[0]["targets"],
+        "settings": settings,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "results.md").write_text(training_table(results))
+    training_chart(results, args.out / "results.png")
+    print(f"wrote {args.out}/results.{{json,md,png}}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The fusion step of the fusion study (paper Table 5): sum two trained S2FT adapters into the base and evaluate.
+
+    python experiments/fusion_study.py RUN_A RUN_B --out outputs/fusion/overlap [--weights 1 1]
+
+RUN_A and RUN_B are finished S2FT run directories on the same base model (e.g. the two jobs of
+`python run.py -m +experiment=fusion_smollm`; for the non-overlapping variant, RUN_B trained with
+`method.options.exclude=RUN_A/adapter`). The fused model is evaluated on the union of both runs' tasks and held-out
+sets with RUN_A's evaluation settings, and `--out` becomes a run directory (config.yaml, summary.json, predictions/)
+that `experiments/report.py` shows in the same table as the two runs (method "fused", with the number of units
+the two adapters share).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def read_run(run_dir: Path) -> dict:
+    """The resolved config of a finished S2FT run, checked to have an adapter."""
+    config_file, adapter = run_dir / "config.yaml", run_dir / "adapter"
+    if not config_file.is_file() or not adapter.is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a finished run directory (needs config.yaml and adapter/)")
+    config = yaml.safe_load(config_file.read_text())
+    if config["method"]["name"] != "s2ft":
+        raise ValueError(f"{run_dir} trained {config['method']['name']!r}; only S2FT adapters can be fused")
+    return config
+
+
+def shared_units(adapter_a: Path, adapter_b: Path) -> int:
+    """How many (layer, component, unit) triples both adapters trained."""
+    from s2ft.adapter import load_adapter_file
+
+    units_a, units_b = load_adapter_file(adapter_a).units(), load_adapter_file(adapter_b).units()
+    return sum(len(set(units_a[key].tolist()) & set(units_b[key].tolist())) for key in units_a.keys() & units_b.keys())
+
+
+def fuse_and_evaluate(run_a: Path, run_b: Path, out: Path, weights: tuple[float, float] = (1.0, 1.0)) -> dict:
+    """Fuse the adapters of two runs into a fresh base model, evaluate it, and write a run directory at ``out``.
+
+    Returns:
+        The summary written to ``out/summary.json``.
+    """
+    from s2ft.adapter import fuse_adapters
+    from s2ft.data import eval_subset, load_heldout
+    from s2ft.evaluation import evaluate, heldout_loss
+    from s2ft.lightning.summary import build_summary, print_summary, write_json
+    from s2ft.methods import trainable_summary
+    from s2ft.models import build_model
+
+    cfg_a, cfg_b = read_run(run_a), read_run(run_b)
+    if cfg_a["model"]["name"] != cfg_b["model"]["name"]:
+        raise ValueError(f"the runs fine-tuned different models: {cfg_a['model']['name']} vs {cfg_b['model']['name']}")
+    ev = dict(cfg_a["eval"])
+    ev["tasks"] = list(dict.fromkeys([*(cfg_a["eval"].get("tasks") or []), *(cfg_b["eval"].get("tasks") or [])]))
+    ev["heldout"] = list(dict.fromkeys([*(cfg_a["eval"].get("heldout") or []), *(cfg_b["eval"].get("heldout") or [])]))
+    overlap = shared_units(run_a / "adapter", run_b / "adapter")
+    cfg = {
+        **cfg_a,
+        "eval": ev,
+        "method": {"name": "fused", "lr": None, "options": {"shared_units": overlap, "weights": list(weights)}},
+        "fusion": {"runs": [str(run_a), str(run_b)], "weights": list(weights), "shared_units": overlap},
+    }
+    model_cfg = cfg_a["model"]
+    model, tokenizer = build_model(
+        model_cfg["name"],
+        dtype=model_cfg.get("dtype", "float32"),
+        cache_dir=model_cfg.get("cache_dir") or cfg["paths"].get("cache_dir"),
+    )
+    model = fuse_adapters(model, [run_a / "adapter", run_b / "adapter"], list(weights)).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    data_dir, kwargs = (
+        cfg["paths"]["data_dir"],
+        {"max_new_tokens": ev["max_new_tokens"]} if ev.get("max_new_tokens") else {},
+    )
+    results = None
+    if ev["tasks"]:
+        results = evaluate(
+            model,
+            tokenizer,
+            ev["tasks"],
+            data_dir=data_dir,
+            mode=ev.get("mode", "generate"),
+            limit=ev.get("limit"),
+            seed=cfg["seed"],
+            batch_size=ev.get("batch_size", 8),
+            num_beams=ev.get("num_beams", 1),
+            out_dir=out,
+            **kwargs,
+        )
+    heldout = {}
+    for name in ev["heldout"]:
+        examples = eval_subset(load_heldout(name, data_dir), ev.get("heldout_limit"), cfg["seed"])
+        loss = heldout_loss(model, tokenizer, examples, ev.get("batch_size", 8), cfg["data"].get("max_length", 512))
+        heldout[name] = {"before": None, "after": loss}
+    summary = build_summary(cfg, trainable_summary(model), None, results, heldout=heldout, fusion=cfg["fusion"])
+    write_json(summary, out / "summary.json")
+    print_summary(summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_a", type=Path, help="first finished S2FT run directory")
+    parser.add_argument("run_b", type=Path, help="second finished S2FT run directory")
+    parser.add_argument("--out", type=Path, required=True, help="run directory to write for the fused model")
+    parser.add_argument("--weights", type=float, nargs=2, default=(1.0, 1.0), help="weight of each adapter's delta")
+    args = parser.parse_args(argv)
+    return fuse_and_evaluate(args.run_a, args.run_b, args.out, tuple(args.weights))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The comparison report: `report.md` with one table per (experiment, model) and PNG figures.
+
+    python experiments/report.py outputs/multirun/commonsense_smollm [more run or sweep dirs] --out reports/cs
+    python experiments/report.py --wandb ENTITY/PROJECT --out reports/wandb      (needs a network)
+
+Rows are methods (and the settings that vary within a method, e.g. strategy and order), columns the tasks, then the
+average, its 95% CI over seeds, the p-value of its difference from the best row, held-out losses, trainable %, train
+time and peak memory; cells are mean ± std over seeds. Different experiments or models are never averaged together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.report_figures import accuracy_vs_trainable, id_vs_ood, loss_curves  # noqa: E402
+from experiments.report_table import (  # noqa: E402
+    Row,
+    avg_accuracy,
+    build_rows,
+    compare_to_best,
+    group_runs,
+    heldout_after,
+    separable,
+    task_accuracy,
+    train_field,
+    trainable_pct,
+)
+from experiments.runs import Run, find_runs, wandb_runs  # noqa: E402
+from experiments.stats import ALPHA, Estimate  # noqa: E402
+
+
+def write_report(runs: list[Run], out: Path) -> Path:
+    """Write `out/report.md` and `out/figures/*.png` for ``runs``; return the report's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    sections = ["# S2FT study report", ""]
+    for (experiment, model), group in group_runs(runs).items():
+        sections += study_section(experiment, model, group, out)
+    path = out / "report.md"
+    path.write_text("\n".join(sections) + "\n")
+    return path
+
+
+def study_section(experiment: str, model: str, runs: list[Run], out: Path) -> list[str]:
+    """The markdown of one study: table, significance statement and figures."""
+    from s2ft.data.tasks import GROUPS
+
+    rows = build_rows(runs)
+    tasks = list(dict.fromkeys(task for run in runs for task in (run.summary.get("eval") or {})))
+    heldout = list(dict.fromkeys(name for run in runs for name in (run.summary.get("heldout") or {})))
+    best, pvalues = compare_to_best(rows, tasks)
+    header = ["method", *tasks, "Avg", "Avg 95% CI", "p vs best"]
+    header += [f"loss {name}" for name in heldout] + ["trainable %", "train time (s)", "peak mem (MB)", "seeds"]
+    lines = [
+        f"## {experiment} — {model}",
+        "",
+        f"{len(runs)} runs, {len(rows)} rows; accuracy in %, mean ± std over seeds.",
+        "",
+    ]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        avg = row.estimate(avg_accuracy)
+        p = pvalues.get(row.label)
+        cells = [f"**{row.label}**" if row is best else row.label]
+        cells += [_fmt(row.estimate(task_accuracy(task)), 100, 1) for task in tasks]
+        cells += [_fmt(avg, 100, 1), "-" if avg is None or avg.ci is None else f"± {100 * avg.ci:.1f}"]
+        cells += ["best" if row is best else "-" if p is None else f"{p:.3f}{' *' if p < ALPHA else ''}"]
+        cells += [_fmt(row.estimate(heldout_after(name)), 1, 4) for name in heldout]
+        cells += [_fmt(row.estimate(trainable_pct), 1, 3), _fmt(row.estimate(train_field("wall_s")), 1, 0)]
+        cells += [_fmt(row.estimate(train_field("peak_mem_mb")), 1, 0), str(len(row.runs))]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", significance_statement(best, pvalues), ""]
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{experiment}_{model}")
+    title = f"{experiment} ({model})"
+    id_tasks = [t for t in tasks if t in GROUPS["id"]]
+    ood_tasks = [t for t in tasks if t in GROUPS["far_ood"] and t not in id_tasks]
+    figures = [
+        accuracy_vs_trainable(rows, title, out / "figures" / f"{stem}_accuracy_vs_trainable.png"),
+        id_vs_ood(rows, id_tasks, ood_tasks, title, out / "figures" / f"{stem}_id_vs_ood.png"),
+        loss_curves(rows, title, out / "figures" / f"{stem}_loss_curves.png"),
+    ]
+    lines += [f"![{fig.stem}](figures/{fig.name})" for fig in figures if fig is not None]
+    return lines + [""]
+
+
+def significance_statement(best: Row | None, pvalues: dict[str, float | None]) -> str:
+    """One sentence on whether the study separates its rows (never a ranking the data do not support)."""
+    if best is None:
+        return "No run has task accuracies, so no row is compared."
+    if not pvalues:
+        return f"Only one row ({best.label}): nothing to compare."
+    if not separable(pvalues):
+        return (
+            f"Not separable: no row differs from the best mean ({best.label}) at the {ALPHA:.0%} level "
+            "(Welch t-test over seeds, or a paired bootstrap over items for single runs); do not rank these rows."
+        )
+    worse = sorted(label for label, p in pvalues.items() if p is not None and p < ALPHA)
+    return f"Best mean: {best.label}. Significantly below it (p < {ALPHA}, marked *): {', '.join(worse)}."
+
+
+def _fmt(value: Estimate | None, scale: float, digits: int) -> str:
+    if value is None:
+        return "-"
+    mean = f"{scale * value.mean:.{digits}f}"
+    return mean if value.n == 1 else f"{mean} ± {scale * value.std:.{digits}f}"
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="*", help="run directories, sweep directories or summary.json files")
+    parser.add_argument("--out", type=Path, default=Path("outputs/report"), help="folder for report.md and figures")
+    parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs from W&B instead of local folders")
+    args = parser.parse_args(argv)
+    if bool(args.paths) == bool(args.wandb):
+        parser.error("give run/sweep directories or --wandb ENTITY/PROJECT (exactly one of them)")
+    runs = wandb_runs(args.wandb) if args.wandb else find_runs(args.paths)
+    path = write_report(runs, args.out)
+    print(f"wrote {path} ({len(runs)} runs)")
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Study tables: rows (a method and the settings that set it apart), averaged over seeds, compared with the best."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from experiments.runs import Run
+from experiments.stats import ALPHA, Estimate, estimate, paired_bootstrap_p, welch_p
+
+
+@dataclass
+class Row:
+    """The runs (seeds) of one method variant within one (experiment, model) group."""
+
+    label: str
+    runs: list[Run]
+
+    def values(self, metric) -> list[float]:
+        return [v for v in (metric(run.summary) for run in self.runs) if v is not None]
+
+    def estimate(self, metric) -> Estimate | None:
+        return estimate(self.values(metric))
+
+
+def group_runs(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
+    """Runs by (experiment, model), in a stable order."""
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.group, []).append(run)
+    return dict(sorted(groups.items()))
+
+
+def build_rows(runs: list[Run]) -> list[Row]:
+    """Rows of one group: runs with the same method and settings are seeds of one row.
+
+    A row's label is the method plus the settings that vary between the runs of that method in this group, so a
+    method sweep reads "s2ft", "lora", and a strategy sweep "s2ft options.strategy=weight options.order=small".
+    """
+    by_method: dict[str, list[Run]] = {}
+    for run in runs:
+        by_method.setdefault(run.method, []).append(run)
+    rows = []
+    for method, method_runs in sorted(by_method.items()):
+        settings = [run.settings() for run in method_runs]
+        keys = sorted({k for s in settings for k in s})
+        varying = [k for k in keys if len({s.get(k) for s in settings}) > 1]
+        variants: dict[tuple, list[Run]] = {}
+        for run, s in zip(method_runs, settings, strict=True):
+            variants.setdefault(tuple(s.get(k) for k in varying), []).append(run)
+        for values, variant_runs in sorted(variants.items(), key=lambda item: str(item[0])):
+            parts = [f"{k.removeprefix('options.')}={v}" for k, v in zip(varying, values, strict=True)]
+            rows.append(Row(" ".join([method, *parts]), variant_runs))
+    return rows
+
+
+def avg_accuracy(summary: dict) -> float | None:
+    return summary.get("avg_accuracy")
+
+
+def task_accuracy(task: str):
+    return lambda summary: (summary.get("eval") or {}).get(task, {}).get("accuracy")
+
+
+def heldout_after(name: str):
+    return lambda summary: ((summary.get("heldout") or {}).get(name) or {}).get("after")
+
+
+def train_field(key: str):
+    return lambda summary: (summary.get("train") or {}).get(key)
+
+
+def trainable_pct(summary: dict) -> float | None:
+    return summary.get("trainable_pct")
+
+
+def compare_to_best(rows: list[Row], tasks: list[str]) -> tuple[Row | None, dict[str, float | None]]:
+    """The row with the best mean average accuracy and, per other row, the p-value of its difference from it.
+
+    Welch's t-test over seeds when both rows have two or more seeds; otherwise a paired bootstrap over the items of
+    every task both first runs answered; None when neither is possible.
+    """
+    scored = [row for row in rows if row.values(avg_accuracy)]
+    if not scored:
+        return None, {}
+    best = max(scored, key=lambda row: row.estimate(avg_accuracy).mean)
+    pvalues: dict[str, float | None] = {}
+    for row in scored:
+        if row is best:
+            continue
+        a, b = row.values(avg_accuracy), best.values(avg_accuracy)
+        if len(a) >= 2 and len(b) >= 2:
+            pvalues[row.label] = welch_p(a, b)
+            continue
+        pairs = [
+            (mine[item], theirs[item])
+            for task in tasks
+            for mine, theirs in [(row.runs[0].item_correct(task), best.runs[0].item_correct(task))]
+            for item in sorted(mine.keys() & theirs.keys())
+        ]
+        pvalues[row.label] = paired_bootstrap_p([p[0] for p in pairs], [p[1] for p in pairs]) if pairs else None
+    return best, pvalues
+
+
+def separable(pvalues: dict[str, float | None]) -> bool:
+    """Whether at least one row differs from the best at the ALPHA level."""
+    return any(p is not None and p < ALPHA for p in pvalues.values())

@@ -1,0 +1,131 @@
+"""Finished runs for the report: `summary.json` files found under run or sweep directories, or W&B runs.
+
+A `Run` pairs a summary with the resolved config it ran (the `config.yaml` beside it), which tells the report which
+settings distinguish one row of a study from another, and with its predictions for item-level statistics.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+# Settings that distinguish repetitions rather than variants: seeds are averaged over, never separate rows.
+REPETITION_KEYS = ("seed", "options.seed", "options.calibration_size")
+
+
+@dataclass
+class Run:
+    """One finished run.
+
+    Attributes:
+        summary: The parsed `summary.json` (schema in README.md).
+        config: The resolved config of the run (None when only the summary is known).
+        path: The run directory (None for W&B runs).
+    """
+
+    summary: dict
+    config: dict | None = None
+    path: Path | None = None
+    _correct: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def group(self) -> tuple[str, str]:
+        """(experiment, model): runs of different groups are never averaged together."""
+        return self.summary["experiment"], self.summary["model"]
+
+    @property
+    def method(self) -> str:
+        return self.summary["method"]
+
+    def settings(self) -> dict[str, str]:
+        """The method's settings as flat ``key -> JSON value`` (lr, options, training data), without seeds."""
+        if self.config is None:
+            flat = {f"options.{k}": self.summary.get(k) for k in ("strategy", "order", "ratios")}
+        else:
+            method = self.config.get("method") or {}
+            flat = {"lr": method.get("lr"), **_flatten(method.get("options") or {}, "options")}
+            flat["data.train"] = (self.config.get("data") or {}).get("train")
+        return {key: json.dumps(value, sort_keys=True) for key, value in flat.items() if key not in REPETITION_KEYS}
+
+    def item_correct(self, task: str) -> dict[str, bool]:
+        """Item id -> correct, from `predictions/TASK.jsonl` (empty when the run has no predictions)."""
+        if task not in self._correct:
+            file = self.path / "predictions" / f"{task}.jsonl" if self.path else None
+            rows = (
+                [json.loads(line) for line in file.read_text().splitlines() if line] if file and file.is_file() else []
+            )
+            self._correct[task] = {row["id"]: bool(row["correct"]) for row in rows}
+        return self._correct[task]
+
+
+def _flatten(tree: dict, prefix: str) -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}.{key}"))
+        else:
+            flat[f"{prefix}.{key}"] = value
+    return flat
+
+
+def find_runs(paths: list[str | Path]) -> list[Run]:
+    """Every run under ``paths`` (run directories, sweep directories, or `summary.json` files), sorted by path.
+
+    Raises:
+        FileNotFoundError: A path that does not exist, or no `summary.json` under any of them.
+    """
+    files = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist; pass run or sweep directories (or summary.json files)")
+        files += [path] if path.is_file() else sorted(path.rglob("summary.json"))
+    if not files:
+        raise FileNotFoundError(f"no summary.json under {[str(p) for p in paths]}: have the runs finished?")
+    runs = []
+    for file in sorted(set(files)):
+        summary = json.loads(file.read_text())
+        config_file = file.parent / "config.yaml"
+        config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else None
+        runs.append(Run(summary, config, file.parent))
+    return runs
+
+
+def wandb_runs(project: str) -> list[Run]:
+    """The runs of a W&B project ``ENTITY/PROJECT`` rebuilt as summaries (needs a network and a W&B login).
+
+    Each W&B run carries the resolved config and the metrics the runner logs (``eval/TASK/accuracy``,
+    ``eval/avg_accuracy``, ``heldout/SET``, ``trainable_params``, ``trainable_pct``, ``train/loss``).
+    """
+    import wandb
+
+    runs = []
+    for remote in wandb.Api().runs(project):
+        config, metrics = dict(remote.config), dict(remote.summary)
+        if "method" not in config or "name" not in config:
+            continue  # not an s2ft run
+        tasks = {k.split("/")[1]: v for k, v in metrics.items() if k.startswith("eval/") and k.endswith("/accuracy")}
+        history = remote.history(keys=["train/loss"], pandas=False)
+        summary = {
+            "experiment": config["name"],
+            "method": config["method"]["name"],
+            "model": config["model"]["name"],
+            "seed": config.get("seed"),
+            "trainable_params": metrics.get("trainable_params"),
+            "trainable_pct": metrics.get("trainable_pct"),
+            "eval": {task: {"accuracy": acc, "n": None, "mode": None} for task, acc in tasks.items()},
+            "avg_accuracy": metrics.get("eval/avg_accuracy"),
+            "heldout": {k.split("/", 1)[1]: {"after": v} for k, v in metrics.items() if k.startswith("heldout/")},
+            "train": {
+                "wall_s": metrics.get("_runtime"),
+                "peak_mem_mb": metrics.get("train/peak_mem_mb"),
+                "loss_curve": [[row["_step"], row["train/loss"]] for row in history if "train/loss" in row],
+            },
+            "wandb": {"id": remote.id, "dir": None},
+        }
+        runs.append(Run(summary, config))
+    if not runs:
+        raise ValueError(f"W&B project {project!r} has no s2ft runs")
+    return runs

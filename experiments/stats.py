@@ -1,0 +1,63 @@
+"""Statistics of the report: mean, spread and 95% intervals over seeds, and tests against the best method.
+
+Over seeds: Student-t intervals and Welch's t-test (scipy). With a single seed on either side, runs are compared by
+a paired bootstrap over the evaluation items both runs answered (their prediction files).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+ALPHA = 0.05
+BOOTSTRAP_SAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A metric over seeds: mean, sample std (0 for one seed), 95% CI half-width (None for one seed), count."""
+
+    mean: float
+    std: float
+    ci: float | None
+    n: int
+
+
+def estimate(values: list[float]) -> Estimate | None:
+    """Mean, std and the Student-t 95% CI half-width of ``values`` (None if there are none)."""
+    values = [float(v) for v in values if v is not None]
+    if not values:
+        return None
+    n = len(values)
+    if n == 1:
+        return Estimate(values[0], 0.0, None, 1)
+    from scipy import stats
+
+    std = float(np.std(values, ddof=1))
+    return Estimate(float(np.mean(values)), std, float(stats.t.ppf(1 - ALPHA / 2, n - 1)) * std / math.sqrt(n), n)
+
+
+def welch_p(a: list[float], b: list[float]) -> float:
+    """Two-sided p-value of Welch's t-test (unequal variances); 1.0 when both samples are constant and equal."""
+    from scipy import stats
+
+    if np.std(a) == 0 and np.std(b) == 0:
+        return 1.0 if np.mean(a) == np.mean(b) else 0.0
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def paired_bootstrap_p(a: list[bool], b: list[bool], seed: int = 0) -> float:
+    """Two-sided p-value that the accuracies of two runs on the same items differ (paired bootstrap).
+
+    Resamples items with replacement and counts how often the resampled difference, re-centred on zero (the null),
+    is at least as extreme as the observed one.
+    """
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired bootstrap needs two equally long non-empty item lists, got {len(a)} and {len(b)}")
+    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    observed = diff.mean()
+    rng = np.random.default_rng(seed)
+    samples = diff[rng.integers(0, len(diff), size=(BOOTSTRAP_SAMPLES, len(diff)))].mean(axis=1)
+    return float(np.mean(np.abs(samples - observed) >= abs(observed) - 1e-12))

@@ -1,0 +1,282 @@
+"""`evaluate`: accuracy of a model on benchmark tasks, by generation or by option log-likelihood.
+
+Every input is checked before the model runs: task names, the test files, each record's gold answer and, in
+log-likelihood mode, each item's options. Then, per task:
+
+- ``generate``: the training prompt, greedy decoding (or ``num_beams`` beam search), the suite's ``max_new_tokens``
+  unless overridden, and the LLM-Adapters answer extraction (`s2ft.evaluation.extract`). Commonsense rows stop as
+  soon as their answer is settled (the first label is followed by another character), which cannot change the
+  extracted answer: only the first label counts. Arithmetic rows run to EOS or ``max_new_tokens``, since the last
+  number counts.
+- ``loglik`` (multiple-choice tasks only: commonsense and AQuA): each option's text is scored as the response to the
+  prompt. Two accuracies are kept: by the summed log-probability (``accuracy_sum``) and by the mean per response
+  token (``accuracy_mean``). The primary ``accuracy`` is the mean per token: the summed score favours short options
+  (every extra token can only lower it), which the options of a question differ in.
+
+Accuracy is torchmetrics' binary accuracy of "answered correctly" in float64; ``avg_accuracy`` is the unweighted mean
+over tasks (the paper's "Avg"), and ``groups`` the mean over each registered group whose tasks were all evaluated.
+"""
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torchmetrics.classification import BinaryAccuracy
+
+from s2ft.data import GROUPS, Example, TaskSpec, build_prompt, eval_subset, load_eval, resolve_tasks
+from s2ft.evaluation.extract import extract, is_correct, label_settled, parse_gold
+from s2ft.evaluation.generate import generate
+from s2ft.evaluation.loglik import encode_pairs, score_pairs
+from s2ft.evaluation.options import OptionParseError, parse_options
+from s2ft.evaluation.progress import progress_bar
+
+MODES = ("generate", "loglik")
+
+
+@dataclass
+class TaskItems:
+    """One task's items, validated and ready to run.
+
+    Attributes:
+        spec: The task.
+        examples: The (subset of) test items, in file order.
+        golds: Parsed gold answers (`parse_gold`), one per example.
+        options: Per example, ``{label: option text}`` (log-likelihood mode only).
+    """
+
+    spec: TaskSpec
+    examples: list[Example]
+    golds: list[str | float]
+    options: list[dict[str, str]] = field(default_factory=list)
+
+
+def prepare_tasks(
+    tasks: list[TaskSpec] | list[str], data_dir: str | Path, mode: str, limit: int | None = None, seed: int = 0
+) -> list[TaskItems]:
+    """Loads and validates the items of every task, without touching a model.
+
+    Raises:
+        ValueError: A bad mode, a numeric task in log-likelihood mode, a gold answer that cannot be scored or an item
+            whose options cannot be parsed (the task and item id are named).
+        UnknownNameError: An unknown task or group; FileNotFoundError: a missing test file.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown evaluation mode {mode!r}; use one of {', '.join(MODES)}")
+    specs = resolve_tasks(tasks)
+    if mode == "loglik":
+        numeric = [spec.name for spec in specs if spec.answer_kind == "number"]
+        if numeric:
+            raise ValueError(
+                f"log-likelihood mode scores answer options, and {numeric} have numeric answers without options; "
+                "evaluate them with mode=generate (or leave them out of eval.tasks)"
+            )
+    prepared = []
+    for spec in specs:
+        examples = eval_subset(load_eval(spec, data_dir), limit, seed)
+        if not examples:
+            raise ValueError(f"task {spec.name} has no items")
+        items = TaskItems(spec, examples, [])
+        for example in examples:
+            try:
+                items.golds.append(parse_gold(spec.answer_kind, example.answer, spec.labels))
+                if mode == "loglik":
+                    items.options.append(parse_options(example.instruction, spec.answer_kind, spec.labels))
+                    if items.golds[-1] not in items.options[-1]:
+                        raise ValueError(f"gold answer {example.answer!r} is not among the parsed options")
+            except (ValueError, OptionParseError) as err:
+                raise ValueError(f"task {spec.name}, item {example.id}: {err}") from None
+        prepared.append(items)
+    return prepared
+
+
+def evaluate(
+    model,
+    tokenizer,
+    tasks: list[TaskSpec] | list[str],
+    *,
+    data_dir: str | Path,
+    mode: str = "generate",
+    limit: int | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    num_beams: int = 1,
+    max_new_tokens: int | None = None,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Evaluates ``model`` on ``tasks`` and writes one predictions file per task.
+
+    Args:
+        model: A causal LM (any method's model; evaluated in eval mode, its training mode restored afterwards).
+        tokenizer: Its tokenizer, with a pad token.
+        tasks: Task or group names (``["arithmetic", "boolq"]``) or TaskSpecs.
+        data_dir: The data directory (``paths.data_dir``).
+        mode: "generate" or "loglik" (see the module docstring).
+        limit: Evaluate a deterministic subset of this many items per task (`s2ft.data.eval_subset` with ``seed``).
+        seed: Subset seed: the same seed gives the same items in every run.
+        batch_size: Prompts (generate) or questions (loglik, all options of each) per forward batch; results do not
+            depend on it.
+        num_beams: 1 for greedy decoding, 4 for the paper's beam search (generate mode).
+        max_new_tokens: Generation budget for every task; None uses each suite's (commonsense 32, arithmetic 256).
+        out_dir: The run directory; predictions go to ``out_dir/predictions/TASK.jsonl``. None writes nothing.
+        progress: Show a progress bar.
+
+    Returns:
+        ``{"tasks": {TASK: {"accuracy", "n", "mode", "tokens_per_s", ...}}, "avg_accuracy", "groups": {GROUP: acc}}``;
+        ``tokens_per_s`` is generated tokens per second (None in loglik mode, which generates nothing).
+    """
+    for name, value in (("batch_size", batch_size), ("num_beams", num_beams), ("max_new_tokens", max_new_tokens)):
+        if not (value is None and name == "max_new_tokens") and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ValueError(f"eval {name} must be a positive integer, got {value!r}")
+    if mode == "loglik" and num_beams != 1:
+        raise ValueError("num_beams applies to generation; log-likelihood mode does not generate (use num_beams=1)")
+    prepared = prepare_tasks(tasks, data_dir, mode, limit, seed)
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos_token)")
+    run = _run_generate if mode == "generate" else _run_loglik
+    settings = dict(batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens)
+    was_training = model.training
+    model.eval()
+    results = {}
+    try:
+        with progress_bar(progress) as bar:
+            for items in prepared:
+                metrics, records = run(model, tokenizer, items, bar, **settings)
+                results[items.spec.name] = metrics
+                if out_dir is not None:
+                    _write_predictions(Path(out_dir) / "predictions" / f"{items.spec.name}.jsonl", records)
+    finally:
+        model.train(was_training)
+    return summarize(results)
+
+
+def summarize(task_results: dict[str, dict]) -> dict:
+    """Adds the unweighted mean over tasks and the mean of every fully evaluated group."""
+    accuracies = {name: result["accuracy"] for name, result in task_results.items()}
+    groups = {
+        group: sum(accuracies[name] for name in members) / len(members)
+        for group, members in GROUPS.items()
+        if all(name in accuracies for name in members)
+    }
+    return {
+        "tasks": task_results,
+        "avg_accuracy": sum(accuracies.values()) / len(accuracies),
+        "groups": groups,
+    }
+
+
+def accuracy(correct: list[bool]) -> float:
+    """Fraction answered correctly (torchmetrics binary accuracy against all-correct, in float64)."""
+    metric = BinaryAccuracy().set_dtype(torch.float64)
+    metric.update(torch.tensor(correct, dtype=torch.long), torch.ones(len(correct), dtype=torch.long))
+    return metric.compute().item()
+
+
+def _run_generate(model, tokenizer, items: TaskItems, bar, *, batch_size, num_beams, max_new_tokens):
+    spec = items.spec
+    prompts = [build_prompt(example.instruction, example.input) for example in items.examples]
+    stop = (lambda text: label_settled(text, spec.labels)) if spec.answer_kind == "label" else None
+    budget = max_new_tokens or spec.max_new_tokens
+    with bar.task(spec.name, len(prompts)) as advance:
+        start = time.perf_counter()
+        generations = generate(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=budget,
+            batch_size=batch_size,
+            num_beams=num_beams,
+            stop=stop,
+            on_batch=advance,
+        )
+        wall = time.perf_counter() - start
+    records, correct = [], []
+    for example, prompt, generation, gold in zip(items.examples, prompts, generations, items.golds, strict=True):
+        extracted = extract(spec.answer_kind, generation.text, spec.labels)
+        correct.append(is_correct(spec.answer_kind, extracted, gold))
+        records.append(
+            dict(
+                id=example.id,
+                prompt=prompt,
+                output=generation.text,
+                extracted=extracted,
+                gold=gold,
+                correct=correct[-1],
+                num_tokens=generation.num_tokens,
+            )
+        )
+    tokens = sum(generation.num_tokens for generation in generations)
+    metrics = dict(
+        accuracy=accuracy(correct),
+        n=len(correct),
+        mode="generate",
+        tokens_per_s=tokens / wall if wall > 0 else None,
+        generated_tokens=tokens,
+        wall_s=wall,
+        num_beams=num_beams,
+        max_new_tokens=budget,
+    )
+    return metrics, records
+
+
+def _run_loglik(model, tokenizer, items: TaskItems, bar, *, batch_size, num_beams, max_new_tokens):
+    spec = items.spec
+    flat = [(index, label, text) for index, options in enumerate(items.options) for label, text in options.items()]
+    examples = [items.examples[index] for index, _, _ in flat]
+    pairs = encode_pairs(
+        [example.instruction for example in examples],
+        [example.input for example in examples],
+        [text for _, _, text in flat],
+        tokenizer,
+    )
+    with bar.task(spec.name, len(pairs)) as advance:
+        start = time.perf_counter()
+        scores = score_pairs(model, pairs, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size, on_batch=advance)
+        wall = time.perf_counter() - start
+    by_item = [{} for _ in items.examples]
+    for (index, label, _), score in zip(flat, scores, strict=True):
+        by_item[index][label] = score
+    records, correct_sum, correct_mean = [], [], []
+    for example, options, item_scores, gold in zip(items.examples, items.options, by_item, items.golds, strict=True):
+        # max() keeps the first of tied options, so ties resolve to the earliest option, deterministically.
+        by_sum = max(item_scores, key=lambda label: item_scores[label].logprob)
+        by_mean = max(item_scores, key=lambda label: item_scores[label].mean)
+        correct_sum.append(by_sum == gold)
+        correct_mean.append(by_mean == gold)
+        records.append(
+            dict(
+                id=example.id,
+                prompt=build_prompt(example.instruction, example.input),
+                output=options[by_mean],
+                extracted=by_mean,
+                gold=gold,
+                correct=correct_mean[-1],
+                extracted_sum=by_sum,
+                correct_sum=correct_sum[-1],
+                options=options,
+                logprob={label: score.logprob for label, score in item_scores.items()},
+                num_tokens={label: score.num_tokens for label, score in item_scores.items()},
+            )
+        )
+    metrics = dict(
+        accuracy=accuracy(correct_mean),
+        n=len(records),
+        mode="loglik",
+        tokens_per_s=None,
+        accuracy_mean=accuracy(correct_mean),
+        accuracy_sum=accuracy(correct_sum),
+        primary="mean",
+        wall_s=wall,
+    )
+    return metrics, records
+
+
+def _write_predictions(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as file:
+        for record in records:
+            file.write(json.dumps(record, ensure_ascii=False) + "\n")

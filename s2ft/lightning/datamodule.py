@@ -1,0 +1,44 @@
+"""The training data: the configured mixture, a validation split, tokenized once, served by a resumable sampler."""
+
+from __future__ import annotations
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from s2ft.lightning.sampler import ResumableBatchSampler, ResumableDataLoader
+
+
+class SFTDataModule(L.LightningDataModule):
+    """Instruction-tuning data for `S2FTLitModule`.
+
+    Args:
+        train_examples: Training `Example`s (already mixed and limited, see `s2ft.data.load_train`).
+        val_examples: Validation `Example`s (may be empty: no validation loop).
+        tokenizer: The model's tokenizer.
+        max_length: Truncation length in tokens.
+        batch_size: Micro-batch size per rank.
+        seed: Shuffle seed (epoch e uses seed + e).
+        cache_dir: Where `datasets` caches the tokenized sets (None: in memory).
+    """
+
+    def __init__(
+        self, train_examples, val_examples, tokenizer, max_length: int, batch_size: int, seed: int = 0, cache_dir=None
+    ):
+        super().__init__()
+        from s2ft.data.tokenize import Collator, tokenize_examples
+
+        self.train_set = tokenize_examples(train_examples, tokenizer, max_length, cache_dir)
+        self.val_set = tokenize_examples(val_examples, tokenizer, max_length, cache_dir) if val_examples else None
+        self.collate = Collator(tokenizer)
+        self.batch_size, self.seed = batch_size, seed
+        self.sampler: ResumableBatchSampler | None = None
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        self.sampler = ResumableBatchSampler(len(self.train_set), self.batch_size, self.seed, rank, world)
+        return ResumableDataLoader(self.train_set, batch_sampler=self.sampler, collate_fn=self.collate)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_set is None:
+            return []
+        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate)

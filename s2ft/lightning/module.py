@@ -1,0 +1,114 @@
+"""The LightningModule: a causal LM with a fine-tuning method applied, trained with AdamW over its trainable params."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+import torch
+from torch import nn
+
+from s2ft.lightning.memory import peak_memory_mb
+
+
+class S2FTLitModule(L.LightningModule):
+    """Trains the parameters a method left trainable; checkpoints hold only those (and the optimizer state).
+
+    Args:
+        model: The prepared causal LM (`s2ft.methods.prepare_model`); frozen parameters get no optimizer state.
+        lr: Peak learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear warm-up from 0 to `lr`, in optimizer steps.
+        scheduler: "linear" or "cosine" decay to 0 at the last step.
+    """
+
+    def __init__(
+        self, model: nn.Module, lr: float, weight_decay: float = 0.0, warmup_steps: int = 0, scheduler: str = "linear"
+    ):
+        super().__init__()
+        if scheduler not in ("linear", "cosine"):
+            raise ValueError(f"scheduler must be 'linear' or 'cosine', got {scheduler!r}")
+        # from_pretrained returns models in eval mode and Lightning keeps the mode it finds; dropout must train.
+        self.model = model.train()
+        self.lr, self.weight_decay, self.warmup_steps, self.scheduler = lr, weight_decay, warmup_steps, scheduler
+        # Checkpoints omit the frozen weights, which the run rebuilds from its config.
+        self.strict_loading = False
+        self.tokens_seen = 0
+        self.last_loss: float | None = None
+        self.loss_curve: list[tuple[int, float]] = []
+        self._batch_start = 0.0
+
+    def trained_keys(self) -> set[str]:
+        """State-dict keys of what training changes: trainable params and the buffers of modules that own them."""
+        keys = {name for name, p in self.named_parameters(remove_duplicate=False) if p.requires_grad}
+        for prefix, module in self.named_modules(remove_duplicate=False):
+            if any(p.requires_grad for p in module.parameters(recurse=False)):
+                persistent = set(module._buffers) - module._non_persistent_buffers_set
+                keys |= {f"{prefix}.{name}" for name in persistent}
+        return keys
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.model(**batch).loss
+        tokens = int(batch["attention_mask"].sum())
+        self.tokens_seen += tokens
+        # Kept here: the loss Lightning hands to on_train_batch_end is divided by accumulate_grad_batches.
+        self.last_loss = float(loss.detach())
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/tokens", float(self.tokens_seen))
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        elapsed = max(time.perf_counter() - self._batch_start, 1e-9)
+        self.log("train/tokens_per_s", float(batch["attention_mask"].sum()) / elapsed)
+        self.log("train/peak_mem_mb", peak_memory_mb())
+        if self.trainer.fit_loop.epoch_loop._should_accumulate():
+            return
+        self.loss_curve.append((self.trainer.global_step, self.last_loss))
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.model(**batch).loss
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters; check method.name and method.options")
+        # foreach/fused kernels are not available for every CPU dtype; the plain loop is exact and fast enough here.
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, foreach=False)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.warmup_steps, total, self.scheduler))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keys = self.trained_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
+        checkpoint["s2ft"] = {"tokens_seen": self.tokens_seen, "loss_curve": self.loss_curve}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        missing = sorted(self.trained_keys() - set(checkpoint["state_dict"]))
+        if missing:
+            raise RuntimeError(
+                f"the checkpoint lacks {len(missing)} trained tensors (e.g. {missing[:3]}): it was written by a run "
+                "with another method or selection; resume with the same config or start a new run directory"
+            )
+        state = checkpoint.get("s2ft", {})
+        self.tokens_seen = state.get("tokens_seen", 0)
+        self.loss_curve = [tuple(point) for point in state.get("loss_curve", [])]
+
+
+def lr_lambda(warmup_steps: int, total_steps: int, scheduler: str):
+    """Multiplier of the peak lr at each optimizer step: linear warm-up, then linear or cosine decay to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        return 1.0 - progress if scheduler == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor

@@ -1,0 +1,302 @@
+"""One experiment from a resolved config: build the model, apply the method, train, save, evaluate, summarise.
+
+`run.py` is a thin Hydra main around `run_experiment`; this module needs only a plain dict, so tests and notebooks
+call it directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import yaml
+from lightning.pytorch.callbacks import RichProgressBar
+from torch.utils.data import DataLoader
+
+from s2ft.lightning.callbacks import AdvanceSampler, AtomicCheckpointIO, KeepBest, LastCheckpoint
+from s2ft.lightning.datamodule import SFTDataModule
+from s2ft.lightning.loggers import build_logger, wandb_info
+from s2ft.lightning.memory import peak_memory_mb
+from s2ft.lightning.module import S2FTLitModule
+from s2ft.lightning.summary import build_summary, print_summary, write_json
+from s2ft.run_config import validate_run_config
+
+CALIBRATED_STRATEGIES = ("activation", "weight_activation", "gradient")
+CHECKPOINT = Path("checkpoints") / "last.ckpt"
+
+
+def run_experiment(cfg: dict, run_dir: str | Path) -> dict | None:
+    """Run the experiment `cfg` describes and fill `run_dir` with its outputs.
+
+    Args:
+        cfg: The resolved config as a plain dict (schema: conf/config.yaml, checked by `validate_run_config`).
+        run_dir: The run directory (Hydra's output directory under `run.py`).
+
+    Returns:
+        The summary written to `run_dir/summary.json`; None on DDP ranks other than 0.
+    """
+    validate_run_config(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg["seed"], workers=True)
+    if cfg["mode"] == "eval":
+        return _evaluate_only(cfg, run_dir)
+    return _train(cfg, run_dir)
+
+
+def _build_model(model_cfg: dict, cache_dir):
+    from s2ft.models import build_model
+
+    return build_model(
+        model_cfg["name"],
+        dtype=model_cfg.get("dtype", "float32"),
+        cache_dir=model_cfg.get("cache_dir") or cache_dir,
+        gradient_checkpointing=model_cfg.get("gradient_checkpointing", False),
+    )
+
+
+def _train(cfg: dict, run_dir: Path) -> dict | None:
+    from s2ft.data import load_eval, load_train, resolve_tasks, split_validation
+    from s2ft.data.overlap import check_overlap
+    from s2ft.methods import prepare_model, save_trained, trainable_summary
+
+    data, paths, tr = cfg["data"], cfg["paths"], cfg["trainer"]
+    data_dir = paths["data_dir"]
+    examples = load_train(data["train"], data_dir, data.get("limit"), cfg["seed"])
+    overlap_tasks = data.get("overlap_tasks") or cfg["eval"].get("tasks") or []
+    if overlap_tasks:
+        eval_sets = {task.name: load_eval(task, data_dir) for task in resolve_tasks(overlap_tasks)}
+        check_overlap(examples, eval_sets, allow=data.get("allow_overlap", False))
+    train, val = split_validation(examples, data["val_size"], cfg["seed"]) if data.get("val_size") else (examples, [])
+
+    model, tokenizer = _build_model(cfg["model"], paths.get("cache_dir"))
+    datamodule = SFTDataModule(
+        train, val, tokenizer, data["max_length"], data["batch_size"], cfg["seed"], _cache(paths, "tokenized")
+    )
+
+    logger = build_logger(cfg["logger"], cfg, run_dir)
+    trainer = _trainer(tr, run_dir, logger, has_val=bool(val))
+    ckpt_path = _resume_path(cfg.get("ckpt_path"), run_dir)
+    results = None
+    if trainer.global_rank == 0:
+        _write_config(cfg, run_dir)
+        if cfg["eval"].get("before"):
+            results = _measure(model, tokenizer, cfg, run_dir / "before")
+
+    method = cfg["method"]
+    options = dict(method.get("options") or {})
+    calibration = None
+    if method["name"] == "s2ft" and options.get("strategy") in CALIBRATED_STRATEGIES:
+        count = min(options.get("calibration_size") or 64, len(datamodule.train_set))
+        subset = datamodule.train_set.select(range(count))
+        calibration = list(DataLoader(subset, batch_size=data["batch_size"], collate_fn=datamodule.collate))
+    model = prepare_model(model, method["name"], options, calibration)
+    counts = trainable_summary(model)
+    if logger:
+        logger.log_metrics({"trainable_params": counts["trainable_params"], "trainable_pct": counts["trainable_pct"]})
+    module = S2FTLitModule(
+        model, method["lr"], method.get("weight_decay", 0.0), tr.get("warmup_steps", 0), tr.get("scheduler", "linear")
+    )
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+    wall = time.perf_counter() - start
+
+    digests = _gather(trainer, _trained_digest(module))
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"DDP ranks ended with different trained weights: {digests}")
+    tokens = int(trainer.strategy.reduce(torch.tensor(float(module.tokens_seen)), reduce_op="sum"))
+    if trainer.global_rank != 0:
+        return None
+    save_trained(model, method["name"], run_dir / "adapter")
+    train_stats = {
+        "steps": trainer.global_step,
+        "tokens": tokens,
+        "wall_s": round(wall, 2),
+        "peak_mem_mb": round(peak_memory_mb(), 1),
+        "final_loss": module.last_loss,
+        "loss_curve": [list(point) for point in module.loss_curve],
+    }
+    after = _measure(model, tokenizer, cfg, run_dir)
+    if cfg.get("save_merged"):
+        _save_merged(model, tokenizer, method["name"], run_dir / "merged")
+    best = next((c.best for c in trainer.callbacks if isinstance(c, KeepBest)), None)
+    if best is not None:
+        train_stats["best_val_loss"] = best
+    extra = {"ddp": {"world_size": trainer.world_size, "trained_sha256": digests}} if trainer.world_size > 1 else {}
+    if results is not None:
+        extra["eval_before"] = {
+            name: {k: r[k] for k in ("accuracy", "n", "mode")}
+            for name, r in (results["eval"] or {}).get("tasks", {}).items()
+        }
+        extra["avg_accuracy_before"] = (results["eval"] or {}).get("avg_accuracy")
+    heldout = _pair(results["heldout"] if results else {}, after["heldout"])
+    summary = build_summary(cfg, counts, train_stats, after["eval"], heldout=heldout, wandb=wandb_info(logger), **extra)
+    if logger:
+        logger.log_metrics(_flat_metrics(summary))
+    return _finish(summary, run_dir)
+
+
+def _evaluate_only(cfg: dict, run_dir: Path) -> dict:
+    from s2ft.methods import load_trained, trainable_summary
+
+    method, model_cfg, source = cfg["method"]["name"], cfg["model"], None
+    if cfg.get("run_dir"):
+        # A saved run knows what it trained: its own config decides the base model and the method.
+        saved = yaml.safe_load((Path(cfg["run_dir"]) / "config.yaml").read_text())
+        method, model_cfg, source = saved["method"]["name"], saved["model"], Path(cfg["run_dir"]) / "adapter"
+    if cfg.get("adapter"):
+        source = Path(cfg["adapter"])
+    model, tokenizer = _build_model(model_cfg, cfg["paths"].get("cache_dir"))
+    if source is not None:
+        model = load_trained(model, method, source)
+    model.requires_grad_(False)
+    _write_config(cfg, run_dir)
+    results = _measure(model, tokenizer, cfg, run_dir)
+    heldout = _pair({}, results["heldout"])
+    counts = trainable_summary(model)
+    summary = build_summary(
+        {**cfg, "method": {**cfg["method"], "name": method}, "model": model_cfg},
+        counts,
+        None,
+        results["eval"],
+        heldout=heldout,
+        source=None if source is None else str(source),
+    )
+    return _finish(summary, run_dir)
+
+
+def _finish(summary: dict, run_dir: Path) -> dict:
+    write_json(summary, run_dir / "summary.json")
+    print_summary(summary)
+    return summary
+
+
+def _trainer(tr: dict, run_dir: Path, logger, has_val: bool) -> L.Trainer:
+    interval = tr.get("val_check_interval")
+    callbacks = [AdvanceSampler(), LastCheckpoint(run_dir / CHECKPOINT, tr.get("checkpoint_every_n_steps", 50))]
+    if tr.get("select_best") == "val_loss":
+        if not has_val:
+            raise ValueError("trainer.select_best=val_loss needs a validation split: set data.val_size > 0")
+        # Before LastCheckpoint's end-of-training save, so the final checkpoint holds the selected weights too.
+        callbacks.insert(1, KeepBest())
+    return L.Trainer(
+        max_steps=tr.get("max_steps", -1),
+        max_epochs=tr.get("max_epochs"),
+        accumulate_grad_batches=tr.get("accumulate_grad_batches", 1),
+        gradient_clip_val=tr.get("gradient_clip_val"),
+        precision=tr.get("precision", "32-true"),
+        accelerator=tr.get("accelerator", "cpu"),
+        devices=tr.get("devices", 1),
+        strategy=tr.get("strategy", "auto"),
+        num_nodes=tr.get("num_nodes", 1),
+        log_every_n_steps=tr.get("log_every_n_steps", 10),
+        # An int interval counts training batches across epochs, so validation runs on a step schedule.
+        val_check_interval=interval if has_val else None,
+        check_val_every_n_epoch=None if isinstance(interval, int) else 1,
+        limit_val_batches=None if has_val else 0,
+        num_sanity_val_steps=0,
+        logger=logger,
+        callbacks=[*callbacks, RichProgressBar()],
+        plugins=[AtomicCheckpointIO()],
+        enable_checkpointing=False,
+        # The sampler shards by rank itself and resumes mid-epoch; Lightning's replacement would do neither.
+        use_distributed_sampler=False,
+        default_root_dir=run_dir,
+    )
+
+
+def _resume_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    if ckpt_path != "last":
+        return ckpt_path
+    path = run_dir / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ckpt_path=last but {path} does not exist; resume in the interrupted run's directory with "
+            "hydra.run.dir=<that run directory> ckpt_path=last"
+        )
+    return str(path)
+
+
+def _measure(model, tokenizer, cfg: dict, out_dir: Path) -> dict:
+    """Task accuracy (`s2ft.evaluation.evaluate`) and held-out losses of `model`, predictions under `out_dir`."""
+    ev, data_dir = cfg["eval"], cfg["paths"]["data_dir"]
+    result = {"eval": None, "heldout": {}}
+    if ev.get("tasks"):
+        from s2ft.evaluation import evaluate
+
+        kwargs = {"max_new_tokens": ev["max_new_tokens"]} if ev.get("max_new_tokens") else {}
+        result["eval"] = evaluate(
+            model,
+            tokenizer,
+            ev["tasks"],
+            data_dir=data_dir,
+            mode=ev.get("mode", "generate"),
+            limit=ev.get("limit"),
+            seed=cfg["seed"],
+            batch_size=ev.get("batch_size", 8),
+            num_beams=ev.get("num_beams", 1),
+            out_dir=out_dir,
+            **kwargs,
+        )
+    for name in ev.get("heldout") or []:
+        from s2ft.data import eval_subset, load_heldout
+        from s2ft.evaluation import heldout_loss
+
+        examples = eval_subset(load_heldout(name, data_dir), ev.get("heldout_limit"), cfg["seed"])
+        result["heldout"][name] = heldout_loss(
+            model, tokenizer, examples, ev.get("batch_size", 8), cfg["data"].get("max_length", 512)
+        )
+    return result
+
+
+def _pair(before: dict, after: dict) -> dict:
+    return {name: {"before": before.get(name), "after": loss} for name, loss in after.items()}
+
+
+def _trained_digest(module: S2FTLitModule) -> str:
+    """SHA-256 of the trained tensors, to check that DDP replicas stayed identical."""
+    state = module.state_dict()
+    digest = hashlib.sha256()
+    for key in sorted(module.trained_keys()):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _gather(trainer: L.Trainer, value: str) -> list[str]:
+    if trainer.world_size == 1:
+        return [value]
+    values = [None] * trainer.world_size
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+def _save_merged(model, tokenizer, method: str, out_dir: Path) -> None:
+    """Fold what was trained into plain weights and save a `from_pretrained`-able model."""
+    if hasattr(model, "merge_and_unload"):  # PEFT (LoRA, DoRA)
+        model = model.merge_and_unload()
+    elif method == "s2ft":
+        from s2ft import merge_and_unload
+
+        model = merge_and_unload(model)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _write_config(cfg: dict, run_dir: Path) -> None:
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def _cache(paths: dict, name: str) -> Path | None:
+    return Path(paths["cache_dir"]) / name if paths.get("cache_dir") else None
+
+
+def _flat_metrics(summary: dict) -> dict[str, float]:
+    metrics = {f"eval/{task}/accuracy": r["accuracy"] for task, r in summary["eval"].items()}
+    if summary.get("avg_accuracy") is not None:
+        metrics["eval/avg_accuracy"] = summary["avg_accuracy"]
+    metrics |= {f"heldout/{name}": v["after"] for name, v in summary.get("heldout", {}).items()}
+    return metrics

@@ -1,0 +1,98 @@
+"""The run's `summary.json` (schema in README.md), its provenance fields, and the console table."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("s2ft", "torch", "transformers", "lightning", "peft", "datasets", "hydra-core", "wandb")
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the packages a result depends on (None when absent)."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_commit(root: Path) -> str | None:
+    """The checked-out commit of `root`, with "-dirty" when tracked files changed; None outside a git checkout."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=root, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def build_summary(cfg: dict, counts: dict, train: dict | None, evaluation: dict | None, **extra) -> dict:
+    """Assemble `summary.json` from the config, the trainable counts, training stats and evaluation results.
+
+    Args:
+        cfg: The resolved config.
+        counts: `{"trainable_params", "total_params", "trainable_pct"}` (`s2ft.methods.trainable_summary`).
+        train: `{"steps", "tokens", "wall_s", "peak_mem_mb", "final_loss", "loss_curve"}`, None for eval-only runs.
+        evaluation: The result of `s2ft.evaluation.evaluate`, None when no task was evaluated.
+        **extra: Further top-level fields (`eval_before`, `heldout`, `wandb`, `ddp`, ...).
+    """
+    options = cfg["method"].get("options") or {}
+    tasks = (evaluation or {}).get("tasks", {})
+    summary = {
+        "experiment": cfg["name"],
+        "method": cfg["method"]["name"],
+        "model": cfg["model"]["name"],
+        "strategy": options.get("strategy"),
+        "order": options.get("order"),
+        "ratios": options.get("ratios"),
+        "seed": cfg["seed"],
+        **counts,
+        "train": train,
+        "eval": {name: {k: r[k] for k in ("accuracy", "n", "mode")} for name, r in tasks.items()},
+        "avg_accuracy": (evaluation or {}).get("avg_accuracy"),
+        "git_commit": git_commit(Path(cfg["paths"]["root"])),
+        "versions": package_versions(),
+        "wandb": None,
+    }
+    summary.update(extra)
+    return summary
+
+
+def write_json(data: dict, path: Path) -> None:
+    """Write JSON atomically (temp file + rename), so readers never see half a summary."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def print_summary(summary: dict) -> None:
+    """A short rich table: training loss (first -> last step), accuracy per task and held-out loss, before -> after."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{summary['experiment']}: {summary['method']} on {summary['model']}")
+    table.add_column("metric")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    curve = (summary.get("train") or {}).get("loss_curve") or []
+    if curve:
+        table.add_row(f"train loss ({curve[-1][0]} steps)", f"{curve[0][1]:.4f}", f"{curve[-1][1]:.4f}")
+    before = summary.get("eval_before") or {}
+    for task, result in summary["eval"].items():
+        prior = before.get(task, {}).get("accuracy")
+        table.add_row(f"{task} accuracy", "-" if prior is None else f"{prior:.1%}", f"{result['accuracy']:.1%}")
+    if summary.get("avg_accuracy") is not None:
+        prior = summary.get("avg_accuracy_before")
+        table.add_row("average accuracy", "-" if prior is None else f"{prior:.1%}", f"{summary['avg_accuracy']:.1%}")
+    for name, losses in (summary.get("heldout") or {}).items():
+        fmt = lambda v: "-" if v is None else f"{v:.4f}"
+        table.add_row(f"{name} held-out loss", fmt(losses.get("before")), fmt(losses.get("after")))
+    Console().print(table)

@@ -1,0 +1,87 @@
+"""LoRA and DoRA baselines through PEFT (paper defaults: r=32, alpha=64, dropout 0.05 on q, k, v, up, down)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+DEFAULTS: dict[str, Any] = {
+    "r": 32,
+    "lora_alpha": 64,
+    "lora_dropout": 0.05,
+    "target_modules": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
+    "budget": None,  # a trainable count or a fraction of the model: sets r to the closest rank (r is then ignored)
+}
+
+
+def lora_param_count(model: nn.Module, r: int, target_modules: list[str], key: str = "method.options") -> int:
+    """Trainable parameters PEFT's LoRA with rank ``r`` on ``target_modules`` would add: r * (in + out) per linear.
+
+    Modules are matched as PEFT matches a list: the module name equals a target or ends with ``"." + target``.
+    """
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"{key}.r must be a positive int, got {r!r}")
+    if isinstance(target_modules, str) or not target_modules:
+        raise ValueError(f"{key}.target_modules must be a non-empty list of module names, got {target_modules!r}")
+    count, matched = 0, set()
+    for name, module in model.named_modules():
+        target = next((t for t in target_modules if name == t or name.endswith("." + t)), None)
+        if target is not None and isinstance(module, nn.Linear):
+            count += r * (module.in_features + module.out_features)
+            matched.add(target)
+    missing = sorted(set(target_modules) - matched)
+    if missing:
+        raise ValueError(f"{key}.target_modules {missing} match no nn.Linear in the model; check the names")
+    return count
+
+
+def rank_for_budget(model: nn.Module, budget: float | int, target_modules: list[str]) -> int:
+    """The LoRA rank whose trainable count is closest to ``budget`` (a count, or a fraction of the model's size)."""
+    if isinstance(budget, bool) or not isinstance(budget, float | int) or budget <= 0:
+        raise ValueError(f"method.options.budget must be a count >= 1 or a fraction in (0, 1), got {budget!r}")
+    if isinstance(budget, float) and budget < 1:
+        budget = budget * sum(p.numel() for p in model.parameters())
+    return max(1, round(budget / lora_param_count(model, 1, target_modules)))
+
+
+def lora_config(options: dict[str, Any], dora: bool, r: int | None = None):
+    """The ``peft.LoraConfig`` for ``options`` (DoRA when ``dora``; ``r`` overrides ``options["r"]``)."""
+    from peft import LoraConfig
+
+    targets = options["target_modules"]
+    if isinstance(targets, str) or not targets:
+        raise ValueError(f"method.options.target_modules must be a list of module names, got {targets!r}")
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=r or options["r"],
+        lora_alpha=options["lora_alpha"],
+        lora_dropout=options["lora_dropout"],
+        target_modules=list(targets),
+        use_dora=dora,
+    )
+
+
+def prepare(model: nn.Module, options: dict[str, Any], calibration, name: str = "lora") -> nn.Module:
+    """Wrap ``model`` in a PEFT model whose only trainable parameters are the LoRA (and DoRA magnitude) weights."""
+    from peft import get_peft_model
+
+    r = None
+    if options["budget"] is not None:
+        r = rank_for_budget(model, options["budget"], options["target_modules"])
+    return get_peft_model(model, lora_config(options, dora=name == "dora", r=r))
+
+
+def save(model: nn.Module, out_dir: Path) -> None:
+    model.save_pretrained(out_dir)
+
+
+def load(model: nn.Module, path: Path) -> nn.Module:
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, path)
+
+
+def merge(model: nn.Module) -> nn.Module:
+    return model.merge_and_unload()

@@ -1,0 +1,108 @@
+"""S2FT through the core library, with an option to match a LoRA configuration's trainable-parameter count."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from s2ft.methods.peft_lora import lora_param_count
+
+DEFAULTS: dict[str, Any] = {
+    "ratios": {"o": 0.05, "down": 0.02},
+    "target_params": None,
+    "target_split": None,
+    "match_lora": None,
+    "strategy": "random",
+    "order": "large",
+    "seed": 0,
+    "allocation": "uniform",
+    "layers": None,
+    "layout": "gather",
+    "exclude": None,
+    "calibration_size": 64,  # read by the runner when it builds calibration batches
+}
+MATCH_TOLERANCE = 0.02  # relative gap allowed between S2FT's and the matched LoRA's trainable counts
+
+
+def build_config(model: nn.Module, options: dict[str, Any]):
+    """Translate ``method.options`` into a validated ``S2FTConfig`` (``match_lora`` becomes ``target_params``).
+
+    With a parameter budget (``match_lora`` or ``target_params``) and no ``target_split``, the budget is split over
+    the components named in ``ratios`` in proportion to the parameters those ratios would train (ratio x weight size),
+    so ``ratios: {o: .052, down: .02}`` keeps its O/Down balance (about half and half on LLaMA-7B) at any budget.
+    """
+    from s2ft.config import COMPONENTS, S2FTConfig
+    from s2ft.structures import find_structures
+
+    ratios, target_params, split = options["ratios"], options["target_params"], options["target_split"]
+    match = options["match_lora"]
+    if match is not None:
+        if target_params is not None:
+            raise ValueError("set either method.options.match_lora or method.options.target_params, not both")
+        unknown = sorted(set(match) - {"r", "target_modules"})
+        if unknown:
+            raise ValueError(f"match_lora takes r and target_modules, not {unknown}")
+        target_params = lora_param_count(model, match.get("r"), match.get("target_modules"), "match_lora")
+    if target_params is not None and ratios:
+        bad = {c: r for c, r in ratios.items() if c not in COMPONENTS or not isinstance(r, float | int)}
+        if bad:
+            raise ValueError(
+                f"method.options.ratios {bad} are not component: fraction pairs (components: {COMPONENTS})"
+            )
+        if not split:
+            layer = find_structures(model)[0]
+            params = {c: r * layer.linear(c).weight.numel() for c, r in ratios.items()}
+            split = {c: p / sum(params.values()) for c, p in params.items()}
+        ratios = None
+    cfg = S2FTConfig(
+        ratios=dict(ratios) if ratios else None,
+        target_params=target_params,
+        target_split=dict(split) if split else None,
+        strategy=options["strategy"],
+        order=options["order"],
+        seed=options["seed"],
+        allocation=options["allocation"],
+        layers=list(options["layers"]) if options["layers"] is not None else None,
+        exclude=options["exclude"],
+        layout=options["layout"],
+    )
+    cfg.validate()
+    return cfg
+
+
+def prepare(model: nn.Module, options: dict[str, Any], calibration, name: str = "s2ft") -> nn.Module:
+    """Freeze the model and train the selected heads/channels; with ``match_lora`` check the count is matched."""
+    from s2ft.adapter import trainable_parameter_count
+    from s2ft.api import apply_s2ft
+
+    cfg = build_config(model, options)
+    model = apply_s2ft(model, cfg, calibration)
+    if options["match_lora"] is not None:
+        got, want = trainable_parameter_count(model), cfg.target_params
+        if abs(got - want) > MATCH_TOLERANCE * want:
+            raise ValueError(
+                f"S2FT trains {got} parameters but match_lora asks for {want} (more than {MATCH_TOLERANCE:.0%} apart): "
+                f"the model's units are too coarse for this budget; add a fine-grained component (down/up/gate) "
+                f"to method.options.ratios or target_split"
+            )
+    return model
+
+
+def save(model: nn.Module, out_dir: Path) -> None:
+    from s2ft.adapter import save_adapter
+
+    save_adapter(model, out_dir)
+
+
+def load(model: nn.Module, path: Path) -> nn.Module:
+    from s2ft.adapter import load_adapter
+
+    return load_adapter(model, path)
+
+
+def merge(model: nn.Module) -> nn.Module:
+    from s2ft.adapter import merge_and_unload
+
+    return merge_and_unload(model)

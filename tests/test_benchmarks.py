@@ -1,0 +1,191 @@
+"""Tests of the efficiency benchmarks (experiments/benchmark_*.py and their bench_* helpers).
+
+The scripts run in their quick modes (tiny models, two steps) and their results files are checked for completeness
+and consistency; no timing is asserted.
+"""
+
+import json
+import math
+import statistics
+
+import pytest
+import torch
+from torch import nn
+
+from experiments import benchmark_switch, benchmark_training
+from experiments.bench_memory import PeakMemory
+from experiments.bench_methods import (
+    LORA_TARGETS,
+    METHODS,
+    lora_params_per_rank,
+    match_lora_rank,
+    prepare_method,
+    total_parameter_count,
+    trained_parameter_count,
+)
+from experiments.bench_models import build_bench_model
+from experiments.bench_switch_layer import bench_layer, check_nearer
+
+MACHINE_KEYS = {"cpu", "cores", "torch", "transformers", "peft", "device", "torch_threads"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_outputs(out, rows: list[str]) -> dict:
+    results = json.loads((out / "results.json").read_text())
+    assert MACHINE_KEYS <= set(results["machine"])
+    table = (out / "results.md").read_text()
+    for row in rows:
+        assert f"| {row} |" in table
+    png = (out / "results.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 10_000
+    return results
+
+
+def test_training_quick_every_method(tmp_path):
+    returned = benchmark_training.main(["--quick", "--in-process", "--out", str(tmp_path)])
+    results = _check_outputs(tmp_path, list(METHODS))
+    assert results == json.loads(json.dumps(returned))
+    config, methods = results["config"], results["methods"]
+    assert list(methods) == list(METHODS)
+    assert results["settings"][0]["methods"] == methods and len(results["settings"]) == 1
+    assert (config["model"], config["batch_sizes"], config["seq_lens"]) == ("tiny_llama", [2], [32])
+
+    total, target = config["total_params"], config["target_params"]
+    for name, r in methods.items():
+        assert r["step_s"] > 0 and r["peak_mem_mb"] > 0, name
+        assert len(r["step_s_all"]) == config["steps"] and r["step_s"] == statistics.median(r["step_s_all"])
+        assert r["total_params"] == total and math.isfinite(r["final_loss"])
+        assert r["step_ratio_full"] == pytest.approx(r["step_s"] / methods["full"]["step_s"], rel=1e-12)
+        assert r["mem_ratio_full"] == pytest.approx(r["peak_mem_mb"] / methods["full"]["peak_mem_mb"], rel=1e-12)
+        # Everything a method marked trainable received a gradient and an update.
+        assert r["trainable_params"] == r["intended_params"], name
+    assert methods["full"]["step_ratio_full"] == methods["full"]["mem_ratio_full"] == 1.0
+    assert methods["full"]["trainable_params"] == total
+    assert methods["floor"]["trainable_params"] == 0
+    tiny = _tiny().config
+    assert methods["lora"]["trainable_params"] == target == config["lora_rank"] * _lora_params_per_rank(tiny)
+    assert methods["dora"]["trainable_params"] > target  # plus DoRA's magnitude vectors
+    # S2FT's budget rule lands within half a Down channel (hidden_size weights) of the target.
+    assert abs(methods["s2ft"]["trainable_params"] - target) <= tiny.hidden_size / 2
+    assert abs(methods["spft"]["trainable_params"] - target) <= 10  # per-layer rounding of the SpFT fraction
+
+    assert [(t["metric"], t["versus"]) for t in results["targets"]] == [
+        (metric, other) for metric, other, _ in benchmark_training.TARGETS
+    ]
+    for t in results["targets"]:
+        assert t["ratio"] == pytest.approx(methods["s2ft"][t["metric"]] / methods[t["versus"]][t["metric"]])
+        assert t["met"] == (t["ratio"] <= t["limit"])
+
+
+def test_training_measures_each_method_in_its_own_process(tmp_path):
+    results = benchmark_training.main(["--quick", "--methods", "s2ft", "floor", "--out", str(tmp_path)])
+    _check_outputs(tmp_path, ["s2ft", "floor"])
+    methods = results["methods"]
+    assert list(methods) == ["s2ft", "floor"]
+    assert methods["s2ft"]["trainable_params"] == methods["s2ft"]["intended_params"] > 0
+    assert methods["floor"]["trainable_params"] == 0
+    assert "step_ratio_full" not in methods["s2ft"]  # no full FT to compare with
+    assert [(t["metric"], t["versus"]) for t in results["targets"]] == [("step_s", "floor")]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "0"], "--steps"),
+        (["--budget", "0"], "--budget"),
+        (["--batch-sizes", "0"], "--batch-sizes"),
+        (["--methods", "adapterx"], "invalid choice"),
+        (["--model", "gpt5"], "invalid choice"),
+    ],
+)
+def test_training_rejects_bad_options(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        benchmark_training.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def _tiny() -> nn.Module:
+    return build_bench_model("tiny_llama")
+
+
+def _lora_params_per_rank(config) -> int:
+    """In + out features of q, k, v, up and down in every layer, from the model config."""
+    hidden, head_dim = config.hidden_size, config.head_dim
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    per_layer = (hidden + q) + 2 * (hidden + kv) + 2 * (hidden + config.intermediate_size)
+    return config.num_hidden_layers * per_layer
+
+
+def test_floor_runs_backward_to_the_embeddings_and_trains_nothing():
+    model = prepare_method(_tiny(), "floor", target_params=0, rank=1, targets=LORA_TARGETS, layout="gather", seed=0)
+    reached = []
+
+    def watch_gradient(module, inputs, output) -> None:
+        output.register_hook(reached.append)
+
+    model.get_input_embeddings().register_forward_hook(watch_gradient)
+    ids = torch.randint(model.config.vocab_size, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert len(reached) == 1 and reached[0].abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+
+
+def test_lora_rank_matches_the_budget():
+    model = _tiny()
+    per_rank = lora_params_per_rank(model, LORA_TARGETS)
+    assert per_rank == _lora_params_per_rank(model.config)
+    assert match_lora_rank(model, 3 * per_rank, LORA_TARGETS) == 3
+    assert match_lora_rank(model, 3.4 * per_rank, LORA_TARGETS) == 3
+    assert match_lora_rank(model, 0.01, LORA_TARGETS) == max(1, round(0.01 * total_parameter_count(model) / per_rank))
+    with pytest.raises(ValueError, match="no nn.Linear named"):
+        lora_params_per_rank(model, ("qkv",))
+
+
+def test_trained_parameter_count_needs_a_gradient_and_the_optimizer():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    optimizer = torch.optim.AdamW(model[1].parameters())
+    model(torch.randn(5, 3)).sum().backward()
+    assert trained_parameter_count(model, optimizer) == 4 * 2 + 2  # model[0] has gradients but is not optimised
+    model[1].bias.grad = None
+    assert trained_parameter_count(model, optimizer) == 4 * 2
+    assert trained_parameter_count(model, None) == 0
+
+
+def test_peak_memory_counts_an_allocation_above_the_baseline():
+    meter = PeakMemory("cpu")
+    meter.start_baseline()
+    meter.reset_peak()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, written so every page is resident
+    del block
+    assert meter.peak_mb() >= 63
+
+
+def test_switch_quick(tmp_path):
+    returned = benchmark_switch.main(["--quick", "--out", str(tmp_path)])
+    results = _check_outputs(tmp_path, ["256", "512"])
+    assert results == json.loads(json.dumps(returned))
+    assert [row["d"] for row in results["layer"]] == [256, 512]
+    for row in results["layer"] + [results["model"]]:
+        assert row["s2ft_ms"] > 0 and row["lora_ms"] > 0
+        assert row["speedup"] == pytest.approx(row["lora_ms"] / row["s2ft_ms"], rel=1e-12)
+    model = results["model"]
+    assert model["name"] == "tiny_llama" and model["lora_rank"] >= 1 and model["budget_params"] > 0
+    # Quick dims are below 4096, so only the whole-model target applies.
+    assert [t["what"] for t in results["targets"]] == ["model tiny_llama"]
+    assert results["targets"][0]["met"] == (model["speedup"] >= benchmark_switch.MODEL_TARGET["speedup"])
+
+
+def test_switch_layer_result_and_target_checks():
+    row = bench_layer(64, rows=8, rank=4, repeats=2, device="cpu", dtype=torch.float32)
+    assert set(row) == {"d", "s2ft_ms", "lora_ms", "speedup"} and row["d"] == 64
+    rows = [{"d": 2048, "speedup": 1.0}, {"d": 4096, "speedup": 7.0}, {"d": 8192, "speedup": 4.0}]
+    checks = benchmark_switch.check_targets(rows, {"name": "m", "speedup": 3.5})
+    assert [(c["speedup"], c["met"]) for c in checks] == [(4.0, False), (3.5, True)]
+
+
+def test_check_nearer_rejects_the_wrong_adapter():
+    generator = torch.Generator().manual_seed(0)
+    expected, other = torch.randn(16, 16, generator=generator), torch.randn(16, 16, generator=generator)
+    check_nearer(expected + 1e-7, expected, other, "ok")
+    with pytest.raises(AssertionError, match="wrong weights"):
+        check_nearer(other, expected, other, "swapped")

@@ -1,0 +1,205 @@
+"""Every experiment config composes and validates at every point of its sweep; each study family smoke-runs."""
+
+import itertools
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from s2ft.data.tasks import resolve_tasks
+from s2ft.methods import prepare_model, trainable_summary
+from s2ft.models import tiny_model
+from s2ft.run_config import validate_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+EXPERIMENTS = sorted(path.stem for path in (CONF / "experiment").glob("*.yaml"))
+PAPER = {
+    "arith_llama": "llama2_7b",
+    "commonsense_llama": "llama2_7b",
+    "arith_llama3": "llama3_8b",
+    "commonsense_llama3": "llama3_8b",
+    "instruct_mistral": "mistral_7b",
+    "generalization_llama3": "llama3_8b",
+    "selection_ablation": "llama3_8b",
+    "component_ablation": "llama_7b",
+    "fusion": "llama2_7b",
+}
+SMOLLM = ["arith_smollm", "commonsense_smollm", "generalization_smollm", "selection_smollm", "components_smollm"]
+SMOLLM += ["fusion_smollm", "lr_grid_smollm"]
+
+
+@pytest.fixture(autouse=True)
+def _root(monkeypatch):
+    monkeypatch.setenv("S2FT_ROOT", str(ROOT))
+
+
+def compose_dict(*overrides: str, smoke: bool = False) -> dict:
+    """The resolved config `python run.py OVERRIDES` runs; with ``smoke`` the debug=smoke settings win.
+
+    conf/config.yaml lists `debug` before the appended `+experiment`, so Hydra lets the experiment's keys override
+    the smoke settings; merging conf/debug/smoke.yaml last gives what `debug=smoke` is meant to give.
+    """
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    if smoke:
+        cfg = OmegaConf.merge(cfg, OmegaConf.load(CONF / "debug" / "smoke.yaml"))
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def sweep_axes(experiment: str, skip: tuple[str, ...] = ()) -> list[list[str]]:
+    """Per swept key, its overrides (``key=value``), parsed as Hydra's basic sweeper parses them."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"+experiment={experiment}"], return_hydra_config=True)
+    params = {key: value for key, value in (cfg.hydra.sweeper.params or {}).items() if key not in skip}
+    parsed = OverridesParser.create().parse_overrides([f"{key}={value}" for key, value in params.items()])
+    return [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] for o in parsed]
+
+
+def sweep_points(experiment: str, skip: tuple[str, ...] = ()) -> list[list[str]]:
+    """The override lists of every job of the experiment's multirun (the product of its axes, minus ``skip``)."""
+    return [list(point) for point in itertools.product(*sweep_axes(experiment, skip))]
+
+
+def check_point(experiment: str, point: list[str]) -> None:
+    cfg = compose_dict(f"+experiment={experiment}", *point)
+    validate_run_config(cfg)
+    assert cfg["name"] == experiment
+    assert cfg["model"]["name"] == PAPER.get(experiment, "smollm2_135m")
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_sweep_value_composes_and_validates(experiment):
+    """Each value of each swept key once, with the other keys at the experiment's own values.
+
+    Group choices (method=...) are composed; plain keys are set on the composed base, which is what a Hydra
+    override of a key does (composing takes ~0.5 s here, so the full product is the slow test below).
+    """
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        base = compose("config", overrides=[f"+experiment={experiment}"])
+    for axis in sweep_axes(experiment):
+        for override in axis:
+            key, value = override.split("=", 1)
+            if (CONF / key).is_dir():
+                check_point(experiment, [override])
+                continue
+            cfg = base.copy()
+            OmegaConf.update(cfg, key, OverridesParser.create().parse_override(override).value(), merge=False)
+            validate_run_config(OmegaConf.to_container(cfg, resolve=True))
+    smoke = compose_dict(f"+experiment={experiment}", "debug=smoke", smoke=True)
+    validate_run_config(smoke)
+    assert smoke["model"]["name"] == "tiny_llama" and smoke["trainer"]["max_steps"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_sweep_point_composes_and_validates(experiment):
+    points = sweep_points(experiment)
+    assert len({tuple(p) for p in points}) == len(points)
+    for point in points:
+        check_point(experiment, point)
+
+
+def test_method_studies_sweep_methods_and_seeds_with_their_own_learning_rates():
+    assert sweep_axes("commonsense_smollm")[1] == ["seed=0", "seed=1", "seed=2"]
+    configs = [
+        compose_dict("+experiment=commonsense_smollm", *p) for p in sweep_points("commonsense_smollm", ("seed",))
+    ]
+    assert [c["method"]["name"] for c in configs] == ["s2ft", "lora", "dora", "full", "spft"]
+    lrs = {c["method"]["name"]: c["method"]["lr"] for c in configs}
+    assert lrs["s2ft"] == 1e-3 and lrs["lora"] == 2e-4 and lrs["full"] < lrs["lora"]
+    paper = {
+        c["method"]["name"]: c
+        for c in (compose_dict("+experiment=arith_llama", *p) for p in sweep_points("arith_llama"))
+    }
+    assert paper["s2ft"]["method"]["options"]["ratios"] == {"o": 0.052, "down": 0.02}
+    assert paper["s2ft"]["method"]["lr"] == 1e-3
+    assert paper["lora"]["method"]["options"]["r"] == 32 and paper["lora"]["method"]["options"]["lora_alpha"] == 64
+    llama3 = compose_dict("+experiment=arith_llama3")
+    assert llama3["method"]["options"]["ratios"] == {"down": 0.03}  # not merged with the default O ratio
+
+
+def test_component_and_generalization_sweeps_vary_one_thing():
+    splits = [
+        compose_dict("+experiment=components_smollm", *p)["method"]["options"]["target_split"]
+        for p in sweep_points("components_smollm")
+    ]
+    assert sorted({tuple(s.items()) for s in splits}) == sorted(
+        {((c, 1.0),) for c in ("q", "k", "v", "o", "gate", "up", "down")}
+    )
+    budgets = {
+        (c["method"]["name"], c["budget"], c["method"]["options"].get("p", c["method"]["options"].get("budget")))
+        for c in (
+            compose_dict("+experiment=generalization_smollm", *p)
+            for p in sweep_points("generalization_smollm", ("seed",))
+        )
+    }
+    assert budgets == {(m, b, b) for m in ("spft", "lora") for b in (0.1, 0.01, 0.001)}
+
+
+def test_smollm_methods_have_matched_trainable_budgets():
+    """The method variants of the SmolLM2 studies train the same count (within 2%) on SmolLM2's layer shapes."""
+    shapes = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64)
+    counts = {}
+    for method in ("s2ft", "lora", "dora", "spft"):
+        cfg = compose_dict(f"method=smollm/{method}")
+        model = tiny_model("llama", vocab_size=32, num_hidden_layers=2, **shapes)
+        model = prepare_model(model, cfg["method"]["name"], cfg["method"]["options"])
+        counts[method] = trainable_summary(model)["trainable_params"]
+    lora = counts["lora"]
+    assert lora == 2 * 9 * (2 * 576 + 2 * (576 + 192) + 2 * (576 + 1536))
+    for method in ("s2ft", "spft"):
+        assert abs(counts[method] - lora) <= 0.02 * lora, counts
+    assert counts["dora"] - lora == 2 * (576 + 192 + 192 + 1536 + 576)  # DoRA adds a magnitude per output row
+
+
+def run_smoke(experiment: str, point: list[str], run_dir: Path, *extra: str) -> dict:
+    from s2ft.lightning import run_experiment
+
+    cfg = compose_dict(f"+experiment={experiment}", *point, "debug=smoke", "logger=none", *extra, smoke=True)
+    # Two tasks of the study (both suites where it has both) keep the smoke fast; the configs are checked above.
+    tasks = [task.name for task in resolve_tasks(cfg["eval"]["tasks"])]
+    cfg["eval"]["tasks"] = list(dict.fromkeys([tasks[0], tasks[-1]]))
+    cfg["eval"]["limit"], cfg["eval"]["heldout_limit"], cfg["trainer"]["max_steps"] = 2, 4, 2
+    return run_experiment(cfg, run_dir)
+
+
+FAST_SMOKES = [
+    ("commonsense_smollm", ["method=smollm/lora", "seed=1"]),
+    ("generalization_smollm", ["method=budget/spft", "budget=0.1"]),
+    ("selection_smollm", ["method.options.strategy=gradient", "method.options.order=small"]),
+    ("components_smollm", ["method.options.target_split={k:1.0}"]),
+]
+
+
+@pytest.mark.parametrize(("experiment", "point"), FAST_SMOKES, ids=[e for e, _ in FAST_SMOKES])
+def test_study_family_smoke_runs(experiment, point, tmp_path):
+    summary = run_smoke(experiment, point, tmp_path)
+    cfg = compose_dict(f"+experiment={experiment}", *point)
+    assert summary["experiment"] == experiment and summary["method"] == cfg["method"]["name"]
+    assert summary["train"]["steps"] == 2 and summary["trainable_params"] > 0
+    assert set(summary["heldout"]) == set(cfg["eval"]["heldout"])
+    assert (tmp_path / "adapter").is_dir() and (tmp_path / "summary.json").is_file()
+
+
+def test_fusion_study_smoke(tmp_path):
+    from experiments.fusion_study import fuse_and_evaluate
+
+    first = tmp_path / "gsm8k"
+    run_smoke("fusion_smollm", ["data.train=[gsm8k]"], first)
+    second = tmp_path / "commonsense"
+    run_smoke("fusion_smollm", ["data.train=[commonsense_mix]", f"method.options.exclude={first}/adapter"], second)
+    fused = fuse_and_evaluate(first, second, tmp_path / "fused")
+    assert fused["method"] == "fused" and fused["fusion"]["shared_units"] == 0  # the exclude made them disjoint
+    assert set(fused["eval"]) == {"gsm8k", "openbookqa"}
+    assert (tmp_path / "fused" / "predictions" / "openbookqa.jsonl").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", [e for e in SMOLLM if e != "fusion_smollm"])
+def test_every_smollm_sweep_point_smoke_runs(experiment, tmp_path):
+    for i, point in enumerate(sweep_points(experiment)):
+        summary = run_smoke(experiment, point, tmp_path / str(i))
+        assert summary["train"]["steps"] == 2

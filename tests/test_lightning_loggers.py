@@ -1,0 +1,36 @@
+"""Loggers from the `logger` group: W&B offline with a run id kept in the run directory, CSV, none."""
+
+import pytest
+
+from s2ft.lightning.loggers import WANDB_ID_FILE, build_logger, wandb_info
+
+CFG = {"name": "exp", "seed": 3, "method": {"name": "s2ft"}, "model": {"name": "tiny_llama"}}
+
+
+@pytest.mark.slow  # the W&B service takes ~20 s to start here
+def test_wandb_is_offline_and_a_resumed_run_keeps_its_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "online")  # the config, not the environment, decides
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    first = build_logger({"name": "wandb", "project": "s2ft-test", "mode": "offline", "tags": ["t"]}, CFG, tmp_path)
+    run = first.experiment
+    assert run.offline and run.group == "exp" and run.name == "exp-s2ft-seed3"
+    assert set(run.tags) == {"s2ft", "tiny_llama", "t"} and run.config["seed"] == 3
+    run_id = (tmp_path / WANDB_ID_FILE).read_text().strip()
+    assert run.id == run_id and wandb_info(first) == {"id": run_id, "dir": run.dir}
+    assert run.dir.startswith(str(tmp_path / "wandb"))
+    run.finish()
+    again = build_logger({"name": "wandb", "mode": "offline"}, CFG, tmp_path)
+    assert again.version == run_id
+    again.experiment.finish()
+
+
+@pytest.mark.parametrize("name", ["csv", "none"])
+def test_csv_and_none(tmp_path, name):
+    logger = build_logger({"name": name}, CFG, tmp_path)
+    if name == "none":
+        assert logger is False
+        return
+    logger.log_metrics({"train/loss": 1.5}, step=0)
+    logger.save()
+    assert "train/loss" in (tmp_path / "metrics.csv").read_text()
+    assert wandb_info(logger) is None

@@ -1,0 +1,59 @@
+"""S2FTLitModule: optimizer over trainable parameters only, the lr schedule, and trainable-only checkpoint keys."""
+
+import math
+
+import pytest
+import torch
+
+from s2ft.lightning.module import S2FTLitModule, lr_lambda
+from s2ft.models import tiny_model
+
+
+def test_linear_and_cosine_schedules_with_warmup():
+    linear, cosine = lr_lambda(4, 14, "linear"), lr_lambda(4, 14, "cosine")
+    assert [linear(s) for s in range(4)] == [0.2, 0.4, 0.6, 0.8]
+    assert [linear(s) for s in (4, 9, 14, 20)] == [1.0, 0.5, 0.0, 0.0]
+    assert cosine(4) == 1.0 and cosine(9) == pytest.approx(0.5) and cosine(14) == pytest.approx(0.0)
+    assert cosine(6) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.2)))
+    with pytest.raises(ValueError, match="scheduler must be 'linear' or 'cosine'"):
+        S2FTLitModule(torch.nn.Linear(2, 2), lr=1e-3, scheduler="step")
+
+
+def test_optimizer_and_checkpoint_cover_only_trainable_tensors():
+    model = tiny_model("llama", vocab_size=64)
+    model.requires_grad_(False)
+    trained = model.model.layers[1].mlp.down_proj
+    trained.weight.requires_grad_(True)
+    trained.register_buffer("mask", torch.ones(3))
+    module = S2FTLitModule(model, lr=1e-3)
+    assert module.trained_keys() == {
+        "model.model.layers.1.mlp.down_proj.weight",
+        "model.model.layers.1.mlp.down_proj.mask",
+    }
+
+    class FakeTrainer:
+        estimated_stepping_batches = 10
+
+    module.trainer = FakeTrainer()
+    optimizer = module.configure_optimizers()["optimizer"]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    assert len(params) == 1 and params[0] is trained.weight
+
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    assert set(checkpoint["state_dict"]) == module.trained_keys()
+    with pytest.raises(RuntimeError, match="lacks 1 trained tensors"):
+        module.on_load_checkpoint({"state_dict": {"model.model.layers.1.mlp.down_proj.mask": torch.ones(3)}})
+
+
+def test_training_starts_in_train_mode():
+    model = tiny_model("llama", vocab_size=64).eval()  # from_pretrained returns eval-mode models
+    S2FTLitModule(model, lr=1e-3)
+    assert all(m.training for m in model.modules())
+
+
+def test_no_trainable_parameters_is_a_clear_error():
+    model = tiny_model("llama", vocab_size=64).requires_grad_(False)
+    module = S2FTLitModule(model, lr=1e-3)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        module.configure_optimizers()

@@ -1,0 +1,92 @@
+"""Exact resume: a run stopped by SIGTERM mid-epoch and resumed with ckpt_path=last ends with the same weights."""
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from s2ft.lightning import S2FTLitModule, run_experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def smoke_config(*overrides: str) -> dict:
+    os.environ.setdefault("S2FT_ROOT", str(ROOT))
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["debug=smoke", "eval=none", "logger=none", *overrides])
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    files = sorted((run_dir / "adapter").glob("*.safetensors"))
+    assert files, f"no adapter written in {run_dir}"
+    return {f"{f.name}:{k}": v for f in files for k, v in load_file(f).items()}
+
+
+@pytest.fixture
+def stop_at_step(monkeypatch):
+    """Make the run send itself a signal after optimizer step `n` (SIGTERM: a cluster preemption; SIGINT: Ctrl-C)."""
+
+    def arm(n: int, signum: int = signal.SIGTERM):
+        original = S2FTLitModule.on_train_batch_end
+
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            original(self, outputs, batch, batch_idx)
+            if self.trainer.global_step == n:
+                os.kill(os.getpid(), signum)
+
+        monkeypatch.setattr(S2FTLitModule, "on_train_batch_end", on_train_batch_end)
+        return monkeypatch
+
+    return arm
+
+
+def test_sigterm_checkpoint_then_resume_matches_uninterrupted_run(tmp_path, stop_at_step):
+    # 40 training items in batches of 4: 10 batches per epoch, so 13 steps cross an epoch boundary after the resume.
+    overrides = ["trainer.max_steps=13", "trainer.checkpoint_every_n_steps=100", "trainer.val_check_interval=4"]
+    full = run_experiment(smoke_config(*overrides), tmp_path / "full")
+
+    patch = stop_at_step(6)
+    with pytest.raises(SIGTERMException):
+        run_experiment(smoke_config(*overrides), tmp_path / "resumed")
+    patch.undo()
+    ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 6
+    # Only what trains is stored (S2FT values and the small buffers of their layers), never a frozen base weight.
+    stored = ckpt["state_dict"]
+    assert any(k.endswith(".values") for k in stored) and not any(k.endswith("weight") for k in stored), list(stored)
+    trainable = sum(v.numel() for k, v in stored.items() if k.endswith(".values"))
+    assert sum(v.numel() for v in stored.values()) < 3 * trainable
+    assert ckpt["optimizer_states"][0]["state"]
+    assert not (tmp_path / "resumed" / "summary.json").exists()
+
+    resumed = run_experiment(smoke_config(*overrides, "ckpt_path=last"), tmp_path / "resumed")
+    assert resumed["train"]["steps"] == full["train"]["steps"] == 13
+    expected, actual = adapter_tensors(tmp_path / "full"), adapter_tensors(tmp_path / "resumed")
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+    assert resumed["train"]["loss_curve"] == full["train"]["loss_curve"]
+    assert resumed["train"]["tokens"] == full["train"]["tokens"]
+
+    # Ctrl-C: the batch in flight finishes, the checkpoint is written at its end, then the run exits.
+    patch = stop_at_step(9, signal.SIGINT)
+    with pytest.raises(SystemExit):
+        run_experiment(smoke_config(*overrides), tmp_path / "ctrl_c")
+    patch.undo()
+    assert torch.load(tmp_path / "ctrl_c" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 10
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run's handler is gone again
+    run_experiment(smoke_config(*overrides, "ckpt_path=last"), tmp_path / "ctrl_c")
+    for key, tensor in adapter_tensors(tmp_path / "ctrl_c").items():
+        assert torch.equal(expected[key], tensor), key
+
+
+def test_resume_without_a_checkpoint_names_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="hydra.run.dir=<that run directory> ckpt_path=last"):
+        run_experiment(smoke_config("ckpt_path=last"), tmp_path / "fresh")

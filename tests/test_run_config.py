@@ -1,0 +1,156 @@
+"""Config validation (s2ft.run_config) and the composition of every config group and experiment."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from s2ft.run_config import RunConfigError, validate_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+@pytest.fixture(autouse=True)
+def _root(monkeypatch):
+    monkeypatch.setenv("S2FT_ROOT", str(ROOT))
+
+
+def load_config(*overrides: str) -> dict:
+    """The resolved config `python run.py OVERRIDES` would run (run.py merges the chosen debug file last)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    if "debug=smoke" in overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.load(CONF / "debug" / "smoke.yaml"))
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def options(group: str) -> list[str]:
+    return sorted(path.stem for path in (CONF / group).glob("*.yaml"))
+
+
+def test_default_config_is_the_demo():
+    cfg = load_config()
+    validate_run_config(cfg)
+    assert (cfg["model"]["name"], cfg["method"]["name"], cfg["mode"]) == ("smollm2_135m", "s2ft", "train")
+    assert cfg["data"]["train"] == ["commonsense_mix"]
+    assert cfg["eval"]["tasks"] == ["boolq", "arc_easy", "arc_challenge", "openbookqa"]
+    assert cfg["eval"]["before"] and cfg["eval"]["heldout"]
+    assert cfg["paths"]["data_dir"] == str(ROOT / "data")
+
+
+@pytest.mark.parametrize("group", ["model", "data", "eval", "trainer", "logger"])
+def test_every_group_option_composes_and_validates(group):
+    found = options(group)
+    assert found, f"conf/{group} is empty"
+    for option in found:
+        cfg = load_config(f"{group}={option}")
+        assert cfg[group]  # composed
+        validate_run_config(cfg)
+
+
+def test_methods_compose_and_validate():
+    for method in options("method"):
+        cfg = load_config(f"method={method}", *(["mode=eval"] if method == "none" else []))
+        validate_run_config(cfg)
+        assert cfg["method"]["name"] == method
+
+
+def test_experiments_compose_and_validate():
+    for experiment in options("experiment"):
+        cfg = load_config(f"+experiment={experiment}")
+        validate_run_config(cfg)
+        smoke = load_config(f"+experiment={experiment}", "debug=smoke")
+        validate_run_config(smoke)
+        assert smoke["model"]["name"].startswith("tiny_")
+
+
+def test_slurm_launcher_composes():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+
+
+def test_smoke_debug_shrinks_any_run():
+    cfg = load_config("debug=smoke", "trainer=gpu", "logger=wandb")
+    validate_run_config(cfg)
+    assert cfg["model"]["name"] == "tiny_llama"
+    assert (cfg["trainer"]["accelerator"], cfg["trainer"]["max_steps"], cfg["logger"]["name"]) == ("cpu", 4, "csv")
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    cfg = load_config(
+        "method=s2ft",
+        "model.name=gpt5",
+        "method.lr=0",
+        "+method.options.ratios.qq=0.1",
+        "method.options.ratios.o=1.5",
+        "method.options.strategy=psychic",
+        "eval.tasks=[boolq,nonsense]",
+        "trainer.scheduler=step",
+        "trainer.warmup_steps=500",
+        "logger=none",
+        f"paths.data_dir={tmp_path}",
+    )
+    with pytest.raises(RunConfigError) as info:
+        validate_run_config(cfg)
+    message = str(info.value)
+    expected = [
+        "unknown model.name 'gpt5'",
+        "method.lr must be > 0",
+        "unknown component 'qq'",
+        "ratios['o'] must be a number in (0, 1], got 1.5",
+        "psychic",
+        "unknown task 'nonsense'",
+        f"training file {tmp_path}/llm-adapters/dataset/boolq/train.json is missing",
+        f"eval task boolq: file {tmp_path}/llm-adapters/dataset/boolq/test.json is missing",
+        "trainer.scheduler must be one of",
+        "trainer.warmup_steps (500) must be below trainer.max_steps (80)",
+    ]
+    for line in expected:
+        assert line in message, f"{line!r} not reported in:\n{message}"
+    assert message.startswith(f"{message.count(chr(10) + '  - ')} problem(s)")
+
+
+def test_s2ft_options_on_a_lora_run_are_rejected():
+    cfg = load_config("method=lora")
+    cfg["method"]["options"]["ratios"] = {"o": 0.05}
+    with pytest.raises(RunConfigError, match=r"S2FT options \['ratios'\] on a lora run"):
+        validate_run_config(cfg)
+
+
+def test_unknown_option_of_a_method_is_rejected():
+    cfg = load_config("method=lora")
+    cfg["method"]["options"]["rank"] = 8
+    with pytest.raises(RunConfigError, match="does not take option"):
+        validate_run_config(cfg)
+
+
+def test_eval_mode_needs_something_to_evaluate(tmp_path):
+    with pytest.raises(RunConfigError, match="mode=eval needs run_dir"):
+        validate_run_config(load_config("mode=eval"))
+    with pytest.raises(RunConfigError, match="has no adapter/ folder"):
+        validate_run_config(load_config("mode=eval", f"run_dir={tmp_path}"))
+    validate_run_config(load_config("mode=eval", "method=none"))
+
+
+def test_bad_training_numbers_and_resume_source(tmp_path):
+    cfg = load_config(
+        "data.batch_size=0",
+        "data.limit=-3",
+        "trainer.accumulate_grad_batches=0",
+        "trainer.select_best=val_loss",
+        "data.val_size=0",
+        f"ckpt_path={tmp_path}/missing.ckpt",
+    )
+    with pytest.raises(RunConfigError) as info:
+        validate_run_config(cfg)
+    for line in (
+        "data.batch_size must be an int >= 1",
+        "data.limit must be null",
+        "accumulate_grad_batches",
+        "select_best needs a validation split",
+        "neither 'last' nor a checkpoint",
+    ):
+        assert line in str(info.value)

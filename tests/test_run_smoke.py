@@ -1,0 +1,112 @@
+"""`run.py` end to end on a tiny model: a multirun of two smoke jobs, their run directories, and eval mode."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from s2ft.lightning import run_experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ["boolq", "arc_easy"]
+SUMMARY_KEYS = {
+    "experiment", "method", "model", "strategy", "order", "ratios", "seed", "trainable_params", "total_params",
+    "trainable_pct", "train", "eval", "avg_accuracy", "heldout", "git_commit", "versions", "wandb",
+}  # fmt: skip
+TRAIN_KEYS = {"steps", "tokens", "wall_s", "peak_mem_mb", "final_loss", "loss_curve"}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    """`python run.py -m debug=smoke seed=0,1 ...`: two jobs in one sweep directory (max_steps overrides smoke's 4)."""
+    sweep_dir = tmp_path_factory.mktemp("sweep")
+    command = [
+        sys.executable, "run.py", "-m", "debug=smoke", "seed=0,1", f"eval.tasks=[{','.join(TASKS)}]",
+        "eval.heldout=[commonsense_test]", "name=smoke_test", "save_merged=true", "trainer.max_steps=5",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return sweep_dir
+
+
+def test_each_job_has_its_own_complete_run_dir(sweep):
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert [p.name for p in jobs] == ["0", "1"]
+    for seed, run_dir in enumerate(jobs):
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert SUMMARY_KEYS <= summary.keys()
+        assert summary["seed"] == seed and summary["experiment"] == "smoke_test"
+        assert (summary["method"], summary["model"], summary["strategy"]) == ("s2ft", "tiny_llama", "random")
+        assert TRAIN_KEYS <= summary["train"].keys() and summary["train"]["steps"] == 5
+        assert [step for step, _ in summary["train"]["loss_curve"]] == [1, 2, 3, 4, 5]
+        assert summary["train"]["final_loss"] == summary["train"]["loss_curve"][-1][1]
+        assert 0 < summary["trainable_params"] < summary["total_params"]
+        assert summary["trainable_pct"] == pytest.approx(100 * summary["trainable_params"] / summary["total_params"])
+        assert set(summary["eval"]) == set(TASKS) and set(summary["eval_before"]) == set(TASKS)
+        for result in summary["eval"].values():
+            assert 0.0 <= result["accuracy"] <= 1.0 and result["n"] == 4 and result["mode"] == "generate"
+        accuracies = [r["accuracy"] for r in summary["eval"].values()]
+        assert summary["avg_accuracy"] == pytest.approx(sum(accuracies) / len(accuracies))
+        heldout = summary["heldout"]["commonsense_test"]
+        assert heldout["before"] > 0 and heldout["after"] > 0 and heldout["before"] != heldout["after"]
+        assert summary["versions"]["torch"] and summary["versions"]["lightning"]
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert config["seed"] == seed and config["model"]["name"] == "tiny_llama"  # resolved, debug settings applied
+        assert (run_dir / "adapter" / "adapter_config.json").is_file()
+        assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+        assert (run_dir / "metrics.csv").is_file()
+        for task in TASKS:
+            lines = (run_dir / "predictions" / f"{task}.jsonl").read_text().splitlines()
+            assert len(lines) == 4 and {"id", "output", "gold", "correct"} <= json.loads(lines[0]).keys()
+    # Different seeds select different units: the two adapters differ.
+    a, b = ((job / "adapter" / "adapter.safetensors").read_bytes() for job in jobs)
+    assert a != b
+
+
+def test_eval_mode_on_a_saved_run_reproduces_its_accuracy(sweep, tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    monkeypatch.setenv("S2FT_ROOT", str(ROOT))
+    trained = sweep / "0"
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        overrides = ["debug=smoke", "mode=eval", f"run_dir={trained}", f"eval.tasks=[{','.join(TASKS)}]"]
+        cfg = OmegaConf.to_container(compose("config", overrides=[*overrides, "eval.before=false"]), resolve=True)
+    summary = run_experiment(cfg, tmp_path / "eval")
+    expected = json.loads((trained / "summary.json").read_text())
+    assert summary["train"] is None and summary["source"] == str(trained / "adapter")
+    assert summary["eval"] == expected["eval"]
+    assert summary["heldout"]["commonsense_test"]["after"] == pytest.approx(
+        expected["heldout"]["commonsense_test"]["after"], rel=1e-6
+    )
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["eval"] == expected["eval"]
+    for task in TASKS:
+        assert (tmp_path / "eval" / "predictions" / f"{task}.jsonl").read_text() == (
+            trained / "predictions" / f"{task}.jsonl"
+        ).read_text()
+    # The same adapter given directly (the method then comes from the config).
+    by_adapter = run_experiment({**cfg, "run_dir": None, "adapter": str(trained / "adapter")}, tmp_path / "adapter")
+    assert by_adapter["eval"] == expected["eval"] and by_adapter["method"] == "s2ft"
+
+
+def test_merged_model_equals_base_plus_adapter(sweep):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from s2ft.methods import load_trained
+    from s2ft.models import build_model
+
+    run_dir = sweep / "0"
+    merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=torch.float32)
+    base, tokenizer = build_model("tiny_llama")
+    adapted = load_trained(base, "s2ft", run_dir / "adapter")
+    ids = tokenizer("Question: which is heavier?\nAnswer:", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=0, atol=1e-5)
+        assert not torch.allclose(merged(input_ids=ids).logits, build_model("tiny_llama")[0](input_ids=ids).logits)
