@@ -47,10 +47,12 @@ def training_table(results: dict) -> str:
                 _ratio(r, "step_ratio_full"),
                 f"{r['peak_mem_mb']:.0f}",
                 _ratio(r, "mem_ratio_full"),
+                f"{r['live_mem_mb']:.0f}" if "live_mem_mb" in r else "-",
             ]
             for method, r in setting["methods"].items()
         ]
         headers = ["method", "trained params", "% of all", "step (s)", "× full", "peak mem above model (MB)", "× full"]
+        headers.append("live-tensor peak (MB)")
         parts.append(f"\nBatch {setting['batch_size']}, sequence {setting['seq_len']}:\n\n")
         parts.append(markdown_table(headers, rows))
         if setting["targets"]:

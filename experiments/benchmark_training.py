@@ -29,10 +29,12 @@ from experiments.bench_report import training_chart, training_table
 from experiments.bench_train_worker import measure
 
 WORKER = Path(__file__).with_name("bench_train_worker.py")
-# A fixed glibc mmap threshold: tensors of 128 KiB and more get their own mappings and go back to the OS when freed.
-# With glibc's default dynamic threshold, freed activations stay in the heap and the peak RSS measures fragmentation
-# (it varied by hundreds of MB between methods with the same live tensors).
-WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+# Timing and `peak_mem_mb` (the peak resident set a user sees) run with glibc's default allocator. A second, short run
+# per method fixes glibc's mmap threshold at 128 KiB, so tensors of that size and more get their own mappings and go
+# back to the OS when freed: its peak (`live_mem_mb`) follows the live tensors rather than heap fragmentation, which
+# moved the default peak by up to hundreds of MB between methods holding the same tensors. That setting makes every
+# large allocation a fresh mapping, which costs seconds of page faults per step, so it is never used for timing.
+LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 # (metric, other method, limit): S2FT's value must be at most limit x the other method's (issue 7, CPU targets).
 TARGETS = (
     ("step_s", "full", 0.55),
@@ -83,16 +85,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def run_worker(spec: dict) -> dict:
+def run_worker(spec: dict, env: dict[str, str] | None = None) -> dict:
     """Measures one method in a fresh Python process; a failure names the method and shows the worker's error."""
-    env = os.environ | WORKER_ENV
-    proc = subprocess.run([sys.executable, str(WORKER), json.dumps(spec)], capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), json.dumps(spec)], capture_output=True, text=True, env=os.environ | (env or {})
+    )
     if proc.returncode != 0:
         raise RuntimeError(
             f"benchmark of method {spec['method']!r} (batch {spec['batch_size']}, seq {spec['seq_len']}) failed:\n"
             f"{proc.stderr[-4000:]}"
         )
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_method(spec: dict, in_process: bool) -> dict:
+    """Step time and peak memory of one method; on CPU in subprocesses also the live-tensor peak (`live_mem_mb`)."""
+    if in_process:
+        return measure(spec)
+    result = run_worker(spec)
+    if spec["device"] == "cpu":
+        result["live_mem_mb"] = run_worker(spec | {"warmup": 1, "steps": 1}, LIVE_MEMORY_ENV)["peak_mem_mb"]
+    return result
 
 
 def add_ratios(methods: dict[str, dict]) -> None:
@@ -144,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "lr": args.lr,
                     "threads": args.threads,
                 }
-                methods[method] = measure(spec) if args.in_process else run_worker(spec)
+                methods[method] = measure_method(spec, args.in_process)
                 print(
                     f"b={batch_size} s={seq_len} {method:>5}: {methods[method]['step_s']:.3f} s/step, "
                     f"{methods[method]['peak_mem_mb']:.0f} MB",

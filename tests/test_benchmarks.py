@@ -84,6 +84,7 @@ def test_training_measures_each_method_in_its_own_process(tmp_path):
     assert list(methods) == ["s2ft", "floor"]
     assert methods["s2ft"]["trainable_params"] == methods["s2ft"]["intended_params"] > 0
     assert methods["floor"]["trainable_params"] == 0
+    assert all(r["live_mem_mb"] > 0 for r in methods.values())  # the second, fixed-mmap-threshold run per method
     assert "step_ratio_full" not in methods["s2ft"]  # no full FT to compare with
     assert [(t["metric"], t["versus"]) for t in results["targets"]] == [("step_s", "floor")]
 

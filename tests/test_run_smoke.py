@@ -51,6 +51,7 @@ def test_each_job_has_its_own_complete_run_dir(sweep):
         assert set(summary["eval"]) == set(TASKS) and set(summary["eval_before"]) == set(TASKS)
         for result in summary["eval"].values():
             assert 0.0 <= result["accuracy"] <= 1.0 and result["n"] == 4 and result["mode"] == "generate"
+            assert result["tokens_per_s"] > 0
         accuracies = [r["accuracy"] for r in summary["eval"].values()]
         assert summary["avg_accuracy"] == pytest.approx(sum(accuracies) / len(accuracies))
         heldout = summary["heldout"]["commonsense_test"]

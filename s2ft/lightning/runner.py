@@ -21,7 +21,7 @@ from s2ft.lightning.datamodule import SFTDataModule
 from s2ft.lightning.loggers import build_logger, wandb_info
 from s2ft.lightning.memory import peak_memory_mb
 from s2ft.lightning.module import S2FTLitModule
-from s2ft.lightning.summary import build_summary, print_summary, write_json
+from s2ft.lightning.summary import build_summary, print_summary, task_record, write_json
 from s2ft.run_config import validate_run_config
 
 CALIBRATED_STRATEGIES = ("activation", "weight_activation", "gradient")
@@ -127,10 +127,7 @@ def _train(cfg: dict, run_dir: Path) -> dict | None:
         train_stats["best_val_loss"] = best
     extra = {"ddp": {"world_size": trainer.world_size, "trained_sha256": digests}} if trainer.world_size > 1 else {}
     if results is not None:
-        extra["eval_before"] = {
-            name: {k: r[k] for k in ("accuracy", "n", "mode")}
-            for name, r in (results["eval"] or {}).get("tasks", {}).items()
-        }
+        extra["eval_before"] = {name: task_record(r) for name, r in (results["eval"] or {}).get("tasks", {}).items()}
         extra["avg_accuracy_before"] = (results["eval"] or {}).get("avg_accuracy")
     heldout = _pair(results["heldout"] if results else {}, after["heldout"])
     summary = build_summary(cfg, counts, train_stats, after["eval"], heldout=heldout, wandb=wandb_info(logger), **extra)
@@ -276,12 +273,9 @@ def _gather(trainer: L.Trainer, value: str) -> list[str]:
 
 def _save_merged(model, tokenizer, method: str, out_dir: Path) -> None:
     """Fold what was trained into plain weights and save a `from_pretrained`-able model."""
-    if hasattr(model, "merge_and_unload"):  # PEFT (LoRA, DoRA)
-        model = model.merge_and_unload()
-    elif method == "s2ft":
-        from s2ft import merge_and_unload
+    from s2ft.methods import merge_trained
 
-        model = merge_and_unload(model)
+    model = merge_trained(model, method)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 

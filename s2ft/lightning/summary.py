@@ -56,14 +56,23 @@ def build_summary(cfg: dict, counts: dict, train: dict | None, evaluation: dict 
         "seed": cfg["seed"],
         **counts,
         "train": train,
-        "eval": {name: {k: r[k] for k in ("accuracy", "n", "mode")} for name, r in tasks.items()},
+        "eval": {name: task_record(r) for name, r in tasks.items()},
         "avg_accuracy": (evaluation or {}).get("avg_accuracy"),
+        "groups": (evaluation or {}).get("groups", {}),
         "git_commit": git_commit(Path(cfg["paths"]["root"])),
         "versions": package_versions(),
         "wandb": None,
     }
     summary.update(extra)
     return summary
+
+
+TASK_KEYS = ("accuracy", "n", "mode", "tokens_per_s", "accuracy_mean", "accuracy_sum", "primary")
+
+
+def task_record(result: dict) -> dict:
+    """The per-task fields a summary keeps: accuracy, size, mode, throughput and, for loglik, both scorings."""
+    return {key: result[key] for key in TASK_KEYS if key in result}
 
 
 def write_json(data: dict, path: Path) -> None:
