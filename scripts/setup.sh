@@ -9,7 +9,9 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1; then
     "$PY" -m pip install "torch<=2.14.1"
   else
-    "$PY" -m pip install "torch<=2.14.1" --index-url https://download.pytorch.org/whl/cpu
+    # The CPU build from PyTorch's index; where only PyPI is reachable, PyPI's default build instead.
+    "$PY" -m pip install "torch<=2.14.1" --index-url https://download.pytorch.org/whl/cpu ||
+      "$PY" -m pip install "torch<=2.14.1"
   fi
 fi
 "$PY" -m pip install -e ".[suite,dev]"

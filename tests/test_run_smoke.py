@@ -70,6 +70,11 @@ def test_each_job_has_its_own_complete_run_dir(sweep):
     assert a != b
 
 
+def scores(results: dict) -> dict:
+    """What an evaluation must reproduce: accuracy, size and mode per task (throughput varies between runs)."""
+    return {task: (r["accuracy"], r["n"], r["mode"]) for task, r in results.items()}
+
+
 def test_eval_mode_on_a_saved_run_reproduces_its_accuracy(sweep, tmp_path, monkeypatch):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
@@ -82,18 +87,18 @@ def test_eval_mode_on_a_saved_run_reproduces_its_accuracy(sweep, tmp_path, monke
     summary = run_experiment(cfg, tmp_path / "eval")
     expected = json.loads((trained / "summary.json").read_text())
     assert summary["train"] is None and summary["source"] == str(trained / "adapter")
-    assert summary["eval"] == expected["eval"]
+    assert scores(summary["eval"]) == scores(expected["eval"])
     assert summary["heldout"]["commonsense_test"]["after"] == pytest.approx(
         expected["heldout"]["commonsense_test"]["after"], rel=1e-6
     )
-    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["eval"] == expected["eval"]
+    assert scores(json.loads((tmp_path / "eval" / "summary.json").read_text())["eval"]) == scores(expected["eval"])
     for task in TASKS:
         assert (tmp_path / "eval" / "predictions" / f"{task}.jsonl").read_text() == (
             trained / "predictions" / f"{task}.jsonl"
         ).read_text()
     # The same adapter given directly (the method then comes from the config).
     by_adapter = run_experiment({**cfg, "run_dir": None, "adapter": str(trained / "adapter")}, tmp_path / "adapter")
-    assert by_adapter["eval"] == expected["eval"] and by_adapter["method"] == "s2ft"
+    assert scores(by_adapter["eval"]) == scores(expected["eval"]) and by_adapter["method"] == "s2ft"
 
 
 def test_merged_model_equals_base_plus_adapter(sweep):
