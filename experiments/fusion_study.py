@@ -48,8 +48,7 @@ def fuse_and_evaluate(run_a: Path, run_b: Path, out: Path, weights: tuple[float,
         The summary written to ``out/summary.json``.
     """
     from s2ft.adapter import fuse_adapters
-    from s2ft.data import eval_subset, load_heldout
-    from s2ft.evaluation import evaluate, heldout_loss
+    from s2ft.lightning.runner import measure_model
     from s2ft.lightning.summary import build_summary, print_summary, write_json
     from s2ft.methods import trainable_summary
     from s2ft.models import build_model
@@ -76,31 +75,10 @@ def fuse_and_evaluate(run_a: Path, run_b: Path, out: Path, weights: tuple[float,
     model = fuse_adapters(model, [run_a / "adapter", run_b / "adapter"], list(weights)).eval()
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    data_dir, kwargs = (
-        cfg["paths"]["data_dir"],
-        {"max_new_tokens": ev["max_new_tokens"]} if ev.get("max_new_tokens") else {},
-    )
-    results = None
-    if ev["tasks"]:
-        results = evaluate(
-            model,
-            tokenizer,
-            ev["tasks"],
-            data_dir=data_dir,
-            mode=ev.get("mode", "generate"),
-            limit=ev.get("limit"),
-            seed=cfg["seed"],
-            batch_size=ev.get("batch_size", 8),
-            num_beams=ev.get("num_beams", 1),
-            out_dir=out,
-            **kwargs,
-        )
-    heldout = {}
-    for name in ev["heldout"]:
-        examples = eval_subset(load_heldout(name, data_dir), ev.get("heldout_limit"), cfg["seed"])
-        loss = heldout_loss(model, tokenizer, examples, ev.get("batch_size", 8), cfg["data"].get("max_length", 512))
-        heldout[name] = {"before": None, "after": loss}
-    summary = build_summary(cfg, trainable_summary(model), None, results, heldout=heldout, fusion=cfg["fusion"])
+    measured = measure_model(model, tokenizer, cfg, out)
+    heldout = {name: {"before": None, "after": loss} for name, loss in measured["heldout"].items()}
+    counts = trainable_summary(model)
+    summary = build_summary(cfg, counts, None, measured["eval"], heldout=heldout, fusion=cfg["fusion"])
     write_json(summary, out / "summary.json")
     print_summary(summary)
     return summary

@@ -84,7 +84,7 @@ def _train(cfg: dict, run_dir: Path) -> dict | None:
     if trainer.global_rank == 0:
         _write_config(cfg, run_dir)
         if cfg["eval"].get("before"):
-            results = _measure(model, tokenizer, cfg, run_dir / "before")
+            results = measure_model(model, tokenizer, cfg, run_dir / "before")
 
     method = cfg["method"]
     options = dict(method.get("options") or {})
@@ -119,7 +119,7 @@ def _train(cfg: dict, run_dir: Path) -> dict | None:
         "final_loss": module.last_loss,
         "loss_curve": [list(point) for point in module.loss_curve],
     }
-    after = _measure(model, tokenizer, cfg, run_dir)
+    after = measure_model(model, tokenizer, cfg, run_dir)
     if cfg.get("save_merged"):
         _save_merged(model, tokenizer, method["name"], run_dir / "merged")
     best = next((c.best for c in trainer.callbacks if isinstance(c, KeepBest)), None)
@@ -151,7 +151,7 @@ def _evaluate_only(cfg: dict, run_dir: Path) -> dict:
         model = load_trained(model, method, source)
     model.requires_grad_(False)
     _write_config(cfg, run_dir)
-    results = _measure(model, tokenizer, cfg, run_dir)
+    results = measure_model(model, tokenizer, cfg, run_dir)
     heldout = _pair({}, results["heldout"])
     counts = trainable_summary(model)
     summary = build_summary(
@@ -217,7 +217,7 @@ def _resume_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     return str(path)
 
 
-def _measure(model, tokenizer, cfg: dict, out_dir: Path) -> dict:
+def measure_model(model, tokenizer, cfg: dict, out_dir: Path) -> dict:
     """Task accuracy (`s2ft.evaluation.evaluate`) and held-out losses of `model`, predictions under `out_dir`."""
     ev, data_dir = cfg["eval"], cfg["paths"]["data_dir"]
     result = {"eval": None, "heldout": {}}
