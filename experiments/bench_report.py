@@ -1,5 +1,7 @@
 """Markdown tables and matplotlib charts of the benchmark results (`results.md`, `results.png`)."""
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -131,3 +133,12 @@ def switch_chart(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_results(results: dict, out: Path, table: Callable[[dict], str], chart: Callable[[dict, Path], None]) -> None:
+    """Writes a benchmark's ``results.json``, its markdown table ``results.md`` and its chart ``results.png``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(table(results))
+    chart(results, out / "results.png")
+    print(f"wrote {out}/results.{{json,md,png}}")

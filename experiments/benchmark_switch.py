@@ -10,7 +10,6 @@ of repeated switches, each run checked to leave the right weights. Writes `resul
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ if __package__ in (None, ""):
 from experiments.bench_machine import machine_info
 from experiments.bench_methods import LORA_TARGETS
 from experiments.bench_models import DTYPES, MODELS
-from experiments.bench_report import switch_chart, switch_table
+from experiments.bench_report import switch_chart, switch_table, write_results
 from experiments.bench_switch_layer import bench_layer
 from experiments.bench_switch_model import bench_model
 
@@ -108,11 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": model,
         "targets": check_targets(layer, model),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "results.md").write_text(switch_table(results))
-    switch_chart(results, args.out / "results.png")
-    print(f"wrote {args.out}/results.{{json,md,png}}")
+    write_results(results, args.out, switch_table, switch_chart)
     return results
 
 

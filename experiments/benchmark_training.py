@@ -25,7 +25,7 @@ if __package__ in (None, ""):
 from experiments.bench_machine import machine_info
 from experiments.bench_methods import LORA_TARGETS, METHODS
 from experiments.bench_models import DTYPES, MODELS
-from experiments.bench_report import training_chart, training_table
+from experiments.bench_report import training_chart, training_table, write_results
 from experiments.bench_train_worker import measure
 
 WORKER = Path(__file__).with_name("bench_train_worker.py")
@@ -182,11 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
         "targets": settings[0]["targets"],
         "settings": settings,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "results.md").write_text(training_table(results))
-    training_chart(results, args.out / "results.png")
-    print(f"wrote {args.out}/results.{{json,md,png}}")
+    write_results(results, args.out, training_table, training_chart)
     return results
 
 
