@@ -17,6 +17,8 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from s2ft.models import tiny_model, tiny_tokenizer
+
 VOCAB = 128
 COMMON = dict(
     vocab_size=VOCAB,
@@ -136,3 +138,24 @@ def tiny_decoder(request):
     model = build_tiny(request.param)
     model.family = request.param
     return model
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """`s2ft.models.tiny_tokenizer()`: byte-level, built in code (one per test module)."""
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    """A tiny fp32 Llama (`s2ft.models.tiny_model`) for `tokenizer`, in eval mode (one per test module).
+
+    A larger init than the default makes the random model's greedy continuations depend on the prompt.
+    """
+    return tiny_model("llama", vocab_size=len(tokenizer), initializer_range=0.2).eval()
+
+
+@pytest.fixture(scope="module")
+def model64(tokenizer):
+    """The `model` architecture and weights in float64, for exact comparisons of losses and log-likelihoods."""
+    return tiny_model("llama", vocab_size=len(tokenizer), initializer_range=0.2).double().eval()

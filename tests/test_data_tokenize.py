@@ -16,11 +16,6 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def real_examples():
     # Arithmetic outputs start with "\n" (right after the prompt's final "\n"); commonsense ones do not.
     return load_eval("gsm8k", DATA)[:3] + load_eval("boolq", DATA)[:3]

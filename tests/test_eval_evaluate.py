@@ -9,7 +9,7 @@ import pytest
 from s2ft.data import TASKS, build_prompt
 from s2ft.evaluation import evaluate, prepare_tasks, summarize
 from s2ft.evaluation.generate import Generation
-from s2ft.models import tiny_model, tiny_tokenizer
+from s2ft.models import tiny_tokenizer
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 # The package exports the function `evaluate`, which shadows the submodule of the same name as an attribute.
@@ -37,16 +37,6 @@ def data_dir(tmp_path):
     write_task(tmp_path, "gsm8k", [{"instruction": f"What is {i} + {i}?", "answer": f"{2 * i}.0"} for i in range(3)])
     write_task(tmp_path, "aqua", [{"instruction": "Pick. Answer Choices: (A) 1 (B) 2", "answer": "B"}])
     return tmp_path
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return tiny_model("llama", vocab_size=len(tokenizer), initializer_range=0.2).eval()
 
 
 SCRIPT = {

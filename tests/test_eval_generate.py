@@ -10,17 +10,6 @@ BUDGET = 12
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    # A larger init than the default makes the random model's greedy continuations depend on the prompt.
-    return tiny_model("llama", vocab_size=len(tokenizer), initializer_range=0.2).eval()
-
-
-@pytest.fixture(scope="module")
 def prompts():
     # Lengths differ by up to ~40 tokens, so batches carry real left padding.
     questions = [f"What is {i * 37 % 101} plus {i * i}?" + " Think." * (i % 5) for i in range(10)]

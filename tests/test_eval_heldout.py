@@ -6,23 +6,13 @@ import torch
 from s2ft.data import Example
 from s2ft.data.tokenize import tokenize_examples
 from s2ft.evaluation import heldout_loss
-from s2ft.models import tiny_model, tiny_tokenizer
+from s2ft.models import tiny_model
 
 EXAMPLES = [
     Example("t-0", "t", "What is 2 + 3?", "", "2 + 3 = 5. The answer is 5.", "5"),
     Example("t-1", "t", "Is the sky blue?", "", "the correct answer is true", "true"),
     Example("t-2", "t", "Name a color.", "Pick a warm one.", "red", "red"),
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model64(tokenizer):
-    return tiny_model("llama", vocab_size=len(tokenizer), initializer_range=0.2).double().eval()
 
 
 def reference_loss(model, tokenizer, examples, max_length):

@@ -5,20 +5,10 @@ import torch
 
 from s2ft.data import build_prompt
 from s2ft.evaluation.loglik import Score, encode_pairs, score_pairs
-from s2ft.models import tiny_model, tiny_tokenizer
+from s2ft.models import tiny_model
 
 INSTRUCTIONS = ["Is the sky blue?", "Pick one: Roots or Stems", "Which is heavier, a rock or a leaf? Think."]
 RESPONSES = ["true", "Roots", "a rock, because stones are dense"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model64(tokenizer):
-    return tiny_model("llama", vocab_size=len(tokenizer), initializer_range=0.2).double().eval()
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,9 @@
 """Exact resume: a run stopped by SIGTERM mid-epoch and resumed with ckpt_path=last ends with the same weights."""
 
+import csv
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -16,11 +18,21 @@ from s2ft.lightning import S2FTLitModule, run_experiment
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def smoke_config(*overrides: str) -> dict:
+def smoke_config(*overrides: str, logger: str = "none") -> dict:
     os.environ.setdefault("S2FT_ROOT", str(ROOT))
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["debug=smoke", "eval=none", "logger=none", *overrides])
+        cfg = compose("config", overrides=["debug=smoke", "eval=none", f"logger={logger}", *overrides])
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def logged(run_dir: Path) -> dict[tuple[str, int], float]:
+    """(metric, step) -> value of the loss and lr rows of a run's metrics.csv (timings and memory vary by run)."""
+    with (run_dir / "metrics.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    keys = ("train/loss", "train/lr", "train/tokens", "val/loss")
+    values = {(k, int(row["step"])): float(row[k]) for row in rows for k in keys if row.get(k)}
+    assert len(values) == sum(1 for row in rows for k in keys if row.get(k)), "a metric was logged twice at one step"
+    return values
 
 
 def adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -50,14 +62,15 @@ def stop_at_step(monkeypatch):
 def test_sigterm_checkpoint_then_resume_matches_uninterrupted_run(tmp_path, stop_at_step):
     # 40 training items in batches of 4: 10 batches per epoch, so 13 steps cross an epoch boundary after the resume.
     overrides = ["trainer.max_steps=13", "trainer.checkpoint_every_n_steps=100", "trainer.val_check_interval=4"]
-    full = run_experiment(smoke_config(*overrides), tmp_path / "full")
+    full = run_experiment(smoke_config(*overrides, logger="csv"), tmp_path / "full")
 
     patch = stop_at_step(6)
     with pytest.raises(SIGTERMException):
-        run_experiment(smoke_config(*overrides), tmp_path / "resumed")
+        run_experiment(smoke_config(*overrides, logger="csv"), tmp_path / "resumed")
     patch.undo()
     ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 6
+    assert ckpt["s2ft"]["wall_s"] > 0
     # Only what trains is stored (S2FT values and the small buffers of their layers), never a frozen base weight.
     stored = ckpt["state_dict"]
     assert any(k.endswith(".values") for k in stored) and not any(k.endswith("weight") for k in stored), list(stored)
@@ -66,8 +79,14 @@ def test_sigterm_checkpoint_then_resume_matches_uninterrupted_run(tmp_path, stop
     assert ckpt["optimizer_states"][0]["state"]
     assert not (tmp_path / "resumed" / "summary.json").exists()
 
-    resumed = run_experiment(smoke_config(*overrides, "ckpt_path=last"), tmp_path / "resumed")
+    start = time.perf_counter()
+    resumed = run_experiment(smoke_config(*overrides, "ckpt_path=last", logger="csv"), tmp_path / "resumed")
+    session = time.perf_counter() - start
     assert resumed["train"]["steps"] == full["train"]["steps"] == 13
+    # Training time counts the interrupted session up to its checkpoint and the resumed one.
+    assert ckpt["s2ft"]["wall_s"] < resumed["train"]["wall_s"] <= ckpt["s2ft"]["wall_s"] + session + 0.01
+    # metrics.csv keeps the rows logged before the interruption, and no step twice.
+    assert logged(tmp_path / "resumed") == pytest.approx(logged(tmp_path / "full"))
     expected, actual = adapter_tensors(tmp_path / "full"), adapter_tensors(tmp_path / "resumed")
     assert expected.keys() == actual.keys()
     for key in expected:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import uuid
 from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
 
 WANDB_ID_FILE = "wandb_id.txt"
 
@@ -13,7 +17,7 @@ def build_logger(logger_cfg: dict, cfg: dict, run_dir: Path):
     """The Lightning logger for a run, or False for `logger=none`.
 
     W&B runs offline unless `logger.mode=online`; its run id is kept in `run_dir/wandb_id.txt` so a resumed run
-    (`ckpt_path=last`) continues the same W&B run.
+    (`ckpt_path=last`) continues the same W&B run, and a resumed CSV run keeps the rows logged before its checkpoint.
 
     Args:
         logger_cfg: The `logger` group (`name`, and for W&B `project`, `mode`, `tags`).
@@ -24,9 +28,7 @@ def build_logger(logger_cfg: dict, cfg: dict, run_dir: Path):
     if name == "none":
         return False
     if name == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
-        logger = CSVLogger(save_dir=run_dir, name="", version="")
+        logger = ResumableCSVLogger(run_dir, resume=bool(cfg.get("ckpt_path")))
     else:
         from lightning.pytorch.loggers import WandbLogger
 
@@ -55,3 +57,43 @@ def wandb_info(logger) -> dict | None:
     if not isinstance(logger, WandbLogger):
         return None
     return {"id": logger.version, "dir": str(logger.experiment.dir)}
+
+
+class ResumableCSVLogger(CSVLogger):
+    """`metrics.csv` in the run directory that survives a resume.
+
+    Lightning's CSV writer deletes an existing `metrics.csv` when it starts; this logger reads the file first and,
+    once the checkpoint is restored (`ReplayCSVHistory`), writes back the rows logged before the checkpoint's step, so
+    the file of a resumed run matches that of an uninterrupted one.
+
+    Args:
+        run_dir: The run directory.
+        resume: Whether the run continues from a checkpoint (otherwise an old file is discarded, as Lightning does).
+    """
+
+    def __init__(self, run_dir: Path, resume: bool):
+        super().__init__(save_dir=run_dir, name="", version="")
+        file = Path(self.log_dir) / "metrics.csv"
+        self.history: list[dict[str, str]] = []
+        if resume and file.is_file():
+            with file.open(newline="") as handle:
+                self.history = list(csv.DictReader(handle))
+
+    def replay(self, before_step: int) -> None:
+        """Logs again the remembered rows of steps before `before_step` (later ones are logged anew by training)."""
+        for row in self.history:
+            step = int(row["step"])
+            if step < before_step:
+                self.experiment.log_metrics({k: float(v) for k, v in row.items() if v != "" and k != "step"}, step)
+        self.history = []
+        self.save()
+
+
+class ReplayCSVHistory(Callback):
+    """Restores the pre-checkpoint rows of every `ResumableCSVLogger` once training resumes at the restored step."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        for logger in trainer.loggers:
+            if isinstance(logger, ResumableCSVLogger) and logger.history:
+                logger.replay(step)

@@ -38,6 +38,10 @@ class S2FTLitModule(L.LightningModule):
         self.last_loss: float | None = None
         self.loss_curve: list[tuple[int, float]] = []
         self._batch_start = 0.0
+        # Training seconds of earlier sessions of a resumed run (up to their last checkpoint) plus this session's.
+        self._wall_before = 0.0
+        self._fit_start: float | None = None
+        self.wall_s = 0.0
 
     def trained_keys(self) -> set[str]:
         """State-dict keys of what training changes: trainable params and the buffers of modules that own them."""
@@ -58,6 +62,16 @@ class S2FTLitModule(L.LightningModule):
         self.log("train/tokens", float(self.tokens_seen))
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
+
+    def on_fit_start(self) -> None:
+        self._fit_start = time.perf_counter()
+
+    def on_fit_end(self) -> None:
+        self.wall_s = self._elapsed()
+
+    def _elapsed(self) -> float:
+        running = time.perf_counter() - self._fit_start if self._fit_start is not None else 0.0
+        return self._wall_before + running
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self._batch_start = time.perf_counter()
@@ -88,7 +102,7 @@ class S2FTLitModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keys = self.trained_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
-        checkpoint["s2ft"] = {"tokens_seen": self.tokens_seen, "loss_curve": self.loss_curve}
+        checkpoint["s2ft"] = {"tokens_seen": self.tokens_seen, "loss_curve": self.loss_curve, "wall_s": self._elapsed()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         missing = sorted(self.trained_keys() - set(checkpoint["state_dict"]))
@@ -100,6 +114,7 @@ class S2FTLitModule(L.LightningModule):
         state = checkpoint.get("s2ft", {})
         self.tokens_seen = state.get("tokens_seen", 0)
         self.loss_curve = [tuple(point) for point in state.get("loss_curve", [])]
+        self._wall_before = state.get("wall_s", 0.0)
 
 
 def lr_lambda(warmup_steps: int, total_steps: int, scheduler: str):

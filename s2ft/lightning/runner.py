@@ -7,7 +7,6 @@ call it directly.
 from __future__ import annotations
 
 import hashlib
-import time
 from pathlib import Path
 
 import lightning as L
@@ -18,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from s2ft.lightning.callbacks import AdvanceSampler, AtomicCheckpointIO, KeepBest, LastCheckpoint
 from s2ft.lightning.datamodule import SFTDataModule
-from s2ft.lightning.loggers import build_logger, wandb_info
+from s2ft.lightning.loggers import ReplayCSVHistory, build_logger, wandb_info
 from s2ft.lightning.memory import peak_memory_mb
 from s2ft.lightning.module import S2FTLitModule
 from s2ft.lightning.summary import build_summary, print_summary, task_record, write_json
@@ -100,9 +99,7 @@ def _train(cfg: dict, run_dir: Path) -> dict | None:
     module = S2FTLitModule(
         model, method["lr"], method.get("weight_decay", 0.0), tr.get("warmup_steps", 0), tr.get("scheduler", "linear")
     )
-    start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
-    wall = time.perf_counter() - start
 
     digests = _gather(trainer, _trained_digest(module))
     if len(set(digests)) > 1:
@@ -114,7 +111,7 @@ def _train(cfg: dict, run_dir: Path) -> dict | None:
     train_stats = {
         "steps": trainer.global_step,
         "tokens": tokens,
-        "wall_s": round(wall, 2),
+        "wall_s": round(module.wall_s, 2),
         "peak_mem_mb": round(peak_memory_mb(), 1),
         "final_loss": module.last_loss,
         "loss_curve": [list(point) for point in module.loss_curve],
@@ -173,7 +170,11 @@ def _finish(summary: dict, run_dir: Path) -> dict:
 
 def _trainer(tr: dict, run_dir: Path, logger, has_val: bool) -> L.Trainer:
     interval = tr.get("val_check_interval")
-    callbacks = [AdvanceSampler(), LastCheckpoint(run_dir / CHECKPOINT, tr.get("checkpoint_every_n_steps", 50))]
+    callbacks = [
+        AdvanceSampler(),
+        LastCheckpoint(run_dir / CHECKPOINT, tr.get("checkpoint_every_n_steps", 50)),
+        ReplayCSVHistory(),
+    ]
     if tr.get("select_best") == "val_loss":
         if not has_val:
             raise ValueError("trainer.select_best=val_loss needs a validation split: set data.val_size > 0")
