@@ -35,7 +35,15 @@ def match_lora_rank(model: nn.Module, budget: float, targets: tuple[str, ...]) -
 
 
 def prepare_method(
-    model: nn.Module, method: str, *, target_params: int, rank: int, targets: tuple[str, ...], layout: str, seed: int
+    model: nn.Module,
+    method: str,
+    *,
+    target_params: int,
+    rank: int,
+    targets: tuple[str, ...],
+    layout: str,
+    seed: int,
+    lora_dropout: float = 0.0,
 ) -> nn.Module:
     """Sets which parameters train for `method` and returns the model to train.
 
@@ -47,6 +55,7 @@ def prepare_method(
         targets: module names LoRA / DoRA adapt.
         layout: S2FT layout ("gather" or "permuted").
         seed: seed of the random unit selection of s2ft and spft.
+        lora_dropout: dropout on the input of every LoRA / DoRA branch (PEFT's `lora_dropout`).
     """
     if method == "full":
         return model
@@ -58,7 +67,11 @@ def prepare_method(
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(
-            r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(targets), use_dora=method == "dora"
+            r=rank,
+            lora_alpha=2 * rank,
+            lora_dropout=lora_dropout,
+            target_modules=list(targets),
+            use_dora=method == "dora",
         )
         return get_peft_model(model, config)
     if method == "s2ft":

@@ -35,7 +35,9 @@ def training_table(results: dict) -> str:
     total = config["total_params"]
     parts = [
         f"### Training step: {config['model']}, {config['dtype']}, {config['device']}\n",
-        _machine_line(results["machine"]) + f" LoRA rank {config['lora_rank']} on {', '.join(config['lora_targets'])};"
+        _machine_line(results["machine"])
+        + f" LoRA rank {config['lora_rank']} (dropout {config.get('lora_dropout', 0.0)})"
+        + f" on {', '.join(config['lora_targets'])};"
         f" S2FT/SpFT budget {config['target_params']:,} parameters ({100 * config['target_params'] / total:.2f}%"
         f" of {total:,}); median of {config['steps']} steps after {config['warmup']} warm-up steps.\n",
     ]

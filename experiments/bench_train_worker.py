@@ -44,8 +44,8 @@ def measure(spec: dict) -> dict:
     """Times `spec["steps"]` training steps after `spec["warmup"]` untimed ones and measures their peak memory.
 
     Args:
-        spec: model, dtype, device, method, batch_size, seq_len, warmup, steps, seed, budget, targets, layout, lr
-            and threads (null: torch's default).
+        spec: model, dtype, device, method, batch_size, seq_len, warmup, steps, seed, budget, targets, lora_dropout,
+            layout, lr and threads (null: torch's default).
 
     Returns:
         step_s (median of the timed steps), step_s_all, peak_mem_mb (above the loaded model), baseline_mem_mb,
@@ -73,6 +73,7 @@ def measure(spec: dict) -> dict:
         target_params=target_params,
         rank=rank,
         targets=targets,
+        lora_dropout=spec.get("lora_dropout", 0.0),
         layout=spec["layout"],
         seed=spec["seed"],
     )

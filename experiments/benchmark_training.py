@@ -55,9 +55,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--budget", type=float, default=0.01, help="trainable fraction (< 1) or count of parameters")
     parser.add_argument("--lora-targets", nargs="+", default=list(LORA_TARGETS))
+    parser.add_argument(
+        "--lora-dropout",
+        type=float,
+        default=0.05,
+        help="LoRA/DoRA dropout: 0.05 as the study configs train them (conf/method/lora.yaml); 0 drops its cost",
+    )
     parser.add_argument("--s2ft-layout", default="gather", choices=("gather", "permuted"))
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps (the median is reported)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -77,6 +83,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--steps must be >= 1 and --warmup >= 0 (got {args.steps}, {args.warmup})")
     if min(args.batch_sizes + args.seq_lens) < 1:
         parser.error("--batch-sizes and --seq-lens must be positive")
+    if not 0 <= args.lora_dropout < 1:
+        parser.error(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
     if args.budget <= 0:
         parser.error(f"--budget must be positive, got {args.budget}")
     if args.out is None:
@@ -153,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "seed": args.seed,
                     "budget": args.budget,
                     "targets": args.lora_targets,
+                    "lora_dropout": args.lora_dropout,
                     "layout": args.s2ft_layout,
                     "lr": args.lr,
                     "threads": args.threads,

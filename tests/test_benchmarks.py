@@ -94,6 +94,7 @@ def test_training_measures_each_method_in_its_own_process(tmp_path):
     [
         (["--steps", "0"], "--steps"),
         (["--budget", "0"], "--budget"),
+        (["--lora-dropout", "1"], "--lora-dropout"),
         (["--batch-sizes", "0"], "--batch-sizes"),
         (["--methods", "adapterx"], "invalid choice"),
         (["--model", "gpt5"], "invalid choice"),
@@ -129,6 +130,17 @@ def test_floor_runs_backward_to_the_embeddings_and_trains_nothing():
     model(input_ids=ids, labels=ids).loss.backward()
     assert len(reached) == 1 and reached[0].abs().sum() > 0
     assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_lora_and_dora_train_with_the_requested_dropout(method):
+    kwargs = dict(target_params=0, rank=2, targets=LORA_TARGETS, layout="gather", seed=0)
+    model = prepare_method(_tiny(), method, lora_dropout=0.05, **kwargs)
+    dropouts = [m for name, m in model.named_modules() if isinstance(m, nn.Dropout) and "lora_dropout" in name]
+    assert len(dropouts) == len(LORA_TARGETS) * model.config.num_hidden_layers
+    assert all(d.p == 0.05 for d in dropouts)
+    plain = prepare_method(_tiny(), method, **kwargs)
+    assert not any(isinstance(m, nn.Dropout) for name, m in plain.named_modules() if "lora_dropout" in name)
 
 
 def test_lora_rank_matches_the_budget():
