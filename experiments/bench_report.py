@@ -1,6 +1,7 @@
 """Markdown tables and matplotlib charts of the benchmark results (`results.md`, `results.png`)."""
 
 import json
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,13 +50,15 @@ def training_table(results: dict) -> str:
                 f"{100 * r['trainable_params'] / total:.2f}%",
                 f"{r['step_s']:.3f}",
                 _ratio(r, "step_ratio_full"),
+                _phases(r),
                 f"{r['peak_mem_mb']:.0f}",
                 _ratio(r, "mem_ratio_full"),
                 f"{r['live_mem_mb']:.0f}" if "live_mem_mb" in r else "-",
             ]
             for method, r in setting["methods"].items()
         ]
-        headers = ["method", "trained params", "% of all", "step (s)", "× full", "peak mem above model (MB)", "× full"]
+        headers = ["method", "trained params", "% of all", "step (s)", "× full", "fwd / bwd / opt (s)"]
+        headers += ["peak mem above model (MB)", "× full"]
         headers.append("live-tensor peak (MB)")
         parts.append(f"\nBatch {setting['batch_size']}, sequence {setting['seq_len']}:\n\n")
         parts.append(markdown_table(headers, rows))
@@ -66,6 +69,15 @@ def training_table(results: dict) -> str:
             ]
             parts.append("\nS2FT targets: " + "; ".join(checks) + ".\n")
     return "".join(parts)
+
+
+def _phases(result: dict) -> str:
+    """Median seconds of the forward, backward and optimizer phases of a step."""
+    if "phase_s" not in result:
+        return "-"
+    return " / ".join(
+        f"{statistics.median(result['phase_s'][name]):.2f}" for name in ("forward", "backward", "optimizer")
+    )
 
 
 def training_chart(results: dict, path: Path) -> None:

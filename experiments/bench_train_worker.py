@@ -27,17 +27,21 @@ from experiments.bench_timing import time_call
 
 
 def train_step(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, input_ids: torch.Tensor
-) -> torch.Tensor:
-    """Forward, backward and AdamW step on one batch of random tokens (the tokens are their own labels)."""
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, input_ids: torch.Tensor, device: str
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Forward, backward and AdamW step on one batch of random tokens (the tokens are their own labels).
+
+    Returns:
+        The loss and the seconds of each phase: `forward` (loss included), `backward`, `optimizer` (0 without one).
+    """
     if optimizer is not None:
         # Gradients are released at the start rather than the end of a step so that they can be counted after it.
         optimizer.zero_grad(set_to_none=True)
-    loss = model(input_ids=input_ids, labels=input_ids).loss
-    loss.backward()
-    if optimizer is not None:
-        optimizer.step()
-    return loss.detach()
+    out = {}
+    phases = {"forward": time_call(lambda: out.update(loss=model(input_ids=input_ids, labels=input_ids).loss), device)}
+    phases["backward"] = time_call(out["loss"].backward, device)
+    phases["optimizer"] = time_call(optimizer.step, device) if optimizer is not None else 0.0
+    return out["loss"].detach(), phases
 
 
 def measure(spec: dict) -> dict:
@@ -48,7 +52,8 @@ def measure(spec: dict) -> dict:
             layout, lr and threads (null: torch's default).
 
     Returns:
-        step_s (median of the timed steps), step_s_all, peak_mem_mb (above the loaded model), baseline_mem_mb,
+        step_s (median of the timed steps), step_s_all, phase_s (forward / backward / optimizer seconds of each
+        timed step), peak_mem_mb (above the loaded model), baseline_mem_mb,
         trainable_params (actually trained), intended_params (requires_grad), total_params, lora_rank,
         target_params and final_loss.
     """
@@ -80,14 +85,14 @@ def measure(spec: dict) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec["lr"]) if params else None
     meter.reset_peak()
-    times, losses = [], []
-    for input_ids in batches:
-        times.append(time_call(lambda ids=input_ids: losses.append(train_step(model, optimizer, ids)), device))
+    steps = [train_step(model, optimizer, input_ids, device) for input_ids in batches]
     peak = meter.peak_mb()
-    timed = times[spec["warmup"] :]
+    timed = [phases for _, phases in steps[spec["warmup"] :]]
+    step_s_all = [sum(phases.values()) for phases in timed]
     return {
-        "step_s": statistics.median(timed),
-        "step_s_all": timed,
+        "step_s": statistics.median(step_s_all),
+        "step_s_all": step_s_all,
+        "phase_s": {name: [phases[name] for phases in timed] for name in ("forward", "backward", "optimizer")},
         "peak_mem_mb": peak,
         "baseline_mem_mb": meter.baseline_mb,
         "trainable_params": trained_parameter_count(model, optimizer),
@@ -95,7 +100,7 @@ def measure(spec: dict) -> dict:
         "total_params": total,
         "lora_rank": rank,
         "target_params": target_params,
-        "final_loss": losses[-1].item(),
+        "final_loss": steps[-1][0].item(),
     }
 
 

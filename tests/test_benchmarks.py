@@ -54,6 +54,11 @@ def test_training_quick_every_method(tmp_path):
     for name, r in methods.items():
         assert r["step_s"] > 0 and r["peak_mem_mb"] > 0, name
         assert len(r["step_s_all"]) == config["steps"] and r["step_s"] == statistics.median(r["step_s_all"])
+        phases = r["phase_s"]
+        assert all(len(phases[k]) == config["steps"] for k in ("forward", "backward", "optimizer")), name
+        sums = [sum(step) for step in zip(phases["forward"], phases["backward"], phases["optimizer"], strict=True)]
+        assert r["step_s_all"] == pytest.approx(sums, rel=1e-12) and min(phases["backward"]) > 0, name
+        assert (max(phases["optimizer"]) == 0) == (name == "floor"), name  # the floor has no optimizer
         assert r["total_params"] == total and math.isfinite(r["final_loss"])
         assert r["step_ratio_full"] == pytest.approx(r["step_s"] / methods["full"]["step_s"], rel=1e-12)
         assert r["mem_ratio_full"] == pytest.approx(r["peak_mem_mb"] / methods["full"]["peak_mem_mb"], rel=1e-12)
