@@ -55,7 +55,9 @@ def study_section(experiment: str, model: str, runs: list[Run], out: Path) -> li
     heldout = list(dict.fromkeys(name for run in runs for name in (run.summary.get("heldout") or {})))
     best, pvalues = compare_to_best(rows, tasks)
     header = ["method", *tasks, "Avg", "Avg 95% CI", "p vs best"]
-    header += [f"loss {name}" for name in heldout] + ["trainable %", "train time (s)", "peak mem (MB)", "seeds"]
+    has_val = any((run.summary.get("train") or {}).get("val_loss") is not None for run in runs)
+    header += ["val loss"] * has_val + [f"loss {name}" for name in heldout]
+    header += ["trainable %", "train time (s)", "peak mem (MB)", "seeds"]
     lines = [
         f"## {experiment} — {model}",
         "",
@@ -70,6 +72,7 @@ def study_section(experiment: str, model: str, runs: list[Run], out: Path) -> li
         cells += [_fmt(row.estimate(task_accuracy(task)), 100, 1) for task in tasks]
         cells += [_fmt(avg, 100, 1), "-" if avg is None or avg.ci is None else f"± {100 * avg.ci:.1f}"]
         cells += ["best" if row is best else "-" if p is None else f"{p:.3f}{' *' if p < ALPHA else ''}"]
+        cells += [_fmt(row.estimate(train_field("val_loss")), 1, 4)] * has_val
         cells += [_fmt(row.estimate(heldout_after(name)), 1, 4) for name in heldout]
         cells += [_fmt(row.estimate(trainable_pct), 1, 3), _fmt(row.estimate(train_field("wall_s")), 1, 0)]
         cells += [_fmt(row.estimate(train_field("peak_mem_mb")), 1, 0), str(len(row.runs))]

@@ -38,3 +38,7 @@ def test_select_best_keeps_the_lowest_validation_loss(tmp_path):
         val = [float(row["val/loss"]) for row in csv.DictReader(f) if row.get("val/loss")]
     assert len(val) == 3
     assert summary["train"]["best_val_loss"] == pytest.approx(min(val), rel=1e-6)
+    curve = summary["train"]["val_curve"]
+    assert [step for step, _ in curve] == [2, 4, 6]
+    assert [loss for _, loss in curve] == pytest.approx(val, rel=1e-6)
+    assert summary["train"]["val_loss"] == curve[-1][1]

@@ -92,6 +92,7 @@ def test_sigterm_checkpoint_then_resume_matches_uninterrupted_run(tmp_path, stop
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
     assert resumed["train"]["loss_curve"] == full["train"]["loss_curve"]
+    assert resumed["train"]["val_curve"] == full["train"]["val_curve"] and len(full["train"]["val_curve"]) == 3
     assert resumed["train"]["tokens"] == full["train"]["tokens"]
 
     # Ctrl-C: the batch in flight finishes, the checkpoint is written at its end, then the run exits.

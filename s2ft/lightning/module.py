@@ -37,6 +37,7 @@ class S2FTLitModule(L.LightningModule):
         self.tokens_seen = 0
         self.last_loss: float | None = None
         self.loss_curve: list[tuple[int, float]] = []
+        self.val_curve: list[tuple[int, float]] = []
         self._batch_start = 0.0
         # Training seconds of earlier sessions of a resumed run (up to their last checkpoint) plus this session's.
         self._wall_before = 0.0
@@ -89,6 +90,11 @@ class S2FTLitModule(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
+    def on_validation_epoch_end(self) -> None:
+        value = self.trainer.callback_metrics.get("val/loss")
+        if value is not None and not self.trainer.sanity_checking:
+            self.val_curve.append((self.trainer.global_step, float(value)))
+
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
@@ -102,7 +108,12 @@ class S2FTLitModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keys = self.trained_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
-        checkpoint["s2ft"] = {"tokens_seen": self.tokens_seen, "loss_curve": self.loss_curve, "wall_s": self._elapsed()}
+        checkpoint["s2ft"] = {
+            "tokens_seen": self.tokens_seen,
+            "loss_curve": self.loss_curve,
+            "val_curve": self.val_curve,
+            "wall_s": self._elapsed(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         missing = sorted(self.trained_keys() - set(checkpoint["state_dict"]))
@@ -114,6 +125,7 @@ class S2FTLitModule(L.LightningModule):
         state = checkpoint.get("s2ft", {})
         self.tokens_seen = state.get("tokens_seen", 0)
         self.loss_curve = [tuple(point) for point in state.get("loss_curve", [])]
+        self.val_curve = [tuple(point) for point in state.get("val_curve", [])]
         self._wall_before = state.get("wall_s", 0.0)
 
 

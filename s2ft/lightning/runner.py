@@ -116,6 +116,10 @@ def _train(cfg: dict, run_dir: Path) -> dict | None:
         "final_loss": module.last_loss,
         "loss_curve": [list(point) for point in module.loss_curve],
     }
+    if module.val_curve:
+        # The validation split (data.val_size) is for choices such as learning rates; the test sets are not.
+        train_stats["val_loss"] = module.val_curve[-1][1]
+        train_stats["val_curve"] = [list(point) for point in module.val_curve]
     after = measure_model(model, tokenizer, cfg, run_dir)
     if cfg.get("save_merged"):
         _save_merged(model, tokenizer, method["name"], run_dir / "merged")
