@@ -97,7 +97,9 @@ def wandb_runs(project: str) -> list[Run]:
     """The runs of a W&B project ``ENTITY/PROJECT`` rebuilt as summaries (needs a network and a W&B login).
 
     Each W&B run carries the resolved config and the metrics the runner logs (``eval/TASK/accuracy``,
-    ``eval/avg_accuracy``, ``heldout/SET``, ``trainable_params``, ``trainable_pct``, ``train/loss``).
+    ``eval/avg_accuracy``, ``heldout/SET``, ``trainable_params``, ``trainable_pct``, ``train/wall_s``,
+    ``train/val_loss``, ``train/peak_mem_mb``, and ``train/loss`` against ``trainer/global_step``). Item-level
+    predictions stay on disk, so single-seed rows are compared only where a t-test over seeds is possible.
     """
     import wandb
 
@@ -107,7 +109,8 @@ def wandb_runs(project: str) -> list[Run]:
         if "method" not in config or "name" not in config:
             continue  # not an s2ft run
         tasks = {k.split("/")[1]: v for k, v in metrics.items() if k.startswith("eval/") and k.endswith("/accuracy")}
-        history = remote.history(keys=["train/loss"], pandas=False)
+        # Lightning logs its step as the metric trainer/global_step; W&B's own _step counts log calls.
+        history = remote.history(keys=["train/loss", "trainer/global_step"], pandas=False)
         summary = {
             "experiment": config["name"],
             "method": config["method"]["name"],
@@ -119,9 +122,14 @@ def wandb_runs(project: str) -> list[Run]:
             "avg_accuracy": metrics.get("eval/avg_accuracy"),
             "heldout": {k.split("/", 1)[1]: {"after": v} for k, v in metrics.items() if k.startswith("heldout/")},
             "train": {
-                "wall_s": metrics.get("_runtime"),
+                "wall_s": metrics.get("train/wall_s", metrics.get("_runtime")),
+                "val_loss": metrics.get("train/val_loss"),
                 "peak_mem_mb": metrics.get("train/peak_mem_mb"),
-                "loss_curve": [[row["_step"], row["train/loss"]] for row in history if "train/loss" in row],
+                "loss_curve": [
+                    [int(row["trainer/global_step"]), row["train/loss"]]
+                    for row in history
+                    if row.get("train/loss") is not None and row.get("trainer/global_step") is not None
+                ],
             },
             "wandb": {"id": remote.id, "dir": None},
         }

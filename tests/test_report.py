@@ -6,6 +6,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import yaml
 from scipy import stats
 
 from experiments.report import main, significance_statement, write_report
@@ -131,3 +132,75 @@ def test_statement_refuses_to_rank_inseparable_rows():
     best = Row("s2ft", [])
     assert significance_statement(best, {"lora": 0.4, "full": None}).startswith("Not separable")
     assert "lora" in significance_statement(best, {"lora": 0.01, "full": 0.3})
+
+
+class FakeWandbRun:
+    """What `wandb.Api().runs()` yields for a run the runner logged: its config, final metrics and history."""
+
+    def __init__(self, run_dir: Path, index: int):
+        from s2ft.lightning.runner import flat_metrics
+
+        summary = json.loads((run_dir / "summary.json").read_text())
+        self.id = f"run{index}"
+        self.config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        self.summary = {
+            "trainable_params": summary["trainable_params"],
+            "trainable_pct": summary["trainable_pct"],
+            "train/peak_mem_mb": summary["train"]["peak_mem_mb"],
+            "_runtime": summary["train"]["wall_s"] + 100,  # the whole W&B run, evaluation included
+            **flat_metrics(summary),
+        }
+        # W&B's _step counts log calls; rows without a loss (validation, lr) are interleaved as Lightning logs them.
+        self.rows = [
+            {"_step": 2 * i, "train/loss": loss, "trainer/global_step": step}
+            for i, (step, loss) in enumerate(summary["train"]["loss_curve"])
+        ]
+        self.rows.insert(1, {"_step": 1, "trainer/global_step": 1})
+
+    def history(self, keys, pandas):
+        assert not pandas and "train/loss" in keys and "trainer/global_step" in keys
+        return [{k: v for k, v in row.items() if k in keys or k == "_step"} for row in self.rows]
+
+
+def test_report_from_wandb_matches_the_local_report(sweep, tmp_path, monkeypatch):
+    import wandb
+
+    from experiments.runs import wandb_runs
+
+    remote = [FakeWandbRun(sweep / str(i), i) for i in range(len(RUNS))]
+    other = type("Other", (), {"config": {"lr": 1}, "summary": {}, "id": "x"})()  # not an s2ft run: skipped
+    projects = []
+    monkeypatch.setattr(
+        wandb, "Api", lambda: type("Api", (), {"runs": lambda self, p: projects.append(p) or [*remote, other]})()
+    )
+
+    runs = wandb_runs("team/s2ft")
+    assert projects == ["team/s2ft"] and len(runs) == len(RUNS)
+    local = find_runs([sweep])
+    for got, want in zip(runs, local, strict=True):
+        s, w = got.summary, want.summary
+        assert (s["experiment"], s["method"], s["model"], s["seed"]) == (
+            w["experiment"],
+            w["method"],
+            w["model"],
+            w["seed"],
+        )
+        assert s["avg_accuracy"] == w["avg_accuracy"]
+        assert {t: r["accuracy"] for t, r in s["eval"].items()} == {t: r["accuracy"] for t, r in w["eval"].items()}
+        assert {n: h["after"] for n, h in s["heldout"].items()} == {n: h["after"] for n, h in w["heldout"].items()}
+        assert s["train"]["loss_curve"] == w["train"]["loss_curve"]  # global steps, not W&B's _step
+        assert s["train"]["wall_s"] == w["train"]["wall_s"]  # training time, not the W&B run's _runtime
+        assert got.settings() == want.settings()
+
+    def avg_cells(report: str) -> dict[str, str]:
+        rows = [line.split(" | ") for line in report.splitlines() if line.startswith("| ") and "---" not in line]
+        avg = rows[0].index("Avg")
+        return {row[0].strip("| *"): row[avg] for row in rows[1:]}
+
+    from_wandb = main(["--wandb", "team/s2ft", "--out", str(tmp_path / "wandb")]).read_text()
+    from_disk = write_report(local, tmp_path / "disk").read_text()
+    assert avg_cells(from_wandb) == avg_cells(from_disk) and len(avg_cells(from_disk)) == 2
+
+    monkeypatch.setattr(wandb, "Api", lambda: type("Api", (), {"runs": lambda self, p: [other]})())
+    with pytest.raises(ValueError, match="has no s2ft runs"):
+        wandb_runs("team/empty")

@@ -133,7 +133,7 @@ def _train(cfg: dict, run_dir: Path) -> dict | None:
     heldout = _pair(results["heldout"] if results else {}, after["heldout"])
     summary = build_summary(cfg, counts, train_stats, after["eval"], heldout=heldout, wandb=wandb_info(logger), **extra)
     if logger:
-        logger.log_metrics(_flat_metrics(summary))
+        logger.log_metrics(flat_metrics(summary))
     return _finish(summary, run_dir)
 
 
@@ -293,9 +293,12 @@ def _cache(paths: dict, name: str) -> Path | None:
     return Path(paths["cache_dir"]) / name if paths.get("cache_dir") else None
 
 
-def _flat_metrics(summary: dict) -> dict[str, float]:
+def flat_metrics(summary: dict) -> dict[str, float]:
+    """The final results logged to the experiment logger (what `experiments/runs.wandb_runs` reads back)."""
     metrics = {f"eval/{task}/accuracy": r["accuracy"] for task, r in summary["eval"].items()}
     if summary.get("avg_accuracy") is not None:
         metrics["eval/avg_accuracy"] = summary["avg_accuracy"]
     metrics |= {f"heldout/{name}": v["after"] for name, v in summary.get("heldout", {}).items()}
+    train = summary.get("train") or {}
+    metrics |= {f"train/{key}": train[key] for key in ("wall_s", "val_loss") if train.get(key) is not None}
     return metrics
