@@ -1,9 +1,12 @@
 """Loggers from the `logger` group: W&B offline with a run id kept in the run directory, CSV, none."""
 
+from pathlib import Path
+
 import pytest
 
 from s2ft.lightning.loggers import WANDB_ID_FILE, build_logger, wandb_info
 
+ROOT = Path(__file__).resolve().parents[1]
 CFG = {"name": "exp", "seed": 3, "method": {"name": "s2ft"}, "model": {"name": "tiny_llama"}}
 
 
@@ -34,3 +37,29 @@ def test_csv_and_none(tmp_path, name):
     logger.save()
     assert "train/loss" in (tmp_path / "metrics.csv").read_text()
     assert wandb_info(logger) is None
+
+
+@pytest.mark.slow  # the W&B service takes ~20 s to start here
+def test_each_run_in_one_process_gets_its_own_wandb_run(tmp_path, monkeypatch):
+    """A Hydra multirun runs its jobs in one process: each job must log into its own W&B run, not the first one's."""
+    import wandb
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from s2ft.lightning import run_experiment
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("S2FT_ROOT", str(ROOT))
+    summaries = []
+    for job in range(2):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("config", overrides=["debug=smoke", "eval=none", "logger=wandb", f"seed={job}"])
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+        cfg["logger"]["name"] = "wandb"  # debug=smoke logs to CSV
+        summaries.append(run_experiment(cfg, tmp_path / str(job)))
+        assert wandb.run is None  # finished, so the next run cannot adopt it
+    ids = [s["wandb"]["id"] for s in summaries]
+    assert ids[0] != ids[1]
+    for job, summary in enumerate(summaries):
+        assert summary["wandb"]["id"] == (tmp_path / str(job) / WANDB_ID_FILE).read_text().strip()
+        assert summary["wandb"]["dir"].startswith(str(tmp_path / str(job) / "wandb"))

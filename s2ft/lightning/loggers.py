@@ -50,6 +50,23 @@ def build_logger(logger_cfg: dict, cfg: dict, run_dir: Path):
     return logger
 
 
+def end_wandb_run(failed: bool) -> None:
+    """Finishes the active W&B run, if any, so that the next run in this process starts its own.
+
+    Lightning's WandbLogger adopts a W&B run already active in the process, so without this every job of a Hydra
+    multirun after the first would log into the first job's run. A failed (or interrupted) run is marked so; resuming
+    it with `ckpt_path=last` continues the same W&B run.
+    """
+    import sys
+
+    if "wandb" not in sys.modules:
+        return
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish(exit_code=1 if failed else 0)
+
+
 def wandb_info(logger) -> dict | None:
     """`{"id", "dir"}` of a W&B logger's run, else None."""
     from lightning.pytorch.loggers import WandbLogger

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from s2ft.lightning.callbacks import AdvanceSampler, AtomicCheckpointIO, KeepBest, LastCheckpoint
 from s2ft.lightning.datamodule import SFTDataModule
-from s2ft.lightning.loggers import ReplayCSVHistory, build_logger, wandb_info
+from s2ft.lightning.loggers import ReplayCSVHistory, build_logger, end_wandb_run, wandb_info
 from s2ft.lightning.memory import peak_memory_mb
 from s2ft.lightning.module import S2FTLitModule
 from s2ft.lightning.summary import build_summary, print_summary, task_record, write_json
@@ -43,7 +43,13 @@ def run_experiment(cfg: dict, run_dir: str | Path) -> dict | None:
     L.seed_everything(cfg["seed"], workers=True)
     if cfg["mode"] == "eval":
         return _evaluate_only(cfg, run_dir)
-    return _train(cfg, run_dir)
+    try:
+        summary = _train(cfg, run_dir)
+    except BaseException:
+        end_wandb_run(failed=True)
+        raise
+    end_wandb_run(failed=False)
+    return summary
 
 
 def _build_model(model_cfg: dict, cache_dir):
