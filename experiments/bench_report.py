@@ -40,7 +40,8 @@ def training_table(results: dict) -> str:
         + f" LoRA rank {config['lora_rank']} (dropout {config.get('lora_dropout', 0.0)})"
         + f" on {', '.join(config['lora_targets'])};"
         f" S2FT/SpFT budget {config['target_params']:,} parameters ({100 * config['target_params'] / total:.2f}%"
-        f" of {total:,}); median of {config['steps']} steps after {config['warmup']} warm-up steps.\n",
+        f" of {total:,}); median of {config.get('rounds', 1)} interleaved rounds x {config['steps']} steps, each round"
+        f" in a fresh process after {config['warmup']} warm-up step(s).\n",
     ]
     for setting in results["settings"]:
         rows = [
@@ -49,6 +50,7 @@ def training_table(results: dict) -> str:
                 f"{r['trainable_params']:,}",
                 f"{100 * r['trainable_params'] / total:.2f}%",
                 f"{r['step_s']:.3f}",
+                _spread(r),
                 _ratio(r, "step_ratio_full"),
                 _phases(r),
                 f"{r['peak_mem_mb']:.0f}",
@@ -57,7 +59,7 @@ def training_table(results: dict) -> str:
             ]
             for method, r in setting["methods"].items()
         ]
-        headers = ["method", "trained params", "% of all", "step (s)", "× full", "fwd / bwd / opt (s)"]
+        headers = ["method", "trained params", "% of all", "step (s)", "rounds (s)", "× full", "fwd / bwd / opt (s)"]
         headers += ["peak mem above model (MB)", "× full"]
         headers.append("live-tensor peak (MB)")
         parts.append(f"\nBatch {setting['batch_size']}, sequence {setting['seq_len']}:\n\n")
@@ -69,6 +71,12 @@ def training_table(results: dict) -> str:
             ]
             parts.append("\nS2FT targets: " + "; ".join(checks) + ".\n")
     return "".join(parts)
+
+
+def _spread(result: dict) -> str:
+    """Lowest and highest of the per-round median step times."""
+    rounds = result.get("round_step_s")
+    return f"{min(rounds):.2f}-{max(rounds):.2f}" if rounds and len(rounds) > 1 else "-"
 
 
 def _phases(result: dict) -> str:

@@ -1,8 +1,9 @@
 """Training-step time and peak memory of S2FT against LoRA, DoRA, full fine-tuning, SpFT and the frozen floor.
 
 Every method trains on the same random token batches with a matched trainable budget (the LoRA rank nearest to
-`--budget`; S2FT and SpFT get exactly that LoRA's parameter count), each in its own fresh process. Writes
-`results.json`, `results.md` and `results.png` to the output directory.
+`--budget`; S2FT and SpFT get exactly that LoRA's parameter count), each in its own fresh process. The methods run in
+interleaved rounds (every method once per round), so that a slow spell of a shared machine spreads over all methods
+instead of inflating one. Writes `results.json`, `results.md` and `results.png` to the output directory.
 
     python experiments/benchmark_training.py                       # SmolLM2-135M, fp32, batch 4, seq 256, CPU
     python experiments/benchmark_training.py --quick --out /tmp/b  # tiny model, 2 steps (tests)
@@ -13,6 +14,7 @@ Every method trains on the same random token batches with a matched trainable bu
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -63,13 +65,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--s2ft-layout", default="gather", choices=("gather", "permuted"))
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds; the median of all timed steps of all rounds counts"
+    )
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default results/training_<cpu|gpu>)")
     parser.add_argument("--note", default=None, help="state of the machine, stored in results.json")
-    parser.add_argument("--quick", action="store_true", help="tiny_llama, batch 2, seq 32, 1 warm-up + 2 timed steps")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny_llama, batch 2, seq 32, 2 rounds of 1 warm-up + 2 timed steps"
+    )
     parser.add_argument(
         "--in-process",
         action="store_true",
@@ -78,9 +85,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.model, args.batch_sizes, args.seq_lens, args.warmup, args.steps = "tiny_llama", [2], [32], 1, 2
-    if args.steps < 1 or args.warmup < 0:
-        parser.error(f"--steps must be >= 1 and --warmup >= 0 (got {args.steps}, {args.warmup})")
+        args.model, args.batch_sizes, args.seq_lens, args.warmup, args.steps, args.rounds = (
+            "tiny_llama",
+            [2],
+            [32],
+            1,
+            2,
+            2,
+        )
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+        parser.error(
+            f"--steps and --rounds must be >= 1 and --warmup >= 0 (got {args.steps}, {args.rounds}, {args.warmup})"
+        )
     if min(args.batch_sizes + args.seq_lens) < 1:
         parser.error("--batch-sizes and --seq-lens must be positive")
     if not 0 <= args.lora_dropout < 1:
@@ -107,13 +123,20 @@ def run_worker(spec: dict, env: dict[str, str] | None = None) -> dict:
 
 
 def measure_method(spec: dict, in_process: bool) -> dict:
-    """Step time and peak memory of one method; on CPU in subprocesses also the live-tensor peak (`live_mem_mb`)."""
-    if in_process:
-        return measure(spec)
-    result = run_worker(spec)
-    if spec["device"] == "cpu":
-        result["live_mem_mb"] = run_worker(spec | {"warmup": 1, "steps": 1}, LIVE_MEMORY_ENV)["peak_mem_mb"]
-    return result
+    """Step time and peak memory of one method in one round (a fresh process unless `in_process`)."""
+    return measure(spec) if in_process else run_worker(spec)
+
+
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One method's result over its rounds: every timed step counts; the peak is the highest of the rounds."""
+    merged = dict(rounds[0])
+    merged["step_s_all"] = [t for r in rounds for t in r["step_s_all"]]
+    merged["phase_s"] = {k: [t for r in rounds for t in r["phase_s"][k]] for k in rounds[0]["phase_s"]}
+    merged["step_s"] = statistics.median(merged["step_s_all"])
+    merged["round_step_s"] = [r["step_s"] for r in rounds]
+    merged["peak_mem_mb"] = max(r["peak_mem_mb"] for r in rounds)
+    merged["final_loss"] = rounds[-1]["final_loss"]
+    return merged
 
 
 def add_ratios(methods: dict[str, dict]) -> None:
@@ -147,9 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
     settings = []
     for batch_size in args.batch_sizes:
         for seq_len in args.seq_lens:
-            methods = {}
-            for method in args.methods:
-                spec = {
+            specs = {
+                method: {
                     "model": args.model,
                     "dtype": args.dtype,
                     "device": args.device,
@@ -166,12 +188,22 @@ def main(argv: list[str] | None = None) -> dict:
                     "lr": args.lr,
                     "threads": args.threads,
                 }
-                methods[method] = measure_method(spec, args.in_process)
-                print(
-                    f"b={batch_size} s={seq_len} {method:>5}: {methods[method]['step_s']:.3f} s/step, "
-                    f"{methods[method]['peak_mem_mb']:.0f} MB",
-                    flush=True,
-                )
+                for method in args.methods
+            }
+            rounds = {method: [] for method in args.methods}
+            for round_index in range(args.rounds):
+                for method, spec in specs.items():
+                    rounds[method].append(result := measure_method(spec, args.in_process))
+                    print(
+                        f"b={batch_size} s={seq_len} round {round_index + 1}/{args.rounds} {method:>5}: "
+                        f"{result['step_s']:.3f} s/step, {result['peak_mem_mb']:.0f} MB",
+                        flush=True,
+                    )
+            methods = {method: merge_rounds(results) for method, results in rounds.items()}
+            if args.device == "cpu" and not args.in_process:
+                for method, spec in specs.items():
+                    live = run_worker(spec | {"warmup": 1, "steps": 1}, LIVE_MEMORY_ENV)
+                    methods[method]["live_mem_mb"] = live["peak_mem_mb"]
             add_ratios(methods)
             settings.append(
                 {"batch_size": batch_size, "seq_len": seq_len, "methods": methods, "targets": check_targets(methods)}

@@ -53,9 +53,13 @@ def test_training_quick_every_method(tmp_path):
     total, target = config["total_params"], config["target_params"]
     for name, r in methods.items():
         assert r["step_s"] > 0 and r["peak_mem_mb"] > 0, name
-        assert len(r["step_s_all"]) == config["steps"] and r["step_s"] == statistics.median(r["step_s_all"])
+        timed = config["steps"] * config["rounds"]  # every timed step of every interleaved round
+        assert len(r["step_s_all"]) == timed and r["step_s"] == statistics.median(r["step_s_all"])
+        assert len(r["round_step_s"]) == config["rounds"] == 2
+        n = config["steps"]
+        assert r["round_step_s"] == [statistics.median(r["step_s_all"][i * n : (i + 1) * n]) for i in range(2)]
         phases = r["phase_s"]
-        assert all(len(phases[k]) == config["steps"] for k in ("forward", "backward", "optimizer")), name
+        assert all(len(phases[k]) == timed for k in ("forward", "backward", "optimizer")), name
         sums = [sum(step) for step in zip(phases["forward"], phases["backward"], phases["optimizer"], strict=True)]
         assert r["step_s_all"] == pytest.approx(sums, rel=1e-12) and min(phases["backward"]) > 0, name
         assert (max(phases["optimizer"]) == 0) == (name == "floor"), name  # the floor has no optimizer
@@ -98,6 +102,7 @@ def test_training_measures_each_method_in_its_own_process(tmp_path):
     "argv, message",
     [
         (["--steps", "0"], "--steps"),
+        (["--rounds", "0"], "--rounds"),
         (["--budget", "0"], "--budget"),
         (["--lora-dropout", "1"], "--lora-dropout"),
         (["--batch-sizes", "0"], "--batch-sizes"),
