@@ -85,14 +85,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.model, args.batch_sizes, args.seq_lens, args.warmup, args.steps, args.rounds = (
-            "tiny_llama",
-            [2],
-            [32],
-            1,
-            2,
-            2,
-        )
+        args.model, args.batch_sizes, args.seq_lens = "tiny_llama", [2], [32]
+        args.warmup, args.steps, args.rounds = 1, 2, 2
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
         parser.error(
             f"--steps and --rounds must be >= 1 and --warmup >= 0 (got {args.steps}, {args.rounds}, {args.warmup})"
