@@ -89,3 +89,25 @@ def test_other_families_match_the_reference(tokenizer, pairs, family):
     scores = score_pairs(model, pairs, pad_token_id=tokenizer.pad_token_id, batch_size=3)
     for score, (ids, labels) in zip(scores, pairs, strict=True):
         assert score.logprob == pytest.approx(reference_score(model, ids, labels)[0], rel=1e-12, abs=1e-10)
+
+
+def test_unmerged_peft_model_matches_the_reference(tokenizer, pairs):
+    # LoRA/DoRA runs score through PEFT's wrapper: the cache and logits_to_keep arguments must reach the base model.
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_model("llama", vocab_size=len(tokenizer), initializer_range=0.2).double()
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    model.eval()
+    scores = score_pairs(model, pairs, pad_token_id=tokenizer.pad_token_id, batch_size=4)
+    for score, (ids, labels) in zip(scores, pairs, strict=True):
+        assert score.logprob == pytest.approx(reference_score(model, ids, labels)[0], rel=1e-12, abs=1e-10)
+
+
+def test_prompt_pass_projects_only_its_last_position(model64, tokenizer, pairs):
+    shapes = []
+    hook = model64.lm_head.register_forward_hook(lambda module, args, output: shapes.append(tuple(output.shape)))
+    try:
+        score_pairs(model64, pairs, pad_token_id=tokenizer.pad_token_id, batch_size=9)
+    finally:
+        hook.remove()
+    assert shapes[0] == (len(INSTRUCTIONS), 1, len(tokenizer))
