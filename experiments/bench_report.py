@@ -1,14 +1,26 @@
-"""Markdown tables and matplotlib charts of the benchmark results (`results.md`, `results.png`)."""
+"""Markdown tables and matplotlib charts of the benchmark results (`results.md`, `results.png`).
 
+Redraw both from a `results.json` (e.g. one measured on a machine without matplotlib):
+
+    python experiments/bench_report.py results/training_gpu results/switch_gpu
+"""
+
+import argparse
 import json
 import statistics
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend, imported when a chart is drawn (the GPU machine may lack it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:
@@ -90,6 +102,7 @@ def _phases(result: dict) -> str:
 
 def training_chart(results: dict, path: Path) -> None:
     """Bar charts of step time and peak memory per method, one row per batch shape, bars labelled with × full."""
+    plt = _pyplot()
     settings = results["settings"]
     fig, axes = plt.subplots(len(settings), 2, figsize=(11, 3.6 * len(settings)), squeeze=False)
     for row, setting in zip(axes, settings, strict=True):
@@ -138,13 +151,14 @@ def switch_table(results: dict) -> str:
 
 def switch_chart(results: dict, path: Path) -> None:
     """Left: switch time against d for one layer (log-log). Right: whole-model switch time, S2FT and LoRA."""
+    plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     dims = [r["d"] for r in results["layer"]]
     for key, label, color in (("s2ft_ms", "S2FT", "tab:red"), ("lora_ms", "LoRA", "tab:gray")):
         left.plot(dims, [r[key] for r in results["layer"]], "o-", label=label, color=color)
     left.set(xscale="log", yscale="log", xlabel="d (layer is d × d)", ylabel="switch time (ms)", title="one layer")
     left.set_xticks(dims, [str(d) for d in dims])
-    left.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    left.xaxis.set_minor_locator(plt.NullLocator())
     left.legend()
     model = results["model"]
     bars = right.bar(["S2FT", "LoRA"], [model["s2ft_ms"], model["lora_ms"]], color=["tab:red", "tab:gray"])
@@ -162,5 +176,33 @@ def write_results(results: dict, out: Path, table: Callable[[dict], str], chart:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(table(results))
-    chart(results, out / "results.png")
+    try:
+        chart(results, out / "results.png")
+    except ImportError as error:
+        print(f"wrote {out}/results.{{json,md}}; no chart ({error}): redraw with `python {__file__} {out}`")
+        return
     print(f"wrote {out}/results.{{json,md,png}}")
+
+
+def redraw(out: Path) -> None:
+    """Rewrites ``results.md`` and ``results.png`` of a benchmark directory from its ``results.json``."""
+    path = out / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: pass the directory a benchmark wrote (with --out)")
+    results = json.loads(path.read_text())
+    if "settings" in results:
+        write_results(results, out, training_table, training_chart)
+    elif "layer" in results:
+        write_results(results, out, switch_table, switch_chart)
+    else:
+        raise ValueError(f"{path} is neither a training (settings) nor a switching (layer) benchmark result")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Redraw benchmark tables and charts from their results.json.")
+    parser.add_argument("dirs", type=Path, nargs="+", help="directories holding a results.json")
+    for directory in parser.parse_args().dirs:
+        try:
+            redraw(directory)
+        except (OSError, ValueError) as error:
+            sys.exit(f"error: {error}")

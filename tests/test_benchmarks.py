@@ -7,12 +7,14 @@ and consistency; no timing is asserted.
 import json
 import math
 import statistics
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from experiments import benchmark_switch, benchmark_training
+from experiments import bench_report, benchmark_switch, benchmark_training
 from experiments.bench_memory import PeakMemory
 from experiments.bench_methods import (
     LORA_TARGETS,
@@ -26,6 +28,7 @@ from experiments.bench_methods import (
 from experiments.bench_models import build_bench_model
 from experiments.bench_switch_layer import bench_layer, check_nearer
 
+REPO = Path(__file__).resolve().parents[1]
 MACHINE_KEYS = {"cpu", "cores", "torch", "transformers", "peft", "device", "torch_threads"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -212,3 +215,27 @@ def test_check_nearer_rejects_the_wrong_adapter():
     check_nearer(expected + 1e-7, expected, other, "ok")
     with pytest.raises(AssertionError, match="wrong weights"):
         check_nearer(other, expected, other, "swapped")
+
+
+@pytest.mark.parametrize("name", ["training_cpu", "switch_cpu"])
+def test_redraw_rebuilds_the_committed_table_and_chart(tmp_path, name):
+    committed = REPO / "results" / name
+    (tmp_path / "results.json").write_text((committed / "results.json").read_text())
+    bench_report.redraw(tmp_path)
+    assert (tmp_path / "results.md").read_text() == (committed / "results.md").read_text()
+    assert (tmp_path / "results.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_results_without_matplotlib_keep_json_and_table(tmp_path, monkeypatch, capsys):
+    results = json.loads((REPO / "results" / "switch_cpu" / "results.json").read_text())
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as on a machine without it: import raises ImportError
+    bench_report.write_results(results, tmp_path, bench_report.switch_table, bench_report.switch_chart)
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    assert (tmp_path / "results.md").read_text() == bench_report.switch_table(results)
+    assert not (tmp_path / "results.png").exists()
+    assert "redraw with" in capsys.readouterr().out
+
+
+def test_redraw_names_a_missing_results_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="results.json does not exist"):
+        bench_report.redraw(tmp_path)
