@@ -63,3 +63,22 @@ def test_each_run_in_one_process_gets_its_own_wandb_run(tmp_path, monkeypatch):
     for job, summary in enumerate(summaries):
         assert summary["wandb"]["id"] == (tmp_path / str(job) / WANDB_ID_FILE).read_text().strip()
         assert summary["wandb"]["dir"].startswith(str(tmp_path / str(job) / "wandb"))
+
+
+def test_resumed_csv_logger_keeps_history_without_the_deletion_warning(tmp_path):
+    import warnings
+
+    first = build_logger({"name": "csv"}, CFG, tmp_path)
+    for step in range(3):
+        first.log_metrics({"train/loss": 2.0 - step}, step=step)
+    first.save()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = build_logger({"name": "csv"}, CFG | {"ckpt_path": "last"}, tmp_path)
+    assert not [w for w in caught if "will be deleted" in str(w.message)]
+    assert [row["train/loss"] for row in resumed.history] == ["2.0", "1.0", "0.0"]
+    resumed.replay(before_step=2)  # the checkpoint was at step 2: later rows are logged anew by training
+    resumed.log_metrics({"train/loss": 0.5}, step=2)
+    resumed.save()
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert rows[1:] == ["0,2.0", "1,1.0", "2,0.5"] and "train/loss" in rows[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import uuid
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
@@ -95,6 +96,10 @@ class ResumableCSVLogger(CSVLogger):
         if resume and file.is_file():
             with file.open(newline="") as handle:
                 self.history = list(csv.DictReader(handle))
+            # Lightning's writer warns, on creation, that the old logs "will be deleted": `replay` writes them back.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*Previous log files in this directory will be deleted")
+                self.experiment  # noqa: B018  (creates the writer now, inside the filter)
 
     def replay(self, before_step: int) -> None:
         """Logs again the remembered rows of steps before `before_step` (later ones are logged anew by training)."""
@@ -110,7 +115,8 @@ class ReplayCSVHistory(Callback):
     """Restores the pre-checkpoint rows of every `ResumableCSVLogger` once training resumes at the restored step."""
 
     def on_train_start(self, trainer, pl_module) -> None:
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        # Lightning's log step counts the batches that stepped the optimizer: the global step, with one optimizer.
+        step = trainer.global_step
         for logger in trainer.loggers:
             if isinstance(logger, ResumableCSVLogger) and logger.history:
                 logger.replay(step)
