@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random decoders built directly from transformers configs, and calibration batches.
+"""Shared fixtures: tiny random decoders (`s2ft.models.tiny_model` with test sizes) and calibration batches.
 
 Every model fixture builds a fresh fp32 model from a fixed seed, so tests may mutate it. Import the builders
 (`from conftest import build_tiny, calibration_batches`) or use the fixtures of the same names.
@@ -6,69 +6,53 @@ Every model fixture builds a fresh fp32 model from a fixed seed, so tests may mu
 
 import pytest
 import torch
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
 
 from s2ft.models import tiny_model, tiny_tokenizer
 
 VOCAB = 128
 COMMON = dict(
-    vocab_size=VOCAB,
     num_hidden_layers=2,
     intermediate_size=96,
     max_position_embeddings=64,
     # A larger init than the default 0.02 gives logits of order 1, so permutation or scoring bugs show clearly.
     initializer_range=0.1,
     attn_implementation="eager",
+    pad_token_id=None,  # no zeroed padding row in the embedding
+    tie_word_embeddings=False,
 )
 
-# family -> (config class, model class, sizes); head counts chosen to cover GQA groups of 2, 3 and 4.
+# name -> (family of `s2ft.models.tiny_model`, sizes); head counts chosen to cover GQA groups of 2, 3 and 4.
 TINY = {
     "llama_gqa": (
-        LlamaConfig,
-        LlamaForCausalLM,
-        dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True),
+        "llama",
+        dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=4, head_dim=8, tie_word_embeddings=True),
     ),
     "llama_9_3": (
-        LlamaConfig,
-        LlamaForCausalLM,
+        "llama",
         dict(
             hidden_size=72,
             num_attention_heads=9,
             num_key_value_heads=3,
+            head_dim=8,
             attention_bias=True,
             mlp_bias=True,
             tie_word_embeddings=True,
         ),
     ),
     "mistral": (
-        MistralConfig,
-        MistralForCausalLM,
+        "mistral",
         dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=8, sliding_window=None),
     ),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)),
-    "qwen3": (
-        Qwen3Config,
-        Qwen3ForCausalLM,
-        dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=4, head_dim=16),
-    ),
+    "qwen2": ("qwen2", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16)),
+    "qwen3": ("qwen3", dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=4, head_dim=16)),
 }
 
 
-def build_tiny(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    """A fresh tiny fp32 causal LM of `family` (a key of TINY), initialized from `seed`, in eval mode."""
-    config_cls, model_cls, sizes = TINY[family]
-    torch.manual_seed(seed)
-    model = model_cls(config_cls(**{**COMMON, **sizes, **overrides}))
-    return model.float().eval()
+def build_tiny(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A fresh tiny fp32 causal LM (`TINY[name]`), initialized from `seed`, in eval mode."""
+    family, sizes = TINY[name]
+    fields = {"vocab_size": VOCAB, **COMMON, **sizes, **overrides}
+    return tiny_model(family, seed=seed, **fields).eval()
 
 
 def calibration_batches(
