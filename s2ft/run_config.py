@@ -119,8 +119,12 @@ def _check_s2ft_options(options: dict) -> list[str]:
     budgeted = options["target_params"] is not None or options["match_lora"] is not None
     if options["match_lora"] is not None and options["target_params"] is not None:
         problems.append("set method.options.match_lora or method.options.target_params, not both")
-    if not _positive_int(options["calibration_size"]):
-        problems.append(f"method.options.calibration_size must be an int >= 1, got {options['calibration_size']!r}")
+    size = options["calibration_size"]
+    if not (_positive_int(size) or (isinstance(size, float) and 0 < size < 1)):
+        problems.append(
+            f"method.options.calibration_size must be a number of items (int >= 1) or a fraction of the training set "
+            f"(0 < float < 1, e.g. 0.01 as in the paper), got {size!r}"
+        )
     exclude = options["exclude"]
     if exclude is not None and not (isinstance(exclude, str) and Path(exclude).is_dir()):
         problems.append(f"method.options.exclude {exclude!r} is not an adapter folder (give the path save wrote)")

@@ -24,8 +24,9 @@ PAPER = {
     "instruct_mistral": "mistral_7b",
     "generalization_llama3": "llama3_8b",
     "selection_ablation": "llama3_8b",
+    "selection_ablation_arith": "llama3_8b",
     "component_ablation": "llama_7b",
-    "fusion": "llama2_7b",
+    "fusion": "llama3_8b",
 }
 SMOLLM = ["arith_smollm", "commonsense_smollm", "generalization_smollm", "selection_smollm", "components_smollm"]
 SMOLLM += ["fusion_smollm", "lr_grid_smollm"]
@@ -115,10 +116,47 @@ def test_method_studies_sweep_methods_and_seeds_with_their_own_learning_rates():
         for c in (compose_dict("+experiment=arith_llama", *p) for p in sweep_points("arith_llama"))
     }
     assert paper["s2ft"]["method"]["options"]["ratios"] == {"o": 0.052, "down": 0.02}
-    assert paper["s2ft"]["method"]["lr"] == 1e-3
     assert paper["lora"]["method"]["options"]["r"] == 32 and paper["lora"]["method"]["options"]["lora_alpha"] == 64
     llama3 = compose_dict("+experiment=arith_llama3")
     assert llama3["method"]["options"]["ratios"] == {"down": 0.03}  # not merged with the default O ratio
+
+
+# The official training scripts' rates (Infini-AI-Lab/S2FT experiments/train_script/*.sh), per task and method.
+PAPER_LRS = {
+    "arith": {"s2ft": 1e-3, "lora": 2e-4, "dora": 2e-4, "full": 2e-5},
+    "commonsense": {"s2ft": 2e-4, "lora": 5e-5, "dora": 5e-5, "full": 1e-5},
+}
+
+
+@pytest.mark.parametrize(
+    ("experiment", "task"),
+    [
+        ("arith_llama", "arith"),
+        ("arith_llama3", "arith"),
+        ("commonsense_llama", "commonsense"),
+        ("commonsense_llama3", "commonsense"),
+    ],
+)
+def test_paper_studies_use_the_official_learning_rates(experiment, task):
+    lrs = {
+        c["method"]["name"]: c["method"]["lr"]
+        for c in (compose_dict(f"+experiment={experiment}", *p) for p in sweep_points(experiment))
+    }
+    assert lrs == PAPER_LRS[task]
+
+
+def test_paper_fusion_legs_selection_and_instruct_settings():
+    legs = [compose_dict("+experiment=fusion", *p) for p in sweep_points("fusion")]
+    assert [(c["data"]["train"], c["method"]["lr"]) for c in legs] == [
+        (["math_10k"], 1e-3),
+        (["commonsense_170k"], 2e-4),
+    ]
+    assert all(c["method"]["options"]["ratios"] == {"down": 0.03} for c in legs)
+    for experiment in ("selection_ablation", "selection_ablation_arith"):
+        options = compose_dict(f"+experiment={experiment}")["method"]["options"]
+        assert options["calibration_size"] == 0.01 and options["ratios"] == {"down": 0.03}
+    instruct = compose_dict("+experiment=instruct_mistral")
+    assert instruct["method"]["options"]["ratios"] == {"down": 0.03} and instruct["trainer"]["warmup_steps"] == 0
 
 
 def test_component_and_generalization_sweeps_vary_one_thing():

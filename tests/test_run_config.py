@@ -154,3 +154,28 @@ def test_bad_training_numbers_and_resume_source(tmp_path):
         "neither 'last' nor a checkpoint",
     ):
         assert line in str(info.value)
+
+
+@pytest.mark.parametrize("size", [0.01, 1, 64])
+def test_calibration_size_is_items_or_a_fraction(size):
+    validate_run_config(
+        load_config("method=s2ft", "method.options.strategy=gradient", f"method.options.calibration_size={size}")
+    )
+
+
+@pytest.mark.parametrize("size", [0, 0.0, 1.5, -0.1, "many", True])
+def test_bad_calibration_size_names_both_forms(size):
+    cfg = load_config("method=s2ft")
+    cfg["method"]["options"]["calibration_size"] = size
+    with pytest.raises(RunConfigError, match=r"calibration_size must be a number of items \(int >= 1\) or a fraction"):
+        validate_run_config(cfg)
+
+
+@pytest.mark.parametrize(
+    ("size", "train_items", "count"),
+    [(64, 1000, 64), (64, 10, 10), (0.01, 1000, 10), (0.01, 170_000, 1700), (0.01, 40, 1), (0.5, 3, 2)],
+)
+def test_calibration_count(size, train_items, count):
+    from s2ft.lightning.runner import calibration_count
+
+    assert calibration_count(size, train_items) == count

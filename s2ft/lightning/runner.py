@@ -95,8 +95,8 @@ def _train(cfg: dict, run_dir: Path) -> dict | None:
     options = dict(method.get("options") or {})
     calibration = None
     if method["name"] == "s2ft" and options.get("strategy") in CALIBRATED_STRATEGIES:
-        count = min(options.get("calibration_size") or 64, len(datamodule.train_set))
-        subset = datamodule.train_set.select(range(count))
+        count = calibration_count(options.get("calibration_size") or 64, len(datamodule.train_set))
+        subset = datamodule.train_set.select(range(count))  # the training list is shuffled: a random sample
         calibration = list(DataLoader(subset, batch_size=data["batch_size"], collate_fn=datamodule.collate))
     model = prepare_model(model, method["name"], options, calibration)
     counts = trainable_summary(model)
@@ -308,3 +308,10 @@ def flat_metrics(summary: dict) -> dict[str, float]:
     train = summary.get("train") or {}
     metrics |= {f"train/{key}": train[key] for key in ("wall_s", "val_loss") if train.get(key) is not None}
     return metrics
+
+
+def calibration_count(size: int | float, train_items: int) -> int:
+    """Items in the calibration set: ``size`` items, or a fraction ``0 < size < 1`` of the training set (the paper
+    scores on 1% of the fine-tuning data); at least one item and at most the whole training set."""
+    count = round(size * train_items) if isinstance(size, float) and size < 1 else int(size)
+    return max(1, min(count, train_items))

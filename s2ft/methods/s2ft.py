@@ -21,7 +21,7 @@ DEFAULTS: dict[str, Any] = {
     "layers": None,
     "layout": "gather",
     "exclude": None,
-    "calibration_size": 64,  # read by the runner when it builds calibration batches
+    "calibration_size": 64,  # items, or a fraction (0, 1) of the training set; read by the runner
 }
 MATCH_TOLERANCE = 0.02  # relative gap allowed between S2FT's and the matched LoRA's trainable counts
 
