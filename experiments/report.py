@@ -23,6 +23,7 @@ from experiments.report_table import (  # noqa: E402
     Row,
     avg_accuracy,
     build_rows,
+    compare_heldout,
     compare_to_best,
     group_runs,
     heldout_after,
@@ -78,6 +79,8 @@ def study_section(experiment: str, model: str, runs: list[Run], out: Path) -> li
         cells += [_fmt(row.estimate(train_field("peak_mem_mb")), 1, 0), str(len(row.runs))]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", significance_statement(best, pvalues), ""]
+    lines += [line for name in heldout if (line := heldout_statement(name, *compare_heldout(rows, name)))]
+    lines += [""] if heldout else []
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{experiment}_{model}")
     title = f"{experiment} ({model})"
     id_tasks = [t for t in tasks if t in GROUPS["id"]]
@@ -104,6 +107,16 @@ def significance_statement(best: Row | None, pvalues: dict[str, float | None]) -
         )
     worse = sorted(label for label, p in pvalues.items() if p is not None and p < ALPHA)
     return f"Best mean: {best.label}. Significantly below it (p < {ALPHA}, marked *): {', '.join(worse)}."
+
+
+def heldout_statement(name: str, best: Row | None, pvalues: dict[str, float | None]) -> str | None:
+    """One line per held-out set: the lowest loss and each other row's p-value (None when there is nothing to test)."""
+    tested = {label: p for label, p in pvalues.items() if p is not None}
+    if best is None or not tested:
+        return None
+    cells = ", ".join(f"{label} p={p:.3f}{' *' if p < ALPHA else ''}" for label, p in sorted(tested.items()))
+    verdict = "separable" if separable(tested) else "not separable"
+    return f"- Held-out loss {name}: lowest {best.label}; {verdict} ({cells})."
 
 
 def _fmt(value: Estimate | None, scale: float, digits: int) -> str:

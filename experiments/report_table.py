@@ -101,6 +101,38 @@ def compare_to_best(rows: list[Row], tasks: list[str]) -> tuple[Row | None, dict
     return best, pvalues
 
 
+def compare_heldout(rows: list[Row], name: str) -> tuple[Row | None, dict[str, float | None]]:
+    """The row with the lowest mean held-out loss on ``name`` and, per other row, the p-value of its difference.
+
+    Welch's t-test over seeds when both rows have two or more seeds; otherwise a paired bootstrap over the held-out
+    items both first runs scored (per-token loss difference); None when neither is possible.
+    """
+    metric = heldout_after(name)
+    scored = [row for row in rows if row.values(metric)]
+    if not scored:
+        return None, {}
+    best = min(scored, key=lambda row: row.estimate(metric).mean)
+    pvalues: dict[str, float | None] = {}
+    for row in scored:
+        if row is best:
+            continue
+        a, b = row.values(metric), best.values(metric)
+        if len(a) >= 2 and len(b) >= 2:
+            pvalues[row.label] = welch_p(a, b)
+            continue
+        mine, theirs = row.runs[0].item_losses(name), best.runs[0].item_losses(name)
+        # The same items tokenize to the same counts; a mismatch means different data or tokenizers: no pairing.
+        shared = [item for item in sorted(mine.keys() & theirs.keys()) if mine[item][1] == theirs[item][1]]
+        pvalues[row.label] = (
+            paired_bootstrap_p(
+                [mine[i][0] for i in shared], [theirs[i][0] for i in shared], weights=[mine[i][1] for i in shared]
+            )
+            if shared
+            else None
+        )
+    return best, pvalues
+
+
 def separable(pvalues: dict[str, float | None]) -> bool:
     """Whether at least one row differs from the best at the ALPHA level."""
     return any(p is not None and p < ALPHA for p in pvalues.values())

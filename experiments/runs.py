@@ -60,6 +60,14 @@ class Run:
             self._correct[task] = {row["id"]: bool(row["correct"]) for row in rows}
         return self._correct[task]
 
+    def item_losses(self, heldout: str) -> dict[str, tuple[float, int]]:
+        """Item id -> (summed NLL, tokens) of a held-out set, from `predictions/heldout_NAME.jsonl` (empty without)."""
+        file = self.path / "predictions" / f"heldout_{heldout}.jsonl" if self.path else None
+        if file is None or not file.is_file():
+            return {}
+        rows = [json.loads(line) for line in file.read_text().splitlines() if line]
+        return {row["id"]: (float(row["nll"]), int(row["tokens"])) for row in rows}
+
 
 def _flatten(tree: dict, prefix: str) -> dict:
     flat = {}

@@ -1,7 +1,8 @@
 """Statistics of the report: mean, spread and 95% intervals over seeds, and tests against the best method.
 
 Over seeds: Student-t intervals and Welch's t-test (scipy). With a single seed on either side, runs are compared by
-a paired bootstrap over the evaluation items both runs answered (their prediction files).
+a paired bootstrap over the evaluation items both runs answered, or the held-out items both scored (their prediction
+files).
 """
 
 from __future__ import annotations
@@ -48,16 +49,20 @@ def welch_p(a: list[float], b: list[float]) -> float:
     return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
-def paired_bootstrap_p(a: list[bool], b: list[bool], seed: int = 0) -> float:
-    """Two-sided p-value that the accuracies of two runs on the same items differ (paired bootstrap).
+def paired_bootstrap_p(a: list[float], b: list[float], seed: int = 0, weights: list[float] | None = None) -> float:
+    """Two-sided p-value that two runs' scores on the same items differ (paired bootstrap).
 
-    Resamples items with replacement and counts how often the resampled difference, re-centred on zero (the null),
-    is at least as extreme as the observed one.
+    The statistic is ``sum(a - b) / sum(weights)`` over the items: the accuracy difference for correct/incorrect
+    items (unit weights), or the per-token loss difference for summed item losses weighted by their token counts.
+    Resamples items with replacement and counts how often the resampled statistic, re-centred on zero (the null), is
+    at least as extreme as the observed one.
     """
-    if len(a) != len(b) or not a:
+    if len(a) != len(b) or not a or (weights is not None and len(weights) != len(a)):
         raise ValueError(f"paired bootstrap needs two equally long non-empty item lists, got {len(a)} and {len(b)}")
     diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    observed = diff.mean()
+    w = np.ones_like(diff) if weights is None else np.asarray(weights, dtype=float)
+    observed = diff.sum() / w.sum()
     rng = np.random.default_rng(seed)
-    samples = diff[rng.integers(0, len(diff), size=(BOOTSTRAP_SAMPLES, len(diff)))].mean(axis=1)
+    index = rng.integers(0, len(diff), size=(BOOTSTRAP_SAMPLES, len(diff)))
+    samples = diff[index].sum(axis=1) / w[index].sum(axis=1)
     return float(np.mean(np.abs(samples - observed) >= abs(observed) - 1e-12))

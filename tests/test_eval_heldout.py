@@ -5,7 +5,7 @@ import torch
 
 from s2ft.data import Example
 from s2ft.data.tokenize import tokenize_examples
-from s2ft.evaluation import heldout_loss
+from s2ft.evaluation import heldout_item_losses, heldout_loss, mean_token_loss
 from s2ft.models import tiny_model
 
 EXAMPLES = [
@@ -15,18 +15,22 @@ EXAMPLES = [
 ]
 
 
-def reference_loss(model, tokenizer, examples, max_length):
-    """Token-weighted mean NLL of the labelled tokens, one unpadded item at a time."""
-    total, count = 0.0, 0
+def reference_items(model, tokenizer, examples, max_length):
+    """(summed NLL, token count) of the labelled tokens of each item, one unpadded item at a time."""
+    items = []
     for item in tokenize_examples(examples, tokenizer, max_length):
         ids, labels = item["input_ids"], item["labels"]
         with torch.no_grad():
             logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
-        for t in range(1, len(ids)):
-            if labels[t] != -100:
-                total -= logprobs[t - 1, labels[t]].item()
-                count += 1
-    return total / count
+        scored = [t for t in range(1, len(ids)) if labels[t] != -100]
+        items.append((-sum(logprobs[t - 1, labels[t]].item() for t in scored), len(scored)))
+    return items
+
+
+def reference_loss(model, tokenizer, examples, max_length):
+    """Token-weighted mean NLL of the labelled tokens."""
+    items = reference_items(model, tokenizer, examples, max_length)
+    return sum(nll for nll, _ in items) / sum(count for _, count in items)
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 3])
@@ -63,3 +67,22 @@ def test_training_mode_is_restored(tokenizer):
 def test_bad_input(model64, tokenizer, examples, batch_size, message):
     with pytest.raises(ValueError, match=message):
         heldout_loss(model64, tokenizer, examples, batch_size=batch_size, max_length=256)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_item_losses_match_the_per_item_reference(model64, tokenizer, batch_size):
+    items = heldout_item_losses(model64, tokenizer, EXAMPLES, batch_size=batch_size, max_length=256)
+    assert [item["id"] for item in items] == [e.id for e in EXAMPLES]
+    for item, (nll, count) in zip(items, reference_items(model64, tokenizer, EXAMPLES, 256), strict=True):
+        assert item["tokens"] == count
+        assert item["nll"] == pytest.approx(nll, rel=1e-12)
+    assert mean_token_loss(items) == heldout_loss(model64, tokenizer, EXAMPLES, batch_size=3, max_length=256)
+
+
+def test_items_without_a_response_token_are_left_out(model64, tokenizer):
+    # Byte tokens: at max_length 150 only the shortest prompt (143 bytes) leaves room for response tokens.
+    short = Example("t-s", "t", "Hi?", "", "yes", "yes")
+    items = heldout_item_losses(model64, tokenizer, [*EXAMPLES, short], batch_size=2, max_length=150)
+    assert [item["id"] for item in items] == ["t-s"]
+    with pytest.raises(ValueError, match="raise it"):
+        heldout_item_losses(model64, tokenizer, EXAMPLES, batch_size=2, max_length=150)

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from scipy import stats
 
-from experiments.report import main, significance_statement, write_report
-from experiments.report_table import avg_accuracy, build_rows, compare_to_best
+from experiments.report import heldout_statement, main, significance_statement, write_report
+from experiments.report_table import avg_accuracy, build_rows, compare_heldout, compare_to_best, heldout_after
 from experiments.runs import find_runs
 from experiments.stats import estimate, paired_bootstrap_p, welch_p
 
@@ -95,6 +95,36 @@ def test_comparison_uses_bootstrap_for_single_seed_rows(sweep):
     assert pvalues[other.label] == paired_bootstrap_p([a for a, _ in items], [b for _, b in items])
 
 
+def test_heldout_losses_are_compared_item_by_item_for_single_seed_rows(sweep):
+    rows = build_rows(find_runs([sweep]))
+    for name in ("commonsense_test", "gsm8k_test"):
+        losses = {row.label: row.values(heldout_after(name)) for row in rows}
+        best, pvalues = compare_heldout(rows, name)
+        assert best.label == min(losses, key=lambda label: statistics.mean(losses[label]))
+        other = next(row for row in rows if row is not best)
+        mine, theirs = other.runs[0].item_losses(name), best.runs[0].item_losses(name)
+        # Seed 0 of both rows scored the same held-out items (4 drawn; the smoke max_length may leave one without a
+        # response token); their token-weighted means are the summaries' losses.
+        assert mine.keys() == theirs.keys() and 3 <= len(mine) <= 4
+        for run in (other.runs[0], best.runs[0]):
+            items = run.item_losses(name).values()
+            mean = sum(nll for nll, _ in items) / sum(tokens for _, tokens in items)
+            assert mean == pytest.approx(heldout_after(name)(run.summary), rel=1e-12)
+        ids = sorted(mine)
+        expected = paired_bootstrap_p(
+            [mine[i][0] for i in ids], [theirs[i][0] for i in ids], weights=[mine[i][1] for i in ids]
+        )
+        assert pvalues == {other.label: expected}
+        line = heldout_statement(name, best, pvalues)
+        assert line.startswith(f"- Held-out loss {name}: lowest {best.label};") and f"{other.label} p=" in line
+
+
+def test_heldout_statement_needs_something_tested():
+    assert heldout_statement("x", None, {}) is None
+    rows = build_rows([])
+    assert rows == [] and compare_heldout(rows, "x") == (None, {})
+
+
 def test_cli_writes_the_report(sweep, tmp_path):
     path = main([str(sweep), "--out", str(tmp_path)])
     assert path == tmp_path / "report.md" and path.is_file()
@@ -124,6 +154,17 @@ def test_paired_bootstrap_detects_only_real_differences():
     assert paired_bootstrap_p(mostly, mostly[1:] + mostly[:1]) > 0.5  # one item apart
     with pytest.raises(ValueError, match="equally long"):
         paired_bootstrap_p([True], [True, False])
+
+
+def test_weighted_bootstrap_compares_per_token_losses():
+    # Summed item losses over token counts: run a is 0.1 nats/token worse on every item, whatever the item's length.
+    tokens = [5, 40, 12, 7, 30] * 10
+    b = [2.0 * t for t in tokens]
+    a = [(2.0 + 0.1) * t for t in tokens]
+    assert paired_bootstrap_p(a, b, weights=tokens) == 0.0
+    assert paired_bootstrap_p(b, b, weights=tokens) == 1.0
+    with pytest.raises(ValueError, match="equally long"):
+        paired_bootstrap_p(a, b, weights=tokens[:-1])
 
 
 def test_statement_refuses_to_rank_inseparable_rows():

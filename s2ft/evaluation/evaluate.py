@@ -148,7 +148,7 @@ def evaluate(
                 metrics, records = run(model, tokenizer, items, bar, **settings)
                 results[items.spec.name] = metrics
                 if out_dir is not None:
-                    _write_predictions(Path(out_dir) / "predictions" / f"{items.spec.name}.jsonl", records)
+                    write_predictions(Path(out_dir) / "predictions" / f"{items.spec.name}.jsonl", records)
     finally:
         model.train(was_training)
     return summarize(results)
@@ -275,7 +275,8 @@ def _run_loglik(model, tokenizer, items: TaskItems, bar, *, batch_size, num_beam
     return metrics, records
 
 
-def _write_predictions(path: Path, records: list[dict]) -> None:
+def write_predictions(path: Path, records: list[dict]) -> None:
+    """One JSON object per record and line (the ``predictions/*.jsonl`` files of a run)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as file:
         for record in records:

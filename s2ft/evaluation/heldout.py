@@ -7,12 +7,12 @@ so the number is the training loss on unseen items.
 
 import torch
 
-from s2ft.data.tokenize import IGNORE_INDEX, Collator, tokenize_examples
+from s2ft.data.tokenize import IGNORE_INDEX, Collator, encode_batch
 
 
 @torch.inference_mode()
-def heldout_loss(model, tokenizer, examples, batch_size: int, max_length: int) -> float:
-    """Mean response-token NLL (natural log) over all response tokens of ``examples``, every token weighted equally.
+def heldout_item_losses(model, tokenizer, examples, batch_size: int, max_length: int) -> list[dict]:
+    """Summed response-token NLL (natural log) and token count of every held-out item, for item-level statistics.
 
     Args:
         model: A causal LM; evaluated in eval mode (its training mode is restored afterwards).
@@ -22,7 +22,7 @@ def heldout_loss(model, tokenizer, examples, batch_size: int, max_length: int) -
         max_length: Token limit per item, as in training (longer responses are cut, prompt-only items dropped).
 
     Returns:
-        The mean NLL in nats per token.
+        ``{"id", "nll", "tokens"}`` per scored item, in the order of ``examples``.
 
     Raises:
         ValueError: No examples, a bad batch size, or no response token to score.
@@ -34,21 +34,47 @@ def heldout_loss(model, tokenizer, examples, batch_size: int, max_length: int) -
     empty = [example.id for example in examples if not example.output.strip()]
     if empty:
         raise ValueError(f"held-out items need a response to score; these have an empty output: {empty[:5]}")
-    dataset = tokenize_examples(examples, tokenizer, max_length)
+    fields = ([e.instruction for e in examples], [e.input for e in examples], [e.output for e in examples])
+    columns = encode_batch(*fields, tokenizer, max_length)
+    # Tokenized as training tokenizes; an item whose prompt fills max_length has no response token and is left out.
+    rows = [
+        {"id": example.id, **{key: values[i] for key, values in columns.items()}}
+        for i, example in enumerate(examples)
+        if any(label != IGNORE_INDEX for label in columns["labels"][i])
+    ]
+    if not rows:
+        raise ValueError(f"every held-out prompt is at least max_length={max_length} tokens long: raise it")
     collate = Collator(tokenizer)
     was_training = model.training
     model.eval()
-    total, count = torch.zeros((), dtype=torch.float64), 0
+    items = []
     try:
-        for start in range(0, len(dataset), batch_size):
-            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-            batch = {key: value.to(model.device) for key, value in batch.items()}
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            batch = {key: value.to(model.device) for key, value in collate(chunk).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             targets = batch["labels"][:, 1:]
             scored = targets != IGNORE_INDEX
+            # Only the scored positions go through the softmax (the rest would be (items x length x vocab) doubles).
             logprobs = torch.log_softmax(logits[:, :-1][scored].double(), dim=-1)
-            total -= logprobs.gather(-1, targets[scored].unsqueeze(-1)).sum().cpu()
-            count += int(scored.sum())
+            token_nll = -logprobs.gather(-1, targets[scored].unsqueeze(-1)).squeeze(-1)
+            per_row = torch.zeros(len(chunk), dtype=torch.float64, device=token_nll.device)
+            per_row.index_add_(0, scored.nonzero()[:, 0], token_nll)
+            for row, nll, count in zip(chunk, per_row.tolist(), scored.sum(-1).tolist(), strict=True):
+                items.append({"id": row["id"], "nll": nll, "tokens": count})
     finally:
         model.train(was_training)
-    return (total / count).item()
+    return items
+
+
+def heldout_loss(model, tokenizer, examples, batch_size: int, max_length: int) -> float:
+    """Mean response-token NLL (natural log) over all response tokens of ``examples``, every token weighted equally.
+
+    Same arguments and errors as `heldout_item_losses`; returns nats per token.
+    """
+    return mean_token_loss(heldout_item_losses(model, tokenizer, examples, batch_size, max_length))
+
+
+def mean_token_loss(items: list[dict]) -> float:
+    """The token-weighted mean NLL of `heldout_item_losses` items."""
+    return sum(item["nll"] for item in items) / sum(item["tokens"] for item in items)

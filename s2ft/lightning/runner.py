@@ -251,12 +251,15 @@ def measure_model(model, tokenizer, cfg: dict, out_dir: Path) -> dict:
         )
     for name in ev.get("heldout") or []:
         from s2ft.data import eval_subset, load_heldout
-        from s2ft.evaluation import heldout_loss
+        from s2ft.evaluation import heldout_item_losses, mean_token_loss, write_predictions
 
         examples = eval_subset(load_heldout(name, data_dir), ev.get("heldout_limit"), cfg["seed"])
-        result["heldout"][name] = heldout_loss(
+        items = heldout_item_losses(
             model, tokenizer, examples, ev.get("batch_size", 8), cfg["data"].get("max_length", 512)
         )
+        result["heldout"][name] = mean_token_loss(items)
+        # Per-item losses let the report test a difference between two runs on the same items (a paired bootstrap).
+        write_predictions(out_dir / "predictions" / f"heldout_{name}.jsonl", items)
     return result
 
 
