@@ -245,3 +245,31 @@ def test_report_from_wandb_matches_the_local_report(sweep, tmp_path, monkeypatch
     monkeypatch.setattr(wandb, "Api", lambda: type("Api", (), {"runs": lambda self, p: [other]})())
     with pytest.raises(ValueError, match="has no s2ft runs"):
         wandb_runs("team/empty")
+
+
+def test_heldout_backfill_reproduces_a_finished_runs_item_losses(sweep, tmp_path):
+    from experiments.heldout_items import backfill, main
+
+    run = tmp_path / "run"
+    shutil.copytree(sweep / "0", run)
+    files = sorted((run / "predictions").glob("heldout_*.jsonl"))
+    assert [f.name for f in files] == ["heldout_commonsense_test.jsonl", "heldout_gsm8k_test.jsonl"]
+    written = {f.name: [json.loads(line) for line in f.read_text().splitlines()] for f in files}
+    for f in files:
+        f.unlink()
+    losses = backfill(run)
+    summary = json.loads((run / "summary.json").read_text())
+    assert losses == pytest.approx({n: h["after"] for n, h in summary["heldout"].items()}, rel=1e-9)
+    for f in files:
+        again = [json.loads(line) for line in f.read_text().splitlines()]
+        assert [(r["id"], r["tokens"]) for r in again] == [(r["id"], r["tokens"]) for r in written[f.name]]
+        assert [r["nll"] for r in again] == pytest.approx([r["nll"] for r in written[f.name]], rel=1e-9)
+    assert backfill(run) == {}  # already there: nothing recomputed
+
+    summary["heldout"]["gsm8k_test"]["after"] += 0.5  # a summary the run's model does not reproduce
+    (run / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ValueError, match="differ from summary.json"):
+        backfill(run, force=True)
+    assert not list((run / "predictions").glob("heldout_*.jsonl"))
+    with pytest.raises(FileNotFoundError, match="finished training run"):
+        main([str(tmp_path)])

@@ -52,7 +52,8 @@ def run_experiment(cfg: dict, run_dir: str | Path) -> dict | None:
     return summary
 
 
-def _build_model(model_cfg: dict, cache_dir):
+def build_run_model(model_cfg: dict, cache_dir):
+    """The base model and tokenizer of a run's `model` config."""
     from s2ft.models import build_model
 
     return build_model(
@@ -77,7 +78,7 @@ def _train(cfg: dict, run_dir: Path) -> dict | None:
         check_overlap(examples, eval_sets, allow=data.get("allow_overlap", False))
     train, val = split_validation(examples, data["val_size"], cfg["seed"]) if data.get("val_size") else (examples, [])
 
-    model, tokenizer = _build_model(cfg["model"], paths.get("cache_dir"))
+    model, tokenizer = build_run_model(cfg["model"], paths.get("cache_dir"))
     datamodule = SFTDataModule(
         train, val, tokenizer, data["max_length"], data["batch_size"], cfg["seed"], _cache(paths, "tokenized")
     )
@@ -153,7 +154,7 @@ def _evaluate_only(cfg: dict, run_dir: Path) -> dict:
         method, model_cfg, source = saved["method"]["name"], saved["model"], Path(cfg["run_dir"]) / "adapter"
     if cfg.get("adapter"):
         source = Path(cfg["adapter"])
-    model, tokenizer = _build_model(model_cfg, cfg["paths"].get("cache_dir"))
+    model, tokenizer = build_run_model(model_cfg, cfg["paths"].get("cache_dir"))
     if source is not None:
         model = load_trained(model, method, source)
     model.requires_grad_(False)
@@ -231,7 +232,7 @@ def _resume_path(ckpt_path: str | None, run_dir: Path) -> str | None:
 def measure_model(model, tokenizer, cfg: dict, out_dir: Path) -> dict:
     """Task accuracy (`s2ft.evaluation.evaluate`) and held-out losses of `model`, predictions under `out_dir`."""
     ev, data_dir = cfg["eval"], cfg["paths"]["data_dir"]
-    result = {"eval": None, "heldout": {}}
+    result = {"eval": None}
     if ev.get("tasks"):
         from s2ft.evaluation import evaluate
 
@@ -249,18 +250,27 @@ def measure_model(model, tokenizer, cfg: dict, out_dir: Path) -> dict:
             out_dir=out_dir,
             **kwargs,
         )
-    for name in ev.get("heldout") or []:
-        from s2ft.data import eval_subset, load_heldout
-        from s2ft.evaluation import heldout_item_losses, mean_token_loss, write_predictions
+    result["heldout"] = heldout_losses(model, tokenizer, cfg, out_dir)
+    return result
 
-        examples = eval_subset(load_heldout(name, data_dir), ev.get("heldout_limit"), cfg["seed"])
+
+def heldout_losses(model, tokenizer, cfg: dict, out_dir: Path) -> dict[str, float]:
+    """Mean held-out loss of each `eval.heldout` set; per-item losses go to ``predictions/heldout_NAME.jsonl``.
+
+    The per-item files let the report test a difference between two runs on the same items (a paired bootstrap).
+    """
+    from s2ft.data import eval_subset, load_heldout
+    from s2ft.evaluation import heldout_item_losses, mean_token_loss, write_predictions
+
+    ev, losses = cfg["eval"], {}
+    for name in ev.get("heldout") or []:
+        examples = eval_subset(load_heldout(name, cfg["paths"]["data_dir"]), ev.get("heldout_limit"), cfg["seed"])
         items = heldout_item_losses(
             model, tokenizer, examples, ev.get("batch_size", 8), cfg["data"].get("max_length", 512)
         )
-        result["heldout"][name] = mean_token_loss(items)
-        # Per-item losses let the report test a difference between two runs on the same items (a paired bootstrap).
+        losses[name] = mean_token_loss(items)
         write_predictions(out_dir / "predictions" / f"heldout_{name}.jsonl", items)
-    return result
+    return losses
 
 
 def _pair(before: dict, after: dict) -> dict:
