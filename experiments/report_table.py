@@ -79,26 +79,17 @@ def compare_to_best(rows: list[Row], tasks: list[str]) -> tuple[Row | None, dict
     Welch's t-test over seeds when both rows have two or more seeds; otherwise a paired bootstrap over the items of
     every task both first runs answered; None when neither is possible.
     """
-    scored = [row for row in rows if row.values(avg_accuracy)]
-    if not scored:
-        return None, {}
-    best = max(scored, key=lambda row: row.estimate(avg_accuracy).mean)
-    pvalues: dict[str, float | None] = {}
-    for row in scored:
-        if row is best:
-            continue
-        a, b = row.values(avg_accuracy), best.values(avg_accuracy)
-        if len(a) >= 2 and len(b) >= 2:
-            pvalues[row.label] = welch_p(a, b)
-            continue
+
+    def items(mine: Run, theirs: Run):
         pairs = [
-            (mine[item], theirs[item])
+            (a[item], b[item])
             for task in tasks
-            for mine, theirs in [(row.runs[0].item_correct(task), best.runs[0].item_correct(task))]
-            for item in sorted(mine.keys() & theirs.keys())
+            for a, b in [(mine.item_correct(task), theirs.item_correct(task))]
+            for item in sorted(a.keys() & b.keys())
         ]
-        pvalues[row.label] = paired_bootstrap_p([p[0] for p in pairs], [p[1] for p in pairs]) if pairs else None
-    return best, pvalues
+        return [p[0] for p in pairs], [p[1] for p in pairs], None
+
+    return _compare(rows, avg_accuracy, min_is_best=False, paired_items=items)
 
 
 def compare_heldout(rows: list[Row], name: str) -> tuple[Row | None, dict[str, float | None]]:
@@ -107,11 +98,22 @@ def compare_heldout(rows: list[Row], name: str) -> tuple[Row | None, dict[str, f
     Welch's t-test over seeds when both rows have two or more seeds; otherwise a paired bootstrap over the held-out
     items both first runs scored (per-token loss difference); None when neither is possible.
     """
-    metric = heldout_after(name)
+
+    def items(mine: Run, theirs: Run):
+        a, b = mine.item_losses(name), theirs.item_losses(name)
+        # The same items tokenize to the same counts; a mismatch means different data or tokenizers: no pairing.
+        shared = [item for item in sorted(a.keys() & b.keys()) if a[item][1] == b[item][1]]
+        return [a[i][0] for i in shared], [b[i][0] for i in shared], [a[i][1] for i in shared]
+
+    return _compare(rows, heldout_after(name), min_is_best=True, paired_items=items)
+
+
+def _compare(rows: list[Row], metric, min_is_best: bool, paired_items) -> tuple[Row | None, dict[str, float | None]]:
+    """The best row by ``metric`` and each other row's p-value: Welch over seeds, else ``paired_items`` bootstrapped."""
     scored = [row for row in rows if row.values(metric)]
     if not scored:
         return None, {}
-    best = min(scored, key=lambda row: row.estimate(metric).mean)
+    best = (min if min_is_best else max)(scored, key=lambda row: row.estimate(metric).mean)
     pvalues: dict[str, float | None] = {}
     for row in scored:
         if row is best:
@@ -120,16 +122,8 @@ def compare_heldout(rows: list[Row], name: str) -> tuple[Row | None, dict[str, f
         if len(a) >= 2 and len(b) >= 2:
             pvalues[row.label] = welch_p(a, b)
             continue
-        mine, theirs = row.runs[0].item_losses(name), best.runs[0].item_losses(name)
-        # The same items tokenize to the same counts; a mismatch means different data or tokenizers: no pairing.
-        shared = [item for item in sorted(mine.keys() & theirs.keys()) if mine[item][1] == theirs[item][1]]
-        pvalues[row.label] = (
-            paired_bootstrap_p(
-                [mine[i][0] for i in shared], [theirs[i][0] for i in shared], weights=[mine[i][1] for i in shared]
-            )
-            if shared
-            else None
-        )
+        mine, theirs, weights = paired_items(row.runs[0], best.runs[0])
+        pvalues[row.label] = paired_bootstrap_p(mine, theirs, weights=weights) if mine else None
     return best, pvalues
 
 
