@@ -79,10 +79,11 @@ def test_item_losses_match_the_per_item_reference(model64, tokenizer, batch_size
     assert mean_token_loss(items) == heldout_loss(model64, tokenizer, EXAMPLES, batch_size=3, max_length=256)
 
 
-def test_items_without_a_response_token_are_left_out(model64, tokenizer):
+def test_items_without_a_response_token_are_left_out(model64, tokenizer, caplog):
     # Byte tokens: at max_length 150 only the shortest prompt (143 bytes) leaves room for response tokens.
     short = Example("t-s", "t", "Hi?", "", "yes", "yes")
     items = heldout_item_losses(model64, tokenizer, [*EXAMPLES, short], batch_size=2, max_length=150)
     assert [item["id"] for item in items] == ["t-s"]
+    assert "dropped 3 held-out items whose prompt fills max_length=150" in caplog.text
     with pytest.raises(ValueError, match="raise it"):
         heldout_item_losses(model64, tokenizer, EXAMPLES, batch_size=2, max_length=150)

@@ -5,9 +5,13 @@ tokenized exactly as for training (`s2ft.data.tokenize`: prompt, response, EOS; 
 so the number is the training loss on unseen items.
 """
 
+import logging
+
 import torch
 
 from s2ft.data.tokenize import IGNORE_INDEX, Collator, encode_batch
+
+log = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
@@ -44,6 +48,8 @@ def heldout_item_losses(model, tokenizer, examples, batch_size: int, max_length:
     ]
     if not rows:
         raise ValueError(f"every held-out prompt is at least max_length={max_length} tokens long: raise it")
+    if len(rows) < len(examples):  # as tokenize_examples reports it for training data
+        log.warning("dropped %d held-out items whose prompt fills max_length=%d", len(examples) - len(rows), max_length)
     collate = Collator(tokenizer)
     was_training = model.training
     model.eval()
