@@ -87,7 +87,7 @@ def tokenize_examples(
     if cache_dir is not None:
         # The encoding code is hashed too, so a change to it never serves a stale file.
         key = datasets.fingerprint.Hasher.hash(
-            [records, tokenizer, max_length, _encode_trainable, encode_batch, build_prompt]
+            [records, tokenizer, max_length, _encode_trainable, has_response, encode_batch, build_prompt]
         )
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         map_kwargs = {"cache_file_name": str(Path(cache_dir) / f"tokenized-{key}.arrow"), "load_from_cache_file": True}
@@ -109,8 +109,13 @@ def tokenize_examples(
 def _encode_trainable(batch: dict[str, list], tokenizer, max_length: int) -> dict[str, list[list[int]]]:
     # A batched map may return fewer rows: items left without a response token are dropped here, in the same pass.
     columns = encode_batch(batch["instruction"], batch["input"], batch["output"], tokenizer, max_length)
-    keep = [i for i, labels in enumerate(columns["labels"]) if any(label != IGNORE_INDEX for label in labels)]
+    keep = [i for i, labels in enumerate(columns["labels"]) if has_response(labels)]
     return {key: [values[i] for i in keep] for key, values in columns.items()}
+
+
+def has_response(labels: list[int]) -> bool:
+    """Whether an encoded item kept at least one response token (its prompt did not fill max_length)."""
+    return any(label != IGNORE_INDEX for label in labels)
 
 
 class Collator:

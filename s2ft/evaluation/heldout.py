@@ -9,7 +9,7 @@ import logging
 
 import torch
 
-from s2ft.data.tokenize import IGNORE_INDEX, Collator, encode_batch
+from s2ft.data.tokenize import IGNORE_INDEX, Collator, encode_batch, has_response
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def heldout_item_losses(model, tokenizer, examples, batch_size: int, max_length:
     rows = [
         {"id": example.id, **{key: values[i] for key, values in columns.items()}}
         for i, example in enumerate(examples)
-        if any(label != IGNORE_INDEX for label in columns["labels"][i])
+        if has_response(columns["labels"][i])
     ]
     if not rows:
         raise ValueError(f"every held-out prompt is at least max_length={max_length} tokens long: raise it")
