@@ -77,17 +77,17 @@ def compare_to_best(rows: list[Row], tasks: list[str]) -> tuple[Row | None, dict
     """The row with the best mean average accuracy and, per other row, the p-value of its difference from it.
 
     Welch's t-test over seeds when both rows have two or more seeds; otherwise a paired bootstrap over the items of
-    every task both first runs answered; None when neither is possible.
+    every task answered by the runs of both rows with the same seed (evaluation subsets are drawn per seed, so a
+    seed's runs share their items); None when neither is possible.
     """
 
-    def items(mine: Run, theirs: Run):
-        pairs = [
-            (a[item], b[item])
-            for task in tasks
-            for a, b in [(mine.item_correct(task), theirs.item_correct(task))]
-            for item in sorted(a.keys() & b.keys())
-        ]
-        return [p[0] for p in pairs], [p[1] for p in pairs], None
+    def items(mine: list[Run], theirs: list[Run]):
+        def correct(run: Run) -> dict:
+            return {(task, item): ok for task in tasks for item, ok in run.item_correct(task).items()}
+
+        a, b = _by_seed(mine, correct), _by_seed(theirs, correct)
+        shared = sorted(a.keys() & b.keys())
+        return [a[i] for i in shared], [b[i] for i in shared], None
 
     return _compare(rows, avg_accuracy, min_is_best=False, paired_items=items)
 
@@ -95,21 +95,31 @@ def compare_to_best(rows: list[Row], tasks: list[str]) -> tuple[Row | None, dict
 def compare_heldout(rows: list[Row], name: str) -> tuple[Row | None, dict[str, float | None]]:
     """The row with the lowest mean held-out loss on ``name`` and, per other row, the p-value of its difference.
 
-    Welch's t-test over seeds when both rows have two or more seeds; otherwise a paired bootstrap over the held-out
-    items both first runs scored (per-token loss difference); None when neither is possible.
+    Welch's t-test over seeds when both rows have two or more seeds; otherwise a paired bootstrap (per-token loss
+    difference) over the held-out items scored by the runs of both rows with the same seed; None when neither is
+    possible.
     """
 
-    def items(mine: Run, theirs: Run):
-        a, b = mine.item_losses(name), theirs.item_losses(name)
+    def items(mine: list[Run], theirs: list[Run]):
+        a = _by_seed(mine, lambda run: run.item_losses(name))
+        b = _by_seed(theirs, lambda run: run.item_losses(name))
         # The same items tokenize to the same counts; a mismatch means different data or tokenizers: no pairing.
         shared = [item for item in sorted(a.keys() & b.keys()) if a[item][1] == b[item][1]]
-        return [a[i][0] for i in shared], [b[i][0] for i in shared], [a[i][1] for i in shared]
+        return [float(a[i][0]) for i in shared], [float(b[i][0]) for i in shared], [a[i][1] for i in shared]
 
     return _compare(rows, heldout_after(name), min_is_best=True, paired_items=items)
 
 
+def _by_seed(runs: list[Run], read) -> dict:
+    """``(seed, item) -> value`` over the runs of a row, from ``read(run)``: item -> value."""
+    return {(run.summary.get("seed"), item): value for run in runs for item, value in read(run).items()}
+
+
 def _compare(rows: list[Row], metric, min_is_best: bool, paired_items) -> tuple[Row | None, dict[str, float | None]]:
-    """The best row by ``metric`` and each other row's p-value: Welch over seeds, else ``paired_items`` bootstrapped."""
+    """The best row by ``metric`` and each other row's p-value: Welch over seeds, else ``paired_items`` bootstrapped.
+
+    ``paired_items(mine, theirs)`` takes two rows' runs and gives their paired item scores and optional weights.
+    """
     scored = [row for row in rows if row.values(metric)]
     if not scored:
         return None, {}
@@ -122,7 +132,7 @@ def _compare(rows: list[Row], metric, min_is_best: bool, paired_items) -> tuple[
         if len(a) >= 2 and len(b) >= 2:
             pvalues[row.label] = welch_p(a, b)
             continue
-        mine, theirs, weights = paired_items(row.runs[0], best.runs[0])
+        mine, theirs, weights = paired_items(row.runs, best.runs)
         pvalues[row.label] = paired_bootstrap_p(mine, theirs, weights=weights) if mine else None
     return best, pvalues
 

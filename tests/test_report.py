@@ -10,7 +10,7 @@ import yaml
 from scipy import stats
 
 from experiments.report import heldout_statement, main, significance_statement, write_report
-from experiments.report_table import avg_accuracy, build_rows, compare_heldout, compare_to_best, heldout_after
+from experiments.report_table import Row, avg_accuracy, build_rows, compare_heldout, compare_to_best, heldout_after
 from experiments.runs import find_runs
 from experiments.stats import estimate, paired_bootstrap_p, welch_p
 
@@ -79,20 +79,32 @@ def test_different_experiments_are_never_averaged_together(sweep, tmp_path):
     assert "1 runs, 1 rows" in arith and "Only one row" in arith
 
 
+def _seed(row, seed):
+    return next(run for run in row.runs if run.summary["seed"] == seed)
+
+
 def test_comparison_uses_bootstrap_for_single_seed_rows(sweep):
     runs = find_runs([sweep])
     rows = build_rows(runs)
     best, pvalues = compare_to_best(rows, ["boolq", "arc_easy"])
     other = next(row for row in rows if row is not best)
     assert set(pvalues) == {other.label}
-    # lora has one seed, so the comparison is the paired bootstrap over the 6 items both answered
-    items = [
-        (other.runs[0].item_correct(t)[i], best.runs[0].item_correct(t)[i])
-        for t in ("boolq", "arc_easy")
-        for i in sorted(other.runs[0].item_correct(t))
-    ]
-    assert len(items) == 6
-    assert pvalues[other.label] == paired_bootstrap_p([a for a, _ in items], [b for _, b in items])
+    # lora has one seed (0), so the comparison is the paired bootstrap over the 6 items that seed 0 of both rows
+    # answered; S2FT's seed 1 drew other items and has no LoRA run to pair with.
+    keys = [(t, i) for t in ("arc_easy", "boolq") for i in sorted(_seed(other, 0).item_correct(t))]
+    assert len(keys) == 6
+    mine = [_seed(other, 0).item_correct(t)[i] for t, i in keys]
+    theirs = [_seed(best, 0).item_correct(t)[i] for t, i in keys]
+    assert pvalues[other.label] == paired_bootstrap_p(mine, theirs)
+
+
+def test_items_are_paired_only_within_a_seed(sweep):
+    rows = build_rows(find_runs([sweep]))
+    lora, s2ft = rows
+    seed1 = Row("s2ft", [_seed(s2ft, 1)])
+    assert not _seed(s2ft, 1).item_losses("gsm8k_test").keys() & lora.runs[0].item_losses("gsm8k_test").keys()
+    best, pvalues = compare_heldout([lora, seed1], "gsm8k_test")
+    assert list(pvalues.values()) == [None]  # seed 1's items are not seed 0's: nothing to pair, no test
 
 
 def test_heldout_losses_are_compared_item_by_item_for_single_seed_rows(sweep):
@@ -102,11 +114,11 @@ def test_heldout_losses_are_compared_item_by_item_for_single_seed_rows(sweep):
         best, pvalues = compare_heldout(rows, name)
         assert best.label == min(losses, key=lambda label: statistics.mean(losses[label]))
         other = next(row for row in rows if row is not best)
-        mine, theirs = other.runs[0].item_losses(name), best.runs[0].item_losses(name)
+        mine, theirs = _seed(other, 0).item_losses(name), _seed(best, 0).item_losses(name)
         # Seed 0 of both rows scored the same held-out items (4 drawn; the smoke max_length may leave one without a
         # response token); their token-weighted means are the summaries' losses.
         assert mine.keys() == theirs.keys() and 3 <= len(mine) <= 4
-        for run in (other.runs[0], best.runs[0]):
+        for run in (_seed(other, 0), _seed(best, 0)):
             items = run.item_losses(name).values()
             mean = sum(nll for nll, _ in items) / sum(tokens for _, tokens in items)
             assert mean == pytest.approx(heldout_after(name)(run.summary), rel=1e-12)
