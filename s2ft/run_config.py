@@ -239,6 +239,6 @@ def _check_sources(cfg: dict, mode: str) -> list[str]:
         problems.append(f"run_dir {run_dir!r} has no adapter/ folder; point it at a finished run directory")
     if adapter is not None and not Path(adapter).is_dir():
         problems.append(f"adapter {adapter!r} is not a folder; give the adapter/ folder of a run")
-    if ckpt is not None and ckpt != "last" and not Path(ckpt).is_file():
-        problems.append(f"ckpt_path {ckpt!r} is neither 'last' nor a checkpoint file")
+    if ckpt is not None and ckpt not in ("last", "auto") and not Path(ckpt).is_file():
+        problems.append(f"ckpt_path {ckpt!r} is neither 'last', 'auto' nor a checkpoint file")
     return problems

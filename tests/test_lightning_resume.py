@@ -13,7 +13,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from s2ft.lightning import S2FTLitModule, run_experiment
+from s2ft.lightning import S2FTLitModule, run_experiment, runner
+from s2ft.run_config import RunConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,7 +104,7 @@ def test_sigterm_checkpoint_then_resume_matches_uninterrupted_run(tmp_path, stop
     patch.undo()
     assert torch.load(tmp_path / "ctrl_c" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 10
     assert signal.getsignal(signal.SIGINT) is before  # the run's handler is gone again
-    run_experiment(smoke_config(*overrides, "ckpt_path=last"), tmp_path / "ctrl_c")
+    run_experiment(smoke_config(*overrides, "ckpt_path=auto"), tmp_path / "ctrl_c")  # auto finds the checkpoint
     for key, tensor in adapter_tensors(tmp_path / "ctrl_c").items():
         assert torch.equal(expected[key], tensor), key
 
@@ -111,3 +112,21 @@ def test_sigterm_checkpoint_then_resume_matches_uninterrupted_run(tmp_path, stop
 def test_resume_without_a_checkpoint_names_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="hydra.run.dir=<that run directory> ckpt_path=last"):
         run_experiment(smoke_config("ckpt_path=last"), tmp_path / "fresh")
+
+
+def test_auto_starts_fresh_skips_a_finished_run_and_refuses_another_config(tmp_path, monkeypatch):
+    overrides = ["ckpt_path=auto", "trainer.max_steps=2"]
+    first = run_experiment(smoke_config(*overrides), tmp_path / "job")  # nothing there: a fresh start
+    assert first["train"]["steps"] == 2 and (tmp_path / "job" / "adapter").is_dir()
+
+    def train_again(*args):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(runner, "_train", train_again)
+    assert run_experiment(smoke_config(*overrides), tmp_path / "job") == first
+    # A changed sweep renumbers its jobs: a directory holding another config is an error, not a silent skip.
+    with pytest.raises(
+        RunConfigError,
+        match=r"differs in method\.lr, method\.options\.seed, seed\); give this config its own directory",
+    ):
+        run_experiment(smoke_config(*overrides, "method.lr=0.5", "seed=3"), tmp_path / "job")

@@ -151,7 +151,7 @@ def test_bad_training_numbers_and_resume_source(tmp_path):
         "data.limit must be null",
         "accumulate_grad_batches",
         "select_best needs a validation split",
-        "neither 'last' nor a checkpoint",
+        "neither 'last', 'auto' nor a checkpoint",
     ):
         assert line in str(info.value)
 

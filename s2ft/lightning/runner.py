@@ -7,6 +7,8 @@ call it directly.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -21,10 +23,11 @@ from s2ft.lightning.loggers import ReplayCSVHistory, build_logger, end_wandb_run
 from s2ft.lightning.memory import peak_memory_mb
 from s2ft.lightning.module import S2FTLitModule
 from s2ft.lightning.summary import build_summary, print_summary, task_record, write_json
-from s2ft.run_config import validate_run_config
+from s2ft.run_config import RunConfigError, validate_run_config
 
 CALIBRATED_STRATEGIES = ("activation", "weight_activation", "gradient")
 CHECKPOINT = Path("checkpoints") / "last.ckpt"
+log = logging.getLogger(__name__)
 
 
 def run_experiment(cfg: dict, run_dir: str | Path) -> dict | None:
@@ -39,6 +42,11 @@ def run_experiment(cfg: dict, run_dir: str | Path) -> dict | None:
     """
     validate_run_config(cfg)
     run_dir = Path(run_dir)
+    if cfg.get("ckpt_path") == "auto":
+        cfg, finished = resolve_auto_resume(cfg, run_dir)
+        if finished is not None:
+            log.info("%s already holds this finished run; nothing to do (ckpt_path=auto)", run_dir)
+            return finished
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg["seed"], workers=True)
     if cfg["mode"] == "eval":
@@ -50,6 +58,43 @@ def run_experiment(cfg: dict, run_dir: str | Path) -> dict | None:
         raise
     end_wandb_run(failed=False)
     return summary
+
+
+def resolve_auto_resume(cfg: dict, run_dir: Path) -> tuple[dict, dict | None]:
+    """``ckpt_path=auto``: finish what ``run_dir`` holds, so rerunning a sweep redoes nothing.
+
+    Returns:
+        The config to run (``ckpt_path`` "last" when the directory has a checkpoint, else None: a fresh start) and
+        the summary of a run already finished there (None otherwise: run the config).
+
+    Raises:
+        RunConfigError: The directory holds a run of another config (the differing keys are named), e.g. a sweep
+            whose parameters changed between the two commands, which renumbers its jobs.
+    """
+    saved_file = run_dir / "config.yaml"
+    if saved_file.is_file():
+        differing = _differing_keys(yaml.safe_load(saved_file.read_text()), cfg, ignore={"ckpt_path"})
+        if differing:
+            raise RunConfigError(
+                f"ckpt_path=auto: {run_dir} holds a run of another config (differs in {', '.join(differing)}); "
+                "give this config its own directory (hydra.run.dir, or hydra.sweep.dir for a multirun) or remove it"
+            )
+    summary_file = run_dir / "summary.json"
+    if summary_file.is_file():
+        return cfg, json.loads(summary_file.read_text())
+    return {**cfg, "ckpt_path": "last" if (run_dir / CHECKPOINT).is_file() else None}, None
+
+
+def _differing_keys(saved, current, ignore: set[str], prefix: str = "") -> list[str]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        keys = sorted(set(saved) | set(current), key=str)
+        return [
+            diff
+            for key in keys
+            if f"{prefix}{key}" not in ignore
+            for diff in _differing_keys(saved.get(key), current.get(key), ignore, f"{prefix}{key}.")
+        ]
+    return [] if saved == current else [prefix.removesuffix(".")]
 
 
 def build_run_model(model_cfg: dict, cache_dir):
