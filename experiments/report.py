@@ -36,18 +36,21 @@ from experiments.runs import Run, find_runs, wandb_runs  # noqa: E402
 from experiments.stats import ALPHA, Estimate  # noqa: E402
 
 
-def write_report(runs: list[Run], out: Path) -> Path:
-    """Write `out/report.md` and `out/figures/*.png` for ``runs``; return the report's path."""
+def write_report(runs: list[Run], out: Path, reference: str | None = "s2ft") -> Path:
+    """Write `out/report.md` and `out/figures/*.png` for ``runs``; return the report's path.
+
+    ``reference``: a row label (default "s2ft") whose differences from every other row are listed with p-values.
+    """
     out.mkdir(parents=True, exist_ok=True)
     sections = ["# S2FT study report", ""]
     for (experiment, model), group in group_runs(runs).items():
-        sections += study_section(experiment, model, group, out)
+        sections += study_section(experiment, model, group, out, reference)
     path = out / "report.md"
     path.write_text("\n".join(sections) + "\n")
     return path
 
 
-def study_section(experiment: str, model: str, runs: list[Run], out: Path) -> list[str]:
+def study_section(experiment: str, model: str, runs: list[Run], out: Path, reference: str | None = None) -> list[str]:
     """The markdown of one study: table, significance statement and figures."""
     from s2ft.data.tasks import GROUPS
 
@@ -81,6 +84,22 @@ def study_section(experiment: str, model: str, runs: list[Run], out: Path) -> li
     lines += ["", significance_statement(best, pvalues), ""]
     lines += [line for name in heldout if (line := heldout_statement(name, *compare_heldout(rows, name)))]
     lines += [""] if heldout else []
+    if reference is not None:
+        against = [
+            reference_statement("Avg accuracy", avg_accuracy, 100, 1, rows, *compare_to_best(rows, tasks, reference))
+        ]
+        against += [
+            reference_statement(
+                f"held-out loss {name}", heldout_after(name), 1, 4, rows, *compare_heldout(rows, name, reference)
+            )
+            for name in heldout
+        ]
+        against = [line for line in against if line]
+        if against:
+            title = (
+                f"{reference} against each other row (difference of means, other row minus {reference}; p as above):"
+            )
+            lines += [title, "", *against, ""]
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{experiment}_{model}")
     title = f"{experiment} ({model})"
     id_tasks = [t for t in tasks if t in GROUPS["id"]]
@@ -103,7 +122,8 @@ def significance_statement(best: Row | None, pvalues: dict[str, float | None]) -
     if not separable(pvalues):
         return (
             f"Not separable: no row differs from the best mean ({best.label}) at the {ALPHA:.0%} level "
-            "(Welch t-test over seeds, or a paired bootstrap over items for single runs); do not rank these rows."
+            "(Welch t-test over seeds, else a paired bootstrap over the items of runs with the same seed); "
+            "do not rank these rows."
         )
     worse = sorted(label for label, p in pvalues.items() if p is not None and p < ALPHA)
     return f"Best mean: {best.label}. Significantly below it (p < {ALPHA}, marked *): {', '.join(worse)}."
@@ -119,6 +139,21 @@ def heldout_statement(name: str, best: Row | None, pvalues: dict[str, float | No
     return f"- Held-out loss {name}: lowest {best.label}; {verdict} ({cells})."
 
 
+def reference_statement(
+    what: str, metric, scale: float, digits: int, rows: list[Row], reference: Row | None, pvalues: dict
+) -> str | None:
+    """One line: each row's mean difference from the reference row on ``metric`` and its p-value."""
+    if reference is None or not pvalues:
+        return None
+    base = reference.estimate(metric).mean
+    rows = {row.label: row for row in rows}
+    cells = []
+    for label, p in sorted(pvalues.items()):
+        diff = f"{scale * (rows[label].estimate(metric).mean - base):+.{digits}f}"
+        cells.append(f"{label} {diff} ({'untested' if p is None else f'p={p:.3f}' + (' *' if p < ALPHA else '')})")
+    return f"- {what}: {', '.join(cells)}."
+
+
 def _fmt(value: Estimate | None, scale: float, digits: int) -> str:
     if value is None:
         return "-"
@@ -131,11 +166,14 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("paths", nargs="*", help="run directories, sweep directories or summary.json files")
     parser.add_argument("--out", type=Path, default=Path("outputs/report"), help="folder for report.md and figures")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs from W&B instead of local folders")
+    parser.add_argument(
+        "--reference", default="s2ft", help="row label compared with every other row (default s2ft; '' for none)"
+    )
     args = parser.parse_args(argv)
     if bool(args.paths) == bool(args.wandb):
         parser.error("give run/sweep directories or --wandb ENTITY/PROJECT (exactly one of them)")
     runs = wandb_runs(args.wandb) if args.wandb else find_runs(args.paths)
-    path = write_report(runs, args.out)
+    path = write_report(runs, args.out, args.reference or None)
     print(f"wrote {path} ({len(runs)} runs)")
     return path
 

@@ -73,8 +73,12 @@ def trainable_pct(summary: dict) -> float | None:
     return summary.get("trainable_pct")
 
 
-def compare_to_best(rows: list[Row], tasks: list[str]) -> tuple[Row | None, dict[str, float | None]]:
+def compare_to_best(
+    rows: list[Row], tasks: list[str], reference: str | None = None
+) -> tuple[Row | None, dict[str, float | None]]:
     """The row with the best mean average accuracy and, per other row, the p-value of its difference from it.
+
+    With ``reference`` (a row label) that row takes the best row's place (None, {} when no such row has accuracies).
 
     Welch's t-test over seeds when both rows have two or more seeds; otherwise a paired bootstrap over the items of
     every task answered by the runs of both rows with the same seed (evaluation subsets are drawn per seed, so a
@@ -89,11 +93,15 @@ def compare_to_best(rows: list[Row], tasks: list[str]) -> tuple[Row | None, dict
         shared = sorted(a.keys() & b.keys())
         return [a[i] for i in shared], [b[i] for i in shared], None
 
-    return _compare(rows, avg_accuracy, min_is_best=False, paired_items=items)
+    return _compare(rows, avg_accuracy, min_is_best=False, paired_items=items, reference=reference)
 
 
-def compare_heldout(rows: list[Row], name: str) -> tuple[Row | None, dict[str, float | None]]:
+def compare_heldout(
+    rows: list[Row], name: str, reference: str | None = None
+) -> tuple[Row | None, dict[str, float | None]]:
     """The row with the lowest mean held-out loss on ``name`` and, per other row, the p-value of its difference.
+
+    With ``reference`` (a row label) that row takes the lowest row's place (None, {} when no such row has the loss).
 
     Welch's t-test over seeds when both rows have two or more seeds; otherwise a paired bootstrap (per-token loss
     difference) over the held-out items scored by the runs of both rows with the same seed; None when neither is
@@ -107,7 +115,7 @@ def compare_heldout(rows: list[Row], name: str) -> tuple[Row | None, dict[str, f
         shared = [item for item in sorted(a.keys() & b.keys()) if a[item][1] == b[item][1]]
         return [float(a[i][0]) for i in shared], [float(b[i][0]) for i in shared], [a[i][1] for i in shared]
 
-    return _compare(rows, heldout_after(name), min_is_best=True, paired_items=items)
+    return _compare(rows, heldout_after(name), min_is_best=True, paired_items=items, reference=reference)
 
 
 def _by_seed(runs: list[Run], read) -> dict:
@@ -115,7 +123,9 @@ def _by_seed(runs: list[Run], read) -> dict:
     return {(run.summary.get("seed"), item): value for run in runs for item, value in read(run).items()}
 
 
-def _compare(rows: list[Row], metric, min_is_best: bool, paired_items) -> tuple[Row | None, dict[str, float | None]]:
+def _compare(
+    rows: list[Row], metric, min_is_best: bool, paired_items, reference: str | None = None
+) -> tuple[Row | None, dict[str, float | None]]:
     """The best row by ``metric`` and each other row's p-value: Welch over seeds, else ``paired_items`` bootstrapped.
 
     ``paired_items(mine, theirs)`` takes two rows' runs and gives their paired item scores and optional weights.
@@ -123,7 +133,12 @@ def _compare(rows: list[Row], metric, min_is_best: bool, paired_items) -> tuple[
     scored = [row for row in rows if row.values(metric)]
     if not scored:
         return None, {}
-    best = (min if min_is_best else max)(scored, key=lambda row: row.estimate(metric).mean)
+    if reference is None:
+        best = (min if min_is_best else max)(scored, key=lambda row: row.estimate(metric).mean)
+    else:
+        best = next((row for row in scored if row.label == reference), None)
+        if best is None:
+            return None, {}
     pvalues: dict[str, float | None] = {}
     for row in scored:
         if row is best:

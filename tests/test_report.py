@@ -131,6 +131,27 @@ def test_heldout_losses_are_compared_item_by_item_for_single_seed_rows(sweep):
         assert line.startswith(f"- Held-out loss {name}: lowest {best.label};") and f"{other.label} p=" in line
 
 
+def test_reference_row_is_compared_with_every_other_row(sweep, tmp_path):
+    runs = find_runs([sweep])
+    rows = build_rows(runs)
+    lora, s2ft = rows
+    anchor, pvalues = compare_heldout(rows, "gsm8k_test", reference="s2ft")
+    assert anchor is s2ft and set(pvalues) == {"lora"}
+    mine, theirs = _seed(lora, 0).item_losses("gsm8k_test"), _seed(s2ft, 0).item_losses("gsm8k_test")
+    ids = sorted(mine)
+    expected = paired_bootstrap_p([mine[i][0] for i in ids], [theirs[i][0] for i in ids], [mine[i][1] for i in ids])
+    assert pvalues["lora"] == expected
+    assert compare_to_best(rows, ["boolq"], reference="dora") == (None, {})
+
+    report = write_report(runs, tmp_path / "ref").read_text()
+    diff = statistics.mean(lora.values(heldout_after("gsm8k_test"))) - statistics.mean(
+        s2ft.values(heldout_after("gsm8k_test"))
+    )
+    assert "s2ft against each other row" in report
+    assert f"- held-out loss gsm8k_test: lora {diff:+.4f} (p={expected:.3f}" in report
+    assert "against each other row" not in write_report(runs, tmp_path / "none", reference=None).read_text()
+
+
 def test_heldout_statement_needs_something_tested():
     assert heldout_statement("x", None, {}) is None
     rows = build_rows([])
