@@ -146,10 +146,10 @@ def reference_statement(
     if reference is None or not pvalues:
         return None
     base = reference.estimate(metric).mean
-    rows = {row.label: row for row in rows}
+    by_label = {row.label: row for row in rows}
     cells = []
     for label, p in sorted(pvalues.items()):
-        diff = f"{scale * (rows[label].estimate(metric).mean - base):+.{digits}f}"
+        diff = f"{scale * (by_label[label].estimate(metric).mean - base):+.{digits}f}"
         cells.append(f"{label} {diff} ({'untested' if p is None else f'p={p:.3f}' + (' *' if p < ALPHA else '')})")
     return f"- {what}: {', '.join(cells)}."
 

@@ -113,7 +113,7 @@ def compare_heldout(
         b = _by_seed(theirs, lambda run: run.item_losses(name))
         # The same items tokenize to the same counts; a mismatch means different data or tokenizers: no pairing.
         shared = [item for item in sorted(a.keys() & b.keys()) if a[item][1] == b[item][1]]
-        return [float(a[i][0]) for i in shared], [float(b[i][0]) for i in shared], [a[i][1] for i in shared]
+        return [a[i][0] for i in shared], [b[i][0] for i in shared], [a[i][1] for i in shared]
 
     return _compare(rows, heldout_after(name), min_is_best=True, paired_items=items, reference=reference)
 
