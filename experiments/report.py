@@ -75,7 +75,7 @@ def study_section(experiment: str, model: str, runs: list[Run], out: Path, refer
         cells = [f"**{row.label}**" if row is best else row.label]
         cells += [_fmt(row.estimate(task_accuracy(task)), 100, 1) for task in tasks]
         cells += [_fmt(avg, 100, 1), "-" if avg is None or avg.ci is None else f"± {100 * avg.ci:.1f}"]
-        cells += ["best" if row is best else "-" if p is None else f"{p:.3f}{' *' if p < ALPHA else ''}"]
+        cells += ["best" if row is best else "-" if p is None else _fmt_p(p)]
         cells += [_fmt(row.estimate(train_field("val_loss")), 1, 4)] * has_val
         cells += [_fmt(row.estimate(heldout_after(name)), 1, 4) for name in heldout]
         cells += [_fmt(row.estimate(trainable_pct), 1, 3), _fmt(row.estimate(train_field("wall_s")), 1, 0)]
@@ -134,7 +134,7 @@ def heldout_statement(name: str, best: Row | None, pvalues: dict[str, float | No
     tested = {label: p for label, p in pvalues.items() if p is not None}
     if best is None or not tested:
         return None
-    cells = ", ".join(f"{label} p={p:.3f}{' *' if p < ALPHA else ''}" for label, p in sorted(tested.items()))
+    cells = ", ".join(f"{label} p={_fmt_p(p)}" for label, p in sorted(tested.items()))
     verdict = "separable" if separable(tested) else "not separable"
     return f"- Held-out loss {name}: lowest {best.label}; {verdict} ({cells})."
 
@@ -150,8 +150,13 @@ def reference_statement(
     cells = []
     for label, p in sorted(pvalues.items()):
         diff = f"{scale * (by_label[label].estimate(metric).mean - base):+.{digits}f}"
-        cells.append(f"{label} {diff} ({'untested' if p is None else f'p={p:.3f}' + (' *' if p < ALPHA else '')})")
+        cells.append(f"{label} {diff} ({'untested' if p is None else f'p={_fmt_p(p)}'})")
     return f"- {what}: {', '.join(cells)}."
+
+
+def _fmt_p(p: float) -> str:
+    """A p-value as the report prints it, starred when significant."""
+    return f"{p:.3f}{' *' if p < ALPHA else ''}"
 
 
 def _fmt(value: Estimate | None, scale: float, digits: int) -> str:
