@@ -130,3 +130,36 @@ def test_auto_starts_fresh_skips_a_finished_run_and_refuses_another_config(tmp_p
         match=r"differs in method\.lr, method\.options\.seed, seed\); give this config its own directory",
     ):
         run_experiment(smoke_config(*overrides, "method.lr=0.5", "seed=3"), tmp_path / "job")
+
+
+def test_auto_after_a_run_stopped_during_its_final_evaluation_trains_nothing_more(tmp_path, monkeypatch):
+    overrides = ["ckpt_path=auto", "trainer.max_steps=3", "trainer.checkpoint_every_n_steps=100"]
+    full = run_experiment(smoke_config(*overrides), tmp_path / "full")
+
+    def killed(*args):
+        raise KeyboardInterrupt  # the job was stopped after training, while it evaluated
+
+    measure = runner.measure_model
+    monkeypatch.setattr(runner, "measure_model", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(smoke_config(*overrides), tmp_path / "job")
+    monkeypatch.setattr(runner, "measure_model", measure)
+    path = tmp_path / "job" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(path, weights_only=False)
+    assert ckpt["global_step"] == 3 and not (tmp_path / "job" / "summary.json").exists()
+    # The training session's peak, not the peak of a session that only reloads and evaluates, is the run's memory.
+    ckpt["s2ft"]["peak_mem_mb"] = 10.0**7
+    torch.save(ckpt, path)
+
+    steps = []
+    original = S2FTLitModule.training_step
+    monkeypatch.setattr(S2FTLitModule, "training_step", lambda self, *a: steps.append(1) or original(self, *a))
+    resumed = run_experiment(smoke_config(*overrides), tmp_path / "job")
+    assert not steps
+    assert resumed["train"]["peak_mem_mb"] == 10.0**7
+    # Training time is the training session's (rounded to 0.01 s), plus the moment the resumed fit took to stop.
+    assert ckpt["s2ft"]["wall_s"] - 0.01 <= resumed["train"]["wall_s"] < ckpt["s2ft"]["wall_s"] + 2
+    for key in ("steps", "tokens", "loss_curve", "final_loss"):
+        assert resumed["train"][key] == full["train"][key], key
+    for key, tensor in adapter_tensors(tmp_path / "full").items():
+        assert torch.equal(adapter_tensors(tmp_path / "job")[key], tensor), key

@@ -43,6 +43,8 @@ class S2FTLitModule(L.LightningModule):
         self._wall_before = 0.0
         self._fit_start: float | None = None
         self.wall_s = 0.0
+        # The peak memory of earlier sessions: a session resumed near the end never reaches the training peak itself.
+        self.peak_mem_before = 0.0
 
     def trained_keys(self) -> set[str]:
         """State-dict keys of what training changes: trainable params and the buffers of modules that own them."""
@@ -110,9 +112,11 @@ class S2FTLitModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
         checkpoint["s2ft"] = {
             "tokens_seen": self.tokens_seen,
+            "last_loss": self.last_loss,
             "loss_curve": self.loss_curve,
             "val_curve": self.val_curve,
             "wall_s": self._elapsed(),
+            "peak_mem_mb": self.peak_mem_mb(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -124,9 +128,15 @@ class S2FTLitModule(L.LightningModule):
             )
         state = checkpoint.get("s2ft", {})
         self.tokens_seen = state.get("tokens_seen", 0)
+        self.last_loss = state.get("last_loss")
         self.loss_curve = [tuple(point) for point in state.get("loss_curve", [])]
         self.val_curve = [tuple(point) for point in state.get("val_curve", [])]
         self._wall_before = state.get("wall_s", 0.0)
+        self.peak_mem_before = state.get("peak_mem_mb", 0.0)
+
+    def peak_mem_mb(self) -> float:
+        """Peak memory of the training so far, over this session and the sessions it resumed."""
+        return max(self.peak_mem_before, peak_memory_mb())
 
 
 def lr_lambda(warmup_steps: int, total_steps: int, scheduler: str):

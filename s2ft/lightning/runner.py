@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader
 from s2ft.lightning.callbacks import AdvanceSampler, AtomicCheckpointIO, KeepBest, LastCheckpoint
 from s2ft.lightning.datamodule import SFTDataModule
 from s2ft.lightning.loggers import ReplayCSVHistory, build_logger, end_wandb_run, wandb_info
-from s2ft.lightning.memory import peak_memory_mb
 from s2ft.lightning.module import S2FTLitModule
 from s2ft.lightning.summary import build_summary, print_summary, task_record, write_json
 from s2ft.run_config import RunConfigError, validate_run_config
@@ -164,7 +163,7 @@ def _train(cfg: dict, run_dir: Path) -> dict | None:
         "steps": trainer.global_step,
         "tokens": tokens,
         "wall_s": round(module.wall_s, 2),
-        "peak_mem_mb": round(peak_memory_mb(), 1),
+        "peak_mem_mb": round(module.peak_mem_mb(), 1),
         "final_loss": module.last_loss,
         "loss_curve": [list(point) for point in module.loss_curve],
     }
