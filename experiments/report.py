@@ -122,8 +122,8 @@ def significance_statement(best: Row | None, pvalues: dict[str, float | None]) -
     if not separable(pvalues):
         return (
             f"Not separable: no row differs from the best mean ({best.label}) at the {ALPHA:.0%} level "
-            "(Welch t-test over seeds, else a paired bootstrap over the items of runs with the same seed); "
-            "do not rank these rows."
+            "(paired bootstrap over the items of runs with the same seed, hierarchical over seeds; else Welch over "
+            "seeds); do not rank these rows."
         )
     worse = sorted(label for label, p in pvalues.items() if p is not None and p < ALPHA)
     return f"Best mean: {best.label}. Significantly below it (p < {ALPHA}, marked *): {', '.join(worse)}."

@@ -80,9 +80,9 @@ def compare_to_best(
 
     With ``reference`` (a row label) that row takes the best row's place (None, {} when no such row has accuracies).
 
-    Welch's t-test over seeds when both rows have two or more seeds; otherwise a paired bootstrap over the items of
-    every task answered by the runs of both rows with the same seed (evaluation subsets are drawn per seed, so a
-    seed's runs share their items); None when neither is possible.
+    A paired bootstrap over the items of every task answered by the runs of both rows with the same seed (evaluation
+    subsets are drawn per seed, so a seed's runs share their items), hierarchical over seeds when they share several;
+    Welch's t-test over seeds for rows without shared items and two or more seeds each; else None.
     """
 
     def items(mine: list[Run], theirs: list[Run]):
@@ -91,7 +91,7 @@ def compare_to_best(
 
         a, b = _by_seed(mine, correct), _by_seed(theirs, correct)
         shared = sorted(a.keys() & b.keys())
-        return [a[i] for i in shared], [b[i] for i in shared], None
+        return [a[i] for i in shared], [b[i] for i in shared], None, [seed for seed, _ in shared]
 
     return _compare(rows, avg_accuracy, min_is_best=False, paired_items=items, reference=reference)
 
@@ -103,9 +103,9 @@ def compare_heldout(
 
     With ``reference`` (a row label) that row takes the lowest row's place (None, {} when no such row has the loss).
 
-    Welch's t-test over seeds when both rows have two or more seeds; otherwise a paired bootstrap (per-token loss
-    difference) over the held-out items scored by the runs of both rows with the same seed; None when neither is
-    possible.
+    A paired bootstrap (per-token loss difference) over the held-out items scored by the runs of both rows with the
+    same seed, hierarchical over seeds when they share several; Welch's t-test over seeds for rows without shared
+    items and two or more seeds each; else None.
     """
 
     def items(mine: list[Run], theirs: list[Run]):
@@ -113,7 +113,7 @@ def compare_heldout(
         b = _by_seed(theirs, lambda run: run.item_losses(name))
         # The same items tokenize to the same counts; a mismatch means different data or tokenizers: no pairing.
         shared = [item for item in sorted(a.keys() & b.keys()) if a[item][1] == b[item][1]]
-        return [a[i][0] for i in shared], [b[i][0] for i in shared], [a[i][1] for i in shared]
+        return [a[i][0] for i in shared], [b[i][0] for i in shared], [a[i][1] for i in shared], [s for s, _ in shared]
 
     return _compare(rows, heldout_after(name), min_is_best=True, paired_items=items, reference=reference)
 
@@ -126,9 +126,10 @@ def _by_seed(runs: list[Run], read) -> dict:
 def _compare(
     rows: list[Row], metric, min_is_best: bool, paired_items, reference: str | None = None
 ) -> tuple[Row | None, dict[str, float | None]]:
-    """The best row by ``metric`` and each other row's p-value: Welch over seeds, else ``paired_items`` bootstrapped.
+    """The best row by ``metric`` and each other row's p-value: ``paired_items`` bootstrapped, else Welch over seeds.
 
-    ``paired_items(mine, theirs)`` takes two rows' runs and gives their paired item scores and optional weights.
+    ``paired_items(mine, theirs)`` takes two rows' runs and gives their paired item scores, optional weights and the
+    seed of each item.
     """
     scored = [row for row in rows if row.values(metric)]
     if not scored:
@@ -143,12 +144,14 @@ def _compare(
     for row in scored:
         if row is best:
             continue
+        mine, theirs, weights, seeds = paired_items(row.runs, best.runs)
         a, b = row.values(metric), best.values(metric)
-        if len(a) >= 2 and len(b) >= 2:
+        if mine:
+            pvalues[row.label] = paired_bootstrap_p(mine, theirs, weights=weights, clusters=seeds)
+        elif len(a) >= 2 and len(b) >= 2:
             pvalues[row.label] = welch_p(a, b)
-            continue
-        mine, theirs, weights = paired_items(row.runs, best.runs)
-        pvalues[row.label] = paired_bootstrap_p(mine, theirs, weights=weights) if mine else None
+        else:
+            pvalues[row.label] = None
     return best, pvalues
 
 

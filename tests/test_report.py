@@ -15,8 +15,9 @@ from experiments.runs import find_runs
 from experiments.stats import estimate, paired_bootstrap_p, welch_p
 
 ROOT = Path(__file__).resolve().parents[1]
-# (method variant, seed): two seeds of S2FT and one of LoRA, so both the t-test and the bootstrap path are used.
-RUNS = [("smollm/s2ft", 0), ("smollm/s2ft", 1), ("smollm/lora", 0)]
+# (method variant, seed): two seeds of each, so the rows share the items of two seeds (a hierarchical bootstrap), one
+# seed of a row alone is a flat one, and W&B runs (no prediction files) fall back to Welch's t-test over seeds.
+RUNS = [("smollm/s2ft", 0), ("smollm/s2ft", 1), ("smollm/lora", 0), ("smollm/lora", 1)]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def test_runs_are_found_and_grouped_into_rows(sweep):
     runs = find_runs([sweep])
     assert len(runs) == len(RUNS)
     rows = build_rows(runs)
-    assert [(row.label, len(row.runs)) for row in rows] == [("lora", 1), ("s2ft", 2)]
+    assert [(row.label, len(row.runs)) for row in rows] == [("lora", 2), ("s2ft", 2)]
     s2ft = rows[1]
     accuracies = [json.loads((sweep / str(i) / "summary.json").read_text())["avg_accuracy"] for i in (0, 1)]
     got = s2ft.estimate(avg_accuracy)
@@ -83,50 +84,70 @@ def _seed(row, seed):
     return next(run for run in row.runs if run.summary["seed"] == seed)
 
 
-def test_comparison_uses_bootstrap_for_single_seed_rows(sweep):
-    runs = find_runs([sweep])
-    rows = build_rows(runs)
+def _paired(mine: Row, theirs: Row, tasks: list[str]) -> tuple[list, list, list]:
+    """The two rows' correct/incorrect items of the seeds both have, in (seed, task, item) order, and their seeds."""
+    seeds = sorted({r.summary["seed"] for r in mine.runs} & {r.summary["seed"] for r in theirs.runs})
+    keys = [(seed, t, i) for seed in seeds for t in sorted(tasks) for i in sorted(_seed(mine, seed).item_correct(t))]
+    a = [_seed(mine, seed).item_correct(t)[i] for seed, t, i in keys]
+    b = [_seed(theirs, seed).item_correct(t)[i] for seed, t, i in keys]
+    return a, b, [seed for seed, _, _ in keys]
+
+
+def test_rows_are_compared_over_the_items_of_every_shared_seed(sweep):
+    rows = build_rows(find_runs([sweep]))
     best, pvalues = compare_to_best(rows, ["boolq", "arc_easy"])
     other = next(row for row in rows if row is not best)
     assert set(pvalues) == {other.label}
-    # lora has one seed (0), so the comparison is the paired bootstrap over the 6 items that seed 0 of both rows
-    # answered; S2FT's seed 1 drew other items and has no LoRA run to pair with.
-    keys = [(t, i) for t in ("arc_easy", "boolq") for i in sorted(_seed(other, 0).item_correct(t))]
-    assert len(keys) == 6
-    mine = [_seed(other, 0).item_correct(t)[i] for t, i in keys]
-    theirs = [_seed(best, 0).item_correct(t)[i] for t, i in keys]
+    # Both rows ran seeds 0 and 1; each seed drew its own 3 items per task: 12 pairs in two clusters.
+    mine, theirs, seeds = _paired(other, best, ["boolq", "arc_easy"])
+    assert len(mine) == 12 and seeds == [0] * 6 + [1] * 6
+    assert pvalues[other.label] == paired_bootstrap_p(mine, theirs, clusters=seeds)
+
+    # A row with one seed is paired with the other row's run of that seed only: a flat bootstrap over its items.
+    single = Row(other.label, [_seed(other, 1)])
+    best_single, pvalues = compare_to_best([single, best], ["boolq", "arc_easy"], reference=best.label)
+    mine, theirs, seeds = _paired(single, best, ["boolq", "arc_easy"])
+    assert best_single is best and seeds == [1] * 6
     assert pvalues[other.label] == paired_bootstrap_p(mine, theirs)
 
 
 def test_items_are_paired_only_within_a_seed(sweep):
     rows = build_rows(find_runs([sweep]))
     lora, s2ft = rows
-    seed1 = Row("s2ft", [_seed(s2ft, 1)])
-    assert not _seed(s2ft, 1).item_losses("gsm8k_test").keys() & lora.runs[0].item_losses("gsm8k_test").keys()
-    best, pvalues = compare_heldout([lora, seed1], "gsm8k_test")
+    seed0, seed1 = Row("lora", [_seed(lora, 0)]), Row("s2ft", [_seed(s2ft, 1)])
+    assert not _seed(s2ft, 1).item_losses("gsm8k_test").keys() & _seed(lora, 0).item_losses("gsm8k_test").keys()
+    best, pvalues = compare_heldout([seed0, seed1], "gsm8k_test")
     assert list(pvalues.values()) == [None]  # seed 1's items are not seed 0's: nothing to pair, no test
 
 
-def test_heldout_losses_are_compared_item_by_item_for_single_seed_rows(sweep):
+def _paired_losses(mine: Row, theirs: Row, name: str) -> tuple[list, list, list, list]:
+    """Summed NLLs of the held-out items both rows scored per shared seed, their token counts and seeds."""
+    a, b, tokens, seeds = [], [], [], []
+    for seed in sorted({r.summary["seed"] for r in mine.runs} & {r.summary["seed"] for r in theirs.runs}):
+        x, y = _seed(mine, seed).item_losses(name), _seed(theirs, seed).item_losses(name)
+        assert x.keys() == y.keys()
+        for item in sorted(x):
+            a.append(x[item][0]), b.append(y[item][0]), tokens.append(x[item][1]), seeds.append(seed)
+    return a, b, tokens, seeds
+
+
+def test_heldout_losses_are_compared_item_by_item(sweep):
     rows = build_rows(find_runs([sweep]))
     for name in ("commonsense_test", "gsm8k_test"):
         losses = {row.label: row.values(heldout_after(name)) for row in rows}
         best, pvalues = compare_heldout(rows, name)
         assert best.label == min(losses, key=lambda label: statistics.mean(losses[label]))
         other = next(row for row in rows if row is not best)
-        mine, theirs = _seed(other, 0).item_losses(name), _seed(best, 0).item_losses(name)
-        # Seed 0 of both rows scored the same held-out items (4 drawn; the smoke max_length may leave one without a
-        # response token); their token-weighted means are the summaries' losses.
-        assert mine.keys() == theirs.keys() and 3 <= len(mine) <= 4
-        for run in (_seed(other, 0), _seed(best, 0)):
+        for run in other.runs + best.runs:
+            # 4 items drawn per seed (the smoke max_length may leave one without a response token); their
+            # token-weighted mean is the summary's loss.
             items = run.item_losses(name).values()
+            assert 3 <= len(items) <= 4
             mean = sum(nll for nll, _ in items) / sum(tokens for _, tokens in items)
             assert mean == pytest.approx(heldout_after(name)(run.summary), rel=1e-12)
-        ids = sorted(mine)
-        expected = paired_bootstrap_p(
-            [mine[i][0] for i in ids], [theirs[i][0] for i in ids], weights=[mine[i][1] for i in ids]
-        )
-        assert pvalues == {other.label: expected}
+        a, b, tokens, seeds = _paired_losses(other, best, name)
+        assert set(seeds) == {0, 1}
+        assert pvalues == {other.label: paired_bootstrap_p(a, b, weights=tokens, clusters=seeds)}
         line = heldout_statement(name, best, pvalues)
         assert line.startswith(f"- Held-out loss {name}: lowest {best.label};") and f"{other.label} p=" in line
 
@@ -137,9 +158,8 @@ def test_reference_row_is_compared_with_every_other_row(sweep, tmp_path):
     lora, s2ft = rows
     anchor, pvalues = compare_heldout(rows, "gsm8k_test", reference="s2ft")
     assert anchor is s2ft and set(pvalues) == {"lora"}
-    mine, theirs = _seed(lora, 0).item_losses("gsm8k_test"), _seed(s2ft, 0).item_losses("gsm8k_test")
-    ids = sorted(mine)
-    expected = paired_bootstrap_p([mine[i][0] for i in ids], [theirs[i][0] for i in ids], [mine[i][1] for i in ids])
+    a, b, tokens, seeds = _paired_losses(lora, s2ft, "gsm8k_test")
+    expected = paired_bootstrap_p(a, b, weights=tokens, clusters=seeds)
     assert pvalues["lora"] == expected
     assert compare_to_best(rows, ["boolq"], reference="dora") == (None, {})
 
@@ -187,6 +207,26 @@ def test_paired_bootstrap_detects_only_real_differences():
     assert paired_bootstrap_p(mostly, mostly[1:] + mostly[:1]) > 0.5  # one item apart
     with pytest.raises(ValueError, match="equally long"):
         paired_bootstrap_p([True], [True, False])
+
+
+def test_hierarchical_bootstrap_does_not_read_one_seeds_luck_as_certainty():
+    # Seed 0: the first row is right on all 50 items the second gets wrong; seed 1: the rows tie (25 wins each way).
+    a = [True] * 50 + [True] * 25 + [False] * 25
+    b = [False] * 50 + [False] * 25 + [True] * 25
+    seeds = [0] * 50 + [1] * 50
+    # Pooled items, a +0.5 difference looks certain. Resampling seeds first, a quarter of the resamples draw seed 0
+    # twice (+1.0, as far from +0.5 as zero is) and a quarter seed 1 twice (its 100 resampled items' mean is <= 0,
+    # as extreme, with probability P(Binomial(100, 1/2) <= 50) = 0.540): p = 0.25 + 0.25 * 0.540 = 0.385.
+    assert paired_bootstrap_p(a, b) == 0.0
+    assert paired_bootstrap_p(a, b, clusters=seeds) == pytest.approx(0.385, abs=0.02)  # Monte Carlo sd 0.005
+    # Seeds that agree keep the difference significant.
+    assert paired_bootstrap_p(a[:50] * 2, b[:50] * 2, clusters=seeds) == 0.0
+    # One seed is the flat bootstrap, resample for resample.
+    mostly = [True] * 60 + [False] * 40
+    other = mostly[5:] + mostly[:5]
+    assert paired_bootstrap_p(mostly, other, clusters=[7] * 100) == paired_bootstrap_p(mostly, other)
+    with pytest.raises(ValueError, match="clusters must label every item"):
+        paired_bootstrap_p(a, b, clusters=seeds[:-1])
 
 
 def test_weighted_bootstrap_compares_per_token_losses():
@@ -270,6 +310,11 @@ def test_report_from_wandb_matches_the_local_report(sweep, tmp_path, monkeypatch
         rows = [line.split(" | ") for line in report.splitlines() if line.startswith("| ") and "---" not in line]
         avg = rows[0].index("Avg")
         return {row[0].strip("| *"): row[avg] for row in rows[1:]}
+
+    # W&B holds no per-item predictions: rows with two or more seeds each are compared by Welch's t-test over seeds.
+    best, pvalues = compare_to_best(build_rows(runs), ["boolq", "arc_easy"])
+    rest = next(row for row in build_rows(runs) if row.label != best.label)
+    assert pvalues == {rest.label: welch_p(rest.values(avg_accuracy), best.values(avg_accuracy))}
 
     from_wandb = main(["--wandb", "team/s2ft", "--out", str(tmp_path / "wandb")]).read_text()
     from_disk = write_report(local, tmp_path / "disk").read_text()
