@@ -27,8 +27,10 @@ from experiments.report_table import (  # noqa: E402
     compare_to_best,
     group_runs,
     heldout_after,
+    heldout_roles,
     separable,
     task_accuracy,
+    train_domain,
     train_field,
     trainable_pct,
 )
@@ -102,11 +104,14 @@ def study_section(experiment: str, model: str, runs: list[Run], out: Path, refer
             lines += [title, "", *against, ""]
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{experiment}_{model}")
     title = f"{experiment} ({model})"
-    id_tasks = [t for t in tasks if t in GROUPS["id"]]
+    domain = train_domain(runs)
+    # GROUPS' id / far_ood tasks are the generalization study's split, for training on arithmetic.
+    id_tasks = [t for t in tasks if t in GROUPS["id"]] if domain == "arithmetic" else []
     ood_tasks = [t for t in tasks if t in GROUPS["far_ood"] and t not in id_tasks]
+    roles = heldout_roles(domain, heldout)
     figures = [
         accuracy_vs_trainable(rows, title, out / "figures" / f"{stem}_accuracy_vs_trainable.png"),
-        id_vs_ood(rows, id_tasks, ood_tasks, title, out / "figures" / f"{stem}_id_vs_ood.png"),
+        id_vs_ood(rows, id_tasks, ood_tasks, roles, title, out / "figures" / f"{stem}_id_vs_ood.png"),
         loss_curves(rows, title, out / "figures" / f"{stem}_loss_curves.png"),
     ]
     lines += [f"![{fig.stem}](figures/{fig.name})" for fig in figures if fig is not None]

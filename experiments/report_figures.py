@@ -12,8 +12,6 @@ import numpy as np  # noqa: E402
 
 from experiments.report_table import Row, avg_accuracy, heldout_after, task_accuracy, trainable_pct  # noqa: E402
 
-ID_LOSS, FAR_OOD_LOSS = "gsm8k_test", "commonsense_test"
-
 
 def accuracy_vs_trainable(rows: list[Row], title: str, path: Path) -> Path | None:
     """Average accuracy (mean and 95% CI over seeds) against the trainable share of parameters (log scale)."""
@@ -29,22 +27,34 @@ def accuracy_vs_trainable(rows: list[Row], title: str, path: Path) -> Path | Non
     return _save(fig, path)
 
 
-def id_vs_ood(rows: list[Row], id_tasks: list[str], ood_tasks: list[str], title: str, path: Path) -> Path | None:
-    """Two panels where the data exist: mean ID vs far-OOD accuracy, and ID vs far-OOD held-out loss."""
+def id_vs_ood(
+    rows: list[Row],
+    id_tasks: list[str],
+    ood_tasks: list[str],
+    heldout: tuple[str, str] | None,
+    title: str,
+    path: Path,
+) -> Path | None:
+    """Two panels where the data exist: mean ID vs far-OOD accuracy, and ID vs far-OOD held-out loss.
+
+    ``heldout``: the (in-domain, out-of-domain) held-out sets for the rows' training data (`heldout_roles`).
+    """
     panels = []
     if id_tasks and ood_tasks:
-        panels.append(("accuracy (%)", _mean_of(id_tasks, 100), _mean_of(ood_tasks, 100)))
-    panels.append(("held-out loss", heldout_after(ID_LOSS), heldout_after(FAR_OOD_LOSS)))
-    panels = [p for p in panels if any(row.values(p[1]) and row.values(p[2]) for row in rows)]
+        panels.append(("accuracy (%)", "accuracy (%)", _mean_of(id_tasks, 100), _mean_of(ood_tasks, 100)))
+    if heldout is not None:
+        inside, outside = heldout
+        panels.append((f"loss {inside}", f"loss {outside}", heldout_after(inside), heldout_after(outside)))
+    panels = [p for p in panels if any(row.values(p[2]) and row.values(p[3]) for row in rows)]
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
-    for ax, (unit, x_metric, y_metric) in zip(axes[0], panels, strict=True):
+    for ax, (x_unit, y_unit, x_metric, y_metric) in zip(axes[0], panels, strict=True):
         for row in rows:
             x, y = row.estimate(x_metric), row.estimate(y_metric)
             if x is not None and y is not None:
                 ax.errorbar(x.mean, y.mean, xerr=x.ci or 0, yerr=y.ci or 0, fmt="o", capsize=3, label=row.label)
-        ax.set(xlabel=f"in-distribution {unit}", ylabel=f"far-OOD {unit}", title=title)
+        ax.set(xlabel=f"in-distribution {x_unit}", ylabel=f"far-OOD {y_unit}", title=title)
         ax.legend(fontsize=7)
     return _save(fig, path)
 

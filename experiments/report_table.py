@@ -69,6 +69,23 @@ def train_field(key: str):
     return lambda summary: (summary.get("train") or {}).get(key)
 
 
+def train_domain(runs: list[Run]) -> str | None:
+    """The domain of the runs' training data when every run's config names it and all of it is of one domain."""
+    domains = [run.train_domains() for run in runs]
+    if not domains or any(d is None for d in domains) or len(set.union(*domains)) != 1:
+        return None
+    return next(iter(domains[0]))
+
+
+def heldout_roles(domain: str | None, names: list[str]) -> tuple[str, str] | None:
+    """The (in-domain, out-of-domain) held-out sets among ``names`` for training data of ``domain``, if both exist."""
+    from s2ft.data import HELDOUT_DOMAINS
+
+    inside = [name for name in names if domain is not None and HELDOUT_DOMAINS.get(name) == domain]
+    outside = [name for name in names if HELDOUT_DOMAINS.get(name, domain) != domain]
+    return (inside[0], outside[0]) if inside and outside else None
+
+
 def trainable_pct(summary: dict) -> float | None:
     return summary.get("trainable_pct")
 

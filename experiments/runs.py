@@ -50,6 +50,16 @@ class Run:
             flat["data.train"] = (self.config.get("data") or {}).get("train")
         return {key: json.dumps(value, sort_keys=True) for key, value in flat.items() if key not in REPETITION_KEYS}
 
+    def train_domains(self) -> set[str] | None:
+        """The domains of the run's training data (`TrainSource.domain`); None when its config does not say."""
+        from s2ft.data import UnknownNameError, resolve_train_sources
+
+        train = ((self.config or {}).get("data") or {}).get("train")
+        try:
+            return {source.domain for source in resolve_train_sources(train)} if train else None
+        except UnknownNameError:
+            return None
+
     def item_correct(self, task: str) -> dict[str, bool]:
         """Item id -> correct, from `predictions/TASK.jsonl` (empty when the run has no predictions)."""
         if task not in self._correct:

@@ -1,5 +1,6 @@
 """The report on summaries of real smoke runs: grouping, seed statistics, significance, figures, CLI."""
 
+import copy
 import json
 import shutil
 import statistics
@@ -10,7 +11,16 @@ import yaml
 from scipy import stats
 
 from experiments.report import heldout_statement, main, significance_statement, write_report
-from experiments.report_table import Row, avg_accuracy, build_rows, compare_heldout, compare_to_best, heldout_after
+from experiments.report_table import (
+    Row,
+    avg_accuracy,
+    build_rows,
+    compare_heldout,
+    compare_to_best,
+    heldout_after,
+    heldout_roles,
+    train_domain,
+)
 from experiments.runs import find_runs
 from experiments.stats import estimate, paired_bootstrap_p, welch_p
 
@@ -66,6 +76,24 @@ def test_report_tables_and_figures(sweep, tmp_path):
         png = tmp_path / "figures" / f"commonsense_smollm_tiny_llama_{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"figures/{png.name}" in report
+
+
+def test_heldout_roles_follow_the_training_data(sweep):
+    from s2ft.data import HELDOUT_DOMAINS, TRAIN_SETS
+
+    runs = find_runs([sweep])
+    assert train_domain(runs) == "commonsense"  # commonsense_mix: forgetting is measured on GSM8K, not the reverse
+    names = ["gsm8k_test", "commonsense_test"]
+    assert heldout_roles("commonsense", names) == ("commonsense_test", "gsm8k_test")
+    assert heldout_roles("arithmetic", names) == ("gsm8k_test", "commonsense_test")
+    assert heldout_roles("instruction", names) is None and heldout_roles(None, names) is None
+    assert heldout_roles("arithmetic", ["gsm8k_test"]) is None
+    arith = copy.deepcopy(runs[0])
+    arith.config["data"]["train"] = ["gsm8k"]
+    assert train_domain([arith]) == "arithmetic" and train_domain([arith, *runs]) is None  # mixed: no roles
+    arith.config = None
+    assert train_domain([arith]) is None
+    assert set(HELDOUT_DOMAINS.values()) <= {source.domain for source in TRAIN_SETS.values()}
 
 
 def test_different_experiments_are_never_averaged_together(sweep, tmp_path):

@@ -2,7 +2,7 @@
 
 from s2ft.data.prompt import build_prompt
 from s2ft.data.records import DataError, Example, load_hub, read_gsm8k, read_llm_adapters, read_mawps_raw
-from s2ft.data.sources import HELDOUT_SETS, eval_subset, load_eval, load_heldout, load_train, split_validation
+from s2ft.data.sources import HELDOUT_DOMAINS, eval_subset, load_eval, load_heldout, load_train, split_validation
 from s2ft.data.tasks import (
     GROUPS,
     TASKS,
@@ -18,7 +18,7 @@ from s2ft.data.tasks import (
 
 __all__ = [
     "GROUPS",
-    "HELDOUT_SETS",
+    "HELDOUT_DOMAINS",
     "TASKS",
     "TRAIN_GROUPS",
     "TRAIN_SETS",

@@ -15,7 +15,8 @@ from s2ft.data.tasks import GROUPS, TaskSpec, UnknownNameError, data_path, resol
 
 log = logging.getLogger(__name__)
 _READERS = {"llm_adapters": read_llm_adapters, "gsm8k": read_gsm8k, "mawps_raw": read_mawps_raw}
-HELDOUT_SETS = ("gsm8k_test", "commonsense_test")
+# The domain of each held-out set: in domain for runs trained on that domain, out of domain (forgetting) otherwise.
+HELDOUT_DOMAINS = {"gsm8k_test": "arithmetic", "commonsense_test": "commonsense"}
 
 
 def _permutation(count: int, seed: int, stream: str) -> list[int]:
@@ -163,4 +164,4 @@ def load_heldout(name: str, data_dir: str | Path) -> list[Example]:
         return read_gsm8k(data_path(data_dir, "gsm8k/test.jsonl"), "gsm8k_test")
     if name == "commonsense_test":
         return [ex for task in resolve_tasks("commonsense") for ex in load_eval(task, data_dir)]
-    raise UnknownNameError(f"unknown held-out set {name!r}; valid: {', '.join(HELDOUT_SETS)}")
+    raise UnknownNameError(f"unknown held-out set {name!r}; valid: {', '.join(HELDOUT_DOMAINS)}")

@@ -112,12 +112,14 @@ class TrainSource:
         name: Source name used in ``data.train``.
         reader: "llm_adapters", "gsm8k", "mawps_raw" or "hub".
         path: File relative to the data directory (hub sources: the `HUB_DATASETS` name).
+        domain: "commonsense", "arithmetic" or "instruction": which held-out set is in domain for a run trained on it.
         clean_against: Evaluation tasks or groups whose questions are removed from this source when it is loaded.
     """
 
     name: str
     reader: str
     path: str
+    domain: str
     clean_against: tuple[str, ...] = ()
 
 
@@ -128,19 +130,33 @@ _CLEAN_COMMONSENSE = ("commonsense",)
 TRAIN_SETS: dict[str, TrainSource] = {
     source.name: source
     for source in (
-        TrainSource("boolq", "llm_adapters", "llm-adapters/dataset/boolq/train.json", _CLEAN_COMMONSENSE),
-        TrainSource("arc_easy", "llm_adapters", "llm-adapters/dataset/ARC-Easy/train.json", _CLEAN_COMMONSENSE),
         TrainSource(
-            "arc_challenge", "llm_adapters", "llm-adapters/dataset/ARC-Challenge/train.json", _CLEAN_COMMONSENSE
+            "boolq", "llm_adapters", "llm-adapters/dataset/boolq/train.json", "commonsense", _CLEAN_COMMONSENSE
         ),
-        TrainSource("openbookqa", "llm_adapters", "llm-adapters/dataset/openbookqa/train.json", _CLEAN_COMMONSENSE),
-        TrainSource("gsm8k", "gsm8k", "gsm8k/train.jsonl"),
-        TrainSource("mawps", "mawps_raw", "llm-adapters/dataset/mawps/trainset.json"),
+        TrainSource(
+            "arc_easy", "llm_adapters", "llm-adapters/dataset/ARC-Easy/train.json", "commonsense", _CLEAN_COMMONSENSE
+        ),
+        TrainSource(
+            "arc_challenge",
+            "llm_adapters",
+            "llm-adapters/dataset/ARC-Challenge/train.json",
+            "commonsense",
+            _CLEAN_COMMONSENSE,
+        ),
+        TrainSource(
+            "openbookqa",
+            "llm_adapters",
+            "llm-adapters/dataset/openbookqa/train.json",
+            "commonsense",
+            _CLEAN_COMMONSENSE,
+        ),
+        TrainSource("gsm8k", "gsm8k", "gsm8k/train.jsonl", "arithmetic"),
+        TrainSource("mawps", "mawps_raw", "llm-adapters/dataset/mawps/trainset.json", "arithmetic"),
         # An 80% split of the arithmetic test sets (data/README.md): the overlap guard refuses it by default.
-        TrainSource("math_data", "llm_adapters", "llm-adapters/ft-training_set/math_data.json"),
-        TrainSource("commonsense_170k", "hub", "commonsense_170k", _CLEAN_COMMONSENSE),
-        TrainSource("math_10k", "hub", "math_10k"),
-        TrainSource("alpaca_gpt4", "hub", "alpaca_gpt4"),
+        TrainSource("math_data", "llm_adapters", "llm-adapters/ft-training_set/math_data.json", "arithmetic"),
+        TrainSource("commonsense_170k", "hub", "commonsense_170k", "commonsense", _CLEAN_COMMONSENSE),
+        TrainSource("math_10k", "hub", "math_10k", "arithmetic"),
+        TrainSource("alpaca_gpt4", "hub", "alpaca_gpt4", "instruction"),
     )
 }
 TRAIN_GROUPS: dict[str, list[str]] = {"commonsense_mix": ["boolq", "arc_easy", "arc_challenge", "openbookqa"]}
