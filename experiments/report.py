@@ -131,7 +131,9 @@ def significance_statement(best: Row | None, pvalues: dict[str, float | None]) -
             "seeds); do not rank these rows."
         )
     worse = sorted(label for label, p in pvalues.items() if p is not None and p < ALPHA)
-    return f"Best mean: {best.label}. Significantly below it (p < {ALPHA}, marked *): {', '.join(worse)}."
+    # Labels in code spans: the untrained row is labelled "none", which in plain prose reads as "no row".
+    listed = ", ".join(f"`{label}`" for label in worse)
+    return f"Best mean: `{best.label}`. Significantly below it (p < {ALPHA}, marked *): {listed}."
 
 
 def heldout_statement(name: str, best: Row | None, pvalues: dict[str, float | None]) -> str | None:
@@ -141,7 +143,7 @@ def heldout_statement(name: str, best: Row | None, pvalues: dict[str, float | No
         return None
     cells = ", ".join(f"{label} p={_fmt_p(p)}" for label, p in sorted(tested.items()))
     verdict = "separable" if separable(tested) else "not separable"
-    return f"- Held-out loss {name}: lowest {best.label}; {verdict} ({cells})."
+    return f"- Held-out loss {name}: lowest `{best.label}`; {verdict} ({cells})."
 
 
 def reference_statement(

@@ -177,7 +177,7 @@ def test_heldout_losses_are_compared_item_by_item(sweep):
         assert set(seeds) == {0, 1}
         assert pvalues == {other.label: paired_bootstrap_p(a, b, weights=tokens, clusters=seeds)}
         line = heldout_statement(name, best, pvalues)
-        assert line.startswith(f"- Held-out loss {name}: lowest {best.label};") and f"{other.label} p=" in line
+        assert line.startswith(f"- Held-out loss {name}: lowest `{best.label}`;") and f"{other.label} p=" in line
 
 
 def test_reference_row_is_compared_with_every_other_row(sweep, tmp_path):
@@ -273,7 +273,7 @@ def test_statement_refuses_to_rank_inseparable_rows():
 
     best = Row("s2ft", [])
     assert significance_statement(best, {"lora": 0.4, "full": None}).startswith("Not separable")
-    assert "lora" in significance_statement(best, {"lora": 0.01, "full": 0.3})
+    assert significance_statement(best, {"none": 0.01, "full": 0.3}).endswith("marked *): `none`.")
 
 
 class FakeWandbRun:
