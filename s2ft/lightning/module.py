@@ -82,7 +82,7 @@ class S2FTLitModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         elapsed = max(time.perf_counter() - self._batch_start, 1e-9)
         self.log("train/tokens_per_s", float(batch["attention_mask"].sum()) / elapsed)
-        self.log("train/peak_mem_mb", peak_memory_mb())
+        self.log("train/peak_mem_mb", self.peak_mem_mb())
         if self.trainer.fit_loop.epoch_loop._should_accumulate():
             return
         self.loss_curve.append((self.trainer.global_step, self.last_loss))
