@@ -84,22 +84,33 @@ def study_section(experiment: str, model: str, runs: list[Run], out: Path, refer
         cells += [_fmt(row.estimate(train_field("peak_mem_mb")), 1, 0), str(len(row.runs))]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", significance_statement(best, pvalues), ""]
-    lines += [line for name in heldout if (line := heldout_statement(name, *compare_heldout(rows, name)))]
+    lowest = {name: compare_heldout(rows, name) for name in heldout}
+    lines += [line for name in heldout if (line := heldout_statement(name, *lowest[name]))]
     lines += [""] if heldout else []
     if reference is not None:
-        against = [
-            reference_statement("Avg accuracy", avg_accuracy, 100, 1, rows, *compare_to_best(rows, tasks, reference))
-        ]
+
+        def against_reference(found: tuple[Row | None, dict], compare) -> tuple[Row | None, dict]:
+            # When the reference is the best row its comparisons are the ones already made.
+            return found if found[0] is not None and found[0].label == reference else compare()
+
+        accuracy = against_reference((best, pvalues), lambda: compare_to_best(rows, tasks, reference))
+        against = [reference_statement("Avg accuracy", avg_accuracy, 100, 1, rows, *accuracy)]
         against += [
             reference_statement(
-                f"held-out loss {name}", heldout_after(name), 1, 4, rows, *compare_heldout(rows, name, reference)
+                f"held-out loss {name}",
+                heldout_after(name),
+                1,
+                4,
+                rows,
+                *against_reference(lowest[name], lambda name=name: compare_heldout(rows, name, reference)),
             )
             for name in heldout
         ]
         against = [line for line in against if line]
         if against:
             title = (
-                f"{reference} against each other row (difference of means, other row minus {reference}; p as above):"
+                f"`{reference}` against each other row (difference of means, other row minus `{reference}`; "
+                "p as above):"
             )
             lines += [title, "", *against, ""]
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{experiment}_{model}")
@@ -119,19 +130,21 @@ def study_section(experiment: str, model: str, runs: list[Run], out: Path, refer
 
 
 def significance_statement(best: Row | None, pvalues: dict[str, float | None]) -> str:
-    """One sentence on whether the study separates its rows (never a ranking the data do not support)."""
+    """One sentence on whether the study separates its rows (never a ranking the data do not support).
+
+    Row labels go in code spans wherever they appear in prose: the untrained row is "none", which reads as "no row".
+    """
     if best is None:
         return "No run has task accuracies, so no row is compared."
     if not pvalues:
-        return f"Only one row ({best.label}): nothing to compare."
+        return f"Only one row (`{best.label}`): nothing to compare."
     if not separable(pvalues):
         return (
-            f"Not separable: no row differs from the best mean ({best.label}) at the {ALPHA:.0%} level "
+            f"Not separable: no row differs from the best mean (`{best.label}`) at the {ALPHA:.0%} level "
             "(paired bootstrap over the items of runs with the same seed, hierarchical over seeds; else Welch over "
             "seeds); do not rank these rows."
         )
     worse = sorted(label for label, p in pvalues.items() if p is not None and p < ALPHA)
-    # Labels in code spans: the untrained row is labelled "none", which in plain prose reads as "no row".
     listed = ", ".join(f"`{label}`" for label in worse)
     return f"Best mean: `{best.label}`. Significantly below it (p < {ALPHA}, marked *): {listed}."
 
@@ -141,7 +154,7 @@ def heldout_statement(name: str, best: Row | None, pvalues: dict[str, float | No
     tested = {label: p for label, p in pvalues.items() if p is not None}
     if best is None or not tested:
         return None
-    cells = ", ".join(f"{label} p={_fmt_p(p)}" for label, p in sorted(tested.items()))
+    cells = ", ".join(f"`{label}` p={_fmt_p(p)}" for label, p in sorted(tested.items()))
     verdict = "separable" if separable(tested) else "not separable"
     return f"- Held-out loss {name}: lowest `{best.label}`; {verdict} ({cells})."
 
@@ -157,7 +170,7 @@ def reference_statement(
     cells = []
     for label, p in sorted(pvalues.items()):
         diff = f"{scale * (by_label[label].estimate(metric).mean - base):+.{digits}f}"
-        cells.append(f"{label} {diff} ({'untested' if p is None else f'p={_fmt_p(p)}'})")
+        cells.append(f"`{label}` {diff} ({'untested' if p is None else f'p={_fmt_p(p)}'})")
     return f"- {what}: {', '.join(cells)}."
 
 

@@ -177,7 +177,7 @@ def test_heldout_losses_are_compared_item_by_item(sweep):
         assert set(seeds) == {0, 1}
         assert pvalues == {other.label: paired_bootstrap_p(a, b, weights=tokens, clusters=seeds)}
         line = heldout_statement(name, best, pvalues)
-        assert line.startswith(f"- Held-out loss {name}: lowest `{best.label}`;") and f"{other.label} p=" in line
+        assert line.startswith(f"- Held-out loss {name}: lowest `{best.label}`;") and f"`{other.label}` p=" in line
 
 
 def test_reference_row_is_compared_with_every_other_row(sweep, tmp_path):
@@ -195,8 +195,8 @@ def test_reference_row_is_compared_with_every_other_row(sweep, tmp_path):
     diff = statistics.mean(lora.values(heldout_after("gsm8k_test"))) - statistics.mean(
         s2ft.values(heldout_after("gsm8k_test"))
     )
-    assert "s2ft against each other row" in report
-    assert f"- held-out loss gsm8k_test: lora {diff:+.4f} (p={expected:.3f}" in report
+    assert "`s2ft` against each other row" in report
+    assert f"- held-out loss gsm8k_test: `lora` {diff:+.4f} (p={expected:.3f}" in report
     assert "against each other row" not in write_report(runs, tmp_path / "none", reference=None).read_text()
 
 
