@@ -63,7 +63,9 @@ def study_section(experiment: str, model: str, runs: list[Run], out: Path, refer
     header = ["method", *tasks, "Avg", "Avg 95% CI", "p vs best"]
     has_val = any((run.summary.get("train") or {}).get("val_loss") is not None for run in runs)
     header += ["val loss"] * has_val + [f"loss {name}" for name in heldout]
-    header += ["trainable %", "train time (s)", "peak mem (MB)", "seeds"]
+    # Runs from before the pace was recorded have only wall time, which absorbs whatever else the machine ran.
+    has_pace = any((run.summary.get("train") or {}).get("median_tokens_per_s") is not None for run in runs)
+    header += ["trainable %", "train time (s)"] + ["train tokens/s"] * has_pace + ["peak mem (MB)", "seeds"]
     lines = [
         f"## {experiment} — {model}",
         "",
@@ -81,6 +83,7 @@ def study_section(experiment: str, model: str, runs: list[Run], out: Path, refer
         cells += [_fmt(row.estimate(train_field("val_loss")), 1, 4)] * has_val
         cells += [_fmt(row.estimate(heldout_after(name)), 1, 4) for name in heldout]
         cells += [_fmt(row.estimate(trainable_pct), 1, 3), _fmt(row.estimate(train_field("wall_s")), 1, 0)]
+        cells += [_fmt(row.estimate(train_field("median_tokens_per_s")), 1, 0)] * has_pace
         cells += [_fmt(row.estimate(train_field("peak_mem_mb")), 1, 0), str(len(row.runs))]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", significance_statement(best, pvalues), ""]

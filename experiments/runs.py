@@ -116,8 +116,9 @@ def wandb_runs(project: str) -> list[Run]:
 
     Each W&B run carries the resolved config and the metrics the runner logs (``eval/TASK/accuracy``,
     ``eval/avg_accuracy``, ``heldout/SET``, ``trainable_params``, ``trainable_pct``, ``train/wall_s``,
-    ``train/val_loss``, ``train/peak_mem_mb``, and ``train/loss`` against ``trainer/global_step``). Item-level
-    predictions stay on disk, so single-seed rows are compared only where a t-test over seeds is possible.
+    ``train/val_loss``, ``train/median_tokens_per_s``, ``train/peak_mem_mb``, and ``train/loss`` against
+    ``trainer/global_step``). Item-level predictions stay on disk, so single-seed rows are compared only where a
+    t-test over seeds is possible.
     """
     import wandb
 
@@ -143,6 +144,7 @@ def wandb_runs(project: str) -> list[Run]:
                 "wall_s": metrics.get("train/wall_s", metrics.get("_runtime")),
                 "val_loss": metrics.get("train/val_loss"),
                 "peak_mem_mb": metrics.get("train/peak_mem_mb"),
+                "median_tokens_per_s": metrics.get("train/median_tokens_per_s"),
                 "loss_curve": [
                     [int(row["trainer/global_step"]), row["train/loss"]]
                     for row in history

@@ -3,6 +3,7 @@
 import csv
 import os
 import signal
+import statistics
 import time
 from pathlib import Path
 
@@ -26,11 +27,11 @@ def smoke_config(*overrides: str, logger: str = "none") -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def logged(run_dir: Path) -> dict[tuple[str, int], float]:
-    """(metric, step) -> value of the loss and lr rows of a run's metrics.csv (timings and memory vary by run)."""
+def logged(run_dir: Path, timings: bool = False) -> dict[tuple[str, int], float]:
+    """(metric, step) -> value of the loss and lr rows of a run's metrics.csv (timings, which vary by run, too)."""
     with (run_dir / "metrics.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    keys = ("train/loss", "train/lr", "train/tokens", "val/loss")
+    keys = ("train/loss", "train/lr", "train/tokens", "val/loss") + ("train/tokens_per_s",) * timings
     values = {(k, int(row["step"])): float(row[k]) for row in rows for k in keys if row.get(k)}
     assert len(values) == sum(1 for row in rows for k in keys if row.get(k)), "a metric was logged twice at one step"
     return values
@@ -95,6 +96,13 @@ def test_sigterm_checkpoint_then_resume_matches_uninterrupted_run(tmp_path, stop
     assert resumed["train"]["loss_curve"] == full["train"]["loss_curve"]
     assert resumed["train"]["val_curve"] == full["train"]["val_curve"] and len(full["train"]["val_curve"]) == 3
     assert resumed["train"]["tokens"] == full["train"]["tokens"]
+    # The pace is the median over every batch of both sessions, as logged (the checkpoint carries the first six).
+    assert len(ckpt["s2ft"]["pace"]) == 6
+    paces = [
+        value for (key, _), value in logged(tmp_path / "resumed", timings=True).items() if key == "train/tokens_per_s"
+    ]
+    assert len(paces) == 13
+    assert resumed["train"]["median_tokens_per_s"] == round(statistics.median(paces), 1)
 
     # Ctrl-C: the batch in flight finishes, the checkpoint is written at its end, then the run exits.
     before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under a shell's background job

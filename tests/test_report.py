@@ -78,6 +78,25 @@ def test_report_tables_and_figures(sweep, tmp_path):
         assert f"figures/{png.name}" in report
 
 
+def test_pace_column_shows_the_runs_median_tokens_per_s_when_recorded(sweep, tmp_path):
+    runs = find_runs([sweep])
+
+    def pace_cells(report: str) -> dict[str, str] | None:
+        table = [line.split(" | ") for line in report.splitlines() if line.startswith("| ") and "---" not in line]
+        if "train tokens/s" not in table[0]:
+            return None
+        column = table[0].index("train tokens/s")
+        return {row[0].strip("| *"): row[column] for row in table[1:]}
+
+    s2ft = [run for run in runs if run.method == "s2ft"]
+    paces = [run.summary["train"]["median_tokens_per_s"] for run in s2ft]
+    expected = f"{statistics.mean(paces):.0f} ± {statistics.stdev(paces):.0f}"
+    assert pace_cells(write_report(runs, tmp_path / "with").read_text())["s2ft"] == expected
+    for run in runs:  # runs written before the pace was recorded
+        run.summary["train"].pop("median_tokens_per_s")
+    assert pace_cells(write_report(runs, tmp_path / "without").read_text()) is None
+
+
 def test_heldout_roles_follow_the_training_data(sweep):
     from s2ft.data import HELDOUT_DOMAINS, TRAIN_SETS
 
@@ -332,6 +351,7 @@ def test_report_from_wandb_matches_the_local_report(sweep, tmp_path, monkeypatch
         assert {n: h["after"] for n, h in s["heldout"].items()} == {n: h["after"] for n, h in w["heldout"].items()}
         assert s["train"]["loss_curve"] == w["train"]["loss_curve"]  # global steps, not W&B's _step
         assert s["train"]["wall_s"] == w["train"]["wall_s"]  # training time, not the W&B run's _runtime
+        assert s["train"]["median_tokens_per_s"] == w["train"]["median_tokens_per_s"] > 0
         assert got.settings() == want.settings()
 
     def avg_cells(report: str) -> dict[str, str]:

@@ -17,7 +17,7 @@ SUMMARY_KEYS = {
     "experiment", "method", "model", "strategy", "order", "ratios", "seed", "trainable_params", "total_params",
     "trainable_pct", "train", "eval", "avg_accuracy", "heldout", "git_commit", "versions", "wandb",
 }  # fmt: skip
-TRAIN_KEYS = {"steps", "tokens", "wall_s", "peak_mem_mb", "final_loss", "loss_curve"}
+TRAIN_KEYS = {"steps", "tokens", "wall_s", "median_tokens_per_s", "peak_mem_mb", "final_loss", "loss_curve"}
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,7 @@ def test_each_job_has_its_own_complete_run_dir(sweep):
         assert TRAIN_KEYS <= summary["train"].keys() and summary["train"]["steps"] == 5
         assert [step for step, _ in summary["train"]["loss_curve"]] == [1, 2, 3, 4, 5]
         assert summary["train"]["final_loss"] == summary["train"]["loss_curve"][-1][1]
+        assert summary["train"]["median_tokens_per_s"] > 0
         assert 0 < summary["trainable_params"] < summary["total_params"]
         assert summary["trainable_pct"] == pytest.approx(100 * summary["trainable_params"] / summary["total_params"])
         assert set(summary["eval"]) == set(TASKS) and set(summary["eval_before"]) == set(TASKS)

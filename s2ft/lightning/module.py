@@ -38,6 +38,9 @@ class S2FTLitModule(L.LightningModule):
         self.last_loss: float | None = None
         self.loss_curve: list[tuple[int, float]] = []
         self.val_curve: list[tuple[int, float]] = []
+        # Tokens per second of each training batch: their median is a run's pace, which other jobs on the machine
+        # or a stall (checkpointing, validation) barely move, unlike its wall time.
+        self.pace: list[float] = []
         self._batch_start = 0.0
         # Training seconds of earlier sessions of a resumed run (up to their last checkpoint) plus this session's.
         self._wall_before = 0.0
@@ -81,7 +84,8 @@ class S2FTLitModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         elapsed = max(time.perf_counter() - self._batch_start, 1e-9)
-        self.log("train/tokens_per_s", float(batch["attention_mask"].sum()) / elapsed)
+        self.pace.append(float(batch["attention_mask"].sum()) / elapsed)
+        self.log("train/tokens_per_s", self.pace[-1])
         self.log("train/peak_mem_mb", self.peak_mem_mb())
         if self.trainer.fit_loop.epoch_loop._should_accumulate():
             return
@@ -115,6 +119,7 @@ class S2FTLitModule(L.LightningModule):
             "last_loss": self.last_loss,
             "loss_curve": self.loss_curve,
             "val_curve": self.val_curve,
+            "pace": self.pace,
             "wall_s": self._elapsed(),
             "peak_mem_mb": self.peak_mem_mb(),
         }
@@ -131,6 +136,7 @@ class S2FTLitModule(L.LightningModule):
         self.last_loss = state.get("last_loss")
         self.loss_curve = [tuple(point) for point in state.get("loss_curve", [])]
         self.val_curve = [tuple(point) for point in state.get("val_curve", [])]
+        self.pace = list(state.get("pace", []))
         self._wall_before = state.get("wall_s", 0.0)
         self.peak_mem_before = state.get("peak_mem_mb", 0.0)
 

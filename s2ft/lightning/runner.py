@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import statistics
 from pathlib import Path
 
 import lightning as L
@@ -167,6 +168,8 @@ def _train(cfg: dict, run_dir: Path) -> dict | None:
         "final_loss": module.last_loss,
         "loss_curve": [list(point) for point in module.loss_curve],
     }
+    if module.pace:
+        train_stats["median_tokens_per_s"] = round(statistics.median(module.pace), 1)
     if module.val_curve:
         # The validation split (data.val_size) is for choices such as learning rates; the test sets are not.
         train_stats["val_loss"] = module.val_curve[-1][1]
@@ -363,7 +366,11 @@ def flat_metrics(summary: dict) -> dict[str, float]:
         metrics["eval/avg_accuracy"] = summary["avg_accuracy"]
     metrics |= {f"heldout/{name}": v["after"] for name, v in summary.get("heldout", {}).items()}
     train = summary.get("train") or {}
-    metrics |= {f"train/{key}": train[key] for key in ("wall_s", "val_loss") if train.get(key) is not None}
+    metrics |= {
+        f"train/{key}": train[key]
+        for key in ("wall_s", "val_loss", "median_tokens_per_s")
+        if train.get(key) is not None
+    }
     return metrics
 
 

@@ -40,8 +40,9 @@ def build_summary(cfg: dict, counts: dict, train: dict | None, evaluation: dict 
     Args:
         cfg: The resolved config.
         counts: `{"trainable_params", "total_params", "trainable_pct"}` (`s2ft.methods.trainable_summary`).
-        train: `{"steps", "tokens", "wall_s", "peak_mem_mb", "final_loss", "loss_curve"}` (and `val_loss`,
-            `val_curve` with a validation split, `best_val_loss` with checkpoint selection), None for eval-only runs.
+        train: `{"steps", "tokens", "wall_s", "median_tokens_per_s", "peak_mem_mb", "final_loss", "loss_curve"}`
+            (and `val_loss`, `val_curve` with a validation split, `best_val_loss` with checkpoint selection), None
+            for eval-only runs.
         evaluation: The result of `s2ft.evaluation.evaluate`, None when no task was evaluated.
         **extra: Further top-level fields (`eval_before`, `heldout`, `wandb`, `ddp`, ...).
     """
