@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import PurePath
 
 from experiments.runs import Run
 from experiments.stats import ALPHA, Estimate, estimate, paired_bootstrap_p, welch_p
@@ -48,9 +50,17 @@ def build_rows(runs: list[Run]) -> list[Row]:
         for run, s in zip(method_runs, settings, strict=True):
             variants.setdefault(tuple(s.get(k) for k in varying), []).append(run)
         for values, variant_runs in sorted(variants.items(), key=lambda item: str(item[0])):
-            parts = [f"{k.removeprefix('options.')}={v}" for k, v in zip(varying, values, strict=True)]
+            parts = [f"{k.removeprefix('options.')}={_short(v)}" for k, v in zip(varying, values, strict=True)]
             rows.append(Row(" ".join([method, *parts]), variant_runs))
     return rows
+
+
+def _short(value: str) -> str:
+    """A setting as a label shows it: a path (a fusion run's excluded adapter) by its last two parts."""
+    path = json.loads(value)
+    if isinstance(path, str) and "/" in path:
+        return "/".join(PurePath(path).parts[-2:])
+    return value
 
 
 def avg_accuracy(summary: dict) -> float | None:

@@ -224,6 +224,8 @@ def test_study_family_smoke_runs(experiment, point, tmp_path):
 
 def test_fusion_study_smoke(tmp_path):
     from experiments.fusion_study import fuse_and_evaluate
+    from experiments.report_table import build_rows
+    from experiments.runs import find_runs
 
     first = tmp_path / "gsm8k"
     run_smoke("fusion_smollm", ["data.train=[gsm8k]"], first)
@@ -233,6 +235,13 @@ def test_fusion_study_smoke(tmp_path):
     assert fused["method"] == "fused" and fused["fusion"]["shared_units"] == 0  # the exclude made them disjoint
     assert set(fused["eval"]) == {"gsm8k", "openbookqa"}
     assert (tmp_path / "fused" / "predictions" / "openbookqa.jsonl").is_file()
+    # The report tells the three runs apart by what differs; the excluded adapter by its run, not its full path.
+    labels = [row.label for row in build_rows(find_runs([tmp_path]))]
+    assert labels == [
+        "fused",
+        's2ft data.train=["commonsense_mix"] exclude=gsm8k/adapter',
+        's2ft data.train=["gsm8k"] exclude=null',
+    ]
 
 
 @pytest.mark.slow
