@@ -41,6 +41,18 @@ def shared_units(adapter_a: Path, adapter_b: Path) -> int:
     return sum(len(set(units_a[key].tolist()) & set(units_b[key].tolist())) for key in units_a.keys() & units_b.keys())
 
 
+def fused_parameter_count(adapters: list[Path]) -> int:
+    """Weight entries the fused delta changes: the union of the adapters' units, shared units counted once."""
+    from s2ft.adapter import load_adapter_file
+
+    units: dict[str, tuple[set[int], int]] = {}
+    for path in adapters:
+        for name, m in load_adapter_file(path).modules.items():
+            seen, _ = units.setdefault(name, (set(), m.unit_size * m.shape[1 - m.axis]))
+            seen.update(m.units.tolist())
+    return sum(len(seen) * per_unit for seen, per_unit in units.values())
+
+
 def fuse_and_evaluate(run_a: Path, run_b: Path, out: Path, weights: tuple[float, float] = (1.0, 1.0)) -> dict:
     """Fuse the adapters of two runs into a fresh base model, evaluate it, and write a run directory at ``out``.
 
@@ -77,7 +89,10 @@ def fuse_and_evaluate(run_a: Path, run_b: Path, out: Path, weights: tuple[float,
     (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     measured = measure_model(model, tokenizer, cfg, out)
     heldout = {name: {"before": None, "after": loss} for name, loss in measured["heldout"].items()}
-    counts = trainable_summary(model)
+    # The fused model is a plain one with every weight trainable; its "trained" part is what the adapters changed.
+    total = trainable_summary(model)["total_params"]
+    changed = fused_parameter_count([run_a / "adapter", run_b / "adapter"])
+    counts = {"trainable_params": changed, "total_params": total, "trainable_pct": 100 * changed / total}
     summary = build_summary(cfg, counts, None, measured["eval"], heldout=heldout, fusion=cfg["fusion"])
     write_json(summary, out / "summary.json")
     print_summary(summary)

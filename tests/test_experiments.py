@@ -1,6 +1,7 @@
 """Every experiment config composes and validates at every point of its sweep; each study family smoke-runs."""
 
 import itertools
+import json
 from pathlib import Path
 
 import pytest
@@ -223,7 +224,7 @@ def test_study_family_smoke_runs(experiment, point, tmp_path):
 
 
 def test_fusion_study_smoke(tmp_path):
-    from experiments.fusion_study import fuse_and_evaluate
+    from experiments.fusion_study import fuse_and_evaluate, fused_parameter_count
     from experiments.report_table import build_rows
     from experiments.runs import find_runs
 
@@ -233,6 +234,12 @@ def test_fusion_study_smoke(tmp_path):
     run_smoke("fusion_smollm", ["data.train=[commonsense_mix]", f"method.options.exclude={first}/adapter"], second)
     fused = fuse_and_evaluate(first, second, tmp_path / "fused")
     assert fused["method"] == "fused" and fused["fusion"]["shared_units"] == 0  # the exclude made them disjoint
+    runs = {path.name: json.loads((path / "summary.json").read_text()) for path in (first, second)}
+    # Disjoint adapters change both runs' parameters; an adapter fused with itself changes only its own.
+    assert fused["trainable_params"] == runs["gsm8k"]["trainable_params"] + runs["commonsense"]["trainable_params"]
+    assert fused["total_params"] == runs["gsm8k"]["total_params"]
+    assert fused["trainable_pct"] == pytest.approx(100 * fused["trainable_params"] / fused["total_params"])
+    assert fused_parameter_count([first / "adapter"] * 2) == runs["gsm8k"]["trainable_params"]
     assert set(fused["eval"]) == {"gsm8k", "openbookqa"}
     assert (tmp_path / "fused" / "predictions" / "openbookqa.jsonl").is_file()
     # The report tells the three runs apart by what differs; the excluded adapter by its run, not its full path.
