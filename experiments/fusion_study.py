@@ -15,8 +15,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    from s2ft.adapter import Adapter
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,21 +37,17 @@ def read_run(run_dir: Path) -> dict:
     return config
 
 
-def shared_units(adapter_a: Path, adapter_b: Path) -> int:
+def shared_units(adapter_a: Adapter, adapter_b: Adapter) -> int:
     """How many (layer, component, unit) triples both adapters trained."""
-    from s2ft.adapter import load_adapter_file
-
-    units_a, units_b = load_adapter_file(adapter_a).units(), load_adapter_file(adapter_b).units()
+    units_a, units_b = adapter_a.units(), adapter_b.units()
     return sum(len(set(units_a[key].tolist()) & set(units_b[key].tolist())) for key in units_a.keys() & units_b.keys())
 
 
-def fused_parameter_count(adapters: list[Path]) -> int:
+def fused_parameter_count(adapters: list[Adapter]) -> int:
     """Weight entries the fused delta changes: the union of the adapters' units, shared units counted once."""
-    from s2ft.adapter import load_adapter_file
-
     units: dict[str, tuple[set[int], int]] = {}
-    for path in adapters:
-        for name, m in load_adapter_file(path).modules.items():
+    for adapter in adapters:
+        for name, m in adapter.modules.items():
             seen, _ = units.setdefault(name, (set(), m.unit_size * m.shape[1 - m.axis]))
             seen.update(m.units.tolist())
     return sum(len(seen) * per_unit for seen, per_unit in units.values())
@@ -59,7 +59,7 @@ def fuse_and_evaluate(run_a: Path, run_b: Path, out: Path, weights: tuple[float,
     Returns:
         The summary written to ``out/summary.json``.
     """
-    from s2ft.adapter import fuse_adapters
+    from s2ft.adapter import fuse_adapters, load_adapter_file
     from s2ft.lightning.runner import measure_model
     from s2ft.lightning.summary import build_summary, print_summary, write_json
     from s2ft.methods import trainable_summary
@@ -71,7 +71,8 @@ def fuse_and_evaluate(run_a: Path, run_b: Path, out: Path, weights: tuple[float,
     ev = dict(cfg_a["eval"])
     ev["tasks"] = list(dict.fromkeys([*(cfg_a["eval"].get("tasks") or []), *(cfg_b["eval"].get("tasks") or [])]))
     ev["heldout"] = list(dict.fromkeys([*(cfg_a["eval"].get("heldout") or []), *(cfg_b["eval"].get("heldout") or [])]))
-    overlap = shared_units(run_a / "adapter", run_b / "adapter")
+    adapters = [load_adapter_file(run / "adapter") for run in (run_a, run_b)]
+    overlap = shared_units(*adapters)
     cfg = {
         **cfg_a,
         "eval": ev,
@@ -84,14 +85,14 @@ def fuse_and_evaluate(run_a: Path, run_b: Path, out: Path, weights: tuple[float,
         dtype=model_cfg.get("dtype", "float32"),
         cache_dir=model_cfg.get("cache_dir") or cfg["paths"].get("cache_dir"),
     )
-    model = fuse_adapters(model, [run_a / "adapter", run_b / "adapter"], list(weights)).eval()
+    model = fuse_adapters(model, adapters, list(weights)).eval()
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     measured = measure_model(model, tokenizer, cfg, out)
     heldout = {name: {"before": None, "after": loss} for name, loss in measured["heldout"].items()}
     # The fused model is a plain one with every weight trainable; its "trained" part is what the adapters changed.
     total = trainable_summary(model)["total_params"]
-    changed = fused_parameter_count([run_a / "adapter", run_b / "adapter"])
+    changed = fused_parameter_count(adapters)
     counts = {"trainable_params": changed, "total_params": total, "trainable_pct": 100 * changed / total}
     summary = build_summary(cfg, counts, None, measured["eval"], heldout=heldout, fusion=cfg["fusion"])
     write_json(summary, out / "summary.json")

@@ -227,6 +227,7 @@ def test_fusion_study_smoke(tmp_path):
     from experiments.fusion_study import fuse_and_evaluate, fused_parameter_count
     from experiments.report_table import build_rows
     from experiments.runs import find_runs
+    from s2ft.adapter import load_adapter_file
 
     first = tmp_path / "gsm8k"
     run_smoke("fusion_smollm", ["data.train=[gsm8k]"], first)
@@ -239,7 +240,7 @@ def test_fusion_study_smoke(tmp_path):
     assert fused["trainable_params"] == runs["gsm8k"]["trainable_params"] + runs["commonsense"]["trainable_params"]
     assert fused["total_params"] == runs["gsm8k"]["total_params"]
     assert fused["trainable_pct"] == pytest.approx(100 * fused["trainable_params"] / fused["total_params"])
-    assert fused_parameter_count([first / "adapter"] * 2) == runs["gsm8k"]["trainable_params"]
+    assert fused_parameter_count([load_adapter_file(first / "adapter")] * 2) == runs["gsm8k"]["trainable_params"]
     assert set(fused["eval"]) == {"gsm8k", "openbookqa"}
     assert (tmp_path / "fused" / "predictions" / "openbookqa.jsonl").is_file()
     # The report tells the three runs apart by what differs; the excluded adapter by its run, not its full path.
