@@ -25,6 +25,7 @@ from experiments.report_table import (  # noqa: E402
     build_rows,
     compare_heldout,
     compare_to_best,
+    group_accuracy,
     group_runs,
     heldout_after,
     heldout_roles,
@@ -36,6 +37,9 @@ from experiments.report_table import (  # noqa: E402
 )
 from experiments.runs import Run, find_runs, wandb_runs  # noqa: E402
 from experiments.stats import ALPHA, Estimate  # noqa: E402
+
+# Column titles of the generalization study's groups (s2ft.data.tasks.GROUPS), in the paper's Figure 2 order.
+SPLIT_GROUPS = {"id": "ID", "near_ood_easy": "near-OOD easy", "near_ood_hard": "near-OOD hard", "far_ood": "far-OOD"}
 
 
 def write_report(runs: list[Run], out: Path, reference: str | None = "s2ft") -> Path:
@@ -60,7 +64,10 @@ def study_section(experiment: str, model: str, runs: list[Run], out: Path, refer
     tasks = list(dict.fromkeys(task for run in runs for task in (run.summary.get("eval") or {})))
     heldout = list(dict.fromkeys(name for run in runs for name in (run.summary.get("heldout") or {})))
     best, pvalues = compare_to_best(rows, tasks)
-    header = ["method", *tasks, "Avg", "Avg 95% CI", "p vs best"]
+    # The generalization study's split (Figure 2), shown when the runs were evaluated on more than one of its groups.
+    groups = [g for g in SPLIT_GROUPS if any(g in (run.summary.get("groups") or {}) for run in runs)]
+    groups = groups if len(groups) > 1 else []
+    header = ["method", *tasks, "Avg", "Avg 95% CI", "p vs best", *(SPLIT_GROUPS[g] for g in groups)]
     has_val = any((run.summary.get("train") or {}).get("val_loss") is not None for run in runs)
     header += ["val loss"] * has_val + [f"loss {name}" for name in heldout]
     # Runs from before the pace was recorded have only wall time, which absorbs whatever else the machine ran.
@@ -80,6 +87,7 @@ def study_section(experiment: str, model: str, runs: list[Run], out: Path, refer
         cells += [_fmt(row.estimate(task_accuracy(task)), 100, 1) for task in tasks]
         cells += [_fmt(avg, 100, 1), "-" if avg is None or avg.ci is None else f"± {100 * avg.ci:.1f}"]
         cells += ["best" if row is best else "-" if p is None else _fmt_p(p)]
+        cells += [_fmt(row.estimate(group_accuracy(g)), 100, 1) for g in groups]
         cells += [_fmt(row.estimate(train_field("val_loss")), 1, 4)] * has_val
         cells += [_fmt(row.estimate(heldout_after(name)), 1, 4) for name in heldout]
         cells += [_fmt(row.estimate(trainable_pct), 1, 3), _fmt(row.estimate(train_field("wall_s")), 1, 0)]

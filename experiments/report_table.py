@@ -71,6 +71,10 @@ def task_accuracy(task: str):
     return lambda summary: (summary.get("eval") or {}).get(task, {}).get("accuracy")
 
 
+def group_accuracy(group: str):
+    return lambda summary: (summary.get("groups") or {}).get(group)
+
+
 def heldout_after(name: str):
     return lambda summary: ((summary.get("heldout") or {}).get(name) or {}).get("after")
 

@@ -115,7 +115,7 @@ def wandb_runs(project: str) -> list[Run]:
     """The runs of a W&B project ``ENTITY/PROJECT`` rebuilt as summaries (needs a network and a W&B login).
 
     Each W&B run carries the resolved config and the metrics the runner logs (``eval/TASK/accuracy``,
-    ``eval/avg_accuracy``, ``heldout/SET``, ``trainable_params``, ``trainable_pct``, ``train/wall_s``,
+    ``eval/avg_accuracy``, ``groups/GROUP``, ``heldout/SET``, ``trainable_params``, ``trainable_pct``, ``train/wall_s``,
     ``train/val_loss``, ``train/median_tokens_per_s``, ``train/peak_mem_mb``, and ``train/loss`` against
     ``trainer/global_step``). Item-level predictions stay on disk, so single-seed rows are compared only where a
     t-test over seeds is possible.
@@ -139,6 +139,7 @@ def wandb_runs(project: str) -> list[Run]:
             "trainable_pct": metrics.get("trainable_pct"),
             "eval": {task: {"accuracy": acc, "n": None, "mode": None} for task, acc in tasks.items()},
             "avg_accuracy": metrics.get("eval/avg_accuracy"),
+            "groups": {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("groups/")},
             "heldout": {k.split("/", 1)[1]: {"after": v} for k, v in metrics.items() if k.startswith("heldout/")},
             "train": {
                 "wall_s": metrics.get("train/wall_s", metrics.get("_runtime")),

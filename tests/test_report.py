@@ -97,6 +97,45 @@ def test_pace_column_shows_the_runs_median_tokens_per_s_when_recorded(sweep, tmp
     assert pace_cells(write_report(runs, tmp_path / "without").read_text()) is None
 
 
+def _column(report: str, title: str) -> dict[str, str] | None:
+    table = [line.split(" | ") for line in report.splitlines() if line.startswith("| ") and "---" not in line]
+    if title not in table[0]:
+        return None
+    return {row[0].strip("| *"): row[table[0].index(title)] for row in table[1:]}
+
+
+def test_generalization_groups_are_columns_of_the_table(sweep, tmp_path, monkeypatch):
+    import wandb
+
+    from experiments.runs import wandb_runs
+
+    runs = find_runs([sweep])
+    for i, run in enumerate(runs):  # as if each had been evaluated on the ID, near-OOD (easy) and far-OOD sets
+        run.summary["groups"] = {"id": 0.1 + 0.01 * i, "near_ood_easy": 0.2 + 0.03 * i, "far_ood": 0.4 - 0.02 * i}
+    report = write_report(runs, tmp_path / "split").read_text()
+    assert _column(report, "near-OOD hard") is None  # not evaluated
+    for group, title in (("id", "ID"), ("near_ood_easy", "near-OOD easy"), ("far_ood", "far-OOD")):
+        for label, cell in _column(report, title).items():
+            values = [100 * run.summary["groups"][group] for run in runs if run.method == label]
+            assert cell == f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+    # The same columns from W&B: the runner logs the groups as groups/GROUP.
+    remote = []
+    for i, run in enumerate(runs):
+        run_dir = tmp_path / "remote" / str(i)
+        shutil.copytree(sweep / str(i), run_dir, ignore=shutil.ignore_patterns("wandb", "checkpoints", "adapter"))
+        (run_dir / "summary.json").write_text(json.dumps(run.summary))
+        remote.append(FakeWandbRun(run_dir, i))
+    monkeypatch.setattr(wandb, "Api", lambda: type("Api", (), {"runs": lambda self, p: remote})())
+    from_wandb = write_report(wandb_runs("team/s2ft"), tmp_path / "wandb").read_text()
+    assert _column(from_wandb, "near-OOD easy") == _column(report, "near-OOD easy")
+
+    # A commonsense study's only split group is far-OOD, the same sets as Avg: no group column.
+    for run in runs:
+        run.summary["groups"] = {"commonsense": run.summary["avg_accuracy"], "far_ood": run.summary["avg_accuracy"]}
+    assert _column(write_report(runs, tmp_path / "one").read_text(), "far-OOD") is None
+
+
 def test_heldout_roles_follow_the_training_data(sweep):
     from s2ft.data import HELDOUT_DOMAINS, TRAIN_SETS
 

@@ -364,6 +364,7 @@ def flat_metrics(summary: dict) -> dict[str, float]:
     metrics = {f"eval/{task}/accuracy": r["accuracy"] for task, r in summary["eval"].items()}
     if summary.get("avg_accuracy") is not None:
         metrics["eval/avg_accuracy"] = summary["avg_accuracy"]
+    metrics |= {f"groups/{group}": acc for group, acc in (summary.get("groups") or {}).items()}
     metrics |= {f"heldout/{name}": v["after"] for name, v in summary.get("heldout", {}).items()}
     train = summary.get("train") or {}
     metrics |= {
