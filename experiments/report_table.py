@@ -50,7 +50,9 @@ def build_rows(runs: list[Run]) -> list[Row]:
         for run, s in zip(method_runs, settings, strict=True):
             variants.setdefault(tuple(s.get(k) for k in varying), []).append(run)
         for values, variant_runs in sorted(variants.items(), key=lambda item: str(item[0])):
-            parts = [f"{k.removeprefix('options.')}={_short(v)}" for k, v in zip(varying, values, strict=True)]
+            # A key that only some runs have (one component of a target_split dict) labels only those runs.
+            present = [(k, v) for k, v in zip(varying, values, strict=True) if v is not None]
+            parts = [f"{k.removeprefix('options.')}={_short(v)}" for k, v in present]
             rows.append(Row(" ".join([method, *parts]), variant_runs))
     return rows
 

@@ -65,6 +65,24 @@ def test_runs_are_found_and_grouped_into_rows(sweep):
     assert got.std == pytest.approx(statistics.stdev(accuracies), abs=1e-12)
 
 
+def test_rows_of_a_component_sweep_are_labelled_by_their_component():
+    from experiments.runs import Run
+
+    def run(split: dict, seed: int) -> Run:
+        summary = {"experiment": "components_smollm", "model": "smollm2_135m", "method": "s2ft", "seed": seed}
+        options = {"target_split": split, "strategy": "random", "seed": seed}
+        return Run(summary, {"method": {"name": "s2ft", "lr": 1e-3, "options": options}, "seed": seed})
+
+    runs = [run({c: 1.0}, seed) for c in ("q", "o", "down") for seed in (0, 1)]
+    rows = build_rows(runs)
+    assert sorted(row.label for row in rows) == [
+        "s2ft target_split.down=1.0",
+        "s2ft target_split.o=1.0",
+        "s2ft target_split.q=1.0",
+    ]
+    assert all(len(row.runs) == 2 for row in rows)
+
+
 def test_report_tables_and_figures(sweep, tmp_path):
     report = write_report(find_runs([sweep]), tmp_path).read_text()
     assert "## commonsense_smollm — tiny_llama" in report
