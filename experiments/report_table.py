@@ -58,11 +58,12 @@ def build_rows(runs: list[Run]) -> list[Row]:
 
 
 def _short(value: str) -> str:
-    """A setting as a label shows it: a path (a fusion run's excluded adapter) by its last two parts."""
-    path = json.loads(value)
-    if isinstance(path, str) and "/" in path:
-        return "/".join(PurePath(path).parts[-2:])
-    return value
+    """A setting as a label shows it: a string without JSON quotes, a path (a fusion run's excluded adapter) by its
+    last two parts, anything else as JSON."""
+    setting = json.loads(value)
+    if not isinstance(setting, str):
+        return value
+    return "/".join(PurePath(setting).parts[-2:]) if "/" in setting else setting
 
 
 def avg_accuracy(summary: dict) -> float | None:

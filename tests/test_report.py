@@ -82,6 +82,11 @@ def test_rows_of_a_component_sweep_are_labelled_by_their_component():
     ]
     assert all(len(row.runs) == 2 for row in rows)
 
+    # A string setting reads without JSON quotes (a strategy sweep).
+    for r in runs:
+        r.config["method"]["options"]["strategy"] = "weight" if r.config["seed"] else "gradient"
+    assert "s2ft strategy=gradient target_split.q=1.0" in {row.label for row in build_rows(runs)}
+
 
 def test_report_tables_and_figures(sweep, tmp_path):
     report = write_report(find_runs([sweep]), tmp_path).read_text()
