@@ -101,30 +101,24 @@ def test_report_tables_and_figures(sweep, tmp_path):
         assert f"figures/{png.name}" in report
 
 
-def test_pace_column_shows_the_runs_median_tokens_per_s_when_recorded(sweep, tmp_path):
-    runs = find_runs([sweep])
-
-    def pace_cells(report: str) -> dict[str, str] | None:
-        table = [line.split(" | ") for line in report.splitlines() if line.startswith("| ") and "---" not in line]
-        if "train tokens/s" not in table[0]:
-            return None
-        column = table[0].index("train tokens/s")
-        return {row[0].strip("| *"): row[column] for row in table[1:]}
-
-    s2ft = [run for run in runs if run.method == "s2ft"]
-    paces = [run.summary["train"]["median_tokens_per_s"] for run in s2ft]
-    expected = f"{statistics.mean(paces):.0f} ± {statistics.stdev(paces):.0f}"
-    assert pace_cells(write_report(runs, tmp_path / "with").read_text())["s2ft"] == expected
-    for run in runs:  # runs written before the pace was recorded
-        run.summary["train"].pop("median_tokens_per_s")
-    assert pace_cells(write_report(runs, tmp_path / "without").read_text()) is None
-
-
 def _column(report: str, title: str) -> dict[str, str] | None:
+    """Row label -> cell of the report's column ``title`` (None when the table has no such column)."""
     table = [line.split(" | ") for line in report.splitlines() if line.startswith("| ") and "---" not in line]
     if title not in table[0]:
         return None
     return {row[0].strip("| *"): row[table[0].index(title)] for row in table[1:]}
+
+
+def test_pace_column_shows_the_runs_median_tokens_per_s_when_recorded(sweep, tmp_path):
+    runs = find_runs([sweep])
+
+    s2ft = [run for run in runs if run.method == "s2ft"]
+    paces = [run.summary["train"]["median_tokens_per_s"] for run in s2ft]
+    expected = f"{statistics.mean(paces):.0f} ± {statistics.stdev(paces):.0f}"
+    assert _column(write_report(runs, tmp_path / "with").read_text(), "train tokens/s")["s2ft"] == expected
+    for run in runs:  # runs written before the pace was recorded
+        run.summary["train"].pop("median_tokens_per_s")
+    assert _column(write_report(runs, tmp_path / "without").read_text(), "train tokens/s") is None
 
 
 def test_generalization_groups_are_columns_of_the_table(sweep, tmp_path, monkeypatch):
@@ -416,11 +410,6 @@ def test_report_from_wandb_matches_the_local_report(sweep, tmp_path, monkeypatch
         assert s["train"]["median_tokens_per_s"] == w["train"]["median_tokens_per_s"] > 0
         assert got.settings() == want.settings()
 
-    def avg_cells(report: str) -> dict[str, str]:
-        rows = [line.split(" | ") for line in report.splitlines() if line.startswith("| ") and "---" not in line]
-        avg = rows[0].index("Avg")
-        return {row[0].strip("| *"): row[avg] for row in rows[1:]}
-
     # W&B holds no per-item predictions: rows with two or more seeds each are compared by Welch's t-test over seeds.
     best, pvalues = compare_to_best(build_rows(runs), ["boolq", "arc_easy"])
     rest = next(row for row in build_rows(runs) if row.label != best.label)
@@ -428,7 +417,7 @@ def test_report_from_wandb_matches_the_local_report(sweep, tmp_path, monkeypatch
 
     from_wandb = main(["--wandb", "team/s2ft", "--out", str(tmp_path / "wandb")]).read_text()
     from_disk = write_report(local, tmp_path / "disk").read_text()
-    assert avg_cells(from_wandb) == avg_cells(from_disk) and len(avg_cells(from_disk)) == 2
+    assert _column(from_wandb, "Avg") == _column(from_disk, "Avg") and len(_column(from_disk, "Avg")) == 2
 
     monkeypatch.setattr(wandb, "Api", lambda: type("Api", (), {"runs": lambda self, p: [other]})())
     with pytest.raises(ValueError, match="has no s2ft runs"):
