@@ -16,9 +16,8 @@ def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from s2ft.data.overlap import DataOverlapError
+    from s2ft.errors import UserError
     from s2ft.lightning import run_experiment
-    from s2ft.run_config import RunConfigError
 
     hydra_cfg = HydraConfig.get()
     debug = hydra_cfg.runtime.choices.get("debug")
@@ -27,7 +26,7 @@ def main(cfg: DictConfig) -> None:
     run_dir = hydra_cfg.runtime.output_dir
     try:
         run_experiment(OmegaConf.to_container(cfg, resolve=True), run_dir)
-    except (RunConfigError, DataOverlapError) as err:
+    except UserError as err:
         sys.exit(f"error: {err}")
     except SIGTERMException:
         resume = f"python run.py <same overrides> hydra.run.dir={run_dir} ckpt_path=last"

@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from s2ft.errors import UserError
 from s2ft.layers import S2FTLinear
 from s2ft.permute import permute_linear
 from s2ft.structures import AXIS, find_structures, unit_positions
@@ -28,7 +29,7 @@ WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter_config.json"
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError, ValueError):
     """An adapter that is missing, corrupt, or does not fit the model it is applied to."""
 
 

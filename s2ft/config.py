@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from s2ft.errors import UserError
+
 COMPONENTS = ("q", "k", "v", "o", "gate", "up", "down")
 ORDERS = ("large", "small")
 ALLOCATIONS = ("uniform", "global")
@@ -14,7 +16,7 @@ LAYOUTS = ("gather", "permuted")
 DEFAULT_TARGET_SPLIT = {"o": 0.5, "down": 0.5}
 
 
-class S2FTConfigError(ValueError):
+class S2FTConfigError(UserError, ValueError):
     """A bad S2FTConfig or a budget that does not fit the model."""
 
 

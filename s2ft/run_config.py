@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from s2ft.errors import UserError
+
 MODES = ("train", "eval")
 EVAL_MODES = ("generate", "loglik")
 SCHEDULERS = ("linear", "cosine")
@@ -18,7 +20,7 @@ SELECT_BEST = (None, "val_loss")
 S2FT_ONLY = ("ratios", "target_params", "target_split", "match_lora", "strategy", "order", "allocation", "layout")
 
 
-class RunConfigError(ValueError):
+class RunConfigError(UserError, ValueError):
     """A config with one or more problems; the message lists all of them."""
 
 

@@ -13,12 +13,13 @@ import logging
 import re
 
 from s2ft.data.records import Example
+from s2ft.errors import UserError
 
 log = logging.getLogger(__name__)
 _NON_ALPHANUMERIC = re.compile(r"[\W_]+")
 
 
-class DataOverlapError(ValueError):
+class DataOverlapError(UserError, ValueError):
     """The training set contains questions of an evaluation set."""
 
 

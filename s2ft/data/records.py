@@ -9,11 +9,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from s2ft.errors import UserError
+
 LLM_ADAPTERS_FIELDS = ("instruction", "input", "output", "answer")
 _CALCULATOR_ANNOTATION = re.compile(r"<<[^>]*>>")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file or record that cannot be used as it is."""
 
 

@@ -14,6 +14,8 @@ formats handled, per task:
 
 import re
 
+from s2ft.errors import UserError
+
 OPTION_MARKER = re.compile(r"(?<![A-Za-z])(Answer|Solution|Option|Ending)(\d+):")
 ANSWER_FORMAT = re.compile(r"\s*Answer format:")
 AQUA_CHOICES = re.compile(r"Answer Choices:")
@@ -21,7 +23,7 @@ AQUA_MARKER = re.compile(r"\(([A-E])\)")
 BLANK_SENTENCE = re.compile(r"the given sentence:\s*(.*?)\s*$", re.DOTALL)
 
 
-class OptionParseError(ValueError):
+class OptionParseError(UserError, ValueError):
     """An instruction whose answer options cannot be read."""
 
 
