@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 if TYPE_CHECKING:
-    from s2ft.adapter import Adapter
+    from s2ft.adapter_format import Adapter
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -59,7 +59,8 @@ def fuse_and_evaluate(run_a: Path, run_b: Path, out: Path, weights: tuple[float,
     Returns:
         The summary written to ``out/summary.json``.
     """
-    from s2ft.adapter import fuse_adapters, load_adapter_file
+    from s2ft.adapter import fuse_adapters
+    from s2ft.adapter_format import load_adapter_file
     from s2ft.lightning.runner import measure_model
     from s2ft.lightning.summary import build_summary, print_summary, write_json
     from s2ft.methods import trainable_summary

@@ -1,13 +1,8 @@
 """s2ft: Structured Sparse Fine-Tuning (S2FT) for Llama-like decoders, with adapters in original coordinates."""
 
-__version__ = "0.1.0"
-
-from s2ft.adapter import (  # noqa: E402
-    Adapter,
-    AdapterError,
+from s2ft.adapter import (
     fuse_adapters,
     load_adapter,
-    load_adapter_file,
     merge_adapter,
     merge_and_unload,
     save_adapter,
@@ -15,12 +10,14 @@ from s2ft.adapter import (  # noqa: E402
     trainable_parameter_count,
     unmerge_adapter,
 )
-from s2ft.api import apply_s2ft  # noqa: E402
-from s2ft.config import S2FTConfig, S2FTConfigError  # noqa: E402
-from s2ft.layers import S2FTLinear  # noqa: E402
-from s2ft.permute import permute_model  # noqa: E402
-from s2ft.selection import select_units  # noqa: E402
-from s2ft.structures import find_structures  # noqa: E402
+from s2ft.adapter_format import Adapter, AdapterError, load_adapter_file
+from s2ft.api import apply_s2ft
+from s2ft.config import S2FTConfig, S2FTConfigError
+from s2ft.layers import S2FTLinear
+from s2ft.permute import permute_model
+from s2ft.selection import select_units
+from s2ft.structures import find_structures
+from s2ft.version import __version__
 
 __all__ = [
     "Adapter",

@@ -3,12 +3,12 @@
 import torch
 from torch import nn
 
-from s2ft.adapter import S2FTState, config_metadata, fingerprint, s2ft_modules
 from s2ft.config import COMPONENTS, LAYOUTS, S2FTConfig
 from s2ft.layers import S2FTLinear
 from s2ft.permute import permute_model
-from s2ft.selection import Selection, select_units
-from s2ft.structures import AXIS, find_structures, unit_positions
+from s2ft.selection import select_units
+from s2ft.state import S2FTState, check_fresh, fingerprint
+from s2ft.structures import AXIS, Selection, find_structures, unit_positions
 
 
 def apply_s2ft(model: nn.Module, cfg: S2FTConfig, calibration=None, layout: str | None = None) -> nn.Module:
@@ -28,10 +28,10 @@ def apply_s2ft(model: nn.Module, cfg: S2FTConfig, calibration=None, layout: str 
     Raises:
         ValueError: If the model already has S2FT applied, or on an invalid config/layout.
     """
-    _check_fresh(model)
+    check_fresh(model)
     cfg.validate()
     layout = cfg.layout if layout is None else layout
-    return apply_selection(model, select_units(model, cfg, calibration), layout, config_metadata(cfg))
+    return apply_selection(model, select_units(model, cfg, calibration), layout, cfg.metadata())
 
 
 def apply_selection(model: nn.Module, selection: Selection, layout: str = "gather", metadata=None) -> nn.Module:
@@ -51,7 +51,7 @@ def apply_selection(model: nn.Module, selection: Selection, layout: str = "gathe
     Returns:
         ``model``, in place, with ``model.s2ft_state``.
     """
-    _check_fresh(model)
+    check_fresh(model)
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
     selection = {key: torch.as_tensor(units, dtype=torch.long) for key, units in selection.items() if len(units)}
@@ -78,14 +78,8 @@ def apply_selection(model: nn.Module, selection: Selection, layout: str = "gathe
         wrapped = S2FTLinear(
             structure.linear(component), AXIS[component], unit_positions(units.sort().values, size), size
         )
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, wrapped)
+        model.set_submodule(name, wrapped)
         modules[name] = (layer, component)
     metadata = dict(metadata or {}) | {"layout": layout}
     model.s2ft_state = S2FTState(modules, metadata, unit_perms, flags, base_fingerprint)
     return model
-
-
-def _check_fresh(model: nn.Module) -> None:
-    if getattr(model, "s2ft_state", None) is not None or s2ft_modules(model):
-        raise ValueError("this model already has S2FT applied; start from a fresh base model (or merge_and_unload)")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from s2ft.errors import UserError
+from s2ft.registry import STRATEGIES
 
 COMPONENTS = ("q", "k", "v", "o", "gate", "up", "down")
 ORDERS = ("large", "small")
@@ -33,7 +36,7 @@ class S2FTConfig:
             parameters (float in (0, 1)).
         target_split: With target_params, component -> share of the target (shares sum to 1);
             default {"o": 0.5, "down": 0.5}, the paper's recipe.
-        strategy: Scoring strategy, a name registered in `s2ft.selection.STRATEGIES`
+        strategy: Scoring strategy, a name registered in `s2ft.registry.STRATEGIES`
             (random, weight, activation, weight_activation, gradient).
         order: "large" keeps the top-k scores, "small" the bottom-k.
         seed: Seed of the random strategy.
@@ -64,6 +67,12 @@ class S2FTConfig:
             self.layers = list(self.layers)
         self.validate()
 
+    def metadata(self) -> dict:
+        """The selection settings, JSON-ready, as ``adapter_config.json`` records them (an excluded adapter by path)."""
+        metadata = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "exclude"}
+        metadata["exclude"] = str(self.exclude) if isinstance(self.exclude, (str, os.PathLike)) else None
+        return metadata
+
     @property
     def components(self) -> list[str]:
         """The components that get units, in COMPONENTS order."""
@@ -76,9 +85,6 @@ class S2FTConfig:
         Raises:
             S2FTConfigError: If any field is invalid.
         """
-        # Imported here because selection.py imports this module; the registry is the source of valid names.
-        from s2ft.selection import STRATEGIES
-
         problems = []
         if (self.ratios is None) == (self.target_params is None):
             given = "both" if self.ratios is not None else "neither"

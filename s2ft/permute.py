@@ -7,8 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from s2ft.selection import Selection
-from s2ft.structures import ATTN_NAMES, AXIS, MLP_NAMES, LayerStructure, find_structures, unit_positions
+from s2ft.structures import ATTN_NAMES, AXIS, MLP_NAMES, LayerStructure, Selection, find_structures, unit_positions
 
 # Tensors a layer may hold besides the projections: Qwen3's q_norm / k_norm weights and (older transformers) rotary
 # frequencies act within a head, shared by all heads, so a head permutation leaves them valid. Anything else might

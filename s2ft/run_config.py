@@ -87,15 +87,15 @@ def _check_model(model: dict) -> list[str]:
 
 
 def _check_method(method: dict, training: bool) -> list[str]:
-    from s2ft.methods import EVAL_ONLY, METHODS, method_options
+    from s2ft.methods import METHODS, method_options
 
     name = method.get("name")
     if name not in METHODS:
         return [f"unknown method.name {name!r}; use one of {sorted(METHODS)}"]
     problems = []
-    if training and name in EVAL_ONLY:
+    if training and not METHODS[name].trains:
         problems.append(f"method {name!r} trains nothing; use mode=eval with it, or pick a method that trains")
-    if training and name not in EVAL_ONLY:
+    if training and METHODS[name].trains:
         if not _number(method.get("lr")) or method["lr"] <= 0:
             problems.append(f"method.lr must be > 0, got {method.get('lr')!r}")
         if not _number(method.get("weight_decay", 0.0)) or method.get("weight_decay", 0.0) < 0:

@@ -11,27 +11,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from s2ft.adapter_format import load_adapter_file
 from s2ft.config import COMPONENTS, DEFAULT_TARGET_SPLIT, S2FTConfig, S2FTConfigError
-from s2ft.structures import AXIS, LayerStructure, find_structures
+from s2ft.registry import STRATEGIES
+from s2ft.structures import AXIS, LayerStructure, Selection, find_structures
 
-Selection = dict[tuple[int, str], torch.Tensor]
 Scores = dict[tuple[int, str], torch.Tensor]
 ScoreFn = Callable[..., Scores]
-STRATEGIES: dict[str, ScoreFn] = {}
 
 
 def register(name: str) -> Callable[[ScoreFn], ScoreFn]:
-    """Registers a scoring strategy under `name`.
+    """Registers a scoring strategy under `name` in `s2ft.registry.STRATEGIES` (a name can be taken only once).
 
     A strategy is called as `fn(model, structures, components, calibration=..., seed=...)` and returns
     `{(layer index, component): float tensor [num_units]}`; higher means more important.
     """
-
-    def add(fn: ScoreFn) -> ScoreFn:
-        STRATEGIES[name] = fn
-        return fn
-
-    return add
+    return STRATEGIES.register(name)
 
 
 def round_half_up(x: float) -> int:
@@ -334,15 +329,11 @@ def excluded_units(exclude, structures: list[LayerStructure]) -> Selection:
     """Normalizes `cfg.exclude` to a Selection in original coordinates.
 
     Accepts a Selection dict ((layer, component) -> unit indices), a dict of module name -> unit indices, an
-    `s2ft.adapter.Adapter` (its `units()`), or a path to a saved adapter (read with `load_adapter_file`).
+    `s2ft.adapter_format.Adapter` (its `units()`), or a path to a saved adapter (read with `load_adapter_file`).
     """
     if exclude is None:
         return {}
     if isinstance(exclude, (str, Path)):
-        try:
-            from s2ft.adapter import load_adapter_file
-        except ImportError as err:
-            raise ValueError(f"exclude={str(exclude)!r} is a path, but s2ft.adapter cannot read adapters") from err
         exclude = load_adapter_file(exclude)
     if callable(getattr(exclude, "units", None)):
         exclude = exclude.units()

@@ -11,6 +11,8 @@ SUPPORTED = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCau
 ATTN_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
 MLP_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 AXIS = {"q": 0, "k": 0, "v": 0, "gate": 0, "up": 0, "o": 1, "down": 1}  # 0: output rows, 1: input columns
+# Which units are trained: (layer index, component) -> sorted unit indices (long).
+Selection = dict[tuple[int, str], torch.Tensor]
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import s2ft
-from s2ft.adapter import CONFIG_NAME, WEIGHTS_NAME, AdapterError, extract_adapter, s2ft_modules
+from s2ft.adapter import extract_adapter
+from s2ft.adapter_format import CONFIG_NAME, WEIGHTS_NAME, AdapterError
 from s2ft.api import apply_selection
+from s2ft.state import fingerprint, s2ft_modules
 from s2ft.structures import AXIS, find_structures, unit_positions
 
 RATIOS = {"q": 0.25, "k": 0.5, "v": 0.5, "o": 0.25, "gate": 0.05, "up": 0.05, "down": 0.05}
@@ -80,7 +82,7 @@ def test_adapter_config_records_base_selection_and_original_units(tmp_path):
         "seed": 7,
         "allocation": "uniform",
     }
-    assert config["fingerprint"] == s2ft.adapter.fingerprint(base)
+    assert config["fingerprint"] == fingerprint(base)
     adapter = s2ft.load_adapter_file(tmp_path)
     assert adapter.units().keys() == expected_units.keys()
     assert all(torch.equal(adapter.units()[key], units) for key, units in expected_units.items())
@@ -99,7 +101,7 @@ def test_permuted_adapter_holds_original_units_and_values():
     for name, m in adapter.modules.items():
         assert torch.equal(m.units, expected_units[m.layer, m.component]), name
         assert torch.equal(m.values, base.get_submodule(name).weight.index_select(m.axis, m.positions)), name
-    assert adapter.fingerprint == s2ft.adapter.fingerprint(base)
+    assert adapter.fingerprint == fingerprint(base)
 
 
 def test_load_trainable_keeps_values_trainable(tmp_path):
@@ -206,7 +208,7 @@ def test_switch_equals_loading_the_other_adapter_freshly(tmp_path, merged, layou
 def test_applying_or_loading_twice_is_refused(tmp_path):
     model = trained(build_tiny("llama_gqa"), s2ft.S2FTConfig(ratios={"o": 0.25}))
     s2ft.save_adapter(model, tmp_path)
-    with pytest.raises(ValueError, match="already has S2FT"):
+    with pytest.raises(ValueError, match="already has an S2FT adapter; start from a fresh base"):
         s2ft.apply_s2ft(model, s2ft.S2FTConfig(ratios={"o": 0.25}))
     with pytest.raises(ValueError, match="already has an S2FT adapter"):
         s2ft.load_adapter(model, tmp_path)

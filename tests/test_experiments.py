@@ -227,7 +227,7 @@ def test_fusion_study_smoke(tmp_path):
     from experiments.fusion_study import fuse_and_evaluate, fused_parameter_count
     from experiments.report_table import build_rows
     from experiments.runs import find_runs
-    from s2ft.adapter import load_adapter_file
+    from s2ft.adapter_format import load_adapter_file
 
     first = tmp_path / "gsm8k"
     run_smoke("fusion_smollm", ["data.train=[gsm8k]"], first)

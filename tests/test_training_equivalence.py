@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import build_tiny, calibration_batches
 
-from s2ft.adapter import merge_and_unload, s2ft_modules, trainable_parameter_count
+from s2ft.adapter import merge_and_unload, trainable_parameter_count
 from s2ft.api import apply_selection
+from s2ft.state import s2ft_modules
 from s2ft.structures import AXIS, find_structures, unit_positions
 
 # Hand-made selections touching all 7 components, with units in both KV groups and gathered (non-contiguous) units.

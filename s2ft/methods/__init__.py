@@ -1,36 +1,38 @@
 """Fine-tuning methods behind one interface: S2FT, LoRA, DoRA, full, SpFT and none (evaluation only).
 
-Every method module exposes ``DEFAULTS`` (its options and their defaults), ``prepare(model, options, calibration,
-name)``, ``save(model, out_dir)``, ``load(model, path)`` and ``merge(model)``. This module dispatches on the method
-name, rejects unknown options early, and reports trainable counts the same way for every method so budgets compare.
+Every method module defines a ``Method`` (``s2ft.methods.method``): its options with their defaults and its
+``prepare``, ``save``, ``load`` and ``merge`` steps; they are registered in ``METHODS`` by name. This module
+dispatches on the method name, rejects unknown options early, and reports trainable counts the same way for every
+method so budgets compare.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from importlib import import_module
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-METHODS = {"s2ft", "lora", "dora", "full", "spft", "none"}
-EVAL_ONLY = {"none"}  # methods with nothing to train: a training run with them is a configuration error
+from s2ft.methods import full, none, peft_lora, spft
+from s2ft.methods import s2ft as s2ft_method
+from s2ft.methods.method import Method
+from s2ft.registry import Registry
 
-_MODULES = {
-    "s2ft": "s2ft.methods.s2ft",
-    "lora": "s2ft.methods.peft_lora",
-    "dora": "s2ft.methods.peft_lora",
-    "full": "s2ft.methods.full",
-    "spft": "s2ft.methods.spft",
-    "none": "s2ft.methods.none",
-}
+METHODS: Registry[Method] = Registry("method")
+for _method in (s2ft_method.METHOD, peft_lora.LORA, peft_lora.DORA, full.METHOD, spft.METHOD, none.METHOD):
+    METHODS.register(_method.name)(_method)
 
 
-def _module(name: str):
+def get_method(name: str) -> Method:
+    """The registered method ``name``.
+
+    Raises:
+        ValueError: For an unknown name, listing the registered ones.
+    """
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)} (config key method.name)")
-    return import_module(_MODULES[name])
+    return METHODS[name]
 
 
 def method_options(name: str, options: dict[str, Any] | None) -> dict[str, Any]:
@@ -40,8 +42,7 @@ def method_options(name: str, options: dict[str, Any] | None) -> dict[str, Any]:
         name: A method in ``METHODS``.
         options: The ``method.options`` mapping of the config (``None`` means all defaults).
     """
-    module = _module(name)
-    defaults = module.DEFAULTS
+    defaults = get_method(name).defaults
     options = _plain(options or {})
     unknown = sorted(set(options) - set(defaults))
     if unknown:
@@ -73,14 +74,14 @@ def prepare_model(model: nn.Module, name: str, options: dict[str, Any] | None = 
     Returns:
         The prepared model (for LoRA/DoRA a PEFT wrapper around ``model``, otherwise ``model`` itself).
     """
-    return _module(name).prepare(model, method_options(name, options), calibration, name)
+    return get_method(name).prepare(model, method_options(name, options), calibration, name)
 
 
 def save_trained(model: nn.Module, name: str, out_dir: str | Path) -> None:
     """Save what method ``name`` trained into ``out_dir``: an adapter, sparse values, or the full weights."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _module(name).save(model, out_dir)
+    get_method(name).save(model, out_dir)
 
 
 def load_trained(model: nn.Module, name: str, path: str | Path) -> nn.Module:
@@ -88,12 +89,12 @@ def load_trained(model: nn.Module, name: str, path: str | Path) -> nn.Module:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no saved {name} weights at {path}: pass the folder save_trained wrote")
-    return _module(name).load(model, path)
+    return get_method(name).load(model, path)
 
 
 def merge_trained(model: nn.Module, name: str) -> nn.Module:
     """Fold what method ``name`` trained into plain weights: a standard, ``save_pretrained``-able transformers model."""
-    return _module(name).merge(model)
+    return get_method(name).merge(model)
 
 
 def trainable_summary(model: nn.Module) -> dict[str, float]:

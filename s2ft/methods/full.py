@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import load_file
 from torch import nn
+
+from s2ft.methods.method import Method
 
 DEFAULTS: dict[str, Any] = {}
 
@@ -21,8 +24,6 @@ def save(model: nn.Module, out_dir: Path) -> None:
 
 
 def load(model: nn.Module, path: Path) -> nn.Module:
-    from safetensors.torch import load_file
-
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path} holds no .safetensors weights: pass a folder written by save_trained")
@@ -37,3 +38,6 @@ def load(model: nn.Module, path: Path) -> nn.Module:
 
 def merge(model: nn.Module) -> nn.Module:
     return model
+
+
+METHOD = Method("full", DEFAULTS, prepare, save, load, merge)

@@ -7,6 +7,8 @@ from typing import Any
 
 from torch import nn
 
+from s2ft.methods.method import Method
+
 DEFAULTS: dict[str, Any] = {}
 
 
@@ -26,3 +28,6 @@ def load(model: nn.Module, path: Path) -> nn.Module:
 
 def merge(model: nn.Module) -> nn.Module:
     return model
+
+
+METHOD = Method("none", DEFAULTS, prepare, save, load, merge, trains=False)

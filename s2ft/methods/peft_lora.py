@@ -7,6 +7,8 @@ from typing import Any
 
 from torch import nn
 
+from s2ft.methods.method import Method
+
 DEFAULTS: dict[str, Any] = {
     "r": 32,
     "lora_alpha": 64,
@@ -85,3 +87,7 @@ def load(model: nn.Module, path: Path) -> nn.Module:
 
 def merge(model: nn.Module) -> nn.Module:
     return model.merge_and_unload()
+
+
+LORA = Method("lora", DEFAULTS, prepare, save, load, merge)
+DORA = Method("dora", DEFAULTS, prepare, save, load, merge)

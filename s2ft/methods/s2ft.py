@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from s2ft.adapter import load_adapter, merge_and_unload, save_adapter, trainable_parameter_count
+from s2ft.api import apply_s2ft
+from s2ft.config import COMPONENTS, S2FTConfig
+from s2ft.methods.method import Method
 from s2ft.methods.peft_lora import lora_param_count
+from s2ft.structures import find_structures
 
 DEFAULTS: dict[str, Any] = {
     "ratios": {"o": 0.05, "down": 0.02},
@@ -33,9 +37,6 @@ def build_config(model: nn.Module, options: dict[str, Any]):
     the components named in ``ratios`` in proportion to the parameters those ratios would train (ratio x weight size),
     so ``ratios: {o: .052, down: .02}`` keeps its O/Down balance (about half and half on LLaMA-7B) at any budget.
     """
-    from s2ft.config import COMPONENTS, S2FTConfig
-    from s2ft.structures import find_structures
-
     ratios, target_params, split = options["ratios"], options["target_params"], options["target_split"]
     match = options["match_lora"]
     if match is not None:
@@ -74,9 +75,6 @@ def build_config(model: nn.Module, options: dict[str, Any]):
 
 def prepare(model: nn.Module, options: dict[str, Any], calibration, name: str = "s2ft") -> nn.Module:
     """Freeze the model and train the selected heads/channels; with ``match_lora`` check the count is matched."""
-    from s2ft.adapter import trainable_parameter_count
-    from s2ft.api import apply_s2ft
-
     cfg = build_config(model, options)
     model = apply_s2ft(model, cfg, calibration)
     if options["match_lora"] is not None:
@@ -90,19 +88,5 @@ def prepare(model: nn.Module, options: dict[str, Any], calibration, name: str = 
     return model
 
 
-def save(model: nn.Module, out_dir: Path) -> None:
-    from s2ft.adapter import save_adapter
-
-    save_adapter(model, out_dir)
-
-
-def load(model: nn.Module, path: Path) -> nn.Module:
-    from s2ft.adapter import load_adapter
-
-    return load_adapter(model, path)
-
-
-def merge(model: nn.Module) -> nn.Module:
-    from s2ft.adapter import merge_and_unload
-
-    return merge_and_unload(model)
+# An S2FT run saves, loads and merges its adapter with the core library.
+METHOD = Method("s2ft", DEFAULTS, prepare, save_adapter, load_adapter, merge_and_unload)

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from s2ft.methods.method import Method
+
 DEFAULTS: dict[str, Any] = {
     "p": 0.01,
     "seed": 0,
@@ -135,3 +137,6 @@ def _has_module(model: nn.Module, name: str) -> bool:
     except AttributeError:
         return False
     return True
+
+
+METHOD = Method("spft", DEFAULTS, prepare, save, load, merge)

@@ -1,0 +1,209 @@
+"""The S2FT adapter file format: trained rows/columns + their unit indices in the base model's original coordinates.
+
+On disk an adapter is a folder with ``adapter.safetensors`` (``<module name>.values`` per trained module) and
+``adapter_config.json`` (base model, shape fingerprint, selection config, library version, and per module its layer,
+component, axis, unit size, weight shape and unit indices). Reading checks everything a model is not needed for;
+``s2ft.adapter.check_fits`` checks the rest against a model before it is touched.
+"""
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from s2ft.errors import UserError
+from s2ft.structures import AXIS, unit_positions
+
+FORMAT = "s2ft-adapter"
+WEIGHTS_NAME = "adapter.safetensors"
+CONFIG_NAME = "adapter_config.json"
+
+
+class AdapterError(UserError, ValueError):
+    """An adapter that is missing, corrupt, or does not fit the model it is applied to."""
+
+
+@dataclass
+class AdapterModule:
+    """One trained module: ``values`` are the rows (axis 0) or columns (axis 1) of ``units``, in that order.
+
+    Attributes:
+        layer: Decoder layer index.
+        component: One of q, k, v, o, gate, up, down.
+        axis: 0 (output rows) or 1 (input columns).
+        unit_size: Rows/columns per unit (head_dim for heads, 1 for FFN channels).
+        shape: The base module's weight shape (out_features, in_features).
+        units: Sorted unit indices in the original (unpermuted) coordinates.
+        values: The trained rows/columns.
+    """
+
+    layer: int
+    component: str
+    axis: int
+    unit_size: int
+    shape: tuple[int, int]
+    units: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """Row/column positions of the units in the weight."""
+        return unit_positions(self.units, self.unit_size)
+
+
+@dataclass
+class Adapter:
+    """An S2FT adapter: per module name, the trained units and values (original coordinates)."""
+
+    modules: dict[str, AdapterModule]
+    base_model: str | None = None
+    fingerprint: str | None = None
+    config: dict = field(default_factory=dict)
+    library_version: str | None = None
+
+    def units(self) -> dict[tuple[int, str], torch.Tensor]:
+        """The selection this adapter trained: ``{(layer, component): sorted unit indices}``."""
+        return {(m.layer, m.component): m.units for m in self.modules.values()}
+
+
+def write_adapter(adapter: Adapter, path: str | os.PathLike) -> None:
+    """Writes ``adapter`` to the folder ``path`` (created if needed), atomically per file.
+
+    Args:
+        adapter: The adapter (e.g. ``s2ft.adapter.extract_adapter(model)``).
+        path: Output folder; gets ``adapter.safetensors`` and ``adapter_config.json``.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = {
+        "format": FORMAT,
+        "library_version": adapter.library_version,
+        "base_model": adapter.base_model,
+        "fingerprint": adapter.fingerprint,
+        "components": sorted({m.component for m in adapter.modules.values()}),
+        "config": adapter.config,
+        "modules": {
+            name: {
+                "layer": m.layer,
+                "component": m.component,
+                "axis": m.axis,
+                "unit_size": m.unit_size,
+                "shape": list(m.shape),
+                "units": m.units.tolist(),
+            }
+            for name, m in adapter.modules.items()
+        },
+    }
+    tensors = {f"{name}.values": m.values.contiguous() for name, m in adapter.modules.items()}
+    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+
+
+def atomic_write(target: Path, write) -> None:
+    """Calls ``write(tmp)`` on a temporary file beside ``target``, then renames it over ``target``."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_adapter_file(path: str | os.PathLike) -> Adapter:
+    """Reads and checks an adapter folder (no model needed).
+
+    Raises:
+        AdapterError: Missing or corrupt files, missing fields, unit indices out of range / unsorted / duplicated,
+            values of the wrong shape or with NaN/inf.
+    """
+    path = Path(path)
+    config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    for file in (config_path, weights_path):
+        if not file.is_file():
+            raise AdapterError(f"adapter file missing: {file} (save one with s2ft.save_adapter(model, {str(path)!r}))")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterError(f"corrupt adapter config {config_path}: {err}") from err
+    if not isinstance(config, dict) or config.get("format") != FORMAT or not isinstance(config.get("modules"), dict):
+        raise AdapterError(f"{config_path} is not an S2FT adapter config (expected format {FORMAT!r} and 'modules')")
+    try:
+        tensors = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterError(f"corrupt adapter weights {weights_path}: {err}") from err
+    expected = {f"{name}.values" for name in config["modules"]}
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise AdapterError(f"{weights_path} does not match {config_path}: missing {missing}, unexpected {extra}")
+    modules = {}
+    for name, entry in config["modules"].items():
+        units = entry.get("units") if isinstance(entry, dict) else None
+        if not isinstance(units, list) or not all(isinstance(u, int) and not isinstance(u, bool) for u in units):
+            raise AdapterError(f"corrupt entry for module {name!r} in {config_path}: 'units' must be a list of ints")
+        try:
+            module = AdapterModule(
+                layer=int(entry["layer"]),
+                component=str(entry["component"]),
+                axis=int(entry["axis"]),
+                unit_size=int(entry["unit_size"]),
+                shape=(int(entry["shape"][0]), int(entry["shape"][1])),
+                units=torch.tensor(units, dtype=torch.long),
+                values=tensors[f"{name}.values"],
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise AdapterError(f"corrupt entry for module {name!r} in {config_path}: {err!r}") from err
+        modules[name] = module
+    adapter = Adapter(
+        modules,
+        base_model=config.get("base_model"),
+        fingerprint=config.get("fingerprint"),
+        config=config.get("config", {}),
+        library_version=config.get("library_version"),
+    )
+    check_adapter(adapter, source=str(path))
+    return adapter
+
+
+def check_adapter(adapter: Adapter, source: str = "adapter") -> None:
+    """Checks an adapter's internal consistency (indices, shapes, finite values).
+
+    Raises:
+        AdapterError: Naming the module and the problem.
+    """
+    if not adapter.modules:
+        raise AdapterError(f"{source}: the adapter has no modules")
+    for name, m in adapter.modules.items():
+        where = f"{source}: module {name!r}"
+        if m.component not in AXIS or AXIS[m.component] != m.axis:
+            raise AdapterError(f"{where}: component {m.component!r} with axis {m.axis} is not an S2FT component")
+        if m.unit_size < 1 or m.shape[m.axis] % m.unit_size:
+            raise AdapterError(f"{where}: unit size {m.unit_size} does not divide weight dim {m.shape[m.axis]}")
+        num_units = m.shape[m.axis] // m.unit_size
+        units = m.units
+        if units.ndim != 1 or units.numel() == 0 or units.dtype != torch.long:
+            raise AdapterError(f"{where}: units must be a non-empty 1-D list of integers")
+        if int(units.min()) < 0 or int(units.max()) >= num_units:
+            raise AdapterError(f"{where}: unit indices must lie in [0, {num_units}), got {units.tolist()}")
+        if not bool((units[1:] > units[:-1]).all()):
+            raise AdapterError(f"{where}: unit indices must be sorted and unique (duplicates or disorder found)")
+        expected = list(m.shape)
+        expected[m.axis] = units.numel() * m.unit_size
+        if list(m.values.shape) != expected:
+            raise AdapterError(f"{where}: values have shape {tuple(m.values.shape)}, expected {tuple(expected)}")
+        if not m.values.is_floating_point() or not bool(torch.isfinite(m.values).all()):
+            raise AdapterError(f"{where}: values contain NaN/inf or are not floating point")
+
+
+def as_adapter(path_or_adapter) -> Adapter:
+    """A checked ``Adapter`` from a folder or an ``Adapter`` object."""
+    if isinstance(path_or_adapter, Adapter):
+        check_adapter(path_or_adapter)
+        return path_or_adapter
+    return load_adapter_file(path_or_adapter)

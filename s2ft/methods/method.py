@@ -1,0 +1,30 @@
+"""What a fine-tuning method is to the suite: its options and the five steps of its lifecycle."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Method:
+    """One fine-tuning method, registered in ``s2ft.methods.METHODS`` under ``name``.
+
+    Attributes:
+        name: The ``method.name`` of a config.
+        defaults: Its options (``method.options``) and their defaults; any other option is an error.
+        prepare: ``prepare(model, options, calibration, name) -> model``: make exactly its parameters trainable.
+        save: ``save(model, out_dir)``: write what it trained.
+        load: ``load(model, path) -> model``: apply what ``save`` wrote to a base model.
+        merge: ``merge(model) -> model``: fold what it trained into plain weights.
+        trains: False for evaluation-only methods (a training run with one is a configuration error).
+    """
+
+    name: str
+    defaults: dict[str, Any]
+    prepare: Callable
+    save: Callable
+    load: Callable
+    merge: Callable
+    trains: bool = True

@@ -1,0 +1,61 @@
+"""What an S2FT model remembers about itself (``model.s2ft_state``), and the checks that read it."""
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from s2ft.layers import S2FTLinear
+
+
+@dataclass
+class S2FTState:
+    """What an S2FT model remembers about itself (``model.s2ft_state``).
+
+    Attributes:
+        modules: S2FTLinear module name -> (layer, component).
+        config: Selection settings written to ``adapter_config.json``.
+        unit_perms: For a co-permuted model, (layer, component) -> tensor mapping each current unit position to its
+            original unit index, for every component of every permuted layer; empty when not permuted.
+        requires_grad: The parameters' requires_grad flags before S2FT froze them, restored by merge_and_unload.
+        fingerprint: The base model's ``fingerprint`` (names and shapes do not change, so it is computed once).
+    """
+
+    modules: dict[str, tuple[int, str]]
+    config: dict
+    unit_perms: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    requires_grad: dict[str, bool] = field(default_factory=dict)
+    fingerprint: str | None = None
+
+
+def fingerprint(model: nn.Module) -> str:
+    """Hash of every parameter name and shape of the base model (an S2FT model hashes like its base)."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        if not name.endswith(".values") or not isinstance(model.get_submodule(name.rsplit(".", 1)[0]), S2FTLinear):
+            digest.update(f"{name}:{tuple(param.shape)};".encode())
+    return digest.hexdigest()
+
+
+def s2ft_modules(model: nn.Module) -> dict[str, S2FTLinear]:
+    """The model's S2FTLinear modules by name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, S2FTLinear)}
+
+
+def model_state(model: nn.Module) -> S2FTState:
+    """The model's ``S2FTState``; a clear error when it has none."""
+    state = getattr(model, "s2ft_state", None)
+    if state is None:
+        raise ValueError("this model has no S2FT adapter; call s2ft.apply_s2ft(model, cfg) or s2ft.load_adapter first")
+    return state
+
+
+def check_fresh(model: nn.Module, hint: str = "start from a fresh base model (or merge_and_unload)") -> None:
+    """Refuses a model that already has S2FT applied or loaded.
+
+    Raises:
+        ValueError: Naming what to do instead (``hint``).
+    """
+    if getattr(model, "s2ft_state", None) is not None or s2ft_modules(model):
+        raise ValueError(f"this model already has an S2FT adapter; {hint}")
