@@ -4,10 +4,15 @@ Every model fixture builds a fresh fp32 model from a fixed seed, so tests may mu
 (`from conftest import build_tiny, calibration_batches`) or use the fixtures of the same names.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from s2ft.models import tiny_model, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+DATA = ROOT / "data"  # the shipped benchmark files
 
 VOCAB = 128
 COMMON = dict(

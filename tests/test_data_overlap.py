@@ -1,14 +1,12 @@
 import logging
-from pathlib import Path
 
 import pytest
+from conftest import DATA
 
 from s2ft.data.overlap import DataOverlapError, check_overlap, drop_overlaps, find_overlaps, normalize_question
 from s2ft.data.records import Example, read_llm_adapters
 from s2ft.data.sources import load_eval, load_train
 from s2ft.data.tasks import GROUPS
-
-DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 @pytest.fixture(scope="module")

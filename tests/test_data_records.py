@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import DATA
 
 from s2ft.data.records import (
     DataError,
@@ -13,7 +14,6 @@ from s2ft.data.records import (
     read_mawps_raw,
 )
 
-DATA = Path(__file__).resolve().parents[1] / "data"
 ADAPTERS = DATA / "llm-adapters"
 
 

@@ -1,13 +1,12 @@
 import logging
-from pathlib import Path
 
 import pytest
+from conftest import DATA
 
 from s2ft.data.records import DataError, Example
 from s2ft.data.sources import eval_subset, load_eval, load_heldout, load_train, split_validation
 from s2ft.data.tasks import TASKS, UnknownNameError
 
-DATA = Path(__file__).resolve().parents[1] / "data"
 EVAL_COUNTS = {
     "gsm8k": 1319,
     "svamp": 1000,

@@ -1,6 +1,5 @@
-from pathlib import Path
-
 import pytest
+from conftest import DATA
 
 from s2ft.data.tasks import (
     GROUPS,
@@ -11,8 +10,6 @@ from s2ft.data.tasks import (
     resolve_tasks,
     resolve_train_sources,
 )
-
-DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 def test_task_registry_shape():

@@ -1,8 +1,8 @@
 import logging
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import DATA
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
@@ -11,8 +11,6 @@ from s2ft.data.records import Example
 from s2ft.data.sources import load_eval
 from s2ft.data.tokenize import IGNORE_INDEX, Collator, tokenize_examples
 from s2ft.models import tiny_tokenizer
-
-DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 @pytest.fixture(scope="module")

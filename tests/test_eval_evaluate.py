@@ -5,13 +5,13 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import DATA
 
 from s2ft.data import TASKS, build_prompt
 from s2ft.evaluation import evaluate, prepare_tasks, summarize
 from s2ft.evaluation.generate import Generation
 from s2ft.models import tiny_tokenizer
 
-DATA = Path(__file__).resolve().parents[1] / "data"
 # The package exports the function `evaluate`, which shadows the submodule of the same name as an attribute.
 evaluate_module = importlib.import_module("s2ft.evaluation.evaluate")
 

@@ -1,8 +1,7 @@
 """Answer extraction rules (s2ft/evaluation/extract.py) on realistic model outputs and on the shipped answer files."""
 
-from pathlib import Path
-
 import pytest
+from conftest import DATA
 
 from s2ft.data import load_eval, read_gsm8k, resolve_tasks
 from s2ft.evaluation.extract import (
@@ -15,7 +14,6 @@ from s2ft.evaluation.extract import (
     parse_gold,
 )
 
-DATA = Path(__file__).resolve().parents[1] / "data"
 ARC = tuple(f"answer{i}" for i in range(1, 6))
 BOOLQ = ("true", "false")
 

@@ -1,14 +1,11 @@
 """Parsing answer options from LLM-Adapters instructions (s2ft/evaluation/options.py)."""
 
-from pathlib import Path
-
 import pytest
+from conftest import DATA
 
 from s2ft.data import TASKS, load_eval, resolve_tasks
 from s2ft.evaluation.extract import parse_gold
 from s2ft.evaluation.options import OptionParseError, parse_options
-
-DATA = Path(__file__).resolve().parents[1] / "data"
 
 ARC_ITEM = (
     "Please choose the correct answer to the question: Which part of a sunflower plant absorbs water and nutrients?"

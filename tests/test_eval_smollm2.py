@@ -1,14 +1,12 @@
 """The evaluator on the real SmolLM2-135M-Instruct and real benchmark prompts (slow: ~1-3 min on one CPU core)."""
 
-from pathlib import Path
-
 import pytest
+from conftest import DATA
 
 from s2ft.data import build_prompt, eval_subset, load_eval
 from s2ft.evaluation import evaluate, generate
 from s2ft.models import build_model
 
-DATA = Path(__file__).resolve().parents[1] / "data"
 pytestmark = pytest.mark.slow
 
 

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
@@ -14,7 +15,6 @@ from s2ft.methods import prepare_model, trainable_summary
 from s2ft.models import tiny_model
 from s2ft.run_config import validate_run_config
 
-ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 EXPERIMENTS = sorted(path.stem for path in (CONF / "experiment").glob("*.yaml"))
 PAPER = {

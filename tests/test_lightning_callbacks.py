@@ -2,17 +2,15 @@
 
 import csv
 import os
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from s2ft.lightning import run_experiment
 from s2ft.lightning.callbacks import AtomicCheckpointIO
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_atomic_checkpoint_never_leaves_a_truncated_file(tmp_path):

@@ -1,12 +1,10 @@
 """Loggers from the `logger` group: W&B offline with a run id kept in the run directory, CSV, none."""
 
-from pathlib import Path
-
 import pytest
+from conftest import ROOT
 
 from s2ft.lightning.loggers import WANDB_ID_FILE, build_logger, wandb_info
 
-ROOT = Path(__file__).resolve().parents[1]
 CFG = {"name": "exp", "seed": 3, "method": {"name": "s2ft"}, "model": {"name": "tiny_llama"}}
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
@@ -16,8 +17,6 @@ from safetensors.torch import load_file
 
 from s2ft.lightning import S2FTLitModule, run_experiment, runner
 from s2ft.run_config import RunConfigError
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def smoke_config(*overrides: str, logger: str = "none") -> dict:

@@ -1,7 +1,6 @@
 """Method contract suite (PEFT testing_common style): one set of checks parametrised over every method."""
 
 import copy
-import importlib.util
 
 import pytest
 import torch
@@ -33,8 +32,6 @@ LINEAR_SHAPES = {  # name -> (out_features, in_features)
     "down_proj": (HIDDEN, INTER),
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-HAS_CORE = importlib.util.find_spec("s2ft.api") is not None and importlib.util.find_spec("s2ft.adapter") is not None
-needs_core = pytest.mark.skipif(not HAS_CORE, reason="s2ft.api / s2ft.adapter (core library) not available yet")
 
 OPTIONS = {
     # o: 2 of 4 heads, down: 32 of 128 channels -> exact unit counts, no rounding
@@ -45,7 +42,7 @@ OPTIONS = {
     "spft": {"p": 0.1, "seed": 3},
     "none": {},
 }
-ALL = [pytest.param(m, marks=needs_core) if m == "s2ft" else m for m in sorted(METHODS)]
+ALL = sorted(METHODS)
 TRAINING = [m for m in ALL if m != "none"]
 
 
@@ -229,7 +226,6 @@ def test_lora_param_count_equals_peft(family, targets):
     assert expected == peft_model.get_nb_trainable_parameters()[0]
 
 
-@needs_core
 def test_s2ft_match_lora_is_within_two_percent_on_smollm2_shapes():
     # SmolLM2-135M's layer shapes (9 query / 3 KV heads of 64, hidden 576, intermediate 1536), two layers.
     model = tiny_model(
@@ -269,21 +265,17 @@ def test_options_accept_omegaconf_and_reject_unknown_keys():
         ("spft", {"p": 1.5}, r"in \(0, 1\]"),
         ("spft", {"target_modules": ["qkv"]}, "match no nn.Linear"),
         ("lora", {"target_modules": "q_proj"}, "must be a list of module names"),
-        pytest.param(
-            "s2ft", {"match_lora": {"r": 8, "target_modules": ["nope"]}}, "match no nn.Linear", marks=needs_core
-        ),
-        pytest.param("s2ft", {"match_lora": {"r": 0, "target_modules": ["q_proj"]}}, "positive int", marks=needs_core),
+        pytest.param("s2ft", {"match_lora": {"r": 8, "target_modules": ["nope"]}}, "match no nn.Linear"),
+        pytest.param("s2ft", {"match_lora": {"r": 0, "target_modules": ["q_proj"]}}, "positive int"),
         pytest.param(
             "s2ft",
             {"ratios": {"attn": 0.1}, "match_lora": {"r": 2, "target_modules": ["q_proj"]}},
             "not component: fraction pairs",
-            marks=needs_core,
         ),
         pytest.param(
             "s2ft",
             {"match_lora": {"r": 8, "target_modules": ["q_proj"]}, "target_params": 10},
             "not both",
-            marks=needs_core,
         ),
     ],
 )

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT
 from scipy import stats
 
 from experiments.report import heldout_statement, main, significance_statement, write_report
@@ -24,7 +25,6 @@ from experiments.report_table import (
 from experiments.runs import find_runs
 from experiments.stats import estimate, paired_bootstrap_p, welch_p
 
-ROOT = Path(__file__).resolve().parents[1]
 # (method variant, seed): two seeds of each, so the rows share the items of two seeds (a hierarchical bootstrap), one
 # seed of a row alone is a flat one, and W&B runs (no prediction files) fall back to Welch's t-test over seeds.
 RUNS = [("smollm/s2ft", 0), ("smollm/s2ft", 1), ("smollm/lora", 0), ("smollm/lora", 1)]

@@ -1,14 +1,12 @@
 """Config validation (s2ft.run_config) and the composition of every config group and experiment."""
 
-from pathlib import Path
-
 import pytest
+from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from s2ft.run_config import RunConfigError, validate_run_config
 
-ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 

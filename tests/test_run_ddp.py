@@ -4,12 +4,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import ROOT
 from safetensors.torch import load_file
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT
 
 from s2ft.lightning import run_experiment
 
-ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["boolq", "arc_easy"]
 SUMMARY_KEYS = {
     "experiment", "method", "model", "strategy", "order", "ratios", "seed", "trainable_params", "total_params",
