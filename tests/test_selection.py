@@ -25,7 +25,8 @@ HEAD_PARAMS, CHANNEL_PARAMS = 8 * 64, 64
 
 
 @pytest.fixture
-def model():
+def gqa_model():
+    """`llama_gqa` (not conftest's `model`: selection needs GQA groups and more heads)."""
     return build_tiny("llama_gqa")
 
 
@@ -61,19 +62,19 @@ def test_round_half_up():
     assert [round_half_up(x) for x in (0.49, 0.5, 1.5, 2.5, 0.29 * 100, 0.0)] == [0, 1, 2, 3, 29, 0]
 
 
-def test_uniform_ratio_counts(model):
-    structures = find_structures(model)
+def test_uniform_ratio_counts(gqa_model):
+    structures = find_structures(gqa_model)
     cfg = S2FTConfig(ratios={"o": 0.3, "k": 0.5, "down": 0.05, "up": 0.3125 / 8})
-    counts = unit_counts(cfg, structures, total_params(model))
+    counts = unit_counts(cfg, structures, total_params(gqa_model))
     # o: 0.3 * 8 = 2.4 -> 2; k: 0.5 * 4 = 2; down: 0.05 * 96 = 4.8 -> 5; up: 0.3125 / 8 * 96 = 3.75 -> 4
     assert counts == {(layer, c): n for layer in (0, 1) for c, n in (("k", 2), ("o", 2), ("up", 4), ("down", 5))}
     assert unit_counts(S2FTConfig(ratios={"o": 0.3125}), structures, 0)[(0, "o")] == 3  # 2.5 rounds up
-    selection = select_units(model, cfg)
+    selection = select_units(gqa_model, cfg)
     assert {key: len(units) for key, units in selection.items()} == counts
 
 
-def test_zero_unit_ratio_names_the_minimum(model):
-    structures = find_structures(model)
+def test_zero_unit_ratio_names_the_minimum(gqa_model):
+    structures = find_structures(gqa_model)
     with pytest.raises(S2FTConfigError) as err:
         unit_counts(S2FTConfig(ratios={"o": 0.05, "k": 0.5, "down": 0.001}), structures, 0)
     assert str(err.value).splitlines() == [
@@ -91,17 +92,17 @@ def test_zero_unit_ratio_names_the_minimum(model):
     with pytest.raises(
         S2FTConfigError, match="gives 0 of 16 units over all layers; the smallest ratio giving one unit is 0.03125"
     ):
-        select_units(model, global_cfg)
+        select_units(gqa_model, global_cfg)
 
 
-def test_global_allocation_picks_over_all_layers(model):
+def test_global_allocation_picks_over_all_layers(gqa_model):
     cfg = S2FTConfig(ratios={"o": 0.3, "down": 0.05}, allocation="global", strategy="weight")
-    structures = find_structures(model)
+    structures = find_structures(gqa_model)
     assert component_budgets(cfg, structures, 0) == {"o": 5, "down": 10}  # 0.3 * 16 = 4.8, 0.05 * 192 = 9.6
     with pytest.raises(S2FTConfigError, match="allocation='global' splits the budget"):
         unit_counts(cfg, structures, 0)
-    selection = select_units(model, cfg)
-    scores = weight_scores(model, structures, ["o", "down"])
+    selection = select_units(gqa_model, cfg)
+    scores = weight_scores(gqa_model, structures, ["o", "down"])
     for c, total in (("o", 5), ("down", 10)):
         assert sum(len(selection[(layer, c)]) for layer in (0, 1)) == total
         pool = torch.cat([scores[(0, c)], scores[(1, c)]])
@@ -112,9 +113,9 @@ def test_global_allocation_picks_over_all_layers(model):
 
 
 @pytest.mark.parametrize("target", [3000, 5000, 10001, 2 * 512 + 3 * 64])
-def test_target_params_lands_within_one_down_channel(model, target):
+def test_target_params_lands_within_one_down_channel(gqa_model, target):
     cfg = S2FTConfig(target_params=target)
-    counts = unit_counts(cfg, find_structures(model), total_params(model))
+    counts = unit_counts(cfg, find_structures(gqa_model), total_params(gqa_model))
     o_total = counts[(0, "o")] + counts[(1, "o")]
     down_total = counts[(0, "down")] + counts[(1, "down")]
     assert o_total == round_half_up(0.5 * target / HEAD_PARAMS)  # O heads are chosen first
@@ -125,16 +126,16 @@ def test_target_params_lands_within_one_down_channel(model, target):
         assert (counts[(0, c)], counts[(1, c)]) == ((total + 1) // 2, total // 2)
 
 
-def test_target_params_worked_example(model):
+def test_target_params_worked_example(gqa_model):
     # o: round(1500 / 512) = 3 heads (1536 params); down: round((3000 - 1536) / 64) = round(22.875) = 23 channels
-    counts = unit_counts(S2FTConfig(target_params=3000), find_structures(model), 0)
+    counts = unit_counts(S2FTConfig(target_params=3000), find_structures(gqa_model), 0)
     assert counts == {(0, "o"): 2, (1, "o"): 1, (0, "down"): 12, (1, "down"): 11}
 
 
-def test_target_fraction_and_split(model):
-    total = total_params(model)
+def test_target_fraction_and_split(gqa_model):
+    total = total_params(gqa_model)
     cfg = S2FTConfig(target_params=0.05, target_split={"q": 0.25, "up": 0.75})
-    selection = select_units(model, cfg)
+    selection = select_units(gqa_model, cfg)
     target = round_half_up(0.05 * total)
     q_heads = sum(len(selection[(layer, "q")]) for layer in (0, 1))
     up_channels = sum(len(selection[(layer, "up")]) for layer in (0, 1))
@@ -142,8 +143,8 @@ def test_target_fraction_and_split(model):
     assert abs(q_heads * HEAD_PARAMS + up_channels * CHANNEL_PARAMS - target) <= CHANNEL_PARAMS
 
 
-def test_target_errors(model):
-    structures = find_structures(model)
+def test_target_errors(gqa_model):
+    structures = find_structures(gqa_model)
     with pytest.raises(S2FTConfigError, match="gives no 'o' unit .* the smallest target giving one is 512"):
         unit_counts(S2FTConfig(target_params=100), structures, 0)
     with pytest.raises(S2FTConfigError, match="gives no 'down' unit"):
@@ -152,24 +153,24 @@ def test_target_errors(model):
         unit_counts(S2FTConfig(target_params=10**6), structures, 0)
 
 
-def test_layers_restriction(model):
-    selection = select_units(model, S2FTConfig(ratios={"o": 0.5}, layers=[1]))
+def test_layers_restriction(gqa_model):
+    selection = select_units(gqa_model, S2FTConfig(ratios={"o": 0.5}, layers=[1]))
     assert list(selection) == [(1, "o")]
     with pytest.raises(S2FTConfigError, match=r"layers \[5\] do not exist; the model has layers 0..1"):
-        select_units(model, S2FTConfig(ratios={"o": 0.5}, layers=[1, 5]))
+        select_units(gqa_model, S2FTConfig(ratios={"o": 0.5}, layers=[1, 5]))
 
 
-def test_selection_format(model):
-    selection = select_units(model, S2FTConfig(ratios=dict.fromkeys(COMPONENTS, 0.5), seed=3))
+def test_selection_format(gqa_model):
+    selection = select_units(gqa_model, S2FTConfig(ratios=dict.fromkeys(COMPONENTS, 0.5), seed=3))
     assert set(selection) == {(layer, c) for layer in (0, 1) for c in COMPONENTS}
     for units in selection.values():
         assert units.dtype == torch.long and torch.equal(units, units.sort().values)
         assert len(units.unique()) == len(units)
 
 
-def test_random_is_seeded_and_independent_of_threads_and_other_components(model):
+def test_random_is_seeded_and_independent_of_threads_and_other_components(gqa_model):
     def pick(seed, ratios):
-        return select_units(model, S2FTConfig(ratios=ratios, seed=seed))
+        return select_units(gqa_model, S2FTConfig(ratios=ratios, seed=seed))
 
     first = pick(0, {"o": 0.5, "down": 0.25})
     assert all(torch.equal(first[k], v) for k, v in pick(0, {"o": 0.5, "down": 0.25}).items())
@@ -185,26 +186,26 @@ def test_random_is_seeded_and_independent_of_threads_and_other_components(model)
 
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
-def test_large_and_small_are_top_and_bottom_of_the_same_scores(model, strategy):
+def test_large_and_small_are_top_and_bottom_of_the_same_scores(gqa_model, strategy):
     batches = calibration_batches()
     ratios = {"o": 0.5, "k": 0.5, "down": 0.25}
-    large = select_units(model, S2FTConfig(ratios=ratios, strategy=strategy, seed=4), batches)
-    small = select_units(model, S2FTConfig(ratios=ratios, strategy=strategy, order="small", seed=4), batches)
-    again = select_units(model, S2FTConfig(ratios=ratios, strategy=strategy, seed=4), batches)
+    large = select_units(gqa_model, S2FTConfig(ratios=ratios, strategy=strategy, seed=4), batches)
+    small = select_units(gqa_model, S2FTConfig(ratios=ratios, strategy=strategy, order="small", seed=4), batches)
+    again = select_units(gqa_model, S2FTConfig(ratios=ratios, strategy=strategy, seed=4), batches)
     assert all(torch.equal(units, again[key]) for key, units in large.items())  # deterministic
-    structures = find_structures(model)
-    scores = STRATEGIES[strategy](model, structures, ["o", "k", "down"], calibration=batches, seed=4)
+    structures = find_structures(gqa_model)
+    scores = STRATEGIES[strategy](gqa_model, structures, ["o", "k", "down"], calibration=batches, seed=4)
     for key, units in large.items():
         assert torch.equal(units, top_k(scores[key], len(units), "large"))
         assert torch.equal(small[key], top_k(scores[key], len(units), "small"))
         assert scores[key][units].min() >= scores[key][small[key]].max()
 
 
-def test_weight_scores_match_hand_computation(model):
-    structures = find_structures(model)
-    scores = weight_scores(model, structures, COMPONENTS)
+def test_weight_scores_match_hand_computation(gqa_model):
+    structures = find_structures(gqa_model)
+    scores = weight_scores(gqa_model, structures, COMPONENTS)
     for s in structures:
-        attn, mlp = model.model.layers[s.index].self_attn, model.model.layers[s.index].mlp
+        attn, mlp = gqa_model.model.layers[s.index].self_attn, gqa_model.model.layers[s.index].mlp
         for h in range(8):
             block = slice(8 * h, 8 * h + 8)
             assert scores[(s.index, "q")][h] == pytest.approx(attn.q_proj.weight[block].double().norm().item())
@@ -243,12 +244,14 @@ def captured_activations(model, batches) -> dict[tuple[int, str], torch.Tensor]:
     return {key: torch.cat(parts) for key, parts in captured.items()}
 
 
-def test_activation_scores_match_independent_hooks(model):
+def test_activation_scores_match_independent_hooks(gqa_model):
     batches = calibration_batches()
-    model.train()
-    scores = activation_scores(model, find_structures(model), ["q", "v", "o", "up", "down"], calibration=batches)
-    assert model.training  # mode restored
-    captured = captured_activations(model, batches)
+    gqa_model.train()
+    scores = activation_scores(
+        gqa_model, find_structures(gqa_model), ["q", "v", "o", "up", "down"], calibration=batches
+    )
+    assert gqa_model.training  # mode restored
+    captured = captured_activations(gqa_model, batches)
     assert captured[(0, "o")].shape[0] == sum(int(b["attention_mask"].sum()) for b in batches)
     for (layer, c), tokens in captured.items():
         size = 8 if c in ("q", "v", "o") else 1
@@ -256,31 +259,31 @@ def test_activation_scores_match_independent_hooks(model):
         torch.testing.assert_close(scores[(layer, c)], expected, rtol=1e-6, atol=0)
 
 
-def test_weight_activation_is_the_product(model):
+def test_weight_activation_is_the_product(gqa_model):
     batches = calibration_batches()
-    structures = find_structures(model)
-    product = weight_activation_scores(model, structures, ["o", "gate"], calibration=batches)
-    weight = weight_scores(model, structures, ["o", "gate"])
-    activation = activation_scores(model, structures, ["o", "gate"], calibration=batches)
+    structures = find_structures(gqa_model)
+    product = weight_activation_scores(gqa_model, structures, ["o", "gate"], calibration=batches)
+    weight = weight_scores(gqa_model, structures, ["o", "gate"])
+    activation = activation_scores(gqa_model, structures, ["o", "gate"], calibration=batches)
     for key in product:
         torch.testing.assert_close(product[key], weight[key] * activation[key], rtol=0, atol=0)
 
 
-def test_gradient_scores_match_plain_full_gradients(model):
+def test_gradient_scores_match_plain_full_gradients(gqa_model):
     batches = calibration_batches(num_batches=3)
-    model.model.embed_tokens.weight.requires_grad_(False)  # a mixed set of flags, to check they are restored
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    gqa_model.model.embed_tokens.weight.requires_grad_(False)  # a mixed set of flags, to check they are restored
+    flags = {name: p.requires_grad for name, p in gqa_model.named_parameters()}
     components = ["q", "k", "o", "gate", "down"]
-    scores = gradient_scores(model, find_structures(model), components, calibration=batches)
-    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
-    assert all(p.grad is None for p in model.parameters())
+    scores = gradient_scores(gqa_model, find_structures(gqa_model), components, calibration=batches)
+    assert {name: p.requires_grad for name, p in gqa_model.named_parameters()} == flags
+    assert all(p.grad is None for p in gqa_model.parameters())
 
     expected = {}
-    model.requires_grad_(True)
+    gqa_model.requires_grad_(True)
     for batch in batches:
-        model.zero_grad(set_to_none=True)
-        model(**batch).loss.backward()
-        for i, layer in enumerate(model.model.layers):
+        gqa_model.zero_grad(set_to_none=True)
+        gqa_model(**batch).loss.backward()
+        for i, layer in enumerate(gqa_model.model.layers):
             grads = {
                 "q": layer.self_attn.q_proj.weight.grad.unflatten(0, (8, 8)).double().pow(2).sum((1, 2)),
                 "k": layer.self_attn.k_proj.weight.grad.unflatten(0, (4, 8)).double().pow(2).sum((1, 2)),
@@ -295,48 +298,48 @@ def test_gradient_scores_match_plain_full_gradients(model):
         torch.testing.assert_close(scores[key], sq.sqrt(), rtol=1e-5, atol=1e-12)
 
 
-def test_gradient_scores_keep_existing_grads(model):
-    weight = model.model.layers[0].self_attn.o_proj.weight
+def test_gradient_scores_keep_existing_grads(gqa_model):
+    weight = gqa_model.model.layers[0].self_attn.o_proj.weight
     weight.grad = torch.full_like(weight, 7.0)
-    gradient_scores(model, find_structures(model), ["o"], calibration=calibration_batches(num_batches=1))
+    gradient_scores(gqa_model, find_structures(gqa_model), ["o"], calibration=calibration_batches(num_batches=1))
     assert torch.equal(weight.grad, torch.full_like(weight, 7.0))
 
 
 @pytest.mark.parametrize("strategy", ["activation", "weight_activation", "gradient"])
-def test_calibration_errors(model, strategy):
+def test_calibration_errors(gqa_model, strategy):
     cfg = S2FTConfig(ratios={"o": 0.5}, strategy=strategy)
     with pytest.raises(ValueError, match=f"strategy '{strategy}' needs calibration data"):
-        select_units(model, cfg)
+        select_units(gqa_model, cfg)
     with pytest.raises(ValueError, match="calibration yielded no batches"):
-        select_units(model, cfg, calibration=[])
+        select_units(gqa_model, cfg, calibration=[])
     with pytest.raises(ValueError, match=r"calibration batch 0 lacks \['attention_mask'"):
-        select_units(model, cfg, calibration=[{"input_ids": torch.ones(1, 4, dtype=torch.long)}])
-    assert not any(layer.self_attn.o_proj._forward_pre_hooks for layer in model.model.layers)  # hooks removed
+        select_units(gqa_model, cfg, calibration=[{"input_ids": torch.ones(1, 4, dtype=torch.long)}])
+    assert not any(layer.self_attn.o_proj._forward_pre_hooks for layer in gqa_model.model.layers)  # hooks removed
 
 
-def test_gradient_needs_labels(model):
+def test_gradient_needs_labels(gqa_model):
     batch = {k: v for k, v in calibration_batches()[0].items() if k != "labels"}
     with pytest.raises(ValueError, match=r"lacks \['labels'\]; strategy 'gradient' needs"):
-        select_units(model, S2FTConfig(ratios={"o": 0.5}, strategy="gradient"), calibration=[batch])
+        select_units(gqa_model, S2FTConfig(ratios={"o": 0.5}, strategy="gradient"), calibration=[batch])
 
 
-def test_random_scores_are_in_unit_interval(model):
-    scores = random_scores(model, find_structures(model), ["v", "up"], seed=9)
+def test_random_scores_are_in_unit_interval(gqa_model):
+    scores = random_scores(gqa_model, find_structures(gqa_model), ["v", "up"], seed=9)
     assert all(0 <= v.min() and v.max() < 1 for v in scores.values())
     assert scores[(0, "v")].shape == (4,) and scores[(1, "up")].shape == (96,)
 
 
 @pytest.mark.parametrize("form", ["selection", "module_names", "adapter"])
-def test_exclude_gives_disjoint_selections(model, form):
+def test_exclude_gives_disjoint_selections(gqa_model, form):
     ratios = {"o": 0.5, "k": 0.5, "down": 0.25}
-    first = select_units(model, S2FTConfig(ratios=ratios, strategy="weight"))
-    structures = find_structures(model)
+    first = select_units(gqa_model, S2FTConfig(ratios=ratios, strategy="weight"))
+    structures = find_structures(gqa_model)
     exclude = {
         "selection": first,
         "module_names": {structures[layer].module_name(c): units for (layer, c), units in first.items()},
         "adapter": SimpleNamespace(units=lambda: first),  # duck-types s2ft.adapter.Adapter.units()
     }[form]
-    second = select_units(model, S2FTConfig(ratios=ratios, strategy="weight", exclude=exclude))
+    second = select_units(gqa_model, S2FTConfig(ratios=ratios, strategy="weight", exclude=exclude))
     for key, units in first.items():
         assert len(second[key]) == len(units)
         assert not set(units.tolist()) & set(second[key].tolist())
@@ -345,16 +348,16 @@ def test_exclude_gives_disjoint_selections(model, form):
             assert sorted(units.tolist() + second[key].tolist()) == list(range(structures[0].num_units(key[1])))
 
 
-def test_exclude_errors(model):
-    first = select_units(model, S2FTConfig(ratios={"o": 0.75}))
+def test_exclude_errors(gqa_model):
+    first = select_units(gqa_model, S2FTConfig(ratios={"o": 0.75}))
     with pytest.raises(ValueError, match="layer 0 'o': 6 units requested but only 2 remain after excluding"):
-        select_units(model, S2FTConfig(ratios={"o": 0.75}, exclude=first))
+        select_units(gqa_model, S2FTConfig(ratios={"o": 0.75}, exclude=first))
     with pytest.raises(ValueError, match="exclude names module 'model.layers.0.mlp'"):
-        select_units(model, S2FTConfig(ratios={"o": 0.5}, exclude={"model.layers.0.mlp": [1]}))
+        select_units(gqa_model, S2FTConfig(ratios={"o": 0.5}, exclude={"model.layers.0.mlp": [1]}))
     with pytest.raises(ValueError, match=r"exclude \(0, 'o'\): unit indices must lie in \[0, 8\)"):
-        select_units(model, S2FTConfig(ratios={"o": 0.5}, exclude={(0, "o"): [8]}))
+        select_units(gqa_model, S2FTConfig(ratios={"o": 0.5}, exclude={(0, "o"): [8]}))
     with pytest.raises(ValueError, match=r"exclude has key \(2, 'o'\)"):
-        select_units(model, S2FTConfig(ratios={"o": 0.5}, exclude={(2, "o"): [1]}))
+        select_units(gqa_model, S2FTConfig(ratios={"o": 0.5}, exclude={(2, "o"): [1]}))
 
 
 def test_exclude_a_saved_adapter(tmp_path):
@@ -372,12 +375,12 @@ def test_exclude_a_saved_adapter(tmp_path):
         assert sorted(units.tolist() + second[key].tolist()) == list(range(len(units) * 2))
 
 
-def test_budget_errors_come_before_calibration(model):
+def test_budget_errors_come_before_calibration(gqa_model):
     with pytest.raises(S2FTConfigError, match="budget gives no unit"):
-        select_units(model, S2FTConfig(ratios={"o": 0.01}, strategy="gradient"))  # no calibration either
+        select_units(gqa_model, S2FTConfig(ratios={"o": 0.01}, strategy="gradient"))  # no calibration either
 
 
-def test_global_exclude_error(model):
-    first = select_units(model, S2FTConfig(ratios={"down": 0.75}, allocation="global"))
+def test_global_exclude_error(gqa_model):
+    first = select_units(gqa_model, S2FTConfig(ratios={"down": 0.75}, allocation="global"))
     with pytest.raises(ValueError, match="all layers 'down': 144 units requested but only 48 remain"):
-        select_units(model, S2FTConfig(ratios={"down": 0.75}, allocation="global", exclude=first))
+        select_units(gqa_model, S2FTConfig(ratios={"down": 0.75}, allocation="global", exclude=first))
