@@ -251,3 +251,22 @@ def test_a_bug_keeps_its_traceback(tmp_path):
     assert done.returncode == 1
     assert "Traceback" in done.stderr and "RuntimeError: a bug in the runner" in done.stderr
     assert "error: a bug" not in done.stderr
+
+
+def test_the_multirun_check_sees_the_jobs_the_sweeper_launches():
+    """`ValidateJobs` expands an experiment's own sweep (hydra.sweeper.params) with the command line's."""
+    from s2ft.lightning.jobs import job_problems, sweep_jobs
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=fusion"], return_hydra_config=True)
+        cfg.hydra.overrides.task = ["+experiment=fusion", "method.lr=1e-3,0"]  # a multirun's command line
+        jobs = sweep_jobs(cfg)
+        assert jobs == [
+            ["data.train=[math_10k]", "+experiment=fusion", "method.lr=0.001"],
+            ["data.train=[math_10k]", "+experiment=fusion", "method.lr=0"],
+            ["data.train=[commonsense_170k]", "+experiment=fusion", "method.lr=0.001"],
+            ["data.train=[commonsense_170k]", "+experiment=fusion", "method.lr=0"],
+        ]
+        found = [job_problems("config", job) for job in jobs]
+    assert found[0] is None and found[2] is None
+    assert all("method.lr must be a finite number > 0, got 0" in f for f in (found[1], found[3]))
