@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parent
 os.environ.setdefault("S2FT_ROOT", str(ROOT))
@@ -18,38 +18,17 @@ def main(cfg: DictConfig) -> None:
 
     from s2ft.errors import UserError
     from s2ft.lightning import run_experiment
+    from s2ft.lightning.jobs import job_config
 
     hydra_cfg = HydraConfig.get()
-    debug = hydra_cfg.runtime.choices.get("debug")
-    if debug not in (None, "null"):
-        cfg = with_debug(cfg, debug, list(hydra_cfg.overrides.task))
     run_dir = hydra_cfg.runtime.output_dir
     try:
-        run_experiment(OmegaConf.to_container(cfg, resolve=True), run_dir)
+        run_experiment(job_config(cfg, hydra_cfg), run_dir)
     except UserError as err:
         sys.exit(f"error: {err}")
     except SIGTERMException:
         resume = f"python run.py <same overrides> hydra.run.dir={run_dir} ckpt_path=last"
         sys.exit(f"stopped by SIGTERM; the checkpoint is saved, resume with: {resume}")
-
-
-def with_debug(cfg: DictConfig, debug: str, overrides: list[str]) -> DictConfig:
-    """Apply the debug file over everything, then the command line's key=value overrides again.
-
-    `+experiment=X` is appended after `debug` in the defaults list, so Hydra alone lets an experiment undo
-    `debug=smoke`; merging the debug file last makes it shrink any experiment, and re-applying the explicit
-    key overrides (`trainer.max_steps=8`) keeps the command line the final word.
-    """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    cfg = OmegaConf.merge(cfg, OmegaConf.load(ROOT / "conf" / "debug" / f"{debug}.yaml"))
-    for override in OverridesParser.create().parse_overrides(overrides):
-        key = override.key_or_group
-        is_group = "." not in key and (ROOT / "conf" / key.lstrip("+~")).is_dir()
-        if is_group or key.startswith("hydra") or override.is_delete():
-            continue
-        OmegaConf.update(cfg, key, override.value(), merge=False, force_add=True)
-    return cfg
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def fuse_and_evaluate(run_a: Path, run_b: Path, out: Path, weights: tuple[float,
     counts = {"trainable_params": changed, "total_params": total, "trainable_pct": 100 * changed / total}
     summary = build_summary(cfg, counts, None, measured["eval"], heldout=heldout, fusion=cfg["fusion"])
     write_json(summary, out / "summary.json")
-    print_summary(summary)
+    print_summary(summary, out)
     return summary
 
 

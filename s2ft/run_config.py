@@ -5,6 +5,8 @@ Every check appends to one list, so a user sees every problem of a config at onc
 
 from __future__ import annotations
 
+import difflib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,33 @@ PRECISIONS = ("32", "32-true", "bf16", "bf16-mixed", "bf16-true", "16-mixed", "6
 SELECT_BEST = (None, "val_loss")
 # Options only S2FT reads: seeing them on another method means the user mixed up configs.
 S2FT_ONLY = ("ratios", "target_params", "target_split", "match_lora", "strategy", "order", "allocation", "layout")
+GROUPS = ("paths", "model", "method", "data", "eval", "trainer", "logger")
+# The config's schema: the keys each group may hold (those of conf/<group>/*.yaml; tests/test_safety_config.py checks
+# that every key of every file is here). Any other key is a typo and an error. `method.options` is checked against the
+# method's own DEFAULTS, `method.options.ratios` by S2FTConfig.
+SCHEMA: dict[str, tuple[str, ...]] = {
+    "": (
+        *GROUPS,
+        *("name", "seed", "mode", "run_dir", "adapter", "ckpt_path", "save_merged", "overwrite"),
+        # Experiment helpers that method and lr interpolations read: the generalization studies' budget (fraction)
+        # and per-method rates, the paper fusion study's per-leg rates.
+        *("budget", "budget_lr", "leg_lr"),
+    ),
+    "paths": ("root", "data_dir", "output_dir", "cache_dir"),
+    "model": ("name", "dtype", "gradient_checkpointing", "cache_dir"),
+    "method": ("name", "lr", "weight_decay", "options"),
+    "data": ("train", "limit", "val_size", "max_length", "batch_size", "allow_overlap", "overlap_tasks"),
+    "eval": (
+        *("tasks", "limit", "mode", "batch_size", "num_beams", "max_new_tokens", "before", "heldout"),
+        "heldout_limit",
+    ),
+    "trainer": (
+        *("max_steps", "max_epochs", "accumulate_grad_batches", "gradient_clip_val", "precision", "accelerator"),
+        *("devices", "strategy", "num_nodes", "warmup_steps", "scheduler", "log_every_n_steps", "val_check_interval"),
+        *("select_best", "checkpoint_every_n_steps"),
+    ),
+    "logger": ("name", "project", "mode", "tags"),
+}
 
 
 class RunConfigError(UserError, ValueError):
@@ -34,17 +63,18 @@ def validate_run_config(cfg: dict[str, Any]) -> None:
         RunConfigError: If anything is wrong; each line names the config key and how to fix it.
     """
     problems: list[str] = []
-    for group in ("paths", "model", "method", "data", "eval", "trainer", "logger"):
+    for group in GROUPS:
         if not isinstance(cfg.get(group), dict):
             problems.append(f"config group {group!r} is missing (check conf/config.yaml defaults)")
     if problems:
         raise RunConfigError(_message(problems))
+    problems += unknown_keys(cfg)
     mode = cfg.get("mode", "train")
     if mode not in MODES:
         problems.append(f"mode must be one of {MODES}, got {mode!r}")
     if not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool):
         problems.append(f"seed must be an int, got {cfg.get('seed')!r}")
-    problems += _check_model(cfg["model"])
+    problems += _check_model(cfg["model"], training=mode == "train")
     problems += _check_method(cfg["method"], training=mode == "train")
     data_dir = Path(cfg["paths"].get("data_dir") or "data")
     if not data_dir.is_dir():
@@ -52,6 +82,7 @@ def validate_run_config(cfg: dict[str, Any]) -> None:
     if mode == "train":
         problems += _check_data(cfg["data"], data_dir)
         problems += _check_trainer(cfg["trainer"])
+        problems += _check_batches(cfg["data"], cfg["trainer"])
     problems += _check_eval(cfg["eval"], data_dir)
     problems += _check_logger(cfg["logger"])
     problems += _check_sources(cfg, mode)
@@ -59,6 +90,26 @@ def validate_run_config(cfg: dict[str, Any]) -> None:
         problems.append("trainer.select_best needs a validation split: set data.val_size > 0")
     if problems:
         raise RunConfigError(_message(problems))
+
+
+def unknown_keys(cfg: dict[str, Any]) -> list[str]:
+    """One problem per key of `cfg` that `SCHEMA` does not know, naming the nearest valid key."""
+    problems = []
+    for group, valid in SCHEMA.items():
+        section = cfg.get(group, {}) if group else cfg
+        prefix = f"{group}." if group else ""
+        for key in section:
+            if key not in valid:
+                problems.append(f"unknown key {prefix}{key}; {did_you_mean(key, valid, prefix)}")
+    return problems
+
+
+def did_you_mean(key: str, valid, prefix: str = "") -> str:
+    """ "did you mean X?" for the closest of `valid` to `key`, else the list of valid keys."""
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    if close:
+        return f"did you mean {prefix}{close[0]}?"
+    return f"valid keys{f' of {prefix[:-1]}' if prefix else ''}: {', '.join(valid)}"
 
 
 def _message(problems: list[str]) -> str:
@@ -70,10 +121,10 @@ def _positive_int(value) -> bool:
 
 
 def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_model(model: dict) -> list[str]:
+def _check_model(model: dict, training: bool) -> list[str]:
     from s2ft.models import DTYPES, MODEL_NAMES
 
     problems = []
@@ -83,6 +134,9 @@ def _check_model(model: dict) -> list[str]:
         problems.append(f"unknown model.name {name!r}; use one of {', '.join(MODEL_NAMES)}, a hub id or a folder")
     if model.get("dtype", "float32") not in DTYPES:
         problems.append(f"model.dtype must be one of {sorted(DTYPES)}, got {model.get('dtype')!r}")
+    elif model.get("dtype") == "float16" and training:
+        # Without loss scaling fp16 gradients underflow and the loss overflows: NaN from the first steps.
+        problems.append("model.dtype=float16 trains without loss scaling (NaN losses); use bfloat16 or float32")
     return problems
 
 
@@ -97,9 +151,9 @@ def _check_method(method: dict, training: bool) -> list[str]:
         problems.append(f"method {name!r} trains nothing; use mode=eval with it, or pick a method that trains")
     if training and METHODS[name].trains:
         if not _number(method.get("lr")) or method["lr"] <= 0:
-            problems.append(f"method.lr must be > 0, got {method.get('lr')!r}")
+            problems.append(f"method.lr must be a finite number > 0, got {method.get('lr')!r}")
         if not _number(method.get("weight_decay", 0.0)) or method.get("weight_decay", 0.0) < 0:
-            problems.append(f"method.weight_decay must be >= 0, got {method.get('weight_decay')!r}")
+            problems.append(f"method.weight_decay must be a finite number >= 0, got {method.get('weight_decay')!r}")
     options = method.get("options") or {}
     if name != "s2ft":
         stray = sorted(set(options) & set(S2FT_ONLY))
@@ -116,11 +170,22 @@ def _check_method(method: dict, training: bool) -> list[str]:
 
 def _check_s2ft_options(options: dict) -> list[str]:
     from s2ft.config import S2FTConfig, S2FTConfigError
+    from s2ft.methods.s2ft import MATCH_LORA_KEYS, ratio_problems
 
     problems = []
     budgeted = options["target_params"] is not None or options["match_lora"] is not None
-    if options["match_lora"] is not None and options["target_params"] is not None:
+    match = options["match_lora"]
+    if match is not None and options["target_params"] is not None:
         problems.append("set method.options.match_lora or method.options.target_params, not both")
+    if match is not None and not isinstance(match, dict):
+        problems.append(f"method.options.match_lora must be {{r: RANK, target_modules: [...]}}, got {match!r}")
+    elif match is not None:
+        prefix = "method.options.match_lora."
+        problems += [
+            f"unknown key {prefix}{key}; {did_you_mean(key, MATCH_LORA_KEYS, prefix)}"
+            for key in match
+            if key not in MATCH_LORA_KEYS
+        ]
     size = options["calibration_size"]
     if not (_positive_int(size) or (isinstance(size, float) and 0 < size < 1)):
         problems.append(
@@ -145,6 +210,12 @@ def _check_s2ft_options(options: dict) -> list[str]:
         )
     except S2FTConfigError as err:
         problems += [f"method.options: {line.strip()[2:]}" for line in str(err).splitlines()[1:]]
+    if budgeted and options["ratios"] and not options["target_split"]:
+        # The budget is split over the components of `ratios` in their proportions (s2ft.methods.s2ft.build_config).
+        problems += [
+            f"method.options.{problem} (with a budget, ratios set how it is split over components)"
+            for problem in ratio_problems(options["ratios"])
+        ]
     return problems
 
 
@@ -164,15 +235,35 @@ def _check_data(data: dict, data_dir: Path) -> list[str]:
         for source in sources:
             if source.reader != "hub" and not (data_dir / source.path).is_file():
                 problems.append(f"training file {data_dir / source.path} is missing (check paths.data_dir)")
-    for key in ("max_length", "batch_size"):
-        if not _positive_int(data.get(key)):
-            problems.append(f"data.{key} must be an int >= 1, got {data.get(key)!r}")
+    if not _positive_int(data.get("batch_size")):
+        problems.append(f"data.batch_size must be an int >= 1, got {data.get('batch_size')!r}")
+    if not _positive_int(data.get("max_length")) or data["max_length"] < 2:
+        problems.append(f"data.max_length must be an int >= 2 (prompt + response), got {data.get('max_length')!r}")
     if data.get("limit") is not None and not _positive_int(data["limit"]):
         problems.append(f"data.limit must be null or an int >= 1, got {data['limit']!r}")
     val_size = data.get("val_size", 0)
     if not _number(val_size) or val_size < 0 or (isinstance(val_size, float) and not 0 <= val_size < 1):
         problems.append(f"data.val_size must be a count >= 0 or a fraction in (0, 1), got {val_size!r}")
     return problems
+
+
+def _check_batches(data: dict, tr: dict) -> list[str]:
+    """With `data.limit`, the items left after the validation split must fill one batch on every process."""
+    limit, val_size, batch = data.get("limit"), data.get("val_size") or 0, data.get("batch_size")
+    processes = tr.get("devices", 1) * tr.get("num_nodes", 1)
+    if not (_positive_int(limit) and _positive_int(batch) and _number(val_size) and val_size >= 0):
+        return []
+    if not isinstance(processes, int):  # devices=auto: counted at run time
+        processes = 1
+    held = max(1, round(val_size * limit)) if isinstance(val_size, float) and val_size > 0 else int(val_size)
+    if held >= limit:
+        return [f"data.val_size={val_size} leaves no training items out of data.limit={limit}; lower data.val_size"]
+    if limit - held < batch * processes:
+        return [
+            f"data.limit={limit} leaves {limit - held} training items (after data.val_size={val_size}), fewer than one "
+            f"batch of data.batch_size={batch} on {processes} process(es); raise data.limit or lower data.batch_size"
+        ]
+    return []
 
 
 def _check_eval(ev: dict, data_dir: Path) -> list[str]:
@@ -233,6 +324,8 @@ def _check_logger(logger: dict) -> list[str]:
 
 
 def _check_sources(cfg: dict, mode: str) -> list[str]:
+    from s2ft.methods import saved_method
+
     problems = []
     run_dir, adapter, ckpt = cfg.get("run_dir"), cfg.get("adapter"), cfg.get("ckpt_path")
     if mode == "eval" and run_dir is None and adapter is None and cfg["method"].get("name") != "none":
@@ -241,6 +334,10 @@ def _check_sources(cfg: dict, mode: str) -> list[str]:
         problems.append(f"run_dir {run_dir!r} has no adapter/ folder; point it at a finished run directory")
     if adapter is not None and not Path(adapter).is_dir():
         problems.append(f"adapter {adapter!r} is not a folder; give the adapter/ folder of a run")
+    elif adapter is not None and run_dir is None:
+        saved, method = saved_method(adapter), cfg["method"].get("name")
+        if saved is not None and saved != method:
+            problems.append(f"adapter {adapter!r} holds a {saved} adapter, not {method}: set method={saved}")
     if ckpt is not None and ckpt not in ("last", "auto") and not Path(ckpt).is_file():
         problems.append(f"ckpt_path {ckpt!r} is neither 'last', 'auto' nor a checkpoint file")
     return problems

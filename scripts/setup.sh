@@ -9,8 +9,9 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1; then
     "$PY" -m pip install "torch<=2.14.1"
   else
-    # The CPU build from PyTorch's index; where only PyPI is reachable, PyPI's default build instead.
-    "$PY" -m pip install "torch<=2.14.1" --index-url https://download.pytorch.org/whl/cpu ||
+    # The CPU build from PyTorch's index; where only PyPI is reachable, PyPI's default build instead. No retries on
+    # the first try: pip would otherwise back off and retry an unreachable index for minutes.
+    "$PY" -m pip install "torch<=2.14.1" --index-url https://download.pytorch.org/whl/cpu --retries 0 --timeout 15 ||
       "$PY" -m pip install "torch<=2.14.1"
   fi
 fi

@@ -270,7 +270,15 @@ def test_options_accept_omegaconf_and_reject_unknown_keys():
         pytest.param(
             "s2ft",
             {"ratios": {"attn": 0.1}, "match_lora": {"r": 2, "target_modules": ["q_proj"]}},
-            "not component: fraction pairs",
+            "ratios: unknown component 'attn'",
+        ),
+        *(
+            pytest.param(
+                "s2ft",
+                {"ratios": {"o": ratio}, "match_lora": {"r": 2, "target_modules": ["q_proj"]}},
+                rf"ratios\['o'\] must be a number in \(0, 1\], got {ratio}",
+            )
+            for ratio in (1.5, -0.1)
         ),
         pytest.param(
             "s2ft",

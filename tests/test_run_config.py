@@ -96,7 +96,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
     message = str(info.value)
     expected = [
         "unknown model.name 'gpt5'",
-        "method.lr must be > 0",
+        "method.lr must be a finite number > 0",
         "unknown component 'qq'",
         "ratios['o'] must be a number in (0, 1], got 1.5",
         "psychic",

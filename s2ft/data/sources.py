@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from s2ft.data.overlap import drop_overlaps
-from s2ft.data.records import Example, load_hub, read_gsm8k, read_llm_adapters, read_mawps_raw
+from s2ft.data.records import DataError, Example, load_hub, read_gsm8k, read_llm_adapters, read_mawps_raw
 from s2ft.data.tasks import GROUPS, TaskSpec, UnknownNameError, data_path, resolve_tasks, resolve_train_sources
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,8 @@ def split_validation(
         (train, validation), each keeping the input order.
 
     Raises:
-        ValueError: A negative size, a fraction outside (0, 1), or no training items left.
+        ValueError: A size that is not a count or a fraction in (0, 1).
+        DataError: No training items left.
     """
     if isinstance(val_size, bool) or not isinstance(val_size, int | float):
         raise ValueError(f"val_size must be a count or a fraction in (0, 1), got {val_size!r}")
@@ -141,7 +142,9 @@ def split_validation(
             raise ValueError(f"a fractional val_size must lie in (0, 1), got {val_size}")
         val_size = max(1, round(val_size * len(examples)))
     if val_size < 0 or val_size >= len(examples):
-        raise ValueError(f"val_size={val_size} leaves no training items out of {len(examples)}; use a smaller one")
+        raise DataError(
+            f"data.val_size={val_size} leaves no training items out of {len(examples)}; lower data.val_size"
+        )
     in_val = set(_permutation(len(examples), seed, "validation")[:val_size])
     train = [ex for i, ex in enumerate(examples) if i not in in_val]
     val = [ex for i, ex in enumerate(examples) if i in in_val]

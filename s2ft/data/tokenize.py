@@ -18,7 +18,7 @@ import datasets
 import torch
 
 from s2ft.data.prompt import build_prompt
-from s2ft.data.records import Example
+from s2ft.data.records import DataError, Example
 
 IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
@@ -77,7 +77,8 @@ def tokenize_examples(
             tokenizer and max_length, so a rerun reuses it; None tokenizes in memory.
 
     Raises:
-        ValueError: No examples, no EOS token, a bad max_length, or no item with a response token left.
+        ValueError: No examples, no EOS token or a bad max_length.
+        DataError: No item with a response token left (max_length too short for every prompt).
     """
     _check_tokenizer(tokenizer, max_length)
     if not examples:
@@ -100,7 +101,10 @@ def tokenize_examples(
         **map_kwargs,
     )
     if len(dataset) == 0:
-        raise ValueError(f"every prompt is at least max_length={max_length} tokens long: raise data.max_length")
+        raise DataError(
+            f"every prompt of the {len(examples)} items is at least max_length={max_length} tokens long, leaving no "
+            "response token to train on: raise data.max_length"
+        )
     if len(dataset) < len(examples):
         log.warning("dropped %d items whose prompt fills max_length=%d", len(examples) - len(dataset), max_length)
     return dataset

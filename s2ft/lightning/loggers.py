@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 WANDB_ID_FILE = "wandb_id.txt"
 
@@ -31,14 +31,14 @@ def build_logger(logger_cfg: dict, cfg: dict, run_dir: Path):
     if name == "csv":
         logger = ResumableCSVLogger(run_dir, resume=bool(cfg.get("ckpt_path")))
     else:
-        from lightning.pytorch.loggers import WandbLogger
+        import wandb  # only W&B runs pay for importing it
 
         os.environ["WANDB_MODE"] = logger_cfg.get("mode") or "offline"
         id_file = run_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id + "\n")
         method = cfg["method"]["name"]
-        logger = WandbLogger(
+        logger = QuietWandbLogger(
             project=logger_cfg.get("project") or "s2ft",
             group=cfg["name"],
             name=f"{cfg['name']}-{method}-seed{cfg['seed']}",
@@ -46,9 +46,24 @@ def build_logger(logger_cfg: dict, cfg: dict, run_dir: Path):
             save_dir=str(run_dir),
             id=run_id,
             resume="allow",
+            # The run's own table is the last screen: no W&B banner, run history or summary (s2ft prints the sync
+            # command of an offline run with its results).
+            settings=wandb.Settings(quiet=True),
         )
     logger.log_hyperparams(cfg)
     return logger
+
+
+class QuietWandbLogger(WandbLogger):
+    """Lightning's WandbLogger without its `anonymous` argument.
+
+    Lightning always hands `wandb.init` an `anonymous` value (None when unset); W&B (0.31 here) warns on every run
+    that the setting has no effect.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._wandb_init.pop("anonymous", None)
 
 
 def end_wandb_run(failed: bool) -> None:
@@ -70,8 +85,6 @@ def end_wandb_run(failed: bool) -> None:
 
 def wandb_info(logger) -> dict | None:
     """`{"id", "dir"}` of a W&B logger's run, else None."""
-    from lightning.pytorch.loggers import WandbLogger
-
     if not isinstance(logger, WandbLogger):
         return None
     return {"id": logger.version, "dir": str(logger.experiment.dir)}

@@ -15,10 +15,10 @@ from pathlib import Path
 import lightning as L
 import torch
 import yaml
-from lightning.pytorch.callbacks import RichProgressBar
 from torch.utils.data import DataLoader
 
 from s2ft.lightning.callbacks import AdvanceSampler, AtomicCheckpointIO, KeepBest, LastCheckpoint
+from s2ft.lightning.console import StepProgressBar
 from s2ft.lightning.datamodule import SFTDataModule
 from s2ft.lightning.loggers import ReplayCSVHistory, build_logger, end_wandb_run, wandb_info
 from s2ft.lightning.module import S2FTLitModule
@@ -222,7 +222,7 @@ def _evaluate_only(cfg: dict, run_dir: Path) -> dict:
 
 def _finish(summary: dict, run_dir: Path) -> dict:
     write_json(summary, run_dir / "summary.json")
-    print_summary(summary)
+    print_summary(summary, run_dir)
     return summary
 
 
@@ -255,7 +255,7 @@ def _trainer(tr: dict, run_dir: Path, logger, has_val: bool) -> L.Trainer:
         limit_val_batches=None if has_val else 0,
         num_sanity_val_steps=0,
         logger=logger,
-        callbacks=[*callbacks, RichProgressBar()],
+        callbacks=[*callbacks, StepProgressBar()],
         plugins=[AtomicCheckpointIO()],
         enable_checkpointing=False,
         # The sampler shards by rank itself and resumes mid-epoch; Lightning's replacement would do neither.

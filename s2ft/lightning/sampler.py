@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from s2ft.data import DataError
+
 
 class ResumableBatchSampler(Sampler[list[int]]):
     """Shuffles `size` items with `seed + epoch`, gives rank `rank` every `world_size`-th item, and batches them.
@@ -20,7 +22,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
     def __init__(self, size: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
         if batch_size < 1 or size < batch_size * world_size:
-            raise ValueError(
+            raise DataError(
                 f"{size} training items cannot fill one batch of {batch_size} on {world_size} rank(s); "
                 "lower data.batch_size or raise data.limit"
             )

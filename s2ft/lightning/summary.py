@@ -84,8 +84,9 @@ def write_json(data: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def print_summary(summary: dict) -> None:
-    """A short rich table: training loss (first -> last step), accuracy per task and held-out loss, before -> after."""
+def print_summary(summary: dict, run_dir: Path) -> None:
+    """The last screen of a run: a short rich table (training loss first -> last step, accuracy per task and held-out
+    loss, before -> after), then where the outputs are (the run directory, the `wandb sync` command of offline W&B)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -106,4 +107,9 @@ def print_summary(summary: dict) -> None:
     for name, losses in (summary.get("heldout") or {}).items():
         fmt = lambda v: "-" if v is None else f"{v:.4f}"
         table.add_row(f"{name} held-out loss", fmt(losses.get("before")), fmt(losses.get("after")))
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    console.print(f"outputs: {run_dir}", highlight=False, soft_wrap=True)
+    wandb_dir = Path((summary.get("wandb") or {}).get("dir") or "").parent  # the run folder holds files/
+    if wandb_dir.name.startswith("offline-run-"):
+        console.print(f"W&B run saved offline; upload it with: wandb sync {wandb_dir}", highlight=False, soft_wrap=True)

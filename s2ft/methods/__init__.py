@@ -8,15 +8,19 @@ method so budgets compare.
 
 from __future__ import annotations
 
+import difflib
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from s2ft.adapter_format import CONFIG_NAME, FORMAT, AdapterError
 from s2ft.methods import full, none, peft_lora, spft
 from s2ft.methods import s2ft as s2ft_method
 from s2ft.methods.method import Method
+from s2ft.methods.spft import ADAPTER_FILE as SPFT_FILE
 from s2ft.registry import Registry
 
 METHODS: Registry[Method] = Registry("method")
@@ -46,9 +50,12 @@ def method_options(name: str, options: dict[str, Any] | None) -> dict[str, Any]:
     options = _plain(options or {})
     unknown = sorted(set(options) - set(defaults))
     if unknown:
+        nearest = {key: difflib.get_close_matches(key, list(defaults), n=1) for key in unknown}
+        hints = ", ".join(f"{key} -> {close[0]}" for key, close in nearest.items() if close)
+        hint = f"did you mean {hints}? " if hints else ""
         raise ValueError(
             f"method {name!r} does not take option(s) {unknown}; its options are {sorted(defaults)} "
-            f"(fix method.options in the config)"
+            f"({hint}fix method.options in the config)"
         )
     return {**defaults, **options}
 
@@ -85,11 +92,41 @@ def save_trained(model: nn.Module, name: str, out_dir: str | Path) -> None:
 
 
 def load_trained(model: nn.Module, name: str, path: str | Path) -> nn.Module:
-    """Apply what ``save_trained`` wrote at ``path`` to the base ``model`` and return the model to evaluate."""
+    """Apply what ``save_trained`` wrote at ``path`` to the base ``model`` and return the model to evaluate.
+
+    Raises:
+        AdapterError: ``path`` holds what another method saved (the message names that method).
+    """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no saved {name} weights at {path}: pass the folder save_trained wrote")
+    saved = saved_method(path)
+    if saved is not None and saved != name:
+        raise AdapterError(f"{path} holds a {saved} adapter, not {name}: load it with method {saved} (method={saved})")
     return get_method(name).load(model, path)
+
+
+def saved_method(path: str | Path) -> str | None:
+    """The method whose ``save_trained`` wrote the folder ``path``, from its files; None when it is none of them."""
+    path = Path(path)
+    config_file = path / CONFIG_NAME
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(config, dict):
+            return None
+        if config.get("format") == FORMAT:
+            return "s2ft"
+        if config.get("peft_type") == "LORA":
+            return "dora" if config.get("use_dora") else "lora"
+        return None
+    if (path / SPFT_FILE).is_file():
+        return "spft"
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return "full"
+    return None
 
 
 def merge_trained(model: nn.Module, name: str) -> nn.Module:

@@ -8,7 +8,7 @@ from torch import nn
 
 from s2ft.adapter import load_adapter, merge_and_unload, save_adapter, trainable_parameter_count
 from s2ft.api import apply_s2ft
-from s2ft.config import COMPONENTS, S2FTConfig
+from s2ft.config import S2FTConfig, S2FTConfigError
 from s2ft.methods.method import Method
 from s2ft.methods.peft_lora import lora_param_count
 from s2ft.structures import find_structures
@@ -27,6 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "exclude": None,
     "calibration_size": 64,  # items, or a fraction (0, 1) of the training set; read by the runner
 }
+MATCH_LORA_KEYS = ("r", "target_modules")
 MATCH_TOLERANCE = 0.02  # relative gap allowed between S2FT's and the matched LoRA's trainable counts
 
 
@@ -41,17 +42,15 @@ def build_config(model: nn.Module, options: dict[str, Any]):
     match = options["match_lora"]
     if match is not None:
         if target_params is not None:
-            raise ValueError("set either method.options.match_lora or method.options.target_params, not both")
-        unknown = sorted(set(match) - {"r", "target_modules"})
+            raise S2FTConfigError("set either method.options.match_lora or method.options.target_params, not both")
+        unknown = sorted(set(match) - set(MATCH_LORA_KEYS))
         if unknown:
-            raise ValueError(f"match_lora takes r and target_modules, not {unknown}")
+            raise S2FTConfigError(f"method.options.match_lora takes {' and '.join(MATCH_LORA_KEYS)}, not {unknown}")
         target_params = lora_param_count(model, match.get("r"), match.get("target_modules"), "match_lora")
     if target_params is not None and ratios:
-        bad = {c: r for c, r in ratios.items() if c not in COMPONENTS or not isinstance(r, float | int)}
-        if bad:
-            raise ValueError(
-                f"method.options.ratios {bad} are not component: fraction pairs (components: {COMPONENTS})"
-            )
+        problems = ratio_problems(ratios)
+        if problems:
+            raise S2FTConfigError("invalid method.options:\n  - " + "\n  - ".join(problems))
         if not split:
             layer = find_structures(model)[0]
             params = {c: r * layer.linear(c).weight.numel() for c, r in ratios.items()}
@@ -73,6 +72,15 @@ def build_config(model: nn.Module, options: dict[str, Any]):
     return cfg
 
 
+def ratio_problems(ratios) -> list[str]:
+    """What is wrong with ``method.options.ratios`` (component -> fraction in (0, 1]) when a budget splits over them."""
+    try:
+        S2FTConfig(ratios=ratios)
+    except S2FTConfigError as err:
+        return [line.strip()[2:] for line in str(err).splitlines()[1:]]
+    return []
+
+
 def prepare(model: nn.Module, options: dict[str, Any], calibration, name: str = "s2ft") -> nn.Module:
     """Freeze the model and train the selected heads/channels; with ``match_lora`` check the count is matched."""
     cfg = build_config(model, options)
@@ -80,7 +88,7 @@ def prepare(model: nn.Module, options: dict[str, Any], calibration, name: str = 
     if options["match_lora"] is not None:
         got, want = trainable_parameter_count(model), cfg.target_params
         if abs(got - want) > MATCH_TOLERANCE * want:
-            raise ValueError(
+            raise S2FTConfigError(
                 f"S2FT trains {got} parameters but match_lora asks for {want} (more than {MATCH_TOLERANCE:.0%} apart): "
                 f"the model's units are too coarse for this budget; add a fine-grained component (down/up/gate) "
                 f"to method.options.ratios or target_split"

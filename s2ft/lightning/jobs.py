@@ -1,0 +1,101 @@
+"""The config each Hydra job of `run.py` runs, and a Hydra callback that validates every job before any starts.
+
+`run.py` and `ValidateJobs` build a job's config with the same `job_config`, so what is validated up front is what
+each job runs. The callback is registered in conf/hydra/default.yaml.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra import compose
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from s2ft.errors import UserError
+from s2ft.run_config import validate_run_config
+
+
+def job_config(cfg: DictConfig, hydra_cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config (a plain dict) of the job that Hydra composed as `cfg`, with `debug=NAME` applied last.
+
+    Args:
+        cfg: The job's config, without its `hydra` node.
+        hydra_cfg: The job's `hydra` node (runtime choices, task overrides and config sources).
+    """
+    debug = hydra_cfg.runtime.choices.get("debug")
+    if debug not in (None, "null"):
+        cfg = with_debug(cfg, _conf_dir(hydra_cfg) / "debug" / f"{debug}.yaml", list(hydra_cfg.overrides.task))
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def with_debug(cfg: DictConfig, debug_file: Path, overrides: list[str]) -> DictConfig:
+    """Apply the debug file over everything, then the command line's key=value overrides again.
+
+    `+experiment=X` is appended after `debug` in the defaults list, so Hydra alone lets an experiment undo
+    `debug=smoke`; merging the debug file last makes it shrink any experiment, and re-applying the explicit
+    key overrides (`trainer.max_steps=8`) keeps the command line the final word.
+    """
+    conf_dir = debug_file.parent.parent
+    cfg = OmegaConf.merge(cfg, OmegaConf.load(debug_file))
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        is_group = "." not in key and (conf_dir / key.lstrip("+~")).is_dir()
+        if is_group or key.startswith("hydra") or override.is_delete():
+            continue
+        OmegaConf.update(cfg, key, override.value(), merge=False, force_add=True)
+    return cfg
+
+
+def _conf_dir(hydra_cfg: DictConfig) -> Path:
+    """The primary config folder (run.py's conf/)."""
+    source = next(s for s in hydra_cfg.runtime.config_sources if s.provider == "main" and s.schema == "file")
+    return Path(source.path)
+
+
+def _without_hydra(cfg: DictConfig) -> DictConfig:
+    return OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+
+
+def sweep_jobs(cfg: DictConfig) -> list[list[str]]:
+    """The override list of every job Hydra's basic sweeper launches for the multirun `cfg` (in launch order)."""
+    params = [f"{key}={value}" for key, value in (cfg.hydra.sweeper.params or {}).items()]
+    overrides = OverridesParser.create().parse_overrides([*params, *cfg.hydra.overrides.task])
+    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+def job_problems(config_name: str | None, overrides: list[str]) -> str | None:
+    """The composition or validation error of the job `overrides` describe, None when it is fine."""
+    try:
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+        validate_run_config(job_config(_without_hydra(cfg), cfg.hydra))
+    except (UserError, HydraException) as err:
+        return str(err)
+    return None
+
+
+class ValidateJobs(Callback):
+    """Refuses a run, or a whole multirun, before anything is written or trained when a job's config is wrong.
+
+    A multirun lists every bad job at once (its index, its overrides, its problems) and runs none of them.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            validate_run_config(job_config(_without_hydra(config), config.hydra))
+        except UserError as err:
+            sys.exit(f"error: {err}")
+
+    def on_multirun_start(self, config: DictConfig, config_name: str | None = None, **kwargs: Any) -> None:
+        if config.hydra.sweeper.get("_target_") != f"{BasicSweeper.__module__}.{BasicSweeper.__name__}":
+            return  # another sweeper picks its own jobs; each job is still validated when it starts
+        jobs = sweep_jobs(config)
+        bad = [(i, job, problems) for i, job in enumerate(jobs) if (problems := job_problems(config_name, job))]
+        if bad:
+            report = "\n".join(f"job {i} ({' '.join(job)}): {problems}" for i, job, problems in bad)
+            sys.exit(f"error: {len(bad)} of {len(jobs)} jobs of the multirun have config problems; none ran\n{report}")
