@@ -2,6 +2,8 @@
 
     python experiments/report.py outputs/multirun/commonsense_smollm [more run or sweep dirs] --out reports/cs
     python experiments/report.py --wandb ENTITY/PROJECT --out reports/wandb      (needs a network)
+    python experiments/report.py outputs/STUDY --export-records results/STUDY/runs --out results/STUDY
+    python experiments/report.py results/STUDY/runs --out results/STUDY          (the same report, from the records)
 
 Rows are methods (and the settings that vary within a method, e.g. strategy and order), columns the tasks, then the
 average, its 95% CI over seeds, the p-value of its difference from the best row, held-out losses, trainable %, train
@@ -19,6 +21,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.report_figures import accuracy_vs_trainable, id_vs_ood, loss_curves  # noqa: E402
+from experiments.report_records import export_records  # noqa: E402
 from experiments.report_table import (  # noqa: E402
     Row,
     avg_accuracy,
@@ -155,19 +158,30 @@ def significance_statement(best: Row | None, pvalues: dict[str, float | None]) -
             "(paired bootstrap over the items of runs with the same seed, hierarchical over seeds; else Welch over "
             "seeds); do not rank these rows."
         )
-    worse = sorted(label for label, p in pvalues.items() if p is not None and p < ALPHA)
-    listed = ", ".join(f"`{label}`" for label in worse)
-    return f"Best mean: `{best.label}`. Significantly below it (p < {ALPHA}, marked *): {listed}."
+    return f"Best mean: `{best.label}`; {pairs_verdict(pvalues)} (p < {ALPHA} marked *)."
 
 
 def heldout_statement(name: str, best: Row | None, pvalues: dict[str, float | None]) -> str | None:
-    """One line per held-out set: the lowest loss and each other row's p-value (None when there is nothing to test)."""
+    """One line per held-out set: the lowest loss and which rows differ from it (None when nothing was tested)."""
     tested = {label: p for label, p in pvalues.items() if p is not None}
     if best is None or not tested:
         return None
-    cells = ", ".join(f"`{label}` p={_fmt_p(p)}" for label, p in sorted(tested.items()))
-    verdict = "separable" if separable(tested) else "not separable"
-    return f"- Held-out loss {name}: lowest `{best.label}`; {verdict} ({cells})."
+    return f"- Held-out loss {name}: lowest `{best.label}`; {pairs_verdict(tested)}."
+
+
+def pairs_verdict(pvalues: dict[str, float | None]) -> str:
+    """Which rows differ from the compared row and which do not, each with its p-value.
+
+    One separable row (often the untrained one) says nothing of the others, so every pair is named on its side.
+    """
+    tested = sorted((label, p) for label, p in pvalues.items() if p is not None)
+    apart = [f"`{label}` (p={_fmt_p(p)})" for label, p in tested if p < ALPHA]
+    close = [f"`{label}` (p={_fmt_p(p)})" for label, p in tested if p >= ALPHA]
+    untested = [f"`{label}`" for label, p in sorted(pvalues.items()) if p is None]
+    parts = [f"separable from it: {', '.join(apart) or 'no row'}"]
+    parts += [f"not separable from it: {', '.join(close)}"] * bool(close)
+    parts += [f"untested: {', '.join(untested)}"] * bool(untested)
+    return "; ".join(parts)
 
 
 def reference_statement(
@@ -205,10 +219,22 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument(
         "--reference", default="s2ft", help="row label compared with every other row (default s2ft; '' for none)"
     )
+    parser.add_argument(
+        "--export-records",
+        metavar="DIR",
+        type=Path,
+        help="first write the runs' compact records into DIR (e.g. results/STUDY/runs), then report every record there",
+    )
     args = parser.parse_args(argv)
     if bool(args.paths) == bool(args.wandb):
         parser.error("give run/sweep directories or --wandb ENTITY/PROJECT (exactly one of them)")
+    if args.wandb and args.export_records:
+        parser.error("--export-records needs run directories: W&B runs have no per-item predictions to keep")
     runs = wandb_runs(args.wandb) if args.wandb else find_runs(args.paths)
+    if args.export_records:
+        records = export_records(runs, args.export_records)
+        print(f"wrote {len(records)} records under {args.export_records}")
+        runs = find_runs([args.export_records])
     path = write_report(runs, args.out, args.reference or None)
     print(f"wrote {path} ({len(runs)} runs)")
     return path

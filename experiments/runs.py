@@ -1,4 +1,6 @@
-"""Finished runs for the report: `summary.json` files found under run or sweep directories, or W&B runs.
+"""Finished runs for the report: `summary.json` files under run or sweep directories or records, or W&B runs.
+
+Records (`experiments/report_records.py`) are run directories cut down to ids and numbers, read the same way.
 
 A `Run` pairs a summary with the resolved config it ran (the `config.yaml` beside it), which tells the report which
 settings distinguish one row of a study from another, and with its predictions for item-level statistics.
@@ -6,6 +8,7 @@ settings distinguish one row of a study from another, and with its predictions f
 
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,22 +64,28 @@ class Run:
             return None
 
     def item_correct(self, task: str) -> dict[str, bool]:
-        """Item id -> correct, from `predictions/TASK.jsonl` (empty when the run has no predictions)."""
+        """Item id -> correct, from `predictions/TASK.jsonl[.gz]` (empty when the run has no predictions)."""
         if task not in self._correct:
-            file = self.path / "predictions" / f"{task}.jsonl" if self.path else None
-            rows = (
-                [json.loads(line) for line in file.read_text().splitlines() if line] if file and file.is_file() else []
-            )
+            rows = read_rows(self.path / "predictions", task) if self.path else []
             self._correct[task] = {row["id"]: bool(row["correct"]) for row in rows}
         return self._correct[task]
 
     def item_losses(self, heldout: str) -> dict[str, tuple[float, int]]:
-        """Item id -> (summed NLL, tokens) of a held-out set, from `predictions/heldout_NAME.jsonl` (empty without)."""
-        file = self.path / "predictions" / f"heldout_{heldout}.jsonl" if self.path else None
-        if file is None or not file.is_file():
-            return {}
-        rows = [json.loads(line) for line in file.read_text().splitlines() if line]
+        """Item id -> (summed NLL, tokens) of a held-out set, from `predictions/heldout_NAME.jsonl[.gz]`."""
+        rows = read_rows(self.path / "predictions", f"heldout_{heldout}") if self.path else []
         return {row["id"]: (float(row["nll"]), int(row["tokens"])) for row in rows}
+
+
+def read_rows(folder: Path, stem: str) -> list[dict]:
+    """The JSON lines of ``folder/STEM.jsonl`` (a run's predictions) or ``STEM.jsonl.gz`` (a record's); [] without."""
+    plain, packed = folder / f"{stem}.jsonl", folder / f"{stem}.jsonl.gz"
+    if plain.is_file():
+        text = plain.read_text(encoding="utf-8")
+    elif packed.is_file():
+        text = gzip.decompress(packed.read_bytes()).decode("utf-8")
+    else:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line]
 
 
 def _flatten(tree: dict, prefix: str) -> dict:

@@ -1,6 +1,7 @@
 """The report on summaries of real smoke runs: grouping, seed statistics, significance, figures, CLI."""
 
 import copy
+import gzip
 import json
 import shutil
 import statistics
@@ -11,7 +12,7 @@ import yaml
 from conftest import ROOT
 from scipy import stats
 
-from experiments.report import heldout_statement, main, significance_statement, write_report
+from experiments.report import heldout_statement, main, pairs_verdict, significance_statement, write_report
 from experiments.report_table import (
     Row,
     avg_accuracy,
@@ -251,7 +252,10 @@ def test_heldout_losses_are_compared_item_by_item(sweep):
         assert set(seeds) == {0, 1}
         assert pvalues == {other.label: paired_bootstrap_p(a, b, weights=tokens, clusters=seeds)}
         line = heldout_statement(name, best, pvalues)
-        assert line.startswith(f"- Held-out loss {name}: lowest `{best.label}`;") and f"`{other.label}` p=" in line
+        assert (
+            line.startswith(f"- Held-out loss {name}: lowest `{best.label}`;")
+            and f"`{other.label}` (p={pvalues[other.label]:.3f}" in line
+        )
 
 
 def test_reference_row_is_compared_with_every_other_row(sweep, tmp_path):
@@ -347,7 +351,73 @@ def test_statement_refuses_to_rank_inseparable_rows():
 
     best = Row("s2ft", [])
     assert significance_statement(best, {"lora": 0.4, "full": None}).startswith("Not separable")
-    assert significance_statement(best, {"none": 0.01, "full": 0.3}).endswith("marked *): `none`.")
+    assert significance_statement(best, {"none": 0.01, "full": 0.3}) == (
+        "Best mean: `s2ft`; separable from it: `none` (p=0.010 *); not separable from it: `full` (p=0.300) "
+        "(p < 0.05 marked *)."
+    )
+
+
+def test_heldout_statement_names_which_pairs_are_separable():
+    # The commonsense report's case: only the untrained row differs from the lowest loss; the trained rows do not.
+    best = Row("s2ft", [])
+    pvalues = {"lora": 0.403, "none": 0.0, "spft": 0.111, "dora": None}
+    assert heldout_statement("commonsense_test", best, pvalues) == (
+        "- Held-out loss commonsense_test: lowest `s2ft`; separable from it: `none` (p=0.000 *); "
+        "not separable from it: `lora` (p=0.403), `spft` (p=0.111)."
+    )
+    assert heldout_statement("x", best, {"lora": 0.2}) == (
+        "- Held-out loss x: lowest `s2ft`; separable from it: no row; not separable from it: `lora` (p=0.200)."
+    )
+    assert pairs_verdict({"lora": 0.049, "full": None}) == "separable from it: `lora` (p=0.049 *); untested: `full`"
+    assert pairs_verdict({"a": 0.0, "b": 0.01}) == "separable from it: `a` (p=0.000 *), `b` (p=0.010 *)"
+
+
+def test_records_regenerate_the_report_byte_for_byte(sweep, tmp_path):
+    from experiments.report_records import export_records
+
+    runs = find_runs([sweep])
+    from_runs = write_report(runs, tmp_path / "from_runs")
+    from_records = main([str(sweep), "--export-records", str(tmp_path / "records"), "--out", str(tmp_path / "rec")])
+    assert sorted(p.name for p in (tmp_path / "records").iterdir()) == [str(i) for i in range(len(RUNS))]
+    assert from_records.read_bytes() == from_runs.read_bytes()
+    figures = sorted(p.name for p in (tmp_path / "from_runs" / "figures").iterdir())
+    assert figures and figures == sorted(p.name for p in (tmp_path / "rec" / "figures").iterdir())
+    for name in figures:
+        assert (tmp_path / "rec/figures" / name).read_bytes() == (tmp_path / "from_runs/figures" / name).read_bytes()
+    # Straight from the committed records (a clone has no outputs/): the same report again.
+    again = main([str(tmp_path / "records"), "--out", str(tmp_path / "again")])
+    assert again.read_bytes() == from_runs.read_bytes()
+
+    records = {run.path.name: run for run in find_runs([tmp_path / "records"])}
+    for run in runs:
+        record = records[run.path.name]
+        assert (record.path / "summary.json").read_bytes() == (run.path / "summary.json").read_bytes()
+        assert (record.path / "config.yaml").read_bytes() == (run.path / "config.yaml").read_bytes()
+        for task in ("boolq", "arc_easy"):
+            assert record.item_correct(task) == run.item_correct(task) and len(run.item_correct(task)) == 3
+        for name in ("commonsense_test", "gsm8k_test"):
+            assert record.item_losses(name) == run.item_losses(name) and run.item_losses(name)
+        # Ids and numbers only: no prompt, output or gold answer is kept.
+        files = sorted((record.path / "predictions").iterdir())
+        assert [f.name for f in files] == sorted(f.name + ".gz" for f in (run.path / "predictions").glob("*.jsonl"))
+        for file in files:
+            rows = [json.loads(line) for line in gzip.decompress(file.read_bytes()).decode().splitlines()]
+            keys = ["id", "nll", "tokens"] if file.name.startswith("heldout_") else ["id", "correct"]
+            assert rows and all(list(row) == keys for row in rows)
+
+    # Exporting again (from the runs or from the records) writes the same bytes; other records in the folder stay.
+    snapshot = {p: p.read_bytes() for p in (tmp_path / "records").rglob("*") if p.is_file()}
+    export_records([find_runs([sweep / "2"])[0]], tmp_path / "records")
+    export_records(find_runs([tmp_path / "records"]), tmp_path / "records")
+    assert {p: p.read_bytes() for p in (tmp_path / "records").rglob("*") if p.is_file()} == snapshot
+    copied = export_records(find_runs([tmp_path / "records"]), tmp_path / "copy")
+    assert [p.name for p in copied] == [str(i) for i in range(len(RUNS))]
+    assert all((tmp_path / "copy" / p.relative_to(tmp_path / "records")).read_bytes() == b for p, b in snapshot.items())
+
+    with pytest.raises(ValueError, match="share a record name"):
+        export_records([runs[0], copy.copy(runs[0])], tmp_path / "clash")
+    with pytest.raises(SystemExit):
+        main(["--wandb", "team/s2ft", "--export-records", str(tmp_path / "w")])
 
 
 class FakeWandbRun:
