@@ -18,6 +18,7 @@ from s2ft.adapter import (  # noqa: E402
 from s2ft.api import apply_s2ft  # noqa: E402
 from s2ft.config import S2FTConfig, S2FTConfigError  # noqa: E402
 from s2ft.layers import S2FTLinear  # noqa: E402
+from s2ft.multi_adapter import add_adapter, load_adapters, loaded_adapters, remove_adapter  # noqa: E402
 from s2ft.permute import permute_model  # noqa: E402
 from s2ft.selection import select_units  # noqa: E402
 from s2ft.structures import find_structures  # noqa: E402
@@ -29,14 +30,18 @@ __all__ = [
     "S2FTConfigError",
     "S2FTLinear",
     "__version__",
+    "add_adapter",
     "apply_s2ft",
     "find_structures",
     "fuse_adapters",
     "load_adapter",
     "load_adapter_file",
+    "load_adapters",
+    "loaded_adapters",
     "merge_adapter",
     "merge_and_unload",
     "permute_model",
+    "remove_adapter",
     "save_adapter",
     "select_units",
     "switch_adapter",
