@@ -36,6 +36,7 @@ __all__ = [
     "add_adapter",
     "apply_s2ft",
     "find_structures",
+    "export_lora",
     "fuse_adapters",
     "load_adapter",
     "load_adapter_file",
@@ -52,3 +53,12 @@ __all__ = [
     "trainable_parameter_count",
     "unmerge_adapter",
 ]
+
+
+def __getattr__(name: str):
+    # export_lora needs peft, whose import takes seconds; `import s2ft` should not pay it.
+    if name == "export_lora":
+        from s2ft.export import export_lora
+
+        return export_lora
+    raise AttributeError(f"module 's2ft' has no attribute {name!r}")
