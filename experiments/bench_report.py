@@ -141,6 +141,11 @@ def switch_table(results: dict) -> str:
             [[f"{model['s2ft_ms']:.2f}", f"{model['lora_ms']:.2f}", f"{model['speedup']:.1f}×"]],
         ),
     ]
+    if "s2ft_checked_ms" in model:
+        parts.append(
+            f"\nS2FT switches between adapters prepared once (`s2ft.prepare_adapter`); to an adapter validated on "
+            f"every call: {model['s2ft_checked_ms']:.2f} ms.\n"
+        )
     checks = [
         f"{t['what']}: {t['speedup']:.1f}× (≥ {t['limit']}×) {'met' if t['met'] else 'MISSED'}"
         for t in results["targets"]

@@ -196,6 +196,7 @@ def test_switch_quick(tmp_path):
         assert row["speedup"] == pytest.approx(row["lora_ms"] / row["s2ft_ms"], rel=1e-12)
     model = results["model"]
     assert model["name"] == "tiny_llama" and model["lora_rank"] >= 1 and model["budget_params"] > 0
+    assert model["s2ft_checked_ms"] > 0  # switching to adapters validated on every call is timed too
     # Quick dims are below 4096, so only the whole-model target applies.
     assert [t["what"] for t in results["targets"]] == ["model tiny_llama"]
     assert results["targets"][0]["met"] == (model["speedup"] >= benchmark_switch.MODEL_TARGET["speedup"])
