@@ -22,7 +22,7 @@ from peft import LoraConfig
 from safetensors.torch import save_file
 from torch import nn
 
-from s2ft.adapter import AdapterError, check_fits, load_adapter_file
+from s2ft.adapter import Adapter, AdapterError, check_adapter, check_fits, load_adapter_file
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -44,13 +44,13 @@ def lora_factors(
     return (one_hot, delta) if axis == 1 else (delta, one_hot.T)
 
 
-def export_lora(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, base: nn.Module) -> LoraConfig:
-    """Writes the S2FT adapter at ``adapter_dir`` as a PEFT LoRA adapter folder ``out_dir``.
+def export_lora(adapter: str | os.PathLike | Adapter, out_dir: str | os.PathLike, base: nn.Module) -> LoraConfig:
+    """Writes an S2FT adapter as a PEFT LoRA adapter folder ``out_dir``.
 
     ``PeftModel.from_pretrained(base, out_dir)`` then gives the S2FT model's outputs within fp32 rounding.
 
     Args:
-        adapter_dir: An S2FT adapter folder (``save_adapter``).
+        adapter: An S2FT adapter folder (``save_adapter``) or ``Adapter``.
         out_dir: The LoRA folder to write (``adapter_config.json``, ``adapter_model.safetensors``); must not exist or
             be empty, so nothing is overwritten.
         base: The base model the adapter was trained on (the deltas need its weights); not changed.
@@ -61,7 +61,10 @@ def export_lora(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, base
     Raises:
         AdapterError: A bad adapter, one made for another base, or an ``out_dir`` that holds files.
     """
-    adapter = load_adapter_file(adapter_dir)
+    if isinstance(adapter, Adapter):
+        check_adapter(adapter)
+    else:
+        adapter = load_adapter_file(adapter)
     check_fits(base, adapter)
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
