@@ -141,6 +141,11 @@ def switch_table(results: dict) -> str:
             [[f"{model['s2ft_ms']:.2f}", f"{model['lora_ms']:.2f}", f"{model['speedup']:.1f}×"]],
         ),
     ]
+    if "s2ft_checked_ms" in model:
+        parts.append(
+            f"\nS2FT switches between adapters prepared once (`s2ft.prepare_adapter`); to an adapter validated on "
+            f"every call: {model['s2ft_checked_ms']:.2f} ms.\n"
+        )
     checks = [
         f"{t['what']}: {t['speedup']:.1f}× (≥ {t['limit']}×) {'met' if t['met'] else 'MISSED'}"
         for t in results["targets"]
@@ -171,6 +176,90 @@ def switch_chart(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+SERVING_METHODS = (
+    ("base", "base model (floor)", "black"),
+    ("s2ft", "S2FT mixed", "tab:red"),
+    ("peft_lora", "PEFT LoRA mixed", "tab:gray"),
+    ("s2ft_as_lora", "S2FT as LoRA (PEFT)", "tab:orange"),
+    ("switching", "S2FT switching", "tab:blue"),
+)
+
+
+def serving_table(results: dict) -> str:
+    """Decode and prefill throughput per number of adapters in the batch, the layer micro-benchmark, the targets."""
+    config = results["config"]
+    headers = ["adapters"] + [label for _, label, _ in SERVING_METHODS]
+    parts = [
+        f"### Serving many adapters ({config['model']}, {config['dtype']}, {config['device']})\n",
+        _machine_line(results["machine"])
+        + f" Batch {config['batch']}, {config['prefill']} prompt tokens, {config['decode']} greedy decode steps;"
+        f" {config['budget_params']:,} trainable parameters per adapter (LoRA rank {config['lora_rank']}).\n",
+    ]
+    for phase, unit in (("decode", "generated tokens/s"), ("prefill", "prompt tokens/s")):
+        rows = [[r["adapters"]] + [f"{r[f'{key}_tok_s']:.0f}" for key, _, _ in SERVING_METHODS] for r in results[phase]]
+        parts += [f"\n{phase.capitalize()} ({unit}):\n\n", markdown_table(headers, rows)]
+    differences = results["max_abs_logit_diff"]
+    export = ", ".join(f"{k}: {v['s2ft_vs_export']:.1e}" for k, v in differences.items())
+    moved = ", ".join(f"{k}: {v['s2ft_vs_base']:.1e}" for k, v in differences.items())
+    parts.append(
+        f"\nLargest prefill-logit difference of S2FT's mixed batch from its LoRA export, by adapters: {export} "
+        f"(from the base model: {moved}).\n"
+    )
+    layer_rows = [
+        [
+            r["adapters"],
+            *(f"{r[f'{v}_ms']:.3f}" for v in ("base", "s2ft_bmm", "lora_bmm", "s2ft_loop", "lora_loop")),
+            f"{r['lora_over_s2ft_bmm']:.2f}×",
+        ]
+        for r in results["layer"]
+    ]
+    parts += [
+        f"\nOne {config['layer_d']} × {config['layer_d']} layer, one token per request, each request its own adapter"
+        f" (S2FT {config['layer_columns']} columns, LoRA rank {max(1, config['layer_columns'] // 2)}), ms:\n\n",
+        markdown_table(
+            ["adapters", "base", "S2FT bmm", "LoRA bmm", "S2FT loop", "LoRA loop", "LoRA / S2FT (bmm)"], layer_rows
+        ),
+    ]
+    checks = [
+        f"{t['what']}: {t['ratio']:.2f}× ({'≤' if 'base' in t['what'] else '≥'} {t['limit']}×) "
+        f"{'met' if t['met'] else 'MISSED'}"
+        for t in results["targets"]
+    ]
+    parts.append("\nTargets: " + "; ".join(checks) + ".\n")
+    return "".join(parts)
+
+
+def serving_chart(results: dict, path: Path) -> None:
+    """Left: decode throughput against adapters in the batch. Middle: prefill. Right: the layer benchmark (log-log)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, phase in zip(axes[:2], ("decode", "prefill"), strict=True):
+        counts = [r["adapters"] for r in results[phase]]
+        for key, label, color in SERVING_METHODS:
+            ax.plot(counts, [r[f"{key}_tok_s"] for r in results[phase]], "o-", label=label, color=color)
+        ax.set(xscale="log", xlabel="distinct adapters in the batch", ylabel="tokens/s", title=phase)
+        ax.set_xticks(counts, [str(c) for c in counts])
+        ax.xaxis.set_minor_locator(plt.NullLocator())
+        ax.set_ylim(bottom=0)
+    axes[0].legend(fontsize=8)
+    counts = [r["adapters"] for r in results["layer"]]
+    for key, label, color in (
+        ("base_ms", "base", "black"),
+        ("s2ft_bmm_ms", "S2FT (bmm)", "tab:red"),
+        ("lora_bmm_ms", "LoRA (bmm)", "tab:gray"),
+        ("s2ft_loop_ms", "S2FT (loop)", "salmon"),
+        ("lora_loop_ms", "LoRA (loop)", "silver"),
+    ):
+        axes[2].plot(counts, [r[key] for r in results["layer"]], "o-", label=label, color=color)
+    axes[2].set(xscale="log", yscale="log", xlabel="adapters (one request each)", ylabel="ms", title="one layer")
+    axes[2].legend(fontsize=8)
+    config = results["config"]
+    fig.suptitle(f"Serving many adapters ({config['model']}, {config['dtype']}, {config['device']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_results(results: dict, out: Path, table: Callable[[dict], str], chart: Callable[[dict, Path], None]) -> None:
     """Writes a benchmark's ``results.json``, its markdown table ``results.md`` and its chart ``results.png``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -192,10 +281,12 @@ def redraw(out: Path) -> None:
     results = json.loads(path.read_text())
     if "settings" in results:
         write_results(results, out, training_table, training_chart)
+    elif "decode" in results:
+        write_results(results, out, serving_table, serving_chart)
     elif "layer" in results:
         write_results(results, out, switch_table, switch_chart)
     else:
-        raise ValueError(f"{path} is neither a training (settings) nor a switching (layer) benchmark result")
+        raise ValueError(f"{path} is not a training (settings), serving (decode) or switching (layer) benchmark result")
 
 
 if __name__ == "__main__":

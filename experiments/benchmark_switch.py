@@ -2,7 +2,8 @@
 
 (a) S2FT switches 32 rows (base rows back over the old adapter's, the new adapter's rows in) against LoRA rank 16
 (unmerge the old B @ A, merge the new one) for d from 1024 to 16384. (b) `s2ft.switch_adapter` between two S2FT
-adapters against PEFT switching between two LoRA adapters of the same budget (unmerge, set_adapter, merge). Medians
+adapters prepared once (`s2ft.prepare_adapter`; also timed: switching to unprepared adapters, validated every call)
+against PEFT switching between two LoRA adapters of the same budget (unmerge, set_adapter, merge). Medians
 of repeated switches, each run checked to leave the right weights. Writes `results.json`, `results.md`, `results.png`.
 
     python experiments/benchmark_switch.py                         # CPU, SmolLM2-135M
@@ -25,9 +26,9 @@ from experiments.bench_report import switch_chart, switch_table, write_results
 from experiments.bench_switch_layer import bench_layer
 from experiments.bench_switch_model import bench_model
 
-# Issue 7's CPU targets: S2FT at least this many times faster than LoRA.
+# CPU targets: S2FT at least this many times faster than LoRA (issue 7; issue 19 raised the model's from 3x).
 LAYER_TARGET = {"min_d": 4096, "speedup": 5.0}
-MODEL_TARGET = {"speedup": 3.0}
+MODEL_TARGET = {"speedup": 10.0}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -6,6 +6,8 @@ validates the adapter against the model before touching it, so a refused adapter
 
 import math
 import os
+import weakref
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -207,38 +209,80 @@ def fuse_adapters(base: nn.Module, paths_or_adapters, weights=None) -> nn.Module
     return base
 
 
+@dataclass(frozen=True)
+class PreparedAdapter:
+    """An adapter validated once for one S2FT model: ``switch_adapter`` to it only copies rows and columns.
+
+    Attributes:
+        adapter: The adapter.
+        slots: Per module name, its positions and values in the model's current (possibly permuted) coordinates, on
+            the model's device.
+        model_state: The ``s2ft_state`` of the model it was prepared for (weakly); on any other model it is
+            validated again.
+    """
+
+    adapter: Adapter
+    slots: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    model_state: weakref.ref
+
+
+def prepare_adapter(model: nn.Module, path_or_adapter) -> PreparedAdapter:
+    """Reads and validates an adapter for ``model`` once, so that switching to it later costs only the copies.
+
+    Args:
+        model: An S2FT model (``apply_s2ft`` or ``load_adapter``); it is not changed.
+        path_or_adapter: Adapter folder or ``Adapter``.
+
+    Raises:
+        AdapterError: On a bad adapter or one made for another base.
+    """
+    state = model_state(model)
+    adapter = as_adapter(path_or_adapter)
+    check_fits(model, adapter)
+    slots = {}
+    for name, m in adapter.modules.items():
+        device = model.get_submodule(name).weight.device
+        positions, values = _current_coordinates(state, m)
+        slots[name] = (positions.to(device), values.to(device))
+    return PreparedAdapter(adapter, slots, weakref.ref(state))
+
+
 def switch_adapter(model: nn.Module, path_or_adapter) -> nn.Module:
     """Replaces the model's adapter by another one, touching only the old and new rows/columns.
 
     The old adapter's slots are restored from the stored base values and the new adapter's values are written;
-    modules trained by both are retargeted in place (no module rebuild). Merged state is kept.
+    modules trained by both are retargeted in place (no module rebuild). Merged state is kept. A folder or an
+    ``Adapter`` is validated on every call; a ``PreparedAdapter`` (``prepare_adapter``) for this model was validated
+    once, so switching to it is only the copies.
 
     Raises:
         AdapterError: On a bad adapter or one made for another base; the model is unchanged when raised.
     """
     state = model_state(model)
-    adapter = as_adapter(path_or_adapter)
-    check_fits(model, adapter)
+    prepared = path_or_adapter
+    if not isinstance(prepared, PreparedAdapter) or prepared.model_state() is not state:
+        source = prepared.adapter if isinstance(prepared, PreparedAdapter) else prepared
+        prepared = prepare_adapter(model, source)
     current = s2ft_modules(model)
     merged = any(module.merged for module in current.values())
     trainable = any(module.values.requires_grad for module in current.values())
     for name, module in current.items():
-        if name not in adapter.modules:
+        if name not in prepared.slots:
             module.restore_base()
             model.set_submodule(name, _plain_linear(module))
-    for name, m in adapter.modules.items():
-        positions, values = _current_coordinates(state, m)
+    for name, m in prepared.adapter.modules.items():
+        positions, values = prepared.slots[name]
         if name in current:
             layer = current[name]
-            layer.retarget(positions, values, merged)
+            layer.retarget(positions, values, merged, checked=True)
         else:
             layer = S2FTLinear(model.get_submodule(name), m.axis, positions, m.unit_size, values)
             model.set_submodule(name, layer)
             if merged:
                 layer.merge()
         layer.values.requires_grad_(trainable)
-    state.modules = {name: (m.layer, m.component) for name, m in adapter.modules.items()}
-    state.config = dict(adapter.config)
+    state.modules = {name: (m.layer, m.component) for name, m in prepared.adapter.modules.items()}
+    state.config = dict(prepared.adapter.config)
     return model
 
 

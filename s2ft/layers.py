@@ -70,7 +70,9 @@ class S2FTLinear(nn.Module):
         if self.bias is not None:
             self.bias.requires_grad_(False)
 
-    def retarget(self, index: torch.Tensor, values: torch.Tensor | None = None, merged: bool = False) -> None:
+    def retarget(
+        self, index: torch.Tensor, values: torch.Tensor | None = None, merged: bool = False, checked: bool = False
+    ) -> None:
         """Restores the current slots to the base, then trains ``index`` starting from ``values``.
 
         This is how adapters are switched without rebuilding modules: only the old and new slots are touched.
@@ -79,14 +81,15 @@ class S2FTLinear(nn.Module):
             index: The new row/column positions.
             values: Their values (default: the base values).
             merged: Leave the layer merged (the values written into ``weight``) instead of unmerged.
+            checked: ``index`` was already validated (an adapter checked once at load): skip the position checks.
         """
         index = index.to(device=self.weight.device, dtype=torch.long)
         size = self.weight.shape[self.axis]
         if index.ndim != 1 or index.numel() == 0:
             raise ValueError(f"index must be a non-empty 1-D tensor of positions, got shape {tuple(index.shape)}")
-        if int(index.min()) < 0 or int(index.max()) >= size:
+        if not checked and (int(index.min()) < 0 or int(index.max()) >= size):
             raise IndexError(f"index out of range: positions must lie in [0, {size}) along axis {self.axis}")
-        if torch.unique(index).numel() != index.numel():
+        if not checked and torch.unique(index).numel() != index.numel():
             raise ValueError("index holds duplicate positions; each row/column can be trained only once")
         shape = list(self.weight.shape)
         shape[self.axis] = index.numel()

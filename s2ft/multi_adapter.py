@@ -1,0 +1,276 @@
+"""Mixed-adapter batches: several S2FT adapters on one unmerged base model, one adapter per batch row.
+
+``load_adapters(base, {"math": "out/a", "cs": "out/b"})`` wraps every projection some adapter trained in a
+``MultiAdapterLinear`` that keeps the base weight as it is and stores, per adapter, the trained positions and the
+*delta* (trained values minus the base values at those positions), so that adding it to the base output gives that
+adapter's merged model exactly up to fp rounding:
+
+- input columns (o, down): ``y_i += D_a x_i[idx_a]`` (gather the columns, one small matmul);
+- output rows (q, k, v, gate, up): ``y_i[idx_a] += D_a x_i`` (one small matmul, scatter-add into the rows).
+
+The model's ``forward`` and ``generate`` take ``adapter_names=[...]``, one name per row (``"__base__"``: the base
+model), as PEFT's mixed batches do: a forward pre-hook on the top model pops the names and groups the rows by adapter
+once per call; each wrapped linear then runs one gather-matmul-scatter per adapter present in the batch.
+``experiments/benchmark_serving.py`` measured this grouping against padding the adapters to one batched matmul.
+"""
+
+import os
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from s2ft.adapter import check_fits
+from s2ft.adapter_format import Adapter, check_adapter, load_adapter_file
+from s2ft.state import s2ft_modules
+
+BASE = "__base__"
+
+
+@dataclass
+class MultiAdapterState:
+    """What a mixed-adapter model remembers (``model.s2ft_adapters``).
+
+    Attributes:
+        configs: Per loaded adapter name (in load order), its selection settings.
+        groups: The rows of the current call per adapter present, ``[(name, row indices)]``; set by the pre-hook.
+        generation: While ``generate`` runs with ``adapter_names``: the batch's row count and its groups, used by
+            every forward call of that generation.
+        hook: The top model's forward pre-hook (removed when the last adapter is).
+    """
+
+    configs: dict[str, dict] = field(default_factory=dict)
+    groups: list[tuple[str, torch.Tensor]] = field(default_factory=list)
+    generation: tuple[int, list[tuple[str, torch.Tensor]]] | None = None
+    hook: object = None
+
+
+class AdapterSlots(nn.Module):
+    """One adapter's part of one projection: the trained positions and their deltas against the base weight."""
+
+    def __init__(self, index: torch.Tensor, delta: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("index", index)
+        self.register_buffer("delta", delta)
+
+
+class MultiAdapterLinear(nn.Linear):
+    """An ``nn.Linear`` (same ``weight`` and ``bias`` Parameters, unchanged) plus per-adapter row or column deltas.
+
+    It is an ``nn.Linear`` with the same parameter names, so the model's fingerprint and the adapter checks see the
+    base model. Rows of the batch whose adapter did not train this projection (or ``"__base__"``) get the base output.
+
+    Args:
+        linear: The base layer; its Parameters are reused, not copied.
+        axis: 0 (output rows: q, k, v, gate, up) or 1 (input columns: o, down).
+        state: The model's ``MultiAdapterState`` (read for the current call's row groups).
+    """
+
+    def __init__(self, linear: nn.Linear, axis: int, state: MultiAdapterState) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.axis, self.state = axis, state
+        self.adapters = nn.ModuleDict()
+
+    def add(self, name: str, positions: torch.Tensor, values: torch.Tensor) -> None:
+        """Stores adapter ``name``'s trained rows/columns at ``positions`` as deltas against the base weight."""
+        with torch.no_grad():
+            positions = positions.to(self.weight.device)
+            base = self.weight.index_select(self.axis, positions).float()
+            delta = (values.to(device=self.weight.device, dtype=torch.float32) - base).to(self.weight.dtype)
+        self.adapters[name] = AdapterSlots(positions, delta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if not self.state.groups:
+            return out
+        rows_first = out.view(out.shape[0], -1, out.shape[-1])
+        inputs = x.reshape(x.shape[0], -1, x.shape[-1])
+        for name, rows in self.state.groups:
+            if name not in self.adapters:
+                continue
+            slots = self.adapters[name]
+            selected = inputs.index_select(0, rows)
+            if self.axis == 1:
+                rows_first.index_add_(0, rows, F.linear(selected.index_select(-1, slots.index), slots.delta))
+            else:
+                steps = torch.arange(rows_first.shape[1], device=rows.device)
+                where = (rows[:, None, None], steps[None, :, None], slots.index[None, None, :])
+                rows_first.index_put_(where, F.linear(selected, slots.delta), accumulate=True)
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, axis={self.axis}, "
+            f"adapters={list(self.adapters)}"
+        )
+
+
+def _state(model: nn.Module) -> MultiAdapterState:
+    state = getattr(model, "s2ft_adapters", None)
+    if state is None:
+        raise ValueError("this model has no mixed adapters; call s2ft.load_adapters(base, {name: path}) first")
+    return state
+
+
+def _check_name(name, loaded) -> None:
+    if not isinstance(name, str) or not name or "." in name or name == BASE:
+        raise ValueError(f"adapter name {name!r} must be a non-empty string without '.', and not {BASE!r}")
+    if name in loaded:
+        raise ValueError(f"an adapter named {name!r} is already loaded; remove_adapter(model, {name!r}) first")
+
+
+def _row_count(args: tuple, kwargs: dict) -> int | None:
+    for key in ("input_ids", "inputs_embeds"):
+        if kwargs.get(key) is not None:
+            return kwargs[key].shape[0]
+    return args[0].shape[0] if args and isinstance(args[0], torch.Tensor) else None
+
+
+def _rows_hook(model: nn.Module, args: tuple, kwargs: dict):
+    state = model.s2ft_adapters
+    rows = _row_count(args, kwargs)
+    if "adapter_names" in kwargs:
+        names = kwargs.pop("adapter_names")
+        state.groups = [] if names is None else _group_rows(state, names, rows, model.device)
+    elif state.generation is not None:
+        expected, state.groups = state.generation
+        if rows is not None and rows != expected:
+            raise ValueError(
+                f"generate with adapter_names runs {expected} rows but the model got {rows} (beam search or "
+                "num_return_sequences expand the batch): give one adapter name per expanded row"
+            )
+    else:
+        state.groups = []
+    return args, kwargs
+
+
+def _generate(model: nn.Module, *args, adapter_names=None, **kwargs):
+    """``generate`` with one adapter name per row (``adapter_names``), for every step of the generation."""
+    state = model.s2ft_adapters
+    if adapter_names is None:
+        return type(model).generate(model, *args, **kwargs)
+    rows = _row_count(args, kwargs)
+    state.generation = (len(adapter_names), _group_rows(state, adapter_names, rows, model.device))
+    try:
+        return type(model).generate(model, *args, **kwargs)
+    finally:
+        state.generation = None
+
+
+def _group_rows(state: MultiAdapterState, names, rows: int | None, device) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(names, str) or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"adapter_names must be a list with one adapter name per row, got {names!r}")
+    unknown = sorted(set(names) - set(state.configs) - {BASE})
+    if unknown:
+        raise ValueError(f"unknown adapter names {unknown}; loaded: {list(state.configs)} (or {BASE!r})")
+    if rows is not None and len(names) != rows:
+        raise ValueError(f"adapter_names has {len(names)} names for a batch of {rows} rows; give one name per row")
+    groups: dict[str, list[int]] = {}
+    for row, name in enumerate(names):
+        if name != BASE:
+            groups.setdefault(name, []).append(row)
+    return [(name, torch.tensor(rows, device=device)) for name, rows in groups.items()]
+
+
+def _validated(model: nn.Module, source) -> Adapter:
+    if isinstance(source, Adapter):
+        check_adapter(source)
+        adapter = source
+    else:
+        adapter = load_adapter_file(source)
+    check_fits(model, adapter)
+    return adapter
+
+
+def _attach(model: nn.Module, state: MultiAdapterState, name: str, adapter: Adapter) -> None:
+    for module_name, m in adapter.modules.items():
+        layer = model.get_submodule(module_name)
+        if not isinstance(layer, MultiAdapterLinear):
+            parent, _, child = module_name.rpartition(".")
+            layer = MultiAdapterLinear(layer, m.axis, state)
+            setattr(model.get_submodule(parent), child, layer)
+        layer.add(name, m.positions, m.values)
+    state.configs[name] = dict(adapter.config)
+
+
+def load_adapters(base: nn.Module, adapters: Mapping[str, str | os.PathLike | Adapter]) -> nn.Module:
+    """Loads several adapters, by name, onto one base model without merging them (in place).
+
+    Every adapter is read and validated (like ``load_adapter``: files, indices, values, the base model) before the
+    model is touched. Then ``model(..., adapter_names=[...])`` and ``model.generate(..., adapter_names=[...])`` run
+    each row with its own adapter (``"__base__"`` for the base model); without ``adapter_names`` every row runs the
+    base model.
+
+    Args:
+        base: The plain base model the adapters were trained on (no S2FT applied).
+        adapters: Adapter name -> adapter folder or ``Adapter``.
+
+    Returns:
+        ``base``, with ``base.s2ft_adapters`` recording the loaded adapters.
+
+    Raises:
+        AdapterError: A bad adapter or one made for another base; the model is unchanged when raised.
+        ValueError: An empty mapping, a bad name, or a model that already has S2FT adapters.
+    """
+    if getattr(base, "s2ft_adapters", None) is not None or getattr(base, "s2ft_state", None) is not None:
+        raise ValueError("this model already has S2FT adapters; use s2ft.add_adapter(model, name, path)")
+    if s2ft_modules(base):
+        raise ValueError("load_adapters needs a plain base model; call merge_and_unload or start from a fresh base")
+    if not adapters:
+        raise ValueError("give at least one adapter: load_adapters(base, {'name': 'path/to/adapter'})")
+    loaded: dict[str, Adapter] = {}
+    for name, source in adapters.items():
+        _check_name(name, loaded)
+        loaded[name] = _validated(base, source)
+    state = MultiAdapterState()
+    for name, adapter in loaded.items():
+        _attach(base, state, name, adapter)
+    state.hook = base.register_forward_pre_hook(_rows_hook, with_kwargs=True)
+    base.generate = types.MethodType(_generate, base)  # a bound method, so a deep copy of the model binds its copy
+    base.s2ft_adapters = state
+    return base
+
+
+def add_adapter(model: nn.Module, name: str, source: str | os.PathLike | Adapter) -> nn.Module:
+    """Loads one more adapter onto a mixed-adapter model (validated first; the model is unchanged on error)."""
+    state = _state(model)
+    _check_name(name, state.configs)
+    _attach(model, state, name, _validated(model, source))
+    return model
+
+
+def remove_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Drops adapter ``name`` and its memory; projections no adapter trains any more become plain ``nn.Linear``.
+
+    Removing the last adapter leaves the plain base model (no hook, no ``s2ft_adapters``).
+    """
+    state = _state(model)
+    if name not in state.configs:
+        raise ValueError(f"no adapter named {name!r} is loaded; loaded: {list(state.configs)}")
+    for module_name, module in list(model.named_modules()):
+        if isinstance(module, MultiAdapterLinear) and name in module.adapters:
+            del module.adapters[name]
+            if not len(module.adapters):
+                parent, _, child = module_name.rpartition(".")
+                setattr(model.get_submodule(parent), child, _plain_linear(module))
+    del state.configs[name]
+    if not state.configs:
+        state.hook.remove()
+        del model.generate, model.s2ft_adapters
+    return model
+
+
+def loaded_adapters(model: nn.Module) -> list[str]:
+    """The names of the adapters loaded on a mixed-adapter model, in load order."""
+    return list(_state(model).configs)
+
+
+def _plain_linear(module: nn.Linear) -> nn.Linear:
+    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+    linear.weight, linear.bias = module.weight, module.bias
+    return linear

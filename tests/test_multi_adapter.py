@@ -1,0 +1,279 @@
+"""Mixed-adapter batches: every row equals its adapter's merged model; loading is validated; memory is the deltas."""
+
+import copy
+
+import pytest
+import torch
+from conftest import build_tiny
+from test_adapter import BAD_ADAPTERS, assert_same_state, snapshot, trained
+from torch import nn
+
+import s2ft
+from s2ft.adapter_format import AdapterError
+from s2ft.multi_adapter import BASE, MultiAdapterLinear, add_adapter, load_adapters, loaded_adapters, remove_adapter
+
+# Adapter "cols" trains input columns only (o, down), "rows" output rows only, "both" every component.
+SELECTIONS = {
+    "cols": ({"o": 0.25, "down": 0.1}, 1),
+    "rows": ({"q": 0.25, "k": 0.5, "v": 0.5, "gate": 0.1, "up": 0.1}, 2),
+    "both": ({"q": 0.25, "k": 0.5, "v": 0.5, "o": 0.25, "gate": 0.1, "up": 0.1, "down": 0.1}, 3),
+}
+NAMES = ["cols", "rows", BASE, "both", "rows", "cols"]
+
+
+def save_adapters(base, root, selections=SELECTIONS) -> dict[str, str]:
+    """Saves one perturbed ("trained") adapter of ``base`` per selection; returns name -> folder."""
+    paths = {}
+    for name, (ratios, seed) in selections.items():
+        model = trained(copy.deepcopy(base), s2ft.S2FTConfig(ratios=ratios, seed=seed), seed=seed)
+        s2ft.save_adapter(model, root / name)
+        paths[name] = str(root / name)
+    return paths
+
+
+def merged_models(base, paths) -> dict[str, nn.Module]:
+    models = {name: s2ft.merge_and_unload(s2ft.load_adapter(copy.deepcopy(base), p)) for name, p in paths.items()}
+    return models | {BASE: base}
+
+
+def left_padded(rows: int, length: int = 9, vocab: int = 128, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, vocab, (rows, length), generator=generator)
+    pads = torch.arange(rows) % 4  # rows 1, 2, 3 have 1, 2, 3 pad tokens on the left
+    mask = (torch.arange(length) >= pads[:, None]).long()
+    return input_ids * mask, mask
+
+
+def assert_rows_match(
+    model, references, names, input_ids, mask, new_tokens: int = 6, alone: bool = True, atol: float = 1e-5
+) -> None:
+    """Every row's logits and greedy generation (KV cache) equal its adapter's merged model's.
+
+    Logits are compared with the merged model on the same (left-padded) batch, and with ``alone`` also with the
+    merged model run on the row alone: padding alone changes fp32 logits by up to 6e-5 on SmolLM2 (the base model
+    does that too), so there only the greedy tokens are compared with the row run alone.
+    """
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=mask, adapter_names=names).logits
+        generated = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            adapter_names=names,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        batch_logits = {name: references[name](input_ids=input_ids, attention_mask=mask).logits for name in set(names)}
+        for row, name in enumerate(names):
+            real = mask[row].bool()
+            torch.testing.assert_close(logits[row, real], batch_logits[name][row, real], rtol=1e-5, atol=atol)
+            prompt = input_ids[row : row + 1, real]
+            if alone:
+                expected = references[name](input_ids=prompt).logits[0]
+                torch.testing.assert_close(logits[row, real], expected, rtol=1e-5, atol=1e-5)
+            want = references[name].generate(input_ids=prompt, max_new_tokens=new_tokens, do_sample=False)
+            got = until_eos(generated[row, input_ids.shape[1] :].tolist(), model.generation_config.eos_token_id)
+            assert got == want[0, prompt.shape[1] :].tolist(), (row, name)
+
+
+def until_eos(tokens: list[int], eos: int | list[int]) -> list[int]:
+    """The tokens up to and including the first EOS (a finished row is padded after it)."""
+    ends = [i for i, token in enumerate(tokens) if token in (eos if isinstance(eos, list) else [eos])]
+    return tokens[: ends[0] + 1] if ends else tokens
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "llama_9_3", "qwen3"])
+def test_every_row_equals_its_adapters_merged_model(tmp_path, family):
+    base = build_tiny(family)
+    paths = save_adapters(base, tmp_path)
+    references = merged_models(base, paths)
+    model = load_adapters(copy.deepcopy(base), paths)
+    assert loaded_adapters(model) == list(SELECTIONS)
+    assert_rows_match(model, references, NAMES, *left_padded(len(NAMES)))
+    # The same rows in another order, and a batch of a single adapter.
+    shuffled = NAMES[::-1]
+    assert_rows_match(model, references, shuffled, *left_padded(len(shuffled), seed=1))
+    assert_rows_match(model, references, ["both"] * 3, *left_padded(3, seed=2))
+
+
+def test_without_adapter_names_every_row_is_the_base_model_bit_for_bit(tmp_path):
+    base = build_tiny("llama_9_3")
+    model = load_adapters(copy.deepcopy(base), save_adapters(base, tmp_path))
+    input_ids, mask = left_padded(4)
+    with torch.no_grad():
+        expected = base(input_ids=input_ids, attention_mask=mask).logits
+        assert torch.equal(model(input_ids=input_ids, attention_mask=mask).logits, expected)
+        names = [BASE] * 4
+        assert torch.equal(model(input_ids=input_ids, attention_mask=mask, adapter_names=names).logits, expected)
+        want = base.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        got = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        (["cols", "nope", BASE, BASE], r"unknown adapter names \['nope'\]"),
+        (["cols", "rows"], "2 names for a batch of 4 rows"),
+        ("cols", "one adapter name per row"),
+    ],
+)
+def test_bad_adapter_names_are_refused(tmp_path, names, message):
+    base = build_tiny("llama_gqa")
+    model = load_adapters(base, save_adapters(base, tmp_path))
+    input_ids, mask = left_padded(4)
+    with pytest.raises(ValueError, match=message):
+        model(input_ids=input_ids, attention_mask=mask, adapter_names=names)
+    with pytest.raises(ValueError, match=message):
+        model.generate(input_ids=input_ids, attention_mask=mask, adapter_names=names, max_new_tokens=2)
+
+
+def test_beam_search_expanding_the_batch_is_refused(tmp_path):
+    base = build_tiny("llama_gqa")
+    model = load_adapters(base, save_adapters(base, tmp_path))
+    input_ids, mask = left_padded(2)
+    with pytest.raises(ValueError, match="expand the batch"):
+        model.generate(
+            input_ids=input_ids, attention_mask=mask, adapter_names=["cols", "rows"], num_beams=2, max_new_tokens=2
+        )
+
+
+def buffer_bytes(model) -> int:
+    return sum(b.numel() * b.element_size() for b in model.buffers())
+
+
+def test_memory_grows_only_by_the_deltas_and_their_positions(tmp_path):
+    base = build_tiny("llama_9_3")
+    paths = save_adapters(base, tmp_path)
+    parameters = {name: p.data_ptr() for name, p in base.named_parameters()}
+    before = buffer_bytes(base)
+    model = load_adapters(base, paths)
+    # The base Parameters are the same tensors (nothing copied or zeroed), and no parameter was added.
+    assert {name: p.data_ptr() for name, p in model.named_parameters()} == parameters
+    adapters = [s2ft.load_adapter_file(p) for p in paths.values()]
+    expected = sum(m.values.numel() * 4 + m.positions.numel() * 8 for a in adapters for m in a.modules.values())
+    assert buffer_bytes(model) - before == expected
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ADAPTERS))
+def test_bad_adapter_is_refused_and_the_model_left_unchanged(tmp_path, case):
+    base = build_tiny("llama_gqa")
+    paths = save_adapters(base, tmp_path, {"good": SELECTIONS["cols"], "bad": SELECTIONS["cols"]})
+    breaks, message = BAD_ADAPTERS[case]
+    breaks(tmp_path / "bad")
+    before = snapshot(base)
+    with pytest.raises(AdapterError, match=message):
+        load_adapters(base, paths)
+    assert_same_state(base, before)
+    assert not hasattr(base, "s2ft_adapters") and not any(isinstance(m, MultiAdapterLinear) for m in base.modules())
+    model = load_adapters(base, {"good": paths["good"]})
+    before = snapshot(model)
+    with pytest.raises(AdapterError, match=message):
+        add_adapter(model, "bad", paths["bad"])
+    assert_same_state(model, before)
+    assert loaded_adapters(model) == ["good"]
+
+
+@pytest.mark.parametrize(
+    ("other", "message"),
+    [
+        (lambda: build_tiny("llama_gqa", hidden_size=32), "weight shape"),
+        (lambda: build_tiny("llama_gqa", num_hidden_layers=1), "not a linear layer"),
+        (lambda: build_tiny("llama_gqa", vocab_size=64), "names/shapes differ"),
+    ],
+)
+def test_adapter_for_another_base_model_is_refused(tmp_path, other, message):
+    paths = save_adapters(build_tiny("llama_gqa"), tmp_path, {"cols": SELECTIONS["cols"]})
+    base = other()
+    before = snapshot(base)
+    with pytest.raises(AdapterError, match=message):
+        load_adapters(base, paths)
+    assert_same_state(base, before)
+    own = save_adapters(base, tmp_path / "own", {"own": SELECTIONS["rows"]})
+    model = load_adapters(base, own)
+    before = snapshot(model)
+    with pytest.raises(AdapterError, match=message):
+        add_adapter(model, "cols", paths["cols"])
+    assert_same_state(model, before)
+
+
+def test_names_and_models_are_checked(tmp_path):
+    base = build_tiny("llama_gqa")
+    paths = save_adapters(base, tmp_path, {"cols": SELECTIONS["cols"]})
+    for name in (BASE, "a.b", ""):
+        with pytest.raises(ValueError, match="adapter name"):
+            load_adapters(base, {name: paths["cols"]})
+    with pytest.raises(ValueError, match="at least one adapter"):
+        load_adapters(base, {})
+    model = load_adapters(base, paths)
+    with pytest.raises(ValueError, match="already has S2FT adapters"):
+        load_adapters(model, paths)
+    with pytest.raises(ValueError, match="already loaded"):
+        add_adapter(model, "cols", paths["cols"])
+    with pytest.raises(ValueError, match="no adapter named"):
+        remove_adapter(model, "rows")
+    single = s2ft.load_adapter(build_tiny("llama_gqa"), paths["cols"])
+    with pytest.raises(ValueError, match="already has S2FT adapters"):
+        load_adapters(single, paths)
+
+
+def test_adapters_are_added_and_removed_on_a_live_model(tmp_path):
+    base = build_tiny("llama_9_3")
+    paths = save_adapters(base, tmp_path)
+    references = merged_models(base, paths)
+    buffers_before, parameters = buffer_bytes(base), [p.data_ptr() for p in base.parameters()]
+    model = load_adapters(copy.deepcopy(base), {"cols": paths["cols"]})
+    add_adapter(model, "rows", paths["rows"])
+    add_adapter(model, "both", paths["both"])
+    assert loaded_adapters(model) == ["cols", "rows", "both"]
+    assert_rows_match(model, references, NAMES, *left_padded(len(NAMES)))
+    remove_adapter(model, "cols")
+    with pytest.raises(ValueError, match=r"unknown adapter names \['cols'\]"):
+        model(input_ids=left_padded(1)[0], adapter_names=["cols"])
+    names = ["rows", "both", BASE]
+    assert_rows_match(model, references, names, *left_padded(len(names)))
+    remove_adapter(model, "rows")
+    remove_adapter(model, "both")
+    # The plain base model again: nn.Linear modules, no hook, no extra memory, the base's outputs bit for bit.
+    assert not hasattr(model, "s2ft_adapters") and "generate" not in vars(model)
+    assert all(type(m) is not MultiAdapterLinear for m in model.modules())
+    assert buffer_bytes(model) == buffers_before
+    input_ids, mask = left_padded(3)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=input_ids).logits, base(input_ids=input_ids).logits)
+    model = load_adapters(model, {"rows": paths["rows"]})
+    assert_rows_match(model, references, ["rows", BASE], *left_padded(2))
+    assert len(parameters) == len(list(model.parameters()))
+
+
+@pytest.mark.slow
+def test_smollm2_rows_equal_their_merged_models(tmp_path):
+    """SmolLM2-135M with two adapters (apply_s2ft, then values perturbed as training would move them)."""
+    from s2ft.models import build_model
+
+    base, tokenizer = build_model("smollm2_135m")
+    base.eval()
+    selections = {
+        "heads": ({"o": 0.12, "down": 0.01}, 1),
+        "rows": ({"q": 0.12, "v": 0.34, "up": 0.01, "down": 0.01}, 2),
+    }
+    paths = {}
+    for name, (ratios, seed) in selections.items():
+        model = s2ft.apply_s2ft(copy.deepcopy(base), s2ft.S2FTConfig(ratios=ratios, seed=seed))
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.add_(0.02 * param.abs().mean() * torch.randn(param.shape, generator=generator))
+        s2ft.save_adapter(model, tmp_path / name)
+        paths[name] = str(tmp_path / name)
+        del model
+    references = merged_models(base, paths)
+    prompts = ["The capital of France is", "2 + 2 =", "Write a haiku about the sea:", "Q: What is an atom?\nA:"]
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    model = load_adapters(copy.deepcopy(base), paths)
+    names = ["heads", "rows", BASE, "heads"]
+    # Logits of order 30 through 30 layers: 1e-5 of their scale (measured: at most 5.6e-5, i.e. 1.8e-6 of it).
+    atol = 1e-5 * 30
+    assert_rows_match(model, references, names, batch["input_ids"], batch["attention_mask"], 8, alone=False, atol=atol)

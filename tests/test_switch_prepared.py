@@ -1,0 +1,55 @@
+"""Switching to adapters validated once (``prepare_adapter``): the same weights as switching to their folders."""
+
+import copy
+
+import pytest
+import torch
+from conftest import build_tiny
+from test_adapter import RATIOS, adapter_files, assert_same_state, logits, snapshot, trained
+
+import s2ft
+from s2ft.adapter_format import AdapterError
+
+
+@pytest.mark.parametrize("merged", [False, True])
+@pytest.mark.parametrize("layout", ["gather", "permuted"])
+def test_prepared_switches_leave_the_same_weights_as_switching_to_folders(tmp_path, merged, layout):
+    base = build_tiny("llama_9_3")
+    paths = [
+        adapter_files(tmp_path, base, {"o": 0.4, "up": 0.1, "down": 0.2}, seed=2),
+        adapter_files(tmp_path, base, {"q": 0.3, "down": 0.1}, seed=3),
+        adapter_files(tmp_path, base, RATIOS, seed=4),
+    ]
+    by_path = trained(copy.deepcopy(base), s2ft.S2FTConfig(ratios=RATIOS, seed=1, layout=layout), seed=1)
+    if merged:
+        s2ft.merge_adapter(by_path)
+    by_prepared = copy.deepcopy(by_path)
+    prepared = [s2ft.prepare_adapter(by_prepared, path) for path in paths]
+    for step in [0, 1, 2, 0, 2, 1, 1]:
+        s2ft.switch_adapter(by_path, paths[step])
+        s2ft.switch_adapter(by_prepared, prepared[step])
+        assert_same_state(by_prepared, snapshot(by_path))
+    fresh = s2ft.load_adapter(copy.deepcopy(base), paths[1])
+    torch.testing.assert_close(logits(by_prepared), logits(fresh), rtol=0, atol=1e-5)
+
+
+def test_an_adapter_prepared_for_another_model_is_validated_again(tmp_path):
+    base = build_tiny("llama_9_3")
+    path = adapter_files(tmp_path, base, {"o": 0.4, "down": 0.2}, seed=2)
+    # Two co-permuted models with different selections: the same adapter has other current coordinates in each.
+    first = trained(copy.deepcopy(base), s2ft.S2FTConfig(ratios=RATIOS, seed=1, layout="permuted"), seed=1)
+    second = trained(copy.deepcopy(base), s2ft.S2FTConfig(ratios=RATIOS, seed=5, layout="permuted"), seed=5)
+    prepared = s2ft.prepare_adapter(first, path)
+    s2ft.switch_adapter(second, prepared)
+    fresh = s2ft.load_adapter(copy.deepcopy(base), path)
+    torch.testing.assert_close(logits(second), logits(fresh), rtol=0, atol=1e-5)
+
+    other = trained(build_tiny("llama_9_3", hidden_size=36, head_dim=4), s2ft.S2FTConfig(ratios={"o": 0.4}), seed=1)
+    before = snapshot(other)
+    with pytest.raises(AdapterError, match="another base model|differ"):
+        s2ft.switch_adapter(other, prepared)
+    assert_same_state(other, before)
+    with pytest.raises(AdapterError, match="another base model|differ"):
+        s2ft.prepare_adapter(other, path)
+    with pytest.raises(ValueError, match="no S2FT adapter"):
+        s2ft.prepare_adapter(base, path)
