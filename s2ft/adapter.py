@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 import os
-import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,8 +186,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
+    # A fresh name that `write` creates itself, so the file gets the umask's mode (mkstemp would make it 0600).
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     try:
         write(tmp)
         os.replace(tmp, target)

@@ -1,7 +1,9 @@
-"""Callbacks: periodic last-checkpoint, checkpoint-and-stop on SIGTERM / Ctrl-C, and the atomic checkpoint writer."""
+"""Callbacks: periodic last-checkpoint, checkpoint-and-stop on SIGTERM / Ctrl-C, the stop on a non-finite training
+state, and the atomic, rotating, safely loading checkpoint writer."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -12,18 +14,64 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from s2ft.errors import UserError
+from s2ft.lightning.checkpoint import read_checkpoint, resume_command
 from s2ft.lightning.sampler import ResumableBatchSampler
 
 
+class RunInterrupted(UserError):
+    """Training stopped on SIGTERM or Ctrl-C after saving its checkpoint; the message is the command that resumes it."""
+
+    def __init__(self, cause: str, run_dir: Path):
+        super().__init__(f"stopped by {cause}; the checkpoint is saved, resume with: {resume_command(run_dir)}")
+
+
+class TrainingDiverged(UserError):
+    """The training loss or the trained values became NaN or infinite."""
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to a temporary file and renames it, so a crash never leaves a truncated `last.ckpt`."""
+    """Writes checkpoints atomically, keeps the one before, and loads them with ``weights_only=True``.
+
+    A checkpoint is written to a temporary file, flushed to disk and renamed over ``last.ckpt``, so a crash never
+    leaves a truncated file; the checkpoint it replaces is kept as ``previous.ckpt`` (a hard link, so ``last.ckpt``
+    exists at every moment), so one file torn by the disk or the user never costs the run. Only a checkpoint known to
+    be good (written or loaded by this process) is kept that way: a damaged ``last.ckpt`` never replaces a good
+    ``previous.ckpt``.
+
+    Args:
+        preloaded: Checkpoints already read and checked by the runner, by path: loaded from memory, not read again.
+    """
+
+    def __init__(self, preloaded: dict[Path, dict] | None = None):
+        super().__init__()
+        self.preloaded = {Path(path).resolve(): ckpt for path, ckpt in (preloaded or {}).items()}
+        self.trusted: set[Path] = set(self.preloaded)
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(checkpoint, tmp)
+        with open(tmp, "wb") as handle:
+            torch.save(checkpoint, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if path.resolve() in self.trusted and path.is_file():
+            kept = path.with_name("previous.ckpt")
+            link = kept.with_name(f".{kept.name}.tmp")
+            link.unlink(missing_ok=True)
+            os.link(path, link)
+            os.replace(link, kept)
         os.replace(tmp, path)
+        self.trusted.add(path.resolve())
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        path = Path(path)
+        checkpoint = self.preloaded.pop(path.resolve(), None)
+        if checkpoint is None:
+            checkpoint = read_checkpoint(path)
+        self.trusted.add(path.resolve())
+        return checkpoint
 
 
 class AdvanceSampler(L.Callback):
@@ -35,16 +83,49 @@ class AdvanceSampler(L.Callback):
             sampler.advance()
 
 
+class StopOnNonFinite(L.Callback):
+    """Stops training with `TrainingDiverged` at the first non-finite loss or trained value, before any checkpoint.
+
+    Placed before `LastCheckpoint`, it checks the trained tensors after every optimizer step, so a NaN state is never
+    saved: the last checkpoint stays the last good one, and no adapter or summary is written for the run.
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        loss = pl_module.last_loss
+        if loss is not None and not math.isfinite(loss):
+            raise diverged(trainer, pl_module, f"the training loss is {loss}")
+        if trainer.fit_loop.epoch_loop._should_accumulate():
+            return
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            bad = next(n for n, p in pl_module.named_parameters() if p.requires_grad and not torch.isfinite(p).all())
+            raise diverged(trainer, pl_module, f"the trained tensor {bad} holds NaN/inf after the update")
+
+
+def diverged(trainer: L.Trainer, pl_module, what: str) -> TrainingDiverged:
+    """The error for a run whose training state became non-finite at the current step."""
+    lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else pl_module.lr
+    dtype = str(getattr(pl_module.model, "dtype", "unknown")).removeprefix("torch.")
+    return TrainingDiverged(
+        f"training diverged at step {trainer.global_step + 1}: {what} (lr {lr:.3g}, method.lr {pl_module.lr:g}, "
+        f"model.dtype {dtype}, trainer.precision {trainer.precision}). Nothing of this state was saved: the last "
+        "checkpoint keeps the last good one and no adapter or summary.json was written. Lower method.lr, set "
+        "trainer.gradient_clip_val or train in float32, then start again in a new directory or with overwrite=true"
+    )
+
+
 class LastCheckpoint(L.Callback):
     """Saves `path` every `every_n_steps` optimizer steps, at the end of training, and before stopping on a signal.
 
     SIGTERM is caught by Lightning, which finishes the current batch and raises `SIGTERMException`; the checkpoint is
-    written then. Ctrl-C is turned into the same graceful stop at the end of the current batch (a second Ctrl-C
-    interrupts at once). Either way the checkpoint lies on a batch boundary, so `ckpt_path=last` resumes exactly.
+    written then (the runner turns the exception into `RunInterrupted`). Ctrl-C is turned into the same graceful stop
+    at the end of the current batch, raising `RunInterrupted` (a second Ctrl-C interrupts at once). Either way the
+    checkpoint lies on a batch boundary, so `ckpt_path=last` resumes exactly. Every checkpoint also stores the run's
+    config, so a resume under another config is refused before it starts.
     """
 
-    def __init__(self, path: str | Path, every_n_steps: int = 50):
-        self.path, self.every_n_steps = Path(path), every_n_steps
+    def __init__(self, path: str | Path, every_n_steps: int = 50, run_config: dict | None = None):
+        self.path, self.every_n_steps, self.run_config = Path(path), every_n_steps, run_config
         self.interrupted = False
         self._previous_sigint = None
 
@@ -56,10 +137,14 @@ class LastCheckpoint(L.Callback):
         self.interrupted = True
         signal.signal(signal.SIGINT, self._previous_sigint)
 
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
+        if self.run_config is not None:
+            checkpoint["run_config"] = self.run_config
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if self.interrupted:
             trainer.save_checkpoint(self.path, weights_only=False)
-            raise KeyboardInterrupt
+            raise RunInterrupted("Ctrl-C (SIGINT)", self.path.parent.parent)
         stepped = not trainer.fit_loop.epoch_loop._should_accumulate()
         if stepped and trainer.global_step % self.every_n_steps == 0:
             trainer.save_checkpoint(self.path, weights_only=False)
