@@ -186,10 +186,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 def _atomic_write(target: Path, write) -> None:
-    # A fresh name that `write` creates itself, so the file gets the umask's mode (mkstemp would make it 0600).
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     try:
         write(tmp)
+        # The mode a plain open() gives (0666 less the umask): safetensors, like mkstemp, creates files as 0600.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

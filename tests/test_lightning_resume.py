@@ -74,7 +74,7 @@ def test_sigterm_checkpoint_then_resume_matches_uninterrupted_run(tmp_path, stop
         run_experiment(smoke_config(*overrides, logger="csv"), tmp_path / "resumed")
     patch.undo()
     ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 6
+    assert ckpt["global_step"] == 7  # the batch in flight when the signal came (step 7) finishes first
     assert ckpt["s2ft"]["wall_s"] > 0
     # Only what trains is stored (S2FT values and the small buffers of their layers), never a frozen base weight.
     stored = ckpt["state_dict"]
@@ -100,14 +100,14 @@ def test_sigterm_checkpoint_then_resume_matches_uninterrupted_run(tmp_path, stop
     assert resumed["train"]["val_curve"] == full["train"]["val_curve"] and len(full["train"]["val_curve"]) == 3
     assert resumed["train"]["tokens"] == full["train"]["tokens"]
     # The pace is the median over every batch of both sessions, as logged (the checkpoint carries the first six).
-    assert len(ckpt["s2ft"]["pace"]) == 6
+    assert len(ckpt["s2ft"]["pace"]) == 7
     paces = [
         value for (key, _), value in logged(tmp_path / "resumed", timings=True).items() if key == "train/tokens_per_s"
     ]
     assert len(paces) == 13
     assert resumed["train"]["median_tokens_per_s"] == round(statistics.median(paces), 1)
 
-    # Ctrl-C: the batch in flight finishes, the checkpoint is written at its end, then the run exits.
+    # Ctrl-C: the batch in flight finishes, the checkpoint is written after it, then the run stops.
     before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under a shell's background job
     patch = stop_at_step(9, signal.SIGINT)
     with pytest.raises(RunInterrupted, match=r"stopped by Ctrl-C \(SIGINT\); the checkpoint is saved, resume with: "):

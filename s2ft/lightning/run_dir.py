@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,3 +149,15 @@ def _check_fresh(cfg: dict, run_dir: Path) -> None:
         f"{run_dir} already holds a run's outputs ({', '.join(present)}); give this run its own directory "
         "(hydra.run.dir=...), resume it with ckpt_path=auto, or pass overwrite=true to delete them first"
     )
+
+
+def honour_umask(folder: Path) -> None:
+    """Give the files under ``folder`` the mode a plain ``open()`` would (0666 less the umask).
+
+    safetensors writes its files as 0600, which would keep a saved adapter or merged model from a group sharing runs.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in folder.rglob("*"):
+        if file.is_file():
+            file.chmod(0o666 & ~umask)

@@ -24,6 +24,7 @@ from s2ft.lightning.callbacks import (
     AtomicCheckpointIO,
     KeepBest,
     LastCheckpoint,
+    RecordBatch,
     RunInterrupted,
     StopOnNonFinite,
 )
@@ -32,7 +33,7 @@ from s2ft.lightning.datamodule import SFTDataModule
 from s2ft.lightning.loggers import ReplayCSVHistory, build_logger, end_wandb_run, wandb_info
 from s2ft.lightning.module import S2FTLitModule
 from s2ft.lightning.provenance import check_eval_overlap, read_adapter_record, training_record, write_adapter_record
-from s2ft.lightning.run_dir import RunDirError, RunPlan, prepare_run_dir
+from s2ft.lightning.run_dir import RunDirError, RunPlan, honour_umask, prepare_run_dir
 from s2ft.lightning.summary import build_summary, print_summary, task_record, write_json
 from s2ft.run_config import validate_run_config
 
@@ -58,7 +59,6 @@ def run_experiment(cfg: dict, run_dir: str | Path) -> dict | None:
         log.info("%s already holds this finished run; nothing to do (ckpt_path=auto)", run_dir)
         return plan.finished
     cfg = plan.cfg
-    run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg["seed"], workers=True)
     if cfg["mode"] == "eval":
         return _evaluate_only(cfg, run_dir)
@@ -115,6 +115,7 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     datamodule = SFTDataModule(
         train, val, tokenizer, data["max_length"], data["batch_size"], cfg["seed"], _cache(paths, "tokenized")
     )
+    run_dir.mkdir(parents=True, exist_ok=True)
     results = None
     if rank_zero_only.rank == 0 and cfg["eval"].get("before"):
         results = measure_model(model, tokenizer, cfg, run_dir / "before")
@@ -153,6 +154,7 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
         return None
     save_trained(model, method["name"], run_dir / "adapter")
     write_adapter_record(run_dir / "adapter", method["name"], provenance)
+    honour_umask(run_dir / "adapter")
     train_stats = {
         "steps": trainer.global_step,
         "tokens": tokens,
@@ -170,6 +172,7 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     after = measure_model(model, tokenizer, cfg, run_dir)
     if cfg.get("save_merged"):
         _save_merged(model, tokenizer, method["name"], run_dir / "merged")
+        honour_umask(run_dir / "merged")
     best = next((c.best for c in trainer.callbacks if isinstance(c, KeepBest)), None)
     if best is not None:
         train_stats["best_val_loss"] = best
@@ -205,6 +208,7 @@ def _evaluate_only(cfg: dict, run_dir: Path) -> dict:
     if source is not None:
         model = load_trained(model, method, source)
     model.requires_grad_(False)
+    run_dir.mkdir(parents=True, exist_ok=True)
     _write_config(cfg, run_dir)
     results = measure_model(model, tokenizer, cfg, run_dir)
     heldout = _pair({}, results["heldout"])
@@ -232,7 +236,8 @@ def _trainer(cfg: dict, run_dir: Path, logger, has_val: bool, preloaded: dict | 
     interval = tr.get("val_check_interval")
     callbacks = [
         AdvanceSampler(),
-        # Before LastCheckpoint, so a non-finite state stops the run before it can be saved.
+        # The module's records of a batch, then the non-finite check, come before any save of that batch's state.
+        RecordBatch(),
         StopOnNonFinite(),
         LastCheckpoint(run_dir / CHECKPOINT, tr.get("checkpoint_every_n_steps", 50), run_config=cfg),
         ReplayCSVHistory(),
@@ -240,8 +245,8 @@ def _trainer(cfg: dict, run_dir: Path, logger, has_val: bool, preloaded: dict | 
     if tr.get("select_best") == "val_loss":
         if not has_val:
             raise ValueError("trainer.select_best=val_loss needs a validation split: set data.val_size > 0")
-        # Before LastCheckpoint's end-of-training save, so the final checkpoint holds the selected weights too.
-        callbacks.insert(2, KeepBest())
+        # Before LastCheckpoint: its best state is taken at validation end and restored before the final save.
+        callbacks.insert(3, KeepBest())
     io = AtomicCheckpointIO({cfg["ckpt_path"]: preloaded} if preloaded is not None else None)
     return L.Trainer(
         max_steps=tr.get("max_steps", -1),
