@@ -141,6 +141,7 @@ class LastCheckpoint(L.Callback):
         self.interrupted: str | None = None  # the signal that asked to stop
         self._previous: dict[int, object] = {}
         self._pending = False  # a save waiting for the validation in progress
+        self._stop = False  # saved after a signal: stop when the next batch starts
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -176,7 +177,11 @@ class LastCheckpoint(L.Callback):
 
     def _save_or_stop(self, trainer: L.Trainer) -> None:
         trainer.save_checkpoint(self.path, weights_only=False)
-        if self.interrupted:
+        # Stopping waits for the next batch: Lightning hands the loggers this step's rows after the batch-end hooks.
+        self._stop = bool(self.interrupted)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
+        if self._stop:
             raise RunInterrupted(self.interrupted, self.path.parent.parent)
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
