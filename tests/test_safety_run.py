@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -281,15 +282,23 @@ def run_py(*overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+# Each run.py start takes 10-30 s on a shared CPU: one case runs by default, the others with -m slow.
 @pytest.mark.parametrize(
     ("change", "overrides", "message"),
     [
-        (None, ["seed=1", "ckpt_path=last"], r"error: ckpt_path=last: \S+ holds a run of another config \(differs in "),
-        (truncate, ["ckpt_path=last"], r"error: checkpoint \S+last\.ckpt cannot be loaded safely"),
-        (None, [], r"error: \S+ holds an interrupted run .*Resume it with: python run\.py <same overrides>"),
+        pytest.param(
+            None, ["seed=1", "ckpt_path=last"], r"error: ckpt_path=last: \S+ holds a run of another config \(differ",
+            id="other_config", marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            truncate, ["ckpt_path=last"], r"error: checkpoint \S+last\.ckpt cannot be loaded safely", id="truncated",
+        ),
+        pytest.param(
+            None, [], r"error: \S+ holds an interrupted run .*Resume it with: python run\.py <same overrides>",
+            id="fresh_over_interrupted", marks=pytest.mark.slow,
+        ),
     ],
-    ids=["other_config", "truncated", "fresh_over_interrupted"],
-)
+)  # fmt: skip
 def test_run_py_prints_one_error_and_exits_1(change, overrides, message, copy_of):
     run_dir = copy_of("interrupted")
     if change is not None:
@@ -302,3 +311,31 @@ def test_run_py_prints_one_error_and_exits_1(change, overrides, message, copy_of
     assert len(error_lines) == 1 and re.search(message, error_lines[0]), done.stderr[-3000:]
     # Hydra writes its own .hydra/ folder and job log; the run's files are untouched.
     assert {k: v for k, v in snapshot(run_dir).items() if not k.startswith(".hydra") and k != "run.log"} == before
+
+
+@pytest.mark.parametrize(
+    ("signum", "name"),
+    [
+        pytest.param(signal.SIGINT, r"Ctrl-C \(SIGINT\)", id="SIGINT"),
+        pytest.param(signal.SIGTERM, "SIGTERM", id="SIGTERM", marks=pytest.mark.slow),
+    ],
+)
+def test_run_py_stopped_by_a_signal_prints_the_resume_command_and_exits_1(signum, name, tmp_path):
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable, "run.py", "debug=smoke", "eval=none", "logger=csv", "trainer.max_steps=1000",
+        "trainer.checkpoint_every_n_steps=1", f"hydra.run.dir={run_dir}",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (run_dir / "checkpoints" / "last.ckpt").exists() and process.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.2)
+    process.send_signal(signum)  # training runs: the first checkpoint is written
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
+    resume = rf"python run\.py <same overrides> hydra\.run\.dir={re.escape(str(run_dir))} ckpt_path=last"
+    assert re.search(rf"^error: stopped by {name}; the checkpoint is saved, resume with: {resume}$", stderr, re.M)
+    assert 1 <= step_of(run_dir / "checkpoints" / "last.ckpt") < 1000
+    assert not (run_dir / "summary.json").exists()
