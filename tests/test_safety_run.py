@@ -103,6 +103,10 @@ def malicious(ckpt: Path) -> None:
     torch.save({**state, "s2ft": Payload()}, ckpt)
 
 
+def not_a_checkpoint(ckpt: Path) -> None:
+    torch.save({"state_dict": [1, 2], "global_step": 3, "loops": {}, "optimizer_states": []}, ckpt)
+
+
 def legacy(ckpt: Path) -> None:
     """A checkpoint without the stored run config, in a directory that lost its config.yaml."""
     state = torch.load(ckpt, weights_only=True)
@@ -127,6 +131,10 @@ CASES = {
     "malicious_pickle": (
         "interrupted", malicious, ["ckpt_path=last"], CheckpointError,
         r"holds objects other than tensors and plain values, which are never unpickled",
+    ),
+    "not_a_checkpoint": (
+        "interrupted", not_a_checkpoint, ["ckpt_path=last"], CheckpointError,
+        r"last\.ckpt is not a checkpoint of this runner \(bad state_dict or loops\)\. .*" + PREVIOUS_FIX,
     ),
     "legacy_other_method": (
         "interrupted", legacy, ["method=lora", "ckpt_path=last"], CheckpointError,

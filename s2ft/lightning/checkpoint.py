@@ -47,6 +47,10 @@ def read_checkpoint(path: str | Path) -> dict:
     missing = [key for key in REQUIRED if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
         raise CheckpointError(f"{path} is not a checkpoint of this runner (lacks {', '.join(missing)}). {_fix(path)}")
+    state = checkpoint["state_dict"]
+    tensors = isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+    if not tensors or not isinstance(checkpoint["loops"], dict):
+        raise CheckpointError(f"{path} is not a checkpoint of this runner (bad state_dict or loops). {_fix(path)}")
     return checkpoint
 
 
@@ -86,10 +90,10 @@ def check_checkpoint_fits(checkpoint: dict, path: Path, trained: dict[str, torch
             f"checkpoint {path} does not fit this run's trained tensors ({'; '.join(differences)}): it was written by "
             f"a run with another method or selection; {fix}"
         )
-    fit_loop = checkpoint["loops"].get("fit_loop", {}).get("state_dict", {})
+    fit_loop = (checkpoint["loops"].get("fit_loop") or {}).get("state_dict") or {}
     for state in fit_loop.get("combined_loader") or []:
-        consumed = state.get("consumed", 0) if isinstance(state, dict) else 0
-        if consumed > batches_per_epoch:
+        consumed = state.get("consumed") if isinstance(state, dict) else None
+        if isinstance(consumed, int) and consumed > batches_per_epoch:
             raise CheckpointError(
                 f"checkpoint {path} stopped after batch {consumed} of an epoch, but an epoch of this run has only "
                 f"{batches_per_epoch} batches: it was written with another data.batch_size or data.limit; {fix}"

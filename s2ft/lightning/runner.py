@@ -134,7 +134,8 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     )
     if plan.checkpoint is not None:
         state, keys = module.state_dict(), module.trained_keys()
-        per_epoch = len(train) // (data["batch_size"] * tr.get("devices", 1) * tr.get("num_nodes", 1))
+        # The batches of one rank's epoch on a single process: an upper bound for any number of ranks.
+        per_epoch = len(train) // data["batch_size"]
         check_checkpoint_fits(plan.checkpoint, cfg["ckpt_path"], {k: state[k].shape for k in keys}, per_epoch)
 
     # The first writes of the run's own files (metrics, W&B id, config), now that everything is checked.
