@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -60,7 +61,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             kept = path.with_name("previous.ckpt")
             link = kept.with_name(f".{kept.name}.tmp")
             link.unlink(missing_ok=True)
-            os.link(path, link)
+            try:
+                os.link(path, link)
+            except OSError:  # a filesystem without hard links: a copy (last.ckpt still exists throughout)
+                shutil.copyfile(path, link)
             os.replace(link, kept)
         os.replace(tmp, path)
         self.trusted.add(path.resolve())

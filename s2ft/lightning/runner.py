@@ -141,6 +141,7 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     # The first writes of the run's own files (metrics, W&B id, config), now that everything is checked.
     logger = build_logger(cfg["logger"], cfg, run_dir)
     trainer = _trainer(cfg, run_dir, logger, has_val=bool(val), preloaded=plan.checkpoint)
+    plan.checkpoint = None  # the checkpoint IO holds it until Lightning restores it, then it is freed
     if trainer.global_rank == 0:
         _write_config(cfg, run_dir)
     if logger:
