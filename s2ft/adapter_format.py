@@ -8,7 +8,7 @@ component, axis, unit size, weight shape and unit indices). Reading checks every
 
 import json
 import os
-import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,11 +105,16 @@ def write_adapter(adapter: Adapter, path: str | os.PathLike) -> None:
 
 
 def atomic_write(target: Path, write) -> None:
-    """Calls ``write(tmp)`` on a temporary file beside ``target``, then renames it over ``target``."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
+    """Calls ``write(tmp)`` on a temporary file beside ``target``, then renames it over ``target``.
+
+    The file gets the mode a plain ``open()`` gives (0666 less the umask): safetensors, like mkstemp, creates 0600.
+    """
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

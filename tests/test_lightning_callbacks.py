@@ -13,16 +13,47 @@ from s2ft.lightning import run_experiment
 from s2ft.lightning.callbacks import AtomicCheckpointIO
 
 
-def test_atomic_checkpoint_never_leaves_a_truncated_file(tmp_path):
+def state(step: int, **extra) -> dict:
+    """The fields a checkpoint of this runner has, at `step`."""
+    return {"state_dict": {}, "global_step": step, "loops": {}, "optimizer_states": [], **extra}
+
+
+def test_atomic_checkpoint_never_leaves_a_truncated_file_and_keeps_the_one_before(tmp_path):
     path = tmp_path / "checkpoints" / "last.ckpt"
+    previous = path.with_name("previous.ckpt")
     io = AtomicCheckpointIO()
-    io.save_checkpoint({"step": 1, "w": torch.arange(3)}, path)
+    io.save_checkpoint(state(1, w=torch.arange(3)), path)
+    assert not previous.exists()
     with pytest.raises(Exception):  # noqa: B017 - whatever pickling raises, the old checkpoint must survive
-        io.save_checkpoint({"step": 2, "bad": lambda: None}, path)
-    assert torch.load(path)["step"] == 1
-    io.save_checkpoint({"step": 3}, path)
-    assert torch.load(path)["step"] == 3
-    assert sorted(p.name for p in path.parent.iterdir() if p.name != ".last.ckpt.tmp") == ["last.ckpt"]
+        io.save_checkpoint(state(2, bad=lambda: None), path)
+    assert torch.load(path)["global_step"] == 1 and not previous.exists()
+    io.save_checkpoint(state(3), path)
+    assert torch.load(path)["global_step"] == 3 and torch.load(previous)["global_step"] == 1
+    io.save_checkpoint(state(4), path)
+    assert torch.load(path)["global_step"] == 4 and torch.load(previous)["global_step"] == 3
+    assert sorted(p.name for p in path.parent.iterdir() if p.name != ".last.ckpt.tmp") == ["last.ckpt", "previous.ckpt"]
+    assert io.load_checkpoint(path)["global_step"] == 4
+
+
+def test_a_damaged_last_checkpoint_never_replaces_a_good_previous_one(tmp_path):
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    previous = path.with_name("previous.ckpt")
+    AtomicCheckpointIO().save_checkpoint(state(2), path)
+    path.rename(previous)
+    path.write_bytes(b"torn")
+    io = AtomicCheckpointIO()  # a session resuming from previous.ckpt: last.ckpt is not known to be good
+    assert io.load_checkpoint(previous)["global_step"] == 2
+    io.save_checkpoint(state(3), path)
+    assert torch.load(path)["global_step"] == 3 and torch.load(previous)["global_step"] == 2
+
+
+def test_checkpoints_honour_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        AtomicCheckpointIO().save_checkpoint(state(1), tmp_path / "last.ckpt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "last.ckpt").stat().st_mode & 0o777 == 0o640
 
 
 def test_select_best_keeps_the_lowest_validation_loss(tmp_path):

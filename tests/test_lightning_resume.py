@@ -11,11 +11,12 @@ import pytest
 import torch
 from conftest import ROOT
 from hydra import compose, initialize_config_dir
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from s2ft.lightning import S2FTLitModule, run_experiment, runner
+from s2ft.lightning.callbacks import RunInterrupted
+from s2ft.lightning.run_dir import RunDirError
 from s2ft.run_config import RunConfigError
 
 
@@ -66,11 +67,13 @@ def test_sigterm_checkpoint_then_resume_matches_uninterrupted_run(tmp_path, stop
     full = run_experiment(smoke_config(*overrides, logger="csv"), tmp_path / "full")
 
     patch = stop_at_step(6)
-    with pytest.raises(SIGTERMException):
+    with pytest.raises(
+        RunInterrupted, match=r"stopped by SIGTERM; the checkpoint is saved, resume with: .*ckpt_path=last"
+    ):
         run_experiment(smoke_config(*overrides, logger="csv"), tmp_path / "resumed")
     patch.undo()
-    ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["global_step"] == 6
+    ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 7  # the batch in flight when the signal came (step 7) finishes first
     assert ckpt["s2ft"]["wall_s"] > 0
     # Only what trains is stored (S2FT values and the small buffers of their layers), never a frozen base weight.
     stored = ckpt["state_dict"]
@@ -96,20 +99,20 @@ def test_sigterm_checkpoint_then_resume_matches_uninterrupted_run(tmp_path, stop
     assert resumed["train"]["val_curve"] == full["train"]["val_curve"] and len(full["train"]["val_curve"]) == 3
     assert resumed["train"]["tokens"] == full["train"]["tokens"]
     # The pace is the median over every batch of both sessions, as logged (the checkpoint carries the first six).
-    assert len(ckpt["s2ft"]["pace"]) == 6
+    assert len(ckpt["s2ft"]["pace"]) == 7
     paces = [
         value for (key, _), value in logged(tmp_path / "resumed", timings=True).items() if key == "train/tokens_per_s"
     ]
     assert len(paces) == 13
     assert resumed["train"]["median_tokens_per_s"] == round(statistics.median(paces), 1)
 
-    # Ctrl-C: the batch in flight finishes, the checkpoint is written at its end, then the run exits.
+    # Ctrl-C: the batch in flight finishes, the checkpoint is written after it, then the run stops.
     before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under a shell's background job
     patch = stop_at_step(9, signal.SIGINT)
-    with pytest.raises(SystemExit):
+    with pytest.raises(RunInterrupted, match=r"stopped by Ctrl-C \(SIGINT\); the checkpoint is saved, resume with: "):
         run_experiment(smoke_config(*overrides), tmp_path / "ctrl_c")
     patch.undo()
-    assert torch.load(tmp_path / "ctrl_c" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 10
+    assert torch.load(tmp_path / "ctrl_c" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
     assert signal.getsignal(signal.SIGINT) is before  # the run's handler is gone again
     run_experiment(smoke_config(*overrides, "ckpt_path=auto"), tmp_path / "ctrl_c")  # auto finds the checkpoint
     for key, tensor in adapter_tensors(tmp_path / "ctrl_c").items():
@@ -117,7 +120,7 @@ def test_sigterm_checkpoint_then_resume_matches_uninterrupted_run(tmp_path, stop
 
 
 def test_resume_without_a_checkpoint_names_the_fix(tmp_path):
-    with pytest.raises(FileNotFoundError, match="hydra.run.dir=<that run directory> ckpt_path=last"):
+    with pytest.raises(RunDirError, match="hydra.run.dir=<that run directory> ckpt_path=last"):
         run_experiment(smoke_config("ckpt_path=last"), tmp_path / "fresh")
 
 
@@ -152,7 +155,7 @@ def test_auto_after_a_run_stopped_during_its_final_evaluation_trains_nothing_mor
         run_experiment(smoke_config(*overrides), tmp_path / "job")
     monkeypatch.setattr(runner, "measure_model", measure)
     path = tmp_path / "job" / "checkpoints" / "last.ckpt"
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = torch.load(path, weights_only=True)
     assert ckpt["global_step"] == 3 and not (tmp_path / "job" / "summary.json").exists()
     # The training session's peak, not the peak of a session that only reloads and evaluates, is the run's memory.
     ckpt["s2ft"]["peak_mem_mb"] = 10.0**7

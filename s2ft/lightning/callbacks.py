@@ -1,8 +1,11 @@
-"""Callbacks: periodic last-checkpoint, checkpoint-and-stop on SIGTERM / Ctrl-C, and the atomic checkpoint writer."""
+"""Callbacks: periodic last-checkpoint, checkpoint-and-stop on SIGTERM / Ctrl-C, the stop on a non-finite training
+state, and the atomic, rotating, safely loading checkpoint writer."""
 
 from __future__ import annotations
 
+import math
 import os
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -12,18 +15,67 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from s2ft.errors import UserError
+from s2ft.lightning.checkpoint import read_checkpoint, resume_command
 from s2ft.lightning.sampler import ResumableBatchSampler
 
 
+class RunInterrupted(UserError):
+    """Training stopped on SIGTERM or Ctrl-C after saving its checkpoint; the message is the command that resumes it."""
+
+    def __init__(self, cause: str, run_dir: Path):
+        super().__init__(f"stopped by {cause}; the checkpoint is saved, resume with: {resume_command(run_dir)}")
+
+
+class TrainingDiverged(UserError):
+    """The training loss or the trained values became NaN or infinite."""
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to a temporary file and renames it, so a crash never leaves a truncated `last.ckpt`."""
+    """Writes checkpoints atomically, keeps the one before, and loads them with ``weights_only=True``.
+
+    A checkpoint is written to a temporary file, flushed to disk and renamed over ``last.ckpt``, so a crash never
+    leaves a truncated file; the checkpoint it replaces is kept as ``previous.ckpt`` (a hard link, so ``last.ckpt``
+    exists at every moment), so one file torn by the disk or the user never costs the run. Only a checkpoint known to
+    be good (written or loaded by this process) is kept that way: a damaged ``last.ckpt`` never replaces a good
+    ``previous.ckpt``.
+
+    Args:
+        preloaded: Checkpoints already read and checked by the runner, by path: loaded from memory, not read again.
+    """
+
+    def __init__(self, preloaded: dict[Path, dict] | None = None):
+        super().__init__()
+        self.preloaded = {Path(path).resolve(): ckpt for path, ckpt in (preloaded or {}).items()}
+        self.trusted: set[Path] = set(self.preloaded)
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(checkpoint, tmp)
+        with open(tmp, "wb") as handle:
+            torch.save(checkpoint, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if path.resolve() in self.trusted and path.is_file():
+            kept = path.with_name("previous.ckpt")
+            link = kept.with_name(f".{kept.name}.tmp")
+            link.unlink(missing_ok=True)
+            try:
+                os.link(path, link)
+            except OSError:  # a filesystem without hard links: a copy (last.ckpt still exists throughout)
+                shutil.copyfile(path, link)
+            os.replace(link, kept)
         os.replace(tmp, path)
+        self.trusted.add(path.resolve())
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        path = Path(path)
+        checkpoint = self.preloaded.pop(path.resolve(), None)
+        if checkpoint is None:
+            checkpoint = read_checkpoint(path)
+        self.trusted.add(path.resolve())
+        return checkpoint
 
 
 class AdvanceSampler(L.Callback):
@@ -35,49 +87,123 @@ class AdvanceSampler(L.Callback):
             sampler.advance()
 
 
-class LastCheckpoint(L.Callback):
-    """Saves `path` every `every_n_steps` optimizer steps, at the end of training, and before stopping on a signal.
+class StopOnNonFinite(L.Callback):
+    """Stops training with `TrainingDiverged` at the first non-finite loss or trained value, before any checkpoint.
 
-    SIGTERM is caught by Lightning, which finishes the current batch and raises `SIGTERMException`; the checkpoint is
-    written then. Ctrl-C is turned into the same graceful stop at the end of the current batch (a second Ctrl-C
-    interrupts at once). Either way the checkpoint lies on a batch boundary, so `ckpt_path=last` resumes exactly.
+    Placed before `LastCheckpoint`, it checks the loss of every batch and the trained tensors after every optimizer
+    step, so a NaN state is never saved: the last checkpoint stays the last good one, and no adapter or summary is
+    written for the run.
     """
 
-    def __init__(self, path: str | Path, every_n_steps: int = 50):
-        self.path, self.every_n_steps = Path(path), every_n_steps
-        self.interrupted = False
-        self._previous_sigint = None
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        loss, accumulating = pl_module.last_loss, trainer.fit_loop.epoch_loop._should_accumulate()
+        step = trainer.global_step + accumulating  # the optimizer step this batch belongs to (done unless accumulating)
+        if loss is not None and not math.isfinite(loss):
+            raise diverged(trainer, pl_module, step, f"the training loss is {loss}")
+        if accumulating:
+            return
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            bad = next(n for n, p in pl_module.named_parameters() if p.requires_grad and not torch.isfinite(p).all())
+            raise diverged(trainer, pl_module, step, f"the trained tensor {bad} holds NaN/inf after the update")
+
+
+def diverged(trainer: L.Trainer, pl_module, step: int, what: str) -> TrainingDiverged:
+    """The error for a run whose training state became non-finite at the current step."""
+    lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else pl_module.lr
+    dtype = str(getattr(pl_module.model, "dtype", "unknown")).removeprefix("torch.")
+    return TrainingDiverged(
+        f"training diverged at step {step}: {what} (lr {lr:.3g}, method.lr {pl_module.lr:g}, "
+        f"model.dtype {dtype}, trainer.precision {trainer.precision}). Nothing of this state was saved: the last "
+        "checkpoint keeps the last good one and no adapter or summary.json was written. Lower method.lr, set "
+        "trainer.gradient_clip_val or train in float32, then start again in a new directory or with overwrite=true"
+    )
+
+
+class RecordBatch(L.Callback):
+    """Lets the module record each finished batch (`S2FTLitModule.record_batch`) before any checkpoint is saved."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        pl_module.record_batch(batch)
+
+
+class LastCheckpoint(L.Callback):
+    """Saves `path` every `every_n_steps` optimizer steps, at the end of training, and when stopped by a signal.
+
+    A save falls at the end of a batch, or, when a validation is due after that batch, at the end of that validation,
+    so a resume neither repeats nor skips it. SIGTERM and Ctrl-C stop training the same way: the batch in flight (and
+    a validation after it) finishes, the checkpoint is written and `RunInterrupted` names the resume command; a second
+    signal acts at once. Under DDP, SIGTERM keeps Lightning's handling (it stops every rank together; the runner turns
+    its `SIGTERMException` into `RunInterrupted`). Every checkpoint stores the run's config too, so a resume under
+    another config is refused before it starts.
+    """
+
+    SIGNALS = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
+
+    def __init__(self, path: str | Path, every_n_steps: int = 50, run_config: dict | None = None):
+        self.path, self.every_n_steps, self.run_config = Path(path), every_n_steps, run_config
+        self.interrupted: str | None = None  # the signal that asked to stop
+        self._previous: dict[int, object] = {}
+        self._pending = False  # a save waiting for the validation in progress
+        self._stop = False  # saved after a signal: stop when the next batch starts
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         if threading.current_thread() is threading.main_thread():
-            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+            signums = [signal.SIGINT] + ([signal.SIGTERM] if trainer.world_size == 1 else [])
+            self._previous = {signum: signal.signal(signum, self._on_signal) for signum in signums}
 
-    def _on_sigint(self, signum, frame) -> None:
-        self.interrupted = True
-        signal.signal(signal.SIGINT, self._previous_sigint)
+    def _on_signal(self, signum, frame) -> None:
+        self.interrupted = self.SIGNALS[signum]
+        signal.signal(signum, self._previous_handler(signum))
+
+    def _previous_handler(self, signum: int):
+        previous = self._previous.get(signum)
+        return signal.SIG_DFL if previous is None else previous
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
+        if self.run_config is not None:
+            checkpoint["run_config"] = self.run_config
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if self.interrupted:
-            trainer.save_checkpoint(self.path, weights_only=False)
-            raise KeyboardInterrupt
-        stepped = not trainer.fit_loop.epoch_loop._should_accumulate()
-        if stepped and trainer.global_step % self.every_n_steps == 0:
-            trainer.save_checkpoint(self.path, weights_only=False)
+        loop = trainer.fit_loop.epoch_loop
+        stepped = not loop._should_accumulate()
+        if not (self.interrupted or (stepped and trainer.global_step % self.every_n_steps == 0)):
+            return
+        if loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
+            self._pending = True
+            return
+        self._save_or_stop(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        if self._pending and not trainer.sanity_checking:
+            self._pending = False
+            self._save_or_stop(trainer)
+
+    def _save_or_stop(self, trainer: L.Trainer) -> None:
+        trainer.save_checkpoint(self.path, weights_only=False)
+        # Stopping waits for the next batch: Lightning hands the loggers this step's rows after the batch-end hooks.
+        self._stop = bool(self.interrupted)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
+        if self._stop:
+            raise RunInterrupted(self.interrupted, self.path.parent.parent)
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         trainer.save_checkpoint(self.path, weights_only=False)
-        self._restore_sigint()
+        self._restore_signals()
+        if self.interrupted:  # the signal came during the last batch: stop before the final evaluation
+            raise RunInterrupted(self.interrupted, self.path.parent.parent)
 
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
-        # Lightning raises SIGTERMException once the batch in flight (and any validation after it) has finished.
         if isinstance(exception, SIGTERMException):
             trainer.save_checkpoint(self.path, weights_only=False)
-        self._restore_sigint()
+        self._restore_signals()
 
-    def _restore_sigint(self) -> None:
-        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._previous_sigint)
-            self._previous_sigint = None
+    def _restore_signals(self) -> None:
+        if self._previous and threading.current_thread() is threading.main_thread():
+            for signum in self._previous:
+                signal.signal(signum, self._previous_handler(signum))
+            self._previous = {}
 
 
 class KeepBest(L.Callback):

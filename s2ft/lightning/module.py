@@ -82,7 +82,12 @@ class S2FTLitModule(L.LightningModule):
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self._batch_start = time.perf_counter()
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def record_batch(self, batch: dict[str, torch.Tensor]) -> None:
+        """Record a finished training batch: its pace, memory and, once the optimizer stepped, the loss curve.
+
+        Called by the `RecordBatch` callback, first of the batch-end hooks, so a checkpoint saved at that batch's end
+        includes it (Lightning runs the callbacks' hooks before the module's own `on_train_batch_end`).
+        """
         elapsed = max(time.perf_counter() - self._batch_start, 1e-9)
         self.pace.append(float(batch["attention_mask"].sum()) / elapsed)
         self.log("train/tokens_per_s", self.pace[-1])

@@ -7,7 +7,6 @@ call it directly.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import statistics
 from pathlib import Path
@@ -15,18 +14,30 @@ from pathlib import Path
 import lightning as L
 import torch
 import yaml
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
-from s2ft.lightning.callbacks import AdvanceSampler, AtomicCheckpointIO, KeepBest, LastCheckpoint
+from s2ft.lightning.callbacks import (
+    AdvanceSampler,
+    AtomicCheckpointIO,
+    KeepBest,
+    LastCheckpoint,
+    RecordBatch,
+    RunInterrupted,
+    StopOnNonFinite,
+)
+from s2ft.lightning.checkpoint import CHECKPOINT, check_checkpoint_fits
 from s2ft.lightning.console import StepProgressBar
 from s2ft.lightning.datamodule import SFTDataModule
 from s2ft.lightning.loggers import ReplayCSVHistory, build_logger, end_wandb_run, wandb_info
 from s2ft.lightning.module import S2FTLitModule
+from s2ft.lightning.provenance import check_eval_overlap, read_adapter_record, training_record, write_adapter_record
+from s2ft.lightning.run_dir import RunDirError, RunPlan, honour_umask, prepare_run_dir
 from s2ft.lightning.summary import build_summary, print_summary, task_record, write_json
-from s2ft.run_config import RunConfigError, validate_run_config
+from s2ft.run_config import validate_run_config
 
 CALIBRATED_STRATEGIES = ("activation", "weight_activation", "gradient")
-CHECKPOINT = Path("checkpoints") / "last.ckpt"
 log = logging.getLogger(__name__)
 
 
@@ -42,17 +53,20 @@ def run_experiment(cfg: dict, run_dir: str | Path) -> dict | None:
     """
     validate_run_config(cfg)
     run_dir = Path(run_dir)
-    if cfg.get("ckpt_path") == "auto":
-        cfg, finished = resolve_auto_resume(cfg, run_dir)
-        if finished is not None:
-            log.info("%s already holds this finished run; nothing to do (ckpt_path=auto)", run_dir)
-            return finished
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # Every check of the directory, its config and its checkpoint comes before the first write into it.
+    plan = prepare_run_dir(cfg, run_dir)
+    if plan.finished is not None:
+        log.info("%s already holds this finished run; nothing to do (ckpt_path=auto)", run_dir)
+        return plan.finished
+    cfg = plan.cfg
     L.seed_everything(cfg["seed"], workers=True)
     if cfg["mode"] == "eval":
         return _evaluate_only(cfg, run_dir)
     try:
-        summary = _train(cfg, run_dir)
+        summary = _train(plan, run_dir)
+    except SIGTERMException as err:
+        end_wandb_run(failed=True)
+        raise RunInterrupted("SIGTERM", run_dir) from err
     except BaseException:
         end_wandb_run(failed=True)
         raise
@@ -60,82 +74,51 @@ def run_experiment(cfg: dict, run_dir: str | Path) -> dict | None:
     return summary
 
 
-def resolve_auto_resume(cfg: dict, run_dir: Path) -> tuple[dict, dict | None]:
-    """``ckpt_path=auto``: finish what ``run_dir`` holds, so rerunning a sweep redoes nothing.
-
-    Returns:
-        The config to run (``ckpt_path`` "last" when the directory has a checkpoint, else None: a fresh start) and
-        the summary of a run already finished there (None otherwise: run the config).
-
-    Raises:
-        RunConfigError: The directory holds a run of another config (the differing keys are named), e.g. a sweep
-            whose parameters changed between the two commands, which renumbers its jobs.
-    """
-    saved_file = run_dir / "config.yaml"
-    if saved_file.is_file():
-        differing = _differing_keys(yaml.safe_load(saved_file.read_text()), cfg, ignore={"ckpt_path"})
-        if differing:
-            raise RunConfigError(
-                f"ckpt_path=auto: {run_dir} holds a run of another config (differs in {', '.join(differing)}); "
-                "give this config its own directory (hydra.run.dir, or hydra.sweep.dir for a multirun) or remove it"
-            )
-    summary_file = run_dir / "summary.json"
-    if summary_file.is_file():
-        return cfg, json.loads(summary_file.read_text())
-    return {**cfg, "ckpt_path": "last" if (run_dir / CHECKPOINT).is_file() else None}, None
-
-
-def _differing_keys(saved, current, ignore: set[str], prefix: str = "") -> list[str]:
-    if isinstance(saved, dict) and isinstance(current, dict):
-        keys = sorted(set(saved) | set(current), key=str)
-        return [
-            diff
-            for key in keys
-            if f"{prefix}{key}" not in ignore
-            for diff in _differing_keys(saved.get(key), current.get(key), ignore, f"{prefix}{key}.")
-        ]
-    return [] if saved == current else [prefix.removesuffix(".")]
-
-
 def build_run_model(model_cfg: dict, cache_dir):
     """The base model and tokenizer of a run's `model` config."""
     from s2ft.models import build_model
 
-    return build_model(
+    model, tokenizer = build_model(
         model_cfg["name"],
         dtype=model_cfg.get("dtype", "float32"),
         cache_dir=model_cfg.get("cache_dir") or cache_dir,
         gradient_checkpointing=model_cfg.get("gradient_checkpointing", False),
     )
+    # Saved adapters record their base model by this name (S2FT's base_model, PEFT's base_model_name_or_path).
+    model.name_or_path = model.config.name_or_path = model_cfg["name"]
+    return model, tokenizer
 
 
-def _train(cfg: dict, run_dir: Path) -> dict | None:
+def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     from s2ft.data import load_eval, load_train, resolve_tasks, split_validation
     from s2ft.data.overlap import check_overlap
     from s2ft.methods import prepare_model, save_trained, trainable_summary
 
+    cfg = plan.cfg
     data, paths, tr = cfg["data"], cfg["paths"], cfg["trainer"]
     data_dir = paths["data_dir"]
     examples = load_train(data["train"], data_dir, data.get("limit"), cfg["seed"])
+    # Guarded against the sets the run is meant to be judged on: data.overlap_tasks, else the ones it evaluates.
     overlap_tasks = data.get("overlap_tasks") or cfg["eval"].get("tasks") or []
-    if overlap_tasks:
-        eval_sets = {task.name: load_eval(task, data_dir) for task in resolve_tasks(overlap_tasks)}
+    eval_sets = {task.name: load_eval(task, data_dir) for task in resolve_tasks(overlap_tasks)} if overlap_tasks else {}
+    if eval_sets:
         check_overlap(examples, eval_sets, allow=data.get("allow_overlap", False))
+    else:
+        log.warning(
+            "no train/test overlap guard ran: eval.tasks is empty and data.overlap_tasks is not set; set "
+            "data.overlap_tasks=[TASKS] to the tasks this run will be evaluated on"
+        )
     train, val = split_validation(examples, data["val_size"], cfg["seed"]) if data.get("val_size") else (examples, [])
+    provenance = training_record(cfg, train, val, sorted(eval_sets))
 
     model, tokenizer = build_run_model(cfg["model"], paths.get("cache_dir"))
     datamodule = SFTDataModule(
         train, val, tokenizer, data["max_length"], data["batch_size"], cfg["seed"], _cache(paths, "tokenized")
     )
-
-    logger = build_logger(cfg["logger"], cfg, run_dir)
-    trainer = _trainer(tr, run_dir, logger, has_val=bool(val))
-    ckpt_path = _resume_path(cfg.get("ckpt_path"), run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     results = None
-    if trainer.global_rank == 0:
-        _write_config(cfg, run_dir)
-        if cfg["eval"].get("before"):
-            results = measure_model(model, tokenizer, cfg, run_dir / "before")
+    if rank_zero_only.rank == 0 and cfg["eval"].get("before"):
+        results = measure_model(model, tokenizer, cfg, run_dir / "before")
 
     method = cfg["method"]
     options = dict(method.get("options") or {})
@@ -146,12 +129,24 @@ def _train(cfg: dict, run_dir: Path) -> dict | None:
         calibration = list(DataLoader(subset, batch_size=data["batch_size"], collate_fn=datamodule.collate))
     model = prepare_model(model, method["name"], options, calibration)
     counts = trainable_summary(model)
-    if logger:
-        logger.log_metrics({"trainable_params": counts["trainable_params"], "trainable_pct": counts["trainable_pct"]})
     module = S2FTLitModule(
         model, method["lr"], method.get("weight_decay", 0.0), tr.get("warmup_steps", 0), tr.get("scheduler", "linear")
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+    if plan.checkpoint is not None:
+        state, keys = module.state_dict(), module.trained_keys()
+        # The batches of one rank's epoch on a single process: an upper bound for any number of ranks.
+        per_epoch = len(train) // data["batch_size"]
+        check_checkpoint_fits(plan.checkpoint, cfg["ckpt_path"], {k: state[k].shape for k in keys}, per_epoch)
+
+    # The first writes of the run's own files (metrics, W&B id, config), now that everything is checked.
+    logger = build_logger(cfg["logger"], cfg, run_dir)
+    trainer = _trainer(cfg, run_dir, logger, has_val=bool(val), preloaded=plan.checkpoint)
+    plan.checkpoint = None  # the checkpoint IO holds it until Lightning restores it, then it is freed
+    if trainer.global_rank == 0:
+        _write_config(cfg, run_dir)
+    if logger:
+        logger.log_metrics({"trainable_params": counts["trainable_params"], "trainable_pct": counts["trainable_pct"]})
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
 
     digests = _gather(trainer, _trained_digest(module))
     if len(set(digests)) > 1:
@@ -160,6 +155,8 @@ def _train(cfg: dict, run_dir: Path) -> dict | None:
     if trainer.global_rank != 0:
         return None
     save_trained(model, method["name"], run_dir / "adapter")
+    write_adapter_record(run_dir / "adapter", method["name"], provenance)
+    honour_umask(run_dir / "adapter")
     train_stats = {
         "steps": trainer.global_step,
         "tokens": tokens,
@@ -177,6 +174,7 @@ def _train(cfg: dict, run_dir: Path) -> dict | None:
     after = measure_model(model, tokenizer, cfg, run_dir)
     if cfg.get("save_merged"):
         _save_merged(model, tokenizer, method["name"], run_dir / "merged")
+        honour_umask(run_dir / "merged")
     best = next((c.best for c in trainer.callbacks if isinstance(c, KeepBest)), None)
     if best is not None:
         train_stats["best_val_loss"] = best
@@ -186,6 +184,7 @@ def _train(cfg: dict, run_dir: Path) -> dict | None:
         extra["avg_accuracy_before"] = (results["eval"] or {}).get("avg_accuracy")
     heldout = _pair(results["heldout"] if results else {}, after["heldout"])
     summary = build_summary(cfg, counts, train_stats, after["eval"], heldout=heldout, wandb=wandb_info(logger), **extra)
+    summary["training_data"] = provenance
     if logger:
         logger.log_metrics(flat_metrics(summary))
     return _finish(summary, run_dir)
@@ -197,14 +196,21 @@ def _evaluate_only(cfg: dict, run_dir: Path) -> dict:
     method, model_cfg, source = cfg["method"]["name"], cfg["model"], None
     if cfg.get("run_dir"):
         # A saved run knows what it trained: its own config decides the base model and the method.
-        saved = yaml.safe_load((Path(cfg["run_dir"]) / "config.yaml").read_text())
+        saved_file = Path(cfg["run_dir"]) / "config.yaml"
+        if not saved_file.is_file():
+            raise RunDirError(f"run_dir {cfg['run_dir']} has no config.yaml; point run_dir at a finished run directory")
+        saved = yaml.safe_load(saved_file.read_text())
         method, model_cfg, source = saved["method"]["name"], saved["model"], Path(cfg["run_dir"]) / "adapter"
     if cfg.get("adapter"):
         source = Path(cfg["adapter"])
+    record = None if source is None else read_adapter_record(source)
+    if source is not None:
+        check_eval_overlap(record, source, cfg)
     model, tokenizer = build_run_model(model_cfg, cfg["paths"].get("cache_dir"))
     if source is not None:
         model = load_trained(model, method, source)
     model.requires_grad_(False)
+    run_dir.mkdir(parents=True, exist_ok=True)
     _write_config(cfg, run_dir)
     results = measure_model(model, tokenizer, cfg, run_dir)
     heldout = _pair({}, results["heldout"])
@@ -216,6 +222,7 @@ def _evaluate_only(cfg: dict, run_dir: Path) -> dict:
         results["eval"],
         heldout=heldout,
         source=None if source is None else str(source),
+        training_data=record,
     )
     return _finish(summary, run_dir)
 
@@ -226,18 +233,23 @@ def _finish(summary: dict, run_dir: Path) -> dict:
     return summary
 
 
-def _trainer(tr: dict, run_dir: Path, logger, has_val: bool) -> L.Trainer:
+def _trainer(cfg: dict, run_dir: Path, logger, has_val: bool, preloaded: dict | None) -> L.Trainer:
+    tr = cfg["trainer"]
     interval = tr.get("val_check_interval")
     callbacks = [
         AdvanceSampler(),
-        LastCheckpoint(run_dir / CHECKPOINT, tr.get("checkpoint_every_n_steps", 50)),
+        # The module's records of a batch, then the non-finite check, come before any save of that batch's state.
+        RecordBatch(),
+        StopOnNonFinite(),
+        LastCheckpoint(run_dir / CHECKPOINT, tr.get("checkpoint_every_n_steps", 50), run_config=cfg),
         ReplayCSVHistory(),
     ]
     if tr.get("select_best") == "val_loss":
         if not has_val:
             raise ValueError("trainer.select_best=val_loss needs a validation split: set data.val_size > 0")
-        # Before LastCheckpoint's end-of-training save, so the final checkpoint holds the selected weights too.
-        callbacks.insert(1, KeepBest())
+        # Before LastCheckpoint: its best state is taken at validation end and restored before the final save.
+        callbacks.insert(3, KeepBest())
+    io = AtomicCheckpointIO({cfg["ckpt_path"]: preloaded} if preloaded is not None else None)
     return L.Trainer(
         max_steps=tr.get("max_steps", -1),
         max_epochs=tr.get("max_epochs"),
@@ -256,24 +268,12 @@ def _trainer(tr: dict, run_dir: Path, logger, has_val: bool) -> L.Trainer:
         num_sanity_val_steps=0,
         logger=logger,
         callbacks=[*callbacks, StepProgressBar()],
-        plugins=[AtomicCheckpointIO()],
+        plugins=[io],
         enable_checkpointing=False,
         # The sampler shards by rank itself and resumes mid-epoch; Lightning's replacement would do neither.
         use_distributed_sampler=False,
         default_root_dir=run_dir,
     )
-
-
-def _resume_path(ckpt_path: str | None, run_dir: Path) -> str | None:
-    if ckpt_path != "last":
-        return ckpt_path
-    path = run_dir / CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"ckpt_path=last but {path} does not exist; resume in the interrupted run's directory with "
-            "hydra.run.dir=<that run directory> ckpt_path=last"
-        )
-    return str(path)
 
 
 def measure_model(model, tokenizer, cfg: dict, out_dir: Path) -> dict:

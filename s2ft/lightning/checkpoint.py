@@ -1,0 +1,100 @@
+"""Reading a run's checkpoint safely and checking it against the run before anything is written.
+
+Checkpoints hold only tensors and plain values (dicts, lists, numbers, strings), so they load with
+``torch.load(weights_only=True)``: a file that needs anything else is refused, never unpickled, since unpickling can run
+arbitrary code.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from s2ft.errors import UserError
+
+CHECKPOINT = Path("checkpoints") / "last.ckpt"
+PREVIOUS = Path("checkpoints") / "previous.ckpt"
+REQUIRED = ("state_dict", "global_step", "loops", "optimizer_states")
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be read safely or does not belong to the run resuming from it."""
+
+
+def resume_command(run_dir: Path, ckpt: str = "last") -> str:
+    """The command that resumes the run in ``run_dir`` (from ``ckpt``: "last" or a checkpoint file)."""
+    return f"python run.py <same overrides> hydra.run.dir={run_dir} ckpt_path={ckpt}"
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint with ``weights_only=True`` and check its top-level fields.
+
+    Raises:
+        CheckpointError: The file is truncated, empty, not a checkpoint, or holds objects other than tensors and plain
+            values; the message names the file and what to do (resume from ``previous.ckpt`` when there is one).
+    """
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"checkpoint {path} cannot be loaded safely ({reason}): it is truncated or damaged, or it holds objects "
+            f"other than tensors and plain values, which are never unpickled (they could run code). {_fix(path)}"
+        ) from err
+    missing = [key for key in REQUIRED if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path} is not a checkpoint of this runner (lacks {', '.join(missing)}). {_fix(path)}")
+    state = checkpoint["state_dict"]
+    tensors = isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+    if not tensors or not isinstance(checkpoint["loops"], dict):
+        raise CheckpointError(f"{path} is not a checkpoint of this runner (bad state_dict or loops). {_fix(path)}")
+    return checkpoint
+
+
+def _fix(path: Path) -> str:
+    run_dir = path.parent.parent
+    previous = run_dir / PREVIOUS
+    if path != previous and previous.is_file():
+        return (
+            f"The checkpoint before it is kept: resume from it with {resume_command(run_dir, str(previous))} "
+            "(training repeats the steps after it)"
+        )
+    return "Start the run again in a new directory, or in this one with overwrite=true (deletes its outputs)"
+
+
+def check_checkpoint_fits(checkpoint: dict, path: Path, trained: dict[str, torch.Size], batches_per_epoch: int) -> None:
+    """Check that a checkpoint holds exactly the run's trained tensors and a data position within its epoch.
+
+    Args:
+        checkpoint: The loaded checkpoint (`read_checkpoint`).
+        path: Its file, for the message.
+        trained: State-dict key -> shape of every tensor the run trains (`S2FTLitModule.trained_keys`).
+        batches_per_epoch: Training batches per epoch of this run's data and batch size.
+
+    Raises:
+        CheckpointError: Other tensor names or shapes (another method or selection), or more consumed batches than an
+            epoch has (another data.batch_size or data.limit); the message names the difference and the fix.
+    """
+    stored = {key: tuple(value.shape) for key, value in checkpoint["state_dict"].items()}
+    expected = {key: tuple(shape) for key, shape in trained.items()}
+    fix = "resume with the config that wrote it, or start this config in a new directory"
+    if stored != expected:
+        missing, extra = sorted(expected.keys() - stored.keys()), sorted(stored.keys() - expected.keys())
+        shapes = sorted(k for k in expected.keys() & stored.keys() if expected[k] != stored[k])
+        differences = [f"{label} {keys[:3]}" for label, keys in (("missing", missing), ("unexpected", extra)) if keys]
+        differences += [f"shape of {k}: {stored[k]} in the checkpoint, {expected[k]} here" for k in shapes[:3]]
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this run's trained tensors ({'; '.join(differences)}): it was written by "
+            f"a run with another method or selection; {fix}"
+        )
+    fit_loop = (checkpoint["loops"].get("fit_loop") or {}).get("state_dict") or {}
+    for state in fit_loop.get("combined_loader") or []:
+        consumed = state.get("consumed") if isinstance(state, dict) else None
+        if isinstance(consumed, int) and consumed > batches_per_epoch:
+            raise CheckpointError(
+                f"checkpoint {path} stopped after batch {consumed} of an epoch, but an epoch of this run has only "
+                f"{batches_per_epoch} batches: it was written with another data.batch_size or data.limit; {fix}"
+            )

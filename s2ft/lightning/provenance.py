@@ -1,0 +1,117 @@
+"""Which data a run trained on: recorded in its summary and beside its adapter, and checked when it is evaluated.
+
+The record names every training source with its file, the file's SHA-256 and the items it gave the training split,
+plus the settings that drew them (``limit``, ``seed``, ``val_size``) and the evaluation sets the overlap guard checked.
+`check_eval_overlap` rebuilds the training items from it, so evaluating an adapter on tasks it was trained on is
+refused as training on them is (`s2ft.data.overlap.check_overlap`), unless ``data.allow_overlap=true``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+from s2ft.data import load_eval, load_train, resolve_tasks, resolve_train_sources
+from s2ft.data.overlap import DataOverlapError, find_overlaps
+from s2ft.lightning.summary import write_json
+
+ADAPTER_CONFIG = "adapter_config.json"  # S2FT's: the record is added under TRAINING_KEY
+RECORD_FILE = "training_data.json"  # beside the weights of the other methods (PEFT and full checkpoints)
+TRAINING_KEY = "training_data"
+log = logging.getLogger(__name__)
+
+
+def training_record(cfg: dict, train: list, val: list, overlap_checked: list[str]) -> dict:
+    """The provenance of a run's training items (``train``, ``val``: the split `Example` lists)."""
+    data, data_dir = cfg["data"], Path(cfg["paths"]["data_dir"])
+    counts = Counter(example.task for example in train)
+    sources = []
+    for source in resolve_train_sources(data["train"]):
+        file = None if source.reader == "hub" else data_dir / source.path
+        sources.append(
+            {
+                "name": source.name,
+                "file": source.path,
+                "sha256": None if file is None else _sha256(file),
+                "items": counts.get(source.name, 0),
+            }
+        )
+    return {
+        "train": data["train"],
+        "limit": data.get("limit"),
+        "seed": cfg["seed"],
+        "val_size": data.get("val_size"),
+        "train_items": len(train),
+        "val_items": len(val),
+        "sources": sources,
+        "overlap_checked": overlap_checked,
+        "allow_overlap": bool(data.get("allow_overlap", False)),
+    }
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with file.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_adapter_record(adapter_dir: Path, method: str, record: dict) -> None:
+    """Add ``record`` to an S2FT adapter's config, or write it beside another method's weights."""
+    config_file = adapter_dir / ADAPTER_CONFIG
+    if method == "s2ft":
+        config = json.loads(config_file.read_text())
+        write_json({**config, TRAINING_KEY: record}, config_file)
+    else:
+        write_json(record, adapter_dir / RECORD_FILE)
+
+
+def read_adapter_record(adapter_dir: Path) -> dict | None:
+    """The training record saved with an adapter (either place), or None for an adapter saved without one."""
+    record_file = adapter_dir / RECORD_FILE
+    if record_file.is_file():
+        return json.loads(record_file.read_text())
+    config_file = adapter_dir / ADAPTER_CONFIG
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        if isinstance(config, dict) and isinstance(config.get(TRAINING_KEY), dict):
+            return config[TRAINING_KEY]
+    return None
+
+
+def check_eval_overlap(record: dict | None, source: Path, cfg: dict) -> None:
+    """Refuse to evaluate an adapter on evaluation sets that share questions with its training items.
+
+    Args:
+        record: The adapter's training record (None: unknown, a warning says the guard could not run).
+        source: The adapter folder, for the messages.
+        cfg: The evaluation config (``eval.tasks``, ``data.allow_overlap``, ``paths.data_dir``).
+
+    Raises:
+        DataOverlapError: Overlap found and ``data.allow_overlap`` is false.
+    """
+    tasks = cfg["eval"].get("tasks") or []
+    if not tasks:
+        return
+    if record is None:
+        log.warning("%s records no training data: the train/test overlap guard cannot check this evaluation", source)
+        return
+    data_dir = cfg["paths"]["data_dir"]
+    train = load_train(record["train"], data_dir, record.get("limit"), record.get("seed", 0))
+    eval_sets = {task.name: load_eval(task, data_dir) for task in resolve_tasks(tasks)}
+    overlapping = {name: count for name, count in find_overlaps(train, eval_sets).items() if count}
+    if not overlapping:
+        return
+    listing = ", ".join(f"{name} {count}/{len(eval_sets[name])}" for name, count in overlapping.items())
+    names = ", ".join(source_["name"] for source_ in record["sources"])
+    if cfg["data"].get("allow_overlap"):
+        log.warning("%s was trained on questions of the evaluation sets (data.allow_overlap): %s", source, listing)
+        return
+    raise DataOverlapError(
+        f"{source} was trained on {names}, which contains questions of the evaluation sets ({listing}); its accuracy "
+        "on them would measure memorisation. Evaluate it on other tasks, or opt in with data.allow_overlap=true"
+    )

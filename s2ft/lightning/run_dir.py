@@ -1,0 +1,163 @@
+"""One run per directory: what a command may do with its run directory, decided before anything in it is written.
+
+- A fresh run (no ``ckpt_path``) needs a directory without another run's outputs, unless ``overwrite=true`` (which
+  deletes them first, so no file of the old run ends up beside the new one's).
+- A resume (``ckpt_path=last``, a checkpoint file, or ``auto`` finding one) needs the same config as the run it
+  continues: the directory's ``config.yaml`` and the config stored in the checkpoint are compared key by key, and the
+  checkpoint is read safely (`s2ft.lightning.checkpoint.read_checkpoint`) before training starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from lightning.pytorch.utilities import rank_zero_only
+
+from s2ft.errors import UserError
+from s2ft.lightning.checkpoint import CHECKPOINT, read_checkpoint, resume_command
+from s2ft.run_config import RunConfigError
+
+# What a run writes into its directory; Hydra's own `.hydra/` and job log are not a run's outputs.
+OUTPUTS = (
+    "config.yaml", "hparams.yaml", "metrics.csv", "summary.json", "wandb_id.txt", "adapter", "checkpoints", "merged",
+    "predictions", "before", "wandb",
+)  # fmt: skip
+# Keys that say how to start a command, not what the run is.
+COMMAND_KEYS = {"ckpt_path", "overwrite"}
+
+
+class RunDirError(UserError):
+    """The run directory holds outputs this command would overwrite or cannot use."""
+
+
+@dataclass
+class RunPlan:
+    """What `prepare_run_dir` decided.
+
+    Attributes:
+        cfg: The config to run (``ckpt_path`` resolved: None for a fresh start, else the checkpoint file).
+        finished: The summary of the run already finished in the directory (``ckpt_path=auto``): nothing to do.
+        checkpoint: The checkpoint to resume from, already loaded and checked against the config.
+    """
+
+    cfg: dict
+    finished: dict | None = None
+    checkpoint: dict | None = None
+
+
+def prepare_run_dir(cfg: dict, run_dir: Path) -> RunPlan:
+    """Check that ``cfg`` may run in ``run_dir`` and resolve ``ckpt_path``; ``overwrite=true`` clears old outputs.
+
+    Raises:
+        RunConfigError: A resume under another config than the run's (the differing keys are named).
+        RunDirError: A fresh run in a directory holding another run's outputs (or an interrupted run's checkpoint).
+        CheckpointError: A missing, unreadable or foreign checkpoint.
+    """
+    ckpt = cfg.get("ckpt_path")
+    if cfg.get("overwrite") and ckpt is not None:
+        raise RunConfigError(
+            f"overwrite=true deletes the run directory's outputs but ckpt_path={ckpt} resumes from them; drop one"
+        )
+    if ckpt == "auto":
+        check_same_config(cfg, run_dir, "ckpt_path=auto")
+        summary_file = run_dir / "summary.json"
+        if summary_file.is_file():
+            return RunPlan(cfg, finished=json.loads(summary_file.read_text()))
+        if not (run_dir / CHECKPOINT).is_file():
+            # Nothing to resume; what the same config's earlier attempt left (no checkpoint) is started over.
+            return RunPlan({**cfg, "ckpt_path": None})
+        ckpt = "last"
+    if ckpt is None:
+        # DDP ranks > 0 start once rank 0 has begun writing the directory: only rank 0 judges (and clears) it.
+        if rank_zero_only.rank == 0:
+            _check_fresh(cfg, run_dir)
+        return RunPlan(cfg)
+    path = run_dir / CHECKPOINT if ckpt == "last" else Path(ckpt)
+    if not path.is_file():
+        raise RunDirError(
+            f"ckpt_path={ckpt} but {path} does not exist, so there is no interrupted run to resume there; resume in "
+            "the interrupted run's directory with hydra.run.dir=<that run directory> ckpt_path=last, or drop "
+            "ckpt_path to start a new run"
+        )
+    check_same_config(cfg, run_dir, f"ckpt_path={ckpt}")
+    checkpoint = read_checkpoint(path)
+    saved = checkpoint.get("run_config")
+    differing = config_differences(saved, cfg) if isinstance(saved, dict) else []
+    if differing:
+        raise RunConfigError(
+            f"checkpoint {path} was written by a run of another config (differs in {', '.join(differing)}); resume "
+            "with the settings it was written with, or start this config in its own directory"
+        )
+    return RunPlan({**cfg, "ckpt_path": str(path)}, checkpoint=checkpoint)
+
+
+def check_same_config(cfg: dict, run_dir: Path, why: str) -> None:
+    """Refuse to continue the run in ``run_dir`` under a config other than the one in its ``config.yaml``.
+
+    Raises:
+        RunConfigError: Naming every differing key (``ckpt_path`` and ``overwrite`` do not count).
+    """
+    saved_file = run_dir / "config.yaml"
+    if not saved_file.is_file():
+        return
+    try:
+        saved = yaml.safe_load(saved_file.read_text())
+    except yaml.YAMLError as err:
+        raise RunDirError(f"{saved_file} is not valid YAML ({err}); restore it or start in a new directory") from err
+    differing = config_differences(saved, cfg)
+    if differing:
+        raise RunConfigError(
+            f"{why}: {run_dir} holds a run of another config (differs in {', '.join(differing)}); give this config "
+            f"its own directory (hydra.run.dir, or hydra.sweep.dir for a multirun), or resume with the settings of "
+            f"{saved_file}"
+        )
+
+
+def config_differences(saved, current, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two configs (`COMMAND_KEYS` at the top level are ignored)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        keys = sorted(set(saved) | set(current), key=str)
+        return [
+            diff
+            for key in keys
+            if prefix or key not in COMMAND_KEYS
+            for diff in config_differences(saved.get(key), current.get(key), f"{prefix}{key}.")
+        ]
+    return [] if saved == current else [prefix.removesuffix(".")]
+
+
+def _check_fresh(cfg: dict, run_dir: Path) -> None:
+    present = [name for name in OUTPUTS if (run_dir / name).exists()]
+    if not present:
+        return
+    if cfg.get("overwrite"):
+        for name in present:
+            target = run_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        return
+    if (run_dir / CHECKPOINT).is_file() and not (run_dir / "summary.json").is_file():
+        raise RunDirError(
+            f"{run_dir} holds an interrupted run ({CHECKPOINT}); starting over would discard it. Resume it with: "
+            f"{resume_command(run_dir)} (or pass overwrite=true to delete it and start over)"
+        )
+    raise RunDirError(
+        f"{run_dir} already holds a run's outputs ({', '.join(present)}); give this run its own directory "
+        "(hydra.run.dir=...), resume it with ckpt_path=auto, or pass overwrite=true to delete them first"
+    )
+
+
+def honour_umask(folder: Path) -> None:
+    """Give the files under ``folder`` the mode a plain ``open()`` would (0666 less the umask).
+
+    safetensors writes its files as 0600, which would keep a saved adapter or merged model from a group sharing runs.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in folder.rglob("*"):
+        if file.is_file():
+            file.chmod(0o666 & ~umask)

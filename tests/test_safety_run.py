@@ -1,0 +1,349 @@
+"""Bad input against the runner's run directory: every refused command names the problem and the fix and leaves the
+directory (checkpoints, metrics.csv, config.yaml) byte-identical; a later correct command still gives the result of an
+uninterrupted run. Also: the stop on a non-finite loss, overwrite=true, and the training-data provenance."""
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_lightning_resume import adapter_tensors, logged, smoke_config
+
+from s2ft.data.overlap import DataOverlapError
+from s2ft.lightning import S2FTLitModule, run_experiment
+from s2ft.lightning.callbacks import RunInterrupted, TrainingDiverged
+from s2ft.lightning.checkpoint import CheckpointError
+from s2ft.lightning.run_dir import RunDirError
+from s2ft.run_config import RunConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+# 40 training items in batches of 4; checkpoints every 2 steps, validation every 3 (so once at a checkpoint's step).
+OVERRIDES = ("trainer.max_steps=6", "trainer.checkpoint_every_n_steps=2", "trainer.val_check_interval=3")
+COMMONSENSE_MIX = ["boolq", "arc_easy", "arc_challenge", "openbookqa"]
+
+
+def config(*overrides: str) -> dict:
+    return smoke_config(*OVERRIDES, *overrides, logger="csv")
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    """Every file under `run_dir` (path -> bytes)."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def step_of(path: Path) -> int:
+    return torch.load(path, weights_only=True)["global_step"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """An uninterrupted run ("finished") and the same run stopped by SIGTERM during step 3 ("interrupted")."""
+    base = tmp_path_factory.mktemp("runs")
+    run_experiment(config(), base / "finished")
+    original = S2FTLitModule.on_train_batch_end
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        original(self, outputs, batch, batch_idx)
+        if self.trainer.global_step == 2:  # the signal arrives while step 3 runs: it finishes, then the run stops
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(S2FTLitModule, "on_train_batch_end", on_train_batch_end)
+        with pytest.raises(RunInterrupted):
+            run_experiment(config(), base / "interrupted")
+    checkpoints = base / "interrupted" / "checkpoints"
+    assert (step_of(checkpoints / "last.ckpt"), step_of(checkpoints / "previous.ckpt")) == (3, 2)
+    return {"finished": base / "finished", "interrupted": base / "interrupted"}
+
+
+@pytest.fixture
+def copy_of(runs, tmp_path):
+    def copy(name: str) -> Path:
+        target = tmp_path / name
+        shutil.copytree(runs[name], target)
+        return target
+
+    return copy
+
+
+def truncate(ckpt: Path) -> None:
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+
+
+def empty(ckpt: Path) -> None:
+    ckpt.write_bytes(b"")
+
+
+def random_bytes(ckpt: Path) -> None:
+    ckpt.write_bytes(random.Random(0).randbytes(4096))
+
+
+class Payload:
+    """Unpickling this runs a shell command (the marker file proves whether it ran)."""
+
+    marker: Path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def malicious(ckpt: Path) -> None:
+    Payload.marker = ckpt.parent / "pwned"
+    state = torch.load(ckpt, weights_only=True)
+    torch.save({**state, "s2ft": Payload()}, ckpt)
+
+
+def not_a_checkpoint(ckpt: Path) -> None:
+    torch.save({"state_dict": [1, 2], "global_step": 3, "loops": {}, "optimizer_states": []}, ckpt)
+
+
+def legacy(ckpt: Path) -> None:
+    """A checkpoint without the stored run config, in a directory that lost its config.yaml."""
+    state = torch.load(ckpt, weights_only=True)
+    del state["run_config"]
+    torch.save(state, ckpt)
+    (ckpt.parent.parent / "config.yaml").unlink()
+
+
+PREVIOUS_FIX = r"resume from it with python run\.py <same overrides> hydra\.run\.dir=\S+ ckpt_path=\S+previous\.ckpt"
+UNREADABLE = r"last\.ckpt cannot be loaded safely .*" + PREVIOUS_FIX
+OTHER = RunConfigError
+# (run directory, change made to its last.ckpt first, overrides, error, message)
+CASES = {
+    "seed": ("interrupted", None, ["seed=1", "ckpt_path=last"], OTHER, r"differs in method\.options\.seed, seed\)"),
+    "lr": ("interrupted", None, ["method.lr=0.0005", "ckpt_path=last"], OTHER, r"differs in method\.lr\); give"),
+    "batch_size": ("interrupted", None, ["data.batch_size=2", "ckpt_path=last"], OTHER, r"differs in data\.batch_size"),
+    "method": ("interrupted", None, ["method=lora", "ckpt_path=last"], OTHER, r"differs in method\.lr, method\.name"),
+    "auto_other_config": ("interrupted", None, ["seed=1", "ckpt_path=auto"], OTHER, r"auto: \S+ holds a run of"),
+    "truncated": ("interrupted", truncate, ["ckpt_path=last"], CheckpointError, UNREADABLE),
+    "empty": ("interrupted", empty, ["ckpt_path=last"], CheckpointError, UNREADABLE),
+    "random_bytes": ("interrupted", random_bytes, ["ckpt_path=last"], CheckpointError, UNREADABLE),
+    "malicious_pickle": (
+        "interrupted", malicious, ["ckpt_path=last"], CheckpointError,
+        r"holds objects other than tensors and plain values, which are never unpickled",
+    ),
+    "not_a_checkpoint": (
+        "interrupted", not_a_checkpoint, ["ckpt_path=last"], CheckpointError,
+        r"last\.ckpt is not a checkpoint of this runner \(bad state_dict or loops\)\. .*" + PREVIOUS_FIX,
+    ),
+    "legacy_other_method": (
+        "interrupted", legacy, ["method=lora", "ckpt_path=last"], CheckpointError,
+        r"does not fit this run's trained tensors \(missing .*lora.*another method or selection",
+    ),
+    "legacy_other_batch_size": (
+        "interrupted", legacy, ["data.batch_size=16", "ckpt_path=last"], CheckpointError,
+        r"stopped after batch 3 of an epoch, but an epoch of this run has only 2 batches: .*data\.batch_size",
+    ),
+    "fresh_over_interrupted": (
+        "interrupted", None, [], RunDirError,
+        r"holds an interrupted run .*Resume it with: python run\.py <same overrides> hydra\.run\.dir=\S+ ckpt_path=la",
+    ),
+    "fresh_over_finished": (
+        "finished", None, ["method=lora"], RunDirError,
+        r"already holds a run's outputs \(config\.yaml, .*adapter.*\); .*overwrite=true",
+    ),
+    "eval_over_finished": ("finished", None, ["mode=eval", "method=none"], RunDirError, r"already holds a run's"),
+    "overwrite_and_resume": (
+        "interrupted", None, ["overwrite=true", "ckpt_path=last"], RunConfigError,
+        r"overwrite=true deletes .* but ckpt_path=last resumes",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_refused_command_names_the_fix_and_leaves_the_run_directory_as_it_was(case, copy_of):
+    source, change, overrides, error, message = CASES[case]
+    run_dir = copy_of(source)
+    if change is not None:
+        change(run_dir / "checkpoints" / "last.ckpt")
+    before = snapshot(run_dir)
+    with pytest.raises(error, match=message):
+        run_experiment(config(*overrides), run_dir)
+    assert snapshot(run_dir) == before
+    assert not (run_dir / "checkpoints" / "pwned").exists()  # the malicious checkpoint's payload never ran
+
+
+def test_resume_without_a_checkpoint_names_the_path_and_writes_nothing(tmp_path):
+    with pytest.raises(RunDirError, match=r"ckpt_path=last but \S+last\.ckpt does not exist.*hydra\.run\.dir="):
+        run_experiment(config("ckpt_path=last"), tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
+def test_resumes_after_refused_ones_match_the_uninterrupted_run(runs, copy_of):
+    run_dir = copy_of("interrupted")
+    for refused in (["seed=1", "ckpt_path=last"], ["data.batch_size=2", "ckpt_path=last"], []):
+        with pytest.raises((RunConfigError, RunDirError)):
+            run_experiment(config(*refused), run_dir)
+    resumed = run_experiment(config("ckpt_path=last"), run_dir)
+    full = json.loads((runs["finished"] / "summary.json").read_text())
+    assert resumed["train"]["loss_curve"] == full["train"]["loss_curve"] and len(full["train"]["loss_curve"]) == 6
+    assert logged(run_dir) == pytest.approx(logged(runs["finished"]))
+    expected = adapter_tensors(runs["finished"])
+    assert all(torch.equal(expected[key], tensor) for key, tensor in adapter_tensors(run_dir).items())
+
+
+def test_a_torn_last_checkpoint_costs_only_the_steps_after_the_previous_one(runs, copy_of):
+    run_dir = copy_of("interrupted")
+    truncate(run_dir / "checkpoints" / "last.ckpt")
+    with pytest.raises(CheckpointError, match=PREVIOUS_FIX):
+        run_experiment(config("ckpt_path=last"), run_dir)
+    previous = run_dir / "checkpoints" / "previous.ckpt"
+    resumed = run_experiment(config(f"ckpt_path={previous}"), run_dir)
+    full = json.loads((runs["finished"] / "summary.json").read_text())
+    assert resumed["train"]["loss_curve"] == full["train"]["loss_curve"]
+    assert logged(run_dir) == pytest.approx(logged(runs["finished"]))
+    expected = adapter_tensors(runs["finished"])
+    assert all(torch.equal(expected[key], tensor) for key, tensor in adapter_tensors(run_dir).items())
+    assert step_of(run_dir / "checkpoints" / "last.ckpt") == 6
+
+
+def test_overwrite_clears_the_old_run_first(copy_of):
+    run_dir = copy_of("finished")
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "config.yaml").write_text("kept: true\n")
+    summary = run_experiment(config("method=lora", "overwrite=true", "trainer.max_steps=2"), run_dir)
+    assert summary["method"] == "lora" and summary["train"]["steps"] == 2
+    adapter = sorted(p.name for p in (run_dir / "adapter").iterdir())
+    assert adapter == ["README.md", "adapter_config.json", "adapter_model.safetensors", "training_data.json"]
+    peft_config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert peft_config["base_model_name_or_path"] == "tiny_llama"
+    # The old run's checkpoints went with it: previous.ckpt, if any, is the new run's.
+    assert all(step_of(f) <= 2 for f in (run_dir / "checkpoints").glob("*.ckpt"))
+    assert {step for _, step in logged(run_dir)} == {0, 1}  # two steps, logged from 0
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == "kept: true\n"  # Hydra's files are not a run's outputs
+
+
+@pytest.mark.parametrize("poisoned", ["loss", "update"])
+def test_a_non_finite_state_stops_the_run_and_keeps_the_last_good_checkpoint(poisoned, tmp_path, monkeypatch):
+    original = S2FTLitModule.training_step
+
+    def training_step(self, batch, batch_idx):  # step 3 goes wrong: a NaN loss, or a finite one with NaN gradients
+        loss = original(self, batch, batch_idx)
+        if self.trainer.global_step != 2:
+            return loss
+        if poisoned == "loss":
+            self.last_loss = float("nan")
+        return loss * float("nan")
+
+    monkeypatch.setattr(S2FTLitModule, "training_step", training_step)
+    run_dir = tmp_path / "diverged"
+    what = "the training loss is nan" if poisoned == "loss" else r"the trained tensor \S+ holds NaN/inf after"
+    with pytest.raises(TrainingDiverged, match=rf"training diverged at step 3: {what}.*model\.dtype float32.*Lower"):
+        run_experiment(config(), run_dir)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2 and all(t.isfinite().all() for t in ckpt["state_dict"].values())
+    assert not (run_dir / "adapter").exists() and not (run_dir / "summary.json").exists()
+
+
+def test_a_run_records_its_training_data_and_base_model(runs, caplog):
+    summary = json.loads((runs["finished"] / "summary.json").read_text())
+    record = summary["training_data"]
+    assert [s["name"] for s in record["sources"]] == COMMONSENSE_MIX
+    for source in record["sources"]:
+        file = ROOT / "data" / source["file"]
+        assert source["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
+    assert sum(s["items"] for s in record["sources"]) == record["train_items"] == 40 and record["val_items"] == 8
+    assert (record["train"], record["limit"], record["seed"]) == (["commonsense_mix"], 48, 0)
+    assert record["overlap_checked"] == []  # eval=none and no data.overlap_tasks: no guard ran (a warning says so)
+    adapter_config = json.loads((runs["finished"] / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["training_data"] == record and adapter_config["base_model"] == "tiny_llama"
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in (runs["finished"] / "adapter").iterdir():
+        assert file.stat().st_mode & 0o777 == 0o666 & ~umask, file
+
+
+def test_the_overlap_guard_warns_when_it_cannot_run_and_checks_the_named_tasks(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        run_experiment(config("trainer.max_steps=2"), tmp_path / "unguarded")
+    assert "no train/test overlap guard ran" in caplog.text
+    # eval=none does not switch the guard off when the tasks to guard are named.
+    with pytest.raises(DataOverlapError, match=r"questions of the evaluation sets \(.*gsm8k"):
+        run_experiment(config("data.train=[math_data]", "data.overlap_tasks=[arithmetic]"), tmp_path / "math")
+    assert not (tmp_path / "math").exists()
+
+
+def test_evaluating_on_the_training_questions_is_refused_like_training_on_them(tmp_path):
+    trained = tmp_path / "math"
+    run_experiment(config("data.train=[math_data]", "trainer.max_steps=2"), trained)
+    evaluate = ["mode=eval", f"run_dir={trained}", "eval=arithmetic", "eval.heldout=[]"]
+    with pytest.raises(DataOverlapError, match=rf"{trained}/adapter was trained on math_data, .*allow_overlap=true"):
+        run_experiment(config(*evaluate), tmp_path / "eval")
+    assert not (tmp_path / "eval").exists()
+    summary = run_experiment(config(*evaluate, "data.allow_overlap=true", "eval.limit=1"), tmp_path / "eval")
+    assert summary["training_data"]["sources"][0]["name"] == "math_data" and len(summary["eval"]) == 7
+
+
+def run_py(*overrides: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "run.py", "debug=smoke", "eval=none", "logger=csv", *OVERRIDES, *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+# Each run.py start takes 10-30 s on a shared CPU: one case runs by default, the others with -m slow.
+@pytest.mark.parametrize(
+    ("change", "overrides", "message"),
+    [
+        pytest.param(
+            None, ["seed=1", "ckpt_path=last"], r"error: ckpt_path=last: \S+ holds a run of another config \(differ",
+            id="other_config", marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            truncate, ["ckpt_path=last"], r"error: checkpoint \S+last\.ckpt cannot be loaded safely", id="truncated",
+        ),
+        pytest.param(
+            None, [], r"error: \S+ holds an interrupted run .*Resume it with: python run\.py <same overrides>",
+            id="fresh_over_interrupted", marks=pytest.mark.slow,
+        ),
+    ],
+)  # fmt: skip
+def test_run_py_prints_one_error_and_exits_1(change, overrides, message, copy_of):
+    run_dir = copy_of("interrupted")
+    if change is not None:
+        change(run_dir / "checkpoints" / "last.ckpt")
+    before = snapshot(run_dir)
+    done = run_py(*overrides, f"hydra.run.dir={run_dir}")
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    error_lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1 and re.search(message, error_lines[0]), done.stderr[-3000:]
+    # Hydra writes its own .hydra/ folder and job log; the run's files are untouched.
+    assert {k: v for k, v in snapshot(run_dir).items() if not k.startswith(".hydra") and k != "run.log"} == before
+
+
+@pytest.mark.parametrize(
+    ("signum", "name"),
+    [
+        pytest.param(signal.SIGINT, r"Ctrl-C \(SIGINT\)", id="SIGINT"),
+        pytest.param(signal.SIGTERM, "SIGTERM", id="SIGTERM", marks=pytest.mark.slow),
+    ],
+)
+def test_run_py_stopped_by_a_signal_prints_the_resume_command_and_exits_1(signum, name, tmp_path):
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable, "run.py", "debug=smoke", "eval=none", "logger=csv", "trainer.max_steps=1000",
+        "trainer.checkpoint_every_n_steps=1", f"hydra.run.dir={run_dir}",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (run_dir / "checkpoints" / "last.ckpt").exists() and process.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.2)
+    process.send_signal(signum)  # training runs: the first checkpoint is written
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
+    resume = rf"python run\.py <same overrides> hydra\.run\.dir={re.escape(str(run_dir))} ckpt_path=last"
+    assert re.search(rf"^error: stopped by {name}; the checkpoint is saved, resume with: {resume}$", stderr, re.M)
+    assert 1 <= step_of(run_dir / "checkpoints" / "last.ckpt") < 1000
+    assert not (run_dir / "summary.json").exists()
