@@ -18,6 +18,7 @@ import yaml
 from lightning.pytorch.callbacks import RichProgressBar
 from torch.utils.data import DataLoader
 
+from s2ft.evaluation.mtbench import mtbench_metrics, run_mtbench, validate_mtbench
 from s2ft.lightning.callbacks import AdvanceSampler, AtomicCheckpointIO, KeepBest, LastCheckpoint
 from s2ft.lightning.datamodule import SFTDataModule
 from s2ft.lightning.loggers import ReplayCSVHistory, build_logger, end_wandb_run, wandb_info
@@ -41,6 +42,7 @@ def run_experiment(cfg: dict, run_dir: str | Path) -> dict | None:
         The summary written to `run_dir/summary.json`; None on DDP ranks other than 0.
     """
     validate_run_config(cfg)
+    validate_mtbench(cfg)
     run_dir = Path(run_dir)
     if cfg.get("ckpt_path") == "auto":
         cfg, finished = resolve_auto_resume(cfg, run_dir)
@@ -184,6 +186,9 @@ def _train(cfg: dict, run_dir: Path) -> dict | None:
     if results is not None:
         extra["eval_before"] = {name: task_record(r) for name, r in (results["eval"] or {}).get("tasks", {}).items()}
         extra["avg_accuracy_before"] = (results["eval"] or {}).get("avg_accuracy")
+    for key, measured in (("mtbench", after), ("mtbench_before", results)):
+        if measured and measured.get("mtbench"):
+            extra[key] = measured["mtbench"]
     heldout = _pair(results["heldout"] if results else {}, after["heldout"])
     summary = build_summary(cfg, counts, train_stats, after["eval"], heldout=heldout, wandb=wandb_info(logger), **extra)
     if logger:
@@ -216,6 +221,7 @@ def _evaluate_only(cfg: dict, run_dir: Path) -> dict:
         results["eval"],
         heldout=heldout,
         source=None if source is None else str(source),
+        **({"mtbench": results["mtbench"]} if results.get("mtbench") else {}),
     )
     return _finish(summary, run_dir)
 
@@ -297,6 +303,8 @@ def measure_model(model, tokenizer, cfg: dict, out_dir: Path) -> dict:
             out_dir=out_dir,
             **kwargs,
         )
+    if ev.get("mtbench"):
+        result["mtbench"] = run_mtbench(model, tokenizer, cfg, out_dir)
     result["heldout"] = heldout_losses(model, tokenizer, cfg, out_dir)
     return result
 
@@ -366,6 +374,7 @@ def flat_metrics(summary: dict) -> dict[str, float]:
         metrics["eval/avg_accuracy"] = summary["avg_accuracy"]
     metrics |= {f"groups/{group}": acc for group, acc in (summary.get("groups") or {}).items()}
     metrics |= {f"heldout/{name}": v["after"] for name, v in summary.get("heldout", {}).items()}
+    metrics |= mtbench_metrics(summary.get("mtbench"))
     train = summary.get("train") or {}
     metrics |= {
         f"train/{key}": train[key]
