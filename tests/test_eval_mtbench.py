@@ -510,3 +510,36 @@ def test_instruct_mistral_smoke_run_with_local_judge_writes_the_mtbench_summary(
     lines = (tmp_path / "predictions" / "mtbench.jsonl").read_text().splitlines()
     assert len(lines) == 4 and json.loads(lines[0])["rating_errors"] == ["no [[rating]] in the judgment"] * 2
     assert flat_metrics(summary)["mtbench/missing_ratings"] == 8  # what the runner logs at the end
+
+
+def test_before_after_and_eval_mode_record_mtbench(tmp_path, monkeypatch):
+    """In process: training with eval.before=true scores the untrained and the trained model; mode=eval on the
+    finished run gives the trained model's answers again."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from s2ft.lightning import run_experiment
+
+    monkeypatch.setenv("S2FT_ROOT", str(ROOT))
+    common = [
+        "debug=smoke",
+        "logger=none",
+        "eval=mtbench",
+        "eval.limit=2",
+        "eval.mtbench.judge.local.model=tiny_qwen2",
+        "eval.mtbench.judge.max_tokens=4",
+    ]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        train = OmegaConf.to_container(compose("config", overrides=[*common, "eval.before=true"]), resolve=True)
+        again = OmegaConf.to_container(
+            compose("config", overrides=[*common, "mode=eval", f"run_dir={tmp_path}/run"]), resolve=True
+        )
+    summary = run_experiment(train, tmp_path / "run")
+    for key in ("mtbench", "mtbench_before"):
+        assert (summary[key]["n_questions"], summary[key]["missing_ratings"]) == (2, 4)
+    before = (tmp_path / "run" / "before" / "predictions" / "mtbench.jsonl").read_text().splitlines()
+    after = (tmp_path / "run" / "predictions" / "mtbench.jsonl").read_text()
+    assert [json.loads(line)["question_id"] for line in before] == list(map(int, summary["mtbench"]["ratings"]))
+    evaluated = run_experiment(again, tmp_path / "eval")
+    assert evaluated["train"] is None and evaluated["mtbench"]["ratings"] == summary["mtbench"]["ratings"]
+    assert (tmp_path / "eval" / "predictions" / "mtbench.jsonl").read_text() == after
