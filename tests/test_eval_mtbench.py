@@ -30,9 +30,11 @@ from s2ft.evaluation.mtbench import (
     JUDGE_PROMPTS,
     NEED_REFERENCE,
     QUESTIONS_FILE,
+    SECOND_TURN,
     MTBenchError,
     Question,
     answer_questions,
+    conversation_prompt,
     grade,
     judge_requests,
     load_questions,
@@ -543,3 +545,20 @@ def test_before_after_and_eval_mode_record_mtbench(tmp_path, monkeypatch):
     evaluated = run_experiment(again, tmp_path / "eval")
     assert evaluated["train"] is None and evaluated["mtbench"]["ratings"] == summary["mtbench"]["ratings"]
     assert (tmp_path / "eval" / "predictions" / "mtbench.jsonl").read_text() == after
+
+
+def test_chat_template_conversation_continues_the_chat():
+    _, tokenizer = build_model("tiny_llama")
+    turns = ["First?", "Second?"]
+    with pytest.raises(MTBenchError, match="need a tokenizer that has one"):
+        conversation_prompt(turns, [], "chat", tokenizer)
+    with pytest.raises(MTBenchError, match="unknown prompt template 'vicuna'"):
+        conversation_prompt(turns, [], "vicuna", tokenizer)
+    tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    assert conversation_prompt(turns, [], "chat", tokenizer) == "<user>First?<assistant>"
+    assert (
+        conversation_prompt(turns, ["One."], "chat", tokenizer) == "<user>First?<assistant>One.<user>Second?<assistant>"
+    )
+    assert conversation_prompt(turns, ["One."]) == build_prompt("First?") + "One." + SECOND_TURN.format(
+        instruction="Second?"
+    )

@@ -182,7 +182,14 @@ def render_request(tokenizer, request: JudgeRequest) -> str:
     generation prompt) when the tokenizer has one, else the Alpaca prompt with the system prompt before the user's."""
     if not tokenizer.chat_template:
         return build_prompt(f"{request.system}\n\n{request.user}")
-    messages = [{"role": "system", "content": request.system}, {"role": "user", "content": request.user}]
+    return chat_prompt(
+        tokenizer, [{"role": "system", "content": request.system}, {"role": "user", "content": request.user}]
+    )
+
+
+def chat_prompt(tokenizer, messages: list[dict]) -> str:
+    """``messages`` through the tokenizer's chat template (it must have one), with its generation prompt, as text for
+    `generate`."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     bos = tokenizer.bos_token
     # `generate` tokenizes with the default special tokens: a template that writes the BOS itself would get two.
@@ -247,8 +254,8 @@ def judge_config_problems(judge_cfg) -> list[str]:
     return problems
 
 
-def build_judge(judge_cfg: dict, cache_dir=None) -> Judge:
-    """The judge an ``eval.mtbench.judge`` block describes (a local judge's model is loaded here).
+def build_judge(judge_cfg: dict, cache_dir=None, device=None) -> Judge:
+    """The judge an ``eval.mtbench.judge`` block describes (a local judge's model is loaded here, onto ``device``).
 
     Raises:
         JudgeError: The block is invalid (every problem named, see `judge_config_problems`).
@@ -264,4 +271,6 @@ def build_judge(judge_cfg: dict, cache_dir=None) -> Judge:
             block["base_url"], block["model"], key, max_tokens, timeout_s=block["timeout_s"], retries=block["retries"]
         )
     model, tokenizer = build_model(block["model"], dtype=block["dtype"], cache_dir=cache_dir)
+    if device is not None:
+        model = model.to(device)
     return LocalJudge(model, tokenizer, block["model"], max_tokens, block["batch_size"], stop=rating_complete)

@@ -9,8 +9,9 @@ the mean over all rated turns, also given per turn and per category.
 Differences from FastChat, on purpose:
 - Answers are greedy (reproducible); FastChat samples at a per-category temperature (0.7 writing / roleplay, 0.1
   stem / humanities, 0 otherwise).
-- The conversation uses the project's Alpaca prompt, the template the model was fine-tuned with (Alpaca-GPT4 is
-  single-turn): the second turn appends the first answer and a new "### Instruction:" block.
+- The conversation uses the prompt template the model was fine-tuned with (``data.template``, default the
+  project's Alpaca prompt; Alpaca-GPT4 is single-turn): the second turn appends the first answer and a new
+  "### Instruction:" block, or continues the tokenizer's chat template.
 - A judgment without a rating, or with one outside 1-10, is recorded as missing (``rating_error`` per turn,
   ``missing_ratings`` in the summary) and left out of the means, as FastChat leaves out its -1.
 
@@ -33,7 +34,7 @@ from s2ft.data.prompt import build_prompt
 from s2ft.errors import UserError
 from s2ft.evaluation.evaluate import write_predictions
 from s2ft.evaluation.generate import generate
-from s2ft.evaluation.judge import Judge, JudgeRequest, build_judge, judge_config_problems, parse_rating
+from s2ft.evaluation.judge import Judge, JudgeRequest, build_judge, chat_prompt, judge_config_problems, parse_rating
 
 QUESTIONS_FILE = Path("mtbench_style") / "question.jsonl"  # under paths.data_dir
 CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
@@ -176,23 +177,54 @@ def select_questions(questions: list[Question], limit: int | None, seed: int = 0
     return [questions[i] for i in chosen]
 
 
+def conversation_prompt(turns: list[str], answers: list[str], template: str = "alpaca", tokenizer=None) -> str:
+    """The prompt that asks for the answer to ``turns[len(answers)]``, the earlier turns answered by ``answers``.
+
+    ``alpaca``: the project's prompt for the first turn, then each answer followed by a new "### Instruction:"
+    block. ``chat``: the tokenizer's chat template over the user and assistant messages, with its generation prompt
+    (the form of ``data.template=chat``).
+    """
+    if template == "alpaca":
+        prompt = build_prompt(turns[0])
+        for answer, turn in zip(answers, turns[1:], strict=False):
+            prompt += answer + SECOND_TURN.format(instruction=turn.strip())
+        return prompt
+    if template != "chat":
+        raise MTBenchError(f"unknown prompt template {template!r} for MT-Bench answers; use alpaca or chat")
+    if tokenizer is None or not tokenizer.chat_template:
+        raise MTBenchError("MT-Bench answers with the chat template need a tokenizer that has one; use alpaca")
+    messages = []
+    for turn, answer in zip(turns, [*answers, None], strict=False):
+        messages.append({"role": "user", "content": turn.strip()})
+        if answer is not None:
+            messages.append({"role": "assistant", "content": answer})
+    return chat_prompt(tokenizer, messages)
+
+
 def answer_questions(
-    model, tokenizer, questions: list[Question], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = 8
+    model,
+    tokenizer,
+    questions: list[Question],
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    batch_size: int = 8,
+    template: str = "alpaca",
 ) -> list[tuple[str, str]]:
     """The model's greedy answers to both turns of every question (turn 2 sees the question and its own answer 1).
+
+    Args:
+        template: The prompt template the model was trained with (`conversation_prompt`).
 
     Returns:
         ``(answer_1, answer_2)`` per question, stripped, in order.
     """
     model.eval()
     kwargs = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
-    first_prompts = [build_prompt(q.turns[0]) for q in questions]
-    first = [g.text.strip() for g in generate(model, tokenizer, first_prompts, **kwargs)]
-    second_prompts = [
-        prompt + answer + SECOND_TURN.format(instruction=q.turns[1].strip())
-        for prompt, answer, q in zip(first_prompts, first, questions, strict=True)
+    prompts = [conversation_prompt(list(q.turns), [], template, tokenizer) for q in questions]
+    first = [g.text.strip() for g in generate(model, tokenizer, prompts, **kwargs)]
+    prompts = [
+        conversation_prompt(list(q.turns), [a], template, tokenizer) for q, a in zip(questions, first, strict=True)
     ]
-    second = [g.text.strip() for g in generate(model, tokenizer, second_prompts, **kwargs)]
+    second = [g.text.strip() for g in generate(model, tokenizer, prompts, **kwargs)]
     return list(zip(first, second, strict=True))
 
 
@@ -318,7 +350,8 @@ def question_file(mtbench: dict, data_dir: str | Path) -> Path:
 def run_mtbench(model, tokenizer, cfg: dict, out_dir: str | Path) -> dict:
     """The whole evaluation of a run's ``eval.mtbench``: answer, then judge, write the predictions, score.
 
-    The judge is built after the answers are generated, so a local judge model is loaded only for the grading.
+    The judge is built after the answers are generated, so a local judge model is loaded only for the grading (on
+    the evaluated model's device).
     ``eval.limit`` (a deterministic question subset), ``eval.max_new_tokens`` (the answer budget, default 1024) and
     ``eval.batch_size`` apply as for the other tasks.
 
@@ -330,8 +363,9 @@ def run_mtbench(model, tokenizer, cfg: dict, out_dir: str | Path) -> dict:
     questions = select_questions(load_questions(path, mtbench.get("references")), ev.get("limit"), cfg["seed"])
     budget, batch_size = ev.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS, ev.get("batch_size", 8)
     log.info("MT-Bench: answering %d questions (2 turns, up to %d tokens each)", len(questions), budget)
-    answers = answer_questions(model, tokenizer, questions, budget, batch_size)
-    judge = build_judge(mtbench["judge"], cache_dir=cfg["paths"].get("cache_dir"))
+    template = (cfg.get("data") or {}).get("template", "alpaca")  # as the model was trained
+    answers = answer_questions(model, tokenizer, questions, budget, batch_size, template)
+    judge = build_judge(mtbench["judge"], cache_dir=cfg["paths"].get("cache_dir"), device=model.device)
     log.info("MT-Bench: %s grades %d turns", judge.name, 2 * len(questions))
     records = grade(questions, answers, judge)
     write_predictions(Path(out_dir) / "predictions" / "mtbench.jsonl", records)
