@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from s2ft.errors import UserError
+from s2ft.evaluation.mtbench import mtbench_config_problems
 
 MODES = ("train", "eval")
 EVAL_MODES = ("generate", "loglik")
@@ -38,7 +39,7 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     "data": ("train", "limit", "val_size", "max_length", "batch_size", "allow_overlap", "overlap_tasks"),
     "eval": (
         *("tasks", "limit", "mode", "batch_size", "num_beams", "max_new_tokens", "before", "heldout"),
-        "heldout_limit",
+        *("heldout_limit", "mtbench"),
     ),
     "trainer": (
         *("max_steps", "max_epochs", "accumulate_grad_batches", "gradient_clip_val", "precision", "accelerator"),
@@ -288,6 +289,8 @@ def _check_eval(ev: dict, data_dir: Path) -> list[str]:
     for key in ("batch_size", "num_beams"):
         if not _positive_int(ev.get(key, 1)):
             problems.append(f"eval.{key} must be an int >= 1, got {ev.get(key)!r}")
+    if ev.get("mtbench") is not None:
+        problems += [f"eval.mtbench: {problem}" for problem in mtbench_config_problems(ev["mtbench"], data_dir)]
     return problems
 
 

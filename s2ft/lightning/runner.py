@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
+from s2ft.evaluation.mtbench import mtbench_metrics, run_mtbench
 from s2ft.lightning.callbacks import (
     AdvanceSampler,
     AtomicCheckpointIO,
@@ -182,6 +183,9 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     if results is not None:
         extra["eval_before"] = {name: task_record(r) for name, r in (results["eval"] or {}).get("tasks", {}).items()}
         extra["avg_accuracy_before"] = (results["eval"] or {}).get("avg_accuracy")
+    for key, measured in (("mtbench", after), ("mtbench_before", results)):
+        if measured and measured.get("mtbench"):
+            extra[key] = measured["mtbench"]
     heldout = _pair(results["heldout"] if results else {}, after["heldout"])
     summary = build_summary(cfg, counts, train_stats, after["eval"], heldout=heldout, wandb=wandb_info(logger), **extra)
     summary["training_data"] = provenance
@@ -223,6 +227,7 @@ def _evaluate_only(cfg: dict, run_dir: Path) -> dict:
         heldout=heldout,
         source=None if source is None else str(source),
         training_data=record,
+        **({"mtbench": results["mtbench"]} if results.get("mtbench") else {}),
     )
     return _finish(summary, run_dir)
 
@@ -297,6 +302,8 @@ def measure_model(model, tokenizer, cfg: dict, out_dir: Path) -> dict:
             out_dir=out_dir,
             **kwargs,
         )
+    if ev.get("mtbench"):
+        result["mtbench"] = run_mtbench(model, tokenizer, cfg, out_dir)
     result["heldout"] = heldout_losses(model, tokenizer, cfg, out_dir)
     return result
 
@@ -366,6 +373,7 @@ def flat_metrics(summary: dict) -> dict[str, float]:
         metrics["eval/avg_accuracy"] = summary["avg_accuracy"]
     metrics |= {f"groups/{group}": acc for group, acc in (summary.get("groups") or {}).items()}
     metrics |= {f"heldout/{name}": v["after"] for name, v in summary.get("heldout", {}).items()}
+    metrics |= mtbench_metrics(summary.get("mtbench"))
     train = summary.get("train") or {}
     metrics |= {
         f"train/{key}": train[key]

@@ -107,6 +107,10 @@ def print_summary(summary: dict, run_dir: Path) -> None:
     for name, losses in (summary.get("heldout") or {}).items():
         fmt = lambda v: "-" if v is None else f"{v:.4f}"
         table.add_row(f"{name} held-out loss", fmt(losses.get("before")), fmt(losses.get("after")))
+    if summary.get("mtbench"):
+        mtbench, prior = summary["mtbench"], (summary.get("mtbench_before") or {}).get("score")
+        rating = lambda v: "-" if v is None else f"{v:.2f}"
+        table.add_row(f"MT-Bench-style score ({mtbench['n_rated']} rated)", rating(prior), rating(mtbench["score"]))
     console = Console()
     console.print(table)
     console.print(f"outputs: {run_dir}", highlight=False, soft_wrap=True)
