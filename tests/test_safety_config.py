@@ -270,3 +270,21 @@ def test_the_multirun_check_sees_the_jobs_the_sweeper_launches():
         found = [job_problems("config", job) for job in jobs]
     assert found[0] is None and found[2] is None
     assert all("method.lr must be a finite number > 0, got 0" in f for f in (found[1], found[3]))
+
+
+def test_the_last_screen_is_the_result_and_where_it_is(tmp_path):
+    """`python run.py debug=smoke` with W&B: each log line once, no adverts, steps out of max_steps, and the run ends
+    with its table, its directory and the `wandb sync` command (not W&B's own run summary)."""
+    run_dir = tmp_path / "run"
+    small_eval = ("eval.tasks=[boolq]", "eval.before=false", "eval.heldout=[]")
+    done = run_py("debug=smoke", "logger.name=wandb", *small_eval, f"hydra.run.dir={run_dir}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout + done.stderr
+    assert out.count("GPU available") == 1 and out.count("Seed set to 0") == 1
+    for noise in ("litlogger", "anonymous setting", "Epoch 0/-2", "Run summary", "Run history"):
+        assert noise not in out, noise
+    assert "Step" in done.stdout and " 4/4 " in done.stdout
+    (wandb_run,) = (run_dir / "wandb").glob("offline-run-*")
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    assert lines[-3].startswith("└") and "average accuracy" in lines[-4]
+    assert lines[-2:] == [f"outputs: {run_dir}", f"W&B run saved offline; upload it with: wandb sync {wandb_run}"]
