@@ -290,7 +290,8 @@ def run_py(*overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-# Each run.py start takes 10-30 s on a shared CPU: one case runs by default, the others with -m slow.
+# Each run.py start takes 10-45 s on a shared CPU: one case runs by default, the others (and the signal stops below,
+# whose in-process twins are in test_lightning_resume.py) with -m slow.
 @pytest.mark.parametrize(
     ("change", "overrides", "message"),
     [
@@ -324,7 +325,7 @@ def test_run_py_prints_one_error_and_exits_1(change, overrides, message, copy_of
 @pytest.mark.parametrize(
     ("signum", "name"),
     [
-        pytest.param(signal.SIGINT, r"Ctrl-C \(SIGINT\)", id="SIGINT"),
+        pytest.param(signal.SIGINT, r"Ctrl-C \(SIGINT\)", id="SIGINT", marks=pytest.mark.slow),
         pytest.param(signal.SIGTERM, "SIGTERM", id="SIGTERM", marks=pytest.mark.slow),
     ],
 )

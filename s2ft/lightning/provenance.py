@@ -14,7 +14,7 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from s2ft.data import load_eval, load_train, resolve_tasks, resolve_train_sources
+from s2ft.data import DataError, load_eval, load_train, resolve_tasks, resolve_train_sources
 from s2ft.data.overlap import DataOverlapError, find_overlaps
 from s2ft.lightning.summary import write_json
 
@@ -101,7 +101,15 @@ def check_eval_overlap(record: dict | None, source: Path, cfg: dict) -> None:
         log.warning("%s records no training data: the train/test overlap guard cannot check this evaluation", source)
         return
     data_dir = cfg["paths"]["data_dir"]
-    train = load_train(record["train"], data_dir, record.get("limit"), record.get("seed", 0))
+    for entry in record["sources"]:
+        file = Path(data_dir) / entry["file"]
+        if entry.get("sha256") and file.is_file() and _sha256(file) != entry["sha256"]:
+            log.warning("%s changed since %s was trained on it: the guard checks its current items", file, source)
+    try:
+        train = load_train(record["train"], data_dir, record.get("limit"), record.get("seed", 0))
+    except (FileNotFoundError, DataError) as err:
+        log.warning("the train/test overlap guard cannot rebuild the training items of %s: %s", source, err)
+        return
     eval_sets = {task.name: load_eval(task, data_dir) for task in resolve_tasks(tasks)}
     overlapping = {name: count for name, count in find_overlaps(train, eval_sets).items() if count}
     if not overlapping:
