@@ -22,6 +22,7 @@ from s2ft.lightning.callbacks import AdvanceSampler, AtomicCheckpointIO, KeepBes
 from s2ft.lightning.datamodule import SFTDataModule
 from s2ft.lightning.loggers import ReplayCSVHistory, build_logger, end_wandb_run, wandb_info
 from s2ft.lightning.module import S2FTLitModule
+from s2ft.lightning.sharding import FSDP2Strategy, gather_trained, local_elements
 from s2ft.lightning.summary import build_summary, print_summary, task_record, write_json
 from s2ft.run_config import RunConfigError, validate_run_config
 
@@ -153,12 +154,20 @@ def _train(cfg: dict, run_dir: Path) -> dict | None:
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
 
-    digests = _gather(trainer, _trained_digest(module))
-    if len(set(digests)) > 1:
-        raise RuntimeError(f"DDP ranks ended with different trained weights: {digests}")
+    sharded = isinstance(trainer.strategy, FSDP2Strategy)
+    if sharded:
+        trained = gather_trained(module, module.trained_keys())
+        shards = _gather(trainer, local_elements(trainer.optimizers[0]))
+    else:
+        digests = _gather(trainer, _trained_digest(module))
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"DDP ranks ended with different trained weights: {digests}")
     tokens = int(trainer.strategy.reduce(torch.tensor(float(module.tokens_seen)), reduce_op="sum"))
     if trainer.global_rank != 0:
         return None
+    if sharded:
+        # Saving and evaluation need the whole model, as a single-process run holds it, not rank 0's shards.
+        model = unsharded_model(cfg, calibration, trained)
     save_trained(model, method["name"], run_dir / "adapter")
     train_stats = {
         "steps": trainer.global_step,
@@ -180,7 +189,12 @@ def _train(cfg: dict, run_dir: Path) -> dict | None:
     best = next((c.best for c in trainer.callbacks if isinstance(c, KeepBest)), None)
     if best is not None:
         train_stats["best_val_loss"] = best
-    extra = {"ddp": {"world_size": trainer.world_size, "trained_sha256": digests}} if trainer.world_size > 1 else {}
+    extra = {}
+    if sharded:
+        # Elements each rank's optimizer holds: shards of the trainable tensors only (they sum to trainable_params).
+        extra["fsdp"] = {"world_size": trainer.world_size, "optimizer_elements": shards}
+    elif trainer.world_size > 1:
+        extra["ddp"] = {"world_size": trainer.world_size, "trained_sha256": digests}
     if results is not None:
         extra["eval_before"] = {name: task_record(r) for name, r in (results["eval"] or {}).get("tasks", {}).items()}
         extra["avg_accuracy_before"] = (results["eval"] or {}).get("avg_accuracy")
@@ -189,6 +203,34 @@ def _train(cfg: dict, run_dir: Path) -> dict | None:
     if logger:
         logger.log_metrics(flat_metrics(summary))
     return _finish(summary, run_dir)
+
+
+def unsharded_model(cfg: dict, calibration, trained: dict[str, torch.Tensor]):
+    """The model of a sharded run, whole: the base model prepared again, then given the gathered trained tensors.
+
+    Preparing again with the same options and calibration selects the same units (checked: every S2FT `index`
+    must equal the trained one), so the saved adapter is exactly a single-process run's.
+
+    Args:
+        cfg: The run's resolved config.
+        calibration: The calibration batches the run selected with (None if its strategy needs none).
+        trained: `S2FTLitModule` state-dict keys (`model.` + the model's keys) -> whole trained tensors.
+    """
+    from s2ft.methods import prepare_model
+
+    method = cfg["method"]
+    model, _ = build_run_model(cfg["model"], cfg["paths"].get("cache_dir"))
+    model = prepare_model(model, method["name"], dict(method.get("options") or {}), calibration)
+    state = {key.removeprefix("model."): value for key, value in trained.items()}
+    current = model.state_dict()
+    moved = [key for key in state if key.endswith(".index") and not torch.equal(current[key], state[key])]
+    unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+    if moved or unexpected:
+        raise RuntimeError(
+            f"the rebuilt model does not match the trained one: other units at {moved[:3]}, "
+            f"unknown tensors {unexpected[:3]}"
+        )
+    return model
 
 
 def _evaluate_only(cfg: dict, run_dir: Path) -> dict:
@@ -238,6 +280,14 @@ def _trainer(tr: dict, run_dir: Path, logger, has_val: bool) -> L.Trainer:
             raise ValueError("trainer.select_best=val_loss needs a validation split: set data.val_size > 0")
         # Before LastCheckpoint's end-of-training save, so the final checkpoint holds the selected weights too.
         callbacks.insert(1, KeepBest())
+    strategy = tr.get("strategy", "auto")
+    if strategy == "fsdp":
+        if tr.get("select_best"):
+            raise RunConfigError(
+                "trainer.select_best is not supported with trainer.strategy=fsdp yet (the best weights would be "
+                "kept per shard); set trainer.select_best=null or use trainer.strategy=ddp"
+            )
+        strategy = FSDP2Strategy()
     return L.Trainer(
         max_steps=tr.get("max_steps", -1),
         max_epochs=tr.get("max_epochs"),
@@ -246,7 +296,7 @@ def _trainer(tr: dict, run_dir: Path, logger, has_val: bool) -> L.Trainer:
         precision=tr.get("precision", "32-true"),
         accelerator=tr.get("accelerator", "cpu"),
         devices=tr.get("devices", 1),
-        strategy=tr.get("strategy", "auto"),
+        strategy=strategy,
         num_nodes=tr.get("num_nodes", 1),
         log_every_n_steps=tr.get("log_every_n_steps", 10),
         # An int interval counts training batches across epochs, so validation runs on a step schedule.
@@ -334,7 +384,7 @@ def _trained_digest(module: S2FTLitModule) -> str:
     return digest.hexdigest()
 
 
-def _gather(trainer: L.Trainer, value: str) -> list[str]:
+def _gather(trainer: L.Trainer, value):
     if trainer.world_size == 1:
         return [value]
     values = [None] * trainer.world_size
