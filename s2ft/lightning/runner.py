@@ -288,7 +288,7 @@ def _trainer(tr: dict, run_dir: Path, logger, has_val: bool) -> L.Trainer:
                 "kept per shard); set trainer.select_best=null or use trainer.strategy=ddp"
             )
         strategy = FSDP2Strategy()
-    return L.Trainer(
+    trainer = L.Trainer(
         max_steps=tr.get("max_steps", -1),
         max_epochs=tr.get("max_epochs"),
         accumulate_grad_batches=tr.get("accumulate_grad_batches", 1),
@@ -312,6 +312,22 @@ def _trainer(tr: dict, run_dir: Path, logger, has_val: bool) -> L.Trainer:
         use_distributed_sampler=False,
         default_root_dir=run_dir,
     )
+    _check_launcher(trainer)
+    return trainer
+
+
+def _check_launcher(trainer: L.Trainer) -> None:
+    """Under torchrun or srun, which start the processes themselves, Lightning does not compare their number with
+    num_nodes x devices; a mismatch would train with a wrong world (or fail late, in FSDP's device mesh)."""
+    env = getattr(trainer.strategy, "cluster_environment", None)
+    if env is None or not env.creates_processes_externally:
+        return
+    try:
+        env.validate_settings(num_devices=trainer.num_devices, num_nodes=trainer.num_nodes)
+    except ValueError as err:
+        raise RunConfigError(
+            f"{err} Set trainer.devices to the launcher's processes per node and trainer.num_nodes to its nodes."
+        ) from None
 
 
 def _resume_path(ckpt_path: str | None, run_dir: Path) -> str | None:
