@@ -8,6 +8,8 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 4  # the global batch: 2 per rank under FSDP
+# Checkpoint selection on a validation every 4 steps.
+SELECT_BEST = ["trainer.select_best=val_loss", "trainer.val_check_interval=4"]
 METHODS = {
     # LoRA without dropout: the ranks' dropout masks could not match one process's. At r=32 (the paper's) its
     # tensors outweigh the checkpoint's fixed overhead per tensor (~0.4 kB), so the 1.05x size bound is meaningful.

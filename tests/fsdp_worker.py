@@ -3,7 +3,8 @@
     torchrun --standalone --nproc-per-node 2 tests/fsdp_worker.py OUT_DIR STEPS JOB...
 
 A job is `METHOD` (STEPS steps into OUT_DIR/METHOD) or `METHOD:resume` (the same run, stopped by SIGTERM after step
-STEPS // 2, which checkpoints it, then resumed with ckpt_path=last, in OUT_DIR/METHOD_resumed).
+STEPS // 2, which checkpoints it, then resumed with ckpt_path=last, in OUT_DIR/METHOD_resumed) or `METHOD:best`
+(with trainer.select_best=val_loss and the validation of SELECT_BEST, in OUT_DIR/METHOD_best).
 Launching once for all jobs spares each job the start-up of two Python processes.
 """
 
@@ -12,7 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-from fsdp_common import job_config
+from fsdp_common import SELECT_BEST, job_config
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from s2ft.lightning import S2FTLitModule, run_experiment
@@ -37,6 +38,9 @@ def main(out_dir: Path, steps: int, jobs: list[str]) -> None:
         method, _, variant = job.partition(":")
         if not variant:
             run_experiment(job_config(method, steps, sharded=True), out_dir / method)
+            continue
+        if variant == "best":
+            run_experiment(job_config(method, steps, *SELECT_BEST, sharded=True), out_dir / f"{method}_best")
             continue
         run_dir = out_dir / f"{method}_resumed"
         S2FTLitModule.on_train_batch_end = preempt_at(steps // 2)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fsdp_common import ROOT, job_config
+from fsdp_common import ROOT, SELECT_BEST, job_config
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -57,6 +57,14 @@ def tensors(folder: Path) -> dict[str, torch.Tensor]:
     return {f"{f.name}:{key}": value for f in files for key, value in load_file(f).items()}
 
 
+def json_config(path: Path) -> dict:
+    """A saved JSON config; PEFT keeps `target_modules` as a set and writes it in the process's hash order."""
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    return config
+
+
 def state_bytes(ckpt: dict) -> int:
     """Bytes of the tensors a checkpoint must hold: the trained tensors and their optimizer state."""
     optimizer = [v for state in ckpt["optimizer_states"][0]["state"].values() for v in state.values()]
@@ -93,7 +101,7 @@ def assert_same_training(method: str, fsdp_dir: Path, single_dir: Path, steps: i
     configs = sorted(path.name for path in (single_dir / "adapter").glob("*.json"))
     assert configs == sorted(path.name for path in (fsdp_dir / "adapter").glob("*.json"))
     for name in configs:
-        fsdp_config, single_config = (json.loads((d / "adapter" / name).read_text()) for d in (fsdp_dir, single_dir))
+        fsdp_config, single_config = (json_config(d / "adapter" / name) for d in (fsdp_dir, single_dir))
         assert fsdp_config == single_config, name
 
 
@@ -122,10 +130,28 @@ def test_fsdp_resumed_run_equals_single_process(tmp_path):
     print(f"FSDP launch (SIGTERM + resume): {wall:.1f} s")
 
 
+def assert_same_selection(fsdp_dir: Path, single_dir: Path) -> None:
+    """trainer.select_best: the same best validation loss and weights, kept whole in the checkpoint."""
+    fsdp, single = summary(fsdp_dir), summary(single_dir)
+    assert len(single["train"]["val_curve"]) == 5
+    assert abs(fsdp["train"]["best_val_loss"] - single["train"]["best_val_loss"]) <= LOSS_TOLERANCE
+    kept = [checkpoint(d)["callbacks"]["KeepBest"]["best_state"] for d in (fsdp_dir, single_dir)]
+    assert kept[0].keys() == kept[1].keys()
+    for key, value in kept[0].items():
+        torch.testing.assert_close(value, kept[1][key], rtol=0, atol=LOSS_TOLERANCE, msg=key)
+    saved, single_saved = tensors(fsdp_dir / "adapter"), tensors(single_dir / "adapter")
+    for key, value in saved.items():
+        torch.testing.assert_close(value, single_saved[key], rtol=0, atol=LOSS_TOLERANCE, msg=key)
+
+
 @pytest.mark.slow
 def test_fsdp_s2ft_lora_full_match_single_process_and_resume(tmp_path):
-    """20 steps of S2FT, LoRA and full FT, each against one process; S2FT stopped by SIGTERM at step 10 and resumed."""
-    wall = launch(tmp_path / "fsdp", 20, "s2ft", "lora", "full", "s2ft:resume")
+    """20 steps of S2FT, LoRA and full FT, each against one process; S2FT stopped by SIGTERM at step 10 and resumed,
+    and S2FT with checkpoint selection."""
+    wall = launch(tmp_path / "fsdp", 20, "s2ft", "lora", "full", "s2ft:resume", "s2ft:best")
+    single_best = tmp_path / "single" / "s2ft_best"
+    run_experiment(job_config("s2ft", 20, *SELECT_BEST, sharded=False), single_best)
+    assert_same_selection(tmp_path / "fsdp" / "s2ft_best", single_best)
     for method in ("s2ft", "lora", "full"):
         single = tmp_path / "single" / method
         run_experiment(job_config(method, 20, sharded=False), single)
@@ -138,4 +164,4 @@ def test_fsdp_s2ft_lora_full_match_single_process_and_resume(tmp_path):
         tensors(tmp_path / "fsdp" / "s2ft_resumed" / "adapter"),
     )
     assert all(torch.equal(value, resumed_final[key]) for key, value in final.items())
-    print(f"FSDP launch (4 jobs): {wall:.1f} s")
+    print(f"FSDP launch (5 jobs): {wall:.1f} s")

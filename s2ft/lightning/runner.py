@@ -280,14 +280,7 @@ def _trainer(tr: dict, run_dir: Path, logger, has_val: bool) -> L.Trainer:
             raise ValueError("trainer.select_best=val_loss needs a validation split: set data.val_size > 0")
         # Before LastCheckpoint's end-of-training save, so the final checkpoint holds the selected weights too.
         callbacks.insert(1, KeepBest())
-    strategy = tr.get("strategy", "auto")
-    if strategy == "fsdp":
-        if tr.get("select_best"):
-            raise RunConfigError(
-                "trainer.select_best is not supported with trainer.strategy=fsdp yet (the best weights would be "
-                "kept per shard); set trainer.select_best=null or use trainer.strategy=ddp"
-            )
-        strategy = FSDP2Strategy()
+    strategy = FSDP2Strategy() if tr.get("strategy") == "fsdp" else tr.get("strategy", "auto")
     trainer = L.Trainer(
         max_steps=tr.get("max_steps", -1),
         max_epochs=tr.get("max_epochs"),

@@ -59,8 +59,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         # The file holds only trained tensors (small next to the model), so every rank reads it and keeps its shard.
         path = Path(self.broadcast(checkpoint_path))
         checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
-        options = StateDictOptions(full_state_dict=True, strict=False)
-        set_model_state_dict(self.model, dict(checkpoint["state_dict"]), options=options)
+        load_whole(self.model, checkpoint["state_dict"])
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
             set_optimizer_state_dict(self.model, optimizer, state, options=StateDictOptions(full_state_dict=True))
         return checkpoint
@@ -97,21 +96,30 @@ def shard_model(model: nn.Module, mesh: DeviceMesh) -> int:
     return len(blocks)
 
 
-def gather_trained(module: nn.Module, keys: Iterable[str]) -> dict[str, torch.Tensor]:
-    """The state-dict entries `keys` of a sharded `module` as whole CPU tensors on rank 0 (empty elsewhere).
+def gather_trained(module: nn.Module, keys: Iterable[str], everywhere: bool = False) -> dict[str, torch.Tensor]:
+    """The state-dict entries `keys` of `module` as whole CPU copies, on rank 0 only (empty elsewhere) or everywhere.
 
-    A collective: every rank must call it with the same keys. Only these tensors are gathered, never the others.
+    Sharded entries are gathered, so when `module` is sharded this is a collective: every rank must call it with the
+    same keys. Only these tensors are gathered, never the others.
     """
     state = module.state_dict()
-    rank_zero = dist.get_rank() == 0
+    keep = everywhere or not dist.is_initialized() or dist.get_rank() == 0
     gathered = {}
     for key in sorted(keys):
         value = state[key].detach()
         if isinstance(value, DTensor):
             value = value.full_tensor()
-        if rank_zero:
+        if keep:
             gathered[key] = value.to("cpu", copy=True)
     return gathered
+
+
+def load_whole(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load whole tensors (`gather_trained(..., everywhere=True)`) into `module`, each rank keeping its shard."""
+    if any(isinstance(p, DTensor) for p in module.parameters()):
+        set_model_state_dict(module, dict(state), options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        module.load_state_dict(state, strict=False)
 
 
 def local_elements(optimizer: torch.optim.Optimizer) -> int:
