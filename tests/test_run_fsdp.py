@@ -133,8 +133,10 @@ def test_fsdp_resumed_run_equals_single_process(tmp_path):
 def assert_same_selection(fsdp_dir: Path, single_dir: Path) -> None:
     """trainer.select_best: the same best validation loss and weights, kept whole in the checkpoint."""
     fsdp, single = summary(fsdp_dir), summary(single_dir)
-    assert len(single["train"]["val_curve"]) == 5
-    assert abs(fsdp["train"]["best_val_loss"] - single["train"]["best_val_loss"]) <= LOSS_TOLERANCE
+    curves = [[loss for _, loss in run["train"]["val_curve"]] for run in (fsdp, single)]
+    assert len(curves[1]) == 5 and curves[0].index(min(curves[0])) == curves[1].index(min(curves[1]))
+    # The validation loss is a mean of batch means, and validation batches are 2 items per rank against 4 here.
+    assert abs(fsdp["train"]["best_val_loss"] - single["train"]["best_val_loss"]) <= 1e-4
     kept = [checkpoint(d)["callbacks"]["KeepBest"]["best_state"] for d in (fsdp_dir, single_dir)]
     assert kept[0].keys() == kept[1].keys()
     for key, value in kept[0].items():
