@@ -102,11 +102,17 @@ def gather_trained(module: nn.Module, keys: Iterable[str], everywhere: bool = Fa
     Sharded entries are gathered, so when `module` is sharded this is a collective: every rank must call it with the
     same keys. Only these tensors are gathered, never the others.
     """
-    state = module.state_dict()
+    tensors = dict(module.named_parameters(remove_duplicate=False)) | dict(module.named_buffers(remove_duplicate=False))
     keep = everywhere or not dist.is_initialized() or dist.get_rank() == 0
-    gathered = {}
+    gathered, first_key = {}, {}
     for key in sorted(keys):
-        value = state[key].detach()
+        tensor = tensors[key]
+        if id(tensor) in first_key:  # tied (e.g. embeddings and head): one copy, as torch.save stores it
+            if keep:
+                gathered[key] = gathered[first_key[id(tensor)]]
+            continue
+        first_key[id(tensor)] = key
+        value = tensor.detach()
         if isinstance(value, DTensor):
             value = value.full_tensor()
         if keep:
