@@ -53,6 +53,7 @@ class FSDP2Strategy(ModelParallelStrategy):
     def optimizer_state(self, optimizer) -> dict:
         if isinstance(optimizer, LightningOptimizer):
             optimizer = optimizer._optimizer
+        reshard(self.model)
         return get_optimizer_state_dict(self.model, optimizer, options=FULL)
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
@@ -96,12 +97,24 @@ def shard_model(model: nn.Module, mesh: DeviceMesh) -> int:
     return len(blocks)
 
 
+def reshard(module: nn.Module) -> None:
+    """Put every FSDP2 unit of `module` in its sharded state (no communication).
+
+    The root unit stays unsharded after a forward without backward (validation); its parameters must be the
+    sharded ones the optimizer holds before they are named (optimizer state) or read.
+    """
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
+
+
 def gather_trained(module: nn.Module, keys: Iterable[str], everywhere: bool = False) -> dict[str, torch.Tensor]:
     """The state-dict entries `keys` of `module` as whole CPU copies, on rank 0 only (empty elsewhere) or everywhere.
 
     Sharded entries are gathered, so when `module` is sharded this is a collective: every rank must call it with the
     same keys. Only these tensors are gathered, never the others.
     """
+    reshard(module)
     tensors = dict(module.named_parameters(remove_duplicate=False)) | dict(module.named_buffers(remove_duplicate=False))
     keep = everywhere or not dist.is_initialized() or dist.get_rank() == 0
     gathered, first_key = {}, {}
@@ -122,6 +135,7 @@ def gather_trained(module: nn.Module, keys: Iterable[str], everywhere: bool = Fa
 
 def load_whole(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load whole tensors (`gather_trained(..., everywhere=True)`) into `module`, each rank keeping its shard."""
+    reshard(module)
     if any(isinstance(p, DTensor) for p in module.parameters()):
         set_model_state_dict(module, dict(state), options=StateDictOptions(full_state_dict=True, strict=False))
     else:
