@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from omegaconf import OmegaConf
 
 from s2ft.lightning import runner
@@ -69,6 +72,9 @@ def composed(argv: list[str], monkeypatch) -> dict:
 
 def trainer_in(env: dict[str, str], trainer_cfg: dict, monkeypatch, tmp_path):
     """The Trainer `run.py` builds in one process of that cluster (on the CPU)."""
+    # Building it sets Lightning's process-wide rank (9 here); later tests in this process must stay rank 0.
+    for rank_zero in {id(f): f for f in (fabric_rank_zero_only, rank_zero_only, utils_rank_zero_only)}.values():
+        monkeypatch.setattr(rank_zero, "rank", getattr(rank_zero, "rank", 0))
     for name in {*TORCHRUN_ENV, *SLURM_ENV}:
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
