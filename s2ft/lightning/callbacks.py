@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from s2ft.errors import UserError
 from s2ft.lightning.checkpoint import read_checkpoint, resume_command
 from s2ft.lightning.sampler import ResumableBatchSampler
+from s2ft.lightning.sharding import gather_trained, load_whole
 
 
 class RunInterrupted(UserError):
@@ -220,12 +221,12 @@ class KeepBest(L.Callback):
         if trainer.sanity_checking or value is None or (self.best is not None and float(value) >= self.best):
             return
         self.best = float(value)
-        state = pl_module.state_dict()
-        self.best_state = {k: state[k].detach().clone() for k in pl_module.trained_keys()}
+        # Whole tensors on every rank (gathered under FSDP), so the checkpoint rank 0 writes holds all of them.
+        self.best_state = gather_trained(pl_module, pl_module.trained_keys(), everywhere=True)
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         if self.best_state is not None:
-            pl_module.load_state_dict(self.best_state, strict=False)
+            load_whole(pl_module, self.best_state)
 
     def state_dict(self) -> dict:
         return {"best": self.best, "best_state": self.best_state}

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from s2ft.lightning.memory import peak_memory_mb
+from s2ft.lightning.sharding import FSDP2Strategy, shard_model
 
 
 class S2FTLitModule(L.LightningModule):
@@ -58,16 +59,38 @@ class S2FTLitModule(L.LightningModule):
                 keys |= {f"{prefix}.{name}" for name in persistent}
         return keys
 
+    def configure_model(self) -> None:
+        # trainer.strategy=fsdp: one FSDP2 unit per decoder block, before the optimizer is built from the shards.
+        if isinstance(self.trainer.strategy, FSDP2Strategy):
+            shard_model(self.model, self.device_mesh["data_parallel"])
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model(**batch).loss
+        loss, global_loss = self._train_loss(batch)
         tokens = int(batch["attention_mask"].sum())
         self.tokens_seen += tokens
         # Kept here: the loss Lightning hands to on_train_batch_end is divided by accumulate_grad_batches.
-        self.last_loss = float(loss.detach())
-        self.log("train/loss", loss, prog_bar=True)
+        self.last_loss = float(global_loss)
+        self.log("train/loss", global_loss, prog_bar=True)
         self.log("train/tokens", float(self.tokens_seen))
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
+
+    def _train_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss to back-propagate and the loss of the whole global batch (what a single process would log).
+
+        Data-parallel ranks average their gradients, so each rank's loss is its sum of token losses over the tokens
+        of all ranks, times the world size: the mean of those gradients is the gradient of the global batch's
+        token-mean loss, whatever the number of tokens on each rank.
+        """
+        world = self.trainer.world_size
+        if world == 1:
+            loss = self.model(**batch).loss
+            return loss, loss.detach()
+        strategy = self.trainer.strategy
+        tokens = (batch["labels"][..., 1:] != -100).sum()
+        total = strategy.reduce(tokens.float(), reduce_op="sum")
+        loss = self.model(**batch, num_items_in_batch=total).loss
+        return loss * world, strategy.reduce(loss.detach(), reduce_op="sum")
 
     def on_fit_start(self) -> None:
         self._fit_start = time.perf_counter()

@@ -35,8 +35,9 @@ from s2ft.lightning.loggers import ReplayCSVHistory, build_logger, end_wandb_run
 from s2ft.lightning.module import S2FTLitModule
 from s2ft.lightning.provenance import check_eval_overlap, read_adapter_record, training_record, write_adapter_record
 from s2ft.lightning.run_dir import RunDirError, RunPlan, honour_umask, prepare_run_dir
+from s2ft.lightning.sharding import FSDP2Strategy, gather_trained, local_elements
 from s2ft.lightning.summary import build_summary, print_summary, task_record, write_json
-from s2ft.run_config import validate_run_config
+from s2ft.run_config import RunConfigError, validate_run_config
 
 CALIBRATED_STRATEGIES = ("activation", "weight_activation", "gradient")
 log = logging.getLogger(__name__)
@@ -149,12 +150,20 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
         logger.log_metrics({"trainable_params": counts["trainable_params"], "trainable_pct": counts["trainable_pct"]})
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
 
-    digests = _gather(trainer, _trained_digest(module))
-    if len(set(digests)) > 1:
-        raise RuntimeError(f"DDP ranks ended with different trained weights: {digests}")
+    sharded = isinstance(trainer.strategy, FSDP2Strategy)
+    if sharded:
+        trained = gather_trained(module, module.trained_keys())
+        shards = _gather(trainer, local_elements(trainer.optimizers[0]))
+    else:
+        digests = _gather(trainer, _trained_digest(module))
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"DDP ranks ended with different trained weights: {digests}")
     tokens = int(trainer.strategy.reduce(torch.tensor(float(module.tokens_seen)), reduce_op="sum"))
     if trainer.global_rank != 0:
         return None
+    if sharded:
+        # Saving and evaluation need the whole model, as a single-process run holds it, not rank 0's shards.
+        model = unsharded_model(cfg, calibration, trained)
     save_trained(model, method["name"], run_dir / "adapter")
     write_adapter_record(run_dir / "adapter", method["name"], provenance)
     honour_umask(run_dir / "adapter")
@@ -179,7 +188,12 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     best = next((c.best for c in trainer.callbacks if isinstance(c, KeepBest)), None)
     if best is not None:
         train_stats["best_val_loss"] = best
-    extra = {"ddp": {"world_size": trainer.world_size, "trained_sha256": digests}} if trainer.world_size > 1 else {}
+    extra = {}
+    if sharded:
+        # Elements each rank's optimizer holds: shards of the trainable tensors only (they sum to trainable_params).
+        extra["fsdp"] = {"world_size": trainer.world_size, "optimizer_elements": shards}
+    elif trainer.world_size > 1:
+        extra["ddp"] = {"world_size": trainer.world_size, "trained_sha256": digests}
     if results is not None:
         extra["eval_before"] = {name: task_record(r) for name, r in (results["eval"] or {}).get("tasks", {}).items()}
         extra["avg_accuracy_before"] = (results["eval"] or {}).get("avg_accuracy")
@@ -192,6 +206,34 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     if logger:
         logger.log_metrics(flat_metrics(summary))
     return _finish(summary, run_dir)
+
+
+def unsharded_model(cfg: dict, calibration, trained: dict[str, torch.Tensor]):
+    """The model of a sharded run, whole: the base model prepared again, then given the gathered trained tensors.
+
+    Preparing again with the same options and calibration selects the same units (checked: every S2FT `index`
+    must equal the trained one), so the saved adapter is exactly a single-process run's.
+
+    Args:
+        cfg: The run's resolved config.
+        calibration: The calibration batches the run selected with (None if its strategy needs none).
+        trained: `S2FTLitModule` state-dict keys (`model.` + the model's keys) -> whole trained tensors.
+    """
+    from s2ft.methods import prepare_model
+
+    method = cfg["method"]
+    model, _ = build_run_model(cfg["model"], cfg["paths"].get("cache_dir"))
+    model = prepare_model(model, method["name"], dict(method.get("options") or {}), calibration)
+    state = {key.removeprefix("model."): value for key, value in trained.items()}
+    current = model.state_dict()
+    moved = [key for key in state if key.endswith(".index") and not torch.equal(current[key], state[key])]
+    unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+    if moved or unexpected:
+        raise RuntimeError(
+            f"the rebuilt model does not match the trained one: other units at {moved[:3]}, "
+            f"unknown tensors {unexpected[:3]}"
+        )
+    return model
 
 
 def _evaluate_only(cfg: dict, run_dir: Path) -> dict:
@@ -255,7 +297,8 @@ def _trainer(cfg: dict, run_dir: Path, logger, has_val: bool, preloaded: dict | 
         # Before LastCheckpoint: its best state is taken at validation end and restored before the final save.
         callbacks.insert(3, KeepBest())
     io = AtomicCheckpointIO({cfg["ckpt_path"]: preloaded} if preloaded is not None else None)
-    return L.Trainer(
+    strategy = FSDP2Strategy() if tr.get("strategy") == "fsdp" else tr.get("strategy", "auto")
+    trainer = L.Trainer(
         max_steps=tr.get("max_steps", -1),
         max_epochs=tr.get("max_epochs"),
         accumulate_grad_batches=tr.get("accumulate_grad_batches", 1),
@@ -263,7 +306,7 @@ def _trainer(cfg: dict, run_dir: Path, logger, has_val: bool, preloaded: dict | 
         precision=tr.get("precision", "32-true"),
         accelerator=tr.get("accelerator", "cpu"),
         devices=tr.get("devices", 1),
-        strategy=tr.get("strategy", "auto"),
+        strategy=strategy,
         num_nodes=tr.get("num_nodes", 1),
         log_every_n_steps=tr.get("log_every_n_steps", 10),
         # An int interval counts training batches across epochs, so validation runs on a step schedule.
@@ -279,6 +322,22 @@ def _trainer(cfg: dict, run_dir: Path, logger, has_val: bool, preloaded: dict | 
         use_distributed_sampler=False,
         default_root_dir=run_dir,
     )
+    _check_launcher(trainer)
+    return trainer
+
+
+def _check_launcher(trainer: L.Trainer) -> None:
+    """Under torchrun or srun, which start the processes themselves, Lightning does not compare their number with
+    num_nodes x devices; a mismatch would train with a wrong world (or fail late, in FSDP's device mesh)."""
+    env = getattr(trainer.strategy, "cluster_environment", None)
+    if env is None or not env.creates_processes_externally:
+        return
+    try:
+        env.validate_settings(num_devices=trainer.num_devices, num_nodes=trainer.num_nodes)
+    except ValueError as err:
+        raise RunConfigError(
+            f"{err} Set trainer.devices to the launcher's processes per node and trainer.num_nodes to its nodes."
+        ) from None
 
 
 def measure_model(model, tokenizer, cfg: dict, out_dir: Path) -> dict:
@@ -341,7 +400,7 @@ def _trained_digest(module: S2FTLitModule) -> str:
     return digest.hexdigest()
 
 
-def _gather(trainer: L.Trainer, value: str) -> list[str]:
+def _gather(trainer: L.Trainer, value):
     if trainer.world_size == 1:
         return [value]
     values = [None] * trainer.world_size
