@@ -61,14 +61,14 @@ def greedy(model, input_ids: torch.Tensor, steps: int, device: str, **kwargs) ->
     with torch.inference_mode():
         _sync(device)
         start = time.perf_counter()
-        out = model(input_ids=input_ids, use_cache=True, **kwargs)
+        out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **kwargs)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         _sync(device)
         prefill_s, last_logits = time.perf_counter() - start, out.logits[:, -1].float().cpu()
         cache, step_s = out.cache, []
         for _ in range(steps):
             start = time.perf_counter()
-            out = model(input_ids=token, cache=cache, use_cache=True, **kwargs)
+            out = model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1, **kwargs)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             cache = out.cache
             _sync(device)

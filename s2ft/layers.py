@@ -23,6 +23,15 @@ def select(x: torch.Tensor, index: torch.Tensor, span: tuple[int, int] | None) -
     return x[..., span[0] : span[1]].contiguous()
 
 
+def write_slots(weight: torch.Tensor, axis: int, index: torch.Tensor, values: torch.Tensor) -> None:
+    """``weight.index_copy_(axis, index, values)``; columns as a scatter, about 2x faster on CPU for SmolLM2's shapes
+    (48 against 23 us for 36 columns of a 576 x 1536 weight), which is most of an adapter switch."""
+    if axis == 0:
+        weight.index_copy_(0, index, values)
+    else:
+        weight.scatter_(1, index.expand(weight.shape[0], -1), values)
+
+
 class S2FTLinear(nn.Module):
     """Replaces an ``nn.Linear``: the rows (``axis=0``) or columns (``axis=1``) at ``index`` train, the rest is frozen.
 
@@ -97,7 +106,7 @@ class S2FTLinear(nn.Module):
             raise ValueError(f"values have shape {tuple(values.shape)}, expected {tuple(shape)}")
         with torch.no_grad():
             if self.index.numel():
-                self.weight.index_copy_(self.axis, self.index, self.base_values)
+                write_slots(self.weight, self.axis, self.index, self.base_values)
             base_values = self.weight.index_select(self.axis, index)
             new_values = base_values if values is None else values.to(self.weight)
             if self.values.shape == new_values.shape:  # same size: reuse the tensors, no new Parameter
@@ -108,7 +117,7 @@ class S2FTLinear(nn.Module):
                 self.index, self.base_values = index, base_values
                 self.values = nn.Parameter(new_values.clone(), requires_grad=self.values.requires_grad)
             if merged:
-                self.weight.index_copy_(self.axis, index, self.values)
+                write_slots(self.weight, self.axis, index, self.values)
             else:
                 self.weight.index_fill_(self.axis, index, 0)
         self.merged = merged
@@ -123,7 +132,7 @@ class S2FTLinear(nn.Module):
         """Writes ``values`` into ``weight``: forward becomes a plain ``F.linear``."""
         if not self.merged:
             with torch.no_grad():
-                self.weight.index_copy_(self.axis, self.index, self.values)
+                write_slots(self.weight, self.axis, self.index, self.values)
             self.merged = True
 
     def unmerge(self) -> None:
@@ -136,7 +145,7 @@ class S2FTLinear(nn.Module):
     def restore_base(self) -> None:
         """Writes the base model's original entries back into ``weight`` (used when unloading without merging)."""
         with torch.no_grad():
-            self.weight.index_copy_(self.axis, self.index, self.base_values)
+            write_slots(self.weight, self.axis, self.index, self.base_values)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
