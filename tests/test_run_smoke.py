@@ -1,5 +1,6 @@
 """`run.py` end to end on a tiny model: a multirun of two smoke jobs, their run directories, and eval mode."""
 
+import csv
 import json
 import os
 import subprocess
@@ -62,7 +63,11 @@ def test_each_job_has_its_own_complete_run_dir(sweep):
         assert config["seed"] == seed and config["model"]["name"] == "tiny_llama"  # resolved, debug settings applied
         assert (run_dir / "adapter" / "adapter_config.json").is_file()
         assert (run_dir / "checkpoints" / "last.ckpt").is_file()
-        assert (run_dir / "metrics.csv").is_file()
+        with (run_dir / "metrics.csv").open() as handle:
+            rows = list(csv.DictReader(handle))
+        # The final results logged after training reach the CSV too, with the summary's values.
+        final = [row for row in rows if row.get("eval/avg_accuracy")]
+        assert len(final) == 1 and float(final[0]["eval/avg_accuracy"]) == pytest.approx(summary["avg_accuracy"])
         for task in TASKS:
             lines = (run_dir / "predictions" / f"{task}.jsonl").read_text().splitlines()
             assert len(lines) == 4 and {"id", "output", "gold", "correct"} <= json.loads(lines[0]).keys()

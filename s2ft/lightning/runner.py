@@ -205,6 +205,7 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     summary["training_data"] = provenance
     if logger:
         logger.log_metrics(flat_metrics(summary))
+        logger.save()  # Lightning saved the CSV logger when fit ended; these rows come after it
     return _finish(summary, run_dir)
 
 
