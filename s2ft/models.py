@@ -122,6 +122,11 @@ def save_converted(model: PreTrainedModel, tokenizer, folder: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # Another process converting at the same time renamed its complete folder first: use that one.
+        if not (folder / "config.json").is_file():
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -98,3 +98,14 @@ def test_smollm2_conversion_reloads_the_same_logits(tmp_path):
     assert tok.pad_token is not None
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, expected)
+
+
+def test_a_conversion_that_loses_the_race_keeps_the_winners_folder(tmp_path):
+    """Two processes converting at once: the second rename fails on the first one's folder, which stays as it is."""
+    folder = tmp_path / "smollm2_135m"
+    model, tokenizer = tiny_model("llama", len(tiny_tokenizer())), tiny_tokenizer()
+    models.save_converted(model, tokenizer, folder)
+    first = {p.name: p.read_bytes() for p in folder.iterdir()}
+    models.save_converted(tiny_model("llama", len(tiny_tokenizer()), seed=1), tokenizer, folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == first
+    assert [p.name for p in tmp_path.iterdir()] == ["smollm2_135m"]  # no temporary folder left behind
