@@ -14,16 +14,16 @@ import sys
 from pathlib import Path
 
 from fsdp_common import SELECT_BEST, job_config
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from s2ft.lightning import S2FTLitModule, run_experiment
+from s2ft.lightning.callbacks import RunInterrupted
 
 original_batch_end = S2FTLitModule.on_train_batch_end
 
 
 def preempt_at(step: int):
     """Every rank sends itself SIGTERM at the end of `step`, at the same point of its program, as a cluster
-    preempting the job does (Lightning then checkpoints after the batch and raises SIGTERMException)."""
+    preempting the job does (the run then checkpoints after the batch and raises RunInterrupted)."""
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         original_batch_end(self, outputs, batch, batch_idx)
@@ -47,7 +47,7 @@ def main(out_dir: Path, steps: int, jobs: list[str]) -> None:
         try:
             run_experiment(job_config(method, steps, sharded=True), run_dir)
             raise AssertionError("the run was not stopped")
-        except SIGTERMException:
+        except RunInterrupted:
             pass
         finally:
             S2FTLitModule.on_train_batch_end = original_batch_end

@@ -79,7 +79,9 @@ def trainer_in(env: dict[str, str], trainer_cfg: dict, monkeypatch, tmp_path):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    return runner._trainer({**trainer_cfg, "accelerator": "cpu"}, tmp_path, None, has_val=False)
+    return runner._trainer(
+        {"trainer": {**trainer_cfg, "accelerator": "cpu"}}, tmp_path, None, has_val=False, preloaded=None
+    )
 
 
 def assert_rank_9_of_16(trainer, environment: type) -> None:

@@ -164,6 +164,8 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     if sharded:
         # Saving and evaluation need the whole model, as a single-process run holds it, not rank 0's shards.
         model = unsharded_model(cfg, calibration, trained)
+    # Lightning's teardown moves the module to the CPU after fit; evaluate where training ran (the GPU).
+    model.to(trainer.strategy.root_device)
     save_trained(model, method["name"], run_dir / "adapter")
     write_adapter_record(run_dir / "adapter", method["name"], provenance)
     honour_umask(run_dir / "adapter")
