@@ -27,12 +27,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class AdvanceSampler(L.Callback):
-    """Counts a training batch as consumed when it starts, so a checkpoint at its end resumes after it."""
+    """Keeps the sampler's position: the epoch when one starts, a batch consumed when it starts (so a checkpoint at its
+    end resumes after it). Lightning's own `set_epoch` call reaches a dataloader's `sampler`, never its
+    `batch_sampler`, and the next epoch's iterator is created after `on_train_epoch_start`."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module) -> None:
+        sampler = _resumable_sampler(trainer)
+        if sampler is not None:
+            sampler.set_epoch(trainer.current_epoch)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
-        sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
-        if isinstance(sampler, ResumableBatchSampler):
+        sampler = _resumable_sampler(trainer)
+        if sampler is not None:
             sampler.advance()
+
+
+def _resumable_sampler(trainer: L.Trainer) -> ResumableBatchSampler | None:
+    sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
+    return sampler if isinstance(sampler, ResumableBatchSampler) else None
 
 
 class LastCheckpoint(L.Callback):
