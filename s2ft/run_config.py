@@ -100,6 +100,11 @@ def _check_method(method: dict, training: bool) -> list[str]:
             problems.append(f"method.lr must be > 0, got {method.get('lr')!r}")
         if not _number(method.get("weight_decay", 0.0)) or method.get("weight_decay", 0.0) < 0:
             problems.append(f"method.weight_decay must be >= 0, got {method.get('weight_decay')!r}")
+        betas = method.get("betas")
+        if betas is not None and not (
+            isinstance(betas, list | tuple) and len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas)
+        ):
+            problems.append(f"method.betas must be AdamW's [beta1, beta2], each in [0, 1), got {betas!r}")
     options = method.get("options") or {}
     if name != "s2ft":
         stray = sorted(set(options) & set(S2FT_ONLY))

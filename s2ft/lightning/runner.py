@@ -26,6 +26,7 @@ from s2ft.lightning.summary import build_summary, print_summary, task_record, wr
 from s2ft.run_config import RunConfigError, validate_run_config
 
 CALIBRATED_STRATEGIES = ("activation", "weight_activation", "gradient")
+ADAM_BETAS = (0.9, 0.999)  # torch's default; the paper configs set method.betas to the official (0.9, 0.95)
 CHECKPOINT = Path("checkpoints") / "last.ckpt"
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,12 @@ def _train(cfg: dict, run_dir: Path) -> dict | None:
     if logger:
         logger.log_metrics({"trainable_params": counts["trainable_params"], "trainable_pct": counts["trainable_pct"]})
     module = S2FTLitModule(
-        model, method["lr"], method.get("weight_decay", 0.0), tr.get("warmup_steps", 0), tr.get("scheduler", "linear")
+        model,
+        method["lr"],
+        method.get("weight_decay", 0.0),
+        tr.get("warmup_steps", 0),
+        tr.get("scheduler", "linear"),
+        betas=tuple(method.get("betas") or ADAM_BETAS),
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
 
