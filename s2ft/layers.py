@@ -37,8 +37,9 @@ class S2FTLinear(nn.Module):
     to bf16 rounding): every computation casts them to the weight's dtype, and their gradient comes back in theirs.
 
     ``merge()`` copies ``values`` into ``weight`` (forward becomes one plain matmul); ``unmerge()`` zeroes the slots
-    again. Both are exact copies (a merge rounds fp32 values to the weight's dtype). ``base_values`` keeps the base model's original entries at ``index``, so the base
-    can be restored without rounding and adapter deltas (fusion) are exact.
+    again. Both are exact copies (a merge rounds fp32 values to the weight's dtype). ``base_values`` keeps the base
+    model's original entries at ``index``, so the base can be restored without rounding and adapter deltas (fusion)
+    are exact.
 
     Args:
         linear: The layer to replace. Its ``weight`` and ``bias`` Parameters are reused (frozen, slots zeroed in
