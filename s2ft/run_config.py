@@ -228,6 +228,9 @@ def _check_trainer(tr: dict) -> list[str]:
         problems.append(f"trainer.precision must be one of {PRECISIONS}, got {tr.get('precision')!r}")
     if tr.get("select_best") not in SELECT_BEST:
         problems.append(f"trainer.select_best must be null or 'val_loss', got {tr.get('select_best')!r}")
+    after = tr.get("select_best_after", 0.0)
+    if not _number(after) or not 0 <= after < 1:
+        problems.append(f"trainer.select_best_after must be a fraction of training in [0, 1), got {after!r}")
     return problems
 
 

@@ -243,7 +243,7 @@ def _trainer(tr: dict, run_dir: Path, logger, has_val: bool) -> L.Trainer:
         if not has_val:
             raise ValueError("trainer.select_best=val_loss needs a validation split: set data.val_size > 0")
         # Before LastCheckpoint's end-of-training save, so the final checkpoint holds the selected weights too.
-        callbacks.insert(1, KeepBest())
+        callbacks.insert(1, KeepBest(after=tr.get("select_best_after", 0.0)))
     return L.Trainer(
         max_steps=tr.get("max_steps", -1),
         max_epochs=tr.get("max_epochs"),

@@ -72,6 +72,18 @@ def build_config(model: nn.Module, options: dict[str, Any]):
     return cfg
 
 
+def planned_params(model: nn.Module, options: dict[str, Any]) -> int:
+    """The trainable count ``prepare`` gives ``model`` with ``options``, from the budget rule alone: nothing is
+    selected or changed, so it works on a meta-device model of a paper's shape (`s2ft.models.shape_model`)."""
+    from s2ft.selection import component_budgets
+    from s2ft.structures import find_structures
+
+    cfg = build_config(model, options)
+    structures = find_structures(model)
+    budgets = component_budgets(cfg, structures, sum(p.numel() for p in model.parameters()))
+    return sum(count * structures[0].unit_params(c) for c, count in budgets.items())
+
+
 def prepare(model: nn.Module, options: dict[str, Any], calibration, name: str = "s2ft") -> nn.Module:
     """Freeze the model and train the selected heads/channels; with ``match_lora`` check the count is matched."""
     from s2ft.adapter import trainable_parameter_count
