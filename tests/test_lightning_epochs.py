@@ -81,3 +81,22 @@ def test_resume_across_epochs_matches_the_uninterrupted_run(tmp_path, uninterrup
     assert expected.keys() == actual.keys()
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
+
+
+def test_a_checkpoint_with_the_old_dataloader_position_resumes_exactly(tmp_path, uninterrupted):
+    """Checkpoints written before the data module held the position kept it as Lightning's dataloader state."""
+    full, full_dir, expected_batches = uninterrupted
+    batches = []
+    with recording(batches, stop_after=STEPS_PER_EPOCH + 1), pytest.raises(SIGTERMException):
+        run_experiment(smoke_config(*EPOCHS), tmp_path / "resumed")
+    path = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(path, weights_only=False)
+    position = ckpt.pop("SFTDataModule")
+    assert position == {"epoch": 1, "consumed": 1}
+    ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] = [position]
+    torch.save(ckpt, path)
+    with recording(batches):
+        run_experiment(smoke_config(*EPOCHS, "ckpt_path=last"), tmp_path / "resumed")
+    assert batches == expected_batches
+    for key, tensor in adapter_tensors(full_dir).items():
+        assert torch.equal(adapter_tensors(tmp_path / "resumed")[key], tensor), key

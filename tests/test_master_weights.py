@@ -6,10 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from test_lightning_epochs import recording
+from test_lightning_resume import adapter_tensors, smoke_config
 from torch import nn
 
 from s2ft.adapter import load_adapter_file, s2ft_modules, save_adapter, switch_adapter
 from s2ft.layers import S2FTLinear
+from s2ft.lightning import run_experiment
 from s2ft.lightning.optimizer import MasterWeightAdamW
 from s2ft.methods import prepare_model
 from s2ft.models import tiny_model
@@ -173,3 +177,26 @@ def test_adapters_of_a_bf16_model_keep_fp32_values_through_save_and_switch(tmp_p
     switch_adapter(other, tmp_path / "a")
     for name, module in s2ft_modules(other).items():
         assert module.values.dtype == torch.float32 and torch.equal(module.values, trained[name])
+
+
+@pytest.mark.parametrize(
+    ("method", "precision"),
+    [("s2ft", "bf16-true"), pytest.param("full", "bf16-mixed", marks=pytest.mark.slow)],
+)
+def test_a_bf16_run_resumes_with_its_fp32_state_exactly(method, precision, tmp_path):
+    """bf16-true casts the whole module (fp32 values included) after a checkpoint is loaded: the module restores
+    the checkpoint's exact fp32 values; full FT's fp32 masters come back from the optimizer state."""
+    overrides = ["model.dtype=bfloat16", f"trainer.precision={precision}", f"method={method}", "trainer.max_steps=6"]
+    overrides += ["trainer.checkpoint_every_n_steps=100"]
+    full = run_experiment(smoke_config(*overrides), tmp_path / "full")
+    with recording([], stop_after=3), pytest.raises(SIGTERMException):
+        run_experiment(smoke_config(*overrides), tmp_path / "resumed")
+    ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    masters = [s["master"] for s in ckpt["optimizer_states"][0]["state"].values() if "master" in s]
+    assert bool(masters) == (method == "full") and all(m.dtype == torch.float32 for m in masters)
+    if method == "s2ft":
+        assert {v.dtype for k, v in ckpt["state_dict"].items() if k.endswith(".values")} == {torch.float32}
+    resumed = run_experiment(smoke_config(*overrides, "ckpt_path=last"), tmp_path / "resumed")
+    assert resumed["train"]["loss_curve"] == full["train"]["loss_curve"]
+    for key, tensor in adapter_tensors(tmp_path / "full").items():
+        assert torch.equal(adapter_tensors(tmp_path / "resumed")[key], tensor), key

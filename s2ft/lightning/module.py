@@ -160,6 +160,7 @@ class S2FTLitModule(L.LightningModule):
             )
         keys = self.trained_keys()
         self._resumed_state = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
+        self._adopt_legacy_data_position(checkpoint)
         state = checkpoint.get("s2ft", {})
         self.tokens_seen = state.get("tokens_seen", 0)
         self.last_loss = state.get("last_loss")
@@ -168,6 +169,15 @@ class S2FTLitModule(L.LightningModule):
         self.pace = list(state.get("pace", []))
         self._wall_before = state.get("wall_s", 0.0)
         self.peak_mem_before = state.get("peak_mem_mb", 0.0)
+
+    def _adopt_legacy_data_position(self, checkpoint: dict) -> None:
+        """Checkpoints written before the data module held the sampler's position kept it as the dataloader's state;
+        Lightning would fail to load that into today's plain dataloader, so the data module takes it over."""
+        loop_state = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+        legacy = loop_state.pop("combined_loader", None)
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if legacy and datamodule is not None and type(datamodule).__qualname__ not in checkpoint:
+            datamodule.load_state_dict(legacy[0])
 
     def peak_mem_mb(self) -> float:
         """Peak memory of the training so far, over this session and the sessions it resumed."""
