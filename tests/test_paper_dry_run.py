@@ -2,9 +2,10 @@
 only the model replaced by a tiny bf16 one of the same family and attention layout, on CPU.
 
 Also replaced, because nothing here reaches the hub or a GPU: the training set by a local one of the same kind (a
-small `data.limit`), `trainer.accelerator` by cpu, and the evaluation by none (its settings are checked on the
-config). Precision plugin, dtype, epochs, batch size, accumulation, scheduler, warm-up, betas, validation and
-checkpoint selection are the config's own; `debug=smoke` is not used, so it hides nothing.
+small `data.limit`), `trainer.accelerator` by cpu, the evaluation by none (its settings are checked on the config),
+and an absolute S2FT budget (component_ablation's count) by the same fraction of the tiny model. Precision plugin,
+dtype, epochs, batch size, accumulation, scheduler, warm-up, betas, validation and checkpoint selection are the
+config's own; `debug=smoke` is not used, so it hides nothing.
 """
 
 import hashlib
@@ -15,6 +16,7 @@ import lightning as L
 import pytest
 import torch
 from test_experiments import PAPER, ROOT, compose_dict
+from test_paper_budgets import PAPER_PCT
 
 from s2ft.lightning import runner
 from s2ft.lightning.callbacks import KeepBest, LastCheckpoint
@@ -28,7 +30,6 @@ COMMONSENSE = ["arc_easy", "arc_challenge", "openbookqa"]
 LOCAL_TRAIN = {"commonsense_170k": COMMONSENSE, "math_10k": ["gsm8k"], "alpaca_gpt4": COMMONSENSE}
 TRAIN_ITEMS = 72  # 4 full batches of 16 (a tail of 8 left out, another in each epoch): one step per epoch at 4 x 16
 FAST = ["instruct_mistral"]  # one epoch; the three-epoch runs take ~30 s each on a quiet 2-core machine (slow)
-PAPER_PCT = {"llama_7b": 0.81, "llama2_7b": 0.81, "llama_13b": 0.65, "llama3_8b": 0.70}
 
 
 def tiny_like(name: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -97,6 +98,11 @@ def dry_run(experiment: str, tmp_path, monkeypatch, *overrides: str) -> tuple[di
     cfg["trainer"] = {**cfg["trainer"], "accelerator": "cpu", "devices": 1}
     cfg["logger"] = {**cfg["logger"], "name": "none"}
     dtype = DTYPES[cfg["model"]["dtype"]]
+    target = cfg["method"]["options"].get("target_params")
+    if isinstance(target, int):  # an absolute budget (component_ablation's) scales with the model it is set for
+        name = cfg["model"]["name"]
+        scaled = max(1, round(target * tiny_like(name, dtype).num_parameters() / shape_model(name).num_parameters()))
+        cfg["method"] = {**cfg["method"], "options": {**cfg["method"]["options"], "target_params": scaled}}
 
     def build(model_cfg, cache_dir):
         model = tiny_like(model_cfg["name"], dtype)
@@ -157,11 +163,10 @@ def check(experiment: str, real: dict, summary: dict, probe: Probe, trainer: L.T
     (last,) = [c for c in trainer.callbacks if isinstance(c, LastCheckpoint)]
     assert last.every_n_steps == tr["checkpoint_every_n_steps"] and last.path.is_file()
     # The budget, on a meta-device model of the real shape.
-    name = real["model"]["name"]
-    if method["name"] == "s2ft" and name in PAPER_PCT:
-        model = shape_model(name)
+    if method["name"] == "s2ft" and experiment in PAPER_PCT:
+        model = shape_model(real["model"]["name"])
         pct = 100 * planned_params(model, method_options("s2ft", method["options"])) / model.num_parameters()
-        assert abs(pct - PAPER_PCT[name]) <= 0.02 * PAPER_PCT[name]
+        assert abs(pct - PAPER_PCT[experiment]) <= 0.02 * PAPER_PCT[experiment]
     if real["eval"].get("tasks"):
         assert real["eval"]["num_beams"] == 4 and real["eval"]["max_new_tokens"] == 256
 
