@@ -202,7 +202,9 @@ def fuse_adapters(base: nn.Module, paths_or_adapters, weights=None) -> nn.Module
             weight = base.get_submodule(name).weight
             positions = m.positions.to(weight.device)
             base_values = weight.detach().index_select(m.axis, positions)
-            deltas.append((weight, m.axis, positions, w * (m.values.to(weight) - base_values)))
+            # In fp32: fp32 adapter values on a bf16 base differ from it by less than the base's rounding step.
+            delta = w * (m.values.to(weight.device, torch.float32) - base_values.float())
+            deltas.append((weight, m.axis, positions, delta.to(weight.dtype)))
     with torch.no_grad():
         for weight, axis, positions, delta in deltas:
             weight.index_add_(axis, positions, delta)

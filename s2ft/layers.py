@@ -25,7 +25,9 @@ def select(x: torch.Tensor, index: torch.Tensor, span: tuple[int, int] | None) -
 
 def write_slots(weight: torch.Tensor, axis: int, index: torch.Tensor, values: torch.Tensor) -> None:
     """``weight.index_copy_(axis, index, values)``; columns as a scatter, about 2x faster on CPU for SmolLM2's shapes
-    (48 against 23 us for 36 columns of a 576 x 1536 weight), which is most of an adapter switch."""
+    (48 against 23 us for 36 columns of a 576 x 1536 weight), which is most of an adapter switch. Values are cast to
+    the weight's dtype (fp32 trainables beside a bf16 weight)."""
+    values = values.to(weight.dtype)
     if axis == 0:
         weight.index_copy_(0, index, values)
     else:
@@ -42,9 +44,13 @@ class S2FTLinear(nn.Module):
     ``axis=1`` only the compact selected input columns ``x[..., index]`` are saved, not the whole input. Without
     gradients it adds the values' small matmul to the frozen one instead (no weight copy per call, for decoding).
 
+    ``values`` may be fp32 beside a bf16 ``weight`` (training keeps trainable tensors in fp32 so that no update is lost
+    to bf16 rounding): every computation casts them to the weight's dtype, and their gradient comes back in theirs.
+
     ``merge()`` copies ``values`` into ``weight`` (forward becomes one plain matmul); ``unmerge()`` zeroes the slots
-    again. Both are exact copies. ``base_values`` keeps the base model's original entries at ``index``, so the base
-    can be restored without rounding and adapter deltas (fusion) are exact.
+    again. Both are exact copies (a merge rounds fp32 values to the weight's dtype). ``base_values`` keeps the base
+    model's original entries at ``index``, so the base can be restored without rounding and adapter deltas (fusion)
+    are exact.
 
     Args:
         linear: The layer to replace. Its ``weight`` and ``bias`` Parameters are reused (frozen, slots zeroed in
@@ -108,7 +114,8 @@ class S2FTLinear(nn.Module):
             if self.index.numel():
                 write_slots(self.weight, self.axis, self.index, self.base_values)
             base_values = self.weight.index_select(self.axis, index)
-            new_values = base_values if values is None else values.to(self.weight)
+            # The values keep their own dtype (fp32 while training a bf16 model), so a switch loses no precision.
+            new_values = (base_values if values is None else values).to(self.weight.device, self.values.dtype)
             if self.values.shape == new_values.shape:  # same size: reuse the tensors, no new Parameter
                 self.index.copy_(index)
                 self.base_values.copy_(base_values)
@@ -156,9 +163,10 @@ class S2FTLinear(nn.Module):
             return _S2FTLinearFunction.apply(x, self.values, self.weight, self.bias, self.index, self.axis, self.span)
         # Inference: two matmuls instead of building the merged weight, which would cost a weight copy per call.
         out = F.linear(x, self.weight, self.bias)
+        values = self.values.to(self.weight.dtype)
         if self.axis == 0:
-            return out.index_add(-1, self.index, F.linear(x, self.values).to(out.dtype))
-        return out + F.linear(select(x, self.index, self.span), self.values)
+            return out.index_add(-1, self.index, F.linear(x, values).to(out.dtype))
+        return out + F.linear(select(x, self.index, self.span), values)
 
     def extra_repr(self) -> str:
         return (
@@ -181,7 +189,7 @@ class _S2FTLinearFunction(torch.autograd.Function):
     def forward(ctx, x, values, weight, bias, index, axis, span):
         ctx.axis, ctx.span = axis, span
         ctx.save_for_backward(x if axis == 0 else select(x, index, span), values, weight, index)
-        return F.linear(x, weight.index_copy(axis, index, values), bias)
+        return F.linear(x, weight.index_copy(axis, index, values.to(weight.dtype)), bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -190,8 +198,8 @@ class _S2FTLinearFunction(torch.autograd.Function):
         # Under autocast the forward matmul ran in grad's (lower) precision; do the same here.
         grad_input = grad_values = None
         if ctx.needs_input_grad[0]:
-            grad_input = grad @ weight.index_copy(ctx.axis, index, values).to(grad.dtype)
+            grad_input = grad @ weight.index_copy(ctx.axis, index, values.to(weight.dtype)).to(grad.dtype)
         if ctx.needs_input_grad[1]:
             grad_rows = grad if ctx.axis == 1 else select(grad, index, ctx.span)
-            grad_values = grad_rows.flatten(0, -2).T @ saved_input.flatten(0, -2).to(grad.dtype)
+            grad_values = (grad_rows.flatten(0, -2).T @ saved_input.flatten(0, -2).to(grad.dtype)).to(values.dtype)
         return grad_input, grad_values, None, None, None, None, None

@@ -26,6 +26,40 @@ HUB_MODELS = {
     "mistral_7b": "mistralai/Mistral-7B-v0.1",
 }
 MODEL_NAMES = ("smollm2_135m", *(f"tiny_{f}" for f in TINY_FAMILIES), *HUB_MODELS)
+# Their architectures (family, config fields, from each hub config.json): budgets and memory depend only on these, so
+# `shape_model` builds them on the meta device for budget checks without downloading anything.
+_LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32)
+PAPER_SHAPES: dict[str, tuple[str, dict]] = {
+    "llama_7b": ("llama", dict(_LLAMA_7B, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048)),
+    "llama_13b": (
+        "llama",
+        dict(
+            hidden_size=5120,
+            intermediate_size=13824,
+            num_hidden_layers=40,
+            num_attention_heads=40,
+            num_key_value_heads=40,
+            vocab_size=32000,
+            max_position_embeddings=2048,
+        ),
+    ),
+    "llama2_7b": ("llama", dict(_LLAMA_7B, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)),
+    "llama3_8b": (
+        "llama",
+        dict(
+            _LLAMA_7B,
+            intermediate_size=14336,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            max_position_embeddings=8192,
+            rope_theta=500000.0,
+        ),
+    ),
+    "mistral_7b": (
+        "mistral",
+        dict(_LLAMA_7B, intermediate_size=14336, num_key_value_heads=8, vocab_size=32000, sliding_window=4096),
+    ),
+}
 
 
 def default_cache_dir() -> Path:
@@ -145,15 +179,18 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def tiny_model(family: str, vocab_size: int, seed: int = 0, **overrides) -> PreTrainedModel:
-    """A small random decoder of the given family with grouped-query attention (4 query heads, 2 KV heads).
+def shape_model(name: str, device: str = "meta", dtype: torch.dtype = torch.bfloat16) -> PreTrainedModel:
+    """A paper model's architecture (`PAPER_SHAPES`) with uninitialised weights, by default on the meta device (no
+    memory): its parameter counts, and so every budget, are the real model's."""
+    if name not in PAPER_SHAPES:
+        raise ValueError(f"no shape for {name!r}; use one of {sorted(PAPER_SHAPES)}")
+    family, fields = PAPER_SHAPES[name]
+    config_cls, model_cls = _family_classes()[family]
+    with torch.device(device):
+        return model_cls(config_cls(**fields, tie_word_embeddings=False, dtype=dtype)).to(dtype)
 
-    Args:
-        family: "llama", "mistral", "qwen2" or "qwen3".
-        vocab_size: size of the embedding (match the tokenizer).
-        seed: initialisation seed; the same seed gives the same weights.
-        **overrides: config fields to change (e.g. num_hidden_layers=3).
-    """
+
+def _family_classes() -> dict:
     from transformers import (
         LlamaConfig,
         LlamaForCausalLM,
@@ -165,12 +202,24 @@ def tiny_model(family: str, vocab_size: int, seed: int = 0, **overrides) -> PreT
         Qwen3ForCausalLM,
     )
 
-    classes = {
+    return {
         "llama": (LlamaConfig, LlamaForCausalLM),
         "mistral": (MistralConfig, MistralForCausalLM),
         "qwen2": (Qwen2Config, Qwen2ForCausalLM),
         "qwen3": (Qwen3Config, Qwen3ForCausalLM),
     }
+
+
+def tiny_model(family: str, vocab_size: int, seed: int = 0, **overrides) -> PreTrainedModel:
+    """A small random decoder of the given family with grouped-query attention (4 query heads, 2 KV heads).
+
+    Args:
+        family: "llama", "mistral", "qwen2" or "qwen3".
+        vocab_size: size of the embedding (match the tokenizer).
+        seed: initialisation seed; the same seed gives the same weights.
+        **overrides: config fields to change (e.g. num_hidden_layers=3).
+    """
+    classes = _family_classes()
     if family not in classes:
         raise ValueError(f"unknown tiny model family {family!r}; use one of {list(classes)}")
     config_cls, model_cls = classes[family]

@@ -31,11 +31,11 @@ SCHEMA: dict[str, tuple[str, ...]] = {
         *("name", "seed", "mode", "run_dir", "adapter", "ckpt_path", "save_merged", "overwrite"),
         # Experiment helpers that method and lr interpolations read: the generalization studies' budget (fraction)
         # and per-method rates, the paper fusion study's per-leg rates.
-        *("budget", "budget_lr", "leg_lr"),
+        *("budget", "budget_lr", "leg_lr", "s2ft_budget"),
     ),
     "paths": ("root", "data_dir", "output_dir", "cache_dir"),
     "model": ("name", "dtype", "gradient_checkpointing", "cache_dir"),
-    "method": ("name", "lr", "weight_decay", "options"),
+    "method": ("name", "lr", "weight_decay", "betas", "options"),
     "data": ("train", "limit", "val_size", "max_length", "batch_size", "allow_overlap", "overlap_tasks"),
     "eval": (
         *("tasks", "limit", "mode", "batch_size", "num_beams", "max_new_tokens", "before", "heldout"),
@@ -44,7 +44,7 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     "trainer": (
         *("max_steps", "max_epochs", "accumulate_grad_batches", "gradient_clip_val", "precision", "accelerator"),
         *("devices", "strategy", "num_nodes", "warmup_steps", "scheduler", "log_every_n_steps", "val_check_interval"),
-        *("select_best", "checkpoint_every_n_steps"),
+        *("select_best", "select_best_after", "checkpoint_every_n_steps"),
     ),
     "logger": ("name", "project", "mode", "tags"),
 }
@@ -155,6 +155,11 @@ def _check_method(method: dict, training: bool) -> list[str]:
             problems.append(f"method.lr must be a finite number > 0, got {method.get('lr')!r}")
         if not _number(method.get("weight_decay", 0.0)) or method.get("weight_decay", 0.0) < 0:
             problems.append(f"method.weight_decay must be a finite number >= 0, got {method.get('weight_decay')!r}")
+        betas = method.get("betas")
+        if betas is not None and not (
+            isinstance(betas, list | tuple) and len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas)
+        ):
+            problems.append(f"method.betas must be AdamW's [beta1, beta2], each in [0, 1), got {betas!r}")
     options = method.get("options") or {}
     if name != "s2ft":
         stray = sorted(set(options) & set(S2FT_ONLY))
@@ -317,6 +322,9 @@ def _check_trainer(tr: dict) -> list[str]:
         problems.append(f"trainer.precision must be one of {PRECISIONS}, got {tr.get('precision')!r}")
     if tr.get("select_best") not in SELECT_BEST:
         problems.append(f"trainer.select_best must be null or 'val_loss', got {tr.get('select_best')!r}")
+    after = tr.get("select_best_after", 0.0)
+    if not _number(after) or not 0 <= after < 1:
+        problems.append(f"trainer.select_best_after must be a fraction of training in [0, 1), got {after!r}")
     return problems
 
 

@@ -19,7 +19,11 @@ CONF = ROOT / "conf"
 EXPERIMENTS = sorted(path.stem for path in (CONF / "experiment").glob("*.yaml"))
 PAPER = {
     "arith_llama": "llama2_7b",
+    "arith_llama7b": "llama_7b",
+    "arith_llama13b": "llama_13b",
     "commonsense_llama": "llama2_7b",
+    "commonsense_llama7b": "llama_7b",
+    "commonsense_llama13b": "llama_13b",
     "arith_llama3": "llama3_8b",
     "commonsense_llama3": "llama3_8b",
     "instruct_mistral": "mistral_7b",
@@ -133,8 +137,12 @@ PAPER_LRS = {
     ("experiment", "task"),
     [
         ("arith_llama", "arith"),
+        ("arith_llama7b", "arith"),
+        ("arith_llama13b", "arith"),
         ("arith_llama3", "arith"),
         ("commonsense_llama", "commonsense"),
+        ("commonsense_llama7b", "commonsense"),
+        ("commonsense_llama13b", "commonsense"),
         ("commonsense_llama3", "commonsense"),
     ],
 )

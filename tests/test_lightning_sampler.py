@@ -46,11 +46,28 @@ def test_state_resumes_mid_epoch_exactly():
 
     restored = ResumableBatchSampler(size=20, batch_size=2, seed=1)
     restored.load_state_dict(state)
-    restored.set_epoch(3)  # Lightning sets the same epoch again: the position is kept
-    assert seen + list(restored) == expected
-    assert list(restored) == expected  # the next pass starts from the beginning
+    restored.set_epoch(3)  # the callback sets the same epoch again: the position is kept
+    rest = []
+    for batch in restored:
+        rest.append(batch)
+        restored.advance()
+    assert seen + rest == expected
+    assert restored.state_dict() == {"epoch": 3, "consumed": 10}
     restored.set_epoch(4)
     assert restored.state_dict() == {"epoch": 4, "consumed": 0}
+
+
+def test_a_finished_epoch_continues_with_the_next_epochs_order():
+    """A checkpoint after an epoch's last batch holds (epoch, all batches): the resumed pass is the next epoch's, even
+    before anyone calls set_epoch (Lightning creates the first iterator before on_train_epoch_start)."""
+    reference = ResumableBatchSampler(size=20, batch_size=2, seed=1)
+    reference.set_epoch(1)
+    sampler = ResumableBatchSampler(size=20, batch_size=2, seed=1)
+    sampler.load_state_dict({"epoch": 0, "consumed": 10})
+    assert list(sampler) == list(reference)
+    assert sampler.state_dict() == {"epoch": 1, "consumed": 0}
+    sampler.set_epoch(1)  # the epoch start that follows keeps it
+    assert sampler.state_dict() == {"epoch": 1, "consumed": 0}
 
 
 def test_too_little_data_is_a_clear_error():

@@ -80,12 +80,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class AdvanceSampler(L.Callback):
-    """Counts a training batch as consumed when it starts, so a checkpoint at its end resumes after it."""
+    """Keeps the sampler's position: the epoch when one starts, a batch consumed when it starts (so a checkpoint at its
+    end resumes after it). Lightning's own `set_epoch` call reaches a dataloader's `sampler`, never its
+    `batch_sampler`, and the next epoch's iterator is created after `on_train_epoch_start`."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module) -> None:
+        sampler = _resumable_sampler(trainer)
+        if sampler is not None:
+            sampler.set_epoch(trainer.current_epoch)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
-        sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
-        if isinstance(sampler, ResumableBatchSampler):
+        sampler = _resumable_sampler(trainer)
+        if sampler is not None:
             sampler.advance()
+
+
+def _resumable_sampler(trainer: L.Trainer) -> ResumableBatchSampler | None:
+    sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
+    return sampler if isinstance(sampler, ResumableBatchSampler) else None
 
 
 class StopOnNonFinite(L.Callback):
@@ -209,16 +221,28 @@ class LastCheckpoint(L.Callback):
 
 class KeepBest(L.Callback):
     """With `trainer.select_best=val_loss`: keep a copy of the trained tensors at the best validation loss and load it
-    back when training ends, so the saved adapter is the best one rather than the last."""
+    back when training ends, so the saved adapter is the best one rather than the last.
 
-    def __init__(self, monitor: str = "val/loss"):
-        self.monitor = monitor
+    Args:
+        monitor: The logged metric to minimise.
+        after: Fraction of the run's optimizer steps before which validations are not candidates (the official
+            scripts' `eval_delay 0.5`: only the second half of training is selected from).
+    """
+
+    def __init__(self, monitor: str = "val/loss", after: float = 0.0):
+        self.monitor, self.after = monitor, after
         self.best: float | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
+
+    def first_candidate_step(self, trainer: L.Trainer) -> int:
+        """The first optimizer step whose validation may be selected."""
+        return int(self.after * trainer.estimated_stepping_batches)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
         value = trainer.callback_metrics.get(self.monitor)
         if trainer.sanity_checking or value is None or (self.best is not None and float(value) >= self.best):
+            return
+        if trainer.global_step < self.first_candidate_step(trainer):
             return
         self.best = float(value)
         # Whole tensors on every rank (gathered under FSDP), so the checkpoint rank 0 writes holds all of them.

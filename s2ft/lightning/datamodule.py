@@ -5,11 +5,15 @@ from __future__ import annotations
 import lightning as L
 from torch.utils.data import DataLoader
 
-from s2ft.lightning.sampler import ResumableBatchSampler, ResumableDataLoader
+from s2ft.lightning.sampler import ResumableBatchSampler
 
 
 class SFTDataModule(L.LightningDataModule):
-    """Instruction-tuning data for `S2FTLitModule`.
+    """Instruction-tuning data for `S2FTLitModule`; its checkpoint state is the training sampler's position.
+
+    The position travels as the data module's state, not the dataloader's: Lightning restores a data module before
+    `configure_optimizers`, whose `estimated_stepping_batches` builds the training dataloader in an epoch-based run,
+    and it never restores a dataloader built that early (so an epoch-based run resumed from the start of its epoch).
 
     Args:
         train_examples: Training `Example`s (already mixed and limited, see `s2ft.data.load_train`).
@@ -32,11 +36,22 @@ class SFTDataModule(L.LightningDataModule):
         self.collate = Collator(tokenizer)
         self.batch_size, self.seed = batch_size, seed
         self.sampler: ResumableBatchSampler | None = None
+        self._position: dict[str, int] | None = None  # restored from a checkpoint before the sampler exists
 
     def train_dataloader(self) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         self.sampler = ResumableBatchSampler(len(self.train_set), self.batch_size, self.seed, rank, world)
-        return ResumableDataLoader(self.train_set, batch_sampler=self.sampler, collate_fn=self.collate)
+        if self._position is not None:
+            self.sampler.load_state_dict(self._position)
+        return DataLoader(self.train_set, batch_sampler=self.sampler, collate_fn=self.collate)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.sampler.state_dict() if self.sampler is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._position = dict(state_dict) or None
+        if self.sampler is not None and self._position:
+            self.sampler.load_state_dict(self._position)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:

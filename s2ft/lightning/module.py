@@ -10,11 +10,16 @@ import torch
 from torch import nn
 
 from s2ft.lightning.memory import peak_memory_mb
+from s2ft.lightning.optimizer import MasterWeightAdamW
 from s2ft.lightning.sharding import FSDP2Strategy, shard_model
 
 
 class S2FTLitModule(L.LightningModule):
     """Trains the parameters a method left trainable; checkpoints hold only those (and the optimizer state).
+
+    Trainable tensors keep the dtype the method gave them (fp32 for adapters, whatever the model's dtype) through
+    Lightning's precision plugins, and low-precision ones (full fine-tuning of a bf16 model) train through fp32 master
+    weights (`MasterWeightAdamW`), so no update is lost to bf16 rounding.
 
     Args:
         model: The prepared causal LM (`s2ft.methods.prepare_model`); frozen parameters get no optimizer state.
@@ -22,10 +27,17 @@ class S2FTLitModule(L.LightningModule):
         weight_decay: AdamW weight decay.
         warmup_steps: Linear warm-up from 0 to `lr`, in optimizer steps.
         scheduler: "linear" or "cosine" decay to 0 at the last step.
+        betas: AdamW's (beta1, beta2); the official S2FT scripts train with (0.9, 0.95).
     """
 
     def __init__(
-        self, model: nn.Module, lr: float, weight_decay: float = 0.0, warmup_steps: int = 0, scheduler: str = "linear"
+        self,
+        model: nn.Module,
+        lr: float,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        scheduler: str = "linear",
+        betas: tuple[float, float] = (0.9, 0.999),
     ):
         super().__init__()
         if scheduler not in ("linear", "cosine"):
@@ -33,6 +45,11 @@ class S2FTLitModule(L.LightningModule):
         # from_pretrained returns models in eval mode and Lightning keeps the mode it finds; dropout must train.
         self.model = model.train()
         self.lr, self.weight_decay, self.warmup_steps, self.scheduler = lr, weight_decay, warmup_steps, scheduler
+        self.betas = tuple(betas)
+        # A true-half precision plugin (bf16-true) casts the whole module, fp32 trainable tensors included, after the
+        # model is built and a checkpoint's weights are loaded; configure_optimizers undoes that for trained tensors.
+        self._trained_dtypes = {name: p.dtype for name, p in self.named_parameters() if p.requires_grad}
+        self._resumed_state: dict[str, torch.Tensor] = {}
         # Checkpoints omit the frozen weights, which the run rebuilds from its config.
         self.strict_loading = False
         self.tokens_seen = 0
@@ -130,14 +147,24 @@ class S2FTLitModule(L.LightningModule):
             self.val_curve.append((self.trainer.global_step, float(value)))
 
     def configure_optimizers(self):
+        self._restore_trained_dtypes()
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters; check method.name and method.options")
-        # foreach/fused kernels are not available for every CPU dtype; the plain loop is exact and fast enough here.
-        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, foreach=False)
+        optimizer = MasterWeightAdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.warmup_steps, total, self.scheduler))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def _restore_trained_dtypes(self) -> None:
+        """Gives trainable tensors back the dtype they were prepared in (and a resumed checkpoint's exact values)."""
+        for name, param in self.named_parameters():
+            dtype = self._trained_dtypes.get(name)
+            if dtype is not None and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+        if self._resumed_state:
+            self.load_state_dict(self._resumed_state, strict=False)
+            self._resumed_state = {}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keys = self.trained_keys()
@@ -159,6 +186,9 @@ class S2FTLitModule(L.LightningModule):
                 f"the checkpoint lacks {len(missing)} trained tensors (e.g. {missing[:3]}): it was written by a run "
                 "with another method or selection; resume with the same config or start a new run directory"
             )
+        keys = self.trained_keys()
+        self._resumed_state = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
+        self._adopt_legacy_data_position(checkpoint)
         state = checkpoint.get("s2ft", {})
         self.tokens_seen = state.get("tokens_seen", 0)
         self.last_loss = state.get("last_loss")
@@ -167,6 +197,15 @@ class S2FTLitModule(L.LightningModule):
         self.pace = list(state.get("pace", []))
         self._wall_before = state.get("wall_s", 0.0)
         self.peak_mem_before = state.get("peak_mem_mb", 0.0)
+
+    def _adopt_legacy_data_position(self, checkpoint: dict) -> None:
+        """Checkpoints written before the data module held the sampler's position kept it as the dataloader's state;
+        Lightning would fail to load that into today's plain dataloader, so the data module takes it over."""
+        loop_state = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+        legacy = loop_state.pop("combined_loader", None)
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if legacy and datamodule is not None and type(datamodule).__qualname__ not in checkpoint:
+            datamodule.load_state_dict(legacy[0])
 
     def peak_mem_mb(self) -> float:
         """Peak memory of the training so far, over this session and the sessions it resumed."""

@@ -40,6 +40,7 @@ from s2ft.lightning.summary import build_summary, print_summary, task_record, wr
 from s2ft.run_config import RunConfigError, validate_run_config
 
 CALIBRATED_STRATEGIES = ("activation", "weight_activation", "gradient")
+ADAM_BETAS = (0.9, 0.999)  # torch's default; the paper configs set method.betas to the official (0.9, 0.95)
 log = logging.getLogger(__name__)
 
 
@@ -132,7 +133,12 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     model = prepare_model(model, method["name"], options, calibration)
     counts = trainable_summary(model)
     module = S2FTLitModule(
-        model, method["lr"], method.get("weight_decay", 0.0), tr.get("warmup_steps", 0), tr.get("scheduler", "linear")
+        model,
+        method["lr"],
+        method.get("weight_decay", 0.0),
+        tr.get("warmup_steps", 0),
+        tr.get("scheduler", "linear"),
+        betas=tuple(method.get("betas") or ADAM_BETAS),
     )
     if plan.checkpoint is not None:
         state, keys = module.state_dict(), module.trained_keys()
@@ -298,7 +304,7 @@ def _trainer(cfg: dict, run_dir: Path, logger, has_val: bool, preloaded: dict | 
         if not has_val:
             raise ValueError("trainer.select_best=val_loss needs a validation split: set data.val_size > 0")
         # Before LastCheckpoint: its best state is taken at validation end and restored before the final save.
-        callbacks.insert(3, KeepBest())
+        callbacks.insert(3, KeepBest(after=tr.get("select_best_after", 0.0)))
     io = AtomicCheckpointIO({cfg["ckpt_path"]: preloaded} if preloaded is not None else None)
     strategy = FSDP2Strategy() if tr.get("strategy") == "fsdp" else tr.get("strategy", "auto")
     trainer = L.Trainer(

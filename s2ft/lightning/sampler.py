@@ -1,14 +1,17 @@
 """A seeded, rank-sharded batch sampler that resumes mid-epoch exactly.
 
-Lightning saves the `state_dict` of a dataloader that has one and restores it on `ckpt_path=...`. The sampler cannot
-count what it yields (Lightning prefetches a batch ahead), so the training module calls `advance()` when a batch
-actually starts; a checkpoint taken at the end of that batch then records it as consumed.
+`SFTDataModule` saves the sampler's `state_dict` in checkpoints and restores it on `ckpt_path=...`. The sampler cannot
+count what it yields (Lightning prefetches a batch ahead, so its iterator runs out before the last batch trains), so
+the `AdvanceSampler` callback calls `advance()` when a batch actually starts and `set_epoch(trainer.current_epoch)`
+when an epoch starts (Lightning's own `set_epoch` call reaches only a `sampler`, not a `batch_sampler`). The position
+is (epoch, consumed batches); a finished epoch and the start of the next one are the same position, so a checkpoint
+taken after an epoch's last batch resumes with the next epoch.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Sampler
 
 from s2ft.data import DataError
 
@@ -34,19 +37,22 @@ class ResumableBatchSampler(Sampler[list[int]]):
         return self.size // (self.batch_size * self.world_size)
 
     def __iter__(self):
+        if self.consumed >= len(self):
+            # Every batch of this epoch was trained on: the pass is the next epoch's (a resume after an epoch's last
+            # batch gets here before Lightning starts the next epoch).
+            self.epoch, self.consumed = self.epoch + 1, 0
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.size, generator=generator)[: len(self) * self.batch_size * self.world_size]
         mine = order[self.rank :: self.world_size].tolist()
         for start in range(self.consumed * self.batch_size, len(mine), self.batch_size):
             yield mine[start : start + self.batch_size]
-        # An epoch that ran to its end starts the next pass from the beginning, even without set_epoch.
-        self.consumed = 0
 
     def advance(self) -> None:
         """Record that one more batch of this epoch was trained on."""
         self.consumed += 1
 
     def set_epoch(self, epoch: int) -> None:
+        """Start epoch `epoch` from its first batch; the epoch in progress keeps its position (a mid-epoch resume)."""
         if epoch != self.epoch:
             self.epoch, self.consumed = epoch, 0
 
@@ -55,13 +61,3 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.consumed = state["epoch"], state["consumed"]
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader whose position is saved in and restored from Lightning checkpoints (through its batch sampler)."""
-
-    def state_dict(self) -> dict[str, int]:
-        return self.batch_sampler.state_dict()
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.batch_sampler.load_state_dict(state)

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from s2ft.adapter_format import CONFIG_NAME, FORMAT, AdapterError
@@ -79,9 +80,26 @@ def prepare_model(model: nn.Module, name: str, options: dict[str, Any] | None = 
         calibration: Batches for data-dependent S2FT selection strategies (ignored by the other methods).
 
     Returns:
-        The prepared model (for LoRA/DoRA a PEFT wrapper around ``model``, otherwise ``model`` itself).
+        The prepared model (for LoRA/DoRA a PEFT wrapper around ``model``, otherwise ``model`` itself). Every
+        trainable tensor of an adapter method (S2FT, LoRA, DoRA, SpFT) is fp32 whatever the model's dtype, so bf16
+        rounding loses no update; frozen weights keep the model's dtype. Full fine-tuning keeps the model's dtype (a
+        7B model's weights in fp32 would not fit one GPU beside their optimizer state); its optimizer holds fp32
+        master copies instead (``s2ft.lightning.optimizer.MasterWeightAdamW``).
     """
-    return get_method(name).prepare(model, method_options(name, options), calibration, name)
+    method = get_method(name)
+    model = method.prepare(model, method_options(name, options), calibration, name)
+    if method.fp32_trainables:
+        upcast_trainable(model)
+    return model
+
+
+def upcast_trainable(model: nn.Module) -> nn.Module:
+    """Casts every trainable half-precision (bf16, fp16) parameter of ``model`` to fp32 in place; frozen ones and
+    wider ones (fp64) are untouched."""
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and torch.finfo(param.dtype).bits < 32:
+            param.data = param.data.float()
+    return model
 
 
 def save_trained(model: nn.Module, name: str, out_dir: str | Path) -> None:

@@ -40,4 +40,4 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
-METHOD = Method("full", DEFAULTS, prepare, save, load, merge)
+METHOD = Method("full", DEFAULTS, prepare, save, load, merge, fp32_trainables=False)

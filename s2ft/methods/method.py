@@ -19,6 +19,8 @@ class Method:
         load: ``load(model, path) -> model``: apply what ``save`` wrote to a base model.
         merge: ``merge(model) -> model``: fold what it trained into plain weights.
         trains: False for evaluation-only methods (a training run with one is a configuration error).
+        fp32_trainables: Cast the parameters it makes trainable to fp32 in a half-precision model (adapters); full
+            fine-tuning keeps the model's dtype and trains through the optimizer's fp32 master weights.
     """
 
     name: str
@@ -28,3 +30,4 @@ class Method:
     load: Callable
     merge: Callable
     trains: bool = True
+    fp32_trainables: bool = True

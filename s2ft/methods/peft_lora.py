@@ -8,14 +8,20 @@ from typing import Any
 from torch import nn
 
 from s2ft.methods.method import Method
+from s2ft.methods.spft import DEFAULTS as SPFT_DEFAULTS
+from s2ft.methods.spft import targeted_linears
 
 DEFAULTS: dict[str, Any] = {
     "r": 32,
     "lora_alpha": 64,
     "lora_dropout": 0.05,
     "target_modules": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
-    "budget": None,  # a trainable count or a fraction of the model: sets r to the closest rank (r is then ignored)
+    "budget": None,  # a trainable count or a fraction: sets r to the closest rank (r is then ignored)
+    # What a fractional budget is a fraction of: "model" (all parameters) or "linear" (the entries of the decoder's
+    # q, k, v, o, gate, up and down weights, what SpFT's p counts), so LoRA and SpFT at one p train the same count.
+    "budget_of": "model",
 }
+BUDGET_OF = ("model", "linear")
 
 
 def lora_param_count(model: nn.Module, r: int, target_modules: list[str], key: str = "method.options") -> int:
@@ -39,12 +45,19 @@ def lora_param_count(model: nn.Module, r: int, target_modules: list[str], key: s
     return count
 
 
-def rank_for_budget(model: nn.Module, budget: float | int, target_modules: list[str]) -> int:
-    """The LoRA rank whose trainable count is closest to ``budget`` (a count, or a fraction of the model's size)."""
+def rank_for_budget(model: nn.Module, budget: float | int, target_modules: list[str], of: str = "model") -> int:
+    """The LoRA rank whose trainable count is closest to ``budget``: a count, or a fraction of the model's parameters
+    (``of="model"``) or of its decoder linear-layer entries (``of="linear"``, the base of SpFT's p)."""
     if isinstance(budget, bool) or not isinstance(budget, float | int) or budget <= 0:
         raise ValueError(f"method.options.budget must be a count >= 1 or a fraction in (0, 1), got {budget!r}")
+    if of not in BUDGET_OF:
+        raise ValueError(f"method.options.budget_of must be one of {BUDGET_OF}, got {of!r}")
     if isinstance(budget, float) and budget < 1:
-        budget = budget * sum(p.numel() for p in model.parameters())
+        if of == "model":
+            base = sum(p.numel() for p in model.parameters())
+        else:
+            base = sum(m.weight.numel() for _, m in targeted_linears(model, SPFT_DEFAULTS["target_modules"]))
+        budget = budget * base
     return max(1, round(budget / lora_param_count(model, 1, target_modules)))
 
 
@@ -71,7 +84,7 @@ def prepare(model: nn.Module, options: dict[str, Any], calibration, name: str = 
 
     r = None
     if options["budget"] is not None:
-        r = rank_for_budget(model, options["budget"], options["target_modules"])
+        r = rank_for_budget(model, options["budget"], options["target_modules"], options["budget_of"])
     return get_peft_model(model, lora_config(options, dora=name == "dora", r=r))
 
 

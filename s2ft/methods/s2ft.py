@@ -11,6 +11,7 @@ from s2ft.api import apply_s2ft
 from s2ft.config import S2FTConfig, S2FTConfigError
 from s2ft.methods.method import Method
 from s2ft.methods.peft_lora import lora_param_count
+from s2ft.selection import component_budgets
 from s2ft.structures import find_structures
 
 DEFAULTS: dict[str, Any] = {
@@ -79,6 +80,15 @@ def ratio_problems(ratios) -> list[str]:
     except S2FTConfigError as err:
         return [line.strip()[2:] for line in str(err).splitlines()[1:]]
     return []
+
+
+def planned_params(model: nn.Module, options: dict[str, Any]) -> int:
+    """The trainable count ``prepare`` gives ``model`` with ``options``, from the budget rule alone: nothing is
+    selected or changed, so it works on a meta-device model of a paper's shape (`s2ft.models.shape_model`)."""
+    cfg = build_config(model, options)
+    structures = find_structures(model)
+    budgets = component_budgets(cfg, structures, sum(p.numel() for p in model.parameters()))
+    return sum(count * structures[0].unit_params(c) for c, count in budgets.items())
 
 
 def prepare(model: nn.Module, options: dict[str, Any], calibration, name: str = "s2ft") -> nn.Module:

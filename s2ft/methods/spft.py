@@ -43,9 +43,10 @@ class SpFTLinear(nn.Module):
         self.values = nn.Parameter(base.weight.new_zeros(index.numel()))
 
     def effective_weight(self) -> torch.Tensor:
-        """The dense weight this layer computes with (differentiable in ``values``)."""
+        """The dense weight this layer computes with (differentiable in ``values``, which may be fp32 beside a bf16
+        weight: the sum is rounded to the weight's dtype, the fp32 values keep every update)."""
         weight = self.base.weight
-        return weight.flatten().index_add(0, self.index, self.values).view_as(weight)
+        return weight.flatten().index_add(0, self.index, self.values.to(weight.dtype)).view_as(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.effective_weight(), self.base.bias)

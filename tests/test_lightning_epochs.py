@@ -1,0 +1,102 @@
+"""Epochs through Lightning: every epoch trains all its batches in a new order, and resume keeps both exactly."""
+
+import contextlib
+import csv
+import os
+import signal
+
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from test_lightning_resume import adapter_tensors, smoke_config
+
+from s2ft.lightning import S2FTLitModule, run_experiment
+
+# 24 items, 8 of them for validation, one too long for max_length (dropped): 15 training items in batches of 4, so 3
+# full batches (= optimizer steps) per epoch, each epoch leaving out its own 3 items (the tail of its shuffle).
+EPOCHS = ["trainer.max_steps=-1", "trainer.max_epochs=3", "data.limit=24", "trainer.checkpoint_every_n_steps=100"]
+STEPS_PER_EPOCH = 3
+
+
+@contextlib.contextmanager
+def recording(batches: list, stop_after: int | None = None):
+    """Within the block, runs append (epoch, the batch's token rows) of every training step to `batches`; with
+    `stop_after`, a run sends itself SIGTERM after that optimizer step (a cluster preemption)."""
+    training_step, batch_end = S2FTLitModule.training_step, S2FTLitModule.on_train_batch_end
+
+    def record(self, batch, batch_idx):
+        pairs = zip(batch["input_ids"], batch["attention_mask"], strict=True)
+        rows = tuple(tuple(row[mask.bool()].tolist()) for row, mask in pairs)
+        batches.append((self.trainer.current_epoch, rows))
+        return training_step(self, batch, batch_idx)
+
+    def stop(self, outputs, batch, batch_idx):
+        batch_end(self, outputs, batch, batch_idx)
+        if self.trainer.global_step == stop_after:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(S2FTLitModule, "training_step", record)
+        patch.setattr(S2FTLitModule, "on_train_batch_end", stop)
+        yield
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The summary, run directory and trained batches of one uninterrupted 3-epoch run."""
+    run_dir, batches = tmp_path_factory.mktemp("epochs") / "full", []
+    with recording(batches):
+        summary = run_experiment(smoke_config(*EPOCHS, "trainer.log_every_n_steps=1", logger="csv"), run_dir)
+    return summary, run_dir, batches
+
+
+def test_three_epochs_train_every_batch_in_a_new_order(uninterrupted):
+    summary, run_dir, batches = uninterrupted
+    assert summary["train"]["steps"] == 3 * STEPS_PER_EPOCH
+    assert [epoch for epoch, _ in batches] == [e for e in range(3) for _ in range(STEPS_PER_EPOCH)]
+    with (run_dir / "metrics.csv").open(newline="") as handle:
+        epochs = [int(row["epoch"]) for row in csv.DictReader(handle) if row.get("train/loss")]
+    assert epochs == [e for e in range(3) for _ in range(STEPS_PER_EPOCH)]
+    orders = [[row for e, rows in batches if e == epoch for row in rows] for epoch in range(3)]
+    assert [len(set(order)) for order in orders] == [4 * STEPS_PER_EPOCH] * 3  # no item twice in an epoch
+    assert len(set(orders[0]) | set(orders[1]) | set(orders[2])) <= 15
+    assert orders[0] != orders[1] and orders[1] != orders[2] and orders[0] != orders[2]
+
+
+@pytest.mark.parametrize(
+    "stop", [pytest.param(STEPS_PER_EPOCH + 1, id="mid-epoch-1"), pytest.param(STEPS_PER_EPOCH, id="end-of-epoch-0")]
+)
+def test_resume_across_epochs_matches_the_uninterrupted_run(tmp_path, uninterrupted, stop):
+    full, full_dir, expected_batches = uninterrupted
+    batches = []
+    with recording(batches, stop_after=stop), pytest.raises(SIGTERMException):
+        run_experiment(smoke_config(*EPOCHS), tmp_path / "resumed")
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == stop
+    with recording(batches):
+        resumed = run_experiment(smoke_config(*EPOCHS, "ckpt_path=last"), tmp_path / "resumed")
+    assert batches == expected_batches  # the same batches in the same epochs, none twice, none skipped
+    assert resumed["train"]["steps"] == full["train"]["steps"] == 3 * STEPS_PER_EPOCH
+    assert resumed["train"]["loss_curve"] == full["train"]["loss_curve"]
+    expected, actual = adapter_tensors(full_dir), adapter_tensors(tmp_path / "resumed")
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+
+
+def test_a_checkpoint_with_the_old_dataloader_position_resumes_exactly(tmp_path, uninterrupted):
+    """Checkpoints written before the data module held the position kept it as Lightning's dataloader state."""
+    full, full_dir, expected_batches = uninterrupted
+    batches = []
+    with recording(batches, stop_after=STEPS_PER_EPOCH + 1), pytest.raises(SIGTERMException):
+        run_experiment(smoke_config(*EPOCHS), tmp_path / "resumed")
+    path = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(path, weights_only=False)
+    position = ckpt.pop("SFTDataModule")
+    assert position == {"epoch": 1, "consumed": 1}
+    ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] = [position]
+    torch.save(ckpt, path)
+    with recording(batches):
+        run_experiment(smoke_config(*EPOCHS, "ckpt_path=last"), tmp_path / "resumed")
+    assert batches == expected_batches
+    for key, tensor in adapter_tensors(full_dir).items():
+        assert torch.equal(adapter_tensors(tmp_path / "resumed")[key], tensor), key
