@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from s2ft.data.prompt import TEMPLATES
 from s2ft.errors import UserError
 
 MODES = ("train", "eval")
@@ -53,6 +54,8 @@ def validate_run_config(cfg: dict[str, Any]) -> None:
         problems += _check_data(cfg["data"], data_dir)
         problems += _check_trainer(cfg["trainer"])
     problems += _check_eval(cfg["eval"], data_dir)
+    if cfg["data"].get("template", "alpaca") not in TEMPLATES:
+        problems.append(f"data.template must be one of {TEMPLATES}, got {cfg['data'].get('template')!r}")
     problems += _check_logger(cfg["logger"])
     problems += _check_sources(cfg, mode)
     if mode == "train" and cfg["trainer"].get("select_best") and not cfg["data"].get("val_size"):

@@ -26,6 +26,7 @@ import torch
 from torchmetrics.classification import BinaryAccuracy
 
 from s2ft.data import GROUPS, Example, TaskSpec, build_prompt, eval_subset, load_eval, resolve_tasks
+from s2ft.data.prompt import check_template
 from s2ft.evaluation.extract import extract, is_correct, label_settled, parse_gold
 from s2ft.evaluation.generate import generate
 from s2ft.evaluation.loglik import encode_pairs, score_pairs
@@ -105,6 +106,7 @@ def evaluate(
     max_new_tokens: int | None = None,
     out_dir: str | Path | None = None,
     progress: bool = True,
+    template: str = "alpaca",
 ) -> dict:
     """Evaluates ``model`` on ``tasks`` and writes one predictions file per task.
 
@@ -122,6 +124,7 @@ def evaluate(
         max_new_tokens: Generation budget for every task; None uses each suite's (commonsense 32, arithmetic 256).
         out_dir: The run directory; predictions go to ``out_dir/predictions/TASK.jsonl``. None writes nothing.
         progress: Show a progress bar.
+        template: The prompt template, "alpaca" or "chat" (`s2ft.data.prompt`), as the model was trained with.
 
     Returns:
         ``{"tasks": {TASK: {"accuracy", "n", "mode", "tokens_per_s", ...}}, "avg_accuracy", "groups": {GROUP: acc}}``;
@@ -138,7 +141,8 @@ def evaluate(
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos_token)")
     run = _run_generate if mode == "generate" else _run_loglik
-    settings = dict(batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens)
+    check_template(template, tokenizer)
+    settings = dict(batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens, template=template)
     was_training = model.training
     model.eval()
     results = {}
@@ -176,9 +180,9 @@ def accuracy(correct: list[bool]) -> float:
     return metric.compute().item()
 
 
-def _run_generate(model, tokenizer, items: TaskItems, bar, *, batch_size, num_beams, max_new_tokens):
+def _run_generate(model, tokenizer, items: TaskItems, bar, *, batch_size, num_beams, max_new_tokens, template):
     spec = items.spec
-    prompts = [build_prompt(example.instruction, example.input) for example in items.examples]
+    prompts = [build_prompt(example.instruction, example.input, template, tokenizer) for example in items.examples]
     stop = (lambda text: label_settled(text, spec.labels)) if spec.answer_kind == "label" else None
     budget = max_new_tokens or spec.max_new_tokens
     with bar.task(spec.name, len(prompts)) as advance:
@@ -223,7 +227,7 @@ def _run_generate(model, tokenizer, items: TaskItems, bar, *, batch_size, num_be
     return metrics, records
 
 
-def _run_loglik(model, tokenizer, items: TaskItems, bar, *, batch_size, num_beams, max_new_tokens):
+def _run_loglik(model, tokenizer, items: TaskItems, bar, *, batch_size, num_beams, max_new_tokens, template):
     spec = items.spec
     flat = [(index, label, text) for index, options in enumerate(items.options) for label, text in options.items()]
     examples = [items.examples[index] for index, _, _ in flat]
@@ -232,6 +236,7 @@ def _run_loglik(model, tokenizer, items: TaskItems, bar, *, batch_size, num_beam
         [example.input for example in examples],
         [text for _, _, text in flat],
         tokenizer,
+        template,
     )
     with bar.task(spec.name, len(pairs)) as advance:
         start = time.perf_counter()
@@ -250,7 +255,7 @@ def _run_loglik(model, tokenizer, items: TaskItems, bar, *, batch_size, num_beam
         records.append(
             dict(
                 id=example.id,
-                prompt=build_prompt(example.instruction, example.input),
+                prompt=build_prompt(example.instruction, example.input, template, tokenizer),
                 output=options[by_mean],
                 extracted=by_mean,
                 gold=gold,

@@ -125,7 +125,14 @@ def _train(cfg: dict, run_dir: Path) -> dict | None:
 
     model, tokenizer = build_run_model(cfg["model"], paths.get("cache_dir"))
     datamodule = SFTDataModule(
-        train, val, tokenizer, data["max_length"], data["batch_size"], cfg["seed"], _cache(paths, "tokenized")
+        train,
+        val,
+        tokenizer,
+        data["max_length"],
+        data["batch_size"],
+        cfg["seed"],
+        _cache(paths, "tokenized"),
+        data.get("template", "alpaca"),
     )
 
     logger = build_logger(cfg["logger"], cfg, run_dir)
@@ -295,6 +302,7 @@ def measure_model(model, tokenizer, cfg: dict, out_dir: Path) -> dict:
             batch_size=ev.get("batch_size", 8),
             num_beams=ev.get("num_beams", 1),
             out_dir=out_dir,
+            template=cfg["data"].get("template", "alpaca"),
             **kwargs,
         )
     result["heldout"] = heldout_losses(model, tokenizer, cfg, out_dir)
@@ -313,7 +321,12 @@ def heldout_losses(model, tokenizer, cfg: dict, out_dir: Path) -> dict[str, floa
     for name in ev.get("heldout") or []:
         examples = eval_subset(load_heldout(name, cfg["paths"]["data_dir"]), ev.get("heldout_limit"), cfg["seed"])
         items = heldout_item_losses(
-            model, tokenizer, examples, ev.get("batch_size", 8), cfg["data"].get("max_length", 512)
+            model,
+            tokenizer,
+            examples,
+            ev.get("batch_size", 8),
+            cfg["data"].get("max_length", 512),
+            cfg["data"].get("template", "alpaca"),
         )
         losses[name] = mean_token_loss(items)
         write_predictions(out_dir / "predictions" / f"heldout_{name}.jsonl", items)

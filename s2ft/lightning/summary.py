@@ -56,6 +56,7 @@ def build_summary(cfg: dict, counts: dict, train: dict | None, evaluation: dict 
         "order": options.get("order"),
         "ratios": options.get("ratios"),
         "seed": cfg["seed"],
+        "template": cfg["data"].get("template", "alpaca"),
         **counts,
         "train": train,
         "eval": {name: task_record(r) for name, r in tasks.items()},
