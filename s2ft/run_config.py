@@ -152,21 +152,9 @@ def _check_s2ft_options(options: dict) -> list[str]:
 
 
 def _check_data(data: dict, data_dir: Path) -> list[str]:
-    from s2ft.data.tasks import resolve_train_sources
+    from s2ft.data.checks import check_train_spec
 
-    problems = []
-    names = data.get("train") or []
-    if not names:
-        problems.append("data.train is empty; name the training sources, e.g. data.train=[commonsense_mix]")
-    for name in [names] if isinstance(names, str) else names:
-        try:
-            sources = resolve_train_sources(name)
-        except (KeyError, ValueError, TypeError) as err:
-            problems.append(f"data.train: {err}")
-            continue
-        for source in sources:
-            if source.reader != "hub" and not (data_dir / source.path).is_file():
-                problems.append(f"training file {data_dir / source.path} is missing (check paths.data_dir)")
+    problems = check_train_spec(data.get("train"), data_dir)
     for key in ("max_length", "batch_size"):
         if not _positive_int(data.get(key)):
             problems.append(f"data.{key} must be an int >= 1, got {data.get(key)!r}")

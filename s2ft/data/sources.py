@@ -11,7 +11,16 @@ from pathlib import Path
 
 from s2ft.data.overlap import drop_overlaps
 from s2ft.data.records import Example, load_hub, read_gsm8k, read_llm_adapters, read_mawps_raw
-from s2ft.data.tasks import GROUPS, TaskSpec, UnknownNameError, data_path, resolve_tasks, resolve_train_sources
+from s2ft.data.tasks import (
+    GROUPS,
+    TaskSpec,
+    TrainSource,
+    UnknownNameError,
+    data_path,
+    resolve_tasks,
+    resolve_train_items,
+)
+from s2ft.data.user import UserSource, file_digest, load_user_source, source_digest
 
 log = logging.getLogger(__name__)
 _READERS = {"llm_adapters": read_llm_adapters, "gsm8k": read_gsm8k, "mawps_raw": read_mawps_raw}
@@ -63,7 +72,7 @@ def load_eval(task: str | TaskSpec, data_dir: str | Path) -> list[Example]:
 
 
 def load_train(
-    sources: str | Iterable[str], data_dir: str | Path, limit: int | None = None, seed: int = 0
+    sources: str | dict | Iterable[str | dict], data_dir: str | Path, limit: int | None = None, seed: int = 0
 ) -> list[Example]:
     """Loads and mixes training sources into one shuffled list.
 
@@ -71,7 +80,8 @@ def load_train(
     ``clean_against`` loses the items whose question occurs in those evaluation sets (see `TRAIN_SETS`).
 
     Args:
-        sources: Source names or groups (``commonsense_mix``), see `s2ft.data.tasks.TRAIN_SETS`.
+        sources: Source names or groups (``commonsense_mix``), see `s2ft.data.tasks.TRAIN_SETS`, and a user's files or
+            hub datasets (`s2ft.data.user`: a path, or a dict with path or hub, format, columns).
         data_dir: The data directory.
         limit: Keep only this many items (the first ones of the seeded shuffle); None keeps all.
         seed: Shuffle seed.
@@ -82,16 +92,16 @@ def load_train(
     Raises:
         UnknownNameError: An unknown source.
         FileNotFoundError: A missing file (named, with the ``paths.data_dir`` fix).
-        DataError: A malformed record (file and index in the message).
+        DataError: A malformed record (file and line or index in the message), an empty user set, a bad source spec.
     """
     _check_limit(limit)
     examples = []
     test_sets: dict[tuple[str, ...], dict[str, list[Example]]] = {}
-    for source in resolve_train_sources(sources):
-        if source.reader == "hub":
-            loaded = load_hub(source.path, "train")
-        else:
-            loaded = _READERS[source.reader](data_path(data_dir, source.path), source.name)
+    for source in resolve_train_items(sources):
+        if isinstance(source, UserSource):
+            examples.extend(load_user_source(source, data_dir))
+            continue
+        loaded = read_train_source(source, data_dir)
         if source.clean_against:
             if source.clean_against not in test_sets:
                 tasks = resolve_tasks(source.clean_against)
@@ -116,6 +126,34 @@ def load_train(
         examples.extend(kept)
     order = _permutation(len(examples), seed, "train")
     return [examples[i] for i in order[:limit]]
+
+
+def read_train_source(source: TrainSource, data_dir: str | Path) -> list[Example]:
+    """Every item of one registered training source, as its file holds them (before any cleaning)."""
+    if source.reader == "hub":
+        return load_hub(source.path, "train")
+    return _READERS[source.reader](data_path(data_dir, source.path), source.name)
+
+
+def describe_train_sources(sources: str | dict | Iterable[str | dict], data_dir: str | Path) -> list[dict]:
+    """Provenance of each training source: its name, file (or hub id), SHA-256 (a hub dataset's `datasets`
+    fingerprint) and number of records, for a run's summary.
+
+    Raises:
+        The errors of `load_train`.
+    """
+    described = []
+    for source in resolve_train_items(sources):
+        if isinstance(source, UserSource):
+            where = source.path if source.path is not None else source.hub
+            count, digest = len(load_user_source(source, data_dir)), source_digest(source, data_dir)
+        elif source.reader == "hub":
+            where, count, digest = source.path, len(read_train_source(source, data_dir)), None
+        else:
+            path = data_path(data_dir, source.path)
+            where, count, digest = str(path), len(read_train_source(source, data_dir)), file_digest(path)
+        described.append({"name": source.name, "file": where, "sha256": digest, "count": count})
+    return described
 
 
 def split_validation(

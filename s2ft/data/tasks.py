@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from s2ft.data.records import require_file
+from s2ft.data.user import UserSource, is_data_file, parse_source
 
 ARITHMETIC_NEW_TOKENS = 256
 COMMONSENSE_NEW_TOKENS = 32
@@ -213,6 +214,40 @@ def resolve_train_sources(names_or_groups: str | Iterable[str]) -> list[TrainSou
     """
     names = _as_list(names_or_groups, "training source")
     return [TRAIN_SETS[name] for name in _expand(names, TRAIN_SETS, TRAIN_GROUPS, TRAIN_ALIASES, "training source")]
+
+
+def is_registered_train_name(name: str) -> bool:
+    """Whether a ``data.train`` string is a registered source, group or alias (else it may be a user's file)."""
+    name = name.lower()
+    return name in TRAIN_SETS or name in TRAIN_GROUPS or name in TRAIN_ALIASES
+
+
+def resolve_train_items(items: str | dict | Iterable[str | dict]) -> list[TrainSource | UserSource]:
+    """Expands ``data.train``: registered names and groups into TrainSources (deduplicated), a user's files and
+    hub datasets (a path with a data suffix, or a dict with path or hub) into UserSources, in order.
+
+    Raises:
+        UnknownNameError: A string that is neither registered nor a data file (the valid names are listed).
+        DataError: A bad user source spec (`s2ft.data.user.parse_source`).
+        ValueError: An empty list.
+    """
+    items = [items] if isinstance(items, str | dict) else list(items)
+    if not items:
+        raise ValueError("no training source given")
+    resolved: list[TrainSource | UserSource] = []
+    for item in items:
+        if isinstance(item, str) and is_registered_train_name(item):
+            resolved.extend(source for source in resolve_train_sources(item) if source not in resolved)
+        elif isinstance(item, dict) or (isinstance(item, str) and (is_data_file(item) or Path(item).is_dir())):
+            resolved.append(parse_source(item))
+        elif isinstance(item, str):
+            raise UnknownNameError(
+                f"unknown training source {item!r}; valid training sources: {', '.join(TRAIN_SETS)}; groups: "
+                f"{', '.join(TRAIN_GROUPS)}; or a data file (.json .jsonl .csv .parquet), {{path: ..}} or {{hub: ..}}"
+            )
+        else:
+            raise TypeError(f"a training source is a name, a file path or a dict, got {item!r}")
+    return resolved
 
 
 def data_path(data_dir: str | Path, relative: str) -> Path:
