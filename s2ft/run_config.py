@@ -167,19 +167,14 @@ def _check_data(data: dict, data_dir: Path) -> list[str]:
 
 
 def _check_eval(ev: dict, data_dir: Path) -> list[str]:
-    from s2ft.data.tasks import resolve_tasks
+    from s2ft.data.checks import check_heldout_spec
+    from s2ft.evaluation.checks import check_task_spec
 
-    problems = []
-    names = ev.get("tasks") or []
-    for name in [names] if isinstance(names, str) else names:
-        try:
-            tasks = resolve_tasks(name)
-        except (KeyError, ValueError, TypeError) as err:
-            problems.append(f"eval.tasks: {err}")
-            continue
-        for task in tasks:
-            if task.hub is None and not (data_dir / task.path).is_file():
-                problems.append(f"eval task {task.name}: file {data_dir / task.path} is missing")
+    mode = ev.get("mode", "generate") if ev.get("mode", "generate") in EVAL_MODES else "generate"
+    problems = check_task_spec(ev.get("tasks"), data_dir, ev.get("groups"), mode)
+    problems += check_heldout_spec(ev.get("heldout"), data_dir)
+    if ev.get("groups") is not None and not isinstance(ev["groups"], dict):
+        problems.append(f"eval.groups must map group names to lists of tasks, got {ev['groups']!r}")
     if ev.get("mode", "generate") not in EVAL_MODES:
         problems.append(f"eval.mode must be one of {EVAL_MODES}, got {ev.get('mode')!r}")
     for key in ("limit", "heldout_limit", "max_new_tokens"):

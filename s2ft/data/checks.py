@@ -4,6 +4,7 @@ is loaded: each returns the list of problems found, for `s2ft.run_config` to rep
 from pathlib import Path
 
 from s2ft.data.records import DataError
+from s2ft.data.sources import load_heldout
 from s2ft.data.tasks import resolve_train_items
 from s2ft.data.user import UserSource, load_user_source
 
@@ -29,4 +30,15 @@ def check_train_spec(train, data_dir: str | Path) -> list[str]:
                     problems.append(f"data.train: {err}")
             elif source.reader != "hub" and not (Path(data_dir) / source.path).is_file():
                 problems.append(f"training file {Path(data_dir) / source.path} is missing (check paths.data_dir)")
+    return problems
+
+
+def check_heldout_spec(heldout, data_dir: str | Path) -> list[str]:
+    """Problems of ``eval.heldout``: unknown names and bad user sets (each is read; records need a response)."""
+    problems = []
+    for item in [heldout] if isinstance(heldout, str | dict) else heldout or []:
+        try:
+            load_heldout(item, data_dir)
+        except (KeyError, ValueError, TypeError, FileNotFoundError) as err:
+            problems.append(f"eval.heldout: {err}")
     return problems

@@ -21,6 +21,7 @@ from s2ft.data.tasks import (
     resolve_train_items,
 )
 from s2ft.data.user import UserSource, file_digest, load_user_source, source_digest
+from s2ft.data.user_tasks import load_user_task, resolve_eval_tasks
 
 log = logging.getLogger(__name__)
 _READERS = {"llm_adapters": read_llm_adapters, "gsm8k": read_gsm8k, "mawps_raw": read_mawps_raw}
@@ -50,21 +51,24 @@ def eval_subset(examples: list[Example], limit: int | None, seed: int = 0) -> li
     return [examples[i] for i in chosen]
 
 
-def load_eval(task: str | TaskSpec, data_dir: str | Path) -> list[Example]:
+def load_eval(task: str | dict | TaskSpec, data_dir: str | Path) -> list[Example]:
     """Loads every item of one evaluation task.
 
     The local LLM-Adapters test file is used when present; HellaSwag falls back to the hub (validation split,
-    whose labels are public), with a clear error when offline.
+    whose labels are public), with a clear error when offline. A user's task (a definition, `s2ft.data.user_tasks`)
+    reads its own file.
 
     Raises:
         UnknownNameError: Unknown task name (groups are not accepted here: use `resolve_tasks`).
         FileNotFoundError: The test file is missing (names it and the ``paths.data_dir`` fix).
         DataError: A malformed record (file and index in the message).
     """
-    if isinstance(task, str):
-        if task.lower() in GROUPS:
-            raise UnknownNameError(f"{task!r} is a group; expand it with resolve_tasks and load each task")
-        (task,) = resolve_tasks(task)
+    if isinstance(task, str) and task.lower() in GROUPS:
+        raise UnknownNameError(f"{task!r} is a group; expand it with resolve_tasks and load each task")
+    if not isinstance(task, TaskSpec):
+        (task,) = resolve_eval_tasks(task)
+    if task.source is not None:
+        return load_user_task(task, data_dir)[0]
     path = Path(data_dir) / task.path
     if task.hub is not None and not path.is_file():
         return load_hub(task.hub, "validation")
@@ -186,18 +190,32 @@ def split_validation(
     return train, val
 
 
-def load_heldout(name: str, data_dir: str | Path) -> list[Example]:
+def heldout_name(item: str | dict) -> str:
+    """The name a held-out set is reported under: the registered name, or the user task definition's name."""
+    return item if isinstance(item, str) and item in HELDOUT_DOMAINS else resolve_eval_tasks(item)[0].name
+
+
+def load_heldout(name: str | dict, data_dir: str | Path) -> list[Example]:
     """Loads a held-out loss set, whose outputs are the targets scored by mean response-token NLL.
 
     Args:
-        name: ``gsm8k_test`` (GSM8K test questions with their worked solutions: in-domain for arithmetic) or
+        name: ``gsm8k_test`` (GSM8K test questions with their worked solutions: in-domain for arithmetic),
             ``commonsense_test`` (the seven local commonsense test sets, "the correct answer is X": far-OOD /
-            forgetting).
+            forgetting), or a user's task (a definition or a yaml file of one, `s2ft.data.user_tasks`), whose
+            responses are the targets.
         data_dir: The data directory.
 
     Raises:
-        UnknownNameError: Unknown name (lists the valid ones).
+        UnknownNameError: Unknown name (lists the valid ones); DataError: a bad user set (records need a response).
     """
+    if not (isinstance(name, str) and name in HELDOUT_DOMAINS):
+        specs = resolve_eval_tasks(name)
+        if len(specs) != 1 or specs[0].source is None:
+            raise UnknownNameError(
+                f"unknown held-out set {name!r}; valid: {', '.join(HELDOUT_DOMAINS)} or one user task definition "
+                "{name, path, answer}"
+            )
+        return load_user_source(specs[0].source, data_dir)
     if name == "gsm8k_test":
         return read_gsm8k(data_path(data_dir, "gsm8k/test.jsonl"), "gsm8k_test")
     if name == "commonsense_test":

@@ -110,8 +110,9 @@ def build_run_model(model_cfg: dict, cache_dir):
 
 
 def _train(cfg: dict, run_dir: Path) -> dict | None:
-    from s2ft.data import load_eval, load_train, resolve_tasks, split_validation
+    from s2ft.data import load_eval, load_train, split_validation
     from s2ft.data.overlap import check_overlap
+    from s2ft.data.user_tasks import resolve_eval_tasks
     from s2ft.methods import prepare_model, save_trained, trainable_summary
 
     data, paths, tr = cfg["data"], cfg["paths"], cfg["trainer"]
@@ -119,7 +120,8 @@ def _train(cfg: dict, run_dir: Path) -> dict | None:
     examples = load_train(data["train"], data_dir, data.get("limit"), cfg["seed"])
     overlap_tasks = data.get("overlap_tasks") or cfg["eval"].get("tasks") or []
     if overlap_tasks:
-        eval_sets = {task.name: load_eval(task, data_dir) for task in resolve_tasks(overlap_tasks)}
+        tasks = resolve_eval_tasks(overlap_tasks, cfg["eval"].get("groups"))
+        eval_sets = {task.name: load_eval(task, data_dir) for task in tasks}
         check_overlap(examples, eval_sets, allow=data.get("allow_overlap", False))
     train, val = split_validation(examples, data["val_size"], cfg["seed"]) if data.get("val_size") else (examples, [])
 
@@ -303,6 +305,7 @@ def measure_model(model, tokenizer, cfg: dict, out_dir: Path) -> dict:
             num_beams=ev.get("num_beams", 1),
             out_dir=out_dir,
             template=cfg["data"].get("template", "alpaca"),
+            groups=ev.get("groups"),
             **kwargs,
         )
     result["heldout"] = heldout_losses(model, tokenizer, cfg, out_dir)
@@ -315,11 +318,13 @@ def heldout_losses(model, tokenizer, cfg: dict, out_dir: Path) -> dict[str, floa
     The per-item files let the report test a difference between two runs on the same items (a paired bootstrap).
     """
     from s2ft.data import eval_subset, load_heldout
+    from s2ft.data.sources import heldout_name
     from s2ft.evaluation import heldout_item_losses, mean_token_loss, write_predictions
 
     ev, losses = cfg["eval"], {}
-    for name in ev.get("heldout") or []:
-        examples = eval_subset(load_heldout(name, cfg["paths"]["data_dir"]), ev.get("heldout_limit"), cfg["seed"])
+    for item in ev.get("heldout") or []:
+        name = heldout_name(item)
+        examples = eval_subset(load_heldout(item, cfg["paths"]["data_dir"]), ev.get("heldout_limit"), cfg["seed"])
         items = heldout_item_losses(
             model,
             tokenizer,
