@@ -5,6 +5,7 @@ Every check appends to one list, so a user sees every problem of a config at onc
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from s2ft.errors import UserError
 
 MODES = ("train", "eval")
 EVAL_MODES = ("generate", "loglik")
+EVAL_BACKENDS = ("s2ft", "lm_eval")
 SCHEDULERS = ("linear", "cosine")
 LOGGERS = ("wandb", "csv", "none")
 PRECISIONS = ("32", "32-true", "bf16", "bf16-mixed", "bf16-true", "16-mixed", "64", "64-true")
@@ -175,6 +177,10 @@ def _check_eval(ev: dict, data_dir: Path) -> list[str]:
     problems += check_heldout_spec(ev.get("heldout"), data_dir)
     if ev.get("groups") is not None and not isinstance(ev["groups"], dict):
         problems.append(f"eval.groups must map group names to lists of tasks, got {ev['groups']!r}")
+    if ev.get("backend", "s2ft") not in EVAL_BACKENDS:
+        problems.append(f"eval.backend must be one of {EVAL_BACKENDS}, got {ev.get('backend')!r}")
+    elif ev.get("backend") == "lm_eval" and importlib.util.find_spec("lm_eval") is None:
+        problems.append('eval.backend=lm_eval needs lm-evaluation-harness: pip install "s2ft[lmeval]"')
     if ev.get("mode", "generate") not in EVAL_MODES:
         problems.append(f"eval.mode must be one of {EVAL_MODES}, got {ev.get('mode')!r}")
     for key in ("limit", "heldout_limit", "max_new_tokens"):

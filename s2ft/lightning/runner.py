@@ -194,6 +194,9 @@ def _train(cfg: dict, run_dir: Path) -> dict | None:
         extra["eval_before"] = {name: task_record(r) for name, r in (results["eval"] or {}).get("tasks", {}).items()}
         extra["avg_accuracy_before"] = (results["eval"] or {}).get("avg_accuracy")
     heldout = _pair(results["heldout"] if results else {}, after["heldout"])
+    if "lm_eval" in after:
+        extra["lm_eval"] = after["lm_eval"]
+        extra["lm_eval_before"] = results.get("lm_eval") if results else None
     summary = build_summary(cfg, counts, train_stats, after["eval"], heldout=heldout, wandb=wandb_info(logger), **extra)
     if logger:
         logger.log_metrics(flat_metrics(summary))
@@ -225,6 +228,7 @@ def _evaluate_only(cfg: dict, run_dir: Path) -> dict:
         results["eval"],
         heldout=heldout,
         source=None if source is None else str(source),
+        **({"lm_eval": results["lm_eval"]} if "lm_eval" in results else {}),
     )
     return _finish(summary, run_dir)
 
@@ -309,7 +313,27 @@ def measure_model(model, tokenizer, cfg: dict, out_dir: Path) -> dict:
             **kwargs,
         )
     result["heldout"] = heldout_losses(model, tokenizer, cfg, out_dir)
+    if ev.get("backend", "s2ft") == "lm_eval":
+        result["lm_eval"] = harness_results(model, tokenizer, cfg, out_dir)
     return result
+
+
+def harness_results(model, tokenizer, cfg: dict, out_dir: Path) -> dict:
+    """lm-evaluation-harness on the same items (`s2ft.evaluation.lm_eval_backend`), its files in ``out_dir/lm_eval``."""
+    from s2ft.evaluation.lm_eval_backend import LM_EVAL_TASKS, run_lm_eval
+
+    ev, options = cfg["eval"], cfg["eval"].get("lm_eval") or {}
+    return run_lm_eval(
+        model,
+        tokenizer,
+        cfg["paths"]["data_dir"],
+        out_dir / "lm_eval",
+        tasks=options.get("tasks") or LM_EVAL_TASKS,
+        limit=options.get("limit") or ev.get("limit"),
+        seed=cfg["seed"],
+        batch_size=ev.get("batch_size", 8),
+        max_gen_toks=options.get("max_gen_toks"),
+    )
 
 
 def heldout_losses(model, tokenizer, cfg: dict, out_dir: Path) -> dict[str, float]:

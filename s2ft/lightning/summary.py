@@ -8,7 +8,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-PACKAGES = ("s2ft", "torch", "transformers", "lightning", "peft", "datasets", "hydra-core", "wandb")
+PACKAGES = ("s2ft", "torch", "transformers", "lightning", "peft", "datasets", "hydra-core", "wandb", "lm_eval")
 
 
 def package_versions() -> dict[str, str | None]:
