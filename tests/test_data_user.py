@@ -167,6 +167,10 @@ def test_empty_set_unknown_format_and_unknown_columns(tmp_path):
         parse_source({"path": "a.json", "colums": {}})
     with pytest.raises(DataError, match="data file missing.jsonl does not exist"):
         load_user_source("missing.jsonl")
+    plain = tmp_path / "records"
+    plain.write_text("{}")
+    with pytest.raises(DataError, match="records: unknown file type"):
+        load_user_source({"path": str(plain)})
 
 
 def test_user_sources_mix_with_registered_ones(tmp_path):

@@ -261,3 +261,15 @@ def test_the_issue_command_runs_end_to_end(tmp_path):
     assert summary["template"] == "alpaca" and summary["train"]["steps"] == 4  # debug=smoke
     assert (tmp_path / "run" / "predictions" / "Mine.jsonl").is_file()
     assert (tmp_path / "run" / "predictions" / "heldout_mine_loss.jsonl").is_file()
+    # Re-evaluating the run uses the template it was trained with (the tiny tokenizer has no chat template, so
+    # data.template=chat would be refused if it were applied).
+    again = load_config(
+        "debug=smoke",
+        "mode=eval",
+        f"run_dir={tmp_path / 'run'}",
+        "data.template=chat",
+        f"eval.tasks=[{{name: Mine, path: {test}, answer: letter}}]",
+        "eval.heldout=[]",
+        "logger=none",
+    )
+    assert run_experiment(again, tmp_path / "again")["template"] == "alpaca"

@@ -167,6 +167,8 @@ def load_rows(source: UserSource, data_dir: str | Path | None = None) -> dataset
                     rows = rows[source.split]
             elif path.is_dir():
                 rows = datasets.load_dataset(str(path), source.config, split=source.split)
+            elif path.suffix.lower() not in BUILDERS:
+                raise DataError(f"data file {path}: unknown file type; use one of {', '.join(BUILDERS)}")
             else:
                 if _holds_no_records(path):  # datasets refuses to build an empty split, with an obscure message
                     raise DataError(f"{source.where} holds no records")

@@ -211,6 +211,8 @@ def _evaluate_only(cfg: dict, run_dir: Path) -> dict:
         # A saved run knows what it trained: its own config decides the base model and the method.
         saved = yaml.safe_load((Path(cfg["run_dir"]) / "config.yaml").read_text())
         method, model_cfg, source = saved["method"]["name"], saved["model"], Path(cfg["run_dir"]) / "adapter"
+        # ... and its prompt template: a model is evaluated in the format it was trained in.
+        cfg = {**cfg, "data": {**cfg["data"], "template": saved.get("data", {}).get("template", "alpaca")}}
     if cfg.get("adapter"):
         source = Path(cfg["adapter"])
     model, tokenizer = build_run_model(model_cfg, cfg["paths"].get("cache_dir"))
