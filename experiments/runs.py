@@ -60,7 +60,7 @@ class Run:
         train = ((self.config or {}).get("data") or {}).get("train")
         try:
             return {source.domain for source in resolve_train_sources(train)} if train else None
-        except UnknownNameError:
+        except (UnknownNameError, TypeError):  # a user's own data (a file, or a dict) has no registered domain
             return None
 
     def item_correct(self, task: str) -> dict[str, bool]:

@@ -6,15 +6,18 @@ Every check appends to one list, so a user sees every problem of a config at onc
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
 from pathlib import Path
 from typing import Any
 
+from s2ft.data.prompt import TEMPLATES
 from s2ft.errors import UserError
 from s2ft.evaluation.mtbench import mtbench_config_problems
 
 MODES = ("train", "eval")
 EVAL_MODES = ("generate", "loglik")
+EVAL_BACKENDS = ("s2ft", "lm_eval")
 SCHEDULERS = ("linear", "cosine")
 LOGGERS = ("wandb", "csv", "none")
 PRECISIONS = ("32", "32-true", "bf16", "bf16-mixed", "bf16-true", "16-mixed", "64", "64-true")
@@ -36,10 +39,10 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     "paths": ("root", "data_dir", "output_dir", "cache_dir"),
     "model": ("name", "dtype", "gradient_checkpointing", "cache_dir"),
     "method": ("name", "lr", "weight_decay", "betas", "options"),
-    "data": ("train", "limit", "val_size", "max_length", "batch_size", "allow_overlap", "overlap_tasks"),
+    "data": ("train", "limit", "val_size", "max_length", "batch_size", "allow_overlap", "overlap_tasks", "template"),
     "eval": (
         *("tasks", "limit", "mode", "batch_size", "num_beams", "max_new_tokens", "before", "heldout"),
-        *("heldout_limit", "mtbench"),
+        *("heldout_limit", "mtbench", "groups", "backend", "lm_eval"),
     ),
     "trainer": (
         *("max_steps", "max_epochs", "accumulate_grad_batches", "gradient_clip_val", "precision", "accelerator"),
@@ -85,6 +88,8 @@ def validate_run_config(cfg: dict[str, Any]) -> None:
         problems += _check_trainer(cfg["trainer"])
         problems += _check_batches(cfg["data"], cfg["trainer"])
     problems += _check_eval(cfg["eval"], data_dir)
+    if cfg["data"].get("template", "alpaca") not in TEMPLATES:
+        problems.append(f"data.template must be one of {TEMPLATES}, got {cfg['data'].get('template')!r}")
     problems += _check_logger(cfg["logger"])
     problems += _check_sources(cfg, mode)
     if mode == "train" and cfg["trainer"].get("select_best") and not cfg["data"].get("val_size"):
@@ -226,21 +231,9 @@ def _check_s2ft_options(options: dict) -> list[str]:
 
 
 def _check_data(data: dict, data_dir: Path) -> list[str]:
-    from s2ft.data.tasks import resolve_train_sources
+    from s2ft.data.checks import check_train_spec
 
-    problems = []
-    names = data.get("train") or []
-    if not names:
-        problems.append("data.train is empty; name the training sources, e.g. data.train=[commonsense_mix]")
-    for name in [names] if isinstance(names, str) else names:
-        try:
-            sources = resolve_train_sources(name)
-        except (KeyError, ValueError, TypeError) as err:
-            problems.append(f"data.train: {err}")
-            continue
-        for source in sources:
-            if source.reader != "hub" and not (data_dir / source.path).is_file():
-                problems.append(f"training file {data_dir / source.path} is missing (check paths.data_dir)")
+    problems = check_train_spec(data.get("train"), data_dir)
     if not _positive_int(data.get("batch_size")):
         problems.append(f"data.batch_size must be an int >= 1, got {data.get('batch_size')!r}")
     if not _positive_int(data.get("max_length")) or data["max_length"] < 2:
@@ -273,19 +266,18 @@ def _check_batches(data: dict, tr: dict) -> list[str]:
 
 
 def _check_eval(ev: dict, data_dir: Path) -> list[str]:
-    from s2ft.data.tasks import resolve_tasks
+    from s2ft.data.checks import check_heldout_spec
+    from s2ft.evaluation.checks import check_task_spec
 
-    problems = []
-    names = ev.get("tasks") or []
-    for name in [names] if isinstance(names, str) else names:
-        try:
-            tasks = resolve_tasks(name)
-        except (KeyError, ValueError, TypeError) as err:
-            problems.append(f"eval.tasks: {err}")
-            continue
-        for task in tasks:
-            if task.hub is None and not (data_dir / task.path).is_file():
-                problems.append(f"eval task {task.name}: file {data_dir / task.path} is missing")
+    mode = ev.get("mode", "generate") if ev.get("mode", "generate") in EVAL_MODES else "generate"
+    problems = check_task_spec(ev.get("tasks"), data_dir, ev.get("groups"), mode)
+    problems += check_heldout_spec(ev.get("heldout"), data_dir)
+    if ev.get("groups") is not None and not isinstance(ev["groups"], dict):
+        problems.append(f"eval.groups must map group names to lists of tasks, got {ev['groups']!r}")
+    if ev.get("backend", "s2ft") not in EVAL_BACKENDS:
+        problems.append(f"eval.backend must be one of {EVAL_BACKENDS}, got {ev.get('backend')!r}")
+    elif ev.get("backend") == "lm_eval" and importlib.util.find_spec("lm_eval") is None:
+        problems.append('eval.backend=lm_eval needs lm-evaluation-harness: pip install "s2ft[lmeval]"')
     if ev.get("mode", "generate") not in EVAL_MODES:
         problems.append(f"eval.mode must be one of {EVAL_MODES}, got {ev.get('mode')!r}")
     for key in ("limit", "heldout_limit", "max_new_tokens"):

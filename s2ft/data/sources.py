@@ -11,7 +11,17 @@ from pathlib import Path
 
 from s2ft.data.overlap import drop_overlaps
 from s2ft.data.records import DataError, Example, load_hub, read_gsm8k, read_llm_adapters, read_mawps_raw
-from s2ft.data.tasks import GROUPS, TaskSpec, UnknownNameError, data_path, resolve_tasks, resolve_train_sources
+from s2ft.data.tasks import (
+    GROUPS,
+    TaskSpec,
+    TrainSource,
+    UnknownNameError,
+    data_path,
+    resolve_tasks,
+    resolve_train_items,
+)
+from s2ft.data.user import UserSource, file_digest, load_user_source, source_digest
+from s2ft.data.user_tasks import load_user_task, resolve_eval_tasks
 
 log = logging.getLogger(__name__)
 _READERS = {"llm_adapters": read_llm_adapters, "gsm8k": read_gsm8k, "mawps_raw": read_mawps_raw}
@@ -41,21 +51,24 @@ def eval_subset(examples: list[Example], limit: int | None, seed: int = 0) -> li
     return [examples[i] for i in chosen]
 
 
-def load_eval(task: str | TaskSpec, data_dir: str | Path) -> list[Example]:
+def load_eval(task: str | dict | TaskSpec, data_dir: str | Path) -> list[Example]:
     """Loads every item of one evaluation task.
 
     The local LLM-Adapters test file is used when present; HellaSwag falls back to the hub (validation split,
-    whose labels are public), with a clear error when offline.
+    whose labels are public), with a clear error when offline. A user's task (a definition, `s2ft.data.user_tasks`)
+    reads its own file.
 
     Raises:
         UnknownNameError: Unknown task name (groups are not accepted here: use `resolve_tasks`).
         FileNotFoundError: The test file is missing (names it and the ``paths.data_dir`` fix).
         DataError: A malformed record (file and index in the message).
     """
-    if isinstance(task, str):
-        if task.lower() in GROUPS:
-            raise UnknownNameError(f"{task!r} is a group; expand it with resolve_tasks and load each task")
-        (task,) = resolve_tasks(task)
+    if isinstance(task, str) and task.lower() in GROUPS:
+        raise UnknownNameError(f"{task!r} is a group; expand it with resolve_tasks and load each task")
+    if not isinstance(task, TaskSpec):
+        (task,) = resolve_eval_tasks(task)
+    if task.source is not None:
+        return load_user_task(task, data_dir)[0]
     path = Path(data_dir) / task.path
     if task.hub is not None and not path.is_file():
         return load_hub(task.hub, "validation")
@@ -63,7 +76,7 @@ def load_eval(task: str | TaskSpec, data_dir: str | Path) -> list[Example]:
 
 
 def load_train(
-    sources: str | Iterable[str], data_dir: str | Path, limit: int | None = None, seed: int = 0
+    sources: str | dict | Iterable[str | dict], data_dir: str | Path, limit: int | None = None, seed: int = 0
 ) -> list[Example]:
     """Loads and mixes training sources into one shuffled list.
 
@@ -71,7 +84,8 @@ def load_train(
     ``clean_against`` loses the items whose question occurs in those evaluation sets (see `TRAIN_SETS`).
 
     Args:
-        sources: Source names or groups (``commonsense_mix``), see `s2ft.data.tasks.TRAIN_SETS`.
+        sources: Source names or groups (``commonsense_mix``), see `s2ft.data.tasks.TRAIN_SETS`, and a user's files or
+            hub datasets (`s2ft.data.user`: a path, or a dict with path or hub, format, columns).
         data_dir: The data directory.
         limit: Keep only this many items (the first ones of the seeded shuffle); None keeps all.
         seed: Shuffle seed.
@@ -82,16 +96,16 @@ def load_train(
     Raises:
         UnknownNameError: An unknown source.
         FileNotFoundError: A missing file (named, with the ``paths.data_dir`` fix).
-        DataError: A malformed record (file and index in the message).
+        DataError: A malformed record (file and line or index in the message), an empty user set, a bad source spec.
     """
     _check_limit(limit)
     examples = []
     test_sets: dict[tuple[str, ...], dict[str, list[Example]]] = {}
-    for source in resolve_train_sources(sources):
-        if source.reader == "hub":
-            loaded = load_hub(source.path, "train")
-        else:
-            loaded = _READERS[source.reader](data_path(data_dir, source.path), source.name)
+    for source in resolve_train_items(sources):
+        if isinstance(source, UserSource):
+            examples.extend(load_user_source(source, data_dir))
+            continue
+        loaded = read_train_source(source, data_dir)
         if source.clean_against:
             if source.clean_against not in test_sets:
                 tasks = resolve_tasks(source.clean_against)
@@ -116,6 +130,34 @@ def load_train(
         examples.extend(kept)
     order = _permutation(len(examples), seed, "train")
     return [examples[i] for i in order[:limit]]
+
+
+def read_train_source(source: TrainSource, data_dir: str | Path) -> list[Example]:
+    """Every item of one registered training source, as its file holds them (before any cleaning)."""
+    if source.reader == "hub":
+        return load_hub(source.path, "train")
+    return _READERS[source.reader](data_path(data_dir, source.path), source.name)
+
+
+def describe_train_sources(sources: str | dict | Iterable[str | dict], data_dir: str | Path) -> list[dict]:
+    """Provenance of each training source: its name, file (or hub id), SHA-256 (a hub dataset's `datasets`
+    fingerprint) and number of records, for a run's summary.
+
+    Raises:
+        The errors of `load_train`.
+    """
+    described = []
+    for source in resolve_train_items(sources):
+        if isinstance(source, UserSource):
+            where = source.path if source.path is not None else source.hub
+            count, digest = len(load_user_source(source, data_dir)), source_digest(source, data_dir)
+        elif source.reader == "hub":
+            where, count, digest = source.path, len(read_train_source(source, data_dir)), None
+        else:
+            path = data_path(data_dir, source.path)
+            where, count, digest = str(path), len(read_train_source(source, data_dir)), file_digest(path)
+        described.append({"name": source.name, "file": where, "sha256": digest, "count": count})
+    return described
 
 
 def split_validation(
@@ -151,18 +193,32 @@ def split_validation(
     return train, val
 
 
-def load_heldout(name: str, data_dir: str | Path) -> list[Example]:
+def heldout_name(item: str | dict) -> str:
+    """The name a held-out set is reported under: the registered name, or the user task definition's name."""
+    return item if isinstance(item, str) and item in HELDOUT_DOMAINS else resolve_eval_tasks(item)[0].name
+
+
+def load_heldout(name: str | dict, data_dir: str | Path) -> list[Example]:
     """Loads a held-out loss set, whose outputs are the targets scored by mean response-token NLL.
 
     Args:
-        name: ``gsm8k_test`` (GSM8K test questions with their worked solutions: in-domain for arithmetic) or
+        name: ``gsm8k_test`` (GSM8K test questions with their worked solutions: in-domain for arithmetic),
             ``commonsense_test`` (the seven local commonsense test sets, "the correct answer is X": far-OOD /
-            forgetting).
+            forgetting), or a user's task (a definition or a yaml file of one, `s2ft.data.user_tasks`), whose
+            responses are the targets.
         data_dir: The data directory.
 
     Raises:
-        UnknownNameError: Unknown name (lists the valid ones).
+        UnknownNameError: Unknown name (lists the valid ones); DataError: a bad user set (records need a response).
     """
+    if not (isinstance(name, str) and name in HELDOUT_DOMAINS):
+        specs = resolve_eval_tasks(name)
+        if len(specs) != 1 or specs[0].source is None:
+            raise UnknownNameError(
+                f"unknown held-out set {name!r}; valid: {', '.join(HELDOUT_DOMAINS)} or one user task definition "
+                "{name, path, answer}"
+            )
+        return load_user_source(specs[0].source, data_dir)
     if name == "gsm8k_test":
         return read_gsm8k(data_path(data_dir, "gsm8k/test.jsonl"), "gsm8k_test")
     if name == "commonsense_test":

@@ -8,12 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from s2ft.data.records import require_file
+from s2ft.data.user import UserSource, is_data_file, parse_source
+from s2ft.errors import UserError
 
 ARITHMETIC_NEW_TOKENS = 256
 COMMONSENSE_NEW_TOKENS = 32
 
 
-class UnknownNameError(KeyError):
+class UnknownNameError(UserError, KeyError):
     """A task, group or training-source name that is not registered (a KeyError that prints its message plainly)."""
 
     def __str__(self) -> str:
@@ -25,13 +27,18 @@ class TaskSpec:
     """How to load and score one evaluation task.
 
     Attributes:
-        name: Lowercase task name, e.g. "arc_easy".
-        suite: "arithmetic" or "commonsense".
-        path: Test file relative to the data directory (LLM-Adapters JSON).
-        answer_kind: "number" (last number, tolerance 1e-3), "letter" (A-E) or "label" (first label in the output).
+        name: Task name, e.g. "arc_easy" (lowercase for registered tasks; a user's task keeps its own spelling).
+        suite: "arithmetic", "commonsense", or "user" for a user's task (`s2ft.data.user_tasks`).
+        path: Test file relative to the data directory (LLM-Adapters JSON); a user's file or hub id as given.
+        answer_kind: "number" (last number, within ``tolerance``), "letter" (A-E), "label" (first label in the output)
+            or "text" (exact match after normalisation, `s2ft.evaluation.extract.normalize_text`).
         labels: The answers the extractor looks for ("true"/"false", "answer1".."answer5", "A".."E"); empty for numbers.
-        max_new_tokens: Generation budget of the suite.
+        max_new_tokens: Generation budget of the suite (a user's task: its own, or 256 for numbers and 32 otherwise).
         hub: Name in `s2ft.data.records.HUB_DATASETS` to load from when the file is absent (HellaSwag), else None.
+        source: A user's test data (`s2ft.data.user.UserSource`); None for registered tasks.
+        tolerance: Largest absolute difference of a correct numeric answer.
+        mode: "generate" or "loglik" for this task whatever ``eval.mode`` says; None follows ``eval.mode``.
+        own_budget: The user set ``max_new_tokens`` for this task, so ``eval.max_new_tokens`` does not replace it.
     """
 
     name: str
@@ -41,6 +48,10 @@ class TaskSpec:
     labels: tuple[str, ...]
     max_new_tokens: int
     hub: str | None = None
+    source: UserSource | None = None
+    tolerance: float = 1e-3
+    mode: str | None = None
+    own_budget: bool = False
 
 
 def _arithmetic(name: str, folder: str, answer_kind: str = "number", labels: tuple[str, ...] = ()) -> TaskSpec:
@@ -213,6 +224,40 @@ def resolve_train_sources(names_or_groups: str | Iterable[str]) -> list[TrainSou
     """
     names = _as_list(names_or_groups, "training source")
     return [TRAIN_SETS[name] for name in _expand(names, TRAIN_SETS, TRAIN_GROUPS, TRAIN_ALIASES, "training source")]
+
+
+def is_registered_train_name(name: str) -> bool:
+    """Whether a ``data.train`` string is a registered source, group or alias (else it may be a user's file)."""
+    name = name.lower()
+    return name in TRAIN_SETS or name in TRAIN_GROUPS or name in TRAIN_ALIASES
+
+
+def resolve_train_items(items: str | dict | Iterable[str | dict]) -> list[TrainSource | UserSource]:
+    """Expands ``data.train``: registered names and groups into TrainSources (deduplicated), a user's files and
+    hub datasets (a path with a data suffix, or a dict with path or hub) into UserSources, in order.
+
+    Raises:
+        UnknownNameError: A string that is neither registered nor a data file (the valid names are listed).
+        DataError: A bad user source spec (`s2ft.data.user.parse_source`).
+        ValueError: An empty list.
+    """
+    items = [items] if isinstance(items, str | dict) else list(items)
+    if not items:
+        raise ValueError("no training source given")
+    resolved: list[TrainSource | UserSource] = []
+    for item in items:
+        if isinstance(item, str) and is_registered_train_name(item):
+            resolved.extend(source for source in resolve_train_sources(item) if source not in resolved)
+        elif isinstance(item, dict) or (isinstance(item, str) and (is_data_file(item) or Path(item).is_dir())):
+            resolved.append(parse_source(item))
+        elif isinstance(item, str):
+            raise UnknownNameError(
+                f"unknown training source {item!r}; valid training sources: {', '.join(TRAIN_SETS)}; groups: "
+                f"{', '.join(TRAIN_GROUPS)}; or a data file (.json .jsonl .csv .parquet), {{path: ..}} or {{hub: ..}}"
+            )
+        else:
+            raise TypeError(f"a training source is a name, a file path or a dict, got {item!r}")
+    return resolved
 
 
 def data_path(data_dir: str | Path, relative: str) -> Path:

@@ -1,13 +1,14 @@
 """Tokenization for supervised fine-tuning: loss on the response only, EOS appended, dynamic right padding.
 
 The prompt/response boundary. A token must not straddle it: the prompt tokens have to be exactly those the evaluator
-feeds the model (it tokenizes `build_prompt(...)` alone), and every response token, and only those, is a label. The
-prompt and the full text are tokenized separately; when the full text starts with the prompt's tokens (the usual case)
-its tokens are used as they are. When BPE merges across the boundary (the prompt ends in "\\n" and the LLM-Adapters
-arithmetic outputs start with "\\n": a vocabulary with a "\\n\\n" token and no pre-tokenizer split between newlines
-fuses them), the prompt's tokens are kept and the response is tokenized on its own and appended, so training sees the
-same prompt tokens as evaluation and the response text is unchanged. SmolLM2's tokenizer never needs the fallback
-on the shipped sets (its pre-tokenizer splits the newlines); a test covers it with a tokenizer that merges them.
+feeds the model (it tokenizes `build_prompt(...)` alone, in the same template), and every response token, and only
+those, is a label. The prompt and the full text are tokenized separately; when the full text starts with the
+prompt's tokens (the usual case) its tokens are used as they are. When BPE merges across the boundary (the prompt
+ends in "\\n" and the LLM-Adapters arithmetic outputs start with "\\n": a vocabulary with a "\\n\\n" token and no
+pre-tokenizer split between newlines fuses them), the prompt's tokens are kept and the response is tokenized on its
+own and appended, so training sees the same prompt tokens as evaluation and the response text is unchanged.
+SmolLM2's tokenizer never needs the fallback on the shipped sets (its pre-tokenizer splits the newlines); a test
+covers it with a tokenizer that merges them.
 """
 
 import dataclasses
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def encode_batch(
-    instructions: list[str], inputs: list[str], outputs: list[str], tokenizer, max_length: int
+    instructions: list[str], inputs: list[str], outputs: list[str], tokenizer, max_length: int, template: str = "alpaca"
 ) -> dict[str, list[list[int]]]:
     """Tokenizes items as ``prompt + response + EOS`` with labels -100 on the prompt, cut to ``max_length`` tokens.
 
@@ -33,12 +34,16 @@ def encode_batch(
         instructions, inputs, outputs: Parallel columns of the items.
         tokenizer: A Hugging Face tokenizer with an EOS token.
         max_length: Maximum tokens per item.
+        template: The prompt template, "alpaca" or "chat" (`s2ft.data.prompt`).
 
     Returns:
         Columns ``input_ids``, ``attention_mask`` and ``labels``, one list of ints per item.
     """
     _check_tokenizer(tokenizer, max_length)
-    prompts = [build_prompt(instruction, input) for instruction, input in zip(instructions, inputs, strict=True)]
+    prompts = [
+        build_prompt(instruction, input, template, tokenizer)
+        for instruction, input in zip(instructions, inputs, strict=True)
+    ]
     prompt_ids = tokenizer(prompts)["input_ids"]
     full_ids = tokenizer([prompt + output for prompt, output in zip(prompts, outputs, strict=True)])["input_ids"]
     columns = {"input_ids": [], "attention_mask": [], "labels": []}
@@ -62,7 +67,11 @@ def _check_tokenizer(tokenizer, max_length: int) -> None:
 
 
 def tokenize_examples(
-    examples: list[Example], tokenizer, max_length: int, cache_dir: str | Path | None = None
+    examples: list[Example],
+    tokenizer,
+    max_length: int,
+    cache_dir: str | Path | None = None,
+    template: str = "alpaca",
 ) -> datasets.Dataset:
     """Tokenizes examples into a `datasets.Dataset` with ``input_ids``, ``attention_mask`` and ``labels``.
 
@@ -74,7 +83,8 @@ def tokenize_examples(
         tokenizer: A Hugging Face tokenizer with an EOS token.
         max_length: Maximum tokens per item, prompt included; longer items lose the end of the response.
         cache_dir: Where `datasets` keeps the tokenized arrow file, keyed by a fingerprint of the examples, the
-            tokenizer and max_length, so a rerun reuses it; None tokenizes in memory.
+            tokenizer, max_length and the template, so a rerun reuses it; None tokenizes in memory.
+        template: The prompt template, "alpaca" or "chat".
 
     Raises:
         ValueError: No examples, no EOS token or a bad max_length.
@@ -88,13 +98,13 @@ def tokenize_examples(
     if cache_dir is not None:
         # The encoding code is hashed too, so a change to it never serves a stale file.
         key = datasets.fingerprint.Hasher.hash(
-            [records, tokenizer, max_length, _encode_trainable, has_response, encode_batch, build_prompt]
+            [records, tokenizer, max_length, template, _encode_trainable, has_response, encode_batch, build_prompt]
         )
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         map_kwargs = {"cache_file_name": str(Path(cache_dir) / f"tokenized-{key}.arrow"), "load_from_cache_file": True}
     dataset = datasets.Dataset.from_list(records).map(
         _encode_trainable,
-        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "template": template},
         batched=True,
         remove_columns=list(records[0]),
         desc="tokenizing",
@@ -110,9 +120,9 @@ def tokenize_examples(
     return dataset
 
 
-def _encode_trainable(batch: dict[str, list], tokenizer, max_length: int) -> dict[str, list[list[int]]]:
+def _encode_trainable(batch: dict[str, list], tokenizer, max_length: int, template: str) -> dict[str, list[list[int]]]:
     # A batched map may return fewer rows: items left without a response token are dropped here, in the same pass.
-    columns = encode_batch(batch["instruction"], batch["input"], batch["output"], tokenizer, max_length)
+    columns = encode_batch(batch["instruction"], batch["input"], batch["output"], tokenizer, max_length, template)
     keep = [i for i, labels in enumerate(columns["labels"]) if has_response(labels)]
     return {key: [values[i] for i in keep] for key, values in columns.items()}
 

@@ -8,10 +8,10 @@ log-likelihood mode, each item's options. Then, per task:
   soon as their answer is settled (the first label is followed by another character), which cannot change the
   extracted answer: only the first label counts. Arithmetic rows run to EOS or ``max_new_tokens``, since the last
   number counts.
-- ``loglik`` (multiple-choice tasks only: commonsense and AQuA): each option's text is scored as the response to the
-  prompt. Two accuracies are kept: by the summed log-probability (``accuracy_sum``) and by the mean per response
-  token (``accuracy_mean``). The primary ``accuracy`` is the mean per token: the summed score favours short options
-  (every extra token can only lower it), which the options of a question differ in.
+- ``loglik`` (multiple-choice tasks only: commonsense, AQuA and a user's tasks with options): each option's text is
+  scored as the response to the prompt. Two accuracies are kept: by the summed log-probability (``accuracy_sum``) and
+  by the mean per response token (``accuracy_mean``). The primary ``accuracy`` is the mean per token: the summed score
+  favours short options (every extra token can only lower it), which the options of a question differ in.
 
 Accuracy is torchmetrics' binary accuracy of "answered correctly" in float64; ``avg_accuracy`` is the unweighted mean
 over tasks (the paper's "Avg"), and ``groups`` the mean over each registered group whose tasks were all evaluated.
@@ -25,7 +25,9 @@ from pathlib import Path
 import torch
 from torchmetrics.classification import BinaryAccuracy
 
-from s2ft.data import GROUPS, Example, TaskSpec, build_prompt, eval_subset, load_eval, resolve_tasks
+from s2ft.data import GROUPS, Example, TaskSpec, build_prompt, eval_subset, load_eval
+from s2ft.data.prompt import check_template
+from s2ft.data.user_tasks import group_members, load_user_task, resolve_eval_tasks
 from s2ft.evaluation.extract import extract, is_correct, label_settled, parse_gold
 from s2ft.evaluation.generate import generate
 from s2ft.evaluation.loglik import encode_pairs, score_pairs
@@ -44,18 +46,28 @@ class TaskItems:
         examples: The (subset of) test items, in file order.
         golds: Parsed gold answers (`parse_gold`), one per example.
         options: Per example, ``{label: option text}`` (log-likelihood mode only).
+        mode: "generate" or "loglik": how this task runs.
     """
 
     spec: TaskSpec
     examples: list[Example]
     golds: list[str | float]
     options: list[dict[str, str]] = field(default_factory=list)
+    mode: str = "generate"
 
 
 def prepare_tasks(
-    tasks: list[TaskSpec] | list[str], data_dir: str | Path, mode: str, limit: int | None = None, seed: int = 0
+    tasks: list[TaskSpec] | list[str | dict],
+    data_dir: str | Path,
+    mode: str,
+    limit: int | None = None,
+    seed: int = 0,
+    groups: dict[str, list] | None = None,
 ) -> list[TaskItems]:
     """Loads and validates the items of every task, without touching a model.
+
+    A task whose spec fixes its mode (a user's ``mode: loglik`` task) runs in that mode; the others in ``mode``.
+    A user's log-likelihood task takes its options from its records (`s2ft.data.user_tasks`).
 
     Raises:
         ValueError: A bad mode, a numeric task in log-likelihood mode, a gold answer that cannot be scored or an item
@@ -64,9 +76,9 @@ def prepare_tasks(
     """
     if mode not in MODES:
         raise ValueError(f"unknown evaluation mode {mode!r}; use one of {', '.join(MODES)}")
-    specs = resolve_tasks(tasks)
+    specs = resolve_eval_tasks(tasks, groups)
     if mode == "loglik":
-        numeric = [spec.name for spec in specs if spec.answer_kind == "number"]
+        numeric = [spec.name for spec in specs if spec.answer_kind in ("number", "text") and spec.mode is None]
         if numeric:
             raise ValueError(
                 f"log-likelihood mode scores answer options, and {numeric} have numeric answers without options; "
@@ -74,15 +86,24 @@ def prepare_tasks(
             )
     prepared = []
     for spec in specs:
-        examples = eval_subset(load_eval(spec, data_dir), limit, seed)
+        task_mode = spec.mode or mode
+        if spec.source is not None:
+            everything, user_options = load_user_task(spec, data_dir)
+        else:
+            everything, user_options = load_eval(spec, data_dir), None
+        picked = eval_subset(list(range(len(everything))), limit, seed)  # indices: options are kept per item
+        examples = [everything[i] for i in picked]
         if not examples:
             raise ValueError(f"task {spec.name} has no items")
-        items = TaskItems(spec, examples, [])
-        for example in examples:
+        items = TaskItems(spec, examples, [], mode=task_mode)
+        for index, example in zip(picked, examples, strict=True):
             try:
                 items.golds.append(parse_gold(spec.answer_kind, example.answer, spec.labels))
-                if mode == "loglik":
-                    items.options.append(parse_options(example.instruction, spec.answer_kind, spec.labels))
+                if task_mode == "loglik":
+                    if user_options is not None:
+                        items.options.append(user_options[index])
+                    else:
+                        items.options.append(parse_options(example.instruction, spec.answer_kind, spec.labels))
                     if items.golds[-1] not in items.options[-1]:
                         raise ValueError(f"gold answer {example.answer!r} is not among the parsed options")
             except (ValueError, OptionParseError) as err:
@@ -105,13 +126,16 @@ def evaluate(
     max_new_tokens: int | None = None,
     out_dir: str | Path | None = None,
     progress: bool = True,
+    template: str = "alpaca",
+    groups: dict[str, list] | None = None,
 ) -> dict:
     """Evaluates ``model`` on ``tasks`` and writes one predictions file per task.
 
     Args:
         model: A causal LM (any method's model; evaluated in eval mode, its training mode restored afterwards).
         tokenizer: Its tokenizer, with a pad token.
-        tasks: Task or group names (``["arithmetic", "boolq"]``) or TaskSpecs.
+        tasks: Task or group names (``["arithmetic", "boolq"]``), a user's task definitions (`s2ft.data.user_tasks`)
+            or TaskSpecs.
         data_dir: The data directory (``paths.data_dir``).
         mode: "generate" or "loglik" (see the module docstring).
         limit: Evaluate a deterministic subset of this many items per task (`s2ft.data.eval_subset` with ``seed``).
@@ -122,6 +146,8 @@ def evaluate(
         max_new_tokens: Generation budget for every task; None uses each suite's (commonsense 32, arithmetic 256).
         out_dir: The run directory; predictions go to ``out_dir/predictions/TASK.jsonl``. None writes nothing.
         progress: Show a progress bar.
+        template: The prompt template, "alpaca" or "chat" (`s2ft.data.prompt`), as the model was trained with.
+        groups: User groups (``eval.groups``: name -> tasks), expanded in ``tasks`` and averaged like the registered.
 
     Returns:
         ``{"tasks": {TASK: {"accuracy", "n", "mode", "tokens_per_s", ...}}, "avg_accuracy", "groups": {GROUP: acc}}``;
@@ -134,32 +160,34 @@ def evaluate(
             raise ValueError(f"eval {name} must be a positive integer, got {value!r}")
     if mode == "loglik" and num_beams != 1:
         raise ValueError("num_beams applies to generation; log-likelihood mode does not generate (use num_beams=1)")
-    prepared = prepare_tasks(tasks, data_dir, mode, limit, seed)
+    prepared = prepare_tasks(tasks, data_dir, mode, limit, seed, groups)
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos_token)")
-    run = _run_generate if mode == "generate" else _run_loglik
-    settings = dict(batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens)
+    check_template(template, tokenizer)
+    settings = dict(batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens, template=template)
     was_training = model.training
     model.eval()
     results = {}
     try:
         with progress_bar(progress) as bar:
             for items in prepared:
+                run = _run_generate if items.mode == "generate" else _run_loglik
                 metrics, records = run(model, tokenizer, items, bar, **settings)
                 results[items.spec.name] = metrics
                 if out_dir is not None:
                     write_predictions(Path(out_dir) / "predictions" / f"{items.spec.name}.jsonl", records)
     finally:
         model.train(was_training)
-    return summarize(results)
+    return summarize(results, group_members(groups, [items.spec for items in prepared]))
 
 
-def summarize(task_results: dict[str, dict]) -> dict:
-    """Adds the unweighted mean over tasks and the mean of every fully evaluated group."""
+def summarize(task_results: dict[str, dict], user_groups: dict[str, list[str]] | None = None) -> dict:
+    """Adds the unweighted mean over tasks and the mean of every fully evaluated group (registered or the user's:
+    group name -> task names)."""
     accuracies = {name: result["accuracy"] for name, result in task_results.items()}
     groups = {
         group: sum(accuracies[name] for name in members) / len(members)
-        for group, members in GROUPS.items()
+        for group, members in {**GROUPS, **(user_groups or {})}.items()
         if all(name in accuracies for name in members)
     }
     return {
@@ -176,11 +204,11 @@ def accuracy(correct: list[bool]) -> float:
     return metric.compute().item()
 
 
-def _run_generate(model, tokenizer, items: TaskItems, bar, *, batch_size, num_beams, max_new_tokens):
+def _run_generate(model, tokenizer, items: TaskItems, bar, *, batch_size, num_beams, max_new_tokens, template):
     spec = items.spec
-    prompts = [build_prompt(example.instruction, example.input) for example in items.examples]
+    prompts = [build_prompt(example.instruction, example.input, template, tokenizer) for example in items.examples]
     stop = (lambda text: label_settled(text, spec.labels)) if spec.answer_kind == "label" else None
-    budget = max_new_tokens or spec.max_new_tokens
+    budget = spec.max_new_tokens if spec.own_budget else max_new_tokens or spec.max_new_tokens
     with bar.task(spec.name, len(prompts)) as advance:
         start = time.perf_counter()
         generations = generate(
@@ -197,7 +225,7 @@ def _run_generate(model, tokenizer, items: TaskItems, bar, *, batch_size, num_be
     records, correct = [], []
     for example, prompt, generation, gold in zip(items.examples, prompts, generations, items.golds, strict=True):
         extracted = extract(spec.answer_kind, generation.text, spec.labels)
-        correct.append(is_correct(spec.answer_kind, extracted, gold))
+        correct.append(is_correct(spec.answer_kind, extracted, gold, spec.tolerance))
         records.append(
             dict(
                 id=example.id,
@@ -223,7 +251,7 @@ def _run_generate(model, tokenizer, items: TaskItems, bar, *, batch_size, num_be
     return metrics, records
 
 
-def _run_loglik(model, tokenizer, items: TaskItems, bar, *, batch_size, num_beams, max_new_tokens):
+def _run_loglik(model, tokenizer, items: TaskItems, bar, *, batch_size, num_beams, max_new_tokens, template):
     spec = items.spec
     flat = [(index, label, text) for index, options in enumerate(items.options) for label, text in options.items()]
     examples = [items.examples[index] for index, _, _ in flat]
@@ -232,6 +260,7 @@ def _run_loglik(model, tokenizer, items: TaskItems, bar, *, batch_size, num_beam
         [example.input for example in examples],
         [text for _, _, text in flat],
         tokenizer,
+        template,
     )
     with bar.task(spec.name, len(pairs)) as advance:
         start = time.perf_counter()
@@ -250,7 +279,7 @@ def _run_loglik(model, tokenizer, items: TaskItems, bar, *, batch_size, num_beam
         records.append(
             dict(
                 id=example.id,
-                prompt=build_prompt(example.instruction, example.input),
+                prompt=build_prompt(example.instruction, example.input, template, tokenizer),
                 output=options[by_mean],
                 extracted=by_mean,
                 gold=gold,

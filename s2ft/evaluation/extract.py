@@ -13,6 +13,10 @@ The rules, per `TaskSpec.answer_kind`:
   ("Each", "Bob"). Here, in order: the last "answer is (X)" / "answer: X" phrase (the rationale's closing sentence),
   else the last parenthesised "(X)", else the first capital A-E standing alone as a word.
 
+- ``text`` (a user's tasks): the first non-empty line of the output, normalised as SQuAD normalises answers
+  (`normalize_text`: lowercase, punctuation and the articles a/an/the dropped, whitespace collapsed), equal to the
+  normalised gold.
+
 An output without an answer extracts to None and is scored wrong; extraction never raises on model output.
 """
 
@@ -28,6 +32,8 @@ LETTER_PHRASE = re.compile(
 )
 LETTER_PARENTHESISED = re.compile(r"\(([A-E])\)")
 LETTER_WORD = re.compile(r"(?<![A-Za-z0-9])([A-E])(?![A-Za-z0-9])")
+ARTICLES = re.compile(r"\b(a|an|the)\b")
+PUNCTUATION = re.compile(r"[^\w\s]")
 
 
 @lru_cache(maxsize=64)
@@ -63,22 +69,36 @@ def extract_letter(output: str) -> str | None:
     return word.group(1) if word else None
 
 
+def normalize_text(text: str) -> str:
+    """Lowercase, punctuation and the articles a/an/the removed, whitespace collapsed (SQuAD's answer normalisation)."""
+    return " ".join(ARTICLES.sub(" ", PUNCTUATION.sub(" ", text.lower())).split())
+
+
+def extract_text(output: str) -> str | None:
+    """The first non-empty line of the output, normalised (`normalize_text`), or None when there is none."""
+    line = next((line for line in output.splitlines() if normalize_text(line)), None)
+    return None if line is None else normalize_text(line)
+
+
 def extract(answer_kind: str, output: str, labels: tuple[str, ...] = ()) -> str | float | None:
-    """Extracts the answer of one output by the rule of ``answer_kind`` ("label", "number" or "letter")."""
+    """Extracts the answer of one output by the rule of ``answer_kind`` ("label", "number", "letter" or "text")."""
     if answer_kind == "label":
         return extract_label(output, labels)
     if answer_kind == "number":
         return extract_number(output)
     if answer_kind == "letter":
         return extract_letter(output)
-    raise ValueError(f"unknown answer_kind {answer_kind!r}; use label, number or letter")
+    if answer_kind == "text":
+        return extract_text(output)
+    raise ValueError(f"unknown answer_kind {answer_kind!r}; use label, number, letter or text")
 
 
 def parse_gold(answer_kind: str, gold: str, labels: tuple[str, ...] = ()) -> str | float:
     """Parses a gold answer, raising ValueError when it cannot be scored (so bad data fails before the model runs).
 
     Returns:
-        A float for "number", an uppercase letter for "letter", a lowercase label for "label".
+        A float for "number", an uppercase letter for "letter", a lowercase label for "label", the normalised text
+        for "text".
     """
     text = gold.strip()
     if answer_kind == "number":
@@ -97,15 +117,21 @@ def parse_gold(answer_kind: str, gold: str, labels: tuple[str, ...] = ()) -> str
         if text.lower() not in {label.lower() for label in labels}:
             raise ValueError(f"gold answer {gold!r} is not one of the task's labels {list(labels)}")
         return text.lower()
-    raise ValueError(f"unknown answer_kind {answer_kind!r}; use label, number or letter")
+    if answer_kind == "text":
+        if not normalize_text(text):
+            raise ValueError(f"gold answer {gold!r} is empty after normalisation")
+        return normalize_text(text)
+    raise ValueError(f"unknown answer_kind {answer_kind!r}; use label, number, letter or text")
 
 
-def is_correct(answer_kind: str, extracted: str | float | None, gold: str | float) -> bool:
-    """Whether an extracted answer matches the parsed gold one (numbers within 0.001); None is wrong."""
+def is_correct(
+    answer_kind: str, extracted: str | float | None, gold: str | float, tolerance: float = NUMBER_TOLERANCE
+) -> bool:
+    """Whether an extracted answer matches the parsed gold one (numbers within ``tolerance``); None is wrong."""
     if extracted is None:
         return False
     if answer_kind == "number":
-        return abs(extracted - gold) <= NUMBER_TOLERANCE
+        return abs(extracted - gold) <= tolerance
     return extracted == gold
 
 

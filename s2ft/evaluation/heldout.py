@@ -15,7 +15,9 @@ log = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
-def heldout_item_losses(model, tokenizer, examples, batch_size: int, max_length: int) -> list[dict]:
+def heldout_item_losses(
+    model, tokenizer, examples, batch_size: int, max_length: int, template: str = "alpaca"
+) -> list[dict]:
     """Summed response-token NLL (natural log) and token count of every held-out item, for item-level statistics.
 
     Args:
@@ -24,6 +26,7 @@ def heldout_item_losses(model, tokenizer, examples, batch_size: int, max_length:
         examples: `s2ft.data.Example` items with non-empty outputs.
         batch_size: Items per forward pass.
         max_length: Token limit per item, as in training (longer responses are cut, prompt-only items dropped).
+        template: The prompt template of the run, "alpaca" or "chat".
 
     Returns:
         ``{"id", "nll", "tokens"}`` per scored item, in the order of ``examples``.
@@ -39,7 +42,7 @@ def heldout_item_losses(model, tokenizer, examples, batch_size: int, max_length:
     if empty:
         raise ValueError(f"held-out items need a response to score; these have an empty output: {empty[:5]}")
     fields = ([e.instruction for e in examples], [e.input for e in examples], [e.output for e in examples])
-    columns = encode_batch(*fields, tokenizer, max_length)
+    columns = encode_batch(*fields, tokenizer, max_length, template)
     # Tokenized as training tokenizes; an item whose prompt fills max_length has no response token and is left out.
     rows = [
         {"id": example.id, **{key: values[i] for key, values in columns.items()}}
@@ -73,12 +76,12 @@ def heldout_item_losses(model, tokenizer, examples, batch_size: int, max_length:
     return items
 
 
-def heldout_loss(model, tokenizer, examples, batch_size: int, max_length: int) -> float:
+def heldout_loss(model, tokenizer, examples, batch_size: int, max_length: int, template: str = "alpaca") -> float:
     """Mean response-token NLL (natural log) over all response tokens of ``examples``, every token weighted equally.
 
     Same arguments and errors as `heldout_item_losses`; returns nats per token.
     """
-    return mean_token_loss(heldout_item_losses(model, tokenizer, examples, batch_size, max_length))
+    return mean_token_loss(heldout_item_losses(model, tokenizer, examples, batch_size, max_length, template))
 
 
 def mean_token_loss(items: list[dict]) -> float:

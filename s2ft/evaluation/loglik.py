@@ -35,9 +35,11 @@ class Score:
         return self.logprob / self.num_tokens
 
 
-def encode_pairs(instructions: list[str], inputs: list[str], responses: list[str], tokenizer) -> list[tuple]:
+def encode_pairs(
+    instructions: list[str], inputs: list[str], responses: list[str], tokenizer, template: str = "alpaca"
+) -> list[tuple]:
     """Tokenizes (instruction, input, response) triples into ``(input_ids, labels)`` without the trailing EOS."""
-    columns = encode_batch(instructions, inputs, responses, tokenizer, NO_TRUNCATION)
+    columns = encode_batch(instructions, inputs, responses, tokenizer, NO_TRUNCATION, template)
     pairs = []
     for ids, labels, response in zip(columns["input_ids"], columns["labels"], responses, strict=True):
         ids, labels = ids[:-1], labels[:-1]  # drop the EOS, the last token encode_batch appends

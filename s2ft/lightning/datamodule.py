@@ -23,16 +23,27 @@ class SFTDataModule(L.LightningDataModule):
         batch_size: Micro-batch size per rank.
         seed: Shuffle seed (epoch e uses seed + e).
         cache_dir: Where `datasets` caches the tokenized sets (None: in memory).
+        template: The prompt template, "alpaca" or "chat" (`s2ft.data.prompt`).
     """
 
     def __init__(
-        self, train_examples, val_examples, tokenizer, max_length: int, batch_size: int, seed: int = 0, cache_dir=None
+        self,
+        train_examples,
+        val_examples,
+        tokenizer,
+        max_length: int,
+        batch_size: int,
+        seed: int = 0,
+        cache_dir=None,
+        template: str = "alpaca",
     ):
         super().__init__()
         from s2ft.data.tokenize import Collator, tokenize_examples
 
-        self.train_set = tokenize_examples(train_examples, tokenizer, max_length, cache_dir)
-        self.val_set = tokenize_examples(val_examples, tokenizer, max_length, cache_dir) if val_examples else None
+        self.train_set = tokenize_examples(train_examples, tokenizer, max_length, cache_dir, template)
+        self.val_set = (
+            tokenize_examples(val_examples, tokenizer, max_length, cache_dir, template) if val_examples else None
+        )
         self.collate = Collator(tokenizer)
         self.batch_size, self.seed = batch_size, seed
         self.sampler: ResumableBatchSampler | None = None

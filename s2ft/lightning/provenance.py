@@ -8,14 +8,16 @@ refused as training on them is (`s2ft.data.overlap.check_overlap`), unless ``dat
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections import Counter
 from pathlib import Path
 
-from s2ft.data import DataError, load_eval, load_train, resolve_tasks, resolve_train_sources
+from s2ft.data import DataError, load_eval, load_train
 from s2ft.data.overlap import DataOverlapError, find_overlaps
+from s2ft.data.sources import describe_train_sources
+from s2ft.data.user import file_digest
+from s2ft.data.user_tasks import resolve_eval_tasks
 from s2ft.lightning.summary import write_json
 
 ADAPTER_CONFIG = "adapter_config.json"  # S2FT's: the record is added under TRAINING_KEY
@@ -28,17 +30,10 @@ def training_record(cfg: dict, train: list, val: list, overlap_checked: list[str
     """The provenance of a run's training items (``train``, ``val``: the split `Example` lists)."""
     data, data_dir = cfg["data"], Path(cfg["paths"]["data_dir"])
     counts = Counter(example.task for example in train)
-    sources = []
-    for source in resolve_train_sources(data["train"]):
-        file = None if source.reader == "hub" else data_dir / source.path
-        sources.append(
-            {
-                "name": source.name,
-                "file": source.path,
-                "sha256": None if file is None else _sha256(file),
-                "items": counts.get(source.name, 0),
-            }
-        )
+    # Each source's file (or hub id), SHA-256 and record count, plus the items of it this run trained on.
+    sources = [
+        {**source, "items": counts.get(source["name"], 0)} for source in describe_train_sources(data["train"], data_dir)
+    ]
     return {
         "train": data["train"],
         "limit": data.get("limit"),
@@ -50,14 +45,6 @@ def training_record(cfg: dict, train: list, val: list, overlap_checked: list[str
         "overlap_checked": overlap_checked,
         "allow_overlap": bool(data.get("allow_overlap", False)),
     }
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with file.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_adapter_record(adapter_dir: Path, method: str, record: dict) -> None:
@@ -103,14 +90,14 @@ def check_eval_overlap(record: dict | None, source: Path, cfg: dict) -> None:
     data_dir = cfg["paths"]["data_dir"]
     for entry in record["sources"]:
         file = Path(data_dir) / entry["file"]
-        if entry.get("sha256") and file.is_file() and _sha256(file) != entry["sha256"]:
+        if entry.get("sha256") and file.is_file() and file_digest(file) != entry["sha256"]:
             log.warning("%s changed since %s was trained on it: the guard checks its current items", file, source)
     try:
         train = load_train(record["train"], data_dir, record.get("limit"), record.get("seed", 0))
     except (FileNotFoundError, DataError) as err:
         log.warning("the train/test overlap guard cannot rebuild the training items of %s: %s", source, err)
         return
-    eval_sets = {task.name: load_eval(task, data_dir) for task in resolve_tasks(tasks)}
+    eval_sets = {task.name: load_eval(task, data_dir) for task in resolve_eval_tasks(tasks, cfg["eval"].get("groups"))}
     overlapping = {name: count for name, count in find_overlaps(train, eval_sets).items() if count}
     if not overlapping:
         return

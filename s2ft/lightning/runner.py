@@ -93,8 +93,9 @@ def build_run_model(model_cfg: dict, cache_dir):
 
 
 def _train(plan: RunPlan, run_dir: Path) -> dict | None:
-    from s2ft.data import load_eval, load_train, resolve_tasks, split_validation
+    from s2ft.data import load_eval, load_train, split_validation
     from s2ft.data.overlap import check_overlap
+    from s2ft.data.user_tasks import resolve_eval_tasks
     from s2ft.methods import prepare_model, save_trained, trainable_summary
 
     cfg = plan.cfg
@@ -103,7 +104,8 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     examples = load_train(data["train"], data_dir, data.get("limit"), cfg["seed"])
     # Guarded against the sets the run is meant to be judged on: data.overlap_tasks, else the ones it evaluates.
     overlap_tasks = data.get("overlap_tasks") or cfg["eval"].get("tasks") or []
-    eval_sets = {task.name: load_eval(task, data_dir) for task in resolve_tasks(overlap_tasks)} if overlap_tasks else {}
+    tasks = resolve_eval_tasks(overlap_tasks, cfg["eval"].get("groups")) if overlap_tasks else []
+    eval_sets = {task.name: load_eval(task, data_dir) for task in tasks}
     if eval_sets:
         check_overlap(examples, eval_sets, allow=data.get("allow_overlap", False))
     else:
@@ -116,7 +118,14 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
 
     model, tokenizer = build_run_model(cfg["model"], paths.get("cache_dir"))
     datamodule = SFTDataModule(
-        train, val, tokenizer, data["max_length"], data["batch_size"], cfg["seed"], _cache(paths, "tokenized")
+        train,
+        val,
+        tokenizer,
+        data["max_length"],
+        data["batch_size"],
+        cfg["seed"],
+        _cache(paths, "tokenized"),
+        data.get("template", "alpaca"),
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     results = None
@@ -209,6 +218,9 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
         if measured and measured.get("mtbench"):
             extra[key] = measured["mtbench"]
     heldout = _pair(results["heldout"] if results else {}, after["heldout"])
+    if "lm_eval" in after:
+        extra["lm_eval"] = after["lm_eval"]
+        extra["lm_eval_before"] = results.get("lm_eval") if results else None
     summary = build_summary(cfg, counts, train_stats, after["eval"], heldout=heldout, wandb=wandb_info(logger), **extra)
     summary["training_data"] = provenance
     if logger:
@@ -256,6 +268,8 @@ def _evaluate_only(cfg: dict, run_dir: Path) -> dict:
             raise RunDirError(f"run_dir {cfg['run_dir']} has no config.yaml; point run_dir at a finished run directory")
         saved = yaml.safe_load(saved_file.read_text())
         method, model_cfg, source = saved["method"]["name"], saved["model"], Path(cfg["run_dir"]) / "adapter"
+        # ... and its prompt template: a model is evaluated in the format it was trained in.
+        cfg = {**cfg, "data": {**cfg["data"], "template": saved.get("data", {}).get("template", "alpaca")}}
     if cfg.get("adapter"):
         source = Path(cfg["adapter"])
     record = None if source is None else read_adapter_record(source)
@@ -279,6 +293,7 @@ def _evaluate_only(cfg: dict, run_dir: Path) -> dict:
         source=None if source is None else str(source),
         training_data=record,
         **({"mtbench": results["mtbench"]} if results.get("mtbench") else {}),
+        **({"lm_eval": results["lm_eval"]} if "lm_eval" in results else {}),
     )
     return _finish(summary, run_dir)
 
@@ -368,12 +383,34 @@ def measure_model(model, tokenizer, cfg: dict, out_dir: Path) -> dict:
             batch_size=ev.get("batch_size", 8),
             num_beams=ev.get("num_beams", 1),
             out_dir=out_dir,
+            template=cfg["data"].get("template", "alpaca"),
+            groups=ev.get("groups"),
             **kwargs,
         )
     if ev.get("mtbench"):
         result["mtbench"] = run_mtbench(model, tokenizer, cfg, out_dir)
     result["heldout"] = heldout_losses(model, tokenizer, cfg, out_dir)
+    if ev.get("backend", "s2ft") == "lm_eval":
+        result["lm_eval"] = harness_results(model, tokenizer, cfg, out_dir)
     return result
+
+
+def harness_results(model, tokenizer, cfg: dict, out_dir: Path) -> dict:
+    """lm-evaluation-harness on the same items (`s2ft.evaluation.lm_eval_backend`), its files in ``out_dir/lm_eval``."""
+    from s2ft.evaluation.lm_eval_backend import LM_EVAL_TASKS, run_lm_eval
+
+    ev, options = cfg["eval"], cfg["eval"].get("lm_eval") or {}
+    return run_lm_eval(
+        model,
+        tokenizer,
+        cfg["paths"]["data_dir"],
+        out_dir / "lm_eval",
+        tasks=options.get("tasks") or LM_EVAL_TASKS,
+        limit=options.get("limit") or ev.get("limit"),
+        seed=cfg["seed"],
+        batch_size=ev.get("batch_size", 8),
+        max_gen_toks=options.get("max_gen_toks"),
+    )
 
 
 def heldout_losses(model, tokenizer, cfg: dict, out_dir: Path) -> dict[str, float]:
@@ -382,13 +419,20 @@ def heldout_losses(model, tokenizer, cfg: dict, out_dir: Path) -> dict[str, floa
     The per-item files let the report test a difference between two runs on the same items (a paired bootstrap).
     """
     from s2ft.data import eval_subset, load_heldout
+    from s2ft.data.sources import heldout_name
     from s2ft.evaluation import heldout_item_losses, mean_token_loss, write_predictions
 
     ev, losses = cfg["eval"], {}
-    for name in ev.get("heldout") or []:
-        examples = eval_subset(load_heldout(name, cfg["paths"]["data_dir"]), ev.get("heldout_limit"), cfg["seed"])
+    for item in ev.get("heldout") or []:
+        name = heldout_name(item)
+        examples = eval_subset(load_heldout(item, cfg["paths"]["data_dir"]), ev.get("heldout_limit"), cfg["seed"])
         items = heldout_item_losses(
-            model, tokenizer, examples, ev.get("batch_size", 8), cfg["data"].get("max_length", 512)
+            model,
+            tokenizer,
+            examples,
+            ev.get("batch_size", 8),
+            cfg["data"].get("max_length", 512),
+            cfg["data"].get("template", "alpaca"),
         )
         losses[name] = mean_token_loss(items)
         write_predictions(out_dir / "predictions" / f"heldout_{name}.jsonl", items)

@@ -8,7 +8,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-PACKAGES = ("s2ft", "torch", "transformers", "lightning", "peft", "datasets", "hydra-core", "wandb")
+PACKAGES = ("s2ft", "torch", "transformers", "lightning", "peft", "datasets", "hydra-core", "wandb", "lm_eval")
 
 
 def package_versions() -> dict[str, str | None]:
@@ -56,6 +56,7 @@ def build_summary(cfg: dict, counts: dict, train: dict | None, evaluation: dict 
         "order": options.get("order"),
         "ratios": options.get("ratios"),
         "seed": cfg["seed"],
+        "template": cfg["data"].get("template", "alpaca"),
         **counts,
         "train": train,
         "eval": {name: task_record(r) for name, r in tasks.items()},

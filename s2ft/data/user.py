@@ -1,0 +1,336 @@
+"""A user's own data: a local file (JSON, JSONL, CSV, Parquet), a dataset folder or a Hugging Face hub dataset,
+read through `datasets` into `Example`s.
+
+A source is a path string (``my/train.jsonl``) or a dict::
+
+    {path: my.jsonl, format: alpaca, columns: {instruction: q, output: a}, name: mine}
+    {hub: org/name, config: main, split: train}
+
+Formats (``format``; detected from the columns when left out):
+
+- ``alpaca``: ``instruction``, ``output``, optional ``input``.
+- ``chat``: ``messages``, a list of ``{role, content}``; the last assistant message is the response, the user message
+  before it the instruction, and any earlier turns (a system message included) become the input as
+  ``role: content`` lines, so both prompt templates see them.
+- ``prompt_completion``: ``prompt`` and ``completion``.
+
+Every format may carry an ``answer`` (the gold answer an evaluation task scores; without one the response is the
+gold). ``columns`` maps these field names to the file's own column names. Relative paths are read from the working
+directory, else from the data directory. Every record is checked; the first bad one fails with the file, its line
+(JSONL, CSV) or record index (JSON, Parquet, datasets) and the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+from s2ft.data.records import DataError, Example
+
+FORMATS = ("alpaca", "chat", "prompt_completion")
+# field -> required (a training record needs its response; an evaluation record may give an answer instead)
+FIELDS = {
+    "alpaca": ("instruction", "input", "output", "answer"),
+    "chat": ("messages", "answer"),
+    "prompt_completion": ("prompt", "completion", "answer"),
+}
+REQUIRED = {"alpaca": ("instruction", "output"), "chat": ("messages",), "prompt_completion": ("prompt", "completion")}
+RESPONSE = {"alpaca": "output", "chat": "messages", "prompt_completion": "completion"}
+BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+SOURCE_KEYS = ("path", "hub", "config", "split", "format", "columns", "name")
+
+
+@dataclass(frozen=True)
+class UserSource:
+    """Where a user's data lives and how its records read.
+
+    Attributes:
+        name: The name the items carry (the ``name`` given, else the file's stem or the hub id's last part).
+        path: A local file or dataset folder (None for a hub dataset).
+        hub: A hub dataset id (or a local folder of data files) for `datasets.load_dataset`; None for a path.
+        config: The hub dataset's configuration (``name`` of `load_dataset`), or None.
+        split: The split to read (a folder's or hub dataset's; a single file is one split).
+        format: alpaca, chat or prompt_completion; None: detected from the columns.
+        columns: Field -> the file's column name, as ``((field, column), ...)``.
+    """
+
+    name: str
+    path: str | None = None
+    hub: str | None = None
+    config: str | None = None
+    split: str = "train"
+    format: str | None = None
+    columns: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def where(self) -> str:
+        """The file, folder or hub id, for messages."""
+        return self.path if self.path is not None else f"hub dataset {self.hub} ({self.split})"
+
+
+def is_data_file(name: str) -> bool:
+    """Whether a ``data.train`` or ``eval.tasks`` string names a data file (by its suffix), not a registered set."""
+    return Path(name).suffix.lower() in BUILDERS
+
+
+def parse_source(spec: str | dict, default_split: str = "train", extra_keys: tuple[str, ...] = ()) -> UserSource:
+    """Reads a source spec (a path string or a dict, see the module docstring) without opening the data.
+
+    Args:
+        spec: The spec.
+        default_split: The split read when the spec names none.
+        extra_keys: Further keys the caller reads itself (task definitions), accepted here.
+
+    Raises:
+        DataError: Not a string or dict, unknown keys, neither or both of path/hub, an unknown format or suffix, or
+            a column mapping for fields the format does not have.
+    """
+    if isinstance(spec, str):
+        spec = {"path": spec}
+    if not isinstance(spec, dict):
+        raise DataError(f"a data source is a path or a dict with path or hub, got {spec!r}")
+    unknown = sorted(set(spec) - set(SOURCE_KEYS) - set(extra_keys))
+    if unknown:
+        raise DataError(f"data source {spec!r}: unknown keys {unknown}; allowed: {', '.join(SOURCE_KEYS + extra_keys)}")
+    path, hub = spec.get("path"), spec.get("hub")
+    if (path is None) == (hub is None):
+        raise DataError(
+            f"data source {spec!r} needs exactly one of path (a local file or folder) or hub (a dataset id)"
+        )
+    for key in ("path", "hub", "config", "split", "name"):
+        if spec.get(key) is not None and not isinstance(spec[key], str):
+            raise DataError(f"data source {spec!r}: {key} must be a string")
+    fmt = spec.get("format")
+    if fmt is not None and fmt not in FORMATS:
+        raise DataError(f"data source {path or hub}: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if path is not None and Path(path).suffix and not is_data_file(path):
+        raise DataError(
+            f"data file {path}: unknown file type {Path(path).suffix!r}; use one of {', '.join(BUILDERS)} "
+            "(or a folder saved with datasets' save_to_disk)"
+        )
+    columns = spec.get("columns") or {}
+    if not isinstance(columns, dict) or not all(isinstance(v, str) for v in columns.values()):
+        raise DataError(f"data source {path or hub}: columns must map field names to column names, got {columns!r}")
+    # Multiple-choice evaluation tasks read an options column too.
+    known = (set(FIELDS[fmt]) if fmt else {field for fields in FIELDS.values() for field in fields}) | {"options"}
+    stray = sorted(set(columns) - known)
+    if stray:
+        raise DataError(
+            f"data source {path or hub}: columns maps unknown fields {stray}; the {fmt or 'known'} fields are "
+            f"{', '.join(sorted(known))}"
+        )
+    name = spec.get("name") or (Path(path).stem if path is not None else hub.rstrip("/").split("/")[-1])
+    return UserSource(
+        name=name,
+        path=path,
+        hub=hub,
+        config=spec.get("config"),
+        split=spec.get("split") or default_split,
+        format=fmt,
+        columns=tuple(sorted(columns.items())),
+    )
+
+
+def resolve_path(path: str, data_dir: str | Path | None) -> Path:
+    """The local file or folder: as given (relative to the working directory), else under the data directory.
+
+    Raises:
+        DataError: Neither exists.
+    """
+    given = Path(path).expanduser()
+    if given.exists():
+        return given
+    if data_dir is not None and not given.is_absolute() and (Path(data_dir) / given).exists():
+        return Path(data_dir) / given
+    where = f" (nor under the data directory {data_dir})" if data_dir is not None else ""
+    raise DataError(f"data file {path} does not exist{where}")
+
+
+def load_rows(source: UserSource, data_dir: str | Path | None = None) -> datasets.Dataset:
+    """Opens the source with `datasets`: a file with its builder, a `save_to_disk` folder, or `load_dataset(hub)`.
+
+    Raises:
+        DataError: A missing file, a file `datasets` cannot read, a missing split, or a hub dataset that cannot be
+            loaded (offline, unknown id).
+    """
+    try:
+        if source.hub is not None:
+            rows = datasets.load_dataset(source.hub, source.config, split=source.split)
+        else:
+            path = resolve_path(source.path, data_dir)
+            if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+                rows = datasets.load_from_disk(str(path))
+                if isinstance(rows, datasets.DatasetDict):
+                    rows = rows[source.split]
+            elif path.is_dir():
+                rows = datasets.load_dataset(str(path), source.config, split=source.split)
+            elif path.suffix.lower() not in BUILDERS:
+                raise DataError(f"data file {path}: unknown file type; use one of {', '.join(BUILDERS)}")
+            else:
+                if _holds_no_records(path):  # datasets refuses to build an empty split, with an obscure message
+                    raise DataError(f"{source.where} holds no records")
+                rows = datasets.load_dataset(BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
+    except DataError:
+        raise
+    except KeyError as err:
+        raise DataError(f"{source.where}: no split {source.split!r} ({err}); set split: NAME") from err
+    except Exception as err:  # datasets raises many types (DatasetGenerationError, ArrowInvalid, ConnectionError ...)
+        raise DataError(f"could not read {source.where}: {type(err).__name__}: {err}") from err
+    return rows
+
+
+def _holds_no_records(path: Path) -> bool:
+    if path.suffix.lower() == ".parquet":
+        return False  # an empty Parquet file loads as an empty set, which `to_examples` reports
+    text = path.read_text(encoding="utf-8", errors="replace").strip()
+    if path.suffix.lower() == ".csv":
+        return len([line for line in text.splitlines() if line.strip()]) <= 1  # at most a header
+    return text in ("", "[]")
+
+
+def file_lines(source: UserSource, data_dir: str | Path | None) -> list[str] | None:
+    """Per record, where it is in the file: "line N" for JSONL and CSV, None (record indices) otherwise."""
+    if source.path is None:
+        return None
+    path = resolve_path(source.path, data_dir)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with path.open(encoding="utf-8") as file:
+            return [f"line {number}" for number, line in enumerate(file, start=1) if line.strip()]
+    if suffix == ".csv":
+        # datasets' CSV reader (pandas) takes line 1 as the header; quoted multi-line fields would shift this.
+        with path.open(encoding="utf-8") as file:
+            return [f"line {number}" for number, line in enumerate(file, start=1) if line.strip()][1:]
+    return None
+
+
+def detect_format(source: UserSource, column_names: list[str]) -> str:
+    """The format a source's columns say (``messages``: chat; ``prompt`` + ``completion``; ``instruction``: alpaca).
+
+    Raises:
+        DataError: No format fits; the message lists the columns and how to say the format and mapping.
+    """
+    if source.format is not None:
+        return source.format
+    mapped = {field: column for field, column in source.columns}
+    for fmt in ("chat", "prompt_completion", "alpaca"):
+        if mapped.get(REQUIRED[fmt][0], REQUIRED[fmt][0]) in column_names:
+            return fmt
+    raise DataError(
+        f"{source.where}: cannot tell the format from its columns {column_names}; set format: "
+        f"{'|'.join(FORMATS)} and map other names with columns: {{instruction: COLUMN, output: COLUMN}}"
+    )
+
+
+def _text(value, field: str, where: str) -> str:
+    # `field` is the display name: "'output'", or "'output' (column 'a')" under a column mapping.
+    if value is None:
+        raise DataError(f"{where}: missing field {field}")
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise DataError(f"{where}: field {field} must be text, got {type(value).__name__}")
+    return str(value)
+
+
+def _chat_parts(messages, where: str, need_response: bool) -> tuple[str, str, str]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field 'messages' must be a non-empty list of {{role, content}}")
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or message.get("content") is None:
+            raise DataError(f"{where}: every message needs a role and a content, got {message!r}")
+    response = ""
+    if messages[-1]["role"] == "assistant":
+        response, messages = str(messages[-1]["content"]), messages[:-1]
+    elif need_response:
+        raise DataError(f"{where}: the last message must be the assistant's response (role 'assistant')")
+    if not messages or messages[-1]["role"] != "user":
+        raise DataError(f"{where}: the response must follow a user message")
+    context = "\n".join(f"{m['role']}: {m['content']}" for m in messages[:-1])
+    return str(messages[-1]["content"]), context, response
+
+
+def to_examples(
+    source: UserSource, rows: datasets.Dataset, lines: list[str] | None = None, need_response: bool = True
+) -> list[Example]:
+    """Converts rows into `Example`s by the source's format and column mapping, checking every record.
+
+    Args:
+        source: The source (its name becomes the items' task and id prefix).
+        rows: The rows (`load_rows`).
+        lines: Per row, its place in the file ("line N"); None names record indices.
+        need_response: Training and held-out records must have a non-empty response; evaluation records may give
+            only an ``answer``.
+
+    Raises:
+        DataError: No records, an unknown format, or the first record that lacks a field or has an empty one (the
+            file, line or record index and the field are named).
+    """
+    if len(rows) == 0:
+        raise DataError(f"{source.where} holds no records")
+    fmt = detect_format(source, rows.column_names)
+    mapped = {field: column for field, column in source.columns}
+    column = {field: mapped.get(field, field) for field in FIELDS[fmt]}
+    missing = [f for f in REQUIRED[fmt] if column[f] not in rows.column_names and (need_response or f != RESPONSE[fmt])]
+    if missing:
+        names = [f"{f!r}" + (f" (column {column[f]!r})" if column[f] != f else "") for f in missing]
+        raise DataError(
+            f"{source.where}: no field {', '.join(names)} in any record (columns: {rows.column_names}); {fmt} records "
+            f"need {', '.join(REQUIRED[fmt])}; map other names with columns: {{FIELD: COLUMN}}"
+        )
+    shown = {field: f"{field!r}" + (f" (column {col!r})" if col != field else "") for field, col in column.items()}
+    examples = []
+    for index, row in enumerate(rows):
+        where = f"{source.where}: {lines[index] if lines and index < len(lines) else f'record {index}'}"
+        values = {field: row.get(column[field]) for field in FIELDS[fmt]}
+        if fmt == "chat":
+            instruction, context, response = _chat_parts(values["messages"], where, need_response)
+        else:
+            first, second = ("instruction", "output") if fmt == "alpaca" else ("prompt", "completion")
+            instruction = _text(values[first], shown[first], where)
+            context = _text(values["input"], shown["input"], where) if values.get("input") is not None else ""
+            response = values[second]
+            response = "" if response is None and not need_response else _text(response, shown[second], where)
+        answer = "" if values["answer"] is None else _text(values["answer"], shown["answer"], where)
+        if not instruction.strip():
+            raise DataError(f"{where}: empty {'instruction' if fmt == 'alpaca' else 'prompt'}")
+        if need_response and not response.strip():
+            raise DataError(f"{where}: empty response ({RESPONSE[fmt]})")
+        if not need_response and not (answer.strip() or response.strip()):
+            raise DataError(f"{where}: no gold answer (give an answer field or a response)")
+        examples.append(Example(f"{source.name}-{index}", source.name, instruction, context, response, answer))
+    return examples
+
+
+def load_user_source(
+    spec: str | dict | UserSource, data_dir: str | Path | None = None, need_response: bool = True
+) -> list[Example]:
+    """Reads a user's source into checked `Example`s (see the module docstring).
+
+    Raises:
+        DataError: A bad spec, a missing or unreadable file, an empty set or a bad record (named).
+    """
+    source = spec if isinstance(spec, UserSource) else parse_source(spec)
+    return to_examples(source, load_rows(source, data_dir), file_lines(source, data_dir), need_response)
+
+
+def source_digest(source: UserSource, data_dir: str | Path | None = None) -> str:
+    """SHA-256 of a local file (of a folder: of its files' relative names and contents, sorted); for a hub dataset,
+    the `datasets` fingerprint of the loaded split (its cache identity)."""
+    if source.path is None:
+        return load_rows(source, data_dir)._fingerprint
+    return file_digest(resolve_path(source.path, data_dir))
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file, or of a folder's files (relative names and contents, in sorted order)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

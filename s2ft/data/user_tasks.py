@@ -1,0 +1,240 @@
+"""A user's own evaluation tasks: definitions (inline in ``eval.tasks``, or in a yaml file), user groups, and loading.
+
+A definition is a dict::
+
+    {name: mine, path: my/test.json, answer: letter}
+    {name: sums, path: sums.jsonl, answer: number, tolerance: 0.01, max_new_tokens: 64}
+    {name: sentiment, path: s.csv, format: prompt_completion, answer: label, labels: [positive, negative]}
+    {name: capital, hub: org/capitals, split: test, answer: text, columns: {instruction: question}}
+    {name: mc, path: mc.jsonl, answer: letter, mode: loglik}     # records carry options: [text, text, ...]
+
+The test file is read like training data (`s2ft.data.user`: the same file types, formats and column mapping, split
+``test`` by default for folders and hub datasets). The gold answer is a record's ``answer`` field, else its response
+(output, completion, the last assistant message). Answer kinds: ``number`` (the last number of the output, correct
+within ``tolerance``, default 0.001), ``letter`` (A-E), ``label`` (the first of ``labels`` in the output) and ``text``
+(the output's first line equals the gold after normalisation). ``mode: loglik`` scores each option's text as the
+response instead of generating: the records' ``options`` field is a list of texts (labelled A, B, ... for letter
+tasks, by ``labels`` in order for label tasks) or a ``{label: text}`` dict.
+
+A string ending in ``.yaml``/``.yml`` in ``eval.tasks`` is a file holding one definition or a list of them. User
+groups (``eval.groups: {NAME: [task, ...]}``) expand where they are named and get their mean accuracy in the
+summary, as the registered groups do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import yaml
+
+from s2ft.data.records import DataError, Example
+from s2ft.data.tasks import GROUPS, TASKS, TaskSpec, UnknownNameError, resolve_tasks
+from s2ft.data.user import SOURCE_KEYS, UserSource, file_lines, load_rows, parse_source, to_examples
+
+ANSWER_KINDS = ("number", "letter", "label", "text")
+TASK_KEYS = ("answer", "labels", "tolerance", "max_new_tokens", "mode")
+LETTERS = tuple("ABCDE")
+DEFAULT_BUDGET = {"number": 256, "letter": 32, "label": 32, "text": 32}
+
+
+def parse_task(definition: dict) -> TaskSpec:
+    """A TaskSpec from a user's task definition (see the module docstring), without reading the test file.
+
+    Raises:
+        DataError: A missing or clashing name, an unknown answer kind or key, labels on a non-label task (or none on
+            one), a bad tolerance, budget or mode.
+    """
+    if not isinstance(definition, dict):
+        raise DataError(f"a task definition is a dict with name, path (or hub) and answer, got {definition!r}")
+    name = definition.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise DataError(f"task definition {definition!r} needs a name")
+    where = f"task {name}"
+    if name.lower() in TASKS or name.lower() in GROUPS:
+        raise DataError(f"{where}: the name is a registered task or group; give the user task another name")
+    kind = definition.get("answer")
+    if kind not in ANSWER_KINDS:
+        raise DataError(f"{where}: answer must be one of {', '.join(ANSWER_KINDS)}, got {kind!r}")
+    labels = definition.get("labels")
+    if kind == "label":
+        if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) and x for x in labels):
+            raise DataError(f"{where}: answer: label needs labels: [a list of at least two label strings]")
+        labels = tuple(labels)
+    elif labels is not None:
+        raise DataError(f"{where}: labels only apply to answer: label")
+    else:
+        labels = LETTERS if kind == "letter" else ()
+    tolerance = definition.get("tolerance", 1e-3)
+    if kind != "number" and "tolerance" in definition:
+        raise DataError(f"{where}: tolerance only applies to answer: number")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or tolerance < 0:
+        raise DataError(f"{where}: tolerance must be a number >= 0, got {tolerance!r}")
+    budget = definition.get("max_new_tokens")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise DataError(f"{where}: max_new_tokens must be an int >= 1, got {budget!r}")
+    mode = definition.get("mode")
+    if mode not in (None, "generate", "loglik"):
+        raise DataError(f"{where}: mode must be generate or loglik, got {mode!r}")
+    if mode == "loglik" and kind not in ("letter", "label"):
+        raise DataError(f"{where}: mode: loglik scores options, so answer must be letter or label, not {kind}")
+    source_spec = {key: value for key, value in definition.items() if key in SOURCE_KEYS}
+    unknown = sorted(set(definition) - set(SOURCE_KEYS) - set(TASK_KEYS))
+    if unknown:
+        raise DataError(f"{where}: unknown keys {unknown}; allowed: {', '.join(SOURCE_KEYS + TASK_KEYS)}")
+    try:
+        source = parse_source(source_spec, default_split="test")
+    except DataError as err:
+        raise DataError(f"{where}: {err}") from None
+    return TaskSpec(
+        name=name,
+        suite="user",
+        path=source.where,
+        answer_kind=kind,
+        labels=labels,
+        max_new_tokens=budget or DEFAULT_BUDGET[kind],
+        source=source,
+        tolerance=float(tolerance),
+        mode=mode,
+        own_budget=budget is not None,
+    )
+
+
+def read_task_file(path: str | Path) -> list[dict]:
+    """The task definitions of a yaml file: one dict, or a list of them (``tasks: [...]`` is accepted too).
+
+    Raises:
+        DataError: A missing or unparsable file, or content that is not definitions.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"task definition file {path} does not exist")
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise DataError(f"task definition file {path}: not valid yaml ({err})") from err
+    if isinstance(content, dict) and "tasks" in content:
+        content = content["tasks"]
+    definitions = [content] if isinstance(content, dict) else content
+    if not isinstance(definitions, list) or not all(isinstance(d, dict) for d in definitions):
+        raise DataError(f"task definition file {path}: expected a definition (a dict) or a list of them")
+    return definitions
+
+
+def is_task_file(item) -> bool:
+    """Whether an ``eval.tasks`` string names a yaml file of task definitions."""
+    return isinstance(item, str) and Path(item).suffix.lower() in (".yaml", ".yml")
+
+
+def resolve_eval_tasks(items, groups: dict[str, list] | None = None, defined=()) -> list[TaskSpec]:
+    """Expands ``eval.tasks``: registered names and groups, a user's definitions (dicts), yaml files of definitions,
+    user groups (``eval.groups``) and TaskSpecs, in order, without duplicates. A name may refer to a user task
+    defined elsewhere in ``items``, in a group or in ``defined`` (e.g. ``eval.groups: {mine: [a, b]}`` with tasks
+    ``a`` and ``b`` defined in ``eval.tasks``).
+
+    Raises:
+        UnknownNameError: An unknown name (registered tasks, groups and the user groups are listed).
+        DataError: A bad definition, two different definitions with one name, a user group that names itself.
+        ValueError: An empty list.
+    """
+    groups = groups or {}
+    items = [items] if isinstance(items, str | dict | TaskSpec) else list(items)
+    if not items:
+        raise ValueError("no task given")
+    definitions = [*items, *([defined] if isinstance(defined, str | dict) else defined)]
+    named = {spec.name: spec for spec in _definitions([*definitions, *groups.values()])}
+    specs: dict[str, TaskSpec] = {}
+    for spec in _expand(items, groups, (), named):
+        if spec.name in specs and specs[spec.name] != spec:
+            raise DataError(f"two different task definitions are named {spec.name!r}; give each its own name")
+        specs.setdefault(spec.name, spec)
+    return list(specs.values())
+
+
+def _definitions(items: Iterable) -> Iterable[TaskSpec]:
+    """The user task definitions among ``items`` (nested lists are group members)."""
+    for item in items:
+        if isinstance(item, list):
+            yield from _definitions(item)
+        elif isinstance(item, TaskSpec) and item.source is not None:
+            yield item
+        elif isinstance(item, dict):
+            yield parse_task(item)
+        elif is_task_file(item):
+            yield from (parse_task(definition) for definition in read_task_file(item))
+
+
+def _expand(
+    items: Iterable, groups: dict[str, list], within: tuple[str, ...], named: dict[str, TaskSpec]
+) -> Iterable[TaskSpec]:
+    for item in items:
+        if isinstance(item, TaskSpec):
+            yield item
+        elif isinstance(item, dict):
+            yield parse_task(item)
+        elif is_task_file(item):
+            yield from (parse_task(definition) for definition in read_task_file(item))
+        elif isinstance(item, str) and item in groups:
+            if item in within:
+                raise DataError(f"eval.groups: group {item!r} contains itself")
+            members = groups[item]
+            if not isinstance(members, list) or not members:
+                raise DataError(f"eval.groups: group {item!r} must be a non-empty list of tasks")
+            yield from _expand(members, groups, (*within, item), named)
+        elif isinstance(item, str) and item in named:
+            yield named[item]
+        elif isinstance(item, str):
+            try:
+                yield from resolve_tasks(item)
+            except UnknownNameError as err:
+                extra = f"; user groups: {', '.join(groups)}" if groups else ""
+                raise UnknownNameError(f"{err}{extra}; or a task definition {{name, path, answer}}") from None
+        else:
+            raise TypeError(f"a task is a name, a definition (dict) or a yaml file, got {item!r}")
+
+
+def group_members(groups: dict[str, list] | None, defined=()) -> dict[str, list[str]]:
+    """User group -> the names of its tasks (for the summary's group accuracies); ``defined``: ``eval.tasks``."""
+    return {
+        name: [spec.name for spec in resolve_eval_tasks(members, groups, defined)]
+        for name, members in (groups or {}).items()
+    }
+
+
+def load_user_task(spec: TaskSpec, data_dir: str | Path | None) -> tuple[list[Example], list[dict[str, str]] | None]:
+    """The items of a user's task (gold in ``answer``: the record's answer, else its response) and, for loglik tasks,
+    each item's ``{label: option text}``.
+
+    Raises:
+        DataError: The errors of `s2ft.data.user.to_examples`, and for loglik tasks a record without options, with
+            fewer than two or more than the labels, or options that are not texts.
+    """
+    source: UserSource = spec.source
+    rows = load_rows(source, data_dir)
+    lines = file_lines(source, data_dir)
+    examples = to_examples(source, rows, lines, need_response=False)
+    for example in examples:
+        if not example.answer.strip():
+            example.answer = example.output.strip()
+    if spec.mode != "loglik":
+        return examples, None
+    column = dict(source.columns).get("options", "options")
+    if column not in rows.column_names:
+        raise DataError(f"{source.where}: task {spec.name} has mode: loglik, so its records need an options field")
+    options = []
+    for index, value in enumerate(rows[column]):
+        where = f"{source.where}: {lines[index] if lines else f'record {index}'}"
+        if isinstance(value, dict):
+            value = {str(label): text for label, text in value.items() if text is not None}
+        elif isinstance(value, list):
+            if len(value) > len(spec.labels):
+                raise DataError(f"{where}: {len(value)} options, but the task has only labels {list(spec.labels)}")
+            value = dict(zip(spec.labels, value, strict=False))
+        else:
+            raise DataError(f"{where}: options must be a list of texts or a {{label: text}} dict, got {value!r}")
+        if len(value) < 2 or not all(isinstance(text, str) and text.strip() for text in value.values()):
+            raise DataError(f"{where}: options need at least two non-empty texts, got {value!r}")
+        options.append(
+            {(label.upper() if spec.answer_kind == "letter" else label.lower()): t for label, t in value.items()}
+        )
+    return examples, options

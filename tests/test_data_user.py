@@ -1,0 +1,248 @@
+"""A user's own training data (s2ft/data/user.py): every file type and format, the column mapping, the hub path
+(a local folder through the real `datasets.load_dataset`, and a `save_to_disk` folder), mixing with registered
+sources, the errors (named field and line, empty set, unknown format), provenance and the overlap guard."""
+
+import json
+import logging
+from pathlib import Path
+
+import datasets
+import pandas as pd
+import pytest
+
+from s2ft.data import Example, load_train
+from s2ft.data.checks import check_train_spec
+from s2ft.data.overlap import DataOverlapError, check_overlap
+from s2ft.data.records import DataError
+from s2ft.data.sources import describe_train_sources
+from s2ft.data.tasks import resolve_train_items
+from s2ft.data.tokenize import tokenize_examples
+from s2ft.data.user import UserSource, file_digest, load_user_source, parse_source
+from s2ft.models import tiny_tokenizer
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+ALPACA = [
+    {"instruction": "Name a colour.", "input": "", "output": "Red."},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+]
+EXPECTED = [
+    ("Name a colour.", "", "Red."),
+    ("Add the numbers.", "2 and 3", "5"),
+]
+
+
+def fields(examples: list[Example]) -> list[tuple[str, str, str]]:
+    return [(ex.instruction, ex.input, ex.output) for ex in examples]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv", ".parquet"])
+def test_every_file_type_reads_alpaca_records(tmp_path, suffix):
+    path = tmp_path / f"train{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(ALPACA))
+    elif suffix == ".jsonl":
+        write_jsonl(path, ALPACA)
+    else:
+        frame = pd.DataFrame(ALPACA)
+        frame.to_csv(path, index=False) if suffix == ".csv" else frame.to_parquet(path)
+    examples = load_user_source(str(path))
+    assert fields(examples) == EXPECTED
+    assert [ex.id for ex in examples] == ["train-0", "train-1"] and {ex.task for ex in examples} == {"train"}
+
+
+def test_chat_records(tmp_path):
+    path = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]},
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "2+2?"},
+                    {"role": "assistant", "content": "4"},
+                    {"role": "user", "content": "And 3+3?"},
+                    {"role": "assistant", "content": "6"},
+                ]
+            },
+        ],
+    )
+    assert fields(load_user_source(str(path))) == [
+        ("Hi?", "", "Hello."),
+        ("And 3+3?", "system: Be brief.\nuser: 2+2?\nassistant: 4", "6"),
+    ]
+
+
+def test_prompt_completion_records_and_numbers_as_text(tmp_path):
+    path = tmp_path / "pc.csv"
+    path.write_text("prompt,completion,answer\nWhat is 2+2?,It is 4.,4\nWhat is 3+3?,It is 6.,6\n")
+    examples = load_user_source(str(path))
+    assert fields(examples) == [("What is 2+2?", "", "It is 4."), ("What is 3+3?", "", "It is 6.")]
+    assert [ex.answer for ex in examples] == ["4", "6"]
+
+
+def test_column_mapping(tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"q": "Name a colour.", "a": "Red."}, {"q": "Sky?", "a": "Blue."}])
+    spec = {"path": str(path), "format": "alpaca", "columns": {"instruction": "q", "output": "a"}, "name": "mine"}
+    examples = load_user_source(spec)
+    assert fields(examples) == [("Name a colour.", "", "Red."), ("Sky?", "", "Blue.")]
+    assert examples[0].id == "mine-0"
+    # The mapping alone says the format (its instruction column is present).
+    assert fields(load_user_source({"path": str(path), "columns": {"instruction": "q", "output": "a"}})) == fields(
+        examples
+    )
+
+
+def test_hub_dataset_through_load_dataset_and_a_saved_dataset(tmp_path):
+    folder = tmp_path / "org_dataset"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", ALPACA)
+    write_jsonl(folder / "test.jsonl", ALPACA[:1])
+    assert fields(load_user_source({"hub": str(folder)})) == EXPECTED
+    assert fields(load_user_source({"hub": str(folder), "split": "test"})) == EXPECTED[:1]
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ALPACA)}).save_to_disk(str(saved))
+    assert fields(load_user_source({"path": str(saved)})) == EXPECTED
+    with pytest.raises(DataError, match="no split 'validation'"):
+        load_user_source({"path": str(saved), "split": "validation"})
+
+
+def test_hub_id_that_cannot_load_is_a_data_error(monkeypatch):
+    def offline(*args, **kwargs):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match=r"could not read hub dataset org/name \(train\): ConnectionError: offline"):
+        load_user_source({"hub": "org/name", "config": "main"})
+
+
+def test_missing_field_names_the_field_and_the_first_bad_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"instruction": "Q1", "output": "A1"}\n\n{"instruction": "Q2"}\n{"instruction": "Q3"}\n')
+    with pytest.raises(DataError, match=rf"^{path}: line 3: missing field 'output'$"):
+        load_user_source(str(path))
+    mapped = write_jsonl(tmp_path / "mapped.jsonl", [{"q": "Q1", "a": "A1"}, {"q": "Q2", "a": None}])
+    with pytest.raises(DataError, match=r"line 2: missing field 'output' \(column 'a'\)"):
+        load_user_source({"path": str(mapped), "columns": {"instruction": "q", "output": "a"}})
+    csv = tmp_path / "bad.csv"
+    csv.write_text("prompt,completion\nhi,there\nbye,\n")
+    with pytest.raises(DataError, match=r"bad.csv: line 3: missing field 'completion'"):
+        load_user_source(str(csv))
+    listed = tmp_path / "bad.json"
+    listed.write_text(json.dumps([ALPACA[0], {"instruction": "", "output": "x"}]))
+    with pytest.raises(DataError, match=r"bad.json: record 1: empty instruction"):
+        load_user_source(str(listed))
+
+
+def test_a_field_absent_from_every_record_and_chat_without_a_response(tmp_path):
+    path = write_jsonl(tmp_path / "q.jsonl", [{"instruction": "Q1"}])
+    with pytest.raises(DataError, match=r"no field 'output' in any record \(columns: \['instruction'\]\)"):
+        load_user_source({"path": str(path), "format": "alpaca"})
+    chat = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "Hi"}]}])
+    with pytest.raises(DataError, match=r"c.jsonl: line 1: the last message must be the assistant's response"):
+        load_user_source(str(chat))
+
+
+def test_empty_set_unknown_format_and_unknown_columns(tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with pytest.raises(DataError, match="empty.json holds no records"):
+        load_user_source(str(empty))
+    odd = write_jsonl(tmp_path / "odd.jsonl", [{"question": "Q", "reply": "A"}])
+    with pytest.raises(DataError, match=r"cannot tell the format from its columns \['question', 'reply'\]"):
+        load_user_source(str(odd))
+    with pytest.raises(DataError, match="unknown format 'sharegpt'; use one of alpaca, chat, prompt_completion"):
+        parse_source({"path": str(odd), "format": "sharegpt"})
+    with pytest.raises(DataError, match=r"columns maps unknown fields \['question'\]"):
+        parse_source({"path": str(odd), "format": "alpaca", "columns": {"question": "q"}})
+    with pytest.raises(DataError, match="unknown file type '.txt'"):
+        parse_source("notes.txt")
+    with pytest.raises(DataError, match="needs exactly one of path"):
+        parse_source({"split": "train"})
+    with pytest.raises(DataError, match=r"unknown keys \['colums'\]"):
+        parse_source({"path": "a.json", "colums": {}})
+    with pytest.raises(DataError, match="data file missing.jsonl does not exist"):
+        load_user_source("missing.jsonl")
+    plain = tmp_path / "records"
+    plain.write_text("{}")
+    with pytest.raises(DataError, match="records: unknown file type"):
+        load_user_source({"path": str(plain)})
+
+
+def test_user_sources_mix_with_registered_ones(tmp_path):
+    path = write_jsonl(tmp_path / "mine.jsonl", ALPACA)
+    items = resolve_train_items(["boolq", str(path), {"path": str(path), "name": "again"}])
+    assert [type(item).__name__ for item in items] == ["TrainSource", "UserSource", "UserSource"]
+    mixed = load_train(["boolq", str(path)], DATA, seed=0)
+    boolq = load_train(["boolq"], DATA, seed=0)
+    assert len(mixed) == len(boolq) + 2
+    assert sorted(ex.id for ex in mixed if ex.task == "mine") == ["mine-0", "mine-1"]
+    assert load_train(["boolq", str(path)], DATA, seed=0) == mixed  # the seeded shuffle is deterministic
+
+
+def test_unknown_name_lists_registered_sources_and_files():
+    with pytest.raises(KeyError, match="or a data file"):
+        resolve_train_items(["no_such_set"])
+
+
+def test_config_check_reports_every_bad_source_before_any_model(tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", ALPACA)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [ALPACA[0], {"instruction": "Q"}])
+    problems = check_train_spec([str(good), str(bad), "no_such_set", {"path": str(good), "format": "x"}], DATA)
+    assert len(problems) == 3
+    assert problems[0] == f"data.train: {bad}: line 2: missing field 'output'"
+    assert problems[1].startswith("data.train: unknown training source 'no_such_set'")
+    assert "unknown format 'x'" in problems[2]
+    assert check_train_spec([str(good), "boolq"], DATA) == []
+    assert check_train_spec([], DATA)[0].startswith("data.train is empty")
+
+
+def test_provenance_names_file_digest_and_count(tmp_path):
+    path = write_jsonl(tmp_path / "mine.jsonl", ALPACA)
+    mine, boolq = describe_train_sources([str(path), "boolq"], DATA)
+    assert mine == {"name": "mine", "file": str(path), "sha256": file_digest(path), "count": 2}
+    assert len(mine["sha256"]) == 64
+    assert boolq["name"] == "boolq" and boolq["count"] == len(json.loads(Path(boolq["file"]).read_text()))
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", ALPACA)
+    (hub,) = describe_train_sources([{"hub": str(folder)}], DATA)
+    assert hub["name"] == "ds" and hub["count"] == 2 and hub["sha256"]
+
+
+def test_user_data_tokenizes_with_the_content_hash_cache_and_counts_truncated_items(tmp_path, caplog):
+    long = {"instruction": "x" * 300, "output": "y"}
+    path = write_jsonl(tmp_path / "mine.jsonl", [*ALPACA, long])
+    examples = load_user_source(str(path))
+    cache = tmp_path / "cache"
+    with caplog.at_level(logging.WARNING):
+        dataset = tokenize_examples(examples, tiny_tokenizer(), 256, cache)
+    assert len(dataset) == 2 and "dropped 1 items whose prompt fills max_length=256" in caplog.text
+    (cached,) = cache.glob("tokenized-*.arrow")
+    tokenize_examples(examples, tiny_tokenizer(), 256, cache)
+    assert list(cache.glob("tokenized-*.arrow")) == [cached]
+    changed = write_jsonl(tmp_path / "mine.jsonl", [{**ALPACA[0], "output": "Blue."}, *ALPACA[1:]])
+    tokenize_examples(load_user_source(str(changed)), tiny_tokenizer(), 256, cache)
+    assert len(list(cache.glob("tokenized-*.arrow"))) == 2
+
+
+def test_overlap_guard_refuses_user_data_holding_builtin_test_questions(tmp_path):
+    test_item = json.loads((DATA / "llm-adapters/dataset/boolq/test.json").read_text())[0]
+    # Case and punctuation do not hide a copied question.
+    copied = {"instruction": test_item["instruction"].upper() + "!!", "output": test_item["output"]}
+    path = write_jsonl(tmp_path / "mine.jsonl", [*ALPACA, copied])
+    train = load_train([str(path)], DATA)
+    from s2ft.data import load_eval
+
+    with pytest.raises(DataOverlapError, match=r"boolq 1/3270"):
+        check_overlap(train, {"boolq": load_eval("boolq", DATA)})
+    assert check_overlap(train, {"boolq": load_eval("boolq", DATA)}, allow=True)["boolq"] == 1
+
+
+def test_parse_source_defaults():
+    assert parse_source("dir/my.data.jsonl") == UserSource(name="my.data", path="dir/my.data.jsonl")
+    assert parse_source({"hub": "org/set", "config": "main"}) == UserSource(name="set", hub="org/set", config="main")

@@ -1,0 +1,275 @@
+"""A user's own evaluation tasks (s2ft/data/user_tasks.py): definitions inline and in yaml, every answer kind,
+log-likelihood tasks with their options, user groups, held-out losses, config checks, the overlap guard and the
+whole run (`run_experiment`) on a tiny model, with the task named as the user named it."""
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from s2ft.data import load_eval, load_train
+from s2ft.data.checks import check_heldout_spec
+from s2ft.data.overlap import DataOverlapError, check_overlap
+from s2ft.data.records import DataError
+from s2ft.data.sources import heldout_name, load_heldout
+from s2ft.data.tasks import UnknownNameError
+from s2ft.data.user_tasks import group_members, parse_task, resolve_eval_tasks
+from s2ft.evaluation import evaluate, heldout_item_losses
+from s2ft.evaluation.checks import check_task_spec
+from s2ft.evaluation.generate import Generation
+from s2ft.evaluation.loglik import encode_pairs, score_pairs
+from s2ft.models import tiny_model, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data"
+evaluate_module = importlib.import_module("s2ft.evaluation.evaluate")
+
+
+def write_jsonl(path: Path, records: list[dict]) -> str:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return str(path)
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """Generation replaced by a fixed answer per prompt (keyed by a substring of the question)."""
+    script: dict[str, str] = {}
+    budgets: list[int] = []
+
+    def fake_generate(model, tokenizer, prompts, *, max_new_tokens, batch_size, num_beams, stop, on_batch):
+        budgets.append(max_new_tokens)
+        outputs = []
+        for prompt in prompts:
+            (text,) = [text for key, text in script.items() if key in prompt]
+            outputs.append(Generation(text, [0] * len(text.split())))
+        on_batch(len(prompts))
+        return outputs
+
+    monkeypatch.setattr(evaluate_module, "generate", fake_generate)
+    return script, budgets
+
+
+def read_predictions(out_dir: Path, task: str) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "predictions" / f"{task}.jsonl").read_text().splitlines()]
+
+
+def test_every_answer_kind_scores_as_defined(tmp_path, scripted, model, tokenizer):
+    script, budgets = scripted
+    numbers = write_jsonl(
+        tmp_path / "sums.jsonl",
+        [
+            {"instruction": "N1: 1+1?", "output": "2", "answer": "2"},
+            {"instruction": "N2: 1/3?", "output": "0.33"},  # no answer field: the response is the gold
+            {"instruction": "N3: 5+5?", "output": "10"},
+        ],
+    )
+    script.update({"N1": "It is 2.004", "N2": "about 0.333", "N3": "It is 11"})
+    letters = write_jsonl(
+        tmp_path / "letters.jsonl",
+        [{"instruction": "L1 pick", "output": "", "answer": "b"}, {"instruction": "L2 pick", "answer": "C"}],
+    )
+    script.update({"L1": "The answer is (B).", "L2": "A"})
+    labels = tmp_path / "sentiment.csv"
+    labels.write_text("prompt,completion\nS1 great,positive\nS2 awful,negative\n")
+    script.update({"S1": "Positive!", "S2": "positive, I think"})
+    texts = write_jsonl(
+        tmp_path / "capitals.jsonl",
+        [{"q": "T1 France?", "a": "Paris"}, {"q": "T2 Italy?", "a": "The Rome."}, {"q": "T3 Spain?", "a": "Madrid"}],
+    )
+    script.update({"T1": "\n  paris.\nsecond line", "T2": "rome", "T3": "It is Madrid"})
+    tasks = [
+        {"name": "Sums", "path": numbers, "answer": "number", "tolerance": 0.005, "max_new_tokens": 7},
+        {"name": "letters", "path": letters, "answer": "letter"},
+        {"name": "Sentiment", "path": str(labels), "answer": "label", "labels": ["positive", "negative"]},
+        {"name": "capitals", "path": texts, "answer": "text", "columns": {"instruction": "q", "output": "a"}},
+    ]
+    result = evaluate(model, tokenizer, tasks, data_dir=DATA, out_dir=tmp_path, progress=False, max_new_tokens=3)
+    accuracy = {name: r["accuracy"] for name, r in result["tasks"].items()}
+    assert accuracy == {
+        "Sums": pytest.approx(2 / 3),
+        "letters": 0.5,
+        "Sentiment": 0.5,
+        "capitals": pytest.approx(2 / 3),
+    }
+    # A task's own budget wins over eval.max_new_tokens; the others take eval.max_new_tokens.
+    assert budgets == [7, 3, 3, 3]
+    assert [r["correct"] for r in read_predictions(tmp_path, "Sums")] == [True, True, False]
+    assert [r["extracted"] for r in read_predictions(tmp_path, "capitals")] == ["paris", "rome", "it is madrid"]
+    assert [r["gold"] for r in read_predictions(tmp_path, "letters")] == ["B", "C"]
+    assert result["avg_accuracy"] == pytest.approx((2 / 3 + 0.5 + 0.5 + 2 / 3) / 4)
+
+
+def test_user_groups_expand_and_average_like_registered_groups(tmp_path, scripted, model, tokenizer):
+    script, _ = scripted
+    a = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "A1", "output": "1"}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"instruction": "B1", "output": "1"}, {"instruction": "B2", "output": "2"}])
+    script.update({"A1": "1", "B1": "1", "B2": "3"})
+    groups = {"mine": [{"name": "a", "path": a, "answer": "number"}, "b"]}
+    tasks = ["mine", {"name": "b", "path": b, "answer": "number"}]
+    result = evaluate(model, tokenizer, tasks, data_dir=DATA, progress=False, groups=groups)
+    assert list(result["tasks"]) == ["a", "b"]
+    assert result["groups"] == {"mine": pytest.approx(0.75)}
+    assert group_members(groups, tasks) == {"mine": ["a", "b"]}
+
+
+def test_loglik_task_scores_the_records_options(tmp_path):
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tokenizer), initializer_range=0.2).double().eval()
+    records = [
+        {"instruction": "Which colour is the sky?", "options": ["blue", "green", "a long red answer"], "answer": "A"},
+        {"instruction": "Which is a fruit?", "options": ["car", "apple"], "answer": "B"},
+    ]
+    path = write_jsonl(tmp_path / "mc.jsonl", records)
+    task = {"name": "MC", "path": path, "answer": "letter", "mode": "loglik"}
+    # The task's own mode wins over eval.mode=generate.
+    result = evaluate(model, tokenizer, [task], data_dir=DATA, out_dir=tmp_path, progress=False)
+    assert result["tasks"]["MC"]["mode"] == "loglik"
+    predictions = read_predictions(tmp_path, "MC")
+    for record, prediction in zip(records, predictions, strict=True):
+        labels = "ABC"[: len(record["options"])]
+        assert prediction["options"] == dict(zip(labels, record["options"], strict=True))
+        pairs = encode_pairs([record["instruction"]] * len(labels), [""] * len(labels), record["options"], tokenizer)
+        scores = score_pairs(model, pairs, pad_token_id=tokenizer.pad_token_id)
+        best = max(range(len(labels)), key=lambda i: scores[i].mean)
+        assert prediction["extracted"] == labels[best]
+        assert prediction["logprob"] == pytest.approx({labels[i]: scores[i].logprob for i in range(len(labels))})
+    labelled = write_jsonl(
+        tmp_path / "yn.jsonl", [{"instruction": "Is it?", "options": {"yes": "Yes", "no": "No"}, "answer": "no"}]
+    )
+    spec = {"name": "yn", "path": labelled, "answer": "label", "labels": ["yes", "no"], "mode": "loglik"}
+    result = evaluate(model, tokenizer, [spec], data_dir=DATA, out_dir=tmp_path, progress=False)
+    assert read_predictions(tmp_path, "yn")[0]["options"] == {"yes": "Yes", "no": "No"}
+
+
+def test_definition_errors():
+    good = {"name": "mine", "path": "t.json", "answer": "letter"}
+    assert parse_task(good).labels == tuple("ABCDE") and parse_task(good).source.split == "test"
+    cases = [
+        ({"path": "t.json", "answer": "letter"}, "needs a name"),
+        ({**good, "name": "boolq"}, "registered task or group"),
+        ({**good, "answer": "choice"}, "answer must be one of number, letter, label, text"),
+        ({**good, "answer": "label"}, "needs labels"),
+        ({**good, "labels": ["a", "b"]}, "labels only apply to answer: label"),
+        ({**good, "tolerance": 0.1}, "tolerance only applies to answer: number"),
+        ({**good, "answer": "number", "mode": "loglik"}, "answer must be letter or label"),
+        ({**good, "max_new_tokens": 0}, "max_new_tokens must be an int >= 1"),
+        ({**good, "metric": "f1"}, r"unknown keys \['metric'\]"),
+        ({"name": "x", "answer": "text"}, "needs exactly one of path"),
+        ({**good, "format": "sharegpt"}, "unknown format"),
+    ]
+    for definition, message in cases:
+        with pytest.raises(DataError, match=message):
+            parse_task(definition)
+    with pytest.raises(DataError, match="two different task definitions are named 'mine'"):
+        resolve_eval_tasks([good, {**good, "path": "other.json"}])
+    with pytest.raises(UnknownNameError, match="or a task definition"):
+        resolve_eval_tasks(["not_a_task"])
+
+
+def test_definitions_in_yaml_files_and_the_conf_eval_example(tmp_path):
+    test = write_jsonl(tmp_path / "t.jsonl", [{"instruction": "Q", "output": "4"}])
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump({"name": "one", "path": test, "answer": "number"}))
+    (tmp_path / "two.yml").write_text(
+        yaml.safe_dump([{"name": "a", "path": test, "answer": "text"}, {"name": "b", "path": test, "answer": "number"}])
+    )
+    names = [spec.name for spec in resolve_eval_tasks([str(tmp_path / "one.yaml"), str(tmp_path / "two.yml"), "boolq"])]
+    assert names == ["one", "a", "b", "boolq"]
+    with pytest.raises(DataError, match="does not exist"):
+        resolve_eval_tasks([str(tmp_path / "missing.yaml")])
+    example = yaml.safe_load((ROOT / "conf/eval/user_example.yaml").read_text())
+    assert [task["name"] for task in example["tasks"]] == ["arc_letters", "arc_letters_mc"]
+
+
+def test_a_user_task_is_a_heldout_loss_set(tmp_path):
+    test = write_jsonl(
+        tmp_path / "t.jsonl", [{"instruction": "Q1", "output": "yes it is"}, {"instruction": "Q2", "output": "no"}]
+    )
+    definition = {"name": "Mine", "path": test, "answer": "text"}
+    examples = load_heldout(definition, DATA)
+    assert heldout_name(definition) == "Mine" and heldout_name("gsm8k_test") == "gsm8k_test"
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tokenizer)).eval()
+    items = heldout_item_losses(model, tokenizer, examples, 2, 256)
+    assert [item["id"] for item in items] == ["Mine-0", "Mine-1"]
+    assert [item["tokens"] for item in items] == [len("yes it is") + 1, len("no") + 1]
+    answers_only = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Q1", "answer": "B"}])
+    (problem,) = check_heldout_spec([{"name": "x", "path": answers_only, "answer": "letter"}], DATA)
+    assert "no field 'output' in any record" in problem
+    assert check_heldout_spec(["gsm8k_test", definition], DATA) == []
+
+
+def test_config_check_reads_every_user_record_before_any_model(tmp_path):
+    bad = write_jsonl(
+        tmp_path / "bad.jsonl", [{"instruction": "Q1", "output": "B"}, {"instruction": "Q2", "output": "seven"}]
+    )
+    problems = check_task_spec([{"name": "mine", "path": bad, "answer": "letter"}, "no_task"], DATA)
+    assert len(problems) == 2
+    assert problems[0] == "eval.tasks: task mine, item mine-1: gold answer 'seven' is not a letter A-E"
+    assert problems[1].startswith("eval.tasks: unknown task 'no_task'")
+    missing = write_jsonl(tmp_path / "m.jsonl", [{"instruction": "Q1", "input": "x"}])
+    (problem,) = check_task_spec([{"name": "m", "path": missing, "answer": "text"}], DATA)
+    assert problem == f"eval.tasks: {missing}: line 1: no gold answer (give an answer field or a response)"
+    mc = write_jsonl(tmp_path / "mc.jsonl", [{"instruction": "Q1", "answer": "C", "options": ["x", "y"]}])
+    (problem,) = check_task_spec([{"name": "mc", "path": mc, "answer": "letter", "mode": "loglik"}], DATA)
+    assert "gold answer 'C' is not among the parsed options" in problem
+    good = write_jsonl(tmp_path / "g.jsonl", [{"instruction": "Q1", "output": "4"}])
+    assert check_task_spec([{"name": "g", "path": good, "answer": "number"}, "boolq"], DATA) == []
+    (problem,) = check_task_spec([{"name": "g", "path": good, "answer": "number"}], DATA, mode="loglik")
+    assert "numeric answers without options" in problem
+    (problem,) = check_task_spec(["boolq"], DATA, groups={"mine": ["nope"]})
+    assert "unknown task 'nope'" in problem
+
+
+def test_overlap_guard_on_user_training_data_against_user_tasks(tmp_path):
+    test = write_jsonl(
+        tmp_path / "test.jsonl",
+        [{"instruction": "What is 2 + 2?", "output": "4"}, {"instruction": "Name a colour.", "output": "red"}],
+    )
+    train = write_jsonl(
+        tmp_path / "train.jsonl",
+        [{"instruction": "what is 2+2", "output": "4"}, {"instruction": "Hi", "output": "Hello"}],
+    )
+    (spec,) = resolve_eval_tasks([{"name": "Mine", "path": test, "answer": "text"}])
+    with pytest.raises(DataOverlapError, match=r"Mine 1/2"):
+        check_overlap(load_train([train], DATA), {"Mine": load_eval(spec, DATA)})
+
+
+def test_the_issue_command_runs_end_to_end(tmp_path):
+    """`python run.py 'data.train=[my/train.jsonl]' 'eval.tasks=[{name: mine, path: my/test.json, answer: letter}]'`
+    on a tiny model, through the whole runner (config check, training, evaluation, summary)."""
+    from test_run_config import load_config
+
+    from s2ft.lightning import run_experiment
+
+    train = write_jsonl(tmp_path / "train.jsonl", [{"instruction": f"Pick {i}", "output": "B"} for i in range(12)])
+    test = tmp_path / "test.json"
+    test.write_text(json.dumps([{"instruction": f"Choose {i}", "output": "B"} for i in range(3)]))
+    cfg = load_config(
+        "debug=smoke",
+        f"data.train=[{train}]",
+        f"eval.tasks=[{{name: Mine, path: {test}, answer: letter}}]",
+        f"eval.heldout=[{{name: mine_loss, path: {test}, answer: letter}}]",
+        "eval.before=false",
+        "logger=none",
+        f"paths.output_dir={tmp_path}",
+    )
+    summary = run_experiment(cfg, tmp_path / "run")
+    assert list(summary["eval"]) == ["Mine"] and summary["eval"]["Mine"]["n"] == 3
+    assert list(summary["heldout"]) == ["mine_loss"] and summary["heldout"]["mine_loss"]["after"] > 0
+    assert summary["template"] == "alpaca" and summary["train"]["steps"] == 4  # debug=smoke
+    assert (tmp_path / "run" / "predictions" / "Mine.jsonl").is_file()
+    assert (tmp_path / "run" / "predictions" / "heldout_mine_loss.jsonl").is_file()
+    # Re-evaluating the run uses the template it was trained with (the tiny tokenizer has no chat template, so
+    # data.template=chat would be refused if it were applied).
+    again = load_config(
+        "debug=smoke",
+        "mode=eval",
+        f"run_dir={tmp_path / 'run'}",
+        "data.template=chat",
+        f"eval.tasks=[{{name: Mine, path: {test}, answer: letter}}]",
+        "eval.heldout=[]",
+        "logger=none",
+    )
+    assert run_experiment(again, tmp_path / "again")["template"] == "alpaca"
