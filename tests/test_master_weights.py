@@ -11,12 +11,14 @@ from test_lightning_epochs import recording
 from test_lightning_resume import adapter_tensors, smoke_config
 from torch import nn
 
-from s2ft.adapter import load_adapter_file, s2ft_modules, save_adapter, switch_adapter
+from s2ft.adapter import save_adapter, switch_adapter
+from s2ft.adapter_format import load_adapter_file
 from s2ft.layers import S2FTLinear
 from s2ft.lightning import run_experiment
 from s2ft.lightning.optimizer import MasterWeightAdamW
 from s2ft.methods import prepare_model
 from s2ft.models import tiny_model
+from s2ft.state import s2ft_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 64

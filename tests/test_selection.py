@@ -337,7 +337,7 @@ def test_exclude_gives_disjoint_selections(gqa_model, form):
     exclude = {
         "selection": first,
         "module_names": {structures[layer].module_name(c): units for (layer, c), units in first.items()},
-        "adapter": SimpleNamespace(units=lambda: first),  # duck-types s2ft.adapter.Adapter.units()
+        "adapter": SimpleNamespace(units=lambda: first),  # duck-types s2ft.adapter_format.Adapter.units()
     }[form]
     second = select_units(gqa_model, S2FTConfig(ratios=ratios, strategy="weight", exclude=exclude))
     for key, units in first.items():
