@@ -22,7 +22,8 @@ from test_lightning_resume import adapter_tensors, logged, smoke_config
 from s2ft.data.overlap import DataOverlapError
 from s2ft.lightning import S2FTLitModule, run_experiment
 from s2ft.lightning.callbacks import RunInterrupted, TrainingDiverged
-from s2ft.lightning.checkpoint import CheckpointError
+from s2ft.lightning.checkpoint import CheckpointError, read_checkpoint
+from s2ft.lightning.loggers import ResumableCSVLogger
 from s2ft.lightning.run_dir import RunDirError
 from s2ft.run_config import RunConfigError
 
@@ -348,3 +349,33 @@ def test_run_py_stopped_by_a_signal_prints_the_resume_command_and_exits_1(signum
     assert re.search(rf"^error: stopped by {name}; the checkpoint is saved, resume with: {resume}$", stderr, re.M)
     assert 1 <= step_of(run_dir / "checkpoints" / "last.ckpt") < 1000
     assert not (run_dir / "summary.json").exists()
+
+
+def test_the_csv_logger_does_not_warn_of_deleting_logs_in_a_checked_directory(tmp_path, recwarn):
+    """Hydra's `.hydra/` makes every run directory non-empty; Lightning's "Previous log files ... will be deleted!"
+    would then open every fresh run's first screen with a false alarm."""
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("{}\n")
+    ResumableCSVLogger(tmp_path, resume=False).experiment  # noqa: B018  (the trainer creates the writer so)
+    assert [str(w.message) for w in recwarn if "will be deleted" in str(w.message)] == []
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random"])
+def test_a_damaged_checkpoint_message_quotes_only_what_failed_not_torchs_unsafe_advice(damage, tmp_path):
+    """torch's error for a damaged file goes on to advise `weights_only=False` (the unsafe load the runner refuses);
+    the message keeps its first sentence only."""
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir()
+    torch.save({"state_dict": {"w": torch.zeros(64, 64)}}, ckpt)
+    if damage == "truncated":
+        truncate(ckpt)
+    else:
+        ckpt.write_bytes(random.Random(0).randbytes(ckpt.stat().st_size))
+    with pytest.raises(CheckpointError) as refused:
+        read_checkpoint(ckpt)
+    message = str(refused.value)
+    reason = {"truncated": r"[^.()]+", "random": r"Weights only load failed"}[damage]
+    assert re.search(
+        rf"^checkpoint {re.escape(str(ckpt))} cannot be loaded safely \({reason}\): it is truncated", message
+    )
+    assert "weights_only" not in message and "Start the run again in a new directory" in message

@@ -39,7 +39,9 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        # torch's first sentence says what failed; the later ones advise `weights_only=False`, the unsafe load refused.
+        reason = str(err).strip().splitlines()[0].split(". ")[0][:200].rstrip(".") if str(err).strip() else ""
+        reason = reason or type(err).__name__
         raise CheckpointError(
             f"checkpoint {path} cannot be loaded safely ({reason}): it is truncated or damaged, or it holds objects "
             f"other than tensors and plain values, which are never unpickled (they could run code). {_fix(path)}"

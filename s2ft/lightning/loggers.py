@@ -109,10 +109,12 @@ class ResumableCSVLogger(CSVLogger):
         if resume and file.is_file():
             with file.open(newline="") as handle:
                 self.history = list(csv.DictReader(handle))
-            # Lightning's writer warns, on creation, that the old logs "will be deleted": `replay` writes them back.
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*Previous log files in this directory will be deleted")
-                self.experiment  # noqa: B018  (creates the writer now, inside the filter)
+        # Lightning's writer warns, on creation, that the old logs "will be deleted" whenever the directory is not
+        # empty, which Hydra's `.hydra/` always makes it: a resume writes them back (`replay`), and a fresh run's
+        # directory was checked (`prepare_run_dir`) before, so the warning is never news here.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Previous log files in this directory will be deleted")
+            self.experiment  # noqa: B018  (creates the writer now, inside the filter)
 
     def replay(self, before_step: int) -> None:
         """Logs again the remembered rows of steps before `before_step` (later ones are logged anew by training)."""
