@@ -19,6 +19,7 @@ import pytest
 import torch
 from test_lightning_resume import adapter_tensors, logged, smoke_config
 
+from s2ft.config import S2FTConfigError
 from s2ft.data.overlap import DataOverlapError
 from s2ft.lightning import S2FTLitModule, run_experiment
 from s2ft.lightning.callbacks import RunInterrupted, TrainingDiverged
@@ -379,3 +380,15 @@ def test_a_damaged_checkpoint_message_quotes_only_what_failed_not_torchs_unsafe_
         rf"^checkpoint {re.escape(str(ckpt))} cannot be loaded safely \({reason}\): it is truncated", message
     )
     assert "weights_only" not in message and "Start the run again in a new directory" in message
+
+
+def test_a_run_that_fails_after_its_before_evaluation_leaves_nothing_that_blocks_its_retry(tmp_path):
+    """A budget that gives no unit fails after the untrained model was evaluated: no before/ is left behind, so the
+    same command in the same directory fails with the same clean error instead of refusing the directory."""
+    cfg = config("eval.tasks=[boolq]", "eval.before=true", "eval.limit=2", "method.options.ratios={o: 0.01}")
+    cfg["method"]["options"]["match_lora"] = None
+    run_dir = tmp_path / "run"
+    for _ in range(2):
+        with pytest.raises(S2FTConfigError, match="gives 0 of 20 units per layer"):
+            run_experiment(cfg, run_dir)
+        assert not (run_dir / "before").exists() and not (run_dir / ".before.partial").exists()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import shutil
 import statistics
 from pathlib import Path
 
@@ -129,8 +131,12 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     results = None
+    # The untrained model's outputs stay in a hidden folder until the method is applied: a run that fails there (a
+    # budget that gives no unit) leaves no before/ that would make its own directory look like another run's.
+    before_dir, partial = run_dir / "before", run_dir / ".before.partial"
     if rank_zero_only.rank == 0 and cfg["eval"].get("before"):
-        results = measure_model(model, tokenizer, cfg, run_dir / "before")
+        shutil.rmtree(partial, ignore_errors=True)
+        results = measure_model(model, tokenizer, cfg, partial)
 
     method = cfg["method"]
     options = dict(method.get("options") or {})
@@ -139,7 +145,13 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
         count = calibration_count(options.get("calibration_size") or 64, len(datamodule.train_set))
         subset = datamodule.train_set.select(range(count))  # the training list is shuffled: a random sample
         calibration = list(DataLoader(subset, batch_size=data["batch_size"], collate_fn=datamodule.collate))
-    model = prepare_model(model, method["name"], options, calibration)
+    try:
+        model = prepare_model(model, method["name"], options, calibration)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if partial.is_dir():
+        os.replace(partial, before_dir)
     counts = trainable_summary(model)
     module = S2FTLitModule(
         model,
