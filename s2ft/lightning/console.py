@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 from lightning.pytorch.callbacks import RichProgressBar
+
+# Lightning 2.6's own pytree helper still builds torch's deprecated LeafSpec (torch >= 2.10 warns on every run); it
+# is Lightning's to change, nothing a user can act on, so this one warning is not shown.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 class DropAdverts(logging.Filter):
