@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from test_lightning_epochs import recording
 from test_lightning_resume import adapter_tensors, smoke_config
 from torch import nn
@@ -15,6 +14,7 @@ from s2ft.adapter import save_adapter, switch_adapter
 from s2ft.adapter_format import load_adapter_file
 from s2ft.layers import S2FTLinear
 from s2ft.lightning import run_experiment
+from s2ft.lightning.callbacks import RunInterrupted
 from s2ft.lightning.optimizer import MasterWeightAdamW
 from s2ft.methods import prepare_model
 from s2ft.models import tiny_model
@@ -191,7 +191,7 @@ def test_a_bf16_run_resumes_with_its_fp32_state_exactly(method, precision, tmp_p
     overrides = ["model.dtype=bfloat16", f"trainer.precision={precision}", f"method={method}", "trainer.max_steps=6"]
     overrides += ["trainer.checkpoint_every_n_steps=100"]
     full = run_experiment(smoke_config(*overrides), tmp_path / "full")
-    with recording([], stop_after=3), pytest.raises(SIGTERMException):
+    with recording([], stop_after=3), pytest.raises(RunInterrupted):
         run_experiment(smoke_config(*overrides), tmp_path / "resumed")
     ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
     masters = [s["master"] for s in ckpt["optimizer_states"][0]["state"].values() if "master" in s]
