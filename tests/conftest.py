@@ -148,3 +148,10 @@ def model(tokenizer):
 def model64(tokenizer):
     """The `model` architecture and weights in float64, for exact comparisons of losses and log-likelihoods."""
     return tiny_model("llama", vocab_size=len(tokenizer), initializer_range=0.2).double().eval()
+
+
+@pytest.fixture(autouse=True)
+def judge_key(monkeypatch):
+    """instruct_mistral's MT-Bench judge is an OpenAI-compatible endpoint, and validation requires its key variable
+    (never sent anywhere here: no test calls a remote judge). Tests of the missing key delete it themselves."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-used")

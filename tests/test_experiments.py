@@ -76,12 +76,6 @@ def check_point(experiment: str, point: list[str]) -> None:
     assert cfg["model"]["name"] == PAPER.get(experiment, "smollm2_135m")
 
 
-@pytest.fixture(autouse=True)
-def judge_key(monkeypatch):
-    """instruct_mistral's MT-Bench judge is an endpoint whose key validation requires (never used here)."""
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-used")
-
-
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_sweep_value_composes_and_validates(experiment):
     """Each value of each swept key once, with the other keys at the experiment's own values.

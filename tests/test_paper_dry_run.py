@@ -94,7 +94,7 @@ def dry_run(experiment: str, tmp_path, monkeypatch, *overrides: str) -> tuple[di
         "limit": TRAIN_ITEMS + (cfg["data"].get("val_size") or 0),
         "overlap_tasks": [],
     }
-    cfg["eval"] = {**cfg["eval"], "tasks": [], "heldout": [], "before": False}
+    cfg["eval"] = {**cfg["eval"], "tasks": [], "heldout": [], "before": False, "mtbench": None}
     cfg["trainer"] = {**cfg["trainer"], "accelerator": "cpu", "devices": 1}
     cfg["logger"] = {**cfg["logger"], "name": "none"}
     dtype = DTYPES[cfg["model"]["dtype"]]
