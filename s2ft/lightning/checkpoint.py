@@ -93,7 +93,9 @@ def check_checkpoint_fits(checkpoint: dict, path: Path, trained: dict[str, torch
             f"a run with another method or selection; {fix}"
         )
     fit_loop = (checkpoint["loops"].get("fit_loop") or {}).get("state_dict") or {}
-    for state in fit_loop.get("combined_loader") or []:
+    # The data position: the data module's state (SFTDataModule), or Lightning's dataloader state in older checkpoints.
+    positions = [checkpoint.get("SFTDataModule") or {}, *(fit_loop.get("combined_loader") or [])]
+    for state in positions:
         consumed = state.get("consumed") if isinstance(state, dict) else None
         if isinstance(consumed, int) and consumed > batches_per_epoch:
             raise CheckpointError(
