@@ -82,9 +82,11 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         and moments of a bf16 parameter to bf16, losing exactly what they are for)."""
         saved = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
-        params = [param for group in self.param_groups for param in group["params"]]
-        for index, entry in saved.items():
-            param = params[int(index)]
+        # The saved groups name their parameters by index (torch) or by name (torch.distributed.checkpoint under FSDP).
+        saved_ids = [key for group in state_dict["param_groups"] for key in group["params"]]
+        params = dict(zip(saved_ids, (param for group in self.param_groups for param in group["params"]), strict=True))
+        for key, entry in saved.items():
+            param = params[key]
             self.state[param] = {
                 key: value.to(param.device) if key != "step" and torch.is_tensor(value) else value
                 for key, value in entry.items()
