@@ -7,6 +7,17 @@ random-initialised LLaMA architectures of the same shape; nothing has to be down
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from s2ft.models import PAPER_SHAPES
+
+
+def _paper_shape(name: str) -> dict:
+    """`s2ft.models.PAPER_SHAPES[name]`'s config fields, untied (the benchmark sets the position range itself)."""
+    family, fields = PAPER_SHAPES[name]
+    if family != "llama":
+        raise ValueError(f"{name} is a {family} model; the benchmark builds LLaMA shapes")
+    return {k: v for k, v in fields.items() if k != "max_position_embeddings"} | {"tie_word_embeddings": False}
+
+
 SHAPES: dict[str, dict] = {
     "smollm2_135m_shape": dict(
         hidden_size=576,
@@ -18,24 +29,9 @@ SHAPES: dict[str, dict] = {
         tie_word_embeddings=True,
         rope_theta=100000.0,
     ),
-    "llama2_7b_shape": dict(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32000,
-        tie_word_embeddings=False,
-    ),
-    "llama2_13b_shape": dict(
-        hidden_size=5120,
-        intermediate_size=13824,
-        num_hidden_layers=40,
-        num_attention_heads=40,
-        num_key_value_heads=40,
-        vocab_size=32000,
-        tie_word_embeddings=False,
-    ),
+    # The paper's shapes, from the one table of them (LLaMA2-13B has LLaMA-13B's shape).
+    "llama2_7b_shape": _paper_shape("llama2_7b"),
+    "llama2_13b_shape": _paper_shape("llama_13b"),
 }
 CHECKPOINTS = ("smollm2_135m", "tiny_llama")
 MODELS = CHECKPOINTS + tuple(SHAPES)
