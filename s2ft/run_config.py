@@ -11,9 +11,15 @@ import math
 from pathlib import Path
 from typing import Any
 
+from s2ft.config import S2FTConfig, S2FTConfigError
+from s2ft.data.checks import check_heldout_spec, check_train_spec
 from s2ft.data.prompt import TEMPLATES
 from s2ft.errors import UserError
+from s2ft.evaluation.checks import check_task_spec
 from s2ft.evaluation.mtbench import mtbench_config_problems
+from s2ft.methods import METHODS, method_options, saved_method
+from s2ft.methods.s2ft import MATCH_LORA_KEYS, ratio_problems
+from s2ft.models import DTYPES, MODEL_NAMES
 
 MODES = ("train", "eval")
 EVAL_MODES = ("generate", "loglik")
@@ -131,8 +137,6 @@ def _number(value) -> bool:
 
 
 def _check_model(model: dict, training: bool) -> list[str]:
-    from s2ft.models import DTYPES, MODEL_NAMES
-
     problems = []
     name = model.get("name")
     # Anything with a "/" is a hub id or a local folder; those are only checked when loaded.
@@ -147,8 +151,6 @@ def _check_model(model: dict, training: bool) -> list[str]:
 
 
 def _check_method(method: dict, training: bool) -> list[str]:
-    from s2ft.methods import METHODS, method_options
-
     name = method.get("name")
     if name not in METHODS:
         return [f"unknown method.name {name!r}; use one of {sorted(METHODS)}"]
@@ -180,9 +182,6 @@ def _check_method(method: dict, training: bool) -> list[str]:
 
 
 def _check_s2ft_options(options: dict) -> list[str]:
-    from s2ft.config import S2FTConfig, S2FTConfigError
-    from s2ft.methods.s2ft import MATCH_LORA_KEYS, ratio_problems
-
     problems = []
     budgeted = options["target_params"] is not None or options["match_lora"] is not None
     match = options["match_lora"]
@@ -231,8 +230,6 @@ def _check_s2ft_options(options: dict) -> list[str]:
 
 
 def _check_data(data: dict, data_dir: Path) -> list[str]:
-    from s2ft.data.checks import check_train_spec
-
     problems = check_train_spec(data.get("train"), data_dir)
     if not _positive_int(data.get("batch_size")):
         problems.append(f"data.batch_size must be an int >= 1, got {data.get('batch_size')!r}")
@@ -266,9 +263,6 @@ def _check_batches(data: dict, tr: dict) -> list[str]:
 
 
 def _check_eval(ev: dict, data_dir: Path) -> list[str]:
-    from s2ft.data.checks import check_heldout_spec
-    from s2ft.evaluation.checks import check_task_spec
-
     mode = ev.get("mode", "generate") if ev.get("mode", "generate") in EVAL_MODES else "generate"
     problems = check_task_spec(ev.get("tasks"), data_dir, ev.get("groups"), mode)
     problems += check_heldout_spec(ev.get("heldout"), data_dir)
@@ -327,8 +321,6 @@ def _check_logger(logger: dict) -> list[str]:
 
 
 def _check_sources(cfg: dict, mode: str) -> list[str]:
-    from s2ft.methods import saved_method
-
     problems = []
     run_dir, adapter, ckpt = cfg.get("run_dir"), cfg.get("adapter"), cfg.get("ckpt_path")
     if mode == "eval" and run_dir is None and adapter is None and cfg["method"].get("name") != "none":

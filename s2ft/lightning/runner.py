@@ -20,6 +20,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
+from s2ft.data import eval_subset, load_eval, load_heldout, load_train, split_validation
+from s2ft.data.overlap import check_overlap
+from s2ft.data.sources import heldout_name
+from s2ft.data.user_tasks import resolve_eval_tasks
+from s2ft.evaluation import evaluate, heldout_item_losses, mean_token_loss, write_predictions
 from s2ft.evaluation.mtbench import mtbench_metrics, run_mtbench
 from s2ft.lightning.callbacks import (
     AdvanceSampler,
@@ -39,6 +44,8 @@ from s2ft.lightning.provenance import check_eval_overlap, read_adapter_record, t
 from s2ft.lightning.run_dir import RunDirError, RunPlan, honour_umask, prepare_run_dir
 from s2ft.lightning.sharding import FSDP2Strategy, gather_trained, local_elements
 from s2ft.lightning.summary import build_summary, print_summary, task_record, write_json
+from s2ft.methods import load_trained, merge_trained, prepare_model, save_trained, trainable_summary
+from s2ft.models import build_model
 from s2ft.run_config import RunConfigError, validate_run_config
 
 CALIBRATED_STRATEGIES = ("activation", "weight_activation", "gradient")
@@ -81,8 +88,6 @@ def run_experiment(cfg: dict, run_dir: str | Path) -> dict | None:
 
 def build_run_model(model_cfg: dict, cache_dir):
     """The base model and tokenizer of a run's `model` config."""
-    from s2ft.models import build_model
-
     model, tokenizer = build_model(
         model_cfg["name"],
         dtype=model_cfg.get("dtype", "float32"),
@@ -95,11 +100,6 @@ def build_run_model(model_cfg: dict, cache_dir):
 
 
 def _train(plan: RunPlan, run_dir: Path) -> dict | None:
-    from s2ft.data import load_eval, load_train, split_validation
-    from s2ft.data.overlap import check_overlap
-    from s2ft.data.user_tasks import resolve_eval_tasks
-    from s2ft.methods import prepare_model, save_trained, trainable_summary
-
     cfg = plan.cfg
     data, paths, tr = cfg["data"], cfg["paths"], cfg["trainer"]
     data_dir = paths["data_dir"]
@@ -252,8 +252,6 @@ def unsharded_model(cfg: dict, calibration, trained: dict[str, torch.Tensor]):
         calibration: The calibration batches the run selected with (None if its strategy needs none).
         trained: `S2FTLitModule` state-dict keys (`model.` + the model's keys) -> whole trained tensors.
     """
-    from s2ft.methods import prepare_model
-
     method = cfg["method"]
     model, _ = build_run_model(cfg["model"], cfg["paths"].get("cache_dir"))
     model = prepare_model(model, method["name"], dict(method.get("options") or {}), calibration)
@@ -270,8 +268,6 @@ def unsharded_model(cfg: dict, calibration, trained: dict[str, torch.Tensor]):
 
 
 def _evaluate_only(cfg: dict, run_dir: Path) -> dict:
-    from s2ft.methods import load_trained, trainable_summary
-
     method, model_cfg, source = cfg["method"]["name"], cfg["model"], None
     if cfg.get("run_dir"):
         # A saved run knows what it trained: its own config decides the base model and the method.
@@ -381,8 +377,6 @@ def measure_model(model, tokenizer, cfg: dict, out_dir: Path) -> dict:
     ev, data_dir = cfg["eval"], cfg["paths"]["data_dir"]
     result = {"eval": None}
     if ev.get("tasks"):
-        from s2ft.evaluation import evaluate
-
         kwargs = {"max_new_tokens": ev["max_new_tokens"]} if ev.get("max_new_tokens") else {}
         result["eval"] = evaluate(
             model,
@@ -430,9 +424,6 @@ def heldout_losses(model, tokenizer, cfg: dict, out_dir: Path) -> dict[str, floa
 
     The per-item files let the report test a difference between two runs on the same items (a paired bootstrap).
     """
-    from s2ft.data import eval_subset, load_heldout
-    from s2ft.data.sources import heldout_name
-    from s2ft.evaluation import heldout_item_losses, mean_token_loss, write_predictions
 
     ev, losses = cfg["eval"], {}
     for item in ev.get("heldout") or []:
@@ -475,8 +466,6 @@ def _gather(trainer: L.Trainer, value):
 
 def _save_merged(model, tokenizer, method: str, out_dir: Path) -> None:
     """Fold what was trained into plain weights and save a `from_pretrained`-able model."""
-    from s2ft.methods import merge_trained
-
     model = merge_trained(model, method)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
