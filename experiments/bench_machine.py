@@ -1,5 +1,6 @@
 """Where a benchmark ran: CPU, GPU, core count, library versions and the machine's load."""
 
+import argparse
 import os
 import platform
 from pathlib import Path
@@ -41,3 +42,21 @@ def machine_info(device: str, note: str | None = None) -> dict:
     if note:
         info["note"] = note
     return info
+
+
+def add_machine_args(parser: argparse.ArgumentParser, results: str, dtypes) -> None:
+    """The options every benchmark command shares: dtype, device, seed, threads, output folder and machine note.
+
+    Args:
+        parser: The command's parser.
+        results: The default output folder's stem: `results/<results>_<cpu|gpu>`.
+        dtypes: The dtype names the command accepts.
+    """
+    parser.add_argument("--dtype", default="float32", choices=tuple(dtypes))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"output directory (default results/{results}_<cpu|gpu>)"
+    )
+    parser.add_argument("--note", default=None, help="state of the machine, stored in results.json")

@@ -19,7 +19,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.bench_machine import machine_info
+from experiments.bench_machine import add_machine_args, machine_info
 from experiments.bench_methods import LORA_TARGETS, lora_params_per_rank, match_lora_rank
 from experiments.bench_models import DTYPES, MODELS, build_bench_model
 from experiments.bench_report import serving_chart, serving_table, write_results
@@ -44,13 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--layer-d", type=int, default=None, help="layer width (default 1024 on CPU, 4096 on GPU)")
     parser.add_argument("--layer-columns", type=int, default=16, help="S2FT columns per adapter (LoRA rank: half)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per layer measurement (median)")
-    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--out", type=Path, default=None, help="output directory (default results/serving_<cpu|gpu>)")
-    parser.add_argument("--note", default=None, help="state of the machine, stored in results.json")
     parser.add_argument("--quick", action="store_true", help="tiny_llama, batch 4, 16 + 4 tokens, small layer")
+    add_machine_args(parser, "serving", DTYPES)
     args = parser.parse_args(argv)
     gpu = torch.device(args.device).type == "cuda"
     if args.quick:

@@ -19,7 +19,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.bench_machine import machine_info
+from experiments.bench_machine import add_machine_args, machine_info
 from experiments.bench_methods import LORA_TARGETS
 from experiments.bench_models import DTYPES, MODELS
 from experiments.bench_report import switch_chart, switch_table, write_results
@@ -39,14 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2_135m", choices=MODELS)
     parser.add_argument("--budget", type=float, default=0.01, help="adapter budget in the model benchmark")
     parser.add_argument("--lora-targets", nargs="+", default=list(LORA_TARGETS))
-    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=10, help="timed switches per measurement (median reported)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--out", type=Path, default=None, help="output directory (default results/switch_<cpu|gpu>)")
-    parser.add_argument("--note", default=None, help="state of the machine, stored in results.json")
     parser.add_argument("--quick", action="store_true", help="d in 256, 512; tiny_llama; 2 repeats")
+    add_machine_args(parser, "switch", DTYPES)
     args = parser.parse_args(argv)
     if args.quick:
         args.dims, args.model, args.repeats = [256, 512], "tiny_llama", 2

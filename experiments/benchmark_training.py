@@ -24,7 +24,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.bench_machine import machine_info
+from experiments.bench_machine import add_machine_args, machine_info
 from experiments.bench_methods import LORA_TARGETS, METHODS
 from experiments.bench_models import DTYPES, MODELS
 from experiments.bench_report import training_chart, training_table, write_results
@@ -50,8 +50,6 @@ TARGETS = (
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2_135m", choices=MODELS)
-    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[256])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -70,10 +68,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--rounds", type=int, default=3, help="interleaved rounds; the median of all timed steps of all rounds counts"
     )
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--out", type=Path, default=None, help="output directory (default results/training_<cpu|gpu>)")
-    parser.add_argument("--note", default=None, help="state of the machine, stored in results.json")
     parser.add_argument(
         "--quick", action="store_true", help="tiny_llama, batch 2, seq 32, 2 rounds of 1 warm-up + 2 timed steps"
     )
@@ -83,6 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="measure every method in this process: fast, but a method's peak memory can hide in allocator caches "
         "left by the one before (for tests, not for results)",
     )
+    add_machine_args(parser, "training", DTYPES)
     args = parser.parse_args(argv)
     if args.quick:
         args.model, args.batch_sizes, args.seq_lens = "tiny_llama", [2], [32]
