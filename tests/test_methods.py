@@ -1,8 +1,11 @@
 """Method contract suite (PEFT testing_common style): one set of checks parametrised over every method."""
 
 import copy
+import warnings
 
+import peft.utils.save_and_load as peft_save
 import pytest
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -298,3 +301,16 @@ def test_load_trained_names_a_missing_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no spft.safetensors"):
         load_trained(base_model(), "spft", tmp_path / "empty")
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_lora_save_asks_no_hub_and_warns_nothing(method, tmp_path, monkeypatch):
+    model = prepare_model(base_model(), method, OPTIONS[method])
+    model.peft_config["default"].base_model_name_or_path = "smollm2_135m"  # a local model's name, not a hub id
+    asked = []
+    monkeypatch.setattr(peft_save, "check_file_exists_on_hf_hub", lambda *args, **kwargs: asked.append(args))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_trained(model, method, tmp_path / "out")
+    assert asked == []
+    assert not any("embed" in key for key in safetensors.torch.load_file(tmp_path / "out/adapter_model.safetensors"))

@@ -89,7 +89,12 @@ def prepare(model: nn.Module, options: dict[str, Any], calibration, name: str = 
 
 
 def save(model: nn.Module, out_dir: Path) -> None:
-    model.save_pretrained(out_dir)
+    from peft.tuners.lora import Embedding as LoraEmbedding
+
+    # PEFT's default ("auto") asks the hub whether the base model's vocabulary changed: a network call and a warning
+    # for a local model. The suite never resizes the vocabulary, so the embeddings are saved only when LoRA trains them.
+    embedding_trained = any(isinstance(module, LoraEmbedding) for module in model.modules())
+    model.save_pretrained(out_dir, save_embedding_layers=embedding_trained)
 
 
 def load(model: nn.Module, path: Path) -> nn.Module:
