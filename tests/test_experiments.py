@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from s2ft.data.tasks import resolve_tasks
 from s2ft.methods import prepare_model, trainable_summary
+from s2ft.methods.peft_lora import lora_param_count
 from s2ft.models import tiny_model
 from s2ft.run_config import validate_run_config
 
@@ -184,6 +185,26 @@ def test_component_and_generalization_sweeps_vary_one_thing():
         )
     }
     assert budgets == {(m, b, b) for m in ("spft", "lora") for b in (0.1, 0.01, 0.001)}
+
+
+@pytest.mark.parametrize("budget", [0.1, 0.01, 0.001])
+def test_generalization_sweep_counts_both_budgets_the_same_way(budget):
+    """SpFT's p and LoRA's rank both count the linear-layer entries: LoRA's rank is the one nearest SpFT's count.
+
+    On SmolLM2 one LoRA rank (q, k, v, up, down) is 207,360 parameters, 0.2% of the linear entries: at 1% the nearest
+    rank trains 2.3% less than SpFT, and at 0.1% rank 1, the smallest, trains 1.95x SpFT's count.
+    """
+    shapes = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64)
+    counts = {}
+    for method in ("budget/spft", "budget/lora_linear"):
+        cfg = compose_dict("+experiment=generalization_smollm", f"method={method}", f"budget={budget}")
+        model = tiny_model("llama", vocab_size=32, num_hidden_layers=2, **shapes)
+        model = prepare_model(model, cfg["method"]["name"], cfg["method"]["options"])
+        counts[cfg["method"]["name"]] = trainable_summary(model)["trainable_params"]
+    plain = tiny_model("llama", vocab_size=32, num_hidden_layers=2, **shapes)
+    per_rank = lora_param_count(plain, 1, cfg["method"]["options"]["target_modules"])
+    assert per_rank == 2 * (2 * 576 + 2 * (576 + 192) + 2 * (576 + 1536))
+    assert abs(counts["lora"] - counts["spft"]) <= per_rank / 2
 
 
 def test_smollm_methods_have_matched_trainable_budgets():
