@@ -110,22 +110,29 @@ class S2FTLinear(nn.Module):
         shape[self.axis] = index.numel()
         if values is not None and list(values.shape) != shape:
             raise ValueError(f"values have shape {tuple(values.shape)}, expected {tuple(shape)}")
+        # Adapters trained with the same selection (the same strategy and seed on other data) share their positions:
+        # the weight then needs no restore, and an unmerged switch is only the copy of the values.
+        same = self.index.shape == index.shape and torch.equal(self.index, index)
         with torch.no_grad():
-            if self.index.numel():
-                write_slots(self.weight, self.axis, self.index, self.base_values)
-            base_values = self.weight.index_select(self.axis, index)
+            if same:
+                base_values = self.base_values
+            else:
+                if self.index.numel():
+                    write_slots(self.weight, self.axis, self.index, self.base_values)
+                base_values = self.weight.index_select(self.axis, index)
             # The values keep their own dtype (fp32 while training a bf16 model), so a switch loses no precision.
             new_values = (base_values if values is None else values).to(self.weight.device, self.values.dtype)
             if self.values.shape == new_values.shape:  # same size: reuse the tensors, no new Parameter
-                self.index.copy_(index)
-                self.base_values.copy_(base_values)
+                if not same:
+                    self.index.copy_(index)
+                    self.base_values.copy_(base_values)
                 self.values.copy_(new_values)
             else:
                 self.index, self.base_values = index, base_values
                 self.values = nn.Parameter(new_values.clone(), requires_grad=self.values.requires_grad)
             if merged:
                 write_slots(self.weight, self.axis, index, self.values)
-            else:
+            elif not same or self.merged:
                 self.weight.index_fill_(self.axis, index, 0)
         self.merged = merged
         self.span = contiguous_span(index)

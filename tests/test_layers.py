@@ -142,24 +142,32 @@ def test_training_while_merged_is_refused():
     layer(torch.randn(2, 16, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("new_positions", [[0, 4, 7, 9], [2, 3, 10]])  # resized, and same size (reused in place)
+# resized, same size (reused in place), the same positions (no restore needed)
+@pytest.mark.parametrize("new_positions", [[0, 4, 7, 9], [2, 3, 10], [1, 2, 3]])
+@pytest.mark.parametrize("merged_before, merged_after", [(False, False), (True, True), (False, True), (True, False)])
 @pytest.mark.parametrize("axis", [0, 1])
-def test_retarget_equals_a_fresh_layer(axis, new_positions):
+def test_retarget_equals_a_fresh_layer(axis, new_positions, merged_before, merged_after):
     linear, reference = make_pair(bias=True)
     layer = S2FTLinear(linear, axis, torch.tensor([1, 2, 3]))
     with torch.no_grad():
         layer.values.mul_(3.0)
+    if merged_before:
+        layer.merge()
     values_param = layer.values
     new_index = torch.tensor(new_positions)
     new_values = torch.randn_like(reference.weight.index_select(axis, new_index))
-    layer.retarget(new_index, new_values)
+    layer.retarget(new_index, new_values, merged=merged_after)
 
     fresh_linear, _ = make_pair(bias=True)
     fresh = S2FTLinear(fresh_linear, axis, new_index, values=new_values)
+    if merged_after:
+        fresh.merge()
+    assert layer.merged == merged_after
     for name in ("weight", "bias", "values", "index", "base_values"):
         assert torch.equal(getattr(layer, name), getattr(fresh, name)), name
     x = torch.randn(4, 16, dtype=torch.float64)
-    assert torch.equal(layer(x), fresh(x))
+    with torch.no_grad():  # a merged layer trains nothing
+        assert torch.equal(layer(x), fresh(x))
     assert (layer.values is values_param) == (len(new_positions) == 3)
 
 
