@@ -138,7 +138,7 @@ def test_generalization_groups_are_columns_of_the_table(sweep, tmp_path, monkeyp
             assert cell == f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
     # The same columns from W&B: the runner logs the groups as groups/GROUP.
-    from s2ft.lightning.runner import flat_metrics
+    from s2ft.lightning.summary import flat_metrics
 
     remote = [FakeWandbRun(sweep / str(i), i) for i in range(len(runs))]
     for fake, run in zip(remote, runs, strict=True):
@@ -424,7 +424,7 @@ class FakeWandbRun:
     """What `wandb.Api().runs()` yields for a run the runner logged: its config, final metrics and history."""
 
     def __init__(self, run_dir: Path, index: int):
-        from s2ft.lightning.runner import flat_metrics
+        from s2ft.lightning.summary import flat_metrics
 
         summary = json.loads((run_dir / "summary.json").read_text())
         self.id = f"run{index}"
