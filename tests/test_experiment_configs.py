@@ -1,4 +1,5 @@
-"""Every experiment config composes and validates at every point of its sweep; each study family smoke-runs."""
+"""Every experiment config (`conf/experiment/`) composes and validates at every point of its sweep; each study family
+smoke-runs (the fusion study with its step, `experiments.study.fuse`)."""
 
 import itertools
 import json
@@ -10,9 +11,13 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+from experiments.report.runs import find_runs
+from experiments.report.table import build_rows
+from experiments.study.fuse import fuse_and_evaluate, fused_parameter_count
+from s2ft.adapter_format import load_adapter_file
 from s2ft.data.tasks import resolve_tasks
 from s2ft.methods import prepare_model, trainable_summary
-from s2ft.models import tiny_model
+from s2ft.models import MODEL_SHAPES, tiny_model
 from s2ft.run_config import validate_run_config
 
 CONF = ROOT / "conf"
@@ -188,7 +193,9 @@ def test_component_and_generalization_sweeps_vary_one_thing():
 
 def test_smollm_methods_have_matched_trainable_budgets():
     """The method variants of the SmolLM2 studies train the same count (within 2%) on SmolLM2's layer shapes."""
-    shapes = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64)
+    _, smollm2 = MODEL_SHAPES["smollm2_135m"]
+    layer = ("hidden_size", "intermediate_size", "head_dim", "num_attention_heads", "num_key_value_heads")
+    shapes = {key: smollm2[key] for key in layer}
     counts = {}
     for method in ("s2ft", "lora", "dora", "spft"):
         cfg = compose_dict(f"method=smollm/{method}")
@@ -232,11 +239,6 @@ def test_study_family_smoke_runs(experiment, point, tmp_path):
 
 
 def test_fusion_study_smoke(tmp_path):
-    from experiments.fusion_study import fuse_and_evaluate, fused_parameter_count
-    from experiments.report_table import build_rows
-    from experiments.runs import find_runs
-    from s2ft.adapter_format import load_adapter_file
-
     first = tmp_path / "gsm8k"
     run_smoke("fusion_smollm", ["data.train=[gsm8k]"], first)
     second = tmp_path / "commonsense"
