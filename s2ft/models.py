@@ -26,10 +26,26 @@ HUB_MODELS = {
     "mistral_7b": "mistralai/Mistral-7B-v0.1",
 }
 MODEL_NAMES = ("smollm2_135m", *(f"tiny_{f}" for f in TINY_FAMILIES), *HUB_MODELS)
-# Their architectures (family, config fields, from each hub config.json): budgets and memory depend only on these, so
-# `shape_model` builds them on the meta device for budget checks without downloading anything.
+# Their architectures and SmolLM2-135M's (family, config fields, from each config.json): budgets, time and memory
+# depend only on these, so `shape_model` builds them on the meta device for budget checks, and the benchmarks
+# random-initialised, without downloading anything.
 _LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32)
-PAPER_SHAPES: dict[str, tuple[str, dict]] = {
+MODEL_SHAPES: dict[str, tuple[str, dict]] = {
+    "smollm2_135m": (
+        "llama",
+        dict(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            head_dim=64,
+            vocab_size=49152,
+            max_position_embeddings=8192,
+            rope_theta=100000.0,
+            tie_word_embeddings=True,
+        ),
+    ),
     "llama_7b": ("llama", dict(_LLAMA_7B, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048)),
     "llama_13b": (
         "llama",
@@ -60,6 +76,7 @@ PAPER_SHAPES: dict[str, tuple[str, dict]] = {
         dict(_LLAMA_7B, intermediate_size=14336, num_key_value_heads=8, vocab_size=32000, sliding_window=4096),
     ),
 }
+PAPER_SHAPES = {name: MODEL_SHAPES[name] for name in HUB_MODELS}  # the paper's models among them
 
 
 def default_cache_dir() -> Path:
@@ -180,14 +197,14 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def shape_model(name: str, device: str = "meta", dtype: torch.dtype = torch.bfloat16) -> PreTrainedModel:
-    """A paper model's architecture (`PAPER_SHAPES`) with uninitialised weights, by default on the meta device (no
-    memory): its parameter counts, and so every budget, are the real model's."""
-    if name not in PAPER_SHAPES:
-        raise ValueError(f"no shape for {name!r}; use one of {sorted(PAPER_SHAPES)}")
-    family, fields = PAPER_SHAPES[name]
+    """A model's architecture (`MODEL_SHAPES`) with uninitialised weights, by default on the meta device (no
+    memory): its parameter counts, and so every budget, are the real model's (the paper's models untied)."""
+    if name not in MODEL_SHAPES:
+        raise ValueError(f"no shape for {name!r}; use one of {sorted(MODEL_SHAPES)}")
+    family, fields = MODEL_SHAPES[name]
     config_cls, model_cls = _family_classes()[family]
     with torch.device(device):
-        return model_cls(config_cls(**fields, tie_word_embeddings=False, dtype=dtype)).to(dtype)
+        return model_cls(config_cls(**{"tie_word_embeddings": False, **fields}, dtype=dtype)).to(dtype)
 
 
 def _family_classes() -> dict:

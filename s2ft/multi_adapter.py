@@ -11,7 +11,7 @@ adapter's merged model exactly up to fp rounding:
 The model's ``forward`` and ``generate`` take ``adapter_names=[...]``, one name per row (``"__base__"``: the base
 model), as PEFT's mixed batches do: a forward pre-hook on the top model pops the names and groups the rows by adapter
 once per call; each wrapped linear then runs one gather-matmul-scatter per adapter present in the batch.
-``experiments/benchmark_serving.py`` measured this grouping against padding the adapters to one batched matmul.
+``python -m experiments.bench.serving`` measured this grouping against padding the adapters to one batched matmul.
 """
 
 import os

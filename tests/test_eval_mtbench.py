@@ -44,7 +44,7 @@ from s2ft.evaluation.mtbench import (
     select_questions,
     validate_mtbench,
 )
-from s2ft.lightning.runner import flat_metrics
+from s2ft.lightning.summary import flat_metrics
 from s2ft.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from s2ft import models
-from s2ft.models import TINY_FAMILIES, build_model, smollm2_folder, tiny_model, tiny_tokenizer
+from s2ft.models import (
+    HUB_MODELS,
+    PAPER_SHAPES,
+    TINY_FAMILIES,
+    build_model,
+    shape_model,
+    smollm2_folder,
+    tiny_model,
+    tiny_tokenizer,
+)
 
 
 def test_tiny_tokenizer_is_byte_level_and_lossless():
@@ -109,3 +118,11 @@ def test_a_conversion_that_loses_the_race_keeps_the_winners_folder(tmp_path):
     models.save_converted(tiny_model("llama", len(tiny_tokenizer()), seed=1), tokenizer, folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == first
     assert [p.name for p in tmp_path.iterdir()] == ["smollm2_135m"]  # no temporary folder left behind
+
+
+def test_smollm2_shape_is_the_checkpoints_architecture():
+    """`MODEL_SHAPES["smollm2_135m"]` builds SmolLM2-135M's architecture: its 134,515,008 parameters, tied."""
+    model = shape_model("smollm2_135m")
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert model.config.tie_word_embeddings and model.config.rope_parameters["rope_theta"] == 100000.0
+    assert "smollm2_135m" not in PAPER_SHAPES and set(PAPER_SHAPES) == set(HUB_MODELS)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_experiments import ROOT, compose_dict
+from test_experiment_configs import ROOT, compose_dict
 
 from s2ft.methods import method_options, prepare_model, trainable_summary
 from s2ft.methods.peft_lora import DEFAULTS as LORA_DEFAULTS

@@ -15,7 +15,7 @@ import math
 import lightning as L
 import pytest
 import torch
-from test_experiments import PAPER, ROOT, compose_dict
+from test_experiment_configs import PAPER, ROOT, compose_dict
 from test_paper_budgets import PAPER_PCT
 
 from s2ft.lightning import runner

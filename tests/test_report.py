@@ -8,12 +8,18 @@ import statistics
 from pathlib import Path
 
 import pytest
+import wandb
 import yaml
 from conftest import ROOT
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from scipy import stats
 
-from experiments.report import heldout_statement, main, pairs_verdict, significance_statement, write_report
-from experiments.report_table import (
+from experiments.report.markdown import heldout_statement, main, pairs_verdict, significance_statement, write_report
+from experiments.report.records import export_records
+from experiments.report.runs import Run, find_runs, wandb_runs
+from experiments.report.stats import estimate, paired_bootstrap_p, welch_p
+from experiments.report.table import (
     Row,
     avg_accuracy,
     build_rows,
@@ -23,8 +29,10 @@ from experiments.report_table import (
     heldout_roles,
     train_domain,
 )
-from experiments.runs import find_runs
-from experiments.stats import estimate, paired_bootstrap_p, welch_p
+from experiments.study import backfill_heldout
+from s2ft.data import HELDOUT_DOMAINS, TRAIN_SETS
+from s2ft.lightning import run_experiment
+from s2ft.lightning.summary import flat_metrics
 
 # (method variant, seed): two seeds of each, so the rows share the items of two seeds (a hierarchical bootstrap), one
 # seed of a row alone is a flat one, and W&B runs (no prediction files) fall back to Welch's t-test over seeds.
@@ -34,11 +42,6 @@ RUNS = [("smollm/s2ft", 0), ("smollm/s2ft", 1), ("smollm/lora", 0), ("smollm/lor
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
     """A sweep directory of real smoke runs of commonsense_smollm (tiny model, 2 steps, 3 items per task)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from s2ft.lightning import run_experiment
-
     root = tmp_path_factory.mktemp("sweep")
     for i, (method, seed) in enumerate(RUNS):
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -67,8 +70,6 @@ def test_runs_are_found_and_grouped_into_rows(sweep):
 
 
 def test_rows_of_a_component_sweep_are_labelled_by_their_component():
-    from experiments.runs import Run
-
     def run(split: dict, seed: int) -> Run:
         summary = {"experiment": "components_smollm", "model": "smollm2_135m", "method": "s2ft", "seed": seed}
         options = {"target_split": split, "strategy": "random", "seed": seed}
@@ -123,10 +124,6 @@ def test_pace_column_shows_the_runs_median_tokens_per_s_when_recorded(sweep, tmp
 
 
 def test_generalization_groups_are_columns_of_the_table(sweep, tmp_path, monkeypatch):
-    import wandb
-
-    from experiments.runs import wandb_runs
-
     runs = find_runs([sweep])
     for i, run in enumerate(runs):  # as if each had been evaluated on the ID, near-OOD (easy) and far-OOD sets
         run.summary["groups"] = {"id": 0.1 + 0.01 * i, "near_ood_easy": 0.2 + 0.03 * i, "far_ood": 0.4 - 0.02 * i}
@@ -138,8 +135,6 @@ def test_generalization_groups_are_columns_of_the_table(sweep, tmp_path, monkeyp
             assert cell == f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
     # The same columns from W&B: the runner logs the groups as groups/GROUP.
-    from s2ft.lightning.runner import flat_metrics
-
     remote = [FakeWandbRun(sweep / str(i), i) for i in range(len(runs))]
     for fake, run in zip(remote, runs, strict=True):
         fake.summary.update(flat_metrics(run.summary))
@@ -154,8 +149,6 @@ def test_generalization_groups_are_columns_of_the_table(sweep, tmp_path, monkeyp
 
 
 def test_heldout_roles_follow_the_training_data(sweep):
-    from s2ft.data import HELDOUT_DOMAINS, TRAIN_SETS
-
     runs = find_runs([sweep])
     assert train_domain(runs) == "commonsense"  # commonsense_mix: forgetting is measured on GSM8K, not the reverse
     names = ["gsm8k_test", "commonsense_test"]
@@ -347,8 +340,6 @@ def test_weighted_bootstrap_compares_per_token_losses():
 
 
 def test_statement_refuses_to_rank_inseparable_rows():
-    from experiments.report_table import Row
-
     best = Row("s2ft", [])
     assert significance_statement(best, {"lora": 0.4, "full": None}).startswith("Not separable")
     assert significance_statement(best, {"none": 0.01, "full": 0.3}) == (
@@ -373,8 +364,6 @@ def test_heldout_statement_names_which_pairs_are_separable():
 
 
 def test_records_regenerate_the_report_byte_for_byte(sweep, tmp_path):
-    from experiments.report_records import export_records
-
     runs = find_runs([sweep])
     from_runs = write_report(runs, tmp_path / "from_runs")
     from_records = main([str(sweep), "--export-records", str(tmp_path / "records"), "--out", str(tmp_path / "rec")])
@@ -424,8 +413,6 @@ class FakeWandbRun:
     """What `wandb.Api().runs()` yields for a run the runner logged: its config, final metrics and history."""
 
     def __init__(self, run_dir: Path, index: int):
-        from s2ft.lightning.runner import flat_metrics
-
         summary = json.loads((run_dir / "summary.json").read_text())
         self.id = f"run{index}"
         self.config = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -449,10 +436,6 @@ class FakeWandbRun:
 
 
 def test_report_from_wandb_matches_the_local_report(sweep, tmp_path, monkeypatch):
-    import wandb
-
-    from experiments.runs import wandb_runs
-
     remote = [FakeWandbRun(sweep / str(i), i) for i in range(len(RUNS))]
     other = type("Other", (), {"config": {"lr": 1}, "summary": {}, "id": "x"})()  # not an s2ft run: skipped
     projects = []
@@ -494,8 +477,6 @@ def test_report_from_wandb_matches_the_local_report(sweep, tmp_path, monkeypatch
 
 
 def test_heldout_backfill_reproduces_a_finished_runs_item_losses(sweep, tmp_path):
-    from experiments.heldout_items import backfill, main
-
     run = tmp_path / "run"
     shutil.copytree(sweep / "0", run)
     files = sorted((run / "predictions").glob("heldout_*.jsonl"))
@@ -503,19 +484,19 @@ def test_heldout_backfill_reproduces_a_finished_runs_item_losses(sweep, tmp_path
     written = {f.name: [json.loads(line) for line in f.read_text().splitlines()] for f in files}
     for f in files:
         f.unlink()
-    losses = backfill(run)
+    losses = backfill_heldout.backfill(run)
     summary = json.loads((run / "summary.json").read_text())
     assert losses == pytest.approx({n: h["after"] for n, h in summary["heldout"].items()}, rel=1e-9)
     for f in files:
         again = [json.loads(line) for line in f.read_text().splitlines()]
         assert [(r["id"], r["tokens"]) for r in again] == [(r["id"], r["tokens"]) for r in written[f.name]]
         assert [r["nll"] for r in again] == pytest.approx([r["nll"] for r in written[f.name]], rel=1e-9)
-    assert backfill(run) == {}  # already there: nothing recomputed
+    assert backfill_heldout.backfill(run) == {}  # already there: nothing recomputed
 
     summary["heldout"]["gsm8k_test"]["after"] += 0.5  # a summary the run's model does not reproduce
     (run / "summary.json").write_text(json.dumps(summary))
     with pytest.raises(ValueError, match="differ from summary.json"):
-        backfill(run, force=True)
+        backfill_heldout.backfill(run, force=True)
     assert not list((run / "predictions").glob("heldout_*.jsonl"))
     with pytest.raises(FileNotFoundError, match="finished training run"):
-        main([str(tmp_path)])
+        backfill_heldout.main([str(tmp_path)])

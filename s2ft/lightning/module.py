@@ -9,9 +9,9 @@ import lightning as L
 import torch
 from torch import nn
 
-from s2ft.lightning.memory import peak_memory_mb
 from s2ft.lightning.optimizer import MasterWeightAdamW
 from s2ft.lightning.sharding import FSDP2Strategy, shard_model
+from s2ft.memory import peak_memory_mb
 
 
 class S2FTLitModule(L.LightningModule):

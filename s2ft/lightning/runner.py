@@ -25,7 +25,7 @@ from s2ft.data.overlap import check_overlap
 from s2ft.data.sources import heldout_name
 from s2ft.data.user_tasks import resolve_eval_tasks
 from s2ft.evaluation import evaluate, heldout_item_losses, mean_token_loss, write_predictions
-from s2ft.evaluation.mtbench import mtbench_metrics, run_mtbench
+from s2ft.evaluation.mtbench import run_mtbench
 from s2ft.lightning.callbacks import (
     AdvanceSampler,
     AtomicCheckpointIO,
@@ -43,7 +43,7 @@ from s2ft.lightning.module import S2FTLitModule
 from s2ft.lightning.provenance import check_eval_overlap, read_adapter_record, training_record, write_adapter_record
 from s2ft.lightning.run_dir import RunDirError, RunPlan, honour_umask, prepare_run_dir
 from s2ft.lightning.sharding import FSDP2Strategy, gather_trained, local_elements
-from s2ft.lightning.summary import build_summary, print_summary, task_record, write_json
+from s2ft.lightning.summary import build_summary, flat_metrics, print_summary, task_record, write_json
 from s2ft.methods import load_trained, merge_trained, prepare_model, save_trained, trainable_summary
 from s2ft.models import build_model
 from s2ft.run_config import RunConfigError, validate_run_config
@@ -477,23 +477,6 @@ def _write_config(cfg: dict, run_dir: Path) -> None:
 
 def _cache(paths: dict, name: str) -> Path | None:
     return Path(paths["cache_dir"]) / name if paths.get("cache_dir") else None
-
-
-def flat_metrics(summary: dict) -> dict[str, float]:
-    """The final results logged to the experiment logger (what `experiments/runs.wandb_runs` reads back)."""
-    metrics = {f"eval/{task}/accuracy": r["accuracy"] for task, r in summary["eval"].items()}
-    if summary.get("avg_accuracy") is not None:
-        metrics["eval/avg_accuracy"] = summary["avg_accuracy"]
-    metrics |= {f"groups/{group}": acc for group, acc in (summary.get("groups") or {}).items()}
-    metrics |= {f"heldout/{name}": v["after"] for name, v in summary.get("heldout", {}).items()}
-    metrics |= mtbench_metrics(summary.get("mtbench"))
-    train = summary.get("train") or {}
-    metrics |= {
-        f"train/{key}": train[key]
-        for key in ("wall_s", "val_loss", "median_tokens_per_s")
-        if train.get(key) is not None
-    }
-    return metrics
 
 
 def calibration_count(size: int | float, train_items: int) -> int:

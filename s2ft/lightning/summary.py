@@ -1,4 +1,5 @@
-"""The run's `summary.json` (schema in README.md), its provenance fields, and the console table."""
+"""The run's `summary.json` (schema in README.md): built from a run, flattened into the metrics the experiment logger
+gets, read back from those metrics (W&B), with its provenance fields and the console table."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import subprocess
 from importlib import metadata
 from pathlib import Path
+
+from s2ft.evaluation.mtbench import mtbench_metrics
 
 PACKAGES = ("s2ft", "torch", "transformers", "lightning", "peft", "datasets", "hydra-core", "wandb", "lm_eval")
 
@@ -76,6 +79,75 @@ TASK_KEYS = ("accuracy", "n", "mode", "tokens_per_s", "accuracy_mean", "accuracy
 def task_record(result: dict) -> dict:
     """The per-task fields a summary keeps: accuracy, size, mode, throughput and, for loglik, both scorings."""
     return {key: result[key] for key in TASK_KEYS if key in result}
+
+
+def flat_metrics(summary: dict) -> dict[str, float]:
+    """The final results logged to the experiment logger (what `wandb_summaries` reads back)."""
+    metrics = {f"eval/{task}/accuracy": r["accuracy"] for task, r in summary["eval"].items()}
+    if summary.get("avg_accuracy") is not None:
+        metrics["eval/avg_accuracy"] = summary["avg_accuracy"]
+    metrics |= {f"groups/{group}": acc for group, acc in (summary.get("groups") or {}).items()}
+    metrics |= {f"heldout/{name}": v["after"] for name, v in summary.get("heldout", {}).items()}
+    metrics |= mtbench_metrics(summary.get("mtbench"))
+    train = summary.get("train") or {}
+    metrics |= {
+        f"train/{key}": train[key]
+        for key in ("wall_s", "val_loss", "median_tokens_per_s")
+        if train.get(key) is not None
+    }
+    return metrics
+
+
+def summary_from_metrics(config: dict, metrics: dict, history: list[dict], run_id: str) -> dict:
+    """A summary rebuilt from what a run logged to W&B: the inverse of `flat_metrics` for what the report reads.
+
+    Args:
+        config: The run's resolved config (W&B's run config).
+        metrics: Its final logged metrics: `flat_metrics` and the module's `trainable_params`, `trainable_pct` and
+            `train/peak_mem_mb` (`_runtime`, W&B's wall time, stands in for `train/wall_s` where it is missing).
+        history: Logged rows with `train/loss` against `trainer/global_step` (Lightning's step; W&B's `_step`
+            counts log calls).
+        run_id: The W&B run id.
+    """
+    tasks = {k.split("/")[1]: v for k, v in metrics.items() if k.startswith("eval/") and k.endswith("/accuracy")}
+    return {
+        "experiment": config["name"],
+        "method": config["method"]["name"],
+        "model": config["model"]["name"],
+        "seed": config.get("seed"),
+        "trainable_params": metrics.get("trainable_params"),
+        "trainable_pct": metrics.get("trainable_pct"),
+        "eval": {task: {"accuracy": acc, "n": None, "mode": None} for task, acc in tasks.items()},
+        "avg_accuracy": metrics.get("eval/avg_accuracy"),
+        "groups": {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("groups/")},
+        "heldout": {k.split("/", 1)[1]: {"after": v} for k, v in metrics.items() if k.startswith("heldout/")},
+        "train": {
+            "wall_s": metrics.get("train/wall_s", metrics.get("_runtime")),
+            "val_loss": metrics.get("train/val_loss"),
+            "peak_mem_mb": metrics.get("train/peak_mem_mb"),
+            "median_tokens_per_s": metrics.get("train/median_tokens_per_s"),
+            "loss_curve": [
+                [int(row["trainer/global_step"]), row["train/loss"]]
+                for row in history
+                if row.get("train/loss") is not None and row.get("trainer/global_step") is not None
+            ],
+        },
+        "wandb": {"id": run_id, "dir": None},
+    }
+
+
+def wandb_summaries(project: str) -> list[tuple[dict, dict]]:
+    """(summary, config) of every s2ft run of the W&B project ``ENTITY/PROJECT`` (needs a network and a login)."""
+    import wandb  # only reading W&B pays for importing it
+
+    found = []
+    for remote in wandb.Api().runs(project):
+        config, metrics = dict(remote.config), dict(remote.summary)
+        if "method" not in config or "name" not in config:
+            continue  # not an s2ft run
+        history = remote.history(keys=["train/loss", "trainer/global_step"], pandas=False)
+        found.append((summary_from_metrics(config, metrics, history, remote.id), config))
+    return found
 
 
 def write_json(data: dict, path: Path) -> None:

@@ -8,8 +8,7 @@ from typing import Any
 from torch import nn
 
 from s2ft.methods.method import Method
-from s2ft.methods.spft import DEFAULTS as SPFT_DEFAULTS
-from s2ft.methods.spft import targeted_linears
+from s2ft.methods.spft import entry_count
 
 DEFAULTS: dict[str, Any] = {
     "r": 32,
@@ -56,7 +55,7 @@ def rank_for_budget(model: nn.Module, budget: float | int, target_modules: list[
         if of == "model":
             base = sum(p.numel() for p in model.parameters())
         else:
-            base = sum(m.weight.numel() for _, m in targeted_linears(model, SPFT_DEFAULTS["target_modules"]))
+            base = entry_count(model)
         budget = budget * base
     return max(1, round(budget / lora_param_count(model, 1, target_modules)))
 

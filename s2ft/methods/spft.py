@@ -69,6 +69,11 @@ def targeted_linears(model: nn.Module, target_modules: list[str]) -> list[tuple[
     return found
 
 
+def entry_count(model: nn.Module, target_modules: list[str] = DEFAULTS["target_modules"]) -> int:
+    """Weight entries of the targeted linears: what SpFT's ``p`` is a fraction of (``p * entry_count`` train)."""
+    return sum(linear.weight.numel() for _, linear in targeted_linears(model, target_modules))
+
+
 def prepare(model: nn.Module, options: dict[str, Any], calibration, name: str = "spft") -> nn.Module:
     """Freeze ``model`` and make a seeded random fraction ``p`` of every targeted linear's entries trainable.
 

@@ -1,20 +1,18 @@
-"""Markdown tables and matplotlib charts of the benchmark results (`results.md`, `results.png`).
+"""Markdown tables and matplotlib charts of the benchmark results (`results.md`, `results.png`), and the files.
 
-Redraw both from a `results.json` (e.g. one measured on a machine without matplotlib):
-
-    python experiments/bench_report.py results/training_gpu results/switch_gpu
+A machine without matplotlib (the lent GPU machine) writes `results.json` and `results.md`; `python -m
+experiments.bench.redraw DIR...` draws the charts afterwards.
 """
 
-import argparse
 import json
 import statistics
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 
 def _pyplot():
-    """matplotlib's pyplot on the file-only backend, imported when a chart is drawn (the GPU machine may lack it)."""
+    """matplotlib's pyplot on the file-only backend, imported when a chart is drawn: matplotlib is optional here, as
+    the GPU machine may lack it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -268,7 +266,9 @@ def write_results(results: dict, out: Path, table: Callable[[dict], str], chart:
     try:
         chart(results, out / "results.png")
     except ImportError as error:
-        print(f"wrote {out}/results.{{json,md}}; no chart ({error}): redraw with `python {__file__} {out}`")
+        print(
+            f"wrote {out}/results.{{json,md}}; no chart ({error}): `python -m experiments.bench.redraw {out}` draws it"
+        )
         return
     print(f"wrote {out}/results.{{json,md,png}}")
 
@@ -287,13 +287,3 @@ def redraw(out: Path) -> None:
         write_results(results, out, switch_table, switch_chart)
     else:
         raise ValueError(f"{path} is not a training (settings), serving (decode) or switching (layer) benchmark result")
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Redraw benchmark tables and charts from their results.json.")
-    parser.add_argument("dirs", type=Path, nargs="+", help="directories holding a results.json")
-    for directory in parser.parse_args().dirs:
-        try:
-            redraw(directory)
-        except (OSError, ValueError) as error:
-            sys.exit(f"error: {error}")

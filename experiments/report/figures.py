@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
-import numpy as np  # noqa: E402
-
-from experiments.report_table import Row, avg_accuracy, heldout_after, task_accuracy, trainable_pct  # noqa: E402
+from experiments.report.table import Row, avg_accuracy, heldout_after, task_accuracy, trainable_pct
 
 
 def accuracy_vs_trainable(rows: list[Row], title: str, path: Path) -> Path | None:
@@ -19,7 +16,8 @@ def accuracy_vs_trainable(rows: list[Row], title: str, path: Path) -> Path | Non
     points = [(row, x, y) for row, x, y in points if x is not None and y is not None and x.mean > 0]
     if not points:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for row, x, y in points:
         ax.errorbar(x.mean, 100 * y.mean, yerr=100 * (y.ci or 0), fmt="o", capsize=3, label=row.label)
     ax.set(xscale="log", xlabel="trainable parameters (%)", ylabel="average accuracy (%)", title=title)
@@ -48,7 +46,8 @@ def id_vs_ood(
     panels = [p for p in panels if any(row.values(p[2]) and row.values(p[3]) for row in rows)]
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    fig = Figure(figsize=(6 * len(panels), 4))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (x_unit, y_unit, x_metric, y_metric) in zip(axes[0], panels, strict=True):
         for row in rows:
             x, y = row.estimate(x_metric), row.estimate(y_metric)
@@ -61,7 +60,8 @@ def id_vs_ood(
 
 def loss_curves(rows: list[Row], title: str, path: Path) -> Path | None:
     """Training loss against step, the mean over each row's seeds (steps every seed logged)."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     drawn = False
     for row in rows:
         curves = [
@@ -75,7 +75,6 @@ def loss_curves(rows: list[Row], title: str, path: Path) -> Path | None:
         ax.plot(steps, [np.mean([c[s] for c in curves]) for s in steps], label=f"{row.label} (n={len(curves)})")
         drawn = True
     if not drawn:
-        plt.close(fig)
         return None
     ax.set(xlabel="step", ylabel="training loss", title=title)
     ax.legend(fontsize=7)
@@ -91,9 +90,8 @@ def _mean_of(tasks: list[str], scale: float):
     return metric
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

@@ -1,6 +1,6 @@
-"""Tests of the efficiency benchmarks (experiments/benchmark_*.py and their bench_* helpers).
+"""Tests of the efficiency benchmarks (`experiments.bench`: the training and switch commands and their parts).
 
-The scripts run in their quick modes (tiny models, two steps) and their results files are checked for completeness
+The commands run in their quick modes (tiny models, two steps) and their results files are checked for completeness
 and consistency; no timing is asserted.
 """
 
@@ -14,20 +14,17 @@ import pytest
 import torch
 from torch import nn
 
-from experiments import bench_report, benchmark_switch, benchmark_training
-from experiments.bench_memory import PeakMemory
-from experiments.bench_methods import (
-    LORA_TARGETS,
-    METHODS,
-    lora_params_per_rank,
-    match_lora_rank,
-    prepare_method,
-    total_parameter_count,
-    trained_parameter_count,
-)
-from experiments.bench_models import build_bench_model
-from experiments.bench_switch_layer import bench_layer, check_nearer
+from experiments.bench import switch, training
+from experiments.bench.models import build_bench_model
+from experiments.bench.results import redraw, switch_chart, switch_table, write_results
+from experiments.bench.switch_layer import bench_layer, check_nearer
+from experiments.bench.train_worker import METHODS, prepare, trained_parameter_count
+from s2ft.memory import PeakMemory
+from s2ft.methods import trainable_summary
+from s2ft.methods.peft_lora import DEFAULTS as LORA_DEFAULTS
+from s2ft.methods.peft_lora import lora_param_count, rank_for_budget
 
+LORA_TARGETS = LORA_DEFAULTS["target_modules"]
 REPO = Path(__file__).resolve().parents[1]
 MACHINE_KEYS = {"cpu", "cores", "torch", "transformers", "peft", "device", "torch_threads"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -45,7 +42,7 @@ def _check_outputs(out, rows: list[str]) -> dict:
 
 
 def test_training_quick_every_method(tmp_path):
-    returned = benchmark_training.main(["--quick", "--in-process", "--out", str(tmp_path)])
+    returned = training.main(["--quick", "--in-process", "--out", str(tmp_path)])
     results = _check_outputs(tmp_path, list(METHODS))
     assert results == json.loads(json.dumps(returned))
     config, methods = results["config"], results["methods"]
@@ -82,7 +79,7 @@ def test_training_quick_every_method(tmp_path):
     assert abs(methods["spft"]["trainable_params"] - target) <= 10  # per-layer rounding of the SpFT fraction
 
     assert [(t["metric"], t["versus"]) for t in results["targets"]] == [
-        (metric, other) for metric, other, _ in benchmark_training.TARGETS
+        (metric, other) for metric, other, _ in training.TARGETS
     ]
     for t in results["targets"]:
         assert t["ratio"] == pytest.approx(methods["s2ft"][t["metric"]] / methods[t["versus"]][t["metric"]])
@@ -90,7 +87,7 @@ def test_training_quick_every_method(tmp_path):
 
 
 def test_training_measures_each_method_in_its_own_process(tmp_path):
-    results = benchmark_training.main(["--quick", "--methods", "s2ft", "floor", "--out", str(tmp_path)])
+    results = training.main(["--quick", "--methods", "s2ft", "floor", "--out", str(tmp_path)])
     _check_outputs(tmp_path, ["s2ft", "floor"])
     methods = results["methods"]
     assert list(methods) == ["s2ft", "floor"]
@@ -115,7 +112,7 @@ def test_training_measures_each_method_in_its_own_process(tmp_path):
 )
 def test_training_rejects_bad_options(argv, message, capsys):
     with pytest.raises(SystemExit):
-        benchmark_training.parse_args(argv)
+        training.parse_args(argv)
     assert message in capsys.readouterr().err
 
 
@@ -132,7 +129,7 @@ def _lora_params_per_rank(config) -> int:
 
 
 def test_floor_runs_backward_to_the_embeddings_and_trains_nothing():
-    model = prepare_method(_tiny(), "floor", target_params=0, rank=1, targets=LORA_TARGETS, layout="gather", seed=0)
+    model = prepare(_tiny(), "floor", target_params=0, rank=1, targets=LORA_TARGETS, layout="gather", seed=0)
     reached = []
 
     def watch_gradient(module, inputs, output) -> None:
@@ -148,23 +145,24 @@ def test_floor_runs_backward_to_the_embeddings_and_trains_nothing():
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_lora_and_dora_train_with_the_requested_dropout(method):
     kwargs = dict(target_params=0, rank=2, targets=LORA_TARGETS, layout="gather", seed=0)
-    model = prepare_method(_tiny(), method, lora_dropout=0.05, **kwargs)
+    model = prepare(_tiny(), method, lora_dropout=0.05, **kwargs)
     dropouts = [m for name, m in model.named_modules() if isinstance(m, nn.Dropout) and "lora_dropout" in name]
     assert len(dropouts) == len(LORA_TARGETS) * model.config.num_hidden_layers
     assert all(d.p == 0.05 for d in dropouts)
-    plain = prepare_method(_tiny(), method, **kwargs)
+    plain = prepare(_tiny(), method, **kwargs)
     assert not any(isinstance(m, nn.Dropout) for name, m in plain.named_modules() if "lora_dropout" in name)
 
 
-def test_lora_rank_matches_the_budget():
+def test_the_benchmarks_lora_rank_matches_the_budget():
     model = _tiny()
-    per_rank = lora_params_per_rank(model, LORA_TARGETS)
+    per_rank = lora_param_count(model, 1, LORA_TARGETS)
     assert per_rank == _lora_params_per_rank(model.config)
-    assert match_lora_rank(model, 3 * per_rank, LORA_TARGETS) == 3
-    assert match_lora_rank(model, 3.4 * per_rank, LORA_TARGETS) == 3
-    assert match_lora_rank(model, 0.01, LORA_TARGETS) == max(1, round(0.01 * total_parameter_count(model) / per_rank))
-    with pytest.raises(ValueError, match="no nn.Linear named"):
-        lora_params_per_rank(model, ("qkv",))
+    assert rank_for_budget(model, 3 * per_rank, LORA_TARGETS) == 3
+    assert rank_for_budget(model, 3.4 * per_rank, LORA_TARGETS) == 3
+    total = trainable_summary(model)["total_params"]
+    assert rank_for_budget(model, 0.01, LORA_TARGETS) == max(1, round(0.01 * total / per_rank))
+    with pytest.raises(ValueError, match="match no nn.Linear"):
+        lora_param_count(model, 1, ["qkv"])
 
 
 def test_trained_parameter_count_needs_a_gradient_and_the_optimizer():
@@ -187,7 +185,7 @@ def test_peak_memory_counts_an_allocation_above_the_baseline():
 
 
 def test_switch_quick(tmp_path):
-    returned = benchmark_switch.main(["--quick", "--out", str(tmp_path)])
+    returned = switch.main(["--quick", "--out", str(tmp_path)])
     results = _check_outputs(tmp_path, ["256", "512"])
     assert results == json.loads(json.dumps(returned))
     assert [row["d"] for row in results["layer"]] == [256, 512]
@@ -199,16 +197,16 @@ def test_switch_quick(tmp_path):
     assert model["s2ft_checked_ms"] > 0  # switching to adapters validated on every call is timed too
     # Quick dims are below 4096, so only the whole-model target applies.
     assert [t["what"] for t in results["targets"]] == ["model tiny_llama"]
-    assert results["targets"][0]["met"] == (model["speedup"] >= benchmark_switch.MODEL_TARGET["speedup"])
+    assert results["targets"][0]["met"] == (model["speedup"] >= switch.MODEL_TARGET["speedup"])
 
 
 def test_switch_layer_result_and_target_checks():
     row = bench_layer(64, rows=8, rank=4, repeats=2, device="cpu", dtype=torch.float32)
     assert set(row) == {"d", "s2ft_ms", "lora_ms", "speedup"} and row["d"] == 64
     rows = [{"d": 2048, "speedup": 1.0}, {"d": 4096, "speedup": 7.0}, {"d": 8192, "speedup": 4.0}]
-    checks = benchmark_switch.check_targets(rows, {"name": "m", "speedup": 10.5})
+    checks = switch.check_targets(rows, {"name": "m", "speedup": 10.5})
     assert [(c["speedup"], c["met"]) for c in checks] == [(4.0, False), (10.5, True)]
-    assert not benchmark_switch.check_targets(rows, {"name": "m", "speedup": 9.5})[1]["met"]
+    assert not switch.check_targets(rows, {"name": "m", "speedup": 9.5})[1]["met"]
 
 
 def test_check_nearer_rejects_the_wrong_adapter():
@@ -223,7 +221,7 @@ def test_check_nearer_rejects_the_wrong_adapter():
 def test_redraw_rebuilds_the_committed_table_and_chart(tmp_path, name):
     committed = REPO / "results" / name
     (tmp_path / "results.json").write_text((committed / "results.json").read_text())
-    bench_report.redraw(tmp_path)
+    redraw(tmp_path)
     assert (tmp_path / "results.md").read_text() == (committed / "results.md").read_text()
     assert (tmp_path / "results.png").read_bytes().startswith(PNG_MAGIC)
 
@@ -231,13 +229,13 @@ def test_redraw_rebuilds_the_committed_table_and_chart(tmp_path, name):
 def test_results_without_matplotlib_keep_json_and_table(tmp_path, monkeypatch, capsys):
     results = json.loads((REPO / "results" / "switch_cpu" / "results.json").read_text())
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as on a machine without it: import raises ImportError
-    bench_report.write_results(results, tmp_path, bench_report.switch_table, bench_report.switch_chart)
+    write_results(results, tmp_path, switch_table, switch_chart)
     assert json.loads((tmp_path / "results.json").read_text()) == results
-    assert (tmp_path / "results.md").read_text() == bench_report.switch_table(results)
+    assert (tmp_path / "results.md").read_text() == switch_table(results)
     assert not (tmp_path / "results.png").exists()
-    assert "redraw with" in capsys.readouterr().out
+    assert "python -m experiments.bench.redraw" in capsys.readouterr().out
 
 
 def test_redraw_names_a_missing_results_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="results.json does not exist"):
-        bench_report.redraw(tmp_path)
+        redraw(tmp_path)

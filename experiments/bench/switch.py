@@ -6,25 +6,21 @@ adapters prepared once (`s2ft.prepare_adapter`; also timed: switching to unprepa
 against PEFT switching between two LoRA adapters of the same budget (unmerge, set_adapter, merge). Medians
 of repeated switches, each run checked to leave the right weights. Writes `results.json`, `results.md`, `results.png`.
 
-    python experiments/benchmark_switch.py                         # CPU, SmolLM2-135M
-    python experiments/benchmark_switch.py --quick --out /tmp/s    # small layers and tiny_llama (tests)
+    python -m experiments.bench.switch                        # CPU, SmolLM2-135M
+    python -m experiments.bench.switch --quick --out /tmp/s   # small layers and tiny_llama (tests)
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from experiments.bench_machine import add_machine_args, machine_info
-from experiments.bench_methods import LORA_TARGETS
-from experiments.bench_models import DTYPES, MODELS
-from experiments.bench_report import switch_chart, switch_table, write_results
-from experiments.bench_switch_layer import bench_layer
-from experiments.bench_switch_model import bench_model
+from experiments.bench.machine import add_machine_args, machine_info
+from experiments.bench.models import DTYPES, MODELS
+from experiments.bench.results import switch_chart, switch_table, write_results
+from experiments.bench.switch_layer import bench_layer
+from experiments.bench.switch_model import bench_model
+from s2ft.methods.peft_lora import DEFAULTS as LORA_DEFAULTS
 
 # CPU targets: S2FT at least this many times faster than LoRA (issue 7; issue 19 raised the model's from 3x).
 LAYER_TARGET = {"min_d": 4096, "speedup": 5.0}
@@ -38,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank in the layer benchmark")
     parser.add_argument("--model", default="smollm2_135m", choices=MODELS)
     parser.add_argument("--budget", type=float, default=0.01, help="adapter budget in the model benchmark")
-    parser.add_argument("--lora-targets", nargs="+", default=list(LORA_TARGETS))
+    parser.add_argument("--lora-targets", nargs="+", default=list(LORA_DEFAULTS["target_modules"]))
     parser.add_argument("--repeats", type=int, default=10, help="timed switches per measurement (median reported)")
     parser.add_argument("--quick", action="store_true", help="d in 256, 512; tiny_llama; 2 repeats")
     add_machine_args(parser, "switch", DTYPES)
@@ -53,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--rank must be >= 1, got {args.rank}")
     if args.out is None:
         kind = "gpu" if torch.device(args.device).type == "cuda" else "cpu"
-        args.out = Path(__file__).resolve().parents[1] / "results" / f"switch_{kind}"
+        args.out = Path(__file__).resolve().parents[2] / "results" / f"switch_{kind}"
     return args
 
 

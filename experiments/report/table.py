@@ -6,8 +6,9 @@ import json
 from dataclasses import dataclass
 from pathlib import PurePath
 
-from experiments.runs import Run
-from experiments.stats import ALPHA, Estimate, estimate, paired_bootstrap_p, welch_p
+from experiments.report.runs import Run
+from experiments.report.stats import ALPHA, Estimate, estimate, paired_bootstrap_p, welch_p
+from s2ft.data import HELDOUT_DOMAINS
 
 
 @dataclass
@@ -96,8 +97,6 @@ def train_domain(runs: list[Run]) -> str | None:
 
 def heldout_roles(domain: str | None, names: list[str]) -> tuple[str, str] | None:
     """The (in-domain, out-of-domain) held-out sets among ``names`` for training data of ``domain``, if both exist."""
-    from s2ft.data import HELDOUT_DOMAINS
-
     inside = [name for name in names if domain is not None and HELDOUT_DOMAINS.get(name) == domain]
     outside = [name for name in names if HELDOUT_DOMAINS.get(name, domain) != domain]
     return (inside[0], outside[0]) if inside and outside else None

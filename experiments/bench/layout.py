@@ -6,7 +6,7 @@ with ``layout="gather"`` and ``layout="permuted"`` and times forward + backward 
 layouts step by step so that load from other processes hits both alike. Reports the median (and min) step time per
 layout. Run from the repository root:
 
-    PYTHONPATH=. python experiments/bench_layout.py --layers 4 --batch 4 --seq 256 --steps 8 --out layout.json
+    python -m experiments.bench.layout --layers 4 --batch 4 --seq 256 --steps 8 --out layout.json
 """
 
 import argparse
@@ -19,6 +19,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import s2ft
+from experiments.bench.models import SHAPES
 
 BUDGETS = {
     "o+down": {"o": 0.12, "down": 0.02},
@@ -29,16 +30,8 @@ BUDGETS = {
 def smollm2_shaped(layers: int, vocab: int) -> LlamaForCausalLM:
     """A random Llama with SmolLM2-135M's layer shapes."""
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=576,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        intermediate_size=1536,
-        num_hidden_layers=layers,
-        vocab_size=vocab,
-        tie_word_embeddings=True,
-        attn_implementation="sdpa",
-    )
+    fields = SHAPES["smollm2_135m_shape"] | {"num_hidden_layers": layers, "vocab_size": vocab}
+    config = LlamaConfig(**fields, attn_implementation="sdpa")
     return LlamaForCausalLM(config)
 
 

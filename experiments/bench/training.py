@@ -5,10 +5,10 @@ Every method trains on the same random token batches with a matched trainable bu
 interleaved rounds (every method once per round), so that a slow spell of a shared machine spreads over all methods
 instead of inflating one. Writes `results.json`, `results.md` and `results.png` to the output directory.
 
-    python experiments/benchmark_training.py                       # SmolLM2-135M, fp32, batch 4, seq 256, CPU
-    python experiments/benchmark_training.py --quick --out /tmp/b  # tiny model, 2 steps (tests)
-    python experiments/benchmark_training.py --model llama2_7b_shape --dtype bfloat16 \
-        --batch-sizes 1 2 --seq-lens 512 1024 --device cuda       # the paper's settings on a GPU
+    python -m experiments.bench.training                        # SmolLM2-135M, fp32, batch 4, seq 256, CPU
+    python -m experiments.bench.training --quick --out /tmp/b   # tiny model, 2 steps (tests)
+    python -m experiments.bench.training --model llama2_7b_shape --dtype bfloat16 \
+        --batch-sizes 1 2 --seq-lens 512 1024 --device cuda     # the paper's settings on a GPU
 """
 
 import argparse
@@ -21,16 +21,13 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from experiments.bench.machine import add_machine_args, machine_info
+from experiments.bench.models import DTYPES, MODELS
+from experiments.bench.results import training_chart, training_table, write_results
+from experiments.bench.train_worker import METHODS, measure
+from s2ft.methods.peft_lora import DEFAULTS as LORA_DEFAULTS
 
-from experiments.bench_machine import add_machine_args, machine_info
-from experiments.bench_methods import LORA_TARGETS, METHODS
-from experiments.bench_models import DTYPES, MODELS
-from experiments.bench_report import training_chart, training_table, write_results
-from experiments.bench_train_worker import measure
-
-WORKER = Path(__file__).with_name("bench_train_worker.py")
+ROOT = Path(__file__).resolve().parents[2]
 # Timing and `peak_mem_mb` (the peak resident set a user sees) run with glibc's default allocator. A second, short run
 # per method fixes glibc's mmap threshold at 128 KiB, so tensors of that size and more get their own mappings and go
 # back to the OS when freed: its peak (`live_mem_mb`) follows the live tensors rather than heap fragmentation, which
@@ -54,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[256])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--budget", type=float, default=0.01, help="trainable fraction (< 1) or count of parameters")
-    parser.add_argument("--lora-targets", nargs="+", default=list(LORA_TARGETS))
+    parser.add_argument("--lora-targets", nargs="+", default=list(LORA_DEFAULTS["target_modules"]))
     parser.add_argument(
         "--lora-dropout",
         type=float,
@@ -94,14 +91,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--budget must be positive, got {args.budget}")
     if args.out is None:
         kind = "gpu" if torch.device(args.device).type == "cuda" else "cpu"
-        args.out = Path(__file__).resolve().parents[1] / "results" / f"training_{kind}"
+        args.out = ROOT / "results" / f"training_{kind}"
     return args
 
 
 def run_worker(spec: dict, env: dict[str, str] | None = None) -> dict:
     """Measures one method in a fresh Python process; a failure names the method and shows the worker's error."""
     proc = subprocess.run(
-        [sys.executable, str(WORKER), json.dumps(spec)], capture_output=True, text=True, env=os.environ | (env or {})
+        [sys.executable, "-m", "experiments.bench.train_worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=os.environ | (env or {}),
     )
     if proc.returncode != 0:
         raise RuntimeError(

@@ -4,7 +4,7 @@
 `examples/user_data/test.json` (the same form, with the gold letter in `answer` and the choices in `options`, so the
 task also runs in log-likelihood mode), drawn from the local ARC-Easy train and test files (data/README.md: CC BY-SA).
 
-    python experiments/make_user_example.py [--train 300] [--test 100] [--out examples/user_data]
+    python -m experiments.study.user_example [--train 300] [--test 100] [--out examples/user_data]
 """
 
 import argparse
@@ -15,7 +15,7 @@ from pathlib import Path
 from s2ft.data import read_llm_adapters
 from s2ft.evaluation.options import OPTION_MARKER, parse_options
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARC = ROOT / "data" / "llm-adapters" / "dataset" / "ARC-Easy"
 LETTERS = "ABCDE"
 LABELS = tuple(f"answer{i}" for i in range(1, 6))

@@ -14,17 +14,25 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from experiments.bench_methods import lora_params_per_rank, match_lora_rank
-from experiments.bench_models import build_bench_model
-from experiments.bench_switch_layer import check_nearer
-from experiments.bench_timing import median_time
+from experiments.bench.models import build_bench_model
+from experiments.bench.switch_layer import check_nearer
+from experiments.bench.timing import median_time
+from s2ft import (
+    S2FTConfig,
+    apply_s2ft,
+    load_adapter,
+    load_adapter_file,
+    merge_adapter,
+    prepare_adapter,
+    save_adapter,
+    switch_adapter,
+)
+from s2ft.layers import S2FTLinear
+from s2ft.methods.peft_lora import lora_param_count, rank_for_budget
 
 
 def _s2ft_adapter(base: nn.Module, target_params: int, seed: int):
     """A "trained" S2FT adapter of `base`: selected with `seed`, values perturbed, saved and read back."""
-    from s2ft import S2FTConfig, apply_s2ft, load_adapter_file, save_adapter
-    from s2ft.layers import S2FTLinear
-
     model = apply_s2ft(copy.deepcopy(base), S2FTConfig(target_params=target_params, seed=seed))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -48,8 +56,6 @@ def _expected_s2ft_weights(reference: nn.Module, adapter) -> dict[str, torch.Ten
 def _bench_s2ft(base: nn.Module, reference: nn.Module, target_params: int, repeats: int, device: str) -> dict:
     """Median seconds of `s2ft.switch_adapter` to adapters prepared once (`prepared`) and to plain `Adapter`s,
     validated on every call (`checked`)."""
-    from s2ft import load_adapter, merge_adapter, prepare_adapter, switch_adapter
-
     adapters = [_s2ft_adapter(base, target_params, seed) for seed in (0, 1)]
     model = load_adapter(base, adapters[0])
     merge_adapter(model)
@@ -112,8 +118,8 @@ def bench_model(name: str, dtype: str, device: str, budget: float, targets, repe
     """
     base = build_bench_model(name, dtype, device).eval().requires_grad_(False)
     reference = copy.deepcopy(base)
-    rank = match_lora_rank(base, budget, targets)
-    target_params = rank * lora_params_per_rank(base, targets)
+    rank = rank_for_budget(base, budget, list(targets))
+    target_params = lora_param_count(base, rank, list(targets))
     lora_s = _bench_lora(copy.deepcopy(base), reference, rank, targets, repeats, device)
     s2ft_s = _bench_s2ft(base, reference, target_params, repeats, device)
     return {

@@ -5,7 +5,7 @@ wrote them, and its per-item results without prompts or outputs, gzipped: `predi
 ``{"id", "correct"}`` per item) and `predictions/heldout_NAME.jsonl.gz` (``{"id", "nll", "tokens"}``). `find_runs`
 reads a folder of records as it reads a sweep directory.
 
-    python experiments/report.py outputs/selection_smollm --export-records results/selection_smollm/runs \
+    python -m experiments.report outputs/selection_smollm --export-records results/selection_smollm/runs \
         --reference "s2ft strategy=random" --out results/selection_smollm
 """
 
@@ -17,7 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-from experiments.runs import Run, read_rows
+from experiments.report.runs import Run, read_rows
 
 # What a record keeps of each prediction row: ids and numbers, never prompts, outputs or gold answers.
 ITEM_FIELDS = ("id", "correct")

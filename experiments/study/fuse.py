@@ -1,29 +1,28 @@
 """The fusion step of the fusion study (paper Table 5): sum two trained S2FT adapters into the base and evaluate.
 
-    python experiments/fusion_study.py RUN_A RUN_B --out outputs/fusion/overlap [--weights 1 1]
+    python -m experiments.study.fuse RUN_A RUN_B --out outputs/fusion/overlap [--weights 1 1]
 
 RUN_A and RUN_B are finished S2FT run directories on the same base model (e.g. the two jobs of
 `python run.py -m +experiment=fusion_smollm`; for the non-overlapping variant, RUN_B trained with
 `method.options.exclude=RUN_A/adapter`). The fused model is evaluated on the union of both runs' tasks and held-out
 sets with RUN_A's evaluation settings, and `--out` becomes a run directory (config.yaml, summary.json, predictions/)
-that `experiments/report.py` shows in the same table as the two runs (method "fused", with the number of units
+that `python -m experiments.report` shows in the same table as the two runs (method "fused", with the number of units
 the two adapters share).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import yaml
 
-if TYPE_CHECKING:
-    from s2ft.adapter_format import Adapter
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from s2ft.adapter import fuse_adapters
+from s2ft.adapter_format import Adapter, load_adapter_file
+from s2ft.lightning.runner import measure_model
+from s2ft.lightning.summary import build_summary, print_summary, write_json
+from s2ft.methods import trainable_summary
+from s2ft.models import build_model
 
 
 def read_run(run_dir: Path) -> dict:
@@ -59,13 +58,6 @@ def fuse_and_evaluate(run_a: Path, run_b: Path, out: Path, weights: tuple[float,
     Returns:
         The summary written to ``out/summary.json``.
     """
-    from s2ft.adapter import fuse_adapters
-    from s2ft.adapter_format import load_adapter_file
-    from s2ft.lightning.runner import measure_model
-    from s2ft.lightning.summary import build_summary, print_summary, write_json
-    from s2ft.methods import trainable_summary
-    from s2ft.models import build_model
-
     cfg_a, cfg_b = read_run(run_a), read_run(run_b)
     if cfg_a["model"]["name"] != cfg_b["model"]["name"]:
         raise ValueError(f"the runs fine-tuned different models: {cfg_a['model']['name']} vs {cfg_b['model']['name']}")

@@ -1,4 +1,4 @@
-"""The serving benchmark (experiments/benchmark_serving.py) in its quick mode: complete, consistent results files.
+"""The serving benchmark (`python -m experiments.bench.serving`) in its quick mode: complete, consistent results files.
 
 No timing is asserted.
 """
@@ -7,18 +7,18 @@ import json
 
 import pytest
 import torch
-from test_benchmarks import _check_outputs
+from test_bench import _check_outputs
 
-from experiments import benchmark_serving
-from experiments.bench_models import build_bench_model
-from experiments.bench_serving_layer import VARIANTS, bench_layer_adapters
-from experiments.bench_serving_model import METHODS, random_adapter
+from experiments.bench import serving
+from experiments.bench.models import build_bench_model
+from experiments.bench.serving_layer import VARIANTS, bench_layer_adapters
+from experiments.bench.serving_model import METHODS, random_adapter
 
 KEYS = {"adapters"} | {f"{method}_tok_s" for method in METHODS}
 
 
 def test_serving_quick(tmp_path):
-    returned = benchmark_serving.main(["--quick", "--out", str(tmp_path)])
+    returned = serving.main(["--quick", "--out", str(tmp_path)])
     results = _check_outputs(tmp_path, ["1", "2", "4", "10", "100"])
     assert results == json.loads(json.dumps(returned))
     config = results["config"]
@@ -34,9 +34,9 @@ def test_serving_quick(tmp_path):
     targets = results["targets"]
     row = results["decode"][-1]  # 4 adapters: the most measured below the target's 16
     assert targets[0]["ratio"] == pytest.approx(row["base_tok_s"] / row["s2ft_tok_s"])
-    assert targets[0]["met"] == (targets[0]["ratio"] <= benchmark_serving.TARGETS["base_step_ratio"])
+    assert targets[0]["met"] == (targets[0]["ratio"] <= serving.TARGETS["base_step_ratio"])
     assert targets[1]["ratio"] == pytest.approx(row["s2ft_tok_s"] / row["peft_lora_tok_s"])
-    assert targets[1]["met"] == (targets[1]["ratio"] >= benchmark_serving.TARGETS["peft_speedup"])
+    assert targets[1]["met"] == (targets[1]["ratio"] >= serving.TARGETS["peft_speedup"])
     assert "4 adapters" in targets[0]["what"]
 
 
@@ -67,5 +67,5 @@ def test_layer_forms_agree_and_report_every_variant():
 )
 def test_serving_rejects_bad_options(argv, message, capsys):
     with pytest.raises(SystemExit):
-        benchmark_serving.parse_args(argv)
+        serving.parse_args(argv)
     assert message in capsys.readouterr().err

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import t as student_t
+from scipy.stats import ttest_ind
 
 ALPHA = 0.05
 BOOTSTRAP_SAMPLES = 10_000  # Monte Carlo error of a p-value near 0.05: +-0.002
@@ -35,19 +37,15 @@ def estimate(values: list[float]) -> Estimate | None:
     n = len(values)
     if n == 1:
         return Estimate(values[0], 0.0, None, 1)
-    from scipy import stats
-
     std = float(np.std(values, ddof=1))
-    return Estimate(float(np.mean(values)), std, float(stats.t.ppf(1 - ALPHA / 2, n - 1)) * std / math.sqrt(n), n)
+    return Estimate(float(np.mean(values)), std, float(student_t.ppf(1 - ALPHA / 2, n - 1)) * std / math.sqrt(n), n)
 
 
 def welch_p(a: list[float], b: list[float]) -> float:
     """Two-sided p-value of Welch's t-test (unequal variances); 1.0 when both samples are constant and equal."""
-    from scipy import stats
-
     if np.std(a) == 0 and np.std(b) == 0:
         return 1.0 if np.mean(a) == np.mean(b) else 0.0
-    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    return float(ttest_ind(a, b, equal_var=False).pvalue)
 
 
 def paired_bootstrap_p(

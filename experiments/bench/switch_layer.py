@@ -7,7 +7,7 @@ Both sides are the bare tensor operations a server would run (library overheads 
 
 import torch
 
-from experiments.bench_timing import median_time
+from experiments.bench.timing import median_time
 
 
 def check_nearer(weight: torch.Tensor, expected: torch.Tensor, other: torch.Tensor, what: str) -> None:

@@ -1,9 +1,9 @@
 """The comparison report: `report.md` with one table per (experiment, model) and PNG figures.
 
-    python experiments/report.py outputs/multirun/commonsense_smollm [more run or sweep dirs] --out reports/cs
-    python experiments/report.py --wandb ENTITY/PROJECT --out reports/wandb      (needs a network)
-    python experiments/report.py outputs/STUDY --export-records results/STUDY/runs --out results/STUDY
-    python experiments/report.py results/STUDY/runs --out results/STUDY          (the same report, from the records)
+    python -m experiments.report outputs/multirun/commonsense_smollm [more run or sweep dirs] --out reports/cs
+    python -m experiments.report --wandb ENTITY/PROJECT --out reports/wandb      (needs a network)
+    python -m experiments.report outputs/STUDY --export-records results/STUDY/runs --out results/STUDY
+    python -m experiments.report results/STUDY/runs --out results/STUDY          (the same report, from the records)
 
 Rows are methods (and the settings that vary within a method, e.g. strategy and order), columns the tasks, then the
 average, its 95% CI over seeds, the p-value of its difference from the best row, held-out losses, trainable %, train
@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from experiments.report_figures import accuracy_vs_trainable, id_vs_ood, loss_curves  # noqa: E402
-from experiments.report_records import export_records  # noqa: E402
-from experiments.report_table import (  # noqa: E402
+from experiments.report.figures import accuracy_vs_trainable, id_vs_ood, loss_curves
+from experiments.report.records import export_records
+from experiments.report.runs import Run, find_runs, wandb_runs
+from experiments.report.stats import ALPHA, Estimate
+from experiments.report.table import (
     Row,
     avg_accuracy,
     build_rows,
@@ -38,8 +36,7 @@ from experiments.report_table import (  # noqa: E402
     train_field,
     trainable_pct,
 )
-from experiments.runs import Run, find_runs, wandb_runs  # noqa: E402
-from experiments.stats import ALPHA, Estimate  # noqa: E402
+from s2ft.data.tasks import GROUPS
 
 # Column titles of the generalization study's groups (s2ft.data.tasks.GROUPS), in the paper's Figure 2 order.
 SPLIT_GROUPS = {"id": "ID", "near_ood_easy": "near-OOD easy", "near_ood_hard": "near-OOD hard", "far_ood": "far-OOD"}
@@ -61,8 +58,6 @@ def write_report(runs: list[Run], out: Path, reference: str | None = "s2ft") -> 
 
 def study_section(experiment: str, model: str, runs: list[Run], out: Path, reference: str | None = None) -> list[str]:
     """The markdown of one study: table, significance statement and figures."""
-    from s2ft.data.tasks import GROUPS
-
     rows = build_rows(runs)
     tasks = list(dict.fromkeys(task for run in runs for task in (run.summary.get("eval") or {})))
     heldout = list(dict.fromkeys(name for run in runs for name in (run.summary.get("heldout") or {})))

@@ -1,29 +1,78 @@
 """One training-benchmark measurement (one method, one batch shape) in a fresh process.
 
-Run by `benchmark_training.py` as `python experiments/bench_train_worker.py '<json spec>'`; prints one JSON line.
-A fresh process per method keeps the peak memory of one method from hiding in the allocator caches of another.
+Run by `experiments.bench.training` as `python -m experiments.bench.train_worker '<json spec>'`; prints one JSON
+line. A fresh process per method keeps the peak memory of one method from hiding in the allocator caches of another.
+
+The methods are `s2ft.methods`' (each set up with the same trainable budget) and `floor`: every weight frozen with
+the backward pass still run to the embeddings (the embedding output is made to require grad, as `transformers` does
+for adapters with gradient checkpointing), the cost of a step that updates nothing, which no method that trains
+weights inside the network can go below.
 """
 
 import json
 import statistics
 import sys
-from pathlib import Path
 
 import torch
+from torch import nn
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from experiments.bench.models import build_bench_model
+from experiments.bench.timing import time_call
+from s2ft.memory import PeakMemory
+from s2ft.methods import prepare_model, trainable_summary
+from s2ft.methods.peft_lora import lora_param_count, rank_for_budget
+from s2ft.methods.spft import entry_count
 
-from experiments.bench_memory import PeakMemory
-from experiments.bench_methods import (
-    lora_params_per_rank,
-    match_lora_rank,
-    prepare_method,
-    total_parameter_count,
-    trained_parameter_count,
-)
-from experiments.bench_models import build_bench_model
-from experiments.bench_timing import time_call
+METHODS = ("s2ft", "lora", "dora", "full", "spft", "floor")
+
+
+def prepare(
+    model: nn.Module,
+    method: str,
+    *,
+    target_params: int,
+    rank: int,
+    targets: tuple[str, ...],
+    layout: str,
+    seed: int,
+    lora_dropout: float = 0.0,
+) -> nn.Module:
+    """Sets which parameters train for `method` (through `s2ft.methods.prepare_model`) and returns the model to train.
+
+    Args:
+        model: a causal LM with every parameter trainable.
+        method: one of `METHODS`.
+        target_params: trainable-parameter budget of s2ft and spft (the LoRA count, so all methods match).
+        rank: LoRA / DoRA rank (alpha = 2 x rank, as the study configs set it).
+        targets: module names LoRA / DoRA adapt.
+        layout: S2FT layout ("gather" or "permuted").
+        seed: seed of the random unit selection of s2ft and spft.
+        lora_dropout: dropout on the input of every LoRA / DoRA branch (PEFT's `lora_dropout`).
+    """
+    if method == "floor":
+        model = prepare_model(model, "none")
+        model.enable_input_require_grads()
+        return model
+    lora = {"r": rank, "lora_alpha": 2 * rank, "lora_dropout": lora_dropout, "target_modules": list(targets)}
+    options = {
+        "s2ft": {"ratios": None, "target_params": target_params, "layout": layout, "seed": seed},
+        "lora": lora,
+        "dora": lora,
+        "full": {},
+        # SpFT trains a fraction p of every targeted weight's entries: p is chosen so the count matches the budget.
+        "spft": {"p": target_params / entry_count(model), "seed": seed},
+    }
+    if method not in options:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    return prepare_model(model, method, options[method])
+
+
+def trained_parameter_count(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
+    """Parameters that really trained in the last step: a gradient was computed and the optimizer holds them."""
+    if optimizer is None:
+        return 0
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return sum(p.numel() for p in model.parameters() if p.grad is not None and id(p) in held)
 
 
 def train_step(
@@ -63,16 +112,16 @@ def measure(spec: dict) -> dict:
     device = spec["device"]
     model = build_bench_model(spec["model"], spec["dtype"], device)
     targets = tuple(spec["targets"])
-    total = total_parameter_count(model)
-    rank = match_lora_rank(model, spec["budget"], targets)
-    target_params = rank * lora_params_per_rank(model, targets)
+    total = trainable_summary(model)["total_params"]
+    rank = rank_for_budget(model, spec["budget"], list(targets))
+    target_params = lora_param_count(model, rank, list(targets))
     generator = torch.Generator().manual_seed(spec["seed"])
     shape = (spec["warmup"] + spec["steps"], spec["batch_size"], spec["seq_len"])
     batches = torch.randint(model.config.vocab_size, shape, generator=generator).to(device)
 
     meter = PeakMemory(device)
     meter.start_baseline()
-    model = prepare_method(
+    model = prepare(
         model,
         spec["method"],
         target_params=target_params,

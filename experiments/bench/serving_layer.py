@@ -9,7 +9,7 @@ The base layer alone is the floor.
 
 import torch
 
-from experiments.bench_timing import median_time
+from experiments.bench.timing import median_time
 
 VARIANTS = ("base", "s2ft_bmm", "lora_bmm", "s2ft_loop", "lora_loop")
 

@@ -7,35 +7,23 @@ random-initialised LLaMA architectures of the same shape; nothing has to be down
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from s2ft.models import PAPER_SHAPES
+from s2ft.models import DTYPES, MODEL_SHAPES, build_model
 
 
-def _paper_shape(name: str) -> dict:
-    """`s2ft.models.PAPER_SHAPES[name]`'s config fields, untied (the benchmark sets the position range itself)."""
-    family, fields = PAPER_SHAPES[name]
+def _shape(name: str) -> dict:
+    """`s2ft.models.MODEL_SHAPES[name]`'s config fields (untied unless the model ties its embeddings; the benchmark
+    sets the position range itself)."""
+    family, fields = MODEL_SHAPES[name]
     if family != "llama":
         raise ValueError(f"{name} is a {family} model; the benchmark builds LLaMA shapes")
-    return {k: v for k, v in fields.items() if k != "max_position_embeddings"} | {"tie_word_embeddings": False}
+    return {"tie_word_embeddings": False} | {k: v for k, v in fields.items() if k != "max_position_embeddings"}
 
 
-SHAPES: dict[str, dict] = {
-    "smollm2_135m_shape": dict(
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        vocab_size=49152,
-        tie_word_embeddings=True,
-        rope_theta=100000.0,
-    ),
-    # The paper's shapes, from the one table of them (LLaMA2-13B has LLaMA-13B's shape).
-    "llama2_7b_shape": _paper_shape("llama2_7b"),
-    "llama2_13b_shape": _paper_shape("llama_13b"),
-}
+# Benchmark model -> its shape in the table (LLaMA2-13B has LLaMA-13B's shape).
+SHAPE_OF = {"smollm2_135m_shape": "smollm2_135m", "llama2_7b_shape": "llama2_7b", "llama2_13b_shape": "llama_13b"}
+SHAPES = {name: _shape(model) for name, model in SHAPE_OF.items()}
 CHECKPOINTS = ("smollm2_135m", "tiny_llama")
 MODELS = CHECKPOINTS + tuple(SHAPES)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_bench_model(name: str, dtype: str = "float32", device: str = "cpu") -> PreTrainedModel:
@@ -60,8 +48,6 @@ def build_bench_model(name: str, dtype: str = "float32", device: str = "cpu") ->
         with torch.device(device):
             model = LlamaForCausalLM._from_config(config, dtype=DTYPES[dtype])
     else:
-        from s2ft.models import build_model
-
         model, _ = build_model(name, dtype=dtype)
         model = model.to(device)
     model.requires_grad_(True)

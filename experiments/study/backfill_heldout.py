@@ -5,19 +5,18 @@ base model and trained weights, scores its held-out sets exactly as the run did 
 checks that the mean reproduces the summary's, and writes the per-item files beside the run's other predictions, so
 the report can test held-out loss differences item by item.
 
-    python experiments/heldout_items.py outputs/commonsense_smollm/seed0_s2ft [RUN_DIR...]
+    python -m experiments.study.backfill_heldout outputs/commonsense_smollm/seed0_s2ft [RUN_DIR...]
 """
 
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import yaml
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from s2ft.lightning.runner import build_run_model, heldout_losses
+from s2ft.methods import load_trained
 
 # A rerun on the same machine and library versions reproduces the mean to float rounding.
 TOLERANCE = 1e-5
@@ -30,9 +29,6 @@ def backfill(run_dir: Path, force: bool = False) -> dict[str, float]:
         FileNotFoundError: Not a finished run directory (no summary.json, config.yaml or adapter/).
         ValueError: The recomputed mean differs from the summary's (different data, model or code): nothing is kept.
     """
-    from s2ft.lightning.runner import build_run_model, heldout_losses
-    from s2ft.methods import load_trained
-
     for name in ("summary.json", "config.yaml", "adapter"):
         if not (run_dir / name).exists():
             raise FileNotFoundError(f"{run_dir / name} does not exist: pass a finished training run's directory")

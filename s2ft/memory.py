@@ -1,16 +1,29 @@
-"""Peak memory of a code region above a baseline, for one process.
+"""Peak memory of this process: over its whole life (`peak_memory_mb`, a training run's figure) or of one code region
+above a baseline (`PeakMemory`, the benchmarks').
 
-CPU: the kernel's resident-set high-water mark (`VmHWM`), reset through `/proc/self/clear_refs` so that the
-transient peak of model loading is not counted. GPU: `torch.cuda.max_memory_allocated`.
+GPU: the allocator's peak (`torch.cuda.max_memory_allocated`). CPU: the peak resident set size; a region's peak reads
+the kernel's high-water mark (`VmHWM`), reset through `/proc/self/clear_refs` so that the transient peak of model
+loading before the region is not counted.
 """
 
 import ctypes
 import gc
+import resource
+import sys
 from pathlib import Path
 
 import torch
 
 MB = 2**20
+
+
+def peak_memory_mb() -> float:
+    """Peak memory in MiB: `torch.cuda.max_memory_allocated` when CUDA is in use, else the process's peak RSS."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / MB
+    # ru_maxrss is in KiB on Linux and in bytes on macOS.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / MB
 
 
 def _proc_status_kb(field: str) -> int:

@@ -1,6 +1,6 @@
 """Finished runs for the report: `summary.json` files under run or sweep directories or records, or W&B runs.
 
-Records (`experiments/report_records.py`) are run directories cut down to ids and numbers, read the same way.
+Records (`experiments.report.records`) are run directories cut down to ids and numbers, read the same way.
 
 A `Run` pairs a summary with the resolved config it ran (the `config.yaml` beside it), which tells the report which
 settings distinguish one row of a study from another, and with its predictions for item-level statistics.
@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from s2ft.data import UnknownNameError, resolve_train_sources
+from s2ft.lightning.summary import wandb_summaries
 
 # Settings that distinguish repetitions rather than variants: seeds are averaged over, never separate rows.
 REPETITION_KEYS = ("seed", "options.seed", "options.calibration_size")
@@ -55,8 +58,6 @@ class Run:
 
     def train_domains(self) -> set[str] | None:
         """The domains of the run's training data (`TrainSource.domain`); None when its config does not say."""
-        from s2ft.data import UnknownNameError, resolve_train_sources
-
         train = ((self.config or {}).get("data") or {}).get("train")
         try:
             return {source.domain for source in resolve_train_sources(train)} if train else None
@@ -123,47 +124,14 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
 def wandb_runs(project: str) -> list[Run]:
     """The runs of a W&B project ``ENTITY/PROJECT`` rebuilt as summaries (needs a network and a W&B login).
 
-    Each W&B run carries the resolved config and the metrics the runner logs (``eval/TASK/accuracy``,
-    ``eval/avg_accuracy``, ``groups/GROUP``, ``heldout/SET``, ``trainable_params``, ``trainable_pct``, ``train/wall_s``,
-    ``train/val_loss``, ``train/median_tokens_per_s``, ``train/peak_mem_mb``, and ``train/loss`` against
-    ``trainer/global_step``). Item-level predictions stay on disk, so single-seed rows are compared only where a
-    t-test over seeds is possible.
-    """
-    import wandb
+    Each W&B run carries the resolved config and the metrics the runner logs, which
+    `s2ft.lightning.summary.summary_from_metrics` turns back into a summary. Item-level predictions stay on disk, so
+    single-seed rows are compared only where a t-test over seeds is possible.
 
-    runs = []
-    for remote in wandb.Api().runs(project):
-        config, metrics = dict(remote.config), dict(remote.summary)
-        if "method" not in config or "name" not in config:
-            continue  # not an s2ft run
-        tasks = {k.split("/")[1]: v for k, v in metrics.items() if k.startswith("eval/") and k.endswith("/accuracy")}
-        # Lightning logs its step as the metric trainer/global_step; W&B's own _step counts log calls.
-        history = remote.history(keys=["train/loss", "trainer/global_step"], pandas=False)
-        summary = {
-            "experiment": config["name"],
-            "method": config["method"]["name"],
-            "model": config["model"]["name"],
-            "seed": config.get("seed"),
-            "trainable_params": metrics.get("trainable_params"),
-            "trainable_pct": metrics.get("trainable_pct"),
-            "eval": {task: {"accuracy": acc, "n": None, "mode": None} for task, acc in tasks.items()},
-            "avg_accuracy": metrics.get("eval/avg_accuracy"),
-            "groups": {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("groups/")},
-            "heldout": {k.split("/", 1)[1]: {"after": v} for k, v in metrics.items() if k.startswith("heldout/")},
-            "train": {
-                "wall_s": metrics.get("train/wall_s", metrics.get("_runtime")),
-                "val_loss": metrics.get("train/val_loss"),
-                "peak_mem_mb": metrics.get("train/peak_mem_mb"),
-                "median_tokens_per_s": metrics.get("train/median_tokens_per_s"),
-                "loss_curve": [
-                    [int(row["trainer/global_step"]), row["train/loss"]]
-                    for row in history
-                    if row.get("train/loss") is not None and row.get("trainer/global_step") is not None
-                ],
-            },
-            "wandb": {"id": remote.id, "dir": None},
-        }
-        runs.append(Run(summary, config))
+    Raises:
+        ValueError: The project has no s2ft run.
+    """
+    runs = [Run(summary, config) for summary, config in wandb_summaries(project)]
     if not runs:
         raise ValueError(f"W&B project {project!r} has no s2ft runs")
     return runs

@@ -1,30 +1,27 @@
 """Serving many adapters at once: mixed-adapter batches of S2FT against PEFT LoRA, S2FT exported to LoRA, switching.
 
-(a) Whole model (`bench_serving_model.py`): a batch of 32 prompts of 128 tokens, 64 greedy decode steps, with 1, 4,
+(a) Whole model (`serving_model`): a batch of 32 prompts of 128 tokens, 64 greedy decode steps, with 1, 4,
 16 and 32 distinct adapters in the batch at equal trainable parameters, for the base model alone, S2FT's mixed
 batch, PEFT LoRA's mixed batch, S2FT exported to LoRA and served by PEFT, and one adapter at a time with switching.
-(b) The paper's Figure 6c (`bench_serving_layer.py`): one layer, 1 to 10^4 requests each with its own adapter.
+(b) The paper's Figure 6c (`serving_layer`): one layer, 1 to 10^4 requests each with its own adapter.
 Writes `results.json`, `results.md`, `results.png`.
 
-    python experiments/benchmark_serving.py --note "quiet machine"      # CPU, SmolLM2-135M -> results/serving_cpu
-    python experiments/benchmark_serving.py --quick --out /tmp/s        # tiny_llama, a few steps (tests)
+    python -m experiments.bench.serving --note "quiet machine"   # CPU, SmolLM2-135M -> results/serving_cpu
+    python -m experiments.bench.serving --quick --out /tmp/s     # tiny_llama, a few steps (tests)
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from experiments.bench_machine import add_machine_args, machine_info
-from experiments.bench_methods import LORA_TARGETS, lora_params_per_rank, match_lora_rank
-from experiments.bench_models import DTYPES, MODELS, build_bench_model
-from experiments.bench_report import serving_chart, serving_table, write_results
-from experiments.bench_serving_layer import bench_layer_adapters
-from experiments.bench_serving_model import bench_serving
+from experiments.bench.machine import add_machine_args, machine_info
+from experiments.bench.models import DTYPES, MODELS, build_bench_model
+from experiments.bench.results import serving_chart, serving_table, write_results
+from experiments.bench.serving_layer import bench_layer_adapters
+from experiments.bench.serving_model import bench_serving
+from s2ft.methods.peft_lora import DEFAULTS as LORA_DEFAULTS
+from s2ft.methods.peft_lora import lora_param_count, rank_for_budget
 
 # Issue 19's CPU targets, at 16 distinct adapters in the batch (or the most measured, if fewer).
 TARGETS = {"adapters": 16, "base_step_ratio": 1.3, "peft_speedup": 1.5}
@@ -38,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prefill", type=int, default=128, help="prompt tokens per row")
     parser.add_argument("--decode", type=int, default=64, help="greedy decode steps")
     parser.add_argument("--budget", type=float, default=0.01, help="trainable parameters per adapter (fraction)")
-    parser.add_argument("--lora-targets", nargs="+", default=list(LORA_TARGETS))
+    parser.add_argument("--lora-targets", nargs="+", default=list(LORA_DEFAULTS["target_modules"]))
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds over the methods")
     parser.add_argument("--layer-adapters", type=int, nargs="+", default=[1, 10, 100, 1000, 10000])
     parser.add_argument("--layer-d", type=int, default=None, help="layer width (default 1024 on CPU, 4096 on GPU)")
@@ -62,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not 0 < args.budget < 1:
         parser.error(f"--budget is a fraction of the model's parameters in (0, 1), got {args.budget}")
     if args.out is None:
-        args.out = Path(__file__).resolve().parents[1] / "results" / f"serving_{'gpu' if gpu else 'cpu'}"
+        args.out = Path(__file__).resolve().parents[2] / "results" / f"serving_{'gpu' if gpu else 'cpu'}"
     return args
 
 
@@ -96,8 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = DTYPES[args.dtype]
     base = build_bench_model(args.model, args.dtype, args.device).eval().requires_grad_(False)
     targets = tuple(args.lora_targets)
-    rank = match_lora_rank(base, args.budget, targets)
-    target_params = rank * lora_params_per_rank(base, targets)
+    rank = rank_for_budget(base, args.budget, list(targets))
+    target_params = lora_param_count(base, rank, list(targets))
     decode, prefill, differences = bench_serving(
         base,
         args.adapters,

@@ -1,4 +1,5 @@
-"""Every experiment config composes and validates at every point of its sweep; each study family smoke-runs."""
+"""Every experiment config (`conf/experiment/`) composes and validates at every point of its sweep; each study family
+smoke-runs (the fusion study with its step, `experiments.study.fuse`)."""
 
 import itertools
 import json
@@ -10,10 +11,14 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+from experiments.report.runs import find_runs
+from experiments.report.table import build_rows
+from experiments.study.fuse import fuse_and_evaluate, fused_parameter_count
+from s2ft.adapter_format import load_adapter_file
 from s2ft.data.tasks import resolve_tasks
 from s2ft.methods import prepare_model, trainable_summary
 from s2ft.methods.peft_lora import lora_param_count
-from s2ft.models import tiny_model
+from s2ft.models import MODEL_SHAPES, tiny_model
 from s2ft.run_config import validate_run_config
 
 CONF = ROOT / "conf"
@@ -194,7 +199,9 @@ def test_generalization_sweep_counts_both_budgets_the_same_way(budget):
     On SmolLM2 one LoRA rank (q, k, v, up, down) is 207,360 parameters, 0.2% of the linear entries: at 1% the nearest
     rank trains 2.3% less than SpFT, and at 0.1% rank 1, the smallest, trains 1.95x SpFT's count.
     """
-    shapes = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64)
+    _, smollm2 = MODEL_SHAPES["smollm2_135m"]
+    layer = ("hidden_size", "intermediate_size", "head_dim", "num_attention_heads", "num_key_value_heads")
+    shapes = {key: smollm2[key] for key in layer}
     counts = {}
     for method in ("budget/spft", "budget/lora_linear"):
         cfg = compose_dict("+experiment=generalization_smollm", f"method={method}", f"budget={budget}")
@@ -209,7 +216,9 @@ def test_generalization_sweep_counts_both_budgets_the_same_way(budget):
 
 def test_smollm_methods_have_matched_trainable_budgets():
     """The method variants of the SmolLM2 studies train the same count (within 2%) on SmolLM2's layer shapes."""
-    shapes = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64)
+    _, smollm2 = MODEL_SHAPES["smollm2_135m"]
+    layer = ("hidden_size", "intermediate_size", "head_dim", "num_attention_heads", "num_key_value_heads")
+    shapes = {key: smollm2[key] for key in layer}
     counts = {}
     for method in ("s2ft", "lora", "dora", "spft"):
         cfg = compose_dict(f"method=smollm/{method}")
@@ -253,11 +262,6 @@ def test_study_family_smoke_runs(experiment, point, tmp_path):
 
 
 def test_fusion_study_smoke(tmp_path):
-    from experiments.fusion_study import fuse_and_evaluate, fused_parameter_count
-    from experiments.report_table import build_rows
-    from experiments.runs import find_runs
-    from s2ft.adapter_format import load_adapter_file
-
     first = tmp_path / "gsm8k"
     run_smoke("fusion_smollm", ["data.train=[gsm8k]"], first)
     second = tmp_path / "commonsense"
