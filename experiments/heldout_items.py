@@ -30,8 +30,9 @@ def backfill(run_dir: Path, force: bool = False) -> dict[str, float]:
         FileNotFoundError: Not a finished run directory (no summary.json, config.yaml or adapter/).
         ValueError: The recomputed mean differs from the summary's (different data, model or code): nothing is kept.
     """
-    from s2ft.lightning.runner import build_run_model, heldout_losses
+    from s2ft.evaluation.measure import heldout_losses
     from s2ft.methods import load_trained
+    from s2ft.models import build_run_model
 
     for name in ("summary.json", "config.yaml", "adapter"):
         if not (run_dir / name).exists():
