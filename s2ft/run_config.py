@@ -412,7 +412,10 @@ def _check_adapters(cfg: dict[str, Any], mode: str) -> list[str]:
             continue
         model_cfg = cfg["model"]
         if key == "run_dir":
-            saved = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else None
+            try:
+                saved = yaml.safe_load((path / "config.yaml").read_text())
+            except (OSError, yaml.YAMLError):
+                saved = None
             if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
                 problems.append(f"adapters: {path} has no readable config.yaml; point it at a finished run directory")
                 continue
