@@ -200,22 +200,25 @@ def test_bad_adapters_are_refused_before_anything_is_written(case, sources, tmp_
     assert {name: snapshot(path) for name, path in sources.items()} == before
 
 
-def test_run_py_evaluates_a_list_of_adapters_and_refuses_a_bad_one_with_one_error(sources, tmp_path):
+def run_py(*overrides: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "run.py", "debug=smoke", "logger=none", *EVAL, "eval.tasks=[piqa]", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
-    def run_py(*overrides):
-        command = [sys.executable, "run.py", "debug=smoke", "logger=none", *EVAL, "eval.tasks=[piqa]", *overrides]
-        return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
-    done = run_py(f"adapters=[{sources['n1']},{sources['cs']}]", f"hydra.run.dir={tmp_path / 'ok'}")
+def test_run_py_evaluates_a_list_of_adapters(sources, tmp_path):
+    done = run_py(f"adapters=[{sources['n1']},{sources['cs']}]", f"hydra.run.dir={tmp_path}")
     assert done.returncode == 0, done.stderr[-3000:]
-    index = json.loads((tmp_path / "ok" / "adapters.json").read_text())
+    index = json.loads((tmp_path / "adapters.json").read_text())
     assert list(index["adapters"]) == ["n1", "cs"]
-    assert yaml.safe_load((tmp_path / "ok" / "adapters" / "cs" / "config.yaml").read_text())["run_dir"] == str(
-        sources["cs"]
-    )
-    done = run_py(f"adapters=[{sources['n1']},{sources['lora']}]", f"hydra.run.dir={tmp_path / 'bad'}")
+    single = yaml.safe_load((tmp_path / "adapters" / "cs" / "config.yaml").read_text())
+    assert single["run_dir"] == str(sources["cs"]) and single["adapters"] is None
+    assert json.loads((tmp_path / "adapters" / "n1" / "summary.json").read_text())["source"] == str(sources["n1"])
+
+
+def test_run_py_refuses_a_bad_adapter_with_one_error_and_exit_1(sources, tmp_path):
+    done = run_py(f"adapters=[{sources['n1']},{sources['lora']}]", f"hydra.run.dir={tmp_path}")
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.count("error: ") == 1, done.stderr[-3000:]
     assert re.search(r"error: 1 problem\(s\) in the config:\n  - adapters: \S+lora holds a lora adapter", done.stderr)
-    assert not (tmp_path / "bad" / "adapters.json").exists()
+    assert not (tmp_path / "adapters.json").exists() and not (tmp_path / "adapters").exists()
