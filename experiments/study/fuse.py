@@ -19,10 +19,9 @@ import yaml
 
 from s2ft.adapter import fuse_adapters
 from s2ft.adapter_format import Adapter, load_adapter_file
-from s2ft.lightning.runner import measure_model
-from s2ft.lightning.summary import build_summary, print_summary, write_json
+from s2ft.lightning.evaluation import record_evaluation
 from s2ft.methods import trainable_summary
-from s2ft.models import build_model
+from s2ft.models import build_run_model
 
 
 def read_run(run_dir: Path) -> dict:
@@ -72,25 +71,13 @@ def fuse_and_evaluate(run_a: Path, run_b: Path, out: Path, weights: tuple[float,
         "method": {"name": "fused", "lr": None, "options": {"shared_units": overlap, "weights": list(weights)}},
         "fusion": {"runs": [str(run_a), str(run_b)], "weights": list(weights), "shared_units": overlap},
     }
-    model_cfg = cfg_a["model"]
-    model, tokenizer = build_model(
-        model_cfg["name"],
-        dtype=model_cfg.get("dtype", "float32"),
-        cache_dir=model_cfg.get("cache_dir") or cfg["paths"].get("cache_dir"),
-    )
+    model, tokenizer = build_run_model(cfg_a["model"], cfg["paths"].get("cache_dir"))
     model = fuse_adapters(model, adapters, list(weights)).eval()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    measured = measure_model(model, tokenizer, cfg, out)
-    heldout = {name: {"before": None, "after": loss} for name, loss in measured["heldout"].items()}
     # The fused model is a plain one with every weight trainable; its "trained" part is what the adapters changed.
     total = trainable_summary(model)["total_params"]
     changed = fused_parameter_count(adapters)
     counts = {"trainable_params": changed, "total_params": total, "trainable_pct": 100 * changed / total}
-    summary = build_summary(cfg, counts, None, measured["eval"], heldout=heldout, fusion=cfg["fusion"])
-    write_json(summary, out / "summary.json")
-    print_summary(summary, out)
-    return summary
+    return record_evaluation(model, tokenizer, cfg, out, counts, fusion=cfg["fusion"])
 
 
 def main(argv: list[str] | None = None) -> dict:

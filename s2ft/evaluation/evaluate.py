@@ -153,6 +153,57 @@ def evaluate(
         ``{"tasks": {TASK: {"accuracy", "n", "mode", "tokens_per_s", ...}}, "avg_accuracy", "groups": {GROUP: acc}}``;
         ``tokens_per_s`` is generated tokens per second (None in loglik mode, which generates nothing).
     """
+    results = evaluate_adapters(
+        model,
+        tokenizer,
+        tasks,
+        templates={None: template},
+        data_dir=data_dir,
+        mode=mode,
+        limit=limit,
+        seed=seed,
+        batch_size=batch_size,
+        num_beams=num_beams,
+        max_new_tokens=max_new_tokens,
+        out_dirs=None if out_dir is None else {None: out_dir},
+        progress=progress,
+        groups=groups,
+    )
+    return results[None]
+
+
+def evaluate_adapters(
+    model,
+    tokenizer,
+    tasks: list[TaskSpec] | list[str],
+    *,
+    templates: dict[str | None, str],
+    data_dir: str | Path,
+    mode: str = "generate",
+    limit: int | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    num_beams: int = 1,
+    max_new_tokens: int | None = None,
+    out_dirs: dict[str | None, str | Path] | None = None,
+    progress: bool = True,
+    groups: dict[str, list] | None = None,
+) -> dict[str | None, dict]:
+    """`evaluate` for every adapter of a mixed-adapter model (`s2ft.load_adapters`) in one batched pass.
+
+    Each item is asked once per adapter, in that adapter's prompt template; a batch mixes the rows of different
+    adapters (``adapter_names`` per row), so the items and settings are shared and the model runs once over them.
+    ``tokens_per_s`` and ``wall_s`` are the whole pass's; ``generated_tokens`` is each adapter's own.
+
+    Args:
+        templates: Adapter name -> its prompt template; ``{None: template}`` evaluates the model as it is.
+        out_dirs: Adapter name -> its run directory (``predictions/TASK.jsonl`` under it); None writes nothing.
+        model, tokenizer, tasks, data_dir, mode, limit, seed, batch_size, num_beams, max_new_tokens, progress,
+            groups: As for `evaluate`.
+
+    Returns:
+        Adapter name -> what `evaluate` returns for it.
+    """
     for name, value in (("batch_size", batch_size), ("num_beams", num_beams), ("max_new_tokens", max_new_tokens)):
         if not (value is None and name == "max_new_tokens") and (
             isinstance(value, bool) or not isinstance(value, int) or value < 1
@@ -163,22 +214,24 @@ def evaluate(
     prepared = prepare_tasks(tasks, data_dir, mode, limit, seed, groups)
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos_token)")
-    check_template(template, tokenizer)
-    settings = dict(batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens, template=template)
+    for template in templates.values():
+        check_template(template, tokenizer)
+    settings = dict(batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens, templates=templates)
     was_training = model.training
     model.eval()
-    results = {}
+    results = {name: {} for name in templates}
     try:
         with progress_bar(progress) as bar:
             for items in prepared:
                 run = _run_generate if items.mode == "generate" else _run_loglik
-                metrics, records = run(model, tokenizer, items, bar, **settings)
-                results[items.spec.name] = metrics
-                if out_dir is not None:
-                    write_predictions(Path(out_dir) / "predictions" / f"{items.spec.name}.jsonl", records)
+                for name, (metrics, records) in run(model, tokenizer, items, bar, **settings).items():
+                    results[name][items.spec.name] = metrics
+                    if out_dirs is not None:
+                        write_predictions(Path(out_dirs[name]) / "predictions" / f"{items.spec.name}.jsonl", records)
     finally:
         model.train(was_training)
-    return summarize(results, group_members(groups, [items.spec for items in prepared]))
+    members = group_members(groups, [items.spec for items in prepared])
+    return {name: summarize(task_results, members) for name, task_results in results.items()}
 
 
 def summarize(task_results: dict[str, dict], user_groups: dict[str, list[str]] | None = None) -> dict:
@@ -204,104 +257,145 @@ def accuracy(correct: list[bool]) -> float:
     return metric.compute().item()
 
 
-def _run_generate(model, tokenizer, items: TaskItems, bar, *, batch_size, num_beams, max_new_tokens, template):
+def _rows(items: TaskItems, templates: dict[str | None, str]) -> list[tuple[str | None, int]]:
+    """(adapter, item index) per row, item-major: an item's rows under every adapter are neighbours in a batch."""
+    return [(name, index) for index in range(len(items.examples)) for name in templates]
+
+
+def _adapter_names(rows: list[tuple[str | None, int]]) -> dict[str, list[str]]:
+    """``adapter_names`` (the rows' adapters) for a mixed-adapter model; nothing for a model evaluated as it is."""
+    names = [name for name, _ in rows]
+    return {} if set(names) == {None} else {"adapter_names": names}
+
+
+def _run_generate(model, tokenizer, items: TaskItems, bar, *, batch_size, num_beams, max_new_tokens, templates):
     spec = items.spec
-    prompts = [build_prompt(example.instruction, example.input, template, tokenizer) for example in items.examples]
+    prompts = {
+        name: [build_prompt(example.instruction, example.input, template, tokenizer) for example in items.examples]
+        for name, template in templates.items()
+    }
+    rows = _rows(items, templates)
     stop = (lambda text: label_settled(text, spec.labels)) if spec.answer_kind == "label" else None
     budget = spec.max_new_tokens if spec.own_budget else max_new_tokens or spec.max_new_tokens
-    with bar.task(spec.name, len(prompts)) as advance:
+    with bar.task(spec.name, len(rows)) as advance:
         start = time.perf_counter()
-        generations = generate(
+        generated = generate(
             model,
             tokenizer,
-            prompts,
+            [prompts[name][index] for name, index in rows],
             max_new_tokens=budget,
             batch_size=batch_size,
             num_beams=num_beams,
             stop=stop,
             on_batch=advance,
+            **_adapter_names(rows),
         )
         wall = time.perf_counter() - start
-    records, correct = [], []
-    for example, prompt, generation, gold in zip(items.examples, prompts, generations, items.golds, strict=True):
-        extracted = extract(spec.answer_kind, generation.text, spec.labels)
-        correct.append(is_correct(spec.answer_kind, extracted, gold, spec.tolerance))
-        records.append(
-            dict(
-                id=example.id,
-                prompt=prompt,
-                output=generation.text,
-                extracted=extracted,
-                gold=gold,
-                correct=correct[-1],
-                num_tokens=generation.num_tokens,
+    pace = sum(generation.num_tokens for generation in generated) / wall if wall > 0 else None
+    by_adapter = {name: [None] * len(items.examples) for name in templates}
+    for (name, index), generation in zip(rows, generated, strict=True):
+        by_adapter[name][index] = generation
+    results = {}
+    for name, generations in by_adapter.items():
+        records, correct = [], []
+        for example, prompt, generation, gold in zip(
+            items.examples, prompts[name], generations, items.golds, strict=True
+        ):
+            extracted = extract(spec.answer_kind, generation.text, spec.labels)
+            correct.append(is_correct(spec.answer_kind, extracted, gold, spec.tolerance))
+            records.append(
+                dict(
+                    id=example.id,
+                    prompt=prompt,
+                    output=generation.text,
+                    extracted=extracted,
+                    gold=gold,
+                    correct=correct[-1],
+                    num_tokens=generation.num_tokens,
+                )
             )
+        metrics = dict(
+            accuracy=accuracy(correct),
+            n=len(correct),
+            mode="generate",
+            tokens_per_s=pace,
+            generated_tokens=sum(generation.num_tokens for generation in generations),
+            wall_s=wall,
+            num_beams=num_beams,
+            max_new_tokens=budget,
         )
-    tokens = sum(generation.num_tokens for generation in generations)
-    metrics = dict(
-        accuracy=accuracy(correct),
-        n=len(correct),
-        mode="generate",
-        tokens_per_s=tokens / wall if wall > 0 else None,
-        generated_tokens=tokens,
-        wall_s=wall,
-        num_beams=num_beams,
-        max_new_tokens=budget,
-    )
-    return metrics, records
+        results[name] = (metrics, records)
+    return results
 
 
-def _run_loglik(model, tokenizer, items: TaskItems, bar, *, batch_size, num_beams, max_new_tokens, template):
+def _run_loglik(model, tokenizer, items: TaskItems, bar, *, batch_size, num_beams, max_new_tokens, templates):
     spec = items.spec
     flat = [(index, label, text) for index, options in enumerate(items.options) for label, text in options.items()]
     examples = [items.examples[index] for index, _, _ in flat]
-    pairs = encode_pairs(
-        [example.instruction for example in examples],
-        [example.input for example in examples],
-        [text for _, _, text in flat],
-        tokenizer,
-        template,
-    )
-    with bar.task(spec.name, len(pairs)) as advance:
-        start = time.perf_counter()
-        scores = score_pairs(model, pairs, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size, on_batch=advance)
-        wall = time.perf_counter() - start
-    by_item = [{} for _ in items.examples]
-    for (index, label, _), score in zip(flat, scores, strict=True):
-        by_item[index][label] = score
-    records, correct_sum, correct_mean = [], [], []
-    for example, options, item_scores, gold in zip(items.examples, items.options, by_item, items.golds, strict=True):
-        # max() keeps the first of tied options, so ties resolve to the earliest option, deterministically.
-        by_sum = max(item_scores, key=lambda label: item_scores[label].logprob)
-        by_mean = max(item_scores, key=lambda label: item_scores[label].mean)
-        correct_sum.append(by_sum == gold)
-        correct_mean.append(by_mean == gold)
-        records.append(
-            dict(
-                id=example.id,
-                prompt=build_prompt(example.instruction, example.input, template, tokenizer),
-                output=options[by_mean],
-                extracted=by_mean,
-                gold=gold,
-                correct=correct_mean[-1],
-                extracted_sum=by_sum,
-                correct_sum=correct_sum[-1],
-                options=options,
-                logprob={label: score.logprob for label, score in item_scores.items()},
-                num_tokens={label: score.num_tokens for label, score in item_scores.items()},
-            )
+    pairs = {
+        name: encode_pairs(
+            [example.instruction for example in examples],
+            [example.input for example in examples],
+            [text for _, _, text in flat],
+            tokenizer,
+            template,
         )
-    metrics = dict(
-        accuracy=accuracy(correct_mean),
-        n=len(records),
-        mode="loglik",
-        tokens_per_s=None,
-        accuracy_mean=accuracy(correct_mean),
-        accuracy_sum=accuracy(correct_sum),
-        primary="mean",
-        wall_s=wall,
-    )
-    return metrics, records
+        for name, template in templates.items()
+    }
+    rows = [(name, position) for position in range(len(flat)) for name in templates]
+    with bar.task(spec.name, len(rows)) as advance:
+        start = time.perf_counter()
+        scored = score_pairs(
+            model,
+            [pairs[name][position] for name, position in rows],
+            pad_token_id=tokenizer.pad_token_id,
+            batch_size=batch_size,
+            on_batch=advance,
+            **_adapter_names(rows),
+        )
+        wall = time.perf_counter() - start
+    by_adapter = {name: [{} for _ in items.examples] for name in templates}
+    for (name, position), score in zip(rows, scored, strict=True):
+        index, label, _ = flat[position]
+        by_adapter[name][index][label] = score
+    results = {}
+    for name, by_item in by_adapter.items():
+        records, correct_sum, correct_mean = [], [], []
+        for example, options, item_scores, gold in zip(
+            items.examples, items.options, by_item, items.golds, strict=True
+        ):
+            # max() keeps the first of tied options, so ties resolve to the earliest option, deterministically.
+            by_sum = max(item_scores, key=lambda label: item_scores[label].logprob)
+            by_mean = max(item_scores, key=lambda label: item_scores[label].mean)
+            correct_sum.append(by_sum == gold)
+            correct_mean.append(by_mean == gold)
+            records.append(
+                dict(
+                    id=example.id,
+                    prompt=build_prompt(example.instruction, example.input, templates[name], tokenizer),
+                    output=options[by_mean],
+                    extracted=by_mean,
+                    gold=gold,
+                    correct=correct_mean[-1],
+                    extracted_sum=by_sum,
+                    correct_sum=correct_sum[-1],
+                    options=options,
+                    logprob={label: score.logprob for label, score in item_scores.items()},
+                    num_tokens={label: score.num_tokens for label, score in item_scores.items()},
+                )
+            )
+        metrics = dict(
+            accuracy=accuracy(correct_mean),
+            n=len(records),
+            mode="loglik",
+            tokens_per_s=None,
+            accuracy_mean=accuracy(correct_mean),
+            accuracy_sum=accuracy(correct_sum),
+            primary="mean",
+            wall_s=wall,
+        )
+        results[name] = (metrics, records)
+    return results
 
 
 def write_predictions(path: Path, records: list[dict]) -> None:

@@ -86,6 +86,7 @@ def generate(
     num_beams: int = 1,
     stop: Callable[[str], bool] | None = None,
     on_batch: Callable[[int], None] | None = None,
+    adapter_names: list[str] | None = None,
 ) -> list[Generation]:
     """Generates a response to every prompt, greedily (or with beam search), in the prompts' order.
 
@@ -103,6 +104,8 @@ def generate(
         stop: Optional predicate on the response so far; a row stops as soon as it is true. Applied in greedy
             decoding only (beam hypotheses end at EOS or ``max_new_tokens``).
         on_batch: Called with the number of prompts after each batch (progress display).
+        adapter_names: One adapter per prompt, for a mixed-adapter model (`s2ft.load_adapters`): a batch then mixes
+            rows of different adapters. Greedy decoding only (beam search expands the rows).
 
     Returns:
         One `Generation` per prompt, in order.
@@ -112,6 +115,10 @@ def generate(
     for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size), ("num_beams", num_beams)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if adapter_names is not None and len(adapter_names) != len(prompts):
+        raise ValueError(f"adapter_names has {len(adapter_names)} names for {len(prompts)} prompts; one per prompt")
+    if adapter_names is not None and num_beams != 1:
+        raise ValueError("mixed-adapter batches decode greedily (num_beams=1); beam search expands the batch's rows")
     eos = eos_token_ids(model, tokenizer)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -134,7 +141,8 @@ def generate(
             prompt_length = batch["input_ids"].shape[1]
             ends = RowEnds(tokenizer, prompt_length, eos, stop if num_beams == 1 else None)
             criteria = StoppingCriteriaList([ends] if num_beams == 1 else [])
-            output = model.generate(**batch, generation_config=config, stopping_criteria=criteria)
+            names = {} if adapter_names is None else {"adapter_names": [adapter_names[i] for i in rows]}
+            output = model.generate(**batch, generation_config=config, stopping_criteria=criteria, **names)
             for position, (row, tokens) in enumerate(zip(rows, output[:, prompt_length:].tolist(), strict=True)):
                 if num_beams == 1:
                     # Greedy: the recorded end, or every generated column when the row never finished.

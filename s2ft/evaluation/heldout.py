@@ -14,7 +14,6 @@ from s2ft.data.tokenize import IGNORE_INDEX, Collator, encode_batch, has_respons
 log = logging.getLogger(__name__)
 
 
-@torch.inference_mode()
 def heldout_item_losses(
     model, tokenizer, examples, batch_size: int, max_length: int, template: str = "alpaca"
 ) -> list[dict]:
@@ -34,6 +33,25 @@ def heldout_item_losses(
     Raises:
         ValueError: No examples, a bad batch size, or no response token to score.
     """
+    return adapter_item_losses(model, tokenizer, examples, batch_size, max_length, {None: template})[None]
+
+
+@torch.inference_mode()
+def adapter_item_losses(
+    model, tokenizer, examples, batch_size: int, max_length: int, templates: dict[str | None, str]
+) -> dict[str | None, list[dict]]:
+    """`heldout_item_losses` of every adapter of a mixed-adapter model (`s2ft.load_adapters`) in one pass.
+
+    Each item is scored once per adapter, in that adapter's prompt template; the rows of one item under the different
+    adapters are neighbours in a batch, each run with its own adapter (``adapter_names``).
+
+    Args:
+        templates: Adapter name -> its prompt template; ``{None: template}`` scores the model as it is.
+        model, tokenizer, examples, batch_size, max_length: As for `heldout_item_losses`.
+
+    Returns:
+        Adapter name -> ``{"id", "nll", "tokens"}`` per scored item, in the order of ``examples``.
+    """
     if not examples:
         raise ValueError("heldout_loss got no examples")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -42,26 +60,31 @@ def heldout_item_losses(
     if empty:
         raise ValueError(f"held-out items need a response to score; these have an empty output: {empty[:5]}")
     fields = ([e.instruction for e in examples], [e.input for e in examples], [e.output for e in examples])
-    columns = encode_batch(*fields, tokenizer, max_length, template)
+    encoded = {name: encode_batch(*fields, tokenizer, max_length, template) for name, template in templates.items()}
     # Tokenized as training tokenizes; an item whose prompt fills max_length has no response token and is left out.
     rows = [
-        {"id": example.id, **{key: values[i] for key, values in columns.items()}}
+        (name, {"id": example.id, **{key: values[i] for key, values in columns.items()}})
         for i, example in enumerate(examples)
+        for name, columns in encoded.items()
         if has_response(columns["labels"][i])
     ]
     if not rows:
         raise ValueError(f"every held-out prompt is at least max_length={max_length} tokens long: raise it")
-    if len(rows) < len(examples):  # as tokenize_examples reports it for training data
-        log.warning("dropped %d held-out items whose prompt fills max_length=%d", len(examples) - len(rows), max_length)
+    for name in templates:
+        dropped = len(examples) - sum(1 for row_name, _ in rows if row_name == name)
+        if dropped:  # as tokenize_examples reports it for training data
+            log.warning("dropped %d held-out items whose prompt fills max_length=%d", dropped, max_length)
+    mixed = list(templates) != [None]
     collate = Collator(tokenizer)
     was_training = model.training
     model.eval()
-    items = []
+    items = {name: [] for name in templates}
     try:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
-            batch = {key: value.to(model.device) for key, value in collate(chunk).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            batch = {key: value.to(model.device) for key, value in collate([row for _, row in chunk]).items()}
+            names = {"adapter_names": [name for name, _ in chunk]} if mixed else {}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **names).logits
             targets = batch["labels"][:, 1:]
             scored = targets != IGNORE_INDEX
             # Only the scored positions go through the softmax (the rest would be (items x length x vocab) doubles).
@@ -69,8 +92,8 @@ def heldout_item_losses(
             token_nll = -logprobs.gather(-1, targets[scored].unsqueeze(-1)).squeeze(-1)
             per_row = torch.zeros(len(chunk), dtype=torch.float64, device=token_nll.device)
             per_row.index_add_(0, scored.nonzero()[:, 0], token_nll)
-            for row, nll, count in zip(chunk, per_row.tolist(), scored.sum(-1).tolist(), strict=True):
-                items.append({"id": row["id"], "nll": nll, "tokens": count})
+            for (name, row), nll, count in zip(chunk, per_row.tolist(), scored.sum(-1).tolist(), strict=True):
+                items[name].append({"id": row["id"], "nll": nll, "tokens": count})
     finally:
         model.train(was_training)
     return items

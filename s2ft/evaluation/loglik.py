@@ -57,6 +57,7 @@ def score_pairs(
     pad_token_id: int,
     batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
+    adapter_names: list[str] | None = None,
 ) -> list[Score]:
     """Scores tokenized pairs (from `encode_pairs`): the log-likelihood of the labelled (response) tokens.
 
@@ -71,24 +72,31 @@ def score_pairs(
         pad_token_id: Fills the padding (its value never affects a score).
         batch_size: Distinct prompts per forward batch.
         on_batch: Called with the number of pairs scored after each batch.
+        adapter_names: One adapter per pair, for a mixed-adapter model (`s2ft.load_adapters`): a prompt is shared
+            only by the pairs of one adapter, and a batch mixes rows of different adapters.
 
     Returns:
         One `Score` per pair, in order; log-softmax taken in float64 from the model's logits.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    if adapter_names is not None and len(adapter_names) != len(pairs):
+        raise ValueError(f"adapter_names has {len(adapter_names)} names for {len(pairs)} pairs; give one per pair")
+    # Keyed by (adapter, prompt tokens): the prompts a batch runs once, each under its own adapter.
+    by_prompt: dict[tuple[str | None, tuple[int, ...]], list[int]] = {}
     for index, (ids, labels) in enumerate(pairs):
         start = next(t for t, label in enumerate(labels) if label != IGNORE_INDEX)
-        by_prompt.setdefault(tuple(ids[:start]), []).append(index)
-    prompts = sorted(by_prompt, key=len, reverse=True)
+        adapter = None if adapter_names is None else adapter_names[index]
+        by_prompt.setdefault((adapter, tuple(ids[:start])), []).append(index)
+    prompts = sorted(by_prompt, key=lambda key: len(key[1]), reverse=True)
     scores: list[Score | None] = [None] * len(pairs)
     for begin in range(0, len(prompts), batch_size):
         batch = prompts[begin : begin + batch_size]
-        members = [by_prompt[prompt] for prompt in batch]
-        responses = [pairs[i][0][len(prompt) :] for prompt, rows in zip(batch, members, strict=True) for i in rows]
+        members = [by_prompt[key] for key in batch]
+        responses = [pairs[i][0][len(key[1]) :] for key, rows in zip(batch, members, strict=True) for i in rows]
+        names = None if adapter_names is None else [adapter for adapter, _ in batch]
         logprobs = _score_batch(
-            model, [list(p) for p in batch], [len(rows) for rows in members], responses, pad_token_id
+            model, [list(key[1]) for key in batch], [len(rows) for rows in members], responses, pad_token_id, names
         )
         for index, score in zip([i for rows in members for i in rows], logprobs, strict=True):
             scores[index] = score
@@ -98,7 +106,12 @@ def score_pairs(
 
 
 def _score_batch(
-    model, prompts: list[list[int]], counts: list[int], responses: list[list[int]], pad_token_id: int
+    model,
+    prompts: list[list[int]],
+    counts: list[int],
+    responses: list[list[int]],
+    pad_token_id: int,
+    adapter_names: list[str] | None = None,
 ) -> list[Score]:
     device = model.device
     prompt_ids, prompt_mask = _pad(prompts, pad_token_id, left=True)
@@ -107,14 +120,19 @@ def _score_batch(
     # Only the prompt's last position predicts a scored token: projecting the whole prompt onto the vocabulary would
     # cost about a fifth of a small model's forward and a (prompts x length x vocab) tensor.
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+    owner = torch.repeat_interleave(torch.arange(len(prompts)), torch.tensor(counts))
+    names, rest_names = {}, {}
+    if adapter_names is not None:
+        names = {"adapter_names": adapter_names}
+        rest_names = {"adapter_names": [adapter_names[o] for o in owner.tolist()]}
     out = model(
         input_ids=prompt_ids.to(device),
         attention_mask=prompt_mask.to(device),
         position_ids=positions.to(device),
         use_cache=True,
         **last_only,
+        **names,
     )
-    owner = torch.repeat_interleave(torch.arange(len(prompts)), torch.tensor(counts))
     response_ids, response_mask = _pad(responses, pad_token_id, left=False)
     # The first response token is predicted by the prompt's last position, shared by all its responses.
     first = torch.log_softmax(out.logits[:, -1].double(), dim=-1)[owner.to(device), response_ids[:, 0].to(device)]
@@ -130,6 +148,7 @@ def _score_batch(
             position_ids=(lengths[:, None] + torch.arange(response_ids.shape[1])).to(device),
             use_cache=True,
             **{cache_name: cache},
+            **rest_names,
         )
         # Response token t (t >= 1) is predicted by the logits at t - 1; only real tokens go through the softmax.
         targets = response_ids[:, 1:].to(device)

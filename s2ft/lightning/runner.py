@@ -15,17 +15,14 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import yaml
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
-from s2ft.data import eval_subset, load_eval, load_heldout, load_train, split_validation
+from s2ft.data import load_eval, load_train, split_validation
 from s2ft.data.overlap import check_overlap
-from s2ft.data.sources import heldout_name
 from s2ft.data.user_tasks import resolve_eval_tasks
-from s2ft.evaluation import evaluate, heldout_item_losses, mean_token_loss, write_predictions
-from s2ft.evaluation.mtbench import run_mtbench
+from s2ft.evaluation.measure import measure_model
 from s2ft.lightning.callbacks import (
     AdvanceSampler,
     AtomicCheckpointIO,
@@ -38,17 +35,18 @@ from s2ft.lightning.callbacks import (
 from s2ft.lightning.checkpoint import CHECKPOINT, check_checkpoint_fits
 from s2ft.lightning.console import StepProgressBar
 from s2ft.lightning.datamodule import SFTDataModule
+from s2ft.lightning.evaluation import evaluate_only, finish, write_config
 from s2ft.lightning.loggers import ReplayCSVHistory, build_logger, end_wandb_run, wandb_info
 from s2ft.lightning.module import S2FTLitModule
-from s2ft.lightning.provenance import check_eval_overlap, read_adapter_record, training_record, write_adapter_record
-from s2ft.lightning.run_dir import RunDirError, RunPlan, honour_umask, prepare_run_dir
+from s2ft.lightning.provenance import training_record, write_adapter_record
+from s2ft.lightning.run_dir import RunPlan, honour_umask, prepare_run_dir
 from s2ft.lightning.sharding import FSDP2Strategy, gather_trained, local_elements
-from s2ft.lightning.summary import build_summary, flat_metrics, print_summary, task_record, write_json
-from s2ft.methods import load_trained, merge_trained, prepare_model, save_trained, trainable_summary
-from s2ft.models import build_model
+from s2ft.lightning.summary import build_summary, flat_metrics, task_record
+from s2ft.methods import merge_trained, prepare_model, save_trained, trainable_summary
+from s2ft.methods.s2ft import calibration_items
+from s2ft.models import build_run_model
 from s2ft.run_config import RunConfigError, validate_run_config
 
-CALIBRATED_STRATEGIES = ("activation", "weight_activation", "gradient")
 ADAM_BETAS = (0.9, 0.999)  # torch's default; the paper configs set method.betas to the official (0.9, 0.95)
 log = logging.getLogger(__name__)
 
@@ -73,7 +71,7 @@ def run_experiment(cfg: dict, run_dir: str | Path) -> dict | None:
     cfg = plan.cfg
     L.seed_everything(cfg["seed"], workers=True)
     if cfg["mode"] == "eval":
-        return _evaluate_only(cfg, run_dir)
+        return evaluate_only(cfg, run_dir)
     try:
         summary = _train(plan, run_dir)
     except SIGTERMException as err:
@@ -84,19 +82,6 @@ def run_experiment(cfg: dict, run_dir: str | Path) -> dict | None:
         raise
     end_wandb_run(failed=False)
     return summary
-
-
-def build_run_model(model_cfg: dict, cache_dir):
-    """The base model and tokenizer of a run's `model` config."""
-    model, tokenizer = build_model(
-        model_cfg["name"],
-        dtype=model_cfg.get("dtype", "float32"),
-        cache_dir=model_cfg.get("cache_dir") or cache_dir,
-        gradient_checkpointing=model_cfg.get("gradient_checkpointing", False),
-    )
-    # Saved adapters record their base model by this name (S2FT's base_model, PEFT's base_model_name_or_path).
-    model.name_or_path = model.config.name_or_path = model_cfg["name"]
-    return model, tokenizer
 
 
 def _train(plan: RunPlan, run_dir: Path) -> dict | None:
@@ -141,8 +126,8 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     method = cfg["method"]
     options = dict(method.get("options") or {})
     calibration = None
-    if method["name"] == "s2ft" and options.get("strategy") in CALIBRATED_STRATEGIES:
-        count = calibration_count(options.get("calibration_size") or 64, len(datamodule.train_set))
+    count = calibration_items(options, len(datamodule.train_set)) if method["name"] == "s2ft" else 0
+    if count:
         subset = datamodule.train_set.select(range(count))  # the training list is shuffled: a random sample
         calibration = list(DataLoader(subset, batch_size=data["batch_size"], collate_fn=datamodule.collate))
     try:
@@ -172,7 +157,7 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     trainer = _trainer(cfg, run_dir, logger, has_val=bool(val), preloaded=plan.checkpoint)
     plan.checkpoint = None  # the checkpoint IO holds it until Lightning restores it, then it is freed
     if trainer.global_rank == 0:
-        _write_config(cfg, run_dir)
+        write_config(cfg, run_dir)
     if logger:
         logger.log_metrics({"trainable_params": counts["trainable_params"], "trainable_pct": counts["trainable_pct"]})
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
@@ -238,7 +223,7 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     if logger:
         logger.log_metrics(flat_metrics(summary))
         logger.save()  # Lightning saved the CSV logger when fit ended; these rows come after it
-    return _finish(summary, run_dir)
+    return finish(summary, run_dir)
 
 
 def unsharded_model(cfg: dict, calibration, trained: dict[str, torch.Tensor]):
@@ -265,51 +250,6 @@ def unsharded_model(cfg: dict, calibration, trained: dict[str, torch.Tensor]):
             f"unknown tensors {unexpected[:3]}"
         )
     return model
-
-
-def _evaluate_only(cfg: dict, run_dir: Path) -> dict:
-    method, model_cfg, source = cfg["method"]["name"], cfg["model"], None
-    if cfg.get("run_dir"):
-        # A saved run knows what it trained: its own config decides the base model and the method.
-        saved_file = Path(cfg["run_dir"]) / "config.yaml"
-        if not saved_file.is_file():
-            raise RunDirError(f"run_dir {cfg['run_dir']} has no config.yaml; point run_dir at a finished run directory")
-        saved = yaml.safe_load(saved_file.read_text())
-        method, model_cfg, source = saved["method"]["name"], saved["model"], Path(cfg["run_dir"]) / "adapter"
-        # ... and its prompt template: a model is evaluated in the format it was trained in.
-        cfg = {**cfg, "data": {**cfg["data"], "template": saved.get("data", {}).get("template", "alpaca")}}
-    if cfg.get("adapter"):
-        source = Path(cfg["adapter"])
-    record = None if source is None else read_adapter_record(source)
-    if source is not None:
-        check_eval_overlap(record, source, cfg)
-    model, tokenizer = build_run_model(model_cfg, cfg["paths"].get("cache_dir"))
-    if source is not None:
-        model = load_trained(model, method, source)
-    model.requires_grad_(False)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_config(cfg, run_dir)
-    results = measure_model(model, tokenizer, cfg, run_dir)
-    heldout = _pair({}, results["heldout"])
-    counts = trainable_summary(model)
-    summary = build_summary(
-        {**cfg, "method": {**cfg["method"], "name": method}, "model": model_cfg},
-        counts,
-        None,
-        results["eval"],
-        heldout=heldout,
-        source=None if source is None else str(source),
-        training_data=record,
-        **({"mtbench": results["mtbench"]} if results.get("mtbench") else {}),
-        **({"lm_eval": results["lm_eval"]} if "lm_eval" in results else {}),
-    )
-    return _finish(summary, run_dir)
-
-
-def _finish(summary: dict, run_dir: Path) -> dict:
-    write_json(summary, run_dir / "summary.json")
-    print_summary(summary, run_dir)
-    return summary
 
 
 def _trainer(cfg: dict, run_dir: Path, logger, has_val: bool, preloaded: dict | None) -> L.Trainer:
@@ -372,76 +312,6 @@ def _check_launcher(trainer: L.Trainer) -> None:
         ) from None
 
 
-def measure_model(model, tokenizer, cfg: dict, out_dir: Path) -> dict:
-    """Task accuracy (`s2ft.evaluation.evaluate`) and held-out losses of `model`, predictions under `out_dir`."""
-    ev, data_dir = cfg["eval"], cfg["paths"]["data_dir"]
-    result = {"eval": None}
-    if ev.get("tasks"):
-        kwargs = {"max_new_tokens": ev["max_new_tokens"]} if ev.get("max_new_tokens") else {}
-        result["eval"] = evaluate(
-            model,
-            tokenizer,
-            ev["tasks"],
-            data_dir=data_dir,
-            mode=ev.get("mode", "generate"),
-            limit=ev.get("limit"),
-            seed=cfg["seed"],
-            batch_size=ev.get("batch_size", 8),
-            num_beams=ev.get("num_beams", 1),
-            out_dir=out_dir,
-            template=cfg["data"].get("template", "alpaca"),
-            groups=ev.get("groups"),
-            **kwargs,
-        )
-    if ev.get("mtbench"):
-        result["mtbench"] = run_mtbench(model, tokenizer, cfg, out_dir)
-    result["heldout"] = heldout_losses(model, tokenizer, cfg, out_dir)
-    if ev.get("backend", "s2ft") == "lm_eval":
-        result["lm_eval"] = harness_results(model, tokenizer, cfg, out_dir)
-    return result
-
-
-def harness_results(model, tokenizer, cfg: dict, out_dir: Path) -> dict:
-    """lm-evaluation-harness on the same items (`s2ft.evaluation.lm_eval_backend`), its files in ``out_dir/lm_eval``."""
-    from s2ft.evaluation.lm_eval_backend import LM_EVAL_TASKS, run_lm_eval
-
-    ev, options = cfg["eval"], cfg["eval"].get("lm_eval") or {}
-    return run_lm_eval(
-        model,
-        tokenizer,
-        cfg["paths"]["data_dir"],
-        out_dir / "lm_eval",
-        tasks=options.get("tasks") or LM_EVAL_TASKS,
-        limit=options.get("limit") or ev.get("limit"),
-        seed=cfg["seed"],
-        batch_size=ev.get("batch_size", 8),
-        max_gen_toks=options.get("max_gen_toks"),
-    )
-
-
-def heldout_losses(model, tokenizer, cfg: dict, out_dir: Path) -> dict[str, float]:
-    """Mean held-out loss of each `eval.heldout` set; per-item losses go to ``predictions/heldout_NAME.jsonl``.
-
-    The per-item files let the report test a difference between two runs on the same items (a paired bootstrap).
-    """
-
-    ev, losses = cfg["eval"], {}
-    for item in ev.get("heldout") or []:
-        name = heldout_name(item)
-        examples = eval_subset(load_heldout(item, cfg["paths"]["data_dir"]), ev.get("heldout_limit"), cfg["seed"])
-        items = heldout_item_losses(
-            model,
-            tokenizer,
-            examples,
-            ev.get("batch_size", 8),
-            cfg["data"].get("max_length", 512),
-            cfg["data"].get("template", "alpaca"),
-        )
-        losses[name] = mean_token_loss(items)
-        write_predictions(out_dir / "predictions" / f"heldout_{name}.jsonl", items)
-    return losses
-
-
 def _pair(before: dict, after: dict) -> dict:
     return {name: {"before": before.get(name), "after": loss} for name, loss in after.items()}
 
@@ -471,16 +341,5 @@ def _save_merged(model, tokenizer, method: str, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def _write_config(cfg: dict, run_dir: Path) -> None:
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-
-
 def _cache(paths: dict, name: str) -> Path | None:
     return Path(paths["cache_dir"]) / name if paths.get("cache_dir") else None
-
-
-def calibration_count(size: int | float, train_items: int) -> int:
-    """Items in the calibration set: ``size`` items, or a fraction ``0 < size < 1`` of the training set (the paper
-    scores on 1% of the fine-tuning data); at least one item and at most the whole training set."""
-    count = round(size * train_items) if isinstance(size, float) and size < 1 else int(size)
-    return max(1, min(count, train_items))

@@ -26,8 +26,10 @@ DEFAULTS: dict[str, Any] = {
     "layers": None,
     "layout": "gather",
     "exclude": None,
-    "calibration_size": 64,  # items, or a fraction (0, 1) of the training set; read by the runner
+    "calibration_size": 64,  # items, or a fraction (0, 1) of the training set (`calibration_items`)
 }
+# The strategies that score units on training batches (`s2ft.selection`); the others need no calibration data.
+CALIBRATED_STRATEGIES = ("activation", "weight_activation", "gradient")
 MATCH_LORA_KEYS = ("r", "target_modules")
 MATCH_TOLERANCE = 0.02  # relative gap allowed between S2FT's and the matched LoRA's trainable counts
 
@@ -104,6 +106,22 @@ def prepare(model: nn.Module, options: dict[str, Any], calibration, name: str = 
                 f"to method.options.ratios or target_split"
             )
     return model
+
+
+def calibration_items(options: dict[str, Any], train_items: int) -> int:
+    """How many training items the selection strategy of ``options`` scores on: 0 when it needs none, else
+    `calibration_count` of ``calibration_size``."""
+    options = {**DEFAULTS, **options}
+    if options["strategy"] not in CALIBRATED_STRATEGIES:
+        return 0
+    return calibration_count(options["calibration_size"], train_items)
+
+
+def calibration_count(size: int | float, train_items: int) -> int:
+    """Items in the calibration set: ``size`` items, or a fraction ``0 < size < 1`` of the training set (the paper
+    scores on 1% of the fine-tuning data); at least one item and at most the whole training set."""
+    count = round(size * train_items) if isinstance(size, float) and size < 1 else int(size)
+    return max(1, min(count, train_items))
 
 
 # An S2FT run saves, loads and merges its adapter with the core library.

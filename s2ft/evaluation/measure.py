@@ -1,0 +1,139 @@
+"""What a run measures on a model, from its resolved config: task accuracy, held-out losses, MT-Bench, the harness.
+
+The runner measures the untrained and the trained model with it, `mode=eval` a saved one, the fusion study a fused
+one; every output file goes under the given run directory (``predictions/``, ``lm_eval/``). `measure_adapters`
+measures every adapter of a mixed-adapter model (`s2ft.load_adapters`) in one batched pass, with the same settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from s2ft.data import eval_subset, load_heldout
+from s2ft.data.sources import heldout_name
+from s2ft.evaluation.evaluate import evaluate, evaluate_adapters, write_predictions
+from s2ft.evaluation.heldout import adapter_item_losses, heldout_item_losses, mean_token_loss
+from s2ft.evaluation.mtbench import run_mtbench
+
+
+def measure_model(model, tokenizer, cfg: dict, out_dir: Path) -> dict:
+    """Task accuracy (`s2ft.evaluation.evaluate`) and held-out losses of `model`, predictions under `out_dir`.
+
+    Returns:
+        ``{"eval": evaluate's result or None, "heldout": {NAME: loss}}``, plus ``"mtbench"`` with ``eval.mtbench``
+        and ``"lm_eval"`` with ``eval.backend=lm_eval``.
+    """
+    ev = cfg["eval"]
+    result = {"eval": None}
+    if ev.get("tasks"):
+        result["eval"] = evaluate(
+            model,
+            tokenizer,
+            ev["tasks"],
+            out_dir=out_dir,
+            template=cfg["data"].get("template", "alpaca"),
+            **_evaluate_settings(cfg),
+        )
+    if ev.get("mtbench"):
+        result["mtbench"] = run_mtbench(model, tokenizer, cfg, out_dir)
+    result["heldout"] = heldout_losses(model, tokenizer, cfg, out_dir)
+    if ev.get("backend", "s2ft") == "lm_eval":
+        result["lm_eval"] = harness_results(model, tokenizer, cfg, out_dir)
+    return result
+
+
+def measure_adapters(
+    model, tokenizer, cfg: dict, templates: dict[str, str], out_dirs: dict[str, Path]
+) -> dict[str, dict]:
+    """`measure_model`'s task accuracy and held-out losses for every adapter of a mixed-adapter model, in one pass.
+
+    Args:
+        model: A model with the adapters loaded (`s2ft.load_adapters`).
+        tokenizer: Its tokenizer.
+        cfg: The evaluation's config (``eval`` settings, seed, data.max_length), shared by every adapter.
+        templates: Adapter name -> the prompt template it was trained in.
+        out_dirs: Adapter name -> its run directory (``predictions/`` under it).
+
+    Returns:
+        Adapter name -> ``{"eval", "heldout"}`` as `measure_model` gives them for that adapter alone.
+    """
+    ev = cfg["eval"]
+    results = {name: {"eval": None, "heldout": {}} for name in templates}
+    if ev.get("tasks"):
+        evaluated = evaluate_adapters(
+            model, tokenizer, ev["tasks"], templates=templates, out_dirs=out_dirs, **_evaluate_settings(cfg)
+        )
+        for name, evaluation in evaluated.items():
+            results[name]["eval"] = evaluation
+    for set_name, examples in _heldout_sets(cfg):
+        scored = adapter_item_losses(
+            model, tokenizer, examples, ev.get("batch_size", 8), cfg["data"].get("max_length", 512), templates
+        )
+        for name, items in scored.items():
+            results[name]["heldout"][set_name] = mean_token_loss(items)
+            write_predictions(out_dirs[name] / "predictions" / f"heldout_{set_name}.jsonl", items)
+    return results
+
+
+def _evaluate_settings(cfg: dict) -> dict:
+    """The keyword arguments of `evaluate` a run's ``eval`` config gives (all but the tasks, template and output)."""
+    ev = cfg["eval"]
+    return dict(
+        data_dir=cfg["paths"]["data_dir"],
+        mode=ev.get("mode", "generate"),
+        limit=ev.get("limit"),
+        seed=cfg["seed"],
+        batch_size=ev.get("batch_size", 8),
+        num_beams=ev.get("num_beams", 1),
+        groups=ev.get("groups"),
+        **({"max_new_tokens": ev["max_new_tokens"]} if ev.get("max_new_tokens") else {}),
+    )
+
+
+def _heldout_sets(cfg: dict):
+    """(name, items) of every ``eval.heldout`` set: its ``eval.heldout_limit`` subset."""
+    ev = cfg["eval"]
+    for item in ev.get("heldout") or []:
+        yield (
+            heldout_name(item),
+            eval_subset(load_heldout(item, cfg["paths"]["data_dir"]), ev.get("heldout_limit"), cfg["seed"]),
+        )
+
+
+def harness_results(model, tokenizer, cfg: dict, out_dir: Path) -> dict:
+    """lm-evaluation-harness on the same items (`s2ft.evaluation.lm_eval_backend`), its files in ``out_dir/lm_eval``."""
+    # The harness is an optional dependency: imported only by the runs that ask for it.
+    from s2ft.evaluation.lm_eval_backend import LM_EVAL_TASKS, run_lm_eval
+
+    ev, options = cfg["eval"], cfg["eval"].get("lm_eval") or {}
+    return run_lm_eval(
+        model,
+        tokenizer,
+        cfg["paths"]["data_dir"],
+        out_dir / "lm_eval",
+        tasks=options.get("tasks") or LM_EVAL_TASKS,
+        limit=options.get("limit") or ev.get("limit"),
+        seed=cfg["seed"],
+        batch_size=ev.get("batch_size", 8),
+        max_gen_toks=options.get("max_gen_toks"),
+    )
+
+
+def heldout_losses(model, tokenizer, cfg: dict, out_dir: Path) -> dict[str, float]:
+    """Mean held-out loss of each `eval.heldout` set; per-item losses go to ``predictions/heldout_NAME.jsonl``.
+
+    The per-item files let the report test a difference between two runs on the same items (a paired bootstrap).
+    """
+    ev, losses = cfg["eval"], {}
+    for name, examples in _heldout_sets(cfg):
+        items = heldout_item_losses(
+            model,
+            tokenizer,
+            examples,
+            ev.get("batch_size", 8),
+            cfg["data"].get("max_length", 512),
+            cfg["data"].get("template", "alpaca"),
+        )
+        losses[name] = mean_token_loss(items)
+        write_predictions(out_dir / "predictions" / f"heldout_{name}.jsonl", items)
+    return losses
