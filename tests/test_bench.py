@@ -195,6 +195,9 @@ def test_switch_quick(tmp_path):
     model = results["model"]
     assert model["name"] == "tiny_llama" and model["lora_rank"] >= 1 and model["budget_params"] > 0
     assert model["s2ft_checked_ms"] > 0  # switching to adapters validated on every call is timed too
+    assert model["s2ft_floor_ms"] > 0 and model["s2ft_same_selection_ms"] > 0  # each timed run checks its weights
+    assert model["same_selection_speedup"] == pytest.approx(model["lora_ms"] / model["s2ft_same_selection_ms"])
+    assert "The floor, the slot writes alone" in (tmp_path / "results.md").read_text()
     # Quick dims are below 4096, so only the whole-model target applies.
     assert [t["what"] for t in results["targets"]] == ["model tiny_llama"]
     assert results["targets"][0]["met"] == (model["speedup"] >= switch.MODEL_TARGET["speedup"])

@@ -144,6 +144,15 @@ def switch_table(results: dict) -> str:
             f"\nS2FT switches between adapters prepared once (`s2ft.prepare_adapter`); to an adapter validated on "
             f"every call: {model['s2ft_checked_ms']:.2f} ms.\n"
         )
+    if "s2ft_floor_ms" in model:
+        parts.append(
+            f"\nThe floor, the slot writes alone on a plain copy of the model (the old slots back to the base, the new "
+            f"values in): {model['s2ft_floor_ms']:.2f} ms, so the switch costs "
+            f"{model['s2ft_ms'] / model['s2ft_floor_ms']:.2f}× its copies. Between two adapters of the same selection "
+            f"(the same strategy and seed trained on other data) only the new values are written: "
+            f"{model['s2ft_same_selection_ms']:.2f} ms, {model['same_selection_speedup']:.1f}× faster than LoRA's "
+            "switch.\n"
+        )
     checks = [
         f"{t['what']}: {t['speedup']:.1f}× (≥ {t['limit']}×) {'met' if t['met'] else 'MISSED'}"
         for t in results["targets"]

@@ -4,6 +4,10 @@ The two S2FT adapters select different random units (seeds 0 and 1) of the same 
 base values plus noise, as training would leave them: a switch costs the same whatever the values are. The two LoRA
 adapters have the rank whose parameter count is nearest to that budget (the S2FT budget is set to it exactly) and
 random A and B (so their deltas are not zero). Both sides switch between adapters already in memory, merged.
+
+Also timed: the floor of an S2FT switch, the slot writes alone (the old slots back to the base, the new values in)
+on a plain copy of the model; and a switch between two adapters of the same selection (the same strategy and seed
+trained on other data), which writes only the new values.
 """
 
 import copy
@@ -27,14 +31,15 @@ from s2ft import (
     save_adapter,
     switch_adapter,
 )
-from s2ft.layers import S2FTLinear
+from s2ft.layers import S2FTLinear, write_slots
 from s2ft.methods.peft_lora import lora_param_count, rank_for_budget
 
 
-def _s2ft_adapter(base: nn.Module, target_params: int, seed: int):
-    """A "trained" S2FT adapter of `base`: selected with `seed`, values perturbed, saved and read back."""
+def _s2ft_adapter(base: nn.Module, target_params: int, seed: int, noise_seed: int | None = None):
+    """A "trained" S2FT adapter of `base`: selected with `seed`, values perturbed (`noise_seed`, default `seed`),
+    saved and read back."""
     model = apply_s2ft(copy.deepcopy(base), S2FTConfig(target_params=target_params, seed=seed))
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed if noise_seed is None else noise_seed)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, S2FTLinear):
@@ -53,26 +58,74 @@ def _expected_s2ft_weights(reference: nn.Module, adapter) -> dict[str, torch.Ten
     return weights
 
 
+def _time_switches(model: nn.Module, reference: nn.Module, adapters: list, targets: list, repeats: int, device: str):
+    """Median seconds of `switch_adapter` back and forth between `targets` (of `adapters`), then checks the weights."""
+    active = [0]
+
+    def switch() -> None:
+        active[0] = 1 - active[0]
+        switch_adapter(model, targets[active[0]])
+
+    seconds = median_time(switch, device, repeats)
+    expected = _expected_s2ft_weights(reference, adapters[active[0]])
+    for name in adapters[0].modules.keys() | adapters[1].modules.keys():
+        weight = model.get_submodule(name).weight
+        want = expected.get(name, reference.get_submodule(name).weight)
+        assert torch.equal(weight, want), f"S2FT switch left wrong weights in {name}"
+    return seconds
+
+
+def _time_slot_writes(reference: nn.Module, adapters: list, repeats: int, device: str) -> float:
+    """Median seconds of only the weight writes a switch between `adapters` makes, on a plain copy of the model."""
+    plain = copy.deepcopy(reference)
+    weights = {name: plain.get_submodule(name).weight for a in adapters for name in a.modules}
+    writes = []  # per direction: (weight, axis, positions, what to write there)
+    for old, new in ((adapters[0], adapters[1]), (adapters[1], adapters[0])):
+        restore = [
+            (
+                weights[n],
+                m.axis,
+                m.positions.to(device),
+                reference.get_submodule(n).weight.index_select(m.axis, m.positions),
+            )
+            for n, m in old.modules.items()
+        ]
+        write = [(weights[n], m.axis, m.positions.to(device), m.values.to(weights[n])) for n, m in new.modules.items()]
+        writes.append(restore + write)
+    for name, weight in _expected_s2ft_weights(reference, adapters[0]).items():
+        weights[name].data.copy_(weight)
+    active = [0]
+
+    def switch() -> None:
+        for weight, axis, positions, values in writes[active[0]]:
+            write_slots(weight, axis, positions, values)
+        active[0] = 1 - active[0]
+
+    seconds = median_time(switch, device, repeats)
+    expected = _expected_s2ft_weights(reference, adapters[active[0]])
+    for name, weight in weights.items():
+        assert torch.equal(weight, expected.get(name, reference.get_submodule(name).weight)), f"slot writes in {name}"
+    return seconds
+
+
 def _bench_s2ft(base: nn.Module, reference: nn.Module, target_params: int, repeats: int, device: str) -> dict:
-    """Median seconds of `s2ft.switch_adapter` to adapters prepared once (`prepared`) and to plain `Adapter`s,
-    validated on every call (`checked`)."""
+    """Median seconds of `s2ft.switch_adapter` to adapters prepared once (`prepared`), to plain `Adapter`s validated
+    on every call (`checked`), between prepared adapters of one selection (`same_selection`), and of the slot writes
+    alone (`floor`)."""
     adapters = [_s2ft_adapter(base, target_params, seed) for seed in (0, 1)]
+    same = [_s2ft_adapter(base, target_params, 0, noise_seed) for noise_seed in (0, 1)]
+    seconds = {"floor": _time_slot_writes(reference, adapters, repeats, device)}
+    model = load_adapter(copy.deepcopy(base), same[0])
+    merge_adapter(model)
+    seconds["same_selection"] = _time_switches(
+        model, reference, same, [prepare_adapter(model, a) for a in same], repeats, device
+    )
+    del model
     model = load_adapter(base, adapters[0])
     merge_adapter(model)
-    seconds = {}
-    for kind, targets in (("prepared", [prepare_adapter(model, a) for a in adapters]), ("checked", adapters)):
-        active = [0]
-
-        def switch(targets=targets, active=active) -> None:
-            active[0] = 1 - active[0]
-            switch_adapter(model, targets[active[0]])
-
-        seconds[kind] = median_time(switch, device, repeats)
-        expected = _expected_s2ft_weights(reference, adapters[active[0]])
-        for name in adapters[0].modules.keys() | adapters[1].modules.keys():
-            weight = model.get_submodule(name).weight
-            want = expected.get(name, reference.get_submodule(name).weight)
-            assert torch.equal(weight, want), f"S2FT switch ({kind}) left wrong weights in {name}"
+    prepared = [prepare_adapter(model, a) for a in adapters]
+    seconds["prepared"] = _time_switches(model, reference, adapters, prepared, repeats, device)
+    seconds["checked"] = _time_switches(model, reference, adapters, adapters, repeats, device)
     return seconds
 
 
@@ -111,7 +164,8 @@ def bench_model(name: str, dtype: str, device: str, budget: float, targets, repe
     `s2ft_checked_ms` is the switch to an `Adapter` validated on every call.
 
     Returns:
-        {"name", "lora_rank", "budget_params", "s2ft_ms", "s2ft_checked_ms", "lora_ms", "speedup"}.
+        {"name", "lora_rank", "budget_params", "s2ft_ms", "s2ft_checked_ms", "s2ft_floor_ms", "s2ft_same_selection_ms",
+        "lora_ms", "speedup", "same_selection_speedup"}.
 
     Raises:
         AssertionError: If a switch left wrong weights.
@@ -128,6 +182,9 @@ def bench_model(name: str, dtype: str, device: str, budget: float, targets, repe
         "budget_params": target_params,
         "s2ft_ms": 1000 * s2ft_s["prepared"],
         "s2ft_checked_ms": 1000 * s2ft_s["checked"],
+        "s2ft_floor_ms": 1000 * s2ft_s["floor"],
+        "s2ft_same_selection_ms": 1000 * s2ft_s["same_selection"],
         "lora_ms": 1000 * lora_s,
         "speedup": lora_s / s2ft_s["prepared"],
+        "same_selection_speedup": lora_s / s2ft_s["same_selection"],
     }
