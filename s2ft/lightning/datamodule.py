@@ -9,7 +9,7 @@ from s2ft.lightning.sampler import ResumableBatchSampler
 
 
 class SFTDataModule(L.LightningDataModule):
-    """Instruction-tuning data for `S2FTLitModule`; its checkpoint state is the training sampler's position.
+    """Instruction-tuning data for `FineTuneModule`; its checkpoint state is the training sampler's position.
 
     The position travels as the data module's state, not the dataloader's: Lightning restores a data module before
     `configure_optimizers`, whose `estimated_stepping_batches` builds the training dataloader in an epoch-based run,

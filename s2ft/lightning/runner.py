@@ -39,7 +39,7 @@ from s2ft.lightning.checkpoint import CHECKPOINT, check_checkpoint_fits
 from s2ft.lightning.console import StepProgressBar
 from s2ft.lightning.datamodule import SFTDataModule
 from s2ft.lightning.loggers import ReplayCSVHistory, build_logger, end_wandb_run, wandb_info
-from s2ft.lightning.module import S2FTLitModule
+from s2ft.lightning.module import FineTuneModule
 from s2ft.lightning.provenance import check_eval_overlap, read_adapter_record, training_record, write_adapter_record
 from s2ft.lightning.run_dir import RunDirError, RunPlan, honour_umask, prepare_run_dir
 from s2ft.lightning.sharding import FSDP2Strategy, gather_trained, local_elements
@@ -153,7 +153,7 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     if partial.is_dir():
         os.replace(partial, before_dir)
     counts = trainable_summary(model)
-    module = S2FTLitModule(
+    module = FineTuneModule(
         model,
         method["lr"],
         method.get("weight_decay", 0.0),
@@ -250,7 +250,7 @@ def unsharded_model(cfg: dict, calibration, trained: dict[str, torch.Tensor]):
     Args:
         cfg: The run's resolved config.
         calibration: The calibration batches the run selected with (None if its strategy needs none).
-        trained: `S2FTLitModule` state-dict keys (`model.` + the model's keys) -> whole trained tensors.
+        trained: `FineTuneModule` state-dict keys (`model.` + the model's keys) -> whole trained tensors.
     """
     method = cfg["method"]
     model, _ = build_run_model(cfg["model"], cfg["paths"].get("cache_dir"))
@@ -446,7 +446,7 @@ def _pair(before: dict, after: dict) -> dict:
     return {name: {"before": before.get(name), "after": loss} for name, loss in after.items()}
 
 
-def _trained_digest(module: S2FTLitModule) -> str:
+def _trained_digest(module: FineTuneModule) -> str:
     """SHA-256 of the trained tensors, to check that DDP replicas stayed identical."""
     state = module.state_dict()
     digest = hashlib.sha256()
