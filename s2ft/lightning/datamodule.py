@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning as L
 from torch.utils.data import DataLoader
 
+from s2ft.data.tokenize import Collator, tokenize_examples
 from s2ft.lightning.sampler import ResumableBatchSampler
 
 
@@ -38,8 +39,6 @@ class SFTDataModule(L.LightningDataModule):
         template: str = "alpaca",
     ):
         super().__init__()
-        from s2ft.data.tokenize import Collator, tokenize_examples
-
         self.train_set = tokenize_examples(train_examples, tokenizer, max_length, cache_dir, template)
         self.val_set = (
             tokenize_examples(val_examples, tokenizer, max_length, cache_dir, template) if val_examples else None
