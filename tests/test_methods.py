@@ -1,11 +1,15 @@
 """Method contract suite (PEFT testing_common style): one set of checks parametrised over every method."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
+import yaml
+from conftest import ROOT
 from torch import nn
 
+from s2ft.config import S2FTConfig
 from s2ft.methods import (
     METHODS,
     load_trained,
@@ -298,3 +302,17 @@ def test_load_trained_names_a_missing_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no spft.safetensors"):
         load_trained(base_model(), "spft", tmp_path / "empty")
+
+
+def test_s2ft_options_are_s2ftconfig_fields_with_its_defaults():
+    """S2FT's method.options are S2FTConfig's fields (its defaults) plus match_lora and calibration_size, and
+    conf/method/s2ft.yaml, which must name every key a command line may override, sets the same values but the
+    paper's LLaMA ratios and the run's seed."""
+    fields = {field.name: field.default for field in dataclasses.fields(S2FTConfig)}
+    defaults = METHODS["s2ft"].defaults
+    assert set(defaults) == {*fields, "match_lora", "calibration_size"}
+    assert {key: defaults[key] for key in fields if key != "ratios"} == {
+        k: v for k, v in fields.items() if k != "ratios"
+    }
+    options = yaml.safe_load((ROOT / "conf/method/s2ft.yaml").read_text())["options"]
+    assert options == {**defaults, "ratios": {"o": 0.052, "down": 0.02}, "seed": "${seed}"}

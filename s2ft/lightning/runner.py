@@ -323,9 +323,7 @@ def _trainer(cfg: dict, run_dir: Path, logger, has_val: bool, preloaded: dict | 
         LastCheckpoint(run_dir / CHECKPOINT, tr.get("checkpoint_every_n_steps", 50), run_config=cfg),
         ReplayCSVHistory(),
     ]
-    if tr.get("select_best") == "val_loss":
-        if not has_val:
-            raise ValueError("trainer.select_best=val_loss needs a validation split: set data.val_size > 0")
+    if tr.get("select_best") == "val_loss":  # validate_run_config made sure there is a validation split
         # Before LastCheckpoint: its best state is taken at validation end and restored before the final save.
         callbacks.insert(3, KeepBest(after=tr.get("select_best_after", 0.0)))
     io = AtomicCheckpointIO({cfg["ckpt_path"]: preloaded} if preloaded is not None else None)
