@@ -17,10 +17,10 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def check_batch_size(batch_size) -> None:
-    """Raises ValueError unless ``batch_size`` is an int >= 1."""
-    if not is_positive_int(batch_size):
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+def require_positive_int(name: str, value) -> None:
+    """Raises ValueError naming ``name`` unless ``value`` is an int >= 1 (a library function's count argument)."""
+    if not is_positive_int(value):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def did_you_mean(key: str, valid: Iterable[str], prefix: str = "") -> str:

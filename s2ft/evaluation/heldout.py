@@ -9,7 +9,7 @@ import logging
 
 import torch
 
-from s2ft.checks import check_batch_size
+from s2ft.checks import require_positive_int
 from s2ft.data.tokenize import IGNORE_INDEX, Collator, encode_batch, has_response
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def heldout_item_losses(
     """
     if not examples:
         raise ValueError("heldout_loss got no examples")
-    check_batch_size(batch_size)
+    require_positive_int("batch_size", batch_size)
     empty = [example.id for example in examples if not example.output.strip()]
     if empty:
         raise ValueError(f"held-out items need a response to score; these have an empty output: {empty[:5]}")

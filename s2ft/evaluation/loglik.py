@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from s2ft.checks import check_batch_size
+from s2ft.checks import require_positive_int
 from s2ft.data.tokenize import IGNORE_INDEX, encode_batch
 
 # No truncation: a scored option must be complete (prompts here are a few hundred tokens).
@@ -76,7 +76,7 @@ def score_pairs(
     Returns:
         One `Score` per pair, in order; log-softmax taken in float64 from the model's logits.
     """
-    check_batch_size(batch_size)
+    require_positive_int("batch_size", batch_size)
     by_prompt: dict[tuple[int, ...], list[int]] = {}
     for index, (ids, labels) in enumerate(pairs):
         start = next(t for t, label in enumerate(labels) if label != IGNORE_INDEX)
