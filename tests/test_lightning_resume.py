@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from conftest import compose_run
 from safetensors.torch import load_file
 
 from s2ft.lightning import FineTuneModule, run_experiment, runner
@@ -21,10 +19,7 @@ from s2ft.run_config import RunConfigError
 
 
 def smoke_config(*overrides: str, logger: str = "none") -> dict:
-    os.environ.setdefault("S2FT_ROOT", str(ROOT))
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["debug=smoke", "eval=none", f"logger={logger}", *overrides])
-    return OmegaConf.to_container(cfg, resolve=True)
+    return compose_run("debug=smoke", "eval=none", f"logger={logger}", *overrides)
 
 
 def logged(run_dir: Path, timings: bool = False) -> dict[tuple[str, int], float]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, compose_run
 from scipy import stats
 
 from experiments.report import heldout_statement, main, pairs_verdict, significance_statement, write_report
@@ -34,19 +34,11 @@ RUNS = [("smollm/s2ft", 0), ("smollm/s2ft", 1), ("smollm/lora", 0), ("smollm/lor
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
     """A sweep directory of real smoke runs of commonsense_smollm (tiny model, 2 steps, 3 items per task)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
     from s2ft.lightning import run_experiment
 
     root = tmp_path_factory.mktemp("sweep")
     for i, (method, seed) in enumerate(RUNS):
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose(
-                "config",
-                overrides=["+experiment=commonsense_smollm", f"method={method}", f"seed={seed}", "logger=none"],
-            )
-        cfg = OmegaConf.to_container(OmegaConf.merge(cfg, OmegaConf.load(ROOT / "conf/debug/smoke.yaml")), resolve=True)
+        cfg = compose_run("+experiment=commonsense_smollm", f"method={method}", f"seed={seed}", "debug=smoke")
         cfg["paths"].update(root=str(ROOT), data_dir=str(ROOT / "data"))
         cfg["eval"].update(tasks=["boolq", "arc_easy"], limit=3, heldout_limit=4)
         cfg["trainer"]["max_steps"] = 2

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 from test_lightning_resume import adapter_tensors, logged, smoke_config
 
 from s2ft.config import S2FTConfigError
@@ -28,7 +29,6 @@ from s2ft.lightning.loggers import ResumableCSVLogger
 from s2ft.lightning.run_dir import RunDirError
 from s2ft.run_config import RunConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
 # 40 training items in batches of 4; checkpoints every 2 steps, validation every 3 (so once at a checkpoint's step).
 OVERRIDES = ("trainer.max_steps=6", "trainer.checkpoint_every_n_steps=2", "trainer.val_check_interval=3")
 COMMONSENSE_MIX = ["boolq", "arc_easy", "arc_challenge", "openbookqa"]
