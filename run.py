@@ -13,6 +13,7 @@ os.environ.setdefault("S2FT_ROOT", str(ROOT))
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    # Imported here, not at the top, so that `run.py --help` and `--cfg job` answer in ~0.6 s without loading torch.
     from hydra.core.hydra_config import HydraConfig
 
     from s2ft.errors import UserError

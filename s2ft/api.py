@@ -18,7 +18,7 @@ def apply_s2ft(model: nn.Module, cfg: S2FTConfig, calibration=None, layout: str 
 
     Args:
         model: A supported decoder (see ``s2ft.structures.find_structures``) without S2FT applied.
-        cfg: What to train; validated here.
+        cfg: What to train (it validated itself when built).
         calibration: Iterable of tokenized batches for the activation and gradient strategies.
         layout: Overrides ``cfg.layout`` ("gather" or "permuted").
 
@@ -29,7 +29,6 @@ def apply_s2ft(model: nn.Module, cfg: S2FTConfig, calibration=None, layout: str 
         ValueError: If the model already has S2FT applied, or on an invalid config/layout.
     """
     check_fresh(model)
-    cfg.validate()
     layout = cfg.layout if layout is None else layout
     return apply_selection(model, select_units(model, cfg, calibration), layout, cfg.metadata())
 

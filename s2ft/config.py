@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from s2ft.checks import is_number
 from s2ft.errors import UserError
 from s2ft.registry import STRATEGIES
 
@@ -27,8 +28,8 @@ class S2FTConfigError(UserError, ValueError):
 class S2FTConfig:
     """What S2FT trains.
 
-    Give exactly one of `ratios` or `target_params`. The config is validated on construction and again by
-    `select_units`; the budget arithmetic is documented in `s2ft.selection.unit_counts`.
+    Give exactly one of `ratios` or `target_params`. The config is validated once, on construction (call
+    `validate()` again after changing a field); the budget arithmetic is documented in `s2ft.selection.unit_counts`.
 
     Attributes:
         ratios: Component (one of COMPONENTS) -> fraction of its units to train, in (0, 1].
@@ -89,41 +90,61 @@ class S2FTConfig:
         if (self.ratios is None) == (self.target_params is None):
             given = "both" if self.ratios is not None else "neither"
             problems.append(f"give exactly one of ratios or target_params ({given} given)")
-        if self.ratios is not None:
-            problems += _check_shares("ratios", self.ratios)
-        if self.target_params is not None:
-            problems += _check_target(self.target_params)
-        if self.target_split is not None:
-            if self.target_params is None:
-                problems.append("target_split is only used with target_params; remove it or set target_params")
-            problems += _check_shares("target_split", self.target_split)
-            shares = [v for v in self.target_split.values() if _is_number(v)]
-            if shares and len(shares) == len(self.target_split) and not math.isclose(sum(shares), 1.0, abs_tol=1e-6):
-                problems.append(f"target_split shares must sum to 1, got {sum(shares):g}")
-        problems += _check_choice("strategy", self.strategy, tuple(STRATEGIES))
-        problems += _check_choice("order", self.order, ORDERS)
-        problems += _check_choice("allocation", self.allocation, ALLOCATIONS)
-        problems += _check_choice("layout", self.layout, LAYOUTS)
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            problems.append(f"seed must be an int, got {self.seed!r}")
-        if self.layers is not None:
-            bad = [i for i in self.layers if not isinstance(i, int) or isinstance(i, bool) or i < 0]
-            if not isinstance(self.layers, list) or not self.layers or bad:
-                problems.append(f"layers must be a non-empty list of layer indices >= 0, got {self.layers!r}")
-            elif len(set(self.layers)) != len(self.layers):
-                problems.append(f"layers has duplicates: {self.layers}")
-        if self.exclude is not None and isinstance(self.exclude, (int, float, bool)):
-            problems.append(f"exclude must be an adapter, a selection dict or an adapter path, got {self.exclude!r}")
+        if self.target_split is not None and self.target_params is None:
+            problems.append("target_split is only used with target_params; remove it or set target_params")
+        problems += field_problems({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         if problems:
             raise S2FTConfigError("invalid S2FTConfig:\n  - " + "\n  - ".join(problems))
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def field_problems(fields: Mapping[str, Any]) -> list[str]:
+    """What is wrong with each of the given S2FTConfig fields on its own (a None budget field is not checked).
+
+    The one home of the per-field rules: `S2FTConfig.validate` adds the rules between fields, and
+    `s2ft.methods.s2ft.option_problems` checks the run config's `method.options` with the same rules.
+
+    Args:
+        fields: Field name -> value, any subset of S2FTConfig's fields.
+    """
+    problems = []
+    for name, value in fields.items():
+        if value is None and name in _OPTIONAL:
+            continue
+        problems += _FIELD_CHECKS[name](value)
+    return problems
+
+
+def _check_split(split) -> list[str]:
+    problems = _check_shares("target_split", split)
+    shares = [v for v in split.values() if is_number(v)] if isinstance(split, Mapping) else []
+    if shares and len(shares) == len(split) and not math.isclose(sum(shares), 1.0, abs_tol=1e-6):
+        problems.append(f"target_split shares must sum to 1, got {sum(shares):g}")
+    return problems
+
+
+def _check_seed(seed) -> list[str]:
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        return [f"seed must be an int, got {seed!r}"]
+    return []
+
+
+def _check_layers(layers) -> list[str]:
+    indices = layers if isinstance(layers, list) else []
+    if not indices or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in indices):
+        return [f"layers must be a non-empty list of layer indices >= 0, got {layers!r}"]
+    if len(set(layers)) != len(layers):
+        return [f"layers has duplicates: {layers}"]
+    return []
+
+
+def _check_exclude(exclude) -> list[str]:
+    if isinstance(exclude, (int, float, bool)):
+        return [f"exclude must be an adapter, a selection dict or an adapter path, got {exclude!r}"]
+    return []
 
 
 def _check_ratio(name: str, value) -> list[str]:
-    if not _is_number(value) or not 0 < value <= 1:
+    if not is_number(value) or not 0 < value <= 1:
         return [f"{name} must be a number in (0, 1], got {value!r}"]
     return []
 
@@ -155,3 +176,18 @@ def _check_choice(field: str, value, valid: tuple[str, ...]) -> list[str]:
     if value not in valid:
         return [f"unknown {field} {value!r}; valid: {', '.join(valid)}"]
     return []
+
+
+_OPTIONAL = ("ratios", "target_params", "target_split", "layers", "exclude")
+_FIELD_CHECKS = {
+    "ratios": lambda ratios: _check_shares("ratios", ratios),
+    "target_params": _check_target,
+    "target_split": _check_split,
+    "strategy": lambda strategy: _check_choice("strategy", strategy, tuple(STRATEGIES)),
+    "order": lambda order: _check_choice("order", order, ORDERS),
+    "seed": _check_seed,
+    "allocation": lambda allocation: _check_choice("allocation", allocation, ALLOCATIONS),
+    "layers": _check_layers,
+    "exclude": _check_exclude,
+    "layout": lambda layout: _check_choice("layout", layout, LAYOUTS),
+}

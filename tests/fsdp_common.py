@@ -1,12 +1,7 @@
 """The tiny runs tests/test_run_fsdp.py compares: 2 FSDP2 ranks of batch 2 against one process of batch 4."""
 
-import os
-from pathlib import Path
+from conftest import compose_run
 
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
-
-ROOT = Path(__file__).resolve().parents[1]
 BATCH = 4  # the global batch: 2 per rank under FSDP
 # Checkpoint selection on a validation every 4 steps.
 SELECT_BEST = ["trainer.select_best=val_loss", "trainer.val_check_interval=4"]
@@ -22,7 +17,6 @@ METHODS = {
 def job_config(method: str, steps: int, *overrides: str, sharded: bool) -> dict:
     """The resolved config of a `steps`-step fp32 run of `method` on tiny_llama, within one epoch (up to 20 steps:
     80 items in batches of 4), validated and checkpointed every `steps // 2` steps."""
-    os.environ.setdefault("S2FT_ROOT", str(ROOT))
     # debug=smoke sets trainer.devices and trainer.strategy (it wins over trainer=...), so the keys are set here.
     trainer = ["trainer.devices=2", "trainer.strategy=fsdp", f"data.batch_size={BATCH // 2}"] if sharded else []
     trainer = trainer or [f"data.batch_size={BATCH}"]
@@ -31,6 +25,4 @@ def job_config(method: str, steps: int, *overrides: str, sharded: bool) -> dict:
         f"trainer.val_check_interval={steps // 2}", f"trainer.checkpoint_every_n_steps={steps // 2}",
         "trainer.precision=32-true",
     ]  # fmt: skip
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[*common, *METHODS[method], *trainer, *overrides])
-    return OmegaConf.to_container(cfg, resolve=True)
+    return compose_run(*common, *METHODS[method], *trainer, *overrides)

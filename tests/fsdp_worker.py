@@ -15,10 +15,10 @@ from pathlib import Path
 
 from fsdp_common import SELECT_BEST, job_config
 
-from s2ft.lightning import S2FTLitModule, run_experiment
+from s2ft.lightning import FineTuneModule, run_experiment
 from s2ft.lightning.callbacks import RunInterrupted
 
-original_batch_end = S2FTLitModule.on_train_batch_end
+original_batch_end = FineTuneModule.on_train_batch_end
 
 
 def preempt_at(step: int):
@@ -43,14 +43,14 @@ def main(out_dir: Path, steps: int, jobs: list[str]) -> None:
             run_experiment(job_config(method, steps, *SELECT_BEST, sharded=True), out_dir / f"{method}_best")
             continue
         run_dir = out_dir / f"{method}_resumed"
-        S2FTLitModule.on_train_batch_end = preempt_at(steps // 2)
+        FineTuneModule.on_train_batch_end = preempt_at(steps // 2)
         try:
             run_experiment(job_config(method, steps, sharded=True), run_dir)
             raise AssertionError("the run was not stopped")
         except RunInterrupted:
             pass
         finally:
-            S2FTLitModule.on_train_batch_end = original_batch_end
+            FineTuneModule.on_train_batch_end = original_batch_end
         run_experiment(job_config(method, steps, "ckpt_path=last", sharded=True), run_dir)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import datasets
 import pandas as pd
 import pytest
+from conftest import DATA
 
 from s2ft.data import Example, load_train
 from s2ft.data.checks import check_train_spec
@@ -20,7 +21,6 @@ from s2ft.data.tokenize import tokenize_examples
 from s2ft.data.user import UserSource, file_digest, load_user_source, parse_source
 from s2ft.models import tiny_tokenizer
 
-DATA = Path(__file__).resolve().parents[1] / "data"
 ALPACA = [
     {"instruction": "Name a colour.", "input": "", "output": "Red."},
     {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},

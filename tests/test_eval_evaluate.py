@@ -1,19 +1,14 @@
 """`evaluate` end to end (s2ft/evaluation/evaluate.py): scoring, predictions files, subsets, modes and early errors."""
 
-import importlib
 import json
 from pathlib import Path
 
 import pytest
-from conftest import DATA
+from conftest import DATA, read_predictions
 
 from s2ft.data import TASKS, build_prompt
 from s2ft.evaluation import evaluate, prepare_tasks, summarize
-from s2ft.evaluation.generate import Generation
 from s2ft.models import tiny_tokenizer
-
-# The package exports the function `evaluate`, which shadows the submodule of the same name as an attribute.
-evaluate_module = importlib.import_module("s2ft.evaluation.evaluate")
 
 
 def write_task(data_dir: Path, task: str, records: list[dict]) -> None:
@@ -52,28 +47,14 @@ SCRIPT = {
 
 
 @pytest.fixture
-def scripted(monkeypatch):
-    """Replaces generation with the scripted outputs and records how it was called."""
-    calls = []
-
-    def fake_generate(model, tokenizer, prompts, *, max_new_tokens, batch_size, num_beams, stop, on_batch):
-        calls.append(dict(max_new_tokens=max_new_tokens, num_beams=num_beams, stop=stop, n=len(prompts)))
-        outputs = []
-        for prompt in prompts:
-            (text,) = [text for key, text in SCRIPT.items() if key in prompt]
-            outputs.append(Generation(text, list(range(len(text.split())))))
-        on_batch(len(prompts))
-        return outputs
-
-    monkeypatch.setattr(evaluate_module, "generate", fake_generate)
+def calls(scripted):
+    """The calls of the scripted generation, which answers with SCRIPT."""
+    script, calls = scripted
+    script.update(SCRIPT)
     return calls
 
 
-def read_predictions(out_dir: Path, task: str) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "predictions" / f"{task}.jsonl").read_text().splitlines()]
-
-
-def test_generate_mode_scores_and_writes_predictions(model, tokenizer, data_dir, scripted, tmp_path):
+def test_generate_mode_scores_and_writes_predictions(model, tokenizer, data_dir, calls, tmp_path):
     out = tmp_path / "run"
     result = evaluate(model, tokenizer, ["arc_easy", "gsm8k", "aqua"], data_dir=data_dir, out_dir=out, progress=False)
     tasks = result["tasks"]
@@ -83,7 +64,7 @@ def test_generate_mode_scores_and_writes_predictions(model, tokenizer, data_dir,
     assert result["avg_accuracy"] == pytest.approx((0.5 + 2 / 3 + 1.0) / 3, abs=1e-15)
     assert all(task["mode"] == "generate" and task["tokens_per_s"] > 0 for task in tasks.values())
     # Suite budgets, and the early stop only where the first label decides (commonsense).
-    budgets = {call["n"]: (call["max_new_tokens"], call["stop"] is not None) for call in scripted}
+    budgets = {call["n"]: (call["max_new_tokens"], call["stop"] is not None) for call in calls}
     assert budgets == {4: (32, True), 3: (256, False), 1: (256, False)}
     arc = read_predictions(out, "arc_easy")
     assert [r["extracted"] for r in arc] == ["answer1", "answer3", None, "answer1"]
@@ -95,9 +76,9 @@ def test_generate_mode_scores_and_writes_predictions(model, tokenizer, data_dir,
     assert [r["gold"] for r in gsm8k] == [0.0, 2.0, 4.0]
 
 
-def test_max_new_tokens_override(model, tokenizer, data_dir, scripted):
+def test_max_new_tokens_override(model, tokenizer, data_dir, calls):
     evaluate(model, tokenizer, ["gsm8k"], data_dir=data_dir, max_new_tokens=5, progress=False)
-    assert scripted[0]["max_new_tokens"] == 5
+    assert calls[0]["max_new_tokens"] == 5
 
 
 def test_generate_on_a_real_model_is_batch_size_invariant(model, tokenizer, tmp_path):
@@ -173,7 +154,7 @@ def test_groups_and_average():
     assert result["groups"] == {"id": pytest.approx(0.3, abs=1e-15)}
 
 
-def test_training_mode_is_restored(model, tokenizer, data_dir, scripted):
+def test_training_mode_is_restored(model, tokenizer, data_dir, calls):
     model.train()
     try:
         evaluate(model, tokenizer, ["aqua"], data_dir=data_dir, progress=False)
@@ -234,7 +215,7 @@ def test_unscorable_records_fail_before_the_model_is_used(tmp_path, task, record
         )
 
 
-def test_progress_display_counts_every_item(model, tokenizer, data_dir, scripted, capsys):
+def test_progress_display_counts_every_item(model, tokenizer, data_dir, calls, capsys):
     result = evaluate(model, tokenizer, ["arc_easy", "gsm8k"], data_dir=data_dir, progress=True)
     assert result["tasks"]["arc_easy"]["n"] == 4
     shown = capsys.readouterr().out

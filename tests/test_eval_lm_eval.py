@@ -3,18 +3,14 @@ schemas, the same items as our evaluation, the harness's scores on a tiny model 
 ``eval.backend=lm_eval`` through the runner into the summary."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import DATA, compose_run
 
 from s2ft.data import eval_subset, load_eval, read_gsm8k
 from s2ft.evaluation.lm_eval_backend import LM_EVAL_TASKS, harness_record, run_lm_eval, write_local_tasks
-from s2ft.models import tiny_model, tiny_tokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "data"
 
 
 def first(task: str):
@@ -77,9 +73,7 @@ def _harness_loglik(model, tokenizer, context: str, continuation: str) -> float:
     return sum(logits[i - 1, whole[i]].item() for i in range(len(context_ids), len(whole)))
 
 
-def test_harness_scores_match_a_direct_computation_on_a_tiny_model(tmp_path):
-    tokenizer = tiny_tokenizer()
-    model = tiny_model("llama", vocab_size=len(tokenizer), initializer_range=0.2).eval()
+def test_harness_scores_match_a_direct_computation_on_a_tiny_model(model, tokenizer, tmp_path):
     results = run_lm_eval(model, tokenizer, DATA, tmp_path, tasks=["arc_easy", "gsm8k"], limit=3, max_gen_toks=4)
     assert set(results) == {"arc_easy", "gsm8k"}
     assert results["arc_easy"]["n"] == 3 and results["gsm8k"]["n"] == 3
@@ -95,11 +89,9 @@ def test_harness_scores_match_a_direct_computation_on_a_tiny_model(tmp_path):
 
 
 def test_backend_lm_eval_stores_the_harness_results_beside_ours(tmp_path):
-    from test_run_config import load_config
-
     from s2ft.lightning import run_experiment
 
-    cfg = load_config(
+    cfg = compose_run(
         "debug=smoke",
         "mode=eval",
         "method=none",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DATA, ROOT, compose_run
 from tokenizers.processors import TemplateProcessing
 
 from s2ft.data.prompt import build_prompt
@@ -47,8 +48,6 @@ from s2ft.evaluation.mtbench import (
 from s2ft.lightning.summary import flat_metrics
 from s2ft.models import build_model
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "data"
 LOCAL_JUDGE = {"kind": "local", "max_tokens": 6, "local": {"model": "tiny_qwen2", "batch_size": 4}}
 
 
@@ -474,16 +473,11 @@ def run_py(*overrides, env=None):
 
 
 def test_instruct_mistral_without_a_judge_key_stops_before_anything_runs(tmp_path, monkeypatch):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
     from s2ft.lightning import run_experiment
     from s2ft.run_config import RunConfigError
 
-    monkeypatch.setenv("S2FT_ROOT", str(ROOT))
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = OmegaConf.to_container(compose("config", overrides=["+experiment=instruct_mistral"]), resolve=True)
+    cfg = compose_run("+experiment=instruct_mistral")
     assert cfg["eval"]["mtbench"]["judge"]["kind"] == "openai"
     assert cfg["eval"]["mtbench"]["judge"]["openai"]["model"] == "gpt-4"
     # validate_run_config reports it with every other problem of the config.
@@ -519,12 +513,8 @@ def test_instruct_mistral_smoke_run_with_local_judge_writes_the_mtbench_summary(
 def test_before_after_and_eval_mode_record_mtbench(tmp_path, monkeypatch):
     """In process: training with eval.before=true scores the untrained and the trained model; mode=eval on the
     finished run gives the trained model's answers again."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
     from s2ft.lightning import run_experiment
 
-    monkeypatch.setenv("S2FT_ROOT", str(ROOT))
     common = [
         "debug=smoke",
         "logger=none",
@@ -533,11 +523,8 @@ def test_before_after_and_eval_mode_record_mtbench(tmp_path, monkeypatch):
         "eval.mtbench.judge.local.model=tiny_qwen2",
         "eval.mtbench.judge.max_tokens=4",
     ]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        train = OmegaConf.to_container(compose("config", overrides=[*common, "eval.before=true"]), resolve=True)
-        again = OmegaConf.to_container(
-            compose("config", overrides=[*common, "mode=eval", f"run_dir={tmp_path}/run"]), resolve=True
-        )
+    train = compose_run(*common, "eval.before=true")
+    again = compose_run(*common, "mode=eval", f"run_dir={tmp_path}/run")
     summary = run_experiment(train, tmp_path / "run")
     for key in ("mtbench", "mtbench_before"):
         assert (summary[key]["n_questions"], summary[key]["missing_ratings"]) == (2, 4)

@@ -2,12 +2,12 @@
 log-likelihood tasks with their options, user groups, held-out losses, config checks, the overlap guard and the
 whole run (`run_experiment`) on a tiny model, with the task named as the user named it."""
 
-import importlib
 import json
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import DATA, ROOT, compose_run, read_predictions
 
 from s2ft.data import load_eval, load_train
 from s2ft.data.checks import check_heldout_spec
@@ -18,13 +18,8 @@ from s2ft.data.tasks import UnknownNameError
 from s2ft.data.user_tasks import group_members, parse_task, resolve_eval_tasks
 from s2ft.evaluation import evaluate, heldout_item_losses
 from s2ft.evaluation.checks import check_task_spec
-from s2ft.evaluation.generate import Generation
 from s2ft.evaluation.loglik import encode_pairs, score_pairs
 from s2ft.models import tiny_model, tiny_tokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "data"
-evaluate_module = importlib.import_module("s2ft.evaluation.evaluate")
 
 
 def write_jsonl(path: Path, records: list[dict]) -> str:
@@ -32,31 +27,8 @@ def write_jsonl(path: Path, records: list[dict]) -> str:
     return str(path)
 
 
-@pytest.fixture
-def scripted(monkeypatch):
-    """Generation replaced by a fixed answer per prompt (keyed by a substring of the question)."""
-    script: dict[str, str] = {}
-    budgets: list[int] = []
-
-    def fake_generate(model, tokenizer, prompts, *, max_new_tokens, batch_size, num_beams, stop, on_batch):
-        budgets.append(max_new_tokens)
-        outputs = []
-        for prompt in prompts:
-            (text,) = [text for key, text in script.items() if key in prompt]
-            outputs.append(Generation(text, [0] * len(text.split())))
-        on_batch(len(prompts))
-        return outputs
-
-    monkeypatch.setattr(evaluate_module, "generate", fake_generate)
-    return script, budgets
-
-
-def read_predictions(out_dir: Path, task: str) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "predictions" / f"{task}.jsonl").read_text().splitlines()]
-
-
 def test_every_answer_kind_scores_as_defined(tmp_path, scripted, model, tokenizer):
-    script, budgets = scripted
+    script, calls = scripted
     numbers = write_jsonl(
         tmp_path / "sums.jsonl",
         [
@@ -94,7 +66,7 @@ def test_every_answer_kind_scores_as_defined(tmp_path, scripted, model, tokenize
         "capitals": pytest.approx(2 / 3),
     }
     # A task's own budget wins over eval.max_new_tokens; the others take eval.max_new_tokens.
-    assert budgets == [7, 3, 3, 3]
+    assert [call["max_new_tokens"] for call in calls] == [7, 3, 3, 3]
     assert [r["correct"] for r in read_predictions(tmp_path, "Sums")] == [True, True, False]
     assert [r["extracted"] for r in read_predictions(tmp_path, "capitals")] == ["paris", "rome", "it is madrid"]
     assert [r["gold"] for r in read_predictions(tmp_path, "letters")] == ["B", "C"]
@@ -114,9 +86,7 @@ def test_user_groups_expand_and_average_like_registered_groups(tmp_path, scripte
     assert group_members(groups, tasks) == {"mine": ["a", "b"]}
 
 
-def test_loglik_task_scores_the_records_options(tmp_path):
-    tokenizer = tiny_tokenizer()
-    model = tiny_model("llama", vocab_size=len(tokenizer), initializer_range=0.2).double().eval()
+def test_loglik_task_scores_the_records_options(tmp_path, tokenizer, model64):
     records = [
         {"instruction": "Which colour is the sky?", "options": ["blue", "green", "a long red answer"], "answer": "A"},
         {"instruction": "Which is a fruit?", "options": ["car", "apple"], "answer": "B"},
@@ -124,14 +94,14 @@ def test_loglik_task_scores_the_records_options(tmp_path):
     path = write_jsonl(tmp_path / "mc.jsonl", records)
     task = {"name": "MC", "path": path, "answer": "letter", "mode": "loglik"}
     # The task's own mode wins over eval.mode=generate.
-    result = evaluate(model, tokenizer, [task], data_dir=DATA, out_dir=tmp_path, progress=False)
+    result = evaluate(model64, tokenizer, [task], data_dir=DATA, out_dir=tmp_path, progress=False)
     assert result["tasks"]["MC"]["mode"] == "loglik"
     predictions = read_predictions(tmp_path, "MC")
     for record, prediction in zip(records, predictions, strict=True):
         labels = "ABC"[: len(record["options"])]
         assert prediction["options"] == dict(zip(labels, record["options"], strict=True))
         pairs = encode_pairs([record["instruction"]] * len(labels), [""] * len(labels), record["options"], tokenizer)
-        scores = score_pairs(model, pairs, pad_token_id=tokenizer.pad_token_id)
+        scores = score_pairs(model64, pairs, pad_token_id=tokenizer.pad_token_id)
         best = max(range(len(labels)), key=lambda i: scores[i].mean)
         assert prediction["extracted"] == labels[best]
         assert prediction["logprob"] == pytest.approx({labels[i]: scores[i].logprob for i in range(len(labels))})
@@ -139,7 +109,7 @@ def test_loglik_task_scores_the_records_options(tmp_path):
         tmp_path / "yn.jsonl", [{"instruction": "Is it?", "options": {"yes": "Yes", "no": "No"}, "answer": "no"}]
     )
     spec = {"name": "yn", "path": labelled, "answer": "label", "labels": ["yes", "no"], "mode": "loglik"}
-    result = evaluate(model, tokenizer, [spec], data_dir=DATA, out_dir=tmp_path, progress=False)
+    result = evaluate(model64, tokenizer, [spec], data_dir=DATA, out_dir=tmp_path, progress=False)
     assert read_predictions(tmp_path, "yn")[0]["options"] == {"yes": "Yes", "no": "No"}
 
 
@@ -239,14 +209,12 @@ def test_overlap_guard_on_user_training_data_against_user_tasks(tmp_path):
 def test_the_issue_command_runs_end_to_end(tmp_path):
     """`python run.py 'data.train=[my/train.jsonl]' 'eval.tasks=[{name: mine, path: my/test.json, answer: letter}]'`
     on a tiny model, through the whole runner (config check, training, evaluation, summary)."""
-    from test_run_config import load_config
-
     from s2ft.lightning import run_experiment
 
     train = write_jsonl(tmp_path / "train.jsonl", [{"instruction": f"Pick {i}", "output": "B"} for i in range(12)])
     test = tmp_path / "test.json"
     test.write_text(json.dumps([{"instruction": f"Choose {i}", "output": "B"} for i in range(3)]))
-    cfg = load_config(
+    cfg = compose_run(
         "debug=smoke",
         f"data.train=[{train}]",
         f"eval.tasks=[{{name: Mine, path: {test}, answer: letter}}]",
@@ -263,7 +231,7 @@ def test_the_issue_command_runs_end_to_end(tmp_path):
     assert (tmp_path / "run" / "predictions" / "heldout_mine_loss.jsonl").is_file()
     # Re-evaluating the run uses the template it was trained with (the tiny tokenizer has no chat template, so
     # data.template=chat would be refused if it were applied).
-    again = load_config(
+    again = compose_run(
         "debug=smoke",
         "mode=eval",
         f"run_dir={tmp_path / 'run'}",

@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
-from hydra import compose, initialize_config_dir
+from conftest import CONF, compose_config, compose_run
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
@@ -16,12 +15,12 @@ from experiments.report.table import build_rows
 from experiments.study.fuse import fuse_and_evaluate, fused_parameter_count
 from s2ft.adapter_format import load_adapter_file
 from s2ft.data.tasks import resolve_tasks
+from s2ft.lightning.jobs import resolved_job
 from s2ft.methods import prepare_model, trainable_summary
 from s2ft.methods.peft_lora import lora_param_count
 from s2ft.models import MODEL_SHAPES, tiny_model
 from s2ft.run_config import validate_run_config
 
-CONF = ROOT / "conf"
 EXPERIMENTS = sorted(path.stem for path in (CONF / "experiment").glob("*.yaml"))
 PAPER = {
     "arith_llama": "llama2_7b",
@@ -43,28 +42,9 @@ SMOLLM = ["arith_smollm", "commonsense_smollm", "generalization_smollm", "select
 SMOLLM += ["fusion_smollm", "lr_grid_smollm"]
 
 
-@pytest.fixture(autouse=True)
-def _root(monkeypatch):
-    monkeypatch.setenv("S2FT_ROOT", str(ROOT))
-
-
-def compose_dict(*overrides: str, smoke: bool = False) -> dict:
-    """The resolved config `python run.py OVERRIDES` runs; with ``smoke`` the debug=smoke settings win.
-
-    conf/config.yaml lists `debug` before the appended `+experiment`, so Hydra lets the experiment's keys override
-    the smoke settings; merging conf/debug/smoke.yaml last gives what `debug=smoke` is meant to give.
-    """
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides))
-    if smoke:
-        cfg = OmegaConf.merge(cfg, OmegaConf.load(CONF / "debug" / "smoke.yaml"))
-    return OmegaConf.to_container(cfg, resolve=True)
-
-
 def sweep_axes(experiment: str, skip: tuple[str, ...] = ()) -> list[list[str]]:
     """Per swept key, its overrides (``key=value``), parsed as Hydra's basic sweeper parses them."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[f"+experiment={experiment}"], return_hydra_config=True)
+    cfg = compose_config(f"+experiment={experiment}")
     params = {key: value for key, value in (cfg.hydra.sweeper.params or {}).items() if key not in skip}
     parsed = OverridesParser.create().parse_overrides([f"{key}={value}" for key, value in params.items()])
     return [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] for o in parsed]
@@ -76,7 +56,7 @@ def sweep_points(experiment: str, skip: tuple[str, ...] = ()) -> list[list[str]]
 
 
 def check_point(experiment: str, point: list[str]) -> None:
-    cfg = compose_dict(f"+experiment={experiment}", *point)
+    cfg = compose_run(f"+experiment={experiment}", *point)
     validate_run_config(cfg)
     assert cfg["name"] == experiment
     assert cfg["model"]["name"] == PAPER.get(experiment, "smollm2_135m")
@@ -87,10 +67,10 @@ def test_every_sweep_value_composes_and_validates(experiment):
     """Each value of each swept key once, with the other keys at the experiment's own values.
 
     Group choices (method=...) are composed; plain keys are set on the composed base, which is what a Hydra
-    override of a key does (composing takes ~0.5 s here, so the full product is the slow test below).
+    override of a key does, then resolved as run.py resolves a job (composing takes ~0.5 s here, so the full product
+    is the slow test below).
     """
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        base = compose("config", overrides=[f"+experiment={experiment}"])
+    base = compose_config(f"+experiment={experiment}")
     for axis in sweep_axes(experiment):
         for override in axis:
             key, value = override.split("=", 1)
@@ -99,8 +79,8 @@ def test_every_sweep_value_composes_and_validates(experiment):
                 continue
             cfg = base.copy()
             OmegaConf.update(cfg, key, OverridesParser.create().parse_override(override).value(), merge=False)
-            validate_run_config(OmegaConf.to_container(cfg, resolve=True))
-    smoke = compose_dict(f"+experiment={experiment}", "debug=smoke", smoke=True)
+            validate_run_config(resolved_job(cfg))
+    smoke = compose_run(f"+experiment={experiment}", "debug=smoke")
     validate_run_config(smoke)
     assert smoke["model"]["name"] == "tiny_llama" and smoke["trainer"]["max_steps"] == 4
 
@@ -116,19 +96,17 @@ def test_every_sweep_point_composes_and_validates(experiment):
 
 def test_method_studies_sweep_methods_and_seeds_with_their_own_learning_rates():
     assert sweep_axes("commonsense_smollm")[1] == ["seed=0", "seed=1", "seed=2"]
-    configs = [
-        compose_dict("+experiment=commonsense_smollm", *p) for p in sweep_points("commonsense_smollm", ("seed",))
-    ]
+    configs = [compose_run("+experiment=commonsense_smollm", *p) for p in sweep_points("commonsense_smollm", ("seed",))]
     assert [c["method"]["name"] for c in configs] == ["s2ft", "lora", "dora", "full", "spft"]
     lrs = {c["method"]["name"]: c["method"]["lr"] for c in configs}
     assert lrs["s2ft"] == 1e-3 and lrs["lora"] == 2e-4 and lrs["full"] < lrs["lora"]
     paper = {
         c["method"]["name"]: c
-        for c in (compose_dict("+experiment=arith_llama", *p) for p in sweep_points("arith_llama"))
+        for c in (compose_run("+experiment=arith_llama", *p) for p in sweep_points("arith_llama"))
     }
     assert paper["s2ft"]["method"]["options"]["ratios"] == {"o": 0.052, "down": 0.02}
     assert paper["lora"]["method"]["options"]["r"] == 32 and paper["lora"]["method"]["options"]["lora_alpha"] == 64
-    llama3 = compose_dict("+experiment=arith_llama3")
+    llama3 = compose_run("+experiment=arith_llama3")
     assert llama3["method"]["options"]["ratios"] == {"down": 0.03}  # not merged with the default O ratio
 
 
@@ -155,28 +133,28 @@ PAPER_LRS = {
 def test_paper_studies_use_the_official_learning_rates(experiment, task):
     lrs = {
         c["method"]["name"]: c["method"]["lr"]
-        for c in (compose_dict(f"+experiment={experiment}", *p) for p in sweep_points(experiment))
+        for c in (compose_run(f"+experiment={experiment}", *p) for p in sweep_points(experiment))
     }
     assert lrs == PAPER_LRS[task]
 
 
 def test_paper_fusion_legs_selection_and_instruct_settings():
-    legs = [compose_dict("+experiment=fusion", *p) for p in sweep_points("fusion")]
+    legs = [compose_run("+experiment=fusion", *p) for p in sweep_points("fusion")]
     assert [(c["data"]["train"], c["method"]["lr"]) for c in legs] == [
         (["math_10k"], 1e-3),
         (["commonsense_170k"], 2e-4),
     ]
     assert all(c["method"]["options"]["ratios"] == {"down": 0.03} for c in legs)
     for experiment in ("selection_ablation", "selection_ablation_arith"):
-        options = compose_dict(f"+experiment={experiment}")["method"]["options"]
+        options = compose_run(f"+experiment={experiment}")["method"]["options"]
         assert options["calibration_size"] == 0.01 and options["ratios"] == {"down": 0.03}
-    instruct = compose_dict("+experiment=instruct_mistral")
+    instruct = compose_run("+experiment=instruct_mistral")
     assert instruct["method"]["options"]["ratios"] == {"down": 0.03} and instruct["trainer"]["warmup_steps"] == 0
 
 
 def test_component_and_generalization_sweeps_vary_one_thing():
     splits = [
-        compose_dict("+experiment=components_smollm", *p)["method"]["options"]["target_split"]
+        compose_run("+experiment=components_smollm", *p)["method"]["options"]["target_split"]
         for p in sweep_points("components_smollm")
     ]
     assert sorted({tuple(s.items()) for s in splits}) == sorted(
@@ -185,7 +163,7 @@ def test_component_and_generalization_sweeps_vary_one_thing():
     budgets = {
         (c["method"]["name"], c["budget"], c["method"]["options"].get("p", c["method"]["options"].get("budget")))
         for c in (
-            compose_dict("+experiment=generalization_smollm", *p)
+            compose_run("+experiment=generalization_smollm", *p)
             for p in sweep_points("generalization_smollm", ("seed",))
         )
     }
@@ -204,7 +182,7 @@ def test_generalization_sweep_counts_both_budgets_the_same_way(budget):
     shapes = {key: smollm2[key] for key in layer}
     counts = {}
     for method in ("budget/spft", "budget/lora_linear"):
-        cfg = compose_dict("+experiment=generalization_smollm", f"method={method}", f"budget={budget}")
+        cfg = compose_run("+experiment=generalization_smollm", f"method={method}", f"budget={budget}")
         model = tiny_model("llama", vocab_size=32, num_hidden_layers=2, **shapes)
         model = prepare_model(model, cfg["method"]["name"], cfg["method"]["options"])
         counts[cfg["method"]["name"]] = trainable_summary(model)["trainable_params"]
@@ -221,7 +199,7 @@ def test_smollm_methods_have_matched_trainable_budgets():
     shapes = {key: smollm2[key] for key in layer}
     counts = {}
     for method in ("s2ft", "lora", "dora", "spft"):
-        cfg = compose_dict(f"method=smollm/{method}")
+        cfg = compose_run(f"method=smollm/{method}")
         model = tiny_model("llama", vocab_size=32, num_hidden_layers=2, **shapes)
         model = prepare_model(model, cfg["method"]["name"], cfg["method"]["options"])
         counts[method] = trainable_summary(model)["trainable_params"]
@@ -235,7 +213,7 @@ def test_smollm_methods_have_matched_trainable_budgets():
 def run_smoke(experiment: str, point: list[str], run_dir: Path, *extra: str) -> dict:
     from s2ft.lightning import run_experiment
 
-    cfg = compose_dict(f"+experiment={experiment}", *point, "debug=smoke", "logger=none", *extra, smoke=True)
+    cfg = compose_run(f"+experiment={experiment}", *point, "debug=smoke", "logger=none", *extra)
     # Two tasks of the study (both suites where it has both) keep the smoke fast; the configs are checked above.
     tasks = [task.name for task in resolve_tasks(cfg["eval"]["tasks"])]
     cfg["eval"]["tasks"] = list(dict.fromkeys([tasks[0], tasks[-1]]))
@@ -254,7 +232,7 @@ FAST_SMOKES = [
 @pytest.mark.parametrize(("experiment", "point"), FAST_SMOKES, ids=[e for e, _ in FAST_SMOKES])
 def test_study_family_smoke_runs(experiment, point, tmp_path):
     summary = run_smoke(experiment, point, tmp_path)
-    cfg = compose_dict(f"+experiment={experiment}", *point)
+    cfg = compose_run(f"+experiment={experiment}", *point)
     assert summary["experiment"] == experiment and summary["method"] == cfg["method"]["name"]
     assert summary["train"]["steps"] == 2 and summary["trainable_params"] > 0
     assert set(summary["heldout"]) == set(cfg["eval"]["heldout"])

@@ -5,9 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import ROOT
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from conftest import compose_run
 
 from s2ft.lightning import run_experiment
 from s2ft.lightning.callbacks import AtomicCheckpointIO
@@ -57,12 +55,9 @@ def test_checkpoints_honour_the_umask(tmp_path):
 
 
 def test_select_best_keeps_the_lowest_validation_loss(tmp_path):
-    os.environ.setdefault("S2FT_ROOT", str(ROOT))
     overrides = ["debug=smoke", "eval=none", "trainer.max_steps=6", "trainer.val_check_interval=2"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[*overrides, "trainer.select_best=val_loss", "method.lr=0.05"])
-    cfg = OmegaConf.merge(cfg, {"trainer": {"val_check_interval": 2}, "method": {"lr": 0.05}})
-    summary = run_experiment(OmegaConf.to_container(cfg, resolve=True), tmp_path)
+    cfg = compose_run(*overrides, "trainer.select_best=val_loss", "method.lr=0.05")
+    summary = run_experiment(cfg, tmp_path)
     with open(tmp_path / "metrics.csv") as f:
         val = [float(row["val/loss"]) for row in csv.DictReader(f) if row.get("val/loss")]
     assert len(val) == 3

@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_lightning_resume import adapter_tensors, smoke_config
 
-from s2ft.lightning import S2FTLitModule, run_experiment
+from s2ft.lightning import FineTuneModule, run_experiment
 from s2ft.lightning.callbacks import RunInterrupted
 
 # 24 items, 8 of them for validation, one too long for max_length (dropped): 15 training items in batches of 4, so 3
@@ -22,7 +22,7 @@ STEPS_PER_EPOCH = 3
 def recording(batches: list, stop_after: int | None = None):
     """Within the block, runs append (epoch, the batch's token rows) of every training step to `batches`; with
     `stop_after`, a run sends itself SIGTERM after that optimizer step (a cluster preemption)."""
-    training_step, batch_end = S2FTLitModule.training_step, S2FTLitModule.on_train_batch_end
+    training_step, batch_end = FineTuneModule.training_step, FineTuneModule.on_train_batch_end
 
     def record(self, batch, batch_idx):
         pairs = zip(batch["input_ids"], batch["attention_mask"], strict=True)
@@ -36,8 +36,8 @@ def recording(batches: list, stop_after: int | None = None):
             os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(S2FTLitModule, "training_step", record)
-        patch.setattr(S2FTLitModule, "on_train_batch_end", stop)
+        patch.setattr(FineTuneModule, "training_step", record)
+        patch.setattr(FineTuneModule, "on_train_batch_end", stop)
         yield
 
 

@@ -1,7 +1,7 @@
 """Loggers from the `logger` group: W&B offline with a run id kept in the run directory, CSV, none."""
 
 import pytest
-from conftest import ROOT
+from conftest import compose_run
 
 from s2ft.lightning.loggers import WANDB_ID_FILE, build_logger, wandb_info
 
@@ -41,19 +41,14 @@ def test_csv_and_none(tmp_path, name):
 def test_each_run_in_one_process_gets_its_own_wandb_run(tmp_path, monkeypatch):
     """A Hydra multirun runs its jobs in one process: each job must log into its own W&B run, not the first one's."""
     import wandb
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
     from s2ft.lightning import run_experiment
 
     monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("S2FT_ROOT", str(ROOT))
     summaries = []
     for job in range(2):
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose("config", overrides=["debug=smoke", "eval=none", "logger=wandb", f"seed={job}"])
-        cfg = OmegaConf.to_container(cfg, resolve=True)
-        cfg["logger"]["name"] = "wandb"  # debug=smoke logs to CSV
+        # debug=smoke logs to CSV, over logger=wandb; the key override comes after it.
+        cfg = compose_run("debug=smoke", "eval=none", "logger=wandb", "logger.name=wandb", f"seed={job}")
         summaries.append(run_experiment(cfg, tmp_path / str(job)))
         assert wandb.run is None  # finished, so the next run cannot adopt it
     ids = [s["wandb"]["id"] for s in summaries]

@@ -1,11 +1,11 @@
-"""S2FTLitModule: optimizer over trainable parameters only, the lr schedule, and trainable-only checkpoint keys."""
+"""FineTuneModule: optimizer over trainable parameters only, the lr schedule, and trainable-only checkpoint keys."""
 
 import math
 
 import pytest
 import torch
 
-from s2ft.lightning.module import S2FTLitModule, lr_lambda
+from s2ft.lightning.module import FineTuneModule, lr_lambda
 from s2ft.models import tiny_model
 
 
@@ -16,7 +16,7 @@ def test_linear_and_cosine_schedules_with_warmup():
     assert cosine(4) == 1.0 and cosine(9) == pytest.approx(0.5) and cosine(14) == pytest.approx(0.0)
     assert cosine(6) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.2)))
     with pytest.raises(ValueError, match="scheduler must be 'linear' or 'cosine'"):
-        S2FTLitModule(torch.nn.Linear(2, 2), lr=1e-3, scheduler="step")
+        FineTuneModule(torch.nn.Linear(2, 2), lr=1e-3, scheduler="step")
 
 
 def test_optimizer_and_checkpoint_cover_only_trainable_tensors():
@@ -25,7 +25,7 @@ def test_optimizer_and_checkpoint_cover_only_trainable_tensors():
     trained = model.model.layers[1].mlp.down_proj
     trained.weight.requires_grad_(True)
     trained.register_buffer("mask", torch.ones(3))
-    module = S2FTLitModule(model, lr=1e-3)
+    module = FineTuneModule(model, lr=1e-3)
     assert module.trained_keys() == {
         "model.model.layers.1.mlp.down_proj.weight",
         "model.model.layers.1.mlp.down_proj.mask",
@@ -48,12 +48,12 @@ def test_optimizer_and_checkpoint_cover_only_trainable_tensors():
 
 def test_training_starts_in_train_mode():
     model = tiny_model("llama", vocab_size=64).eval()  # from_pretrained returns eval-mode models
-    S2FTLitModule(model, lr=1e-3)
+    FineTuneModule(model, lr=1e-3)
     assert all(m.training for m in model.modules())
 
 
 def test_no_trainable_parameters_is_a_clear_error():
     model = tiny_model("llama", vocab_size=64).requires_grad_(False)
-    module = S2FTLitModule(model, lr=1e-3)
+    module = FineTuneModule(model, lr=1e-3)
     with pytest.raises(ValueError, match="no trainable parameters"):
         module.configure_optimizers()

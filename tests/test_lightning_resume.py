@@ -9,22 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from conftest import compose_run
 from safetensors.torch import load_file
 
-from s2ft.lightning import S2FTLitModule, run_experiment, runner
+from s2ft.lightning import FineTuneModule, run_experiment, runner
 from s2ft.lightning.callbacks import RunInterrupted
 from s2ft.lightning.run_dir import RunDirError
 from s2ft.run_config import RunConfigError
 
 
 def smoke_config(*overrides: str, logger: str = "none") -> dict:
-    os.environ.setdefault("S2FT_ROOT", str(ROOT))
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["debug=smoke", "eval=none", f"logger={logger}", *overrides])
-    return OmegaConf.to_container(cfg, resolve=True)
+    return compose_run("debug=smoke", "eval=none", f"logger={logger}", *overrides)
 
 
 def logged(run_dir: Path, timings: bool = False) -> dict[tuple[str, int], float]:
@@ -48,14 +43,14 @@ def stop_at_step(monkeypatch):
     """Make the run send itself a signal after optimizer step `n` (SIGTERM: a cluster preemption; SIGINT: Ctrl-C)."""
 
     def arm(n: int, signum: int = signal.SIGTERM):
-        original = S2FTLitModule.on_train_batch_end
+        original = FineTuneModule.on_train_batch_end
 
         def on_train_batch_end(self, outputs, batch, batch_idx):
             original(self, outputs, batch, batch_idx)
             if self.trainer.global_step == n:
                 os.kill(os.getpid(), signum)
 
-        monkeypatch.setattr(S2FTLitModule, "on_train_batch_end", on_train_batch_end)
+        monkeypatch.setattr(FineTuneModule, "on_train_batch_end", on_train_batch_end)
         return monkeypatch
 
     return arm
@@ -162,8 +157,8 @@ def test_auto_after_a_run_stopped_during_its_final_evaluation_trains_nothing_mor
     torch.save(ckpt, path)
 
     steps = []
-    original = S2FTLitModule.training_step
-    monkeypatch.setattr(S2FTLitModule, "training_step", lambda self, *a: steps.append(1) or original(self, *a))
+    original = FineTuneModule.training_step
+    monkeypatch.setattr(FineTuneModule, "training_step", lambda self, *a: steps.append(1) or original(self, *a))
     resumed = run_experiment(smoke_config(*overrides), tmp_path / "job")
     assert not steps
     assert resumed["train"]["peak_mem_mb"] == 10.0**7

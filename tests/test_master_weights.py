@@ -1,11 +1,11 @@
 """fp32 master weights: trainable tensors and optimizer state in fp32 beside bf16 frozen weights, no update lost."""
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import ROOT
 from test_lightning_epochs import recording
 from test_lightning_resume import adapter_tensors, smoke_config
 from torch import nn
@@ -20,7 +20,6 @@ from s2ft.methods import prepare_model
 from s2ft.models import tiny_model
 from s2ft.state import s2ft_modules
 
-ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 64
 # The smallest peak learning rate of any paper method config: where bf16 rounding loses the most.
 SMALLEST_PAPER_LR = min(yaml.safe_load(f.read_text())["lr"] for f in (ROOT / "conf/method/paper").glob("*.yaml"))

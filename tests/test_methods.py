@@ -1,14 +1,18 @@
 """Method contract suite (PEFT testing_common style): one set of checks parametrised over every method."""
 
 import copy
+import dataclasses
 import warnings
 
 import peft.utils.save_and_load as peft_save
 import pytest
 import safetensors.torch
 import torch
+import yaml
+from conftest import ROOT
 from torch import nn
 
+from s2ft.config import S2FTConfig
 from s2ft.methods import (
     METHODS,
     load_trained,
@@ -314,3 +318,17 @@ def test_lora_save_asks_no_hub_and_warns_nothing(method, tmp_path, monkeypatch):
         save_trained(model, method, tmp_path / "out")
     assert asked == []
     assert not any("embed" in key for key in safetensors.torch.load_file(tmp_path / "out/adapter_model.safetensors"))
+
+
+def test_s2ft_options_are_s2ftconfig_fields_with_its_defaults():
+    """S2FT's method.options are S2FTConfig's fields (its defaults) plus match_lora and calibration_size, and
+    conf/method/s2ft.yaml, which must name every key a command line may override, sets the same values but the
+    paper's LLaMA ratios and the run's seed."""
+    fields = {field.name: field.default for field in dataclasses.fields(S2FTConfig)}
+    defaults = METHODS["s2ft"].defaults
+    assert set(defaults) == {*fields, "match_lora", "calibration_size"}
+    assert {key: defaults[key] for key in fields if key != "ratios"} == {
+        k: v for k, v in fields.items() if k != "ratios"
+    }
+    options = yaml.safe_load((ROOT / "conf/method/s2ft.yaml").read_text())["options"]
+    assert options == {**defaults, "ratios": {"o": 0.052, "down": 0.02}, "seed": "${seed}"}

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_experiment_configs import ROOT, compose_dict
+from conftest import compose_run
 
 from s2ft.methods import method_options, prepare_model, trainable_summary
 from s2ft.methods.peft_lora import DEFAULTS as LORA_DEFAULTS
@@ -41,9 +41,8 @@ def total(model) -> int:
 
 
 @pytest.mark.parametrize("experiment", sorted(PAPER_PCT))
-def test_paper_configs_train_the_papers_trainable_percentage(experiment, shapes, monkeypatch):
-    monkeypatch.setenv("S2FT_ROOT", str(ROOT))
-    cfg = compose_dict(f"+experiment={experiment}")
+def test_paper_configs_train_the_papers_trainable_percentage(experiment, shapes):
+    cfg = compose_run(f"+experiment={experiment}")
     assert cfg["method"]["name"] == "s2ft"
     model = shapes[cfg["model"]["name"]]
     pct = 100 * planned_params(model, method_options("s2ft", cfg["method"]["options"])) / total(model)
@@ -70,11 +69,10 @@ def test_s2ft_matched_to_lora_lands_within_two_percent_of_its_count(name, shapes
 
 
 @pytest.mark.parametrize("budget", [0.1, 0.01, 0.001])
-def test_generalization_lora_and_spft_count_the_same_entries(budget, shapes, monkeypatch):
-    monkeypatch.setenv("S2FT_ROOT", str(ROOT))
+def test_generalization_lora_and_spft_count_the_same_entries(budget, shapes):
     model = shapes["llama3_8b"]
-    spft_cfg = compose_dict("+experiment=generalization_llama3", "method=budget/spft", f"budget={budget}")
-    lora_cfg = compose_dict("+experiment=generalization_llama3", "method=budget/lora_linear", f"budget={budget}")
+    spft_cfg = compose_run("+experiment=generalization_llama3", "method=budget/spft", f"budget={budget}")
+    lora_cfg = compose_run("+experiment=generalization_llama3", "method=budget/lora_linear", f"budget={budget}")
     p = spft_cfg["method"]["options"]["p"]
     spft = sum(round(p * m.weight.numel()) for _, m in targeted_linears(model, SPFT_DEFAULTS["target_modules"]))
     options = method_options("lora", lora_cfg["method"]["options"])

@@ -15,7 +15,8 @@ import math
 import lightning as L
 import pytest
 import torch
-from test_experiment_configs import PAPER, ROOT, compose_dict
+from conftest import compose_run
+from test_experiment_configs import PAPER
 from test_paper_budgets import PAPER_PCT
 
 from s2ft.lightning import runner
@@ -85,8 +86,7 @@ class Probe(L.Callback):
 
 
 def dry_run(experiment: str, tmp_path, monkeypatch, *overrides: str) -> tuple[dict, dict, Probe, L.Trainer]:
-    monkeypatch.setenv("S2FT_ROOT", str(ROOT))
-    cfg = compose_dict(f"+experiment={experiment}", *overrides)
+    cfg = compose_run(f"+experiment={experiment}", *overrides)
     real = dict(cfg)
     cfg["data"] = {
         **cfg["data"],

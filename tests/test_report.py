@@ -10,9 +10,7 @@ from pathlib import Path
 import pytest
 import wandb
 import yaml
-from conftest import ROOT
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from conftest import ROOT, compose_run
 from scipy import stats
 
 from experiments.report.markdown import heldout_statement, main, pairs_verdict, significance_statement, write_report
@@ -44,12 +42,7 @@ def sweep(tmp_path_factory) -> Path:
     """A sweep directory of real smoke runs of commonsense_smollm (tiny model, 2 steps, 3 items per task)."""
     root = tmp_path_factory.mktemp("sweep")
     for i, (method, seed) in enumerate(RUNS):
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose(
-                "config",
-                overrides=["+experiment=commonsense_smollm", f"method={method}", f"seed={seed}", "logger=none"],
-            )
-        cfg = OmegaConf.to_container(OmegaConf.merge(cfg, OmegaConf.load(ROOT / "conf/debug/smoke.yaml")), resolve=True)
+        cfg = compose_run("+experiment=commonsense_smollm", f"method={method}", f"seed={seed}", "debug=smoke")
         cfg["paths"].update(root=str(ROOT), data_dir=str(ROOT / "data"))
         cfg["eval"].update(tasks=["boolq", "arc_easy"], limit=3, heldout_limit=4)
         cfg["trainer"]["max_steps"] = 2

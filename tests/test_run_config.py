@@ -1,27 +1,9 @@
 """Config validation (s2ft.run_config) and the composition of every config group and experiment."""
 
 import pytest
-from conftest import ROOT
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from conftest import CONF, ROOT, compose_config, compose_run
 
 from s2ft.run_config import RunConfigError, validate_run_config
-
-CONF = ROOT / "conf"
-
-
-@pytest.fixture(autouse=True)
-def _root(monkeypatch):
-    monkeypatch.setenv("S2FT_ROOT", str(ROOT))
-
-
-def load_config(*overrides: str) -> dict:
-    """The resolved config `python run.py OVERRIDES` would run (run.py merges the chosen debug file last)."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides))
-    if "debug=smoke" in overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.load(CONF / "debug" / "smoke.yaml"))
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def options(group: str) -> list[str]:
@@ -29,7 +11,7 @@ def options(group: str) -> list[str]:
 
 
 def test_default_config_is_the_demo():
-    cfg = load_config()
+    cfg = compose_run()
     validate_run_config(cfg)
     assert (cfg["model"]["name"], cfg["method"]["name"], cfg["mode"]) == ("smollm2_135m", "s2ft", "train")
     assert cfg["data"]["train"] == ["commonsense_mix"]
@@ -43,42 +25,41 @@ def test_every_group_option_composes_and_validates(group):
     found = options(group)
     assert found, f"conf/{group} is empty"
     for option in found:
-        cfg = load_config(f"{group}={option}")
+        cfg = compose_run(f"{group}={option}")
         assert cfg[group]  # composed
         validate_run_config(cfg)
 
 
 def test_methods_compose_and_validate():
     for method in options("method"):
-        cfg = load_config(f"method={method}", *(["mode=eval"] if method == "none" else []))
+        cfg = compose_run(f"method={method}", *(["mode=eval"] if method == "none" else []))
         validate_run_config(cfg)
         assert cfg["method"]["name"] == method
 
 
 def test_experiments_compose_and_validate():
     for experiment in options("experiment"):
-        cfg = load_config(f"+experiment={experiment}")
+        cfg = compose_run(f"+experiment={experiment}")
         validate_run_config(cfg)
-        smoke = load_config(f"+experiment={experiment}", "debug=smoke")
+        smoke = compose_run(f"+experiment={experiment}", "debug=smoke")
         validate_run_config(smoke)
         assert smoke["model"]["name"].startswith("tiny_")
 
 
 def test_slurm_launcher_composes():
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    cfg = compose_config("hydra/launcher=slurm")
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
 
 
 def test_smoke_debug_shrinks_any_run():
-    cfg = load_config("debug=smoke", "trainer=gpu", "logger=wandb")
+    cfg = compose_run("debug=smoke", "trainer=gpu", "logger=wandb")
     validate_run_config(cfg)
     assert cfg["model"]["name"] == "tiny_llama"
     assert (cfg["trainer"]["accelerator"], cfg["trainer"]["max_steps"], cfg["logger"]["name"]) == ("cpu", 4, "csv")
 
 
 def test_every_problem_is_reported_at_once(tmp_path):
-    cfg = load_config(
+    cfg = compose_run(
         "method=s2ft",
         "model.name=gpt5",
         "method.lr=0",
@@ -112,14 +93,14 @@ def test_every_problem_is_reported_at_once(tmp_path):
 
 
 def test_s2ft_options_on_a_lora_run_are_rejected():
-    cfg = load_config("method=lora")
+    cfg = compose_run("method=lora")
     cfg["method"]["options"]["ratios"] = {"o": 0.05}
     with pytest.raises(RunConfigError, match=r"S2FT options \['ratios'\] on a lora run"):
         validate_run_config(cfg)
 
 
 def test_unknown_option_of_a_method_is_rejected():
-    cfg = load_config("method=lora")
+    cfg = compose_run("method=lora")
     cfg["method"]["options"]["rank"] = 8
     with pytest.raises(RunConfigError, match="does not take option"):
         validate_run_config(cfg)
@@ -127,14 +108,14 @@ def test_unknown_option_of_a_method_is_rejected():
 
 def test_eval_mode_needs_something_to_evaluate(tmp_path):
     with pytest.raises(RunConfigError, match="mode=eval needs run_dir"):
-        validate_run_config(load_config("mode=eval"))
+        validate_run_config(compose_run("mode=eval"))
     with pytest.raises(RunConfigError, match="has no adapter/ folder"):
-        validate_run_config(load_config("mode=eval", f"run_dir={tmp_path}"))
-    validate_run_config(load_config("mode=eval", "method=none"))
+        validate_run_config(compose_run("mode=eval", f"run_dir={tmp_path}"))
+    validate_run_config(compose_run("mode=eval", "method=none"))
 
 
 def test_bad_training_numbers_and_resume_source(tmp_path):
-    cfg = load_config(
+    cfg = compose_run(
         "data.batch_size=0",
         "data.limit=-3",
         "trainer.accumulate_grad_batches=0",
@@ -157,13 +138,13 @@ def test_bad_training_numbers_and_resume_source(tmp_path):
 @pytest.mark.parametrize("size", [0.01, 1, 64])
 def test_calibration_size_is_items_or_a_fraction(size):
     validate_run_config(
-        load_config("method=s2ft", "method.options.strategy=gradient", f"method.options.calibration_size={size}")
+        compose_run("method=s2ft", "method.options.strategy=gradient", f"method.options.calibration_size={size}")
     )
 
 
 @pytest.mark.parametrize("size", [0, 0.0, 1.5, -0.1, "many", True])
 def test_bad_calibration_size_names_both_forms(size):
-    cfg = load_config("method=s2ft")
+    cfg = compose_run("method=s2ft")
     cfg["method"]["options"]["calibration_size"] = size
     with pytest.raises(RunConfigError, match=r"calibration_size must be a number of items \(int >= 1\) or a fraction"):
         validate_run_config(cfg)

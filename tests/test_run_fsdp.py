@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from fsdp_common import ROOT, SELECT_BEST, job_config
+from conftest import ROOT
+from fsdp_common import SELECT_BEST, job_config
 from peft import PeftModel
 from safetensors.torch import load_file
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, compose_run
 
 from s2ft.lightning import run_experiment
 
@@ -81,15 +81,10 @@ def scores(results: dict) -> dict:
     return {task: (r["accuracy"], r["n"], r["mode"]) for task, r in results.items()}
 
 
-def test_eval_mode_on_a_saved_run_reproduces_its_accuracy(sweep, tmp_path, monkeypatch):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    monkeypatch.setenv("S2FT_ROOT", str(ROOT))
+def test_eval_mode_on_a_saved_run_reproduces_its_accuracy(sweep, tmp_path):
     trained = sweep / "0"
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        overrides = ["debug=smoke", "mode=eval", f"run_dir={trained}", f"eval.tasks=[{','.join(TASKS)}]"]
-        cfg = OmegaConf.to_container(compose("config", overrides=[*overrides, "eval.before=false"]), resolve=True)
+    overrides = ["debug=smoke", "mode=eval", f"run_dir={trained}", f"eval.tasks=[{','.join(TASKS)}]"]
+    cfg = compose_run(*overrides, "eval.before=false")
     summary = run_experiment(cfg, tmp_path / "eval")
     expected = json.loads((trained / "summary.json").read_text())
     assert summary["train"] is None and summary["source"] == str(trained / "adapter")

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from conftest import CONF, ROOT, compose_run, run_hydra
 
 import s2ft
 from s2ft.data import DataError, split_validation
@@ -18,31 +17,17 @@ from s2ft.data.records import Example
 from s2ft.data.tokenize import tokenize_examples
 from s2ft.errors import UserError
 from s2ft.lightning import run_experiment
-from s2ft.lightning.jobs import job_config
+from s2ft.lightning.jobs import compose_job, job_problems, sweep_jobs
 from s2ft.lightning.sampler import ResumableBatchSampler
 from s2ft.models import tiny_model, tiny_tokenizer
 from s2ft.run_config import SCHEMA, RunConfigError, validate_run_config
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "S2FT_ROOT": str(ROOT)}
-
-
-@pytest.fixture(autouse=True)
-def _root(monkeypatch):
-    monkeypatch.setenv("S2FT_ROOT", str(ROOT))
-
-
-def job(*overrides: str) -> dict:
-    """The config `python run.py OVERRIDES` runs, built by the code run.py uses (debug files applied last)."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
-    return job_config(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), cfg.hydra)
 
 
 def problems(*overrides: str) -> str:
     with pytest.raises(RunConfigError) as info:
-        validate_run_config(job(*overrides))
+        validate_run_config(compose_run(*overrides))
     return str(info.value)
 
 
@@ -128,13 +113,13 @@ def test_ratios_under_the_default_budget_are_checked_and_the_fix_is_named():
 
 
 def test_float16_is_fine_for_evaluation_only():
-    validate_run_config(job("mode=eval", "method=none", "model.dtype=float16"))
+    validate_run_config(compose_run("mode=eval", "method=none", "model.dtype=float16"))
 
 
 def test_an_adapter_of_another_method_names_the_method_it_needs(s2ft_adapter):
     found = problems("mode=eval", f"adapter={s2ft_adapter}", "method=lora")
     assert f"adapter '{s2ft_adapter}' holds a s2ft adapter, not lora: set method=s2ft" in found
-    validate_run_config(job("mode=eval", f"adapter={s2ft_adapter}", "method=s2ft"))
+    validate_run_config(compose_run("mode=eval", f"adapter={s2ft_adapter}", "method=s2ft"))
 
 
 def test_the_library_loader_refuses_another_methods_adapter_too(s2ft_adapter):
@@ -157,7 +142,7 @@ def test_data_problems_found_at_run_time_are_user_errors():
 
 
 def test_a_ratio_that_gives_no_unit_is_a_user_error(tmp_path):
-    cfg = job("debug=smoke", "method=s2ft", "method.options.ratios={o:0.001}", "logger=none", "eval=none")
+    cfg = compose_run("debug=smoke", "method=s2ft", "method.options.ratios={o:0.001}", "logger=none", "eval=none")
     with pytest.raises(UserError, match=r"gives 0 of 20 units per layer; the smallest ratio giving one unit is 0\.025"):
         run_experiment(cfg, tmp_path)
     assert not (tmp_path / "adapter").exists() and not (tmp_path / "checkpoints").exists()
@@ -255,10 +240,8 @@ def test_a_bug_keeps_its_traceback(tmp_path):
 
 def test_the_multirun_check_sees_the_jobs_the_sweeper_launches():
     """`ValidateJobs` expands an experiment's own sweep (hydra.sweeper.params) with the command line's."""
-    from s2ft.lightning.jobs import job_problems, sweep_jobs
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["+experiment=fusion"], return_hydra_config=True)
+    with run_hydra():
+        cfg = compose_job(["+experiment=fusion"])
         cfg.hydra.overrides.task = ["+experiment=fusion", "method.lr=1e-3,0"]  # a multirun's command line
         jobs = sweep_jobs(cfg)
         assert jobs == [

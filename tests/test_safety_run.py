@@ -17,18 +17,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 from test_lightning_resume import adapter_tensors, logged, smoke_config
 
 from s2ft.config import S2FTConfigError
 from s2ft.data.overlap import DataOverlapError
-from s2ft.lightning import S2FTLitModule, run_experiment
+from s2ft.lightning import FineTuneModule, run_experiment
 from s2ft.lightning.callbacks import RunInterrupted, TrainingDiverged
 from s2ft.lightning.checkpoint import CheckpointError, read_checkpoint
 from s2ft.lightning.loggers import ResumableCSVLogger
 from s2ft.lightning.run_dir import RunDirError
 from s2ft.run_config import RunConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
 # 40 training items in batches of 4; checkpoints every 2 steps, validation every 3 (so once at a checkpoint's step).
 OVERRIDES = ("trainer.max_steps=6", "trainer.checkpoint_every_n_steps=2", "trainer.val_check_interval=3")
 COMMONSENSE_MIX = ["boolq", "arc_easy", "arc_challenge", "openbookqa"]
@@ -52,7 +52,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     """An uninterrupted run ("finished") and the same run stopped by SIGTERM during step 3 ("interrupted")."""
     base = tmp_path_factory.mktemp("runs")
     run_experiment(config(), base / "finished")
-    original = S2FTLitModule.on_train_batch_end
+    original = FineTuneModule.on_train_batch_end
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         original(self, outputs, batch, batch_idx)
@@ -60,7 +60,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
             os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(S2FTLitModule, "on_train_batch_end", on_train_batch_end)
+        patch.setattr(FineTuneModule, "on_train_batch_end", on_train_batch_end)
         with pytest.raises(RunInterrupted):
             run_experiment(config(), base / "interrupted")
     checkpoints = base / "interrupted" / "checkpoints"
@@ -227,7 +227,7 @@ def test_overwrite_clears_the_old_run_first(copy_of):
 
 @pytest.mark.parametrize("poisoned", ["loss", "update"])
 def test_a_non_finite_state_stops_the_run_and_keeps_the_last_good_checkpoint(poisoned, tmp_path, monkeypatch):
-    original = S2FTLitModule.training_step
+    original = FineTuneModule.training_step
 
     def training_step(self, batch, batch_idx):  # step 3 goes wrong: a NaN loss, or a finite one with NaN gradients
         loss = original(self, batch, batch_idx)
@@ -237,7 +237,7 @@ def test_a_non_finite_state_stops_the_run_and_keeps_the_last_good_checkpoint(poi
             self.last_loss = float("nan")
         return loss * float("nan")
 
-    monkeypatch.setattr(S2FTLitModule, "training_step", training_step)
+    monkeypatch.setattr(FineTuneModule, "training_step", training_step)
     run_dir = tmp_path / "diverged"
     what = "the training loss is nan" if poisoned == "loss" else r"the trained tensor \S+ holds NaN/inf after"
     with pytest.raises(TrainingDiverged, match=rf"training diverged at step 3: {what}.*model\.dtype float32.*Lower"):

@@ -7,10 +7,9 @@ accelerator is swapped for the CPU, as this machine has no GPU.
 
 import re
 import shlex
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from conftest import ROOT, compose_config
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
 from lightning.pytorch.strategies import DDPStrategy
@@ -19,10 +18,10 @@ from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero
 from omegaconf import OmegaConf
 
 from s2ft.lightning import runner
+from s2ft.lightning.jobs import resolved_job
 from s2ft.lightning.sharding import FSDP2Strategy
 from s2ft.run_config import RunConfigError, validate_run_config
 
-ROOT = Path(__file__).resolve().parents[1]
 # What the shell would put in place of the README's variables.
 SHELL = {"$NODE_RANK": "1", "$MASTER_ADDR": "node01", "$SLURM_JOB_ID": "4242"}
 TORCHRUN_ENV = {
@@ -57,17 +56,13 @@ def flag(argv: list[str], name: str) -> str:
     return argv[argv.index(name) + 1]
 
 
-def composed(argv: list[str], monkeypatch) -> dict:
-    """The config `run.py` would compose from the overrides after `run.py` in `argv` (hydra node included)."""
-    monkeypatch.setenv("S2FT_ROOT", str(ROOT))
+def composed(argv: list[str]) -> dict:
+    """The validated config `run.py` runs for the overrides after `run.py` in `argv`, its hydra node included."""
     overrides = [arg for arg in argv[argv.index("run.py") + 1 :] if arg != "-m"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides, return_hydra_config=True)
-    hydra = OmegaConf.to_container(cfg.hydra, resolve=False)
-    del cfg.hydra
-    plain = OmegaConf.to_container(cfg, resolve=True)
+    cfg = compose_config(*overrides)
+    plain = resolved_job(cfg)
     validate_run_config(plain)
-    return {**plain, "hydra": hydra}
+    return {**plain, "hydra": OmegaConf.to_container(cfg.hydra, resolve=False)}
 
 
 def trainer_in(env: dict[str, str], trainer_cfg: dict, monkeypatch, tmp_path):
@@ -92,15 +87,15 @@ def assert_rank_9_of_16(trainer, environment: type) -> None:
     assert env.main_address == "node01"
 
 
-def test_single_node_fsdp_command(monkeypatch):
+def test_single_node_fsdp_command():
     argv = command("python run.py +experiment=arith_llama trainer=fsdp")
-    tr = composed(argv, monkeypatch)["trainer"]
+    tr = composed(argv)["trainer"]
     assert (tr["strategy"], tr["num_nodes"], tr["devices"], tr["accelerator"]) == ("fsdp", 1, -1, "gpu")
 
 
 def test_torchrun_command_builds_an_fsdp_trainer_of_rank_9(monkeypatch, tmp_path):
     argv = command("torchrun")
-    cfg = composed(argv, monkeypatch)
+    cfg = composed(argv)
     tr = cfg["trainer"]
     assert (int(flag(argv, "--nnodes")), int(flag(argv, "--nproc-per-node"))) == (tr["num_nodes"], tr["devices"])
     assert tr["strategy"] == "fsdp" and cfg["hydra"]["run"]["dir"] == "outputs/arith_llama/fsdp"
@@ -111,7 +106,7 @@ def test_torchrun_command_builds_an_fsdp_trainer_of_rank_9(monkeypatch, tmp_path
 
 def test_ddp_multinode_is_the_ddp_twin(monkeypatch, tmp_path):
     argv = [arg.replace("fsdp_multinode", "ddp_multinode") for arg in command("torchrun")]
-    trainer = trainer_in(TORCHRUN_ENV, composed(argv, monkeypatch)["trainer"], monkeypatch, tmp_path)
+    trainer = trainer_in(TORCHRUN_ENV, composed(argv)["trainer"], monkeypatch, tmp_path)
     assert type(trainer.strategy) is DDPStrategy
     assert_rank_9_of_16(trainer, TorchElasticEnvironment)
 
@@ -122,7 +117,7 @@ def test_ddp_multinode_is_the_ddp_twin(monkeypatch, tmp_path):
     ids=["torchrun", "slurm"],
 )
 def test_a_launcher_of_another_size_is_refused_by_name(env, names, monkeypatch, tmp_path):
-    tr = composed(command("torchrun"), monkeypatch)["trainer"]
+    tr = composed(command("torchrun"))["trainer"]
     with pytest.raises(RunConfigError, match=rf"{names}.*trainer.devices .*trainer.num_nodes"):
         trainer_in(env, tr, monkeypatch, tmp_path)
 
@@ -130,7 +125,7 @@ def test_a_launcher_of_another_size_is_refused_by_name(env, names, monkeypatch, 
 def test_srun_command_matches_its_sbatch_allocation(monkeypatch, tmp_path):
     sbatch = next(line for line in readme_commands() if "#SBATCH" in line)
     allocation = dict(re.findall(r"--([\w-]+)=(\d+)", sbatch))
-    cfg = composed(command("srun"), monkeypatch)
+    cfg = composed(command("srun"))
     tr = cfg["trainer"]
     assert (int(allocation["nodes"]), int(allocation["ntasks-per-node"])) == (tr["num_nodes"], tr["devices"])
     assert int(allocation["gpus-per-node"]) == tr["devices"] and tr["accelerator"] == "gpu"
@@ -142,7 +137,7 @@ def test_srun_command_matches_its_sbatch_allocation(monkeypatch, tmp_path):
 
 def test_submitit_command_requests_what_the_trainer_uses(monkeypatch, tmp_path):
     argv = command("python run.py -m hydra/launcher=slurm")
-    cfg = composed(argv, monkeypatch)
+    cfg = composed(argv)
     launcher, tr = cfg["hydra"]["launcher"], cfg["trainer"]
     assert launcher["_target_"] == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher["nodes"], launcher["tasks_per_node"], launcher["gpus_per_node"]) == (2, 8, 8)

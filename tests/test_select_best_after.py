@@ -4,7 +4,7 @@ import pytest
 import torch
 from test_lightning_resume import smoke_config
 
-from s2ft.lightning import S2FTLitModule, run_experiment
+from s2ft.lightning import FineTuneModule, run_experiment
 
 # The fake validation loss of each validated step (every 2 of 8): the lowest, at step 2, lies in the first half.
 FAKE_LOSS = {2: 0.01, 4: 0.5, 6: 0.3, 8: 0.4}
@@ -17,7 +17,7 @@ def fake_val_loss(monkeypatch):
         self.log("val/loss", loss, batch_size=batch["input_ids"].shape[0])
         return loss
 
-    monkeypatch.setattr(S2FTLitModule, "validation_step", validation_step)
+    monkeypatch.setattr(FineTuneModule, "validation_step", validation_step)
 
 
 @pytest.mark.parametrize(("after", "best"), [(0.0, 0.01), (0.5, 0.3)])

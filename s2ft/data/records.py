@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
+
 from s2ft.errors import UserError
 
 LLM_ADAPTERS_FIELDS = ("instruction", "input", "output", "answer")
@@ -230,8 +232,6 @@ def load_hub(name: str, split: str) -> list[Example]:
     """
     if name not in HUB_DATASETS:
         raise KeyError(f"unknown hub dataset {name!r}; known: {', '.join(HUB_DATASETS)}")
-    import datasets
-
     hub_id, convert = HUB_DATASETS[name]
     try:
         rows = datasets.load_dataset(hub_id, split=split)

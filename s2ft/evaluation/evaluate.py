@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torchmetrics.classification import BinaryAccuracy
 
+from s2ft.checks import require_positive_int
 from s2ft.data import GROUPS, Example, TaskSpec, build_prompt, eval_subset, load_eval
 from s2ft.data.prompt import check_template
 from s2ft.data.user_tasks import group_members, load_user_task, resolve_eval_tasks
@@ -205,10 +206,8 @@ def evaluate_adapters(
         Adapter name -> what `evaluate` returns for it.
     """
     for name, value in (("batch_size", batch_size), ("num_beams", num_beams), ("max_new_tokens", max_new_tokens)):
-        if not (value is None and name == "max_new_tokens") and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
-        ):
-            raise ValueError(f"eval {name} must be a positive integer, got {value!r}")
+        if not (value is None and name == "max_new_tokens"):
+            require_positive_int(f"eval {name}", value)
     if mode == "loglik" and num_beams != 1:
         raise ValueError("num_beams applies to generation; log-likelihood mode does not generate (use num_beams=1)")
     prepared = prepare_tasks(tasks, data_dir, mode, limit, seed, groups)

@@ -9,6 +9,7 @@ import logging
 
 import torch
 
+from s2ft.checks import require_positive_int
 from s2ft.data.tokenize import IGNORE_INDEX, Collator, encode_batch, has_response
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,7 @@ def adapter_item_losses(
     """
     if not examples:
         raise ValueError("heldout_loss got no examples")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    require_positive_int("batch_size", batch_size)
     empty = [example.id for example in examples if not example.output.strip()]
     if empty:
         raise ValueError(f"held-out items need a response to score; these have an empty output: {empty[:5]}")

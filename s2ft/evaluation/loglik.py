@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from s2ft.checks import require_positive_int
 from s2ft.data.tokenize import IGNORE_INDEX, encode_batch
 
 # No truncation: a scored option must be complete (prompts here are a few hundred tokens).
@@ -78,8 +79,7 @@ def score_pairs(
     Returns:
         One `Score` per pair, in order; log-softmax taken in float64 from the model's logits.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    require_positive_int("batch_size", batch_size)
     if adapter_names is not None and len(adapter_names) != len(pairs):
         raise ValueError(f"adapter_names has {len(adapter_names)} names for {len(pairs)} pairs; give one per pair")
     # Keyed by (adapter, prompt tokens): the prompts a batch runs once, each under its own adapter.

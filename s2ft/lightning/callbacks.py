@@ -134,7 +134,7 @@ def diverged(trainer: L.Trainer, pl_module, step: int, what: str) -> TrainingDiv
 
 
 class RecordBatch(L.Callback):
-    """Lets the module record each finished batch (`S2FTLitModule.record_batch`) before any checkpoint is saved."""
+    """Lets the module record each finished batch (`FineTuneModule.record_batch`) before any checkpoint is saved."""
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         pl_module.record_batch(batch)

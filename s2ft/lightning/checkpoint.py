@@ -73,7 +73,7 @@ def check_checkpoint_fits(checkpoint: dict, path: Path, trained: dict[str, torch
     Args:
         checkpoint: The loaded checkpoint (`read_checkpoint`).
         path: Its file, for the message.
-        trained: State-dict key -> shape of every tensor the run trains (`S2FTLitModule.trained_keys`).
+        trained: State-dict key -> shape of every tensor the run trains (`FineTuneModule.trained_keys`).
         batches_per_epoch: Training batches per epoch of this run's data and batch size.
 
     Raises:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import lightning as L
 from torch.utils.data import DataLoader
 
+from s2ft.data.tokenize import Collator, tokenize_examples
 from s2ft.lightning.sampler import ResumableBatchSampler
 
 
 class SFTDataModule(L.LightningDataModule):
-    """Instruction-tuning data for `S2FTLitModule`; its checkpoint state is the training sampler's position.
+    """Instruction-tuning data for `FineTuneModule`; its checkpoint state is the training sampler's position.
 
     The position travels as the data module's state, not the dataloader's: Lightning restores a data module before
     `configure_optimizers`, whose `estimated_stepping_batches` builds the training dataloader in an epoch-based run,
@@ -38,8 +39,6 @@ class SFTDataModule(L.LightningDataModule):
         template: str = "alpaca",
     ):
         super().__init__()
-        from s2ft.data.tokenize import Collator, tokenize_examples
-
         self.train_set = tokenize_examples(train_examples, tokenizer, max_length, cache_dir, template)
         self.val_set = (
             tokenize_examples(val_examples, tokenizer, max_length, cache_dir, template) if val_examples else None

@@ -1,7 +1,8 @@
 """The config each Hydra job of `run.py` runs, and a Hydra callback that validates every job before any starts.
 
-`run.py` and `ValidateJobs` build a job's config with the same `job_config`, so what is validated up front is what
-each job runs. The callback is registered in conf/hydra/default.yaml.
+`run.py`, `ValidateJobs` and the tests (`tests/conftest.py`) build a job's config with the same `job_config`, so what
+is validated up front, and what a test composes, is what each job runs. The callback is registered in
+conf/hydra/default.yaml.
 """
 
 from __future__ import annotations
@@ -58,8 +59,14 @@ def _conf_dir(hydra_cfg: DictConfig) -> Path:
     return Path(source.path)
 
 
-def _without_hydra(cfg: DictConfig) -> DictConfig:
-    return OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+def compose_job(overrides: list[str], config_name: str | None = "config") -> DictConfig:
+    """The config Hydra composes for `run.py OVERRIDES`, its `hydra` node included (in an initialized Hydra)."""
+    return compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+
+
+def resolved_job(cfg: DictConfig) -> dict[str, Any]:
+    """`job_config` of a config composed with its `hydra` node (`compose_job`, or the one a callback gets)."""
+    return job_config(OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]), cfg.hydra)
 
 
 def sweep_jobs(cfg: DictConfig) -> list[list[str]]:
@@ -72,8 +79,7 @@ def sweep_jobs(cfg: DictConfig) -> list[list[str]]:
 def job_problems(config_name: str | None, overrides: list[str]) -> str | None:
     """The composition or validation error of the job `overrides` describe, None when it is fine."""
     try:
-        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-        validate_run_config(job_config(_without_hydra(cfg), cfg.hydra))
+        validate_run_config(resolved_job(compose_job(overrides, config_name)))
     except (UserError, HydraException) as err:
         return str(err)
     return None
@@ -87,7 +93,7 @@ class ValidateJobs(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
-            validate_run_config(job_config(_without_hydra(config), config.hydra))
+            validate_run_config(resolved_job(config))
         except UserError as err:
             sys.exit(f"error: {err}")
 

@@ -14,7 +14,7 @@ from s2ft.lightning.sharding import FSDP2Strategy, shard_model
 from s2ft.memory import peak_memory_mb
 
 
-class S2FTLitModule(L.LightningModule):
+class FineTuneModule(L.LightningModule):
     """Trains the parameters a method left trainable; checkpoints hold only those (and the optimizer state).
 
     Trainable tensors keep the dtype the method gave them (fp32 for adapters, whatever the model's dtype) through

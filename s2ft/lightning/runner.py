@@ -37,7 +37,7 @@ from s2ft.lightning.console import StepProgressBar
 from s2ft.lightning.datamodule import SFTDataModule
 from s2ft.lightning.evaluation import evaluate_only, finish, write_config
 from s2ft.lightning.loggers import ReplayCSVHistory, build_logger, end_wandb_run, wandb_info
-from s2ft.lightning.module import S2FTLitModule
+from s2ft.lightning.module import FineTuneModule
 from s2ft.lightning.provenance import training_record, write_adapter_record
 from s2ft.lightning.run_dir import RunPlan, honour_umask, prepare_run_dir
 from s2ft.lightning.sharding import FSDP2Strategy, gather_trained, local_elements
@@ -138,7 +138,7 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     if partial.is_dir():
         os.replace(partial, before_dir)
     counts = trainable_summary(model)
-    module = S2FTLitModule(
+    module = FineTuneModule(
         model,
         method["lr"],
         method.get("weight_decay", 0.0),
@@ -235,7 +235,7 @@ def unsharded_model(cfg: dict, calibration, trained: dict[str, torch.Tensor]):
     Args:
         cfg: The run's resolved config.
         calibration: The calibration batches the run selected with (None if its strategy needs none).
-        trained: `S2FTLitModule` state-dict keys (`model.` + the model's keys) -> whole trained tensors.
+        trained: `FineTuneModule` state-dict keys (`model.` + the model's keys) -> whole trained tensors.
     """
     method = cfg["method"]
     model, _ = build_run_model(cfg["model"], cfg["paths"].get("cache_dir"))
@@ -263,9 +263,7 @@ def _trainer(cfg: dict, run_dir: Path, logger, has_val: bool, preloaded: dict | 
         LastCheckpoint(run_dir / CHECKPOINT, tr.get("checkpoint_every_n_steps", 50), run_config=cfg),
         ReplayCSVHistory(),
     ]
-    if tr.get("select_best") == "val_loss":
-        if not has_val:
-            raise ValueError("trainer.select_best=val_loss needs a validation split: set data.val_size > 0")
+    if tr.get("select_best") == "val_loss":  # validate_run_config made sure there is a validation split
         # Before LastCheckpoint: its best state is taken at validation end and restored before the final save.
         callbacks.insert(3, KeepBest(after=tr.get("select_best_after", 0.0)))
     io = AtomicCheckpointIO({cfg["ckpt_path"]: preloaded} if preloaded is not None else None)
@@ -316,7 +314,7 @@ def _pair(before: dict, after: dict) -> dict:
     return {name: {"before": before.get(name), "after": loss} for name, loss in after.items()}
 
 
-def _trained_digest(module: S2FTLitModule) -> str:
+def _trained_digest(module: FineTuneModule) -> str:
     """SHA-256 of the trained tensors, to check that DDP replicas stayed identical."""
     state = module.state_dict()
     digest = hashlib.sha256()

@@ -9,6 +9,9 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
 from s2ft.evaluation.mtbench import mtbench_metrics
 
 PACKAGES = ("s2ft", "torch", "transformers", "lightning", "peft", "datasets", "hydra-core", "wandb", "lm_eval")
@@ -160,9 +163,6 @@ def write_json(data: dict, path: Path) -> None:
 def print_summary(summary: dict, run_dir: Path) -> None:
     """The last screen of a run: a short rich table (training loss first -> last step, accuracy per task and held-out
     loss, before -> after), then where the outputs are (the run directory, the `wandb sync` command of offline W&B)."""
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=f"{summary['experiment']}: {summary['method']} on {summary['model']}")
     table.add_column("metric")
     table.add_column("before", justify="right")

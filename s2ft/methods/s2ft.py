@@ -2,30 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from s2ft.adapter import load_adapter, merge_and_unload, save_adapter, trainable_parameter_count
 from s2ft.api import apply_s2ft
-from s2ft.config import S2FTConfig, S2FTConfigError
+from s2ft.checks import did_you_mean, is_positive_int
+from s2ft.config import S2FTConfig, S2FTConfigError, field_problems
 from s2ft.methods.method import Method
 from s2ft.methods.peft_lora import lora_param_count
 from s2ft.selection import component_budgets
 from s2ft.structures import find_structures
 
+CONFIG_FIELDS = tuple(field.name for field in dataclasses.fields(S2FTConfig))
+
+# method.options: S2FTConfig's fields with its defaults (the paper's arithmetic ratios in place of none), and two
+# options of the run: a budget matched to a LoRA configuration, and the size of the calibration set.
 DEFAULTS: dict[str, Any] = {
+    **{field.name: field.default for field in dataclasses.fields(S2FTConfig)},
     "ratios": {"o": 0.05, "down": 0.02},
-    "target_params": None,
-    "target_split": None,
-    "match_lora": None,
-    "strategy": "random",
-    "order": "large",
-    "seed": 0,
-    "allocation": "uniform",
-    "layers": None,
-    "layout": "gather",
-    "exclude": None,
+    "match_lora": None,  # {"r": RANK, "target_modules": [...]}: target_params becomes that LoRA's trainable count
     "calibration_size": 64,  # items, or a fraction (0, 1) of the training set (`calibration_items`)
 }
 # The strategies that score units on training batches (`s2ft.selection`); the others need no calibration data.
@@ -34,54 +33,81 @@ MATCH_LORA_KEYS = ("r", "target_modules")
 MATCH_TOLERANCE = 0.02  # relative gap allowed between S2FT's and the matched LoRA's trainable counts
 
 
-def build_config(model: nn.Module, options: dict[str, Any]):
-    """Translate ``method.options`` into a validated ``S2FTConfig`` (``match_lora`` becomes ``target_params``).
+def option_problems(options: dict[str, Any]) -> list[str]:
+    """Every problem of S2FT's ``method.options`` (merged over DEFAULTS) that shows without the model.
+
+    The budget's size (``match_lora``) and whether it fits need the model; `build_config` checks those.
+    """
+    problems = _budget_problems(options)
+    size = options["calibration_size"]
+    if not (is_positive_int(size) or (isinstance(size, float) and 0 < size < 1)):
+        problems.append(
+            f"method.options.calibration_size must be a number of items (int >= 1) or a fraction of the training set "
+            f"(0 < float < 1, e.g. 0.01 as in the paper), got {size!r}"
+        )
+    exclude = options["exclude"]
+    if exclude is not None and not (isinstance(exclude, str) and Path(exclude).is_dir()):
+        problems.append(f"method.options.exclude {exclude!r} is not an adapter folder (give the path save wrote)")
+    budgeted = options["target_params"] is not None or options["match_lora"] is not None
+    if not budgeted and options["ratios"] is None:
+        problems.append("method.options: give ratios, or a budget (target_params or match_lora)")
+    if options["target_split"] is not None and not budgeted:
+        problems.append("method.options.target_split is only used with a budget; remove it or set target_params")
+    fields = {name: options[name] for name in CONFIG_FIELDS if name not in ("ratios", "exclude")}
+    problems += [f"method.options: {problem}" for problem in field_problems(fields)]
+    return problems
+
+
+def _budget_problems(options: dict[str, Any]) -> list[str]:
+    """The rules of the options S2FTConfig does not have: match_lora, and ratios as the split of a budget."""
+    problems = []
+    match, ratios = options["match_lora"], options["ratios"]
+    if match is not None and options["target_params"] is not None:
+        problems.append("set method.options.match_lora or method.options.target_params, not both")
+    if match is not None and not isinstance(match, dict):
+        problems.append(f"method.options.match_lora must be {{r: RANK, target_modules: [...]}}, got {match!r}")
+    elif match is not None:
+        prefix = "method.options.match_lora."
+        problems += [
+            f"unknown key {prefix}{key}; {did_you_mean(key, MATCH_LORA_KEYS, prefix)}"
+            for key in match
+            if key not in MATCH_LORA_KEYS
+        ]
+    if ratios is not None:
+        # With a budget, ratios split it over components (`build_config`); without, they are S2FTConfig's own.
+        budgeted = options["target_params"] is not None or match is not None
+        split = budgeted and not options["target_split"]
+        why = " (with a budget, ratios set how it is split over components)" if split else ""
+        problems += [f"method.options.{problem}{why}" for problem in field_problems({"ratios": ratios})]
+    return problems
+
+
+def build_config(model: nn.Module, options: dict[str, Any]) -> S2FTConfig:
+    """Translate ``method.options`` into an ``S2FTConfig`` (``match_lora`` becomes ``target_params``).
 
     With a parameter budget (``match_lora`` or ``target_params``) and no ``target_split``, the budget is split over
     the components named in ``ratios`` in proportion to the parameters those ratios would train (ratio x weight size),
     so ``ratios: {o: .052, down: .02}`` keeps its O/Down balance (about half and half on LLaMA-7B) at any budget.
+
+    Raises:
+        S2FTConfigError: Options S2FTConfig does not check itself (match_lora, ratios that split a budget) are wrong,
+            or the config is (listing every problem).
     """
+    problems = _budget_problems(options)
+    if problems:
+        raise S2FTConfigError("invalid method.options:\n  - " + "\n  - ".join(problems))
     ratios, target_params, split = options["ratios"], options["target_params"], options["target_split"]
     match = options["match_lora"]
     if match is not None:
-        if target_params is not None:
-            raise S2FTConfigError("set either method.options.match_lora or method.options.target_params, not both")
-        unknown = sorted(set(match) - set(MATCH_LORA_KEYS))
-        if unknown:
-            raise S2FTConfigError(f"method.options.match_lora takes {' and '.join(MATCH_LORA_KEYS)}, not {unknown}")
         target_params = lora_param_count(model, match.get("r"), match.get("target_modules"), "match_lora")
     if target_params is not None and ratios:
-        problems = ratio_problems(ratios)
-        if problems:
-            raise S2FTConfigError("invalid method.options:\n  - " + "\n  - ".join(problems))
         if not split:
             layer = find_structures(model)[0]
             params = {c: r * layer.linear(c).weight.numel() for c, r in ratios.items()}
             split = {c: p / sum(params.values()) for c, p in params.items()}
         ratios = None
-    cfg = S2FTConfig(
-        ratios=dict(ratios) if ratios else None,
-        target_params=target_params,
-        target_split=dict(split) if split else None,
-        strategy=options["strategy"],
-        order=options["order"],
-        seed=options["seed"],
-        allocation=options["allocation"],
-        layers=list(options["layers"]) if options["layers"] is not None else None,
-        exclude=options["exclude"],
-        layout=options["layout"],
-    )
-    cfg.validate()
-    return cfg
-
-
-def ratio_problems(ratios) -> list[str]:
-    """What is wrong with ``method.options.ratios`` (component -> fraction in (0, 1]) when a budget splits over them."""
-    try:
-        S2FTConfig(ratios=ratios)
-    except S2FTConfigError as err:
-        return [line.strip()[2:] for line in str(err).splitlines()[1:]]
-    return []
+    fields = {name: options[name] for name in CONFIG_FIELDS}
+    return S2FTConfig(**{**fields, "ratios": ratios, "target_params": target_params, "target_split": split})
 
 
 def planned_params(model: nn.Module, options: dict[str, Any]) -> int:
