@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from s2ft.evaluation.generate import Generation
 from s2ft.lightning.jobs import compose_job, resolved_job
-from s2ft.models import tiny_model, tiny_tokenizer
+from s2ft.models import MODEL_SHAPES, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 DATA = ROOT / "data"  # the shipped benchmark files
@@ -90,6 +90,17 @@ def build_tiny(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
     family, sizes = TINY[name]
     fields = {"vocab_size": VOCAB, **COMMON, **sizes, **overrides}
     return tiny_model(family, seed=seed, **fields).eval()
+
+
+SMOLLM2_LAYER = ("hidden_size", "intermediate_size", "head_dim", "num_attention_heads", "num_key_value_heads")
+
+
+def smollm2_layers(num_hidden_layers: int = 2, vocab_size: int = 32) -> torch.nn.Module:
+    """A llama with SmolLM2-135M's layer shapes (`s2ft.models.MODEL_SHAPES`), few layers and a tiny vocabulary:
+    per-layer budgets are the real model's."""
+    _, shapes = MODEL_SHAPES["smollm2_135m"]
+    fields = {key: shapes[key] for key in SMOLLM2_LAYER}
+    return tiny_model("llama", vocab_size=vocab_size, num_hidden_layers=num_hidden_layers, **fields)
 
 
 def calibration_batches(

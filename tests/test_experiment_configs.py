@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import CONF, compose_config, compose_run
+from conftest import CONF, compose_config, compose_run, smollm2_layers
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
@@ -18,7 +18,6 @@ from s2ft.data.tasks import resolve_tasks
 from s2ft.lightning.jobs import resolved_job
 from s2ft.methods import prepare_model, trainable_summary
 from s2ft.methods.peft_lora import lora_param_count
-from s2ft.models import MODEL_SHAPES, tiny_model
 from s2ft.run_config import validate_run_config
 
 EXPERIMENTS = sorted(path.stem for path in (CONF / "experiment").glob("*.yaml"))
@@ -177,16 +176,13 @@ def test_generalization_sweep_counts_both_budgets_the_same_way(budget):
     On SmolLM2 one LoRA rank (q, k, v, up, down) is 207,360 parameters, 0.2% of the linear entries: at 1% the nearest
     rank trains 2.3% less than SpFT, and at 0.1% rank 1, the smallest, trains 1.95x SpFT's count.
     """
-    _, smollm2 = MODEL_SHAPES["smollm2_135m"]
-    layer = ("hidden_size", "intermediate_size", "head_dim", "num_attention_heads", "num_key_value_heads")
-    shapes = {key: smollm2[key] for key in layer}
     counts = {}
     for method in ("budget/spft", "budget/lora_linear"):
         cfg = compose_run("+experiment=generalization_smollm", f"method={method}", f"budget={budget}")
-        model = tiny_model("llama", vocab_size=32, num_hidden_layers=2, **shapes)
+        model = smollm2_layers()
         model = prepare_model(model, cfg["method"]["name"], cfg["method"]["options"])
         counts[cfg["method"]["name"]] = trainable_summary(model)["trainable_params"]
-    plain = tiny_model("llama", vocab_size=32, num_hidden_layers=2, **shapes)
+    plain = smollm2_layers()
     per_rank = lora_param_count(plain, 1, cfg["method"]["options"]["target_modules"])
     assert per_rank == 2 * (2 * 576 + 2 * (576 + 192) + 2 * (576 + 1536))
     assert abs(counts["lora"] - counts["spft"]) <= per_rank / 2
@@ -194,13 +190,10 @@ def test_generalization_sweep_counts_both_budgets_the_same_way(budget):
 
 def test_smollm_methods_have_matched_trainable_budgets():
     """The method variants of the SmolLM2 studies train the same count (within 2%) on SmolLM2's layer shapes."""
-    _, smollm2 = MODEL_SHAPES["smollm2_135m"]
-    layer = ("hidden_size", "intermediate_size", "head_dim", "num_attention_heads", "num_key_value_heads")
-    shapes = {key: smollm2[key] for key in layer}
     counts = {}
     for method in ("s2ft", "lora", "dora", "spft"):
         cfg = compose_run(f"method=smollm/{method}")
-        model = tiny_model("llama", vocab_size=32, num_hidden_layers=2, **shapes)
+        model = smollm2_layers()
         model = prepare_model(model, cfg["method"]["name"], cfg["method"]["options"])
         counts[method] = trainable_summary(model)["trainable_params"]
     lora = counts["lora"]

@@ -9,7 +9,7 @@ import pytest
 import safetensors.torch
 import torch
 import yaml
-from conftest import ROOT
+from conftest import ROOT, smollm2_layers
 from torch import nn
 
 from s2ft.config import S2FTConfig
@@ -235,16 +235,7 @@ def test_lora_param_count_equals_peft(family, targets):
 
 def test_s2ft_match_lora_is_within_two_percent_on_smollm2_shapes():
     # SmolLM2-135M's layer shapes (9 query / 3 KV heads of 64, hidden 576, intermediate 1536), two layers.
-    model = tiny_model(
-        "llama",
-        vocab_size=VOCAB,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        head_dim=64,
-        num_hidden_layers=2,
-    )
+    model = smollm2_layers(vocab_size=VOCAB)
     lora = {"r": 8, "target_modules": LORA_TARGETS}
     want = 2 * 8 * (2 * 576 + 2 * (576 + 192) + 2 * (576 + 1536))  # q, k, v, up, down per layer
     assert lora_param_count(model, **lora) == want
