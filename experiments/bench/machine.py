@@ -60,3 +60,11 @@ def add_machine_args(parser: argparse.ArgumentParser, results: str, dtypes) -> N
         "--out", type=Path, default=None, help=f"output directory (default results/{results}_<cpu|gpu>)"
     )
     parser.add_argument("--note", default=None, help="state of the machine, stored in results.json")
+
+
+def start_benchmark(args: argparse.Namespace) -> dict:
+    """Sets the torch threads a command asked for (`--threads`) and returns the machine it runs on, read before any
+    run: the load average then is the telling one."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return machine_info(args.device, args.note)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.bench.machine import add_machine_args, machine_info
+from experiments.bench.machine import add_machine_args, start_benchmark
 from experiments.bench.models import DTYPES, MODELS, build_bench_model
 from experiments.bench.results import serving_chart, serving_table, write_results
 from experiments.bench.serving_layer import bench_layer_adapters
@@ -87,9 +87,7 @@ def check_targets(decode: list[dict]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    machine = machine_info(args.device, args.note)  # before the runs: the load average then is the telling one
+    machine = start_benchmark(args)
     dtype = DTYPES[args.dtype]
     base = build_bench_model(args.model, args.dtype, args.device).eval().requires_grad_(False)
     targets = tuple(args.lora_targets)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.bench.machine import add_machine_args, machine_info
+from experiments.bench.machine import add_machine_args, start_benchmark
 from experiments.bench.models import DTYPES, MODELS
 from experiments.bench.results import switch_chart, switch_table, write_results
 from experiments.bench.switch_layer import bench_layer
@@ -81,9 +81,7 @@ def check_targets(layer: list[dict], model: dict) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    machine = machine_info(args.device, args.note)  # before the runs: the load average then is the telling one
+    machine = start_benchmark(args)
     dtype = DTYPES[args.dtype]
     layer = []
     for d in args.dims:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.bench.machine import add_machine_args, machine_info
+from experiments.bench.machine import add_machine_args, start_benchmark
 from experiments.bench.models import DTYPES, MODELS
 from experiments.bench.results import training_chart, training_table, write_results
 from experiments.bench.train_worker import METHODS, measure
@@ -153,9 +153,7 @@ def check_targets(methods: dict[str, dict]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)  # as the workers do, so that machine_info records it
-    machine = machine_info(args.device, args.note)  # before the runs: the load average then is the telling one
+    machine = start_benchmark(args)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     settings = []
     for batch_size in args.batch_sizes:
