@@ -84,10 +84,17 @@ def scores(results: dict) -> dict:
 def test_eval_mode_on_a_saved_run_reproduces_its_accuracy(sweep, tmp_path):
     trained = sweep / "0"
     overrides = ["debug=smoke", "mode=eval", f"run_dir={trained}", f"eval.tasks=[{','.join(TASKS)}]"]
-    cfg = compose_run(*overrides, "eval.before=false")
+    # Options the command sets (here other ratios) do not describe the saved run: its summary keeps the run's own.
+    cfg = compose_run(*overrides, "eval.before=false", "method.options.ratios={o: 0.5}")
     summary = run_experiment(cfg, tmp_path / "eval")
     expected = json.loads((trained / "summary.json").read_text())
     assert summary["train"] is None and summary["source"] == str(trained / "adapter")
+    assert (summary["ratios"], summary["strategy"], summary["method"]) == (
+        expected["ratios"],
+        expected["strategy"],
+        expected["method"],
+    )
+    assert expected["ratios"] != {"o": 0.5}
     assert scores(summary["eval"]) == scores(expected["eval"])
     assert summary["heldout"]["commonsense_test"]["after"] == pytest.approx(
         expected["heldout"]["commonsense_test"]["after"], rel=1e-6

@@ -109,15 +109,16 @@ def resolve_source(cfg: dict) -> tuple[dict, dict, Path | None]:
         in), the config its summary describes (the saved run's method and base model), and the adapter folder (None
         for the base model).
     """
-    method, model_cfg, source = cfg["method"]["name"], cfg["model"], None
+    method, model_cfg, source = cfg["method"], cfg["model"], None
     if cfg.get("run_dir"):
-        # A saved run knows what it trained: its own config decides the base model and the method.
+        # A saved run knows what it trained: its own config decides the base model and the method (its options too:
+        # the summary describes the run's selection, not the command's defaults).
         saved = saved_config(Path(cfg["run_dir"]))
-        method, model_cfg, source = saved["method"]["name"], saved["model"], Path(cfg["run_dir"]) / "adapter"
+        method, model_cfg, source = saved["method"], saved["model"], Path(cfg["run_dir"]) / "adapter"
         cfg = with_template(cfg, saved)
     if cfg.get("adapter"):
         source = Path(cfg["adapter"])
-    return cfg, {**cfg, "method": {**cfg["method"], "name": method}, "model": model_cfg}, source
+    return cfg, {**cfg, "method": method, "model": model_cfg}, source
 
 
 def saved_config(saved_run: Path) -> dict:
