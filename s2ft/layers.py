@@ -11,7 +11,8 @@ def contiguous_span(index: torch.Tensor) -> tuple[int, int] | None:
         return None
     start = int(index[0])
     stop = start + index.numel()
-    if torch.equal(index, torch.arange(start, stop, device=index.device)):
+    # The ends decide most indexes at once (a switch asks this of every module); only a candidate range is compared.
+    if int(index[-1]) == stop - 1 and torch.equal(index, torch.arange(start, stop, device=index.device)):
         return start, stop
     return None
 
@@ -122,13 +123,16 @@ class S2FTLinear(nn.Module):
                 base_values = self.weight.index_select(self.axis, index)
             # The values keep their own dtype (fp32 while training a bf16 model), so a switch loses no precision.
             new_values = (base_values if values is None else values).to(self.weight.device, self.values.dtype)
-            if self.values.shape == new_values.shape:  # same size: reuse the tensors, no new Parameter
+            # base_values is a fresh read (or the layer's own), so it is kept, not copied; the index is copied when it
+            # fits (the caller's tensor stays the caller's), and the values stay the same Parameter when their size
+            # allows (an optimizer may hold it).
+            self.base_values = base_values
+            if self.values.shape == new_values.shape:
                 if not same:
                     self.index.copy_(index)
-                    self.base_values.copy_(base_values)
                 self.values.copy_(new_values)
             else:
-                self.index, self.base_values = index, base_values
+                self.index = index
                 self.values = nn.Parameter(new_values.clone(), requires_grad=self.values.requires_grad)
             if merged:
                 write_slots(self.weight, self.axis, index, self.values)
