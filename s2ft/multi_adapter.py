@@ -25,6 +25,7 @@ from torch import nn
 
 from s2ft.adapter import check_fits
 from s2ft.adapter_format import Adapter, check_adapter, load_adapter_file
+from s2ft.layers import plain_linear
 from s2ft.state import s2ft_modules
 
 BASE = "__base__"
@@ -191,9 +192,8 @@ def _attach(model: nn.Module, state: MultiAdapterState, name: str, adapter: Adap
     for module_name, m in adapter.modules.items():
         layer = model.get_submodule(module_name)
         if not isinstance(layer, MultiAdapterLinear):
-            parent, _, child = module_name.rpartition(".")
             layer = MultiAdapterLinear(layer, m.axis, state)
-            setattr(model.get_submodule(parent), child, layer)
+            model.set_submodule(module_name, layer)
         layer.add(name, m.positions, m.values)
     state.configs[name] = dict(adapter.config)
 
@@ -256,8 +256,7 @@ def remove_adapter(model: nn.Module, name: str) -> nn.Module:
         if isinstance(module, MultiAdapterLinear) and name in module.adapters:
             del module.adapters[name]
             if not len(module.adapters):
-                parent, _, child = module_name.rpartition(".")
-                setattr(model.get_submodule(parent), child, _plain_linear(module))
+                model.set_submodule(module_name, plain_linear(module))
     del state.configs[name]
     if not state.configs:
         state.hook.remove()
@@ -268,9 +267,3 @@ def remove_adapter(model: nn.Module, name: str) -> nn.Module:
 def loaded_adapters(model: nn.Module) -> list[str]:
     """The names of the adapters loaded on a mixed-adapter model, in load order."""
     return list(_state(model).configs)
-
-
-def _plain_linear(module: nn.Linear) -> nn.Linear:
-    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-    linear.weight, linear.bias = module.weight, module.bias
-    return linear
