@@ -26,7 +26,7 @@ from torch import nn
 from s2ft.adapter import check_fits
 from s2ft.adapter_format import Adapter, check_adapter, load_adapter_file
 from s2ft.layers import plain_linear
-from s2ft.state import s2ft_modules
+from s2ft.state import check_fresh
 
 BASE = "__base__"
 
@@ -217,10 +217,9 @@ def load_adapters(base: nn.Module, adapters: Mapping[str, str | os.PathLike | Ad
         AdapterError: A bad adapter or one made for another base; the model is unchanged when raised.
         ValueError: An empty mapping, a bad name, or a model that already has S2FT adapters.
     """
-    if getattr(base, "s2ft_adapters", None) is not None or getattr(base, "s2ft_state", None) is not None:
+    if getattr(base, "s2ft_adapters", None) is not None:
         raise ValueError("this model already has S2FT adapters; use s2ft.add_adapter(model, name, path)")
-    if s2ft_modules(base):
-        raise ValueError("load_adapters needs a plain base model; call merge_and_unload or start from a fresh base")
+    check_fresh(base, "load_adapters needs a plain base model: call merge_and_unload or start from a fresh base")
     if not adapters:
         raise ValueError("give at least one adapter: load_adapters(base, {'name': 'path/to/adapter'})")
     loaded: dict[str, Adapter] = {}

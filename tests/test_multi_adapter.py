@@ -213,8 +213,13 @@ def test_names_and_models_are_checked(tmp_path):
     with pytest.raises(ValueError, match="no adapter named"):
         remove_adapter(model, "rows")
     single = s2ft.load_adapter(build_tiny("llama_gqa"), paths["cols"])
-    with pytest.raises(ValueError, match="already has S2FT adapters"):
+    with pytest.raises(ValueError, match="already has an S2FT adapter; load_adapters needs a plain base model"):
         load_adapters(single, paths)
+    # The other way round: a mixed-adapter model is no base for one adapter either.
+    with pytest.raises(ValueError, match="already has an S2FT adapter"):
+        s2ft.load_adapter(model, paths["cols"])
+    with pytest.raises(ValueError, match="already has an S2FT adapter"):
+        s2ft.apply_s2ft(model, s2ft.S2FTConfig(ratios={"o": 0.25}))
 
 
 def test_adapters_are_added_and_removed_on_a_live_model(tmp_path):
