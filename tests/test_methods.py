@@ -283,6 +283,8 @@ def test_options_accept_omegaconf_and_reject_unknown_keys():
             {"match_lora": {"r": 8, "target_modules": ["q_proj"]}, "target_params": 10},
             "not both",
         ),
+        # Without a budget the ratios are the S2FTConfig's own, and it is the one that checks them.
+        pytest.param("s2ft", {"ratios": {"o": 1.5}}, r"^invalid S2FTConfig:\n  - ratios\['o'\] must be a number in"),
     ],
 )
 def test_bad_options_fail_early_with_the_fix(method, options, message):
