@@ -24,6 +24,7 @@ from s2ft.methods import (
 )
 from s2ft.methods import spft as spft_method
 from s2ft.methods.peft_lora import lora_param_count
+from s2ft.methods.s2ft import calibration_count
 from s2ft.models import tiny_model
 
 VOCAB = 64
@@ -325,3 +326,22 @@ def test_s2ft_options_are_s2ftconfig_fields_with_its_defaults():
     }
     options = yaml.safe_load((ROOT / "conf/method/s2ft.yaml").read_text())["options"]
     assert options == {**defaults, "ratios": {"o": 0.052, "down": 0.02}, "seed": "${seed}"}
+
+
+@pytest.mark.parametrize(
+    ("size", "train_items", "count"),
+    [(64, 1000, 64), (64, 10, 10), (0.01, 1000, 10), (0.01, 170_000, 1700), (0.01, 40, 1), (0.5, 3, 2)],
+)
+def test_calibration_count(size, train_items, count):
+    assert calibration_count(size, train_items) == count
+
+
+def test_calibration_items_only_for_the_strategies_that_score_on_data():
+    calibration_items = METHODS["s2ft"].calibration_items
+    assert calibration_items({"strategy": "random", "calibration_size": 0.5}, 100) == 0
+    assert calibration_items({"strategy": "gradient"}, 1000) == 64  # the default calibration_size
+    assert calibration_items({"strategy": "activation", "calibration_size": 0.01}, 1000) == 10
+    # No other method asks for calibration batches, and none has option rules beyond its DEFAULTS but S2FT.
+    for name in sorted(set(METHODS) - {"s2ft"}):
+        assert METHODS[name].calibration_items({}, 1000) == 0
+        assert METHODS[name].option_problems({}) == []

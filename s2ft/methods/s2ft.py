@@ -162,4 +162,13 @@ def calibration_count(size: int | float, train_items: int) -> int:
 
 
 # An S2FT run saves, loads and merges its adapter with the core library.
-METHOD = Method("s2ft", DEFAULTS, prepare, save_adapter, load_adapter, merge_and_unload)
+METHOD = Method(
+    "s2ft",
+    DEFAULTS,
+    prepare,
+    save_adapter,
+    load_adapter,
+    merge_and_unload,
+    option_problems=option_problems,
+    calibration_items=calibration_items,
+)
