@@ -66,6 +66,17 @@ def loss_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, labels=ids).loss
 
 
+def trained_model(method: str) -> nn.Module:
+    """The base model prepared for ``method`` with ``OPTIONS[method]``, after one AdamW step (when it trains)."""
+    model = prepare_model(base_model(), method, OPTIONS[method])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if trainable:
+        optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+        loss_of(model, batch()).backward()
+        optimizer.step()
+    return model
+
+
 def claimed_count(method: str) -> int:
     """What each method says it trains, computed from the architecture, not from the method's code."""
     if method == "none":
@@ -155,12 +166,7 @@ def test_one_step_changes_exactly_the_intended_entries(method):
 
 @pytest.mark.parametrize("method", ALL)
 def test_save_then_load_reproduces_logits(method, tmp_path):
-    model = prepare_model(base_model(), method, OPTIONS[method])
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if trainable:
-        optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-        loss_of(model, batch()).backward()
-        optimizer.step()
+    model = trained_model(method)
     model.eval()
     ids = batch(1)
     with torch.no_grad():
@@ -178,12 +184,7 @@ def test_save_then_load_reproduces_logits(method, tmp_path):
 
 @pytest.mark.parametrize("method", ALL)
 def test_merge_trained_gives_a_plain_model_with_the_same_logits(method):
-    model = prepare_model(base_model(), method, OPTIONS[method])
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if trainable:
-        optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-        loss_of(model, batch()).backward()
-        optimizer.step()
+    model = trained_model(method)
     ids = batch(2)
     with torch.no_grad():
         expected = model.eval()(input_ids=ids).logits
