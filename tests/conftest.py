@@ -3,9 +3,11 @@ with test sizes), calibration batches and scripted generation.
 
 Every model fixture builds a fresh fp32 model from a fixed seed, so tests may mutate it. Import the builders
 (`from conftest import build_tiny, calibration_batches`) or use the fixtures of the same names. A test's run config
-comes from `compose_run` (`compose_config` where it needs the composed config itself), through run.py's own code.
+comes from `compose_run` (`compose_config` where it needs the composed config itself), through run.py's own code;
+`smoke_config` is the short training run, `logged` and `adapter_tensors` read what it wrote.
 """
 
+import csv
 import importlib
 import json
 import os
@@ -16,6 +18,7 @@ import pytest
 import torch
 from hydra import initialize_config_dir
 from omegaconf import DictConfig
+from safetensors.torch import load_file
 
 from s2ft.evaluation.generate import Generation
 from s2ft.lightning.jobs import compose_job, resolved_job
@@ -44,6 +47,28 @@ def compose_run(*overrides: str) -> dict:
     """The resolved config `python run.py OVERRIDES` runs: run.py's own `s2ft.lightning.jobs.job_config` (so
     `debug=NAME` is merged last and the command line's keys win), as a plain dict; not validated."""
     return resolved_job(compose_config(*overrides))
+
+
+def smoke_config(*overrides: str, logger: str = "none") -> dict:
+    """`compose_run` of a `debug=smoke` training run without evaluation (and without a logger unless named)."""
+    return compose_run("debug=smoke", "eval=none", f"logger={logger}", *overrides)
+
+
+def logged(run_dir: Path, timings: bool = False) -> dict[tuple[str, int], float]:
+    """(metric, step) -> value of the loss and lr rows of a run's metrics.csv (timings, which vary by run, too)."""
+    with (run_dir / "metrics.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    keys = ("train/loss", "train/lr", "train/tokens", "val/loss") + ("train/tokens_per_s",) * timings
+    values = {(k, int(row["step"])): float(row[k]) for row in rows for k in keys if row.get(k)}
+    assert len(values) == sum(1 for row in rows for k in keys if row.get(k)), "a metric was logged twice at one step"
+    return values
+
+
+def adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the run's saved adapter files, keyed `FILE:TENSOR`."""
+    files = sorted((run_dir / "adapter").glob("*.safetensors"))
+    assert files, f"no adapter written in {run_dir}"
+    return {f"{f.name}:{k}": v for f in files for k, v in load_file(f).items()}
 
 
 VOCAB = 128

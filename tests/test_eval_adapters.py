@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import DATA, ROOT
+from conftest import DATA, ROOT, smoke_config
 from test_data_template import CHATML
-from test_lightning_resume import smoke_config
 
 import s2ft
 from s2ft.config import S2FTConfig
