@@ -4,8 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import build_tiny
-from test_adapter import BAD_ADAPTERS, OTHER_BASES, assert_same_state, snapshot, trained
+from conftest import BAD_ADAPTERS, OTHER_BASES, assert_same_state, build_tiny, snapshot, trained
 from torch import nn
 
 import s2ft
