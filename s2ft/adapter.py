@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from s2ft.adapter_format import Adapter, AdapterError, AdapterModule, as_adapter, write_adapter
-from s2ft.layers import S2FTLinear
+from s2ft.layers import S2FTLinear, plain_linear
 from s2ft.permute import permute_linear
 from s2ft.state import S2FTState, check_fresh, fingerprint, model_state, s2ft_modules
 from s2ft.structures import find_structures, unit_positions
@@ -150,20 +150,13 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     state = model_state(model)
     for name, module in s2ft_modules(model).items():
         module.merge()
-        model.set_submodule(name, _plain_linear(module))
+        model.set_submodule(name, plain_linear(module))
     if state.unit_perms:
         _restore_original_order(model, state.unit_perms)
     for name, param in model.named_parameters():
         param.requires_grad_(state.requires_grad.get(name, True))
     del model.s2ft_state
     return model
-
-
-def _plain_linear(module: S2FTLinear) -> nn.Linear:
-    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-    linear.weight = module.weight
-    linear.bias = module.bias
-    return linear
 
 
 def _restore_original_order(model: nn.Module, unit_perms: dict[tuple[int, str], torch.Tensor]) -> None:
@@ -271,7 +264,7 @@ def switch_adapter(model: nn.Module, path_or_adapter) -> nn.Module:
     for name, module in current.items():
         if name not in prepared.slots:
             module.restore_base()
-            model.set_submodule(name, _plain_linear(module))
+            model.set_submodule(name, plain_linear(module))
     for name, m in prepared.adapter.modules.items():
         positions, values = prepared.slots[name]
         if name in current:

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from s2ft.checks import is_number
+from s2ft.checks import is_number, is_positive_int
 from s2ft.errors import UserError
 from s2ft.registry import STRATEGIES
 
@@ -162,7 +162,7 @@ def _check_shares(field: str, shares) -> list[str]:
 
 
 def _check_target(target) -> list[str]:
-    if isinstance(target, int) and not isinstance(target, bool) and target >= 1:
+    if is_positive_int(target):
         return []
     if isinstance(target, float) and 0 < target < 1:
         return []

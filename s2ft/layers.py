@@ -187,6 +187,14 @@ class S2FTLinear(nn.Module):
         )
 
 
+def plain_linear(module: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` holding ``module``'s own ``weight`` and ``bias`` Parameters (not copies): what replaces a
+    wrapped projection (``S2FTLinear``, ``s2ft.multi_adapter.MultiAdapterLinear``) when its adapter is gone."""
+    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+    linear.weight, linear.bias = module.weight, module.bias
+    return linear
+
+
 class _S2FTLinearFunction(torch.autograd.Function):
     """``F.linear(x, weight with values scattered in, bias)`` with the fewest flops and the least saved memory.
 

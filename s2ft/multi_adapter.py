@@ -25,7 +25,8 @@ from torch import nn
 
 from s2ft.adapter import check_fits
 from s2ft.adapter_format import Adapter, check_adapter, load_adapter_file
-from s2ft.state import s2ft_modules
+from s2ft.layers import plain_linear
+from s2ft.state import check_fresh
 
 BASE = "__base__"
 
@@ -191,9 +192,8 @@ def _attach(model: nn.Module, state: MultiAdapterState, name: str, adapter: Adap
     for module_name, m in adapter.modules.items():
         layer = model.get_submodule(module_name)
         if not isinstance(layer, MultiAdapterLinear):
-            parent, _, child = module_name.rpartition(".")
             layer = MultiAdapterLinear(layer, m.axis, state)
-            setattr(model.get_submodule(parent), child, layer)
+            model.set_submodule(module_name, layer)
         layer.add(name, m.positions, m.values)
     state.configs[name] = dict(adapter.config)
 
@@ -217,10 +217,9 @@ def load_adapters(base: nn.Module, adapters: Mapping[str, str | os.PathLike | Ad
         AdapterError: A bad adapter or one made for another base; the model is unchanged when raised.
         ValueError: An empty mapping, a bad name, or a model that already has S2FT adapters.
     """
-    if getattr(base, "s2ft_adapters", None) is not None or getattr(base, "s2ft_state", None) is not None:
+    if getattr(base, "s2ft_adapters", None) is not None:
         raise ValueError("this model already has S2FT adapters; use s2ft.add_adapter(model, name, path)")
-    if s2ft_modules(base):
-        raise ValueError("load_adapters needs a plain base model; call merge_and_unload or start from a fresh base")
+    check_fresh(base, "load_adapters needs a plain base model: call merge_and_unload or start from a fresh base")
     if not adapters:
         raise ValueError("give at least one adapter: load_adapters(base, {'name': 'path/to/adapter'})")
     loaded: dict[str, Adapter] = {}
@@ -256,8 +255,7 @@ def remove_adapter(model: nn.Module, name: str) -> nn.Module:
         if isinstance(module, MultiAdapterLinear) and name in module.adapters:
             del module.adapters[name]
             if not len(module.adapters):
-                parent, _, child = module_name.rpartition(".")
-                setattr(model.get_submodule(parent), child, _plain_linear(module))
+                model.set_submodule(module_name, plain_linear(module))
     del state.configs[name]
     if not state.configs:
         state.hook.remove()
@@ -268,9 +266,3 @@ def remove_adapter(model: nn.Module, name: str) -> nn.Module:
 def loaded_adapters(model: nn.Module) -> list[str]:
     """The names of the adapters loaded on a mixed-adapter model, in load order."""
     return list(_state(model).configs)
-
-
-def _plain_linear(module: nn.Linear) -> nn.Linear:
-    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-    linear.weight, linear.bias = module.weight, module.bias
-    return linear

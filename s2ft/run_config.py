@@ -20,7 +20,6 @@ from s2ft.errors import UserError
 from s2ft.evaluation.checks import check_task_spec
 from s2ft.evaluation.mtbench import mtbench_config_problems
 from s2ft.methods import METHODS, method_options, saved_method
-from s2ft.methods.s2ft import option_problems
 from s2ft.models import DTYPES, MODEL_NAMES
 
 MODES = ("train", "eval")
@@ -33,7 +32,7 @@ SELECT_BEST = (None, "val_loss")
 GROUPS = ("paths", "model", "method", "data", "eval", "trainer", "logger")
 # The config's schema: the keys each group may hold (those of conf/<group>/*.yaml; tests/test_safety_config.py checks
 # that every key of every file is here). Any other key is a typo and an error. `method.options` is checked against the
-# method's own DEFAULTS, S2FT's (`method.options.ratios` ...) by `s2ft.methods.s2ft.option_problems`.
+# method's own DEFAULTS and rules (`Method.option_problems`; S2FT's: `s2ft.methods.s2ft.option_problems`).
 SCHEMA: dict[str, tuple[str, ...]] = {
     "": (
         *GROUPS,
@@ -161,9 +160,7 @@ def _check_method(method: dict, training: bool) -> list[str]:
         options = method_options(name, options)
     except ValueError as err:
         return problems + [str(err)]
-    if name == "s2ft":
-        problems += option_problems(options)
-    return problems
+    return problems + METHODS[name].option_problems(options)
 
 
 def _check_data(data: dict, data_dir: Path) -> list[str]:

@@ -52,10 +52,12 @@ def model_state(model: nn.Module) -> S2FTState:
 
 
 def check_fresh(model: nn.Module, hint: str = "start from a fresh base model (or merge_and_unload)") -> None:
-    """Refuses a model that already has S2FT applied or loaded.
+    """Refuses a model that already has S2FT applied or loaded: one adapter (``model.s2ft_state``, S2FTLinear
+    modules) or mixed adapters (``model.s2ft_adapters``, `s2ft.multi_adapter`).
 
     Raises:
         ValueError: Naming what to do instead (``hint``).
     """
-    if getattr(model, "s2ft_state", None) is not None or s2ft_modules(model):
+    loaded = getattr(model, "s2ft_state", None) is not None or getattr(model, "s2ft_adapters", None) is not None
+    if loaded or s2ft_modules(model):
         raise ValueError(f"this model already has an S2FT adapter; {hint}")

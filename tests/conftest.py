@@ -1,11 +1,15 @@
 """Shared fixtures: run configs composed as run.py composes them, tiny random decoders (`s2ft.models.tiny_model`
-with test sizes), calibration batches and scripted generation.
+with test sizes), calibration batches, S2FT adapters of them (stand-in trained, saved, broken on purpose) and scripted
+generation.
 
 Every model fixture builds a fresh fp32 model from a fixed seed, so tests may mutate it. Import the builders
 (`from conftest import build_tiny, calibration_batches`) or use the fixtures of the same names. A test's run config
-comes from `compose_run` (`compose_config` where it needs the composed config itself), through run.py's own code.
+comes from `compose_run` (`compose_config` where it needs the composed config itself), through run.py's own code;
+`smoke_config` is the short training run, `logged` and `adapter_tensors` read what it wrote.
 """
 
+import copy
+import csv
 import importlib
 import json
 import os
@@ -16,7 +20,10 @@ import pytest
 import torch
 from hydra import initialize_config_dir
 from omegaconf import DictConfig
+from safetensors.torch import load_file, save_file
 
+import s2ft
+from s2ft.adapter_format import CONFIG_NAME, WEIGHTS_NAME
 from s2ft.evaluation.generate import Generation
 from s2ft.lightning.jobs import compose_job, resolved_job
 from s2ft.models import MODEL_SHAPES, tiny_model, tiny_tokenizer
@@ -44,6 +51,28 @@ def compose_run(*overrides: str) -> dict:
     """The resolved config `python run.py OVERRIDES` runs: run.py's own `s2ft.lightning.jobs.job_config` (so
     `debug=NAME` is merged last and the command line's keys win), as a plain dict; not validated."""
     return resolved_job(compose_config(*overrides))
+
+
+def smoke_config(*overrides: str, logger: str = "none") -> dict:
+    """`compose_run` of a `debug=smoke` training run without evaluation (and without a logger unless named)."""
+    return compose_run("debug=smoke", "eval=none", f"logger={logger}", *overrides)
+
+
+def logged(run_dir: Path, timings: bool = False) -> dict[tuple[str, int], float]:
+    """(metric, step) -> value of the loss and lr rows of a run's metrics.csv (timings, which vary by run, too)."""
+    with (run_dir / "metrics.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    keys = ("train/loss", "train/lr", "train/tokens", "val/loss") + ("train/tokens_per_s",) * timings
+    values = {(k, int(row["step"])): float(row[k]) for row in rows for k in keys if row.get(k)}
+    assert len(values) == sum(1 for row in rows for k in keys if row.get(k)), "a metric was logged twice at one step"
+    return values
+
+
+def adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the run's saved adapter files, keyed `FILE:TENSOR`."""
+    files = sorted((run_dir / "adapter").glob("*.safetensors"))
+    assert files, f"no adapter written in {run_dir}"
+    return {f"{f.name}:{k}": v for f in files for k, v in load_file(f).items()}
 
 
 VOCAB = 128
@@ -120,6 +149,84 @@ def calibration_batches(
         labels = input_ids.masked_fill(attention_mask == 0, -100)
         batches.append({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
     return batches
+
+
+# S2FT adapters of the tiny models, for the adapter, switching, serving and export tests.
+RATIOS = {"q": 0.25, "k": 0.5, "v": 0.5, "o": 0.25, "gate": 0.05, "up": 0.05, "down": 0.05}
+INPUT_IDS = calibration_batches()[0]["input_ids"]
+
+
+def trained(model, cfg, seed: int = 1):
+    """Applies S2FT and perturbs every trainable value, standing in for training."""
+    s2ft.apply_s2ft(model, cfg)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.2 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def logits(model) -> torch.Tensor:
+    """The model's logits on `INPUT_IDS`, without gradients."""
+    with torch.no_grad():
+        return model(INPUT_IDS).logits
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    """A copy of every tensor of the model's state dict (for `assert_same_state`)."""
+    return {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+
+def assert_same_state(model, state) -> None:
+    """The model's state dict equals `state` (a `snapshot`) exactly, key for key."""
+    current = model.state_dict()
+    assert current.keys() == state.keys()
+    assert all(torch.equal(current[name], state[name]) for name in state)
+
+
+def adapter_files(tmp_path, base, ratios, seed, exclude=None):
+    """Saves a `trained` copy of `base` (S2FT with `ratios`, `seed`, `exclude`) under `tmp_path/a{seed}`; its path."""
+    model = trained(copy.deepcopy(base), s2ft.S2FTConfig(ratios=ratios, seed=seed, exclude=exclude), seed=seed)
+    s2ft.save_adapter(model, tmp_path / f"a{seed}")
+    return tmp_path / f"a{seed}"
+
+
+def corrupt_units(path, units):
+    config = json.loads((path / CONFIG_NAME).read_text())
+    config["modules"]["model.layers.0.self_attn.o_proj"]["units"] = units
+    (path / CONFIG_NAME).write_text(json.dumps(config))
+
+
+def corrupt_values(path, value):
+    tensors = load_file(path / WEIGHTS_NAME)
+    tensors["model.layers.0.self_attn.o_proj.values"][0, 0] = value
+    save_file(tensors, path / WEIGHTS_NAME)
+
+
+# A broken adapter of build_tiny("llama_gqa") (o_proj trained): how to break it, what the refusal says.
+BAD_ADAPTERS = {
+    "missing weights": (lambda p: (p / WEIGHTS_NAME).unlink(), "adapter file missing"),
+    "missing config": (lambda p: (p / CONFIG_NAME).unlink(), "adapter file missing"),
+    "corrupt weights": (lambda p: (p / WEIGHTS_NAME).write_bytes(b"\x00garbage"), "corrupt adapter weights"),
+    "corrupt config": (lambda p: (p / CONFIG_NAME).write_text("{not json"), "corrupt adapter config"),
+    "not an adapter": (lambda p: (p / CONFIG_NAME).write_text("{}"), "not an S2FT adapter"),
+    "out of range": (lambda p: corrupt_units(p, [0, 8]), r"must lie in \[0, 8\)"),
+    "negative": (lambda p: corrupt_units(p, [-1, 2]), r"must lie in \[0, 8\)"),
+    "duplicated": (lambda p: corrupt_units(p, [3, 3]), "sorted and unique"),
+    "unsorted": (lambda p: corrupt_units(p, [5, 2]), "sorted and unique"),
+    "not integers": (lambda p: corrupt_units(p, [1.5, 2]), "list of ints"),
+    "wrong count": (lambda p: corrupt_units(p, [1, 2, 3]), "values have shape"),
+    "nan": (lambda p: corrupt_values(p, float("nan")), "NaN/inf"),
+    "inf": (lambda p: corrupt_values(p, float("inf")), "NaN/inf"),
+}
+
+# Base models an adapter of build_tiny("llama_gqa") does not fit, and what the refusal says.
+OTHER_BASES = [
+    (lambda: build_tiny("llama_gqa", hidden_size=32), "weight shape"),
+    (lambda: build_tiny("llama_gqa", num_hidden_layers=1), "not a linear layer"),
+    (lambda: build_tiny("llama_gqa", vocab_size=64), "names/shapes differ"),
+]
 
 
 @pytest.fixture(name="calibration_batches")

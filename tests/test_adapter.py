@@ -5,8 +5,17 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny, calibration_batches
-from safetensors.torch import load_file, save_file
+from conftest import (
+    BAD_ADAPTERS,
+    OTHER_BASES,
+    RATIOS,
+    adapter_files,
+    assert_same_state,
+    build_tiny,
+    logits,
+    snapshot,
+    trained,
+)
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -16,35 +25,6 @@ from s2ft.adapter_format import CONFIG_NAME, WEIGHTS_NAME, AdapterError
 from s2ft.api import apply_selection
 from s2ft.state import fingerprint, s2ft_modules
 from s2ft.structures import AXIS, find_structures, unit_positions
-
-RATIOS = {"q": 0.25, "k": 0.5, "v": 0.5, "o": 0.25, "gate": 0.05, "up": 0.05, "down": 0.05}
-INPUT_IDS = calibration_batches()[0]["input_ids"]
-
-
-def trained(model, cfg, seed: int = 1):
-    """Applies S2FT and perturbs every trainable value, standing in for training."""
-    s2ft.apply_s2ft(model, cfg)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.2 * torch.randn(param.shape, generator=generator))
-    return model
-
-
-def logits(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(INPUT_IDS).logits
-
-
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {name: tensor.clone() for name, tensor in model.state_dict().items()}
-
-
-def assert_same_state(model, state) -> None:
-    current = model.state_dict()
-    assert current.keys() == state.keys()
-    assert all(torch.equal(current[name], state[name]) for name in state)
 
 
 @pytest.mark.parametrize("family", ["llama_gqa", "llama_9_3", "mistral", "qwen2", "qwen3"])
@@ -147,12 +127,6 @@ def test_merge_and_unload_saves_a_plain_model_in_original_coordinates(tmp_path, 
     torch.testing.assert_close(logits(reloaded), expected, rtol=0, atol=1e-5)
 
 
-def adapter_files(tmp_path, base, ratios, seed, exclude=None):
-    model = trained(copy.deepcopy(base), s2ft.S2FTConfig(ratios=ratios, seed=seed, exclude=exclude), seed=seed)
-    s2ft.save_adapter(model, tmp_path / f"a{seed}")
-    return tmp_path / f"a{seed}"
-
-
 @pytest.mark.parametrize("disjoint", [False, True])
 def test_fusion_equals_hand_computed_weights(tmp_path, disjoint):
     base = build_tiny("llama_gqa")
@@ -218,35 +192,6 @@ def test_applying_or_loading_twice_is_refused(tmp_path):
         s2ft.save_adapter(build_tiny("llama_gqa"), tmp_path / "other")
 
 
-def corrupt_units(path, units):
-    config = json.loads((path / CONFIG_NAME).read_text())
-    config["modules"]["model.layers.0.self_attn.o_proj"]["units"] = units
-    (path / CONFIG_NAME).write_text(json.dumps(config))
-
-
-def corrupt_values(path, value):
-    tensors = load_file(path / WEIGHTS_NAME)
-    tensors["model.layers.0.self_attn.o_proj.values"][0, 0] = value
-    save_file(tensors, path / WEIGHTS_NAME)
-
-
-BAD_ADAPTERS = {
-    "missing weights": (lambda p: (p / WEIGHTS_NAME).unlink(), "adapter file missing"),
-    "missing config": (lambda p: (p / CONFIG_NAME).unlink(), "adapter file missing"),
-    "corrupt weights": (lambda p: (p / WEIGHTS_NAME).write_bytes(b"\x00garbage"), "corrupt adapter weights"),
-    "corrupt config": (lambda p: (p / CONFIG_NAME).write_text("{not json"), "corrupt adapter config"),
-    "not an adapter": (lambda p: (p / CONFIG_NAME).write_text("{}"), "not an S2FT adapter"),
-    "out of range": (lambda p: corrupt_units(p, [0, 8]), r"must lie in \[0, 8\)"),
-    "negative": (lambda p: corrupt_units(p, [-1, 2]), r"must lie in \[0, 8\)"),
-    "duplicated": (lambda p: corrupt_units(p, [3, 3]), "sorted and unique"),
-    "unsorted": (lambda p: corrupt_units(p, [5, 2]), "sorted and unique"),
-    "not integers": (lambda p: corrupt_units(p, [1.5, 2]), "list of ints"),
-    "wrong count": (lambda p: corrupt_units(p, [1, 2, 3]), "values have shape"),
-    "nan": (lambda p: corrupt_values(p, float("nan")), "NaN/inf"),
-    "inf": (lambda p: corrupt_values(p, float("inf")), "NaN/inf"),
-}
-
-
 @pytest.mark.parametrize("case", sorted(BAD_ADAPTERS))
 def test_bad_adapter_is_refused_and_the_model_left_unchanged(tmp_path, case):
     base = build_tiny("llama_gqa")
@@ -266,14 +211,7 @@ def test_bad_adapter_is_refused_and_the_model_left_unchanged(tmp_path, case):
     assert_same_state(base, before)
 
 
-@pytest.mark.parametrize(
-    ("other", "message"),
-    [
-        (lambda: build_tiny("llama_gqa", hidden_size=32), "weight shape"),
-        (lambda: build_tiny("llama_gqa", num_hidden_layers=1), "not a linear layer"),
-        (lambda: build_tiny("llama_gqa", vocab_size=64), "names/shapes differ"),
-    ],
-)
+@pytest.mark.parametrize(("other", "message"), OTHER_BASES)
 def test_adapter_for_another_base_model_is_refused(tmp_path, other, message):
     model = trained(build_tiny("llama_gqa"), s2ft.S2FTConfig(ratios={"o": 0.25, "down": 0.05}))
     s2ft.save_adapter(model, tmp_path)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import DATA, ROOT, smoke_config
 from test_data_template import CHATML
-from test_lightning_resume import smoke_config
 
 import s2ft
 from s2ft.config import S2FTConfig
@@ -28,8 +28,6 @@ from s2ft.lightning.provenance import read_adapter_record, write_adapter_record
 from s2ft.methods import prepare_model, save_trained
 from s2ft.models import build_run_model
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "data"
 # Shared by every evaluation here: batches of 3 rows, so batches mix adapters and split an item's rows.
 EVAL = ("mode=eval", "eval.limit=4", "eval.batch_size=3", "eval.max_new_tokens=6", "eval.heldout_limit=5")
 TASKS = {"generate": "eval.tasks=[gsm8k,piqa]", "loglik": "eval.tasks=[piqa,aqua]"}

@@ -5,9 +5,8 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny
+from conftest import BAD_ADAPTERS, build_tiny
 from peft import PeftModel
-from test_adapter import BAD_ADAPTERS
 from test_multi_adapter import SELECTIONS, left_padded, save_adapters
 
 import s2ft

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 import torch
-from test_lightning_resume import adapter_tensors, smoke_config
+from conftest import adapter_tensors, smoke_config
 
 from s2ft.lightning import FineTuneModule, run_experiment
 from s2ft.lightning.callbacks import RunInterrupted

@@ -1,41 +1,18 @@
 """Exact resume: a run stopped by SIGTERM mid-epoch and resumed with ckpt_path=last ends with the same weights."""
 
-import csv
 import os
 import signal
 import statistics
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_run
-from safetensors.torch import load_file
+from conftest import adapter_tensors, logged, smoke_config
 
 from s2ft.lightning import FineTuneModule, run_experiment, runner
 from s2ft.lightning.callbacks import RunInterrupted
 from s2ft.lightning.run_dir import RunDirError
 from s2ft.run_config import RunConfigError
-
-
-def smoke_config(*overrides: str, logger: str = "none") -> dict:
-    return compose_run("debug=smoke", "eval=none", f"logger={logger}", *overrides)
-
-
-def logged(run_dir: Path, timings: bool = False) -> dict[tuple[str, int], float]:
-    """(metric, step) -> value of the loss and lr rows of a run's metrics.csv (timings, which vary by run, too)."""
-    with (run_dir / "metrics.csv").open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    keys = ("train/loss", "train/lr", "train/tokens", "val/loss") + ("train/tokens_per_s",) * timings
-    values = {(k, int(row["step"])): float(row[k]) for row in rows for k in keys if row.get(k)}
-    assert len(values) == sum(1 for row in rows for k in keys if row.get(k)), "a metric was logged twice at one step"
-    return values
-
-
-def adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
-    files = sorted((run_dir / "adapter").glob("*.safetensors"))
-    assert files, f"no adapter written in {run_dir}"
-    return {f"{f.name}:{k}": v for f in files for k, v in load_file(f).items()}
 
 
 @pytest.fixture

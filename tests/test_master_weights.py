@@ -5,9 +5,8 @@ import copy
 import pytest
 import torch
 import yaml
-from conftest import ROOT
+from conftest import ROOT, adapter_tensors, smoke_config
 from test_lightning_epochs import recording
-from test_lightning_resume import adapter_tensors, smoke_config
 from torch import nn
 
 from s2ft.adapter import save_adapter, switch_adapter

@@ -24,6 +24,7 @@ from s2ft.methods import (
 )
 from s2ft.methods import spft as spft_method
 from s2ft.methods.peft_lora import lora_param_count
+from s2ft.methods.s2ft import calibration_count
 from s2ft.models import tiny_model
 
 VOCAB = 64
@@ -63,6 +64,17 @@ def batch(seed: int = 0) -> torch.Tensor:
 
 def loss_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, labels=ids).loss
+
+
+def trained_model(method: str) -> nn.Module:
+    """The base model prepared for ``method`` with ``OPTIONS[method]``, after one AdamW step (when it trains)."""
+    model = prepare_model(base_model(), method, OPTIONS[method])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if trainable:
+        optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+        loss_of(model, batch()).backward()
+        optimizer.step()
+    return model
 
 
 def claimed_count(method: str) -> int:
@@ -154,12 +166,7 @@ def test_one_step_changes_exactly_the_intended_entries(method):
 
 @pytest.mark.parametrize("method", ALL)
 def test_save_then_load_reproduces_logits(method, tmp_path):
-    model = prepare_model(base_model(), method, OPTIONS[method])
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if trainable:
-        optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-        loss_of(model, batch()).backward()
-        optimizer.step()
+    model = trained_model(method)
     model.eval()
     ids = batch(1)
     with torch.no_grad():
@@ -177,12 +184,7 @@ def test_save_then_load_reproduces_logits(method, tmp_path):
 
 @pytest.mark.parametrize("method", ALL)
 def test_merge_trained_gives_a_plain_model_with_the_same_logits(method):
-    model = prepare_model(base_model(), method, OPTIONS[method])
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if trainable:
-        optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-        loss_of(model, batch()).backward()
-        optimizer.step()
+    model = trained_model(method)
     ids = batch(2)
     with torch.no_grad():
         expected = model.eval()(input_ids=ids).logits
@@ -283,6 +285,8 @@ def test_options_accept_omegaconf_and_reject_unknown_keys():
             {"match_lora": {"r": 8, "target_modules": ["q_proj"]}, "target_params": 10},
             "not both",
         ),
+        # Without a budget the ratios are the S2FTConfig's own, and it is the one that checks them.
+        pytest.param("s2ft", {"ratios": {"o": 1.5}}, r"^invalid S2FTConfig:\n  - ratios\['o'\] must be a number in"),
     ],
 )
 def test_bad_options_fail_early_with_the_fix(method, options, message):
@@ -323,3 +327,22 @@ def test_s2ft_options_are_s2ftconfig_fields_with_its_defaults():
     }
     options = yaml.safe_load((ROOT / "conf/method/s2ft.yaml").read_text())["options"]
     assert options == {**defaults, "ratios": {"o": 0.052, "down": 0.02}, "seed": "${seed}"}
+
+
+@pytest.mark.parametrize(
+    ("size", "train_items", "count"),
+    [(64, 1000, 64), (64, 10, 10), (0.01, 1000, 10), (0.01, 170_000, 1700), (0.01, 40, 1), (0.5, 3, 2)],
+)
+def test_calibration_count(size, train_items, count):
+    assert calibration_count(size, train_items) == count
+
+
+def test_calibration_items_only_for_the_strategies_that_score_on_data():
+    calibration_items = METHODS["s2ft"].calibration_items
+    assert calibration_items({"strategy": "random", "calibration_size": 0.5}, 100) == 0
+    assert calibration_items({"strategy": "gradient"}, 1000) == 64  # the default calibration_size
+    assert calibration_items({"strategy": "activation", "calibration_size": 0.01}, 1000) == 10
+    # No other method asks for calibration batches, and none has option rules beyond its DEFAULTS but S2FT.
+    for name in sorted(set(METHODS) - {"s2ft"}):
+        assert METHODS[name].calibration_items({}, 1000) == 0
+        assert METHODS[name].option_problems({}) == []

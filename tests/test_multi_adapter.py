@@ -4,8 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import build_tiny
-from test_adapter import BAD_ADAPTERS, assert_same_state, snapshot, trained
+from conftest import BAD_ADAPTERS, OTHER_BASES, assert_same_state, build_tiny, snapshot, trained
 from torch import nn
 
 import s2ft
@@ -174,14 +173,7 @@ def test_bad_adapter_is_refused_and_the_model_left_unchanged(tmp_path, case):
     assert loaded_adapters(model) == ["good"]
 
 
-@pytest.mark.parametrize(
-    ("other", "message"),
-    [
-        (lambda: build_tiny("llama_gqa", hidden_size=32), "weight shape"),
-        (lambda: build_tiny("llama_gqa", num_hidden_layers=1), "not a linear layer"),
-        (lambda: build_tiny("llama_gqa", vocab_size=64), "names/shapes differ"),
-    ],
-)
+@pytest.mark.parametrize(("other", "message"), OTHER_BASES)
 def test_adapter_for_another_base_model_is_refused(tmp_path, other, message):
     paths = save_adapters(build_tiny("llama_gqa"), tmp_path, {"cols": SELECTIONS["cols"]})
     base = other()
@@ -213,8 +205,13 @@ def test_names_and_models_are_checked(tmp_path):
     with pytest.raises(ValueError, match="no adapter named"):
         remove_adapter(model, "rows")
     single = s2ft.load_adapter(build_tiny("llama_gqa"), paths["cols"])
-    with pytest.raises(ValueError, match="already has S2FT adapters"):
+    with pytest.raises(ValueError, match="already has an S2FT adapter; load_adapters needs a plain base model"):
         load_adapters(single, paths)
+    # The other way round: a mixed-adapter model is no base for one adapter either.
+    with pytest.raises(ValueError, match="already has an S2FT adapter"):
+        s2ft.load_adapter(model, paths["cols"])
+    with pytest.raises(ValueError, match="already has an S2FT adapter"):
+        s2ft.apply_s2ft(model, s2ft.S2FTConfig(ratios={"o": 0.25}))
 
 
 def test_adapters_are_added_and_removed_on_a_live_model(tmp_path):

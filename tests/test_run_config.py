@@ -148,21 +148,3 @@ def test_bad_calibration_size_names_both_forms(size):
     cfg["method"]["options"]["calibration_size"] = size
     with pytest.raises(RunConfigError, match=r"calibration_size must be a number of items \(int >= 1\) or a fraction"):
         validate_run_config(cfg)
-
-
-@pytest.mark.parametrize(
-    ("size", "train_items", "count"),
-    [(64, 1000, 64), (64, 10, 10), (0.01, 1000, 10), (0.01, 170_000, 1700), (0.01, 40, 1), (0.5, 3, 2)],
-)
-def test_calibration_count(size, train_items, count):
-    from s2ft.methods.s2ft import calibration_count
-
-    assert calibration_count(size, train_items) == count
-
-
-def test_calibration_items_only_for_the_strategies_that_score_on_data():
-    from s2ft.methods.s2ft import calibration_items
-
-    assert calibration_items({"strategy": "random", "calibration_size": 0.5}, 100) == 0
-    assert calibration_items({"strategy": "gradient"}, 1000) == 64  # the default calibration_size
-    assert calibration_items({"strategy": "activation", "calibration_size": 0.01}, 1000) == 10

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
-from test_lightning_resume import adapter_tensors, logged, smoke_config
+from conftest import ROOT, adapter_tensors, logged, smoke_config
 
 from s2ft.config import S2FTConfigError
 from s2ft.data.overlap import DataOverlapError

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_lightning_resume import smoke_config
+from conftest import smoke_config
 
 from s2ft.lightning import FineTuneModule, run_experiment
 

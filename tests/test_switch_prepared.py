@@ -4,8 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import build_tiny
-from test_adapter import RATIOS, adapter_files, assert_same_state, logits, snapshot, trained
+from conftest import RATIOS, adapter_files, assert_same_state, build_tiny, logits, snapshot, trained
 
 import s2ft
 from s2ft.adapter_format import AdapterError

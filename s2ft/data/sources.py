@@ -9,6 +9,7 @@ import random
 from collections.abc import Iterable
 from pathlib import Path
 
+from s2ft.checks import is_positive_int
 from s2ft.data.overlap import drop_overlaps
 from s2ft.data.records import DataError, Example, load_hub, read_gsm8k, read_llm_adapters, read_mawps_raw
 from s2ft.data.tasks import (
@@ -38,7 +39,7 @@ def _permutation(count: int, seed: int, stream: str) -> list[int]:
 
 
 def _check_limit(limit: int | None) -> None:
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+    if limit is not None and not is_positive_int(limit):
         raise ValueError(f"limit must be a positive integer or None (all items), got {limit!r}")
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from s2ft.checks import is_positive_int
 from s2ft.data.records import DataError, Example
 from s2ft.data.tasks import GROUPS, TASKS, TaskSpec, UnknownNameError, resolve_tasks
 from s2ft.data.user import SOURCE_KEYS, UserSource, file_lines, load_rows, parse_source, to_examples
@@ -71,7 +72,7 @@ def parse_task(definition: dict) -> TaskSpec:
     if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or tolerance < 0:
         raise DataError(f"{where}: tolerance must be a number >= 0, got {tolerance!r}")
     budget = definition.get("max_new_tokens")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+    if budget is not None and not is_positive_int(budget):
         raise DataError(f"{where}: max_new_tokens must be an int >= 1, got {budget!r}")
     mode = definition.get("mode")
     if mode not in (None, "generate", "loglik"):

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
+from s2ft.checks import require_positive_int
+
 
 @dataclass
 class Generation:
@@ -113,8 +115,7 @@ def generate(
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos_token)")
     for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size), ("num_beams", num_beams)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        require_positive_int(name, value)
     if adapter_names is not None and len(adapter_names) != len(prompts):
         raise ValueError(f"adapter_names has {len(adapter_names)} names for {len(prompts)} prompts; one per prompt")
     if adapter_names is not None and num_beams != 1:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from s2ft.checks import is_positive_int
 from s2ft.data.prompt import build_prompt
 from s2ft.errors import UserError
 from s2ft.evaluation.generate import generate
@@ -234,7 +235,7 @@ def judge_config_problems(judge_cfg) -> list[str]:
     if unknown:
         problems.append(f"eval.mtbench.judge: unknown keys {sorted(unknown)} (known: kind, max_tokens, openai, local)")
     max_tokens = judge_cfg.get("max_tokens", DEFAULT_MAX_TOKENS)
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+    if not is_positive_int(max_tokens):
         problems.append(f"eval.mtbench.judge.max_tokens must be an int >= 1, got {max_tokens!r}")
     block, known = judge_cfg.get(kind) or {}, OPENAI_KEYS if kind == "openai" else LOCAL_KEYS
     if not isinstance(block, dict):

@@ -42,8 +42,7 @@ from s2ft.lightning.provenance import training_record, write_adapter_record
 from s2ft.lightning.run_dir import RunPlan, honour_umask, prepare_run_dir
 from s2ft.lightning.sharding import FSDP2Strategy, gather_trained, local_elements
 from s2ft.lightning.summary import build_summary, flat_metrics, task_record
-from s2ft.methods import merge_trained, prepare_model, save_trained, trainable_summary
-from s2ft.methods.s2ft import calibration_items
+from s2ft.methods import get_method, merge_trained, prepare_model, save_trained, trainable_summary
 from s2ft.models import build_run_model
 from s2ft.run_config import RunConfigError, validate_run_config
 
@@ -126,7 +125,7 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     method = cfg["method"]
     options = dict(method.get("options") or {})
     calibration = None
-    count = calibration_items(options, len(datamodule.train_set)) if method["name"] == "s2ft" else 0
+    count = get_method(method["name"]).calibration_items(options, len(datamodule.train_set))
     if count:
         subset = datamodule.train_set.select(range(count))  # the training list is shuffled: a random sample
         calibration = list(DataLoader(subset, batch_size=data["batch_size"], collate_fn=datamodule.collate))

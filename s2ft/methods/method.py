@@ -21,6 +21,10 @@ class Method:
         trains: False for evaluation-only methods (a training run with one is a configuration error).
         fp32_trainables: Cast the parameters it makes trainable to fp32 in a half-precision model (adapters); full
             fine-tuning keeps the model's dtype and trains through the optimizer's fp32 master weights.
+        option_problems: ``option_problems(options) -> [problem, ...]``: what is wrong with its options (merged over
+            ``defaults``) that shows without the model, for the run's config check (`s2ft.run_config`).
+        calibration_items: ``calibration_items(options, train_items) -> int``: how many training items ``prepare``
+            wants as calibration batches (0: none).
     """
 
     name: str
@@ -31,3 +35,5 @@ class Method:
     merge: Callable
     trains: bool = True
     fp32_trainables: bool = True
+    option_problems: Callable[[dict[str, Any]], list[str]] = lambda options: []
+    calibration_items: Callable[[dict[str, Any], int], int] = lambda options, train_items: 0

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from s2ft.checks import is_positive_int
 from s2ft.methods.method import Method
 from s2ft.methods.spft import entry_count
 
@@ -31,7 +32,7 @@ def lora_param_count(model: nn.Module, r: int, target_modules: list[str], key: s
 
     Modules are matched as PEFT matches a list: the module name equals a target or ends with ``"." + target``.
     """
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+    if not is_positive_int(r):
         raise ValueError(f"{key}.r must be a positive int, got {r!r}")
     if isinstance(target_modules, str) or not target_modules:
         raise ValueError(f"{key}.target_modules must be a non-empty list of module names, got {target_modules!r}")

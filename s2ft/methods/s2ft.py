@@ -38,7 +38,7 @@ def option_problems(options: dict[str, Any]) -> list[str]:
 
     The budget's size (``match_lora``) and whether it fits need the model; `build_config` checks those.
     """
-    problems = _budget_problems(options)
+    problems = _budget_problems(options) + _ratio_problems(options)
     size = options["calibration_size"]
     if not (is_positive_int(size) or (isinstance(size, float) and 0 < size < 1)):
         problems.append(
@@ -48,7 +48,7 @@ def option_problems(options: dict[str, Any]) -> list[str]:
     exclude = options["exclude"]
     if exclude is not None and not (isinstance(exclude, str) and Path(exclude).is_dir()):
         problems.append(f"method.options.exclude {exclude!r} is not an adapter folder (give the path save wrote)")
-    budgeted = options["target_params"] is not None or options["match_lora"] is not None
+    budgeted = _budgeted(options)
     if not budgeted and options["ratios"] is None:
         problems.append("method.options: give ratios, or a budget (target_params or match_lora)")
     if options["target_split"] is not None and not budgeted:
@@ -58,10 +58,15 @@ def option_problems(options: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _budgeted(options: dict[str, Any]) -> bool:
+    """Whether the options set a parameter budget (``target_params`` or ``match_lora``)."""
+    return options["target_params"] is not None or options["match_lora"] is not None
+
+
 def _budget_problems(options: dict[str, Any]) -> list[str]:
-    """The rules of the options S2FTConfig does not have: match_lora, and ratios as the split of a budget."""
+    """The rules of the option S2FTConfig does not have: match_lora, and that it is not given with target_params."""
     problems = []
-    match, ratios = options["match_lora"], options["ratios"]
+    match = options["match_lora"]
     if match is not None and options["target_params"] is not None:
         problems.append("set method.options.match_lora or method.options.target_params, not both")
     if match is not None and not isinstance(match, dict):
@@ -73,13 +78,18 @@ def _budget_problems(options: dict[str, Any]) -> list[str]:
             for key in match
             if key not in MATCH_LORA_KEYS
         ]
-    if ratios is not None:
-        # With a budget, ratios split it over components (`build_config`); without, they are S2FTConfig's own.
-        budgeted = options["target_params"] is not None or match is not None
-        split = budgeted and not options["target_split"]
-        why = " (with a budget, ratios set how it is split over components)" if split else ""
-        problems += [f"method.options.{problem}{why}" for problem in field_problems({"ratios": ratios})]
     return problems
+
+
+def _ratio_problems(options: dict[str, Any]) -> list[str]:
+    """The ratios, by S2FTConfig's rules. With a budget they split it over components (`build_config`), and the
+    S2FTConfig built then never sees them; without one they are its own."""
+    ratios = options["ratios"]
+    if ratios is None:
+        return []
+    split = _budgeted(options) and not options["target_split"]
+    why = " (with a budget, ratios set how it is split over components)" if split else ""
+    return [f"method.options.{problem}{why}" for problem in field_problems({"ratios": ratios})]
 
 
 def build_config(model: nn.Module, options: dict[str, Any]) -> S2FTConfig:
@@ -93,7 +103,8 @@ def build_config(model: nn.Module, options: dict[str, Any]) -> S2FTConfig:
         S2FTConfigError: Options S2FTConfig does not check itself (match_lora, ratios that split a budget) are wrong,
             or the config is (listing every problem).
     """
-    problems = _budget_problems(options)
+    # What the S2FTConfig built below checks itself (every field it is given) is not checked here.
+    problems = _budget_problems(options) + (_ratio_problems(options) if _budgeted(options) else [])
     if problems:
         raise S2FTConfigError("invalid method.options:\n  - " + "\n  - ".join(problems))
     ratios, target_params, split = options["ratios"], options["target_params"], options["target_split"]
@@ -151,4 +162,13 @@ def calibration_count(size: int | float, train_items: int) -> int:
 
 
 # An S2FT run saves, loads and merges its adapter with the core library.
-METHOD = Method("s2ft", DEFAULTS, prepare, save_adapter, load_adapter, merge_and_unload)
+METHOD = Method(
+    "s2ft",
+    DEFAULTS,
+    prepare,
+    save_adapter,
+    load_adapter,
+    merge_and_unload,
+    option_problems=option_problems,
+    calibration_items=calibration_items,
+)
