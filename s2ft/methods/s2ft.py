@@ -23,7 +23,7 @@ CONFIG_FIELDS = tuple(field.name for field in dataclasses.fields(S2FTConfig))
 # options of the run: a budget matched to a LoRA configuration, and the size of the calibration set.
 DEFAULTS: dict[str, Any] = {
     **{field.name: field.default for field in dataclasses.fields(S2FTConfig)},
-    "ratios": {"o": 0.05, "down": 0.02},
+    "ratios": {"o": 0.052, "down": 0.02},
     "match_lora": None,  # {"r": RANK, "target_modules": [...]}: target_params becomes that LoRA's trainable count
     "calibration_size": 64,  # items, or a fraction (0, 1) of the training set (`calibration_items`)
 }
