@@ -264,7 +264,8 @@ def test_the_last_screen_is_the_result_and_where_it_is(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout + done.stderr
     assert out.count("GPU available") == 1 and out.count("Seed set to 0") == 1
-    for noise in ("litlogger", "anonymous setting", "Epoch 0/-2", "Run summary", "Run history"):
+    noises = ("litlogger", "anonymous setting", "Epoch 0/-2", "Run summary", "Run history", "wandb:")
+    for noise in noises:
         assert noise not in out, noise
     assert "Step" in done.stdout and " 4/4 " in done.stdout
     (wandb_run,) = (run_dir / "wandb").glob("offline-run-*")

@@ -49,7 +49,7 @@ def build_logger(logger_cfg: dict, cfg: dict, run_dir: Path):
             resume="allow",
             # The run's own table is the last screen: no W&B banner, run history or summary (s2ft prints the sync
             # command of an offline run with its results).
-            settings=wandb.Settings(quiet=True),
+            settings=wandb.Settings(silent=True),
         )
     logger.log_hyperparams(cfg)
     return logger
