@@ -139,7 +139,8 @@ class S2FTLinear(nn.Module):
             elif not same or self.merged:
                 self.weight.index_fill_(self.axis, index, 0)
         self.merged = merged
-        self.span = contiguous_span(index)
+        if not same:
+            self.span = contiguous_span(index)
 
     @property
     def units(self) -> torch.Tensor:
