@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from s2ft.adapter_format import Adapter, AdapterError, AdapterModule, as_adapter, write_adapter
-from s2ft.layers import S2FTLinear, plain_linear
+from s2ft.layers import S2FTLinear, plain_linear, slot_major
 from s2ft.permute import permute_linear
 from s2ft.state import S2FTState, check_fresh, fingerprint, model_state, s2ft_modules
 from s2ft.structures import find_structures, unit_positions
@@ -238,7 +238,7 @@ def prepare_adapter(model: nn.Module, path_or_adapter) -> PreparedAdapter:
     for name, m in adapter.modules.items():
         device = model.get_submodule(name).weight.device
         positions, values = _current_coordinates(state, m)
-        slots[name] = (positions.to(device), values.to(device))
+        slots[name] = (positions.to(device), slot_major(values.to(device), m.axis))
     return PreparedAdapter(adapter, slots, weakref.ref(state))
 
 
@@ -248,7 +248,9 @@ def switch_adapter(model: nn.Module, path_or_adapter) -> nn.Module:
     The old adapter's slots are restored from the stored base values and the new adapter's values are written;
     modules trained by both are retargeted in place (no module rebuild). Merged state is kept. A folder or an
     ``Adapter`` is validated on every call; a ``PreparedAdapter`` (``prepare_adapter``) for this model was validated
-    once, so switching to it is only the copies.
+    once, so switching to it is only the copies. The weights of modules trained by columns (o, down) are stored
+    column-major from the first switch on (same values; ``S2FTLinear.store_slot_major``), so that a switch copies
+    whole runs of memory instead of writing into every row.
 
     Raises:
         AdapterError: On a bad adapter or one made for another base; the model is unchanged when raised.
@@ -269,9 +271,11 @@ def switch_adapter(model: nn.Module, path_or_adapter) -> nn.Module:
         positions, values = prepared.slots[name]
         if name in current:
             layer = current[name]
+            layer.store_slot_major()
             layer.retarget(positions, values, merged, checked=True)
         else:
             layer = S2FTLinear(model.get_submodule(name), m.axis, positions, m.unit_size, values)
+            layer.store_slot_major()
             model.set_submodule(name, layer)
             if merged:
                 layer.merge()

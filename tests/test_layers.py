@@ -28,12 +28,23 @@ def make_pair(bias: bool, seed: int = 0) -> tuple[nn.Linear, nn.Linear]:
     return linear, reference
 
 
+def assert_slot_major(layer: S2FTLinear) -> None:
+    """Every trained slot of the layer's weight, values and base values is one contiguous run of memory."""
+    for name in ("weight", "values", "base_values"):
+        tensor = getattr(layer, name)
+        assert (tensor.t() if layer.axis == 1 else tensor).is_contiguous(), name
+
+
+@pytest.mark.parametrize("slot_major", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize(("axis", "positions"), CASES)
-def test_forward_and_gradients_match_the_full_linear(axis, positions, bias):
+def test_forward_and_gradients_match_the_full_linear(axis, positions, bias, slot_major):
     linear, reference = make_pair(bias)
     index = torch.tensor(positions)
     layer = S2FTLinear(linear, axis, index)
+    if slot_major:  # the layout switch_adapter leaves
+        layer.store_slot_major()
+        assert_slot_major(layer)
     x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_(True)
     out, out_ref = layer(x), reference(x_ref)
@@ -146,13 +157,16 @@ def test_training_while_merged_is_refused():
 @pytest.mark.parametrize("new_positions", [[0, 4, 7, 9], [2, 3, 10], [1, 2, 3]])
 @pytest.mark.parametrize("merged_before, merged_after", [(False, False), (True, True), (False, True), (True, False)])
 @pytest.mark.parametrize("axis", [0, 1])
-def test_retarget_equals_a_fresh_layer(axis, new_positions, merged_before, merged_after):
+@pytest.mark.parametrize("slot_major", [False, True])
+def test_retarget_equals_a_fresh_layer(axis, new_positions, merged_before, merged_after, slot_major):
     linear, reference = make_pair(bias=True)
     layer = S2FTLinear(linear, axis, torch.tensor([1, 2, 3]))
     with torch.no_grad():
         layer.values.mul_(3.0)
     if merged_before:
         layer.merge()
+    if slot_major:
+        layer.store_slot_major()
     values_param = layer.values
     new_index = torch.tensor(new_positions)
     new_values = torch.randn_like(reference.weight.index_select(axis, new_index))
@@ -169,6 +183,11 @@ def test_retarget_equals_a_fresh_layer(axis, new_positions, merged_before, merge
     with torch.no_grad():  # a merged layer trains nothing
         assert torch.equal(layer(x), fresh(x))
     assert (layer.values is values_param) == (len(new_positions) == 3)
+    if slot_major:  # read, written and zeroed along contiguous runs, and kept that way
+        assert_slot_major(layer)
+    layer.unmerge()
+    fresh.unmerge()
+    assert torch.equal(layer.weight, fresh.weight)
 
 
 def test_units_recover_the_unit_indices():

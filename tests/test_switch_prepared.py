@@ -7,7 +7,8 @@ import torch
 from conftest import RATIOS, adapter_files, assert_same_state, build_tiny, logits, snapshot, trained
 
 import s2ft
-from s2ft.adapter_format import AdapterError
+from s2ft.adapter_format import AdapterError, load_adapter_file
+from s2ft.state import s2ft_modules
 
 
 @pytest.mark.parametrize("merged", [False, True])
@@ -52,3 +53,28 @@ def test_an_adapter_prepared_for_another_model_is_validated_again(tmp_path):
         s2ft.prepare_adapter(other, path)
     with pytest.raises(ValueError, match="no S2FT adapter"):
         s2ft.prepare_adapter(base, path)
+
+
+def test_a_switched_model_keeps_trained_columns_column_major_and_saves_and_unloads_exactly(tmp_path):
+    base = build_tiny("llama_9_3")
+    paths = [adapter_files(tmp_path, base, {"o": 0.4, "up": 0.1, "down": 0.2}, seed=seed) for seed in (2, 3)]
+    model = trained(copy.deepcopy(base), s2ft.S2FTConfig(ratios=RATIOS, seed=1), seed=1)
+    prepared = [s2ft.prepare_adapter(model, path) for path in paths]
+    s2ft.switch_adapter(model, prepared[0])
+    s2ft.switch_adapter(model, prepared[1])
+    for module in s2ft_modules(model).values():
+        # A switch copies whole runs of memory: trained columns column-major, trained rows row-major.
+        for tensor in (module.weight, module.values, module.base_values):
+            assert (tensor.t() if module.axis == 1 else tensor).is_contiguous()
+
+    s2ft.save_adapter(model, tmp_path / "again")
+    saved, again = load_adapter_file(paths[1]), load_adapter_file(tmp_path / "again")
+    assert saved.modules.keys() == again.modules.keys()
+    assert all(torch.equal(saved.modules[n].values, again.modules[n].values) for n in saved.modules)
+
+    fresh = s2ft.load_adapter(copy.deepcopy(base), paths[1])
+    expected = logits(fresh)
+    torch.testing.assert_close(logits(model), expected, rtol=0, atol=1e-5)
+    s2ft.merge_and_unload(model).save_pretrained(tmp_path / "merged")
+    reloaded = type(base).from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(logits(reloaded), expected, rtol=0, atol=1e-5)

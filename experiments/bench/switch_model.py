@@ -6,8 +6,9 @@ adapters have the rank whose parameter count is nearest to that budget (the S2FT
 random A and B (so their deltas are not zero). Both sides switch between adapters already in memory, merged.
 
 Also timed: the floor of an S2FT switch, the slot writes alone (the old slots back to the base, the new values in)
-on a plain copy of the model; and a switch between two adapters of the same selection (the same strategy and seed
-trained on other data), which writes only the new values.
+on a plain copy of the model in the layout `switch_adapter` keeps (trained columns column-major); and a switch
+between two adapters of the same selection (the same strategy and seed trained on other data), which
+writes only the new values.
 """
 
 import copy
@@ -31,7 +32,7 @@ from s2ft import (
     save_adapter,
     switch_adapter,
 )
-from s2ft.layers import S2FTLinear, write_slots
+from s2ft.layers import S2FTLinear, read_slots, slot_major, write_slots
 from s2ft.methods.peft_lora import lora_param_count, rank_for_budget
 
 
@@ -78,19 +79,21 @@ def _time_switches(model: nn.Module, reference: nn.Module, adapters: list, targe
 def _time_slot_writes(reference: nn.Module, adapters: list, repeats: int, device: str) -> float:
     """Median seconds of only the weight writes a switch between `adapters` makes, on a plain copy of the model."""
     plain = copy.deepcopy(reference)
-    weights = {name: plain.get_submodule(name).weight for a in adapters for name in a.modules}
+    weights = {}
+    for name, m in {n: m for a in adapters for n, m in a.modules.items()}.items():
+        weight = plain.get_submodule(name).weight
+        weight.data = slot_major(weight.data, m.axis)  # the layout switch_adapter keeps
+        weights[name] = weight
     writes = []  # per direction: (weight, axis, positions, what to write there)
     for old, new in ((adapters[0], adapters[1]), (adapters[1], adapters[0])):
         restore = [
-            (
-                weights[n],
-                m.axis,
-                m.positions.to(device),
-                reference.get_submodule(n).weight.index_select(m.axis, m.positions),
-            )
+            (weights[n], m.axis, m.positions.to(device), read_slots(weights[n].detach(), m.axis, m.positions))
             for n, m in old.modules.items()
         ]
-        write = [(weights[n], m.axis, m.positions.to(device), m.values.to(weights[n])) for n, m in new.modules.items()]
+        write = [
+            (weights[n], m.axis, m.positions.to(device), slot_major(m.values.to(weights[n]), m.axis))
+            for n, m in new.modules.items()
+        ]
         writes.append(restore + write)
     for name, weight in _expected_s2ft_weights(reference, adapters[0]).items():
         weights[name].data.copy_(weight)
