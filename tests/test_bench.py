@@ -16,8 +16,10 @@ from torch import nn
 
 from experiments.bench import switch, training
 from experiments.bench.models import build_bench_model
-from experiments.bench.results import redraw, switch_chart, switch_table, write_results
+from experiments.bench.redraw import recompute_targets, redraw
+from experiments.bench.results import switch_chart, switch_table, write_results
 from experiments.bench.switch_layer import bench_layer, check_nearer
+from experiments.bench.targets import target, targets_line
 from experiments.bench.train_worker import METHODS, prepare, trained_parameter_count
 from s2ft.memory import PeakMemory
 from s2ft.methods import trainable_summary
@@ -78,11 +80,10 @@ def test_training_quick_every_method(tmp_path):
     assert abs(methods["s2ft"]["trainable_params"] - target) <= tiny.hidden_size / 2
     assert abs(methods["spft"]["trainable_params"] - target) <= 10  # per-layer rounding of the SpFT fraction
 
-    assert [(t["metric"], t["versus"]) for t in results["targets"]] == [
-        (metric, other) for metric, other, _ in training.TARGETS
-    ]
-    for t in results["targets"]:
-        assert t["ratio"] == pytest.approx(methods["s2ft"][t["metric"]] / methods[t["versus"]][t["metric"]])
+    assert len(results["targets"]) == len(training.TARGETS)
+    for t, (metric, other, op, limit) in zip(results["targets"], training.TARGETS, strict=True):
+        assert (t["what"], t["op"], t["limit"]) == (f"{training.METRIC_NAMES[metric]} / {other}", op, limit)
+        assert t["ratio"] == pytest.approx(methods["s2ft"][metric] / methods[other][metric], rel=1e-12)
         assert t["met"] == (t["ratio"] <= t["limit"])
 
 
@@ -95,7 +96,7 @@ def test_training_measures_each_method_in_its_own_process(tmp_path):
     assert methods["floor"]["trainable_params"] == 0
     assert all(r["live_mem_mb"] > 0 for r in methods.values())  # the second, fixed-mmap-threshold run per method
     assert "step_ratio_full" not in methods["s2ft"]  # no full FT to compare with
-    assert [(t["metric"], t["versus"]) for t in results["targets"]] == [("step_s", "floor")]
+    assert [t["what"] for t in results["targets"]] == ["step time / floor"]
 
 
 @pytest.mark.parametrize(
@@ -199,7 +200,9 @@ def test_switch_quick(tmp_path):
     assert model["same_selection_speedup"] == pytest.approx(model["lora_ms"] / model["s2ft_same_selection_ms"])
     assert "The floor, the slot writes alone" in (tmp_path / "results.md").read_text()
     # Quick dims are below 4096, so only the whole-model target applies.
-    assert [t["what"] for t in results["targets"]] == ["model tiny_llama"]
+    assert [(t["what"], t["op"], t["ratio"]) for t in results["targets"]] == [
+        ("model tiny_llama", ">=", model["speedup"])
+    ]
     assert results["targets"][0]["met"] == (model["speedup"] >= switch.MODEL_TARGET["speedup"])
 
 
@@ -208,7 +211,10 @@ def test_switch_layer_result_and_target_checks():
     assert set(row) == {"d", "s2ft_ms", "lora_ms", "speedup"} and row["d"] == 64
     rows = [{"d": 2048, "speedup": 1.0}, {"d": 4096, "speedup": 7.0}, {"d": 8192, "speedup": 4.0}]
     checks = switch.check_targets(rows, {"name": "m", "speedup": 10.5})
-    assert [(c["speedup"], c["met"]) for c in checks] == [(4.0, False), (10.5, True)]
+    assert [(c["ratio"], c["op"], c["limit"], c["met"]) for c in checks] == [
+        (4.0, ">=", 5.0, False),
+        (10.5, ">=", 10.0, True),
+    ]
     assert not switch.check_targets(rows, {"name": "m", "speedup": 9.5})[1]["met"]
 
 
@@ -220,13 +226,44 @@ def test_check_nearer_rejects_the_wrong_adapter():
         check_nearer(other, expected, other, "swapped")
 
 
-@pytest.mark.parametrize("name", ["training_cpu", "switch_cpu"])
+COMMITTED = ["training_cpu", "switch_cpu", "serving_cpu"]
+
+
+@pytest.mark.parametrize("name", COMMITTED)
 def test_redraw_rebuilds_the_committed_table_and_chart(tmp_path, name):
     committed = REPO / "results" / name
     (tmp_path / "results.json").write_text((committed / "results.json").read_text())
     redraw(tmp_path)
     assert (tmp_path / "results.md").read_text() == (committed / "results.md").read_text()
+    assert (tmp_path / "results.json").read_text() == (committed / "results.json").read_text()
     assert (tmp_path / "results.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def _without_op(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in record.items() if k != "op"} for record in records]
+
+
+@pytest.mark.parametrize("name", COMMITTED)
+def test_redraw_recomputes_target_records_that_lack_their_comparison(tmp_path, name):
+    committed = json.loads((REPO / "results" / name / "results.json").read_text())
+    old = committed | {"targets": _without_op(committed["targets"])}
+    if "settings" in old:
+        old["settings"] = [s | {"targets": _without_op(s["targets"])} for s in old["settings"]]
+    assert recompute_targets(old) == committed  # the measured numbers as they were, the records as the check makes them
+    (tmp_path / "results.json").write_text(json.dumps(old, indent=2) + "\n")
+    redraw(tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text()) == committed
+
+
+def test_target_records_carry_their_comparison_into_the_line():
+    records = [target("step / full", 0.6495, "<=", 0.55), target("model m", 22.61, ">=", 10.0)]
+    assert [t["met"] for t in records] == [False, True]
+    assert target("at the limit", 1.5, ">=", 1.5)["met"] and target("at the limit", 1.3, "<=", 1.3)["met"]
+    line = "\nS2FT targets: step / full: 0.65× (≤ 0.55×) MISSED; model m: 22.61× (≥ 10×) met.\n"
+    assert targets_line(records) == line
+    assert targets_line([]) == ""
+    with pytest.raises(ValueError, match="op is one of <=, >="):
+        target("x", 1.0, "<", 1.0)
 
 
 def test_results_without_matplotlib_keep_json_and_table(tmp_path, monkeypatch, capsys):

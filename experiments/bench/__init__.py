@@ -10,5 +10,6 @@ Commands (`python -m experiments.bench.NAME --help`):
 
 `gpu.sh` runs the GPU measurements on a lent machine. The other modules are the commands' parts: `train_worker`
 (one training measurement, in a fresh process), `switch_layer` / `switch_model`, `serving_layer` / `serving_model`,
-`models` (benchmark models), `machine` (where it ran), `timing` and `results` (tables, charts, files).
+`models` (benchmark models), `machine` (where it ran), `timing`, `targets` (S2FT's target records and their
+line) and `results` (tables, charts, files).
 """

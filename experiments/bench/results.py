@@ -9,6 +9,8 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
+from experiments.bench.targets import targets_line
+
 
 def _pyplot():
     """matplotlib's pyplot on the file-only backend, imported when a chart is drawn: matplotlib is optional here, as
@@ -74,12 +76,7 @@ def training_table(results: dict) -> str:
         headers.append("live-tensor peak (MB)")
         parts.append(f"\nBatch {setting['batch_size']}, sequence {setting['seq_len']}:\n\n")
         parts.append(markdown_table(headers, rows))
-        if setting["targets"]:
-            checks = [
-                f"{t['metric']} vs {t['versus']}: {t['ratio']:.2f} (≤ {t['limit']}) {'met' if t['met'] else 'MISSED'}"
-                for t in setting["targets"]
-            ]
-            parts.append("\nS2FT targets: " + "; ".join(checks) + ".\n")
+        parts.append(targets_line(setting["targets"]))
     return "".join(parts)
 
 
@@ -153,11 +150,7 @@ def switch_table(results: dict) -> str:
             f"{model['s2ft_same_selection_ms']:.2f} ms, {model['same_selection_speedup']:.1f}× faster than LoRA's "
             "switch.\n"
         )
-    checks = [
-        f"{t['what']}: {t['speedup']:.1f}× (≥ {t['limit']}×) {'met' if t['met'] else 'MISSED'}"
-        for t in results["targets"]
-    ]
-    parts.append("\nS2FT targets: " + "; ".join(checks) + ".\n")
+    parts.append(targets_line(results["targets"]))
     return "".join(parts)
 
 
@@ -227,12 +220,7 @@ def serving_table(results: dict) -> str:
             ["adapters", "base", "S2FT bmm", "LoRA bmm", "S2FT loop", "LoRA loop", "LoRA / S2FT (bmm)"], layer_rows
         ),
     ]
-    checks = [
-        f"{t['what']}: {t['ratio']:.2f}× ({'≤' if 'base' in t['what'] else '≥'} {t['limit']}×) "
-        f"{'met' if t['met'] else 'MISSED'}"
-        for t in results["targets"]
-    ]
-    parts.append("\nTargets: " + "; ".join(checks) + ".\n")
+    parts.append(targets_line(results["targets"]))
     return "".join(parts)
 
 
@@ -280,19 +268,3 @@ def write_results(results: dict, out: Path, table: Callable[[dict], str], chart:
         )
         return
     print(f"wrote {out}/results.{{json,md,png}}")
-
-
-def redraw(out: Path) -> None:
-    """Rewrites ``results.md`` and ``results.png`` of a benchmark directory from its ``results.json``."""
-    path = out / "results.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: pass the directory a benchmark wrote (with --out)")
-    results = json.loads(path.read_text())
-    if "settings" in results:
-        write_results(results, out, training_table, training_chart)
-    elif "decode" in results:
-        write_results(results, out, serving_table, serving_chart)
-    elif "layer" in results:
-        write_results(results, out, switch_table, switch_chart)
-    else:
-        raise ValueError(f"{path} is not a training (settings), serving (decode) or switching (layer) benchmark result")

@@ -20,6 +20,7 @@ from experiments.bench.models import DTYPES, MODELS, build_bench_model
 from experiments.bench.results import serving_chart, serving_table, write_results
 from experiments.bench.serving_layer import bench_layer_adapters
 from experiments.bench.serving_model import bench_serving
+from experiments.bench.targets import target
 from s2ft.methods.peft_lora import DEFAULTS as LORA_DEFAULTS
 from s2ft.methods.peft_lora import lora_param_count, rank_for_budget
 
@@ -69,19 +70,10 @@ def check_targets(decode: list[dict]) -> list[dict]:
     row = max(measured or decode, key=lambda r: r["adapters"])
     base_ratio = row["base_tok_s"] / row["s2ft_tok_s"]  # S2FT's step time over the base model's
     speedup = row["s2ft_tok_s"] / row["peft_lora_tok_s"]
+    adapters = f"{row['adapters']} adapters"
     return [
-        {
-            "what": f"S2FT mixed decode step / base step, {row['adapters']} adapters",
-            "ratio": base_ratio,
-            "limit": TARGETS["base_step_ratio"],
-            "met": base_ratio <= TARGETS["base_step_ratio"],
-        },
-        {
-            "what": f"S2FT mixed / PEFT LoRA mixed decode throughput, {row['adapters']} adapters",
-            "ratio": speedup,
-            "limit": TARGETS["peft_speedup"],
-            "met": speedup >= TARGETS["peft_speedup"],
-        },
+        target(f"S2FT mixed decode step / base step, {adapters}", base_ratio, "<=", TARGETS["base_step_ratio"]),
+        target(f"S2FT mixed / PEFT LoRA mixed decode throughput, {adapters}", speedup, ">=", TARGETS["peft_speedup"]),
     ]
 
 

@@ -20,6 +20,7 @@ from experiments.bench.models import DTYPES, MODELS
 from experiments.bench.results import switch_chart, switch_table, write_results
 from experiments.bench.switch_layer import bench_layer
 from experiments.bench.switch_model import bench_model
+from experiments.bench.targets import target
 from s2ft.methods.peft_lora import DEFAULTS as LORA_DEFAULTS
 
 # CPU targets: S2FT at least this many times faster than LoRA (issue 7; issue 19 raised the model's from 3x).
@@ -58,24 +59,8 @@ def check_targets(layer: list[dict], model: dict) -> list[dict]:
     checks = []
     large = [row["speedup"] for row in layer if row["d"] >= LAYER_TARGET["min_d"]]
     if large:
-        limit = LAYER_TARGET["speedup"]
-        checks.append(
-            {
-                "what": f"layer, d >= {LAYER_TARGET['min_d']}",
-                "speedup": min(large),
-                "limit": limit,
-                "met": min(large) >= limit,
-            }
-        )
-    limit = MODEL_TARGET["speedup"]
-    checks.append(
-        {
-            "what": f"model {model['name']}",
-            "speedup": model["speedup"],
-            "limit": limit,
-            "met": model["speedup"] >= limit,
-        }
-    )
+        checks.append(target(f"layer, d >= {LAYER_TARGET['min_d']}", min(large), ">=", LAYER_TARGET["speedup"]))
+    checks.append(target(f"model {model['name']}", model["speedup"], ">=", MODEL_TARGET["speedup"]))
     return checks
 
 
