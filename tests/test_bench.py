@@ -8,13 +8,15 @@ import json
 import math
 import statistics
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from experiments.bench import switch, training
+from experiments.bench import silence_peft_deprecation, switch, training
 from experiments.bench.models import build_bench_model
 from experiments.bench.redraw import recompute_targets, redraw
 from experiments.bench.results import switch_chart, switch_table, write_results
@@ -279,3 +281,23 @@ def test_results_without_matplotlib_keep_json_and_table(tmp_path, monkeypatch, c
 def test_redraw_names_a_missing_results_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="results.json does not exist"):
         redraw(tmp_path)
+
+
+def _peft_warnings(silence: bool) -> list[str]:
+    """The warnings raised while PEFT wraps a tiny model and another FutureWarning is raised, every one recorded."""
+    model = _tiny()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if silence:
+            silence_peft_deprecation()
+        get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+        warnings.warn("another deprecation", FutureWarning, stacklevel=1)
+    return [str(w.message) for w in caught]
+
+
+def test_benchmarks_silence_exactly_peft_s_gradient_checkpointing_warning():
+    unsilenced = _peft_warnings(silence=False)
+    assert any(m.startswith("`is_gradient_checkpointing` is deprecated") for m in unsilenced)  # the filter is needed
+    silenced = _peft_warnings(silence=True)
+    assert silenced == [m for m in unsilenced if not m.startswith("`is_gradient_checkpointing` is deprecated")]
+    assert "another deprecation" in silenced

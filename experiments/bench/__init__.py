@@ -13,3 +13,18 @@ Commands (`python -m experiments.bench.NAME --help`):
 `models` (benchmark models), `machine` (where it ran), `timing`, `targets` (S2FT's target records and their
 line) and `results` (tables, charts, files).
 """
+
+import warnings
+
+
+def silence_peft_deprecation() -> None:
+    """Hides transformers' `is_gradient_checkpointing` FutureWarning, and nothing else.
+
+    PEFT's `get_peft_model` reads the deprecated property on every model it wraps (transformers 5 warns), so each
+    LoRA / DoRA the benchmarks build printed it between their own lines; the warning is about PEFT's code, not ours.
+    Every benchmark module imports this package, so the filter below holds for all of them and their worker processes.
+    """
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+silence_peft_deprecation()
