@@ -16,7 +16,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from experiments.bench import silence_peft_deprecation, switch, training
+from experiments.bench import layout, silence_peft_deprecation, switch, training
 from experiments.bench.models import build_bench_model
 from experiments.bench.redraw import recompute_targets, redraw
 from experiments.bench.results import switch_chart, switch_table, write_results
@@ -218,6 +218,27 @@ def test_switch_layer_result_and_target_checks():
         (10.5, ">=", 10.0, True),
     ]
     assert not switch.check_targets(rows, {"name": "m", "speedup": 9.5})[1]["met"]
+
+
+def test_layout_quick_writes_json_table_and_chart(tmp_path):
+    returned = layout.main(["--quick", "--out", str(tmp_path)])
+    results = _check_outputs(tmp_path, list(layout.BUDGETS))
+    assert results == json.loads(json.dumps(returned))
+    config = results["config"]
+    assert (config["layers"], config["vocab"], config["batch"], config["seq"], config["steps"]) == (1, 512, 1, 32, 2)
+    assert list(results["budgets"]) == list(layout.BUDGETS)
+    for budget, row in results["budgets"].items():
+        assert row["ratios"] == layout.BUDGETS[budget] and row["trainable_params"] > 0
+        assert all(row[name]["median_s"] >= row[name]["min_s"] > 0 for name in ("gather", "permuted"))
+        assert row["permuted_over_gather"] == pytest.approx(row["permuted"]["median_s"] / row["gather"]["median_s"])
+    table = (tmp_path / "results.md").read_text()
+    assert (
+        f"| all | q 0.12, k 0.34, v 0.34, o 0.12, gate 0.02, up 0.02, down 0.02 | {row['trainable_params']:,} |"
+        in table
+    )
+    (tmp_path / "results.md").unlink()
+    redraw(tmp_path)
+    assert (tmp_path / "results.md").read_text() == table
 
 
 def test_check_nearer_rejects_the_wrong_adapter():

@@ -6,20 +6,25 @@ with ``layout="gather"`` and ``layout="permuted"`` and times forward + backward 
 layouts step by step so that load from other processes hits both alike. Reports the median (and min) step time per
 layout. Run from the repository root:
 
-    python -m experiments.bench.layout --layers 4 --batch 4 --seq 256 --steps 8 --out layout.json
+    python -m experiments.bench.layout --layers 4 --batch 4 --seq 256 --steps 8   # -> results/layout_cpu
+    python -m experiments.bench.layout --quick --out /tmp/l                        # 1 layer, a few steps (tests)
+
+Writes `results.json`, `results.md` and `results.png` to `--out` (a directory, as for the other benchmarks).
 """
 
 import argparse
 import copy
-import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import s2ft
+from experiments.bench.machine import machine_info
 from experiments.bench.models import SHAPES
+from experiments.bench.results import layout_chart, layout_table, write_results
 
 BUDGETS = {
     "o+down": {"o": 0.12, "down": 0.02},
@@ -60,7 +65,7 @@ def run(args) -> dict:
             for model, optimizer, times in setups.values():
                 times.append(timed_step(model, optimizer, batch))
         trainable = s2ft.trainable_parameter_count(setups["gather"][0])
-        row = {"trainable_params": trainable}
+        row = {"ratios": ratios, "trainable_params": trainable}
         for layout, (_, _, times) in setups.items():
             row[layout] = {"median_s": statistics.median(times), "min_s": min(times)}
         row["permuted_over_gather"] = row["permuted"]["median_s"] / row["gather"]["median_s"]
@@ -80,14 +85,22 @@ def main(argv=None) -> dict:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per layout (after one warm-up step)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--quick", action="store_true", help="1 layer, vocabulary 512, batch 1, sequence 32, 2 steps")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default results/layout_cpu)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.layers, args.vocab, args.batch, args.seq, args.steps = 1, 512, 1, 32, 2
+    for name in ("layers", "vocab", "batch", "seq", "steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.out is None:
+        args.out = Path(__file__).resolve().parents[2] / "results" / "layout_cpu"
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = {"config": vars(args), "threads": torch.get_num_threads(), "torch": torch.__version__, **run(args)}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+    machine = machine_info("cpu")
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    results = {"machine": machine, "config": config, "budgets": run(args)}
+    write_results(results, args.out, layout_table, layout_chart)
     return results
 
 

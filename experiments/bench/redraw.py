@@ -14,6 +14,8 @@ from pathlib import Path
 
 from experiments.bench import serving, switch, training
 from experiments.bench.results import (
+    layout_chart,
+    layout_table,
     serving_chart,
     serving_table,
     switch_chart,
@@ -29,7 +31,7 @@ def recompute_targets(results: dict) -> dict:
     check (against today's limits); the measured numbers are left as they are.
 
     Args:
-        results: a training, switching or serving `results.json`, as loaded.
+        results: a training, switching or serving `results.json`, as loaded (layout results have no targets).
 
     Returns:
         A new dict: `results` with new `targets` (and, for training, each setting's `targets`).
@@ -50,6 +52,7 @@ DRAWINGS = {
     "settings": (training_table, training_chart),
     "decode": (serving_table, serving_chart),
     "layer": (switch_table, switch_chart),
+    "budgets": (layout_table, layout_chart),
 }
 
 
@@ -62,7 +65,10 @@ def redraw(out: Path) -> None:
     results = json.loads(path.read_text())
     kind = next((key for key in DRAWINGS if key in results), None)
     if kind is None:
-        raise ValueError(f"{path} is not a training (settings), serving (decode) or switching (layer) benchmark result")
+        raise ValueError(
+            f"{path} is not a benchmark result: none of training's settings, serving's decode, switching's layer,"
+            " layout's budgets"
+        )
     records = results.get("targets", []) + [t for s in results.get("settings", []) for t in s["targets"]]
     if any("op" not in record for record in records):
         results = recompute_targets(results)

@@ -255,6 +255,63 @@ def serving_chart(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+LAYOUTS = (
+    ("gather", "gather (index-gathered units)", "tab:red"),
+    ("permuted", "permuted (co-permuted blocks)", "tab:gray"),
+)
+
+
+def layout_table(results: dict) -> str:
+    """Per budget: S2FT's trained parameters and the median and min step time of each layout, permuted / gather."""
+    config = results["config"]
+    headers = ["budget", "ratios", "trained params"]
+    headers += [f"{layout} {stat} (s)" for layout, _, _ in LAYOUTS for stat in ("median", "min")]
+    rows = [
+        [
+            budget,
+            ", ".join(f"{unit} {ratio:g}" for unit, ratio in row["ratios"].items()),
+            f"{row['trainable_params']:,}",
+            *(f"{row[layout][key]:.3f}" for layout, _, _ in LAYOUTS for key in ("median_s", "min_s")),
+            f"{row['permuted_over_gather']:.2f}×",
+        ]
+        for budget, row in results["budgets"].items()
+    ]
+    return "".join(
+        [
+            "### S2FT training step: index-gathered units (gather) against co-permuted blocks (permuted)\n",
+            _machine_line(results["machine"])
+            + f" A random Llama of SmolLM2-135M's layer shapes, {config['layers']} decoder layer(s), vocabulary"
+            f" {config['vocab']:,}; batch {config['batch']}, sequence {config['seq']}; forward + backward + AdamW,"
+            f" median and min of {config['steps']} steps per layout after one warm-up step, the layouts alternating"
+            " step by step.\n\n",
+            markdown_table(headers + ["permuted / gather (median)"], rows),
+        ]
+    )
+
+
+def layout_chart(results: dict, path: Path) -> None:
+    """Median step time of each layout per budget (bars; the min as a dot), labelled with the median."""
+    plt = _pyplot()
+    budgets = results["budgets"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    width = 0.8 / len(LAYOUTS)
+    for i, (layout, label, color) in enumerate(LAYOUTS):
+        positions = [b + (i - (len(LAYOUTS) - 1) / 2) * width for b in range(len(budgets))]
+        bars = ax.bar(positions, [row[layout]["median_s"] for row in budgets.values()], width, label=label, color=color)
+        ax.bar_label(bars, fmt="%.3f s", fontsize=8)
+        ax.plot(positions, [row[layout]["min_s"] for row in budgets.values()], "k.")
+    ax.set_xticks(range(len(budgets)), list(budgets))
+    ax.set(xlabel="S2FT budget", ylabel="step time (s; dot: min)")
+    ax.legend(fontsize=8)
+    config = results["config"]
+    fig.suptitle(
+        f"S2FT layouts, SmolLM2-135M shapes ({config['layers']} layer(s), batch {config['batch']} x {config['seq']})"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_results(results: dict, out: Path, table: Callable[[dict], str], chart: Callable[[dict, Path], None]) -> None:
     """Writes a benchmark's ``results.json``, its markdown table ``results.md`` and its chart ``results.png``."""
     out.mkdir(parents=True, exist_ok=True)
