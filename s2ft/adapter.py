@@ -263,6 +263,9 @@ def switch_adapter(model: nn.Module, path_or_adapter) -> nn.Module:
     current = s2ft_modules(model)
     merged = any(module.merged for module in current.values())
     trainable = any(module.values.requires_grad for module in current.values())
+    # Newly wrapped modules keep their values in the model's values dtype (fp32 beside a bf16 weight), like the
+    # modules that are retargeted, so that no adapter value is rounded to the weight's dtype.
+    values_dtype = next((module.values.dtype for module in current.values()), None)
     for name, module in current.items():
         if name not in prepared.slots:
             module.restore_base()
@@ -274,7 +277,7 @@ def switch_adapter(model: nn.Module, path_or_adapter) -> nn.Module:
             layer.store_slot_major()
             layer.retarget(positions, values, merged, checked=True)
         else:
-            layer = S2FTLinear(model.get_submodule(name), m.axis, positions, m.unit_size, values)
+            layer = S2FTLinear(model.get_submodule(name), m.axis, positions, m.unit_size, values, values_dtype)
             layer.store_slot_major()
             model.set_submodule(name, layer)
             if merged:

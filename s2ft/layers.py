@@ -94,6 +94,8 @@ class S2FTLinear(nn.Module):
         unit_size: Rows/columns per unit (head_dim for heads, 1 for FFN channels); recorded for adapters.
         values: Initial values of the selected slots, shaped like ``weight.index_select(axis, index)``; default: the
             base values.
+        values_dtype: The dtype ``values`` are kept in (fp32 beside a bf16 weight, as training keeps them); default:
+            the weight's.
     """
 
     def __init__(
@@ -103,6 +105,7 @@ class S2FTLinear(nn.Module):
         index: torch.Tensor,
         unit_size: int = 1,
         values: torch.Tensor | None = None,
+        values_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if axis not in (0, 1):
@@ -113,7 +116,7 @@ class S2FTLinear(nn.Module):
         self.bias = linear.bias
         self.register_buffer("index", torch.empty(0, dtype=torch.long, device=self.weight.device))
         self.register_buffer("base_values", self.weight.new_empty(0))
-        self.values = nn.Parameter(self.weight.new_empty(0))
+        self.values = nn.Parameter(self.weight.new_empty(0, dtype=values_dtype))
         self.retarget(index, values)
         self.weight.requires_grad_(False)
         if self.bias is not None:

@@ -8,7 +8,17 @@ from conftest import RATIOS, adapter_files, assert_same_state, build_tiny, logit
 
 import s2ft
 from s2ft.adapter_format import AdapterError, load_adapter_file
+from s2ft.methods import upcast_trainable
 from s2ft.state import s2ft_modules
+
+# Adapters of build_tiny("llama_9_3") by seed: 2 trains o, up, down; 3 trains q, down (so a switch 2 -> 3 -> 2 unwraps
+# o and up to plain linears with their base restored, then wraps them again).
+SELECTIONS = {2: {"o": 0.4, "up": 0.1, "down": 0.2}, 3: {"q": 0.3, "down": 0.1}}
+
+
+def column_major_weights(model) -> int:
+    """How many of the model's weights are stored column-major (and not also row-major)."""
+    return sum(p.t().is_contiguous() and not p.is_contiguous() for p in model.parameters() if p.ndim == 2)
 
 
 @pytest.mark.parametrize("merged", [False, True])
@@ -78,3 +88,25 @@ def test_a_switched_model_keeps_trained_columns_column_major_and_saves_and_unloa
     s2ft.merge_and_unload(model).save_pretrained(tmp_path / "merged")
     reloaded = type(base).from_pretrained(tmp_path / "merged")
     torch.testing.assert_close(logits(reloaded), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["gather", "permuted"])
+def test_switching_a_bf16_model_keeps_every_modules_fp32_values_exactly(tmp_path, layout):
+    base = build_tiny("llama_9_3")
+    paths = {seed: adapter_files(tmp_path, base, ratios, seed) for seed, ratios in SELECTIONS.items()}
+    bf16 = copy.deepcopy(base).bfloat16()
+    model = upcast_trainable(s2ft.apply_s2ft(copy.deepcopy(bf16), s2ft.S2FTConfig(ratios=RATIOS, layout=layout)))
+    for seed in (3, 2):  # o and up are unwrapped, then wrapped again by the second switch
+        s2ft.switch_adapter(model, paths[seed])
+    # Trainable and fp32 like the modules retargeted in place, not rounded to the weight's bf16.
+    assert all(m.values.dtype == torch.float32 and m.values.requires_grad for m in s2ft_modules(model).values())
+    s2ft.save_adapter(model, tmp_path / "again")
+    saved, again = load_adapter_file(paths[2]), load_adapter_file(tmp_path / "again")
+    assert saved.modules.keys() == again.modules.keys()
+    assert all(torch.equal(saved.modules[n].values, again.modules[n].values) for n in saved.modules)
+
+    fresh = s2ft.merge_and_unload(s2ft.load_adapter(copy.deepcopy(bf16), paths[2]))
+    s2ft.merge_and_unload(model)
+    assert column_major_weights(model) > 0
+    for (name, param), (_, expected) in zip(model.named_parameters(), fresh.named_parameters(), strict=True):
+        assert param.dtype == torch.bfloat16 and torch.equal(param, expected), name
