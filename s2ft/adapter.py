@@ -38,7 +38,10 @@ def extract_adapter(model: nn.Module) -> Adapter:
             order = torch.argsort(units)
             units, values = units[order], _reorder_units(values, module.axis, module.unit_size, order)
         shape = (module.out_features, module.in_features)
-        modules[name] = AdapterModule(layer, component, module.axis, module.unit_size, shape, units, values.clone())
+        # A contiguous copy: a switched model keeps trained columns column-major (``switch_adapter``), an ``Adapter``
+        # holds plain tensors (safetensors writes only contiguous ones).
+        values = values.clone(memory_format=torch.contiguous_format)
+        modules[name] = AdapterModule(layer, component, module.axis, module.unit_size, shape, units, values)
     return Adapter(
         modules,
         base_model=getattr(model, "name_or_path", None) or None,

@@ -4,9 +4,11 @@ import copy
 
 import pytest
 import torch
-from conftest import RATIOS, adapter_files, assert_same_state, build_tiny, logits, snapshot, trained
+from conftest import INPUT_IDS, RATIOS, adapter_files, assert_same_state, build_tiny, logits, snapshot, trained
+from safetensors.torch import save_file
 
 import s2ft
+from s2ft.adapter import extract_adapter
 from s2ft.adapter_format import AdapterError, load_adapter_file
 from s2ft.methods import upcast_trainable
 from s2ft.state import s2ft_modules
@@ -110,3 +112,78 @@ def test_switching_a_bf16_model_keeps_every_modules_fp32_values_exactly(tmp_path
     assert column_major_weights(model) > 0
     for (name, param), (_, expected) in zip(model.named_parameters(), fresh.named_parameters(), strict=True):
         assert param.dtype == torch.bfloat16 and torch.equal(param, expected), name
+
+
+@pytest.mark.parametrize("merged", [False, True])
+@pytest.mark.parametrize("layout", ["gather", "permuted"])
+def test_a_switched_and_unloaded_model_is_the_fresh_merged_model_bit_for_bit(tmp_path, merged, layout):
+    base = build_tiny("llama_9_3")
+    paths = {seed: adapter_files(tmp_path, base, ratios, seed) for seed, ratios in SELECTIONS.items()}
+    model = trained(copy.deepcopy(base), s2ft.S2FTConfig(ratios=RATIOS, seed=1, layout=layout), seed=1)
+    if merged:
+        s2ft.merge_adapter(model)
+    for seed in (2, 3, 2):
+        s2ft.switch_adapter(model, paths[seed])
+    adapter = extract_adapter(model)
+    # The in-memory adapter is a plain one: contiguous values, which safetensors can write.
+    assert all(m.values.is_contiguous() for m in adapter.modules.values())
+    save_file({name: m.values for name, m in adapter.modules.items()}, tmp_path / "values.safetensors")
+
+    fresh = s2ft.merge_and_unload(s2ft.load_adapter(copy.deepcopy(base), paths[2]))
+    s2ft.merge_and_unload(model)
+    assert column_major_weights(model) == 4  # o and down of both layers: what the switches left column-major
+    for (name, param), (_, expected) in zip(model.named_parameters(), fresh.named_parameters(), strict=True):
+        assert torch.equal(param, expected), name
+    model.save_pretrained(tmp_path / "merged")
+    reloaded = type(base).from_pretrained(tmp_path / "merged")
+    for (name, param), (_, expected) in zip(reloaded.named_parameters(), fresh.named_parameters(), strict=True):
+        assert torch.equal(param, expected), name
+
+
+def test_a_column_major_base_fuses_and_serves_mixed_batches_like_a_row_major_one(tmp_path):
+    base = build_tiny("llama_9_3")
+    paths = {seed: adapter_files(tmp_path, base, ratios, seed) for seed, ratios in SELECTIONS.items()}
+    model = s2ft.load_adapter(copy.deepcopy(base), paths[3])
+    s2ft.switch_adapter(model, paths[2])
+    column_major = s2ft.merge_and_unload(model)  # a merged model, used as the base of what follows
+    row_major = copy.deepcopy(column_major)
+    for param in row_major.parameters():
+        param.data = param.data.contiguous()
+    assert column_major_weights(column_major) == 4 and column_major_weights(row_major) == 0
+
+    fused = [s2ft.fuse_adapters(copy.deepcopy(m), list(paths.values()), [0.5, 0.7]) for m in (column_major, row_major)]
+    for (name, param), (_, expected) in zip(fused[0].named_parameters(), fused[1].named_parameters(), strict=True):
+        assert torch.equal(param, expected), name
+    served = [s2ft.load_adapters(copy.deepcopy(m), {"a": paths[2], "b": paths[3]}) for m in (column_major, row_major)]
+    with torch.no_grad():
+        got, expected = (m(INPUT_IDS, adapter_names=["a", "b", "__base__"]).logits for m in served)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_training_after_a_switch_equals_training_the_freshly_loaded_adapter(tmp_path):
+    base = build_tiny("llama_9_3")
+    paths = {seed: adapter_files(tmp_path, base, ratios, seed) for seed, ratios in SELECTIONS.items()}
+    switched = s2ft.load_adapter(copy.deepcopy(base), paths[3], trainable=True)
+    for seed in (2, 3, 2):
+        s2ft.switch_adapter(switched, paths[seed])
+    fresh = s2ft.load_adapter(copy.deepcopy(base), paths[2], trainable=True)
+    losses = {}
+    for name, model in (("switched", switched), ("fresh", fresh)):
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses[name] = []
+        for _ in range(3):
+            optimizer.zero_grad()
+            loss = model(INPUT_IDS, labels=INPUT_IDS).loss
+            loss.backward()
+            optimizer.step()
+            losses[name].append(loss.item())
+    # Column-major weights can change the matmuls' rounding, not more.
+    torch.testing.assert_close(losses["switched"], losses["fresh"], rtol=0, atol=1e-6)
+    trained_values = [extract_adapter(m) for m in (switched, fresh)]
+    assert trained_values[0].modules.keys() == trained_values[1].modules.keys()
+    for name, m in trained_values[0].modules.items():
+        assert not torch.equal(m.values, load_adapter_file(paths[2]).modules[name].values), name  # it trained
+        torch.testing.assert_close(m.values, trained_values[1].modules[name].values, rtol=0, atol=1e-6)
+    for module in s2ft_modules(switched).values():  # the optimizer's updates kept the layout
+        assert (module.values.t() if module.axis == 1 else module.values).is_contiguous()
