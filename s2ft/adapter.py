@@ -148,12 +148,17 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merges the adapter and returns a plain transformers model in the original coordinates (in place).
 
     S2FTLinear modules become ``nn.Linear`` holding the merged weights, a co-permuted model is permuted back, and the
-    parameters' requires_grad flags are restored, so ``save_pretrained`` / ``from_pretrained`` work as usual.
+    parameters' requires_grad flags are restored, so ``save_pretrained`` / ``from_pretrained`` work as usual. Weights
+    that ``switch_adapter`` stored column-major are stored row-major again, as ``from_pretrained`` gives them: the
+    plain model computes bit for bit what the freshly merged one does (a matmul's rounding can depend on the layout).
     """
     state = model_state(model)
     for name, module in s2ft_modules(model).items():
         module.merge()
         model.set_submodule(name, plain_linear(module))
+    for module in model.modules():  # also the modules a switch unwrapped (restored to the base, left column-major)
+        if isinstance(module, nn.Linear) and not module.weight.is_contiguous():
+            module.weight.data = module.weight.data.contiguous()
     if state.unit_perms:
         _restore_original_order(model, state.unit_perms)
     for name, param in model.named_parameters():

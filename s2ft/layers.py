@@ -182,7 +182,8 @@ class S2FTLinear(nn.Module):
 
     def store_slot_major(self) -> None:
         """Stores ``weight`` (and ``values``, ``base_values``) so that every trained slot is a contiguous run: trained
-        columns go column-major. Values and results are unchanged (one copy of the matrix, once); what it buys is
+        columns go column-major. Values are unchanged (one copy of the matrix, once), results up to rounding: a
+        matmul may round differently in another layout (fp32, one input row on CPU: ~1e-6 relative). What it buys is
         switching adapters by whole-run copies instead of a write into every row of the weight."""
         if self.axis == 0 or _columns_contiguous(self.weight, self.axis):
             return  # rows are runs already; a slot-major weight keeps its values so (``retarget``)
