@@ -181,15 +181,21 @@ class S2FTLinear(nn.Module):
             self.span = contiguous_span(index)
 
     def store_slot_major(self) -> None:
-        """Stores ``weight`` (and ``values``, ``base_values``) so that every trained slot is a contiguous run: trained
-        columns go column-major. Values are unchanged (one copy of the matrix, once), results up to rounding: a
-        matmul may round differently in another layout (fp32, one input row on CPU: ~1e-6 relative). What it buys is
-        switching adapters by whole-run copies instead of a write into every row of the weight."""
+        """Stores ``weight`` (and ``base_values``, and ``values`` unless they train) so that every trained slot is a
+        contiguous run: trained columns go column-major. Values are unchanged (one copy of the matrix, once), results
+        up to rounding: a matmul may round differently in another layout (fp32, one input row on CPU: ~1e-6
+        relative). What it buys is switching adapters by whole-run copies instead of a write into every row of the
+        weight.
+
+        Trainable ``values`` keep their layout: an optimizer may hold state for them, and torch's fused AdamW steps a
+        parameter and its state as flat memory, so a parameter relaid under its state would be updated wrongly.
+        """
         if self.axis == 0 or _columns_contiguous(self.weight, self.axis):
-            return  # rows are runs already; a slot-major weight keeps its values so (``retarget``)
+            return  # rows are runs already; a slot-major weight keeps new values so (``retarget``)
         with torch.no_grad():
             self.weight.data = slot_major(self.weight.data, self.axis)
-            self.values.data = slot_major(self.values.data, self.axis)
+            if not self.values.requires_grad:
+                self.values.data = slot_major(self.values.data, self.axis)
             self.base_values = slot_major(self.base_values, self.axis)
 
     @property

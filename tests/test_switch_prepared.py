@@ -196,3 +196,26 @@ def test_an_unloaded_switched_model_decodes_bit_for_bit_like_the_fresh_merged_mo
     with torch.no_grad():
         for length in (1, 4):
             assert torch.equal(model(input_ids[:, :length]).logits, fresh(input_ids[:, :length]).logits)
+
+
+def test_an_optimizer_keeps_stepping_the_values_it_holds_across_a_switch_exactly(tmp_path):
+    """Adapters of one selection size: the switch keeps the values Parameters, so an optimizer made before it goes on
+    stepping them. torch's fused AdamW steps a parameter and its state as flat memory: the same result as the
+    stride-aware single-tensor kernel only while the values keep the layout their state was made in."""
+    base = build_tiny("llama_9_3")
+    paths = {seed: adapter_files(tmp_path, base, {"o": 0.4, "down": 0.2}, seed) for seed in (1, 2)}
+    trained_values = {}
+    for fused in (False, True):
+        model = s2ft.load_adapter(copy.deepcopy(base), paths[1], trainable=True).train()
+        held = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(held, lr=1e-2, fused=fused, foreach=False if not fused else None)
+        for step in range(4):
+            if step == 2:
+                s2ft.switch_adapter(model, paths[2])
+                assert [p for p in model.parameters() if p.requires_grad] == held
+            optimizer.zero_grad()
+            model(INPUT_IDS, labels=INPUT_IDS).loss.backward()
+            optimizer.step()
+        trained_values[fused] = extract_adapter(model).modules
+    for name, m in trained_values[True].items():
+        torch.testing.assert_close(m.values, trained_values[False][name].values, rtol=0, atol=1e-6)
