@@ -38,7 +38,10 @@ def extract_adapter(model: nn.Module) -> Adapter:
             order = torch.argsort(units)
             units, values = units[order], _reorder_units(values, module.axis, module.unit_size, order)
         shape = (module.out_features, module.in_features)
-        modules[name] = AdapterModule(layer, component, module.axis, module.unit_size, shape, units, values.clone())
+        # A contiguous copy: a switched model keeps trained columns column-major (``switch_adapter``), an ``Adapter``
+        # holds plain tensors (safetensors writes only contiguous ones).
+        values = values.clone(memory_format=torch.contiguous_format)
+        modules[name] = AdapterModule(layer, component, module.axis, module.unit_size, shape, units, values)
     return Adapter(
         modules,
         base_model=getattr(model, "name_or_path", None) or None,
@@ -145,12 +148,17 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merges the adapter and returns a plain transformers model in the original coordinates (in place).
 
     S2FTLinear modules become ``nn.Linear`` holding the merged weights, a co-permuted model is permuted back, and the
-    parameters' requires_grad flags are restored, so ``save_pretrained`` / ``from_pretrained`` work as usual.
+    parameters' requires_grad flags are restored, so ``save_pretrained`` / ``from_pretrained`` work as usual. Weights
+    that ``switch_adapter`` stored column-major are stored row-major again, as ``from_pretrained`` gives them: the
+    plain model computes bit for bit what the freshly merged one does (a matmul's rounding can depend on the layout).
     """
     state = model_state(model)
     for name, module in s2ft_modules(model).items():
         module.merge()
         model.set_submodule(name, plain_linear(module))
+    for module in model.modules():  # also the modules a switch unwrapped (restored to the base, left column-major)
+        if isinstance(module, nn.Linear) and not module.weight.is_contiguous():
+            module.weight.data = module.weight.data.contiguous()
     if state.unit_perms:
         _restore_original_order(model, state.unit_perms)
     for name, param in model.named_parameters():
@@ -263,6 +271,9 @@ def switch_adapter(model: nn.Module, path_or_adapter) -> nn.Module:
     current = s2ft_modules(model)
     merged = any(module.merged for module in current.values())
     trainable = any(module.values.requires_grad for module in current.values())
+    # Newly wrapped modules keep their values in the model's values dtype (fp32 beside a bf16 weight), like the
+    # modules that are retargeted, so that no adapter value is rounded to the weight's dtype.
+    values_dtype = next((module.values.dtype for module in current.values()), None)
     for name, module in current.items():
         if name not in prepared.slots:
             module.restore_base()
@@ -274,7 +285,7 @@ def switch_adapter(model: nn.Module, path_or_adapter) -> nn.Module:
             layer.store_slot_major()
             layer.retarget(positions, values, merged, checked=True)
         else:
-            layer = S2FTLinear(model.get_submodule(name), m.axis, positions, m.unit_size, values)
+            layer = S2FTLinear(model.get_submodule(name), m.axis, positions, m.unit_size, values, values_dtype)
             layer.store_slot_major()
             model.set_submodule(name, layer)
             if merged:

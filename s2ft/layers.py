@@ -94,6 +94,8 @@ class S2FTLinear(nn.Module):
         unit_size: Rows/columns per unit (head_dim for heads, 1 for FFN channels); recorded for adapters.
         values: Initial values of the selected slots, shaped like ``weight.index_select(axis, index)``; default: the
             base values.
+        values_dtype: The dtype ``values`` are kept in (fp32 beside a bf16 weight, as training keeps them); default:
+            the weight's.
     """
 
     def __init__(
@@ -103,6 +105,7 @@ class S2FTLinear(nn.Module):
         index: torch.Tensor,
         unit_size: int = 1,
         values: torch.Tensor | None = None,
+        values_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if axis not in (0, 1):
@@ -113,7 +116,7 @@ class S2FTLinear(nn.Module):
         self.bias = linear.bias
         self.register_buffer("index", torch.empty(0, dtype=torch.long, device=self.weight.device))
         self.register_buffer("base_values", self.weight.new_empty(0))
-        self.values = nn.Parameter(self.weight.new_empty(0))
+        self.values = nn.Parameter(self.weight.new_empty(0, dtype=values_dtype))
         self.retarget(index, values)
         self.weight.requires_grad_(False)
         if self.bias is not None:
@@ -178,14 +181,21 @@ class S2FTLinear(nn.Module):
             self.span = contiguous_span(index)
 
     def store_slot_major(self) -> None:
-        """Stores ``weight`` (and ``values``, ``base_values``) so that every trained slot is a contiguous run: trained
-        columns go column-major. Values and results are unchanged (one copy of the matrix, once); what it buys is
-        switching adapters by whole-run copies instead of a write into every row of the weight."""
+        """Stores ``weight`` (and ``base_values``, and ``values`` unless they train) so that every trained slot is a
+        contiguous run: trained columns go column-major. Values are unchanged (one copy of the matrix, once), results
+        up to rounding: a matmul may round differently in another layout (fp32, one input row on CPU: ~1e-6
+        relative). What it buys is switching adapters by whole-run copies instead of a write into every row of the
+        weight.
+
+        Trainable ``values`` keep their layout: an optimizer may hold state for them, and torch's fused AdamW steps a
+        parameter and its state as flat memory, so a parameter relaid under its state would be updated wrongly.
+        """
         if self.axis == 0 or _columns_contiguous(self.weight, self.axis):
-            return  # rows are runs already; a slot-major weight keeps its values so (``retarget``)
+            return  # rows are runs already; a slot-major weight keeps new values so (``retarget``)
         with torch.no_grad():
             self.weight.data = slot_major(self.weight.data, self.axis)
-            self.values.data = slot_major(self.values.data, self.axis)
+            if not self.values.requires_grad:
+                self.values.data = slot_major(self.values.data, self.axis)
             self.base_values = slot_major(self.base_values, self.axis)
 
     @property

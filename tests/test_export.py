@@ -70,6 +70,13 @@ def test_export_is_validated_and_overwrites_nothing(tmp_path):
     with pytest.raises(AdapterError, match="not an empty folder"):
         export_lora(paths["good"], tmp_path / "out", base)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+    for merged in (False, True):  # an S2FT model's slots are zeroed or merged: no base to take the deltas from
+        model = s2ft.load_adapter(copy.deepcopy(base), paths["good"])
+        if merged:
+            s2ft.merge_adapter(model)
+        with pytest.raises(ValueError, match="export_lora needs the plain base model"):
+            export_lora(paths["good"], tmp_path / "fresh", model)
+    assert not (tmp_path / "fresh").exists()
     export_lora(paths["good"], tmp_path / "fresh", base)
     assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == ["adapter_config.json", WEIGHTS_NAME]
 

@@ -4,11 +4,34 @@ import copy
 
 import pytest
 import torch
-from conftest import RATIOS, adapter_files, assert_same_state, build_tiny, logits, snapshot, trained
+from conftest import (
+    INPUT_IDS,
+    RATIOS,
+    adapter_files,
+    assert_same_state,
+    build_tiny,
+    logits,
+    smollm2_layers,
+    snapshot,
+    trained,
+)
+from safetensors.torch import save_file
 
 import s2ft
+from s2ft.adapter import extract_adapter
 from s2ft.adapter_format import AdapterError, load_adapter_file
+from s2ft.methods import upcast_trainable
 from s2ft.state import s2ft_modules
+
+# Adapters of build_tiny("llama_9_3") by seed: 2 trains o, up, down; 3 trains q, down (so a switch 2 -> 3 -> 2 unwraps
+# o and up to plain linears with their base restored, then wraps them again).
+SELECTIONS = {2: {"o": 0.4, "up": 0.1, "down": 0.2}, 3: {"q": 0.3, "down": 0.1}}
+
+
+def column_major_weights(model) -> int:
+    """How many of the model's linear weights are stored column-major (and not also row-major)."""
+    weights = [p for name, p in model.named_parameters() if name.endswith(".weight") and p.ndim == 2]
+    return sum(p.t().is_contiguous() and not p.is_contiguous() for p in weights)
 
 
 @pytest.mark.parametrize("merged", [False, True])
@@ -78,3 +101,121 @@ def test_a_switched_model_keeps_trained_columns_column_major_and_saves_and_unloa
     s2ft.merge_and_unload(model).save_pretrained(tmp_path / "merged")
     reloaded = type(base).from_pretrained(tmp_path / "merged")
     torch.testing.assert_close(logits(reloaded), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["gather", "permuted"])
+def test_switching_a_bf16_model_keeps_every_modules_fp32_values_exactly(tmp_path, layout):
+    base = build_tiny("llama_9_3")
+    paths = {seed: adapter_files(tmp_path, base, ratios, seed) for seed, ratios in SELECTIONS.items()}
+    bf16 = copy.deepcopy(base).bfloat16()
+    model = upcast_trainable(s2ft.apply_s2ft(copy.deepcopy(bf16), s2ft.S2FTConfig(ratios=RATIOS, layout=layout)))
+    for seed in (3, 2):  # o and up are unwrapped, then wrapped again by the second switch
+        s2ft.switch_adapter(model, paths[seed])
+    # Trainable and fp32 like the modules retargeted in place, not rounded to the weight's bf16.
+    assert all(m.values.dtype == torch.float32 and m.values.requires_grad for m in s2ft_modules(model).values())
+    s2ft.save_adapter(model, tmp_path / "again")
+    saved, again = load_adapter_file(paths[2]), load_adapter_file(tmp_path / "again")
+    assert saved.modules.keys() == again.modules.keys()
+    assert all(torch.equal(saved.modules[n].values, again.modules[n].values) for n in saved.modules)
+
+    fresh = s2ft.merge_and_unload(s2ft.load_adapter(copy.deepcopy(bf16), paths[2]))
+    assert column_major_weights(model) == 4  # o and down of both layers
+    s2ft.merge_and_unload(model)
+    for (name, param), (_, expected) in zip(model.named_parameters(), fresh.named_parameters(), strict=True):
+        assert param.dtype == torch.bfloat16 and torch.equal(param, expected), name
+
+
+# Ending on 2: o is wrapped again; ending on 3: o is left a plain linear, restored to the base, column-major.
+@pytest.mark.parametrize("seeds", [(2, 3, 2), (2, 3)])
+@pytest.mark.parametrize("merged", [False, True])
+@pytest.mark.parametrize("layout", ["gather", "permuted"])
+def test_a_switched_and_unloaded_model_is_the_fresh_merged_model_bit_for_bit(tmp_path, merged, layout, seeds):
+    base = build_tiny("llama_9_3")
+    paths = {seed: adapter_files(tmp_path, base, ratios, seed) for seed, ratios in SELECTIONS.items()}
+    model = trained(copy.deepcopy(base), s2ft.S2FTConfig(ratios=RATIOS, seed=1, layout=layout), seed=1)
+    if merged:
+        s2ft.merge_adapter(model)
+    for seed in seeds:
+        s2ft.switch_adapter(model, paths[seed])
+    adapter = extract_adapter(model)
+    # The in-memory adapter is a plain one: contiguous values, which safetensors can write.
+    assert all(m.values.is_contiguous() for m in adapter.modules.values())
+    save_file({name: m.values for name, m in adapter.modules.items()}, tmp_path / "values.safetensors")
+
+    fresh = s2ft.merge_and_unload(s2ft.load_adapter(copy.deepcopy(base), paths[seeds[-1]]))
+    assert column_major_weights(model) == 4  # o and down of both layers, column-major since the first switch
+    s2ft.merge_and_unload(model)
+    # A plain model in from_pretrained's layout: row-major weights, so its matmuls round as the fresh model's do.
+    assert all(param.is_contiguous() for param in model.parameters())
+    for (name, param), (_, expected) in zip(model.named_parameters(), fresh.named_parameters(), strict=True):
+        assert torch.equal(param, expected), name
+    model.save_pretrained(tmp_path / "merged")
+    reloaded = type(base).from_pretrained(tmp_path / "merged")
+    for (name, param), (_, expected) in zip(reloaded.named_parameters(), fresh.named_parameters(), strict=True):
+        assert torch.equal(param, expected), name
+
+
+def test_training_after_a_switch_equals_training_the_freshly_loaded_adapter(tmp_path):
+    base = build_tiny("llama_9_3")
+    paths = {seed: adapter_files(tmp_path, base, ratios, seed) for seed, ratios in SELECTIONS.items()}
+    switched = s2ft.load_adapter(copy.deepcopy(base), paths[3], trainable=True)
+    for seed in (2, 3, 2):
+        s2ft.switch_adapter(switched, paths[seed])
+    fresh = s2ft.load_adapter(copy.deepcopy(base), paths[2], trainable=True)
+    losses = {}
+    for name, model in (("switched", switched), ("fresh", fresh)):
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses[name] = []
+        for _ in range(3):
+            optimizer.zero_grad()
+            loss = model(INPUT_IDS, labels=INPUT_IDS).loss
+            loss.backward()
+            optimizer.step()
+            losses[name].append(loss.item())
+    # Column-major weights can change the matmuls' rounding, not more.
+    torch.testing.assert_close(losses["switched"], losses["fresh"], rtol=0, atol=1e-6)
+    trained_values = [extract_adapter(m) for m in (switched, fresh)]
+    assert trained_values[0].modules.keys() == trained_values[1].modules.keys()
+    for name, m in trained_values[0].modules.items():
+        assert not torch.equal(m.values, load_adapter_file(paths[2]).modules[name].values), name  # it trained
+        torch.testing.assert_close(m.values, trained_values[1].modules[name].values, rtol=0, atol=1e-6)
+    for module in s2ft_modules(switched).values():  # the optimizer's updates kept the layout
+        assert (module.values.t() if module.axis == 1 else module.values).is_contiguous()
+
+
+def test_an_unloaded_switched_model_decodes_bit_for_bit_like_the_fresh_merged_model(tmp_path):
+    """SmolLM2's layer shapes, one token: there a column-major weight changes the fp32 matmul's rounding on CPU."""
+    base = smollm2_layers().eval()
+    paths = {seed: adapter_files(tmp_path, base, {"o": 0.12, "down": 0.02}, seed) for seed in (1, 2)}
+    model = s2ft.load_adapter(copy.deepcopy(base), paths[1])
+    s2ft.switch_adapter(model, paths[2])
+    s2ft.merge_and_unload(model)
+    fresh = s2ft.merge_and_unload(s2ft.load_adapter(copy.deepcopy(base), paths[2]))
+    input_ids = torch.tensor([[3, 5, 7, 1]])  # smollm2_layers has a vocabulary of 32
+    with torch.no_grad():
+        for length in (1, 4):
+            assert torch.equal(model(input_ids[:, :length]).logits, fresh(input_ids[:, :length]).logits)
+
+
+def test_an_optimizer_keeps_stepping_the_values_it_holds_across_a_switch_exactly(tmp_path):
+    """Adapters of one selection size: the switch keeps the values Parameters, so an optimizer made before it goes on
+    stepping them. torch's fused AdamW steps a parameter and its state as flat memory: the same result as the
+    stride-aware single-tensor kernel only while the values keep the layout their state was made in."""
+    base = build_tiny("llama_9_3")
+    paths = {seed: adapter_files(tmp_path, base, {"o": 0.4, "down": 0.2}, seed) for seed in (1, 2)}
+    trained_values = {}
+    for fused in (False, True):
+        model = s2ft.load_adapter(copy.deepcopy(base), paths[1], trainable=True).train()
+        held = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(held, lr=1e-2, fused=fused, foreach=False if not fused else None)
+        for step in range(4):
+            if step == 2:
+                s2ft.switch_adapter(model, paths[2])
+                assert [p for p in model.parameters() if p.requires_grad] == held
+            optimizer.zero_grad()
+            model(INPUT_IDS, labels=INPUT_IDS).loss.backward()
+            optimizer.step()
+        trained_values[fused] = extract_adapter(model).modules
+    for name, m in trained_values[True].items():
+        torch.testing.assert_close(m.values, trained_values[False][name].values, rtol=0, atol=1e-6)
