@@ -36,7 +36,8 @@ GROUPS = ("paths", "model", "method", "data", "eval", "trainer", "logger")
 SCHEMA: dict[str, tuple[str, ...]] = {
     "": (
         *GROUPS,
-        *("name", "seed", "mode", "run_dir", "adapter", "adapters", "ckpt_path", "save_merged", "overwrite"),
+        *("name", "seed", "mode", "run_dir", "adapter", "adapters", "ckpt_path", "overwrite"),
+        *("save_merged", "save_lora"),
         # Experiment helpers that method and lr interpolations read: the generalization studies' budget (fraction)
         # and per-method rates, the paper fusion study's per-leg rates.
         *("budget", "budget_lr", "leg_lr", "s2ft_budget"),
@@ -99,6 +100,11 @@ def validate_run_config(cfg: dict[str, Any]) -> None:
     problems += _check_sources(cfg, mode) if cfg.get("adapters") is None else _check_adapters(cfg, mode)
     if mode == "train" and cfg["trainer"].get("select_best") and not cfg["data"].get("val_size"):
         problems.append("trainer.select_best needs a validation split: set data.val_size > 0")
+    if cfg.get("save_lora") and (mode != "train" or cfg["method"].get("name") != "s2ft"):
+        problems.append(
+            "save_lora=true exports a trained S2FT adapter as a LoRA: use it with method=s2ft (mode=train); for a "
+            "finished run, call s2ft.export_lora(RUN/adapter, OUT, base)"
+        )
     if problems:
         raise RunConfigError(_message(problems))
 

@@ -99,6 +99,12 @@ def test_s2ft_options_on_a_lora_run_are_rejected():
         validate_run_config(cfg)
 
 
+@pytest.mark.parametrize("overrides", [["method=lora"], ["mode=eval", "method=none"]])
+def test_save_lora_is_refused_unless_training_s2ft(overrides):
+    with pytest.raises(RunConfigError, match="save_lora=true exports a trained S2FT adapter"):
+        validate_run_config(compose_run(*overrides, "save_lora=true"))
+
+
 def test_unknown_option_of_a_method_is_rejected():
     cfg = compose_run("method=lora")
     cfg["method"]["options"]["rank"] = 8

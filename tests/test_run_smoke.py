@@ -27,8 +27,8 @@ def sweep(tmp_path_factory) -> Path:
     sweep_dir = tmp_path_factory.mktemp("sweep")
     command = [
         sys.executable, "run.py", "-m", "debug=smoke", "seed=0,1", f"eval.tasks=[{','.join(TASKS)}]",
-        "eval.heldout=[commonsense_test]", "name=smoke_test", "save_merged=true", "trainer.max_steps=5",
-        f"hydra.sweep.dir={sweep_dir}",
+        "eval.heldout=[commonsense_test]", "name=smoke_test", "save_merged=true", "save_lora=true",
+        "trainer.max_steps=5", f"hydra.sweep.dir={sweep_dir}",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -124,3 +124,19 @@ def test_merged_model_equals_base_plus_adapter(sweep):
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=0, atol=1e-5)
         assert not torch.allclose(merged(input_ids=ids).logits, build_model("tiny_llama")[0](input_ids=ids).logits)
+
+
+def test_save_lora_writes_a_peft_lora_with_the_adapters_outputs(sweep):
+    import torch
+    from peft import PeftModel
+
+    from s2ft.methods import load_trained
+    from s2ft.models import build_model
+
+    run_dir = sweep / "0"
+    lora = PeftModel.from_pretrained(build_model("tiny_llama")[0], run_dir / "lora").eval()
+    base, tokenizer = build_model("tiny_llama")
+    adapted = load_trained(base, "s2ft", run_dir / "adapter")
+    ids = tokenizer("Question: which is heavier?\nAnswer:", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(lora(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=0, atol=1e-5)

@@ -25,7 +25,7 @@ from s2ft.run_config import RunConfigError
 # What a run writes into its directory; Hydra's own `.hydra/` and job log are not a run's outputs.
 OUTPUTS = (
     "config.yaml", "hparams.yaml", "metrics.csv", "summary.json", "wandb_id.txt", "adapter", "checkpoints", "merged",
-    "predictions", "before", "wandb", "adapters", "adapters.json",
+    "lora", "predictions", "before", "wandb", "adapters", "adapters.json",
 )  # fmt: skip
 # Keys that say how to start a command, not what the run is.
 COMMAND_KEYS = {"ckpt_path", "overwrite"}

@@ -23,6 +23,7 @@ from s2ft.data import load_eval, load_train, split_validation
 from s2ft.data.overlap import check_overlap
 from s2ft.data.user_tasks import resolve_eval_tasks
 from s2ft.evaluation.measure import measure_model
+from s2ft.export import export_lora
 from s2ft.lightning.callbacks import (
     AdvanceSampler,
     AtomicCheckpointIO,
@@ -195,6 +196,8 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
         train_stats["val_loss"] = module.val_curve[-1][1]
         train_stats["val_curve"] = [list(point) for point in module.val_curve]
     after = measure_model(model, tokenizer, cfg, run_dir)
+    if cfg.get("save_lora"):
+        _save_lora(cfg, run_dir)
     if cfg.get("save_merged"):
         _save_merged(model, tokenizer, method["name"], run_dir / "merged")
         honour_umask(run_dir / "merged")
@@ -336,6 +339,14 @@ def _save_merged(model, tokenizer, method: str, out_dir: Path) -> None:
     model = merge_trained(model, method)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+def _save_lora(cfg: dict, run_dir: Path) -> None:
+    """The run's S2FT adapter as an equivalent PEFT LoRA folder in ``lora/``, computed against a fresh base model (the
+    trained model's weights hold zeroed slots, not the base's)."""
+    base, _ = build_run_model(cfg["model"], cfg["paths"].get("cache_dir"))
+    export_lora(run_dir / "adapter", run_dir / "lora", base)
+    honour_umask(run_dir / "lora")
 
 
 def _cache(paths: dict, name: str) -> Path | None:
