@@ -245,7 +245,7 @@ def test_adapters_are_added_and_removed_on_a_live_model(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_rows_equal_their_merged_models(tmp_path):
-    """SmolLM2-135M with two adapters (apply_s2ft, then values perturbed as training would move them)."""
+    """SmolLM2-135M with two trained adapters (a few AdamW steps each, on different texts)."""
     from s2ft.models import build_model
 
     base, tokenizer = build_model("smollm2_135m")
@@ -254,14 +254,20 @@ def test_smollm2_rows_equal_their_merged_models(tmp_path):
         "heads": ({"o": 0.12, "down": 0.01}, 1),
         "rows": ({"q": 0.12, "v": 0.34, "up": 0.01, "down": 0.01}, 2),
     }
+    texts = {
+        "heads": ["Question: 12 + 30 = ?\nAnswer: 42", "Question: 7 * 6 = ?\nAnswer: 42"],
+        "rows": ["Question: Is the sea salty?\nAnswer: yes", "Question: Do fish fly?\nAnswer: no"],
+    }
     paths = {}
     for name, (ratios, seed) in selections.items():
         model = s2ft.apply_s2ft(copy.deepcopy(base), s2ft.S2FTConfig(ratios=ratios, seed=seed))
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for param in model.parameters():
-                if param.requires_grad:
-                    param.add_(0.02 * param.abs().mean() * torch.randn(param.shape, generator=generator))
+        train = tokenizer(texts[name], return_tensors="pt", padding=True)
+        labels = train["input_ids"].masked_fill(train["attention_mask"] == 0, -100)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        for _ in range(3):
+            model(**train, labels=labels).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
         s2ft.save_adapter(model, tmp_path / name)
         paths[name] = str(tmp_path / name)
         del model
