@@ -24,16 +24,16 @@ def select(x: torch.Tensor, index: torch.Tensor, span: tuple[int, int] | None) -
     return x[..., span[0] : span[1]].contiguous()
 
 
+def _columns_contiguous(weight: torch.Tensor, axis: int) -> bool:
+    return axis == 1 and weight.t().is_contiguous()
+
+
 def slot_major(tensor: torch.Tensor, axis: int) -> torch.Tensor:
     """``tensor`` (a weight, or its values at some slots) stored so that each slot along ``axis`` is one contiguous
     run of memory: unchanged for rows, column-major for columns. Same shape and values; a copy only when needed."""
-    if axis == 0 or tensor.t().is_contiguous():
+    if axis == 0 or _columns_contiguous(tensor, axis):
         return tensor
     return tensor.t().contiguous().t()
-
-
-def _columns_contiguous(weight: torch.Tensor, axis: int) -> bool:
-    return axis == 1 and weight.t().is_contiguous()
 
 
 def read_slots(weight: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:
