@@ -107,7 +107,8 @@ def load_adapter(base: nn.Module, path, trainable: bool = False) -> nn.Module:
     Args:
         base: The base model the adapter was trained on, without S2FT applied.
         path: Adapter folder, or an ``Adapter``.
-        trainable: Keep the adapter's values trainable (to continue training); all base weights are frozen.
+        trainable: Keep the adapter's values trainable (to continue training), in fp32 at least whatever the base's
+            dtype; all base weights are frozen. Otherwise the values keep the file's dtype.
 
     Returns:
         ``base`` with the adapter's modules replaced by S2FTLinear.
@@ -122,7 +123,9 @@ def load_adapter(base: nn.Module, path, trainable: bool = False) -> nn.Module:
     flags = {name: p.requires_grad for name, p in base.named_parameters()}
     base.requires_grad_(False)
     for name, m in adapter.modules.items():
-        layer = S2FTLinear(base.get_submodule(name), m.axis, m.positions, m.unit_size, m.values)
+        # The values keep the file's precision (fp32 beside a bf16 base, as training keeps them); trained, at least fp32.
+        dtype = torch.promote_types(m.values.dtype, torch.float32) if trainable else m.values.dtype
+        layer = S2FTLinear(base.get_submodule(name), m.axis, m.positions, m.unit_size, m.values, dtype)
         layer.values.requires_grad_(trainable)
         base.set_submodule(name, layer)
     modules = {name: (m.layer, m.component) for name, m in adapter.modules.items()}

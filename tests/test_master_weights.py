@@ -9,7 +9,7 @@ from conftest import ROOT, adapter_tensors, smoke_config
 from test_lightning_epochs import recording
 from torch import nn
 
-from s2ft.adapter import save_adapter, switch_adapter
+from s2ft.adapter import load_adapter, save_adapter, switch_adapter
 from s2ft.adapter_format import load_adapter_file
 from s2ft.layers import S2FTLinear
 from s2ft.lightning import run_experiment
@@ -177,6 +177,24 @@ def test_adapters_of_a_bf16_model_keep_fp32_values_through_save_and_switch(tmp_p
     switch_adapter(other, tmp_path / "a")
     for name, module in s2ft_modules(other).items():
         assert module.values.dtype == torch.float32 and torch.equal(module.values, trained[name])
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_loading_an_adapter_onto_a_bf16_base_keeps_its_fp32_values_exactly(tmp_path, trainable):
+    model = prepare_model(tiny(torch.bfloat16), "s2ft", OPTIONS["s2ft"])
+    with torch.no_grad():
+        for module in s2ft_modules(model).values():
+            module.values.add_(1e-4)  # below bf16's resolution at these magnitudes
+    trained = {name: m.values.detach().clone() for name, m in s2ft_modules(model).items()}
+    save_adapter(model, tmp_path / "a")
+    loaded = load_adapter(tiny(torch.bfloat16), tmp_path / "a", trainable=trainable)
+    for name, module in s2ft_modules(loaded).items():
+        assert module.weight.dtype == torch.bfloat16 and module.values.dtype == torch.float32
+        assert torch.equal(module.values, trained[name]) and module.values.requires_grad == trainable
+    ids = torch.randint(0, VOCAB, (2, 7))
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
 @pytest.mark.parametrize(
