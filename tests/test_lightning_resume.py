@@ -33,7 +33,7 @@ def stop_at_step(monkeypatch):
     return arm
 
 
-def test_sigterm_checkpoint_then_resume_matches_uninterrupted_run(tmp_path, stop_at_step):
+def test_sigterm_checkpoint_then_resume_matches_uninterrupted_run(tmp_path, stop_at_step, recwarn):
     # 40 training items in batches of 4: 10 batches per epoch, so 13 steps cross an epoch boundary after the resume.
     overrides = ["trainer.max_steps=13", "trainer.checkpoint_every_n_steps=100", "trainer.val_check_interval=4"]
     full = run_experiment(smoke_config(*overrides, logger="csv"), tmp_path / "full")
@@ -59,6 +59,8 @@ def test_sigterm_checkpoint_then_resume_matches_uninterrupted_run(tmp_path, stop
     resumed = run_experiment(smoke_config(*overrides, "ckpt_path=last", logger="csv"), tmp_path / "resumed")
     session = time.perf_counter() - start
     assert resumed["train"]["steps"] == full["train"]["steps"] == 13
+    # The resume is exact (below), so Lightning's "dataloader is not resumable" alarm must not be shown.
+    assert [str(w.message) for w in recwarn if "not resumable" in str(w.message)] == []
     # Training time counts the interrupted session up to its checkpoint and the resumed one.
     assert ckpt["s2ft"]["wall_s"] < resumed["train"]["wall_s"] <= ckpt["s2ft"]["wall_s"] + session + 0.01
     # metrics.csv keeps the rows logged before the interruption, and no step twice.

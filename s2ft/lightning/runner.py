@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import statistics
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -160,7 +161,11 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
         write_config(cfg, run_dir)
     if logger:
         logger.log_metrics({"trainable_params": counts["trainable_params"], "trainable_pct": counts["trainable_pct"]})
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    # Lightning warns that a mid-epoch resume "can cause unreliable results" unless the dataloader is stateful; here
+    # the data module carries the sampler's position (`SFTDataModule`), so the resume is exact and the warning false.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
 
     sharded = isinstance(trainer.strategy, FSDP2Strategy)
     if sharded:
