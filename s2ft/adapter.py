@@ -123,7 +123,7 @@ def load_adapter(base: nn.Module, path, trainable: bool = False) -> nn.Module:
     flags = {name: p.requires_grad for name, p in base.named_parameters()}
     base.requires_grad_(False)
     for name, m in adapter.modules.items():
-        # The values keep the file's precision (fp32 beside a bf16 base, as training keeps them); trained, at least fp32.
+        # Values keep the file's precision (fp32 beside a bf16 base, as training keeps them); trained: fp32 at least.
         dtype = torch.promote_types(m.values.dtype, torch.float32) if trainable else m.values.dtype
         layer = S2FTLinear(base.get_submodule(name), m.axis, m.positions, m.unit_size, m.values, dtype)
         layer.values.requires_grad_(trainable)
