@@ -143,12 +143,13 @@ class RecordBatch(L.Callback):
 class LastCheckpoint(L.Callback):
     """Saves `path` every `every_n_steps` optimizer steps, at the end of training, and when stopped by a signal.
 
-    A save falls at the end of a batch, or, when a validation is due after that batch, at the end of that validation,
-    so a resume neither repeats nor skips it. SIGTERM and Ctrl-C stop training the same way: the batch in flight (and
-    a validation after it) finishes, the checkpoint is written and `RunInterrupted` names the resume command; a second
-    signal acts at once. Under DDP, SIGTERM keeps Lightning's handling (it stops every rank together; the runner turns
-    its `SIGTERMException` into `RunInterrupted`). Every checkpoint stores the run's config too, so a resume under
-    another config is refused before it starts.
+    A save falls at the end of a batch that stepped the optimizer, or, when a validation is due after that batch, at
+    the end of that validation, so a resume neither repeats nor skips it. SIGTERM and Ctrl-C stop training the same
+    way: the optimizer step in flight (the batch in flight, and with gradient accumulation the rest of its
+    micro-batches; a validation after it) finishes, the checkpoint is written and `RunInterrupted` names the resume
+    command; a second signal acts at once. Under DDP, SIGTERM keeps Lightning's handling (it stops every rank
+    together; the runner turns its `SIGTERMException` into `RunInterrupted`). Every checkpoint stores the run's config
+    too, so a resume under another config is refused before it starts.
     """
 
     SIGNALS = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
@@ -179,8 +180,8 @@ class LastCheckpoint(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         loop = trainer.fit_loop.epoch_loop
-        stepped = not loop._should_accumulate()
-        if not (self.interrupted or (stepped and trainer.global_step % self.every_n_steps == 0)):
+        # Only after an optimizer step: a checkpoint within an accumulation would lose the gradients gathered so far.
+        if loop._should_accumulate() or not (self.interrupted or trainer.global_step % self.every_n_steps == 0):
             return
         if loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
             self._pending = True
