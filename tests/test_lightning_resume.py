@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import adapter_tensors, logged, smoke_config
+from conftest import adapter_tensors, compose_run, logged, smoke_config
 
 from s2ft.lightning import FineTuneModule, run_experiment, runner
 from s2ft.lightning.callbacks import RunInterrupted
@@ -147,3 +147,27 @@ def test_auto_after_a_run_stopped_during_its_final_evaluation_trains_nothing_mor
         assert resumed["train"][key] == full["train"][key], key
     for key, tensor in adapter_tensors(tmp_path / "full").items():
         assert torch.equal(adapter_tensors(tmp_path / "job")[key], tensor), key
+
+
+def test_a_run_evaluated_before_training_resumes(tmp_path, stop_at_step):
+    """eval.before=true (the demo's setting) writes before/ ahead of training; the resumed session measures the same
+    untrained model again, and its before/ must replace the first session's, not fail on it."""
+    overrides = ["debug=smoke", "logger=none", "eval.tasks=[boolq]", "eval.limit=2", "eval.before=true"]
+    overrides += ["eval.heldout=[]", "trainer.max_steps=4", "trainer.checkpoint_every_n_steps=100"]
+    full = run_experiment(compose_run(*overrides), tmp_path / "full")
+    patch = stop_at_step(1)
+    with pytest.raises(RunInterrupted):
+        run_experiment(compose_run(*overrides), tmp_path / "resumed")
+    patch.undo()
+    assert (tmp_path / "resumed" / "before" / "predictions" / "boolq.jsonl").is_file()
+    resumed = run_experiment(compose_run(*overrides, "ckpt_path=last"), tmp_path / "resumed")
+    for key in ("eval_before", "eval"):
+        untimed = [
+            {task: {k: v for k, v in r.items() if k != "tokens_per_s"} for task, r in s[key].items()}
+            for s in (resumed, full)
+        ]
+        assert untimed[0] == untimed[1] and set(untimed[0]) == {"boolq"}, key
+    assert resumed["train"]["loss_curve"] == full["train"]["loss_curve"]
+    for name in ("before/predictions/boolq.jsonl", "predictions/boolq.jsonl"):
+        assert (tmp_path / "resumed" / name).read_text() == (tmp_path / "full" / name).read_text(), name
+    assert not (tmp_path / "resumed" / ".before.partial").exists()

@@ -137,6 +137,8 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     if partial.is_dir():
+        # A resumed run measured the same untrained model again: its first session's before/ makes way.
+        shutil.rmtree(before_dir, ignore_errors=True)
         os.replace(partial, before_dir)
     counts = trainable_summary(model)
     module = FineTuneModule(
