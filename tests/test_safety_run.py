@@ -2,6 +2,7 @@
 directory (checkpoints, metrics.csv, config.yaml) byte-identical; a later correct command still gives the result of an
 uninterrupted run. Also: the stop on a non-finite loss, overwrite=true, and the training-data provenance."""
 
+import csv
 import hashlib
 import json
 import logging
@@ -189,8 +190,18 @@ def test_resumes_after_refused_ones_match_the_uninterrupted_run(runs, copy_of):
     full = json.loads((runs["finished"] / "summary.json").read_text())
     assert resumed["train"]["loss_curve"] == full["train"]["loss_curve"] and len(full["train"]["loss_curve"]) == 6
     assert logged(run_dir) == pytest.approx(logged(runs["finished"]))
+    # The whole metrics.csv, timings aside: no row twice (the session's first row), values written as logged.
+    assert csv_rows(run_dir) == csv_rows(runs["finished"])
     expected = adapter_tensors(runs["finished"])
     assert all(torch.equal(expected[key], tensor) for key, tensor in adapter_tensors(run_dir).items())
+
+
+def csv_rows(run_dir: Path) -> list[dict[str, str]]:
+    """The rows of a run's metrics.csv without the columns that vary between sessions (pace, memory, wall time)."""
+    with (run_dir / "metrics.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    timing = ("tokens_per_s", "peak_mem_mb", "wall_s")
+    return [{k: v for k, v in row.items() if v != "" and not k.endswith(timing)} for row in rows]
 
 
 def test_a_torn_last_checkpoint_costs_only_the_steps_after_the_previous_one(runs, copy_of):

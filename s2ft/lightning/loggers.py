@@ -117,9 +117,14 @@ class ResumableCSVLogger(CSVLogger):
         for row in self.history:
             step = int(row["step"])
             if step < before_step:
-                self.experiment.log_metrics({k: float(v) for k, v in row.items() if v != "" and k != "step"}, step)
+                self.experiment.log_metrics({k: _number(v) for k, v in row.items() if v != "" and k != "step"}, step)
         self.history = []
         self.save()
+
+
+def _number(text: str) -> int | float:
+    """A value read back from metrics.csv, as it was logged: "0" (an epoch, a count) stays an int, not "0.0"."""
+    return int(text) if text.lstrip("-").isdigit() else float(text)
 
 
 class ReplayCSVHistory(Callback):

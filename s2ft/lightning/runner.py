@@ -161,7 +161,7 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     plan.checkpoint = None  # the checkpoint IO holds it until Lightning restores it, then it is freed
     if trainer.global_rank == 0:
         write_config(cfg, run_dir)
-    if logger:
+    if logger and cfg.get("ckpt_path") is None:  # a resumed run logged them in its first session
         logger.log_metrics({"trainable_params": counts["trainable_params"], "trainable_pct": counts["trainable_pct"]})
     # Lightning warns that a mid-epoch resume "can cause unreliable results" unless the dataloader is stateful; here
     # the data module carries the sampler's position (`SFTDataModule`), so the resume is exact and the warning false.
