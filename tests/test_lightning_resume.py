@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 from conftest import adapter_tensors, compose_run, logged, smoke_config
+from safetensors.torch import load_file
 
 from s2ft.lightning import FineTuneModule, run_experiment, runner
 from s2ft.lightning.callbacks import RunInterrupted
@@ -171,3 +172,32 @@ def test_a_run_evaluated_before_training_resumes(tmp_path, stop_at_step):
     for name in ("before/predictions/boolq.jsonl", "predictions/boolq.jsonl"):
         assert (tmp_path / "resumed" / name).read_text() == (tmp_path / "full" / name).read_text(), name
     assert not (tmp_path / "resumed" / ".before.partial").exists()
+
+
+def test_a_run_stopped_while_saving_its_merged_model_finishes_on_resume(tmp_path, monkeypatch):
+    """save_lora=true writes lora/ before merged/: a run stopped in between has a lora/ when it resumes, which the
+    resumed session exports again (the export refuses a non-empty folder of its own accord)."""
+    overrides = ["ckpt_path=auto", "trainer.max_steps=2", "save_lora=true", "save_merged=true"]
+    run_experiment(smoke_config(*overrides), tmp_path / "full")
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    save_merged = runner._save_merged
+    monkeypatch.setattr(runner, "_save_merged", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(smoke_config(*overrides), tmp_path / "job")
+    monkeypatch.setattr(runner, "_save_merged", save_merged)
+    assert (tmp_path / "job" / "lora").is_dir() and not (tmp_path / "job" / "summary.json").exists()
+    run_experiment(smoke_config(*overrides), tmp_path / "job")
+    for folder in ("lora", "merged"):
+        files = sorted(p.name for p in (tmp_path / "full" / folder).iterdir())
+        assert sorted(p.name for p in (tmp_path / "job" / folder).iterdir()) == files, folder
+        for name in files:
+            if name.endswith(".safetensors"):
+                expected, actual = (
+                    load_file(tmp_path / "full" / folder / name),
+                    load_file(tmp_path / "job" / folder / name),
+                )
+                assert expected.keys() == actual.keys()
+                assert all(torch.equal(expected[k], actual[k]) for k in expected), (folder, name)

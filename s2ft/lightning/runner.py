@@ -352,6 +352,8 @@ def _save_lora(cfg: dict, run_dir: Path) -> None:
     """The run's S2FT adapter as an equivalent PEFT LoRA folder in ``lora/``, computed against a fresh base model (the
     trained model's weights hold zeroed slots, not the base's)."""
     base, _ = build_run_model(cfg["model"], cfg["paths"].get("cache_dir"))
+    # A resumed run stopped after its export (while saving merged/, say) exports the same adapter again.
+    shutil.rmtree(run_dir / "lora", ignore_errors=True)
     export_lora(run_dir / "adapter", run_dir / "lora", base)
     honour_umask(run_dir / "lora")
 
