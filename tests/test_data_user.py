@@ -208,6 +208,26 @@ def test_unreadable_files_name_the_line_and_the_fix(tmp_path):
     assert check_train_spec([str(latin)], DATA)[0].startswith(f"data.train: {latin}: line 3 is not UTF-8")
 
 
+def test_two_training_sources_of_one_name_are_refused(tmp_path):
+    """Before: data.train=[a/train.jsonl, b/train.jsonl] gave items of both the ids train-0, train-1, ... and the run's
+    record credited each file with the items of both."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first, second = (write_jsonl(tmp_path / folder / "train.jsonl", ALPACA) for folder in ("a", "b"))
+    message = (
+        f"2 training sources are named 'train' ({first}, {second}): their items would share ids and count as one "
+        f"source in the run's record; give each its own name, e.g. {{path: {second}, name: train_2}}"
+    )
+    with pytest.raises(DataError) as refused:
+        load_train([str(first), str(second)], DATA)
+    assert str(refused.value) == message
+    assert check_train_spec([str(first), str(second)], DATA) == [f"data.train: {message}"]
+    with pytest.raises(DataError, match=r"2 training sources are named 'boolq' \(boolq, "):
+        resolve_train_items(["commonsense_mix", {"path": str(first), "name": "boolq"}])
+    renamed = load_train([str(first), {"path": str(second), "name": "train_2"}], DATA)
+    assert sorted(ex.id for ex in renamed) == ["train-0", "train-1", "train_2-0", "train_2-1"]
+    assert check_train_spec(["commonsense_mix", "boolq", str(first)], DATA) == []  # a registered name twice is one
+
+
 def test_user_sources_mix_with_registered_ones(tmp_path):
     path = write_jsonl(tmp_path / "mine.jsonl", ALPACA)
     items = resolve_train_items(["boolq", str(path), {"path": str(path), "name": "again"}])
