@@ -138,6 +138,16 @@ def test_missing_field_names_the_field_and_the_first_bad_line(tmp_path):
         load_user_source(str(listed))
 
 
+def test_a_csv_record_after_a_multi_line_field_is_named_by_its_own_line(tmp_path):
+    """Before, lines were counted as records: the bad record on line 6 was reported at line 4, inside record 1."""
+    csv = tmp_path / "long.csv"
+    csv.write_text('instruction,output\nQ1,"line one\nline two\nline three"\n\nQ2,A2\nQ3,\n')
+    with pytest.raises(DataError, match=r"long.csv: line 7: missing field 'output'$"):
+        load_user_source(str(csv))
+    csv.write_text('instruction,output\nQ1,"line one\nline two"\nQ2,A2\n')
+    assert fields(load_user_source(str(csv))) == [("Q1", "", "line one\nline two"), ("Q2", "", "A2")]
+
+
 def test_a_field_absent_from_every_record_and_chat_without_a_response(tmp_path):
     path = write_jsonl(tmp_path / "q.jsonl", [{"instruction": "Q1"}])
     with pytest.raises(DataError, match=r"no field 'output' in any record \(columns: \['instruction'\]\)"):

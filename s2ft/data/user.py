@@ -22,6 +22,7 @@ directory, else from the data directory. Every record is checked; the first bad 
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 from dataclasses import dataclass
@@ -212,7 +213,7 @@ def _check_text(path: Path, where: str) -> bool:
 
 def _json_problem(path: Path, where: str) -> str | None:
     """The first line (JSONL) or place (JSON) that is not valid JSON or not a record, for a file datasets refused."""
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     if path.suffix.lower() == ".json":
         try:
             content = json.loads(text)
@@ -252,9 +253,16 @@ def file_lines(source: UserSource, data_dir: str | Path | None) -> list[str] | N
         with path.open(encoding="utf-8") as file:
             return [f"line {number}" for number, line in enumerate(file, start=1) if line.strip()]
     if suffix == ".csv":
-        # datasets' CSV reader (pandas) takes line 1 as the header; quoted multi-line fields would shift this.
-        with path.open(encoding="utf-8") as file:
-            return [f"line {number}" for number, line in enumerate(file, start=1) if line.strip()][1:]
+        # datasets' CSV reader (pandas) takes the first record as the header and skips blank lines; a record whose
+        # quoted field spans lines starts at the line after the previous record's end.
+        starts, end = [], 0
+        with path.open(encoding="utf-8", newline="") as file:
+            reader = csv.reader(file)
+            for row in reader:
+                if len(row) > 1 or (row and row[0].strip()):
+                    starts.append(f"line {end + 1}")
+                end = reader.line_num
+        return starts[1:]
     return None
 
 
