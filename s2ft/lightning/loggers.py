@@ -36,7 +36,10 @@ def build_logger(logger_cfg: dict, cfg: dict, run_dir: Path):
 
         os.environ["WANDB_MODE"] = logger_cfg.get("mode") or "offline"
         id_file = run_dir / WANDB_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
+        # A fresh start (ckpt_path=auto starting over an attempt that left no checkpoint) is a new W&B run, as its
+        # metrics.csv is a new file; only a resume continues the run of the file.
+        resume = bool(cfg.get("ckpt_path")) and id_file.is_file()
+        run_id = id_file.read_text().strip() if resume else uuid.uuid4().hex[:8]
         id_file.write_text(run_id + "\n")
         method = cfg["method"]["name"]
         logger = QuietWandbLogger(
