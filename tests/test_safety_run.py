@@ -219,6 +219,36 @@ def test_a_torn_last_checkpoint_costs_only_the_steps_after_the_previous_one(runs
     assert step_of(run_dir / "checkpoints" / "last.ckpt") == 6
 
 
+def test_a_resume_on_an_edited_training_file_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """Before, the resumed run trained on the edited file's items from the old position: neither the same data nor
+    a fresh run, and its summary recorded only the new file's digest."""
+    data = tmp_path / "mine.jsonl"
+    records = [json.dumps({"instruction": f"What is {i} + 1?", "output": str(i + 1)}) for i in range(40)]
+    data.write_text("\n".join(records) + "\n")
+    overrides = [f"data.train=[{data}]"]
+    original = FineTuneModule.on_train_batch_end
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        original(self, outputs, batch, batch_idx)
+        if self.trainer.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(FineTuneModule, "on_train_batch_end", on_train_batch_end)
+    run_dir = tmp_path / "run"
+    with pytest.raises(RunInterrupted):
+        run_experiment(config(*overrides), run_dir)
+    monkeypatch.setattr(FineTuneModule, "on_train_batch_end", original)
+    data.write_text("\n".join([records[1], records[0], *records[2:]]) + "\n")  # the same items, another order
+    before = snapshot(run_dir)
+    with pytest.raises(
+        CheckpointError, match=rf"written while {data} had other contents \(SHA-256 \w{{12}}\.\.\., now"
+    ):
+        run_experiment(config(*overrides, "ckpt_path=last"), run_dir)
+    assert snapshot(run_dir) == before
+    data.write_text("\n".join(records) + "\n")
+    assert run_experiment(config(*overrides, "ckpt_path=last"), run_dir)["train"]["steps"] == 6
+
+
 def test_overwrite_clears_the_old_run_first(copy_of):
     run_dir = copy_of("finished")
     (run_dir / ".hydra").mkdir()

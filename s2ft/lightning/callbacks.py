@@ -149,13 +149,16 @@ class LastCheckpoint(L.Callback):
     micro-batches; a validation after it) finishes, the checkpoint is written and `RunInterrupted` names the resume
     command; a second signal acts at once. Under DDP, SIGTERM keeps Lightning's handling (it stops every rank
     together; the runner turns its `SIGTERMException` into `RunInterrupted`). Every checkpoint stores the run's config
-    too, so a resume under another config is refused before it starts.
+    and its training files' digests too, so a resume under another config or on changed data is refused before it
+    starts.
     """
 
     SIGNALS = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
 
-    def __init__(self, path: str | Path, every_n_steps: int = 50, run_config: dict | None = None):
-        self.path, self.every_n_steps, self.run_config = Path(path), every_n_steps, run_config
+    def __init__(
+        self, path: str | Path, every_n_steps: int = 50, run_config: dict | None = None, sources: list | None = None
+    ):
+        self.path, self.every_n_steps, self.run_config, self.sources = Path(path), every_n_steps, run_config, sources
         self.interrupted: str | None = None  # the signal that asked to stop
         self._previous: dict[int, object] = {}
         self._pending = False  # a save waiting for the validation in progress
@@ -177,6 +180,8 @@ class LastCheckpoint(L.Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
         if self.run_config is not None:
             checkpoint["run_config"] = self.run_config
+        if self.sources is not None:
+            checkpoint["training_sources"] = self.sources  # `training_record`'s: name, file, SHA-256, count, items
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         loop = trainer.fit_loop.epoch_loop

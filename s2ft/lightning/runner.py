@@ -34,7 +34,7 @@ from s2ft.lightning.callbacks import (
     RunInterrupted,
     StopOnNonFinite,
 )
-from s2ft.lightning.checkpoint import CHECKPOINT, check_checkpoint_fits
+from s2ft.lightning.checkpoint import CHECKPOINT, check_checkpoint_fits, check_same_data
 from s2ft.lightning.console import StepProgressBar
 from s2ft.lightning.datamodule import SFTDataModule
 from s2ft.lightning.evaluation import evaluate_only, finish, write_config
@@ -103,6 +103,8 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
         )
     train, val = split_validation(examples, data["val_size"], cfg["seed"]) if data.get("val_size") else (examples, [])
     provenance = training_record(cfg, train, val, sorted(eval_sets))
+    if plan.checkpoint is not None:
+        check_same_data(plan.checkpoint, cfg["ckpt_path"], provenance["sources"])
 
     model, tokenizer = build_run_model(cfg["model"], paths.get("cache_dir"))
     datamodule = SFTDataModule(
@@ -157,7 +159,7 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
 
     # The first writes of the run's own files (metrics, W&B id, config), now that everything is checked.
     logger = build_logger(cfg["logger"], cfg, run_dir)
-    trainer = _trainer(cfg, run_dir, logger, has_val=bool(val), preloaded=plan.checkpoint)
+    trainer = _trainer(cfg, run_dir, logger, bool(val), plan.checkpoint, provenance["sources"])
     plan.checkpoint = None  # the checkpoint IO holds it until Lightning restores it, then it is freed
     if trainer.global_rank == 0:
         write_config(cfg, run_dir)
@@ -261,7 +263,7 @@ def unsharded_model(cfg: dict, calibration, trained: dict[str, torch.Tensor]):
     return model
 
 
-def _trainer(cfg: dict, run_dir: Path, logger, has_val: bool, preloaded: dict | None) -> L.Trainer:
+def _trainer(cfg: dict, run_dir: Path, logger, has_val: bool, preloaded: dict | None, sources: list) -> L.Trainer:
     tr = cfg["trainer"]
     interval = tr.get("val_check_interval")
     callbacks = [
@@ -269,7 +271,7 @@ def _trainer(cfg: dict, run_dir: Path, logger, has_val: bool, preloaded: dict | 
         # The module's records of a batch, then the non-finite check, come before any save of that batch's state.
         RecordBatch(),
         StopOnNonFinite(),
-        LastCheckpoint(run_dir / CHECKPOINT, tr.get("checkpoint_every_n_steps", 50), run_config=cfg),
+        LastCheckpoint(run_dir / CHECKPOINT, tr.get("checkpoint_every_n_steps", 50), run_config=cfg, sources=sources),
         ReplayCSVHistory(),
     ]
     if tr.get("select_best") == "val_loss":  # validate_run_config made sure there is a validation split
