@@ -148,6 +148,9 @@ def test_definitions_in_yaml_files_and_the_conf_eval_example(tmp_path):
     assert names == ["one", "a", "b", "boolq"]
     with pytest.raises(DataError, match="does not exist"):
         resolve_eval_tasks([str(tmp_path / "missing.yaml")])
+    (tmp_path / "latin.yaml").write_bytes("name: caf\u00e9\npath: t.jsonl\nanswer: text\n".encode("latin-1"))
+    with pytest.raises(DataError, match=rf"^task definition file {tmp_path}/latin.yaml: not UTF-8 text \(invalid"):
+        resolve_eval_tasks([str(tmp_path / "latin.yaml")])
     example = yaml.safe_load((ROOT / "conf/eval/user_example.yaml").read_text())
     assert [task["name"] for task in example["tasks"]] == ["arc_letters", "arc_letters_mc"]
 
