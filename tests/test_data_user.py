@@ -155,6 +155,11 @@ def test_a_field_absent_from_every_record_and_chat_without_a_response(tmp_path):
     chat = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "Hi"}]}])
     with pytest.raises(DataError, match=r"c.jsonl: line 1: the last message must be the assistant's response"):
         load_user_source(str(chat))
+    # OpenAI-style content parts were read as their Python repr ("[{'type': 'text', ...}]") and trained on.
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}, {"role": "assistant", "content": "Hello"}]
+    chat = write_jsonl(tmp_path / "parts.jsonl", [{"messages": parts}])
+    with pytest.raises(DataError, match=r"parts.jsonl: line 1: a user message's content is a list, not text; give"):
+        load_user_source(str(chat))
 
 
 def test_empty_set_unknown_format_and_unknown_columns(tmp_path):

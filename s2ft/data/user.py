@@ -299,6 +299,13 @@ def _chat_parts(messages, where: str, need_response: bool) -> tuple[str, str, st
     for message in messages:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) or message.get("content") is None:
             raise DataError(f"{where}: every message needs a role and a content, got {message!r}")
+        content = message["content"]
+        if isinstance(content, bool) or not isinstance(content, str | int | float):
+            # str() of content parts ([{type: text, text: ...}]) would train on their Python repr.
+            raise DataError(
+                f"{where}: a {message['role']} message's content is a {type(content).__name__}, not text; give each "
+                "message's content as a string (content parts such as [{type: text, text: ...}] are not read)"
+            )
     response = ""
     if messages[-1]["role"] == "assistant":
         response, messages = str(messages[-1]["content"]), messages[:-1]
