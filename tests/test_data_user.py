@@ -138,6 +138,17 @@ def test_missing_field_names_the_field_and_the_first_bad_line(tmp_path):
         load_user_source(str(listed))
 
 
+def test_csv_cells_are_read_as_written(tmp_path):
+    """Before, pandas' type inference trained a column of numbers as floats (7 -> "7.0", 01234 -> "1234.0") and took
+    None, NA or null for a missing value (an error naming a field the file has)."""
+    csv = tmp_path / "answers.csv"
+    csv.write_text("instruction,output\nZip?,01234\nPrice?,1.50\nCount?,7\nWho?,None\nAnd?,NA\n")
+    assert [ex.output for ex in load_user_source(str(csv))] == ["01234", "1.50", "7", "None", "NA"]
+    csv.write_text("instruction,output\nCount?,7\nEmpty?,\n")
+    with pytest.raises(DataError, match=r"answers.csv: line 3: missing field 'output'$"):
+        load_user_source(str(csv))
+
+
 def test_a_csv_record_after_a_multi_line_field_is_named_by_its_own_line(tmp_path):
     """Before, lines were counted as records: the bad record on line 6 was reported at line 4, inside record 1."""
     csv = tmp_path / "long.csv"

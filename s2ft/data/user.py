@@ -175,7 +175,10 @@ def load_rows(source: UserSource, data_dir: str | Path | None = None) -> dataset
                 # datasets refuses an empty split with an obscure message, and reads some non-UTF-8 files as mojibake.
                 if not _check_text(path, source.where):
                     raise DataError(f"{source.where} holds no records")
-                rows = datasets.load_dataset(BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
+                options = _csv_options(path) if path.suffix.lower() == ".csv" else {}
+                rows = datasets.load_dataset(
+                    BUILDERS[path.suffix.lower()], data_files=str(path), split="train", **options
+                )
     except DataError:
         raise
     except KeyError as err:
@@ -209,6 +212,14 @@ def _check_text(path: Path, where: str) -> bool:
     if path.suffix.lower() == ".csv":
         return len([line for line in text.splitlines() if line.strip()]) > 1  # more than a header
     return text not in ("", "[]")
+
+
+def _csv_options(path: Path) -> dict:
+    """pandas options that read every CSV cell as the text written: by default a column of numbers becomes floats
+    (an answer ``7`` trains as ``7.0``, ``01234`` as ``1234.0``) and ``None``, ``NA`` or ``null`` become missing."""
+    with path.open(encoding="utf-8", newline="") as file:
+        columns = len(next(csv.reader(file), []))
+    return {"converters": {index: str for index in range(columns)}, "keep_default_na": False, "na_values": [""]}
 
 
 def _json_problem(path: Path, where: str) -> str | None:
