@@ -175,6 +175,18 @@ def test_a_refused_command_names_the_fix_and_leaves_the_run_directory_as_it_was(
     assert not (run_dir / "checkpoints" / "pwned").exists()  # the malicious checkpoint's payload never ran
 
 
+def test_a_checkpoint_refused_after_the_before_evaluation_leaves_the_directory_as_it_was(copy_of):
+    """The checkpoint's tensors are checked against the prepared model, after eval.before measured the untrained one;
+    that measurement must not land in the directory of a refused resume."""
+    run_dir = copy_of("interrupted")
+    legacy(run_dir / "checkpoints" / "last.ckpt")
+    before = snapshot(run_dir)
+    evaluated = ["eval.tasks=[boolq]", "eval.limit=2", "eval.before=true", "eval.heldout=[]"]
+    with pytest.raises(CheckpointError, match=r"does not fit this run's trained tensors \(missing .*lora"):
+        run_experiment(config("method=lora", "ckpt_path=last", *evaluated), run_dir)
+    assert snapshot(run_dir) == before and not (run_dir / "before").exists()
+
+
 def test_resume_without_a_checkpoint_names_the_path_and_writes_nothing(tmp_path):
     with pytest.raises(RunDirError, match=r"ckpt_path=last but \S+last\.ckpt does not exist.*hydra\.run\.dir="):
         run_experiment(config("ckpt_path=last"), tmp_path / "new")

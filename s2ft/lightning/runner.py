@@ -119,8 +119,9 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     results = None
-    # The untrained model's outputs stay in a hidden folder until the method is applied: a run that fails there (a
-    # budget that gives no unit) leaves no before/ that would make its own directory look like another run's.
+    # The untrained model's outputs stay in a hidden folder until the method is applied and a checkpoint to resume is
+    # checked: a run that fails there (a budget that gives no unit, a checkpoint of another method) leaves no before/
+    # that would make its own directory look like another run's, or change the directory it was refused in.
     before_dir, partial = run_dir / "before", run_dir / ".before.partial"
     if rank_zero_only.rank == 0 and cfg["eval"].get("before"):
         shutil.rmtree(partial, ignore_errors=True)
@@ -135,6 +136,19 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
         calibration = list(DataLoader(subset, batch_size=data["batch_size"], collate_fn=datamodule.collate))
     try:
         model = prepare_model(model, method["name"], options, calibration)
+        module = FineTuneModule(
+            model,
+            method["lr"],
+            method.get("weight_decay", 0.0),
+            tr.get("warmup_steps", 0),
+            tr.get("scheduler", "linear"),
+            betas=tuple(method.get("betas") or ADAM_BETAS),
+        )
+        if plan.checkpoint is not None:
+            state, keys = module.state_dict(), module.trained_keys()
+            # The batches of one rank's epoch on a single process: an upper bound for any number of ranks.
+            per_epoch = len(train) // data["batch_size"]
+            check_checkpoint_fits(plan.checkpoint, cfg["ckpt_path"], {k: state[k].shape for k in keys}, per_epoch)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -143,19 +157,6 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
         shutil.rmtree(before_dir, ignore_errors=True)
         os.replace(partial, before_dir)
     counts = trainable_summary(model)
-    module = FineTuneModule(
-        model,
-        method["lr"],
-        method.get("weight_decay", 0.0),
-        tr.get("warmup_steps", 0),
-        tr.get("scheduler", "linear"),
-        betas=tuple(method.get("betas") or ADAM_BETAS),
-    )
-    if plan.checkpoint is not None:
-        state, keys = module.state_dict(), module.trained_keys()
-        # The batches of one rank's epoch on a single process: an upper bound for any number of ranks.
-        per_epoch = len(train) // data["batch_size"]
-        check_checkpoint_fits(plan.checkpoint, cfg["ckpt_path"], {k: state[k].shape for k in keys}, per_epoch)
 
     # The first writes of the run's own files (metrics, W&B id, config), now that everything is checked.
     logger = build_logger(cfg["logger"], cfg, run_dir)
