@@ -179,7 +179,7 @@ def test_config_check_reads_every_user_record_before_any_model(tmp_path):
     )
     problems = check_task_spec([{"name": "mine", "path": bad, "answer": "letter"}, "no_task"], DATA)
     assert len(problems) == 2
-    assert problems[0] == "eval.tasks: task mine, item mine-1: gold answer 'seven' is not a letter A-E"
+    assert problems[0] == f"eval.tasks: task mine, item mine-1 ({bad}: line 2): gold answer 'seven' is not a letter A-E"
     assert problems[1].startswith("eval.tasks: unknown task 'no_task'")
     missing = write_jsonl(tmp_path / "m.jsonl", [{"instruction": "Q1", "input": "x"}])
     (problem,) = check_task_spec([{"name": "m", "path": missing, "answer": "text"}], DATA)
