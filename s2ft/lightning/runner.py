@@ -264,7 +264,9 @@ def unsharded_model(cfg: dict, calibration, trained: dict[str, torch.Tensor]):
     return model
 
 
-def _trainer(cfg: dict, run_dir: Path, logger, has_val: bool, preloaded: dict | None, sources: list) -> L.Trainer:
+def _trainer(
+    cfg: dict, run_dir: Path, logger, has_val: bool, preloaded: dict | None, sources: list | None = None
+) -> L.Trainer:
     tr = cfg["trainer"]
     interval = tr.get("val_check_interval")
     callbacks = [
