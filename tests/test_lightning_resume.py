@@ -119,7 +119,7 @@ def test_auto_starts_fresh_skips_a_finished_run_and_refuses_another_config(tmp_p
 
 def test_auto_after_a_run_stopped_during_its_final_evaluation_trains_nothing_more(tmp_path, monkeypatch):
     overrides = ["ckpt_path=auto", "trainer.max_steps=3", "trainer.checkpoint_every_n_steps=100"]
-    full = run_experiment(smoke_config(*overrides), tmp_path / "full")
+    full = run_experiment(smoke_config(*overrides, logger="csv"), tmp_path / "full")
 
     def killed(*args):
         raise KeyboardInterrupt  # the job was stopped after training, while it evaluated
@@ -127,7 +127,7 @@ def test_auto_after_a_run_stopped_during_its_final_evaluation_trains_nothing_mor
     measure = runner.measure_model
     monkeypatch.setattr(runner, "measure_model", killed)
     with pytest.raises(KeyboardInterrupt):
-        run_experiment(smoke_config(*overrides), tmp_path / "job")
+        run_experiment(smoke_config(*overrides, logger="csv"), tmp_path / "job")
     monkeypatch.setattr(runner, "measure_model", measure)
     path = tmp_path / "job" / "checkpoints" / "last.ckpt"
     ckpt = torch.load(path, weights_only=True)
@@ -139,8 +139,10 @@ def test_auto_after_a_run_stopped_during_its_final_evaluation_trains_nothing_mor
     steps = []
     original = FineTuneModule.training_step
     monkeypatch.setattr(FineTuneModule, "training_step", lambda self, *a: steps.append(1) or original(self, *a))
-    resumed = run_experiment(smoke_config(*overrides), tmp_path / "job")
+    resumed = run_experiment(smoke_config(*overrides, logger="csv"), tmp_path / "job")
     assert not steps
+    # metrics.csv keeps the training rows: Lightning runs no training hook for a fit that has nothing left to train.
+    assert logged(tmp_path / "job") == pytest.approx(logged(tmp_path / "full")) and len(logged(tmp_path / "full")) == 10
     assert resumed["train"]["peak_mem_mb"] == 10.0**7
     # Training time is the training session's (rounded to 0.01 s), plus the moment the resumed fit took to stop.
     assert ckpt["s2ft"]["wall_s"] - 0.01 <= resumed["train"]["wall_s"] < ckpt["s2ft"]["wall_s"] + 2

@@ -131,11 +131,15 @@ def _number(text: str) -> int | float:
 
 
 class ReplayCSVHistory(Callback):
-    """Restores the pre-checkpoint rows of every `ResumableCSVLogger` once training resumes at the restored step."""
+    """Restores the pre-checkpoint rows of every `ResumableCSVLogger` as the checkpoint is loaded.
 
-    def on_train_start(self, trainer, pl_module) -> None:
+    Not at the start of training: a run resumed from a checkpoint of its last step (stopped during its final
+    evaluation) trains no more, and Lightning then calls no training hook at all.
+    """
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         # Lightning's log step counts the batches that stepped the optimizer: the global step, with one optimizer.
-        step = trainer.global_step
+        step = checkpoint["global_step"]
         for logger in trainer.loggers:
             if isinstance(logger, ResumableCSVLogger) and logger.history:
                 logger.replay(step)
