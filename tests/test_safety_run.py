@@ -404,6 +404,28 @@ def test_run_py_stopped_by_a_signal_prints_the_resume_command_and_exits_1(signum
     assert not (run_dir / "summary.json").exists()
 
 
+def test_ctrl_c_outside_training_prints_the_command_that_continues_not_a_traceback(tmp_path):
+    """Ctrl-C while the run evaluates (after training, its checkpoint written) reached Python's traceback; run.py
+    names the command that continues instead, and that command finishes the run."""
+    run_dir = tmp_path / "run"
+    script = (
+        "import runpy, sys\nfrom s2ft.lightning import runner\n"
+        "def pressed(*args):\n    raise KeyboardInterrupt\n"
+        "runner.measure_model = pressed\nsys.argv[0] = 'run.py'\nrunpy.run_path('run.py', run_name='__main__')\n"
+    )
+    overrides = ["debug=smoke", "eval=none", "logger=none", "trainer.max_steps=2"]
+    command = [sys.executable, "-c", script, *overrides, f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    resume = rf"python run\.py <same overrides> hydra\.run\.dir={re.escape(str(run_dir))} ckpt_path=auto"
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert re.fullmatch(rf"error: stopped by Ctrl-C \(SIGINT\); continue with: {resume}", errors[0])
+    summary = run_experiment(smoke_config("trainer.max_steps=2", "ckpt_path=auto"), run_dir)
+    assert summary["train"]["steps"] == 2 and (run_dir / "summary.json").is_file()
+
+
 def test_the_csv_logger_does_not_warn_of_deleting_logs_in_a_checked_directory(tmp_path, recwarn):
     """Hydra's `.hydra/` makes every run directory non-empty; Lightning's "Previous log files ... will be deleted!"
     would then open every fresh run's first screen with a false alarm."""
