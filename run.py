@@ -18,6 +18,7 @@ def main(cfg: DictConfig) -> None:
 
     from s2ft.errors import UserError
     from s2ft.lightning import run_experiment
+    from s2ft.lightning.checkpoint import resume_command
     from s2ft.lightning.jobs import job_config
 
     hydra_cfg = HydraConfig.get()
@@ -26,6 +27,8 @@ def main(cfg: DictConfig) -> None:
         run_experiment(job_config(cfg, hydra_cfg), run_dir)
     except UserError as err:  # bad input, or a stop on SIGTERM / Ctrl-C (RunInterrupted names the resume command)
         sys.exit(f"error: {err}")
+    except KeyboardInterrupt:  # Ctrl-C outside training (loading, evaluating): auto resumes, finishes or restarts
+        sys.exit(f"error: stopped by Ctrl-C (SIGINT); continue with: {resume_command(Path(run_dir), 'auto')}")
 
 
 if __name__ == "__main__":

@@ -138,12 +138,38 @@ def test_missing_field_names_the_field_and_the_first_bad_line(tmp_path):
         load_user_source(str(listed))
 
 
+def test_csv_cells_are_read_as_written(tmp_path):
+    """Before, pandas' type inference trained a column of numbers as floats (7 -> "7.0", 01234 -> "1234.0") and took
+    None, NA or null for a missing value (an error naming a field the file has)."""
+    csv = tmp_path / "answers.csv"
+    csv.write_text("instruction,output\nZip?,01234\nPrice?,1.50\nCount?,7\nWho?,None\nAnd?,NA\n")
+    assert [ex.output for ex in load_user_source(str(csv))] == ["01234", "1.50", "7", "None", "NA"]
+    csv.write_text("instruction,output\nCount?,7\nEmpty?,\n")
+    with pytest.raises(DataError, match=r"answers.csv: line 3: missing field 'output'$"):
+        load_user_source(str(csv))
+
+
+def test_a_csv_record_after_a_multi_line_field_is_named_by_its_own_line(tmp_path):
+    """Before, lines were counted as records: the bad record on line 6 was reported at line 4, inside record 1."""
+    csv = tmp_path / "long.csv"
+    csv.write_text('instruction,output\nQ1,"line one\nline two\nline three"\n\nQ2,A2\nQ3,\n')
+    with pytest.raises(DataError, match=r"long.csv: line 7: missing field 'output'$"):
+        load_user_source(str(csv))
+    csv.write_text('instruction,output\nQ1,"line one\nline two"\nQ2,A2\n')
+    assert fields(load_user_source(str(csv))) == [("Q1", "", "line one\nline two"), ("Q2", "", "A2")]
+
+
 def test_a_field_absent_from_every_record_and_chat_without_a_response(tmp_path):
     path = write_jsonl(tmp_path / "q.jsonl", [{"instruction": "Q1"}])
     with pytest.raises(DataError, match=r"no field 'output' in any record \(columns: \['instruction'\]\)"):
         load_user_source({"path": str(path), "format": "alpaca"})
     chat = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "Hi"}]}])
     with pytest.raises(DataError, match=r"c.jsonl: line 1: the last message must be the assistant's response"):
+        load_user_source(str(chat))
+    # OpenAI-style content parts were read as their Python repr ("[{'type': 'text', ...}]") and trained on.
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}, {"role": "assistant", "content": "Hello"}]
+    chat = write_jsonl(tmp_path / "parts.jsonl", [{"messages": parts}])
+    with pytest.raises(DataError, match=r"parts.jsonl: line 1: a user message's content is a list, not text; give"):
         load_user_source(str(chat))
 
 
@@ -171,6 +197,61 @@ def test_empty_set_unknown_format_and_unknown_columns(tmp_path):
     plain.write_text("{}")
     with pytest.raises(DataError, match="records: unknown file type"):
         load_user_source({"path": str(plain)})
+
+
+def test_unreadable_files_name_the_line_and_the_fix(tmp_path):
+    """Before: a Latin-1 JSONL passed datasets and crashed with a UnicodeDecodeError traceback, a Latin-1 or ragged CSV
+    and a JSONL with one broken line gave datasets' "An error occurred while generating the dataset" or a byte
+    position, never the line."""
+    records = [json.dumps({"instruction": f"Q{i}", "output": "A"}) for i in range(4)]
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes("\n".join([*records[:2], '{"instruction": "Caf\u00e9", "output": "A"}']).encode("latin-1"))
+    with pytest.raises(
+        DataError, match=rf"^{latin}: line 3 is not UTF-8 text \(byte 0xe9\); save the file as UTF-8, e"
+    ):
+        load_user_source(str(latin))
+    latin_csv = tmp_path / "latin.csv"
+    latin_csv.write_bytes("instruction,output\nCaf\u00e9,A\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin.csv: line 2 is not UTF-8 text .*iconv -f latin1 -t utf-8 latin.csv"):
+        load_user_source(str(latin_csv))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("\n".join([*records[:2], '{"instruction": "Q", "output": ', *records[2:]]) + "\n")
+    with pytest.raises(DataError, match=rf"^{broken}: line 3 is not valid JSON \(Expecting value at column 32\); fix"):
+        load_user_source(str(broken))
+    lists = tmp_path / "lists.jsonl"
+    lists.write_text('["Q1", "A1"]\n["Q2", "A2"]\n')
+    with pytest.raises(DataError, match=r"lists.jsonl: line 1 is not a record \{field: value, ...\} but \["):
+        load_user_source(str(lists))
+    not_json = tmp_path / "notes.json"
+    not_json.write_text("Q: A\n")
+    with pytest.raises(DataError, match=r"notes.json: not valid JSON \(Expecting value at line 1, column 1\)"):
+        load_user_source(str(not_json))
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("instruction,output\nQ1,A1\nQ2,A2,extra\n")
+    with pytest.raises(DataError, match=r"ragged.csv: ParserError: .*Expected 2 fields in line 3, saw 3$"):
+        load_user_source(str(ragged))
+    # The config check reports them as it reports a bad record: one line each, before any model.
+    assert check_train_spec([str(latin)], DATA)[0].startswith(f"data.train: {latin}: line 3 is not UTF-8")
+
+
+def test_two_training_sources_of_one_name_are_refused(tmp_path):
+    """Before: data.train=[a/train.jsonl, b/train.jsonl] gave items of both the ids train-0, train-1, ... and the run's
+    record credited each file with the items of both."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first, second = (write_jsonl(tmp_path / folder / "train.jsonl", ALPACA) for folder in ("a", "b"))
+    message = (
+        f"2 training sources are named 'train' ({first}, {second}): their items would share ids and count as one "
+        f"source in the run's record; give each its own name, e.g. {{path: {second}, name: train_2}}"
+    )
+    with pytest.raises(DataError) as refused:
+        load_train([str(first), str(second)], DATA)
+    assert str(refused.value) == message
+    assert check_train_spec([str(first), str(second)], DATA) == [f"data.train: {message}"]
+    with pytest.raises(DataError, match=r"2 training sources are named 'boolq' \(boolq, "):
+        resolve_train_items(["commonsense_mix", {"path": str(first), "name": "boolq"}])
+    renamed = load_train([str(first), {"path": str(second), "name": "train_2"}], DATA)
+    assert sorted(ex.id for ex in renamed) == ["train-0", "train-1", "train_2-0", "train_2-1"]
+    assert check_train_spec(["commonsense_mix", "boolq", str(first)], DATA) == []  # a registered name twice is one
 
 
 def test_user_sources_mix_with_registered_ones(tmp_path):

@@ -148,6 +148,9 @@ def test_definitions_in_yaml_files_and_the_conf_eval_example(tmp_path):
     assert names == ["one", "a", "b", "boolq"]
     with pytest.raises(DataError, match="does not exist"):
         resolve_eval_tasks([str(tmp_path / "missing.yaml")])
+    (tmp_path / "latin.yaml").write_bytes("name: caf\u00e9\npath: t.jsonl\nanswer: text\n".encode("latin-1"))
+    with pytest.raises(DataError, match=rf"^task definition file {tmp_path}/latin.yaml: not UTF-8 text \(invalid"):
+        resolve_eval_tasks([str(tmp_path / "latin.yaml")])
     example = yaml.safe_load((ROOT / "conf/eval/user_example.yaml").read_text())
     assert [task["name"] for task in example["tasks"]] == ["arc_letters", "arc_letters_mc"]
 
@@ -176,7 +179,7 @@ def test_config_check_reads_every_user_record_before_any_model(tmp_path):
     )
     problems = check_task_spec([{"name": "mine", "path": bad, "answer": "letter"}, "no_task"], DATA)
     assert len(problems) == 2
-    assert problems[0] == "eval.tasks: task mine, item mine-1: gold answer 'seven' is not a letter A-E"
+    assert problems[0] == f"eval.tasks: task mine, item mine-1 ({bad}: line 2): gold answer 'seven' is not a letter A-E"
     assert problems[1].startswith("eval.tasks: unknown task 'no_task'")
     missing = write_jsonl(tmp_path / "m.jsonl", [{"instruction": "Q1", "input": "x"}])
     (problem,) = check_task_spec([{"name": "m", "path": missing, "answer": "text"}], DATA)

@@ -19,10 +19,12 @@ STEPS_PER_EPOCH = 3
 
 
 @contextlib.contextmanager
-def recording(batches: list, stop_after: int | None = None):
-    """Within the block, runs append (epoch, the batch's token rows) of every training step to `batches`; with
-    `stop_after`, a run sends itself SIGTERM after that optimizer step (a cluster preemption)."""
+def recording(batches: list, stop_after: int | None = None, stop_after_batch: int | None = None):
+    """Within the block, runs append (epoch, the batch's token rows) of every training batch to `batches`; with
+    `stop_after`, a run sends itself SIGTERM after that optimizer step (a cluster preemption), with `stop_after_batch`
+    after that many batches of the run."""
     training_step, batch_end = FineTuneModule.training_step, FineTuneModule.on_train_batch_end
+    ended = []
 
     def record(self, batch, batch_idx):
         pairs = zip(batch["input_ids"], batch["attention_mask"], strict=True)
@@ -32,7 +34,8 @@ def recording(batches: list, stop_after: int | None = None):
 
     def stop(self, outputs, batch, batch_idx):
         batch_end(self, outputs, batch, batch_idx)
-        if self.trainer.global_step == stop_after:
+        ended.append(batch_idx)
+        if self.trainer.global_step == stop_after or len(ended) == stop_after_batch:
             os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.MonkeyPatch.context() as patch:
@@ -101,3 +104,27 @@ def test_a_checkpoint_with_the_old_dataloader_position_resumes_exactly(tmp_path,
     assert batches == expected_batches
     for key, tensor in adapter_tensors(full_dir).items():
         assert torch.equal(adapter_tensors(tmp_path / "resumed")[key], tensor), key
+
+
+def test_a_signal_within_gradient_accumulation_saves_after_the_optimizer_step(tmp_path):
+    """With 2 micro-batches per step, an epoch of 3 batches makes 2 steps (its last batch steps alone). A signal seen
+    during the first micro-batch of a step is handled once that step is done: a checkpoint between micro-batches would
+    lose the gradient accumulated so far, and the resumed run would train other weights."""
+    accumulating = [*EPOCHS, "trainer.accumulate_grad_batches=2"]
+    expected_batches, batches = [], []
+    with recording(expected_batches):
+        full = run_experiment(smoke_config(*accumulating), tmp_path / "full")
+    assert full["train"]["steps"] == 6 and len(expected_batches) == 9
+    # SIGTERM after epoch 0's last batch (step 2): it is seen during batch 4, the first micro-batch of step 3.
+    with recording(batches, stop_after_batch=STEPS_PER_EPOCH), pytest.raises(RunInterrupted):
+        run_experiment(smoke_config(*accumulating), tmp_path / "resumed")
+    ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (ckpt["global_step"], ckpt["SFTDataModule"]) == (3, {"epoch": 1, "consumed": 2})
+    with recording(batches):
+        resumed = run_experiment(smoke_config(*accumulating, "ckpt_path=last"), tmp_path / "resumed")
+    assert batches == expected_batches
+    assert resumed["train"]["loss_curve"] == full["train"]["loss_curve"]
+    expected, actual = adapter_tensors(tmp_path / "full"), adapter_tensors(tmp_path / "resumed")
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key

@@ -3,6 +3,7 @@
 import pytest
 from conftest import compose_run
 
+from s2ft.lightning import loggers
 from s2ft.lightning.loggers import WANDB_ID_FILE, build_logger, wandb_info
 
 CFG = {"name": "exp", "seed": 3, "method": {"name": "s2ft"}, "model": {"name": "tiny_llama"}}
@@ -20,9 +21,31 @@ def test_wandb_is_offline_and_a_resumed_run_keeps_its_id(tmp_path, monkeypatch):
     assert run.id == run_id and wandb_info(first) == {"id": run_id, "dir": run.dir}
     assert run.dir.startswith(str(tmp_path / "wandb"))
     run.finish()
-    again = build_logger({"name": "wandb", "mode": "offline"}, CFG, tmp_path)
+    again = build_logger({"name": "wandb", "mode": "offline"}, CFG | {"ckpt_path": "last"}, tmp_path)
     assert again.version == run_id
     again.experiment.finish()
+
+
+def test_only_a_resume_continues_the_wandb_run_of_its_directory(tmp_path, monkeypatch):
+    """ckpt_path=auto starts over in a directory whose first attempt stopped before its first checkpoint: that is a
+    new run (its metrics.csv is a new file), so it must not log into the failed attempt's W&B run."""
+    made = []
+
+    class Recorder:  # stands in for the W&B logger: starting the W&B service takes ~20 s here
+        def __init__(self, **kwargs):
+            made.append(kwargs)
+
+        def log_hyperparams(self, params):
+            pass
+
+    monkeypatch.setattr(loggers, "QuietWandbLogger", Recorder)
+    (tmp_path / WANDB_ID_FILE).write_text("oldrun12\n")
+    build_logger({"name": "wandb"}, CFG | {"ckpt_path": None}, tmp_path)
+    fresh = made[-1]["id"]
+    assert fresh != "oldrun12" and len(fresh) == 8
+    assert (tmp_path / WANDB_ID_FILE).read_text() == f"{fresh}\n"
+    build_logger({"name": "wandb"}, CFG | {"ckpt_path": "/runs/x/checkpoints/last.ckpt"}, tmp_path)
+    assert made[-1]["id"] == fresh and made[-1]["resume"] == "allow"
 
 
 @pytest.mark.parametrize("name", ["csv", "none"])

@@ -7,7 +7,8 @@ import time
 
 import pytest
 import torch
-from conftest import adapter_tensors, logged, smoke_config
+from conftest import adapter_tensors, compose_run, logged, smoke_config
+from safetensors.torch import load_file
 
 from s2ft.lightning import FineTuneModule, run_experiment, runner
 from s2ft.lightning.callbacks import RunInterrupted
@@ -118,7 +119,7 @@ def test_auto_starts_fresh_skips_a_finished_run_and_refuses_another_config(tmp_p
 
 def test_auto_after_a_run_stopped_during_its_final_evaluation_trains_nothing_more(tmp_path, monkeypatch):
     overrides = ["ckpt_path=auto", "trainer.max_steps=3", "trainer.checkpoint_every_n_steps=100"]
-    full = run_experiment(smoke_config(*overrides), tmp_path / "full")
+    full = run_experiment(smoke_config(*overrides, logger="csv"), tmp_path / "full")
 
     def killed(*args):
         raise KeyboardInterrupt  # the job was stopped after training, while it evaluated
@@ -126,7 +127,7 @@ def test_auto_after_a_run_stopped_during_its_final_evaluation_trains_nothing_mor
     measure = runner.measure_model
     monkeypatch.setattr(runner, "measure_model", killed)
     with pytest.raises(KeyboardInterrupt):
-        run_experiment(smoke_config(*overrides), tmp_path / "job")
+        run_experiment(smoke_config(*overrides, logger="csv"), tmp_path / "job")
     monkeypatch.setattr(runner, "measure_model", measure)
     path = tmp_path / "job" / "checkpoints" / "last.ckpt"
     ckpt = torch.load(path, weights_only=True)
@@ -138,8 +139,10 @@ def test_auto_after_a_run_stopped_during_its_final_evaluation_trains_nothing_mor
     steps = []
     original = FineTuneModule.training_step
     monkeypatch.setattr(FineTuneModule, "training_step", lambda self, *a: steps.append(1) or original(self, *a))
-    resumed = run_experiment(smoke_config(*overrides), tmp_path / "job")
+    resumed = run_experiment(smoke_config(*overrides, logger="csv"), tmp_path / "job")
     assert not steps
+    # metrics.csv keeps the training rows: Lightning runs no training hook for a fit that has nothing left to train.
+    assert logged(tmp_path / "job") == pytest.approx(logged(tmp_path / "full")) and len(logged(tmp_path / "full")) == 10
     assert resumed["train"]["peak_mem_mb"] == 10.0**7
     # Training time is the training session's (rounded to 0.01 s), plus the moment the resumed fit took to stop.
     assert ckpt["s2ft"]["wall_s"] - 0.01 <= resumed["train"]["wall_s"] < ckpt["s2ft"]["wall_s"] + 2
@@ -147,3 +150,56 @@ def test_auto_after_a_run_stopped_during_its_final_evaluation_trains_nothing_mor
         assert resumed["train"][key] == full["train"][key], key
     for key, tensor in adapter_tensors(tmp_path / "full").items():
         assert torch.equal(adapter_tensors(tmp_path / "job")[key], tensor), key
+
+
+def test_a_run_evaluated_before_training_resumes(tmp_path, stop_at_step):
+    """eval.before=true (the demo's setting) writes before/ ahead of training; the resumed session measures the same
+    untrained model again, and its before/ must replace the first session's, not fail on it."""
+    overrides = ["debug=smoke", "logger=none", "eval.tasks=[boolq]", "eval.limit=2", "eval.before=true"]
+    overrides += ["eval.heldout=[]", "trainer.max_steps=4", "trainer.checkpoint_every_n_steps=100"]
+    full = run_experiment(compose_run(*overrides), tmp_path / "full")
+    patch = stop_at_step(1)
+    with pytest.raises(RunInterrupted):
+        run_experiment(compose_run(*overrides), tmp_path / "resumed")
+    patch.undo()
+    assert (tmp_path / "resumed" / "before" / "predictions" / "boolq.jsonl").is_file()
+    resumed = run_experiment(compose_run(*overrides, "ckpt_path=last"), tmp_path / "resumed")
+    for key in ("eval_before", "eval"):
+        untimed = [
+            {task: {k: v for k, v in r.items() if k != "tokens_per_s"} for task, r in s[key].items()}
+            for s in (resumed, full)
+        ]
+        assert untimed[0] == untimed[1] and set(untimed[0]) == {"boolq"}, key
+    assert resumed["train"]["loss_curve"] == full["train"]["loss_curve"]
+    for name in ("before/predictions/boolq.jsonl", "predictions/boolq.jsonl"):
+        assert (tmp_path / "resumed" / name).read_text() == (tmp_path / "full" / name).read_text(), name
+    assert not (tmp_path / "resumed" / ".before.partial").exists()
+
+
+def test_a_run_stopped_while_saving_its_merged_model_finishes_on_resume(tmp_path, monkeypatch):
+    """save_lora=true writes lora/ before merged/: a run stopped in between has a lora/ when it resumes, which the
+    resumed session exports again (the export refuses a non-empty folder of its own accord)."""
+    overrides = ["ckpt_path=auto", "trainer.max_steps=2", "save_lora=true", "save_merged=true"]
+    run_experiment(smoke_config(*overrides), tmp_path / "full")
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    save_merged = runner._save_merged
+    monkeypatch.setattr(runner, "_save_merged", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(smoke_config(*overrides), tmp_path / "job")
+    monkeypatch.setattr(runner, "_save_merged", save_merged)
+    assert (tmp_path / "job" / "lora").is_dir() and not (tmp_path / "job" / "summary.json").exists()
+    run_experiment(smoke_config(*overrides), tmp_path / "job")
+    for folder in ("lora", "merged"):
+        files = sorted(p.name for p in (tmp_path / "full" / folder).iterdir())
+        assert sorted(p.name for p in (tmp_path / "job" / folder).iterdir()) == files, folder
+        for name in files:
+            if name.endswith(".safetensors"):
+                expected, actual = (
+                    load_file(tmp_path / "full" / folder / name),
+                    load_file(tmp_path / "job" / folder / name),
+                )
+                assert expected.keys() == actual.keys()
+                assert all(torch.equal(expected[k], actual[k]) for k in expected), (folder, name)

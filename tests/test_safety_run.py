@@ -2,6 +2,7 @@
 directory (checkpoints, metrics.csv, config.yaml) byte-identical; a later correct command still gives the result of an
 uninterrupted run. Also: the stop on a non-finite loss, overwrite=true, and the training-data provenance."""
 
+import csv
 import hashlib
 import json
 import logging
@@ -174,6 +175,18 @@ def test_a_refused_command_names_the_fix_and_leaves_the_run_directory_as_it_was(
     assert not (run_dir / "checkpoints" / "pwned").exists()  # the malicious checkpoint's payload never ran
 
 
+def test_a_checkpoint_refused_after_the_before_evaluation_leaves_the_directory_as_it_was(copy_of):
+    """The checkpoint's tensors are checked against the prepared model, after eval.before measured the untrained one;
+    that measurement must not land in the directory of a refused resume."""
+    run_dir = copy_of("interrupted")
+    legacy(run_dir / "checkpoints" / "last.ckpt")
+    before = snapshot(run_dir)
+    evaluated = ["eval.tasks=[boolq]", "eval.limit=2", "eval.before=true", "eval.heldout=[]"]
+    with pytest.raises(CheckpointError, match=r"does not fit this run's trained tensors \(missing .*lora"):
+        run_experiment(config("method=lora", "ckpt_path=last", *evaluated), run_dir)
+    assert snapshot(run_dir) == before and not (run_dir / "before").exists()
+
+
 def test_resume_without_a_checkpoint_names_the_path_and_writes_nothing(tmp_path):
     with pytest.raises(RunDirError, match=r"ckpt_path=last but \S+last\.ckpt does not exist.*hydra\.run\.dir="):
         run_experiment(config("ckpt_path=last"), tmp_path / "new")
@@ -189,8 +202,18 @@ def test_resumes_after_refused_ones_match_the_uninterrupted_run(runs, copy_of):
     full = json.loads((runs["finished"] / "summary.json").read_text())
     assert resumed["train"]["loss_curve"] == full["train"]["loss_curve"] and len(full["train"]["loss_curve"]) == 6
     assert logged(run_dir) == pytest.approx(logged(runs["finished"]))
+    # The whole metrics.csv, timings aside: no row twice (the session's first row), values written as logged.
+    assert csv_rows(run_dir) == csv_rows(runs["finished"])
     expected = adapter_tensors(runs["finished"])
     assert all(torch.equal(expected[key], tensor) for key, tensor in adapter_tensors(run_dir).items())
+
+
+def csv_rows(run_dir: Path) -> list[dict[str, str]]:
+    """The rows of a run's metrics.csv without the columns that vary between sessions (pace, memory, wall time)."""
+    with (run_dir / "metrics.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    timing = ("tokens_per_s", "peak_mem_mb", "wall_s")
+    return [{k: v for k, v in row.items() if v != "" and not k.endswith(timing)} for row in rows]
 
 
 def test_a_torn_last_checkpoint_costs_only_the_steps_after_the_previous_one(runs, copy_of):
@@ -206,6 +229,36 @@ def test_a_torn_last_checkpoint_costs_only_the_steps_after_the_previous_one(runs
     expected = adapter_tensors(runs["finished"])
     assert all(torch.equal(expected[key], tensor) for key, tensor in adapter_tensors(run_dir).items())
     assert step_of(run_dir / "checkpoints" / "last.ckpt") == 6
+
+
+def test_a_resume_on_an_edited_training_file_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """Before, the resumed run trained on the edited file's items from the old position: neither the same data nor
+    a fresh run, and its summary recorded only the new file's digest."""
+    data = tmp_path / "mine.jsonl"
+    records = [json.dumps({"instruction": f"What is {i} + 1?", "output": str(i + 1)}) for i in range(40)]
+    data.write_text("\n".join(records) + "\n")
+    overrides = [f"data.train=[{data}]"]
+    original = FineTuneModule.on_train_batch_end
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        original(self, outputs, batch, batch_idx)
+        if self.trainer.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(FineTuneModule, "on_train_batch_end", on_train_batch_end)
+    run_dir = tmp_path / "run"
+    with pytest.raises(RunInterrupted):
+        run_experiment(config(*overrides), run_dir)
+    monkeypatch.setattr(FineTuneModule, "on_train_batch_end", original)
+    data.write_text("\n".join([records[1], records[0], *records[2:]]) + "\n")  # the same items, another order
+    before = snapshot(run_dir)
+    with pytest.raises(
+        CheckpointError, match=rf"written while {data} had other contents \(SHA-256 \w{{12}}\.\.\., now"
+    ):
+        run_experiment(config(*overrides, "ckpt_path=last"), run_dir)
+    assert snapshot(run_dir) == before
+    data.write_text("\n".join(records) + "\n")
+    assert run_experiment(config(*overrides, "ckpt_path=last"), run_dir)["train"]["steps"] == 6
 
 
 def test_overwrite_clears_the_old_run_first(copy_of):
@@ -349,6 +402,28 @@ def test_run_py_stopped_by_a_signal_prints_the_resume_command_and_exits_1(signum
     assert re.search(rf"^error: stopped by {name}; the checkpoint is saved, resume with: {resume}$", stderr, re.M)
     assert 1 <= step_of(run_dir / "checkpoints" / "last.ckpt") < 1000
     assert not (run_dir / "summary.json").exists()
+
+
+def test_ctrl_c_outside_training_prints_the_command_that_continues_not_a_traceback(tmp_path):
+    """Ctrl-C while the run evaluates (after training, its checkpoint written) reached Python's traceback; run.py
+    names the command that continues instead, and that command finishes the run."""
+    run_dir = tmp_path / "run"
+    script = (
+        "import runpy, sys\nfrom s2ft.lightning import runner\n"
+        "def pressed(*args):\n    raise KeyboardInterrupt\n"
+        "runner.measure_model = pressed\nsys.argv[0] = 'run.py'\nrunpy.run_path('run.py', run_name='__main__')\n"
+    )
+    overrides = ["debug=smoke", "eval=none", "logger=none", "trainer.max_steps=2"]
+    command = [sys.executable, "-c", script, *overrides, f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    resume = rf"python run\.py <same overrides> hydra\.run\.dir={re.escape(str(run_dir))} ckpt_path=auto"
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert re.fullmatch(rf"error: stopped by Ctrl-C \(SIGINT\); continue with: {resume}", errors[0])
+    summary = run_experiment(smoke_config("trainer.max_steps=2", "ckpt_path=auto"), run_dir)
+    assert summary["train"]["steps"] == 2 and (run_dir / "summary.json").is_file()
 
 
 def test_the_csv_logger_does_not_warn_of_deleting_logs_in_a_checked_directory(tmp_path, recwarn):

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from s2ft.data.records import require_file
+from s2ft.data.records import DataError, require_file
 from s2ft.data.user import UserSource, is_data_file, parse_source
 from s2ft.errors import UserError
 
@@ -257,7 +257,27 @@ def resolve_train_items(items: str | dict | Iterable[str | dict]) -> list[TrainS
             )
         else:
             raise TypeError(f"a training source is a name, a file path or a dict, got {item!r}")
+    check_unique_names(resolved)
     return resolved
+
+
+def check_unique_names(sources: Iterable[TrainSource | UserSource]) -> None:
+    """Refuse two training sources of one name (a file's stem, a hub id's last part, or the ``name`` given).
+
+    Raises:
+        DataError: Naming the sources and the fix; their items would share ids and be counted as one source in a
+            run's training record.
+    """
+    places: dict[str, list[str]] = {}
+    for source in sources:
+        places.setdefault(source.name, []).append(source.where if isinstance(source, UserSource) else source.name)
+    for name, where in places.items():
+        if len(where) > 1:
+            raise DataError(
+                f"{len(where)} training sources are named {name!r} ({', '.join(where)}): their items would share ids "
+                f"and count as one source in the run's record; give each its own name, e.g. {{path: {where[-1]}, "
+                f"name: {name}_2}}"
+            )
 
 
 def data_path(data_dir: str | Path, relative: str) -> Path:

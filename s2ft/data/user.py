@@ -22,7 +22,9 @@ directory, else from the data directory. Every record is checked; the first bad 
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,25 +172,86 @@ def load_rows(source: UserSource, data_dir: str | Path | None = None) -> dataset
             elif path.suffix.lower() not in BUILDERS:
                 raise DataError(f"data file {path}: unknown file type; use one of {', '.join(BUILDERS)}")
             else:
-                if _holds_no_records(path):  # datasets refuses to build an empty split, with an obscure message
+                # datasets refuses an empty split with an obscure message, and reads some non-UTF-8 files as mojibake.
+                if not _check_text(path, source.where):
                     raise DataError(f"{source.where} holds no records")
-                rows = datasets.load_dataset(BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
+                options = _csv_options(path) if path.suffix.lower() == ".csv" else {}
+                rows = datasets.load_dataset(
+                    BUILDERS[path.suffix.lower()], data_files=str(path), split="train", **options
+                )
     except DataError:
         raise
     except KeyError as err:
         raise DataError(f"{source.where}: no split {source.split!r} ({err}); set split: NAME") from err
     except Exception as err:  # datasets raises many types (DatasetGenerationError, ArrowInvalid, ConnectionError ...)
-        raise DataError(f"could not read {source.where}: {type(err).__name__}: {err}") from err
+        problem = _json_problem(path, source.where) if source.hub is None and path.suffix.lower() in JSON else None
+        raise DataError(problem or f"could not read {source.where}: {_cause(err)}") from err
     return rows
 
 
-def _holds_no_records(path: Path) -> bool:
+JSON = (".json", ".jsonl")
+
+
+def _check_text(path: Path, where: str) -> bool:
+    """Whether a data file holds any records; a text file must be UTF-8.
+
+    Raises:
+        DataError: A text file that is not UTF-8 (the line of the first bad byte is named).
+    """
     if path.suffix.lower() == ".parquet":
-        return False  # an empty Parquet file loads as an empty set, which `to_examples` reports
-    text = path.read_text(encoding="utf-8", errors="replace").strip()
+        return True  # an empty Parquet file loads as an empty set, which `to_examples` reports
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(
+            f"{where}: line {line} is not UTF-8 text (byte {raw[err.start]:#04x}); save the file as UTF-8, e.g. "
+            f"iconv -f latin1 -t utf-8 {path.name} > utf8_{path.name}"
+        ) from None
     if path.suffix.lower() == ".csv":
-        return len([line for line in text.splitlines() if line.strip()]) <= 1  # at most a header
-    return text in ("", "[]")
+        return len([line for line in text.splitlines() if line.strip()]) > 1  # more than a header
+    return text not in ("", "[]")
+
+
+def _csv_options(path: Path) -> dict:
+    """pandas options that read every CSV cell as the text written: by default a column of numbers becomes floats
+    (an answer ``7`` trains as ``7.0``, ``01234`` as ``1234.0``) and ``None``, ``NA`` or ``null`` become missing."""
+    with path.open(encoding="utf-8", newline="") as file:
+        columns = len(next(csv.reader(file), []))
+    return {"converters": {index: str for index in range(columns)}, "keep_default_na": False, "na_values": [""]}
+
+
+def _json_problem(path: Path, where: str) -> str | None:
+    """The first line (JSONL) or place (JSON) that is not valid JSON or not a record, for a file datasets refused."""
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix.lower() == ".json":
+        try:
+            content = json.loads(text)
+        except json.JSONDecodeError as err:
+            return f"{where}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); fix the file"
+        records = content if isinstance(content, list) else []
+        bad = next((i for i, record in enumerate(records) if not isinstance(record, dict)), None)
+        if bad is not None:
+            return f"{where}: record {bad} is not an object {{field: value, ...}}: {json.dumps(records[bad])[:80]}"
+        return None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            return f"{where}: line {number} is not valid JSON ({err.msg} at column {err.colno}); fix or remove it"
+        if not isinstance(record, dict):
+            return f"{where}: line {number} is not a record {{field: value, ...}} but {line.strip()[:80]}"
+    return None
+
+
+def _cause(err: BaseException) -> str:
+    """The innermost error datasets' own wraps ("An error occurred while generating the dataset") hide."""
+    while (err.__cause__ or err.__context__) is not None and str(err.__cause__ or err.__context__).strip():
+        err = err.__cause__ or err.__context__
+    return f"{type(err).__name__}: {str(err).strip()}"
 
 
 def file_lines(source: UserSource, data_dir: str | Path | None) -> list[str] | None:
@@ -201,9 +264,16 @@ def file_lines(source: UserSource, data_dir: str | Path | None) -> list[str] | N
         with path.open(encoding="utf-8") as file:
             return [f"line {number}" for number, line in enumerate(file, start=1) if line.strip()]
     if suffix == ".csv":
-        # datasets' CSV reader (pandas) takes line 1 as the header; quoted multi-line fields would shift this.
-        with path.open(encoding="utf-8") as file:
-            return [f"line {number}" for number, line in enumerate(file, start=1) if line.strip()][1:]
+        # datasets' CSV reader (pandas) takes the first record as the header and skips blank lines; a record whose
+        # quoted field spans lines starts at the line after the previous record's end.
+        starts, end = [], 0
+        with path.open(encoding="utf-8", newline="") as file:
+            reader = csv.reader(file)
+            for row in reader:
+                if len(row) > 1 or (row and row[0].strip()):
+                    starts.append(f"line {end + 1}")
+                end = reader.line_num
+        return starts[1:]
     return None
 
 
@@ -240,6 +310,13 @@ def _chat_parts(messages, where: str, need_response: bool) -> tuple[str, str, st
     for message in messages:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) or message.get("content") is None:
             raise DataError(f"{where}: every message needs a role and a content, got {message!r}")
+        content = message["content"]
+        if isinstance(content, bool) or not isinstance(content, str | int | float):
+            # str() of content parts ([{type: text, text: ...}]) would train on their Python repr.
+            raise DataError(
+                f"{where}: a {message['role']} message's content is a {type(content).__name__}, not text; give each "
+                "message's content as a string (content parts such as [{type: text, text: ...}] are not read)"
+            )
     response = ""
     if messages[-1]["role"] == "assistant":
         response, messages = str(messages[-1]["content"]), messages[:-1]

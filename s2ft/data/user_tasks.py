@@ -114,6 +114,8 @@ def read_task_file(path: str | Path) -> list[dict]:
         content = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise DataError(f"task definition file {path}: not valid yaml ({err})") from err
+    except UnicodeDecodeError as err:
+        raise DataError(f"task definition file {path}: not UTF-8 text ({err.reason}); save it as UTF-8") from err
     if isinstance(content, dict) and "tasks" in content:
         content = content["tasks"]
     definitions = [content] if isinstance(content, dict) else content

@@ -28,6 +28,7 @@ from torchmetrics.classification import BinaryAccuracy
 from s2ft.checks import require_positive_int
 from s2ft.data import GROUPS, Example, TaskSpec, build_prompt, eval_subset, load_eval
 from s2ft.data.prompt import check_template
+from s2ft.data.user import file_lines
 from s2ft.data.user_tasks import group_members, load_user_task, resolve_eval_tasks
 from s2ft.evaluation.extract import extract, is_correct, label_settled, parse_gold
 from s2ft.evaluation.generate import generate
@@ -108,9 +109,17 @@ def prepare_tasks(
                     if items.golds[-1] not in items.options[-1]:
                         raise ValueError(f"gold answer {example.answer!r} is not among the parsed options")
             except (ValueError, OptionParseError) as err:
-                raise ValueError(f"task {spec.name}, item {example.id}: {err}") from None
+                raise ValueError(f"task {spec.name}, item {example.id}{_place(spec, index, data_dir)}: {err}") from None
         prepared.append(items)
     return prepared
+
+
+def _place(spec: TaskSpec, index: int, data_dir: str | Path) -> str:
+    """Where a user task's record is in its file (" (FILE: line N)"; its item id counts records from 0)."""
+    if spec.source is None:
+        return ""
+    lines = file_lines(spec.source, data_dir)
+    return f" ({spec.source.where}: {lines[index] if lines else f'record {index}'})"
 
 
 def evaluate(

@@ -143,18 +143,22 @@ class RecordBatch(L.Callback):
 class LastCheckpoint(L.Callback):
     """Saves `path` every `every_n_steps` optimizer steps, at the end of training, and when stopped by a signal.
 
-    A save falls at the end of a batch, or, when a validation is due after that batch, at the end of that validation,
-    so a resume neither repeats nor skips it. SIGTERM and Ctrl-C stop training the same way: the batch in flight (and
-    a validation after it) finishes, the checkpoint is written and `RunInterrupted` names the resume command; a second
-    signal acts at once. Under DDP, SIGTERM keeps Lightning's handling (it stops every rank together; the runner turns
-    its `SIGTERMException` into `RunInterrupted`). Every checkpoint stores the run's config too, so a resume under
-    another config is refused before it starts.
+    A save falls at the end of a batch that stepped the optimizer, or, when a validation is due after that batch, at
+    the end of that validation, so a resume neither repeats nor skips it. SIGTERM and Ctrl-C stop training the same
+    way: the optimizer step in flight (the batch in flight, and with gradient accumulation the rest of its
+    micro-batches; a validation after it) finishes, the checkpoint is written and `RunInterrupted` names the resume
+    command; a second signal acts at once. Under DDP, SIGTERM keeps Lightning's handling (it stops every rank
+    together; the runner turns its `SIGTERMException` into `RunInterrupted`). Every checkpoint stores the run's config
+    and its training files' digests too, so a resume under another config or on changed data is refused before it
+    starts.
     """
 
     SIGNALS = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
 
-    def __init__(self, path: str | Path, every_n_steps: int = 50, run_config: dict | None = None):
-        self.path, self.every_n_steps, self.run_config = Path(path), every_n_steps, run_config
+    def __init__(
+        self, path: str | Path, every_n_steps: int = 50, run_config: dict | None = None, sources: list | None = None
+    ):
+        self.path, self.every_n_steps, self.run_config, self.sources = Path(path), every_n_steps, run_config, sources
         self.interrupted: str | None = None  # the signal that asked to stop
         self._previous: dict[int, object] = {}
         self._pending = False  # a save waiting for the validation in progress
@@ -176,11 +180,13 @@ class LastCheckpoint(L.Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
         if self.run_config is not None:
             checkpoint["run_config"] = self.run_config
+        if self.sources is not None:
+            checkpoint["training_sources"] = self.sources  # `training_record`'s: name, file, SHA-256, count, items
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         loop = trainer.fit_loop.epoch_loop
-        stepped = not loop._should_accumulate()
-        if not (self.interrupted or (stepped and trainer.global_step % self.every_n_steps == 0)):
+        # Only after an optimizer step: a checkpoint within an accumulation would lose the gradients gathered so far.
+        if loop._should_accumulate() or not (self.interrupted or trainer.global_step % self.every_n_steps == 0):
             return
         if loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
             self._pending = True

@@ -102,3 +102,26 @@ def check_checkpoint_fits(checkpoint: dict, path: Path, trained: dict[str, torch
                 f"checkpoint {path} stopped after batch {consumed} of an epoch, but an epoch of this run has only "
                 f"{batches_per_epoch} batches: it was written with another data.batch_size or data.limit; {fix}"
             )
+
+
+def check_same_data(checkpoint: dict, path: Path, sources: list[dict]) -> None:
+    """Check that the training files hold what they held when the checkpoint was written.
+
+    Args:
+        checkpoint: The loaded checkpoint; one written before checkpoints stored their sources is not checked.
+        path: Its file, for the message.
+        sources: The run's training sources now (`s2ft.lightning.provenance.training_record`'s ``sources``).
+
+    Raises:
+        CheckpointError: A file whose SHA-256 differs (edited, replaced or regenerated since): the resumed run would
+            train on other items than the run it continues.
+    """
+    saved = {(s["name"], s["file"]): s.get("sha256") for s in checkpoint.get("training_sources") or []}
+    for source in sources:
+        before = saved.get((source["name"], source["file"]))
+        if before and source.get("sha256") and before != source["sha256"]:
+            raise CheckpointError(
+                f"checkpoint {path} was written while {source['file']} had other contents (SHA-256 {before[:12]}..., "
+                f"now {source['sha256'][:12]}...): the resumed run would train on other items than the run it "
+                "continues. Restore that file, or start the run again in a new directory"
+            )

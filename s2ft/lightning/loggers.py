@@ -36,7 +36,10 @@ def build_logger(logger_cfg: dict, cfg: dict, run_dir: Path):
 
         os.environ["WANDB_MODE"] = logger_cfg.get("mode") or "offline"
         id_file = run_dir / WANDB_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
+        # A fresh start (ckpt_path=auto starting over an attempt that left no checkpoint) is a new W&B run, as its
+        # metrics.csv is a new file; only a resume continues the run of the file.
+        resume = bool(cfg.get("ckpt_path")) and id_file.is_file()
+        run_id = id_file.read_text().strip() if resume else uuid.uuid4().hex[:8]
         id_file.write_text(run_id + "\n")
         method = cfg["method"]["name"]
         logger = QuietWandbLogger(
@@ -117,17 +120,26 @@ class ResumableCSVLogger(CSVLogger):
         for row in self.history:
             step = int(row["step"])
             if step < before_step:
-                self.experiment.log_metrics({k: float(v) for k, v in row.items() if v != "" and k != "step"}, step)
+                self.experiment.log_metrics({k: _number(v) for k, v in row.items() if v != "" and k != "step"}, step)
         self.history = []
         self.save()
 
 
-class ReplayCSVHistory(Callback):
-    """Restores the pre-checkpoint rows of every `ResumableCSVLogger` once training resumes at the restored step."""
+def _number(text: str) -> int | float:
+    """A value read back from metrics.csv, as it was logged: "0" (an epoch, a count) stays an int, not "0.0"."""
+    return int(text) if text.lstrip("-").isdigit() else float(text)
 
-    def on_train_start(self, trainer, pl_module) -> None:
+
+class ReplayCSVHistory(Callback):
+    """Restores the pre-checkpoint rows of every `ResumableCSVLogger` as the checkpoint is loaded.
+
+    Not at the start of training: a run resumed from a checkpoint of its last step (stopped during its final
+    evaluation) trains no more, and Lightning then calls no training hook at all.
+    """
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         # Lightning's log step counts the batches that stepped the optimizer: the global step, with one optimizer.
-        step = trainer.global_step
+        step = checkpoint["global_step"]
         for logger in trainer.loggers:
             if isinstance(logger, ResumableCSVLogger) and logger.history:
                 logger.replay(step)

@@ -34,7 +34,7 @@ from s2ft.lightning.callbacks import (
     RunInterrupted,
     StopOnNonFinite,
 )
-from s2ft.lightning.checkpoint import CHECKPOINT, check_checkpoint_fits
+from s2ft.lightning.checkpoint import CHECKPOINT, check_checkpoint_fits, check_same_data
 from s2ft.lightning.console import StepProgressBar
 from s2ft.lightning.datamodule import SFTDataModule
 from s2ft.lightning.evaluation import evaluate_only, finish, write_config
@@ -103,6 +103,8 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
         )
     train, val = split_validation(examples, data["val_size"], cfg["seed"]) if data.get("val_size") else (examples, [])
     provenance = training_record(cfg, train, val, sorted(eval_sets))
+    if plan.checkpoint is not None:
+        check_same_data(plan.checkpoint, cfg["ckpt_path"], provenance["sources"])
 
     model, tokenizer = build_run_model(cfg["model"], paths.get("cache_dir"))
     datamodule = SFTDataModule(
@@ -117,8 +119,9 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     results = None
-    # The untrained model's outputs stay in a hidden folder until the method is applied: a run that fails there (a
-    # budget that gives no unit) leaves no before/ that would make its own directory look like another run's.
+    # The untrained model's outputs stay in a hidden folder until the method is applied and a checkpoint to resume is
+    # checked: a run that fails there (a budget that gives no unit, a checkpoint of another method) leaves no before/
+    # that would make its own directory look like another run's, or change the directory it was refused in.
     before_dir, partial = run_dir / "before", run_dir / ".before.partial"
     if rank_zero_only.rank == 0 and cfg["eval"].get("before"):
         shutil.rmtree(partial, ignore_errors=True)
@@ -133,33 +136,35 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
         calibration = list(DataLoader(subset, batch_size=data["batch_size"], collate_fn=datamodule.collate))
     try:
         model = prepare_model(model, method["name"], options, calibration)
+        module = FineTuneModule(
+            model,
+            method["lr"],
+            method.get("weight_decay", 0.0),
+            tr.get("warmup_steps", 0),
+            tr.get("scheduler", "linear"),
+            betas=tuple(method.get("betas") or ADAM_BETAS),
+        )
+        if plan.checkpoint is not None:
+            state, keys = module.state_dict(), module.trained_keys()
+            # The batches of one rank's epoch on a single process: an upper bound for any number of ranks.
+            per_epoch = len(train) // data["batch_size"]
+            check_checkpoint_fits(plan.checkpoint, cfg["ckpt_path"], {k: state[k].shape for k in keys}, per_epoch)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     if partial.is_dir():
+        # A resumed run measured the same untrained model again: its first session's before/ makes way.
+        shutil.rmtree(before_dir, ignore_errors=True)
         os.replace(partial, before_dir)
     counts = trainable_summary(model)
-    module = FineTuneModule(
-        model,
-        method["lr"],
-        method.get("weight_decay", 0.0),
-        tr.get("warmup_steps", 0),
-        tr.get("scheduler", "linear"),
-        betas=tuple(method.get("betas") or ADAM_BETAS),
-    )
-    if plan.checkpoint is not None:
-        state, keys = module.state_dict(), module.trained_keys()
-        # The batches of one rank's epoch on a single process: an upper bound for any number of ranks.
-        per_epoch = len(train) // data["batch_size"]
-        check_checkpoint_fits(plan.checkpoint, cfg["ckpt_path"], {k: state[k].shape for k in keys}, per_epoch)
 
     # The first writes of the run's own files (metrics, W&B id, config), now that everything is checked.
     logger = build_logger(cfg["logger"], cfg, run_dir)
-    trainer = _trainer(cfg, run_dir, logger, has_val=bool(val), preloaded=plan.checkpoint)
+    trainer = _trainer(cfg, run_dir, logger, bool(val), plan.checkpoint, provenance["sources"])
     plan.checkpoint = None  # the checkpoint IO holds it until Lightning restores it, then it is freed
     if trainer.global_rank == 0:
         write_config(cfg, run_dir)
-    if logger:
+    if logger and cfg.get("ckpt_path") is None:  # a resumed run logged them in its first session
         logger.log_metrics({"trainable_params": counts["trainable_params"], "trainable_pct": counts["trainable_pct"]})
     # Lightning warns that a mid-epoch resume "can cause unreliable results" unless the dataloader is stateful; here
     # the data module carries the sampler's position (`SFTDataModule`), so the resume is exact and the warning false.
@@ -259,7 +264,9 @@ def unsharded_model(cfg: dict, calibration, trained: dict[str, torch.Tensor]):
     return model
 
 
-def _trainer(cfg: dict, run_dir: Path, logger, has_val: bool, preloaded: dict | None) -> L.Trainer:
+def _trainer(
+    cfg: dict, run_dir: Path, logger, has_val: bool, preloaded: dict | None, sources: list | None = None
+) -> L.Trainer:
     tr = cfg["trainer"]
     interval = tr.get("val_check_interval")
     callbacks = [
@@ -267,7 +274,7 @@ def _trainer(cfg: dict, run_dir: Path, logger, has_val: bool, preloaded: dict | 
         # The module's records of a batch, then the non-finite check, come before any save of that batch's state.
         RecordBatch(),
         StopOnNonFinite(),
-        LastCheckpoint(run_dir / CHECKPOINT, tr.get("checkpoint_every_n_steps", 50), run_config=cfg),
+        LastCheckpoint(run_dir / CHECKPOINT, tr.get("checkpoint_every_n_steps", 50), run_config=cfg, sources=sources),
         ReplayCSVHistory(),
     ]
     if tr.get("select_best") == "val_loss":  # validate_run_config made sure there is a validation split
@@ -350,6 +357,8 @@ def _save_lora(cfg: dict, run_dir: Path) -> None:
     """The run's S2FT adapter as an equivalent PEFT LoRA folder in ``lora/``, computed against a fresh base model (the
     trained model's weights hold zeroed slots, not the base's)."""
     base, _ = build_run_model(cfg["model"], cfg["paths"].get("cache_dir"))
+    # A resumed run stopped after its export (while saving merged/, say) exports the same adapter again.
+    shutil.rmtree(run_dir / "lora", ignore_errors=True)
     export_lora(run_dir / "adapter", run_dir / "lora", base)
     honour_umask(run_dir / "lora")
 
