@@ -50,6 +50,12 @@ def sweep(tmp_path_factory) -> Path:
     return root
 
 
+def test_an_overwritten_runs_outputs_waiting_in_a_hidden_folder_are_no_run(sweep, tmp_path):
+    copy = shutil.copytree(sweep, tmp_path / "sweep")
+    shutil.copytree(copy / "0", copy / "1" / ".overwritten")
+    assert [run.path for run in find_runs([copy])] == [copy / str(i) for i in range(len(RUNS))]
+
+
 def test_runs_are_found_and_grouped_into_rows(sweep):
     runs = find_runs([sweep])
     assert len(runs) == len(RUNS)

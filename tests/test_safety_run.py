@@ -22,11 +22,11 @@ from conftest import ROOT, adapter_tensors, logged, smoke_config
 
 from s2ft.config import S2FTConfigError
 from s2ft.data.overlap import DataOverlapError
-from s2ft.lightning import FineTuneModule, run_experiment
+from s2ft.lightning import FineTuneModule, run_experiment, runner
 from s2ft.lightning.callbacks import RunInterrupted, TrainingDiverged
 from s2ft.lightning.checkpoint import CheckpointError, read_checkpoint
 from s2ft.lightning.loggers import ResumableCSVLogger
-from s2ft.lightning.run_dir import RunDirError
+from s2ft.lightning.run_dir import DISPLACED, RunDirError
 from s2ft.run_config import RunConfigError
 
 # 40 training items in batches of 4; checkpoints every 2 steps, validation every 3 (so once at a checkpoint's step).
@@ -275,6 +275,27 @@ def test_overwrite_clears_the_old_run_first(copy_of):
     assert all(step_of(f) <= 2 for f in (run_dir / "checkpoints").glob("*.ckpt"))
     assert {step for _, step in logged(run_dir)} == {0, 1}  # two steps, logged from 0
     assert (run_dir / ".hydra" / "config.yaml").read_text() == "kept: true\n"  # Hydra's files are not a run's outputs
+    assert not (run_dir / DISPLACED).exists()  # the old outputs are gone once the new run has written its own
+
+
+@pytest.mark.parametrize("refusal", ["no unit", "killed"])
+def test_an_overwrite_refused_after_the_directory_check_leaves_the_old_run_as_it_was(copy_of, refusal, monkeypatch):
+    """overwrite=true moves the old outputs aside; a command refused before the new run writes anything (a budget
+    that gives no unit) puts them back, and so does the next command after one killed in that window."""
+    run_dir = copy_of("finished")
+    before = snapshot(run_dir)
+    cfg = config("overwrite=true", "method.options.ratios={o: 0.01}")
+    cfg["method"]["options"]["match_lora"] = None
+    if refusal == "killed":  # SIGKILL: no handler runs, the old outputs stay aside until the next command
+        monkeypatch.setattr(runner, "settle_overwrite", lambda run_dir: None)
+    with pytest.raises(S2FTConfigError, match="gives 0 of 20 units per layer"):
+        run_experiment(cfg, run_dir)
+    if refusal == "killed":
+        assert sorted(p.name for p in run_dir.iterdir()) == [DISPLACED]
+        with pytest.raises(RunDirError, match="already holds a run's outputs"):
+            run_experiment(config(), run_dir)
+    assert snapshot(run_dir) == before
+    assert run_experiment(config(), run_dir / "elsewhere")  # and the run itself is fine in a directory of its own
 
 
 @pytest.mark.parametrize("poisoned", ["loss", "update"])

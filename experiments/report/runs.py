@@ -109,7 +109,10 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
     for path in map(Path, paths):
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist; pass run or sweep directories (or summary.json files)")
-        files += [path] if path.is_file() else sorted(path.rglob("summary.json"))
+        if path.is_file():
+            files.append(path)
+        else:  # hidden folders hold no run of their own (an overwritten run's outputs wait in `.overwritten/`)
+            files += [f for f in path.rglob("summary.json") if not _hidden(f.relative_to(path))]
     if not files:
         raise FileNotFoundError(f"no summary.json under {[str(p) for p in paths]}: have the runs finished?")
     runs = []
@@ -119,6 +122,10 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
         config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else None
         runs.append(Run(summary, config, file.parent))
     return runs
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
 
 
 def wandb_runs(project: str) -> list[Run]:

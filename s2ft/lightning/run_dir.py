@@ -1,7 +1,9 @@
 """One run per directory: what a command may do with its run directory, decided before anything in it is written.
 
-- A fresh run (no ``ckpt_path``) needs a directory without another run's outputs, unless ``overwrite=true`` (which
-  deletes them first, so no file of the old run ends up beside the new one's).
+- A fresh run (no ``ckpt_path``) needs a directory without another run's outputs, unless ``overwrite=true``: the old
+  outputs are then moved aside (``.overwritten/``), so no file of the old run ends up beside the new one's, and
+  deleted once the new run has written outputs of its own; a command that fails before that puts them back
+  (`settle_overwrite`).
 - A resume (``ckpt_path=last``, a checkpoint file, or ``auto`` finding one) needs the same config as the run it
   continues: the directory's ``config.yaml`` and the config stored in the checkpoint are compared key by key, and the
   checkpoint is read safely (`s2ft.lightning.checkpoint.read_checkpoint`) before training starts.
@@ -29,6 +31,8 @@ OUTPUTS = (
 )  # fmt: skip
 # Keys that say how to start a command, not what the run is.
 COMMAND_KEYS = {"ckpt_path", "overwrite"}
+# Where ``overwrite=true`` keeps the old run's outputs until the new run writes its own.
+DISPLACED = ".overwritten"
 
 
 class RunDirError(UserError):
@@ -51,13 +55,15 @@ class RunPlan:
 
 
 def prepare_run_dir(cfg: dict, run_dir: Path) -> RunPlan:
-    """Check that ``cfg`` may run in ``run_dir`` and resolve ``ckpt_path``; ``overwrite=true`` clears old outputs.
+    """Check that ``cfg`` may run in ``run_dir`` and resolve ``ckpt_path``; ``overwrite=true`` moves old outputs aside.
 
     Raises:
         RunConfigError: A resume under another config than the run's (the differing keys are named).
         RunDirError: A fresh run in a directory holding another run's outputs (or an interrupted run's checkpoint).
         CheckpointError: A missing, unreadable or foreign checkpoint.
     """
+    if rank_zero_only.rank == 0:
+        _restore_displaced(run_dir)  # an overwrite killed before the new run wrote anything
     ckpt = cfg.get("ckpt_path")
     if cfg.get("overwrite") and ckpt is not None:
         raise RunConfigError(
@@ -136,9 +142,11 @@ def _check_fresh(cfg: dict, run_dir: Path) -> None:
     if not present:
         return
     if cfg.get("overwrite"):
+        aside = run_dir / DISPLACED
+        shutil.rmtree(aside, ignore_errors=True)  # outputs of a run that an interrupted new one overwrote already
+        aside.mkdir()
         for name in present:
-            target = run_dir / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
+            os.replace(run_dir / name, aside / name)
         return
     if (run_dir / CHECKPOINT).is_file() and not (run_dir / "summary.json").is_file():
         raise RunDirError(
@@ -147,8 +155,29 @@ def _check_fresh(cfg: dict, run_dir: Path) -> None:
         )
     raise RunDirError(
         f"{run_dir} already holds a run's outputs ({', '.join(present)}); give this run its own directory "
-        "(hydra.run.dir=...), resume it with ckpt_path=auto, or pass overwrite=true to delete them first"
+        "(hydra.run.dir=...), resume it with ckpt_path=auto, or pass overwrite=true to replace them"
     )
+
+
+def settle_overwrite(run_dir: Path) -> None:
+    """After a command: deletes the outputs ``overwrite=true`` moved aside once the new run has written outputs of its
+    own (finished, failed or interrupted, it replaced the old run), and puts them back when it wrote none (refused by
+    a later check: a budget that gives no unit, overlapping data, a model that does not load)."""
+    if rank_zero_only.rank != 0 or not (run_dir / DISPLACED).is_dir():
+        return
+    if any((run_dir / name).exists() for name in OUTPUTS):
+        shutil.rmtree(run_dir / DISPLACED)
+    else:
+        _restore_displaced(run_dir)
+
+
+def _restore_displaced(run_dir: Path) -> None:
+    aside = run_dir / DISPLACED
+    if not aside.is_dir() or any((run_dir / name).exists() for name in OUTPUTS):
+        return
+    for entry in aside.iterdir():
+        os.replace(entry, run_dir / entry.name)
+    aside.rmdir()
 
 
 def honour_umask(folder: Path) -> None:

@@ -41,7 +41,7 @@ from s2ft.lightning.evaluation import evaluate_only, finish, write_config
 from s2ft.lightning.loggers import ReplayCSVHistory, build_logger, end_wandb_run, wandb_info
 from s2ft.lightning.module import FineTuneModule
 from s2ft.lightning.provenance import training_record, write_adapter_record
-from s2ft.lightning.run_dir import RunPlan, honour_umask, prepare_run_dir
+from s2ft.lightning.run_dir import RunPlan, honour_umask, prepare_run_dir, settle_overwrite
 from s2ft.lightning.sharding import FSDP2Strategy, gather_trained, local_elements
 from s2ft.lightning.summary import build_summary, flat_metrics, task_record
 from s2ft.methods import get_method, merge_trained, prepare_model, save_trained, trainable_summary
@@ -71,18 +71,21 @@ def run_experiment(cfg: dict, run_dir: str | Path) -> dict | None:
         return plan.finished
     cfg = plan.cfg
     L.seed_everything(cfg["seed"], workers=True)
-    if cfg["mode"] == "eval":
-        return evaluate_only(cfg, run_dir)
     try:
-        summary = _train(plan, run_dir)
-    except SIGTERMException as err:
-        end_wandb_run(failed=True)
-        raise RunInterrupted("SIGTERM", run_dir) from err
-    except BaseException:
-        end_wandb_run(failed=True)
-        raise
-    end_wandb_run(failed=False)
-    return summary
+        if cfg["mode"] == "eval":
+            return evaluate_only(cfg, run_dir)
+        try:
+            summary = _train(plan, run_dir)
+        except SIGTERMException as err:
+            end_wandb_run(failed=True)
+            raise RunInterrupted("SIGTERM", run_dir) from err
+        except BaseException:
+            end_wandb_run(failed=True)
+            raise
+        end_wandb_run(failed=False)
+        return summary
+    finally:
+        settle_overwrite(run_dir)
 
 
 def _train(plan: RunPlan, run_dir: Path) -> dict | None:
