@@ -1,8 +1,13 @@
 """s2ft.lightning.summary: the logger's flat metrics of a summary and the summary read back from them (W&B)."""
 
-import wandb
+from pathlib import Path
 
-from s2ft.lightning.summary import flat_metrics, summary_from_metrics, wandb_summaries
+import pytest
+import wandb
+import yaml
+
+from s2ft.lightning.evaluation import write_config
+from s2ft.lightning.summary import flat_metrics, summary_from_metrics, wandb_summaries, write_json
 
 CONFIG = {"name": "commonsense_smollm", "method": {"name": "s2ft"}, "model": {"name": "smollm2_135m"}, "seed": 1}
 SUMMARY = {
@@ -69,3 +74,22 @@ def test_wandb_summaries_skip_runs_that_are_not_s2ft_runs(monkeypatch):
     found = wandb_summaries("team/s2ft")
     assert asked == ["team/s2ft"]
     assert [(summary["wandb"]["id"], config) for summary, config in found] == [("a", CONFIG)]
+
+
+@pytest.mark.parametrize(("write", "name"), [(write_config, "config.yaml"), (write_json, "summary.json")])
+def test_a_run_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch, write, name):
+    """A crash while writing (a full disk) leaves the previous file, not a torn one a resume would compare against."""
+    args = (tmp_path,) if write is write_config else (tmp_path / name,)
+    write({"a": 1}, *args)
+
+    def torn(self, text, *rest, **kwargs):
+        with open(self, "w") as handle:
+            handle.write(text[: len(text) // 2])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", torn)
+    with pytest.raises(OSError, match="No space left"):
+        write({"a": 2, "b": list(range(50))}, *args)
+    monkeypatch.undo()
+    assert yaml.safe_load((tmp_path / name).read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary file left behind

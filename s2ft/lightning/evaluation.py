@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from s2ft.adapter_format import atomic_write
 from s2ft.evaluation.measure import measure_adapters, measure_model
 from s2ft.lightning.provenance import check_eval_overlap, read_adapter_record
 from s2ft.lightning.run_dir import RunDirError
@@ -178,5 +179,5 @@ def finish(summary: dict, run_dir: Path) -> dict:
 
 
 def write_config(cfg: dict, run_dir: Path) -> None:
-    """The run's resolved config, as ``config.yaml``."""
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    """The run's resolved config, as ``config.yaml`` (atomically: a resume compares against it)."""
+    atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(cfg, sort_keys=False)))

@@ -4,7 +4,6 @@ gets, read back from those metrics (W&B), with its provenance fields and the con
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from s2ft.adapter_format import atomic_write
 from s2ft.evaluation.mtbench import mtbench_metrics
 
 PACKAGES = ("s2ft", "torch", "transformers", "lightning", "peft", "datasets", "hydra-core", "wandb", "lm_eval")
@@ -155,9 +155,7 @@ def wandb_summaries(project: str) -> list[tuple[dict, dict]]:
 
 def write_json(data: dict, path: Path) -> None:
     """Write JSON atomically (temp file + rename), so readers never see half a summary."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def print_summary(summary: dict, run_dir: Path) -> None:
