@@ -162,13 +162,19 @@ def test_s2ft_linear_with_fp32_values_beside_a_bf16_weight(tmp_path):
             assert torch.equal(layer.values, exact) and layer.values.dtype == torch.float32
 
 
-def test_adapters_of_a_bf16_model_keep_fp32_values_through_save_and_switch(tmp_path):
+def saved_bf16_adapter(path):
+    """A bf16 model's S2FT adapter with fp32 updates below bf16's resolution, saved to ``path``; the model and the
+    values it saved."""
     model = prepare_model(tiny(torch.bfloat16), "s2ft", OPTIONS["s2ft"])
     with torch.no_grad():
         for module in s2ft_modules(model).values():
             module.values.add_(1e-4)  # below bf16's resolution at these magnitudes
-    trained = {name: m.values.detach().clone() for name, m in s2ft_modules(model).items()}
-    save_adapter(model, tmp_path / "a")
+    save_adapter(model, path)
+    return model, {name: m.values.detach().clone() for name, m in s2ft_modules(model).items()}
+
+
+def test_adapters_of_a_bf16_model_keep_fp32_values_through_save_and_switch(tmp_path):
+    _, trained = saved_bf16_adapter(tmp_path / "a")
     saved = load_adapter_file(tmp_path / "a")
     for name, module in saved.modules.items():
         assert module.values.dtype == torch.float32
@@ -181,12 +187,7 @@ def test_adapters_of_a_bf16_model_keep_fp32_values_through_save_and_switch(tmp_p
 
 @pytest.mark.parametrize("trainable", [False, True])
 def test_loading_an_adapter_onto_a_bf16_base_keeps_its_fp32_values_exactly(tmp_path, trainable):
-    model = prepare_model(tiny(torch.bfloat16), "s2ft", OPTIONS["s2ft"])
-    with torch.no_grad():
-        for module in s2ft_modules(model).values():
-            module.values.add_(1e-4)  # below bf16's resolution at these magnitudes
-    trained = {name: m.values.detach().clone() for name, m in s2ft_modules(model).items()}
-    save_adapter(model, tmp_path / "a")
+    model, trained = saved_bf16_adapter(tmp_path / "a")
     loaded = load_adapter(tiny(torch.bfloat16), tmp_path / "a", trainable=trainable)
     for name, module in s2ft_modules(loaded).items():
         assert module.weight.dtype == torch.bfloat16 and module.values.dtype == torch.float32
