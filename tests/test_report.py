@@ -499,3 +499,21 @@ def test_heldout_backfill_reproduces_a_finished_runs_item_losses(sweep, tmp_path
     assert not list((run / "predictions").glob("heldout_*.jsonl"))
     with pytest.raises(FileNotFoundError, match="finished training run"):
         backfill_heldout.main([str(tmp_path)])
+
+
+# Each committed study with records, and the report arguments its README names.
+COMMITTED = {"generalization_smollm": [], "selection_smollm": ["--reference", "s2ft strategy=random"]}
+
+
+def test_every_committed_study_with_records_is_checked_below():
+    studies = {p.parent.name for p in (ROOT / "results").glob("*/runs") if (p.parent / "report.md").is_file()}
+    assert studies == set(COMMITTED)
+
+
+@pytest.mark.parametrize("study", sorted(COMMITTED))
+def test_a_committed_report_is_its_records_report_byte_for_byte(study, tmp_path):
+    """What a clone has: the records under results/<study>/runs give the committed report.md again. (The figures are
+    compared in the sweep test above; committed PNGs would tie this test to one matplotlib and FreeType build.)"""
+    committed = ROOT / "results" / study
+    rebuilt = main([str(committed / "runs"), *COMMITTED[study], "--out", str(tmp_path)])
+    assert rebuilt.read_text() == (committed / "report.md").read_text()
