@@ -62,8 +62,7 @@ def prepare_run_dir(cfg: dict, run_dir: Path) -> RunPlan:
         RunDirError: A fresh run in a directory holding another run's outputs (or an interrupted run's checkpoint).
         CheckpointError: A missing, unreadable or foreign checkpoint.
     """
-    if rank_zero_only.rank == 0:
-        _restore_displaced(run_dir)  # an overwrite killed before the new run wrote anything
+    settle_overwrite(run_dir)  # what an overwrite killed mid-command left aside
     ckpt = cfg.get("ckpt_path")
     if cfg.get("overwrite") and ckpt is not None:
         raise RunConfigError(
@@ -138,13 +137,12 @@ def config_differences(saved, current, prefix: str = "") -> list[str]:
 
 
 def _check_fresh(cfg: dict, run_dir: Path) -> None:
-    present = [name for name in OUTPUTS if (run_dir / name).exists()]
+    present = _outputs(run_dir)
     if not present:
         return
     if cfg.get("overwrite"):
         aside = run_dir / DISPLACED
-        shutil.rmtree(aside, ignore_errors=True)  # outputs of a run that an interrupted new one overwrote already
-        aside.mkdir()
+        aside.mkdir()  # `prepare_run_dir` settled any earlier one first
         for name in present:
             os.replace(run_dir / name, aside / name)
         return
@@ -160,24 +158,24 @@ def _check_fresh(cfg: dict, run_dir: Path) -> None:
 
 
 def settle_overwrite(run_dir: Path) -> None:
-    """After a command: deletes the outputs ``overwrite=true`` moved aside once the new run has written outputs of its
-    own (finished, failed or interrupted, it replaced the old run), and puts them back when it wrote none (refused by
-    a later check: a budget that gives no unit, overlapping data, a model that does not load)."""
-    if rank_zero_only.rank != 0 or not (run_dir / DISPLACED).is_dir():
-        return
-    if any((run_dir / name).exists() for name in OUTPUTS):
-        shutil.rmtree(run_dir / DISPLACED)
-    else:
-        _restore_displaced(run_dir)
-
-
-def _restore_displaced(run_dir: Path) -> None:
+    """After a command, and before the next (for one killed mid-command): deletes the outputs ``overwrite=true``
+    moved aside once the new run has written outputs of its own (finished, failed or interrupted, it replaced the old
+    run), and puts them back when it wrote none (refused by a later check: a budget that gives no unit, overlapping
+    data, a model that does not load)."""
     aside = run_dir / DISPLACED
-    if not aside.is_dir() or any((run_dir / name).exists() for name in OUTPUTS):
+    if rank_zero_only.rank != 0 or not aside.is_dir():
+        return
+    if _outputs(run_dir):
+        shutil.rmtree(aside)
         return
     for entry in aside.iterdir():
         os.replace(entry, run_dir / entry.name)
     aside.rmdir()
+
+
+def _outputs(run_dir: Path) -> list[str]:
+    """The run outputs present in ``run_dir`` (`OUTPUTS`), in that order."""
+    return [name for name in OUTPUTS if (run_dir / name).exists()]
 
 
 def honour_umask(folder: Path) -> None:
