@@ -5,7 +5,7 @@ from pathlib import Path
 
 from s2ft.data.records import DataError
 from s2ft.data.sources import load_heldout
-from s2ft.data.tasks import check_unique_names, resolve_train_items
+from s2ft.data.tasks import resolve_train_items
 from s2ft.data.user import UserSource, load_user_source
 
 
@@ -15,15 +15,14 @@ def check_train_spec(train, data_dir: str | Path) -> list[str]:
     """
     if not train:
         return ["data.train is empty; name the training sources, e.g. data.train=[commonsense_mix] or [my/train.jsonl]"]
-    problems, resolved = [], []
+    problems, resolvable = [], []
     for item in [train] if isinstance(train, str | dict) else train:
         try:
             sources = resolve_train_items(item)
         except (KeyError, ValueError, TypeError) as err:
             problems.append(f"data.train: {err}")
             continue
-        # As `resolve_train_items` of the whole list: registered sources once, a user's each time it is named.
-        resolved += [s for s in sources if isinstance(s, UserSource) or s not in resolved]
+        resolvable.append(item)
         for source in sources:
             if isinstance(source, UserSource):
                 try:
@@ -32,10 +31,11 @@ def check_train_spec(train, data_dir: str | Path) -> list[str]:
                     problems.append(f"data.train: {err}")
             elif source.reader != "hub" and not (Path(data_dir) / source.path).is_file():
                 problems.append(f"training file {Path(data_dir) / source.path} is missing (check paths.data_dir)")
-    try:
-        check_unique_names(resolved)
-    except DataError as err:
-        problems.append(f"data.train: {err}")
+    if resolvable:
+        try:
+            resolve_train_items(resolvable)  # the whole list: two sources of one name
+        except DataError as err:
+            problems.append(f"data.train: {err}")
     return problems
 
 
