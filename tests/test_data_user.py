@@ -204,33 +204,36 @@ def test_unreadable_files_name_the_line_and_the_fix(tmp_path):
     and a JSONL with one broken line gave datasets' "An error occurred while generating the dataset" or a byte
     position, never the line."""
     records = [json.dumps({"instruction": f"Q{i}", "output": "A"}) for i in range(4)]
-    latin = tmp_path / "latin.jsonl"
-    latin.write_bytes("\n".join([*records[:2], '{"instruction": "Caf\u00e9", "output": "A"}']).encode("latin-1"))
-    with pytest.raises(
-        DataError, match=rf"^{latin}: line 3 is not UTF-8 text \(byte 0xe9\); save the file as UTF-8, e"
-    ):
-        load_user_source(str(latin))
-    latin_csv = tmp_path / "latin.csv"
-    latin_csv.write_bytes("instruction,output\nCaf\u00e9,A\n".encode("latin-1"))
-    with pytest.raises(DataError, match=r"latin.csv: line 2 is not UTF-8 text .*iconv -f latin1 -t utf-8 latin.csv"):
-        load_user_source(str(latin_csv))
-    broken = tmp_path / "broken.jsonl"
-    broken.write_text("\n".join([*records[:2], '{"instruction": "Q", "output": ', *records[2:]]) + "\n")
-    with pytest.raises(DataError, match=rf"^{broken}: line 3 is not valid JSON \(Expecting value at column 32\); fix"):
-        load_user_source(str(broken))
-    lists = tmp_path / "lists.jsonl"
-    lists.write_text('["Q1", "A1"]\n["Q2", "A2"]\n')
-    with pytest.raises(DataError, match=r"lists.jsonl: line 1 is not a record \{field: value, ...\} but \["):
-        load_user_source(str(lists))
-    not_json = tmp_path / "notes.json"
-    not_json.write_text("Q: A\n")
-    with pytest.raises(DataError, match=r"notes.json: not valid JSON \(Expecting value at line 1, column 1\)"):
-        load_user_source(str(not_json))
-    ragged = tmp_path / "ragged.csv"
-    ragged.write_text("instruction,output\nQ1,A1\nQ2,A2,extra\n")
-    with pytest.raises(DataError, match=r"ragged.csv: ParserError: .*Expected 2 fields in line 3, saw 3$"):
-        load_user_source(str(ragged))
+    cases = {  # file -> (its bytes, the message expected; {path} is the file's path)
+        "latin.jsonl": (
+            "\n".join([*records[:2], '{"instruction": "Caf\u00e9", "output": "A"}']).encode("latin-1"),
+            r"^{path}: line 3 is not UTF-8 text \(byte 0xe9\); save the file as UTF-8, e",
+        ),
+        "latin.csv": (
+            "instruction,output\nCaf\u00e9,A\n".encode("latin-1"),
+            r"latin.csv: line 2 is not UTF-8 text .*iconv -f latin1 -t utf-8 latin.csv",
+        ),
+        "broken.jsonl": (
+            ("\n".join([*records[:2], '{"instruction": "Q", "output": ', *records[2:]]) + "\n").encode(),
+            r"^{path}: line 3 is not valid JSON \(Expecting value at column 32\); fix",
+        ),
+        "lists.jsonl": (
+            b'["Q1", "A1"]\n["Q2", "A2"]\n',
+            r"lists.jsonl: line 1 is not a record \{{field: value, ...\}} but \[",
+        ),
+        "notes.json": (b"Q: A\n", r"notes.json: not valid JSON \(Expecting value at line 1, column 1\)"),
+        "ragged.csv": (
+            b"instruction,output\nQ1,A1\nQ2,A2,extra\n",
+            r"ragged.csv: ParserError: .*Expected 2 fields in line 3, saw 3$",
+        ),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(DataError, match=message.format(path=path)):
+            load_user_source(str(path))
     # The config check reports them as it reports a bad record: one line each, before any model.
+    latin = tmp_path / "latin.jsonl"
     assert check_train_spec([str(latin)], DATA)[0].startswith(f"data.train: {latin}: line 3 is not UTF-8")
 
 
