@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from experiments.report.runs import find_runs
 from experiments.report.table import build_rows
 from experiments.study.fuse import fuse_and_evaluate, fused_parameter_count
+from experiments.study.fuse import main as fuse_main
 from s2ft.adapter_format import load_adapter_file
 from s2ft.data.tasks import resolve_tasks
 from s2ft.lightning.jobs import resolved_job
@@ -254,6 +255,40 @@ def test_fusion_study_smoke(tmp_path):
         's2ft data.train=["commonsense_mix"] exclude=gsm8k/adapter',
         's2ft data.train=["gsm8k"] exclude=null',
     ]
+
+
+def fake_run(run_dir: Path, model: str = "tiny_llama", method: str = "s2ft") -> dict[str, bytes]:
+    """A finished-looking run directory (config.yaml + adapter/); returns its files' bytes."""
+    (run_dir / "adapter").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(f"model: {{name: {model}}}\nmethod: {{name: {method}}}\n")
+    (run_dir / "summary.json").write_text('{"method": "s2ft"}')
+    return {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("not_a_run", "is not a finished run directory (needs config.yaml and adapter/)"),
+        ("lora_run", "trained 'lora'; only S2FT adapters can be fused"),
+        ("other_model", "fine-tuned different models (tiny_llama vs smollm2_135m); fuse adapters of one base model"),
+        ("out_is_a_run", "already holds run outputs (config.yaml, summary.json, adapter); writing the fused run there"),
+    ],
+)
+def test_fuse_refuses_bad_input_with_one_message_and_touches_nothing(tmp_path, capsys, case, message):
+    first = fake_run(tmp_path / "a")
+    second = {
+        "not_a_run": lambda: (tmp_path / "b").mkdir() or {},
+        "lora_run": lambda: fake_run(tmp_path / "b", method="lora"),
+        "other_model": lambda: fake_run(tmp_path / "b", model="smollm2_135m"),
+        "out_is_a_run": lambda: fake_run(tmp_path / "b"),
+    }[case]()
+    out = tmp_path / ("a" if case == "out_is_a_run" else "fused")
+    with pytest.raises(SystemExit) as exit_info:
+        fuse_main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)])
+    assert str(exit_info.value).startswith("error: ") and message in str(exit_info.value)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if p.is_file()} == first
+    assert {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir() if p.is_file()} == second
+    assert not (tmp_path / "fused").exists()
 
 
 @pytest.mark.slow

@@ -13,26 +13,46 @@ the two adapters share).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import yaml
 
 from s2ft.adapter import fuse_adapters
 from s2ft.adapter_format import Adapter, load_adapter_file
+from s2ft.errors import UserError
 from s2ft.lightning.evaluation import record_evaluation
+from s2ft.lightning.run_dir import OUTPUTS, RunDirError
 from s2ft.methods import trainable_summary
 from s2ft.models import build_run_model
+
+
+class FuseError(UserError):
+    """The runs cannot be fused as asked (not finished S2FT runs, different base models, an occupied ``--out``)."""
 
 
 def read_run(run_dir: Path) -> dict:
     """The resolved config of a finished S2FT run, checked to have an adapter."""
     config_file, adapter = run_dir / "config.yaml", run_dir / "adapter"
     if not config_file.is_file() or not adapter.is_dir():
-        raise FileNotFoundError(f"{run_dir} is not a finished run directory (needs config.yaml and adapter/)")
+        raise FuseError(
+            f"{run_dir} is not a finished run directory (needs config.yaml and adapter/); give the directory of a "
+            "finished S2FT run"
+        )
     config = yaml.safe_load(config_file.read_text())
     if config["method"]["name"] != "s2ft":
-        raise ValueError(f"{run_dir} trained {config['method']['name']!r}; only S2FT adapters can be fused")
+        raise FuseError(f"{run_dir} trained {config['method']['name']!r}; only S2FT adapters can be fused")
     return config
+
+
+def check_out_free(out: Path) -> None:
+    """Refuse an ``out`` that already holds run outputs: fusing there would overwrite them (another run's, even)."""
+    present = [name for name in OUTPUTS if (out / name).exists()]
+    if present:
+        raise RunDirError(
+            f"--out {out} already holds run outputs ({', '.join(present)}); writing the fused run there would "
+            "overwrite them. Give a new directory, or delete that one first"
+        )
 
 
 def shared_units(adapter_a: Adapter, adapter_b: Adapter) -> int:
@@ -59,7 +79,11 @@ def fuse_and_evaluate(run_a: Path, run_b: Path, out: Path, weights: tuple[float,
     """
     cfg_a, cfg_b = read_run(run_a), read_run(run_b)
     if cfg_a["model"]["name"] != cfg_b["model"]["name"]:
-        raise ValueError(f"the runs fine-tuned different models: {cfg_a['model']['name']} vs {cfg_b['model']['name']}")
+        raise FuseError(
+            f"{run_a} and {run_b} fine-tuned different models ({cfg_a['model']['name']} vs {cfg_b['model']['name']}); "
+            "fuse adapters of one base model"
+        )
+    check_out_free(out)
     ev = dict(cfg_a["eval"])
     ev["tasks"] = list(dict.fromkeys([*(cfg_a["eval"].get("tasks") or []), *(cfg_b["eval"].get("tasks") or [])]))
     ev["heldout"] = list(dict.fromkeys([*(cfg_a["eval"].get("heldout") or []), *(cfg_b["eval"].get("heldout") or [])]))
@@ -87,7 +111,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, required=True, help="run directory to write for the fused model")
     parser.add_argument("--weights", type=float, nargs=2, default=(1.0, 1.0), help="weight of each adapter's delta")
     args = parser.parse_args(argv)
-    return fuse_and_evaluate(args.run_a, args.run_b, args.out, tuple(args.weights))
+    try:
+        return fuse_and_evaluate(args.run_a, args.run_b, args.out, tuple(args.weights))
+    except UserError as err:
+        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":
