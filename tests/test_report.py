@@ -494,10 +494,10 @@ def test_heldout_backfill_reproduces_a_finished_runs_item_losses(sweep, tmp_path
 
     summary["heldout"]["gsm8k_test"]["after"] += 0.5  # a summary the run's model does not reproduce
     (run / "summary.json").write_text(json.dumps(summary))
-    with pytest.raises(ValueError, match="differ from summary.json"):
+    with pytest.raises(backfill_heldout.BackfillError, match="differ from summary.json"):
         backfill_heldout.backfill(run, force=True)
     assert not list((run / "predictions").glob("heldout_*.jsonl"))
-    with pytest.raises(FileNotFoundError, match="finished training run"):
+    with pytest.raises(SystemExit, match=r"^error: .*summary.json does not exist: pass a finished training run"):
         backfill_heldout.main([str(tmp_path)])
 
 

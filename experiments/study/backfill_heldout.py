@@ -11,10 +11,12 @@ the report can test held-out loss differences item by item.
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import yaml
 
+from s2ft.errors import UserError
 from s2ft.evaluation.measure import heldout_losses
 from s2ft.methods import load_trained
 from s2ft.models import build_run_model
@@ -23,16 +25,20 @@ from s2ft.models import build_run_model
 TOLERANCE = 1e-5
 
 
+class BackfillError(UserError):
+    """Not a finished run directory, or a run whose held-out losses do not reproduce."""
+
+
 def backfill(run_dir: Path, force: bool = False) -> dict[str, float]:
     """Writes the per-item held-out files of one finished run; returns the recomputed means.
 
     Raises:
-        FileNotFoundError: Not a finished run directory (no summary.json, config.yaml or adapter/).
-        ValueError: The recomputed mean differs from the summary's (different data, model or code): nothing is kept.
+        BackfillError: Not a finished run directory (no summary.json, config.yaml or adapter/), or the recomputed
+            mean differs from the summary's (different data, model or code): nothing is kept.
     """
     for name in ("summary.json", "config.yaml", "adapter"):
         if not (run_dir / name).exists():
-            raise FileNotFoundError(f"{run_dir / name} does not exist: pass a finished training run's directory")
+            raise BackfillError(f"{run_dir / name} does not exist: pass a finished training run's directory")
     summary = json.loads((run_dir / "summary.json").read_text())
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     recorded = {name: entry["after"] for name, entry in (summary.get("heldout") or {}).items()}
@@ -49,7 +55,7 @@ def backfill(run_dir: Path, force: bool = False) -> dict[str, float]:
     if wrong:
         for file in files.values():
             file.unlink(missing_ok=True)
-        raise ValueError(f"{run_dir}: recomputed held-out losses differ from summary.json (new, recorded): {wrong}")
+        raise BackfillError(f"{run_dir}: recomputed held-out losses differ from summary.json (new, recorded): {wrong}")
     return losses
 
 
@@ -59,7 +65,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="recompute even where the files exist")
     args = parser.parse_args(argv)
     for run_dir in args.runs:
-        losses = backfill(run_dir, args.force)
+        try:
+            losses = backfill(run_dir, args.force)
+        except UserError as err:
+            sys.exit(f"error: {err}")
         print(f"{run_dir}: " + (", ".join(f"{n} {v:.4f}" for n, v in losses.items()) or "nothing to do"))
 
 
