@@ -29,6 +29,9 @@ from s2ft.layers import plain_linear
 from s2ft.state import check_fresh
 
 BASE = "__base__"
+# nn.ModuleDict refuses a key that is one of its attributes (train, eval, values, cuda, ...): adapters are kept under
+# this prefix, which no attribute has, so that any name works.
+SLOT_PREFIX = "adapter_"
 
 
 @dataclass
@@ -83,7 +86,15 @@ class MultiAdapterLinear(nn.Linear):
             positions = positions.to(self.weight.device)
             base = self.weight.index_select(self.axis, positions).float()
             delta = (values.to(device=self.weight.device, dtype=torch.float32) - base).to(self.weight.dtype)
-        self.adapters[name] = AdapterSlots(positions, delta)
+        self.adapters[SLOT_PREFIX + name] = AdapterSlots(positions, delta)
+
+    def trains(self, name: str) -> bool:
+        """Whether adapter ``name`` trained this projection."""
+        return SLOT_PREFIX + name in self.adapters
+
+    def remove(self, name: str) -> None:
+        """Drops adapter ``name``'s rows/columns."""
+        del self.adapters[SLOT_PREFIX + name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
@@ -92,9 +103,9 @@ class MultiAdapterLinear(nn.Linear):
         rows_first = out.view(out.shape[0], -1, out.shape[-1])
         inputs = x.reshape(x.shape[0], -1, x.shape[-1])
         for name, rows in self.state.groups:
-            if name not in self.adapters:
+            if not self.trains(name):
                 continue
-            slots = self.adapters[name]
+            slots = self.adapters[SLOT_PREFIX + name]
             selected = inputs.index_select(0, rows)
             if self.axis == 1:
                 rows_first.index_add_(0, rows, F.linear(selected.index_select(-1, slots.index), slots.delta))
@@ -107,7 +118,7 @@ class MultiAdapterLinear(nn.Linear):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, axis={self.axis}, "
-            f"adapters={list(self.adapters)}"
+            f"adapters={[key.removeprefix(SLOT_PREFIX) for key in self.adapters]}"
         )
 
 
@@ -252,8 +263,8 @@ def remove_adapter(model: nn.Module, name: str) -> nn.Module:
     if name not in state.configs:
         raise ValueError(f"no adapter named {name!r} is loaded; loaded: {list(state.configs)}")
     for module_name, module in list(model.named_modules()):
-        if isinstance(module, MultiAdapterLinear) and name in module.adapters:
-            del module.adapters[name]
+        if isinstance(module, MultiAdapterLinear) and module.trains(name):
+            module.remove(name)
             if not len(module.adapters):
                 model.set_submodule(module_name, plain_linear(module))
     del state.configs[name]

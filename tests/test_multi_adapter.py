@@ -214,6 +214,22 @@ def test_names_and_models_are_checked(tmp_path):
         s2ft.apply_s2ft(model, s2ft.S2FTConfig(ratios={"o": 0.25}))
 
 
+@pytest.mark.parametrize("name", ["train", "eval", "values", "cuda"])
+def test_any_name_works_also_the_attributes_of_torch_containers(tmp_path, name):
+    """Names like "train" or "eval" are attributes of the nn.ModuleDict that holds the adapters: once a KeyError
+    halfway through the load, which left the model with one projection wrapped."""
+    base = build_tiny("llama_9_3")
+    paths = save_adapters(base, tmp_path, {"cols": SELECTIONS["cols"]})
+    references = merged_models(base, paths)
+    model = load_adapters(copy.deepcopy(base), {name: paths["cols"]})
+    assert loaded_adapters(model) == [name]
+    assert_rows_match(model, {name: references["cols"], BASE: base}, [name, BASE], *left_padded(2))
+    add_adapter(model, "other", paths["cols"])
+    remove_adapter(model, name)
+    remove_adapter(model, "other")
+    assert not any(isinstance(m, MultiAdapterLinear) for m in model.modules())
+
+
 def test_adapters_are_added_and_removed_on_a_live_model(tmp_path):
     base = build_tiny("llama_9_3")
     paths = save_adapters(base, tmp_path)
