@@ -159,16 +159,16 @@ class S2FTLinear(nn.Module):
                 base_values = read_slots(self.weight, self.axis, index)
             # The values keep their own dtype (fp32 while training a bf16 model), so a switch loses no precision.
             new_values = (base_values if values is None else values).to(self.weight.device, self.values.dtype)
-            # base_values is a fresh read (or the layer's own), so it is kept, not copied; the index is copied when it
-            # fits (the caller's tensor stays the caller's), and the values stay the same Parameter when their size
-            # allows (an optimizer may hold it).
+            # base_values is a fresh read (or the layer's own), so it is kept, not copied; the index is always a copy
+            # (the caller's tensor stays the caller's: a prepared adapter's positions are switched to again), and the
+            # values stay the same Parameter when their size allows (an optimizer may hold it).
             self.base_values = base_values
             if self.values.shape == new_values.shape:
                 if not same:
                     self.index.copy_(index)
                 self.values.copy_(new_values)
             else:
-                self.index = index
+                self.index = index.clone()
                 if _columns_contiguous(self.weight, self.axis):  # keep the values in the weight's layout
                     new_values = slot_major(new_values, self.axis)
                 self.values = nn.Parameter(new_values.clone(), requires_grad=self.values.requires_grad)

@@ -219,3 +219,22 @@ def test_an_optimizer_keeps_stepping_the_values_it_holds_across_a_switch_exactly
         trained_values[fused] = extract_adapter(model).modules
     for name, m in trained_values[True].items():
         torch.testing.assert_close(m.values, trained_values[False][name].values, rtol=0, atol=1e-6)
+
+
+def test_switching_back_to_a_prepared_adapter_after_one_of_its_size_restores_it_exactly(tmp_path):
+    """Two prepared adapters of one selection size after a model of another size: the first switch made the layers'
+    index the prepared adapter's own positions tensor, and the switch to the second wrote its positions into it, so
+    switching back put the first adapter's values at the second one's positions (logits off by ~4)."""
+    base = build_tiny("llama_9_3")
+    paths = [adapter_files(tmp_path, base, {"o": 0.25, "down": 0.1}, seed=seed) for seed in (2, 3)]
+    model = trained(copy.deepcopy(base), s2ft.S2FTConfig(ratios={"o": 0.12, "down": 0.05}, seed=1), seed=1)
+    prepared = [s2ft.prepare_adapter(model, path) for path in paths]
+    positions = [{name: p.clone() for name, (p, _) in adapter.slots.items()} for adapter in prepared]
+    for step in (0, 1, 0):
+        s2ft.switch_adapter(model, prepared[step])
+    for adapter, before in zip(prepared, positions, strict=True):
+        assert all(torch.equal(adapter.slots[name][0], p) for name, p in before.items())
+    fresh = s2ft.load_adapter(copy.deepcopy(base), paths[0])
+    for name, module in s2ft_modules(fresh).items():
+        assert torch.equal(s2ft_modules(model)[name].index, module.index), name
+    torch.testing.assert_close(logits(model), logits(fresh), rtol=0, atol=1e-5)
