@@ -286,7 +286,8 @@ def switch_adapter(model: nn.Module, path_or_adapter) -> nn.Module:
     merged = any(module.merged for module in current.values())
     trainable = any(module.values.requires_grad for module in current.values())
     # Newly wrapped modules keep their values in the model's values dtype (fp32 beside a bf16 weight), like the
-    # modules that are retargeted, so that no adapter value is rounded to the weight's dtype.
+    # modules that are retargeted, so that no adapter value is rounded to the weight's dtype; frozen values, in the
+    # wider of that and the adapter's dtype (fp32 values after bf16 ones).
     values_dtype = next((module.values.dtype for module in current.values()), None)
     for name, module in current.items():
         if name not in prepared.slots:
@@ -299,7 +300,8 @@ def switch_adapter(model: nn.Module, path_or_adapter) -> nn.Module:
             layer.store_slot_major()
             layer.retarget(positions, values, merged, checked=True)
         else:
-            layer = S2FTLinear(model.get_submodule(name), m.axis, positions, m.unit_size, values, values_dtype)
+            dtype = values_dtype if trainable else torch.promote_types(values_dtype, values.dtype)
+            layer = S2FTLinear(model.get_submodule(name), m.axis, positions, m.unit_size, values, dtype)
             layer.store_slot_major()
             model.set_submodule(name, layer)
             if merged:

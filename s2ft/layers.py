@@ -157,13 +157,17 @@ class S2FTLinear(nn.Module):
                 if self.index.numel():
                     write_slots(self.weight, self.axis, self.index, self.base_values)
                 base_values = read_slots(self.weight, self.axis, index)
-            # The values keep their own dtype (fp32 while training a bf16 model), so a switch loses no precision.
-            new_values = (base_values if values is None else values).to(self.weight.device, self.values.dtype)
+            # The values keep their own dtype (fp32 while training a bf16 model), so a switch loses no precision;
+            # frozen values widen to the new values' dtype (fp32 values after bf16 ones) for the same reason.
+            dtype = self.values.dtype
+            if values is not None and not self.values.requires_grad:
+                dtype = torch.promote_types(dtype, values.dtype)
+            new_values = (base_values if values is None else values).to(self.weight.device, dtype)
             # base_values is a fresh read (or the layer's own), so it is kept, not copied; the index is always a copy
             # (the caller's tensor stays the caller's: a prepared adapter's positions are switched to again), and the
             # values stay the same Parameter when their size allows (an optimizer may hold it).
             self.base_values = base_values
-            if self.values.shape == new_values.shape:
+            if self.values.shape == new_values.shape and self.values.dtype == dtype:
                 if not same:
                     self.index.copy_(index)
                 self.values.copy_(new_values)

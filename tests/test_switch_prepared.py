@@ -238,3 +238,26 @@ def test_switching_back_to_a_prepared_adapter_after_one_of_its_size_restores_it_
     for name, module in s2ft_modules(fresh).items():
         assert torch.equal(s2ft_modules(model)[name].index, module.index), name
     torch.testing.assert_close(logits(model), logits(fresh), rtol=0, atol=1e-5)
+
+
+def test_a_frozen_model_switched_from_bf16_values_to_fp32_ones_keeps_them_exactly(tmp_path):
+    """An adapter saved with bf16 values (S2FT applied to a bf16 model directly), then one with fp32 values: the
+    switch rounded the second one's values to bf16, for retargeted and newly wrapped modules alike."""
+    base = build_tiny("llama_9_3")
+    bf16 = copy.deepcopy(base).bfloat16()
+    s2ft.save_adapter(trained(copy.deepcopy(bf16), s2ft.S2FTConfig(ratios={"o": 0.12, "up": 0.05})), tmp_path / "b")
+    paths = {seed: adapter_files(tmp_path, base, {"o": 0.25, "down": 0.1}, seed) for seed in (2, 3)}
+    model = s2ft.load_adapter(copy.deepcopy(bf16), tmp_path / "b")
+    assert all(m.values.dtype == torch.bfloat16 for m in s2ft_modules(model).values())
+    for seed in (2, 3):  # o: another size, then the same size; down: wrapped, then retargeted; up: unwrapped
+        s2ft.switch_adapter(model, paths[seed])
+        s2ft.save_adapter(model, tmp_path / "again")
+        saved, again = load_adapter_file(paths[seed]), load_adapter_file(tmp_path / "again")
+        assert saved.modules.keys() == again.modules.keys()
+        for name, m in saved.modules.items():
+            assert again.modules[name].values.dtype == torch.float32, name
+            assert torch.equal(again.modules[name].values, m.values), name
+    s2ft.switch_adapter(model, tmp_path / "b")  # and back: bf16 values are exact in fp32
+    saved, again = load_adapter_file(tmp_path / "b"), extract_adapter(model)
+    assert all(torch.equal(again.modules[n].values, m.values.float()) for n, m in saved.modules.items())
+    assert s2ft.trainable_parameter_count(model) == 0
