@@ -184,6 +184,11 @@ class S2FTLinear(nn.Module):
         if not same:
             self.span = contiguous_span(index)
 
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        # A state dict may bring another index of the same size: the contiguous fast path must follow it.
+        self.span = contiguous_span(self.index)
+
     def store_slot_major(self) -> None:
         """Stores ``weight`` (and ``base_values``, and ``values`` unless they train) so that every trained slot is a
         contiguous run: trained columns go column-major. Values are unchanged (one copy of the matrix, once), results
