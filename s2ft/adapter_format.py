@@ -129,16 +129,27 @@ def load_adapter_file(path: str | os.PathLike) -> Adapter:
             values of the wrong shape or with NaN/inf.
     """
     path = Path(path)
+    if path.is_file():
+        raise AdapterError(f"{path} is a file; give the adapter's folder (it holds {WEIGHTS_NAME} and {CONFIG_NAME})")
     config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
-    for file in (config_path, weights_path):
-        if not file.is_file():
-            raise AdapterError(f"adapter file missing: {file} (save one with s2ft.save_adapter(model, {str(path)!r}))")
+    missing = f"(save one with s2ft.save_adapter(model, {str(path)!r}))"
+    if not config_path.is_file():
+        raise AdapterError(f"adapter file missing: {config_path} {missing}")
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterError(f"corrupt adapter config {config_path}: {err}") from err
     if not isinstance(config, dict) or config.get("format") != FORMAT or not isinstance(config.get("modules"), dict):
-        raise AdapterError(f"{config_path} is not an S2FT adapter config (expected format {FORMAT!r} and 'modules')")
+        # A PEFT folder (export_lora writes them) has the same file name: say what it is.
+        peft = isinstance(config, dict) and "peft_type" in config
+        hint = (
+            f"; it is a PEFT {config['peft_type']} adapter: load it with peft.PeftModel.from_pretrained" if peft else ""
+        )
+        raise AdapterError(
+            f"{config_path} is not an S2FT adapter config (expected format {FORMAT!r} and 'modules'){hint}"
+        )
+    if not weights_path.is_file():
+        raise AdapterError(f"adapter file missing: {weights_path} {missing}")
     try:
         tensors = load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as err:
