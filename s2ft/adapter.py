@@ -190,14 +190,19 @@ def fuse_adapters(base: nn.Module, paths_or_adapters, weights=None) -> nn.Module
         weights: One weight per adapter (default: all 1).
 
     Raises:
-        AdapterError / ValueError: On a bad adapter, a mismatched base, or a wrong number of weights; the model is
-            unchanged when raised.
+        AdapterError: On a bad adapter, a mismatched base, or weights that are not one finite number per adapter;
+            the model is unchanged when raised.
+        ValueError: ``base`` has S2FT applied or adapters loaded.
     """
     check_fresh(base, "fuse_adapters needs a plain base model: call merge_and_unload or start from a fresh base")
+    # One folder or one weight is iterable too (by characters, or not at all): refuse it before any file is read.
+    if isinstance(paths_or_adapters, (str, os.PathLike, Adapter)):
+        raise AdapterError(f"fuse_adapters takes a list of adapters, got {paths_or_adapters!r}: give [path, ...]")
+    weights = None if weights is None else _numbers(weights)
     adapters = [as_adapter(item) for item in paths_or_adapters]
-    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    weights = [1.0] * len(adapters) if weights is None else weights
     if not adapters or len(weights) != len(adapters) or not all(math.isfinite(w) for w in weights):
-        raise ValueError(f"give one finite weight per adapter: {len(adapters)} adapters, weights {weights}")
+        raise AdapterError(f"give one finite weight per adapter: {len(adapters)} adapters, weights {weights}")
     for adapter in adapters:
         check_fits(base, adapter)
     parts: dict[str, list[tuple[AdapterModule, float]]] = {}
@@ -224,6 +229,18 @@ def fuse_adapters(base: nn.Module, paths_or_adapters, weights=None) -> nn.Module
         for weight, axis, positions, slots in fused:
             weight.index_copy_(axis, positions, slots)
     return base
+
+
+def _numbers(weights) -> list[float]:
+    """``weights`` as a list of floats; an ``AdapterError`` for a number, a string or anything else not a list of
+    numbers."""
+    try:
+        numbers = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        numbers = None
+    if numbers is None or isinstance(weights, str):
+        raise AdapterError(f"fuse_adapters weights must be a list of numbers, one per adapter, got {weights!r}")
+    return numbers
 
 
 @dataclass(frozen=True)

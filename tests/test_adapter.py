@@ -256,6 +256,21 @@ def test_fusion_weights_must_match_the_adapters(tmp_path):
     path = adapter_files(tmp_path, base, {"o": 0.25}, seed=1)
     with pytest.raises(ValueError, match="one finite weight per adapter"):
         s2ft.fuse_adapters(base, [path], [0.5, 0.5])
+    # One folder, or one weight, instead of lists: once read character by character ("adapter file missing:
+    # /adapter_config.json") or a TypeError / "could not convert string to float".
+    before = snapshot(base)
+    cases = [
+        (str(path), None, "takes a list of adapters"),
+        (path, None, "takes a list of adapters"),
+        ([path], 0.5, "weights must be a list of numbers"),
+        ([path], "1", "weights must be a list of numbers"),
+        ([path], ["heavy"], "weights must be a list of numbers"),
+        ([path], [float("nan")], "one finite weight per adapter"),
+    ]
+    for adapters, weights, message in cases:
+        with pytest.raises(AdapterError, match=message):
+            s2ft.fuse_adapters(base, adapters, weights)
+        assert_same_state(base, before)
 
 
 def test_apply_selection_wraps_exactly_the_selected_slots():
