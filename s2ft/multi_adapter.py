@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from s2ft.adapter import check_fits
-from s2ft.adapter_format import Adapter, check_adapter, load_adapter_file
+from s2ft.adapter_format import Adapter, AdapterError, check_adapter, load_adapter_file
 from s2ft.layers import plain_linear
 from s2ft.state import check_fresh
 
@@ -231,6 +231,8 @@ def load_adapters(base: nn.Module, adapters: Mapping[str, str | os.PathLike | Ad
     if getattr(base, "s2ft_adapters", None) is not None:
         raise ValueError("this model already has S2FT adapters; use s2ft.add_adapter(model, name, path)")
     check_fresh(base, "load_adapters needs a plain base model: call merge_and_unload or start from a fresh base")
+    if not isinstance(adapters, Mapping):
+        raise AdapterError(f"load_adapters takes a mapping of names to adapters, got {adapters!r}: {{'name': path}}")
     if not adapters:
         raise ValueError("give at least one adapter: load_adapters(base, {'name': 'path/to/adapter'})")
     loaded: dict[str, Adapter] = {}

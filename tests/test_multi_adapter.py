@@ -197,6 +197,10 @@ def test_names_and_models_are_checked(tmp_path):
             load_adapters(base, {name: paths["cols"]})
     with pytest.raises(ValueError, match="at least one adapter"):
         load_adapters(base, {})
+    # A list of folders (as run.py's adapters=[...] takes): once an AttributeError ('list' object has no 'items').
+    with pytest.raises(AdapterError, match="takes a mapping of names to adapters"):
+        load_adapters(base, [paths["cols"]])
+    assert not hasattr(base, "s2ft_adapters")
     model = load_adapters(base, paths)
     with pytest.raises(ValueError, match="already has S2FT adapters"):
         load_adapters(model, paths)
