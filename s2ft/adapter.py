@@ -115,7 +115,7 @@ def load_adapter(base: nn.Module, path, trainable: bool = False) -> nn.Module:
 
     Raises:
         AdapterError: See ``load_adapter_file`` and ``check_fits``; the model is unchanged when raised.
-        ValueError: If ``base`` already has an S2FT adapter.
+        AdapterError: Also if ``base`` already has an S2FT adapter.
     """
     check_fresh(base, "use s2ft.switch_adapter(model, path) instead")
     adapter = as_adapter(path)
@@ -192,7 +192,7 @@ def fuse_adapters(base: nn.Module, paths_or_adapters, weights=None) -> nn.Module
     Raises:
         AdapterError: On a bad adapter, a mismatched base, or weights that are not one finite number per adapter;
             the model is unchanged when raised.
-        ValueError: ``base`` has S2FT applied or adapters loaded.
+        AdapterError: Also if ``base`` has S2FT applied or adapters loaded.
     """
     check_fresh(base, "fuse_adapters needs a plain base model: call merge_and_unload or start from a fresh base")
     # One folder or one weight is iterable too (by characters, or not at all): refuse it before any file is read.

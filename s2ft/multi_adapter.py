@@ -125,15 +125,15 @@ class MultiAdapterLinear(nn.Linear):
 def _state(model: nn.Module) -> MultiAdapterState:
     state = getattr(model, "s2ft_adapters", None)
     if state is None:
-        raise ValueError("this model has no mixed adapters; call s2ft.load_adapters(base, {name: path}) first")
+        raise AdapterError("this model has no mixed adapters; call s2ft.load_adapters(base, {name: path}) first")
     return state
 
 
 def _check_name(name, loaded) -> None:
     if not isinstance(name, str) or not name or "." in name or name == BASE:
-        raise ValueError(f"adapter name {name!r} must be a non-empty string without '.', and not {BASE!r}")
+        raise AdapterError(f"adapter name {name!r} must be a non-empty string without '.', and not {BASE!r}")
     if name in loaded:
-        raise ValueError(f"an adapter named {name!r} is already loaded; remove_adapter(model, {name!r}) first")
+        raise AdapterError(f"an adapter named {name!r} is already loaded; remove_adapter(model, {name!r}) first")
 
 
 def _row_count(args: tuple, kwargs: dict) -> int | None:
@@ -152,7 +152,7 @@ def _rows_hook(model: nn.Module, args: tuple, kwargs: dict):
     elif state.generation is not None:
         expected, state.groups = state.generation
         if rows is not None and rows != expected:
-            raise ValueError(
+            raise AdapterError(
                 f"generate with adapter_names runs {expected} rows but the model got {rows} (beam search or "
                 "num_return_sequences expand the batch): give one adapter name per expanded row"
             )
@@ -176,12 +176,12 @@ def _generate(model: nn.Module, *args, adapter_names=None, **kwargs):
 
 def _group_rows(state: MultiAdapterState, names, rows: int | None, device) -> list[tuple[str, torch.Tensor]]:
     if isinstance(names, str) or not all(isinstance(name, str) for name in names):
-        raise ValueError(f"adapter_names must be a list with one adapter name per row, got {names!r}")
+        raise AdapterError(f"adapter_names must be a list with one adapter name per row, got {names!r}")
     unknown = sorted(set(names) - set(state.configs) - {BASE})
     if unknown:
-        raise ValueError(f"unknown adapter names {unknown}; loaded: {list(state.configs)} (or {BASE!r})")
+        raise AdapterError(f"unknown adapter names {unknown}; loaded: {list(state.configs)} (or {BASE!r})")
     if rows is not None and len(names) != rows:
-        raise ValueError(f"adapter_names has {len(names)} names for a batch of {rows} rows; give one name per row")
+        raise AdapterError(f"adapter_names has {len(names)} names for a batch of {rows} rows; give one name per row")
     groups: dict[str, list[int]] = {}
     for row, name in enumerate(names):
         if name != BASE:
@@ -226,15 +226,15 @@ def load_adapters(base: nn.Module, adapters: Mapping[str, str | os.PathLike | Ad
 
     Raises:
         AdapterError: A bad adapter or one made for another base; the model is unchanged when raised.
-        ValueError: An empty mapping, a bad name, or a model that already has S2FT adapters.
+        AdapterError: Also for an empty mapping, a bad name, or a model that already has S2FT adapters.
     """
     if getattr(base, "s2ft_adapters", None) is not None:
-        raise ValueError("this model already has S2FT adapters; use s2ft.add_adapter(model, name, path)")
+        raise AdapterError("this model already has S2FT adapters; use s2ft.add_adapter(model, name, path)")
     check_fresh(base, "load_adapters needs a plain base model: call merge_and_unload or start from a fresh base")
     if not isinstance(adapters, Mapping):
         raise AdapterError(f"load_adapters takes a mapping of names to adapters, got {adapters!r}: {{'name': path}}")
     if not adapters:
-        raise ValueError("give at least one adapter: load_adapters(base, {'name': 'path/to/adapter'})")
+        raise AdapterError("give at least one adapter: load_adapters(base, {'name': 'path/to/adapter'})")
     loaded: dict[str, Adapter] = {}
     for name, source in adapters.items():
         _check_name(name, loaded)
@@ -263,7 +263,7 @@ def remove_adapter(model: nn.Module, name: str) -> nn.Module:
     """
     state = _state(model)
     if name not in state.configs:
-        raise ValueError(f"no adapter named {name!r} is loaded; loaded: {list(state.configs)}")
+        raise AdapterError(f"no adapter named {name!r} is loaded; loaded: {list(state.configs)}")
     for module_name, module in list(model.named_modules()):
         if isinstance(module, MultiAdapterLinear) and module.trains(name):
             module.remove(name)

@@ -9,6 +9,7 @@ from torch import nn
 
 import s2ft
 from s2ft.adapter_format import AdapterError
+from s2ft.errors import UserError
 from s2ft.multi_adapter import BASE, MultiAdapterLinear, add_adapter, load_adapters, loaded_adapters, remove_adapter
 
 # Adapter "cols" trains input columns only (o, down), "rows" output rows only, "both" every component.
@@ -300,3 +301,31 @@ def test_smollm2_rows_equal_their_merged_models(tmp_path):
     # Logits of order 30 through 30 layers: 1e-5 of their scale (measured: at most 5.6e-5, i.e. 1.8e-6 of it).
     atol = 1e-5 * 30
     assert_rows_match(model, references, names, batch["input_ids"], batch["attention_mask"], 8, alone=False, atol=atol)
+
+
+def test_refusals_of_the_adapter_lifecycle_are_user_errors(tmp_path):
+    """They were bare ValueErrors, which run.py shows as a traceback (a bug) instead of `error: ...`."""
+    base = build_tiny("llama_gqa")
+    paths = save_adapters(base, tmp_path, {"cols": SELECTIONS["cols"]})
+    mixed = load_adapters(copy.deepcopy(base), paths)
+    single = s2ft.load_adapter(copy.deepcopy(base), paths["cols"])
+    input_ids, mask = left_padded(2)
+    refusals = {
+        "no adapter to save": lambda: s2ft.save_adapter(base, tmp_path / "none"),
+        "load onto an S2FT model": lambda: s2ft.load_adapter(single, paths["cols"]),
+        "apply onto a mixed model": lambda: s2ft.apply_s2ft(mixed, s2ft.S2FTConfig(ratios={"o": 0.25})),
+        "load_adapters twice": lambda: load_adapters(mixed, paths),
+        "no adapters given": lambda: load_adapters(copy.deepcopy(base), {}),
+        "reserved name": lambda: load_adapters(copy.deepcopy(base), {BASE: paths["cols"]}),
+        "name taken": lambda: add_adapter(mixed, "cols", paths["cols"]),
+        "add to a plain model": lambda: add_adapter(copy.deepcopy(base), "x", paths["cols"]),
+        "remove unknown": lambda: remove_adapter(mixed, "rows"),
+        "unknown row name": lambda: mixed(input_ids=input_ids, attention_mask=mask, adapter_names=["cols", "x"]),
+        "beam search": lambda: mixed.generate(
+            input_ids=input_ids, attention_mask=mask, adapter_names=["cols", BASE], num_beams=2, max_new_tokens=2
+        ),
+    }
+    for case, refused in refusals.items():
+        with pytest.raises(UserError):
+            refused()
+        assert loaded_adapters(mixed) == ["cols"], case
