@@ -89,6 +89,22 @@ def check_fits(model: nn.Module, adapter: Adapter) -> None:
             f"the model's parameter names/shapes differ from the base the adapter was trained on "
             f"({adapter.base_model or 'unknown'}); load it onto that base model"
         )
+    # Names and shapes do not fix the heads: 8 heads of 8 and 4 heads of 16 have the same weights' shapes.
+    structures = {s.index: s for s in find_structures(model)}
+    for name, m in adapter.modules.items():
+        structure = structures.get(m.layer)
+        if structure is None or structure.module_name(m.component) != name:
+            found = f"layer {m.layer} has no such projection" if structure is None else "it is not"
+            raise AdapterError(
+                f"adapter module {name!r} is recorded as the {m.component} projection of layer {m.layer}, but in this "
+                f"model {found}: a corrupt adapter, or one made for another base ({adapter.base_model or 'unknown'})"
+            )
+        if structure.unit_size(m.component) != m.unit_size:
+            raise AdapterError(
+                f"adapter module {name!r} trains {m.component} units of {m.unit_size} rows/columns, but this model's "
+                f"are of {structure.unit_size(m.component)} (another head_dim): the adapter was made for another base "
+                f"model ({adapter.base_model or 'unknown'})"
+            )
 
 
 def _current_coordinates(state: S2FTState | None, m: AdapterModule) -> tuple[torch.Tensor, torch.Tensor]:

@@ -192,9 +192,9 @@ def adapter_files(tmp_path, base, ratios, seed, exclude=None):
     return tmp_path / f"a{seed}"
 
 
-def corrupt_units(path, units):
+def corrupt_units(path, units, key="units"):
     config = json.loads((path / CONFIG_NAME).read_text())
-    config["modules"]["model.layers.0.self_attn.o_proj"]["units"] = units
+    config["modules"]["model.layers.0.self_attn.o_proj"][key] = units
     (path / CONFIG_NAME).write_text(json.dumps(config))
 
 
@@ -217,6 +217,7 @@ BAD_ADAPTERS = {
     "unsorted": (lambda p: corrupt_units(p, [5, 2]), "sorted and unique"),
     "not integers": (lambda p: corrupt_units(p, [1.5, 2]), "list of ints"),
     "wrong count": (lambda p: corrupt_units(p, [1, 2, 3]), "values have shape"),
+    "wrong layer": (lambda p: corrupt_units(p, 1, key="layer"), "recorded as the o projection of layer 1"),
     "nan": (lambda p: corrupt_values(p, float("nan")), "NaN/inf"),
     "inf": (lambda p: corrupt_values(p, float("inf")), "NaN/inf"),
 }
@@ -226,6 +227,8 @@ OTHER_BASES = [
     (lambda: build_tiny("llama_gqa", hidden_size=32), "weight shape"),
     (lambda: build_tiny("llama_gqa", num_hidden_layers=1), "not a linear layer"),
     (lambda: build_tiny("llama_gqa", vocab_size=64), "names/shapes differ"),
+    # The same weights' shapes, other heads: 4 of 16 instead of 8 of 8.
+    (lambda: build_tiny("llama_gqa", num_attention_heads=4, num_key_value_heads=2, head_dim=16), "another head_dim"),
 ]
 
 
