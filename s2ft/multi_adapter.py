@@ -264,6 +264,10 @@ def remove_adapter(model: nn.Module, name: str) -> nn.Module:
     state = _state(model)
     if name not in state.configs:
         raise AdapterError(f"no adapter named {name!r} is loaded; loaded: {list(state.configs)}")
+    if state.generation is not None:
+        # Its rows would go on decoding with the base model's weights, silently (from a streamer, a stopping
+        # criterion or another thread).
+        raise AdapterError(f"generate is running with adapter_names; remove adapter {name!r} after it returns")
     for module_name, module in list(model.named_modules()):
         if isinstance(module, MultiAdapterLinear) and module.trains(name):
             module.remove(name)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import BAD_ADAPTERS, OTHER_BASES, assert_same_state, build_tiny, snapshot, trained
 from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 import s2ft
 from s2ft.adapter_format import AdapterError
@@ -301,6 +302,41 @@ def test_smollm2_rows_equal_their_merged_models(tmp_path):
     # Logits of order 30 through 30 layers: 1e-5 of their scale (measured: at most 5.6e-5, i.e. 1.8e-6 of it).
     atol = 1e-5 * 30
     assert_rows_match(model, references, names, batch["input_ids"], batch["attention_mask"], 8, alone=False, atol=atol)
+
+
+def test_an_adapter_is_not_removed_while_generate_runs_with_it(tmp_path):
+    """From a stopping criterion (or a streamer, or another thread): its rows went on decoding as the base model."""
+    base = build_tiny("llama_gqa")
+    paths = save_adapters(base, tmp_path, {"cols": SELECTIONS["cols"], "rows": SELECTIONS["rows"]})
+    model = load_adapters(copy.deepcopy(base), paths)
+    refusals = []
+
+    class RemoveAtStep2(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            if input_ids.shape[1] == prompt_length + 2:
+                with pytest.raises(AdapterError, match="generate is running with adapter_names") as refused:
+                    remove_adapter(model, "cols")
+                refusals.append(refused)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    input_ids, mask = left_padded(3)
+    prompt_length = input_ids.shape[1]
+    names = ["cols", "rows", "cols"]
+    with torch.no_grad():
+        expected = model.generate(
+            input_ids=input_ids, attention_mask=mask, adapter_names=names, max_new_tokens=5, do_sample=False
+        )
+        got = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            adapter_names=names,
+            max_new_tokens=5,
+            do_sample=False,
+            stopping_criteria=StoppingCriteriaList([RemoveAtStep2()]),
+        )
+    assert len(refusals) == 1 and torch.equal(got, expected)
+    remove_adapter(model, "cols")  # once it returned
+    assert loaded_adapters(model) == ["rows"]
 
 
 def test_refusals_of_the_adapter_lifecycle_are_user_errors(tmp_path):
