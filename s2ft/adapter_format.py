@@ -22,6 +22,8 @@ from s2ft.structures import AXIS, unit_positions
 FORMAT = "s2ft-adapter"
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter_config.json"
+# The dtypes adapter values may have: S2FT's matmuls (and isfinite) take no other (float8, integers, complex).
+VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class AdapterError(UserError, ValueError):
@@ -213,8 +215,12 @@ def check_adapter(adapter: Adapter, source: str = "adapter") -> None:
         expected[m.axis] = units.numel() * m.unit_size
         if list(m.values.shape) != expected:
             raise AdapterError(f"{where}: values have shape {tuple(m.values.shape)}, expected {tuple(expected)}")
-        if not m.values.is_floating_point() or not bool(torch.isfinite(m.values).all()):
-            raise AdapterError(f"{where}: values contain NaN/inf or are not floating point")
+        if m.values.dtype not in VALUE_DTYPES:
+            raise AdapterError(
+                f"{where}: values are {m.values.dtype}; S2FT computes with float16, bfloat16, float32 or float64"
+            )
+        if not bool(torch.isfinite(m.values).all()):
+            raise AdapterError(f"{where}: values contain NaN/inf")
 
 
 def as_adapter(path_or_adapter) -> Adapter:

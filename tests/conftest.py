@@ -204,6 +204,10 @@ def corrupt_values(path, value):
     save_file(tensors, path / WEIGHTS_NAME)
 
 
+def cast_values(path, dtype):
+    save_file({name: t.to(dtype) for name, t in load_file(path / WEIGHTS_NAME).items()}, path / WEIGHTS_NAME)
+
+
 # A broken adapter of build_tiny("llama_gqa") (o_proj trained): how to break it, what the refusal says.
 BAD_ADAPTERS = {
     "missing weights": (lambda p: (p / WEIGHTS_NAME).unlink(), "adapter file missing"),
@@ -220,6 +224,8 @@ BAD_ADAPTERS = {
     "wrong layer": (lambda p: corrupt_units(p, 1, key="layer"), "recorded as the o projection of layer 1"),
     "nan": (lambda p: corrupt_values(p, float("nan")), "NaN/inf"),
     "inf": (lambda p: corrupt_values(p, float("inf")), "NaN/inf"),
+    "integers": (lambda p: cast_values(p, torch.int32), "values are torch.int32; S2FT computes with float16"),
+    "float8": (lambda p: cast_values(p, torch.float8_e4m3fn), "values are torch.float8_e4m3fn; S2FT computes with"),
 }
 
 # Base models an adapter of build_tiny("llama_gqa") does not fit, and what the refusal says.
