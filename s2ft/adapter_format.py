@@ -150,6 +150,8 @@ def load_adapter_file(path: str | os.PathLike) -> Adapter:
         raise AdapterError(
             f"{config_path} is not an S2FT adapter config (expected format {FORMAT!r} and 'modules'){hint}"
         )
+    if not isinstance(config.get("config", {}), dict):
+        raise AdapterError(f"corrupt adapter config {config_path}: 'config' (the selection settings) must be a mapping")
     if not weights_path.is_file():
         raise AdapterError(f"adapter file missing: {weights_path} {missing}")
     try:

@@ -204,6 +204,12 @@ def corrupt_values(path, value):
     save_file(tensors, path / WEIGHTS_NAME)
 
 
+def corrupt_field(path, key, value):
+    config = json.loads((path / CONFIG_NAME).read_text())
+    config[key] = value
+    (path / CONFIG_NAME).write_text(json.dumps(config))
+
+
 def cast_values(path, dtype):
     save_file({name: t.to(dtype) for name, t in load_file(path / WEIGHTS_NAME).items()}, path / WEIGHTS_NAME)
 
@@ -215,6 +221,7 @@ BAD_ADAPTERS = {
     "corrupt weights": (lambda p: (p / WEIGHTS_NAME).write_bytes(b"\x00garbage"), "corrupt adapter weights"),
     "corrupt config": (lambda p: (p / CONFIG_NAME).write_text("{not json"), "corrupt adapter config"),
     "not an adapter": (lambda p: (p / CONFIG_NAME).write_text("{}"), "not an S2FT adapter"),
+    "settings not a mapping": (lambda p: corrupt_field(p, "config", None), "'config' .* must be a mapping"),
     "out of range": (lambda p: corrupt_units(p, [0, 8]), r"must lie in \[0, 8\)"),
     "negative": (lambda p: corrupt_units(p, [-1, 2]), r"must lie in \[0, 8\)"),
     "duplicated": (lambda p: corrupt_units(p, [3, 3]), "sorted and unique"),
