@@ -137,7 +137,7 @@ def _check_name(name, loaded) -> None:
 
 
 def _row_count(args: tuple, kwargs: dict) -> int | None:
-    for key in ("input_ids", "inputs_embeds"):
+    for key in ("input_ids", "inputs_embeds", "inputs"):  # inputs: generate's name for its first argument
         if kwargs.get(key) is not None:
             return kwargs[key].shape[0]
     return args[0].shape[0] if args and isinstance(args[0], torch.Tensor) else None

@@ -127,6 +127,9 @@ def test_bad_adapter_names_are_refused(tmp_path, names, message):
         model(input_ids=input_ids, attention_mask=mask, adapter_names=names)
     with pytest.raises(ValueError, match=message):
         model.generate(input_ids=input_ids, attention_mask=mask, adapter_names=names, max_new_tokens=2)
+    # generate's own name for the prompt: a wrong count was reported as beam search expanding the batch.
+    with pytest.raises(ValueError, match=message):
+        model.generate(inputs=input_ids, attention_mask=mask, adapter_names=names, max_new_tokens=2)
 
 
 def test_beam_search_expanding_the_batch_is_refused(tmp_path):
