@@ -40,16 +40,17 @@ class MultiAdapterState:
 
     Attributes:
         configs: Per loaded adapter name (in load order), its selection settings.
-        groups: The rows of the current call per adapter present, ``[(name, row indices)]``; set by the pre-hook.
+        groups: The rows of the current call per adapter present, ``[(name, row indices)]``; set by the pre-hook,
+            cleared when the call returns (a submodule called on its own, ``model.model(...)``, is the base model).
         generation: While ``generate`` runs with ``adapter_names``: the batch's row count and its groups, used by
             every forward call of that generation.
-        hook: The top model's forward pre-hook (removed when the last adapter is).
+        hooks: The top model's forward pre-hook and forward hook (removed when the last adapter is).
     """
 
     configs: dict[str, dict] = field(default_factory=dict)
     groups: list[tuple[str, torch.Tensor]] = field(default_factory=list)
     generation: tuple[int, list[tuple[str, torch.Tensor]]] | None = None
-    hook: object = None
+    hooks: list = field(default_factory=list)
 
 
 class AdapterSlots(nn.Module):
@@ -161,6 +162,10 @@ def _rows_hook(model: nn.Module, args: tuple, kwargs: dict):
     return args, kwargs
 
 
+def _clear_rows(model: nn.Module, args: tuple, output) -> None:
+    model.s2ft_adapters.groups = []
+
+
 def _generate(model: nn.Module, *args, adapter_names=None, **kwargs):
     """``generate`` with one adapter name per row (``adapter_names``), for every step of the generation."""
     state = model.s2ft_adapters
@@ -242,7 +247,10 @@ def load_adapters(base: nn.Module, adapters: Mapping[str, str | os.PathLike | Ad
     state = MultiAdapterState()
     for name, adapter in loaded.items():
         _attach(base, state, name, adapter)
-    state.hook = base.register_forward_pre_hook(_rows_hook, with_kwargs=True)
+    state.hooks = [
+        base.register_forward_pre_hook(_rows_hook, with_kwargs=True),
+        base.register_forward_hook(_clear_rows, always_call=True),
+    ]
     base.generate = types.MethodType(_generate, base)  # a bound method, so a deep copy of the model binds its copy
     base.s2ft_adapters = state
     return base
@@ -275,7 +283,8 @@ def remove_adapter(model: nn.Module, name: str) -> nn.Module:
                 model.set_submodule(module_name, plain_linear(module))
     del state.configs[name]
     if not state.configs:
-        state.hook.remove()
+        for hook in state.hooks:
+            hook.remove()
         del model.generate, model.s2ft_adapters
     return model
 

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import BAD_ADAPTERS, OTHER_BASES, assert_same_state, build_tiny, snapshot, trained
+from conftest import BAD_ADAPTERS, OTHER_BASES, VOCAB, assert_same_state, build_tiny, snapshot, trained
 from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -305,6 +305,30 @@ def test_smollm2_rows_equal_their_merged_models(tmp_path):
     # Logits of order 30 through 30 layers: 1e-5 of their scale (measured: at most 5.6e-5, i.e. 1.8e-6 of it).
     atol = 1e-5 * 30
     assert_rows_match(model, references, names, batch["input_ids"], batch["attention_mask"], 8, alone=False, atol=atol)
+
+
+def test_a_submodule_called_after_a_mixed_call_is_the_base_model(tmp_path):
+    """The rows of the last call stayed set: the decoder called on its own (``model.model(...)``, for hidden states)
+    applied the previous call's adapters to its rows, after a forward, a generate or a forward that failed."""
+    base = build_tiny("llama_9_3")
+    model = load_adapters(copy.deepcopy(base), save_adapters(base, tmp_path))
+    input_ids, mask = left_padded(len(NAMES))
+    with torch.no_grad():
+        expected = base.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        calls = {
+            "forward": lambda: model(input_ids=input_ids, attention_mask=mask, adapter_names=NAMES),
+            "generate": lambda: model.generate(
+                input_ids=input_ids, attention_mask=mask, adapter_names=NAMES, max_new_tokens=2, do_sample=False
+            ),
+            "failed forward": lambda: model(input_ids=input_ids + VOCAB, adapter_names=NAMES),  # ids out of range
+        }
+        for call, run in calls.items():
+            if call == "failed forward":
+                with pytest.raises(IndexError):
+                    run()
+            else:
+                run()
+            assert torch.equal(model.model(input_ids=input_ids, attention_mask=mask).last_hidden_state, expected), call
 
 
 def test_an_adapter_is_not_removed_while_generate_runs_with_it(tmp_path):
