@@ -101,9 +101,12 @@ def write_adapter(adapter: Adapter, path: str | os.PathLike) -> None:
             for name, m in adapter.modules.items()
         },
     }
+    # Serialized before any file is written: a config json cannot write must not leave new weights beside the old
+    # adapter's config (a folder that no longer loads).
+    text = json.dumps(config, indent=2) + "\n"
     tensors = {f"{name}.values": m.values.contiguous() for name, m in adapter.modules.items()}
     atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-    atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
 
 
 def atomic_write(target: Path, write) -> None:

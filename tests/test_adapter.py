@@ -70,6 +70,20 @@ def test_adapter_config_records_base_selection_and_original_units(tmp_path):
     assert layer0_o | {"layer": 0, "component": "o", "axis": 1, "unit_size": 8, "shape": [64, 64]} == layer0_o
 
 
+def test_a_save_that_fails_leaves_the_adapter_in_its_folder_byte_identical(tmp_path):
+    """A selection setting json cannot write: the weights were written first, so the folder held the new weights
+    beside the old config and no longer loaded ("values have shape (64, 32), expected (64, 16)")."""
+    base = build_tiny("llama_gqa")
+    s2ft.save_adapter(trained(copy.deepcopy(base), s2ft.S2FTConfig(ratios={"o": 0.25}, seed=1)), tmp_path)
+    files = {name: (tmp_path / name).read_bytes() for name in (WEIGHTS_NAME, CONFIG_NAME)}
+    other = trained(copy.deepcopy(base), s2ft.S2FTConfig(ratios={"o": 0.5}, seed=2))
+    other.s2ft_state.config["note"] = torch.tensor(1.0)
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        s2ft.save_adapter(other, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
+    s2ft.load_adapter_file(tmp_path)
+
+
 def test_permuted_adapter_holds_original_units_and_values():
     base = build_tiny("llama_9_3")
     cfg = s2ft.S2FTConfig(ratios=RATIOS, seed=5)
