@@ -47,6 +47,11 @@ def s2ft_modules(model: nn.Module) -> dict[str, S2FTLinear]:
 def model_state(model: nn.Module) -> S2FTState:
     """The model's ``S2FTState``; a clear error when it has none."""
     state = getattr(model, "s2ft_state", None)
+    if state is None and getattr(model, "s2ft_adapters", None) is not None:
+        raise AdapterError(
+            "this model serves mixed adapters (s2ft.load_adapters), which are not saved, merged or switched: do that "
+            "on a model with one adapter (s2ft.load_adapter on a fresh base); remove_adapter the last one for the base"
+        )
     if state is None:
         raise AdapterError(
             "this model has no S2FT adapter; call s2ft.apply_s2ft(model, cfg) or s2ft.load_adapter first"

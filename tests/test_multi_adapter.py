@@ -392,3 +392,11 @@ def test_refusals_of_the_adapter_lifecycle_are_user_errors(tmp_path):
         with pytest.raises(UserError):
             refused()
         assert loaded_adapters(mixed) == ["cols"], case
+    # One adapter's operations on a mixed model: once "this model has no S2FT adapter; call s2ft.apply_s2ft".
+    before = snapshot(mixed)
+    for operation in (s2ft.merge_adapter, s2ft.merge_and_unload, lambda m: s2ft.save_adapter(m, tmp_path / "x")):
+        with pytest.raises(AdapterError, match="this model serves mixed adapters"):
+            operation(mixed)
+    with pytest.raises(AdapterError, match="this model serves mixed adapters"):
+        s2ft.switch_adapter(mixed, paths["cols"])
+    assert_same_state(mixed, before)
