@@ -89,6 +89,22 @@ def check_fits(model: nn.Module, adapter: Adapter) -> None:
             f"the model's parameter names/shapes differ from the base the adapter was trained on "
             f"({adapter.base_model or 'unknown'}); load it onto that base model"
         )
+    # Names and shapes do not fix the heads: 8 heads of 8 and 4 heads of 16 have the same weights' shapes.
+    structures = {s.index: s for s in find_structures(model)}
+    for name, m in adapter.modules.items():
+        structure = structures.get(m.layer)
+        if structure is None or structure.module_name(m.component) != name:
+            found = f"layer {m.layer} has no such projection" if structure is None else "it is not"
+            raise AdapterError(
+                f"adapter module {name!r} is recorded as the {m.component} projection of layer {m.layer}, but in this "
+                f"model {found}: a corrupt adapter, or one made for another base ({adapter.base_model or 'unknown'})"
+            )
+        if structure.unit_size(m.component) != m.unit_size:
+            raise AdapterError(
+                f"adapter module {name!r} trains {m.component} units of {m.unit_size} rows/columns, but this model's "
+                f"are of {structure.unit_size(m.component)} (another head_dim): the adapter was made for another base "
+                f"model ({adapter.base_model or 'unknown'})"
+            )
 
 
 def _current_coordinates(state: S2FTState | None, m: AdapterModule) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +131,7 @@ def load_adapter(base: nn.Module, path, trainable: bool = False) -> nn.Module:
 
     Raises:
         AdapterError: See ``load_adapter_file`` and ``check_fits``; the model is unchanged when raised.
-        ValueError: If ``base`` already has an S2FT adapter.
+        AdapterError: Also if ``base`` already has an S2FT adapter.
     """
     check_fresh(base, "use s2ft.switch_adapter(model, path) instead")
     adapter = as_adapter(path)
@@ -190,29 +206,57 @@ def fuse_adapters(base: nn.Module, paths_or_adapters, weights=None) -> nn.Module
         weights: One weight per adapter (default: all 1).
 
     Raises:
-        AdapterError / ValueError: On a bad adapter, a mismatched base, or a wrong number of weights; the model is
-            unchanged when raised.
+        AdapterError: On a bad adapter, a mismatched base, or weights that are not one finite number per adapter;
+            the model is unchanged when raised.
+        AdapterError: Also if ``base`` has S2FT applied or adapters loaded.
     """
     check_fresh(base, "fuse_adapters needs a plain base model: call merge_and_unload or start from a fresh base")
+    # One folder or one weight is iterable too (by characters, or not at all): refuse it before any file is read.
+    if isinstance(paths_or_adapters, (str, os.PathLike, Adapter)):
+        raise AdapterError(f"fuse_adapters takes a list of adapters, got {paths_or_adapters!r}: give [path, ...]")
+    weights = None if weights is None else _numbers(weights)
     adapters = [as_adapter(item) for item in paths_or_adapters]
-    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    weights = [1.0] * len(adapters) if weights is None else weights
     if not adapters or len(weights) != len(adapters) or not all(math.isfinite(w) for w in weights):
-        raise ValueError(f"give one finite weight per adapter: {len(adapters)} adapters, weights {weights}")
+        raise AdapterError(f"give one finite weight per adapter: {len(adapters)} adapters, weights {weights}")
     for adapter in adapters:
         check_fits(base, adapter)
-    deltas = []
+    parts: dict[str, list[tuple[AdapterModule, float]]] = {}
     for adapter, w in zip(adapters, weights, strict=True):
         for name, m in adapter.modules.items():
-            weight = base.get_submodule(name).weight
-            positions = m.positions.to(weight.device)
-            base_values = weight.detach().index_select(m.axis, positions)
-            # In fp32: fp32 adapter values on a bf16 base differ from it by less than the base's rounding step.
-            delta = w * (m.values.to(weight.device, torch.float32) - base_values.float())
-            deltas.append((weight, m.axis, positions, delta.to(weight.dtype)))
+            parts.setdefault(name, []).append((m, w))
+    fused = []
+    for name, modules in parts.items():
+        weight = base.get_submodule(name).weight
+        axis = modules[0][0].axis
+        positions = torch.cat([m.positions for m, _ in modules]).unique().to(weight.device)
+        # Summed in fp64 and rounded to the weight's dtype once: base + (values - base) is then exactly the values, so
+        # one adapter of weight 1 gives what merging it gives, bit for bit, also fp32 values on a bf16 base (each
+        # delta rounded to bf16 and added into the bf16 weight rounded twice: one entry in three was 1 ulp off).
+        base_slots = weight.detach().index_select(axis, positions).double()
+        slots = base_slots.clone()
+        for m, w in modules:
+            at = torch.searchsorted(positions, m.positions.to(weight.device))
+            slots.index_add_(
+                axis, at, w * (m.values.to(weight.device, torch.float64) - base_slots.index_select(axis, at))
+            )
+        fused.append((weight, axis, positions, slots.to(weight.dtype)))
     with torch.no_grad():
-        for weight, axis, positions, delta in deltas:
-            weight.index_add_(axis, positions, delta)
+        for weight, axis, positions, slots in fused:
+            weight.index_copy_(axis, positions, slots)
     return base
+
+
+def _numbers(weights) -> list[float]:
+    """``weights`` as a list of floats; an ``AdapterError`` for a number, a string or anything else not a list of
+    numbers."""
+    try:
+        numbers = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        numbers = None
+    if numbers is None or isinstance(weights, str):
+        raise AdapterError(f"fuse_adapters weights must be a list of numbers, one per adapter, got {weights!r}")
+    return numbers
 
 
 @dataclass(frozen=True)
@@ -275,7 +319,8 @@ def switch_adapter(model: nn.Module, path_or_adapter) -> nn.Module:
     merged = any(module.merged for module in current.values())
     trainable = any(module.values.requires_grad for module in current.values())
     # Newly wrapped modules keep their values in the model's values dtype (fp32 beside a bf16 weight), like the
-    # modules that are retargeted, so that no adapter value is rounded to the weight's dtype.
+    # modules that are retargeted, so that no adapter value is rounded to the weight's dtype; frozen values, in the
+    # wider of that and the adapter's dtype (fp32 values after bf16 ones).
     values_dtype = next((module.values.dtype for module in current.values()), None)
     for name, module in current.items():
         if name not in prepared.slots:
@@ -288,7 +333,8 @@ def switch_adapter(model: nn.Module, path_or_adapter) -> nn.Module:
             layer.store_slot_major()
             layer.retarget(positions, values, merged, checked=True)
         else:
-            layer = S2FTLinear(model.get_submodule(name), m.axis, positions, m.unit_size, values, values_dtype)
+            dtype = values_dtype if trainable else torch.promote_types(values_dtype, values.dtype)
+            layer = S2FTLinear(model.get_submodule(name), m.axis, positions, m.unit_size, values, dtype)
             layer.store_slot_major()
             model.set_submodule(name, layer)
             if merged:

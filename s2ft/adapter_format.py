@@ -22,6 +22,8 @@ from s2ft.structures import AXIS, unit_positions
 FORMAT = "s2ft-adapter"
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter_config.json"
+# The dtypes adapter values may have: S2FT's matmuls (and isfinite) take no other (float8, integers, complex).
+VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class AdapterError(UserError, ValueError):
@@ -99,9 +101,12 @@ def write_adapter(adapter: Adapter, path: str | os.PathLike) -> None:
             for name, m in adapter.modules.items()
         },
     }
+    # Serialized before any file is written: a config json cannot write must not leave new weights beside the old
+    # adapter's config (a folder that no longer loads).
+    text = json.dumps(config, indent=2) + "\n"
     tensors = {f"{name}.values": m.values.contiguous() for name, m in adapter.modules.items()}
     atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-    atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
 
 
 def atomic_write(target: Path, write) -> None:
@@ -129,16 +134,29 @@ def load_adapter_file(path: str | os.PathLike) -> Adapter:
             values of the wrong shape or with NaN/inf.
     """
     path = Path(path)
+    if path.is_file():
+        raise AdapterError(f"{path} is a file; give the adapter's folder (it holds {WEIGHTS_NAME} and {CONFIG_NAME})")
     config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
-    for file in (config_path, weights_path):
-        if not file.is_file():
-            raise AdapterError(f"adapter file missing: {file} (save one with s2ft.save_adapter(model, {str(path)!r}))")
+    missing = f"(save one with s2ft.save_adapter(model, {str(path)!r}))"
+    if not config_path.is_file():
+        raise AdapterError(f"adapter file missing: {config_path} {missing}")
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterError(f"corrupt adapter config {config_path}: {err}") from err
     if not isinstance(config, dict) or config.get("format") != FORMAT or not isinstance(config.get("modules"), dict):
-        raise AdapterError(f"{config_path} is not an S2FT adapter config (expected format {FORMAT!r} and 'modules')")
+        # A PEFT folder (export_lora writes them) has the same file name: say what it is.
+        peft = isinstance(config, dict) and "peft_type" in config
+        hint = (
+            f"; it is a PEFT {config['peft_type']} adapter: load it with peft.PeftModel.from_pretrained" if peft else ""
+        )
+        raise AdapterError(
+            f"{config_path} is not an S2FT adapter config (expected format {FORMAT!r} and 'modules'){hint}"
+        )
+    if not isinstance(config.get("config", {}), dict):
+        raise AdapterError(f"corrupt adapter config {config_path}: 'config' (the selection settings) must be a mapping")
+    if not weights_path.is_file():
+        raise AdapterError(f"adapter file missing: {weights_path} {missing}")
     try:
         tensors = load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as err:
@@ -202,8 +220,12 @@ def check_adapter(adapter: Adapter, source: str = "adapter") -> None:
         expected[m.axis] = units.numel() * m.unit_size
         if list(m.values.shape) != expected:
             raise AdapterError(f"{where}: values have shape {tuple(m.values.shape)}, expected {tuple(expected)}")
-        if not m.values.is_floating_point() or not bool(torch.isfinite(m.values).all()):
-            raise AdapterError(f"{where}: values contain NaN/inf or are not floating point")
+        if m.values.dtype not in VALUE_DTYPES:
+            raise AdapterError(
+                f"{where}: values are {m.values.dtype}; S2FT computes with float16, bfloat16, float32 or float64"
+            )
+        if not bool(torch.isfinite(m.values).all()):
+            raise AdapterError(f"{where}: values contain NaN/inf")
 
 
 def as_adapter(path_or_adapter) -> Adapter:

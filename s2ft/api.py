@@ -26,7 +26,8 @@ def apply_s2ft(model: nn.Module, cfg: S2FTConfig, calibration=None, layout: str 
         ``model``, with ``model.s2ft_state`` recording the selection settings.
 
     Raises:
-        ValueError: If the model already has S2FT applied, or on an invalid config/layout.
+        AdapterError: If the model already has S2FT applied.
+        ValueError: On an invalid config/layout.
     """
     check_fresh(model)
     layout = cfg.layout if layout is None else layout

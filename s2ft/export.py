@@ -62,7 +62,7 @@ def export_lora(adapter: str | os.PathLike | Adapter, out_dir: str | os.PathLike
 
     Raises:
         AdapterError: A bad adapter, one made for another base, or an ``out_dir`` that holds files.
-        ValueError: ``base`` has S2FT applied or adapters loaded (its weights are not the base's).
+        AdapterError: Also if ``base`` has S2FT applied or adapters loaded (its weights are not the base's).
     """
     # An S2FT model's weights hold zeroed or merged slots, which would give wrong deltas without any error.
     check_fresh(base, "export_lora needs the plain base model the adapter was trained on: its weights give the deltas")

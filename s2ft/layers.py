@@ -157,18 +157,22 @@ class S2FTLinear(nn.Module):
                 if self.index.numel():
                     write_slots(self.weight, self.axis, self.index, self.base_values)
                 base_values = read_slots(self.weight, self.axis, index)
-            # The values keep their own dtype (fp32 while training a bf16 model), so a switch loses no precision.
-            new_values = (base_values if values is None else values).to(self.weight.device, self.values.dtype)
-            # base_values is a fresh read (or the layer's own), so it is kept, not copied; the index is copied when it
-            # fits (the caller's tensor stays the caller's), and the values stay the same Parameter when their size
-            # allows (an optimizer may hold it).
+            # The values keep their own dtype (fp32 while training a bf16 model), so a switch loses no precision;
+            # frozen values widen to the new values' dtype (fp32 values after bf16 ones) for the same reason.
+            dtype = self.values.dtype
+            if values is not None and not self.values.requires_grad:
+                dtype = torch.promote_types(dtype, values.dtype)
+            new_values = (base_values if values is None else values).to(self.weight.device, dtype)
+            # base_values is a fresh read (or the layer's own), so it is kept, not copied; the index is always a copy
+            # (the caller's tensor stays the caller's: a prepared adapter's positions are switched to again), and the
+            # values stay the same Parameter when their size allows (an optimizer may hold it).
             self.base_values = base_values
-            if self.values.shape == new_values.shape:
+            if self.values.shape == new_values.shape and self.values.dtype == dtype:
                 if not same:
                     self.index.copy_(index)
                 self.values.copy_(new_values)
             else:
-                self.index = index
+                self.index = index.clone()
                 if _columns_contiguous(self.weight, self.axis):  # keep the values in the weight's layout
                     new_values = slot_major(new_values, self.axis)
                 self.values = nn.Parameter(new_values.clone(), requires_grad=self.values.requires_grad)
@@ -179,6 +183,11 @@ class S2FTLinear(nn.Module):
         self.merged = merged
         if not same:
             self.span = contiguous_span(index)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        # A state dict may bring another index of the same size: the contiguous fast path must follow it.
+        self.span = contiguous_span(self.index)
 
     def store_slot_major(self) -> None:
         """Stores ``weight`` (and ``base_values``, and ``values`` unless they train) so that every trained slot is a

@@ -24,11 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from s2ft.adapter import check_fits
-from s2ft.adapter_format import Adapter, check_adapter, load_adapter_file
+from s2ft.adapter_format import Adapter, AdapterError, check_adapter, load_adapter_file
 from s2ft.layers import plain_linear
 from s2ft.state import check_fresh
 
 BASE = "__base__"
+# nn.ModuleDict refuses a key that is one of its attributes (train, eval, values, cuda, ...): adapters are kept under
+# this prefix, which no attribute has, so that any name works.
+SLOT_PREFIX = "adapter_"
 
 
 @dataclass
@@ -37,16 +40,17 @@ class MultiAdapterState:
 
     Attributes:
         configs: Per loaded adapter name (in load order), its selection settings.
-        groups: The rows of the current call per adapter present, ``[(name, row indices)]``; set by the pre-hook.
+        groups: The rows of the current call per adapter present, ``[(name, row indices)]``; set by the pre-hook,
+            cleared when the call returns (a submodule called on its own, ``model.model(...)``, is the base model).
         generation: While ``generate`` runs with ``adapter_names``: the batch's row count and its groups, used by
             every forward call of that generation.
-        hook: The top model's forward pre-hook (removed when the last adapter is).
+        hooks: The top model's forward pre-hook and forward hook (removed when the last adapter is).
     """
 
     configs: dict[str, dict] = field(default_factory=dict)
     groups: list[tuple[str, torch.Tensor]] = field(default_factory=list)
     generation: tuple[int, list[tuple[str, torch.Tensor]]] | None = None
-    hook: object = None
+    hooks: list = field(default_factory=list)
 
 
 class AdapterSlots(nn.Module):
@@ -83,7 +87,15 @@ class MultiAdapterLinear(nn.Linear):
             positions = positions.to(self.weight.device)
             base = self.weight.index_select(self.axis, positions).float()
             delta = (values.to(device=self.weight.device, dtype=torch.float32) - base).to(self.weight.dtype)
-        self.adapters[name] = AdapterSlots(positions, delta)
+        self.adapters[SLOT_PREFIX + name] = AdapterSlots(positions, delta)
+
+    def trains(self, name: str) -> bool:
+        """Whether adapter ``name`` trained this projection."""
+        return SLOT_PREFIX + name in self.adapters
+
+    def remove(self, name: str) -> None:
+        """Drops adapter ``name``'s rows/columns."""
+        del self.adapters[SLOT_PREFIX + name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
@@ -92,9 +104,9 @@ class MultiAdapterLinear(nn.Linear):
         rows_first = out.view(out.shape[0], -1, out.shape[-1])
         inputs = x.reshape(x.shape[0], -1, x.shape[-1])
         for name, rows in self.state.groups:
-            if name not in self.adapters:
+            if not self.trains(name):
                 continue
-            slots = self.adapters[name]
+            slots = self.adapters[SLOT_PREFIX + name]
             selected = inputs.index_select(0, rows)
             if self.axis == 1:
                 rows_first.index_add_(0, rows, F.linear(selected.index_select(-1, slots.index), slots.delta))
@@ -107,26 +119,26 @@ class MultiAdapterLinear(nn.Linear):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, axis={self.axis}, "
-            f"adapters={list(self.adapters)}"
+            f"adapters={[key.removeprefix(SLOT_PREFIX) for key in self.adapters]}"
         )
 
 
 def _state(model: nn.Module) -> MultiAdapterState:
     state = getattr(model, "s2ft_adapters", None)
     if state is None:
-        raise ValueError("this model has no mixed adapters; call s2ft.load_adapters(base, {name: path}) first")
+        raise AdapterError("this model has no mixed adapters; call s2ft.load_adapters(base, {name: path}) first")
     return state
 
 
 def _check_name(name, loaded) -> None:
     if not isinstance(name, str) or not name or "." in name or name == BASE:
-        raise ValueError(f"adapter name {name!r} must be a non-empty string without '.', and not {BASE!r}")
+        raise AdapterError(f"adapter name {name!r} must be a non-empty string without '.', and not {BASE!r}")
     if name in loaded:
-        raise ValueError(f"an adapter named {name!r} is already loaded; remove_adapter(model, {name!r}) first")
+        raise AdapterError(f"an adapter named {name!r} is already loaded; remove_adapter(model, {name!r}) first")
 
 
 def _row_count(args: tuple, kwargs: dict) -> int | None:
-    for key in ("input_ids", "inputs_embeds"):
+    for key in ("input_ids", "inputs_embeds", "inputs"):  # inputs: generate's name for its first argument
         if kwargs.get(key) is not None:
             return kwargs[key].shape[0]
     return args[0].shape[0] if args and isinstance(args[0], torch.Tensor) else None
@@ -141,13 +153,17 @@ def _rows_hook(model: nn.Module, args: tuple, kwargs: dict):
     elif state.generation is not None:
         expected, state.groups = state.generation
         if rows is not None and rows != expected:
-            raise ValueError(
+            raise AdapterError(
                 f"generate with adapter_names runs {expected} rows but the model got {rows} (beam search or "
                 "num_return_sequences expand the batch): give one adapter name per expanded row"
             )
     else:
         state.groups = []
     return args, kwargs
+
+
+def _clear_rows(model: nn.Module, args: tuple, output) -> None:
+    model.s2ft_adapters.groups = []
 
 
 def _generate(model: nn.Module, *args, adapter_names=None, **kwargs):
@@ -165,12 +181,12 @@ def _generate(model: nn.Module, *args, adapter_names=None, **kwargs):
 
 def _group_rows(state: MultiAdapterState, names, rows: int | None, device) -> list[tuple[str, torch.Tensor]]:
     if isinstance(names, str) or not all(isinstance(name, str) for name in names):
-        raise ValueError(f"adapter_names must be a list with one adapter name per row, got {names!r}")
+        raise AdapterError(f"adapter_names must be a list with one adapter name per row, got {names!r}")
     unknown = sorted(set(names) - set(state.configs) - {BASE})
     if unknown:
-        raise ValueError(f"unknown adapter names {unknown}; loaded: {list(state.configs)} (or {BASE!r})")
+        raise AdapterError(f"unknown adapter names {unknown}; loaded: {list(state.configs)} (or {BASE!r})")
     if rows is not None and len(names) != rows:
-        raise ValueError(f"adapter_names has {len(names)} names for a batch of {rows} rows; give one name per row")
+        raise AdapterError(f"adapter_names has {len(names)} names for a batch of {rows} rows; give one name per row")
     groups: dict[str, list[int]] = {}
     for row, name in enumerate(names):
         if name != BASE:
@@ -215,13 +231,15 @@ def load_adapters(base: nn.Module, adapters: Mapping[str, str | os.PathLike | Ad
 
     Raises:
         AdapterError: A bad adapter or one made for another base; the model is unchanged when raised.
-        ValueError: An empty mapping, a bad name, or a model that already has S2FT adapters.
+        AdapterError: Also for an empty mapping, a bad name, or a model that already has S2FT adapters.
     """
     if getattr(base, "s2ft_adapters", None) is not None:
-        raise ValueError("this model already has S2FT adapters; use s2ft.add_adapter(model, name, path)")
+        raise AdapterError("this model already has S2FT adapters; use s2ft.add_adapter(model, name, path)")
     check_fresh(base, "load_adapters needs a plain base model: call merge_and_unload or start from a fresh base")
+    if not isinstance(adapters, Mapping):
+        raise AdapterError(f"load_adapters takes a mapping of names to adapters, got {adapters!r}: {{'name': path}}")
     if not adapters:
-        raise ValueError("give at least one adapter: load_adapters(base, {'name': 'path/to/adapter'})")
+        raise AdapterError("give at least one adapter: load_adapters(base, {'name': 'path/to/adapter'})")
     loaded: dict[str, Adapter] = {}
     for name, source in adapters.items():
         _check_name(name, loaded)
@@ -229,7 +247,10 @@ def load_adapters(base: nn.Module, adapters: Mapping[str, str | os.PathLike | Ad
     state = MultiAdapterState()
     for name, adapter in loaded.items():
         _attach(base, state, name, adapter)
-    state.hook = base.register_forward_pre_hook(_rows_hook, with_kwargs=True)
+    state.hooks = [
+        base.register_forward_pre_hook(_rows_hook, with_kwargs=True),
+        base.register_forward_hook(_clear_rows, always_call=True),
+    ]
     base.generate = types.MethodType(_generate, base)  # a bound method, so a deep copy of the model binds its copy
     base.s2ft_adapters = state
     return base
@@ -250,15 +271,20 @@ def remove_adapter(model: nn.Module, name: str) -> nn.Module:
     """
     state = _state(model)
     if name not in state.configs:
-        raise ValueError(f"no adapter named {name!r} is loaded; loaded: {list(state.configs)}")
+        raise AdapterError(f"no adapter named {name!r} is loaded; loaded: {list(state.configs)}")
+    if state.generation is not None:
+        # Its rows would go on decoding with the base model's weights, silently (from a streamer, a stopping
+        # criterion or another thread).
+        raise AdapterError(f"generate is running with adapter_names; remove adapter {name!r} after it returns")
     for module_name, module in list(model.named_modules()):
-        if isinstance(module, MultiAdapterLinear) and name in module.adapters:
-            del module.adapters[name]
+        if isinstance(module, MultiAdapterLinear) and module.trains(name):
+            module.remove(name)
             if not len(module.adapters):
                 model.set_submodule(module_name, plain_linear(module))
     del state.configs[name]
     if not state.configs:
-        state.hook.remove()
+        for hook in state.hooks:
+            hook.remove()
         del model.generate, model.s2ft_adapters
     return model
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from s2ft.adapter_format import load_adapter_file
+from s2ft.adapter_format import Adapter, AdapterError, load_adapter_file
 from s2ft.config import COMPONENTS, DEFAULT_TARGET_SPLIT, S2FTConfig, S2FTConfigError
 from s2ft.registry import STRATEGIES
 from s2ft.structures import AXIS, LayerStructure, Selection, find_structures
@@ -335,6 +335,8 @@ def excluded_units(exclude, structures: list[LayerStructure]) -> Selection:
         return {}
     if isinstance(exclude, (str, Path)):
         exclude = load_adapter_file(exclude)
+    if isinstance(exclude, Adapter):
+        _check_units_fit(exclude, structures)
     if callable(getattr(exclude, "units", None)):
         exclude = exclude.units()
     if not isinstance(exclude, Mapping):
@@ -354,6 +356,25 @@ def excluded_units(exclude, structures: list[LayerStructure]) -> Selection:
             raise ValueError(f"exclude {key}: unit indices must lie in [0, {size}), got {units.tolist()}")
         selection[key] = units
     return selection
+
+
+def _check_units_fit(adapter: Adapter, structures: list[LayerStructure]) -> None:
+    """Refuses an adapter whose units are not this model's: unit indices mean other rows/columns under another head
+    size (4 heads of 16 have the shapes of 8 heads of 8), so excluding them would exclude other units."""
+    for name, m in adapter.modules.items():
+        structure = structures[m.layer] if 0 <= m.layer < len(structures) else None
+        fits = (
+            structure is not None
+            and structure.module_name(m.component) == name
+            and structure.unit_size(m.component) == m.unit_size
+            and structure.num_units(m.component) * m.unit_size == m.shape[m.axis]
+        )
+        if not fits:
+            raise AdapterError(
+                f"exclude: adapter module {name!r} ({m.component} units of {m.unit_size} in layer {m.layer}) is not a "
+                f"projection of this model with those units: the adapter was made for another base model "
+                f"({adapter.base_model or 'unknown'})"
+            )
 
 
 def select_units(model: nn.Module, cfg: S2FTConfig, calibration=None) -> Selection:

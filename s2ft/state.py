@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from s2ft.adapter_format import AdapterError
 from s2ft.layers import S2FTLinear
 
 
@@ -46,8 +47,15 @@ def s2ft_modules(model: nn.Module) -> dict[str, S2FTLinear]:
 def model_state(model: nn.Module) -> S2FTState:
     """The model's ``S2FTState``; a clear error when it has none."""
     state = getattr(model, "s2ft_state", None)
+    if state is None and getattr(model, "s2ft_adapters", None) is not None:
+        raise AdapterError(
+            "this model serves mixed adapters (s2ft.load_adapters), which are not saved, merged or switched: do that "
+            "on a model with one adapter (s2ft.load_adapter on a fresh base); remove_adapter the last one for the base"
+        )
     if state is None:
-        raise ValueError("this model has no S2FT adapter; call s2ft.apply_s2ft(model, cfg) or s2ft.load_adapter first")
+        raise AdapterError(
+            "this model has no S2FT adapter; call s2ft.apply_s2ft(model, cfg) or s2ft.load_adapter first"
+        )
     return state
 
 
@@ -56,8 +64,8 @@ def check_fresh(model: nn.Module, hint: str = "start from a fresh base model (or
     modules) or mixed adapters (``model.s2ft_adapters``, `s2ft.multi_adapter`).
 
     Raises:
-        ValueError: Naming what to do instead (``hint``).
+        AdapterError: Naming what to do instead (``hint``).
     """
     loaded = getattr(model, "s2ft_state", None) is not None or getattr(model, "s2ft_adapters", None) is not None
     if loaded or s2ft_modules(model):
-        raise ValueError(f"this model already has an S2FT adapter; {hint}")
+        raise AdapterError(f"this model already has an S2FT adapter; {hint}")

@@ -192,9 +192,9 @@ def adapter_files(tmp_path, base, ratios, seed, exclude=None):
     return tmp_path / f"a{seed}"
 
 
-def corrupt_units(path, units):
+def corrupt_units(path, units, key="units"):
     config = json.loads((path / CONFIG_NAME).read_text())
-    config["modules"]["model.layers.0.self_attn.o_proj"]["units"] = units
+    config["modules"]["model.layers.0.self_attn.o_proj"][key] = units
     (path / CONFIG_NAME).write_text(json.dumps(config))
 
 
@@ -204,6 +204,16 @@ def corrupt_values(path, value):
     save_file(tensors, path / WEIGHTS_NAME)
 
 
+def corrupt_field(path, key, value):
+    config = json.loads((path / CONFIG_NAME).read_text())
+    config[key] = value
+    (path / CONFIG_NAME).write_text(json.dumps(config))
+
+
+def cast_values(path, dtype):
+    save_file({name: t.to(dtype) for name, t in load_file(path / WEIGHTS_NAME).items()}, path / WEIGHTS_NAME)
+
+
 # A broken adapter of build_tiny("llama_gqa") (o_proj trained): how to break it, what the refusal says.
 BAD_ADAPTERS = {
     "missing weights": (lambda p: (p / WEIGHTS_NAME).unlink(), "adapter file missing"),
@@ -211,14 +221,18 @@ BAD_ADAPTERS = {
     "corrupt weights": (lambda p: (p / WEIGHTS_NAME).write_bytes(b"\x00garbage"), "corrupt adapter weights"),
     "corrupt config": (lambda p: (p / CONFIG_NAME).write_text("{not json"), "corrupt adapter config"),
     "not an adapter": (lambda p: (p / CONFIG_NAME).write_text("{}"), "not an S2FT adapter"),
+    "settings not a mapping": (lambda p: corrupt_field(p, "config", None), "'config' .* must be a mapping"),
     "out of range": (lambda p: corrupt_units(p, [0, 8]), r"must lie in \[0, 8\)"),
     "negative": (lambda p: corrupt_units(p, [-1, 2]), r"must lie in \[0, 8\)"),
     "duplicated": (lambda p: corrupt_units(p, [3, 3]), "sorted and unique"),
     "unsorted": (lambda p: corrupt_units(p, [5, 2]), "sorted and unique"),
     "not integers": (lambda p: corrupt_units(p, [1.5, 2]), "list of ints"),
     "wrong count": (lambda p: corrupt_units(p, [1, 2, 3]), "values have shape"),
+    "wrong layer": (lambda p: corrupt_units(p, 1, key="layer"), "recorded as the o projection of layer 1"),
     "nan": (lambda p: corrupt_values(p, float("nan")), "NaN/inf"),
     "inf": (lambda p: corrupt_values(p, float("inf")), "NaN/inf"),
+    "integers": (lambda p: cast_values(p, torch.int32), "values are torch.int32; S2FT computes with float16"),
+    "float8": (lambda p: cast_values(p, torch.float8_e4m3fn), "values are torch.float8_e4m3fn; S2FT computes with"),
 }
 
 # Base models an adapter of build_tiny("llama_gqa") does not fit, and what the refusal says.
@@ -226,6 +240,8 @@ OTHER_BASES = [
     (lambda: build_tiny("llama_gqa", hidden_size=32), "weight shape"),
     (lambda: build_tiny("llama_gqa", num_hidden_layers=1), "not a linear layer"),
     (lambda: build_tiny("llama_gqa", vocab_size=64), "names/shapes differ"),
+    # The same weights' shapes, other heads: 4 of 16 instead of 8 of 8.
+    (lambda: build_tiny("llama_gqa", num_attention_heads=4, num_key_value_heads=2, head_dim=16), "another head_dim"),
 ]
 
 

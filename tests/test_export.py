@@ -83,3 +83,16 @@ def test_export_is_validated_and_overwrites_nothing(tmp_path):
 
 def test_export_lora_is_part_of_the_package_api():
     assert s2ft.export_lora is export_lora
+
+
+def test_an_exported_folder_or_an_adapter_file_given_to_load_adapter_is_named(tmp_path):
+    """Both have an adapter_config.json or are the adapter's own file: the refusal used to say only that
+    adapter.safetensors was missing (under the LoRA folder, or under the file as if it were a folder)."""
+    base = build_tiny("llama_gqa")
+    path = save_adapters(base, tmp_path, {"cols": SELECTIONS["cols"]})["cols"]
+    export_lora(path, tmp_path / "lora", base)
+    with pytest.raises(AdapterError, match="is a PEFT LORA adapter: load it with peft.PeftModel.from_pretrained"):
+        s2ft.load_adapter(base, tmp_path / "lora")
+    with pytest.raises(AdapterError, match="adapter.safetensors is a file; give the adapter's folder"):
+        s2ft.load_adapter(base, tmp_path / "cols" / "adapter.safetensors")
+    assert not hasattr(base, "s2ft_state")

@@ -217,3 +217,21 @@ def test_bad_input_is_refused(axis, index, values, error, match):
     with pytest.raises(error, match=match):
         S2FTLinear(linear, axis, torch.tensor(index, dtype=torch.long), values=values)
     assert torch.equal(linear.weight, reference.weight)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_a_loaded_state_dict_with_another_index_computes_with_that_index(axis):
+    """A layer trained on a contiguous range (the permuted layout's) loading the state dict of one trained on gathered
+    slots of the same count: the forward's contiguous fast path kept slicing the old range."""
+    linear, reference = make_pair(bias=True)
+    contiguous = S2FTLinear(linear, axis, torch.tensor([0, 1, 2, 3]))
+    gathered = S2FTLinear(reference, axis, torch.tensor([2, 5, 6, 9]))
+    with torch.no_grad():
+        gathered.values.add_(torch.randn(gathered.values.shape, dtype=torch.float64))
+    contiguous.load_state_dict(gathered.state_dict())
+    x = torch.randn(5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(contiguous(x), gathered(x), rtol=0, atol=1e-12)
+    for layer in (contiguous, gathered):  # training: the fused function, and the values' gradient
+        layer(x).pow(2).sum().backward()
+    torch.testing.assert_close(contiguous.values.grad, gathered.values.grad, rtol=0, atol=1e-12)

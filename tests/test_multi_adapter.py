@@ -4,11 +4,13 @@ import copy
 
 import pytest
 import torch
-from conftest import BAD_ADAPTERS, OTHER_BASES, assert_same_state, build_tiny, snapshot, trained
+from conftest import BAD_ADAPTERS, OTHER_BASES, VOCAB, assert_same_state, build_tiny, snapshot, trained
 from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 import s2ft
 from s2ft.adapter_format import AdapterError
+from s2ft.errors import UserError
 from s2ft.multi_adapter import BASE, MultiAdapterLinear, add_adapter, load_adapters, loaded_adapters, remove_adapter
 
 # Adapter "cols" trains input columns only (o, down), "rows" output rows only, "both" every component.
@@ -125,6 +127,9 @@ def test_bad_adapter_names_are_refused(tmp_path, names, message):
         model(input_ids=input_ids, attention_mask=mask, adapter_names=names)
     with pytest.raises(ValueError, match=message):
         model.generate(input_ids=input_ids, attention_mask=mask, adapter_names=names, max_new_tokens=2)
+    # generate's own name for the prompt: a wrong count was reported as beam search expanding the batch.
+    with pytest.raises(ValueError, match=message):
+        model.generate(inputs=input_ids, attention_mask=mask, adapter_names=names, max_new_tokens=2)
 
 
 def test_beam_search_expanding_the_batch_is_refused(tmp_path):
@@ -197,6 +202,10 @@ def test_names_and_models_are_checked(tmp_path):
             load_adapters(base, {name: paths["cols"]})
     with pytest.raises(ValueError, match="at least one adapter"):
         load_adapters(base, {})
+    # A list of folders (as run.py's adapters=[...] takes): once an AttributeError ('list' object has no 'items').
+    with pytest.raises(AdapterError, match="takes a mapping of names to adapters"):
+        load_adapters(base, [paths["cols"]])
+    assert not hasattr(base, "s2ft_adapters")
     model = load_adapters(base, paths)
     with pytest.raises(ValueError, match="already has S2FT adapters"):
         load_adapters(model, paths)
@@ -212,6 +221,22 @@ def test_names_and_models_are_checked(tmp_path):
         s2ft.load_adapter(model, paths["cols"])
     with pytest.raises(ValueError, match="already has an S2FT adapter"):
         s2ft.apply_s2ft(model, s2ft.S2FTConfig(ratios={"o": 0.25}))
+
+
+@pytest.mark.parametrize("name", ["train", "eval", "values", "cuda"])
+def test_any_name_works_also_the_attributes_of_torch_containers(tmp_path, name):
+    """Names like "train" or "eval" are attributes of the nn.ModuleDict that holds the adapters: once a KeyError
+    halfway through the load, which left the model with one projection wrapped."""
+    base = build_tiny("llama_9_3")
+    paths = save_adapters(base, tmp_path, {"cols": SELECTIONS["cols"]})
+    references = merged_models(base, paths)
+    model = load_adapters(copy.deepcopy(base), {name: paths["cols"]})
+    assert loaded_adapters(model) == [name]
+    assert_rows_match(model, {name: references["cols"], BASE: base}, [name, BASE], *left_padded(2))
+    add_adapter(model, "other", paths["cols"])
+    remove_adapter(model, name)
+    remove_adapter(model, "other")
+    assert not any(isinstance(m, MultiAdapterLinear) for m in model.modules())
 
 
 def test_adapters_are_added_and_removed_on_a_live_model(tmp_path):
@@ -280,3 +305,98 @@ def test_smollm2_rows_equal_their_merged_models(tmp_path):
     # Logits of order 30 through 30 layers: 1e-5 of their scale (measured: at most 5.6e-5, i.e. 1.8e-6 of it).
     atol = 1e-5 * 30
     assert_rows_match(model, references, names, batch["input_ids"], batch["attention_mask"], 8, alone=False, atol=atol)
+
+
+def test_a_submodule_called_after_a_mixed_call_is_the_base_model(tmp_path):
+    """The rows of the last call stayed set: the decoder called on its own (``model.model(...)``, for hidden states)
+    applied the previous call's adapters to its rows, after a forward, a generate or a forward that failed."""
+    base = build_tiny("llama_9_3")
+    model = load_adapters(copy.deepcopy(base), save_adapters(base, tmp_path))
+    input_ids, mask = left_padded(len(NAMES))
+    with torch.no_grad():
+        expected = base.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        calls = {
+            "forward": lambda: model(input_ids=input_ids, attention_mask=mask, adapter_names=NAMES),
+            "generate": lambda: model.generate(
+                input_ids=input_ids, attention_mask=mask, adapter_names=NAMES, max_new_tokens=2, do_sample=False
+            ),
+            "failed forward": lambda: model(input_ids=input_ids + VOCAB, adapter_names=NAMES),  # ids out of range
+        }
+        for call, run in calls.items():
+            if call == "failed forward":
+                with pytest.raises(IndexError):
+                    run()
+            else:
+                run()
+            assert torch.equal(model.model(input_ids=input_ids, attention_mask=mask).last_hidden_state, expected), call
+
+
+def test_an_adapter_is_not_removed_while_generate_runs_with_it(tmp_path):
+    """From a stopping criterion (or a streamer, or another thread): its rows went on decoding as the base model."""
+    base = build_tiny("llama_gqa")
+    paths = save_adapters(base, tmp_path, {"cols": SELECTIONS["cols"], "rows": SELECTIONS["rows"]})
+    model = load_adapters(copy.deepcopy(base), paths)
+    refusals = []
+
+    class RemoveAtStep2(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            if input_ids.shape[1] == prompt_length + 2:
+                with pytest.raises(AdapterError, match="generate is running with adapter_names") as refused:
+                    remove_adapter(model, "cols")
+                refusals.append(refused)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    input_ids, mask = left_padded(3)
+    prompt_length = input_ids.shape[1]
+    names = ["cols", "rows", "cols"]
+    with torch.no_grad():
+        expected = model.generate(
+            input_ids=input_ids, attention_mask=mask, adapter_names=names, max_new_tokens=5, do_sample=False
+        )
+        got = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            adapter_names=names,
+            max_new_tokens=5,
+            do_sample=False,
+            stopping_criteria=StoppingCriteriaList([RemoveAtStep2()]),
+        )
+    assert len(refusals) == 1 and torch.equal(got, expected)
+    remove_adapter(model, "cols")  # once it returned
+    assert loaded_adapters(model) == ["rows"]
+
+
+def test_refusals_of_the_adapter_lifecycle_are_user_errors(tmp_path):
+    """They were bare ValueErrors, which run.py shows as a traceback (a bug) instead of `error: ...`."""
+    base = build_tiny("llama_gqa")
+    paths = save_adapters(base, tmp_path, {"cols": SELECTIONS["cols"]})
+    mixed = load_adapters(copy.deepcopy(base), paths)
+    single = s2ft.load_adapter(copy.deepcopy(base), paths["cols"])
+    input_ids, mask = left_padded(2)
+    refusals = {
+        "no adapter to save": lambda: s2ft.save_adapter(base, tmp_path / "none"),
+        "load onto an S2FT model": lambda: s2ft.load_adapter(single, paths["cols"]),
+        "apply onto a mixed model": lambda: s2ft.apply_s2ft(mixed, s2ft.S2FTConfig(ratios={"o": 0.25})),
+        "load_adapters twice": lambda: load_adapters(mixed, paths),
+        "no adapters given": lambda: load_adapters(copy.deepcopy(base), {}),
+        "reserved name": lambda: load_adapters(copy.deepcopy(base), {BASE: paths["cols"]}),
+        "name taken": lambda: add_adapter(mixed, "cols", paths["cols"]),
+        "add to a plain model": lambda: add_adapter(copy.deepcopy(base), "x", paths["cols"]),
+        "remove unknown": lambda: remove_adapter(mixed, "rows"),
+        "unknown row name": lambda: mixed(input_ids=input_ids, attention_mask=mask, adapter_names=["cols", "x"]),
+        "beam search": lambda: mixed.generate(
+            input_ids=input_ids, attention_mask=mask, adapter_names=["cols", BASE], num_beams=2, max_new_tokens=2
+        ),
+    }
+    for case, refused in refusals.items():
+        with pytest.raises(UserError):
+            refused()
+        assert loaded_adapters(mixed) == ["cols"], case
+    # One adapter's operations on a mixed model: once "this model has no S2FT adapter; call s2ft.apply_s2ft".
+    before = snapshot(mixed)
+    for operation in (s2ft.merge_adapter, s2ft.merge_and_unload, lambda m: s2ft.save_adapter(m, tmp_path / "x")):
+        with pytest.raises(AdapterError, match="this model serves mixed adapters"):
+            operation(mixed)
+    with pytest.raises(AdapterError, match="this model serves mixed adapters"):
+        s2ft.switch_adapter(mixed, paths["cols"])
+    assert_same_state(mixed, before)

@@ -2,8 +2,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import build_tiny, calibration_batches
+from conftest import adapter_files, build_tiny, calibration_batches
 
+import s2ft
+from s2ft.adapter_format import AdapterError
 from s2ft.config import COMPONENTS, S2FTConfig, S2FTConfigError
 from s2ft.selection import (
     STRATEGIES,
@@ -384,3 +386,16 @@ def test_global_exclude_error(gqa_model):
     first = select_units(gqa_model, S2FTConfig(ratios={"down": 0.75}, allocation="global"))
     with pytest.raises(ValueError, match="all layers 'down': 144 units requested but only 48 remain"):
         select_units(gqa_model, S2FTConfig(ratios={"down": 0.75}, allocation="global", exclude=first))
+
+
+def test_exclude_refuses_an_adapter_of_other_heads(tmp_path, gqa_model):
+    """4 heads of 16 have the weights' shapes of 8 heads of 8: an adapter of the one excluded the wrong heads of the
+    other silently (unit 1 of 8 is half of head 0 of 16), or, past the other's head count, was refused as out of
+    range (a ValueError that did not say the adapter is another base's)."""
+    path = adapter_files(tmp_path, gqa_model, {"o": 0.25, "k": 0.5}, seed=1)
+    other = build_tiny("llama_gqa", num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    with pytest.raises(AdapterError, match="exclude: adapter module .* made for another base model"):
+        select_units(other, S2FTConfig(ratios={"o": 0.25}, exclude=str(path)))
+    second = select_units(gqa_model, S2FTConfig(ratios={"o": 0.25}, exclude=str(path)))  # its own base: disjoint
+    first = s2ft.load_adapter_file(path).units()
+    assert all(not set(second[key].tolist()) & set(first[key].tolist()) for key in second)

@@ -219,3 +219,45 @@ def test_an_optimizer_keeps_stepping_the_values_it_holds_across_a_switch_exactly
         trained_values[fused] = extract_adapter(model).modules
     for name, m in trained_values[True].items():
         torch.testing.assert_close(m.values, trained_values[False][name].values, rtol=0, atol=1e-6)
+
+
+def test_switching_back_to_a_prepared_adapter_after_one_of_its_size_restores_it_exactly(tmp_path):
+    """Two prepared adapters of one selection size after a model of another size: the first switch made the layers'
+    index the prepared adapter's own positions tensor, and the switch to the second wrote its positions into it, so
+    switching back put the first adapter's values at the second one's positions (logits off by ~4)."""
+    base = build_tiny("llama_9_3")
+    paths = [adapter_files(tmp_path, base, {"o": 0.25, "down": 0.1}, seed=seed) for seed in (2, 3)]
+    model = trained(copy.deepcopy(base), s2ft.S2FTConfig(ratios={"o": 0.12, "down": 0.05}, seed=1), seed=1)
+    prepared = [s2ft.prepare_adapter(model, path) for path in paths]
+    positions = [{name: p.clone() for name, (p, _) in adapter.slots.items()} for adapter in prepared]
+    for step in (0, 1, 0):
+        s2ft.switch_adapter(model, prepared[step])
+    for adapter, before in zip(prepared, positions, strict=True):
+        assert all(torch.equal(adapter.slots[name][0], p) for name, p in before.items())
+    fresh = s2ft.load_adapter(copy.deepcopy(base), paths[0])
+    for name, module in s2ft_modules(fresh).items():
+        assert torch.equal(s2ft_modules(model)[name].index, module.index), name
+    torch.testing.assert_close(logits(model), logits(fresh), rtol=0, atol=1e-5)
+
+
+def test_a_frozen_model_switched_from_bf16_values_to_fp32_ones_keeps_them_exactly(tmp_path):
+    """An adapter saved with bf16 values (S2FT applied to a bf16 model directly), then one with fp32 values: the
+    switch rounded the second one's values to bf16, for retargeted and newly wrapped modules alike."""
+    base = build_tiny("llama_9_3")
+    bf16 = copy.deepcopy(base).bfloat16()
+    s2ft.save_adapter(trained(copy.deepcopy(bf16), s2ft.S2FTConfig(ratios={"o": 0.12, "up": 0.05})), tmp_path / "b")
+    paths = {seed: adapter_files(tmp_path, base, {"o": 0.25, "down": 0.1}, seed) for seed in (2, 3)}
+    model = s2ft.load_adapter(copy.deepcopy(bf16), tmp_path / "b")
+    assert all(m.values.dtype == torch.bfloat16 for m in s2ft_modules(model).values())
+    for seed in (2, 3):  # o: another size, then the same size; down: wrapped, then retargeted; up: unwrapped
+        s2ft.switch_adapter(model, paths[seed])
+        s2ft.save_adapter(model, tmp_path / "again")
+        saved, again = load_adapter_file(paths[seed]), load_adapter_file(tmp_path / "again")
+        assert saved.modules.keys() == again.modules.keys()
+        for name, m in saved.modules.items():
+            assert again.modules[name].values.dtype == torch.float32, name
+            assert torch.equal(again.modules[name].values, m.values), name
+    s2ft.switch_adapter(model, tmp_path / "b")  # and back: bf16 values are exact in fp32
+    saved, again = load_adapter_file(tmp_path / "b"), extract_adapter(model)
+    assert all(torch.equal(again.modules[n].values, m.values.float()) for n, m in saved.modules.items())
+    assert s2ft.trainable_parameter_count(model) == 0
