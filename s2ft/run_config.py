@@ -230,7 +230,13 @@ def _check_trainer(tr: dict) -> list[str]:
     max_steps, max_epochs = tr.get("max_steps", -1), tr.get("max_epochs")
     if max_steps != -1 and not is_positive_int(max_steps):
         problems.append(f"trainer.max_steps must be -1 or an int >= 1, got {max_steps!r}")
-    if max_steps == -1 and not is_positive_int(max_epochs):
+    if max_epochs is not None and max_epochs != -1 and not is_positive_int(max_epochs):
+        # 0 would train nothing and still write results; Lightning refuses the rest with a traceback.
+        problems.append(
+            f"trainer.max_epochs must be null, -1 (no limit: trainer.max_steps stops training) or an int >= 1, got "
+            f"{max_epochs!r}"
+        )
+    elif max_steps == -1 and not is_positive_int(max_epochs):
         problems.append("trainer.max_steps is -1, so trainer.max_epochs must be an int >= 1")
     if not is_positive_int(tr.get("accumulate_grad_batches", 1)):
         problems.append(f"trainer.accumulate_grad_batches must be an int >= 1, got {tr['accumulate_grad_batches']!r}")

@@ -154,3 +154,15 @@ def test_bad_calibration_size_names_both_forms(size):
     cfg["method"]["options"]["calibration_size"] = size
     with pytest.raises(RunConfigError, match=r"calibration_size must be a number of items \(int >= 1\) or a fraction"):
         validate_run_config(cfg)
+
+
+@pytest.mark.parametrize("epochs", [0, -2, 1.5, "three"])
+def test_max_epochs_that_lightning_would_refuse_or_train_nothing_with_is_refused(epochs):
+    """With trainer.max_steps set, max_epochs=0 trained 0 steps and wrote a summary; -2 was Lightning's traceback."""
+    with pytest.raises(RunConfigError, match=r"trainer\.max_epochs must be null, -1 .* or an int >= 1, got"):
+        validate_run_config(compose_run("trainer.max_steps=30", f"trainer.max_epochs={epochs}"))
+
+
+def test_max_epochs_may_be_left_unlimited_when_max_steps_stops_training():
+    for epochs in ("null", "-1", "2"):
+        validate_run_config(compose_run("trainer.max_steps=30", f"trainer.max_epochs={epochs}"))
