@@ -166,3 +166,42 @@ def test_max_epochs_that_lightning_would_refuse_or_train_nothing_with_is_refused
 def test_max_epochs_may_be_left_unlimited_when_max_steps_stops_training():
     for epochs in ("null", "-1", "2"):
         validate_run_config(compose_run("trainer.max_steps=30", f"trainer.max_epochs={epochs}"))
+
+
+def test_trainer_values_lightning_refuses_are_reported_at_once_before_anything_is_written():
+    """Each was a Lightning traceback (or a ZeroDivisionError) after the logger had written into the run directory."""
+    cfg = compose_run(
+        "debug=smoke",
+        "trainer.strategy=dpp",
+        "trainer.accelerator=gpuu",
+        "trainer.devices=0",
+        "trainer.num_nodes=0",
+        "trainer.checkpoint_every_n_steps=0",
+        "trainer.log_every_n_steps=-1",
+        "trainer.val_check_interval=1.5",
+    )
+    with pytest.raises(RunConfigError) as info:
+        validate_run_config(cfg)
+    message = str(info.value)
+    for line in (
+        "trainer.strategy must be one of ('auto', 'ddp', 'fsdp'), got 'dpp'",
+        "trainer.accelerator must be one of ('auto', 'cpu', 'gpu', 'cuda', 'mps'), got 'gpuu'",
+        "trainer.devices must be an int >= 1, -1 (all), 'auto' or a list of device ids, got 0",
+        "trainer.num_nodes must be an int >= 1, got 0",
+        "trainer.checkpoint_every_n_steps must be an int >= 1, got 0",
+        "trainer.log_every_n_steps must be an int >= 1, got -1",
+        "trainer.val_check_interval must be null, a number of training batches (int >= 1) or a fraction of an epoch",
+    ):
+        assert line in message, f"{line!r} not reported in:\n{message}"
+    assert message.startswith("7 problem(s)")
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_a_validation_interval_below_one_batch_is_refused(value):
+    with pytest.raises(RunConfigError, match=rf"trainer\.val_check_interval must be null, .* got {value}"):
+        validate_run_config(compose_run("debug=smoke", f"trainer.val_check_interval={value}"))
+
+
+def test_the_supported_devices_forms_validate():
+    for devices in ("auto", "-1", "2", "[0,1]"):
+        validate_run_config(compose_run("debug=smoke", f"trainer.devices={devices}", "trainer.val_check_interval=0.5"))
