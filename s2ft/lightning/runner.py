@@ -161,9 +161,11 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
         os.replace(partial, before_dir)
     counts = trainable_summary(model)
 
-    # The first writes of the run's own files (metrics, W&B id, config), now that everything is checked.
+    # Lightning checks the accelerator, the devices and the launcher's world as it builds the Trainer: before the
+    # first writes of the run's own files (metrics, W&B id, config), so a command it refuses leaves none of them.
+    trainer = _trainer(cfg, run_dir, False, bool(val), plan.checkpoint, provenance["sources"])
     logger = build_logger(cfg["logger"], cfg, run_dir)
-    trainer = _trainer(cfg, run_dir, logger, bool(val), plan.checkpoint, provenance["sources"])
+    trainer.loggers = [logger] if logger else []
     plan.checkpoint = None  # the checkpoint IO holds it until Lightning restores it, then it is freed
     if trainer.global_rank == 0:
         write_config(cfg, run_dir)
