@@ -161,3 +161,13 @@ def test_a_launcher_mismatch_leaves_the_fixed_run_directory_empty_for_the_correc
             runner.run_experiment(smoke_config("trainer.devices=2", "trainer.strategy=ddp", logger="csv"), run_dir)
     assert sorted(path.name for path in run_dir.iterdir()) == []
     assert runner.run_experiment(smoke_config(logger="csv"), run_dir)["train"]["steps"] == 4
+
+
+def test_more_devices_than_the_machine_has_is_one_config_error_and_writes_nothing(tmp_path):
+    """Lightning's MisconfigurationException (here no GPU at all; on a GPU node fewer than 64) was a traceback."""
+    run_dir = tmp_path / "run"
+    with pytest.raises(RunConfigError, match=r"trainer\.accelerator='gpu' with trainer\.devices=64 does not fit this"):
+        runner.run_experiment(
+            smoke_config("trainer.accelerator=gpu", "trainer.devices=64", "data.limit=300", logger="csv"), run_dir
+        )
+    assert sorted(path.name for path in run_dir.iterdir()) == []

@@ -17,7 +17,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from torch.utils.data import DataLoader
 
 from s2ft.data import load_eval, load_train, split_validation
@@ -287,30 +287,36 @@ def _trainer(
         callbacks.insert(3, KeepBest(after=tr.get("select_best_after", 0.0)))
     io = AtomicCheckpointIO({cfg["ckpt_path"]: preloaded} if preloaded is not None else None)
     strategy = FSDP2Strategy() if tr.get("strategy") == "fsdp" else tr.get("strategy", "auto")
-    trainer = L.Trainer(
-        max_steps=tr.get("max_steps", -1),
-        max_epochs=tr.get("max_epochs"),
-        accumulate_grad_batches=tr.get("accumulate_grad_batches", 1),
-        gradient_clip_val=tr.get("gradient_clip_val"),
-        precision=tr.get("precision", "32-true"),
-        accelerator=tr.get("accelerator", "cpu"),
-        devices=tr.get("devices", 1),
-        strategy=strategy,
-        num_nodes=tr.get("num_nodes", 1),
-        log_every_n_steps=tr.get("log_every_n_steps", 10),
-        # An int interval counts training batches across epochs, so validation runs on a step schedule.
-        val_check_interval=interval if has_val else None,
-        check_val_every_n_epoch=None if isinstance(interval, int) else 1,
-        limit_val_batches=None if has_val else 0,
-        num_sanity_val_steps=0,
-        logger=logger,
-        callbacks=[*callbacks, StepProgressBar()],
-        plugins=[io],
-        enable_checkpointing=False,
-        # The sampler shards by rank itself and resumes mid-epoch; Lightning's replacement would do neither.
-        use_distributed_sampler=False,
-        default_root_dir=run_dir,
-    )
+    try:
+        trainer = L.Trainer(
+            max_steps=tr.get("max_steps", -1),
+            max_epochs=tr.get("max_epochs"),
+            accumulate_grad_batches=tr.get("accumulate_grad_batches", 1),
+            gradient_clip_val=tr.get("gradient_clip_val"),
+            precision=tr.get("precision", "32-true"),
+            accelerator=tr.get("accelerator", "cpu"),
+            devices=tr.get("devices", 1),
+            strategy=strategy,
+            num_nodes=tr.get("num_nodes", 1),
+            log_every_n_steps=tr.get("log_every_n_steps", 10),
+            # An int interval counts training batches across epochs, so validation runs on a step schedule.
+            val_check_interval=interval if has_val else None,
+            check_val_every_n_epoch=None if isinstance(interval, int) else 1,
+            limit_val_batches=None if has_val else 0,
+            num_sanity_val_steps=0,
+            logger=logger,
+            callbacks=[*callbacks, StepProgressBar()],
+            plugins=[io],
+            enable_checkpointing=False,
+            # The sampler shards by rank itself and resumes mid-epoch; Lightning's replacement would do neither.
+            use_distributed_sampler=False,
+            default_root_dir=run_dir,
+        )
+    except MisconfigurationException as err:  # the machine lacks what the config asks for: a GPU, that many devices
+        raise RunConfigError(
+            f"trainer.accelerator={tr.get('accelerator')!r} with trainer.devices={tr.get('devices')!r} does not fit "
+            f"this machine: {err} Pick trainer.devices it has, or trainer=cpu on a machine without GPUs."
+        ) from None
     _check_launcher(trainer)
     return trainer
 
