@@ -12,7 +12,7 @@ import torch
 import yaml
 from conftest import ROOT, compose_run
 
-from s2ft.lightning import evaluation, run_experiment
+from s2ft.lightning import evaluation, run_experiment, runner
 from s2ft.lightning.evaluation import eval_device
 from s2ft.run_config import RunConfigError
 
@@ -181,3 +181,19 @@ def test_eval_mode_with_trainer_gpu_evaluates_on_the_gpu(tmp_path, monkeypatch):
     cfg = compose_run("debug=smoke", "mode=eval", "method=none", "eval.tasks=[boolq]", "trainer.accelerator=gpu")
     assert run_experiment(cfg, tmp_path / "eval")["eval"]["boolq"]["n"] == 4
     assert [device.type for device in devices] == ["cuda"]
+
+
+@pytest.mark.gpu
+def test_a_training_run_on_the_gpu_measures_the_untrained_model_there_too(tmp_path, monkeypatch):
+    """eval.before measured the untrained model where it was loaded, on the CPU, before the Trainer moved it."""
+    devices = []
+    measure = runner.measure_model
+
+    def spy(model, *args, **kwargs):
+        devices.append(next(model.parameters()).device)
+        return measure(model, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "measure_model", spy)
+    cfg = compose_run("debug=smoke", "eval.tasks=[boolq]", "eval.before=true", "trainer.accelerator=gpu")
+    run_experiment(cfg, tmp_path / "run")
+    assert [device.type for device in devices] == ["cuda", "cuda"]

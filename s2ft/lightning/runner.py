@@ -37,7 +37,7 @@ from s2ft.lightning.callbacks import (
 from s2ft.lightning.checkpoint import CHECKPOINT, check_checkpoint_fits, check_same_data
 from s2ft.lightning.console import StepProgressBar
 from s2ft.lightning.datamodule import SFTDataModule
-from s2ft.lightning.evaluation import evaluate_only, finish, write_config
+from s2ft.lightning.evaluation import eval_device, evaluate_only, finish, write_config
 from s2ft.lightning.loggers import ReplayCSVHistory, build_logger, end_wandb_run, wandb_info
 from s2ft.lightning.module import FineTuneModule
 from s2ft.lightning.provenance import training_record, write_adapter_record
@@ -128,7 +128,8 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     before_dir, partial = run_dir / "before", run_dir / ".before.partial"
     if rank_zero_only.rank == 0 and cfg["eval"].get("before"):
         shutil.rmtree(partial, ignore_errors=True)
-        results = measure_model(model, tokenizer, cfg, partial)
+        # Where the trained model is measured too (the GPU of trainer=gpu), not where it was loaded (the CPU).
+        results = measure_model(model.to(eval_device(tr)), tokenizer, cfg, partial)
 
     method = cfg["method"]
     options = dict(method.get("options") or {})
