@@ -184,16 +184,21 @@ def test_eval_mode_with_trainer_gpu_evaluates_on_the_gpu(tmp_path, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_a_training_run_on_the_gpu_measures_the_untrained_model_there_too(tmp_path, monkeypatch):
-    """eval.before measured the untrained model where it was loaded, on the CPU, before the Trainer moved it."""
+def test_a_training_run_on_the_gpu_measures_and_calibrates_the_untrained_model_there_too(tmp_path, monkeypatch):
+    """eval.before and the calibration of data-scored selections (selection_ablation: 1% of the training set through
+    an 8B model) ran where the model was loaded, on the CPU, before the Trainer moved it to the GPU at fit."""
     devices = []
-    measure = runner.measure_model
+    measure, prepare = runner.measure_model, runner.prepare_model
 
-    def spy(model, *args, **kwargs):
-        devices.append(next(model.parameters()).device)
-        return measure(model, *args, **kwargs)
+    def spy(real):
+        def call(model, *args, **kwargs):
+            devices.append(next(model.parameters()).device.type)
+            return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(runner, "measure_model", spy)
-    cfg = compose_run("debug=smoke", "eval.tasks=[boolq]", "eval.before=true", "trainer.accelerator=gpu")
-    run_experiment(cfg, tmp_path / "run")
-    assert [device.type for device in devices] == ["cuda", "cuda"]
+        return call
+
+    monkeypatch.setattr(runner, "measure_model", spy(measure))
+    monkeypatch.setattr(runner, "prepare_model", spy(prepare))
+    overrides = ("eval.tasks=[boolq]", "eval.before=true", "method.options.strategy=activation")
+    run_experiment(compose_run("debug=smoke", *overrides, "trainer.accelerator=gpu"), tmp_path / "run")
+    assert devices == ["cuda", "cuda", "cuda"]  # before, calibration, after

@@ -37,7 +37,7 @@ from s2ft.lightning.callbacks import (
 from s2ft.lightning.checkpoint import CHECKPOINT, check_checkpoint_fits, check_same_data
 from s2ft.lightning.console import StepProgressBar
 from s2ft.lightning.datamodule import SFTDataModule
-from s2ft.lightning.evaluation import eval_device, evaluate_only, finish, write_config
+from s2ft.lightning.evaluation import evaluate_only, finish, write_config
 from s2ft.lightning.loggers import ReplayCSVHistory, build_logger, end_wandb_run, wandb_info
 from s2ft.lightning.module import FineTuneModule
 from s2ft.lightning.provenance import training_record, write_adapter_record
@@ -121,6 +121,12 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
         data.get("template", "alpaca"),
     )
     run_dir.mkdir(parents=True, exist_ok=True)
+    # Lightning checks the accelerator, the devices and the launcher's world as it builds the Trainer: before the
+    # first writes of the run's own files (metrics, W&B id, config), so a command it refuses leaves none of them.
+    trainer = _trainer(cfg, run_dir, False, bool(val), plan.checkpoint, provenance["sources"])
+    # The untrained model is measured, and calibration batches scored, where it trains (this rank's GPU), not where
+    # it was loaded (the CPU); the Trainer would move it there only at fit.
+    device = trainer.strategy.root_device
     results = None
     # The untrained model's outputs stay in a hidden folder until the method is applied and a checkpoint to resume is
     # checked: a run that fails there (a budget that gives no unit, a checkpoint of another method) leaves no before/
@@ -128,8 +134,7 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     before_dir, partial = run_dir / "before", run_dir / ".before.partial"
     if rank_zero_only.rank == 0 and cfg["eval"].get("before"):
         shutil.rmtree(partial, ignore_errors=True)
-        # Where the trained model is measured too (the GPU of trainer=gpu), not where it was loaded (the CPU).
-        results = measure_model(model.to(eval_device(tr)), tokenizer, cfg, partial)
+        results = measure_model(model.to(device), tokenizer, cfg, partial)
 
     method = cfg["method"]
     options = dict(method.get("options") or {})
@@ -138,6 +143,7 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     if count:
         subset = datamodule.train_set.select(range(count))  # the training list is shuffled: a random sample
         calibration = list(DataLoader(subset, batch_size=data["batch_size"], collate_fn=datamodule.collate))
+        model.to(device)
     try:
         model = prepare_model(model, method["name"], options, calibration)
         module = FineTuneModule(
@@ -162,9 +168,6 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
         os.replace(partial, before_dir)
     counts = trainable_summary(model)
 
-    # Lightning checks the accelerator, the devices and the launcher's world as it builds the Trainer: before the
-    # first writes of the run's own files (metrics, W&B id, config), so a command it refuses leaves none of them.
-    trainer = _trainer(cfg, run_dir, False, bool(val), plan.checkpoint, provenance["sources"])
     logger = build_logger(cfg["logger"], cfg, run_dir)
     trainer.loggers = [logger] if logger else []
     plan.checkpoint = None  # the checkpoint IO holds it until Lightning restores it, then it is freed
