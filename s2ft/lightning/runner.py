@@ -194,7 +194,7 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
         return None
     if sharded:
         # Saving and evaluation need the whole model, as a single-process run holds it, not rank 0's shards.
-        model = unsharded_model(cfg, calibration, trained)
+        model = unsharded_model(cfg, calibration, trained, trainer.strategy.root_device)
     # Lightning's teardown moves the module to the CPU after fit; evaluate where training ran (the GPU).
     model.to(trainer.strategy.root_device)
     save_trained(model, method["name"], run_dir / "adapter")
@@ -247,7 +247,7 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     return finish(summary, run_dir)
 
 
-def unsharded_model(cfg: dict, calibration, trained: dict[str, torch.Tensor]):
+def unsharded_model(cfg: dict, calibration, trained: dict[str, torch.Tensor], device: torch.device | str = "cpu"):
     """The model of a sharded run, whole: the base model prepared again, then given the gathered trained tensors.
 
     Preparing again with the same options and calibration selects the same units (checked: every S2FT `index`
@@ -257,9 +257,12 @@ def unsharded_model(cfg: dict, calibration, trained: dict[str, torch.Tensor]):
         cfg: The run's resolved config.
         calibration: The calibration batches the run selected with (None if its strategy needs none).
         trained: `FineTuneModule` state-dict keys (`model.` + the model's keys) -> whole trained tensors.
+        device: Where the run selected its units (its root device): calibration scores computed elsewhere (the CPU)
+            could rank near-tied units otherwise, and take hours on a large model.
     """
     method = cfg["method"]
     model, _ = build_run_model(cfg["model"], cfg["paths"].get("cache_dir"))
+    model.to(device)
     model = prepare_model(model, method["name"], dict(method.get("options") or {}), calibration)
     state = {key.removeprefix("model."): value for key, value in trained.items()}
     current = model.state_dict()
