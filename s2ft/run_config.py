@@ -265,6 +265,8 @@ def _check_trainer(tr: dict) -> list[str]:
         problems.append(
             f"trainer.devices must be an int >= 1, -1 (all), 'auto' or a list of device ids, got {devices!r}"
         )
+    elif listed and tr.get("accelerator") not in ("gpu", "cuda"):  # Lightning: a TypeError on the CPU
+        problems.append(f"trainer.devices={devices} lists GPU ids: set trainer.accelerator=gpu, or give a count")
     for key in ("num_nodes", "log_every_n_steps", "checkpoint_every_n_steps"):
         if key in tr and not is_positive_int(tr[key]):
             problems.append(f"trainer.{key} must be an int >= 1, got {tr[key]!r}")

@@ -203,5 +203,12 @@ def test_a_validation_interval_below_one_batch_is_refused(value):
 
 
 def test_the_supported_devices_forms_validate():
-    for devices in ("auto", "-1", "2", "[0,1]"):
+    for devices in ("auto", "-1", "2"):
         validate_run_config(compose_run("debug=smoke", f"trainer.devices={devices}", "trainer.val_check_interval=0.5"))
+    validate_run_config(compose_run("debug=smoke", "trainer.devices=[0,1]", "trainer.accelerator=gpu"))
+
+
+def test_device_ids_on_the_cpu_are_refused():
+    """Lightning's TypeError traceback ("`devices` selected with `CPUAccelerator` should be an int > 0")."""
+    with pytest.raises(RunConfigError, match=r"trainer\.devices=\[0, 1\] lists GPU ids: set trainer\.accelerator=gpu"):
+        validate_run_config(compose_run("debug=smoke", "trainer.devices=[0,1]"))
