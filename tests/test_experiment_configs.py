@@ -138,6 +138,14 @@ def test_paper_studies_use_the_official_learning_rates(experiment, task):
     assert lrs == PAPER_LRS[task]
 
 
+@pytest.mark.parametrize("experiment", sorted(PAPER))
+def test_paper_studies_train_on_their_whole_training_set(experiment):
+    """The paper trains on all of Commonsense170K, Math10K or Alpaca-GPT4: no data group's demo-sized limit survives
+    (conf/data/commonsense_mix.yaml keeps 2000 items for the CPU demo)."""
+    for point in sweep_points(experiment)[:1] + sweep_points(experiment)[-1:]:
+        assert compose_run(f"+experiment={experiment}", *point)["data"]["limit"] is None
+
+
 def test_paper_fusion_legs_selection_and_instruct_settings():
     legs = [compose_run("+experiment=fusion", *p) for p in sweep_points("fusion")]
     assert [(c["data"]["train"], c["method"]["lr"]) for c in legs] == [

@@ -5,11 +5,12 @@ import csv
 import os
 import signal
 
+import lightning as L
 import pytest
 import torch
 from conftest import adapter_tensors, smoke_config
 
-from s2ft.lightning import FineTuneModule, run_experiment
+from s2ft.lightning import FineTuneModule, run_experiment, runner
 from s2ft.lightning.callbacks import RunInterrupted
 
 # 24 items, 8 of them for validation, one too long for max_length (dropped): 15 training items in batches of 4, so 3
@@ -128,3 +129,41 @@ def test_a_signal_within_gradient_accumulation_saves_after_the_optimizer_step(tm
     assert expected.keys() == actual.keys()
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
+
+
+def test_every_optimizer_step_takes_the_mean_gradient_of_its_batches_also_in_an_epochs_last_short_window(tmp_path):
+    """3 batches per epoch in windows of 2: the third batch steps alone. Lightning divided its loss by 2 as well, so
+    the last step of every epoch took half the gradient of the batch it trained on (clipping saw half the norm)."""
+    windows, grads = [[]], []
+    training_step = FineTuneModule.training_step
+
+    def record(self, batch, batch_idx):
+        params = [p for p in self.parameters() if p.requires_grad]
+        windows[-1].append(torch.autograd.grad(self.model(**batch).loss, params))  # this batch's own mean gradient
+        return training_step(self, batch, batch_idx)
+
+    class Grads(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads.append([p.grad.clone() for p in pl_module.parameters() if p.requires_grad])
+            windows.append([])
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FineTuneModule, "training_step", record)
+        patch.setattr(runner, "_trainer", with_callback(runner._trainer, Grads()))
+        cfg = smoke_config(*EPOCHS, "trainer.accumulate_grad_batches=2", "trainer.gradient_clip_val=null")
+        assert run_experiment(cfg, tmp_path / "run")["train"]["steps"] == 6
+    assert [len(window) for window in windows[:-1]] == [2, 1] * 3
+    for window, step in zip(windows[:-1], grads, strict=True):
+        for i, grad in enumerate(step):
+            assert torch.allclose(grad, sum(batch[i] for batch in window) / len(window), rtol=1e-4, atol=1e-7)
+
+
+def with_callback(make_trainer, callback):
+    """`runner._trainer` that adds `callback` to the Trainer it builds."""
+
+    def build(*args, **kwargs):
+        trainer = make_trainer(*args, **kwargs)
+        trainer.callbacks.append(callback)
+        return trainer
+
+    return build

@@ -1,11 +1,13 @@
 """s2ft.models: tiny random models and tokenizer, the SmolLM2 GGUF conversion cache, and build_model options."""
 
 import importlib.util
+import re
 
 import pytest
 import torch
 
 from s2ft import models
+from s2ft.errors import UserError
 from s2ft.models import (
     HUB_MODELS,
     PAPER_SHAPES,
@@ -126,3 +128,14 @@ def test_smollm2_shape_is_the_checkpoints_architecture():
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     assert model.config.tie_word_embeddings and model.config.rope_parameters["rope_theta"] == 100000.0
     assert "smollm2_135m" not in PAPER_SHAPES and set(PAPER_SHAPES) == set(HUB_MODELS)
+
+
+@pytest.mark.parametrize("folder", ["empty", "missing"])
+def test_a_model_that_cannot_be_loaded_is_a_user_error_naming_it_and_the_fix(tmp_path, folder):
+    """An incomplete download or a wrong path (as a hub id offline) was transformers' OSError traceback in run.py."""
+    name = str(tmp_path if folder == "empty" else tmp_path / "no_such_model")
+    with pytest.raises(
+        models.ModelLoadError, match=rf"model\.name '{re.escape(name)}' .*could not be loaded: .*local folder"
+    ):
+        build_model(name)
+    assert issubclass(models.ModelLoadError, UserError)

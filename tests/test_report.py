@@ -3,6 +3,7 @@
 import copy
 import gzip
 import json
+import re
 import shutil
 import statistics
 from pathlib import Path
@@ -54,6 +55,16 @@ def test_an_overwritten_runs_outputs_waiting_in_a_hidden_folder_are_no_run(sweep
     copy = shutil.copytree(sweep, tmp_path / "sweep")
     shutil.copytree(copy / "0", copy / "1" / ".overwritten")
     assert [run.path for run in find_runs([copy])] == [copy / str(i) for i in range(len(RUNS))]
+
+
+def test_a_summary_that_is_not_json_is_named(sweep, tmp_path):
+    """Was json's JSONDecodeError, naming neither the file nor the run."""
+    runs_dir = shutil.copytree(sweep, tmp_path / "sweep")
+    (runs_dir / "2" / "summary.json").write_text('{"experiment": "commonsense_smollm", "meth')
+    with pytest.raises(
+        ValueError, match=rf"^{re.escape(str(runs_dir / '2' / 'summary.json'))} is not a readable summary"
+    ):
+        find_runs([runs_dir])
 
 
 def test_runs_are_found_and_grouped_into_rows(sweep):

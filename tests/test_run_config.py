@@ -154,3 +154,61 @@ def test_bad_calibration_size_names_both_forms(size):
     cfg["method"]["options"]["calibration_size"] = size
     with pytest.raises(RunConfigError, match=r"calibration_size must be a number of items \(int >= 1\) or a fraction"):
         validate_run_config(cfg)
+
+
+@pytest.mark.parametrize("epochs", [0, -2, 1.5, "three"])
+def test_max_epochs_that_lightning_would_refuse_or_train_nothing_with_is_refused(epochs):
+    """With trainer.max_steps set, max_epochs=0 trained 0 steps and wrote a summary; -2 was Lightning's traceback."""
+    with pytest.raises(RunConfigError, match=r"trainer\.max_epochs must be null, -1 .* or an int >= 1, got"):
+        validate_run_config(compose_run("trainer.max_steps=30", f"trainer.max_epochs={epochs}"))
+
+
+def test_max_epochs_may_be_left_unlimited_when_max_steps_stops_training():
+    for epochs in ("null", "-1", "2"):
+        validate_run_config(compose_run("trainer.max_steps=30", f"trainer.max_epochs={epochs}"))
+
+
+def test_trainer_values_lightning_refuses_are_reported_at_once_before_anything_is_written():
+    """Each was a Lightning traceback (or a ZeroDivisionError) after the logger had written into the run directory."""
+    cfg = compose_run(
+        "debug=smoke",
+        "trainer.strategy=dpp",
+        "trainer.accelerator=gpuu",
+        "trainer.devices=0",
+        "trainer.num_nodes=0",
+        "trainer.checkpoint_every_n_steps=0",
+        "trainer.log_every_n_steps=-1",
+        "trainer.val_check_interval=1.5",
+    )
+    with pytest.raises(RunConfigError) as info:
+        validate_run_config(cfg)
+    message = str(info.value)
+    for line in (
+        "trainer.strategy must be one of ('auto', 'ddp', 'fsdp'), got 'dpp'",
+        "trainer.accelerator must be one of ('auto', 'cpu', 'gpu', 'cuda', 'mps'), got 'gpuu'",
+        "trainer.devices must be an int >= 1, -1 (all), 'auto' or a list of device ids, got 0",
+        "trainer.num_nodes must be an int >= 1, got 0",
+        "trainer.checkpoint_every_n_steps must be an int >= 1, got 0",
+        "trainer.log_every_n_steps must be an int >= 1, got -1",
+        "trainer.val_check_interval must be null, a number of training batches (int >= 1) or a fraction of an epoch",
+    ):
+        assert line in message, f"{line!r} not reported in:\n{message}"
+    assert message.startswith("7 problem(s)")
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_a_validation_interval_below_one_batch_is_refused(value):
+    with pytest.raises(RunConfigError, match=rf"trainer\.val_check_interval must be null, .* got {value}"):
+        validate_run_config(compose_run("debug=smoke", f"trainer.val_check_interval={value}"))
+
+
+def test_the_supported_devices_forms_validate():
+    for devices in ("auto", "-1", "2"):
+        validate_run_config(compose_run("debug=smoke", f"trainer.devices={devices}", "trainer.val_check_interval=0.5"))
+    validate_run_config(compose_run("debug=smoke", "trainer.devices=[0,1]", "trainer.accelerator=gpu"))
+
+
+def test_device_ids_on_the_cpu_are_refused():
+    """Lightning's TypeError traceback ("`devices` selected with `CPUAccelerator` should be an int > 0")."""
+    with pytest.raises(RunConfigError, match=r"trainer\.devices=\[0, 1\] lists GPU ids: set trainer\.accelerator=gpu"):
+        validate_run_config(compose_run("debug=smoke", "trainer.devices=[0,1]"))

@@ -8,10 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import ROOT, compose_run
 
-from s2ft.lightning import run_experiment
+from s2ft.lightning import evaluation, run_experiment, runner
+from s2ft.lightning.evaluation import eval_device
+from s2ft.run_config import RunConfigError
 
 TASKS = ["boolq", "arc_easy"]
 SUMMARY_KEYS = {
@@ -140,3 +143,62 @@ def test_save_lora_writes_a_peft_lora_with_the_adapters_outputs(sweep):
     ids = tokenizer("Question: which is heavier?\nAnswer:", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(lora(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+def test_eval_mode_evaluates_on_the_trainers_accelerator(monkeypatch):
+    """mode=eval ignored trainer.accelerator: `+experiment=commonsense_llama mode=eval run_dir=...` (trainer=gpu)
+    evaluated the 7B model with beam search on the CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert eval_device({"accelerator": "gpu", "devices": [3]}) == torch.device("cuda", 3)
+    assert (
+        eval_device({"accelerator": "gpu", "devices": -1})
+        == eval_device({"accelerator": "auto"})
+        == torch.device("cuda", 0)
+    )
+    assert eval_device({"accelerator": "cpu", "devices": 1}) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert eval_device({"accelerator": "auto"}) == torch.device("cpu")
+
+
+def test_eval_mode_on_a_gpu_the_machine_lacks_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = compose_run("debug=smoke", "mode=eval", "method=none", "eval.tasks=[boolq]", "trainer.accelerator=gpu")
+    with pytest.raises(RunConfigError, match=r"trainer\.accelerator='gpu' but this machine has no GPU: .* trainer=cpu"):
+        run_experiment(cfg, tmp_path / "eval")
+    assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.gpu
+def test_eval_mode_with_trainer_gpu_evaluates_on_the_gpu(tmp_path, monkeypatch):
+    devices = []
+    measure = evaluation.measure_model
+
+    def spy(model, *args, **kwargs):
+        devices.append(next(model.parameters()).device)
+        return measure(model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "measure_model", spy)
+    cfg = compose_run("debug=smoke", "mode=eval", "method=none", "eval.tasks=[boolq]", "trainer.accelerator=gpu")
+    assert run_experiment(cfg, tmp_path / "eval")["eval"]["boolq"]["n"] == 4
+    assert [device.type for device in devices] == ["cuda"]
+
+
+@pytest.mark.gpu
+def test_a_training_run_on_the_gpu_measures_and_calibrates_the_untrained_model_there_too(tmp_path, monkeypatch):
+    """eval.before and the calibration of data-scored selections (selection_ablation: 1% of the training set through
+    an 8B model) ran where the model was loaded, on the CPU, before the Trainer moved it to the GPU at fit."""
+    devices = []
+    measure, prepare = runner.measure_model, runner.prepare_model
+
+    def spy(real):
+        def call(model, *args, **kwargs):
+            devices.append(next(model.parameters()).device.type)
+            return real(model, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(runner, "measure_model", spy(measure))
+    monkeypatch.setattr(runner, "prepare_model", spy(prepare))
+    overrides = ("eval.tasks=[boolq]", "eval.before=true", "method.options.strategy=activation")
+    run_experiment(compose_run("debug=smoke", *overrides, "trainer.accelerator=gpu"), tmp_path / "run")
+    assert devices == ["cuda", "cuda", "cuda"]  # before, calibration, after

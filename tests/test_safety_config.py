@@ -202,6 +202,22 @@ def test_a_multirun_lists_every_bad_job_and_runs_none(tmp_path):
     assert not sweep_dir.exists()
 
 
+def test_a_multirun_whose_jobs_would_share_a_directory_runs_none(tmp_path):
+    """With hydra.sweep.subdir=${name}_${seed}, both methods of a seed wrote one directory: the second job was refused
+    there after the first had trained (its .hydra/ replacing the first's; with overwrite=true it replaced the run)."""
+    sweep_dir = tmp_path / "sweep"
+    overrides = ("debug=smoke", "eval=none", "seed=0,1", "method=s2ft,lora", f"hydra.sweep.dir={sweep_dir}")
+    done = run_py("-m", *overrides, "hydra.sweep.subdir=${name}_${seed}")
+    assert_clean_error(
+        done,
+        "error: 4 of 4 jobs of the multirun have config problems; none ran\n"
+        f"jobs 0, 1 would all write {sweep_dir}/demo_0: one run per directory, so give each job its own "
+        "(hydra.sweep.subdir, by default ${hydra.job.num})\n"
+        f"jobs 2, 3 would all write {sweep_dir}/demo_1:",
+    )
+    assert not sweep_dir.exists()
+
+
 def test_malformed_training_data_is_one_message(tmp_path):
     data_dir = tmp_path / "data"
     (data_dir / "llm-adapters/dataset/boolq").mkdir(parents=True)

@@ -9,7 +9,7 @@ import re
 import shlex
 
 import pytest
-from conftest import ROOT, compose_config
+from conftest import ROOT, compose_config, smoke_config
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
 from lightning.pytorch.strategies import DDPStrategy
@@ -146,3 +146,28 @@ def test_submitit_command_requests_what_the_trainer_uses(monkeypatch, tmp_path):
     # submitit starts every task with srun: the SLURM variables of that allocation.
     trainer = trainer_in(SLURM_ENV, tr, monkeypatch, tmp_path)
     assert_rank_9_of_16(trainer, SLURMEnvironment)
+
+
+def test_a_launcher_mismatch_leaves_the_fixed_run_directory_empty_for_the_corrected_command(monkeypatch, tmp_path):
+    """The multi-node commands share one fixed hydra.run.dir. A refused launcher size wrote the logger's first file
+    (hparams.yaml; W&B: wandb_id.txt) before the Trainer was built, so the corrected command in that directory was
+    refused as 'already holds a run's outputs'."""
+    one_node = {**TORCHRUN_ENV, "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4", "RANK": "0", "LOCAL_RANK": "0"}
+    run_dir = tmp_path / "fixed"
+    with monkeypatch.context() as patch:
+        for name, value in {**one_node, "GROUP_RANK": "0"}.items():
+            patch.setenv(name, value)
+        with pytest.raises(RunConfigError, match=r"world size \(4\)"):
+            runner.run_experiment(smoke_config("trainer.devices=2", "trainer.strategy=ddp", logger="csv"), run_dir)
+    assert sorted(path.name for path in run_dir.iterdir()) == []
+    assert runner.run_experiment(smoke_config(logger="csv"), run_dir)["train"]["steps"] == 4
+
+
+def test_more_devices_than_the_machine_has_is_one_config_error_and_writes_nothing(tmp_path):
+    """Lightning's MisconfigurationException (here no GPU at all; on a GPU node fewer than 64) was a traceback."""
+    run_dir = tmp_path / "run"
+    with pytest.raises(RunConfigError, match=r"trainer\.accelerator='gpu' with trainer\.devices=64 does not fit this"):
+        runner.run_experiment(
+            smoke_config("trainer.accelerator=gpu", "trainer.devices=64", "data.limit=300", logger="csv"), run_dir
+        )
+    assert sorted(path.name for path in run_dir.iterdir()) == []

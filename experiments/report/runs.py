@@ -104,6 +104,7 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
 
     Raises:
         FileNotFoundError: A path that does not exist, or no `summary.json` under any of them.
+        ValueError: A `summary.json` that is not JSON (named).
     """
     files = []
     for path in map(Path, paths):
@@ -117,7 +118,12 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
         raise FileNotFoundError(f"no summary.json under {[str(p) for p in paths]}: have the runs finished?")
     runs = []
     for file in sorted(set(files)):
-        summary = json.loads(file.read_text())
+        try:
+            summary = json.loads(file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(
+                f"{file} is not a readable summary ({err}); rerun its job (ckpt_path=auto) or leave its run out"
+            ) from None
         config_file = file.parent / "config.yaml"
         config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else None
         runs.append(Run(summary, config, file.parent))

@@ -21,7 +21,7 @@ import yaml
 from s2ft.adapter import fuse_adapters
 from s2ft.adapter_format import Adapter, load_adapter_file
 from s2ft.errors import UserError
-from s2ft.lightning.evaluation import record_evaluation
+from s2ft.lightning.evaluation import eval_device, record_evaluation
 from s2ft.lightning.run_dir import OUTPUTS, RunDirError
 from s2ft.methods import trainable_summary
 from s2ft.models import build_run_model
@@ -95,8 +95,9 @@ def fuse_and_evaluate(run_a: Path, run_b: Path, out: Path, weights: tuple[float,
         "method": {"name": "fused", "lr": None, "options": {"shared_units": overlap, "weights": list(weights)}},
         "fusion": {"runs": [str(run_a), str(run_b)], "weights": list(weights), "shared_units": overlap},
     }
+    device = eval_device(cfg_a["trainer"])  # where run_a trained (GPU for the paper's fusion study)
     model, tokenizer = build_run_model(cfg_a["model"], cfg["paths"].get("cache_dir"))
-    model = fuse_adapters(model, adapters, list(weights)).eval()
+    model = fuse_adapters(model, adapters, list(weights)).eval().to(device)
     # The fused model is a plain one with every weight trainable; its "trained" part is what the adapters changed.
     total = trainable_summary(model)["total_params"]
     changed = fused_parameter_count(adapters)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import yaml
 
 from s2ft.adapter_format import atomic_write
@@ -21,7 +22,7 @@ from s2ft.lightning.summary import build_summary, print_summary, write_json
 from s2ft.methods import load_trained, trainable_summary
 from s2ft.models import build_run_model
 from s2ft.multi_adapter import load_adapters
-from s2ft.run_config import adapter_sources, single_source
+from s2ft.run_config import RunConfigError, adapter_sources, single_source
 
 INDEX = "adapters.json"  # the index of an adapters=[...] run: per adapter, its source and its results' folder
 
@@ -38,6 +39,7 @@ def evaluate_only(cfg: dict, run_dir: Path) -> dict:
     """
     if cfg.get("adapters") is not None:
         return evaluate_adapters(cfg, run_dir)
+    device = eval_device(cfg["trainer"])
     cfg, described, source = resolve_source(cfg)
     record = None if source is None else read_adapter_record(source)
     if source is not None:
@@ -45,7 +47,7 @@ def evaluate_only(cfg: dict, run_dir: Path) -> dict:
     model, tokenizer = build_run_model(described["model"], cfg["paths"].get("cache_dir"))
     if source is not None:
         model = load_trained(model, described["method"]["name"], source)
-    model.requires_grad_(False)
+    model.requires_grad_(False).to(device)
     return record_evaluation(
         model,
         tokenizer,
@@ -68,7 +70,7 @@ def evaluate_adapters(cfg: dict, run_dir: Path) -> dict:
     Returns:
         The index written to ``run_dir/adapters.json``: per adapter, its source, results folder and headline numbers.
     """
-    legs = {}
+    device, legs = eval_device(cfg["trainer"]), {}
     for name, path in adapter_sources(cfg["adapters"]):
         single, described, source = resolve_source(single_source(cfg, path))
         record = read_adapter_record(source)
@@ -77,7 +79,7 @@ def evaluate_adapters(cfg: dict, run_dir: Path) -> dict:
     model_cfg = next(iter(legs.values()))[2]["model"]
     model, tokenizer = build_run_model(model_cfg, cfg["paths"].get("cache_dir"))
     counts = trainable_summary(model.requires_grad_(False))  # as the one-adapter model's: the adapters add buffers
-    model = load_adapters(model, {name: source for name, (_, _, _, source, _) in legs.items()})
+    model = load_adapters(model, {name: source for name, (_, _, _, source, _) in legs.items()}).to(device)
     out_dirs = {name: run_dir / "adapters" / name for name in legs}
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(cfg, run_dir)
@@ -100,6 +102,24 @@ def evaluate_adapters(cfg: dict, run_dir: Path) -> dict:
         }
     write_json({"adapters": index}, run_dir / INDEX)
     return {"adapters": index}
+
+
+def eval_device(trainer: dict) -> torch.device:
+    """Where an evaluation-only run evaluates: the first device of ``trainer.accelerator``, as a training run
+    evaluates where it trained (``mode=eval`` with a paper experiment's trainer=gpu runs on the GPU).
+
+    Raises:
+        RunConfigError: A GPU asked for on a machine without one.
+    """
+    accelerator = trainer.get("accelerator", "cpu")
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RunConfigError(
+                f"trainer.accelerator={accelerator!r} but this machine has no GPU: evaluate on the CPU with trainer=cpu"
+            )
+        devices = trainer.get("devices")
+        return torch.device("cuda", devices[0] if isinstance(devices, list) else 0)
+    return torch.device("mps" if accelerator == "mps" else "cpu")
 
 
 def resolve_source(cfg: dict) -> tuple[dict, dict, Path | None]:

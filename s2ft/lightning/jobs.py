@@ -16,7 +16,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from s2ft.errors import UserError
 from s2ft.run_config import validate_run_config
@@ -78,17 +78,33 @@ def sweep_jobs(cfg: DictConfig) -> list[list[str]]:
 
 def job_problems(config_name: str | None, overrides: list[str]) -> str | None:
     """The composition or validation error of the job `overrides` describe, None when it is fine."""
+    return _checked_job(config_name, overrides)[1]
+
+
+def _checked_job(config_name: str | None, overrides: list[str]) -> tuple[DictConfig | None, str | None]:
+    """The job's composed config (None if it does not compose) and its composition or validation error."""
     try:
-        validate_run_config(resolved_job(compose_job(overrides, config_name)))
+        cfg = compose_job(overrides, config_name)
+        validate_run_config(resolved_job(cfg))
     except (UserError, HydraException) as err:
-        return str(err)
-    return None
+        return None, str(err)
+    return cfg, None
+
+
+def job_dir(multirun: DictConfig, job: DictConfig, num: int) -> Path:
+    """The directory Hydra's launcher gives job `num` of `multirun`: its hydra.sweep.dir / hydra.sweep.subdir, resolved
+    with the multirun's cached values (one ${now:...} for all jobs), as the launcher resolves them."""
+    OmegaConf.copy_cache(from_config=multirun, to_config=job)
+    with open_dict(job):
+        job.hydra.job.num = num
+    return Path(str(job.hydra.sweep.dir), str(job.hydra.sweep.subdir))
 
 
 class ValidateJobs(Callback):
     """Refuses a run, or a whole multirun, before anything is written or trained when a job's config is wrong.
 
-    A multirun lists every bad job at once (its index, its overrides, its problems) and runs none of them.
+    A multirun lists every bad job at once (its index, its overrides, its problems), and every group of jobs that
+    would write one directory, and runs none of them.
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -101,7 +117,26 @@ class ValidateJobs(Callback):
         if config.hydra.sweeper.get("_target_") != f"{BasicSweeper.__module__}.{BasicSweeper.__name__}":
             return  # another sweeper picks its own jobs; each job is still validated when it starts
         jobs = sweep_jobs(config)
-        bad = [(i, job, problems) for i, job in enumerate(jobs) if (problems := job_problems(config_name, job))]
-        if bad:
-            report = "\n".join(f"job {i} ({' '.join(job)}): {problems}" for i, job, problems in bad)
-            sys.exit(f"error: {len(bad)} of {len(jobs)} jobs of the multirun have config problems; none ran\n{report}")
+        str(config.hydra.sweep.dir)  # resolved (and cached) here first, as the launcher does before any job
+        bad, dirs = [], {}
+        # The command line's hydra.* overrides (hydra.sweep.subdir=...) unresolved, as the launcher composes each job.
+        hydra_overrides = OmegaConf.to_container(config.hydra.overrides.hydra, resolve=False)
+        for i, job in enumerate(jobs):
+            composed, problems = _checked_job(config_name, [*hydra_overrides, *job])
+            if problems:
+                bad.append((i, job, problems))
+            else:
+                dirs.setdefault(job_dir(config, composed, i), []).append(i)
+        shared = [(path, nums) for path, nums in dirs.items() if len(nums) > 1]
+        if bad or shared:
+            report = [f"job {i} ({' '.join(job)}): {problems}" for i, job, problems in bad]
+            report += [
+                f"jobs {', '.join(map(str, nums))} would all write {path}: one run per directory, so give each job "
+                "its own (hydra.sweep.subdir, by default ${hydra.job.num})"
+                for path, nums in shared
+            ]
+            count = len(bad) + sum(len(nums) for _, nums in shared)
+            sys.exit(
+                f"error: {count} of {len(jobs)} jobs of the multirun have config problems; none ran\n"
+                + "\n".join(report)
+            )

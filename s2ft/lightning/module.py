@@ -90,7 +90,14 @@ class FineTuneModule(L.LightningModule):
         self.log("train/loss", global_loss, prog_bar=True)
         self.log("train/tokens", float(self.tokens_seen))
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        return loss
+        return loss * self._window_scale(batch_idx)
+
+    def _window_scale(self, batch_idx: int) -> float:
+        """Lightning divides each micro-batch's loss by accumulate_grad_batches, also in an epoch's last window when
+        it holds fewer batches; scaled back here, every optimizer step takes the mean gradient of its batches."""
+        accumulate, batches = self.trainer.accumulate_grad_batches, self.trainer.num_training_batches
+        tail = batches % accumulate if math.isfinite(batches) else 0
+        return accumulate / tail if tail and batch_idx >= batches - tail else 1.0
 
     def _train_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss to back-propagate and the loss of the whole global batch (what a single process would log).

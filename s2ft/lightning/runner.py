@@ -17,7 +17,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from torch.utils.data import DataLoader
 
 from s2ft.data import load_eval, load_train, split_validation
@@ -121,6 +121,12 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
         data.get("template", "alpaca"),
     )
     run_dir.mkdir(parents=True, exist_ok=True)
+    # Lightning checks the accelerator, the devices and the launcher's world as it builds the Trainer: before the
+    # first writes of the run's own files (metrics, W&B id, config), so a command it refuses leaves none of them.
+    trainer = _trainer(cfg, run_dir, False, bool(val), plan.checkpoint, provenance["sources"])
+    # The untrained model is measured, and calibration batches scored, where it trains (this rank's GPU), not where
+    # it was loaded (the CPU); the Trainer would move it there only at fit.
+    device = trainer.strategy.root_device
     results = None
     # The untrained model's outputs stay in a hidden folder until the method is applied and a checkpoint to resume is
     # checked: a run that fails there (a budget that gives no unit, a checkpoint of another method) leaves no before/
@@ -128,7 +134,7 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     before_dir, partial = run_dir / "before", run_dir / ".before.partial"
     if rank_zero_only.rank == 0 and cfg["eval"].get("before"):
         shutil.rmtree(partial, ignore_errors=True)
-        results = measure_model(model, tokenizer, cfg, partial)
+        results = measure_model(model.to(device), tokenizer, cfg, partial)
 
     method = cfg["method"]
     options = dict(method.get("options") or {})
@@ -137,6 +143,7 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     if count:
         subset = datamodule.train_set.select(range(count))  # the training list is shuffled: a random sample
         calibration = list(DataLoader(subset, batch_size=data["batch_size"], collate_fn=datamodule.collate))
+        model.to(device)
     try:
         model = prepare_model(model, method["name"], options, calibration)
         module = FineTuneModule(
@@ -161,9 +168,8 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
         os.replace(partial, before_dir)
     counts = trainable_summary(model)
 
-    # The first writes of the run's own files (metrics, W&B id, config), now that everything is checked.
     logger = build_logger(cfg["logger"], cfg, run_dir)
-    trainer = _trainer(cfg, run_dir, logger, bool(val), plan.checkpoint, provenance["sources"])
+    trainer.loggers = [logger] if logger else []
     plan.checkpoint = None  # the checkpoint IO holds it until Lightning restores it, then it is freed
     if trainer.global_rank == 0:
         write_config(cfg, run_dir)
@@ -188,7 +194,7 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
         return None
     if sharded:
         # Saving and evaluation need the whole model, as a single-process run holds it, not rank 0's shards.
-        model = unsharded_model(cfg, calibration, trained)
+        model = unsharded_model(cfg, calibration, trained, trainer.strategy.root_device)
     # Lightning's teardown moves the module to the CPU after fit; evaluate where training ran (the GPU).
     model.to(trainer.strategy.root_device)
     save_trained(model, method["name"], run_dir / "adapter")
@@ -241,7 +247,7 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     return finish(summary, run_dir)
 
 
-def unsharded_model(cfg: dict, calibration, trained: dict[str, torch.Tensor]):
+def unsharded_model(cfg: dict, calibration, trained: dict[str, torch.Tensor], device: torch.device | str = "cpu"):
     """The model of a sharded run, whole: the base model prepared again, then given the gathered trained tensors.
 
     Preparing again with the same options and calibration selects the same units (checked: every S2FT `index`
@@ -251,9 +257,12 @@ def unsharded_model(cfg: dict, calibration, trained: dict[str, torch.Tensor]):
         cfg: The run's resolved config.
         calibration: The calibration batches the run selected with (None if its strategy needs none).
         trained: `FineTuneModule` state-dict keys (`model.` + the model's keys) -> whole trained tensors.
+        device: Where the run selected its units (its root device): calibration scores computed elsewhere (the CPU)
+            could rank near-tied units otherwise, and take hours on a large model.
     """
     method = cfg["method"]
     model, _ = build_run_model(cfg["model"], cfg["paths"].get("cache_dir"))
+    model.to(device)
     model = prepare_model(model, method["name"], dict(method.get("options") or {}), calibration)
     state = {key.removeprefix("model."): value for key, value in trained.items()}
     current = model.state_dict()
@@ -285,30 +294,36 @@ def _trainer(
         callbacks.insert(3, KeepBest(after=tr.get("select_best_after", 0.0)))
     io = AtomicCheckpointIO({cfg["ckpt_path"]: preloaded} if preloaded is not None else None)
     strategy = FSDP2Strategy() if tr.get("strategy") == "fsdp" else tr.get("strategy", "auto")
-    trainer = L.Trainer(
-        max_steps=tr.get("max_steps", -1),
-        max_epochs=tr.get("max_epochs"),
-        accumulate_grad_batches=tr.get("accumulate_grad_batches", 1),
-        gradient_clip_val=tr.get("gradient_clip_val"),
-        precision=tr.get("precision", "32-true"),
-        accelerator=tr.get("accelerator", "cpu"),
-        devices=tr.get("devices", 1),
-        strategy=strategy,
-        num_nodes=tr.get("num_nodes", 1),
-        log_every_n_steps=tr.get("log_every_n_steps", 10),
-        # An int interval counts training batches across epochs, so validation runs on a step schedule.
-        val_check_interval=interval if has_val else None,
-        check_val_every_n_epoch=None if isinstance(interval, int) else 1,
-        limit_val_batches=None if has_val else 0,
-        num_sanity_val_steps=0,
-        logger=logger,
-        callbacks=[*callbacks, StepProgressBar()],
-        plugins=[io],
-        enable_checkpointing=False,
-        # The sampler shards by rank itself and resumes mid-epoch; Lightning's replacement would do neither.
-        use_distributed_sampler=False,
-        default_root_dir=run_dir,
-    )
+    try:
+        trainer = L.Trainer(
+            max_steps=tr.get("max_steps", -1),
+            max_epochs=tr.get("max_epochs"),
+            accumulate_grad_batches=tr.get("accumulate_grad_batches", 1),
+            gradient_clip_val=tr.get("gradient_clip_val"),
+            precision=tr.get("precision", "32-true"),
+            accelerator=tr.get("accelerator", "cpu"),
+            devices=tr.get("devices", 1),
+            strategy=strategy,
+            num_nodes=tr.get("num_nodes", 1),
+            log_every_n_steps=tr.get("log_every_n_steps", 10),
+            # An int interval counts training batches across epochs, so validation runs on a step schedule.
+            val_check_interval=interval if has_val else None,
+            check_val_every_n_epoch=None if isinstance(interval, int) else 1,
+            limit_val_batches=None if has_val else 0,
+            num_sanity_val_steps=0,
+            logger=logger,
+            callbacks=[*callbacks, StepProgressBar()],
+            plugins=[io],
+            enable_checkpointing=False,
+            # The sampler shards by rank itself and resumes mid-epoch; Lightning's replacement would do neither.
+            use_distributed_sampler=False,
+            default_root_dir=run_dir,
+        )
+    except MisconfigurationException as err:  # the machine lacks what the config asks for: a GPU, that many devices
+        raise RunConfigError(
+            f"trainer.accelerator={tr.get('accelerator')!r} with trainer.devices={tr.get('devices')!r} does not fit "
+            f"this machine: {err} Pick trainer.devices it has, or trainer=cpu on a machine without GPUs."
+        ) from None
     _check_launcher(trainer)
     return trainer
 
