@@ -292,8 +292,15 @@ def test_cli_writes_the_report(sweep, tmp_path):
     assert path == tmp_path / "report.md" and path.is_file()
     with pytest.raises(SystemExit):
         main([])
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(SystemExit, match=r"^error: .*missing does not exist; pass run or sweep directories"):
         main([str(tmp_path / "missing"), "--out", str(tmp_path)])
+    # A --reference that is no row (a typo) would silently drop the comparisons: refused, nothing written.
+    with pytest.raises(SystemExit, match=r"^error: --reference 's2ft strategy=randon' is no row of these runs"):
+        main([str(sweep), "--out", str(tmp_path / "typo"), "--reference", "s2ft strategy=randon"])
+    assert not (tmp_path / "typo").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"^error: no summary.json under .*empty.*: have the runs finished\?"):
+        main([str(tmp_path / "empty"), "--out", str(tmp_path)])
 
 
 def test_estimate_and_welch_match_scipy():
@@ -513,7 +520,7 @@ def test_heldout_backfill_reproduces_a_finished_runs_item_losses(sweep, tmp_path
 
 
 # Each committed study with records, and the report arguments its README names.
-COMMITTED = {"generalization_smollm": [], "selection_smollm": ["--reference", "s2ft strategy=random"]}
+COMMITTED = {"generalization_smollm": [], "selection_smollm": ["--reference", "s2ft order=large strategy=random"]}
 
 
 def test_every_committed_study_with_records_is_checked_below():

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 
 from experiments.report.figures import accuracy_vs_trainable, id_vs_ood, loss_curves
 from experiments.report.records import export_records
-from experiments.report.runs import Run, find_runs, wandb_runs
+from experiments.report.runs import ReportError, Run, find_runs, wandb_runs
 from experiments.report.stats import ALPHA, Estimate
 from experiments.report.table import (
     Row,
@@ -37,6 +38,7 @@ from experiments.report.table import (
     trainable_pct,
 )
 from s2ft.data.tasks import GROUPS
+from s2ft.errors import UserError
 
 # Column titles of the generalization study's groups (s2ft.data.tasks.GROUPS), in the paper's Figure 2 order.
 SPLIT_GROUPS = {"id": "ID", "near_ood_easy": "near-OOD easy", "near_ood_hard": "near-OOD hard", "far_ood": "far-OOD"}
@@ -54,6 +56,20 @@ def write_report(runs: list[Run], out: Path, reference: str | None = "s2ft") -> 
     path = out / "report.md"
     path.write_text("\n".join(sections) + "\n")
     return path
+
+
+def check_reference(runs: list[Run], reference: str) -> None:
+    """Refuse a ``--reference`` that is no row's label in any study of ``runs`` (a typo would drop the comparisons).
+
+    Raises:
+        ReportError: Naming the labels there are.
+    """
+    labels = [row.label for group in group_runs(runs).values() for row in build_rows(group)]
+    if reference not in labels:
+        raise ReportError(
+            f"--reference {reference!r} is no row of these runs; give one of: {', '.join(map(repr, labels))} "
+            "(or '' for no reference)"
+        )
 
 
 def study_section(experiment: str, model: str, runs: list[Run], out: Path, reference: str | None = None) -> list[str]:
@@ -212,7 +228,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", type=Path, default=Path("outputs/report"), help="folder for report.md and figures")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs from W&B instead of local folders")
     parser.add_argument(
-        "--reference", default="s2ft", help="row label compared with every other row (default s2ft; '' for none)"
+        "--reference", help="row label compared with every other row (default s2ft where there is one; '' for none)"
     )
     parser.add_argument(
         "--export-records",
@@ -225,12 +241,17 @@ def main(argv: list[str] | None = None) -> Path:
         parser.error("give run/sweep directories or --wandb ENTITY/PROJECT (exactly one of them)")
     if args.wandb and args.export_records:
         parser.error("--export-records needs run directories: W&B runs have no per-item predictions to keep")
-    runs = wandb_runs(args.wandb) if args.wandb else find_runs(args.paths)
-    if args.export_records:
-        records = export_records(runs, args.export_records)
-        print(f"wrote {len(records)} records under {args.export_records}")
-        runs = find_runs([args.export_records])
-    path = write_report(runs, args.out, args.reference or None)
+    try:
+        runs = wandb_runs(args.wandb) if args.wandb else find_runs(args.paths)
+        if args.reference:
+            check_reference(runs, args.reference)
+        if args.export_records:
+            records = export_records(runs, args.export_records)
+            print(f"wrote {len(records)} records under {args.export_records}")
+            runs = find_runs([args.export_records])
+        path = write_report(runs, args.out, "s2ft" if args.reference is None else args.reference or None)
+    except UserError as err:
+        sys.exit(f"error: {err}")
     print(f"wrote {path} ({len(runs)} runs)")
     return path
 

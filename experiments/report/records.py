@@ -6,7 +6,7 @@ wrote them, and its per-item results without prompts or outputs, gzipped: `predi
 reads a folder of records as it reads a sweep directory.
 
     python -m experiments.report outputs/selection_smollm --export-records results/selection_smollm/runs \
-        --reference "s2ft strategy=random" --out results/selection_smollm
+        --reference "s2ft order=large strategy=random" --out results/selection_smollm
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-from experiments.report.runs import Run, read_rows
+from experiments.report.runs import ReportError, Run, read_rows
 
 # What a record keeps of each prediction row: ids and numbers, never prompts, outputs or gold answers.
 ITEM_FIELDS = ("id", "correct")
@@ -30,15 +30,15 @@ def export_records(runs: list[Run], dest: Path) -> list[Path]:
     A record of the same name is replaced (an updated export of the same run); other records in ``dest`` stay.
 
     Raises:
-        ValueError: A run without a directory (a W&B run), or two runs that would get the same record name.
+        ReportError: A run without a directory (a W&B run), or two runs that would get the same record name.
     """
     if any(run.path is None for run in runs):
-        raise ValueError("records are exported from run directories; W&B runs have none")
+        raise ReportError("records are exported from run directories; W&B runs have none")
     paths = [run.path.resolve() for run in runs]
     common = Path(os.path.commonpath(paths)) if len(paths) > 1 else paths[0].parent
     names = [path.relative_to(common) for path in paths]
     if len(set(names)) != len(names):
-        raise ValueError(f"two runs would share a record name under {dest}: {sorted(map(str, names))}")
+        raise ReportError(f"two runs would share a record name under {dest}: {sorted(map(str, names))}")
     written = []
     for run, name in zip(runs, names, strict=True):
         target = dest / name

@@ -16,10 +16,15 @@ from pathlib import Path
 import yaml
 
 from s2ft.data import UnknownNameError, resolve_train_sources
+from s2ft.errors import UserError
 from s2ft.lightning.summary import wandb_summaries
 
 # Settings that distinguish repetitions rather than variants: seeds are averaged over, never separate rows.
 REPETITION_KEYS = ("seed", "options.seed", "options.calibration_size")
+
+
+class ReportError(UserError, ValueError):
+    """The report's input cannot be read as asked (a missing path, no finished run, a damaged summary)."""
 
 
 @dataclass
@@ -103,25 +108,25 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
     """Every run under ``paths`` (run directories, sweep directories, or `summary.json` files), sorted by path.
 
     Raises:
-        FileNotFoundError: A path that does not exist, or no `summary.json` under any of them.
-        ValueError: A `summary.json` that is not JSON (named).
+        ReportError: A path that does not exist, no `summary.json` under any of them, or a `summary.json` that is not
+            JSON (named).
     """
     files = []
     for path in map(Path, paths):
         if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist; pass run or sweep directories (or summary.json files)")
+            raise ReportError(f"{path} does not exist; pass run or sweep directories (or summary.json files)")
         if path.is_file():
             files.append(path)
         else:  # hidden folders hold no run of their own (an overwritten run's outputs wait in `.overwritten/`)
             files += [f for f in path.rglob("summary.json") if not _hidden(f.relative_to(path))]
     if not files:
-        raise FileNotFoundError(f"no summary.json under {[str(p) for p in paths]}: have the runs finished?")
+        raise ReportError(f"no summary.json under {[str(p) for p in paths]}: have the runs finished?")
     runs = []
     for file in sorted(set(files)):
         try:
             summary = json.loads(file.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(
+            raise ReportError(
                 f"{file} is not a readable summary ({err}); rerun its job (ckpt_path=auto) or leave its run out"
             ) from None
         config_file = file.parent / "config.yaml"
@@ -142,9 +147,9 @@ def wandb_runs(project: str) -> list[Run]:
     single-seed rows are compared only where a t-test over seeds is possible.
 
     Raises:
-        ValueError: The project has no s2ft run.
+        ReportError: The project has no s2ft run.
     """
     runs = [Run(summary, config) for summary, config in wandb_summaries(project)]
     if not runs:
-        raise ValueError(f"W&B project {project!r} has no s2ft runs")
+        raise ReportError(f"W&B project {project!r} has no s2ft runs")
     return runs
