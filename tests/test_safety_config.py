@@ -97,6 +97,10 @@ BAD_VALUES = [
         "1 process(es); raise data.limit or lower data.batch_size",
     ),
     (["data.limit=8", "data.val_size=0", "trainer=ddp_cpu"], "fewer than one batch of data.batch_size=8 on 2"),
+    # A list of devices counts its entries (it was repeated num_nodes times, then counted as one process); -1 (every
+    # device) at least one (it was -1 processes, so no limit was ever too small).
+    (["data.limit=8", "data.val_size=0", "trainer=gpu", "trainer.devices=[0,1]"], "data.batch_size=8 on 2 process"),
+    (["data.limit=4", "data.val_size=0", "trainer=gpu", "trainer.devices=-1"], "data.batch_size=8 on 1 process"),
     (["data.max_length=1"], "data.max_length must be an int >= 2"),
 ]
 
