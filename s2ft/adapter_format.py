@@ -6,6 +6,7 @@ component, axis, unit size, weight shape and unit indices). Reading checks every
 ``s2ft.adapter.check_fits`` checks the rest against a model before it is touched.
 """
 
+import hashlib
 import json
 import os
 import uuid
@@ -103,10 +104,28 @@ def write_adapter(adapter: Adapter, path: str | os.PathLike) -> None:
     }
     # Serialized before any file is written: a config json cannot write must not leave new weights beside the old
     # adapter's config (a folder that no longer loads).
-    text = json.dumps(config, indent=2) + "\n"
+    json.dumps(config)
     tensors = {f"{name}.values": m.values.contiguous() for name, m in adapter.modules.items()}
-    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    digest = {}
+
+    def write_weights(tmp: Path) -> None:
+        save_file(tensors, tmp, metadata={"format": FORMAT})
+        digest["weights_sha256"] = file_sha256(tmp)
+
+    atomic_write(path / WEIGHTS_NAME, write_weights)
+    # The config names the weights it was saved with: a save stopped between its two files leaves new weights beside
+    # the old config, which loading then refuses instead of pairing one adapter's units with another's values.
+    text = json.dumps({**config, **digest}, indent=2) + "\n"
     atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, in hex."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
 
 
 def atomic_write(target: Path, write) -> None:
@@ -161,6 +180,12 @@ def load_adapter_file(path: str | os.PathLike) -> Adapter:
         tensors = load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterError(f"corrupt adapter weights {weights_path}: {err}") from err
+    recorded = config.get("weights_sha256")  # older adapters carry none: not checked
+    if recorded is not None and recorded != file_sha256(weights_path):
+        raise AdapterError(
+            f"{weights_path} is not the file {config_path} was saved with (its SHA-256 differs): a save stopped "
+            "between its two files, or one file copied from another adapter; save the adapter again"
+        )
     expected = {f"{name}.values" for name in config["modules"]}
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 
 import s2ft
-from s2ft.adapter_format import CONFIG_NAME, WEIGHTS_NAME
+from s2ft.adapter_format import CONFIG_NAME, WEIGHTS_NAME, file_sha256
 from s2ft.evaluation.generate import Generation
 from s2ft.lightning.jobs import compose_job, resolved_job
 from s2ft.models import MODEL_SHAPES, tiny_model, tiny_tokenizer
@@ -198,10 +198,17 @@ def corrupt_units(path, units, key="units"):
     (path / CONFIG_NAME).write_text(json.dumps(config))
 
 
+def rewrite_weights(path, tensors):
+    """Writes ``tensors`` as the adapter's weights and records their checksum in its config, as a save would: the
+    bad values themselves, not a mismatched pair, are what the loader must refuse."""
+    save_file(tensors, path / WEIGHTS_NAME)
+    corrupt_field(path, "weights_sha256", file_sha256(path / WEIGHTS_NAME))
+
+
 def corrupt_values(path, value):
     tensors = load_file(path / WEIGHTS_NAME)
     tensors["model.layers.0.self_attn.o_proj.values"][0, 0] = value
-    save_file(tensors, path / WEIGHTS_NAME)
+    rewrite_weights(path, tensors)
 
 
 def corrupt_field(path, key, value):
@@ -211,7 +218,7 @@ def corrupt_field(path, key, value):
 
 
 def cast_values(path, dtype):
-    save_file({name: t.to(dtype) for name, t in load_file(path / WEIGHTS_NAME).items()}, path / WEIGHTS_NAME)
+    rewrite_weights(path, {name: t.to(dtype) for name, t in load_file(path / WEIGHTS_NAME).items()})
 
 
 # A broken adapter of build_tiny("llama_gqa") (o_proj trained): how to break it, what the refusal says.

@@ -1,7 +1,9 @@
 """Adapters: save/load, merge/unmerge, merge_and_unload, fusion, switching, and refusal of bad adapters."""
 
 import copy
+import hashlib
 import json
+import shutil
 
 import pytest
 import torch
@@ -82,6 +84,28 @@ def test_a_save_that_fails_leaves_the_adapter_in_its_folder_byte_identical(tmp_p
         s2ft.save_adapter(other, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
     s2ft.load_adapter_file(tmp_path)
+
+
+def test_weights_from_another_save_beside_the_config_are_refused(tmp_path):
+    """A save stopped between its two files leaves the new weights beside the old config. Two adapters of the same
+    budget have the same shapes, so the pair loaded: one selection's units with the other's values."""
+    base = build_tiny("llama_gqa")
+    first, second = tmp_path / "first", tmp_path / "second"
+    s2ft.save_adapter(trained(copy.deepcopy(base), s2ft.S2FTConfig(ratios={"o": 0.25}, seed=1)), first)
+    s2ft.save_adapter(trained(copy.deepcopy(base), s2ft.S2FTConfig(ratios={"o": 0.25}, seed=2)), second)
+    config = json.loads((first / CONFIG_NAME).read_text())
+    assert config["weights_sha256"] == hashlib.sha256((first / WEIGHTS_NAME).read_bytes()).hexdigest()
+    shutil.copy(second / WEIGHTS_NAME, first / WEIGHTS_NAME)
+    untouched = copy.deepcopy(base)
+    with pytest.raises(AdapterError, match=r"is not the file .* was saved with \(its SHA-256 differs\)"):
+        s2ft.load_adapter(base, first)
+    assert base.state_dict().keys() == untouched.state_dict().keys()
+    assert all(torch.equal(value, untouched.state_dict()[key]) for key, value in base.state_dict().items())
+    # An adapter saved before the checksum (no weights_sha256) still loads.
+    old = json.loads((second / CONFIG_NAME).read_text())
+    del old["weights_sha256"]
+    (second / CONFIG_NAME).write_text(json.dumps(old))
+    assert s2ft.load_adapter_file(second).config["seed"] == 2
 
 
 def test_permuted_adapter_holds_original_units_and_values():
