@@ -14,6 +14,8 @@ the global ``r`` and ``lora_alpha``, which are equal too).
 
 import os
 import re
+import shutil
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -54,7 +56,8 @@ def export_lora(adapter: str | os.PathLike | Adapter, out_dir: str | os.PathLike
     Args:
         adapter: An S2FT adapter folder (``save_adapter``) or ``Adapter``.
         out_dir: The LoRA folder to write (``adapter_config.json``, ``adapter_model.safetensors``); must not exist or
-            be empty, so nothing is overwritten.
+            be empty, so nothing is overwritten. It appears whole or not at all: the files are written to a staging
+            folder beside it, which is then renamed.
         base: The base model the adapter was trained on (the deltas need its weights); not changed.
 
     Returns:
@@ -96,7 +99,17 @@ def export_lora(adapter: str | os.PathLike | Adapter, out_dir: str | os.PathLike
         task_type="CAUSAL_LM",
         base_model_name_or_path=adapter.base_model,
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out_dir / WEIGHTS_NAME, metadata={"format": "pt"})
-    config.save_pretrained(out_dir)
+    # A stop between the two files would otherwise leave weights without a config: a folder PEFT cannot load and
+    # that a second export refuses as not empty.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex}.tmp")
+    staging.mkdir()
+    try:
+        save_file(tensors, staging / WEIGHTS_NAME, metadata={"format": "pt"})
+        config.save_pretrained(staging)
+        if out_dir.is_dir():
+            out_dir.rmdir()  # checked empty above
+        os.replace(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return config

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from conftest import BAD_ADAPTERS, build_tiny
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
 from test_multi_adapter import SELECTIONS, left_padded, save_adapters
 
 import s2ft
@@ -79,6 +79,27 @@ def test_export_is_validated_and_overwrites_nothing(tmp_path):
     assert not (tmp_path / "fresh").exists()
     export_lora(paths["good"], tmp_path / "fresh", base)
     assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == ["adapter_config.json", WEIGHTS_NAME]
+
+
+def test_an_export_stopped_between_its_files_leaves_no_folder(tmp_path, monkeypatch):
+    """The weights used to be written into out_dir before the config: a stop between them left a folder PEFT
+    cannot load, which a second export then refused as not empty."""
+    base = build_tiny("llama_gqa")
+    path = save_adapters(base, tmp_path, {"cols": SELECTIONS["cols"]})["cols"]
+
+    def stopped(self, save_directory, **kwargs):
+        raise KeyboardInterrupt
+
+    (tmp_path / "empty").mkdir()
+    with monkeypatch.context() as patched:
+        patched.setattr(LoraConfig, "save_pretrained", stopped)
+        for out in ("new", "empty"):
+            with pytest.raises(KeyboardInterrupt):
+                export_lora(path, tmp_path / out, base)
+    assert not (tmp_path / "new").exists() and list((tmp_path / "empty").iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cols", "empty"]  # no staging folder left behind
+    export_lora(path, tmp_path / "new", base)
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["adapter_config.json", WEIGHTS_NAME]
 
 
 def test_export_lora_is_part_of_the_package_api():

@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import warnings
+from pathlib import Path
 
 import peft.utils.save_and_load as peft_save
 import pytest
@@ -222,6 +223,25 @@ def test_spft_sampling_is_seeded_and_sized():
         assert delta.index.numel() == round(0.05 * out * inp) == torch.unique(delta.index).numel()
         assert torch.equal(delta.index, again[name].index)
     assert any(not torch.equal(delta.index, other[name].index) for name, delta in first.items())
+
+
+def test_an_spft_save_stopped_mid_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    """spft.safetensors used to be written in place: a stop mid-write left a truncated file."""
+    model = prepare_model(base_model(), "spft", {"p": 0.05, "seed": 7})
+    save_trained(model, "spft", tmp_path)
+    before = (tmp_path / spft_method.ADAPTER_FILE).read_bytes()
+
+    def stopped(tensors, filename, **kwargs):
+        Path(filename).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    with torch.no_grad():
+        next(iter(spft_method.sparse_deltas(model).values())).values.add_(1.0)
+    monkeypatch.setattr(spft_method, "save_file", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        save_trained(model, "spft", tmp_path)
+    assert (tmp_path / spft_method.ADAPTER_FILE).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [spft_method.ADAPTER_FILE]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from s2ft.adapter_format import atomic_write
 from s2ft.methods.method import Method
 
 DEFAULTS: dict[str, Any] = {
@@ -106,7 +107,7 @@ def save(model: nn.Module, out_dir: Path) -> None:
     for name, delta in deltas.items():
         tensors[f"{name}.index"] = delta.index.detach().cpu().contiguous()
         tensors[f"{name}.values"] = delta.values.detach().cpu().contiguous()
-    save_file(tensors, out_dir / ADAPTER_FILE)
+    atomic_write(out_dir / ADAPTER_FILE, lambda tmp: save_file(tensors, tmp))
 
 
 def load(model: nn.Module, path: Path) -> nn.Module:
