@@ -15,9 +15,10 @@ once per call; each wrapped linear then runs one gather-matmul-scatter per adapt
 """
 
 import os
+import threading
 import types
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -34,23 +35,62 @@ BASE = "__base__"
 SLOT_PREFIX = "adapter_"
 
 
-@dataclass
 class MultiAdapterState:
     """What a mixed-adapter model remembers (``model.s2ft_adapters``).
 
+    The current call's rows are kept per thread: two threads running the one model at once (a threaded server) each
+    see their own ``adapter_names``, where one shared record let a call run with the other's rows, or with none.
+
     Attributes:
         configs: Per loaded adapter name (in load order), its selection settings.
-        groups: The rows of the current call per adapter present, ``[(name, row indices)]``; set by the pre-hook,
-            cleared when the call returns (a submodule called on its own, ``model.model(...)``, is the base model).
-        generation: While ``generate`` runs with ``adapter_names``: the batch's row count and its groups, used by
-            every forward call of that generation.
+        groups: This thread's current call's rows per adapter present, ``[(name, row indices)]``; set by the
+            pre-hook, cleared when the call returns (a submodule called on its own, ``model.model(...)``, is the base
+            model).
+        generation: While ``generate`` runs with ``adapter_names`` in this thread: the batch's row count and its
+            groups, used by every forward call of that generation.
+        generating: How many ``generate`` calls with ``adapter_names`` run now, in any thread.
         hooks: The top model's forward pre-hook and forward hook (removed when the last adapter is).
     """
 
-    configs: dict[str, dict] = field(default_factory=dict)
-    groups: list[tuple[str, torch.Tensor]] = field(default_factory=list)
-    generation: tuple[int, list[tuple[str, torch.Tensor]]] | None = None
-    hooks: list = field(default_factory=list)
+    def __init__(self) -> None:
+        self.configs: dict[str, dict] = {}
+        self.hooks: list = []
+        self.generating = 0
+        self._lock = threading.Lock()
+        self._call = threading.local()
+
+    @property
+    def groups(self) -> list[tuple[str, torch.Tensor]]:
+        return getattr(self._call, "groups", [])
+
+    @groups.setter
+    def groups(self, value: list[tuple[str, torch.Tensor]]) -> None:
+        self._call.groups = value
+
+    @property
+    def generation(self) -> tuple[int, list[tuple[str, torch.Tensor]]] | None:
+        return getattr(self._call, "generation", None)
+
+    @contextmanager
+    def generating_with(self, generation: tuple[int, list[tuple[str, torch.Tensor]]]):
+        """This thread's ``generate`` runs with ``generation``'s rows while the context is open."""
+        self._call.generation = generation
+        with self._lock:
+            self.generating += 1
+        try:
+            yield
+        finally:
+            self._call.generation = None
+            with self._lock:
+                self.generating -= 1
+
+    def __getstate__(self) -> dict:
+        # A copy (deepcopy, pickle) has no call in flight; locks and thread-locals are not copied.
+        return {"configs": self.configs, "hooks": self.hooks}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+        self.configs, self.hooks = state["configs"], state["hooks"]
 
 
 class AdapterSlots(nn.Module):
@@ -172,11 +212,8 @@ def _generate(model: nn.Module, *args, adapter_names=None, **kwargs):
     if adapter_names is None:
         return type(model).generate(model, *args, **kwargs)
     rows = _row_count(args, kwargs)
-    state.generation = (len(adapter_names), _group_rows(state, adapter_names, rows, model.device))
-    try:
+    with state.generating_with((len(adapter_names), _group_rows(state, adapter_names, rows, model.device))):
         return type(model).generate(model, *args, **kwargs)
-    finally:
-        state.generation = None
 
 
 def _group_rows(state: MultiAdapterState, names, rows: int | None, device) -> list[tuple[str, torch.Tensor]]:
@@ -272,7 +309,7 @@ def remove_adapter(model: nn.Module, name: str) -> nn.Module:
     state = _state(model)
     if name not in state.configs:
         raise AdapterError(f"no adapter named {name!r} is loaded; loaded: {list(state.configs)}")
-    if state.generation is not None:
+    if state.generating:
         # Its rows would go on decoding with the base model's weights, silently (from a streamer, a stopping
         # criterion or another thread).
         raise AdapterError(f"generate is running with adapter_names; remove adapter {name!r} after it returns")

@@ -1,6 +1,7 @@
 """Mixed-adapter batches: every row equals its adapter's merged model; loading is validated; memory is the deltas."""
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -363,6 +364,60 @@ def test_an_adapter_is_not_removed_while_generate_runs_with_it(tmp_path):
         )
     assert len(refusals) == 1 and torch.equal(got, expected)
     remove_adapter(model, "cols")  # once it returned
+    assert loaded_adapters(model) == ["rows"]
+
+
+def test_two_threads_running_the_model_at_once_each_get_their_own_rows(tmp_path):
+    """The current call's rows were one record on the model: a generate whose step ran while another thread's forward
+    started and ended went on with that call's rows, then with none (the base model's output, no error)."""
+    base = build_tiny("llama_gqa")
+    paths = save_adapters(base, tmp_path, {"cols": SELECTIONS["cols"], "rows": SELECTIONS["rows"]})
+    model = load_adapters(copy.deepcopy(base), paths)
+    input_ids, mask = left_padded(2)
+    names = {"generate": ["cols", "rows"], "forward": ["rows", BASE]}
+    options = {"max_new_tokens": 4, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+
+    def generate():
+        return model.generate(input_ids=input_ids, attention_mask=mask, adapter_names=names["generate"], **options)
+
+    def forward():
+        return model(input_ids=input_ids, attention_mask=mask, adapter_names=names["forward"]).logits
+
+    with torch.no_grad():
+        expected = {"generate": generate().logits, "forward": forward()}
+    paused, resume, got, calls = threading.Event(), threading.Event(), {}, []
+
+    def pause_the_second_step(module, args):
+        if threading.current_thread().name == "generate":
+            calls.append(1)
+            if len(calls) == 2:
+                paused.set()
+                resume.wait(30)
+
+    def run(name):
+        with torch.no_grad():
+            got[name] = generate().logits if name == "generate" else forward()
+
+    hook = model.model.layers[0].register_forward_pre_hook(pause_the_second_step)
+    first = threading.Thread(target=run, args=("generate",), name="generate")
+    first.start()
+    try:
+        assert paused.wait(30)
+        second = threading.Thread(target=run, args=("forward",), name="forward")
+        second.start()
+        second.join(30)
+        # generate runs in another thread: its rows' adapter stays.
+        with pytest.raises(AdapterError, match="generate is running with adapter_names"):
+            remove_adapter(model, "cols")
+    finally:
+        resume.set()
+        first.join(30)
+        hook.remove()
+    assert len(got["generate"]) == len(expected["generate"]) == 4
+    for step, logits in zip(got["generate"], expected["generate"], strict=True):
+        torch.testing.assert_close(logits, step, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got["forward"], expected["forward"], rtol=0, atol=1e-6)
+    remove_adapter(model, "cols")  # nothing runs now
     assert loaded_adapters(model) == ["rows"]
 
 
