@@ -159,6 +159,25 @@ def test_a_csv_record_after_a_multi_line_field_is_named_by_its_own_line(tmp_path
     assert fields(load_user_source(str(csv))) == [("Q1", "", "line one\nline two"), ("Q2", "", "A2")]
 
 
+def test_a_csv_record_with_more_fields_than_the_header_is_refused(tmp_path):
+    """Before, when the first record had an extra field (an unquoted comma, a trailing comma on every line), pandas took
+    each record's first field as its index and read the others one column left: "Q1,A1,extra" trained on the
+    instruction "A1" with the output "extra", and "Q1,A1," was refused as missing its output."""
+    csv = tmp_path / "shifted.csv"
+    message = r'line {} has 3 fields but the header 2; quote a field that holds a comma \("a, b"\) and remove trailing'
+    for content, line in [
+        ("instruction,output\nQ1,A1,extra\nQ2,A2,more\n", 2),
+        ("instruction,output\nQ1,A1,\nQ2,A2,\n", 2),
+        ('instruction,output\n\nQ1,"A1\nstill A1"\nQ2,A2,more\n', 5),  # its own line, after a blank and a 2-line one
+    ]:
+        csv.write_text(content)
+        with pytest.raises(DataError, match=rf"^{csv}: {message.format(line)}"):
+            load_user_source(str(csv))
+    csv.write_text('instruction,output\nQ1,"A1, with a comma"\nQ2,\n')  # quoted commas are one field
+    with pytest.raises(DataError, match=r"shifted.csv: line 3: missing field 'output'$"):
+        load_user_source(str(csv))
+
+
 def test_a_field_absent_from_every_record_and_chat_without_a_response(tmp_path):
     path = write_jsonl(tmp_path / "q.jsonl", [{"instruction": "Q1"}])
     with pytest.raises(DataError, match=r"no field 'output' in any record \(columns: \['instruction'\]\)"):
@@ -224,7 +243,7 @@ def test_unreadable_files_name_the_line_and_the_fix(tmp_path):
         "notes.json": (b"Q: A\n", r"notes.json: not valid JSON \(Expecting value at line 1, column 1\)"),
         "ragged.csv": (
             b"instruction,output\nQ1,A1\nQ2,A2,extra\n",
-            r"ragged.csv: ParserError: .*Expected 2 fields in line 3, saw 3$",
+            r"ragged.csv: line 3 has 3 fields but the header 2; quote a field",
         ),
     }
     for name, (content, message) in cases.items():

@@ -175,7 +175,7 @@ def load_rows(source: UserSource, data_dir: str | Path | None = None) -> dataset
                 # datasets refuses an empty split with an obscure message, and reads some non-UTF-8 files as mojibake.
                 if not _check_text(path, source.where):
                     raise DataError(f"{source.where} holds no records")
-                options = _csv_options(path) if path.suffix.lower() == ".csv" else {}
+                options = _csv_options(path, source.where) if path.suffix.lower() == ".csv" else {}
                 rows = datasets.load_dataset(
                     BUILDERS[path.suffix.lower()], data_files=str(path), split="train", **options
                 )
@@ -214,11 +214,25 @@ def _check_text(path: Path, where: str) -> bool:
     return text not in ("", "[]")
 
 
-def _csv_options(path: Path) -> dict:
+def _csv_options(path: Path, where: str) -> dict:
     """pandas options that read every CSV cell as the text written: by default a column of numbers becomes floats
-    (an answer ``7`` trains as ``7.0``, ``01234`` as ``1234.0``) and ``None``, ``NA`` or ``null`` become missing."""
+    (an answer ``7`` trains as ``7.0``, ``01234`` as ``1234.0``) and ``None``, ``NA`` or ``null`` become missing.
+
+    Raises:
+        DataError: A record with more fields than the header (an unquoted comma, a trailing comma). When the first
+            record has one, pandas silently takes every record's first field as its index and reads the rest one
+            column to the left (the output as the instruction); later ones fail with a tokenizer error.
+    """
     with path.open(encoding="utf-8", newline="") as file:
-        columns = len(next(csv.reader(file), []))
+        reader = csv.reader(file)
+        columns, end = len(next(reader, [])), 1
+        for row in reader:
+            if len(row) > columns:
+                raise DataError(
+                    f"{where}: line {end + 1} has {len(row)} fields but the header {columns}; quote a field that "
+                    'holds a comma ("a, b") and remove trailing commas'
+                )
+            end = reader.line_num
     return {"converters": {index: str for index in range(columns)}, "keep_default_na": False, "na_values": [""]}
 
 
