@@ -149,6 +149,19 @@ def test_csv_cells_are_read_as_written(tmp_path):
         load_user_source(str(csv))
 
 
+def test_json_numbers_train_as_written_when_ints_and_floats_mix(tmp_path):
+    """Before, arrow read a JSON column mixing ints and floats as floats and the target of {"output": 4} was "4.0"."""
+    records = [{"instruction": "Legs?", "output": 4}, {"instruction": "Half?", "output": 0.5}]
+    path = write_jsonl(tmp_path / "counts.jsonl", records)
+    assert [ex.output for ex in load_user_source(str(path))] == ["4", "0.5"]
+    chat = [
+        {"messages": [{"role": "user", "content": 2}, {"role": "assistant", "content": 4}]},
+        {"messages": [{"role": "user", "content": 1}, {"role": "assistant", "content": 0.5}]},
+    ]
+    path = write_jsonl(tmp_path / "chat.jsonl", chat)
+    assert fields(load_user_source(str(path))) == [("2", "", "4"), ("1", "", "0.5")]
+
+
 def test_a_csv_record_after_a_multi_line_field_is_named_by_its_own_line(tmp_path):
     """Before, lines were counted as records: the bad record on line 6 was reported at line 4, inside record 1."""
     csv = tmp_path / "long.csv"

@@ -18,6 +18,7 @@ from s2ft.data.tasks import UnknownNameError
 from s2ft.data.user_tasks import group_members, parse_task, resolve_eval_tasks
 from s2ft.evaluation import evaluate, heldout_item_losses
 from s2ft.evaluation.checks import check_task_spec
+from s2ft.evaluation.evaluate import prepare_tasks
 from s2ft.evaluation.loglik import encode_pairs, score_pairs
 from s2ft.models import tiny_model, tiny_tokenizer
 
@@ -111,6 +112,18 @@ def test_loglik_task_scores_the_records_options(tmp_path, tokenizer, model64):
     spec = {"name": "yn", "path": labelled, "answer": "label", "labels": ["yes", "no"], "mode": "loglik"}
     result = evaluate(model64, tokenizer, [spec], data_dir=DATA, out_dir=tmp_path, progress=False)
     assert read_predictions(tmp_path, "yn")[0]["options"] == {"yes": "Yes", "no": "No"}
+
+
+def test_json_numbers_are_golds_as_written_when_ints_and_floats_mix(tmp_path):
+    """Before, arrow read a JSON column mixing ints and floats as floats: the gold of {"answer": 4} beside
+    {"answer": 0.5} was "4.0", normalised to "4 0", so a text task scored the model's "4" wrong."""
+    path = write_jsonl(
+        tmp_path / "counts.jsonl",
+        [{"instruction": "Legs of a cat?", "answer": 4}, {"instruction": "Half?", "answer": 0.5}],
+    )
+    (items,) = prepare_tasks([{"name": "counts", "path": path, "answer": "text"}], DATA, "generate")
+    assert items.golds == ["4", "0 5"]
+    assert [ex.answer for ex in items.examples] == ["4", "0.5"]
 
 
 def test_definition_errors():

@@ -315,6 +315,14 @@ def _text(value, field: str, where: str) -> str:
         raise DataError(f"{where}: missing field {field}")
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise DataError(f"{where}: field {field} must be text, got {type(value).__name__}")
+    return _as_text(value)
+
+
+def _as_text(value: str | int | float) -> str:
+    # Arrow reads a JSON column that mixes ints and floats as floats: the 4 of {"answer": 4} beside {"answer": 0.5}
+    # arrives as 4.0, and str() would make the gold "4.0" (a text answer "4" scored wrong) and the target "4.0".
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
     return str(value)
 
 
@@ -333,13 +341,13 @@ def _chat_parts(messages, where: str, need_response: bool) -> tuple[str, str, st
             )
     response = ""
     if messages[-1]["role"] == "assistant":
-        response, messages = str(messages[-1]["content"]), messages[:-1]
+        response, messages = _as_text(messages[-1]["content"]), messages[:-1]
     elif need_response:
         raise DataError(f"{where}: the last message must be the assistant's response (role 'assistant')")
     if not messages or messages[-1]["role"] != "user":
         raise DataError(f"{where}: the response must follow a user message")
-    context = "\n".join(f"{m['role']}: {m['content']}" for m in messages[:-1])
-    return str(messages[-1]["content"]), context, response
+    context = "\n".join(f"{m['role']}: {_as_text(m['content'])}" for m in messages[:-1])
+    return _as_text(messages[-1]["content"]), context, response
 
 
 def to_examples(
