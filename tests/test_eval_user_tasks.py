@@ -126,6 +126,38 @@ def test_json_numbers_are_golds_as_written_when_ints_and_floats_mix(tmp_path):
     assert [ex.answer for ex in items.examples] == ["4", "0.5"]
 
 
+def test_loglik_options_are_labelled_by_the_task_labels(tmp_path):
+    """Before, a {label: text} option under a label the task does not have (a typo, "negativ") competed as an option
+    that no gold names, and labels differing only in case (["yes", "Yes"]) merged two options into one, so an item
+    with a single option left was always answered correctly."""
+    typo = write_jsonl(
+        tmp_path / "typo.jsonl",
+        [
+            {"instruction": "Good?", "options": {"positive": "good", "negative": "bad"}, "answer": "positive"},
+            {"instruction": "Bad?", "options": {"positive": "good", "negativ": "bad"}, "answer": "positive"},
+        ],
+    )
+    labels = ["positive", "negative"]
+    (problem,) = check_task_spec(
+        [{"name": "s", "path": typo, "answer": "label", "labels": labels, "mode": "loglik"}], DATA
+    )
+    assert problem == (
+        f"eval.tasks: {typo}: line 2: options labelled ['positive', 'negativ'], but each option needs its own label "
+        "among the task's labels ['positive', 'negative'] (case is ignored)"
+    )
+    letters = write_jsonl(
+        tmp_path / "f.jsonl", [{"instruction": "Pick", "options": {"A": "x", "F": "y"}, "answer": "A"}]
+    )
+    (problem,) = check_task_spec([{"name": "f", "path": letters, "answer": "letter", "mode": "loglik"}], DATA)
+    assert "line 1: options labelled ['A', 'F'], but each option needs its own label" in problem
+    both = write_jsonl(tmp_path / "yes.jsonl", [{"instruction": "Is it?", "options": ["Yes", "No"], "answer": "no"}])
+    with pytest.raises(DataError, match=r"^task yn: labels \['yes', 'Yes'\] repeat a label \(case is ignored\)"):
+        parse_task({"name": "yn", "path": both, "answer": "label", "labels": ["yes", "Yes"], "mode": "loglik"})
+    mixed = {"name": "yn", "path": both, "answer": "label", "labels": ["Yes", "No"], "mode": "loglik"}
+    (items,) = prepare_tasks([mixed], DATA, "generate")  # labels in any case, matched in lower case
+    assert items.options == [{"yes": "Yes", "no": "No"}] and items.golds == ["no"]
+
+
 def test_definition_errors():
     good = {"name": "mine", "path": "t.json", "answer": "letter"}
     assert parse_task(good).labels == tuple("ABCDE") and parse_task(good).source.split == "test"

@@ -61,6 +61,9 @@ def parse_task(definition: dict) -> TaskSpec:
     if kind == "label":
         if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) and x for x in labels):
             raise DataError(f"{where}: answer: label needs labels: [a list of at least two label strings]")
+        if len({label.lower() for label in labels}) < len(labels):
+            # Golds and outputs are matched in lower case: two such labels would be one answer.
+            raise DataError(f"{where}: labels {labels} repeat a label (case is ignored); give each label once")
         labels = tuple(labels)
     elif labels is not None:
         raise DataError(f"{where}: labels only apply to answer: label")
@@ -237,7 +240,19 @@ def load_user_task(spec: TaskSpec, data_dir: str | Path | None) -> tuple[list[Ex
             raise DataError(f"{where}: options must be a list of texts or a {{label: text}} dict, got {value!r}")
         if len(value) < 2 or not all(isinstance(text, str) and text.strip() for text in value.values()):
             raise DataError(f"{where}: options need at least two non-empty texts, got {value!r}")
-        options.append(
-            {(label.upper() if spec.answer_kind == "letter" else label.lower()): t for label, t in value.items()}
-        )
+        labelled = {_label(spec, label): text for label, text in value.items()}
+        # A label outside the task's would compete as an option no gold can name (a typo such as "negativ"), and two
+        # labels that differ only in case would silently become one option.
+        unknown = [label for label in value if _label(spec, label) not in {_label(spec, x) for x in spec.labels}]
+        if unknown or len(labelled) < len(value):
+            raise DataError(
+                f"{where}: options labelled {list(value)}, but each option needs its own label among the task's "
+                f"labels {list(spec.labels)} (case is ignored)"
+            )
+        options.append(labelled)
     return examples, options
+
+
+def _label(spec: TaskSpec, label: str) -> str:
+    """A label as the task's golds are parsed: upper case for letter tasks, lower case for label tasks."""
+    return label.upper() if spec.answer_kind == "letter" else label.lower()
