@@ -19,6 +19,7 @@ from s2ft.data.sources import describe_train_sources
 from s2ft.data.tasks import resolve_train_items
 from s2ft.data.tokenize import tokenize_examples
 from s2ft.data.user import UserSource, file_digest, load_user_source, parse_source
+from s2ft.evaluation.checks import check_task_spec
 from s2ft.models import tiny_tokenizer
 
 ALPACA = [
@@ -170,6 +171,22 @@ def test_a_csv_record_after_a_multi_line_field_is_named_by_its_own_line(tmp_path
         load_user_source(str(csv))
     csv.write_text('instruction,output\nQ1,"line one\nline two"\nQ2,A2\n')
     assert fields(load_user_source(str(csv))) == [("Q1", "", "line one\nline two"), ("Q2", "", "A2")]
+
+
+def test_a_json_array_in_a_jsonl_file_names_records_not_lines(tmp_path):
+    """Before, a pretty-printed JSON array saved as .jsonl (datasets reads it) had its records named by its non-blank
+    lines: the bad second record was reported at "line 2", the first record's opening brace."""
+    path = tmp_path / "pretty.jsonl"
+    path.write_text(json.dumps([ALPACA[0], {"instruction": "Q2", "output": ""}], indent=2))
+    with pytest.raises(DataError, match=rf"^{path}: record 1: empty response \(output\)$"):
+        load_user_source(str(path))
+    path.write_text(json.dumps([{"instruction": "Q1", "answer": "B"}, {"instruction": "Q2", "answer": "seven"}]))
+    (problem,) = check_task_spec([{"name": "p", "path": str(path), "answer": "letter"}], DATA)
+    assert problem == f"eval.tasks: task p, item p-1 ({path}: record 1): gold answer 'seven' is not a letter A-E"
+    records = [{"instruction": "Q1", "answer": "A", "options": ["x", "y"]}, {"instruction": "Q2", "answer": "A"}]
+    path.write_text(json.dumps(records, indent=1))
+    (problem,) = check_task_spec([{"name": "p", "path": str(path), "answer": "letter", "mode": "loglik"}], DATA)
+    assert problem.startswith(f"eval.tasks: {path}: record 1: options must be a list of texts")
 
 
 def test_a_csv_record_with_more_fields_than_the_header_is_refused(tmp_path):

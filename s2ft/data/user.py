@@ -268,16 +268,23 @@ def _cause(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).strip()}"
 
 
-def file_lines(source: UserSource, data_dir: str | Path | None) -> list[str] | None:
-    """Per record, where it is in the file: "line N" for JSONL and CSV, None (record indices) otherwise."""
+def file_lines(source: UserSource, data_dir: str | Path | None, count: int | None = None) -> list[str] | None:
+    """Per record, where it is in the file: "line N" for JSONL and CSV, None (record indices) otherwise.
+
+    Args:
+        source: The source.
+        data_dir: The data directory.
+        count: The number of records datasets read; when the file's lines give another number (a pretty-printed
+            JSON array saved as .jsonl, which datasets reads too), lines would name the wrong records: None.
+    """
     if source.path is None:
         return None
     path = resolve_path(source.path, data_dir)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         with path.open(encoding="utf-8") as file:
-            return [f"line {number}" for number, line in enumerate(file, start=1) if line.strip()]
-    if suffix == ".csv":
+            lines = [f"line {number}" for number, line in enumerate(file, start=1) if line.strip()]
+    elif suffix == ".csv":
         # datasets' CSV reader (pandas) takes the first record as the header and skips blank lines; a record whose
         # quoted field spans lines starts at the line after the previous record's end.
         starts, end = [], 0
@@ -287,8 +294,10 @@ def file_lines(source: UserSource, data_dir: str | Path | None) -> list[str] | N
                 if len(row) > 1 or (row and row[0].strip()):
                     starts.append(f"line {end + 1}")
                 end = reader.line_num
-        return starts[1:]
-    return None
+        lines = starts[1:]
+    else:
+        return None
+    return lines if count is None or len(lines) == count else None
 
 
 def detect_format(source: UserSource, column_names: list[str]) -> str:
@@ -411,7 +420,8 @@ def load_user_source(
         DataError: A bad spec, a missing or unreadable file, an empty set or a bad record (named).
     """
     source = spec if isinstance(spec, UserSource) else parse_source(spec)
-    return to_examples(source, load_rows(source, data_dir), file_lines(source, data_dir), need_response)
+    rows = load_rows(source, data_dir)
+    return to_examples(source, rows, file_lines(source, data_dir, len(rows)), need_response)
 
 
 def source_digest(source: UserSource, data_dir: str | Path | None = None) -> str:

@@ -217,7 +217,7 @@ def load_user_task(spec: TaskSpec, data_dir: str | Path | None) -> tuple[list[Ex
     """
     source: UserSource = spec.source
     rows = load_rows(source, data_dir)
-    lines = file_lines(source, data_dir)
+    lines = file_lines(source, data_dir, len(rows))
     examples = to_examples(source, rows, lines, need_response=False)
     for example in examples:
         if not example.answer.strip():
