@@ -216,6 +216,16 @@ def test_a_user_task_is_a_heldout_loss_set(tmp_path):
     (problem,) = check_heldout_spec([{"name": "x", "path": answers_only, "answer": "letter"}], DATA)
     assert "no field 'output' in any record" in problem
     assert check_heldout_spec(["gsm8k_test", definition], DATA) == []
+    # Before, two sets of one name passed: the summary kept the second's loss and its item file replaced the first's.
+    renamed = {**definition, "name": "gsm8k_test"}
+    clash = "two different held-out sets are named '{}': the second's loss and item file would replace the first's"
+    assert check_heldout_spec([definition, {**definition, "answer": "number"}], DATA) == [
+        f"eval.heldout: {clash.format('Mine')}; give each its own name"
+    ]
+    assert check_heldout_spec(["gsm8k_test", renamed], DATA) == [
+        f"eval.heldout: {clash.format('gsm8k_test')}; give each its own name"
+    ]
+    assert check_heldout_spec([definition, definition, "gsm8k_test", "gsm8k_test"], DATA) == []  # the same set twice
 
 
 def test_config_check_reads_every_user_record_before_any_model(tmp_path):
