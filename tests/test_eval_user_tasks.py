@@ -164,6 +164,10 @@ def test_definition_errors():
     cases = [
         ({"path": "t.json", "answer": "letter"}, "needs a name"),
         ({**good, "name": "boolq"}, "registered task or group"),
+        # Before, predictions/qa/v2.jsonl was written, which the report's predictions/*.jsonl never finds.
+        ({**good, "name": "qa/v2"}, r"^task qa/v2: the name names its predictions file, so it cannot hold / or \\"),
+        ({**good, "name": "..\\x"}, "cannot hold / or"),
+        ({**good, "name": ".."}, "cannot hold / or"),
         ({**good, "answer": "choice"}, "answer must be one of number, letter, label, text"),
         ({**good, "answer": "label"}, "needs labels"),
         ({**good, "labels": ["a", "b"]}, "labels only apply to answer: label"),

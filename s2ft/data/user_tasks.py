@@ -52,6 +52,9 @@ def parse_task(definition: dict) -> TaskSpec:
     if not isinstance(name, str) or not name.strip():
         raise DataError(f"task definition {definition!r} needs a name")
     where = f"task {name}"
+    if "/" in name or "\\" in name or name.strip(".") == "":
+        # The name is a file's: predictions/NAME.jsonl, which the report finds with predictions/*.jsonl.
+        raise DataError(f"{where}: the name names its predictions file, so it cannot hold / or \\ or be . or ..")
     if name.lower() in TASKS or name.lower() in GROUPS:
         raise DataError(f"{where}: the name is a registered task or group; give the user task another name")
     kind = definition.get("answer")
