@@ -150,6 +150,29 @@ def test_csv_cells_are_read_as_written(tmp_path):
         load_user_source(str(csv))
 
 
+def test_a_column_mapping_to_a_column_no_record_has_is_refused(tmp_path):
+    """Before, only the required fields' mapping was checked: a typo in the input's or the answer's column trained every
+    item without its input, or scored an evaluation task against the responses instead of the answers."""
+    path = write_jsonl(tmp_path / "mapped.jsonl", [{"q": "Q", "ctx": "C", "a": "A", "gold": "G"}])
+    columns = {"instruction": "q", "input": "context", "output": "a"}
+    message = (
+        f"{path}: columns maps 'input' to 'context', but no record has that column (columns: ['q', 'ctx', 'a', "
+        "'gold']); fix the column name or leave the field out of columns"
+    )
+    with pytest.raises(DataError) as refused:
+        load_user_source({"path": str(path), "columns": columns})
+    assert str(refused.value) == message
+    task = {"name": "t", "path": str(path), "answer": "text", "columns": {"instruction": "q", "answer": "gld"}}
+    assert check_task_spec([task], DATA) == [
+        f"eval.tasks: {path}: columns maps 'answer' to 'gld', but no record has that column (columns: ['q', 'ctx', "
+        "'a', 'gold']); fix the column name or leave the field out of columns"
+    ]
+    columns = {"instruction": "q", "input": "ctx", "output": "a", "answer": "gold"}
+    assert load_user_source({"path": str(path), "columns": columns}) == [
+        Example("mapped-0", "mapped", "Q", "C", "A", "G")
+    ]
+
+
 def test_json_numbers_train_as_written_when_ints_and_floats_mix(tmp_path):
     """Before, arrow read a JSON column mixing ints and floats as floats and the target of {"output": 4} was "4.0"."""
     records = [{"instruction": "Legs?", "output": 4}, {"instruction": "Half?", "output": 0.5}]

@@ -387,6 +387,16 @@ def to_examples(
             f"{source.where}: no field {', '.join(names)} in any record (columns: {rows.column_names}); {fmt} records "
             f"need {', '.join(REQUIRED[fmt])}; map other names with columns: {{FIELD: COLUMN}}"
         )
+    # A mapping to a column no record has would leave an optional field empty in every record: no input, or the
+    # response taken as the gold answer.
+    absent = [
+        f"{field!r} to {col!r}" for field, col in mapped.items() if field in column and col not in rows.column_names
+    ]
+    if absent:
+        raise DataError(
+            f"{source.where}: columns maps {', '.join(absent)}, but no record has that column (columns: "
+            f"{rows.column_names}); fix the column name or leave the field out of columns"
+        )
     shown = {field: f"{field!r}" + (f" (column {col!r})" if col != field else "") for field, col in column.items()}
     examples = []
     for index, row in enumerate(rows):
