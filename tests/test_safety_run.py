@@ -22,6 +22,7 @@ from conftest import ROOT, adapter_tensors, logged, smoke_config
 
 from s2ft.config import S2FTConfigError
 from s2ft.data.overlap import DataOverlapError
+from s2ft.data.records import DataError
 from s2ft.lightning import FineTuneModule, run_experiment, runner
 from s2ft.lightning.callbacks import RunInterrupted, TrainingDiverged
 from s2ft.lightning.checkpoint import CheckpointError, read_checkpoint
@@ -185,6 +186,23 @@ def test_a_checkpoint_refused_after_the_before_evaluation_leaves_the_directory_a
     with pytest.raises(CheckpointError, match=r"does not fit this run's trained tensors \(missing .*lora"):
         run_experiment(config("method=lora", "ckpt_path=last", *evaluated), run_dir)
     assert snapshot(run_dir) == before and not (run_dir / "before").exists()
+
+
+def test_a_training_set_smaller_than_one_batch_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """Before, a user's file of 10 items (2 left after data.val_size=8, for batches of 4) passed the config check, which
+    counts items only under data.limit=48: the model loaded, the untrained one was evaluated, config.yaml, metrics.csv
+    and before/ were written, and only then did fit refuse it, advising to raise data.limit."""
+    train = tmp_path / "small.jsonl"
+    train.write_text("".join(json.dumps({"instruction": f"Q{i}?", "output": f"A{i}."}) + "\n" for i in range(10)))
+    monkeypatch.setattr(runner, "build_run_model", lambda *args: pytest.fail("the model was loaded"))
+    run_dir = tmp_path / "run"
+    message = (
+        r"^2 training items \(of 10, data.val_size=8 held out\) cannot fill one batch of data.batch_size=4 on 1 "
+        r"process\(es\); lower data.batch_size or data.val_size, or train on more items$"
+    )
+    with pytest.raises(DataError, match=message):
+        run_experiment(config(f"data.train=[{train}]", "eval.before=true", "eval.tasks=[boolq]"), run_dir)
+    assert not run_dir.exists() or snapshot(run_dir) == {}
 
 
 def test_resume_without_a_checkpoint_names_the_path_and_writes_nothing(tmp_path):
