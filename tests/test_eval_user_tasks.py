@@ -126,6 +126,28 @@ def test_json_numbers_are_golds_as_written_when_ints_and_floats_mix(tmp_path):
     assert [ex.answer for ex in items.examples] == ["4", "0.5"]
 
 
+def test_eval_mode_loglik_scores_a_user_tasks_own_options(tmp_path, tokenizer, model64):
+    """Before, only a task's own mode: loglik read its records' options: under eval.mode=loglik a user letter task
+    with an options field was refused for having no 'Answer Choices:' in its instructions."""
+    records = [{"instruction": "Which colour is the sky?", "options": ["blue", "green"], "answer": "A"}]
+    path = write_jsonl(tmp_path / "mc.jsonl", records)
+    task = {"name": "mc", "path": path, "answer": "letter"}
+    assert check_task_spec([task], DATA, mode="loglik") == []
+    (items,) = prepare_tasks([task], DATA, "loglik")
+    assert items.mode == "loglik" and items.options == [{"A": "blue", "B": "green"}]
+    result = evaluate(model64, tokenizer, [task], data_dir=DATA, mode="loglik", out_dir=tmp_path, progress=False)
+    assert result["tasks"]["mc"]["mode"] == "loglik"
+    assert read_predictions(tmp_path, "mc")[0]["options"] == {"A": "blue", "B": "green"}
+    # Without an options field the options are still read from the instruction, as a registered task's.
+    aqua = write_jsonl(
+        tmp_path / "aqua.jsonl", [{"instruction": "Sky? Answer Choices: (A) blue (B) green", "answer": "B"}]
+    )
+    (items,) = prepare_tasks([{"name": "choices", "path": aqua, "answer": "letter"}], DATA, "loglik")
+    assert items.options == [{"A": "blue", "B": "green"}]
+    (items,) = prepare_tasks([task], DATA, "generate")
+    assert items.mode == "generate" and items.options == []
+
+
 def test_loglik_options_are_labelled_by_the_task_labels(tmp_path):
     """Before, a {label: text} option under a label the task does not have (a typo, "negativ") competed as an option
     that no gold names, and labels differing only in case (["yes", "Yes"]) merged two options into one, so an item

@@ -210,9 +210,18 @@ def group_members(groups: dict[str, list] | None, defined=()) -> dict[str, list[
     }
 
 
-def load_user_task(spec: TaskSpec, data_dir: str | Path | None) -> tuple[list[Example], list[dict[str, str]] | None]:
+def load_user_task(
+    spec: TaskSpec, data_dir: str | Path | None, mode: str | None = None
+) -> tuple[list[Example], list[dict[str, str]] | None]:
     """The items of a user's task (gold in ``answer``: the record's answer, else its response) and, for loglik tasks,
     each item's ``{label: option text}``.
+
+    Args:
+        spec: The task.
+        data_dir: The data directory.
+        mode: The evaluation's mode (``eval.mode``), which the task's own ``mode`` overrides. A task that runs in
+            loglik mode by ``eval.mode`` alone reads its records' options when they have the field, else (None) its
+            options are parsed from its instructions as a registered task's are.
 
     Raises:
         DataError: The errors of `s2ft.data.user.to_examples`, and for loglik tasks a record without options, with
@@ -225,9 +234,11 @@ def load_user_task(spec: TaskSpec, data_dir: str | Path | None) -> tuple[list[Ex
     for example in examples:
         if not example.answer.strip():
             example.answer = example.output.strip()
-    if spec.mode != "loglik":
+    if (spec.mode or mode) != "loglik":
         return examples, None
     column = dict(source.columns).get("options", "options")
+    if column not in rows.column_names and spec.mode is None:
+        return examples, None
     if column not in rows.column_names:
         raise DataError(f"{source.where}: task {spec.name} has mode: loglik, so its records need an options field")
     options = []

@@ -90,7 +90,7 @@ def prepare_tasks(
     for spec in specs:
         task_mode = spec.mode or mode
         if spec.source is not None:
-            everything, user_options = load_user_task(spec, data_dir)
+            everything, user_options = load_user_task(spec, data_dir, mode)
         else:
             everything, user_options = load_eval(spec, data_dir), None
         picked = eval_subset(list(range(len(everything))), limit, seed)  # indices: options are kept per item
