@@ -2,6 +2,7 @@
 (a local folder through the real `datasets.load_dataset`, and a `save_to_disk` folder), mixing with registered
 sources, the errors (named field and line, empty set, unknown format), provenance and the overlap guard."""
 
+import gzip
 import json
 import logging
 from pathlib import Path
@@ -148,6 +149,26 @@ def test_csv_cells_are_read_as_written(tmp_path):
     csv.write_text("instruction,output\nCount?,7\nEmpty?,\n")
     with pytest.raises(DataError, match=r"answers.csv: line 3: missing field 'output'$"):
         load_user_source(str(csv))
+
+
+def test_a_folder_without_data_files_is_named_as_such(tmp_path):
+    """Before, an empty folder gave datasets' "FileNotFoundError: Couldn't resolve pattern ** with resolver
+    functools.partial(<function resolve_pattern at 0x...>, ...)", and a folder of notes read as one text column."""
+    folder = tmp_path / "my data"
+    folder.mkdir()
+    message = (
+        f"{folder}: the folder holds no data file (.json, .jsonl, .csv, .parquet) and is not a folder saved with "
+        "datasets' save_to_disk; point the path at the data file or its folder"
+    )
+    for notes in (None, "notes.txt"):
+        if notes:
+            (folder / notes).write_text("Q: A\n")
+        with pytest.raises(DataError) as refused:
+            load_user_source(str(folder))
+        assert str(refused.value) == message
+    with gzip.open(folder / "train.jsonl.gz", "wt") as file:  # a compressed file is a data file too
+        file.write("".join(json.dumps(record) + "\n" for record in ALPACA))
+    assert fields(load_user_source(str(folder))) == EXPECTED
 
 
 def test_a_column_mapping_to_a_column_no_record_has_is_refused(tmp_path):

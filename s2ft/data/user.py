@@ -168,6 +168,13 @@ def load_rows(source: UserSource, data_dir: str | Path | None = None) -> dataset
                 if isinstance(rows, datasets.DatasetDict):
                     rows = rows[source.split]
             elif path.is_dir():
+                readable = {*BUILDERS, ".arrow"}  # compressed ones too: data.jsonl.gz
+                if not any(readable & {x.lower() for x in file.suffixes} for file in path.rglob("*") if file.is_file()):
+                    # datasets' own message for it is about resolving the pattern ** (or reads .txt files as text).
+                    raise DataError(
+                        f"{source.where}: the folder holds no data file ({', '.join(BUILDERS)}) and is not a folder "
+                        "saved with datasets' save_to_disk; point the path at the data file or its folder"
+                    )
                 rows = datasets.load_dataset(str(path), source.config, split=source.split)
             elif path.suffix.lower() not in BUILDERS:
                 raise DataError(f"data file {path}: unknown file type; use one of {', '.join(BUILDERS)}")
