@@ -18,15 +18,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, adapter_tensors, logged, smoke_config
+from conftest import DATA, ROOT, adapter_tensors, logged, smoke_config
 
 from s2ft.config import S2FTConfigError
 from s2ft.data.overlap import DataOverlapError
 from s2ft.data.records import DataError
+from s2ft.data.sources import describe_train_sources
 from s2ft.lightning import FineTuneModule, run_experiment, runner
 from s2ft.lightning.callbacks import RunInterrupted, TrainingDiverged
 from s2ft.lightning.checkpoint import CheckpointError, read_checkpoint
 from s2ft.lightning.loggers import ResumableCSVLogger
+from s2ft.lightning.provenance import check_eval_overlap
 from s2ft.lightning.run_dir import DISPLACED, RunDirError
 from s2ft.run_config import RunConfigError
 
@@ -375,6 +377,28 @@ def test_evaluating_on_the_training_questions_is_refused_like_training_on_them(t
     assert not (tmp_path / "eval").exists()
     summary = run_experiment(config(*evaluate, "data.allow_overlap=true", "eval.limit=1"), tmp_path / "eval")
     assert summary["training_data"]["sources"][0]["name"] == "math_data" and len(summary["eval"]) == 7
+
+
+def test_a_user_file_edited_since_training_is_named_when_its_path_is_relative(tmp_path, monkeypatch, caplog):
+    """Before, the recorded file was looked up under paths.data_dir only, so a user's file given relative to the
+    working directory (the README's data.train=[examples/user_data/train.jsonl]) was never found there and its
+    edits since training went unreported."""
+    monkeypatch.chdir(tmp_path)
+    train = Path("train.jsonl")
+    train.write_text(json.dumps({"instruction": "What is 2 + 2?", "output": "4"}) + "\n")
+    record = {"train": [str(train)], "limit": None, "seed": 0, "sources": describe_train_sources([str(train)], DATA)}
+    assert record["sources"][0]["file"] == "train.jsonl"
+    test = tmp_path / "test.jsonl"
+    test.write_text(json.dumps({"instruction": "Name a colour.", "output": "red"}) + "\n")
+    cfg = {"eval": {"tasks": [{"name": "t", "path": str(test), "answer": "text"}]}, "paths": {"data_dir": str(DATA)}}
+    cfg["data"] = {}
+    with caplog.at_level(logging.WARNING):
+        check_eval_overlap(record, tmp_path / "adapter", cfg)
+    assert "changed since" not in caplog.text
+    train.write_text(json.dumps({"instruction": "What is 3 + 3?", "output": "6"}) + "\n")
+    with caplog.at_level(logging.WARNING):
+        check_eval_overlap(record, tmp_path / "adapter", cfg)
+    assert f"train.jsonl changed since {tmp_path / 'adapter'} was trained on it" in caplog.text
 
 
 def run_py(*overrides: str) -> subprocess.CompletedProcess:
