@@ -330,6 +330,28 @@ def test_unreadable_files_name_the_line_and_the_fix(tmp_path):
     assert check_train_spec([str(latin)], DATA)[0].startswith(f"data.train: {latin}: line 3 is not UTF-8")
 
 
+def test_a_json_file_of_one_value_is_refused_not_a_crash(tmp_path):
+    """Before, a .json or .jsonl file holding only null killed the process with a segmentation fault inside datasets
+    (the config check included), and one holding 42 or "text" gave pandas' "DataFrame constructor not properly
+    called!"."""
+    cases = {
+        "none.json": (
+            "null",
+            "holds the JSON value null, not records; write a list [{field: value, ...}, ...] (.json)",
+        ),
+        "none.jsonl": ("null\n", "line 1 is not a record {field: value, ...} but null"),
+        "count.json": ("\ufeff42", "holds the JSON value 42, not records; write a list"),
+        "text.json": ('"hello"', 'holds the JSON value "hello", not records; write a list'),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        path.write_text(content, encoding="utf-8")
+        with pytest.raises(DataError) as refused:
+            load_user_source(str(path))
+        assert str(refused.value).startswith(f"{path}: {message}")
+        assert check_train_spec([str(path)], DATA) == [f"data.train: {refused.value}"]
+
+
 def test_two_training_sources_of_one_name_are_refused(tmp_path):
     """Before: data.train=[a/train.jsonl, b/train.jsonl] gave items of both the ids train-0, train-1, ... and the run's
     record credited each file with the items of both."""

@@ -218,6 +218,15 @@ def _check_text(path: Path, where: str) -> bool:
         ) from None
     if path.suffix.lower() == ".csv":
         return len([line for line in text.splitlines() if line.strip()]) > 1  # more than a header
+    value = text.lstrip("\ufeff")
+    if value and value[:1] not in ("[", "{"):
+        # Not a list or object of records (null, 42, "text", or not JSON): datasets crashes the process on a file
+        # holding only null (a segmentation fault) and names the rest obscurely.
+        raise DataError(
+            _json_problem(path, where)
+            or f"{where}: holds the JSON value {value[:40]}, not records; write a list [{{field: value, ...}}, ...] "
+            "(.json) or one {field: value, ...} per line (.jsonl)"
+        )
     return text not in ("", "[]")
 
 
