@@ -350,6 +350,10 @@ def test_a_json_file_of_one_value_is_refused_not_a_crash(tmp_path):
             load_user_source(str(path))
         assert str(refused.value).startswith(f"{path}: {message}")
         assert check_train_spec([str(path)], DATA) == [f"data.train: {refused.value}"]
+    for content in ("[ ]", "[\n]\n", "{}", "{ }\n"):  # before: datasets' 'Instruction "train" corresponds to no data!'
+        (tmp_path / "empty.json").write_text(content)
+        with pytest.raises(DataError, match=rf"^{tmp_path}/empty.json holds no records$"):
+            load_user_source(str(tmp_path / "empty.json"))
 
 
 def test_two_training_sources_of_one_name_are_refused(tmp_path):

@@ -227,7 +227,7 @@ def _check_text(path: Path, where: str) -> bool:
             or f"{where}: holds the JSON value {value[:40]}, not records; write a list [{{field: value, ...}}, ...] "
             "(.json) or one {field: value, ...} per line (.jsonl)"
         )
-    return text not in ("", "[]")
+    return "".join(value.split()) not in ("", "[]", "{}")  # datasets: 'Instruction "train" corresponds to no data!'
 
 
 def _csv_options(path: Path, where: str) -> dict:
