@@ -262,6 +262,14 @@ def test_config_check_reads_every_user_record_before_any_model(tmp_path):
     assert len(problems) == 2
     assert problems[0] == f"eval.tasks: task mine, item mine-1 ({bad}: line 2): gold answer 'seven' is not a letter A-E"
     assert problems[1].startswith("eval.tasks: unknown task 'no_task'")
+    # A text task's gold taken from a multi-line response could never equal an output's first line.
+    prose = write_jsonl(tmp_path / "p.jsonl", [{"instruction": "Q1", "output": "Paris.\nIt is the capital of France."}])
+    (problem,) = check_task_spec([{"name": "p", "path": prose, "answer": "text"}], DATA)
+    assert problem.startswith(f"eval.tasks: task p, item p-0 ({prose}: line 1): gold answer 'Paris.\\nIt is the capi")
+    assert problem.endswith(
+        "has 2 lines, but a text answer is the output's first line, so it could never match; give "
+        "each record a one-line answer field"
+    )
     missing = write_jsonl(tmp_path / "m.jsonl", [{"instruction": "Q1", "input": "x"}])
     (problem,) = check_task_spec([{"name": "m", "path": missing, "answer": "text"}], DATA)
     assert problem == f"eval.tasks: {missing}: line 1: no gold answer (give an answer field or a response)"
