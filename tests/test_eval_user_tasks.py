@@ -175,6 +175,13 @@ def test_loglik_options_are_labelled_by_the_task_labels(tmp_path):
     both = write_jsonl(tmp_path / "yes.jsonl", [{"instruction": "Is it?", "options": ["Yes", "No"], "answer": "no"}])
     with pytest.raises(DataError, match=r"^task yn: labels \['yes', 'Yes'\] repeat a label \(case is ignored\)"):
         parse_task({"name": "yn", "path": both, "answer": "label", "labels": ["yes", "Yes"], "mode": "loglik"})
+    # Before, equal texts tied and the first option won: the item was scored correct whenever its gold came first.
+    same = write_jsonl(tmp_path / "same.jsonl", [{"instruction": "Pick", "options": ["x", "y", "x "], "answer": "A"}])
+    (problem,) = check_task_spec([{"name": "same", "path": same, "answer": "letter", "mode": "loglik"}], DATA)
+    assert problem == (
+        f"eval.tasks: {same}: line 1: two options have the same text, {{'A': 'x', 'B': 'y', 'C': 'x '}}; give each "
+        "option its own text"
+    )
     mixed = {"name": "yn", "path": both, "answer": "label", "labels": ["Yes", "No"], "mode": "loglik"}
     (items,) = prepare_tasks([mixed], DATA, "generate")  # labels in any case, matched in lower case
     assert items.options == [{"yes": "Yes", "no": "No"}] and items.golds == ["no"]

@@ -263,6 +263,10 @@ def load_user_task(
                 f"{where}: options labelled {list(value)}, but each option needs its own label among the task's "
                 f"labels {list(spec.labels)} (case is ignored)"
             )
+        texts = [text.strip() for text in labelled.values()]
+        if len(set(texts)) < len(texts):
+            # Equal texts score equally, and the first of tied options is the prediction: the item is decided by order.
+            raise DataError(f"{where}: two options have the same text, {labelled!r}; give each option its own text")
         options.append(labelled)
     return examples, options
 
