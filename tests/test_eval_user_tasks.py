@@ -258,7 +258,9 @@ def test_a_user_task_is_a_heldout_loss_set(tmp_path):
     assert check_heldout_spec(["gsm8k_test", renamed], DATA) == [
         f"eval.heldout: {clash.format('gsm8k_test')}; give each its own name"
     ]
-    assert check_heldout_spec([definition, definition, "gsm8k_test", "gsm8k_test"], DATA) == []  # the same set twice
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(definition))
+    same = [definition, str(tmp_path / "mine.yaml"), "gsm8k_test", "gsm8k_test"]  # the same sets twice
+    assert check_heldout_spec(same, DATA) == []
 
 
 def test_config_check_reads_every_user_record_before_any_model(tmp_path):
