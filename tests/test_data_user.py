@@ -325,6 +325,12 @@ def test_unreadable_files_name_the_line_and_the_fix(tmp_path):
         path.write_bytes(content)
         with pytest.raises(DataError, match=message.format(path=path)):
             load_user_source(str(path))
+    # A line separator inside a string (U+2028, U+0085: written raw with ensure_ascii=False) does not end a line.
+    separated = tmp_path / "separated.jsonl"
+    record = json.dumps({"instruction": "Q1\u2028\u0085more", "output": "A"}, ensure_ascii=False)
+    separated.write_text(f"{record}\n{{broken\n", encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{separated}: line 2 is not valid JSON"):
+        load_user_source(str(separated))
     # The config check reports them as it reports a bad record: one line each, before any model.
     latin = tmp_path / "latin.jsonl"
     assert check_train_spec([str(latin)], DATA)[0].startswith(f"data.train: {latin}: line 3 is not UTF-8")

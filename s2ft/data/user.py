@@ -265,7 +265,8 @@ def _json_problem(path: Path, where: str) -> str | None:
         if bad is not None:
             return f"{where}: record {bad} is not an object {{field: value, ...}}: {json.dumps(records[bad])[:80]}"
         return None
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at \n only, as for datasets and file_lines: splitlines() also splits at U+2028, U+0085 ... in strings.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
