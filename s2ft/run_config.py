@@ -186,15 +186,20 @@ def _check_data(data: dict, data_dir: Path) -> list[str]:
     return problems
 
 
+def process_count(tr: dict) -> int:
+    """The training processes a ``trainer`` config starts, as far as the config says: a list names the devices, and
+    auto and -1 (every device) are counted at run time, so as at least one."""
+    devices, nodes = tr.get("devices", 1), tr.get("num_nodes", 1)
+    per_node = len(devices) if isinstance(devices, list | tuple) else devices if is_positive_int(devices) else 1
+    return per_node * (nodes if is_positive_int(nodes) else 1)
+
+
 def _check_batches(data: dict, tr: dict) -> list[str]:
     """With `data.limit`, the items left after the validation split must fill one batch on every process."""
     limit, val_size, batch = data.get("limit"), data.get("val_size") or 0, data.get("batch_size")
     if not (is_positive_int(limit) and is_positive_int(batch) and is_number(val_size) and val_size >= 0):
         return []
-    devices, nodes = tr.get("devices", 1), tr.get("num_nodes", 1)
-    # A list names the devices; auto and -1 (every device) are counted at run time: at least one.
-    per_node = len(devices) if isinstance(devices, list | tuple) else devices if is_positive_int(devices) else 1
-    processes = per_node * (nodes if is_positive_int(nodes) else 1)
+    processes = process_count(tr)
     held = max(1, round(val_size * limit)) if isinstance(val_size, float) and val_size > 0 else int(val_size)
     if held >= limit:
         return [f"data.val_size={val_size} leaves no training items out of data.limit={limit}; lower data.val_size"]

@@ -90,8 +90,27 @@ def test_truncation(tokenizer, real_examples, caplog):
     with caplog.at_level(logging.WARNING):
         dataset = tokenize_examples([example, long_prompt], tokenizer, max_length=n + 5)
     assert len(dataset) == 1 and "dropped 1 items whose prompt fills max_length" in caplog.text
+    assert f"1 of 1 items are longer than max_length={n + 5}: they train on the start of their response" in caplog.text
     with pytest.raises(ValueError, match="raise data.max_length"):
         tokenize_examples([example], tokenizer, max_length=n)
+
+
+def test_items_cut_at_max_length_are_counted_in_a_warning(tokenizer, caplog):
+    """Before, an item whose response ran past max_length trained on its start without its end and EOS, silently."""
+    prompt = len(tokenizer(build_prompt("Q?"))["input_ids"])
+    examples = [Example(f"x-{i}", "x", "Q?", "", "a" * length, "") for i, length in enumerate([3, 4, 5, 9])]
+    with caplog.at_level(logging.WARNING):
+        dataset = tokenize_examples(examples, tokenizer, max_length=prompt + 5)  # room for 4 response bytes and EOS
+    assert [len(row) for row in dataset["input_ids"]] == [prompt + 4, prompt + 5, prompt + 5, prompt + 5]
+    assert [row[-1] == tokenizer.eos_token_id for row in dataset["input_ids"]] == [True, True, False, False]
+    assert caplog.messages == [
+        f"2 of 4 items are longer than max_length={prompt + 5}: they train on the start of their response only, "
+        "without its end and EOS; raise data.max_length to keep them whole"
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        tokenize_examples(examples[:2], tokenizer, max_length=prompt + 5)
+    assert caplog.messages == []
 
 
 def test_bad_arguments(tokenizer, real_examples):

@@ -2,6 +2,7 @@
 (a local folder through the real `datasets.load_dataset`, and a `save_to_disk` folder), mixing with registered
 sources, the errors (named field and line, empty set, unknown format), provenance and the overlap guard."""
 
+import gzip
 import json
 import logging
 from pathlib import Path
@@ -19,6 +20,7 @@ from s2ft.data.sources import describe_train_sources
 from s2ft.data.tasks import resolve_train_items
 from s2ft.data.tokenize import tokenize_examples
 from s2ft.data.user import UserSource, file_digest, load_user_source, parse_source
+from s2ft.evaluation.checks import check_task_spec
 from s2ft.models import tiny_tokenizer
 
 ALPACA = [
@@ -149,6 +151,62 @@ def test_csv_cells_are_read_as_written(tmp_path):
         load_user_source(str(csv))
 
 
+def test_a_folder_without_data_files_is_named_as_such(tmp_path):
+    """Before, an empty folder gave datasets' "FileNotFoundError: Couldn't resolve pattern ** with resolver
+    functools.partial(<function resolve_pattern at 0x...>, ...)", and a folder of notes read as one text column."""
+    folder = tmp_path / "my data"
+    folder.mkdir()
+    message = (
+        f"{folder}: the folder holds no data file (.json, .jsonl, .csv, .parquet) and is not a folder saved with "
+        "datasets' save_to_disk; point the path at the data file or its folder"
+    )
+    for notes in (None, "notes.txt"):
+        if notes:
+            (folder / notes).write_text("Q: A\n")
+        with pytest.raises(DataError) as refused:
+            load_user_source(str(folder))
+        assert str(refused.value) == message
+    with gzip.open(folder / "train.jsonl.gz", "wt") as file:  # a compressed file is a data file too
+        file.write("".join(json.dumps(record) + "\n" for record in ALPACA))
+    assert fields(load_user_source(str(folder))) == EXPECTED
+
+
+def test_a_column_mapping_to_a_column_no_record_has_is_refused(tmp_path):
+    """Before, only the required fields' mapping was checked: a typo in the input's or the answer's column trained every
+    item without its input, or scored an evaluation task against the responses instead of the answers."""
+    path = write_jsonl(tmp_path / "mapped.jsonl", [{"q": "Q", "ctx": "C", "a": "A", "gold": "G"}])
+    columns = {"instruction": "q", "input": "context", "output": "a"}
+    message = (
+        f"{path}: columns maps 'input' to 'context', but no record has that column (columns: ['q', 'ctx', 'a', "
+        "'gold']); fix the column name or leave the field out of columns"
+    )
+    with pytest.raises(DataError) as refused:
+        load_user_source({"path": str(path), "columns": columns})
+    assert str(refused.value) == message
+    task = {"name": "t", "path": str(path), "answer": "text", "columns": {"instruction": "q", "answer": "gld"}}
+    assert check_task_spec([task], DATA) == [
+        f"eval.tasks: {path}: columns maps 'answer' to 'gld', but no record has that column (columns: ['q', 'ctx', "
+        "'a', 'gold']); fix the column name or leave the field out of columns"
+    ]
+    columns = {"instruction": "q", "input": "ctx", "output": "a", "answer": "gold"}
+    assert load_user_source({"path": str(path), "columns": columns}) == [
+        Example("mapped-0", "mapped", "Q", "C", "A", "G")
+    ]
+
+
+def test_json_numbers_train_as_written_when_ints_and_floats_mix(tmp_path):
+    """Before, arrow read a JSON column mixing ints and floats as floats and the target of {"output": 4} was "4.0"."""
+    records = [{"instruction": "Legs?", "output": 4}, {"instruction": "Half?", "output": 0.5}]
+    path = write_jsonl(tmp_path / "counts.jsonl", records)
+    assert [ex.output for ex in load_user_source(str(path))] == ["4", "0.5"]
+    chat = [
+        {"messages": [{"role": "user", "content": 2}, {"role": "assistant", "content": 4}]},
+        {"messages": [{"role": "user", "content": 1}, {"role": "assistant", "content": 0.5}]},
+    ]
+    path = write_jsonl(tmp_path / "chat.jsonl", chat)
+    assert fields(load_user_source(str(path))) == [("2", "", "4"), ("1", "", "0.5")]
+
+
 def test_a_csv_record_after_a_multi_line_field_is_named_by_its_own_line(tmp_path):
     """Before, lines were counted as records: the bad record on line 6 was reported at line 4, inside record 1."""
     csv = tmp_path / "long.csv"
@@ -157,6 +215,41 @@ def test_a_csv_record_after_a_multi_line_field_is_named_by_its_own_line(tmp_path
         load_user_source(str(csv))
     csv.write_text('instruction,output\nQ1,"line one\nline two"\nQ2,A2\n')
     assert fields(load_user_source(str(csv))) == [("Q1", "", "line one\nline two"), ("Q2", "", "A2")]
+
+
+def test_a_json_array_in_a_jsonl_file_names_records_not_lines(tmp_path):
+    """Before, a pretty-printed JSON array saved as .jsonl (datasets reads it) had its records named by its non-blank
+    lines: the bad second record was reported at "line 2", the first record's opening brace."""
+    path = tmp_path / "pretty.jsonl"
+    path.write_text(json.dumps([ALPACA[0], {"instruction": "Q2", "output": ""}], indent=2))
+    with pytest.raises(DataError, match=rf"^{path}: record 1: empty response \(output\)$"):
+        load_user_source(str(path))
+    path.write_text(json.dumps([{"instruction": "Q1", "answer": "B"}, {"instruction": "Q2", "answer": "seven"}]))
+    (problem,) = check_task_spec([{"name": "p", "path": str(path), "answer": "letter"}], DATA)
+    assert problem == f"eval.tasks: task p, item p-1 ({path}: record 1): gold answer 'seven' is not a letter A-E"
+    records = [{"instruction": "Q1", "answer": "A", "options": ["x", "y"]}, {"instruction": "Q2", "answer": "A"}]
+    path.write_text(json.dumps(records, indent=1))
+    (problem,) = check_task_spec([{"name": "p", "path": str(path), "answer": "letter", "mode": "loglik"}], DATA)
+    assert problem.startswith(f"eval.tasks: {path}: record 1: options must be a list of texts")
+
+
+def test_a_csv_record_with_more_fields_than_the_header_is_refused(tmp_path):
+    """Before, when the first record had an extra field (an unquoted comma, a trailing comma on every line), pandas took
+    each record's first field as its index and read the others one column left: "Q1,A1,extra" trained on the
+    instruction "A1" with the output "extra", and "Q1,A1," was refused as missing its output."""
+    csv = tmp_path / "shifted.csv"
+    message = r'line {} has 3 fields but the header 2; quote a field that holds a comma \("a, b"\) and remove trailing'
+    for content, line in [
+        ("instruction,output\nQ1,A1,extra\nQ2,A2,more\n", 2),
+        ("instruction,output\nQ1,A1,\nQ2,A2,\n", 2),
+        ('instruction,output\n\nQ1,"A1\nstill A1"\nQ2,A2,more\n', 5),  # its own line, after a blank and a 2-line one
+    ]:
+        csv.write_text(content)
+        with pytest.raises(DataError, match=rf"^{csv}: {message.format(line)}"):
+            load_user_source(str(csv))
+    csv.write_text('instruction,output\nQ1,"A1, with a comma"\nQ2,\n')  # quoted commas are one field
+    with pytest.raises(DataError, match=r"shifted.csv: line 3: missing field 'output'$"):
+        load_user_source(str(csv))
 
 
 def test_a_field_absent_from_every_record_and_chat_without_a_response(tmp_path):
@@ -224,7 +317,7 @@ def test_unreadable_files_name_the_line_and_the_fix(tmp_path):
         "notes.json": (b"Q: A\n", r"notes.json: not valid JSON \(Expecting value at line 1, column 1\)"),
         "ragged.csv": (
             b"instruction,output\nQ1,A1\nQ2,A2,extra\n",
-            r"ragged.csv: ParserError: .*Expected 2 fields in line 3, saw 3$",
+            r"ragged.csv: line 3 has 3 fields but the header 2; quote a field",
         ),
     }
     for name, (content, message) in cases.items():
@@ -232,9 +325,41 @@ def test_unreadable_files_name_the_line_and_the_fix(tmp_path):
         path.write_bytes(content)
         with pytest.raises(DataError, match=message.format(path=path)):
             load_user_source(str(path))
+    # A line separator inside a string (U+2028, U+0085: written raw with ensure_ascii=False) does not end a line.
+    separated = tmp_path / "separated.jsonl"
+    record = json.dumps({"instruction": "Q1\u2028\u0085more", "output": "A"}, ensure_ascii=False)
+    separated.write_text(f"{record}\n{{broken\n", encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{separated}: line 2 is not valid JSON"):
+        load_user_source(str(separated))
     # The config check reports them as it reports a bad record: one line each, before any model.
     latin = tmp_path / "latin.jsonl"
     assert check_train_spec([str(latin)], DATA)[0].startswith(f"data.train: {latin}: line 3 is not UTF-8")
+
+
+def test_a_json_file_of_one_value_is_refused_not_a_crash(tmp_path):
+    """Before, a .json or .jsonl file holding only null killed the process with a segmentation fault inside datasets
+    (the config check included), and one holding 42 or "text" gave pandas' "DataFrame constructor not properly
+    called!"."""
+    cases = {
+        "none.json": (
+            "null",
+            "holds the JSON value null, not records; write a list [{field: value, ...}, ...] (.json)",
+        ),
+        "none.jsonl": ("null\n", "line 1 is not a record {field: value, ...} but null"),
+        "count.json": ("\ufeff42", "holds the JSON value 42, not records; write a list"),
+        "text.json": ('"hello"', 'holds the JSON value "hello", not records; write a list'),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        path.write_text(content, encoding="utf-8")
+        with pytest.raises(DataError) as refused:
+            load_user_source(str(path))
+        assert str(refused.value).startswith(f"{path}: {message}")
+        assert check_train_spec([str(path)], DATA) == [f"data.train: {refused.value}"]
+    for content in ("[ ]", "[\n]\n", "{}", "{ }\n"):  # before: datasets' 'Instruction "train" corresponds to no data!'
+        (tmp_path / "empty.json").write_text(content)
+        with pytest.raises(DataError, match=rf"^{tmp_path}/empty.json holds no records$"):
+            load_user_source(str(tmp_path / "empty.json"))
 
 
 def test_two_training_sources_of_one_name_are_refused(tmp_path):

@@ -100,6 +100,8 @@ def test_missing_answer_is_wrong_never_an_error():
         ("number", "nan", (), "not a finite number"),
         ("letter", "F", (), "not a letter A-E"),
         ("label", "answer6", ARC, "not one of the task's labels"),
+        # Before, such a gold was accepted and no first line of an output could ever equal it.
+        ("text", "Paris.\nIt is the capital.", (), r"has 2 lines, but a text answer is the output's first line"),
         ("kind", "1", (), "unknown answer_kind"),
     ],
 )
@@ -112,6 +114,7 @@ def test_parse_gold_normalises():
     assert parse_gold("number", "1,000") == 1000.0
     assert parse_gold("letter", " c ") == "C"
     assert parse_gold("label", "Answer2", ARC) == "answer2"
+    assert parse_gold("text", "\n The Eiffel Tower!\n\n ...\n") == "eiffel tower"  # blank lines do not count
 
 
 @pytest.mark.parametrize(

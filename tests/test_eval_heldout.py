@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from s2ft.data import Example
+from s2ft.data import DataError, Example
 from s2ft.data.tokenize import tokenize_examples
 from s2ft.evaluation import heldout_item_losses, heldout_loss, mean_token_loss
 from s2ft.models import tiny_model
@@ -85,5 +85,6 @@ def test_items_without_a_response_token_are_left_out(model64, tokenizer, caplog)
     items = heldout_item_losses(model64, tokenizer, [*EXAMPLES, short], batch_size=2, max_length=150)
     assert [item["id"] for item in items] == ["t-s"]
     assert "dropped 3 held-out items whose prompt fills max_length=150" in caplog.text
-    with pytest.raises(ValueError, match="raise it"):
+    # A user's error, which run.py reports as one line (with eval.before=false it shows only after training).
+    with pytest.raises(DataError, match="max_length=150 tokens long, leaving no response token to score: raise data"):
         heldout_item_losses(model64, tokenizer, EXAMPLES, batch_size=2, max_length=150)

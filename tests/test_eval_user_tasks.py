@@ -18,6 +18,7 @@ from s2ft.data.tasks import UnknownNameError
 from s2ft.data.user_tasks import group_members, parse_task, resolve_eval_tasks
 from s2ft.evaluation import evaluate, heldout_item_losses
 from s2ft.evaluation.checks import check_task_spec
+from s2ft.evaluation.evaluate import prepare_tasks
 from s2ft.evaluation.loglik import encode_pairs, score_pairs
 from s2ft.models import tiny_model, tiny_tokenizer
 
@@ -113,12 +114,89 @@ def test_loglik_task_scores_the_records_options(tmp_path, tokenizer, model64):
     assert read_predictions(tmp_path, "yn")[0]["options"] == {"yes": "Yes", "no": "No"}
 
 
+def test_json_numbers_are_golds_as_written_when_ints_and_floats_mix(tmp_path):
+    """Before, arrow read a JSON column mixing ints and floats as floats: the gold of {"answer": 4} beside
+    {"answer": 0.5} was "4.0", normalised to "4 0", so a text task scored the model's "4" wrong."""
+    path = write_jsonl(
+        tmp_path / "counts.jsonl",
+        [{"instruction": "Legs of a cat?", "answer": 4}, {"instruction": "Half?", "answer": 0.5}],
+    )
+    (items,) = prepare_tasks([{"name": "counts", "path": path, "answer": "text"}], DATA, "generate")
+    assert items.golds == ["4", "0 5"]
+    assert [ex.answer for ex in items.examples] == ["4", "0.5"]
+
+
+def test_eval_mode_loglik_scores_a_user_tasks_own_options(tmp_path, tokenizer, model64):
+    """Before, only a task's own mode: loglik read its records' options: under eval.mode=loglik a user letter task
+    with an options field was refused for having no 'Answer Choices:' in its instructions."""
+    records = [{"instruction": "Which colour is the sky?", "options": ["blue", "green"], "answer": "A"}]
+    path = write_jsonl(tmp_path / "mc.jsonl", records)
+    task = {"name": "mc", "path": path, "answer": "letter"}
+    assert check_task_spec([task], DATA, mode="loglik") == []
+    (items,) = prepare_tasks([task], DATA, "loglik")
+    assert items.mode == "loglik" and items.options == [{"A": "blue", "B": "green"}]
+    result = evaluate(model64, tokenizer, [task], data_dir=DATA, mode="loglik", out_dir=tmp_path, progress=False)
+    assert result["tasks"]["mc"]["mode"] == "loglik"
+    assert read_predictions(tmp_path, "mc")[0]["options"] == {"A": "blue", "B": "green"}
+    # Without an options field the options are still read from the instruction, as a registered task's.
+    aqua = write_jsonl(
+        tmp_path / "aqua.jsonl", [{"instruction": "Sky? Answer Choices: (A) blue (B) green", "answer": "B"}]
+    )
+    (items,) = prepare_tasks([{"name": "choices", "path": aqua, "answer": "letter"}], DATA, "loglik")
+    assert items.options == [{"A": "blue", "B": "green"}]
+    (items,) = prepare_tasks([task], DATA, "generate")
+    assert items.mode == "generate" and items.options == []
+
+
+def test_loglik_options_are_labelled_by_the_task_labels(tmp_path):
+    """Before, a {label: text} option under a label the task does not have (a typo, "negativ") competed as an option
+    that no gold names, and labels differing only in case (["yes", "Yes"]) merged two options into one, so an item
+    with a single option left was always answered correctly."""
+    typo = write_jsonl(
+        tmp_path / "typo.jsonl",
+        [
+            {"instruction": "Good?", "options": {"positive": "good", "negative": "bad"}, "answer": "positive"},
+            {"instruction": "Bad?", "options": {"positive": "good", "negativ": "bad"}, "answer": "positive"},
+        ],
+    )
+    labels = ["positive", "negative"]
+    (problem,) = check_task_spec(
+        [{"name": "s", "path": typo, "answer": "label", "labels": labels, "mode": "loglik"}], DATA
+    )
+    assert problem == (
+        f"eval.tasks: {typo}: line 2: options labelled ['positive', 'negativ'], but each option needs its own label "
+        "among the task's labels ['positive', 'negative'] (case is ignored)"
+    )
+    letters = write_jsonl(
+        tmp_path / "f.jsonl", [{"instruction": "Pick", "options": {"A": "x", "F": "y"}, "answer": "A"}]
+    )
+    (problem,) = check_task_spec([{"name": "f", "path": letters, "answer": "letter", "mode": "loglik"}], DATA)
+    assert "line 1: options labelled ['A', 'F'], but each option needs its own label" in problem
+    both = write_jsonl(tmp_path / "yes.jsonl", [{"instruction": "Is it?", "options": ["Yes", "No"], "answer": "no"}])
+    with pytest.raises(DataError, match=r"^task yn: labels \['yes', 'Yes'\] repeat a label \(case is ignored\)"):
+        parse_task({"name": "yn", "path": both, "answer": "label", "labels": ["yes", "Yes"], "mode": "loglik"})
+    # Before, equal texts tied and the first option won: the item was scored correct whenever its gold came first.
+    same = write_jsonl(tmp_path / "same.jsonl", [{"instruction": "Pick", "options": ["x", "y", "x "], "answer": "A"}])
+    (problem,) = check_task_spec([{"name": "same", "path": same, "answer": "letter", "mode": "loglik"}], DATA)
+    assert problem == (
+        f"eval.tasks: {same}: line 1: two options have the same text, {{'A': 'x', 'B': 'y', 'C': 'x '}}; give each "
+        "option its own text"
+    )
+    mixed = {"name": "yn", "path": both, "answer": "label", "labels": ["Yes", "No"], "mode": "loglik"}
+    (items,) = prepare_tasks([mixed], DATA, "generate")  # labels in any case, matched in lower case
+    assert items.options == [{"yes": "Yes", "no": "No"}] and items.golds == ["no"]
+
+
 def test_definition_errors():
     good = {"name": "mine", "path": "t.json", "answer": "letter"}
     assert parse_task(good).labels == tuple("ABCDE") and parse_task(good).source.split == "test"
     cases = [
         ({"path": "t.json", "answer": "letter"}, "needs a name"),
         ({**good, "name": "boolq"}, "registered task or group"),
+        # Before, predictions/qa/v2.jsonl was written, which the report's predictions/*.jsonl never finds.
+        ({**good, "name": "qa/v2"}, r"^task qa/v2: the name names its predictions file, so it cannot hold / or \\"),
+        ({**good, "name": "..\\x"}, "cannot hold / or"),
+        ({**good, "name": ".."}, "cannot hold / or"),
         ({**good, "answer": "choice"}, "answer must be one of number, letter, label, text"),
         ({**good, "answer": "label"}, "needs labels"),
         ({**good, "labels": ["a", "b"]}, "labels only apply to answer: label"),
@@ -171,6 +249,18 @@ def test_a_user_task_is_a_heldout_loss_set(tmp_path):
     (problem,) = check_heldout_spec([{"name": "x", "path": answers_only, "answer": "letter"}], DATA)
     assert "no field 'output' in any record" in problem
     assert check_heldout_spec(["gsm8k_test", definition], DATA) == []
+    # Before, two sets of one name passed: the summary kept the second's loss and its item file replaced the first's.
+    renamed = {**definition, "name": "gsm8k_test"}
+    clash = "two different held-out sets are named '{}': the second's loss and item file would replace the first's"
+    assert check_heldout_spec([definition, {**definition, "answer": "number"}], DATA) == [
+        f"eval.heldout: {clash.format('Mine')}; give each its own name"
+    ]
+    assert check_heldout_spec(["gsm8k_test", renamed], DATA) == [
+        f"eval.heldout: {clash.format('gsm8k_test')}; give each its own name"
+    ]
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(definition))
+    same = [definition, str(tmp_path / "mine.yaml"), "gsm8k_test", "gsm8k_test"]  # the same sets twice
+    assert check_heldout_spec(same, DATA) == []
 
 
 def test_config_check_reads_every_user_record_before_any_model(tmp_path):
@@ -181,6 +271,14 @@ def test_config_check_reads_every_user_record_before_any_model(tmp_path):
     assert len(problems) == 2
     assert problems[0] == f"eval.tasks: task mine, item mine-1 ({bad}: line 2): gold answer 'seven' is not a letter A-E"
     assert problems[1].startswith("eval.tasks: unknown task 'no_task'")
+    # A text task's gold taken from a multi-line response could never equal an output's first line.
+    prose = write_jsonl(tmp_path / "p.jsonl", [{"instruction": "Q1", "output": "Paris.\nIt is the capital of France."}])
+    (problem,) = check_task_spec([{"name": "p", "path": prose, "answer": "text"}], DATA)
+    assert problem.startswith(f"eval.tasks: task p, item p-0 ({prose}: line 1): gold answer 'Paris.\\nIt is the capi")
+    assert problem.endswith(
+        "has 2 lines, but a text answer is the output's first line, so it could never match; give "
+        "each record a one-line answer field"
+    )
     missing = write_jsonl(tmp_path / "m.jsonl", [{"instruction": "Q1", "input": "x"}])
     (problem,) = check_task_spec([{"name": "m", "path": missing, "answer": "text"}], DATA)
     assert problem == f"eval.tasks: {missing}: line 1: no gold answer (give an answer field or a response)"

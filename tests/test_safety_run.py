@@ -18,14 +18,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, adapter_tensors, logged, smoke_config
+from conftest import DATA, ROOT, adapter_tensors, logged, smoke_config
 
 from s2ft.config import S2FTConfigError
 from s2ft.data.overlap import DataOverlapError
+from s2ft.data.records import DataError
+from s2ft.data.sources import describe_train_sources
 from s2ft.lightning import FineTuneModule, run_experiment, runner
 from s2ft.lightning.callbacks import RunInterrupted, TrainingDiverged
 from s2ft.lightning.checkpoint import CheckpointError, read_checkpoint
 from s2ft.lightning.loggers import ResumableCSVLogger
+from s2ft.lightning.provenance import check_eval_overlap
 from s2ft.lightning.run_dir import DISPLACED, RunDirError
 from s2ft.run_config import RunConfigError
 
@@ -185,6 +188,23 @@ def test_a_checkpoint_refused_after_the_before_evaluation_leaves_the_directory_a
     with pytest.raises(CheckpointError, match=r"does not fit this run's trained tensors \(missing .*lora"):
         run_experiment(config("method=lora", "ckpt_path=last", *evaluated), run_dir)
     assert snapshot(run_dir) == before and not (run_dir / "before").exists()
+
+
+def test_a_training_set_smaller_than_one_batch_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """Before, a user's file of 10 items (2 left after data.val_size=8, for batches of 4) passed the config check, which
+    counts items only under data.limit=48: the model loaded, the untrained one was evaluated, config.yaml, metrics.csv
+    and before/ were written, and only then did fit refuse it, advising to raise data.limit."""
+    train = tmp_path / "small.jsonl"
+    train.write_text("".join(json.dumps({"instruction": f"Q{i}?", "output": f"A{i}."}) + "\n" for i in range(10)))
+    monkeypatch.setattr(runner, "build_run_model", lambda *args: pytest.fail("the model was loaded"))
+    run_dir = tmp_path / "run"
+    message = (
+        r"^2 training items \(of 10, data.val_size=8 held out\) cannot fill one batch of data.batch_size=4 on 1 "
+        r"process\(es\); lower data.batch_size or data.val_size, or train on more items$"
+    )
+    with pytest.raises(DataError, match=message):
+        run_experiment(config(f"data.train=[{train}]", "eval.before=true", "eval.tasks=[boolq]"), run_dir)
+    assert not run_dir.exists() or snapshot(run_dir) == {}
 
 
 def test_resume_without_a_checkpoint_names_the_path_and_writes_nothing(tmp_path):
@@ -357,6 +377,28 @@ def test_evaluating_on_the_training_questions_is_refused_like_training_on_them(t
     assert not (tmp_path / "eval").exists()
     summary = run_experiment(config(*evaluate, "data.allow_overlap=true", "eval.limit=1"), tmp_path / "eval")
     assert summary["training_data"]["sources"][0]["name"] == "math_data" and len(summary["eval"]) == 7
+
+
+def test_a_user_file_edited_since_training_is_named_when_its_path_is_relative(tmp_path, monkeypatch, caplog):
+    """Before, the recorded file was looked up under paths.data_dir only, so a user's file given relative to the
+    working directory (the README's data.train=[examples/user_data/train.jsonl]) was never found there and its
+    edits since training went unreported."""
+    monkeypatch.chdir(tmp_path)
+    train = Path("train.jsonl")
+    train.write_text(json.dumps({"instruction": "What is 2 + 2?", "output": "4"}) + "\n")
+    record = {"train": [str(train)], "limit": None, "seed": 0, "sources": describe_train_sources([str(train)], DATA)}
+    assert record["sources"][0]["file"] == "train.jsonl"
+    test = tmp_path / "test.jsonl"
+    test.write_text(json.dumps({"instruction": "Name a colour.", "output": "red"}) + "\n")
+    cfg = {"eval": {"tasks": [{"name": "t", "path": str(test), "answer": "text"}]}, "paths": {"data_dir": str(DATA)}}
+    cfg["data"] = {}
+    with caplog.at_level(logging.WARNING):
+        check_eval_overlap(record, tmp_path / "adapter", cfg)
+    assert "changed since" not in caplog.text
+    train.write_text(json.dumps({"instruction": "What is 3 + 3?", "output": "6"}) + "\n")
+    with caplog.at_level(logging.WARNING):
+        check_eval_overlap(record, tmp_path / "adapter", cfg)
+    assert f"train.jsonl changed since {tmp_path / 'adapter'} was trained on it" in caplog.text
 
 
 def run_py(*overrides: str) -> subprocess.CompletedProcess:

@@ -4,9 +4,10 @@ is loaded: each returns the list of problems found, for `s2ft.run_config` to rep
 from pathlib import Path
 
 from s2ft.data.records import DataError
-from s2ft.data.sources import load_heldout
+from s2ft.data.sources import HELDOUT_DOMAINS, heldout_name, load_heldout
 from s2ft.data.tasks import resolve_train_items
 from s2ft.data.user import UserSource, load_user_source
+from s2ft.data.user_tasks import resolve_eval_tasks
 
 
 def check_train_spec(train, data_dir: str | Path) -> list[str]:
@@ -40,11 +41,21 @@ def check_train_spec(train, data_dir: str | Path) -> list[str]:
 
 
 def check_heldout_spec(heldout, data_dir: str | Path) -> list[str]:
-    """Problems of ``eval.heldout``: unknown names and bad user sets (each is read; records need a response)."""
-    problems = []
+    """Problems of ``eval.heldout``: unknown names, bad user sets (each is read; records need a response) and two
+    different sets under one name (the summary keeps one loss per name, and one ``heldout_NAME.jsonl``)."""
+    problems, named = [], {}
     for item in [heldout] if isinstance(heldout, str | dict) else heldout or []:
         try:
             load_heldout(item, data_dir)
         except (KeyError, ValueError, TypeError, FileNotFoundError) as err:
             problems.append(f"eval.heldout: {err}")
+            continue
+        # A definition inline and the same one in a yaml file are one set: compared as the task they define.
+        identity = item if isinstance(item, str) and item in HELDOUT_DOMAINS else resolve_eval_tasks(item)[0]
+        name = heldout_name(item)
+        if named.setdefault(name, identity) != identity:
+            problems.append(
+                f"eval.heldout: two different held-out sets are named {name!r}: the second's loss and item file "
+                "would replace the first's; give each its own name"
+            )
     return problems

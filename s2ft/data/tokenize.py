@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 
 import datasets
+import pyarrow.compute as pc
 import torch
 
 from s2ft.data.prompt import build_prompt
@@ -117,7 +118,26 @@ def tokenize_examples(
         )
     if len(dataset) < len(examples):
         log.warning("dropped %d items whose prompt fills max_length=%d", len(examples) - len(dataset), max_length)
+    cut = _cut_responses(dataset, tokenizer.eos_token_id, max_length)
+    if cut:
+        # Their loss still counts the response's start, and without its EOS the model learns not to stop there.
+        log.warning(
+            "%d of %d items are longer than max_length=%d: they train on the start of their response only, without "
+            "its end and EOS; raise data.max_length to keep them whole",
+            cut,
+            len(dataset),
+            max_length,
+        )
     return dataset
+
+
+def _cut_responses(dataset: datasets.Dataset, eos_token_id: int, max_length: int) -> int:
+    """How many encoded items were cut at max_length: whole ones end in the EOS, cut ones fill max_length without."""
+    ids = dataset.data.column("input_ids")
+    full = pc.filter(ids, pc.equal(pc.list_value_length(ids), max_length))
+    if len(full) == 0:
+        return 0
+    return pc.sum(pc.not_equal(pc.list_element(full, max_length - 1), eos_token_id)).as_py()
 
 
 def _encode_trainable(batch: dict[str, list], tokenizer, max_length: int, template: str) -> dict[str, list[list[int]]]:

@@ -168,6 +168,13 @@ def load_rows(source: UserSource, data_dir: str | Path | None = None) -> dataset
                 if isinstance(rows, datasets.DatasetDict):
                     rows = rows[source.split]
             elif path.is_dir():
+                readable = {*BUILDERS, ".arrow"}  # compressed ones too: data.jsonl.gz
+                if not any(readable & {x.lower() for x in file.suffixes} for file in path.rglob("*") if file.is_file()):
+                    # datasets' own message for it is about resolving the pattern ** (or reads .txt files as text).
+                    raise DataError(
+                        f"{source.where}: the folder holds no data file ({', '.join(BUILDERS)}) and is not a folder "
+                        "saved with datasets' save_to_disk; point the path at the data file or its folder"
+                    )
                 rows = datasets.load_dataset(str(path), source.config, split=source.split)
             elif path.suffix.lower() not in BUILDERS:
                 raise DataError(f"data file {path}: unknown file type; use one of {', '.join(BUILDERS)}")
@@ -175,7 +182,7 @@ def load_rows(source: UserSource, data_dir: str | Path | None = None) -> dataset
                 # datasets refuses an empty split with an obscure message, and reads some non-UTF-8 files as mojibake.
                 if not _check_text(path, source.where):
                     raise DataError(f"{source.where} holds no records")
-                options = _csv_options(path) if path.suffix.lower() == ".csv" else {}
+                options = _csv_options(path, source.where) if path.suffix.lower() == ".csv" else {}
                 rows = datasets.load_dataset(
                     BUILDERS[path.suffix.lower()], data_files=str(path), split="train", **options
                 )
@@ -211,14 +218,37 @@ def _check_text(path: Path, where: str) -> bool:
         ) from None
     if path.suffix.lower() == ".csv":
         return len([line for line in text.splitlines() if line.strip()]) > 1  # more than a header
-    return text not in ("", "[]")
+    value = text.lstrip("\ufeff")
+    if value and value[:1] not in ("[", "{"):
+        # Not a list or object of records (null, 42, "text", or not JSON): datasets crashes the process on a file
+        # holding only null (a segmentation fault) and names the rest obscurely.
+        raise DataError(
+            _json_problem(path, where)
+            or f"{where}: holds the JSON value {value[:40]}, not records; write a list [{{field: value, ...}}, ...] "
+            "(.json) or one {field: value, ...} per line (.jsonl)"
+        )
+    return "".join(value.split()) not in ("", "[]", "{}")  # datasets: 'Instruction "train" corresponds to no data!'
 
 
-def _csv_options(path: Path) -> dict:
+def _csv_options(path: Path, where: str) -> dict:
     """pandas options that read every CSV cell as the text written: by default a column of numbers becomes floats
-    (an answer ``7`` trains as ``7.0``, ``01234`` as ``1234.0``) and ``None``, ``NA`` or ``null`` become missing."""
+    (an answer ``7`` trains as ``7.0``, ``01234`` as ``1234.0``) and ``None``, ``NA`` or ``null`` become missing.
+
+    Raises:
+        DataError: A record with more fields than the header (an unquoted comma, a trailing comma). When the first
+            record has one, pandas silently takes every record's first field as its index and reads the rest one
+            column to the left (the output as the instruction); later ones fail with a tokenizer error.
+    """
     with path.open(encoding="utf-8", newline="") as file:
-        columns = len(next(csv.reader(file), []))
+        reader = csv.reader(file)
+        columns, end = len(next(reader, [])), 1
+        for row in reader:
+            if len(row) > columns:
+                raise DataError(
+                    f"{where}: line {end + 1} has {len(row)} fields but the header {columns}; quote a field that "
+                    'holds a comma ("a, b") and remove trailing commas'
+                )
+            end = reader.line_num
     return {"converters": {index: str for index in range(columns)}, "keep_default_na": False, "na_values": [""]}
 
 
@@ -235,7 +265,8 @@ def _json_problem(path: Path, where: str) -> str | None:
         if bad is not None:
             return f"{where}: record {bad} is not an object {{field: value, ...}}: {json.dumps(records[bad])[:80]}"
         return None
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at \n only, as for datasets and file_lines: splitlines() also splits at U+2028, U+0085 ... in strings.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -254,16 +285,23 @@ def _cause(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).strip()}"
 
 
-def file_lines(source: UserSource, data_dir: str | Path | None) -> list[str] | None:
-    """Per record, where it is in the file: "line N" for JSONL and CSV, None (record indices) otherwise."""
+def file_lines(source: UserSource, data_dir: str | Path | None, count: int | None = None) -> list[str] | None:
+    """Per record, where it is in the file: "line N" for JSONL and CSV, None (record indices) otherwise.
+
+    Args:
+        source: The source.
+        data_dir: The data directory.
+        count: The number of records datasets read; when the file's lines give another number (a pretty-printed
+            JSON array saved as .jsonl, which datasets reads too), lines would name the wrong records: None.
+    """
     if source.path is None:
         return None
     path = resolve_path(source.path, data_dir)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         with path.open(encoding="utf-8") as file:
-            return [f"line {number}" for number, line in enumerate(file, start=1) if line.strip()]
-    if suffix == ".csv":
+            lines = [f"line {number}" for number, line in enumerate(file, start=1) if line.strip()]
+    elif suffix == ".csv":
         # datasets' CSV reader (pandas) takes the first record as the header and skips blank lines; a record whose
         # quoted field spans lines starts at the line after the previous record's end.
         starts, end = [], 0
@@ -273,8 +311,10 @@ def file_lines(source: UserSource, data_dir: str | Path | None) -> list[str] | N
                 if len(row) > 1 or (row and row[0].strip()):
                     starts.append(f"line {end + 1}")
                 end = reader.line_num
-        return starts[1:]
-    return None
+        lines = starts[1:]
+    else:
+        return None
+    return lines if count is None or len(lines) == count else None
 
 
 def detect_format(source: UserSource, column_names: list[str]) -> str:
@@ -301,6 +341,14 @@ def _text(value, field: str, where: str) -> str:
         raise DataError(f"{where}: missing field {field}")
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise DataError(f"{where}: field {field} must be text, got {type(value).__name__}")
+    return _as_text(value)
+
+
+def _as_text(value: str | int | float) -> str:
+    # Arrow reads a JSON column that mixes ints and floats as floats: the 4 of {"answer": 4} beside {"answer": 0.5}
+    # arrives as 4.0, and str() would make the gold "4.0" (a text answer "4" scored wrong) and the target "4.0".
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
     return str(value)
 
 
@@ -319,13 +367,13 @@ def _chat_parts(messages, where: str, need_response: bool) -> tuple[str, str, st
             )
     response = ""
     if messages[-1]["role"] == "assistant":
-        response, messages = str(messages[-1]["content"]), messages[:-1]
+        response, messages = _as_text(messages[-1]["content"]), messages[:-1]
     elif need_response:
         raise DataError(f"{where}: the last message must be the assistant's response (role 'assistant')")
     if not messages or messages[-1]["role"] != "user":
         raise DataError(f"{where}: the response must follow a user message")
-    context = "\n".join(f"{m['role']}: {m['content']}" for m in messages[:-1])
-    return str(messages[-1]["content"]), context, response
+    context = "\n".join(f"{m['role']}: {_as_text(m['content'])}" for m in messages[:-1])
+    return _as_text(messages[-1]["content"]), context, response
 
 
 def to_examples(
@@ -355,6 +403,16 @@ def to_examples(
         raise DataError(
             f"{source.where}: no field {', '.join(names)} in any record (columns: {rows.column_names}); {fmt} records "
             f"need {', '.join(REQUIRED[fmt])}; map other names with columns: {{FIELD: COLUMN}}"
+        )
+    # A mapping to a column no record has would leave an optional field empty in every record: no input, or the
+    # response taken as the gold answer.
+    absent = [
+        f"{field!r} to {col!r}" for field, col in mapped.items() if field in column and col not in rows.column_names
+    ]
+    if absent:
+        raise DataError(
+            f"{source.where}: columns maps {', '.join(absent)}, but no record has that column (columns: "
+            f"{rows.column_names}); fix the column name or leave the field out of columns"
         )
     shown = {field: f"{field!r}" + (f" (column {col!r})" if col != field else "") for field, col in column.items()}
     examples = []
@@ -389,7 +447,8 @@ def load_user_source(
         DataError: A bad spec, a missing or unreadable file, an empty set or a bad record (named).
     """
     source = spec if isinstance(spec, UserSource) else parse_source(spec)
-    return to_examples(source, load_rows(source, data_dir), file_lines(source, data_dir), need_response)
+    rows = load_rows(source, data_dir)
+    return to_examples(source, rows, file_lines(source, data_dir, len(rows)), need_response)
 
 
 def source_digest(source: UserSource, data_dir: str | Path | None = None) -> str:

@@ -52,6 +52,9 @@ def parse_task(definition: dict) -> TaskSpec:
     if not isinstance(name, str) or not name.strip():
         raise DataError(f"task definition {definition!r} needs a name")
     where = f"task {name}"
+    if "/" in name or "\\" in name or name.strip(".") == "":
+        # The name is a file's: predictions/NAME.jsonl, which the report finds with predictions/*.jsonl.
+        raise DataError(f"{where}: the name names its predictions file, so it cannot hold / or \\ or be . or ..")
     if name.lower() in TASKS or name.lower() in GROUPS:
         raise DataError(f"{where}: the name is a registered task or group; give the user task another name")
     kind = definition.get("answer")
@@ -61,6 +64,9 @@ def parse_task(definition: dict) -> TaskSpec:
     if kind == "label":
         if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) and x for x in labels):
             raise DataError(f"{where}: answer: label needs labels: [a list of at least two label strings]")
+        if len({label.lower() for label in labels}) < len(labels):
+            # Golds and outputs are matched in lower case: two such labels would be one answer.
+            raise DataError(f"{where}: labels {labels} repeat a label (case is ignored); give each label once")
         labels = tuple(labels)
     elif labels is not None:
         raise DataError(f"{where}: labels only apply to answer: label")
@@ -204,9 +210,18 @@ def group_members(groups: dict[str, list] | None, defined=()) -> dict[str, list[
     }
 
 
-def load_user_task(spec: TaskSpec, data_dir: str | Path | None) -> tuple[list[Example], list[dict[str, str]] | None]:
+def load_user_task(
+    spec: TaskSpec, data_dir: str | Path | None, mode: str | None = None
+) -> tuple[list[Example], list[dict[str, str]] | None]:
     """The items of a user's task (gold in ``answer``: the record's answer, else its response) and, for loglik tasks,
     each item's ``{label: option text}``.
+
+    Args:
+        spec: The task.
+        data_dir: The data directory.
+        mode: The evaluation's mode (``eval.mode``), which the task's own ``mode`` overrides. A task that runs in
+            loglik mode by ``eval.mode`` alone reads its records' options when they have the field, else (None) its
+            options are parsed from its instructions as a registered task's are.
 
     Raises:
         DataError: The errors of `s2ft.data.user.to_examples`, and for loglik tasks a record without options, with
@@ -214,14 +229,16 @@ def load_user_task(spec: TaskSpec, data_dir: str | Path | None) -> tuple[list[Ex
     """
     source: UserSource = spec.source
     rows = load_rows(source, data_dir)
-    lines = file_lines(source, data_dir)
+    lines = file_lines(source, data_dir, len(rows))
     examples = to_examples(source, rows, lines, need_response=False)
     for example in examples:
         if not example.answer.strip():
             example.answer = example.output.strip()
-    if spec.mode != "loglik":
+    if (spec.mode or mode) != "loglik":
         return examples, None
     column = dict(source.columns).get("options", "options")
+    if column not in rows.column_names and spec.mode is None:
+        return examples, None
     if column not in rows.column_names:
         raise DataError(f"{source.where}: task {spec.name} has mode: loglik, so its records need an options field")
     options = []
@@ -237,7 +254,23 @@ def load_user_task(spec: TaskSpec, data_dir: str | Path | None) -> tuple[list[Ex
             raise DataError(f"{where}: options must be a list of texts or a {{label: text}} dict, got {value!r}")
         if len(value) < 2 or not all(isinstance(text, str) and text.strip() for text in value.values()):
             raise DataError(f"{where}: options need at least two non-empty texts, got {value!r}")
-        options.append(
-            {(label.upper() if spec.answer_kind == "letter" else label.lower()): t for label, t in value.items()}
-        )
+        labelled = {_label(spec, label): text for label, text in value.items()}
+        # A label outside the task's would compete as an option no gold can name (a typo such as "negativ"), and two
+        # labels that differ only in case would silently become one option.
+        unknown = [label for label in value if _label(spec, label) not in {_label(spec, x) for x in spec.labels}]
+        if unknown or len(labelled) < len(value):
+            raise DataError(
+                f"{where}: options labelled {list(value)}, but each option needs its own label among the task's "
+                f"labels {list(spec.labels)} (case is ignored)"
+            )
+        texts = [text.strip() for text in labelled.values()]
+        if len(set(texts)) < len(texts):
+            # Equal texts score equally, and the first of tied options is the prediction: the item is decided by order.
+            raise DataError(f"{where}: two options have the same text, {labelled!r}; give each option its own text")
+        options.append(labelled)
     return examples, options
+
+
+def _label(spec: TaskSpec, label: str) -> str:
+    """A label as the task's golds are parsed: upper case for letter tasks, lower case for label tasks."""
+    return label.upper() if spec.answer_kind == "letter" else label.lower()

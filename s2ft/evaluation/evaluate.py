@@ -90,7 +90,7 @@ def prepare_tasks(
     for spec in specs:
         task_mode = spec.mode or mode
         if spec.source is not None:
-            everything, user_options = load_user_task(spec, data_dir)
+            everything, user_options = load_user_task(spec, data_dir, mode)
         else:
             everything, user_options = load_eval(spec, data_dir), None
         picked = eval_subset(list(range(len(everything))), limit, seed)  # indices: options are kept per item
@@ -109,16 +109,18 @@ def prepare_tasks(
                     if items.golds[-1] not in items.options[-1]:
                         raise ValueError(f"gold answer {example.answer!r} is not among the parsed options")
             except (ValueError, OptionParseError) as err:
-                raise ValueError(f"task {spec.name}, item {example.id}{_place(spec, index, data_dir)}: {err}") from None
+                place = _place(spec, index, len(everything), data_dir)
+                raise ValueError(f"task {spec.name}, item {example.id}{place}: {err}") from None
         prepared.append(items)
     return prepared
 
 
-def _place(spec: TaskSpec, index: int, data_dir: str | Path) -> str:
-    """Where a user task's record is in its file (" (FILE: line N)"; its item id counts records from 0)."""
+def _place(spec: TaskSpec, index: int, count: int, data_dir: str | Path) -> str:
+    """Where a user task's record is in its file (" (FILE: line N)"; its item id counts records from 0); ``count``:
+    the task's number of records."""
     if spec.source is None:
         return ""
-    lines = file_lines(spec.source, data_dir)
+    lines = file_lines(spec.source, data_dir, count)
     return f" ({spec.source.where}: {lines[index] if lines else f'record {index}'})"
 
 

@@ -120,6 +120,13 @@ def parse_gold(answer_kind: str, gold: str, labels: tuple[str, ...] = ()) -> str
     if answer_kind == "text":
         if not normalize_text(text):
             raise ValueError(f"gold answer {gold!r} is empty after normalisation")
+        lines = [line for line in text.splitlines() if normalize_text(line)]
+        if len(lines) > 1:
+            # extract_text reads the output's first line, and no line equals the normalised whole of several.
+            raise ValueError(
+                f"gold answer {gold[:60]!r} has {len(lines)} lines, but a text answer is the output's first line, so "
+                "it could never match; give each record a one-line answer field"
+            )
         return normalize_text(text)
     raise ValueError(f"unknown answer_kind {answer_kind!r}; use label, number, letter or text")
 

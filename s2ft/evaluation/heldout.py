@@ -10,6 +10,7 @@ import logging
 import torch
 
 from s2ft.checks import require_positive_int
+from s2ft.data.records import DataError
 from s2ft.data.tokenize import IGNORE_INDEX, Collator, encode_batch, has_response
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def heldout_item_losses(
         ``{"id", "nll", "tokens"}`` per scored item, in the order of ``examples``.
 
     Raises:
-        ValueError: No examples, a bad batch size, or no response token to score.
+        ValueError: No examples or a bad batch size; DataError: no response token to score (max_length too short).
     """
     return adapter_item_losses(model, tokenizer, examples, batch_size, max_length, {None: template})[None]
 
@@ -69,7 +70,11 @@ def adapter_item_losses(
         if has_response(columns["labels"][i])
     ]
     if not rows:
-        raise ValueError(f"every held-out prompt is at least max_length={max_length} tokens long: raise it")
+        # A user's error, and with eval.before=false found only after training: a message, not a traceback.
+        raise DataError(
+            f"every held-out prompt is at least max_length={max_length} tokens long, leaving no response token to "
+            "score: raise data.max_length"
+        )
     for name in templates:
         dropped = len(examples) - sum(1 for row_name, _ in rows if row_name == name)
         if dropped:  # as tokenize_examples reports it for training data

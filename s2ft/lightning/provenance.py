@@ -89,7 +89,9 @@ def check_eval_overlap(record: dict | None, source: Path, cfg: dict) -> None:
         return
     data_dir = cfg["paths"]["data_dir"]
     for entry in record["sources"]:
-        file = Path(data_dir) / entry["file"]
+        # A user's file is recorded as given, relative to the working directory or else to the data directory.
+        given = Path(entry["file"])
+        file = given if given.is_file() else Path(data_dir) / given
         if entry.get("sha256") and file.is_file() and file_digest(file) != entry["sha256"]:
             log.warning("%s changed since %s was trained on it: the guard checks its current items", file, source)
     try:

@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from torch.utils.data import DataLoader
 
-from s2ft.data import load_eval, load_train, split_validation
+from s2ft.data import DataError, load_eval, load_train, split_validation
 from s2ft.data.overlap import check_overlap
 from s2ft.data.user_tasks import resolve_eval_tasks
 from s2ft.evaluation.measure import measure_model
@@ -46,7 +46,7 @@ from s2ft.lightning.sharding import FSDP2Strategy, gather_trained, local_element
 from s2ft.lightning.summary import build_summary, flat_metrics, task_record
 from s2ft.methods import get_method, merge_trained, prepare_model, save_trained, trainable_summary
 from s2ft.models import build_run_model
-from s2ft.run_config import RunConfigError, validate_run_config
+from s2ft.run_config import RunConfigError, process_count, validate_run_config
 
 ADAM_BETAS = (0.9, 0.999)  # torch's default; the paper configs set method.betas to the official (0.9, 0.95)
 log = logging.getLogger(__name__)
@@ -105,6 +105,15 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
             "data.overlap_tasks=[TASKS] to the tasks this run will be evaluated on"
         )
     train, val = split_validation(examples, data["val_size"], cfg["seed"]) if data.get("val_size") else (examples, [])
+    processes = process_count(tr)
+    if len(train) < data["batch_size"] * processes:
+        # The sampler refuses it too, but only inside fit: after the model loaded, the untrained model was evaluated
+        # and the run's first files were written. A small file of one's own meets it without any data.limit.
+        raise DataError(
+            f"{len(train)} training items (of {len(examples)}, data.val_size={data.get('val_size') or 0} held out) "
+            f"cannot fill one batch of data.batch_size={data['batch_size']} on {processes} process(es); lower "
+            "data.batch_size or data.val_size, or train on more items"
+        )
     provenance = training_record(cfg, train, val, sorted(eval_sets))
     if plan.checkpoint is not None:
         check_same_data(plan.checkpoint, cfg["ckpt_path"], provenance["sources"])
