@@ -360,6 +360,10 @@ def test_a_json_file_of_one_value_is_refused_not_a_crash(tmp_path):
         (tmp_path / "empty.json").write_text(content)
         with pytest.raises(DataError, match=rf"^{tmp_path}/empty.json holds no records$"):
             load_user_source(str(tmp_path / "empty.json"))
+    record = '{"instruction": "Q", "output": "A"}'
+    for name, content in {"records.json": f"\n [{record}]\n", "records.jsonl": f"\ufeff\n {record}\n"}.items():
+        (tmp_path / name).write_text(content, encoding="utf-8")  # a blank line first (and a byte-order mark): loads
+        assert [e.output for e in load_user_source(str(tmp_path / name))] == ["A"]
 
 
 def test_two_training_sources_of_one_name_are_refused(tmp_path):

@@ -218,7 +218,7 @@ def _check_text(path: Path, where: str) -> bool:
         ) from None
     if path.suffix.lower() == ".csv":
         return len([line for line in text.splitlines() if line.strip()]) > 1  # more than a header
-    value = text.lstrip("\ufeff")
+    value = text.lstrip("\ufeff").lstrip()
     if value and value[:1] not in ("[", "{"):
         # Not a list or object of records (null, 42, "text", or not JSON): datasets crashes the process on a file
         # holding only null (a segmentation fault) and names the rest obscurely.
