@@ -535,3 +535,53 @@ def test_a_committed_report_is_its_records_report_byte_for_byte(study, tmp_path)
     committed = ROOT / "results" / study
     rebuilt = main([str(committed / "runs"), *COMMITTED[study], "--out", str(tmp_path)])
     assert rebuilt.read_text() == (committed / "report.md").read_text()
+
+
+# The review's cases, on copies of committed records (real runs, no training needed).
+SELECTION = ROOT / "results" / "selection_smollm" / "runs"
+RANDOM = "s2ft order=large strategy=random"
+
+
+def _selection_records(tmp_path: Path, leave_out: tuple[str, ...] = ()) -> Path:
+    return shutil.copytree(SELECTION, tmp_path / "runs", ignore=shutil.ignore_patterns(*leave_out))
+
+
+def test_a_summary_that_names_no_experiment_model_and_method_is_refused_before_anything_is_written(tmp_path):
+    """Was a TypeError or KeyError traceback from Run.group, after --out had been created."""
+    runs = _selection_records(tmp_path)
+    summary = runs / "seed0_random_large" / "summary.json"
+    fields = json.loads(summary.read_text())
+    for bad in ([], {k: v for k, v in fields.items() if k != "experiment"}, {**fields, "method": None}):
+        summary.write_text(json.dumps(bad))
+        with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(summary))} is not a run's summary \(it needs"):
+            main([str(runs), "--out", str(tmp_path / "out")])
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_second_run_of_one_seed_in_a_row_is_refused(tmp_path):
+    """Was counted as another seed: the random row read "3 seeds", its 95% CI narrowed from ± 1.8 to ± 0.4 and its
+    mean moved, while the item-paired tests kept only one of the two runs."""
+    runs = _selection_records(tmp_path)
+    again = shutil.copytree(runs / "seed0_random_large", runs / "seed0_random_large_again")
+    with pytest.raises(
+        SystemExit,
+        match=rf"^error: row '{RANDOM}' has 2 runs of seed 0 \(.*seed0_random_large, .*seed0_random_large_again; "
+        r"a rerun of one config\): pass only the run directories to report",
+    ):
+        main([str(runs), "--reference", RANDOM, "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    config = yaml.safe_load((again / "config.yaml").read_text())
+    config["trainer"]["max_steps"] = 300
+    (again / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit, match=r"; their configs differ in trainer.max_steps\): pass only"):
+        main([str(runs), "--out", str(tmp_path / "out")])
+
+
+def test_the_prompt_template_is_a_setting_of_a_row():
+    """The template study's two runs (seed 0 each, alpaca and chat) were one row "s2ft" of "2 seeds" (± 31.8 CI)."""
+    rows = build_rows(find_runs([ROOT / "results" / "template_smollm" / "runs"]))
+    assert [(row.label, len(row.runs)) for row in rows] == [
+        ("s2ft data.template=alpaca", 1),
+        ("s2ft data.template=chat", 1),
+    ]
+    assert [row.estimate(avg_accuracy).mean for row in rows] == [0.3125, 0.2625]

@@ -21,6 +21,8 @@ from s2ft.lightning.summary import wandb_summaries
 
 # Settings that distinguish repetitions rather than variants: seeds are averaged over, never separate rows.
 REPETITION_KEYS = ("seed", "options.seed", "options.calibration_size")
+# What every summary names: the report groups and labels runs by them.
+SUMMARY_KEYS = ("experiment", "model", "method")
 
 
 class ReportError(UserError, ValueError):
@@ -52,13 +54,17 @@ class Run:
         return self.summary["method"]
 
     def settings(self) -> dict[str, str]:
-        """The method's settings as flat ``key -> JSON value`` (lr, options, training data), without seeds."""
+        """The method's settings as flat ``key -> JSON value`` (lr, options, training data, template), without seeds."""
         if self.config is None:
             flat = {f"options.{k}": self.summary.get(k) for k in ("strategy", "order", "ratios")}
+            template = self.summary.get("template")
         else:
             method = self.config.get("method") or {}
-            flat = {"lr": method.get("lr"), **_flatten(method.get("options") or {}, "options")}
+            flat = {"lr": method.get("lr"), **flatten(method.get("options") or {}, "options")}
             flat["data.train"] = (self.config.get("data") or {}).get("train")
+            template = (self.config.get("data") or {}).get("template")
+        if template is not None:  # the prompt template is a variant (results/template_smollm), not a repetition
+            flat["data.template"] = template
         return {key: json.dumps(value, sort_keys=True) for key, value in flat.items() if key not in REPETITION_KEYS}
 
     def train_domains(self) -> set[str] | None:
@@ -94,11 +100,12 @@ def read_rows(folder: Path, stem: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line]
 
 
-def _flatten(tree: dict, prefix: str) -> dict:
+def flatten(tree: dict, prefix: str) -> dict:
+    """``tree`` as ``prefix.key.subkey -> value`` (empty dicts are values)."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}.{key}"))
+            flat.update(flatten(value, f"{prefix}.{key}"))
         else:
             flat[f"{prefix}.{key}"] = value
     return flat
@@ -109,7 +116,7 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
 
     Raises:
         ReportError: A path that does not exist, no `summary.json` under any of them, or a `summary.json` that is not
-            JSON (named).
+            JSON or names no experiment, model and method (named).
     """
     files = []
     for path in map(Path, paths):
@@ -129,6 +136,11 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
             raise ReportError(
                 f"{file} is not a readable summary ({err}); rerun its job (ckpt_path=auto) or leave its run out"
             ) from None
+        if not isinstance(summary, dict) or not all(isinstance(summary.get(k), str) for k in SUMMARY_KEYS):
+            raise ReportError(
+                f"{file} is not a run's summary (it needs the strings {', '.join(SUMMARY_KEYS)}); "
+                "leave it out or rerun its job (ckpt_path=auto)"
+            )
         config_file = file.parent / "config.yaml"
         config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else None
         runs.append(Run(summary, config, file.parent))

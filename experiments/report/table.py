@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import PurePath
 
-from experiments.report.runs import Run
+from experiments.report.runs import ReportError, Run, flatten
 from experiments.report.stats import ALPHA, Estimate, estimate, paired_bootstrap_p, welch_p
 from s2ft.data import HELDOUT_DOMAINS
 
@@ -54,8 +54,34 @@ def build_rows(runs: list[Run]) -> list[Row]:
             # A key that only some runs have (one component of a target_split dict) labels only those runs.
             present = [(k, v) for k, v in zip(varying, values, strict=True) if v is not None]
             parts = [f"{k.removeprefix('options.')}={_short(v)}" for k, v in present]
-            rows.append(Row(" ".join([method, *parts]), variant_runs))
+            label = " ".join([method, *parts])
+            _refuse_repeated_seeds(label, variant_runs)
+            rows.append(Row(label, variant_runs))
     return rows
+
+
+def _refuse_repeated_seeds(label: str, runs: list[Run]) -> None:
+    """Refuse two runs of one row with the same seed: counted as two seeds they would shift the row's mean and
+    narrow its CI, while the item-paired tests would keep only one of them.
+
+    Raises:
+        ReportError: Naming the runs, the settings their configs differ in, and the fix.
+    """
+    by_seed: dict = {}
+    for run in runs:
+        by_seed.setdefault(run.summary.get("seed"), []).append(run)
+    for seed, same in by_seed.items():
+        if len(same) < 2:
+            continue
+        names = ", ".join(str(run.path) if run.path is not None else "a W&B run" for run in same)
+        configs = [flatten(run.config or {}, "") for run in same]
+        differ = sorted(k for k in {k for c in configs for k in c} if len({repr(c.get(k)) for c in configs}) > 1)
+        differ = [k for k in differ if not k.startswith(".paths.") and k != ".ckpt_path"]
+        what = f"their configs differ in {', '.join(k[1:] for k in differ)}" if differ else "a rerun of one config"
+        raise ReportError(
+            f"row {label!r} has {len(same)} runs of seed {seed} ({names}; {what}): pass only the run directories "
+            "to report, one run per seed and setting"
+        )
 
 
 def _short(value: str) -> str:
