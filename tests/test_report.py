@@ -201,7 +201,7 @@ def _paired(mine: Row, theirs: Row, tasks: list[str]) -> tuple[list, list, list]
 
 def test_rows_are_compared_over_the_items_of_every_shared_seed(sweep):
     rows = build_rows(find_runs([sweep]))
-    best, pvalues = compare_to_best(rows, ["boolq", "arc_easy"])
+    best, pvalues, _ = compare_to_best(rows, ["boolq", "arc_easy"])
     other = next(row for row in rows if row is not best)
     assert set(pvalues) == {other.label}
     # Both rows ran seeds 0 and 1; each seed drew its own 3 items per task: 12 pairs in two clusters.
@@ -211,7 +211,7 @@ def test_rows_are_compared_over_the_items_of_every_shared_seed(sweep):
 
     # A row with one seed is paired with the other row's run of that seed only: a flat bootstrap over its items.
     single = Row(other.label, [_seed(other, 1)])
-    best_single, pvalues = compare_to_best([single, best], ["boolq", "arc_easy"], reference=best.label)
+    best_single, pvalues, _ = compare_to_best([single, best], ["boolq", "arc_easy"], reference=best.label)
     mine, theirs, seeds = _paired(single, best, ["boolq", "arc_easy"])
     assert best_single is best and seeds == [1] * 6
     assert pvalues[other.label] == paired_bootstrap_p(mine, theirs)
@@ -222,7 +222,7 @@ def test_items_are_paired_only_within_a_seed(sweep):
     lora, s2ft = rows
     seed0, seed1 = Row("lora", [_seed(lora, 0)]), Row("s2ft", [_seed(s2ft, 1)])
     assert not _seed(s2ft, 1).item_losses("gsm8k_test").keys() & _seed(lora, 0).item_losses("gsm8k_test").keys()
-    best, pvalues = compare_heldout([seed0, seed1], "gsm8k_test")
+    best, pvalues, _ = compare_heldout([seed0, seed1], "gsm8k_test")
     assert list(pvalues.values()) == [None]  # seed 1's items are not seed 0's: nothing to pair, no test
 
 
@@ -241,7 +241,7 @@ def test_heldout_losses_are_compared_item_by_item(sweep):
     rows = build_rows(find_runs([sweep]))
     for name in ("commonsense_test", "gsm8k_test"):
         losses = {row.label: row.values(heldout_after(name)) for row in rows}
-        best, pvalues = compare_heldout(rows, name)
+        best, pvalues, _ = compare_heldout(rows, name)
         assert best.label == min(losses, key=lambda label: statistics.mean(losses[label]))
         other = next(row for row in rows if row is not best)
         for run in other.runs + best.runs:
@@ -265,12 +265,12 @@ def test_reference_row_is_compared_with_every_other_row(sweep, tmp_path):
     runs = find_runs([sweep])
     rows = build_rows(runs)
     lora, s2ft = rows
-    anchor, pvalues = compare_heldout(rows, "gsm8k_test", reference="s2ft")
+    anchor, pvalues, _ = compare_heldout(rows, "gsm8k_test", reference="s2ft")
     assert anchor is s2ft and set(pvalues) == {"lora"}
     a, b, tokens, seeds = _paired_losses(lora, s2ft, "gsm8k_test")
     expected = paired_bootstrap_p(a, b, weights=tokens, clusters=seeds)
     assert pvalues["lora"] == expected
-    assert compare_to_best(rows, ["boolq"], reference="dora") == (None, {})
+    assert compare_to_best(rows, ["boolq"], reference="dora") == (None, {}, {})
 
     report = write_report(runs, tmp_path / "ref").read_text()
     diff = statistics.mean(lora.values(heldout_after("gsm8k_test"))) - statistics.mean(
@@ -284,7 +284,7 @@ def test_reference_row_is_compared_with_every_other_row(sweep, tmp_path):
 def test_heldout_statement_needs_something_tested():
     assert heldout_statement("x", None, {}) is None
     rows = build_rows([])
-    assert rows == [] and compare_heldout(rows, "x") == (None, {})
+    assert rows == [] and compare_heldout(rows, "x") == (None, {}, {})
 
 
 def test_cli_writes_the_report(sweep, tmp_path):
@@ -480,7 +480,7 @@ def test_report_from_wandb_matches_the_local_report(sweep, tmp_path, monkeypatch
         assert got.settings() == want.settings()
 
     # W&B holds no per-item predictions: rows with two or more seeds each are compared by Welch's t-test over seeds.
-    best, pvalues = compare_to_best(build_rows(runs), ["boolq", "arc_easy"])
+    best, pvalues, _ = compare_to_best(build_rows(runs), ["boolq", "arc_easy"])
     rest = next(row for row in build_rows(runs) if row.label != best.label)
     assert pvalues == {rest.label: welch_p(rest.values(avg_accuracy), best.values(avg_accuracy))}
 
@@ -585,3 +585,86 @@ def test_the_prompt_template_is_a_setting_of_a_row():
         ("s2ft data.template=chat", 1),
     ]
     assert [row.estimate(avg_accuracy).mean for row in rows] == [0.3125, 0.2625]
+
+
+def _set_loss(run: Path, item: int, nll: float) -> None:
+    """Give one held-out item of a record (and so its summary's per-token loss) the summed NLL ``nll``."""
+    pred = run / "predictions" / "heldout_commonsense_test.jsonl.gz"
+    rows = [json.loads(line) for line in gzip.decompress(pred.read_bytes()).decode().splitlines()]
+    rows[item]["nll"] = nll
+    pred.write_bytes(gzip.compress("".join(json.dumps(row) + "\n" for row in rows).encode()))
+    summary = json.loads((run / "summary.json").read_text())
+    loss = sum(row["nll"] for row in rows) / sum(row["tokens"] for row in rows)
+    summary["heldout"]["commonsense_test"]["after"] = loss
+    (run / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.mark.parametrize("diverged", ["seed0_activation_small", "seed1_gradient_large"])
+def test_a_nan_loss_is_untested_never_separable_nor_the_lowest(diverged, tmp_path):
+    """Was p = 0 ("separable, p=0.000 *": NaN is never as extreme as NaN) and, for the row that sorts first, the
+    lowest loss (min() keeps a NaN it starts from)."""
+    runs = _selection_records(tmp_path)
+    _set_loss(runs / diverged, 3, float("nan"))
+    rows = build_rows(find_runs([runs]))
+    lowest, pvalues, _ = compare_heldout(rows, "commonsense_test")
+    nan_row = next(row for row in rows if any(run.path.name == diverged for run in row.runs))
+    finite = {row.label: statistics.mean(row.values(heldout_after("commonsense_test"))) for row in rows}
+    del finite[nan_row.label]
+    assert lowest.label == min(finite, key=finite.get)
+    assert pvalues[nan_row.label] is None
+    assert all(p is not None for label, p in pvalues.items() if label != nan_row.label)
+    reference = compare_heldout(rows, "commonsense_test", reference=nan_row.label)
+    assert reference.best is nan_row and set(reference.pvalues.values()) == {None}
+    report = main([str(runs), "--reference", RANDOM, "--out", str(tmp_path / "out")]).read_text()
+    assert f"`{nan_row.label}` +nan (untested)" in report and "nan (p=" not in report
+    (heldout_line,) = [line for line in report.splitlines() if line.startswith("- Held-out loss")]
+    assert nan_row.label not in heldout_line
+
+
+def test_a_reference_difference_is_over_the_seeds_its_test_compared(tmp_path):
+    """With seed 1 of the activation row gone, its difference from the random row was of the means over seed 0
+    against seeds 0 and 1 (+0.0022, worse), while its p-value compared seed 0's items, where it is lower (-0.0021)."""
+    runs = _selection_records(tmp_path, leave_out=("seed1_activation_small",))
+    loss = {
+        p.name: json.loads((p / "summary.json").read_text())["heldout"]["commonsense_test"]["after"]
+        for p in runs.iterdir()
+    }
+    acc = {p.name: json.loads((p / "summary.json").read_text())["avg_accuracy"] for p in runs.iterdir()}
+    rows = build_rows(find_runs([runs]))
+    against = compare_heldout(rows, "commonsense_test", reference=RANDOM)
+    activation = "s2ft order=small strategy=activation"
+    assert against.seeds == {activation: [0], "s2ft order=large strategy=gradient": [0, 1]}
+    report = main([str(runs), "--reference", RANDOM, "--out", str(tmp_path / "out")]).read_text()
+    diff = loss["seed0_activation_small"] - loss["seed0_random_large"]
+    assert (
+        diff
+        < 0
+        < statistics.mean([loss["seed0_activation_small"]])
+        - statistics.mean([loss["seed0_random_large"], loss["seed1_random_large"]])
+    )
+    p = against.pvalues[activation]
+    assert f"`{activation}` {diff:+.4f} over seed 0 (p={p:.3f})." in report
+    gradient = statistics.mean([loss["seed0_gradient_large"], loss["seed1_gradient_large"]]) - statistics.mean(
+        [loss["seed0_random_large"], loss["seed1_random_large"]]
+    )
+    assert f"`s2ft order=large strategy=gradient` {gradient:+.4f} (p=0.000 *)" in report  # same seeds: as before
+    accuracy = 100 * (acc["seed0_activation_small"] - acc["seed0_random_large"])
+    assert f"`{activation}` {accuracy:+.1f} over seed 0 (p=" in report
+
+
+def test_statements_say_untested_where_nothing_was_tested():
+    """One seed each without item predictions (the template study) read "Not separable: no row differs ..."."""
+    best = Row("s2ft", [])
+    assert significance_statement(best, {"lora": None, "full": None}).startswith(
+        "Untested: no row could be compared with the best mean (`s2ft`)"
+    )
+    assert "Welch over seeds); untested: `full`; do not rank" in significance_statement(
+        best, {"lora": 0.4, "full": None}
+    )
+
+
+def test_a_p_value_just_below_the_level_is_not_printed_as_the_level():
+    """p = 0.0497 printed "0.050 *": starred, yet reading as not below 0.05."""
+    assert pairs_verdict({"a": 0.0497, "b": 0.0504, "c": 0.0449}) == (
+        "separable from it: `a` (p=0.0497 *), `c` (p=0.045 *); not separable from it: `b` (p=0.050)"
+    )

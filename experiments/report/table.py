@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import PurePath
+from typing import NamedTuple
 
 from experiments.report.runs import ReportError, Run, flatten
 from experiments.report.stats import ALPHA, Estimate, estimate, paired_bootstrap_p, welch_p
@@ -23,6 +25,15 @@ class Row:
 
     def estimate(self, metric) -> Estimate | None:
         return estimate(self.values(metric))
+
+
+class Comparison(NamedTuple):
+    """Rows against one row: that row, each other row's p-value (None: untested) and the seeds its paired test used
+    (None: Welch over all seeds, or untested)."""
+
+    best: Row | None
+    pvalues: dict[str, float | None]
+    seeds: dict[str, list | None]
 
 
 def group_runs(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
@@ -132,12 +143,10 @@ def trainable_pct(summary: dict) -> float | None:
     return summary.get("trainable_pct")
 
 
-def compare_to_best(
-    rows: list[Row], tasks: list[str], reference: str | None = None
-) -> tuple[Row | None, dict[str, float | None]]:
+def compare_to_best(rows: list[Row], tasks: list[str], reference: str | None = None) -> Comparison:
     """The row with the best mean average accuracy and, per other row, the p-value of its difference from it.
 
-    With ``reference`` (a row label) that row takes the best row's place (None, {} when no such row has accuracies).
+    With ``reference`` (a row label) that row takes the best row's place (None, {}, {} when no row has accuracies).
 
     A paired bootstrap over the items of every task answered by the runs of both rows with the same seed (evaluation
     subsets are drawn per seed, so a seed's runs share their items), hierarchical over seeds when they share several;
@@ -155,12 +164,10 @@ def compare_to_best(
     return _compare(rows, avg_accuracy, min_is_best=False, paired_items=items, reference=reference)
 
 
-def compare_heldout(
-    rows: list[Row], name: str, reference: str | None = None
-) -> tuple[Row | None, dict[str, float | None]]:
+def compare_heldout(rows: list[Row], name: str, reference: str | None = None) -> Comparison:
     """The row with the lowest mean held-out loss on ``name`` and, per other row, the p-value of its difference.
 
-    With ``reference`` (a row label) that row takes the lowest row's place (None, {} when no such row has the loss).
+    With ``reference`` (a row label) that row takes the lowest row's place (None, {}, {} when no row has the loss).
 
     A paired bootstrap (per-token loss difference) over the held-out items scored by the runs of both rows with the
     same seed, hierarchical over seeds when they share several; Welch's t-test over seeds for rows without shared
@@ -182,36 +189,45 @@ def _by_seed(runs: list[Run], read) -> dict:
     return {(run.summary.get("seed"), item): value for run in runs for item, value in read(run).items()}
 
 
-def _compare(
-    rows: list[Row], metric, min_is_best: bool, paired_items, reference: str | None = None
-) -> tuple[Row | None, dict[str, float | None]]:
+def _compare(rows: list[Row], metric, min_is_best: bool, paired_items, reference: str | None = None) -> Comparison:
     """The best row by ``metric`` and each other row's p-value: ``paired_items`` bootstrapped, else Welch over seeds.
 
     ``paired_items(mine, theirs)`` takes two rows' runs and gives their paired item scores, optional weights and the
-    seed of each item.
+    seed of each item. A row with a non-finite value (a diverged run's NaN loss) is never the best and is untested:
+    NaN compares as neither larger nor smaller, so it would have been "separable" at p = 0 and could be the best.
     """
     scored = [row for row in rows if row.values(metric)]
     if not scored:
-        return None, {}
+        return Comparison(None, {}, {})
     if reference is None:
-        best = (min if min_is_best else max)(scored, key=lambda row: row.estimate(metric).mean)
+        finite = [row for row in scored if _finite(row.values(metric))]
+        if not finite:
+            return Comparison(None, {}, {})
+        best = (min if min_is_best else max)(finite, key=lambda row: row.estimate(metric).mean)
     else:
         best = next((row for row in scored if row.label == reference), None)
         if best is None:
-            return None, {}
+            return Comparison(None, {}, {})
     pvalues: dict[str, float | None] = {}
+    seeds: dict[str, list | None] = {}
     for row in scored:
         if row is best:
             continue
-        mine, theirs, weights, seeds = paired_items(row.runs, best.runs)
+        mine, theirs, weights, clusters = paired_items(row.runs, best.runs)
         a, b = row.values(metric), best.values(metric)
+        pvalues[row.label], seeds[row.label] = None, None
+        if not _finite(a + b + mine + theirs):
+            continue
         if mine:
-            pvalues[row.label] = paired_bootstrap_p(mine, theirs, weights=weights, clusters=seeds)
+            pvalues[row.label] = paired_bootstrap_p(mine, theirs, weights=weights, clusters=clusters)
+            seeds[row.label] = list(dict.fromkeys(clusters))
         elif len(a) >= 2 and len(b) >= 2:
             pvalues[row.label] = welch_p(a, b)
-        else:
-            pvalues[row.label] = None
-    return best, pvalues
+    return Comparison(best, pvalues, seeds)
+
+
+def _finite(values: list[float]) -> bool:
+    return all(math.isfinite(v) for v in values)
 
 
 def separable(pvalues: dict[str, float | None]) -> bool:
