@@ -17,7 +17,7 @@ from scipy import stats
 from experiments.report.markdown import heldout_statement, main, pairs_verdict, significance_statement, write_report
 from experiments.report.records import export_records
 from experiments.report.runs import Run, find_runs, wandb_runs
-from experiments.report.stats import estimate, paired_bootstrap_p, welch_p
+from experiments.report.stats import ALPHA, estimate, paired_bootstrap_p, welch_p
 from experiments.report.table import (
     Row,
     avg_accuracy,
@@ -668,3 +668,38 @@ def test_a_p_value_just_below_the_level_is_not_printed_as_the_level():
     assert pairs_verdict({"a": 0.0497, "b": 0.0504, "c": 0.0449}) == (
         "separable from it: `a` (p=0.0497 *), `c` (p=0.045 *); not separable from it: `b` (p=0.050)"
     )
+
+
+def test_accuracy_is_compared_on_the_mean_over_tasks_that_avg_is(tmp_path):
+    """Was the pooled item accuracy: here +10 items of 100 on one task and -1 of 10 on another, +8.2 points pooled
+    (p about 0.01, "separable") while Avg, the unweighted mean over the tasks, is equal."""
+
+    def run(name: str, wins: dict[str, tuple[int, int]]) -> Run:
+        path = tmp_path / name / "predictions"
+        path.mkdir(parents=True)
+        accuracy = {}
+        for task, (right, total) in wins.items():
+            rows = [{"id": f"{task}-{i}", "correct": i < right} for i in range(total)]
+            (path / f"{task}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+            accuracy[task] = right / total
+        summary = {"experiment": "e", "model": "m", "method": name, "seed": 0}
+        summary |= {
+            "eval": {t: {"accuracy": a} for t, a in accuracy.items()},
+            "avg_accuracy": sum(accuracy.values()) / 2,
+        }
+        return Run(summary, None, path.parent)
+
+    s2ft, lora = run("s2ft", {"big": (60, 100), "small": (5, 10)}), run("lora", {"big": (50, 100), "small": (6, 10)})
+    assert s2ft.summary["avg_accuracy"] == pytest.approx(lora.summary["avg_accuracy"], abs=1e-15)
+    rows = build_rows([lora, s2ft])
+    assert (
+        paired_bootstrap_p(
+            [i < 60 for i in range(100)] + [i < 5 for i in range(10)],
+            [i < 50 for i in range(100)] + [i < 6 for i in range(10)],
+        )
+        < ALPHA
+    )  # pooled
+    assert compare_to_best(rows, ["big", "small"], reference="s2ft").pvalues == {"lora": 1.0}
+    # Unequal tasks that do differ on average keep the test's power: +10 and +1 of 10.
+    better = run("dora", {"big": (60, 100), "small": (7, 10)})
+    assert compare_to_best(build_rows([lora, better]), ["big", "small"], reference="lora").pvalues["dora"] < ALPHA

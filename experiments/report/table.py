@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import PurePath
 from typing import NamedTuple
@@ -149,7 +150,8 @@ def compare_to_best(rows: list[Row], tasks: list[str], reference: str | None = N
     With ``reference`` (a row label) that row takes the best row's place (None, {}, {} when no row has accuracies).
 
     A paired bootstrap over the items of every task answered by the runs of both rows with the same seed (evaluation
-    subsets are drawn per seed, so a seed's runs share their items), hierarchical over seeds when they share several;
+    subsets are drawn per seed, so a seed's runs share their items) of the difference of the mean task accuracy,
+    hierarchical over seeds when they share several;
     Welch's t-test over seeds for rows without shared items and two or more seeds each; else None.
     """
 
@@ -159,7 +161,17 @@ def compare_to_best(rows: list[Row], tasks: list[str], reference: str | None = N
 
         a, b = _by_seed(mine, correct), _by_seed(theirs, correct)
         shared = sorted(a.keys() & b.keys())
-        return [a[i] for i in shared], [b[i] for i in shared], None, [seed for seed, _ in shared]
+        # Each item weighs 1/n of its (seed, task): the statistic is the unweighted mean over tasks that Avg is, not
+        # the pooled item accuracy, which full test sets of different sizes (BoolQ's 3270 against OpenBookQA's 500)
+        # would tilt towards the larger tasks, even to the other sign.
+        n = Counter((seed, task) for seed, (task, _) in shared)
+        weight = [1 / n[seed, task] for seed, (task, _) in shared]
+        return (
+            [a[i] * w for i, w in zip(shared, weight, strict=True)],
+            [b[i] * w for i, w in zip(shared, weight, strict=True)],
+            weight,
+            [seed for seed, _ in shared],
+        )
 
     return _compare(rows, avg_accuracy, min_is_best=False, paired_items=items, reference=reference)
 
