@@ -703,3 +703,24 @@ def test_accuracy_is_compared_on_the_mean_over_tasks_that_avg_is(tmp_path):
     # Unequal tasks that do differ on average keep the test's power: +10 and +1 of 10.
     better = run("dora", {"big": (60, 100), "small": (7, 10)})
     assert compare_to_best(build_rows([lora, better]), ["big", "small"], reference="lora").pvalues["dora"] < ALPHA
+
+
+def test_settings_that_shorten_alike_keep_rows_apart():
+    """Two fusion runs excluding adapters whose paths end alike were two rows of one label, "s2ft
+    exclude=seed0/adapter": their p-values overwrote each other and --reference named whichever came first."""
+
+    def run(exclude: str) -> Run:
+        options = {"strategy": "random", "exclude": exclude}
+        summary = {"experiment": "fusion_smollm", "model": "smollm2_135m", "method": "s2ft", "seed": 0}
+        return Run(summary, {"method": {"name": "s2ft", "lr": 1e-3, "options": options}, "seed": 0})
+
+    near, far = run("/work/a/seed0/adapter"), run("/work/b/seed0/adapter")
+    assert [row.label for row in build_rows([near, far])] == [
+        's2ft exclude="/work/a/seed0/adapter"',
+        's2ft exclude="/work/b/seed0/adapter"',
+    ]
+    other = run("/work/c/seed1/adapter")
+    assert [row.label for row in build_rows([near, other])] == [
+        "s2ft exclude=seed0/adapter",
+        "s2ft exclude=seed1/adapter",
+    ]

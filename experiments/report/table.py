@@ -62,14 +62,21 @@ def build_rows(runs: list[Run]) -> list[Row]:
         variants: dict[tuple, list[Run]] = {}
         for run, s in zip(method_runs, settings, strict=True):
             variants.setdefault(tuple(s.get(k) for k in varying), []).append(run)
-        for values, variant_runs in sorted(variants.items(), key=lambda item: str(item[0])):
-            # A key that only some runs have (one component of a target_split dict) labels only those runs.
-            present = [(k, v) for k, v in zip(varying, values, strict=True) if v is not None]
-            parts = [f"{k.removeprefix('options.')}={_short(v)}" for k, v in present]
-            label = " ".join([method, *parts])
+        ordered = sorted(variants.items(), key=lambda item: str(item[0]))
+        labels = [_label(method, varying, values, _short) for values, _ in ordered]
+        if len(set(labels)) < len(labels):  # shortened values that coincide (paths ending alike): the JSON values
+            labels = [_label(method, varying, values, str) for values, _ in ordered]
+        for label, (_, variant_runs) in zip(labels, ordered, strict=True):
             _refuse_repeated_seeds(label, variant_runs)
             rows.append(Row(label, variant_runs))
     return rows
+
+
+def _label(method: str, keys: list[str], values: tuple, show) -> str:
+    """The method and its varying settings as ``key=show(value)``."""
+    # A key that only some runs have (one component of a target_split dict) labels only those runs.
+    present = [(k, v) for k, v in zip(keys, values, strict=True) if v is not None]
+    return " ".join([method, *(f"{k.removeprefix('options.')}={show(v)}" for k, v in present)])
 
 
 def _refuse_repeated_seeds(label: str, runs: list[Run]) -> None:
