@@ -724,3 +724,22 @@ def test_settings_that_shorten_alike_keep_rows_apart():
         "s2ft exclude=seed0/adapter",
         "s2ft exclude=seed1/adapter",
     ]
+
+
+@pytest.mark.parametrize(
+    ("file", "damage", "message"),
+    [
+        ("predictions/boolq.jsonl.gz", b"\x1f\x8b\x08\x00", "is not readable predictions"),  # a truncated gzip
+        ("predictions/boolq.jsonl.gz", gzip.compress(b'{"id": "x"}\n'), "line 1 lacks one of id, correct"),
+        ("predictions/heldout_commonsense_test.jsonl.gz", gzip.compress(b'{"id": "x", "nll'), "not readable"),
+        ("config.yaml", b"method: [lr: 1\n", "is not readable YAML"),
+    ],
+    ids=["truncated gzip", "row without a field", "not JSON", "not YAML"],
+)
+def test_a_damaged_record_file_is_named_before_anything_is_written(file, damage, message, tmp_path):
+    """Was a gzip, JSON, KeyError or YAML traceback, some of them after --out and earlier figures were written."""
+    runs = _selection_records(tmp_path)
+    (runs / "seed1_random_large" / file).write_bytes(damage)
+    with pytest.raises(SystemExit, match=rf"^error: .*seed1_random_large.*{re.escape(message)}"):
+        main([str(runs), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
