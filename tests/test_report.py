@@ -371,8 +371,9 @@ def test_heldout_statement_names_which_pairs_are_separable():
     pvalues = {"lora": 0.403, "none": 0.0, "spft": 0.111, "dora": None}
     assert heldout_statement("commonsense_test", best, pvalues) == (
         "- Held-out loss commonsense_test: lowest `s2ft`; separable from it: `none` (p=0.000 *); "
-        "not separable from it: `lora` (p=0.403), `spft` (p=0.111)."
+        "not separable from it: `lora` (p=0.403), `spft` (p=0.111); untested: `dora`."
     )
+    assert heldout_statement("x", best, {"dora": None}) is None
     assert heldout_statement("x", best, {"lora": 0.2}) == (
         "- Held-out loss x: lowest `s2ft`; separable from it: no row; not separable from it: `lora` (p=0.200)."
     )
@@ -618,7 +619,7 @@ def test_a_nan_loss_is_untested_never_separable_nor_the_lowest(diverged, tmp_pat
     report = main([str(runs), "--reference", RANDOM, "--out", str(tmp_path / "out")]).read_text()
     assert f"`{nan_row.label}` +nan (untested)" in report and "nan (p=" not in report
     (heldout_line,) = [line for line in report.splitlines() if line.startswith("- Held-out loss")]
-    assert nan_row.label not in heldout_line
+    assert heldout_line.endswith(f"; untested: `{nan_row.label}`.")  # was left out of the line
 
 
 def test_a_reference_difference_is_over_the_seeds_its_test_compared(tmp_path):

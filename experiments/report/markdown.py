@@ -183,11 +183,11 @@ def significance_statement(best: Row | None, pvalues: dict[str, float | None]) -
 
 
 def heldout_statement(name: str, best: Row | None, pvalues: dict[str, float | None]) -> str | None:
-    """One line per held-out set: the lowest loss and which rows differ from it (None when nothing was tested)."""
-    tested = {label: p for label, p in pvalues.items() if p is not None}
-    if best is None or not tested:
+    """One line per held-out set: the lowest loss and which rows differ from it, and which were untested (a NaN
+    loss, one seed without items to pair); None when nothing was tested."""
+    if best is None or all(p is None for p in pvalues.values()):
         return None
-    return f"- Held-out loss {name}: lowest `{best.label}`; {pairs_verdict(tested)}."
+    return f"- Held-out loss {name}: lowest `{best.label}`; {pairs_verdict(pvalues)}."
 
 
 def pairs_verdict(pvalues: dict[str, float | None]) -> str:
