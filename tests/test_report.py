@@ -572,9 +572,9 @@ def test_a_second_run_of_one_seed_in_a_row_is_refused(tmp_path):
         main([str(runs), "--reference", RANDOM, "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
     config = yaml.safe_load((again / "config.yaml").read_text())
-    config["trainer"]["max_steps"] = 300
+    config["eval"]["batch_size"] = 4
     (again / "config.yaml").write_text(yaml.safe_dump(config))
-    with pytest.raises(SystemExit, match=r"; their configs differ in trainer.max_steps\): pass only"):
+    with pytest.raises(SystemExit, match=r"; their configs differ in eval.batch_size\): pass only"):
         main([str(runs), "--out", str(tmp_path / "out")])
 
 
@@ -744,3 +744,28 @@ def test_a_damaged_record_file_is_named_before_anything_is_written(file, damage,
     with pytest.raises(SystemExit, match=rf"^error: .*seed1_random_large.*{re.escape(message)}"):
         main([str(runs), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_runs_that_trained_for_different_lengths_are_different_rows(tmp_path):
+    """Seed 1 of the random row trained 300 steps instead of 150 (or on 4000 items, or with weight decay): it was
+    averaged with seed 0 as one row."""
+    for key, value in (("trainer.max_steps", 300), ("data.limit", 4000), ("method.weight_decay", 0.01)):
+        runs = _selection_records(tmp_path / key)
+        config_file = runs / "seed1_random_large" / "config.yaml"
+        config = yaml.safe_load(config_file.read_text())
+        section, name = key.split(".")
+        config[section][name] = value
+        config_file.write_text(yaml.safe_dump(config))
+        labels = {row.label: len(row.runs) for row in build_rows(find_runs([runs]))}
+        old = {"trainer.max_steps": 150, "data.limit": 2000, "method.weight_decay": 0.0}[key]
+
+        def label(order_strategy: str, setting, key=key) -> str:  # the varying key takes its sorted place
+            parts = sorted([f"options.{o}" for o in order_strategy.split()] + [f"{key}={setting}"])
+            return " ".join(["s2ft", *(part.removeprefix("options.") for part in parts)])
+
+        assert labels == {
+            label("order=large strategy=gradient", old): 2,
+            label("order=large strategy=random", old): 1,
+            label("order=large strategy=random", value): 1,
+            label("order=small strategy=activation", old): 2,
+        }

@@ -21,6 +21,8 @@ from s2ft.lightning.summary import wandb_summaries
 
 # Settings that distinguish repetitions rather than variants: seeds are averaged over, never separate rows.
 REPETITION_KEYS = ("seed", "options.seed", "options.calibration_size")
+# Config settings (section, key) beside the method's that make a variant: a row's label names them where they vary.
+TRAINING_KEYS = (("trainer", "max_steps"), ("data", "limit"), ("method", "weight_decay"))
 # What every summary names: the report groups and labels runs by them.
 SUMMARY_KEYS = ("experiment", "model", "method")
 # What the report (and a record) reads of each prediction row: ids and numbers, never prompts, outputs or answers.
@@ -57,7 +59,7 @@ class Run:
         return self.summary["method"]
 
     def settings(self) -> dict[str, str]:
-        """The method's settings as flat ``key -> JSON value`` (lr, options, training data, template), without seeds."""
+        """The method's settings as flat ``key -> JSON value`` (lr, options, data, length, template), no seeds."""
         if self.config is None:
             flat = {f"options.{k}": self.summary.get(k) for k in ("strategy", "order", "ratios")}
             template = self.summary.get("template")
@@ -66,6 +68,10 @@ class Run:
             flat = {"lr": method.get("lr"), **flatten(method.get("options") or {}, "options")}
             flat["data.train"] = (self.config.get("data") or {}).get("train")
             template = (self.config.get("data") or {}).get("template")
+            # How long and on how much a run trained: runs that differ in these are variants, never seeds of one row.
+            for section, key in TRAINING_KEYS:
+                if (value := (self.config.get(section) or {}).get(key)) is not None:
+                    flat[f"{section}.{key}"] = value
         if template is not None:  # the prompt template is a variant (results/template_smollm), not a repetition
             flat["data.template"] = template
         return {key: json.dumps(value, sort_keys=True) for key, value in flat.items() if key not in REPETITION_KEYS}
