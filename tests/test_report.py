@@ -227,13 +227,16 @@ def test_items_are_paired_only_within_a_seed(sweep):
 
 
 def _paired_losses(mine: Row, theirs: Row, name: str) -> tuple[list, list, list, list]:
-    """Summed NLLs of the held-out items both rows scored per shared seed, their token counts and seeds."""
+    """Summed NLLs of the held-out items both rows scored per shared seed, their token counts (each over its seed's
+    token total, so that every seed weighs as one) and seeds."""
     a, b, tokens, seeds = [], [], [], []
     for seed in sorted({r.summary["seed"] for r in mine.runs} & {r.summary["seed"] for r in theirs.runs}):
         x, y = _seed(mine, seed).item_losses(name), _seed(theirs, seed).item_losses(name)
         assert x.keys() == y.keys()
+        total = sum(count for _, count in x.values())
         for item in sorted(x):
-            a.append(x[item][0]), b.append(y[item][0]), tokens.append(x[item][1]), seeds.append(seed)
+            a.append(x[item][0] / total), b.append(y[item][0] / total), tokens.append(x[item][1] / total)
+            seeds.append(seed)
     return a, b, tokens, seeds
 
 
@@ -769,3 +772,28 @@ def test_runs_that_trained_for_different_lengths_are_different_rows(tmp_path):
             label("order=large strategy=random", value): 1,
             label("order=small strategy=activation", old): 2,
         }
+
+
+def test_heldout_seeds_weigh_alike_as_in_the_mean_over_seeds(tmp_path):
+    """The test was on the token-pooled loss: a seed whose items had 10x the tokens outweighed the other, here +0.082
+    pooled (p about 0.25) where the mean over seeds the table shows differs by 0."""
+
+    def run(method: str, seed: int, per_token: list[float], tokens: int) -> Run:
+        path = tmp_path / f"{method}{seed}" / "predictions"
+        path.mkdir(parents=True)
+        rows = [{"id": f"q{i}", "nll": loss * tokens, "tokens": tokens} for i, loss in enumerate(per_token)]
+        (path / "heldout_x.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        summary = {"experiment": "e", "model": "m", "method": method, "seed": seed}
+        summary["heldout"] = {"x": {"after": sum(per_token) / len(per_token)}}
+        return Run(summary, None, path.parent)
+
+    base = [1.0 + 0.01 * (i % 7) for i in range(50)]
+    up = [loss + (0.05 if i % 2 else 0.15) for i, loss in enumerate(base)]
+    down = [loss - (0.05 if i % 2 else 0.15) for i, loss in enumerate(base)]
+    runs = [run("lora", 0, base, 100), run("lora", 1, base, 10), run("s2ft", 0, up, 100), run("s2ft", 1, down, 10)]
+    rows = build_rows(runs)
+    lora, s2ft = rows
+    assert statistics.mean(s2ft.values(heldout_after("x"))) == pytest.approx(
+        statistics.mean(lora.values(heldout_after("x"))), abs=1e-12
+    )
+    assert compare_heldout(rows, "x", reference="lora").pvalues == {"s2ft": 1.0}

@@ -198,7 +198,18 @@ def compare_heldout(rows: list[Row], name: str, reference: str | None = None) ->
         b = _by_seed(theirs, lambda run: run.item_losses(name))
         # The same items tokenize to the same counts; a mismatch means different data or tokenizers: no pairing.
         shared = [item for item in sorted(a.keys() & b.keys()) if a[item][1] == b[item][1]]
-        return [a[i][0] for i in shared], [b[i][0] for i in shared], [a[i][1] for i in shared], [s for s, _ in shared]
+        # Each seed weighs as one, as in the mean over seeds the table shows: its items' losses and tokens over its
+        # token total (pooled tokens would weigh the seed that drew longer answers more).
+        total = Counter()
+        for seed, item in shared:
+            total[seed] += a[seed, item][1]
+        scale = [1 / total[seed] for seed, _ in shared]
+        return (
+            [a[i][0] * k for i, k in zip(shared, scale, strict=True)],
+            [b[i][0] * k for i, k in zip(shared, scale, strict=True)],
+            [a[i][1] * k for i, k in zip(shared, scale, strict=True)],
+            [s for s, _ in shared],
+        )
 
     return _compare(rows, heldout_after(name), min_is_best=True, paired_items=items, reference=reference)
 
