@@ -188,9 +188,9 @@ def compare_heldout(rows: list[Row], name: str, reference: str | None = None) ->
 
     With ``reference`` (a row label) that row takes the lowest row's place (None, {}, {} when no row has the loss).
 
-    A paired bootstrap (per-token loss difference) over the held-out items scored by the runs of both rows with the
-    same seed, hierarchical over seeds when they share several; Welch's t-test over seeds for rows without shared
-    items and two or more seeds each; else None.
+    A paired bootstrap (per-token loss difference, each seed weighing as one) over the held-out items scored by the
+    runs of both rows with the same seed, hierarchical over seeds when they share several; Welch's t-test over seeds
+    for rows without shared items and two or more seeds each; else None.
     """
 
     def items(mine: list[Run], theirs: list[Run]):
