@@ -17,7 +17,7 @@ from scipy import stats
 from experiments.report.markdown import heldout_statement, main, pairs_verdict, significance_statement, write_report
 from experiments.report.records import export_records
 from experiments.report.runs import Run, find_runs, wandb_runs
-from experiments.report.stats import estimate, paired_bootstrap_p, welch_p
+from experiments.report.stats import ALPHA, estimate, paired_bootstrap_p, welch_p
 from experiments.report.table import (
     Row,
     avg_accuracy,
@@ -201,7 +201,7 @@ def _paired(mine: Row, theirs: Row, tasks: list[str]) -> tuple[list, list, list]
 
 def test_rows_are_compared_over_the_items_of_every_shared_seed(sweep):
     rows = build_rows(find_runs([sweep]))
-    best, pvalues = compare_to_best(rows, ["boolq", "arc_easy"])
+    best, pvalues, _ = compare_to_best(rows, ["boolq", "arc_easy"])
     other = next(row for row in rows if row is not best)
     assert set(pvalues) == {other.label}
     # Both rows ran seeds 0 and 1; each seed drew its own 3 items per task: 12 pairs in two clusters.
@@ -211,7 +211,7 @@ def test_rows_are_compared_over_the_items_of_every_shared_seed(sweep):
 
     # A row with one seed is paired with the other row's run of that seed only: a flat bootstrap over its items.
     single = Row(other.label, [_seed(other, 1)])
-    best_single, pvalues = compare_to_best([single, best], ["boolq", "arc_easy"], reference=best.label)
+    best_single, pvalues, _ = compare_to_best([single, best], ["boolq", "arc_easy"], reference=best.label)
     mine, theirs, seeds = _paired(single, best, ["boolq", "arc_easy"])
     assert best_single is best and seeds == [1] * 6
     assert pvalues[other.label] == paired_bootstrap_p(mine, theirs)
@@ -222,18 +222,21 @@ def test_items_are_paired_only_within_a_seed(sweep):
     lora, s2ft = rows
     seed0, seed1 = Row("lora", [_seed(lora, 0)]), Row("s2ft", [_seed(s2ft, 1)])
     assert not _seed(s2ft, 1).item_losses("gsm8k_test").keys() & _seed(lora, 0).item_losses("gsm8k_test").keys()
-    best, pvalues = compare_heldout([seed0, seed1], "gsm8k_test")
+    best, pvalues, _ = compare_heldout([seed0, seed1], "gsm8k_test")
     assert list(pvalues.values()) == [None]  # seed 1's items are not seed 0's: nothing to pair, no test
 
 
 def _paired_losses(mine: Row, theirs: Row, name: str) -> tuple[list, list, list, list]:
-    """Summed NLLs of the held-out items both rows scored per shared seed, their token counts and seeds."""
+    """Summed NLLs of the held-out items both rows scored per shared seed, their token counts (each over its seed's
+    token total, so that every seed weighs as one) and seeds."""
     a, b, tokens, seeds = [], [], [], []
     for seed in sorted({r.summary["seed"] for r in mine.runs} & {r.summary["seed"] for r in theirs.runs}):
         x, y = _seed(mine, seed).item_losses(name), _seed(theirs, seed).item_losses(name)
         assert x.keys() == y.keys()
+        total = sum(count for _, count in x.values())
         for item in sorted(x):
-            a.append(x[item][0]), b.append(y[item][0]), tokens.append(x[item][1]), seeds.append(seed)
+            a.append(x[item][0] / total), b.append(y[item][0] / total), tokens.append(x[item][1] / total)
+            seeds.append(seed)
     return a, b, tokens, seeds
 
 
@@ -241,7 +244,7 @@ def test_heldout_losses_are_compared_item_by_item(sweep):
     rows = build_rows(find_runs([sweep]))
     for name in ("commonsense_test", "gsm8k_test"):
         losses = {row.label: row.values(heldout_after(name)) for row in rows}
-        best, pvalues = compare_heldout(rows, name)
+        best, pvalues, _ = compare_heldout(rows, name)
         assert best.label == min(losses, key=lambda label: statistics.mean(losses[label]))
         other = next(row for row in rows if row is not best)
         for run in other.runs + best.runs:
@@ -265,12 +268,12 @@ def test_reference_row_is_compared_with_every_other_row(sweep, tmp_path):
     runs = find_runs([sweep])
     rows = build_rows(runs)
     lora, s2ft = rows
-    anchor, pvalues = compare_heldout(rows, "gsm8k_test", reference="s2ft")
+    anchor, pvalues, _ = compare_heldout(rows, "gsm8k_test", reference="s2ft")
     assert anchor is s2ft and set(pvalues) == {"lora"}
     a, b, tokens, seeds = _paired_losses(lora, s2ft, "gsm8k_test")
     expected = paired_bootstrap_p(a, b, weights=tokens, clusters=seeds)
     assert pvalues["lora"] == expected
-    assert compare_to_best(rows, ["boolq"], reference="dora") == (None, {})
+    assert compare_to_best(rows, ["boolq"], reference="dora") == (None, {}, {})
 
     report = write_report(runs, tmp_path / "ref").read_text()
     diff = statistics.mean(lora.values(heldout_after("gsm8k_test"))) - statistics.mean(
@@ -284,7 +287,7 @@ def test_reference_row_is_compared_with_every_other_row(sweep, tmp_path):
 def test_heldout_statement_needs_something_tested():
     assert heldout_statement("x", None, {}) is None
     rows = build_rows([])
-    assert rows == [] and compare_heldout(rows, "x") == (None, {})
+    assert rows == [] and compare_heldout(rows, "x") == (None, {}, {})
 
 
 def test_cli_writes_the_report(sweep, tmp_path):
@@ -371,8 +374,9 @@ def test_heldout_statement_names_which_pairs_are_separable():
     pvalues = {"lora": 0.403, "none": 0.0, "spft": 0.111, "dora": None}
     assert heldout_statement("commonsense_test", best, pvalues) == (
         "- Held-out loss commonsense_test: lowest `s2ft`; separable from it: `none` (p=0.000 *); "
-        "not separable from it: `lora` (p=0.403), `spft` (p=0.111)."
+        "not separable from it: `lora` (p=0.403), `spft` (p=0.111); untested: `dora`."
     )
+    assert heldout_statement("x", best, {"dora": None}) is None
     assert heldout_statement("x", best, {"lora": 0.2}) == (
         "- Held-out loss x: lowest `s2ft`; separable from it: no row; not separable from it: `lora` (p=0.200)."
     )
@@ -480,7 +484,7 @@ def test_report_from_wandb_matches_the_local_report(sweep, tmp_path, monkeypatch
         assert got.settings() == want.settings()
 
     # W&B holds no per-item predictions: rows with two or more seeds each are compared by Welch's t-test over seeds.
-    best, pvalues = compare_to_best(build_rows(runs), ["boolq", "arc_easy"])
+    best, pvalues, _ = compare_to_best(build_rows(runs), ["boolq", "arc_easy"])
     rest = next(row for row in build_rows(runs) if row.label != best.label)
     assert pvalues == {rest.label: welch_p(rest.values(avg_accuracy), best.values(avg_accuracy))}
 
@@ -535,3 +539,261 @@ def test_a_committed_report_is_its_records_report_byte_for_byte(study, tmp_path)
     committed = ROOT / "results" / study
     rebuilt = main([str(committed / "runs"), *COMMITTED[study], "--out", str(tmp_path)])
     assert rebuilt.read_text() == (committed / "report.md").read_text()
+
+
+# The review's cases, on copies of committed records (real runs, no training needed).
+SELECTION = ROOT / "results" / "selection_smollm" / "runs"
+RANDOM = "s2ft order=large strategy=random"
+
+
+def _selection_records(tmp_path: Path, leave_out: tuple[str, ...] = ()) -> Path:
+    return shutil.copytree(SELECTION, tmp_path / "runs", ignore=shutil.ignore_patterns(*leave_out))
+
+
+def test_a_summary_that_names_no_experiment_model_and_method_is_refused_before_anything_is_written(tmp_path):
+    """Was a TypeError or KeyError traceback from Run.group, after --out had been created."""
+    runs = _selection_records(tmp_path)
+    summary = runs / "seed0_random_large" / "summary.json"
+    fields = json.loads(summary.read_text())
+    for bad in ([], {k: v for k, v in fields.items() if k != "experiment"}, {**fields, "method": None}):
+        summary.write_text(json.dumps(bad))
+        with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(summary))} is not a run's summary \(it needs"):
+            main([str(runs), "--out", str(tmp_path / "out")])
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_second_run_of_one_seed_in_a_row_is_refused(tmp_path):
+    """Was counted as another seed: the random row read "3 seeds", its 95% CI narrowed from ± 1.8 to ± 0.4 and its
+    mean moved, while the item-paired tests kept only one of the two runs."""
+    runs = _selection_records(tmp_path)
+    again = shutil.copytree(runs / "seed0_random_large", runs / "seed0_random_large_again")
+    with pytest.raises(
+        SystemExit,
+        match=rf"^error: row '{RANDOM}' has 2 runs of seed 0 \(.*seed0_random_large, .*seed0_random_large_again; "
+        r"a rerun of one config\): pass only the run directories to report",
+    ):
+        main([str(runs), "--reference", RANDOM, "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    config = yaml.safe_load((again / "config.yaml").read_text())
+    config["eval"]["batch_size"] = 4
+    (again / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit, match=r"; their configs differ in eval.batch_size\): pass only"):
+        main([str(runs), "--out", str(tmp_path / "out")])
+
+
+def test_the_prompt_template_is_a_setting_of_a_row():
+    """The template study's two runs (seed 0 each, alpaca and chat) were one row "s2ft" of "2 seeds" (± 31.8 CI)."""
+    rows = build_rows(find_runs([ROOT / "results" / "template_smollm" / "runs"]))
+    assert [(row.label, len(row.runs)) for row in rows] == [
+        ("s2ft data.template=alpaca", 1),
+        ("s2ft data.template=chat", 1),
+    ]
+    assert [row.estimate(avg_accuracy).mean for row in rows] == [0.3125, 0.2625]
+
+
+def _set_loss(run: Path, item: int, nll: float) -> None:
+    """Give one held-out item of a record (and so its summary's per-token loss) the summed NLL ``nll``."""
+    pred = run / "predictions" / "heldout_commonsense_test.jsonl.gz"
+    rows = [json.loads(line) for line in gzip.decompress(pred.read_bytes()).decode().splitlines()]
+    rows[item]["nll"] = nll
+    pred.write_bytes(gzip.compress("".join(json.dumps(row) + "\n" for row in rows).encode()))
+    summary = json.loads((run / "summary.json").read_text())
+    loss = sum(row["nll"] for row in rows) / sum(row["tokens"] for row in rows)
+    summary["heldout"]["commonsense_test"]["after"] = loss
+    (run / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.mark.parametrize("diverged", ["seed0_activation_small", "seed1_gradient_large"])
+def test_a_nan_loss_is_untested_never_separable_nor_the_lowest(diverged, tmp_path):
+    """Was p = 0 ("separable, p=0.000 *": NaN is never as extreme as NaN) and, for the row that sorts first, the
+    lowest loss (min() keeps a NaN it starts from)."""
+    runs = _selection_records(tmp_path)
+    _set_loss(runs / diverged, 3, float("nan"))
+    rows = build_rows(find_runs([runs]))
+    lowest, pvalues, _ = compare_heldout(rows, "commonsense_test")
+    nan_row = next(row for row in rows if any(run.path.name == diverged for run in row.runs))
+    finite = {row.label: statistics.mean(row.values(heldout_after("commonsense_test"))) for row in rows}
+    del finite[nan_row.label]
+    assert lowest.label == min(finite, key=finite.get)
+    assert pvalues[nan_row.label] is None
+    assert all(p is not None for label, p in pvalues.items() if label != nan_row.label)
+    reference = compare_heldout(rows, "commonsense_test", reference=nan_row.label)
+    assert reference.best is nan_row and set(reference.pvalues.values()) == {None}
+    report = main([str(runs), "--reference", RANDOM, "--out", str(tmp_path / "out")]).read_text()
+    assert f"`{nan_row.label}` +nan (untested)" in report and "nan (p=" not in report
+    (heldout_line,) = [line for line in report.splitlines() if line.startswith("- Held-out loss")]
+    assert heldout_line.endswith(f"; untested: `{nan_row.label}`.")  # was left out of the line
+
+
+def test_a_reference_difference_is_over_the_seeds_its_test_compared(tmp_path):
+    """With seed 1 of the activation row gone, its difference from the random row was of the means over seed 0
+    against seeds 0 and 1 (+0.0022, worse), while its p-value compared seed 0's items, where it is lower (-0.0021)."""
+    runs = _selection_records(tmp_path, leave_out=("seed1_activation_small",))
+    loss = {
+        p.name: json.loads((p / "summary.json").read_text())["heldout"]["commonsense_test"]["after"]
+        for p in runs.iterdir()
+    }
+    acc = {p.name: json.loads((p / "summary.json").read_text())["avg_accuracy"] for p in runs.iterdir()}
+    rows = build_rows(find_runs([runs]))
+    against = compare_heldout(rows, "commonsense_test", reference=RANDOM)
+    activation = "s2ft order=small strategy=activation"
+    assert against.seeds == {activation: [0], "s2ft order=large strategy=gradient": [0, 1]}
+    report = main([str(runs), "--reference", RANDOM, "--out", str(tmp_path / "out")]).read_text()
+    diff = loss["seed0_activation_small"] - loss["seed0_random_large"]
+    assert (
+        diff
+        < 0
+        < statistics.mean([loss["seed0_activation_small"]])
+        - statistics.mean([loss["seed0_random_large"], loss["seed1_random_large"]])
+    )
+    p = against.pvalues[activation]
+    assert f"`{activation}` {diff:+.4f} over seed 0 (p={p:.3f})." in report
+    gradient = statistics.mean([loss["seed0_gradient_large"], loss["seed1_gradient_large"]]) - statistics.mean(
+        [loss["seed0_random_large"], loss["seed1_random_large"]]
+    )
+    assert f"`s2ft order=large strategy=gradient` {gradient:+.4f} (p=0.000 *)" in report  # same seeds: as before
+    accuracy = 100 * (acc["seed0_activation_small"] - acc["seed0_random_large"])
+    assert f"`{activation}` {accuracy:+.1f} over seed 0 (p=" in report
+
+
+def test_statements_say_untested_where_nothing_was_tested():
+    """One seed each without item predictions (the template study) read "Not separable: no row differs ..."."""
+    best = Row("s2ft", [])
+    assert significance_statement(best, {"lora": None, "full": None}).startswith(
+        "Untested: no row could be compared with the best mean (`s2ft`)"
+    )
+    assert "Welch over seeds); untested: `full`; do not rank" in significance_statement(
+        best, {"lora": 0.4, "full": None}
+    )
+
+
+def test_a_p_value_just_below_the_level_is_not_printed_as_the_level():
+    """p = 0.0497 printed "0.050 *": starred, yet reading as not below 0.05."""
+    assert pairs_verdict({"a": 0.0497, "b": 0.0504, "c": 0.0449}) == (
+        "separable from it: `a` (p=0.0497 *), `c` (p=0.045 *); not separable from it: `b` (p=0.050)"
+    )
+
+
+def test_accuracy_is_compared_on_the_mean_over_tasks_that_avg_is(tmp_path):
+    """Was the pooled item accuracy: here +10 items of 100 on one task and -1 of 10 on another, +8.2 points pooled
+    (p about 0.01, "separable") while Avg, the unweighted mean over the tasks, is equal."""
+
+    def run(name: str, wins: dict[str, tuple[int, int]]) -> Run:
+        path = tmp_path / name / "predictions"
+        path.mkdir(parents=True)
+        accuracy = {}
+        for task, (right, total) in wins.items():
+            rows = [{"id": f"{task}-{i}", "correct": i < right} for i in range(total)]
+            (path / f"{task}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+            accuracy[task] = right / total
+        summary = {"experiment": "e", "model": "m", "method": name, "seed": 0}
+        summary |= {
+            "eval": {t: {"accuracy": a} for t, a in accuracy.items()},
+            "avg_accuracy": sum(accuracy.values()) / 2,
+        }
+        return Run(summary, None, path.parent)
+
+    s2ft, lora = run("s2ft", {"big": (60, 100), "small": (5, 10)}), run("lora", {"big": (50, 100), "small": (6, 10)})
+    assert s2ft.summary["avg_accuracy"] == pytest.approx(lora.summary["avg_accuracy"], abs=1e-15)
+    rows = build_rows([lora, s2ft])
+    assert (
+        paired_bootstrap_p(
+            [i < 60 for i in range(100)] + [i < 5 for i in range(10)],
+            [i < 50 for i in range(100)] + [i < 6 for i in range(10)],
+        )
+        < ALPHA
+    )  # pooled
+    assert compare_to_best(rows, ["big", "small"], reference="s2ft").pvalues == {"lora": 1.0}
+    # Unequal tasks that do differ on average keep the test's power: +10 and +1 of 10.
+    better = run("dora", {"big": (60, 100), "small": (7, 10)})
+    assert compare_to_best(build_rows([lora, better]), ["big", "small"], reference="lora").pvalues["dora"] < ALPHA
+
+
+def test_settings_that_shorten_alike_keep_rows_apart():
+    """Two fusion runs excluding adapters whose paths end alike were two rows of one label, "s2ft
+    exclude=seed0/adapter": their p-values overwrote each other and --reference named whichever came first."""
+
+    def run(exclude: str) -> Run:
+        options = {"strategy": "random", "exclude": exclude}
+        summary = {"experiment": "fusion_smollm", "model": "smollm2_135m", "method": "s2ft", "seed": 0}
+        return Run(summary, {"method": {"name": "s2ft", "lr": 1e-3, "options": options}, "seed": 0})
+
+    near, far = run("/work/a/seed0/adapter"), run("/work/b/seed0/adapter")
+    assert [row.label for row in build_rows([near, far])] == [
+        's2ft exclude="/work/a/seed0/adapter"',
+        's2ft exclude="/work/b/seed0/adapter"',
+    ]
+    other = run("/work/c/seed1/adapter")
+    assert [row.label for row in build_rows([near, other])] == [
+        "s2ft exclude=seed0/adapter",
+        "s2ft exclude=seed1/adapter",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("file", "damage", "message"),
+    [
+        ("predictions/boolq.jsonl.gz", b"\x1f\x8b\x08\x00", "is not readable predictions"),  # a truncated gzip
+        ("predictions/boolq.jsonl.gz", gzip.compress(b'{"id": "x"}\n'), "line 1 lacks one of id, correct"),
+        ("predictions/heldout_commonsense_test.jsonl.gz", gzip.compress(b'{"id": "x", "nll'), "not readable"),
+        ("config.yaml", b"method: [lr: 1\n", "is not readable YAML"),
+    ],
+    ids=["truncated gzip", "row without a field", "not JSON", "not YAML"],
+)
+def test_a_damaged_record_file_is_named_before_anything_is_written(file, damage, message, tmp_path):
+    """Was a gzip, JSON, KeyError or YAML traceback, some of them after --out and earlier figures were written."""
+    runs = _selection_records(tmp_path)
+    (runs / "seed1_random_large" / file).write_bytes(damage)
+    with pytest.raises(SystemExit, match=rf"^error: .*seed1_random_large.*{re.escape(message)}"):
+        main([str(runs), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_runs_that_trained_for_different_lengths_are_different_rows(tmp_path):
+    """Seed 1 of the random row trained 300 steps instead of 150 (or on 4000 items, or with weight decay): it was
+    averaged with seed 0 as one row."""
+    for key, value in (("trainer.max_steps", 300), ("data.limit", 4000), ("method.weight_decay", 0.01)):
+        runs = _selection_records(tmp_path / key)
+        config_file = runs / "seed1_random_large" / "config.yaml"
+        config = yaml.safe_load(config_file.read_text())
+        section, name = key.split(".")
+        config[section][name] = value
+        config_file.write_text(yaml.safe_dump(config))
+        labels = {row.label: len(row.runs) for row in build_rows(find_runs([runs]))}
+        old = {"trainer.max_steps": 150, "data.limit": 2000, "method.weight_decay": 0.0}[key]
+
+        def label(order_strategy: str, setting, key=key) -> str:  # the varying key takes its sorted place
+            parts = sorted([f"options.{o}" for o in order_strategy.split()] + [f"{key}={setting}"])
+            return " ".join(["s2ft", *(part.removeprefix("options.") for part in parts)])
+
+        assert labels == {
+            label("order=large strategy=gradient", old): 2,
+            label("order=large strategy=random", old): 1,
+            label("order=large strategy=random", value): 1,
+            label("order=small strategy=activation", old): 2,
+        }
+
+
+def test_heldout_seeds_weigh_alike_as_in_the_mean_over_seeds(tmp_path):
+    """The test was on the token-pooled loss: a seed whose items had 10x the tokens outweighed the other, here +0.082
+    pooled (p about 0.25) where the mean over seeds the table shows differs by 0."""
+
+    def run(method: str, seed: int, per_token: list[float], tokens: int) -> Run:
+        path = tmp_path / f"{method}{seed}" / "predictions"
+        path.mkdir(parents=True)
+        rows = [{"id": f"q{i}", "nll": loss * tokens, "tokens": tokens} for i, loss in enumerate(per_token)]
+        (path / "heldout_x.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        summary = {"experiment": "e", "model": "m", "method": method, "seed": seed}
+        summary["heldout"] = {"x": {"after": sum(per_token) / len(per_token)}}
+        return Run(summary, None, path.parent)
+
+    base = [1.0 + 0.01 * (i % 7) for i in range(50)]
+    up = [loss + (0.05 if i % 2 else 0.15) for i, loss in enumerate(base)]
+    down = [loss - (0.05 if i % 2 else 0.15) for i, loss in enumerate(base)]
+    runs = [run("lora", 0, base, 100), run("lora", 1, base, 10), run("s2ft", 0, up, 100), run("s2ft", 1, down, 10)]
+    rows = build_rows(runs)
+    lora, s2ft = rows
+    assert statistics.mean(s2ft.values(heldout_after("x"))) == pytest.approx(
+        statistics.mean(lora.values(heldout_after("x"))), abs=1e-12
+    )
+    assert compare_heldout(rows, "x", reference="lora").pvalues == {"s2ft": 1.0}

@@ -20,8 +20,9 @@ from pathlib import Path
 from experiments.report.figures import accuracy_vs_trainable, id_vs_ood, loss_curves
 from experiments.report.records import export_records
 from experiments.report.runs import ReportError, Run, find_runs, wandb_runs
-from experiments.report.stats import ALPHA, Estimate
+from experiments.report.stats import ALPHA, Estimate, estimate
 from experiments.report.table import (
+    Comparison,
     Row,
     avg_accuracy,
     build_rows,
@@ -77,7 +78,8 @@ def study_section(experiment: str, model: str, runs: list[Run], out: Path, refer
     rows = build_rows(runs)
     tasks = list(dict.fromkeys(task for run in runs for task in (run.summary.get("eval") or {})))
     heldout = list(dict.fromkeys(name for run in runs for name in (run.summary.get("heldout") or {})))
-    best, pvalues = compare_to_best(rows, tasks)
+    accuracy = compare_to_best(rows, tasks)
+    best, pvalues = accuracy.best, accuracy.pvalues
     # The generalization study's split (Figure 2), shown when the runs were evaluated on more than one of its groups.
     groups = [g for g in SPLIT_GROUPS if any(g in (run.summary.get("groups") or {}) for run in runs)]
     groups = groups if len(groups) > 1 else []
@@ -110,15 +112,15 @@ def study_section(experiment: str, model: str, runs: list[Run], out: Path, refer
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", significance_statement(best, pvalues), ""]
     lowest = {name: compare_heldout(rows, name) for name in heldout}
-    lines += [line for name in heldout if (line := heldout_statement(name, *lowest[name]))]
+    lines += [line for name in heldout if (line := heldout_statement(name, *lowest[name][:2]))]
     lines += [""] if heldout else []
     if reference is not None:
 
-        def against_reference(found: tuple[Row | None, dict], compare) -> tuple[Row | None, dict]:
+        def against_reference(found: Comparison, compare) -> Comparison:
             # When the reference is the best row its comparisons are the ones already made.
-            return found if found[0] is not None and found[0].label == reference else compare()
+            return found if found.best is not None and found.best.label == reference else compare()
 
-        accuracy = against_reference((best, pvalues), lambda: compare_to_best(rows, tasks, reference))
+        accuracy = against_reference(accuracy, lambda: compare_to_best(rows, tasks, reference))
         against = [reference_statement("Avg accuracy", avg_accuracy, 100, 1, rows, *accuracy)]
         against += [
             reference_statement(
@@ -163,21 +165,29 @@ def significance_statement(best: Row | None, pvalues: dict[str, float | None]) -
         return "No run has task accuracies, so no row is compared."
     if not pvalues:
         return f"Only one row (`{best.label}`): nothing to compare."
+    untested = [f"`{label}`" for label, p in sorted(pvalues.items()) if p is None]
+    if len(untested) == len(pvalues):
+        # Not "not separable": no test ran (one seed each and no item predictions to pair, or a NaN).
+        return (
+            f"Untested: no row could be compared with the best mean (`{best.label}`) (no items both rows' runs of "
+            "one seed scored, and not two seeds each for Welch); do not rank these rows."
+        )
     if not separable(pvalues):
+        tail = f"; untested: {', '.join(untested)}" if untested else ""
         return (
             f"Not separable: no row differs from the best mean (`{best.label}`) at the {ALPHA:.0%} level "
             "(paired bootstrap over the items of runs with the same seed, hierarchical over seeds; else Welch over "
-            "seeds); do not rank these rows."
+            f"seeds){tail}; do not rank these rows."
         )
     return f"Best mean: `{best.label}`; {pairs_verdict(pvalues)} (p < {ALPHA} marked *)."
 
 
 def heldout_statement(name: str, best: Row | None, pvalues: dict[str, float | None]) -> str | None:
-    """One line per held-out set: the lowest loss and which rows differ from it (None when nothing was tested)."""
-    tested = {label: p for label, p in pvalues.items() if p is not None}
-    if best is None or not tested:
+    """One line per held-out set: the lowest loss and which rows differ from it, and which were untested (a NaN
+    loss, one seed without items to pair); None when nothing was tested."""
+    if best is None or all(p is None for p in pvalues.values()):
         return None
-    return f"- Held-out loss {name}: lowest `{best.label}`; {pairs_verdict(tested)}."
+    return f"- Held-out loss {name}: lowest `{best.label}`; {pairs_verdict(pvalues)}."
 
 
 def pairs_verdict(pvalues: dict[str, float | None]) -> str:
@@ -196,23 +206,48 @@ def pairs_verdict(pvalues: dict[str, float | None]) -> str:
 
 
 def reference_statement(
-    what: str, metric, scale: float, digits: int, rows: list[Row], reference: Row | None, pvalues: dict
+    what: str,
+    metric,
+    scale: float,
+    digits: int,
+    rows: list[Row],
+    reference: Row | None,
+    pvalues: dict,
+    seeds: dict | None = None,
 ) -> str | None:
-    """One line: each row's mean difference from the reference row on ``metric`` and its p-value."""
+    """One line: each row's mean difference from the reference row on ``metric`` and its p-value.
+
+    ``seeds``: per row, the seeds its paired test compared (`Comparison.seeds`). Where those are not all the seeds
+    of both rows, the difference is of the means over those seeds, named: the means over each row's own seeds (and
+    so, with evaluation items drawn per seed, over different items) can differ in sign from what the p-value tests.
+    """
     if reference is None or not pvalues:
         return None
-    base = reference.estimate(metric).mean
     by_label = {row.label: row for row in rows}
     cells = []
     for label, p in sorted(pvalues.items()):
-        diff = f"{scale * (by_label[label].estimate(metric).mean - base):+.{digits}f}"
-        cells.append(f"`{label}` {diff} ({'untested' if p is None else f'p={_fmt_p(p)}'})")
+        row, shared = by_label[label], (seeds or {}).get(label)
+        ran = {run.summary.get("seed") for run in row.runs} | {run.summary.get("seed") for run in reference.runs}
+        if shared is None or set(shared) == ran:
+            diff, over = row.estimate(metric).mean - reference.estimate(metric).mean, ""
+        else:
+            diff = _mean_over(row, metric, shared) - _mean_over(reference, metric, shared)
+            over = f" over seed{'s' * (len(shared) > 1)} {', '.join(map(str, shared))}"
+        cells.append(f"`{label}` {scale * diff:+.{digits}f}{over} ({'untested' if p is None else f'p={_fmt_p(p)}'})")
     return f"- {what}: {', '.join(cells)}."
 
 
+def _mean_over(row: Row, metric, seeds: list) -> float:
+    return estimate(Row(row.label, [run for run in row.runs if run.summary.get("seed") in seeds]).values(metric)).mean
+
+
 def _fmt_p(p: float) -> str:
-    """A p-value as the report prints it, starred when significant."""
-    return f"{p:.3f}{' *' if p < ALPHA else ''}"
+    """A p-value as the report prints it, starred when significant (four digits where three would round it up to
+    the level: "0.050 *" would read as not significant beside its star)."""
+    text = f"{p:.3f}"
+    if p < ALPHA <= float(text):
+        text = f"{p:.4f}"
+    return f"{text}{' *' if p < ALPHA else ''}"
 
 
 def _fmt(value: Estimate | None, scale: float, digits: int) -> str:

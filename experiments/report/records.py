@@ -17,11 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-from experiments.report.runs import ReportError, Run, read_rows
-
-# What a record keeps of each prediction row: ids and numbers, never prompts, outputs or gold answers.
-ITEM_FIELDS = ("id", "correct")
-HELDOUT_FIELDS = ("id", "nll", "tokens")
+from experiments.report.runs import ReportError, Run
 
 
 def export_records(runs: list[Run], dest: Path) -> list[Path]:
@@ -60,10 +56,9 @@ def write_record(run_dir: Path, out: Path) -> None:
     for name in ("summary.json", "config.yaml"):
         if (run_dir / name).is_file():
             shutil.copyfile(run_dir / name, out / name)
+    run = Run({}, None, run_dir)
     for stem in sorted({_stem(file) for file in (run_dir / "predictions").glob("*.jsonl*")}):
-        fields = HELDOUT_FIELDS if stem.startswith("heldout_") else ITEM_FIELDS
-        rows = [{key: row[key] for key in fields} for row in read_rows(run_dir / "predictions", stem)]
-        _write_gzip_jsonl(out / "predictions" / f"{stem}.jsonl.gz", rows)
+        _write_gzip_jsonl(out / "predictions" / f"{stem}.jsonl.gz", run.predictions(stem))
 
 
 def _stem(file: Path) -> str:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import PurePath
+from typing import NamedTuple
 
-from experiments.report.runs import Run
+from experiments.report.runs import ReportError, Run, flatten
 from experiments.report.stats import ALPHA, Estimate, estimate, paired_bootstrap_p, welch_p
 from s2ft.data import HELDOUT_DOMAINS
 
@@ -23,6 +26,15 @@ class Row:
 
     def estimate(self, metric) -> Estimate | None:
         return estimate(self.values(metric))
+
+
+class Comparison(NamedTuple):
+    """Rows against one row: that row, each other row's p-value (None: untested) and the seeds its paired test used
+    (None: Welch over all seeds, or untested)."""
+
+    best: Row | None
+    pvalues: dict[str, float | None]
+    seeds: dict[str, list | None]
 
 
 def group_runs(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
@@ -50,12 +62,45 @@ def build_rows(runs: list[Run]) -> list[Row]:
         variants: dict[tuple, list[Run]] = {}
         for run, s in zip(method_runs, settings, strict=True):
             variants.setdefault(tuple(s.get(k) for k in varying), []).append(run)
-        for values, variant_runs in sorted(variants.items(), key=lambda item: str(item[0])):
-            # A key that only some runs have (one component of a target_split dict) labels only those runs.
-            present = [(k, v) for k, v in zip(varying, values, strict=True) if v is not None]
-            parts = [f"{k.removeprefix('options.')}={_short(v)}" for k, v in present]
-            rows.append(Row(" ".join([method, *parts]), variant_runs))
+        ordered = sorted(variants.items(), key=lambda item: str(item[0]))
+        labels = [_label(method, varying, values, _short) for values, _ in ordered]
+        if len(set(labels)) < len(labels):  # shortened values that coincide (paths ending alike): the JSON values
+            labels = [_label(method, varying, values, str) for values, _ in ordered]
+        for label, (_, variant_runs) in zip(labels, ordered, strict=True):
+            _refuse_repeated_seeds(label, variant_runs)
+            rows.append(Row(label, variant_runs))
     return rows
+
+
+def _label(method: str, keys: list[str], values: tuple, show) -> str:
+    """The method and its varying settings as ``key=show(value)``."""
+    # A key that only some runs have (one component of a target_split dict) labels only those runs.
+    present = [(k, v) for k, v in zip(keys, values, strict=True) if v is not None]
+    return " ".join([method, *(f"{k.removeprefix('options.')}={show(v)}" for k, v in present)])
+
+
+def _refuse_repeated_seeds(label: str, runs: list[Run]) -> None:
+    """Refuse two runs of one row with the same seed: counted as two seeds they would shift the row's mean and
+    narrow its CI, while the item-paired tests would keep only one of them.
+
+    Raises:
+        ReportError: Naming the runs, the settings their configs differ in, and the fix.
+    """
+    by_seed: dict = {}
+    for run in runs:
+        by_seed.setdefault(run.summary.get("seed"), []).append(run)
+    for seed, same in by_seed.items():
+        if len(same) < 2:
+            continue
+        names = ", ".join(str(run.path) if run.path is not None else "a W&B run" for run in same)
+        configs = [flatten(run.config or {}, "") for run in same]
+        differ = sorted(k for k in {k for c in configs for k in c} if len({repr(c.get(k)) for c in configs}) > 1)
+        differ = [k for k in differ if not k.startswith(".paths.") and k != ".ckpt_path"]
+        what = f"their configs differ in {', '.join(k[1:] for k in differ)}" if differ else "a rerun of one config"
+        raise ReportError(
+            f"row {label!r} has {len(same)} runs of seed {seed} ({names}; {what}): pass only the run directories "
+            "to report, one run per seed and setting"
+        )
 
 
 def _short(value: str) -> str:
@@ -106,15 +151,14 @@ def trainable_pct(summary: dict) -> float | None:
     return summary.get("trainable_pct")
 
 
-def compare_to_best(
-    rows: list[Row], tasks: list[str], reference: str | None = None
-) -> tuple[Row | None, dict[str, float | None]]:
+def compare_to_best(rows: list[Row], tasks: list[str], reference: str | None = None) -> Comparison:
     """The row with the best mean average accuracy and, per other row, the p-value of its difference from it.
 
-    With ``reference`` (a row label) that row takes the best row's place (None, {} when no such row has accuracies).
+    With ``reference`` (a row label) that row takes the best row's place (None, {}, {} when no row has accuracies).
 
     A paired bootstrap over the items of every task answered by the runs of both rows with the same seed (evaluation
-    subsets are drawn per seed, so a seed's runs share their items), hierarchical over seeds when they share several;
+    subsets are drawn per seed, so a seed's runs share their items) of the difference of the mean task accuracy,
+    hierarchical over seeds when they share several;
     Welch's t-test over seeds for rows without shared items and two or more seeds each; else None.
     """
 
@@ -124,21 +168,29 @@ def compare_to_best(
 
         a, b = _by_seed(mine, correct), _by_seed(theirs, correct)
         shared = sorted(a.keys() & b.keys())
-        return [a[i] for i in shared], [b[i] for i in shared], None, [seed for seed, _ in shared]
+        # Each item weighs 1/n of its (seed, task): the statistic is the unweighted mean over tasks that Avg is, not
+        # the pooled item accuracy, which full test sets of different sizes (BoolQ's 3270 against OpenBookQA's 500)
+        # would tilt towards the larger tasks, even to the other sign.
+        n = Counter((seed, task) for seed, (task, _) in shared)
+        weight = [1 / n[seed, task] for seed, (task, _) in shared]
+        return (
+            [a[i] * w for i, w in zip(shared, weight, strict=True)],
+            [b[i] * w for i, w in zip(shared, weight, strict=True)],
+            weight,
+            [seed for seed, _ in shared],
+        )
 
     return _compare(rows, avg_accuracy, min_is_best=False, paired_items=items, reference=reference)
 
 
-def compare_heldout(
-    rows: list[Row], name: str, reference: str | None = None
-) -> tuple[Row | None, dict[str, float | None]]:
+def compare_heldout(rows: list[Row], name: str, reference: str | None = None) -> Comparison:
     """The row with the lowest mean held-out loss on ``name`` and, per other row, the p-value of its difference.
 
-    With ``reference`` (a row label) that row takes the lowest row's place (None, {} when no such row has the loss).
+    With ``reference`` (a row label) that row takes the lowest row's place (None, {}, {} when no row has the loss).
 
-    A paired bootstrap (per-token loss difference) over the held-out items scored by the runs of both rows with the
-    same seed, hierarchical over seeds when they share several; Welch's t-test over seeds for rows without shared
-    items and two or more seeds each; else None.
+    A paired bootstrap (per-token loss difference, each seed weighing as one) over the held-out items scored by the
+    runs of both rows with the same seed, hierarchical over seeds when they share several; Welch's t-test over seeds
+    for rows without shared items and two or more seeds each; else None.
     """
 
     def items(mine: list[Run], theirs: list[Run]):
@@ -146,7 +198,18 @@ def compare_heldout(
         b = _by_seed(theirs, lambda run: run.item_losses(name))
         # The same items tokenize to the same counts; a mismatch means different data or tokenizers: no pairing.
         shared = [item for item in sorted(a.keys() & b.keys()) if a[item][1] == b[item][1]]
-        return [a[i][0] for i in shared], [b[i][0] for i in shared], [a[i][1] for i in shared], [s for s, _ in shared]
+        # Each seed weighs as one, as in the mean over seeds the table shows: its items' losses and tokens over its
+        # token total (pooled tokens would weigh the seed that drew longer answers more).
+        total = Counter()
+        for seed, item in shared:
+            total[seed] += a[seed, item][1]
+        scale = [1 / total[seed] for seed, _ in shared]
+        return (
+            [a[i][0] * k for i, k in zip(shared, scale, strict=True)],
+            [b[i][0] * k for i, k in zip(shared, scale, strict=True)],
+            [a[i][1] * k for i, k in zip(shared, scale, strict=True)],
+            [s for s, _ in shared],
+        )
 
     return _compare(rows, heldout_after(name), min_is_best=True, paired_items=items, reference=reference)
 
@@ -156,36 +219,45 @@ def _by_seed(runs: list[Run], read) -> dict:
     return {(run.summary.get("seed"), item): value for run in runs for item, value in read(run).items()}
 
 
-def _compare(
-    rows: list[Row], metric, min_is_best: bool, paired_items, reference: str | None = None
-) -> tuple[Row | None, dict[str, float | None]]:
+def _compare(rows: list[Row], metric, min_is_best: bool, paired_items, reference: str | None = None) -> Comparison:
     """The best row by ``metric`` and each other row's p-value: ``paired_items`` bootstrapped, else Welch over seeds.
 
     ``paired_items(mine, theirs)`` takes two rows' runs and gives their paired item scores, optional weights and the
-    seed of each item.
+    seed of each item. A row with a non-finite value (a diverged run's NaN loss) is never the best and is untested:
+    NaN compares as neither larger nor smaller, so it would have been "separable" at p = 0 and could be the best.
     """
     scored = [row for row in rows if row.values(metric)]
     if not scored:
-        return None, {}
+        return Comparison(None, {}, {})
     if reference is None:
-        best = (min if min_is_best else max)(scored, key=lambda row: row.estimate(metric).mean)
+        finite = [row for row in scored if _finite(row.values(metric))]
+        if not finite:
+            return Comparison(None, {}, {})
+        best = (min if min_is_best else max)(finite, key=lambda row: row.estimate(metric).mean)
     else:
         best = next((row for row in scored if row.label == reference), None)
         if best is None:
-            return None, {}
+            return Comparison(None, {}, {})
     pvalues: dict[str, float | None] = {}
+    seeds: dict[str, list | None] = {}
     for row in scored:
         if row is best:
             continue
-        mine, theirs, weights, seeds = paired_items(row.runs, best.runs)
+        mine, theirs, weights, clusters = paired_items(row.runs, best.runs)
         a, b = row.values(metric), best.values(metric)
+        pvalues[row.label], seeds[row.label] = None, None
+        if not _finite(a + b + mine + theirs):
+            continue
         if mine:
-            pvalues[row.label] = paired_bootstrap_p(mine, theirs, weights=weights, clusters=seeds)
+            pvalues[row.label] = paired_bootstrap_p(mine, theirs, weights=weights, clusters=clusters)
+            seeds[row.label] = list(dict.fromkeys(clusters))
         elif len(a) >= 2 and len(b) >= 2:
             pvalues[row.label] = welch_p(a, b)
-        else:
-            pvalues[row.label] = None
-    return best, pvalues
+    return Comparison(best, pvalues, seeds)
+
+
+def _finite(values: list[float]) -> bool:
+    return all(math.isfinite(v) for v in values)
 
 
 def separable(pvalues: dict[str, float | None]) -> bool:
