@@ -3,6 +3,7 @@
 import copy
 import gzip
 import json
+import math
 import re
 import shutil
 import statistics
@@ -17,7 +18,7 @@ from scipy import stats
 from experiments.report.markdown import heldout_statement, main, pairs_verdict, significance_statement, write_report
 from experiments.report.records import export_records
 from experiments.report.runs import Run, find_runs, wandb_runs
-from experiments.report.stats import ALPHA, estimate, paired_bootstrap_p, welch_p
+from experiments.report.stats import ALPHA, estimate, paired_bootstrap_p, seed_level_p, welch_p
 from experiments.report.table import (
     Row,
     avg_accuracy,
@@ -625,6 +626,17 @@ def test_a_nan_loss_is_untested_never_separable_nor_the_lowest(diverged, tmp_pat
     assert heldout_line.endswith(f"; untested: `{nan_row.label}`.")  # was left out of the line
 
 
+def test_the_seed_level_p_is_a_t_test_over_the_per_seed_differences():
+    """Two seeds that agree in sign give the hierarchical bootstrap p near 0 whatever their spread; the seed-level
+    test charges the spread (values by hand: one degree of freedom is a Cauchy tail, p = 1 - 2 atan(|t|) / pi)."""
+    assert seed_level_p([1.0, 3.0]) == pytest.approx(1 - 2 * math.atan(2.0) / math.pi, abs=1e-12)  # t = 2 / 1
+    # Three seeds, t = 2 / (1 / sqrt 3) with 2 degrees of freedom: p = 1 - t / sqrt(2 + t^2).
+    t_stat = 2 * math.sqrt(3)
+    assert seed_level_p([1.0, 2.0, 3.0]) == pytest.approx(1 - t_stat / math.sqrt(2 + t_stat**2), abs=1e-12)
+    assert seed_level_p([0.5]) is None
+    assert (seed_level_p([0.2, 0.2]), seed_level_p([0.0, 0.0])) == (0.0, 1.0)
+
+
 def test_a_reference_difference_is_over_the_seeds_its_test_compared(tmp_path):
     """With seed 1 of the activation row gone, its difference from the random row was of the means over seed 0
     against seeds 0 and 1 (+0.0022, worse), while its p-value compared seed 0's items, where it is lower (-0.0021)."""
@@ -651,7 +663,13 @@ def test_a_reference_difference_is_over_the_seeds_its_test_compared(tmp_path):
     gradient = statistics.mean([loss["seed0_gradient_large"], loss["seed1_gradient_large"]]) - statistics.mean(
         [loss["seed0_random_large"], loss["seed1_random_large"]]
     )
-    assert f"`s2ft order=large strategy=gradient` {gradient:+.4f} (p=0.000 *)" in report  # same seeds: as before
+    # Same seeds: the difference as before, and the t-test over its two per-seed differences (one degree of
+    # freedom: a Cauchy tail, p = 1 - 2 atan(|t|) / pi).
+    diffs = [loss[f"seed{s}_gradient_large"] - loss[f"seed{s}_random_large"] for s in (0, 1)]
+    t_stat = statistics.mean(diffs) / (statistics.stdev(diffs) / math.sqrt(2))
+    over_seeds = 1 - 2 * math.atan(abs(t_stat)) / math.pi
+    assert f"`s2ft order=large strategy=gradient` {gradient:+.4f} (p=0.000 *; over seeds p={over_seeds:.3f})" in report
+    assert f"over seed 0 (p={p:.3f})." in report  # one shared seed: no seed-level test
     accuracy = 100 * (acc["seed0_activation_small"] - acc["seed0_random_large"])
     assert f"`{activation}` {accuracy:+.1f} over seed 0 (p=" in report
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from experiments.report.figures import accuracy_vs_trainable, id_vs_ood, loss_curves
 from experiments.report.records import export_records
 from experiments.report.runs import ReportError, Run, find_runs, wandb_runs
-from experiments.report.stats import ALPHA, Estimate, estimate
+from experiments.report.stats import ALPHA, Estimate, estimate, seed_level_p
 from experiments.report.table import (
     Comparison,
     Row,
@@ -40,6 +40,12 @@ from experiments.report.table import (
 )
 from s2ft.data.tasks import GROUPS
 from s2ft.errors import UserError
+
+SEED_LEVEL = (
+    "Over seeds p: a t-test over the rows' per-seed differences (n - 1 degrees of freedom). With two or three seeds "
+    "the bootstrap's p cannot see the seed-to-seed spread in full; read a pair as separable only where both are "
+    f"below {ALPHA}."
+)
 
 # Column titles of the generalization study's groups (s2ft.data.tasks.GROUPS), in the paper's Figure 2 order.
 SPLIT_GROUPS = {"id": "ID", "near_ood_easy": "near-OOD easy", "near_ood_hard": "near-OOD hard", "far_ood": "far-OOD"}
@@ -112,7 +118,7 @@ def study_section(experiment: str, model: str, runs: list[Run], out: Path, refer
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", significance_statement(best, pvalues), ""]
     lowest = {name: compare_heldout(rows, name) for name in heldout}
-    lines += [line for name in heldout if (line := heldout_statement(name, *lowest[name][:2]))]
+    lines += [line for name in heldout if (line := heldout_statement(name, *lowest[name], rows, heldout_after(name)))]
     lines += [""] if heldout else []
     if reference is not None:
 
@@ -140,6 +146,7 @@ def study_section(experiment: str, model: str, runs: list[Run], out: Path, refer
                 "p as above):"
             )
             lines += [title, "", *against, ""]
+    lines += [SEED_LEVEL, ""] if any("over seeds p=" in line for line in lines) else []
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{experiment}_{model}")
     title = f"{experiment} ({model})"
     domain = train_domain(runs)
@@ -182,22 +189,50 @@ def significance_statement(best: Row | None, pvalues: dict[str, float | None]) -
     return f"Best mean: `{best.label}`; {pairs_verdict(pvalues)} (p < {ALPHA} marked *)."
 
 
-def heldout_statement(name: str, best: Row | None, pvalues: dict[str, float | None]) -> str | None:
+def heldout_statement(
+    name: str,
+    best: Row | None,
+    pvalues: dict[str, float | None],
+    seeds: dict | None = None,
+    rows: list[Row] | None = None,
+    metric=None,
+) -> str | None:
     """One line per held-out set: the lowest loss and which rows differ from it, and which were untested (a NaN
-    loss, one seed without items to pair); None when nothing was tested."""
+    loss, one seed without items to pair); None when nothing was tested. With ``seeds``, ``rows`` and ``metric``,
+    pairs compared over two or more seeds also get their seed-level p (`seed_level_ps`)."""
     if best is None or all(p is None for p in pvalues.values()):
         return None
-    return f"- Held-out loss {name}: lowest `{best.label}`; {pairs_verdict(pvalues)}."
+    over_seeds = seed_level_ps(rows, best, metric, seeds) if rows is not None else {}
+    return f"- Held-out loss {name}: lowest `{best.label}`; {pairs_verdict(pvalues, over_seeds)}."
 
 
-def pairs_verdict(pvalues: dict[str, float | None]) -> str:
-    """Which rows differ from the compared row and which do not, each with its p-value.
+def seed_level_ps(rows: list[Row], reference: Row, metric, seeds: dict | None) -> dict[str, float]:
+    """Per row whose paired test compared two or more seeds with ``reference``: the t-test p over its per-seed
+    differences (`stats.seed_level_p`), which charges the seed-to-seed spread that few seeds hide from the
+    hierarchical bootstrap."""
+    by_label, found = {row.label: row for row in rows}, {}
+    for label, shared in (seeds or {}).items():
+        if shared and len(shared) >= 2 and label in by_label:
+            row = by_label[label]
+            diffs = [_mean_over(row, metric, [s]) - _mean_over(reference, metric, [s]) for s in shared]
+            found[label] = seed_level_p(diffs)
+    return found
+
+
+def _p_text(p: float, over_seeds: float | None) -> str:
+    seeds = "" if over_seeds is None else f"; over seeds p={_fmt_p(over_seeds)}"
+    return f"p={_fmt_p(p)}{seeds}"
+
+
+def pairs_verdict(pvalues: dict[str, float | None], over_seeds: dict[str, float] | None = None) -> str:
+    """Which rows differ from the compared row and which do not, each with its p-value (and its seed-level p).
 
     One separable row (often the untrained one) says nothing of the others, so every pair is named on its side.
     """
+    over_seeds = over_seeds or {}
     tested = sorted((label, p) for label, p in pvalues.items() if p is not None)
-    apart = [f"`{label}` (p={_fmt_p(p)})" for label, p in tested if p < ALPHA]
-    close = [f"`{label}` (p={_fmt_p(p)})" for label, p in tested if p >= ALPHA]
+    apart = [f"`{label}` ({_p_text(p, over_seeds.get(label))})" for label, p in tested if p < ALPHA]
+    close = [f"`{label}` ({_p_text(p, over_seeds.get(label))})" for label, p in tested if p >= ALPHA]
     untested = [f"`{label}`" for label, p in sorted(pvalues.items()) if p is None]
     parts = [f"separable from it: {', '.join(apart) or 'no row'}"]
     parts += [f"not separable from it: {', '.join(close)}"] * bool(close)
@@ -224,6 +259,7 @@ def reference_statement(
     if reference is None or not pvalues:
         return None
     by_label = {row.label: row for row in rows}
+    over_seeds = seed_level_ps(rows, reference, metric, seeds)
     cells = []
     for label, p in sorted(pvalues.items()):
         row, shared = by_label[label], (seeds or {}).get(label)
@@ -233,7 +269,8 @@ def reference_statement(
         else:
             diff = _mean_over(row, metric, shared) - _mean_over(reference, metric, shared)
             over = f" over seed{'s' * (len(shared) > 1)} {', '.join(map(str, shared))}"
-        cells.append(f"`{label}` {scale * diff:+.{digits}f}{over} ({'untested' if p is None else f'p={_fmt_p(p)}'})")
+        tested = "untested" if p is None else _p_text(p, over_seeds.get(label))
+        cells.append(f"`{label}` {scale * diff:+.{digits}f}{over} ({tested})")
     return f"- {what}: {', '.join(cells)}."
 
 

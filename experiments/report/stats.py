@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.stats import t as student_t
-from scipy.stats import ttest_ind
+from scipy.stats import ttest_1samp, ttest_ind
 
 ALPHA = 0.05
 BOOTSTRAP_SAMPLES = 10_000  # Monte Carlo error of a p-value near 0.05: +-0.002
@@ -46,6 +46,21 @@ def welch_p(a: list[float], b: list[float]) -> float:
     if np.std(a) == 0 and np.std(b) == 0:
         return 1.0 if np.mean(a) == np.mean(b) else 0.0
     return float(ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def seed_level_p(differences: list[float]) -> float | None:
+    """Two-sided p-value of a one-sample t-test that the per-seed differences of two rows average zero (n - 1 degrees
+    of freedom); None for fewer than two seeds, 0 or 1 when the differences are all equal.
+
+    The seed-level reading of a comparison: with two or three seeds the hierarchical bootstrap can resample only a
+    handful of seed sets, so two seeds that agree in sign give it p near 0 whatever their spread; this test charges
+    the spread in full (and is conservative with few seeds).
+    """
+    if len(differences) < 2:
+        return None
+    if np.std(differences) == 0:
+        return 0.0 if differences[0] != 0 else 1.0
+    return float(ttest_1samp(differences, 0.0).pvalue)
 
 
 def paired_bootstrap_p(
