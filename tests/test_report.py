@@ -28,6 +28,7 @@ from experiments.report.table import (
     heldout_after,
     heldout_roles,
     train_domain,
+    unknown_splits,
 )
 from experiments.study import backfill_heldout
 from s2ft.data import HELDOUT_DOMAINS, TRAIN_SETS
@@ -767,29 +768,189 @@ def test_a_damaged_record_file_is_named_before_anything_is_written(file, damage,
     assert not (tmp_path / "out").exists()
 
 
-def test_runs_that_trained_for_different_lengths_are_different_rows(tmp_path):
-    """Seed 1 of the random row trained 300 steps instead of 150 (or on 4000 items, or with weight decay): it was
-    averaged with seed 0 as one row."""
-    for key, value in (("trainer.max_steps", 300), ("data.limit", 4000), ("method.weight_decay", 0.01)):
-        runs = _selection_records(tmp_path / key)
-        config_file = runs / "seed1_random_large" / "config.yaml"
-        config = yaml.safe_load(config_file.read_text())
-        section, name = key.split(".")
-        config[section][name] = value
-        config_file.write_text(yaml.safe_dump(config))
-        labels = {row.label: len(row.runs) for row in build_rows(find_runs([runs]))}
-        old = {"trainer.max_steps": 150, "data.limit": 2000, "method.weight_decay": 0.0}[key]
+@pytest.mark.parametrize(
+    ("path", "value", "old", "new"),
+    [
+        ("trainer.max_steps", 300, "150", "300"),
+        ("data.limit", 4000, "2000", "4000"),
+        ("method.weight_decay", 0.01, "0.0", "0.01"),
+        # Were repetition keys (options.calibration_size, like a seed) or not read at all: averaged as seeds.
+        ("method.options.calibration_size", 64, "0.01", "64"),
+        ("trainer.warmup_steps", 0, "15", "0"),
+        ("trainer.accumulate_grad_batches", 4, "1", "4"),
+        ("trainer.select_best", "val_loss", "null", "val_loss"),
+        ("data.max_length", 512, "256", "512"),
+        ("data.batch_size", 16, "8", "16"),
+        ("model.dtype", "bfloat16", "float32", "bfloat16"),
+        ("eval.mode", "generate", "loglik", "generate"),
+        ("method.betas", [0.9, 0.95], "null", "[0.9, 0.95]"),  # absent from conf/method: the code's AdamW betas
+    ],
+)
+def test_runs_that_trained_or_were_measured_differently_are_different_rows(path, value, old, new, tmp_path):
+    """Seed 1 of the random row trained 300 steps instead of 150 (or on 4000 items, with weight decay, scored on 64
+    calibration items, ...): it was averaged with seed 0 as one row."""
+    runs = _selection_records(tmp_path)
+    config_file = runs / "seed1_random_large" / "config.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    *sections, name = path.split(".")
+    node = config
+    for section in sections:
+        node = node[section]
+    node[name] = value
+    config_file.write_text(yaml.safe_dump(config))
+    labels = {row.label: len(row.runs) for row in build_rows(find_runs([runs]))}
+    key = path.removeprefix("method.") if path.startswith("method.options.") else path  # as Run.settings names it
 
-        def label(order_strategy: str, setting, key=key) -> str:  # the varying key takes its sorted place
-            parts = sorted([f"options.{o}" for o in order_strategy.split()] + [f"{key}={setting}"])
-            return " ".join(["s2ft", *(part.removeprefix("options.") for part in parts)])
+    def label(order_strategy: str, setting: str) -> str:  # the varying key takes its sorted place
+        parts = sorted([f"options.{o}" for o in order_strategy.split()] + [f"{key}={setting}"])
+        return " ".join(["s2ft", *(part.removeprefix("options.") for part in parts)])
 
-        assert labels == {
-            label("order=large strategy=gradient", old): 2,
-            label("order=large strategy=random", old): 1,
-            label("order=large strategy=random", value): 1,
-            label("order=small strategy=activation", old): 2,
-        }
+    assert labels == {
+        label("order=large strategy=gradient", old): 2,
+        label("order=large strategy=random", old): 1,
+        label("order=large strategy=random", new): 1,
+        label("order=small strategy=activation", old): 2,
+    }
+
+
+@pytest.mark.parametrize(("path", "shown"), [("method.options.layout", "layout"), ("trainer.select_best", None)])
+def test_a_setting_older_runs_lack_keeps_their_row_apart_and_says_so(path, shown, tmp_path):
+    """Seed 0 of the random row from code before an option (its config has no such key): it was a row of its own,
+    "s2ft order=large strategy=random", beside "s2ft layout=gather order=large strategy=random", with nothing saying
+    that they differ only in a key one of them lacks."""
+    runs = _selection_records(tmp_path)
+    config_file = runs / "seed0_random_large" / "config.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    *sections, name = path.split(".")
+    node = config
+    for section in sections:
+        node = node[section]
+    value = json.dumps(node.pop(name))
+    config_file.write_text(yaml.safe_dump(config))
+    key = shown or path
+
+    def label(order_strategy: str, setting: str) -> str:
+        parts = sorted([*order_strategy.split(), f"{key}={setting}"])
+        return " ".join(["s2ft", *parts])
+
+    rows = build_rows(find_runs([runs]))
+    known = json.loads(value) if value != "null" else "null"
+    assert {row.label: [run.path.name for run in row.runs] for row in rows} == {
+        label("order=large strategy=gradient", known): ["seed0_gradient_large", "seed1_gradient_large"],
+        label("order=large strategy=random", "?"): ["seed0_random_large"],
+        label("order=large strategy=random", known): ["seed1_random_large"],
+        label("order=small strategy=activation", known): ["seed0_activation_small", "seed1_activation_small"],
+    }
+    setting = f"options.{shown}" if shown else path
+    assert [(a.label, b.label, keys) for a, b, keys in unknown_splits(rows)] == [
+        (label("order=large strategy=random", "?"), label("order=large strategy=random", known), [setting])
+    ]
+    report = main([str(runs), "--out", str(tmp_path / "out")]).read_text()
+    assert (
+        "\n\nKept apart, differing only in settings marked `?`, which their runs' configs lack (code from before the "
+        "option; whether those runs ran the other row's value the records cannot say): "
+        f"`{label('order=large strategy=random', '?')}` and `{label('order=large strategy=random', known)}` "
+        f"({setting}).\n\n|"
+    ) in report
+
+
+def test_a_component_a_dict_setting_lacks_is_no_unknown_setting():
+    """A target_split without ``q`` names no q: its row is labelled by its own component, and no pair is flagged."""
+
+    def run(split: dict | None, seed: int) -> Run:
+        summary = {"experiment": "components_smollm", "model": "smollm2_135m", "method": "s2ft", "seed": seed}
+        options = {"target_split": split, "strategy": "random"}
+        return Run(summary, {"method": {"name": "s2ft", "lr": 1e-3, "options": options}, "seed": seed})
+
+    rows = build_rows([run({"q": 1.0}, 0), run({"o": 1.0}, 0), run(None, 0)])
+    assert sorted(row.label for row in rows) == [
+        "s2ft target_split.o=1.0",
+        "s2ft target_split.q=1.0",
+        "s2ft target_split=null",
+    ]
+    assert unknown_splits(rows) == []
+
+
+def _unfinished_runs(runs: Path) -> dict[str, Path]:
+    """Beside the finished records: seed 2 of the random row interrupted after a checkpoint, seed 2 of the gradient
+    row failed before its first, seed 2 of the activation row stopped before training (only Hydra's config), and a
+    run of another study; and what is no run: W&B's files inside a finished run, a hidden folder."""
+    config = yaml.safe_load((runs / "seed1_random_large" / "config.yaml").read_text())
+    made = {}
+    for name, where, study in (
+        ("seed2_random_large", "config.yaml", "selection_smollm"),
+        ("seed2_gradient_large", "config.yaml", "selection_smollm"),
+        ("seed2_activation_small", ".hydra/config.yaml", "selection_smollm"),
+        ("other/seed0", ".hydra/config.yaml", "arith_smollm"),
+        ("seed1_random_large/wandb/run-1/files", "config.yaml", "selection_smollm"),
+        (".overwritten/seed3", "config.yaml", "selection_smollm"),
+    ):
+        file = runs / name / where
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text(yaml.safe_dump({**config, "seed": 2, "name": study}))
+        made[name] = runs / name
+    (runs / "seed2_random_large" / "checkpoints").mkdir()
+    (runs / "seed2_random_large" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    return made
+
+
+def test_runs_without_a_summary_are_named_in_their_study_and_on_the_command_line(tmp_path, capsys):
+    """A crashed, killed or running run was dropped without a word; only a row's seed count hinted at it."""
+    runs = _selection_records(tmp_path)
+    made = _unfinished_runs(runs)
+    report = main([str(runs), "--reference", RANDOM, "--out", str(tmp_path / "out")]).read_text()
+    ckpt = "checkpoints/last.ckpt: resumable with ckpt_path=auto, unless still running"
+    before = "no checkpoint: stopped or still running before its first"
+    hydra = "only .hydra/config.yaml: stopped or still starting before training"
+    elsewhere = (
+        "Not in the table: 1 run directory of no study below without a summary.json (crashed, killed or still "
+        f"running): `{made['other/seed0']}` ({hydra})."
+    )
+    here = (
+        "Not in the table: 3 run directories of this study without a summary.json (crashed, killed or still running): "
+        f"`{made['seed2_activation_small']}` ({hydra}), `{made['seed2_gradient_large']}` ({before}), "
+        f"`{made['seed2_random_large']}` ({ckpt})."
+    )
+    committed = (ROOT / "results" / "selection_smollm" / "report.md").read_text()
+    title, rest = committed.split("\n\n", 1)
+    section, counts, table = rest.split("\n\n", 2)
+    assert report == "\n\n".join([title, elsewhere, section, counts, here, table])
+    out = capsys.readouterr().out
+    assert out.endswith(
+        "4 run directories without a summary.json (no row; the report names them):\n"
+        f"  {made['other/seed0']} ({hydra})\n  {made['seed2_activation_small']} ({hydra})\n"
+        f"  {made['seed2_gradient_large']} ({before})\n  {made['seed2_random_large']} ({ckpt})\n"
+    )
+
+
+def test_exported_records_are_of_finished_runs_and_the_command_line_says_which_were_left(tmp_path, capsys):
+    runs = _selection_records(tmp_path)
+    made = _unfinished_runs(runs)
+    records = tmp_path / "records"
+    report = main([str(runs), "--export-records", str(records), "--reference", RANDOM, "--out", str(tmp_path / "out")])
+    assert report.read_text() == (ROOT / "results" / "selection_smollm" / "report.md").read_text()
+    assert sorted(p.name for p in records.iterdir()) == sorted(p.name for p in SELECTION.iterdir())
+    out = capsys.readouterr().out
+    assert (
+        f"4 run directories without a summary.json (not exported: no record, no row):\n  {made['other/seed0']} (" in out
+    )
+
+
+def test_a_folder_of_unfinished_runs_only_is_refused_naming_them(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match=rf"^error: no summary.json under \['{re.escape(str(empty))}'\]: have the "):
+        main([str(empty), "--out", str(tmp_path / "out")])
+    crashed = tmp_path / "crashed"
+    (crashed / "0" / ".hydra").mkdir(parents=True)
+    (crashed / "0" / ".hydra" / "config.yaml").write_text("name: selection_smollm\nmodel: {name: smollm2_135m}\n")
+    with pytest.raises(
+        SystemExit,
+        match=rf"^error: no summary.json under \['{re.escape(str(crashed))}'\]: 1 run directory has none \(crashed, "
+        rf"killed or still running\): {re.escape(str(crashed / '0'))} \(only .hydra/config.yaml: stopped",
+    ):
+        main([str(crashed), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
 
 
 def test_heldout_seeds_weigh_alike_as_in_the_mean_over_seeds(tmp_path):

@@ -19,9 +19,10 @@ from pathlib import Path
 
 from experiments.report.figures import accuracy_vs_trainable, id_vs_ood, loss_curves
 from experiments.report.records import export_records
-from experiments.report.runs import ReportError, Run, find_runs, wandb_runs
+from experiments.report.runs import ReportError, Run, Unfinished, find_runs, find_unfinished, wandb_runs
 from experiments.report.stats import ALPHA, Estimate, estimate, seed_level_p
 from experiments.report.table import (
+    UNKNOWN,
     Comparison,
     Row,
     avg_accuracy,
@@ -37,6 +38,7 @@ from experiments.report.table import (
     train_domain,
     train_field,
     trainable_pct,
+    unknown_splits,
 )
 from s2ft.data.tasks import GROUPS
 from s2ft.errors import UserError
@@ -51,15 +53,21 @@ SEED_LEVEL = (
 SPLIT_GROUPS = {"id": "ID", "near_ood_easy": "near-OOD easy", "near_ood_hard": "near-OOD hard", "far_ood": "far-OOD"}
 
 
-def write_report(runs: list[Run], out: Path, reference: str | None = "s2ft") -> Path:
+def write_report(runs: list[Run], out: Path, reference: str | None = "s2ft", unfinished: list[Unfinished] = ()) -> Path:
     """Write `out/report.md` and `out/figures/*.png` for ``runs``; return the report's path.
 
     ``reference``: a row label (default "s2ft") whose differences from every other row are listed with p-values.
+    ``unfinished``: run directories without a summary (`find_unfinished`), named in their study's section, or
+    under the title when no finished run is of their study.
     """
     out.mkdir(parents=True, exist_ok=True)
     sections = ["# S2FT study report", ""]
-    for (experiment, model), group in group_runs(runs).items():
-        sections += study_section(experiment, model, group, out, reference)
+    groups = group_runs(runs)
+    elsewhere = [run for run in unfinished if run.group not in groups]
+    sections += [unfinished_statement(elsewhere, "of no study below"), ""] if elsewhere else []
+    for (experiment, model), group in groups.items():
+        lacking = [run for run in unfinished if run.group == (experiment, model)]
+        sections += study_section(experiment, model, group, out, reference, lacking)
     path = out / "report.md"
     path.write_text("\n".join(sections) + "\n")
     return path
@@ -79,8 +87,35 @@ def check_reference(runs: list[Run], reference: str) -> None:
         )
 
 
-def study_section(experiment: str, model: str, runs: list[Run], out: Path, reference: str | None = None) -> list[str]:
-    """The markdown of one study: table, significance statement and figures."""
+def unfinished_statement(unfinished: list[Unfinished], where: str = "of this study") -> str:
+    """One line naming the run directories without a summary.json, so a missing seed or row reads as missing."""
+    count = f"{len(unfinished)} run director{'ies' if len(unfinished) > 1 else 'y'}"
+    named = ", ".join(f"`{run.path}` ({run.state})" for run in unfinished)
+    return f"Not in the table: {count} {where} without a summary.json (crashed, killed or still running): {named}."
+
+
+def unknown_statement(rows: list[Row]) -> str | None:
+    """One line naming the rows kept apart only by settings some of their runs' configs lack (None when none)."""
+    pairs = unknown_splits(rows)
+    if not pairs:
+        return None
+    named = "; ".join(f"`{a.label}` and `{b.label}` ({', '.join(keys)})" for a, b, keys in pairs)
+    return (
+        f"Kept apart, differing only in settings marked `{UNKNOWN}`, which their runs' configs lack (code from before "
+        f"the option; whether those runs ran the other row's value the records cannot say): {named}."
+    )
+
+
+def study_section(
+    experiment: str,
+    model: str,
+    runs: list[Run],
+    out: Path,
+    reference: str | None = None,
+    unfinished: list[Unfinished] = (),
+) -> list[str]:
+    """The markdown of one study: table, significance statement and figures (and the study's ``unfinished`` runs,
+    and the rows that differ only in settings some runs lack, where there are any)."""
     rows = build_rows(runs)
     tasks = list(dict.fromkeys(task for run in runs for task in (run.summary.get("eval") or {})))
     heldout = list(dict.fromkeys(name for run in runs for name in (run.summary.get("heldout") or {})))
@@ -101,6 +136,8 @@ def study_section(experiment: str, model: str, runs: list[Run], out: Path, refer
         f"{len(runs)} runs, {len(rows)} rows; accuracy in %, mean ± std over seeds.",
         "",
     ]
+    lines += [unfinished_statement(unfinished), ""] if unfinished else []
+    lines += [unknown, ""] if (unknown := unknown_statement(rows)) else []
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         avg = row.estimate(avg_accuracy)
@@ -315,16 +352,26 @@ def main(argv: list[str] | None = None) -> Path:
         parser.error("--export-records needs run directories: W&B runs have no per-item predictions to keep")
     try:
         runs = wandb_runs(args.wandb) if args.wandb else find_runs(args.paths)
+        unfinished = [] if args.wandb else find_unfinished(args.paths)
         if args.reference:
             check_reference(runs, args.reference)
         if args.export_records:
             records = export_records(runs, args.export_records)
             print(f"wrote {len(records)} records under {args.export_records}")
             runs = find_runs([args.export_records])
-        path = write_report(runs, args.out, "s2ft" if args.reference is None else args.reference or None)
+        # The report names what it read: records are of finished runs only, so it is their records' report again.
+        reported = find_unfinished([args.export_records]) if args.export_records else unfinished
+        reference = "s2ft" if args.reference is None else args.reference or None
+        path = write_report(runs, args.out, reference, reported)
     except UserError as err:
         sys.exit(f"error: {err}")
     print(f"wrote {path} ({len(runs)} runs)")
+    if unfinished:
+        where = "not exported: no record, no row" if args.export_records else "no row; the report names them"
+        print(
+            f"{len(unfinished)} run director{'ies' if len(unfinished) > 1 else 'y'} without a summary.json ({where}):"
+        )
+        print("".join(f"  {run.path} ({run.state})\n" for run in unfinished), end="")
     return path
 
 

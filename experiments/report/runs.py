@@ -1,6 +1,8 @@
 """Finished runs for the report: `summary.json` files under run or sweep directories or records, or W&B runs.
 
-Records (`experiments.report.records`) are run directories cut down to ids and numbers, read the same way.
+Records (`experiments.report.records`) are run directories cut down to ids and numbers, read the same way. Run
+directories without a `summary.json` (crashed, killed, still running) are no row, but `find_unfinished` names them, so
+the report can say which runs its table lacks.
 
 A `Run` pairs a summary with the resolved config it ran (the `config.yaml` beside it), which tells the report which
 settings distinguish one row of a study from another, and with its predictions for item-level statistics.
@@ -17,12 +19,29 @@ import yaml
 
 from s2ft.data import UnknownNameError, resolve_train_sources
 from s2ft.errors import UserError
+from s2ft.lightning.checkpoint import CHECKPOINT
 from s2ft.lightning.summary import wandb_summaries
 
-# Settings that distinguish repetitions rather than variants: seeds are averaged over, never separate rows.
-REPETITION_KEYS = ("seed", "options.seed", "options.calibration_size")
-# Config settings (section, key) beside the method's that make a variant: a row's label names them where they vary.
-TRAINING_KEYS = (("trainer", "max_steps"), ("data", "limit"), ("method", "weight_decay"))
+# Settings that distinguish repetitions rather than variants: seeds are averaged over, never separate rows. (S2FT's
+# and SpFT's options.seed is the seed of their random selection, `${seed}` in conf/.)
+REPETITION_KEYS = ("seed", "options.seed")
+# Config settings (section, key) beside the method's that change what a run trained or what its numbers measure, so
+# runs that differ in them are variants: a row's label names them where they vary. Left out: paths, logging and
+# checkpoint cadence, eval.batch_size, trainer.accelerator / strategy (how, not what), data.allow_overlap (a check).
+TRAINING_KEYS = (
+    *(("trainer", key) for key in ("max_steps", "max_epochs", "accumulate_grad_batches", "gradient_clip_val")),
+    *(("trainer", key) for key in ("precision", "devices", "num_nodes", "warmup_steps", "scheduler", "select_best")),
+    *(("data", key) for key in ("limit", "val_size", "max_length", "batch_size")),
+    ("method", "weight_decay"),
+    ("method", "betas"),
+    ("model", "dtype"),
+    *(("eval", key) for key in ("mode", "num_beams", "max_new_tokens")),
+)
+# Optional config keys and what the code runs without them (`s2ft.lightning.runner`: `method.get("betas") or ...`).
+ABSENT_MEANS = {("method", "betas"): None}
+# What a run directory holds before its summary: the runner's resolved config, or only Hydra's (started, not yet
+# training), and the checkpoint an interrupted run resumes from.
+RUN_CONFIGS = (Path("config.yaml"), Path(".hydra") / "config.yaml")
 # What every summary names: the report groups and labels runs by them.
 SUMMARY_KEYS = ("experiment", "model", "method")
 # What the report (and a record) reads of each prediction row: ids and numbers, never prompts, outputs or answers.
@@ -59,22 +78,42 @@ class Run:
         return self.summary["method"]
 
     def settings(self) -> dict[str, str]:
-        """The method's settings as flat ``key -> JSON value`` (lr, options, data, length, template), no seeds."""
+        """The method's settings as flat ``key -> JSON value`` (lr, options, data, length, template, ...), no seeds.
+
+        A key the run's config lacks (an option its code did not have yet) is left out: `lacks` tells it from a
+        component a dict setting does not have (``target_split`` without ``q``).
+        """
         if self.config is None:
             flat = {f"options.{k}": self.summary.get(k) for k in ("strategy", "order", "ratios")}
-            template = self.summary.get("template")
         else:
             method = self.config.get("method") or {}
-            flat = {"lr": method.get("lr"), **flatten(method.get("options") or {}, "options")}
-            flat["data.train"] = (self.config.get("data") or {}).get("train")
-            template = (self.config.get("data") or {}).get("template")
-            # How long and on how much a run trained: runs that differ in these are variants, never seeds of one row.
+            data = self.config.get("data") or {}
+            flat = {"lr": method["lr"]} if "lr" in method else {}
+            flat |= flatten(method.get("options") or {}, "options")
+            if "train" in data:
+                flat["data.train"] = data["train"]
+            # How long, on what and how a run trained, and what its numbers measure: runs that differ in these are
+            # variants, never seeds of one row.
             for section, key in TRAINING_KEYS:
-                if (value := (self.config.get(section) or {}).get(key)) is not None:
-                    flat[f"{section}.{key}"] = value
-        if template is not None:  # the prompt template is a variant (results/template_smollm), not a repetition
+                values = self.config.get(section) or {}
+                if key in values or (section, key) in ABSENT_MEANS:
+                    flat[f"{section}.{key}"] = values.get(key, ABSENT_MEANS.get((section, key)))
+        # The prompt template is a variant (results/template_smollm), not a repetition; the summary records the one
+        # the run used where its config is older than the option.
+        template = ((self.config or {}).get("data") or {}).get("template", self.summary.get("template"))
+        if template is not None:
             flat["data.template"] = template
         return {key: json.dumps(value, sort_keys=True) for key, value in flat.items() if key not in REPETITION_KEYS}
+
+    def lacks(self, key: str) -> bool:
+        """Whether the run cannot say its value of the setting ``key`` (a `settings` key of another run): its config
+        has no such setting, where a dict setting without that component (``options.target_split.q``) says "none"."""
+        if key in self.settings():
+            return False
+        if self.config is None or not key.startswith("options."):
+            return True
+        options = (self.config.get("method") or {}).get("options") or {}
+        return key.split(".")[1] not in options
 
     def train_domains(self) -> set[str] | None:
         """The domains of the run's training data (`TrainSource.domain`); None when its config does not say."""
@@ -158,6 +197,12 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
         else:  # hidden folders hold no run of their own (an overwritten run's outputs wait in `.overwritten/`)
             files += [f for f in path.rglob("summary.json") if not _hidden(f.relative_to(path))]
     if not files:
+        if unfinished := find_unfinished(paths):
+            raise ReportError(
+                f"no summary.json under {[str(p) for p in paths]}: {len(unfinished)} run director"
+                f"{'ies have' if len(unfinished) > 1 else 'y has'} none (crashed, killed or still running): "
+                + "; ".join(f"{run.path} ({run.state})" for run in unfinished)
+            )
         raise ReportError(f"no summary.json under {[str(p) for p in paths]}: have the runs finished?")
     runs = []
     for file in sorted(set(files)):
@@ -183,6 +228,60 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
         run.check_predictions()
         runs.append(run)
     return runs
+
+
+@dataclass(frozen=True)
+class Unfinished:
+    """A run directory without a `summary.json`: a run that crashed, was killed or is still running.
+
+    Attributes:
+        path: The run directory, as found under the path given.
+        group: (experiment, model) as its config names them; None where it names no strings.
+        state: How far it got, as a report shows it (an interrupted run's checkpoint, or none).
+    """
+
+    path: Path
+    group: tuple[str, str] | None
+    state: str
+
+
+def find_unfinished(paths: list[str | Path]) -> list[Unfinished]:
+    """The run directories under the directories among ``paths`` that have a run's config but no `summary.json`.
+
+    A run directory is a folder with the runner's `config.yaml` or Hydra's `.hydra/config.yaml`; folders inside
+    one (W&B's `wandb/run-*/files/config.yaml`) and hidden ones are none. Sorted by path; missing paths and files
+    give none (`find_runs` names those).
+    """
+    run_dirs: set[Path] = set()
+    for path in (Path(p) for p in paths if Path(p).is_dir()):
+        for file in [*path.rglob("summary.json"), *path.rglob("config.yaml")]:
+            run_dir = file.parent.parent if file.parent.name == ".hydra" else file.parent
+            if not _hidden(run_dir.relative_to(path)):
+                run_dirs.add(run_dir)
+    return [
+        _unfinished(run_dir)
+        for run_dir in sorted(run_dirs)
+        if not (run_dir / "summary.json").is_file() and not any(parent in run_dirs for parent in run_dir.parents)
+    ]
+
+
+def _unfinished(run_dir: Path) -> Unfinished:
+    """What an unfinished run's config and files say: its study, and whether it can resume."""
+    config_file = next(run_dir / name for name in RUN_CONFIGS if (run_dir / name).is_file())
+    try:
+        config = yaml.safe_load(config_file.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):  # a damaged config still names an unfinished run, of no study
+        config = None
+    config = config if isinstance(config, dict) else {}
+    model = config.get("model")
+    group = (config.get("name"), model.get("name") if isinstance(model, dict) else None)
+    if (run_dir / CHECKPOINT).is_file():
+        state = f"{CHECKPOINT.as_posix()}: resumable with ckpt_path=auto, unless still running"
+    elif config_file == run_dir / RUN_CONFIGS[0]:
+        state = "no checkpoint: stopped or still running before its first"
+    else:  # the runner writes config.yaml once the model and method are set up
+        state = "only .hydra/config.yaml: stopped or still starting before training"
+    return Unfinished(run_dir, group if all(isinstance(v, str) for v in group) else None, state)
 
 
 def _hidden(relative: Path) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import NamedTuple
 
@@ -13,13 +13,24 @@ from experiments.report.runs import ReportError, Run, flatten
 from experiments.report.stats import ALPHA, Estimate, estimate, paired_bootstrap_p, welch_p
 from s2ft.data import HELDOUT_DOMAINS
 
+# A row's value of a setting its runs' configs lack (`Run.lacks`), as its label shows it.
+UNKNOWN = "?"
+
 
 @dataclass
 class Row:
-    """The runs (seeds) of one method variant within one (experiment, model) group."""
+    """The runs (seeds) of one method variant within one (experiment, model) group.
+
+    Attributes:
+        label: The method and the settings that vary within it.
+        runs: Its runs, one per seed.
+        setting: Each varying setting's JSON value (None: a dict setting without that component; UNKNOWN: the
+            runs' configs lack the setting).
+    """
 
     label: str
     runs: list[Run]
+    setting: dict[str, str | None] = field(default_factory=dict)
 
     def values(self, metric) -> list[float]:
         return [v for v in (metric(run.summary) for run in self.runs) if v is not None]
@@ -50,6 +61,11 @@ def build_rows(runs: list[Run]) -> list[Row]:
 
     A row's label is the method plus the settings that vary between the runs of that method in this group, so a
     method sweep reads "s2ft", "lora", and a strategy sweep "s2ft options.strategy=weight options.order=small".
+
+    A setting some runs' configs lack (an option added to the code after they ran: `Run.lacks`) is unknown for them,
+    shown as ``key=?``, and their rows stay apart from those that name a value; `unknown_splits` names the rows that
+    differ in nothing else. Merging them would assume the older code ran what the newer names (that of today's
+    conf/ or another run's value), which neither record shows: a new option's default need not be the old behaviour.
     """
     by_method: dict[str, list[Run]] = {}
     for run in runs:
@@ -61,22 +77,38 @@ def build_rows(runs: list[Run]) -> list[Row]:
         varying = [k for k in keys if len({s.get(k) for s in settings}) > 1]
         variants: dict[tuple, list[Run]] = {}
         for run, s in zip(method_runs, settings, strict=True):
-            variants.setdefault(tuple(s.get(k) for k in varying), []).append(run)
+            values = tuple(s.get(k, UNKNOWN if run.lacks(k) else None) for k in varying)
+            variants.setdefault(values, []).append(run)
         ordered = sorted(variants.items(), key=lambda item: str(item[0]))
         labels = [_label(method, varying, values, _short) for values, _ in ordered]
         if len(set(labels)) < len(labels):  # shortened values that coincide (paths ending alike): the JSON values
             labels = [_label(method, varying, values, str) for values, _ in ordered]
-        for label, (_, variant_runs) in zip(labels, ordered, strict=True):
+        for label, (values, variant_runs) in zip(labels, ordered, strict=True):
             _refuse_repeated_seeds(label, variant_runs)
-            rows.append(Row(label, variant_runs))
+            rows.append(Row(label, variant_runs, dict(zip(varying, values, strict=True))))
     return rows
+
+
+def unknown_splits(rows: list[Row]) -> list[tuple[Row, Row, list[str]]]:
+    """Pairs of rows of one method whose settings differ only where one row's runs lack the setting (UNKNOWN), with
+    those settings: perhaps one setting run by older and newer code, kept apart. The row lacking the first is first."""
+    pairs = []
+    for i, row in enumerate(rows):
+        for other in rows[i + 1 :]:
+            if other.runs[0].method != row.runs[0].method:
+                continue
+            differ = [k for k in row.setting if row.setting[k] != other.setting.get(k)]
+            if all(UNKNOWN in (row.setting[k], other.setting.get(k)) for k in differ):
+                pairs.append((row, other, differ) if row.setting[differ[0]] == UNKNOWN else (other, row, differ))
+    return pairs
 
 
 def _label(method: str, keys: list[str], values: tuple, show) -> str:
     """The method and its varying settings as ``key=show(value)``."""
     # A key that only some runs have (one component of a target_split dict) labels only those runs.
     present = [(k, v) for k, v in zip(keys, values, strict=True) if v is not None]
-    return " ".join([method, *(f"{k.removeprefix('options.')}={show(v)}" for k, v in present)])
+    shown = [f"{k.removeprefix('options.')}={UNKNOWN if v == UNKNOWN else show(v)}" for k, v in present]
+    return " ".join([method, *shown])
 
 
 def _refuse_repeated_seeds(label: str, runs: list[Run]) -> None:
