@@ -1,3 +1,4 @@
+import json
 import logging
 import re
 
@@ -9,6 +10,7 @@ from s2ft.data.overlap import DataOverlapError, check_overlap, drop_overlaps, fi
 from s2ft.data.records import Example, read_llm_adapters
 from s2ft.data.sources import heldout_name, load_eval, load_heldout, load_train
 from s2ft.data.tasks import GROUPS
+from s2ft.data.user import load_user_source
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +156,28 @@ def test_the_cpu_studies_train_on_nothing_they_measure_held_out_loss_on():
         sets = {name: loaded.setdefault(name, load_heldout(name, DATA)) for name in heldout}
         counts = check_overlap(loaded.setdefault(train, load_train(list(train), DATA)), {}, heldout=sets)
         assert counts == {f"heldout:{heldout_name(name)}": 0 for name in heldout}
+
+
+def test_a_leading_system_message_does_not_hide_a_question(tmp_path):
+    """Before, a chat record's system message (part of its input, `s2ft.data.user`) was part of the comparison key, so
+    the same question asked under a system prompt on one side only was not found."""
+    question = Example("t-0", "t", "What is 2 + 2?", "", "4", "4")
+    for context in ("system: You are a helpful assistant.", "system: Be brief.\nAnswer with a number."):
+        chat = Example("c-0", "c", "what is 2+2", context, "4", "")
+        assert find_overlaps([chat], {"t": [question]}) == {"t": 1}
+        assert find_overlaps([question], {"c": [chat]}) == {"c": 1}
+    # As a user's chat file gives it (`s2ft.data.user`: earlier turns, the system message first, are the input).
+    path = tmp_path / "chat.jsonl"
+    messages = [
+        {"role": "system", "content": "You are a tutor.\nBe brief."},
+        {"role": "user", "content": "What is 2 + 2?"},
+    ]
+    path.write_text(json.dumps({"messages": [*messages, {"role": "assistant", "content": "4"}]}) + "\n")
+    (read,) = load_user_source(str(path))
+    assert read.input == "system: You are a tutor.\nBe brief." and find_overlaps([read], {"t": [question]}) == {"t": 1}
+    # Earlier turns stay in the key: after a dialogue, a follow-up asks something else than on its own.
+    dialogue = Example("c-1", "c", "What is 2 + 2?", "system: Be brief.\nuser: Use base 3.\nassistant: OK.", "11", "")
+    assert find_overlaps([dialogue], {"t": [question]}) == {"t": 0}
+    assert find_overlaps(
+        [dialogue], {"d": [Example("d-0", "d", "What is 2 + 2?", "user: use base 3 assistant: ok", "", "11")]}
+    ) == {"d": 1}

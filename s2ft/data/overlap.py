@@ -18,6 +18,8 @@ from s2ft.errors import UserError
 
 log = logging.getLogger(__name__)
 _NON_ALPHANUMERIC = re.compile(r"[\W_]+")
+# A chat record's system message, as `s2ft.data.user` writes it at the head of the input: to the next turn's line.
+_LEADING_SYSTEM = re.compile(r"\Asystem: .*?(?:\n(?=(?:user|assistant): )|\Z)", re.DOTALL)
 SHOWN = 5  # shared items the guard's messages name
 
 
@@ -33,8 +35,11 @@ def normalize_question(text: str) -> str:
 
 
 def _question(example: Example) -> str:
-    # The question is the instruction (GSM8K readers put the question there too); inputs are empty in every set here.
-    return normalize_question(f"{example.instruction} {example.input}")
+    # The question is the instruction plus its input (GSM8K readers put the question in the instruction). A chat
+    # record's earlier turns are its input (`s2ft.data.user`), led by its system message: that message sets a
+    # persona or a format, not what is asked, so it is left out and the same question with and without one (or
+    # under another) is one item. The later turns stay: "And the second one?" asks something else in each dialogue.
+    return normalize_question(f"{example.instruction} {_LEADING_SYSTEM.sub('', example.input)}")
 
 
 def _shared(train: list[Example], eval_sets: dict[str, list[Example]]) -> dict[str, list[tuple[str, str]]]:
