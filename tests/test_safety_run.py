@@ -379,6 +379,44 @@ def test_evaluating_on_the_training_questions_is_refused_like_training_on_them(t
     assert summary["training_data"]["sources"][0]["name"] == "math_data" and len(summary["eval"]) == 7
 
 
+def test_a_held_out_set_sharing_training_items_is_refused_before_anything_is_written(tmp_path, caplog):
+    """Before, eval.heldout was not checked against the training data (training and evaluation went ahead, the
+    held-out loss measured on training items); now it is refused as an evaluation task sharing them is."""
+    records = [{"instruction": f"What is {i} + {i}?", "output": str(2 * i)} for i in range(12)]
+    train, heldout = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in records))
+    heldout.write_text(
+        "".join(json.dumps(r) + "\n" for r in [{"instruction": "Name a colour.", "output": "red"}, *records[3:5]])
+    )
+    overrides = [
+        f"data.train=[{train}]",
+        "data.val_size=0",
+        f"eval.heldout=[{{name: mine, path: {heldout}, answer: text}}]",
+    ]
+    with pytest.raises(DataOverlapError) as err:
+        run_experiment(config(*overrides), tmp_path / "run")
+    assert "held-out sets (mine 2/3; e.g. mine-1 = training train-3, mine-2 = training train-4), whose loss" in str(
+        err.value
+    )
+    assert not (tmp_path / "run").exists()
+    # The same opt-in as for evaluation tasks, and the record names the held-out sets the guard checked.
+    with caplog.at_level(logging.WARNING):
+        summary = run_experiment(config(*overrides, "data.allow_overlap=true", "trainer.max_steps=2"), tmp_path / "run")
+    assert (
+        "held-out sets (mine 2/3; e.g." in caplog.text
+        and "the train/test overlap guard checked only eval.heldout" in caplog.text
+    )
+    assert summary["training_data"]["overlap_checked"] == ["heldout:mine"]
+    # mode=eval checks the adapter's training items against eval.heldout too, with no eval.tasks.
+    evaluate = ["mode=eval", f"run_dir={tmp_path / 'run'}", overrides[2]]
+    with pytest.raises(
+        DataOverlapError,
+        match=r"adapter was trained on train, which contains questions of the held-out sets \(mine 2/3; ",
+    ):
+        run_experiment(config(*evaluate), tmp_path / "eval")
+    assert not (tmp_path / "eval").exists()
+
+
 def test_a_user_file_edited_since_training_is_named_when_its_path_is_relative(tmp_path, monkeypatch, caplog):
     """Before, the recorded file was looked up under paths.data_dir only, so a user's file given relative to the
     working directory (the README's data.train=[examples/user_data/train.jsonl]) was never found there and its

@@ -9,6 +9,7 @@ lowercasing and collapsing whitespace alone finds only 316 / 406 / 54 of AddSub 
 """
 
 import functools
+import itertools
 import logging
 import re
 
@@ -17,10 +18,13 @@ from s2ft.errors import UserError
 
 log = logging.getLogger(__name__)
 _NON_ALPHANUMERIC = re.compile(r"[\W_]+")
+# A chat record's system message, as `s2ft.data.user` writes it at the head of the input: to the next turn's line.
+_LEADING_SYSTEM = re.compile(r"\Asystem: .*?(?:\n(?=(?:user|assistant): )|\Z)", re.DOTALL)
+SHOWN = 5  # shared items the guard's messages name
 
 
 class DataOverlapError(UserError, ValueError):
-    """The training set contains questions of an evaluation set."""
+    """The training set contains questions of an evaluation or held-out set."""
 
 
 # Loading a commonsense source cleans it against the same 12k test questions; caching spares re-normalising them.
@@ -31,14 +35,56 @@ def normalize_question(text: str) -> str:
 
 
 def _question(example: Example) -> str:
-    # The question is the instruction (GSM8K readers put the question there too); inputs are empty in every set here.
-    return normalize_question(f"{example.instruction} {example.input}")
+    # The question is the instruction plus its input (GSM8K readers put the question in the instruction). A chat
+    # record's earlier turns are its input (`s2ft.data.user`), led by its system message: that message sets a
+    # persona or a format, not what is asked, so it is left out and the same question with and without one (or
+    # under another) is one item. The later turns stay: "And the second one?" asks something else in each dialogue.
+    return normalize_question(f"{example.instruction} {_LEADING_SYSTEM.sub('', example.input)}")
+
+
+def _shared(train: list[Example], eval_sets: dict[str, list[Example]]) -> dict[str, list[tuple[str, str]]]:
+    """Per evaluation set, (its item's id, the id of the first training item asking the same) for each shared item."""
+    first: dict[str, str] = {}
+    for example in train:
+        first.setdefault(_question(example), example.id)
+    return {
+        name: [(ex.id, first[question]) for ex in examples if (question := _question(ex)) in first]
+        for name, examples in eval_sets.items()
+    }
 
 
 def find_overlaps(train: list[Example], eval_sets: dict[str, list[Example]]) -> dict[str, int]:
     """Counts, per evaluation set, the items whose normalised question also occurs in the training set."""
-    seen = {_question(ex) for ex in train}
-    return {name: sum(_question(ex) in seen for ex in examples) for name, examples in eval_sets.items()}
+    return {name: len(pairs) for name, pairs in _shared(train, eval_sets).items()}
+
+
+def _describe(train: list[Example], eval_sets: dict[str, list[Example]]) -> tuple[dict[str, int], str]:
+    # The counts, and the sets that share items with a few of those items, taken from each set in turn: "multiarith
+    # 491/600, gsm8k 1052/1319; e.g. multiarith-0 = training math_data-5, gsm8k-3 = training math_data-17, ...". The ids
+    # are those of the predictions files and of the training records (a user's file: its record index).
+    shared = _shared(train, eval_sets)
+    counts = {name: len(pairs) for name, pairs in shared.items()}
+    listing = ", ".join(f"{name} {count}/{len(eval_sets[name])}" for name, count in counts.items() if count)
+    if not listing:
+        return counts, ""
+    pairs = [pair for turn in itertools.zip_longest(*shared.values()) for pair in turn if pair]
+    shown = ", ".join(f"{item} = training {source}" for item, source in pairs[:SHOWN])
+    return counts, f"{listing}; e.g. {shown}{', ...' if len(pairs) > SHOWN else ''}"
+
+
+def overlap_findings(
+    train: list[Example], eval_sets: dict[str, list[Example]], heldout: dict[str, list[Example]]
+) -> tuple[dict[str, int], str]:
+    """What the guard reports: the overlap counts (held-out sets under ``"heldout:NAME"``) and the sentence part that
+    names the sets sharing items, with a few of the items and what the overlap would spoil (empty when none)."""
+    counts, listing = _describe(train, eval_sets)
+    heldout_counts, heldout_listing = _describe(train, heldout)
+    counts |= {f"heldout:{name}": count for name, count in heldout_counts.items()}
+    parts = (
+        listing and f"the evaluation sets ({listing}), whose accuracy would measure memorisation",
+        heldout_listing and f"the held-out sets ({heldout_listing}), whose loss would be a training loss",
+    )
+    return counts, "; ".join(part for part in parts if part)
 
 
 def drop_overlaps(train: list[Example], eval_sets: dict[str, list[Example]]) -> tuple[list[Example], dict[str, int]]:
@@ -55,30 +101,36 @@ def drop_overlaps(train: list[Example], eval_sets: dict[str, list[Example]]) -> 
     return [ex for ex, question in zip(train, train_questions, strict=True) if question not in held], counts
 
 
-def check_overlap(train: list[Example], eval_sets: dict[str, list[Example]], allow: bool = False) -> dict[str, int]:
-    """Refuses a training set that contains evaluation questions, unless the user opted in.
+def check_overlap(
+    train: list[Example],
+    eval_sets: dict[str, list[Example]],
+    allow: bool = False,
+    heldout: dict[str, list[Example]] | None = None,
+) -> dict[str, int]:
+    """Refuses a training set that contains evaluation or held-out questions, unless the user opted in.
 
     Args:
         train: The training items.
         eval_sets: Evaluation set name -> its items.
         allow: Opt-in (``data.allow_overlap=true``): the counts are logged as a warning instead of raising.
+        heldout: Held-out loss set name (``eval.heldout``) -> its items: a loss on training items is no held-out
+            loss, so they are checked as the evaluation sets are.
 
     Returns:
-        Overlap count per evaluation set (for the run's log).
+        Overlap count per evaluation set, and per held-out set under ``"heldout:NAME"`` (for the run's log).
 
     Raises:
-        DataOverlapError: Some evaluation set shares questions with the training set and ``allow`` is false; the
-            message gives the count per set and the two ways out.
+        DataOverlapError: Some set shares questions with the training set and ``allow`` is false; the message names
+            each such set with its count and a few shared items, and the ways out.
     """
-    counts = find_overlaps(train, eval_sets)
-    overlapping = {name: count for name, count in counts.items() if count}
-    if not overlapping:
+    counts, found = overlap_findings(train, eval_sets, heldout or {})
+    if not found:
         return counts
-    listing = ", ".join(f"{name} {count}/{len(eval_sets[name])}" for name, count in overlapping.items())
     if allow:
-        log.warning("training set shares questions with evaluation sets (allowed by data.allow_overlap): %s", listing)
+        log.warning("the training set shares questions with %s (allowed by data.allow_overlap)", found)
         return counts
     raise DataOverlapError(
-        f"the training set contains questions of the evaluation sets ({listing}); accuracy on them would measure "
-        "memorisation. Train on a clean set (GSM8K train has no overlap) or opt in with data.allow_overlap=true"
+        f"the training set contains questions of {found}. Remove those items from the training data (GSM8K train "
+        "has no overlap), check other sets (eval.tasks or data.overlap_tasks, eval.heldout), or opt in with "
+        "data.allow_overlap=true"
     )

@@ -3,7 +3,8 @@
 The record names every training source with its file, the file's SHA-256 and the items it gave the training split,
 plus the settings that drew them (``limit``, ``seed``, ``val_size``) and the evaluation sets the overlap guard checked.
 `check_eval_overlap` rebuilds the training items from it, so evaluating an adapter on tasks it was trained on is
-refused as training on them is (`s2ft.data.overlap.check_overlap`), unless ``data.allow_overlap=true``.
+refused as training on them is (`s2ft.data.overlap.check_overlap`, held-out loss sets included), unless
+``data.allow_overlap=true``.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from s2ft.data import DataError, load_eval, load_train
-from s2ft.data.overlap import DataOverlapError, find_overlaps
-from s2ft.data.sources import describe_train_sources
+from s2ft.data import DataError, load_eval, load_heldout, load_train
+from s2ft.data.overlap import DataOverlapError, overlap_findings
+from s2ft.data.sources import describe_train_sources, heldout_name
 from s2ft.data.user import file_digest
 from s2ft.data.user_tasks import resolve_eval_tasks
 from s2ft.lightning.summary import write_json
@@ -71,23 +72,23 @@ def read_adapter_record(adapter_dir: Path) -> dict | None:
 
 
 def check_eval_overlap(record: dict | None, source: Path, cfg: dict) -> None:
-    """Refuse to evaluate an adapter on evaluation sets that share questions with its training items.
+    """Refuse to evaluate an adapter on evaluation or held-out sets that share questions with its training items.
 
     Args:
         record: The adapter's training record (None: unknown, a warning says the guard could not run).
         source: The adapter folder, for the messages.
-        cfg: The evaluation config (``eval.tasks``, ``data.allow_overlap``, ``paths.data_dir``).
+        cfg: The evaluation config (``eval.tasks``, ``eval.heldout``, ``data.allow_overlap``, ``paths.data_dir``).
 
     Raises:
         DataOverlapError: Overlap found and ``data.allow_overlap`` is false.
     """
-    tasks = cfg["eval"].get("tasks") or []
-    if not tasks:
+    ev, data_dir = cfg["eval"], cfg["paths"]["data_dir"]
+    tasks, heldout_items = ev.get("tasks") or [], ev.get("heldout") or []
+    if not tasks and not heldout_items:
         return
     if record is None:
         log.warning("%s records no training data: the train/test overlap guard cannot check this evaluation", source)
         return
-    data_dir = cfg["paths"]["data_dir"]
     for entry in record["sources"]:
         # A user's file is recorded as given, relative to the working directory or else to the data directory.
         given = Path(entry["file"])
@@ -99,16 +100,17 @@ def check_eval_overlap(record: dict | None, source: Path, cfg: dict) -> None:
     except (FileNotFoundError, DataError) as err:
         log.warning("the train/test overlap guard cannot rebuild the training items of %s: %s", source, err)
         return
-    eval_sets = {task.name: load_eval(task, data_dir) for task in resolve_eval_tasks(tasks, cfg["eval"].get("groups"))}
-    overlapping = {name: count for name, count in find_overlaps(train, eval_sets).items() if count}
-    if not overlapping:
+    specs = resolve_eval_tasks(tasks, ev.get("groups")) if tasks else []
+    eval_sets = {task.name: load_eval(task, data_dir) for task in specs}
+    heldout = {heldout_name(item): load_heldout(item, data_dir) for item in heldout_items}
+    _, found = overlap_findings(train, eval_sets, heldout)
+    if not found:
         return
-    listing = ", ".join(f"{name} {count}/{len(eval_sets[name])}" for name, count in overlapping.items())
     names = ", ".join(source_["name"] for source_ in record["sources"])
     if cfg["data"].get("allow_overlap"):
-        log.warning("%s was trained on questions of the evaluation sets (data.allow_overlap): %s", source, listing)
+        log.warning("%s was trained on questions of %s (allowed by data.allow_overlap)", source, found)
         return
     raise DataOverlapError(
-        f"{source} was trained on {names}, which contains questions of the evaluation sets ({listing}); its accuracy "
-        "on them would measure memorisation. Evaluate it on other tasks, or opt in with data.allow_overlap=true"
+        f"{source} was trained on {names}, which contains questions of {found}. Evaluate it on other sets (eval.tasks, "
+        "eval.heldout), or opt in with data.allow_overlap=true"
     )

@@ -20,8 +20,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from torch.utils.data import DataLoader
 
-from s2ft.data import DataError, load_eval, load_train, split_validation
+from s2ft.data import DataError, load_eval, load_heldout, load_train, split_validation
 from s2ft.data.overlap import check_overlap
+from s2ft.data.sources import heldout_name
 from s2ft.data.user_tasks import resolve_eval_tasks
 from s2ft.evaluation.measure import measure_model
 from s2ft.export import export_lora
@@ -97,12 +98,15 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     overlap_tasks = data.get("overlap_tasks") or cfg["eval"].get("tasks") or []
     tasks = resolve_eval_tasks(overlap_tasks, cfg["eval"].get("groups")) if overlap_tasks else []
     eval_sets = {task.name: load_eval(task, data_dir) for task in tasks}
-    if eval_sets:
-        check_overlap(examples, eval_sets, allow=data.get("allow_overlap", False))
-    else:
+    # Every held-out set too, whole (eval.heldout_limit draws its subset per seed): a loss on training items is none.
+    heldout = {heldout_name(item): load_heldout(item, data_dir) for item in cfg["eval"].get("heldout") or []}
+    if eval_sets or heldout:
+        check_overlap(examples, eval_sets, allow=data.get("allow_overlap", False), heldout=heldout)
+    if not eval_sets:
         log.warning(
-            "no train/test overlap guard ran: eval.tasks is empty and data.overlap_tasks is not set; set "
-            "data.overlap_tasks=[TASKS] to the tasks this run will be evaluated on"
+            "%s: eval.tasks is empty and data.overlap_tasks is not set; set data.overlap_tasks=[TASKS] to the tasks "
+            "this run will be evaluated on",
+            "the train/test overlap guard checked only eval.heldout" if heldout else "no train/test overlap guard ran",
         )
     train, val = split_validation(examples, data["val_size"], cfg["seed"]) if data.get("val_size") else (examples, [])
     processes = process_count(tr)
@@ -114,7 +118,7 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
             f"cannot fill one batch of data.batch_size={data['batch_size']} on {processes} process(es); lower "
             "data.batch_size or data.val_size, or train on more items"
         )
-    provenance = training_record(cfg, train, val, sorted(eval_sets))
+    provenance = training_record(cfg, train, val, sorted(eval_sets) + [f"heldout:{name}" for name in heldout])
     if plan.checkpoint is not None:
         check_same_data(plan.checkpoint, cfg["ckpt_path"], provenance["sources"])
 
