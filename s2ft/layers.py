@@ -184,15 +184,6 @@ class S2FTLinear(nn.Module):
         if not same:
             self.span = contiguous_span(index)
 
-    def get_extra_state(self) -> torch.Tensor:
-        # The selected slots of ``weight`` hold the values when merged and zeros when not: a state dict without the
-        # flag, loaded into a layer in the other state, counted the values twice or not at all (no error). A tensor,
-        # not a dict, so that state-dict savers that take only tensors (safetensors, save_pretrained) still work.
-        return torch.tensor(self.merged)
-
-    def set_extra_state(self, state: torch.Tensor) -> None:
-        self.merged = bool(state)
-
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         # A state dict may bring another index of the same size: the contiguous fast path must follow it.
