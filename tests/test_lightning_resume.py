@@ -203,3 +203,22 @@ def test_a_run_stopped_while_saving_its_merged_model_finishes_on_resume(tmp_path
                 )
                 assert expected.keys() == actual.keys()
                 assert all(torch.equal(expected[k], actual[k]) for k in expected), (folder, name)
+
+
+@pytest.mark.parametrize("stop", [2, 8], ids=["mid_epoch", "epoch_end"])
+def test_a_resumed_lora_run_draws_the_dropout_masks_of_an_uninterrupted_one(tmp_path, stop_at_step, stop):
+    """LoRA trains with lora_dropout=0.05: the random state travels in the checkpoint. 36 training items in batches of
+    4 make 9-batch epochs, so stopping after step 8 checkpoints at step 9, the end of the first epoch."""
+    overrides = ["method=lora", "trainer.max_steps=11", "trainer.checkpoint_every_n_steps=100"]
+    full = run_experiment(smoke_config(*overrides), tmp_path / "full")
+    patch = stop_at_step(stop)
+    with pytest.raises(RunInterrupted):
+        run_experiment(smoke_config(*overrides), tmp_path / "resumed")
+    patch.undo()
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == stop + 1
+    resumed = run_experiment(smoke_config(*overrides, "ckpt_path=last"), tmp_path / "resumed")
+    assert resumed["train"]["loss_curve"] == full["train"]["loss_curve"]
+    expected, actual = adapter_tensors(tmp_path / "full"), adapter_tensors(tmp_path / "resumed")
+    assert expected.keys() == actual.keys() and any("lora" in key for key in expected)
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import shutil
 import signal
 import threading
@@ -98,6 +99,46 @@ class AdvanceSampler(L.Callback):
 def _resumable_sampler(trainer: L.Trainer) -> ResumableBatchSampler | None:
     sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
     return sampler if isinstance(sampler, ResumableBatchSampler) else None
+
+
+class ResumeRandomState(L.Callback):
+    """Carries the random number generators' state (torch's CPU and CUDA ones, Python's) through a checkpoint, so a
+    resumed run draws the dropout masks (LoRA's lora_dropout) an uninterrupted run draws after that step.
+
+    The state is the one at the checkpoint, taken after the batch that stepped; it is set again when the resumed
+    session's first batch starts, after the session rebuilt the model and its dataloaders (which draw numbers of their
+    own). An uninterrupted run starting the next epoch draws one number first, for the new epoch's dataloader iterator
+    (`torch.utils.data.DataLoader` draws its base seed when an iterator is created): a checkpoint taken at the end of
+    an epoch draws it again after restoring.
+    """
+
+    def __init__(self):
+        self._resumed: dict | None = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
+        sampler = _resumable_sampler(trainer)
+        version, state, gauss = random.getstate()
+        checkpoint["random_state"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "python": [version, list(state), gauss],
+            "epoch_end": sampler is not None and sampler.consumed >= len(sampler),
+        }
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
+        self._resumed = checkpoint.get("random_state")  # None in checkpoints written before it was stored
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
+        state, self._resumed = self._resumed, None
+        if state is None:
+            return
+        torch.set_rng_state(state["torch"])
+        if state["cuda"]:
+            torch.cuda.set_rng_state_all(state["cuda"])
+        version, values, gauss = state["python"]
+        random.setstate((version, tuple(values), gauss))
+        if state["epoch_end"]:
+            torch.empty((), dtype=torch.int64).random_()  # the new epoch's iterator's base seed
 
 
 class StopOnNonFinite(L.Callback):

@@ -32,6 +32,7 @@ from s2ft.lightning.callbacks import (
     KeepBest,
     LastCheckpoint,
     RecordBatch,
+    ResumeRandomState,
     RunInterrupted,
     StopOnNonFinite,
 )
@@ -296,6 +297,7 @@ def _trainer(
     interval = tr.get("val_check_interval")
     callbacks = [
         AdvanceSampler(),
+        ResumeRandomState(),
         # The module's records of a batch, then the non-finite check, come before any save of that batch's state.
         RecordBatch(),
         StopOnNonFinite(),
@@ -304,7 +306,7 @@ def _trainer(
     ]
     if tr.get("select_best") == "val_loss":  # validate_run_config made sure there is a validation split
         # Before LastCheckpoint: its best state is taken at validation end and restored before the final save.
-        callbacks.insert(3, KeepBest(after=tr.get("select_best_after", 0.0)))
+        callbacks.insert(4, KeepBest(after=tr.get("select_best_after", 0.0)))
     io = AtomicCheckpointIO({cfg["ckpt_path"]: preloaded} if preloaded is not None else None)
     strategy = FSDP2Strategy() if tr.get("strategy") == "fsdp" else tr.get("strategy", "auto")
     try:
