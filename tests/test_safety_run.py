@@ -158,6 +158,10 @@ CASES = {
         r"already holds a run's outputs \(config\.yaml, .*adapter.*\); .*overwrite=true",
     ),
     "eval_over_finished": ("finished", None, ["mode=eval", "method=none"], RunDirError, r"already holds a run's"),
+    "resume_finished": (
+        "finished", None, ["ckpt_path=last"], RunDirError,
+        r"ckpt_path=last but \S+ holds a finished run \(summary\.json\), so there is nothing to resume; ckpt_path=auto",
+    ),
     "overwrite_and_resume": (
         "interrupted", None, ["overwrite=true", "ckpt_path=last"], RunConfigError,
         r"overwrite=true deletes .* but ckpt_path=last resumes",

@@ -59,7 +59,8 @@ def prepare_run_dir(cfg: dict, run_dir: Path) -> RunPlan:
 
     Raises:
         RunConfigError: A resume under another config than the run's (the differing keys are named).
-        RunDirError: A fresh run in a directory holding another run's outputs (or an interrupted run's checkpoint).
+        RunDirError: A fresh run in a directory holding another run's outputs (or an interrupted run's checkpoint), or
+            a resume (``ckpt_path=last`` or a file) in a directory whose run finished.
         CheckpointError: A missing, unreadable or foreign checkpoint.
     """
     settle_overwrite(run_dir)  # what an overwrite killed mid-command left aside
@@ -82,6 +83,14 @@ def prepare_run_dir(cfg: dict, run_dir: Path) -> RunPlan:
         if rank_zero_only.rank == 0:
             _check_fresh(cfg, run_dir)
         return RunPlan(cfg)
+    if (run_dir / "summary.json").is_file():
+        # Nothing is left to train: resuming would evaluate again and append a second copy of the final rows to
+        # metrics.csv (replayed from the first session's file, then logged anew).
+        raise RunDirError(
+            f"ckpt_path={ckpt} but {run_dir} holds a finished run (summary.json), so there is nothing to resume; "
+            f"ckpt_path=auto skips it, python run.py mode=eval run_dir={run_dir} evaluates it again in a directory of "
+            "its own, and overwrite=true (without ckpt_path) trains it again"
+        )
     path = run_dir / CHECKPOINT if ckpt == "last" else Path(ckpt)
     if not path.is_file():
         raise RunDirError(
