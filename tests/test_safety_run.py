@@ -3,6 +3,7 @@ directory (checkpoints, metrics.csv, config.yaml) byte-identical; a later correc
 uninterrupted run. Also: the stop on a non-finite loss, overwrite=true, and the training-data provenance."""
 
 import csv
+import fcntl
 import hashlib
 import json
 import logging
@@ -571,3 +572,20 @@ def test_a_run_that_fails_after_its_before_evaluation_leaves_nothing_that_blocks
         with pytest.raises(S2FTConfigError, match="gives 0 of 20 units per layer"):
             run_experiment(cfg, run_dir)
         assert not (run_dir / "before").exists() and not (run_dir / ".before.partial").exists()
+
+
+def test_a_second_command_in_a_run_directory_in_use_is_refused_before_it_touches_it(copy_of):
+    """Two commands in one directory (a sweep started twice, a requeued job whose first copy still runs) would resume
+    the same checkpoint and write one `.last.ckpt.tmp`, metrics.csv and adapter at once."""
+    run_dir = copy_of("interrupted")
+    before = snapshot(run_dir)
+    holder = os.open(run_dir, os.O_RDONLY)  # the running command's lock (its own open file, as another process's)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        with pytest.raises(RunDirError, match=r"another process is running in \S+interrupted .*ckpt_path=auto$"):
+            run_experiment(config("ckpt_path=auto"), run_dir)
+        assert snapshot(run_dir) == before
+    finally:
+        os.close(holder)
+    run_experiment(config("ckpt_path=auto"), run_dir)  # the lock went with the command that held it
+    assert step_of(run_dir / "checkpoints" / "last.ckpt") == 6 and (run_dir / "summary.json").is_file()

@@ -11,9 +11,13 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +56,44 @@ class RunPlan:
     cfg: dict
     finished: dict | None = None
     checkpoint: dict | None = None
+
+
+@contextmanager
+def run_dir_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir`` for one command: a second command in it (a sweep started twice, a requeued job whose first
+    copy still runs) is refused before it reads or writes anything, instead of resuming the same checkpoint and
+    writing the same checkpoint, metrics and adapter files at once.
+
+    The lock is an exclusive `flock` on the directory itself, so no file is added to it; the kernel releases it when
+    the process ends, however it ends. A directory this creates for the lock is removed again if the command leaves
+    it empty. Only rank 0 locks (DDP ranks share the directory), and a filesystem that cannot lock a directory (NFS,
+    Lustre without flock) leaves the run unguarded, as before.
+
+    Raises:
+        RunDirError: Another process holds the directory.
+    """
+    if rank_zero_only.rank != 0:
+        yield
+        return
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = os.open(run_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                yield  # no directory locks on this filesystem
+                return
+            raise RunDirError(
+                f"another process is running in {run_dir} (it holds the directory's lock); wait for it to end or stop "
+                "it, then continue the run with ckpt_path=auto"
+            ) from None
+        yield
+    finally:
+        os.close(handle)
+        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
 
 
 def prepare_run_dir(cfg: dict, run_dir: Path) -> RunPlan:

@@ -43,7 +43,7 @@ from s2ft.lightning.evaluation import evaluate_only, finish, write_config
 from s2ft.lightning.loggers import ReplayCSVHistory, build_logger, end_wandb_run, wandb_info
 from s2ft.lightning.module import FineTuneModule
 from s2ft.lightning.provenance import training_record, write_adapter_record
-from s2ft.lightning.run_dir import RunPlan, honour_umask, prepare_run_dir, settle_overwrite
+from s2ft.lightning.run_dir import RunPlan, honour_umask, prepare_run_dir, run_dir_lock, settle_overwrite
 from s2ft.lightning.sharding import FSDP2Strategy, gather_trained, local_elements
 from s2ft.lightning.summary import build_summary, flat_metrics, task_record
 from s2ft.methods import get_method, merge_trained, prepare_model, save_trained, trainable_summary
@@ -66,6 +66,11 @@ def run_experiment(cfg: dict, run_dir: str | Path) -> dict | None:
     """
     validate_run_config(cfg)
     run_dir = Path(run_dir)
+    with run_dir_lock(run_dir):
+        return _run_locked(cfg, run_dir)
+
+
+def _run_locked(cfg: dict, run_dir: Path) -> dict | None:
     # Every check of the directory, its config and its checkpoint comes before the first write into it.
     plan = prepare_run_dir(cfg, run_dir)
     if plan.finished is not None:
