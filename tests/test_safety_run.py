@@ -3,6 +3,7 @@ directory (checkpoints, metrics.csv, config.yaml) byte-identical; a later correc
 uninterrupted run. Also: the stop on a non-finite loss, overwrite=true, and the training-data provenance."""
 
 import csv
+import errno
 import fcntl
 import hashlib
 import json
@@ -25,7 +26,7 @@ from s2ft.config import S2FTConfigError
 from s2ft.data.overlap import DataOverlapError
 from s2ft.data.records import DataError
 from s2ft.data.sources import describe_train_sources
-from s2ft.lightning import FineTuneModule, run_experiment, runner
+from s2ft.lightning import FineTuneModule, callbacks, run_experiment, runner
 from s2ft.lightning.callbacks import RunInterrupted, TrainingDiverged
 from s2ft.lightning.checkpoint import CheckpointError, read_checkpoint
 from s2ft.lightning.loggers import ResumableCSVLogger
@@ -589,3 +590,30 @@ def test_a_second_command_in_a_run_directory_in_use_is_refused_before_it_touches
         os.close(holder)
     run_experiment(config("ckpt_path=auto"), run_dir)  # the lock went with the command that held it
     assert step_of(run_dir / "checkpoints" / "last.ckpt") == 6 and (run_dir / "summary.json").is_file()
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_one_before_and_names_the_fix(runs, tmp_path, monkeypatch):
+    save, saves = torch.save, []
+
+    def full_disk(obj, handle, *args, **kwargs):
+        saves.append(obj["global_step"])
+        if len(saves) == 2:  # the checkpoint of step 4: part of it is written, then the disk is full
+            handle.write(b"\0" * 4096)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(obj, handle, *args, **kwargs)
+
+    monkeypatch.setattr(callbacks.torch, "save", full_disk)
+    run_dir = tmp_path / "job"
+    message = (
+        r"could not write checkpoint \S+last\.ckpt \(No space left on device\); the one before it is intact\. Free "
+        r"space on that disk, then continue with: python run\.py <same overrides> hydra\.run\.dir=\S+ ckpt_path=auto$"
+    )
+    with pytest.raises(CheckpointError, match=message):
+        run_experiment(config(), run_dir)
+    monkeypatch.setattr(callbacks.torch, "save", save)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt"]  # no partial copy left
+    assert step_of(run_dir / "checkpoints" / "last.ckpt") == 2
+    run_experiment(config("ckpt_path=auto"), run_dir)
+    assert logged(run_dir) == pytest.approx(logged(runs["finished"]))
+    expected = adapter_tensors(runs["finished"])
+    assert all(torch.equal(expected[key], tensor) for key, tensor in adapter_tensors(run_dir).items())

@@ -17,7 +17,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from s2ft.errors import UserError
-from s2ft.lightning.checkpoint import read_checkpoint, resume_command
+from s2ft.lightning.checkpoint import CheckpointError, read_checkpoint, resume_command
 from s2ft.lightning.sampler import ResumableBatchSampler
 from s2ft.lightning.sharding import gather_trained, load_whole
 
@@ -55,10 +55,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as handle:
-            torch.save(checkpoint, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with open(tmp, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except BaseException as err:
+            tmp.unlink(missing_ok=True)  # a partial copy of a model-sized file would keep the disk full
+            if not isinstance(err, OSError):
+                raise
+            kept = "the one before it is intact" if path.is_file() else "none was saved before it"
+            raise CheckpointError(
+                f"could not write checkpoint {path} ({err.strerror or err}); {kept}. Free space on that disk, then "
+                f"continue with: {resume_command(path.parent.parent, 'auto')}"
+            ) from err
         if path.resolve() in self.trusted and path.is_file():
             kept = path.with_name("previous.ckpt")
             link = kept.with_name(f".{kept.name}.tmp")
