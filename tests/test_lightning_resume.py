@@ -10,7 +10,7 @@ import torch
 from conftest import adapter_tensors, compose_run, logged, smoke_config
 from safetensors.torch import load_file
 
-from s2ft.lightning import FineTuneModule, run_experiment, runner
+from s2ft.lightning import FineTuneModule, run_experiment, runner, summary
 from s2ft.lightning.callbacks import RunInterrupted
 from s2ft.lightning.run_dir import RunDirError
 from s2ft.run_config import RunConfigError
@@ -60,6 +60,7 @@ def test_sigterm_checkpoint_then_resume_matches_uninterrupted_run(tmp_path, stop
     resumed = run_experiment(smoke_config(*overrides, "ckpt_path=last", logger="csv"), tmp_path / "resumed")
     session = time.perf_counter() - start
     assert resumed["train"]["steps"] == full["train"]["steps"] == 13
+    assert "code_history" not in resumed  # both sessions ran this code
     # The resume is exact (below), so Lightning's "dataloader is not resumable" alarm must not be shown.
     assert [str(w.message) for w in recwarn if "not resumable" in str(w.message)] == []
     # Training time counts the interrupted session up to its checkpoint and the resumed one.
@@ -222,3 +223,20 @@ def test_a_resumed_lora_run_draws_the_dropout_masks_of_an_uninterrupted_one(tmp_
     assert expected.keys() == actual.keys() and any("lora" in key for key in expected)
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
+
+
+def test_a_run_resumed_under_other_code_says_so_and_lists_each_sessions_code(tmp_path, stop_at_step, caplog):
+    overrides = ["trainer.max_steps=4", "trainer.checkpoint_every_n_steps=100"]
+    patch = stop_at_step(1)
+    with pytest.raises(RunInterrupted):
+        run_experiment(smoke_config(*overrides), tmp_path / "job")
+    patch.undo()
+    first = torch.load(tmp_path / "job" / "checkpoints" / "last.ckpt", weights_only=True)["code_history"]
+    assert first == [{"git_commit": first[0]["git_commit"], "versions": summary.package_versions()}]
+    upgraded = {**summary.package_versions(), "torch": "9.9.9"}
+    patch.setattr(summary, "package_versions", lambda: upgraded)
+    resumed = run_experiment(smoke_config(*overrides, "ckpt_path=last"), tmp_path / "job")
+    torch_version = first[0]["versions"]["torch"]
+    assert f"written under other code (torch {torch_version} -> 9.9.9)" in caplog.text
+    assert resumed["code_history"] == [*first, {"git_commit": first[0]["git_commit"], "versions": upgraded}]
+    assert resumed["versions"] == upgraded

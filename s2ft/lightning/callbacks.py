@@ -201,15 +201,21 @@ class LastCheckpoint(L.Callback):
     command; a second signal acts at once. Under DDP, SIGTERM keeps Lightning's handling (it stops every rank
     together; the runner turns its `SIGTERMException` into `RunInterrupted`). Every checkpoint stores the run's config
     and its training files' digests too, so a resume under another config or on changed data is refused before it
-    starts.
+    starts. They store the code each session trained under (``code_history``), which a resumed run's summary lists.
     """
 
     SIGNALS = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
 
     def __init__(
-        self, path: str | Path, every_n_steps: int = 50, run_config: dict | None = None, sources: list | None = None
+        self,
+        path: str | Path,
+        every_n_steps: int = 50,
+        run_config: dict | None = None,
+        sources: list | None = None,
+        code_history: list | None = None,
     ):
         self.path, self.every_n_steps, self.run_config, self.sources = Path(path), every_n_steps, run_config, sources
+        self.code_history = code_history
         self.interrupted: str | None = None  # the signal that asked to stop
         self._previous: dict[int, object] = {}
         self._pending = False  # a save waiting for the validation in progress
@@ -233,6 +239,8 @@ class LastCheckpoint(L.Callback):
             checkpoint["run_config"] = self.run_config
         if self.sources is not None:
             checkpoint["training_sources"] = self.sources  # `training_record`'s: name, file, SHA-256, count, items
+        if self.code_history is not None:
+            checkpoint["code_history"] = self.code_history  # `s2ft.lightning.checkpoint.code_history`
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         loop = trainer.fit_loop.epoch_loop

@@ -36,7 +36,7 @@ from s2ft.lightning.callbacks import (
     RunInterrupted,
     StopOnNonFinite,
 )
-from s2ft.lightning.checkpoint import CHECKPOINT, check_checkpoint_fits, check_same_data
+from s2ft.lightning.checkpoint import CHECKPOINT, check_checkpoint_fits, check_same_data, code_history
 from s2ft.lightning.console import StepProgressBar
 from s2ft.lightning.datamodule import SFTDataModule
 from s2ft.lightning.evaluation import evaluate_only, finish, write_config
@@ -45,7 +45,7 @@ from s2ft.lightning.module import FineTuneModule
 from s2ft.lightning.provenance import training_record, write_adapter_record
 from s2ft.lightning.run_dir import RunPlan, honour_umask, prepare_run_dir, run_dir_lock, settle_overwrite
 from s2ft.lightning.sharding import FSDP2Strategy, gather_trained, local_elements
-from s2ft.lightning.summary import build_summary, flat_metrics, task_record
+from s2ft.lightning.summary import build_summary, code_record, flat_metrics, task_record
 from s2ft.methods import get_method, merge_trained, prepare_model, save_trained, trainable_summary
 from s2ft.models import build_run_model
 from s2ft.run_config import RunConfigError, process_count, validate_run_config
@@ -142,7 +142,8 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     run_dir.mkdir(parents=True, exist_ok=True)
     # Lightning checks the accelerator, the devices and the launcher's world as it builds the Trainer: before the
     # first writes of the run's own files (metrics, W&B id, config), so a command it refuses leaves none of them.
-    trainer = _trainer(cfg, run_dir, False, bool(val), plan.checkpoint, provenance["sources"])
+    history = code_history(plan.checkpoint, cfg["ckpt_path"], code_record(cfg))
+    trainer = _trainer(cfg, run_dir, False, bool(val), plan.checkpoint, provenance["sources"], history)
     # The untrained model is measured, and calibration batches scored, where it trains (this rank's GPU), not where
     # it was loaded (the CPU); the Trainer would move it there only at fit.
     device = trainer.strategy.root_device
@@ -260,6 +261,8 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
         extra["lm_eval_before"] = results.get("lm_eval") if results else None
     summary = build_summary(cfg, counts, train_stats, after["eval"], heldout=heldout, wandb=wandb_info(logger), **extra)
     summary["training_data"] = provenance
+    if len(history) > 1:  # sessions under other code: git_commit and versions are the last one's
+        summary["code_history"] = history
     if logger:
         logger.log_metrics(flat_metrics(summary))
         logger.save()  # Lightning saved the CSV logger when fit ended; these rows come after it
@@ -296,7 +299,13 @@ def unsharded_model(cfg: dict, calibration, trained: dict[str, torch.Tensor], de
 
 
 def _trainer(
-    cfg: dict, run_dir: Path, logger, has_val: bool, preloaded: dict | None, sources: list | None = None
+    cfg: dict,
+    run_dir: Path,
+    logger,
+    has_val: bool,
+    preloaded: dict | None,
+    sources: list | None = None,
+    history: list | None = None,
 ) -> L.Trainer:
     tr = cfg["trainer"]
     interval = tr.get("val_check_interval")
@@ -306,7 +315,13 @@ def _trainer(
         # The module's records of a batch, then the non-finite check, come before any save of that batch's state.
         RecordBatch(),
         StopOnNonFinite(),
-        LastCheckpoint(run_dir / CHECKPOINT, tr.get("checkpoint_every_n_steps", 50), run_config=cfg, sources=sources),
+        LastCheckpoint(
+            run_dir / CHECKPOINT,
+            tr.get("checkpoint_every_n_steps", 50),
+            run_config=cfg,
+            sources=sources,
+            code_history=history,
+        ),
         ReplayCSVHistory(),
     ]
     if tr.get("select_best") == "val_loss":  # validate_run_config made sure there is a validation split
