@@ -240,3 +240,20 @@ def test_a_run_resumed_under_other_code_says_so_and_lists_each_sessions_code(tmp
     assert f"written under other code (torch {torch_version} -> 9.9.9)" in caplog.text
     assert resumed["code_history"] == [*first, {"git_commit": first[0]["git_commit"], "versions": upgraded}]
     assert resumed["versions"] == upgraded
+
+
+def test_ctrl_c_inside_fit_before_training_stays_a_keyboard_interrupt(tmp_path, monkeypatch):
+    """Lightning turns a KeyboardInterrupt inside fit (here while the optimizer is built; also a second Ctrl-C) into
+    SystemExit(1) and ignores SIGINT from then on; run.py names the ckpt_path=auto command for a KeyboardInterrupt."""
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FineTuneModule, "configure_optimizers", interrupted)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(smoke_config("trainer.max_steps=2"), tmp_path / "job")
+    assert signal.getsignal(signal.SIGINT) is before
+    monkeypatch.undo()
+    done = run_experiment(smoke_config("trainer.max_steps=2", "ckpt_path=auto"), tmp_path / "job")
+    assert done["train"]["steps"] == 2

@@ -10,7 +10,9 @@ import hashlib
 import logging
 import os
 import shutil
+import signal
 import statistics
+import threading
 import warnings
 from pathlib import Path
 
@@ -199,7 +201,7 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     # the data module carries the sampler's position (`SFTDataModule`), so the resume is exact and the warning false.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        _fit(trainer, module, datamodule, cfg.get("ckpt_path"))
 
     sharded = isinstance(trainer.strategy, FSDP2Strategy)
     if sharded:
@@ -267,6 +269,23 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
         logger.log_metrics(flat_metrics(summary))
         logger.save()  # Lightning saved the CSV logger when fit ended; these rows come after it
     return finish(summary, run_dir)
+
+
+def _fit(trainer: L.Trainer, module: FineTuneModule, datamodule: SFTDataModule, ckpt_path: str | None) -> None:
+    """`trainer.fit`, with a Ctrl-C inside it left a KeyboardInterrupt: Lightning turns one (raised before training
+    starts, or by a second Ctrl-C) into `SystemExit(1)`, which skips run.py's message naming the command that
+    continues, and leaves SIGINT ignored for the rest of the process (a notebook could no longer be interrupted)."""
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SystemExit as err:
+        if isinstance(err.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, handler)
 
 
 def unsharded_model(cfg: dict, calibration, trained: dict[str, torch.Tensor], device: torch.device | str = "cpu"):
