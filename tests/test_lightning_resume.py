@@ -257,3 +257,27 @@ def test_ctrl_c_inside_fit_before_training_stays_a_keyboard_interrupt(tmp_path, 
     monkeypatch.undo()
     done = run_experiment(smoke_config("trainer.max_steps=2", "ckpt_path=auto"), tmp_path / "job")
     assert done["train"]["steps"] == 2
+
+
+def test_a_second_sigterm_inside_an_accumulation_keeps_the_checkpoint_of_the_last_step(tmp_path, monkeypatch):
+    """The second signal stops at the end of the batch in flight (Lightning's SIGTERMException): a checkpoint there,
+    within a window of 3 micro-batches, would resume without the gradients gathered before it."""
+    overrides = ["trainer.max_steps=4", "trainer.checkpoint_every_n_steps=1", "trainer.accumulate_grad_batches=3"]
+    full = run_experiment(smoke_config(*overrides), tmp_path / "full")
+    original = FineTuneModule.on_train_batch_end
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        original(self, outputs, batch, batch_idx)
+        if batch_idx in (3, 4):  # the first two micro-batches of step 2
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(FineTuneModule, "on_train_batch_end", on_train_batch_end)
+    with pytest.raises(RunInterrupted, match="stopped by SIGTERM"):
+        run_experiment(smoke_config(*overrides), tmp_path / "resumed")
+    monkeypatch.undo()
+    ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (ckpt["global_step"], ckpt["SFTDataModule"]) == (1, {"epoch": 0, "consumed": 3})
+    resumed = run_experiment(smoke_config(*overrides, "ckpt_path=last"), tmp_path / "resumed")
+    assert resumed["train"]["loss_curve"] == full["train"]["loss_curve"]
+    for key, tensor in adapter_tensors(tmp_path / "full").items():
+        assert torch.equal(adapter_tensors(tmp_path / "resumed")[key], tensor), key

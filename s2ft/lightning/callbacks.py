@@ -198,10 +198,14 @@ class LastCheckpoint(L.Callback):
     the end of that validation, so a resume neither repeats nor skips it. SIGTERM and Ctrl-C stop training the same
     way: the optimizer step in flight (the batch in flight, and with gradient accumulation the rest of its
     micro-batches; a validation after it) finishes, the checkpoint is written and `RunInterrupted` names the resume
-    command; a second signal acts at once. Under DDP, SIGTERM keeps Lightning's handling (it stops every rank
-    together; the runner turns its `SIGTERMException` into `RunInterrupted`). Every checkpoint stores the run's config
-    and its training files' digests too, so a resume under another config or on changed data is refused before it
-    starts. They store the code each session trained under (``code_history``), which a resumed run's summary lists.
+    command; a second signal acts at once (Lightning's `SIGTERMException`, which the runner turns into
+    `RunInterrupted`), saving the checkpoint only if it stopped at the end of an optimizer step, outside validation.
+    Under DDP every rank takes the signals so, and the ranks agree at the end of each optimizer step whether any of
+    them was signalled (Lightning's own handling stopped each rank at the end of any batch, inside an accumulation
+    or a validation, saved that state, and could leave the ranks waiting on each other). Every checkpoint stores the
+    run's config and its training files' digests too, so a resume under another config or on changed data is refused
+    before it starts. They store the code each session trained under (``code_history``), which a resumed run's summary
+    lists.
     """
 
     SIGNALS = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
@@ -223,7 +227,7 @@ class LastCheckpoint(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         if threading.current_thread() is threading.main_thread():
-            signums = [signal.SIGINT] + ([signal.SIGTERM] if trainer.world_size == 1 else [])
+            signums = [signal.SIGINT, signal.SIGTERM]
             self._previous = {signum: signal.signal(signum, self._on_signal) for signum in signums}
 
     def _on_signal(self, signum, frame) -> None:
@@ -245,7 +249,12 @@ class LastCheckpoint(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         loop = trainer.fit_loop.epoch_loop
         # Only after an optimizer step: a checkpoint within an accumulation would lose the gradients gathered so far.
-        if loop._should_accumulate() or not (self.interrupted or trainer.global_step % self.every_n_steps == 0):
+        if loop._should_accumulate():
+            return
+        if trainer.world_size > 1:  # every rank stops after the same step, when any of them was signalled
+            stop = trainer.strategy.reduce_boolean_decision(self.interrupted is not None, all=False)
+            self.interrupted = self.interrupted or ("a signal to another rank" if stop else None)
+        if not (self.interrupted or trainer.global_step % self.every_n_steps == 0):
             return
         if loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
             self._pending = True
@@ -273,7 +282,10 @@ class LastCheckpoint(L.Callback):
             raise RunInterrupted(self.interrupted, self.path.parent.parent)
 
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException):
+        # A second SIGTERM stops at the end of any batch: only the end of an optimizer step (outside a validation) is
+        # a state to resume exactly; otherwise the checkpoint before it stays the last one.
+        at_step = not trainer.validating and not trainer.fit_loop.epoch_loop._should_accumulate()
+        if isinstance(exception, SIGTERMException) and at_step:
             trainer.save_checkpoint(self.path, weights_only=False)
         self._restore_signals()
 
