@@ -10,7 +10,7 @@ import torch
 from conftest import adapter_tensors, compose_run, logged, smoke_config
 from safetensors.torch import load_file
 
-from s2ft.lightning import FineTuneModule, run_experiment, runner
+from s2ft.lightning import FineTuneModule, run_experiment, runner, summary
 from s2ft.lightning.callbacks import RunInterrupted
 from s2ft.lightning.run_dir import RunDirError
 from s2ft.run_config import RunConfigError
@@ -60,6 +60,7 @@ def test_sigterm_checkpoint_then_resume_matches_uninterrupted_run(tmp_path, stop
     resumed = run_experiment(smoke_config(*overrides, "ckpt_path=last", logger="csv"), tmp_path / "resumed")
     session = time.perf_counter() - start
     assert resumed["train"]["steps"] == full["train"]["steps"] == 13
+    assert "code_history" not in resumed  # both sessions ran this code
     # The resume is exact (below), so Lightning's "dataloader is not resumable" alarm must not be shown.
     assert [str(w.message) for w in recwarn if "not resumable" in str(w.message)] == []
     # Training time counts the interrupted session up to its checkpoint and the resumed one.
@@ -203,3 +204,80 @@ def test_a_run_stopped_while_saving_its_merged_model_finishes_on_resume(tmp_path
                 )
                 assert expected.keys() == actual.keys()
                 assert all(torch.equal(expected[k], actual[k]) for k in expected), (folder, name)
+
+
+@pytest.mark.parametrize("stop", [2, 8], ids=["mid_epoch", "epoch_end"])
+def test_a_resumed_lora_run_draws_the_dropout_masks_of_an_uninterrupted_one(tmp_path, stop_at_step, stop):
+    """LoRA trains with lora_dropout=0.05: the random state travels in the checkpoint. 36 training items in batches of
+    4 make 9-batch epochs, so stopping after step 8 checkpoints at step 9, the end of the first epoch."""
+    overrides = ["method=lora", "trainer.max_steps=11", "trainer.checkpoint_every_n_steps=100"]
+    full = run_experiment(smoke_config(*overrides), tmp_path / "full")
+    patch = stop_at_step(stop)
+    with pytest.raises(RunInterrupted):
+        run_experiment(smoke_config(*overrides), tmp_path / "resumed")
+    patch.undo()
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == stop + 1
+    resumed = run_experiment(smoke_config(*overrides, "ckpt_path=last"), tmp_path / "resumed")
+    assert resumed["train"]["loss_curve"] == full["train"]["loss_curve"]
+    expected, actual = adapter_tensors(tmp_path / "full"), adapter_tensors(tmp_path / "resumed")
+    assert expected.keys() == actual.keys() and any("lora" in key for key in expected)
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+
+
+def test_a_run_resumed_under_other_code_says_so_and_lists_each_sessions_code(tmp_path, stop_at_step, caplog):
+    overrides = ["trainer.max_steps=4", "trainer.checkpoint_every_n_steps=100"]
+    patch = stop_at_step(1)
+    with pytest.raises(RunInterrupted):
+        run_experiment(smoke_config(*overrides), tmp_path / "job")
+    patch.undo()
+    first = torch.load(tmp_path / "job" / "checkpoints" / "last.ckpt", weights_only=True)["code_history"]
+    assert first == [{"git_commit": first[0]["git_commit"], "versions": summary.package_versions()}]
+    upgraded = {**summary.package_versions(), "torch": "9.9.9"}
+    patch.setattr(summary, "package_versions", lambda: upgraded)
+    resumed = run_experiment(smoke_config(*overrides, "ckpt_path=last"), tmp_path / "job")
+    torch_version = first[0]["versions"]["torch"]
+    assert f"written under other code (torch {torch_version} -> 9.9.9)" in caplog.text
+    assert resumed["code_history"] == [*first, {"git_commit": first[0]["git_commit"], "versions": upgraded}]
+    assert resumed["versions"] == upgraded
+
+
+def test_ctrl_c_inside_fit_before_training_stays_a_keyboard_interrupt(tmp_path, monkeypatch):
+    """Lightning turns a KeyboardInterrupt inside fit (here while the optimizer is built; also a second Ctrl-C) into
+    SystemExit(1) and ignores SIGINT from then on; run.py names the ckpt_path=auto command for a KeyboardInterrupt."""
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FineTuneModule, "configure_optimizers", interrupted)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(smoke_config("trainer.max_steps=2"), tmp_path / "job")
+    assert signal.getsignal(signal.SIGINT) is before
+    monkeypatch.undo()
+    done = run_experiment(smoke_config("trainer.max_steps=2", "ckpt_path=auto"), tmp_path / "job")
+    assert done["train"]["steps"] == 2
+
+
+def test_a_second_sigterm_inside_an_accumulation_keeps_the_checkpoint_of_the_last_step(tmp_path, monkeypatch):
+    """The second signal stops at the end of the batch in flight (Lightning's SIGTERMException): a checkpoint there,
+    within a window of 3 micro-batches, would resume without the gradients gathered before it."""
+    overrides = ["trainer.max_steps=4", "trainer.checkpoint_every_n_steps=1", "trainer.accumulate_grad_batches=3"]
+    full = run_experiment(smoke_config(*overrides), tmp_path / "full")
+    original = FineTuneModule.on_train_batch_end
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        original(self, outputs, batch, batch_idx)
+        if batch_idx in (3, 4):  # the first two micro-batches of step 2
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(FineTuneModule, "on_train_batch_end", on_train_batch_end)
+    with pytest.raises(RunInterrupted, match="stopped by SIGTERM"):
+        run_experiment(smoke_config(*overrides), tmp_path / "resumed")
+    monkeypatch.undo()
+    ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (ckpt["global_step"], ckpt["SFTDataModule"]) == (1, {"epoch": 0, "consumed": 3})
+    resumed = run_experiment(smoke_config(*overrides, "ckpt_path=last"), tmp_path / "resumed")
+    assert resumed["train"]["loss_curve"] == full["train"]["loss_curve"]
+    for key, tensor in adapter_tensors(tmp_path / "full").items():
+        assert torch.equal(adapter_tensors(tmp_path / "resumed")[key], tensor), key

@@ -3,6 +3,8 @@ directory (checkpoints, metrics.csv, config.yaml) byte-identical; a later correc
 uninterrupted run. Also: the stop on a non-finite loss, overwrite=true, and the training-data provenance."""
 
 import csv
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -24,7 +26,7 @@ from s2ft.config import S2FTConfigError
 from s2ft.data.overlap import DataOverlapError
 from s2ft.data.records import DataError
 from s2ft.data.sources import describe_train_sources
-from s2ft.lightning import FineTuneModule, run_experiment, runner
+from s2ft.lightning import FineTuneModule, callbacks, run_experiment, runner
 from s2ft.lightning.callbacks import RunInterrupted, TrainingDiverged
 from s2ft.lightning.checkpoint import CheckpointError, read_checkpoint
 from s2ft.lightning.loggers import ResumableCSVLogger
@@ -158,6 +160,10 @@ CASES = {
         r"already holds a run's outputs \(config\.yaml, .*adapter.*\); .*overwrite=true",
     ),
     "eval_over_finished": ("finished", None, ["mode=eval", "method=none"], RunDirError, r"already holds a run's"),
+    "resume_finished": (
+        "finished", None, ["ckpt_path=last"], RunDirError,
+        r"ckpt_path=last but \S+ holds a finished run \(summary\.json\), so there is nothing to resume; ckpt_path=auto",
+    ),
     "overwrite_and_resume": (
         "interrupted", None, ["overwrite=true", "ckpt_path=last"], RunConfigError,
         r"overwrite=true deletes .* but ckpt_path=last resumes",
@@ -567,3 +573,47 @@ def test_a_run_that_fails_after_its_before_evaluation_leaves_nothing_that_blocks
         with pytest.raises(S2FTConfigError, match="gives 0 of 20 units per layer"):
             run_experiment(cfg, run_dir)
         assert not (run_dir / "before").exists() and not (run_dir / ".before.partial").exists()
+
+
+def test_a_second_command_in_a_run_directory_in_use_is_refused_before_it_touches_it(copy_of):
+    """Two commands in one directory (a sweep started twice, a requeued job whose first copy still runs) would resume
+    the same checkpoint and write one `.last.ckpt.tmp`, metrics.csv and adapter at once."""
+    run_dir = copy_of("interrupted")
+    before = snapshot(run_dir)
+    holder = os.open(run_dir, os.O_RDONLY)  # the running command's lock (its own open file, as another process's)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        with pytest.raises(RunDirError, match=r"another process is running in \S+interrupted .*ckpt_path=auto$"):
+            run_experiment(config("ckpt_path=auto"), run_dir)
+        assert snapshot(run_dir) == before
+    finally:
+        os.close(holder)
+    run_experiment(config("ckpt_path=auto"), run_dir)  # the lock went with the command that held it
+    assert step_of(run_dir / "checkpoints" / "last.ckpt") == 6 and (run_dir / "summary.json").is_file()
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_one_before_and_names_the_fix(runs, tmp_path, monkeypatch):
+    save, saves = torch.save, []
+
+    def full_disk(obj, handle, *args, **kwargs):
+        saves.append(obj["global_step"])
+        if len(saves) == 2:  # the checkpoint of step 4: part of it is written, then the disk is full
+            handle.write(b"\0" * 4096)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(obj, handle, *args, **kwargs)
+
+    monkeypatch.setattr(callbacks.torch, "save", full_disk)
+    run_dir = tmp_path / "job"
+    message = (
+        r"could not write checkpoint \S+last\.ckpt \(No space left on device\); the one before it is intact\. Free "
+        r"space on that disk, then continue with: python run\.py <same overrides> hydra\.run\.dir=\S+ ckpt_path=auto$"
+    )
+    with pytest.raises(CheckpointError, match=message):
+        run_experiment(config(), run_dir)
+    monkeypatch.setattr(callbacks.torch, "save", save)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt"]  # no partial copy left
+    assert step_of(run_dir / "checkpoints" / "last.ckpt") == 2
+    run_experiment(config("ckpt_path=auto"), run_dir)
+    assert logged(run_dir) == pytest.approx(logged(runs["finished"]))
+    expected = adapter_tensors(runs["finished"])
+    assert all(torch.equal(expected[key], tensor) for key, tensor in adapter_tensors(run_dir).items())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import shutil
 import signal
 import threading
@@ -16,7 +17,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from s2ft.errors import UserError
-from s2ft.lightning.checkpoint import read_checkpoint, resume_command
+from s2ft.lightning.checkpoint import CheckpointError, read_checkpoint, resume_command
 from s2ft.lightning.sampler import ResumableBatchSampler
 from s2ft.lightning.sharding import gather_trained, load_whole
 
@@ -54,10 +55,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as handle:
-            torch.save(checkpoint, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with open(tmp, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except BaseException as err:
+            tmp.unlink(missing_ok=True)  # a partial copy of a model-sized file would keep the disk full
+            if not isinstance(err, OSError):
+                raise
+            kept = "the one before it is intact" if path.is_file() else "none was saved before it"
+            raise CheckpointError(
+                f"could not write checkpoint {path} ({err.strerror or err}); {kept}. Free space on that disk, then "
+                f"continue with: {resume_command(path.parent.parent, 'auto')}"
+            ) from err
         if path.resolve() in self.trusted and path.is_file():
             kept = path.with_name("previous.ckpt")
             link = kept.with_name(f".{kept.name}.tmp")
@@ -98,6 +109,46 @@ class AdvanceSampler(L.Callback):
 def _resumable_sampler(trainer: L.Trainer) -> ResumableBatchSampler | None:
     sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
     return sampler if isinstance(sampler, ResumableBatchSampler) else None
+
+
+class ResumeRandomState(L.Callback):
+    """Carries the random number generators' state (torch's CPU and CUDA ones, Python's) through a checkpoint, so a
+    resumed run draws the dropout masks (LoRA's lora_dropout) an uninterrupted run draws after that step.
+
+    The state is the one at the checkpoint, taken after the batch that stepped; it is set again when the resumed
+    session's first batch starts, after the session rebuilt the model and its dataloaders (which draw numbers of their
+    own). An uninterrupted run starting the next epoch draws one number first, for the new epoch's dataloader iterator
+    (`torch.utils.data.DataLoader` draws its base seed when an iterator is created): a checkpoint taken at the end of
+    an epoch draws it again after restoring.
+    """
+
+    def __init__(self):
+        self._resumed: dict | None = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
+        sampler = _resumable_sampler(trainer)
+        version, state, gauss = random.getstate()
+        checkpoint["random_state"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "python": [version, list(state), gauss],
+            "epoch_end": sampler is not None and sampler.consumed >= len(sampler),
+        }
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
+        self._resumed = checkpoint.get("random_state")  # None in checkpoints written before it was stored
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
+        state, self._resumed = self._resumed, None
+        if state is None:
+            return
+        torch.set_rng_state(state["torch"])
+        if state["cuda"]:
+            torch.cuda.set_rng_state_all(state["cuda"])
+        version, values, gauss = state["python"]
+        random.setstate((version, tuple(values), gauss))
+        if state["epoch_end"]:
+            torch.empty((), dtype=torch.int64).random_()  # the new epoch's iterator's base seed
 
 
 class StopOnNonFinite(L.Callback):
@@ -147,18 +198,28 @@ class LastCheckpoint(L.Callback):
     the end of that validation, so a resume neither repeats nor skips it. SIGTERM and Ctrl-C stop training the same
     way: the optimizer step in flight (the batch in flight, and with gradient accumulation the rest of its
     micro-batches; a validation after it) finishes, the checkpoint is written and `RunInterrupted` names the resume
-    command; a second signal acts at once. Under DDP, SIGTERM keeps Lightning's handling (it stops every rank
-    together; the runner turns its `SIGTERMException` into `RunInterrupted`). Every checkpoint stores the run's config
-    and its training files' digests too, so a resume under another config or on changed data is refused before it
-    starts.
+    command; a second signal acts at once (Lightning's `SIGTERMException`, which the runner turns into
+    `RunInterrupted`), saving the checkpoint only if it stopped at the end of an optimizer step, outside validation.
+    Under DDP every rank takes the signals so, and the ranks agree at the end of each optimizer step whether any of
+    them was signalled (Lightning's own handling stopped each rank at the end of any batch, inside an accumulation
+    or a validation, saved that state, and could leave the ranks waiting on each other). Every checkpoint stores the
+    run's config and its training files' digests too, so a resume under another config or on changed data is refused
+    before it starts. They store the code each session trained under (``code_history``), which a resumed run's summary
+    lists.
     """
 
     SIGNALS = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
 
     def __init__(
-        self, path: str | Path, every_n_steps: int = 50, run_config: dict | None = None, sources: list | None = None
+        self,
+        path: str | Path,
+        every_n_steps: int = 50,
+        run_config: dict | None = None,
+        sources: list | None = None,
+        code_history: list | None = None,
     ):
         self.path, self.every_n_steps, self.run_config, self.sources = Path(path), every_n_steps, run_config, sources
+        self.code_history = code_history
         self.interrupted: str | None = None  # the signal that asked to stop
         self._previous: dict[int, object] = {}
         self._pending = False  # a save waiting for the validation in progress
@@ -166,7 +227,7 @@ class LastCheckpoint(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         if threading.current_thread() is threading.main_thread():
-            signums = [signal.SIGINT] + ([signal.SIGTERM] if trainer.world_size == 1 else [])
+            signums = [signal.SIGINT, signal.SIGTERM]
             self._previous = {signum: signal.signal(signum, self._on_signal) for signum in signums}
 
     def _on_signal(self, signum, frame) -> None:
@@ -182,11 +243,18 @@ class LastCheckpoint(L.Callback):
             checkpoint["run_config"] = self.run_config
         if self.sources is not None:
             checkpoint["training_sources"] = self.sources  # `training_record`'s: name, file, SHA-256, count, items
+        if self.code_history is not None:
+            checkpoint["code_history"] = self.code_history  # `s2ft.lightning.checkpoint.code_history`
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         loop = trainer.fit_loop.epoch_loop
         # Only after an optimizer step: a checkpoint within an accumulation would lose the gradients gathered so far.
-        if loop._should_accumulate() or not (self.interrupted or trainer.global_step % self.every_n_steps == 0):
+        if loop._should_accumulate():
+            return
+        if trainer.world_size > 1:  # every rank stops after the same step, when any of them was signalled
+            stop = trainer.strategy.reduce_boolean_decision(self.interrupted is not None, all=False)
+            self.interrupted = self.interrupted or ("a signal to another rank" if stop else None)
+        if not (self.interrupted or trainer.global_step % self.every_n_steps == 0):
             return
         if loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
             self._pending = True
@@ -214,7 +282,10 @@ class LastCheckpoint(L.Callback):
             raise RunInterrupted(self.interrupted, self.path.parent.parent)
 
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException):
+        # A second SIGTERM stops at the end of any batch: only the end of an optimizer step (outside a validation) is
+        # a state to resume exactly; otherwise the checkpoint before it stays the last one.
+        at_step = not trainer.validating and not trainer.fit_loop.epoch_loop._should_accumulate()
+        if isinstance(exception, SIGTERMException) and at_step:
             trainer.save_checkpoint(self.path, weights_only=False)
         self._restore_signals()
 

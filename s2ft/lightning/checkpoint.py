@@ -7,6 +7,7 @@ arbitrary code.
 
 from __future__ import annotations
 
+import logging
 import pickle
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from s2ft.errors import UserError
 CHECKPOINT = Path("checkpoints") / "last.ckpt"
 PREVIOUS = Path("checkpoints") / "previous.ckpt"
 REQUIRED = ("state_dict", "global_step", "loops", "optimizer_states")
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(UserError):
@@ -125,3 +127,31 @@ def check_same_data(checkpoint: dict, path: Path, sources: list[dict]) -> None:
                 f"now {source['sha256'][:12]}...): the resumed run would train on other items than the run it "
                 "continues. Restore that file, or start the run again in a new directory"
             )
+
+
+def code_history(checkpoint: dict | None, path, code: dict) -> list[dict]:
+    """The code each session of a run trained under, first to last, this session's (``code``) included.
+
+    Args:
+        checkpoint: The checkpoint this session resumes (None for a fresh start); one written before checkpoints
+            stored the history counts as this session's code.
+        path: Its file, for the warning.
+        code: This session's ``{"git_commit", "versions"}`` (`s2ft.lightning.summary.code_record`).
+
+    Returns:
+        The distinct consecutive records: one unless the code changed between sessions, which is logged as a warning
+        (the resumed run may then differ from an uninterrupted one).
+    """
+    history = list((checkpoint or {}).get("code_history") or [])
+    if not history or history[-1] == code:
+        return history or [code]
+    before = {"git_commit": history[-1].get("git_commit"), **(history[-1].get("versions") or {})}
+    now = {"git_commit": code["git_commit"], **code["versions"]}
+    changes = [f"{name} {before.get(name)} -> {value}" for name, value in now.items() if before.get(name) != value]
+    log.warning(
+        "resuming %s, written under other code (%s): the result may differ from an uninterrupted run's; summary.json "
+        "lists each session's code under code_history",
+        path,
+        ", ".join(changes),
+    )
+    return [*history, code]

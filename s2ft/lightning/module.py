@@ -178,6 +178,8 @@ class FineTuneModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
         checkpoint["s2ft"] = {
             "tokens_seen": self.tokens_seen,
+            # Each rank counts its own batches' tokens and rank 0 writes the checkpoint: every rank's count is kept.
+            "tokens_seen_per_rank": self._tokens_per_rank(),
             "last_loss": self.last_loss,
             "loss_curve": self.loss_curve,
             "val_curve": self.val_curve,
@@ -197,13 +199,21 @@ class FineTuneModule(L.LightningModule):
         self._resumed_state = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
         self._adopt_legacy_data_position(checkpoint)
         state = checkpoint.get("s2ft", {})
-        self.tokens_seen = state.get("tokens_seen", 0)
+        per_rank = state.get("tokens_seen_per_rank")
+        self.tokens_seen = per_rank[self.global_rank] if per_rank else state.get("tokens_seen", 0)
         self.last_loss = state.get("last_loss")
         self.loss_curve = [tuple(point) for point in state.get("loss_curve", [])]
         self.val_curve = [tuple(point) for point in state.get("val_curve", [])]
         self.pace = list(state.get("pace", []))
         self._wall_before = state.get("wall_s", 0.0)
         self.peak_mem_before = state.get("peak_mem_mb", 0.0)
+
+    def _tokens_per_rank(self) -> list[int]:
+        if self.trainer.world_size == 1:
+            return [self.tokens_seen]
+        counts = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(counts, self.tokens_seen)  # every rank saves (`LastCheckpoint`)
+        return counts
 
     def _adopt_legacy_data_position(self, checkpoint: dict) -> None:
         """Checkpoints written before the data module held the sampler's position kept it as the dataloader's state;

@@ -11,9 +11,13 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,12 +58,51 @@ class RunPlan:
     checkpoint: dict | None = None
 
 
+@contextmanager
+def run_dir_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir`` for one command: a second command in it (a sweep started twice, a requeued job whose first
+    copy still runs) is refused before it reads or writes anything, instead of resuming the same checkpoint and
+    writing the same checkpoint, metrics and adapter files at once.
+
+    The lock is an exclusive `flock` on the directory itself, so no file is added to it; the kernel releases it when
+    the process ends, however it ends. A directory this creates for the lock is removed again if the command leaves
+    it empty. Only rank 0 locks (DDP ranks share the directory), and a filesystem that cannot lock a directory (NFS,
+    Lustre without flock) leaves the run unguarded, as before.
+
+    Raises:
+        RunDirError: Another process holds the directory.
+    """
+    if rank_zero_only.rank != 0:
+        yield
+        return
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = os.open(run_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                yield  # no directory locks on this filesystem
+                return
+            raise RunDirError(
+                f"another process is running in {run_dir} (it holds the directory's lock); wait for it to end or stop "
+                "it, then continue the run with ckpt_path=auto"
+            ) from None
+        yield
+    finally:
+        os.close(handle)
+        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+
+
 def prepare_run_dir(cfg: dict, run_dir: Path) -> RunPlan:
     """Check that ``cfg`` may run in ``run_dir`` and resolve ``ckpt_path``; ``overwrite=true`` moves old outputs aside.
 
     Raises:
         RunConfigError: A resume under another config than the run's (the differing keys are named).
-        RunDirError: A fresh run in a directory holding another run's outputs (or an interrupted run's checkpoint).
+        RunDirError: A fresh run in a directory holding another run's outputs (or an interrupted run's checkpoint), or
+            a resume (``ckpt_path=last`` or a file) in a directory whose run finished.
         CheckpointError: A missing, unreadable or foreign checkpoint.
     """
     settle_overwrite(run_dir)  # what an overwrite killed mid-command left aside
@@ -82,6 +125,14 @@ def prepare_run_dir(cfg: dict, run_dir: Path) -> RunPlan:
         if rank_zero_only.rank == 0:
             _check_fresh(cfg, run_dir)
         return RunPlan(cfg)
+    if (run_dir / "summary.json").is_file():
+        # Nothing is left to train: resuming would evaluate again and append a second copy of the final rows to
+        # metrics.csv (replayed from the first session's file, then logged anew).
+        raise RunDirError(
+            f"ckpt_path={ckpt} but {run_dir} holds a finished run (summary.json), so there is nothing to resume; "
+            f"ckpt_path=auto skips it, python run.py mode=eval run_dir={run_dir} evaluates it again in a directory of "
+            "its own, and overwrite=true (without ckpt_path) trains it again"
+        )
     path = run_dir / CHECKPOINT if ckpt == "last" else Path(ckpt)
     if not path.is_file():
         raise RunDirError(

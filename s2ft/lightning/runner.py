@@ -10,7 +10,9 @@ import hashlib
 import logging
 import os
 import shutil
+import signal
 import statistics
+import threading
 import warnings
 from pathlib import Path
 
@@ -32,19 +34,20 @@ from s2ft.lightning.callbacks import (
     KeepBest,
     LastCheckpoint,
     RecordBatch,
+    ResumeRandomState,
     RunInterrupted,
     StopOnNonFinite,
 )
-from s2ft.lightning.checkpoint import CHECKPOINT, check_checkpoint_fits, check_same_data
+from s2ft.lightning.checkpoint import CHECKPOINT, check_checkpoint_fits, check_same_data, code_history
 from s2ft.lightning.console import StepProgressBar
 from s2ft.lightning.datamodule import SFTDataModule
 from s2ft.lightning.evaluation import evaluate_only, finish, write_config
 from s2ft.lightning.loggers import ReplayCSVHistory, build_logger, end_wandb_run, wandb_info
 from s2ft.lightning.module import FineTuneModule
 from s2ft.lightning.provenance import training_record, write_adapter_record
-from s2ft.lightning.run_dir import RunPlan, honour_umask, prepare_run_dir, settle_overwrite
+from s2ft.lightning.run_dir import RunPlan, honour_umask, prepare_run_dir, run_dir_lock, settle_overwrite
 from s2ft.lightning.sharding import FSDP2Strategy, gather_trained, local_elements
-from s2ft.lightning.summary import build_summary, flat_metrics, task_record
+from s2ft.lightning.summary import build_summary, code_record, flat_metrics, task_record
 from s2ft.methods import get_method, merge_trained, prepare_model, save_trained, trainable_summary
 from s2ft.models import build_run_model
 from s2ft.run_config import RunConfigError, process_count, validate_run_config
@@ -65,6 +68,11 @@ def run_experiment(cfg: dict, run_dir: str | Path) -> dict | None:
     """
     validate_run_config(cfg)
     run_dir = Path(run_dir)
+    with run_dir_lock(run_dir):
+        return _run_locked(cfg, run_dir)
+
+
+def _run_locked(cfg: dict, run_dir: Path) -> dict | None:
     # Every check of the directory, its config and its checkpoint comes before the first write into it.
     plan = prepare_run_dir(cfg, run_dir)
     if plan.finished is not None:
@@ -136,7 +144,8 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     run_dir.mkdir(parents=True, exist_ok=True)
     # Lightning checks the accelerator, the devices and the launcher's world as it builds the Trainer: before the
     # first writes of the run's own files (metrics, W&B id, config), so a command it refuses leaves none of them.
-    trainer = _trainer(cfg, run_dir, False, bool(val), plan.checkpoint, provenance["sources"])
+    history = code_history(plan.checkpoint, cfg["ckpt_path"], code_record(cfg))
+    trainer = _trainer(cfg, run_dir, False, bool(val), plan.checkpoint, provenance["sources"], history)
     # The untrained model is measured, and calibration batches scored, where it trains (this rank's GPU), not where
     # it was loaded (the CPU); the Trainer would move it there only at fit.
     device = trainer.strategy.root_device
@@ -192,7 +201,7 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     # the data module carries the sampler's position (`SFTDataModule`), so the resume is exact and the warning false.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        _fit(trainer, module, datamodule, cfg.get("ckpt_path"))
 
     sharded = isinstance(trainer.strategy, FSDP2Strategy)
     if sharded:
@@ -254,10 +263,29 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
         extra["lm_eval_before"] = results.get("lm_eval") if results else None
     summary = build_summary(cfg, counts, train_stats, after["eval"], heldout=heldout, wandb=wandb_info(logger), **extra)
     summary["training_data"] = provenance
+    if len(history) > 1:  # sessions under other code: git_commit and versions are the last one's
+        summary["code_history"] = history
     if logger:
         logger.log_metrics(flat_metrics(summary))
         logger.save()  # Lightning saved the CSV logger when fit ended; these rows come after it
     return finish(summary, run_dir)
+
+
+def _fit(trainer: L.Trainer, module: FineTuneModule, datamodule: SFTDataModule, ckpt_path: str | None) -> None:
+    """`trainer.fit`, with a Ctrl-C inside it left a KeyboardInterrupt: Lightning turns one (raised before training
+    starts, or by a second Ctrl-C) into `SystemExit(1)`, which skips run.py's message naming the command that
+    continues, and leaves SIGINT ignored for the rest of the process (a notebook could no longer be interrupted)."""
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SystemExit as err:
+        if isinstance(err.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, handler)
 
 
 def unsharded_model(cfg: dict, calibration, trained: dict[str, torch.Tensor], device: torch.device | str = "cpu"):
@@ -290,21 +318,34 @@ def unsharded_model(cfg: dict, calibration, trained: dict[str, torch.Tensor], de
 
 
 def _trainer(
-    cfg: dict, run_dir: Path, logger, has_val: bool, preloaded: dict | None, sources: list | None = None
+    cfg: dict,
+    run_dir: Path,
+    logger,
+    has_val: bool,
+    preloaded: dict | None,
+    sources: list | None = None,
+    history: list | None = None,
 ) -> L.Trainer:
     tr = cfg["trainer"]
     interval = tr.get("val_check_interval")
     callbacks = [
         AdvanceSampler(),
+        ResumeRandomState(),
         # The module's records of a batch, then the non-finite check, come before any save of that batch's state.
         RecordBatch(),
         StopOnNonFinite(),
-        LastCheckpoint(run_dir / CHECKPOINT, tr.get("checkpoint_every_n_steps", 50), run_config=cfg, sources=sources),
+        LastCheckpoint(
+            run_dir / CHECKPOINT,
+            tr.get("checkpoint_every_n_steps", 50),
+            run_config=cfg,
+            sources=sources,
+            code_history=history,
+        ),
         ReplayCSVHistory(),
     ]
     if tr.get("select_best") == "val_loss":  # validate_run_config made sure there is a validation split
         # Before LastCheckpoint: its best state is taken at validation end and restored before the final save.
-        callbacks.insert(3, KeepBest(after=tr.get("select_best_after", 0.0)))
+        callbacks.insert(4, KeepBest(after=tr.get("select_best_after", 0.0)))
     io = AtomicCheckpointIO({cfg["ckpt_path"]: preloaded} if preloaded is not None else None)
     strategy = FSDP2Strategy() if tr.get("strategy") == "fsdp" else tr.get("strategy", "auto")
     try:

@@ -40,6 +40,11 @@ def git_commit(root: Path) -> str | None:
     return commit + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def code_record(cfg: dict) -> dict:
+    """The code a session runs: the checkout's commit (`git_commit`) and the package versions (`package_versions`)."""
+    return {"git_commit": git_commit(Path(cfg["paths"]["root"])), "versions": package_versions()}
+
+
 def build_summary(cfg: dict, counts: dict, train: dict | None, evaluation: dict | None, **extra) -> dict:
     """Assemble `summary.json` from the config, the trainable counts, training stats and evaluation results.
 
