@@ -80,7 +80,7 @@ def validate_run_config(cfg: dict[str, Any]) -> None:
         if not isinstance(cfg.get(group), dict):
             problems.append(f"config group {group!r} is missing (check conf/config.yaml defaults)")
     if problems:
-        raise RunConfigError(_message(problems))
+        raise RunConfigError(message(problems))
     problems += unknown_keys(cfg)
     mode = cfg.get("mode", "train")
     if mode not in MODES:
@@ -109,7 +109,7 @@ def validate_run_config(cfg: dict[str, Any]) -> None:
             "finished run, call s2ft.export_lora(RUN/adapter, OUT, base)"
         )
     if problems:
-        raise RunConfigError(_message(problems))
+        raise RunConfigError(message(problems))
 
 
 def unknown_keys(cfg: dict[str, Any]) -> list[str]:
@@ -124,7 +124,8 @@ def unknown_keys(cfg: dict[str, Any]) -> list[str]:
     return problems
 
 
-def _message(problems: list[str]) -> str:
+def message(problems: list[str]) -> str:
+    """The text of a RunConfigError listing `problems`."""
     return f"{len(problems)} problem(s) in the config:\n  - " + "\n  - ".join(problems)
 
 
