@@ -212,3 +212,36 @@ def test_device_ids_on_the_cpu_are_refused():
     """Lightning's TypeError traceback ("`devices` selected with `CPUAccelerator` should be an int > 0")."""
     with pytest.raises(RunConfigError, match=r"trainer\.devices=\[0, 1\] lists GPU ids: set trainer\.accelerator=gpu"):
         validate_run_config(compose_run("debug=smoke", "trainer.devices=[0,1]"))
+
+
+BASELINE_OPTIONS = [
+    # Each was unchecked until the method was applied: after the model loaded and the untrained model was evaluated
+    # (minutes here, hours at paper scale), then a PEFT or SpFT ValueError traceback.
+    (["method=lora", "method.options.r=0"], "method.options.r must be a rank (int >= 1), got 0"),
+    (["method=dora", "method.options.lora_alpha=-2"], "method.options.lora_alpha must be a number > 0, got -2"),
+    (["method=lora", "method.options.lora_dropout=1.5"], "lora_dropout must be a probability in [0, 1), got 1.5"),
+    (["method=lora", "method.options.target_modules=q_proj"], "target_modules must be a non-empty list of module"),
+    (["method=lora", "+method.options.budget=-1"], "method.options.budget must be null, a count >= 1 or a fraction"),
+    (
+        ["method=lora", "+method.options.budget_of=linears"],
+        "method.options.budget_of must be one of ('model', 'linear')",
+    ),
+    (["method=spft", "method.options.p=0"], "method.options.p is the trainable fraction of entries, in (0, 1]; got 0"),
+    (["method=spft", "method.options.p=1.5"], "method.options.p is the trainable fraction of entries, in (0, 1]"),
+    (["method=spft", "method.options.seed=x"], "method.options.seed must be an int, got 'x'"),
+    (["method=spft", "method.options.target_modules=[]"], "target_modules must be a non-empty list of module names"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BASELINE_OPTIONS, ids=[" ".join(o) for o, _ in BASELINE_OPTIONS])
+def test_baseline_options_are_checked_before_anything_loads(overrides, message):
+    with pytest.raises(RunConfigError, match="1 problem") as info:
+        validate_run_config(compose_run(*overrides))
+    assert message in str(info.value)
+
+
+def test_every_bad_baseline_option_is_reported_at_once():
+    cfg = compose_run("method=lora", "method.options.r=0", "method.options.lora_dropout=-0.1", "method.lr=0")
+    with pytest.raises(RunConfigError, match="^3 problem"):
+        validate_run_config(cfg)
+    validate_run_config(compose_run("method=lora", "method.options.r=0", "+method.options.budget=0.01"))  # r unused
