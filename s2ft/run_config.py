@@ -87,13 +87,14 @@ def validate_run_config(cfg: dict[str, Any]) -> None:
         problems.append(f"mode must be one of {MODES}, got {mode!r}")
     if not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool):
         problems.append(f"seed must be an int, got {cfg.get('seed')!r}")
+    problems += _check_flags(cfg)
     problems += _check_model(cfg["model"], training=mode == "train")
     problems += _check_method(cfg["method"], training=mode == "train")
     data_dir = Path(cfg["paths"].get("data_dir") or "data")
     if not data_dir.is_dir():
         problems.append(f"paths.data_dir {str(data_dir)!r} is not a directory (set paths.data_dir=/path/to/data)")
     if mode == "train":
-        problems += _check_data(cfg["data"], data_dir)
+        problems += _check_data(cfg["data"], data_dir, cfg["eval"])
         problems += _check_trainer(cfg["trainer"])
         problems += _check_batches(cfg["data"], cfg["trainer"])
     problems += _check_eval(cfg["eval"], data_dir)
@@ -129,6 +130,25 @@ def message(problems: list[str]) -> str:
     return f"{len(problems)} problem(s) in the config:\n  - " + "\n  - ".join(problems)
 
 
+# On/off keys: a string there ("no", "off") is truthy, so it turned the setting on (overwrite=no replaced a run).
+FLAGS = ("overwrite", "save_merged", "save_lora", "data.allow_overlap", "model.gradient_checkpointing", "eval.before")
+
+
+def _check_flags(cfg: dict[str, Any]) -> list[str]:
+    problems = []
+    for key in FLAGS:
+        group, _, name = key.rpartition(".")
+        value = (cfg[group] if group else cfg).get(name)
+        if value is not None and not isinstance(value, bool):
+            problems.append(f"{key} must be true or false, got {value!r}")
+    return problems
+
+
+def _is_list_spec(value) -> bool:
+    """A name, a definition, or a list of them (data.train, eval.tasks, eval.heldout, data.overlap_tasks)."""
+    return isinstance(value, str | dict | list)
+
+
 def _check_model(model: dict, training: bool) -> list[str]:
     problems = []
     name = model.get("name")
@@ -161,6 +181,8 @@ def _check_method(method: dict, training: bool) -> list[str]:
         ):
             problems.append(f"method.betas must be AdamW's [beta1, beta2], each in [0, 1), got {betas!r}")
     options = method.get("options") or {}
+    if not isinstance(options, dict):
+        return problems + [f"method.options must map option names to values, got {options!r}"]
     if name != "s2ft":
         # Options only S2FT takes: seeing them on another method means the user mixed up configs.
         stray = sorted(set(options) & set(METHODS["s2ft"].defaults) - set(METHODS[name].defaults))
@@ -173,8 +195,18 @@ def _check_method(method: dict, training: bool) -> list[str]:
     return problems + METHODS[name].option_problems(options)
 
 
-def _check_data(data: dict, data_dir: Path) -> list[str]:
-    problems = check_train_spec(data.get("train"), data_dir)
+def _check_data(data: dict, data_dir: Path, ev: dict) -> list[str]:
+    train = data.get("train")
+    if train and not _is_list_spec(train):
+        problems = [f"data.train must be a list of sources (names, files, {{path: ..}}), got {train!r}"]
+    else:
+        problems = check_train_spec(train, data_dir)
+    overlap = data.get("overlap_tasks")
+    if overlap is not None and not _is_list_spec(overlap):
+        problems.append(f"data.overlap_tasks must be null or a list of tasks, got {overlap!r}")
+    elif overlap:
+        groups = ev.get("groups") if isinstance(ev.get("groups"), dict) else None
+        problems += check_task_spec(overlap, data_dir, groups, key="data.overlap_tasks")
     if not is_positive_int(data.get("batch_size")):
         problems.append(f"data.batch_size must be an int >= 1, got {data.get('batch_size')!r}")
     if not is_positive_int(data.get("max_length")) or data["max_length"] < 2:
@@ -214,8 +246,17 @@ def _check_batches(data: dict, tr: dict) -> list[str]:
 
 def _check_eval(ev: dict, data_dir: Path) -> list[str]:
     mode = ev.get("mode", "generate") if ev.get("mode", "generate") in EVAL_MODES else "generate"
-    problems = check_task_spec(ev.get("tasks"), data_dir, ev.get("groups"), mode)
-    problems += check_heldout_spec(ev.get("heldout"), data_dir)
+    groups = ev.get("groups") if isinstance(ev.get("groups"), dict) else None  # a bad one is reported below
+    problems = []
+    tasks, heldout = ev.get("tasks"), ev.get("heldout")
+    if tasks and not _is_list_spec(tasks):
+        problems.append(f"eval.tasks must be a list of tasks (names, groups, definitions), got {tasks!r}")
+    else:
+        problems += check_task_spec(tasks, data_dir, groups, mode)
+    if heldout and not _is_list_spec(heldout):
+        problems.append(f"eval.heldout must be a list of held-out sets, got {heldout!r}")
+    else:
+        problems += check_heldout_spec(heldout, data_dir)
     if ev.get("groups") is not None and not isinstance(ev["groups"], dict):
         problems.append(f"eval.groups must map group names to lists of tasks, got {ev['groups']!r}")
     if ev.get("backend", "s2ft") not in EVAL_BACKENDS:

@@ -245,3 +245,30 @@ def test_every_bad_baseline_option_is_reported_at_once():
     with pytest.raises(RunConfigError, match="^3 problem"):
         validate_run_config(cfg)
     validate_run_config(compose_run("method=lora", "method.options.r=0", "+method.options.budget=0.01"))  # r unused
+
+
+WRONG_TYPES = [
+    # A TypeError / AttributeError traceback from inside the check (in a multirun, Hydra turns the callback's error
+    # into a warning and launches every job unchecked).
+    ("eval.tasks=5", "eval.tasks must be a list of tasks (names, groups, definitions), got 5"),
+    ("data.train=5", "data.train must be a list of sources (names, files, {path: ..}), got 5"),
+    ("method.options=5", "method.options must map option names to values, got 5"),
+    ("eval.groups=[a]", "eval.groups must map group names to lists of tasks, got ['a']"),
+    ("eval.heldout=5", "eval.heldout must be a list of held-out sets, got 5"),
+    # Not checked before: found only after the training data loaded, or never.
+    ("data.overlap_tasks=5", "data.overlap_tasks must be null or a list of tasks, got 5"),
+    ("data.overlap_tasks=[gsm8k,nope]", "data.overlap_tasks: unknown task 'nope'; valid tasks: gsm8k,"),
+    # A string is truthy: overwrite=no replaced an earlier run, data.allow_overlap=no switched the overlap guard off.
+    ("overwrite=no", "overwrite must be true or false, got 'no'"),
+    ("data.allow_overlap=no", "data.allow_overlap must be true or false, got 'no'"),
+    ("save_merged=off", "save_merged must be true or false, got 'off'"),
+    ("model.gradient_checkpointing=yes", "model.gradient_checkpointing must be true or false, got 'yes'"),
+    ("eval.before=1", "eval.before must be true or false, got 1"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), WRONG_TYPES, ids=[o for o, _ in WRONG_TYPES])
+def test_a_value_of_the_wrong_type_is_one_problem_not_a_crash(override, message):
+    with pytest.raises(RunConfigError) as info:
+        validate_run_config(compose_run(override))
+    assert str(info.value).startswith(f"1 problem(s) in the config:\n  - {message}"), str(info.value)
