@@ -20,7 +20,7 @@ from s2ft.errors import UserError
 from s2ft.evaluation.checks import check_task_spec
 from s2ft.evaluation.mtbench import mtbench_config_problems
 from s2ft.methods import METHODS, method_options, saved_method
-from s2ft.models import DTYPES, MODEL_NAMES
+from s2ft.models import DTYPES, MODEL_NAMES, MODEL_SHAPES, shape_model
 
 MODES = ("train", "eval")
 EVAL_MODES = ("generate", "loglik")
@@ -89,7 +89,7 @@ def validate_run_config(cfg: dict[str, Any]) -> None:
         problems.append(f"seed must be an int, got {cfg.get('seed')!r}")
     problems += _check_flags(cfg)
     problems += _check_model(cfg["model"], training=mode == "train")
-    problems += _check_method(cfg["method"], training=mode == "train")
+    problems += _check_method(cfg["method"], training=mode == "train", model=cfg["model"].get("name"))
     data_dir = Path(cfg["paths"].get("data_dir") or "data")
     if not data_dir.is_dir():
         problems.append(f"paths.data_dir {str(data_dir)!r} is not a directory (set paths.data_dir=/path/to/data)")
@@ -163,7 +163,7 @@ def _check_model(model: dict, training: bool) -> list[str]:
     return problems
 
 
-def _check_method(method: dict, training: bool) -> list[str]:
+def _check_method(method: dict, training: bool, model: Any = None) -> list[str]:
     name = method.get("name")
     if name not in METHODS:
         return [f"unknown method.name {name!r}; use one of {sorted(METHODS)}"]
@@ -183,16 +183,32 @@ def _check_method(method: dict, training: bool) -> list[str]:
     options = method.get("options") or {}
     if not isinstance(options, dict):
         return problems + [f"method.options must map option names to values, got {options!r}"]
+    defaults = METHODS[name].defaults
     if name != "s2ft":
         # Options only S2FT takes: seeing them on another method means the user mixed up configs.
-        stray = sorted(set(options) & set(METHODS["s2ft"].defaults) - set(METHODS[name].defaults))
+        stray = sorted(set(options) & set(METHODS["s2ft"].defaults) - set(defaults))
         if stray:
-            return problems + [f"S2FT options {stray} on a {name} run; remove them from method.options"]
+            problems.append(f"S2FT options {stray} on a {name} run; remove them from method.options")
+            options = {key: value for key, value in options.items() if key not in stray}
     try:
         options = method_options(name, options)
     except ValueError as err:
-        return problems + [str(err)]
-    return problems + METHODS[name].option_problems(options)
+        # The options it does take are still checked: every problem at once.
+        problems.append(str(err))
+        options = method_options(name, {key: value for key, value in options.items() if key in defaults})
+    found = METHODS[name].option_problems(options)
+    if (
+        training
+        and METHODS[name].trains
+        and not found
+        and not problems
+        and isinstance(model, str)
+        and model in MODEL_SHAPES
+    ):
+        # On a meta-device copy of the model's shape: otherwise these show only once the method is applied, after
+        # the model loaded and the untrained model was evaluated (hours at paper scale).
+        found = [f"{problem} (model {model})" for problem in METHODS[name].fit_problems(shape_model(model), options)]
+    return problems + found
 
 
 def _check_data(data: dict, data_dir: Path, ev: dict) -> list[str]:

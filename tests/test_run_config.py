@@ -32,7 +32,9 @@ def test_every_group_option_composes_and_validates(group):
 
 def test_methods_compose_and_validate():
     for method in options("method"):
-        cfg = compose_run(f"method={method}", *(["mode=eval"] if method == "none" else []))
+        # method=s2ft holds the paper's LLaMA ratios: O 5.2% is no head of SmolLM2's 9 (smollm/s2ft is its variant).
+        extra = {"none": ["mode=eval"], "s2ft": ["model=llama_7b"]}.get(method, [])
+        cfg = compose_run(f"method={method}", *extra)
         validate_run_config(cfg)
         assert cfg["method"]["name"] == method
 
@@ -144,7 +146,7 @@ def test_bad_training_numbers_and_resume_source(tmp_path):
 @pytest.mark.parametrize("size", [0.01, 1, 64])
 def test_calibration_size_is_items_or_a_fraction(size):
     validate_run_config(
-        compose_run("method=s2ft", "method.options.strategy=gradient", f"method.options.calibration_size={size}")
+        compose_run("method=smollm/s2ft", "method.options.strategy=gradient", f"method.options.calibration_size={size}")
     )
 
 
@@ -272,3 +274,71 @@ def test_a_value_of_the_wrong_type_is_one_problem_not_a_crash(override, message)
     with pytest.raises(RunConfigError) as info:
         validate_run_config(compose_run(override))
     assert str(info.value).startswith(f"1 problem(s) in the config:\n  - {message}"), str(info.value)
+
+
+SHAPE_PROBLEMS = [
+    # Each was found only when the method was applied: after the model loaded and the untrained model was evaluated
+    # (eval.before: ~1 min here, hours at paper scale), and the LoRA / SpFT ones as a ValueError traceback.
+    (
+        ["method=s2ft"],  # the paper's LLaMA ratios on SmolLM2, as README's first multirun example ran it
+        "method.options: budget gives no unit: ratios['o']=0.052 gives 0 of 9 units per layer; the smallest ratio "
+        "giving one unit is 0.05556 (model smollm2_135m)",
+    ),
+    (
+        ["method.options.layers=[29,30]"],
+        "method.options: layers [30] do not exist; the model has layers 0..29 (model smollm2_135m)",
+    ),
+    (
+        ["+experiment=component_ablation", "method.options.target_params=100"],
+        "method.options: target_params=100 (= 100 params) gives no 'o' unit (one has 524288 params); the smallest "
+        "target giving one is 524288; raise target_params or change target_split (model llama_7b)",
+    ),
+    (
+        ["method.options.match_lora.target_modules=[q_proj,qkv_proj]"],
+        "method.options: match_lora.target_modules ['qkv_proj'] match no nn.Linear in the model; check the names "
+        "(model smollm2_135m)",
+    ),
+    (
+        ["method=lora", "method.options.target_modules=[q_proj,query]"],
+        "method.options.target_modules ['query'] match no nn.Linear in the model; check the names (model smollm2_135m)",
+    ),
+    (
+        ["method=spft", "method.options.target_modules=[query]"],
+        "method.options.target_modules: spft target_modules ['query'] match no nn.Linear in the model; check the "
+        "names (model smollm2_135m)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), SHAPE_PROBLEMS, ids=[" ".join(o) for o, _ in SHAPE_PROBLEMS])
+def test_a_budget_or_target_the_model_cannot_take_is_refused_before_it_loads(overrides, message):
+    with pytest.raises(RunConfigError) as info:
+        validate_run_config(compose_run(*overrides))
+    assert str(info.value) == f"1 problem(s) in the config:\n  - {message}"
+
+
+def test_a_budget_is_checked_on_the_shape_only_for_models_whose_shape_is_known():
+    validate_run_config(compose_run("method=s2ft", "model=llama_7b"))  # 5.2% of 32 heads: 2 per layer
+    validate_run_config(compose_run("method=s2ft", "model.name=HuggingFaceTB/SmolLM2-135M"))  # a hub id: at load
+    validate_run_config(compose_run("mode=eval", "method=none"))
+
+
+def test_an_unknown_option_does_not_hide_the_other_option_problems():
+    """An unknown or stray S2FT option returned early: the bad values beside it showed only on the next run."""
+    cases = {
+        ("+method.options.p=0.1", "method.options.strategy=foo", "method.options.order=mid"): [
+            "method 's2ft' does not take option(s) ['p']",
+            "method.options: unknown strategy 'foo'",
+            "method.options: unknown order 'mid'",
+        ],
+        ("method=lora", "+method.options.ratios={o:0.1}", "method.options.r=0"): [
+            "S2FT options ['ratios'] on a lora run; remove them from method.options",
+            "method.options.r must be a rank (int >= 1), got 0",
+        ],
+    }
+    for overrides, lines in cases.items():
+        with pytest.raises(RunConfigError) as info:
+            validate_run_config(compose_run(*overrides))
+        found = str(info.value).split("\n  - ")
+        assert found[0] == f"{len(lines)} problem(s) in the config:"
+        assert [line for line, problem in zip(lines, found[1:], strict=True) if not problem.startswith(line)] == []

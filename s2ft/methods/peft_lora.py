@@ -45,6 +45,18 @@ def option_problems(options: dict[str, Any]) -> list[str]:
     return problems + module_list_problems(options["target_modules"])
 
 
+def fit_problems(model: nn.Module, options: dict[str, Any]) -> list[str]:
+    """Target modules ``model`` lacks (and a budget's rank), as `prepare` would find them."""
+    try:
+        if options["budget"] is not None:
+            rank_for_budget(model, options["budget"], options["target_modules"], options["budget_of"])
+        else:
+            lora_param_count(model, options["r"], options["target_modules"])
+    except ValueError as err:
+        return [str(err)]
+    return []
+
+
 def lora_param_count(model: nn.Module, r: int, target_modules: list[str], key: str = "method.options") -> int:
     """Trainable parameters PEFT's LoRA with rank ``r`` on ``target_modules`` would add: r * (in + out) per linear.
 
@@ -128,5 +140,5 @@ def merge(model: nn.Module) -> nn.Module:
     return model.merge_and_unload()
 
 
-LORA = Method("lora", DEFAULTS, prepare, save, load, merge, option_problems=option_problems)
-DORA = Method("dora", DEFAULTS, prepare, save, load, merge, option_problems=option_problems)
+LORA = Method("lora", DEFAULTS, prepare, save, load, merge, option_problems=option_problems, fit_problems=fit_problems)
+DORA = Method("dora", DEFAULTS, prepare, save, load, merge, option_problems=option_problems, fit_problems=fit_problems)

@@ -73,6 +73,15 @@ def module_list_problems(targets) -> list[str]:
     return []
 
 
+def fit_problems(model: nn.Module, options: dict[str, Any]) -> list[str]:
+    """Target modules ``model`` lacks, as `prepare` would find them."""
+    try:
+        targeted_linears(model, options["target_modules"])
+    except ValueError as err:
+        return [f"method.options.target_modules: {err}"]
+    return []
+
+
 def sample_index(numel: int, p: float, generator: torch.Generator) -> torch.Tensor:
     """Sorted flat positions of round(p * numel) (at least one) distinct entries, drawn uniformly."""
     k = max(1, round(p * numel))
@@ -166,4 +175,6 @@ def _has_module(model: nn.Module, name: str) -> bool:
     return True
 
 
-METHOD = Method("spft", DEFAULTS, prepare, save, load, merge, option_problems=option_problems)
+METHOD = Method(
+    "spft", DEFAULTS, prepare, save, load, merge, option_problems=option_problems, fit_problems=fit_problems
+)
