@@ -244,7 +244,8 @@ def process_count(tr: dict) -> int:
 
 
 def _check_batches(data: dict, tr: dict) -> list[str]:
-    """With `data.limit`, the items left after the validation split must fill one batch on every process."""
+    """With `data.limit`, the items left after the validation split must fill one batch on every process, and an
+    epoch the batches one optimizer step accumulates."""
     limit, val_size, batch = data.get("limit"), data.get("val_size") or 0, data.get("batch_size")
     if not (is_positive_int(limit) and is_positive_int(batch) and is_number(val_size) and val_size >= 0):
         return []
@@ -256,6 +257,14 @@ def _check_batches(data: dict, tr: dict) -> list[str]:
         return [
             f"data.limit={limit} leaves {limit - held} training items (after data.val_size={val_size}), fewer than one "
             f"batch of data.batch_size={batch} on {processes} process(es); raise data.limit or lower data.batch_size"
+        ]
+    batches, accumulate = (limit - held) // (batch * processes), tr.get("accumulate_grad_batches", 1)
+    if is_positive_int(accumulate) and accumulate > batches:
+        # Lightning steps at the end of an epoch whatever is accumulated: every step would see one epoch, not this.
+        return [
+            f"trainer.accumulate_grad_batches={accumulate} asks for more batches per optimizer step than an epoch "
+            f"holds ({batches} of data.batch_size={batch} from data.limit={limit}, data.val_size={val_size}, on "
+            f"{processes} process(es)); lower trainer.accumulate_grad_batches to at most {batches} or raise data.limit"
         ]
     return []
 

@@ -342,3 +342,16 @@ def test_an_unknown_option_does_not_hide_the_other_option_problems():
         found = str(info.value).split("\n  - ")
         assert found[0] == f"{len(lines)} problem(s) in the config:"
         assert [line for line, problem in zip(lines, found[1:], strict=True) if not problem.startswith(line)] == []
+
+
+def test_accumulating_more_batches_than_an_epoch_holds_is_refused():
+    """Lightning steps at an epoch's end whatever it accumulated: 100 x 8 items per step on 36 items trained each step
+    on 32, silently."""
+    with pytest.raises(RunConfigError) as info:
+        validate_run_config(compose_run("data.limit=100", "trainer.accumulate_grad_batches=100"))
+    assert str(info.value) == (
+        "1 problem(s) in the config:\n  - trainer.accumulate_grad_batches=100 asks for more batches per optimizer step "
+        "than an epoch holds (4 of data.batch_size=8 from data.limit=100, data.val_size=64, on 1 process(es)); lower "
+        "trainer.accumulate_grad_batches to at most 4 or raise data.limit"
+    )
+    validate_run_config(compose_run("data.limit=100", "trainer.accumulate_grad_batches=4"))
