@@ -85,6 +85,10 @@ def validate_run_config(cfg: dict[str, Any]) -> None:
     mode = cfg.get("mode", "train")
     if mode not in MODES:
         problems.append(f"mode must be one of {MODES}, got {mode!r}")
+    name = cfg.get("name")
+    if not isinstance(name, str) or not name.strip() or name in (".", "..") or "/" in name:
+        # It names the run directory (outputs/NAME/...) and the W&B group: name=null ran into outputs/None/.
+        problems.append(f"name must be a non-empty experiment name without '/', got {name!r} (e.g. name=my_study)")
     if not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool):
         problems.append(f"seed must be an int, got {cfg.get('seed')!r}")
     problems += _check_flags(cfg)

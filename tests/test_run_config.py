@@ -355,3 +355,10 @@ def test_accumulating_more_batches_than_an_epoch_holds_is_refused():
         "trainer.accumulate_grad_batches to at most 4 or raise data.limit"
     )
     validate_run_config(compose_run("data.limit=100", "trainer.accumulate_grad_batches=4"))
+
+
+@pytest.mark.parametrize("name", ["null", "''", "a/b", ".."])
+def test_the_experiment_name_must_name_one_directory(name):
+    """name=null ran into outputs/None/ (and the W&B group None); a '/' nested the run one level deeper."""
+    with pytest.raises(RunConfigError, match=r"^1 problem.*\n  - name must be a non-empty experiment name without '/'"):
+        validate_run_config(compose_run(f"name={name}"))
