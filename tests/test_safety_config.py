@@ -316,6 +316,20 @@ def test_a_multirun_with_an_unresolvable_interpolation_runs_none(tmp_path):
     assert "Launching" not in done.stderr + done.stdout and not sweep_dir.exists()
 
 
+def test_a_multirun_that_would_train_one_config_twice_runs_none(tmp_path):
+    """seed=0,0 or method.lr=1e-3,0.001 trained the same config in two directories; the report then refused the
+    study (a second run of one seed in a row)."""
+    sweep_dir = tmp_path / "sweep"
+    done = run_py("-m", "debug=smoke", "eval=none", "seed=0,1", "method.lr=1e-3,0.001", f"hydra.sweep.dir={sweep_dir}")
+    assert_clean_error(
+        done,
+        "error: 4 of 4 jobs of the multirun have config problems; none ran\n"
+        "jobs 0, 1 would all run one config (debug=smoke eval=none seed=0 method.lr=0.001): give each sweep value "
+        "once\njobs 2, 3 would all run one config (debug=smoke eval=none seed=1 method.lr=0.001): give each sweep",
+    )
+    assert not sweep_dir.exists()
+
+
 def test_the_last_screen_is_the_result_and_where_it_is(tmp_path):
     """`python run.py debug=smoke` with W&B: each log line once, no adverts, steps out of max_steps, and the run ends
     with its table, its directory and the `wandb sync` command (not W&B's own run summary)."""

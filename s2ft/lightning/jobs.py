@@ -7,6 +7,7 @@ conf/hydra/default.yaml.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -149,7 +150,7 @@ class ValidateJobs(Callback):
             return  # another sweeper picks its own jobs; each job is still validated when it starts
         jobs = sweep_jobs(config)
         str(config.hydra.sweep.dir)  # resolved (and cached) here first, as the launcher does before any job
-        bad, dirs = [], {}
+        bad, dirs, configs = [], {}, {}
         # The command line's hydra.* overrides (hydra.sweep.subdir=...) unresolved, as the launcher composes each job.
         hydra_overrides = OmegaConf.to_container(config.hydra.overrides.hydra, resolve=False)
         for i, job in enumerate(jobs):
@@ -158,15 +159,24 @@ class ValidateJobs(Callback):
                 bad.append((i, job, problems))
             else:
                 dirs.setdefault(job_dir(config, composed, i), []).append(i)
+                configs.setdefault(json.dumps(resolved_job(composed), sort_keys=True, default=str), []).append(i)
         shared = [(path, nums) for path, nums in dirs.items() if len(nums) > 1]
-        if bad or shared:
+        # A sweep value given twice (seed=0,0; method.lr=1e-3,0.001) trains one config twice, and the report then
+        # refuses the second run of one seed in a row.
+        repeated = [nums for nums in configs.values() if len(nums) > 1]
+        if bad or shared or repeated:
             report = [f"job {i} ({' '.join(job)}): {problems}" for i, job, problems in bad]
             report += [
                 f"jobs {', '.join(map(str, nums))} would all write {path}: one run per directory, so give each job "
                 "its own (hydra.sweep.subdir, by default ${hydra.job.num})"
                 for path, nums in shared
             ]
-            count = len(bad) + sum(len(nums) for _, nums in shared)
+            report += [
+                f"jobs {', '.join(map(str, nums))} would all run one config ({' '.join(jobs[nums[0]])}): give each "
+                "sweep value once"
+                for nums in repeated
+            ]
+            count = len(bad) + len({i for _, nums in shared for i in nums} | {i for nums in repeated for i in nums})
             sys.exit(
                 f"error: {count} of {len(jobs)} jobs of the multirun have config problems; none ran\n"
                 + "\n".join(report)
