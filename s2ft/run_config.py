@@ -20,7 +20,7 @@ from s2ft.errors import UserError
 from s2ft.evaluation.checks import check_task_spec
 from s2ft.evaluation.mtbench import mtbench_config_problems
 from s2ft.methods import METHODS, method_options, saved_method
-from s2ft.models import DTYPES, MODEL_NAMES
+from s2ft.models import DTYPES, MODEL_NAMES, MODEL_SHAPES, shape_model
 
 MODES = ("train", "eval")
 EVAL_MODES = ("generate", "loglik")
@@ -80,20 +80,25 @@ def validate_run_config(cfg: dict[str, Any]) -> None:
         if not isinstance(cfg.get(group), dict):
             problems.append(f"config group {group!r} is missing (check conf/config.yaml defaults)")
     if problems:
-        raise RunConfigError(_message(problems))
+        raise RunConfigError(message(problems))
     problems += unknown_keys(cfg)
     mode = cfg.get("mode", "train")
     if mode not in MODES:
         problems.append(f"mode must be one of {MODES}, got {mode!r}")
+    name = cfg.get("name")
+    if not isinstance(name, str) or not name.strip() or name in (".", "..") or "/" in name:
+        # It names the run directory (outputs/NAME/...) and the W&B group: name=null ran into outputs/None/.
+        problems.append(f"name must be a non-empty experiment name without '/', got {name!r} (e.g. name=my_study)")
     if not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool):
         problems.append(f"seed must be an int, got {cfg.get('seed')!r}")
+    problems += _check_flags(cfg)
     problems += _check_model(cfg["model"], training=mode == "train")
-    problems += _check_method(cfg["method"], training=mode == "train")
+    problems += _check_method(cfg["method"], training=mode == "train", model=cfg["model"].get("name"))
     data_dir = Path(cfg["paths"].get("data_dir") or "data")
     if not data_dir.is_dir():
         problems.append(f"paths.data_dir {str(data_dir)!r} is not a directory (set paths.data_dir=/path/to/data)")
     if mode == "train":
-        problems += _check_data(cfg["data"], data_dir)
+        problems += _check_data(cfg["data"], data_dir, cfg["eval"])
         problems += _check_trainer(cfg["trainer"])
         problems += _check_batches(cfg["data"], cfg["trainer"])
     problems += _check_eval(cfg["eval"], data_dir)
@@ -109,7 +114,7 @@ def validate_run_config(cfg: dict[str, Any]) -> None:
             "finished run, call s2ft.export_lora(RUN/adapter, OUT, base)"
         )
     if problems:
-        raise RunConfigError(_message(problems))
+        raise RunConfigError(message(problems))
 
 
 def unknown_keys(cfg: dict[str, Any]) -> list[str]:
@@ -124,8 +129,28 @@ def unknown_keys(cfg: dict[str, Any]) -> list[str]:
     return problems
 
 
-def _message(problems: list[str]) -> str:
+def message(problems: list[str]) -> str:
+    """The text of a RunConfigError listing `problems`."""
     return f"{len(problems)} problem(s) in the config:\n  - " + "\n  - ".join(problems)
+
+
+# On/off keys: a string there ("no", "off") is truthy, so it turned the setting on (overwrite=no replaced a run).
+FLAGS = ("overwrite", "save_merged", "save_lora", "data.allow_overlap", "model.gradient_checkpointing", "eval.before")
+
+
+def _check_flags(cfg: dict[str, Any]) -> list[str]:
+    problems = []
+    for key in FLAGS:
+        group, _, name = key.rpartition(".")
+        value = (cfg[group] if group else cfg).get(name)
+        if value is not None and not isinstance(value, bool):
+            problems.append(f"{key} must be true or false, got {value!r}")
+    return problems
+
+
+def _is_list_spec(value) -> bool:
+    """A name, a definition, or a list of them (data.train, eval.tasks, eval.heldout, data.overlap_tasks)."""
+    return isinstance(value, str | dict | list)
 
 
 def _check_model(model: dict, training: bool) -> list[str]:
@@ -142,7 +167,7 @@ def _check_model(model: dict, training: bool) -> list[str]:
     return problems
 
 
-def _check_method(method: dict, training: bool) -> list[str]:
+def _check_method(method: dict, training: bool, model: Any = None) -> list[str]:
     name = method.get("name")
     if name not in METHODS:
         return [f"unknown method.name {name!r}; use one of {sorted(METHODS)}"]
@@ -160,20 +185,48 @@ def _check_method(method: dict, training: bool) -> list[str]:
         ):
             problems.append(f"method.betas must be AdamW's [beta1, beta2], each in [0, 1), got {betas!r}")
     options = method.get("options") or {}
+    if not isinstance(options, dict):
+        return problems + [f"method.options must map option names to values, got {options!r}"]
+    defaults = METHODS[name].defaults
     if name != "s2ft":
         # Options only S2FT takes: seeing them on another method means the user mixed up configs.
-        stray = sorted(set(options) & set(METHODS["s2ft"].defaults) - set(METHODS[name].defaults))
+        stray = sorted(set(options) & set(METHODS["s2ft"].defaults) - set(defaults))
         if stray:
-            return problems + [f"S2FT options {stray} on a {name} run; remove them from method.options"]
+            problems.append(f"S2FT options {stray} on a {name} run; remove them from method.options")
+            options = {key: value for key, value in options.items() if key not in stray}
     try:
         options = method_options(name, options)
     except ValueError as err:
-        return problems + [str(err)]
-    return problems + METHODS[name].option_problems(options)
+        # The options it does take are still checked: every problem at once.
+        problems.append(str(err))
+        options = method_options(name, {key: value for key, value in options.items() if key in defaults})
+    found = METHODS[name].option_problems(options)
+    if (
+        training
+        and METHODS[name].trains
+        and not found
+        and not problems
+        and isinstance(model, str)
+        and model in MODEL_SHAPES
+    ):
+        # On a meta-device copy of the model's shape: otherwise these show only once the method is applied, after
+        # the model loaded and the untrained model was evaluated (hours at paper scale).
+        found = [f"{problem} (model {model})" for problem in METHODS[name].fit_problems(shape_model(model), options)]
+    return problems + found
 
 
-def _check_data(data: dict, data_dir: Path) -> list[str]:
-    problems = check_train_spec(data.get("train"), data_dir)
+def _check_data(data: dict, data_dir: Path, ev: dict) -> list[str]:
+    train = data.get("train")
+    if train and not _is_list_spec(train):
+        problems = [f"data.train must be a list of sources (names, files, {{path: ..}}), got {train!r}"]
+    else:
+        problems = check_train_spec(train, data_dir)
+    overlap = data.get("overlap_tasks")
+    if overlap is not None and not _is_list_spec(overlap):
+        problems.append(f"data.overlap_tasks must be null or a list of tasks, got {overlap!r}")
+    elif overlap:
+        groups = ev.get("groups") if isinstance(ev.get("groups"), dict) else None
+        problems += check_task_spec(overlap, data_dir, groups, key="data.overlap_tasks")
     if not is_positive_int(data.get("batch_size")):
         problems.append(f"data.batch_size must be an int >= 1, got {data.get('batch_size')!r}")
     if not is_positive_int(data.get("max_length")) or data["max_length"] < 2:
@@ -195,7 +248,8 @@ def process_count(tr: dict) -> int:
 
 
 def _check_batches(data: dict, tr: dict) -> list[str]:
-    """With `data.limit`, the items left after the validation split must fill one batch on every process."""
+    """With `data.limit`, the items left after the validation split must fill one batch on every process, and an
+    epoch the batches one optimizer step accumulates."""
     limit, val_size, batch = data.get("limit"), data.get("val_size") or 0, data.get("batch_size")
     if not (is_positive_int(limit) and is_positive_int(batch) and is_number(val_size) and val_size >= 0):
         return []
@@ -208,13 +262,30 @@ def _check_batches(data: dict, tr: dict) -> list[str]:
             f"data.limit={limit} leaves {limit - held} training items (after data.val_size={val_size}), fewer than one "
             f"batch of data.batch_size={batch} on {processes} process(es); raise data.limit or lower data.batch_size"
         ]
+    batches, accumulate = (limit - held) // (batch * processes), tr.get("accumulate_grad_batches", 1)
+    if is_positive_int(accumulate) and accumulate > batches:
+        # Lightning steps at the end of an epoch whatever is accumulated: every step would see one epoch, not this.
+        return [
+            f"trainer.accumulate_grad_batches={accumulate} asks for more batches per optimizer step than an epoch "
+            f"holds ({batches} of data.batch_size={batch} from data.limit={limit}, data.val_size={val_size}, on "
+            f"{processes} process(es)); lower trainer.accumulate_grad_batches to at most {batches} or raise data.limit"
+        ]
     return []
 
 
 def _check_eval(ev: dict, data_dir: Path) -> list[str]:
     mode = ev.get("mode", "generate") if ev.get("mode", "generate") in EVAL_MODES else "generate"
-    problems = check_task_spec(ev.get("tasks"), data_dir, ev.get("groups"), mode)
-    problems += check_heldout_spec(ev.get("heldout"), data_dir)
+    groups = ev.get("groups") if isinstance(ev.get("groups"), dict) else None  # a bad one is reported below
+    problems = []
+    tasks, heldout = ev.get("tasks"), ev.get("heldout")
+    if tasks and not _is_list_spec(tasks):
+        problems.append(f"eval.tasks must be a list of tasks (names, groups, definitions), got {tasks!r}")
+    else:
+        problems += check_task_spec(tasks, data_dir, groups, mode)
+    if heldout and not _is_list_spec(heldout):
+        problems.append(f"eval.heldout must be a list of held-out sets, got {heldout!r}")
+    else:
+        problems += check_heldout_spec(heldout, data_dir)
     if ev.get("groups") is not None and not isinstance(ev["groups"], dict):
         problems.append(f"eval.groups must map group names to lists of tasks, got {ev['groups']!r}")
     if ev.get("backend", "s2ft") not in EVAL_BACKENDS:

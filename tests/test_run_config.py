@@ -32,7 +32,9 @@ def test_every_group_option_composes_and_validates(group):
 
 def test_methods_compose_and_validate():
     for method in options("method"):
-        cfg = compose_run(f"method={method}", *(["mode=eval"] if method == "none" else []))
+        # method=s2ft holds the paper's LLaMA ratios: O 5.2% is no head of SmolLM2's 9 (smollm/s2ft is its variant).
+        extra = {"none": ["mode=eval"], "s2ft": ["model=llama_7b"]}.get(method, [])
+        cfg = compose_run(f"method={method}", *extra)
         validate_run_config(cfg)
         assert cfg["method"]["name"] == method
 
@@ -144,7 +146,7 @@ def test_bad_training_numbers_and_resume_source(tmp_path):
 @pytest.mark.parametrize("size", [0.01, 1, 64])
 def test_calibration_size_is_items_or_a_fraction(size):
     validate_run_config(
-        compose_run("method=s2ft", "method.options.strategy=gradient", f"method.options.calibration_size={size}")
+        compose_run("method=smollm/s2ft", "method.options.strategy=gradient", f"method.options.calibration_size={size}")
     )
 
 
@@ -212,3 +214,151 @@ def test_device_ids_on_the_cpu_are_refused():
     """Lightning's TypeError traceback ("`devices` selected with `CPUAccelerator` should be an int > 0")."""
     with pytest.raises(RunConfigError, match=r"trainer\.devices=\[0, 1\] lists GPU ids: set trainer\.accelerator=gpu"):
         validate_run_config(compose_run("debug=smoke", "trainer.devices=[0,1]"))
+
+
+BASELINE_OPTIONS = [
+    # Each was unchecked until the method was applied: after the model loaded and the untrained model was evaluated
+    # (minutes here, hours at paper scale), then a PEFT or SpFT ValueError traceback.
+    (["method=lora", "method.options.r=0"], "method.options.r must be a rank (int >= 1), got 0"),
+    (["method=dora", "method.options.lora_alpha=-2"], "method.options.lora_alpha must be a number > 0, got -2"),
+    (["method=lora", "method.options.lora_dropout=1.5"], "lora_dropout must be a probability in [0, 1), got 1.5"),
+    (["method=lora", "method.options.target_modules=q_proj"], "target_modules must be a non-empty list of module"),
+    (["method=lora", "+method.options.budget=-1"], "method.options.budget must be null, a count >= 1 or a fraction"),
+    (
+        ["method=lora", "+method.options.budget_of=linears"],
+        "method.options.budget_of must be one of ('model', 'linear')",
+    ),
+    (["method=spft", "method.options.p=0"], "method.options.p is the trainable fraction of entries, in (0, 1]; got 0"),
+    (["method=spft", "method.options.p=1.5"], "method.options.p is the trainable fraction of entries, in (0, 1]"),
+    (["method=spft", "method.options.seed=x"], "method.options.seed must be an int, got 'x'"),
+    (["method=spft", "method.options.target_modules=[]"], "target_modules must be a non-empty list of module names"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BASELINE_OPTIONS, ids=[" ".join(o) for o, _ in BASELINE_OPTIONS])
+def test_baseline_options_are_checked_before_anything_loads(overrides, message):
+    with pytest.raises(RunConfigError, match="1 problem") as info:
+        validate_run_config(compose_run(*overrides))
+    assert message in str(info.value)
+
+
+def test_every_bad_baseline_option_is_reported_at_once():
+    cfg = compose_run("method=lora", "method.options.r=0", "method.options.lora_dropout=-0.1", "method.lr=0")
+    with pytest.raises(RunConfigError, match="^3 problem"):
+        validate_run_config(cfg)
+    validate_run_config(compose_run("method=lora", "method.options.r=0", "+method.options.budget=0.01"))  # r unused
+
+
+WRONG_TYPES = [
+    # A TypeError / AttributeError traceback from inside the check (in a multirun, Hydra turns the callback's error
+    # into a warning and launches every job unchecked).
+    ("eval.tasks=5", "eval.tasks must be a list of tasks (names, groups, definitions), got 5"),
+    ("data.train=5", "data.train must be a list of sources (names, files, {path: ..}), got 5"),
+    ("method.options=5", "method.options must map option names to values, got 5"),
+    ("eval.groups=[a]", "eval.groups must map group names to lists of tasks, got ['a']"),
+    ("eval.heldout=5", "eval.heldout must be a list of held-out sets, got 5"),
+    # Not checked before: found only after the training data loaded, or never.
+    ("data.overlap_tasks=5", "data.overlap_tasks must be null or a list of tasks, got 5"),
+    ("data.overlap_tasks=[gsm8k,nope]", "data.overlap_tasks: unknown task 'nope'; valid tasks: gsm8k,"),
+    # A string is truthy: overwrite=no replaced an earlier run, data.allow_overlap=no switched the overlap guard off.
+    ("overwrite=no", "overwrite must be true or false, got 'no'"),
+    ("data.allow_overlap=no", "data.allow_overlap must be true or false, got 'no'"),
+    ("save_merged=off", "save_merged must be true or false, got 'off'"),
+    ("model.gradient_checkpointing=yes", "model.gradient_checkpointing must be true or false, got 'yes'"),
+    ("eval.before=1", "eval.before must be true or false, got 1"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), WRONG_TYPES, ids=[o for o, _ in WRONG_TYPES])
+def test_a_value_of_the_wrong_type_is_one_problem_not_a_crash(override, message):
+    with pytest.raises(RunConfigError) as info:
+        validate_run_config(compose_run(override))
+    assert str(info.value).startswith(f"1 problem(s) in the config:\n  - {message}"), str(info.value)
+
+
+SHAPE_PROBLEMS = [
+    # Each was found only when the method was applied: after the model loaded and the untrained model was evaluated
+    # (eval.before: ~1 min here, hours at paper scale), and the LoRA / SpFT ones as a ValueError traceback.
+    (
+        ["method=s2ft"],  # the paper's LLaMA ratios on SmolLM2, as README's first multirun example ran it
+        "method.options: budget gives no unit: ratios['o']=0.052 gives 0 of 9 units per layer; the smallest ratio "
+        "giving one unit is 0.05556 (model smollm2_135m)",
+    ),
+    (
+        ["method.options.layers=[29,30]"],
+        "method.options: layers [30] do not exist; the model has layers 0..29 (model smollm2_135m)",
+    ),
+    (
+        ["+experiment=component_ablation", "method.options.target_params=100"],
+        "method.options: target_params=100 (= 100 params) gives no 'o' unit (one has 524288 params); the smallest "
+        "target giving one is 524288; raise target_params or change target_split (model llama_7b)",
+    ),
+    (
+        ["method.options.match_lora.target_modules=[q_proj,qkv_proj]"],
+        "method.options: match_lora.target_modules ['qkv_proj'] match no nn.Linear in the model; check the names "
+        "(model smollm2_135m)",
+    ),
+    (
+        ["method=lora", "method.options.target_modules=[q_proj,query]"],
+        "method.options.target_modules ['query'] match no nn.Linear in the model; check the names (model smollm2_135m)",
+    ),
+    (
+        ["method=spft", "method.options.target_modules=[query]"],
+        "method.options.target_modules: spft target_modules ['query'] match no nn.Linear in the model; check the "
+        "names (model smollm2_135m)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), SHAPE_PROBLEMS, ids=[" ".join(o) for o, _ in SHAPE_PROBLEMS])
+def test_a_budget_or_target_the_model_cannot_take_is_refused_before_it_loads(overrides, message):
+    with pytest.raises(RunConfigError) as info:
+        validate_run_config(compose_run(*overrides))
+    assert str(info.value) == f"1 problem(s) in the config:\n  - {message}"
+
+
+def test_a_budget_is_checked_on_the_shape_only_for_models_whose_shape_is_known():
+    validate_run_config(compose_run("method=s2ft", "model=llama_7b"))  # 5.2% of 32 heads: 2 per layer
+    validate_run_config(compose_run("method=s2ft", "model.name=HuggingFaceTB/SmolLM2-135M"))  # a hub id: at load
+    validate_run_config(compose_run("mode=eval", "method=none"))
+
+
+def test_an_unknown_option_does_not_hide_the_other_option_problems():
+    """An unknown or stray S2FT option returned early: the bad values beside it showed only on the next run."""
+    cases = {
+        ("+method.options.p=0.1", "method.options.strategy=foo", "method.options.order=mid"): [
+            "method 's2ft' does not take option(s) ['p']",
+            "method.options: unknown strategy 'foo'",
+            "method.options: unknown order 'mid'",
+        ],
+        ("method=lora", "+method.options.ratios={o:0.1}", "method.options.r=0"): [
+            "S2FT options ['ratios'] on a lora run; remove them from method.options",
+            "method.options.r must be a rank (int >= 1), got 0",
+        ],
+    }
+    for overrides, lines in cases.items():
+        with pytest.raises(RunConfigError) as info:
+            validate_run_config(compose_run(*overrides))
+        found = str(info.value).split("\n  - ")
+        assert found[0] == f"{len(lines)} problem(s) in the config:"
+        assert [line for line, problem in zip(lines, found[1:], strict=True) if not problem.startswith(line)] == []
+
+
+def test_accumulating_more_batches_than_an_epoch_holds_is_refused():
+    """Lightning steps at an epoch's end whatever it accumulated: 100 x 8 items per step on 36 items trained each step
+    on 32, silently."""
+    with pytest.raises(RunConfigError) as info:
+        validate_run_config(compose_run("data.limit=100", "trainer.accumulate_grad_batches=100"))
+    assert str(info.value) == (
+        "1 problem(s) in the config:\n  - trainer.accumulate_grad_batches=100 asks for more batches per optimizer step "
+        "than an epoch holds (4 of data.batch_size=8 from data.limit=100, data.val_size=64, on 1 process(es)); lower "
+        "trainer.accumulate_grad_batches to at most 4 or raise data.limit"
+    )
+    validate_run_config(compose_run("data.limit=100", "trainer.accumulate_grad_batches=4"))
+
+
+@pytest.mark.parametrize("name", ["null", "''", "a/b", ".."])
+def test_the_experiment_name_must_name_one_directory(name):
+    """name=null ran into outputs/None/ (and the W&B group None); a '/' nested the run one level deeper."""
+    with pytest.raises(RunConfigError, match=r"^1 problem.*\n  - name must be a non-empty experiment name without '/'"):
+        validate_run_config(compose_run(f"name={name}"))

@@ -275,6 +275,61 @@ def test_the_multirun_check_sees_the_jobs_the_sweeper_launches():
     assert all("method.lr must be a finite number > 0, got 0" in f for f in (found[1], found[3]))
 
 
+def test_an_interpolation_that_does_not_resolve_is_a_config_problem_naming_every_key():
+    """`+experiment=fusion data.train=[gsm8k]` left `method.lr: ${leg_lr.${data.train[0]}}` without a value: an
+    OmegaConf traceback after Hydra had written the run directory."""
+    with pytest.raises(RunConfigError) as info:
+        compose_run("+experiment=fusion", "data.train=[gsm8k]", "seed=${oc.env:S2FT_NO_SUCH_VARIABLE}")
+    assert str(info.value) == (
+        "3 problem(s) in the config:\n"
+        "  - method.lr does not resolve (Interpolation key 'leg_lr.gsm8k' not found); fix the interpolation or set "
+        "method.lr=VALUE\n"
+        '  - method.options.seed does not resolve (KeyError raised while resolving interpolation: "Environment '
+        "variable 'S2FT_NO_SUCH_VARIABLE' not found\"); fix the interpolation or set method.options.seed=VALUE\n"
+        '  - seed does not resolve (KeyError raised while resolving interpolation: "Environment variable '
+        "'S2FT_NO_SUCH_VARIABLE' not found\"); fix the interpolation or set seed=VALUE"
+    )
+
+
+def test_the_multirun_check_reads_interpolations_in_the_command_line_unresolved():
+    """Iterating hydra.overrides.task resolved `${nope}` and raised inside the callback, which Hydra turns into a
+    warning: no job was checked and every job launched."""
+    with run_hydra():
+        cfg = compose_job(["method.lr=1e-3"])
+        cfg.hydra.overrides.task = ["method.lr=${nope},1e-3", "trainer.max_steps=${trainer.log_every_n_steps}"]
+        jobs = sweep_jobs(cfg)
+        steps = r"trainer.max_steps=$\{trainer.log_every_n_steps\}"  # Hydra's own escaping, as its launcher passes it
+        assert jobs == [[r"method.lr=$\{nope\}", steps], ["method.lr=0.001", steps]]
+        found = [job_problems("config", job) for job in jobs]
+    assert "method.lr does not resolve (Interpolation key 'nope' not found)" in found[0]
+    assert "trainer.warmup_steps (8) must be below trainer.max_steps (5)" in found[1]
+
+
+def test_a_multirun_with_an_unresolvable_interpolation_runs_none(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    done = run_py("-m", "debug=smoke", "eval=none", "method.lr=${nope},1e-3", f"hydra.sweep.dir={sweep_dir}")
+    assert_clean_error(
+        done,
+        "error: 1 of 2 jobs of the multirun have config problems; none ran\njob 0 (debug=smoke eval=none",
+        "  - method.lr does not resolve (Interpolation key 'nope' not found); fix the interpolation or set",
+    )
+    assert "Launching" not in done.stderr + done.stdout and not sweep_dir.exists()
+
+
+def test_a_multirun_that_would_train_one_config_twice_runs_none(tmp_path):
+    """seed=0,0 or method.lr=1e-3,0.001 trained the same config in two directories; the report then refused the
+    study (a second run of one seed in a row)."""
+    sweep_dir = tmp_path / "sweep"
+    done = run_py("-m", "debug=smoke", "eval=none", "seed=0,1", "method.lr=1e-3,0.001", f"hydra.sweep.dir={sweep_dir}")
+    assert_clean_error(
+        done,
+        "error: 4 of 4 jobs of the multirun have config problems; none ran\n"
+        "jobs 0, 1 would all run one config (debug=smoke eval=none seed=0 method.lr=0.001): give each sweep value "
+        "once\njobs 2, 3 would all run one config (debug=smoke eval=none seed=1 method.lr=0.001): give each sweep",
+    )
+    assert not sweep_dir.exists()
+
+
 def test_the_last_screen_is_the_result_and_where_it_is(tmp_path):
     """`python run.py debug=smoke` with W&B: each log line once, no adverts, steps out of max_steps, and the run ends
     with its table, its directory and the `wandb sync` command (not W&B's own run summary)."""

@@ -6,10 +6,14 @@ from s2ft.data.user_tasks import group_members, resolve_eval_tasks
 from s2ft.evaluation.evaluate import prepare_tasks
 
 
-def check_task_spec(tasks, data_dir: str | Path, groups: dict | None = None, mode: str = "generate") -> list[str]:
+def check_task_spec(
+    tasks, data_dir: str | Path, groups: dict | None = None, mode: str = "generate", key: str = "eval.tasks"
+) -> list[str]:
     """Problems of ``eval.tasks``: unknown names, missing test files, bad definitions and, for a user's tasks, every
     record (its fields, its gold answer for the answer kind, its options in log-likelihood mode), so a bad test file
     stops the run before the model loads. Registered tasks' records are checked when they are evaluated.
+
+    ``key`` is the config key the problems name (``data.overlap_tasks`` holds tasks too).
     """
     problems = []
     items = [tasks] if isinstance(tasks, str | dict) else list(tasks or [])
@@ -17,7 +21,7 @@ def check_task_spec(tasks, data_dir: str | Path, groups: dict | None = None, mod
         try:
             specs = resolve_eval_tasks(item, groups, items)
         except (KeyError, ValueError, TypeError) as err:
-            problems.append(f"eval.tasks: {err}")
+            problems.append(f"{key}: {err}")
             continue
         for spec in specs:
             if spec.source is None:
@@ -27,11 +31,11 @@ def check_task_spec(tasks, data_dir: str | Path, groups: dict | None = None, mod
             try:
                 prepare_tasks([spec], data_dir, mode)
             except (ValueError, FileNotFoundError) as err:
-                problems.append(f"eval.tasks: {err}")
+                problems.append(f"{key}: {err}")
     if not problems and items:
         try:
             resolve_eval_tasks(items, groups)  # two different definitions under one name
             group_members(groups, items)
         except (KeyError, ValueError, TypeError) as err:
-            problems.append(f"eval.tasks: {err}")
+            problems.append(f"{key}: {err}")
     return problems

@@ -7,6 +7,7 @@ conf/hydra/default.yaml.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,11 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from s2ft.errors import UserError
-from s2ft.run_config import validate_run_config
+from s2ft.run_config import RunConfigError, message, validate_run_config
 
 
 def job_config(cfg: DictConfig, hydra_cfg: DictConfig) -> dict[str, Any]:
@@ -28,11 +30,34 @@ def job_config(cfg: DictConfig, hydra_cfg: DictConfig) -> dict[str, Any]:
     Args:
         cfg: The job's config, without its `hydra` node.
         hydra_cfg: The job's `hydra` node (runtime choices, task overrides and config sources).
+
+    Raises:
+        RunConfigError: If an interpolation does not resolve (one line per key), so that run.py and the multirun
+            check report it as a config problem instead of a traceback (or, in a callback, a warning).
     """
     debug = hydra_cfg.runtime.choices.get("debug")
     if debug not in (None, "null"):
-        cfg = with_debug(cfg, _conf_dir(hydra_cfg) / "debug" / f"{debug}.yaml", list(hydra_cfg.overrides.task))
-    return OmegaConf.to_container(cfg, resolve=True)
+        cfg = with_debug(cfg, _conf_dir(hydra_cfg) / "debug" / f"{debug}.yaml", task_overrides(hydra_cfg))
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        raise RunConfigError(message(unresolved(cfg) or [str(err).splitlines()[0]])) from None
+
+
+def unresolved(node: DictConfig | ListConfig, prefix: str = "") -> list[str]:
+    """One problem per key of `node` whose interpolation does not resolve, naming the key and the fix."""
+    problems = []
+    for key in node.keys() if isinstance(node, DictConfig) else range(len(node)):
+        name = f"{prefix}[{key}]" if isinstance(node, ListConfig) else f"{prefix}.{key}" if prefix else str(key)
+        try:
+            value = node[key]
+        except OmegaConfBaseException as err:
+            why = str(err.msg).splitlines()[0] if err.msg else type(err).__name__
+            problems.append(f"{name} does not resolve ({why}); fix the interpolation or set {name}=VALUE")
+            continue
+        if isinstance(value, DictConfig | ListConfig):
+            problems += unresolved(value, name)
+    return problems
 
 
 def with_debug(cfg: DictConfig, debug_file: Path, overrides: list[str]) -> DictConfig:
@@ -69,10 +94,17 @@ def resolved_job(cfg: DictConfig) -> dict[str, Any]:
     return job_config(OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]), cfg.hydra)
 
 
+def task_overrides(hydra_cfg: DictConfig) -> list[str]:
+    """The command line's key=value overrides as typed: iterating the config's list would resolve a `${...}` in them
+    against the config (and raise, outside any check, where it does not resolve)."""
+    return OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)
+
+
 def sweep_jobs(cfg: DictConfig) -> list[list[str]]:
     """The override list of every job Hydra's basic sweeper launches for the multirun `cfg` (in launch order)."""
-    params = [f"{key}={value}" for key, value in (cfg.hydra.sweeper.params or {}).items()]
-    overrides = OverridesParser.create().parse_overrides([*params, *cfg.hydra.overrides.task])
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=False) if cfg.hydra.sweeper.params else {}
+    params = [f"{key}={value}" for key, value in params.items()]
+    overrides = OverridesParser.create().parse_overrides([*params, *task_overrides(cfg.hydra)])
     return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
 
 
@@ -118,7 +150,7 @@ class ValidateJobs(Callback):
             return  # another sweeper picks its own jobs; each job is still validated when it starts
         jobs = sweep_jobs(config)
         str(config.hydra.sweep.dir)  # resolved (and cached) here first, as the launcher does before any job
-        bad, dirs = [], {}
+        bad, dirs, configs = [], {}, {}
         # The command line's hydra.* overrides (hydra.sweep.subdir=...) unresolved, as the launcher composes each job.
         hydra_overrides = OmegaConf.to_container(config.hydra.overrides.hydra, resolve=False)
         for i, job in enumerate(jobs):
@@ -127,15 +159,24 @@ class ValidateJobs(Callback):
                 bad.append((i, job, problems))
             else:
                 dirs.setdefault(job_dir(config, composed, i), []).append(i)
+                configs.setdefault(json.dumps(resolved_job(composed), sort_keys=True, default=str), []).append(i)
         shared = [(path, nums) for path, nums in dirs.items() if len(nums) > 1]
-        if bad or shared:
+        # A sweep value given twice (seed=0,0; method.lr=1e-3,0.001) trains one config twice, and the report then
+        # refuses the second run of one seed in a row.
+        repeated = [nums for nums in configs.values() if len(nums) > 1]
+        if bad or shared or repeated:
             report = [f"job {i} ({' '.join(job)}): {problems}" for i, job, problems in bad]
             report += [
                 f"jobs {', '.join(map(str, nums))} would all write {path}: one run per directory, so give each job "
                 "its own (hydra.sweep.subdir, by default ${hydra.job.num})"
                 for path, nums in shared
             ]
-            count = len(bad) + sum(len(nums) for _, nums in shared)
+            report += [
+                f"jobs {', '.join(map(str, nums))} would all run one config ({' '.join(jobs[nums[0]])}): give each "
+                "sweep value once"
+                for nums in repeated
+            ]
+            count = len(bad) + len({i for _, nums in shared for i in nums} | {i for nums in repeated for i in nums})
             sys.exit(
                 f"error: {count} of {len(jobs)} jobs of the multirun have config problems; none ran\n"
                 + "\n".join(report)

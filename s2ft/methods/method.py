@@ -25,6 +25,9 @@ class Method:
             ``defaults``) that shows without the model, for the run's config check (`s2ft.run_config`).
         calibration_items: ``calibration_items(options, train_items) -> int``: how many training items ``prepare``
             wants as calibration batches (0: none).
+        fit_problems: ``fit_problems(model, options) -> [problem, ...]``: what ``prepare`` would refuse on ``model``
+            (a budget that gives no unit, modules or layers it lacks), found on a meta-device model of its shape
+            (`s2ft.models.shape_model`) before the real one loads; ``options`` already pass ``option_problems``.
     """
 
     name: str
@@ -37,3 +40,4 @@ class Method:
     fp32_trainables: bool = True
     option_problems: Callable[[dict[str, Any]], list[str]] = lambda options: []
     calibration_items: Callable[[dict[str, Any], int], int] = lambda options, train_items: 0
+    fit_problems: Callable[[Any, dict[str, Any]], list[str]] = lambda model, options: []

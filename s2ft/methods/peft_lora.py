@@ -7,9 +7,9 @@ from typing import Any
 
 from torch import nn
 
-from s2ft.checks import is_positive_int
+from s2ft.checks import is_number, is_positive_int
 from s2ft.methods.method import Method
-from s2ft.methods.spft import entry_count
+from s2ft.methods.spft import entry_count, module_list_problems
 
 # peft is imported inside the functions that use it: it is an optional dependency (the `suite` extra) and takes
 # ~0.5 s to import, which S2FT, full and SpFT runs (and `import s2ft.methods`) should not pay.
@@ -25,6 +25,36 @@ DEFAULTS: dict[str, Any] = {
     "budget_of": "model",
 }
 BUDGET_OF = ("model", "linear")
+
+
+def option_problems(options: dict[str, Any]) -> list[str]:
+    """Every problem of LoRA's / DoRA's ``method.options`` (merged over DEFAULTS) that shows without the model."""
+    problems = []
+    budget = options["budget"]
+    if budget is None and not is_positive_int(options["r"]):
+        problems.append(f"method.options.r must be a rank (int >= 1), got {options['r']!r}")
+    if budget is not None and (not is_number(budget) or budget <= 0):
+        problems.append(f"method.options.budget must be null, a count >= 1 or a fraction in (0, 1), got {budget!r}")
+    if options["budget_of"] not in BUDGET_OF:
+        problems.append(f"method.options.budget_of must be one of {BUDGET_OF}, got {options['budget_of']!r}")
+    if not is_number(options["lora_alpha"]) or options["lora_alpha"] <= 0:
+        problems.append(f"method.options.lora_alpha must be a number > 0, got {options['lora_alpha']!r}")
+    dropout = options["lora_dropout"]
+    if not is_number(dropout) or not 0 <= dropout < 1:
+        problems.append(f"method.options.lora_dropout must be a probability in [0, 1), got {dropout!r}")
+    return problems + module_list_problems(options["target_modules"])
+
+
+def fit_problems(model: nn.Module, options: dict[str, Any]) -> list[str]:
+    """Target modules ``model`` lacks (and a budget's rank), as `prepare` would find them."""
+    try:
+        if options["budget"] is not None:
+            rank_for_budget(model, options["budget"], options["target_modules"], options["budget_of"])
+        else:
+            lora_param_count(model, options["r"], options["target_modules"])
+    except ValueError as err:
+        return [str(err)]
+    return []
 
 
 def lora_param_count(model: nn.Module, r: int, target_modules: list[str], key: str = "method.options") -> int:
@@ -110,5 +140,5 @@ def merge(model: nn.Module) -> nn.Module:
     return model.merge_and_unload()
 
 
-LORA = Method("lora", DEFAULTS, prepare, save, load, merge)
-DORA = Method("dora", DEFAULTS, prepare, save, load, merge)
+LORA = Method("lora", DEFAULTS, prepare, save, load, merge, option_problems=option_problems, fit_problems=fit_problems)
+DORA = Method("dora", DEFAULTS, prepare, save, load, merge, option_problems=option_problems, fit_problems=fit_problems)

@@ -130,6 +130,23 @@ def planned_params(model: nn.Module, options: dict[str, Any]) -> int:
     return sum(count * structures[0].unit_params(c) for c, count in budgets.items())
 
 
+def fit_problems(model: nn.Module, options: dict[str, Any]) -> list[str]:
+    """What `prepare` would refuse on ``model`` from the budget rule alone (no unit, layers it lacks, a match_lora
+    count its units cannot meet); a meta-device model of the real shape will do."""
+    try:
+        got = planned_params(model, options)
+        match = options["match_lora"]
+        want = None if match is None else lora_param_count(model, match.get("r"), match.get("target_modules"))
+    except ValueError as err:  # S2FTConfigError included
+        return [f"method.options: {err}".replace(":\n  - ", ": ").replace("\n  - ", "; ")]
+    if want is not None and abs(got - want) > MATCH_TOLERANCE * want:
+        return [
+            f"method.options.match_lora asks for {want} parameters but S2FT's units give {got} (more than "
+            f"{MATCH_TOLERANCE:.0%} apart): add a fine-grained component (down/up/gate) to method.options.ratios"
+        ]
+    return []
+
+
 def prepare(model: nn.Module, options: dict[str, Any], calibration, name: str = "s2ft") -> nn.Module:
     """Freeze the model and train the selected heads/channels; with ``match_lora`` check the count is matched."""
     cfg = build_config(model, options)
@@ -171,4 +188,5 @@ METHOD = Method(
     merge_and_unload,
     option_problems=option_problems,
     calibration_items=calibration_items,
+    fit_problems=fit_problems,
 )

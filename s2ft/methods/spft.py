@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from s2ft.adapter_format import atomic_write
+from s2ft.checks import is_number
 from s2ft.methods.method import Method
 
 DEFAULTS: dict[str, Any] = {
@@ -51,6 +52,34 @@ class SpFTLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.effective_weight(), self.base.bias)
+
+
+def option_problems(options: dict[str, Any]) -> list[str]:
+    """Every problem of SpFT's ``method.options`` (merged over DEFAULTS) that shows without the model."""
+    problems = []
+    p = options["p"]
+    if not is_number(p) or not 0 < p <= 1:
+        problems.append(f"method.options.p is the trainable fraction of entries, in (0, 1]; got {p!r}")
+    seed = options["seed"]
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        problems.append(f"method.options.seed must be an int, got {seed!r}")
+    return problems + module_list_problems(options["target_modules"])
+
+
+def module_list_problems(targets) -> list[str]:
+    """``method.options.target_modules`` must be a non-empty list of module names (LoRA's, DoRA's and SpFT's)."""
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+        return [f"method.options.target_modules must be a non-empty list of module names, got {targets!r}"]
+    return []
+
+
+def fit_problems(model: nn.Module, options: dict[str, Any]) -> list[str]:
+    """Target modules ``model`` lacks, as `prepare` would find them."""
+    try:
+        targeted_linears(model, options["target_modules"])
+    except ValueError as err:
+        return [f"method.options.target_modules: {err}"]
+    return []
 
 
 def sample_index(numel: int, p: float, generator: torch.Generator) -> torch.Tensor:
@@ -146,4 +175,6 @@ def _has_module(model: nn.Module, name: str) -> bool:
     return True
 
 
-METHOD = Method("spft", DEFAULTS, prepare, save, load, merge)
+METHOD = Method(
+    "spft", DEFAULTS, prepare, save, load, merge, option_problems=option_problems, fit_problems=fit_problems
+)
