@@ -33,6 +33,7 @@ def test_optimizer_and_checkpoint_cover_only_trainable_tensors():
 
     class FakeTrainer:
         estimated_stepping_batches = 10
+        world_size = 1
 
     module.trainer = FakeTrainer()
     optimizer = module.configure_optimizers()["optimizer"]
