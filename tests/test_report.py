@@ -548,6 +548,14 @@ SELECTION = ROOT / "results" / "selection_smollm" / "runs"
 RANDOM = "s2ft order=large strategy=random"
 
 
+def _parent(config: dict, path: str) -> tuple[dict, str]:
+    """The mapping that holds a dotted config key, and the key's last part."""
+    *sections, name = path.split(".")
+    for section in sections:
+        config = config[section]
+    return config, name
+
+
 def _selection_records(tmp_path: Path, leave_out: tuple[str, ...] = ()) -> Path:
     return shutil.copytree(SELECTION, tmp_path / "runs", ignore=shutil.ignore_patterns(*leave_out))
 
@@ -792,10 +800,7 @@ def test_runs_that_trained_or_were_measured_differently_are_different_rows(path,
     runs = _selection_records(tmp_path)
     config_file = runs / "seed1_random_large" / "config.yaml"
     config = yaml.safe_load(config_file.read_text())
-    *sections, name = path.split(".")
-    node = config
-    for section in sections:
-        node = node[section]
+    node, name = _parent(config, path)
     node[name] = value
     config_file.write_text(yaml.safe_dump(config))
     labels = {row.label: len(row.runs) for row in build_rows(find_runs([runs]))}
@@ -821,10 +826,7 @@ def test_a_setting_older_runs_lack_keeps_their_row_apart_and_says_so(path, shown
     runs = _selection_records(tmp_path)
     config_file = runs / "seed0_random_large" / "config.yaml"
     config = yaml.safe_load(config_file.read_text())
-    *sections, name = path.split(".")
-    node = config
-    for section in sections:
-        node = node[section]
+    node, name = _parent(config, path)
     value = json.dumps(node.pop(name))
     config_file.write_text(yaml.safe_dump(config))
     key = shown or path
