@@ -27,6 +27,7 @@ EVAL_MODES = ("generate", "loglik")
 EVAL_BACKENDS = ("s2ft", "lm_eval")
 SCHEDULERS = ("linear", "cosine")
 LOGGERS = ("wandb", "csv", "none")
+WANDB_MODES = ("offline", "online", "disabled")
 PRECISIONS = ("32", "32-true", "bf16", "bf16-mixed", "bf16-true", "16-mixed", "64", "64-true")
 SELECT_BEST = (None, "val_loss")
 # What the runner supports: one process or DDP (Lightning's names), FSDP2 ("fsdp", s2ft.lightning.sharding).
@@ -364,7 +365,17 @@ def _check_trainer(tr: dict) -> list[str]:
 def _check_logger(logger: dict) -> list[str]:
     if logger.get("name") not in LOGGERS:
         return [f"logger.name must be one of {LOGGERS}, got {logger.get('name')!r} (use logger=wandb|csv|none)"]
-    return []
+    problems = []
+    # W&B reads these only once the model has trained: a bad mode stopped a finished run's logging with a traceback.
+    if logger.get("mode") is not None and logger["mode"] not in WANDB_MODES:
+        problems.append(f"logger.mode must be one of {WANDB_MODES}, got {logger['mode']!r}")
+    project = logger.get("project")
+    if project is not None and (not isinstance(project, str) or not project.strip()):
+        problems.append(f"logger.project must be a W&B project name, got {project!r}")
+    tags = logger.get("tags")
+    if tags is not None and not (isinstance(tags, list) and all(isinstance(tag, str) and tag for tag in tags)):
+        problems.append(f"logger.tags must be a list of non-empty strings, got {tags!r} (e.g. logger.tags=[ablation])")
+    return problems
 
 
 def _check_sources(cfg: dict, mode: str) -> list[str]:

@@ -266,13 +266,17 @@ WRONG_TYPES = [
     ("save_merged=off", "save_merged must be true or false, got 'off'"),
     ("model.gradient_checkpointing=yes", "model.gradient_checkpointing must be true or false, got 'yes'"),
     ("eval.before=1", "eval.before must be true or false, got 1"),
+    # Read by W&B only after training: the run trained for hours, then its logger failed.
+    ("logger=wandb logger.mode=ofline", "logger.mode must be one of ('offline', 'online', 'disabled'), got 'ofline'"),
+    ("logger=wandb logger.tags=ablation", "logger.tags must be a list of non-empty strings, got 'ablation'"),
+    ("logger=wandb logger.project=''", "logger.project must be a W&B project name, got ''"),
 ]
 
 
 @pytest.mark.parametrize(("override", "message"), WRONG_TYPES, ids=[o for o, _ in WRONG_TYPES])
 def test_a_value_of_the_wrong_type_is_one_problem_not_a_crash(override, message):
     with pytest.raises(RunConfigError) as info:
-        validate_run_config(compose_run(override))
+        validate_run_config(compose_run(*override.split()))
     assert str(info.value).startswith(f"1 problem(s) in the config:\n  - {message}"), str(info.value)
 
 
