@@ -354,6 +354,16 @@ def _check_trainer(tr: dict) -> list[str]:
             "trainer.val_check_interval must be null, a number of training batches (int >= 1) or a fraction of an "
             f"epoch in (0, 1], got {interval!r}"
         )
+    elif is_positive_int(interval) and is_positive_int(accumulate := tr.get("accumulate_grad_batches", 1)):
+        if interval % accumulate:
+            # It counts batches: validation fell inside an accumulation, twice in one optimizer step when below it,
+            # and the validation loss was logged for a step whose update had not happened yet.
+            lower, upper = max(accumulate, interval // accumulate * accumulate), -(-interval // accumulate) * accumulate
+            problems.append(
+                f"trainer.val_check_interval={interval} counts training batches, and is not a multiple of "
+                f"trainer.accumulate_grad_batches={accumulate}: validation would run inside an optimizer step; use "
+                f"{lower}" + (f" or {upper}" if upper != lower else "")
+            )
     if tr.get("select_best") not in SELECT_BEST:
         problems.append(f"trainer.select_best must be null or 'val_loss', got {tr.get('select_best')!r}")
     after = tr.get("select_best_after", 0.0)

@@ -352,7 +352,9 @@ def test_accumulating_more_batches_than_an_epoch_holds_is_refused():
     """Lightning steps at an epoch's end whatever it accumulated: 100 x 8 items per step on 36 items trained each step
     on 32, silently."""
     with pytest.raises(RunConfigError) as info:
-        validate_run_config(compose_run("data.limit=100", "trainer.accumulate_grad_batches=100"))
+        validate_run_config(
+            compose_run("data.limit=100", "trainer.accumulate_grad_batches=100", "trainer.val_check_interval=100")
+        )
     assert str(info.value) == (
         "1 problem(s) in the config:\n  - trainer.accumulate_grad_batches=100 asks for more batches per optimizer step "
         "than an epoch holds (4 of data.batch_size=8 from data.limit=100, data.val_size=64, on 1 process(es)); lower "
@@ -366,3 +368,21 @@ def test_the_experiment_name_must_name_one_directory(name):
     """name=null ran into outputs/None/ (and the W&B group None); a '/' nested the run one level deeper."""
     with pytest.raises(RunConfigError, match=r"^1 problem.*\n  - name must be a non-empty experiment name without '/'"):
         validate_run_config(compose_run(f"name={name}"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fix"),
+    [
+        (["trainer.val_check_interval=2", "trainer.accumulate_grad_batches=4"], "use 4"),
+        (["trainer.val_check_interval=10", "trainer.accumulate_grad_batches=4"], "use 8 or 12"),
+    ],
+)
+def test_a_validation_interval_inside_an_accumulated_step_is_refused(overrides, fix):
+    """Validation ran in the middle of an optimizer step (twice in one step below the accumulation)."""
+    with pytest.raises(RunConfigError) as info:
+        validate_run_config(compose_run(*overrides))
+    assert str(info.value).endswith(
+        f"trainer.val_check_interval={overrides[0].split('=')[1]} counts training batches, and is not a multiple of "
+        f"trainer.accumulate_grad_batches=4: validation would run inside an optimizer step; {fix}"
+    ), str(info.value)
+    validate_run_config(compose_run("trainer.val_check_interval=8", "trainer.accumulate_grad_batches=4"))
