@@ -2,8 +2,11 @@
 
 import math
 
+import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from s2ft.lightning.module import FineTuneModule, lr_lambda
 from s2ft.models import tiny_model
@@ -58,3 +61,39 @@ def test_no_trainable_parameters_is_a_clear_error():
     module = FineTuneModule(model, lr=1e-3)
     with pytest.raises(ValueError, match="no trainable parameters"):
         module.configure_optimizers()
+
+
+def _padded(chunk: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A right-padded batch of (input_ids, labels) items."""
+    width = max(len(ids) for ids, _ in chunk)
+    return {
+        "input_ids": torch.stack([F.pad(ids, (0, width - len(ids))) for ids, _ in chunk]),
+        "attention_mask": torch.stack([(torch.arange(width) < len(ids)).long() for ids, _ in chunk]),
+        "labels": torch.stack([F.pad(labels, (0, width - len(labels)), value=-100) for _, labels in chunk]),
+    }
+
+
+def test_validation_loss_is_the_mean_over_tokens_whatever_the_batch_size():
+    """It was the mean of per-batch means weighted by items: the same items of unequal lengths gave another val/loss
+    at each batch size."""
+    model = tiny_model("llama", vocab_size=64)
+    generator = torch.Generator().manual_seed(0)
+    items = []
+    for length in (3, 9, 5, 14, 4, 11):
+        ids = torch.randint(0, 64, (length,), generator=generator)
+        labels = ids.clone()
+        labels[: length // 3] = -100  # the prompt
+        items.append((ids, labels))
+    with torch.no_grad():
+        total, count = 0.0, 0
+        for ids, labels in items:
+            logits, mask = model(input_ids=ids[None]).logits[0, :-1].double(), labels[1:] != -100
+            total += F.cross_entropy(logits[mask], labels[1:][mask], reduction="sum").item()
+            count += int(mask.sum())
+    found = []
+    for size in (1, 2, 6):
+        batches = [_padded(items[start : start + size]) for start in range(0, len(items), size)]
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        loader = DataLoader(batches, batch_size=None)  # the batches as they are
+        found.append(trainer.validate(FineTuneModule(model, lr=1e-3), loader, verbose=False)[0]["val/loss"])
+    assert found == pytest.approx([total / count] * 3, rel=1e-5)

@@ -8,7 +8,9 @@ import time
 import lightning as L
 import torch
 from torch import nn
+from torchmetrics import MeanMetric
 
+from s2ft.data.tokenize import IGNORE_INDEX
 from s2ft.lightning.optimizer import MasterWeightAdamW
 from s2ft.lightning.sharding import FSDP2Strategy, shard_model
 from s2ft.memory import peak_memory_mb
@@ -56,6 +58,7 @@ class FineTuneModule(L.LightningModule):
         self.last_loss: float | None = None
         self.loss_curve: list[tuple[int, float]] = []
         self.val_curve: list[tuple[int, float]] = []
+        self.val_loss = MeanMetric()
         # Tokens per second of each training batch: their median is a run's pace, which other jobs on the machine
         # or a stall (checkpointing, validation) barely move, unlike its wall time.
         self.pace: list[float] = []
@@ -145,7 +148,10 @@ class FineTuneModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.model(**batch).loss
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        # The model's loss is the mean over the batch's label tokens; weighted by their count, val/loss is the mean
+        # over every validation token, as the held-out losses are. Weighted by items it moved with the batch size.
+        self.val_loss.update(loss.detach().float(), weight=(batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        self.log("val/loss", self.val_loss, prog_bar=True, on_step=False, on_epoch=True)
         return loss
 
     def on_validation_epoch_end(self) -> None:
