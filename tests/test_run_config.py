@@ -307,6 +307,13 @@ SHAPE_PROBLEMS = [
         "method.options.target_modules ['query'] match no nn.Linear in the model; check the names (model smollm2_135m)",
     ),
     (
+        # PEFT took it: rank 642 on layers at most 576 wide trains more parameters than a rank-576 update, to no gain.
+        ["method=smollm/lora", "+method.options.budget=0.99"],
+        "method.options.budget=0.99 gives LoRA rank 642, above 576, the largest full rank of the target layers (no "
+        "layer's update can use more); lower the budget to at most 119439360 parameters, or train every weight with "
+        "method=full (model smollm2_135m)",
+    ),
+    (
         ["method=spft", "method.options.target_modules=[query]"],
         "method.options.target_modules: spft target_modules ['query'] match no nn.Linear in the model; check the "
         "names (model smollm2_135m)",

@@ -90,8 +90,30 @@ def rank_for_budget(model: nn.Module, budget: float | int, target_modules: list[
             base = sum(p.numel() for p in model.parameters())
         else:
             base = entry_count(model)
-        budget = budget * base
-    return max(1, round(budget / lora_param_count(model, 1, target_modules)))
+        count = budget * base
+    else:
+        count = budget
+    r = max(1, round(count / lora_param_count(model, 1, target_modules)))
+    full = full_rank(model, target_modules)
+    if r > full:
+        # Past every target layer's full rank a LoRA adds parameters and no expressiveness (a budget of 0.99 of the
+        # model was taken as it came).
+        raise ValueError(
+            f"method.options.budget={budget!r} gives LoRA rank {r}, above {full}, the largest full rank of the target "
+            f"layers (no layer's update can use more); lower the budget to at most "
+            f"{full * lora_param_count(model, 1, target_modules)} parameters, or train every weight with method=full"
+        )
+    return r
+
+
+def full_rank(model: nn.Module, target_modules: list[str]) -> int:
+    """The largest ``min(in_features, out_features)`` of the linears ``target_modules`` match."""
+    lora_param_count(model, 1, target_modules)  # the targets' own errors first
+    return max(
+        min(module.in_features, module.out_features)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in target_modules)
+    )
 
 
 def lora_config(options: dict[str, Any], dora: bool, r: int | None = None):
