@@ -208,6 +208,28 @@ def test_merge_and_unload_saves_a_plain_model_in_original_coordinates(tmp_path, 
     torch.testing.assert_close(logits(reloaded), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("how", ["applied", "merged", "loaded", "copied"])
+def test_save_pretrained_of_an_s2ft_model_is_refused_naming_the_ways_to_save(tmp_path, how):
+    """transformers' save_pretrained wrote the frozen weights with the trained slots zeroed (or in the permuted order)
+    beside S2FT's own tensors; from_pretrained ignored those and loaded a model off by ~4 in the logits, silently."""
+    base = build_tiny("llama_gqa")
+    model = trained(copy.deepcopy(base), s2ft.S2FTConfig(ratios=RATIOS))
+    if how == "merged":
+        s2ft.merge_adapter(model)
+    elif how == "loaded":
+        s2ft.save_adapter(model, tmp_path / "adapter")
+        model = s2ft.load_adapter(copy.deepcopy(base), tmp_path / "adapter")
+    elif how == "copied":
+        model = copy.deepcopy(model)
+    with pytest.raises(AdapterError, match=r"s2ft\.save_adapter\(model, path\).*s2ft\.merge_and_unload\(model\)"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    expected = logits(model)
+    s2ft.merge_and_unload(model).save_pretrained(tmp_path / "out")  # the plain model saves as usual
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(logits(reloaded), expected, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("disjoint", [False, True])
 def test_fusion_equals_hand_computed_weights(tmp_path, disjoint):
     base = build_tiny("llama_gqa")
