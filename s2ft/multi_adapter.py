@@ -289,12 +289,12 @@ def load_adapters(base: nn.Module, adapters: Mapping[str, str | os.PathLike | Ad
         base.register_forward_hook(_clear_rows, always_call=True),
     ]
     base.generate = types.MethodType(_generate, base)  # a bound method, so a deep copy of the model binds its copy
-    base.save_pretrained = types.MethodType(_refuse_save_pretrained, base)
+    base.save_pretrained = _refuse_save_pretrained  # a plain function: pickled by name
     base.s2ft_adapters = state
     return base
 
 
-def _refuse_save_pretrained(model: nn.Module, *args, **kwargs) -> None:
+def _refuse_save_pretrained(*args, **kwargs) -> None:
     # The adapters' deltas are buffers from_pretrained drops (with a warning): the folder would load as the base.
     raise AdapterError(
         "save_pretrained cannot save a mixed-adapter model: from_pretrained would drop the adapters' deltas and load "

@@ -1,7 +1,6 @@
 """What an S2FT model remembers about itself (``model.s2ft_state``), and the checks that read it."""
 
 import hashlib
-import types
 from dataclasses import dataclass, field
 
 import torch
@@ -34,8 +33,8 @@ class S2FTState:
 def attach_state(model: nn.Module, state: S2FTState) -> None:
     """Records ``state`` as ``model.s2ft_state``; while it is there, transformers' ``save_pretrained`` refuses."""
     model.s2ft_state = state
-    # A bound method, so that a deep copy of the model refuses too (for its own copy).
-    model.save_pretrained = types.MethodType(_refuse_save_pretrained, model)
+    # A plain function, not a bound method: a pickled model (torch.save) stores it by name and refuses when loaded.
+    model.save_pretrained = _refuse_save_pretrained
 
 
 def detach_state(model: nn.Module) -> None:
@@ -44,7 +43,7 @@ def detach_state(model: nn.Module) -> None:
     model.__dict__.pop("save_pretrained", None)
 
 
-def _refuse_save_pretrained(model: nn.Module, *args, **kwargs) -> None:
+def _refuse_save_pretrained(*args, **kwargs) -> None:
     # The S2FT layers' weights hold zeros at the trained slots (the values are separate tensors from_pretrained
     # ignores), and a co-permuted model is in another order: the saved model would load back as another model.
     raise AdapterError(

@@ -208,7 +208,7 @@ def test_merge_and_unload_saves_a_plain_model_in_original_coordinates(tmp_path, 
     torch.testing.assert_close(logits(reloaded), expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("how", ["applied", "merged", "loaded", "copied"])
+@pytest.mark.parametrize("how", ["applied", "merged", "loaded", "copied", "pickled"])
 def test_save_pretrained_of_an_s2ft_model_is_refused_naming_the_ways_to_save(tmp_path, how):
     """transformers' save_pretrained wrote the frozen weights with the trained slots zeroed (or in the permuted order)
     beside S2FT's own tensors; from_pretrained ignored those and loaded a model off by ~4 in the logits, silently."""
@@ -221,6 +221,9 @@ def test_save_pretrained_of_an_s2ft_model_is_refused_naming_the_ways_to_save(tmp
         model = s2ft.load_adapter(copy.deepcopy(base), tmp_path / "adapter")
     elif how == "copied":
         model = copy.deepcopy(model)
+    elif how == "pickled":
+        torch.save(model, tmp_path / "model.pt")
+        model = torch.load(tmp_path / "model.pt", weights_only=False)
     with pytest.raises(AdapterError, match=r"s2ft\.save_adapter\(model, path\).*s2ft\.merge_and_unload\(model\)"):
         model.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists()
