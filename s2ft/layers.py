@@ -248,7 +248,7 @@ class S2FTLinear(nn.Module):
             write_slots(weight, self.axis, self.index, self.base_values)
             index = index.to(weight.device)
             base = state_dict.get(prefix + "base_values")
-            if base is not None and not torch.equal(read_slots(weight, self.axis, index), base.to(weight.device)):
+            if base is not None and not torch.equal(read_slots(weight, self.axis, index), base.to(weight)):
                 raise AdapterError(
                     f"S2FT layer {name}: the state dict's base_values are not this model's weights at its trained "
                     "slots, so it was saved from another base model; load it into that one"
@@ -267,7 +267,8 @@ class S2FTLinear(nn.Module):
                 )
             if merged == self.merged:
                 return None
-            weight = weight.clone()
+            # In this layer's dtype, so that merged values are rounded to it once (a bf16 dict into an fp32 layer).
+            weight = weight.to(self.weight.dtype, copy=True)
         if self.merged:
             write_slots(weight, self.axis, index, values.to(weight.device))
         else:

@@ -333,3 +333,14 @@ def test_the_layers_own_weight_beside_a_state_dict_is_not_taken_as_a_given_one()
     x = torch.randn(3, 16, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(target(x), source(x), rtol=0, atol=1e-12)
+
+
+def test_a_bf16_state_dict_merges_into_an_fp32_layer_at_the_layers_precision():
+    """The fp32 values of a bf16 model's state dict, loaded into a merged fp32 layer: the merged slots hold the values
+    in fp32, not rounded to bf16 on the way."""
+    source, _ = trained_pair(1, torch.bfloat16, torch.float32)
+    linear, _ = make_pair(bias=True)
+    target = S2FTLinear(linear.float(), 1, torch.tensor([1, 5, 6]))
+    target.merge()
+    target.load_state_dict(source.state_dict())
+    assert torch.equal(target.weight.index_select(1, target.index), source.values.detach())
