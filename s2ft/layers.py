@@ -251,7 +251,8 @@ class S2FTLinear(nn.Module):
             if base is not None and not torch.equal(read_slots(weight, self.axis, index), base.to(weight)):
                 raise AdapterError(
                     f"S2FT layer {name}: the state dict's base_values are not this model's weights at its trained "
-                    "slots, so it was saved from another base model; load it into that one"
+                    "slots, so it was saved from another base model or layout (gather/permuted); load it into a model "
+                    "built as the one that saved it"
                 )
         else:
             self._refuse_sharded(name, weight)

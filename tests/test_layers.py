@@ -344,3 +344,17 @@ def test_a_bf16_state_dict_merges_into_an_fp32_layer_at_the_layers_precision():
     target.merge()
     target.load_state_dict(source.state_dict())
     assert torch.equal(target.weight.index_select(1, target.index), source.values.detach())
+
+
+def test_trained_tensors_of_another_base_at_other_slots_are_refused():
+    """Trained tensors without the weight whose base_values are not this layer's base at their slots (another base
+    model, or another layout) cannot be placed into this weight: refused, and the layer keeps what it had."""
+    linear, _ = make_pair(bias=True)
+    other, _ = make_pair(bias=True, seed=1)
+    target = S2FTLinear(linear, 0, torch.tensor([0, 1, 2]))
+    source = S2FTLinear(other, 0, torch.tensor([3, 7, 9]))
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    trained_only = {k: v for k, v in source.state_dict().items() if k in ("values", "index", "base_values")}
+    with pytest.raises(AdapterError, match="another base model or layout"):
+        target.load_state_dict(trained_only, strict=False)
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
