@@ -15,7 +15,7 @@ from torch import nn
 from s2ft.adapter_format import Adapter, AdapterError, AdapterModule, as_adapter, write_adapter
 from s2ft.layers import S2FTLinear, plain_linear, slot_major
 from s2ft.permute import permute_linear
-from s2ft.state import S2FTState, check_fresh, fingerprint, model_state, s2ft_modules
+from s2ft.state import S2FTState, attach_state, check_fresh, detach_state, fingerprint, model_state, s2ft_modules
 from s2ft.structures import find_structures, unit_positions
 from s2ft.version import __version__
 
@@ -145,7 +145,7 @@ def load_adapter(base: nn.Module, path, trainable: bool = False) -> nn.Module:
         layer.values.requires_grad_(trainable)
         base.set_submodule(name, layer)
     modules = {name: (m.layer, m.component) for name, m in adapter.modules.items()}
-    base.s2ft_state = S2FTState(modules, dict(adapter.config), requires_grad=flags, fingerprint=fingerprint(base))
+    attach_state(base, S2FTState(modules, dict(adapter.config), requires_grad=flags, fingerprint=fingerprint(base)))
     return base
 
 
@@ -182,7 +182,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         _restore_original_order(model, state.unit_perms)
     for name, param in model.named_parameters():
         param.requires_grad_(state.requires_grad.get(name, True))
-    del model.s2ft_state
+    detach_state(model)
     return model
 
 

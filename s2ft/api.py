@@ -7,7 +7,7 @@ from s2ft.config import COMPONENTS, LAYOUTS, S2FTConfig
 from s2ft.layers import S2FTLinear
 from s2ft.permute import permute_model
 from s2ft.selection import select_units
-from s2ft.state import S2FTState, check_fresh, fingerprint
+from s2ft.state import S2FTState, attach_state, check_fresh, fingerprint
 from s2ft.structures import AXIS, Selection, find_structures, unit_positions
 
 
@@ -81,5 +81,5 @@ def apply_selection(model: nn.Module, selection: Selection, layout: str = "gathe
         model.set_submodule(name, wrapped)
         modules[name] = (layer, component)
     metadata = dict(metadata or {}) | {"layout": layout}
-    model.s2ft_state = S2FTState(modules, metadata, unit_perms, flags, base_fingerprint)
+    attach_state(model, S2FTState(modules, metadata, unit_perms, flags, base_fingerprint))
     return model

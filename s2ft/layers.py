@@ -1,8 +1,12 @@
 """The S2FT linear layer: a frozen matrix whose selected rows or columns train densely (partial back-propagation)."""
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from s2ft.adapter_format import AdapterError
 
 
 def contiguous_span(index: torch.Tensor) -> tuple[int, int] | None:
@@ -66,6 +70,14 @@ def zero_slots(weight: torch.Tensor, axis: int, index: torch.Tensor) -> None:
         weight.t().index_fill_(0, index, 0)
     else:
         weight.index_fill_(axis, index, 0)
+
+
+def _sharded(tensor: torch.Tensor | None) -> bool:
+    """Whether ``tensor`` is an FSDP2 shard (a ``DTensor``)."""
+    # torch.distributed.tensor takes a second to import, which ``import s2ft`` should not pay; a DTensor can only
+    # exist once it is imported.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 class S2FTLinear(nn.Module):
@@ -184,10 +196,95 @@ class S2FTLinear(nn.Module):
         if not same:
             self.span = contiguous_span(index)
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # The merged flag is not in the state dict (as extra state it broke FSDP2 resume: rank 1 loaded it as merged),
+        # so what the incoming weight holds at the trained slots is put into this layer's state first.
+        weight = self._fit_state_dict(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if weight is not None:
+            with torch.no_grad():
+                self.weight.copy_(weight)
         # A state dict may bring another index of the same size: the contiguous fast path must follow it.
         self.span = contiguous_span(self.index)
+
+    @torch.no_grad()
+    def _fit_state_dict(self, state_dict, prefix: str) -> torch.Tensor | None:
+        """Puts the incoming weight into this layer's merged state; when ``state_dict`` brings none but this layer's
+        weight must change, returns the weight to copy in after the load. Wrong shapes are left to the load itself.
+
+        The trained slots of a saved weight tell its state: zeros when unmerged, the values (in the weight's dtype)
+        when merged; zero values read as both, and both then give the same weight. A state dict without the weight
+        (a checkpoint keeps the trained tensors only) that moves the slots or brings values into a merged layer
+        needs this layer's weight with the old slots restored from ``base_values`` and the new ones set.
+
+        Raises:
+            AdapterError: The incoming weight holds neither zeros nor the values at the slots, the incoming
+                ``base_values`` are not this layer's base at the incoming slots, or a sharded (FSDP2) weight would
+                need converting; this layer loads nothing then.
+        """
+        index = state_dict.get(prefix + "index", self.index)
+        values = state_dict.get(prefix + "values", self.values)
+        weight = state_dict.get(prefix + "weight")
+        size = self.weight.shape[self.axis]
+        if (
+            not torch.is_tensor(index)
+            or index.shape != self.index.shape
+            or index.is_floating_point()
+            or values.shape != self.values.shape
+            or (weight is not None and weight.shape != self.weight.shape)
+            or int(index.min()) < 0
+            or int(index.max()) >= size
+        ):
+            return None
+        # FSDP2's loader fills in what the dict lacks with the layer's own tensors: that weight is not a given one.
+        given = weight is not None and weight is not self.weight
+        name = prefix.rstrip(".") or "(root)"
+        if not given:
+            moved = not torch.equal(index.to(self.index.device), self.index)
+            if not moved and not (self.merged and prefix + "values" in state_dict):
+                return None
+            self._refuse_sharded(name)
+            weight = self.weight.detach().clone()
+            write_slots(weight, self.axis, self.index, self.base_values)
+            index = index.to(weight.device)
+            base = state_dict.get(prefix + "base_values")
+            if base is not None and not torch.equal(read_slots(weight, self.axis, index), base.to(weight)):
+                raise AdapterError(
+                    f"S2FT layer {name}: the state dict's base_values are not this model's weights at its trained "
+                    "slots, so it was saved from another base model or layout (gather/permuted); load it into a model "
+                    "built as the one that saved it"
+                )
+        else:
+            self._refuse_sharded(name, weight)
+            index = index.to(weight.device)
+            slots = read_slots(weight, self.axis, index)
+            merged = bool(slots.any())
+            if merged and not torch.equal(slots, values.to(weight.device, weight.dtype)):
+                raise AdapterError(
+                    f"S2FT layer {name}: the state dict's weight holds at the trained slots neither zeros (an "
+                    "unmerged S2FT layer's) nor its values (a merged one's), so which function it means cannot be "
+                    "told (a plain model's weights?). Load the state dict of an S2FT model of this base "
+                    "(model.state_dict()), or an adapter with s2ft.load_adapter / s2ft.switch_adapter"
+                )
+            if merged == self.merged:
+                return None
+            # In this layer's dtype, so that merged values are rounded to it once (a bf16 dict into an fp32 layer).
+            weight = weight.to(self.weight.dtype, copy=True)
+        if self.merged:
+            write_slots(weight, self.axis, index, values.to(weight.device))
+        else:
+            zero_slots(weight, self.axis, index)
+        if not given:
+            return weight
+        state_dict[prefix + "weight"] = weight  # torch's load works on its own copy of the caller's dict
+        return None
+
+    def _refuse_sharded(self, name: str, weight: torch.Tensor | None = None) -> None:
+        if _sharded(self.weight) or _sharded(weight):
+            raise AdapterError(
+                f"S2FT layer {name}: this state dict moves the trained slots or is in the other merged state, which "
+                "cannot be converted on a sharded (FSDP2) weight; load it into the unsharded model"
+            )
 
     def store_slot_major(self) -> None:
         """Stores ``weight`` (and ``base_values``, and ``values`` unless they train) so that every trained slot is a

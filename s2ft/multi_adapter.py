@@ -289,8 +289,18 @@ def load_adapters(base: nn.Module, adapters: Mapping[str, str | os.PathLike | Ad
         base.register_forward_hook(_clear_rows, always_call=True),
     ]
     base.generate = types.MethodType(_generate, base)  # a bound method, so a deep copy of the model binds its copy
+    base.save_pretrained = _refuse_save_pretrained  # a plain function: pickled by name
     base.s2ft_adapters = state
     return base
+
+
+def _refuse_save_pretrained(*args, **kwargs) -> None:
+    # The adapters' deltas are buffers from_pretrained drops (with a warning): the folder would load as the base.
+    raise AdapterError(
+        "save_pretrained cannot save a mixed-adapter model: from_pretrained would drop the adapters' deltas and load "
+        "the base model. Each adapter is saved on its own (s2ft.save_adapter, before load_adapters); to save the base, "
+        "remove_adapter every adapter first"
+    )
 
 
 def add_adapter(model: nn.Module, name: str, source: str | os.PathLike | Adapter) -> nn.Module:
@@ -322,7 +332,7 @@ def remove_adapter(model: nn.Module, name: str) -> nn.Module:
     if not state.configs:
         for hook in state.hooks:
             hook.remove()
-        del model.generate, model.s2ft_adapters
+        del model.generate, model.save_pretrained, model.s2ft_adapters
     return model
 
 

@@ -30,6 +30,30 @@ class S2FTState:
     fingerprint: str | None = None
 
 
+def attach_state(model: nn.Module, state: S2FTState) -> None:
+    """Records ``state`` as ``model.s2ft_state``; while it is there, transformers' ``save_pretrained`` refuses."""
+    model.s2ft_state = state
+    # A plain function, not a bound method: a pickled model (torch.save) stores it by name and refuses when loaded.
+    model.save_pretrained = _refuse_save_pretrained
+
+
+def detach_state(model: nn.Module) -> None:
+    """Undoes ``attach_state``: the model is plain again, and ``save_pretrained`` is transformers' own."""
+    del model.s2ft_state
+    model.__dict__.pop("save_pretrained", None)
+
+
+def _refuse_save_pretrained(*args, **kwargs) -> None:
+    # The S2FT layers' weights hold zeros at the trained slots (the values are separate tensors from_pretrained
+    # ignores), and a co-permuted model is in another order: the saved model would load back as another model.
+    raise AdapterError(
+        "save_pretrained cannot save an S2FT model: it would write the frozen weights without the trained values "
+        "(zeros at the trained rows/columns), which from_pretrained loads back as another model. Save the adapter "
+        "with s2ft.save_adapter(model, path) (s2ft.load_adapter loads it onto the base), or a plain merged model with "
+        "s2ft.merge_and_unload(model).save_pretrained(path) (in place: the model stops being an S2FT model)"
+    )
+
+
 def fingerprint(model: nn.Module) -> str:
     """Hash of every parameter name and shape of the base model (an S2FT model hashes like its base)."""
     digest = hashlib.sha256()

@@ -146,6 +146,49 @@ def test_merge_unmerge_round_trip_is_bit_exact(layout):
     assert_same_state(model, before)
 
 
+def bf16_trained(cfg: s2ft.S2FTConfig) -> nn.Module:
+    """A trained S2FT model in bf16 whose values are fp32, as training keeps them."""
+    model = build_tiny("llama_9_3").to(torch.bfloat16)
+    s2ft.apply_s2ft(model, cfg)
+    for module in s2ft_modules(model).values():
+        module.values.data = module.values.data.float()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.2 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("merged_source", [True, False])
+def test_a_state_dict_loads_into_a_model_in_the_other_merged_state(merged_source, dtype):
+    """A merged model's state dict (values written into the weight) loaded into an unmerged one counted the values
+    twice, and an unmerged one's into a merged model not at all: logits off by ~1, no error. The merged flag stays
+    out of the state dict (as extra state it broke FSDP2 resume)."""
+    cfg = s2ft.S2FTConfig(ratios=RATIOS)
+    model = trained(build_tiny("llama_9_3"), cfg) if dtype == torch.float32 else bf16_trained(cfg)
+    source, target = copy.deepcopy(model), copy.deepcopy(model)
+    s2ft.merge_adapter(source if merged_source else target)
+    expected = logits(target)  # the same model, in the target's state
+    target.load_state_dict(source.state_dict())
+    assert not any(key.endswith("_extra_state") for key in source.state_dict())
+    assert all(m.merged != merged_source for m in s2ft_modules(target).values())
+    assert torch.equal(logits(target), expected)
+    s2ft.unmerge_adapter(target)
+    assert_same_state(target, snapshot(model))
+    assert all(m.values.dtype == torch.float32 for m in s2ft_modules(target).values())
+
+
+def test_a_plain_models_state_dict_is_refused_by_an_s2ft_model():
+    """A plain model's weights hold the base at the trained slots: loaded (strict=False) into an unmerged S2FT model,
+    they were added to its values, silently."""
+    base = build_tiny("llama_9_3")
+    model = trained(copy.deepcopy(base), s2ft.S2FTConfig(ratios=RATIOS))
+    with pytest.raises(AdapterError, match="neither zeros .* nor its values"):
+        model.load_state_dict(base.state_dict(), strict=False)
+
+
 @pytest.mark.parametrize("layout", ["gather", "permuted"])
 def test_merge_and_unload_saves_a_plain_model_in_original_coordinates(tmp_path, layout):
     base = build_tiny("llama_gqa")
@@ -162,6 +205,31 @@ def test_merge_and_unload_saves_a_plain_model_in_original_coordinates(tmp_path, 
         assert torch.equal(plain.get_submodule(name).weight, weight), name
     plain.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits(reloaded), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["applied", "merged", "loaded", "copied", "pickled"])
+def test_save_pretrained_of_an_s2ft_model_is_refused_naming_the_ways_to_save(tmp_path, how):
+    """transformers' save_pretrained wrote the frozen weights with the trained slots zeroed (or in the permuted order)
+    beside S2FT's own tensors; from_pretrained ignored those and loaded a model off by ~4 in the logits, silently."""
+    base = build_tiny("llama_gqa")
+    model = trained(copy.deepcopy(base), s2ft.S2FTConfig(ratios=RATIOS))
+    if how == "merged":
+        s2ft.merge_adapter(model)
+    elif how == "loaded":
+        s2ft.save_adapter(model, tmp_path / "adapter")
+        model = s2ft.load_adapter(copy.deepcopy(base), tmp_path / "adapter")
+    elif how == "copied":
+        model = copy.deepcopy(model)
+    elif how == "pickled":
+        torch.save(model, tmp_path / "model.pt")
+        model = torch.load(tmp_path / "model.pt", weights_only=False)
+    with pytest.raises(AdapterError, match=r"s2ft\.save_adapter\(model, path\).*s2ft\.merge_and_unload\(model\)"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    expected = logits(model)
+    s2ft.merge_and_unload(model).save_pretrained(tmp_path / "out")  # the plain model saves as usual
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     torch.testing.assert_close(logits(reloaded), expected, rtol=0, atol=1e-5)
 
 

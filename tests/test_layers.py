@@ -1,9 +1,12 @@
 """S2FTLinear: same function as the linear it replaces, exact gradients, partial back-propagation, merge/unmerge."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
+from s2ft.adapter_format import AdapterError
 from s2ft.layers import S2FTLinear, contiguous_span
 
 # (axis, positions): gathered, contiguous from 0 (permuted layout), contiguous in the middle, contiguous at the end.
@@ -235,3 +238,123 @@ def test_a_loaded_state_dict_with_another_index_computes_with_that_index(axis):
     for layer in (contiguous, gathered):  # training: the fused function, and the values' gradient
         layer(x).pow(2).sum().backward()
     torch.testing.assert_close(contiguous.values.grad, gathered.values.grad, rtol=0, atol=1e-12)
+
+
+def trained_pair(axis: int, weight_dtype: torch.dtype, values_dtype: torch.dtype) -> tuple[S2FTLinear, S2FTLinear]:
+    """Two layers on the same base, the first with trained values (in ``values_dtype`` beside a ``weight_dtype``
+    weight, as training keeps a bf16 model's), the second untrained: a source and a target for state dicts."""
+    layers = []
+    for _ in range(2):
+        linear, _ = make_pair(bias=True)
+        layers.append(S2FTLinear(linear.to(weight_dtype), axis, torch.tensor([1, 5, 6]), values_dtype=values_dtype))
+    with torch.no_grad():
+        layers[0].values.add_(torch.randn(layers[0].values.shape, generator=torch.Generator().manual_seed(1)))
+    return layers[0], layers[1]
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float64, torch.float64), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize(("source_merged", "target_merged"), [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_a_state_dict_loads_into_a_layer_in_the_other_merged_state(axis, source_merged, target_merged, dtypes):
+    """The slots of ``weight`` hold the values when merged and zeros when not: a merged layer's state dict loaded into
+    an unmerged layer counted the values twice, an unmerged one's into a merged layer not at all (no error)."""
+    source, target = trained_pair(axis, *dtypes)
+    reference = copy.deepcopy(source)  # the source's function, in the target's state
+    for layer, merged in ((source, source_merged), (target, target_merged), (reference, target_merged)):
+        if merged:
+            layer.merge()
+    target.load_state_dict(source.state_dict())
+    assert target.merged == target_merged
+    x = torch.randn(3, 16, dtype=dtypes[0], generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(target(x), reference(x))
+    for name in ("weight", "values", "index", "base_values"):
+        assert torch.equal(getattr(target, name), getattr(reference, name)), name
+    assert target.values.dtype == dtypes[1]
+    target.unmerge()
+    target.restore_base()
+    assert torch.equal(target.weight, make_pair(bias=True)[0].weight.to(dtypes[0]))  # the base, bit for bit
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_values_loaded_without_the_weight_into_a_merged_layer_are_merged(axis):
+    """A checkpoint keeps the trained tensors only (values, index, base values): loaded into a merged layer, the
+    weight kept the old values and the layer computed with them."""
+    source, target = trained_pair(axis, torch.float64, torch.float64)
+    target.merge()
+    trained_only = {k: v for k, v in source.state_dict().items() if k in ("values", "index", "base_values")}
+    target.load_state_dict(trained_only, strict=False)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), source(x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_trained_tensors_of_another_index_loaded_without_the_weight_move_the_slots(axis, merged):
+    """The trained tensors of a layer trained at other slots, without the weight: the old slots stayed zeroed and
+    the new ones kept the base, so the layer computed neither the source's function nor the base's."""
+    linear, reference = make_pair(bias=True)
+    target = S2FTLinear(linear, axis, torch.tensor([0, 1, 2]))
+    source = S2FTLinear(reference, axis, torch.tensor([3, 7, 9]))
+    with torch.no_grad():
+        source.values.add_(torch.randn(source.values.shape, dtype=torch.float64))
+    if merged:
+        target.merge()
+    trained_only = {k: v for k, v in source.state_dict().items() if k in ("values", "index", "base_values")}
+    target.load_state_dict(trained_only, strict=False)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), source(x), rtol=0, atol=1e-12)
+    target.unmerge()
+    target.restore_base()
+    assert torch.equal(target.weight, make_pair(bias=True)[0].weight)
+
+
+def test_a_state_dict_whose_weight_is_neither_merged_nor_unmerged_is_refused():
+    """Trained slots of the weight that hold neither zeros (unmerged) nor the values (merged): which of the two the
+    layer should compute cannot be told, so nothing is loaded."""
+    source, target = trained_pair(1, torch.float64, torch.float64)
+    state = source.state_dict()
+    state["weight"] = make_pair(bias=True)[0].weight.detach().clone()  # a plain base weight: the base at the slots
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(AdapterError, match="neither zeros .* nor its values"):
+        target.load_state_dict(state)
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
+
+def test_the_layers_own_weight_beside_a_state_dict_is_not_taken_as_a_given_one():
+    """FSDP2's loader (``set_model_state_dict``) fills in what a checkpoint lacks with the module's own tensors: a
+    merged layer's own weight beside new values is the old merged weight, not a weight to check against them."""
+    source, target = trained_pair(0, torch.float64, torch.float64)
+    target.merge()
+    state = {"weight": target.weight, "values": source.state_dict()["values"]}
+    target.load_state_dict(state, strict=False)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), source(x), rtol=0, atol=1e-12)
+
+
+def test_a_bf16_state_dict_merges_into_an_fp32_layer_at_the_layers_precision():
+    """The fp32 values of a bf16 model's state dict, loaded into a merged fp32 layer: the merged slots hold the values
+    in fp32, not rounded to bf16 on the way."""
+    source, _ = trained_pair(1, torch.bfloat16, torch.float32)
+    linear, _ = make_pair(bias=True)
+    target = S2FTLinear(linear.float(), 1, torch.tensor([1, 5, 6]))
+    target.merge()
+    target.load_state_dict(source.state_dict())
+    assert torch.equal(target.weight.index_select(1, target.index), source.values.detach())
+
+
+def test_trained_tensors_of_another_base_at_other_slots_are_refused():
+    """Trained tensors without the weight whose base_values are not this layer's base at their slots (another base
+    model, or another layout) cannot be placed into this weight: refused, and the layer keeps what it had."""
+    linear, _ = make_pair(bias=True)
+    other, _ = make_pair(bias=True, seed=1)
+    target = S2FTLinear(linear, 0, torch.tensor([0, 1, 2]))
+    source = S2FTLinear(other, 0, torch.tensor([3, 7, 9]))
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    trained_only = {k: v for k, v in source.state_dict().items() if k in ("values", "index", "base_values")}
+    with pytest.raises(AdapterError, match="another base model or layout"):
+        target.load_state_dict(trained_only, strict=False)
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())

@@ -269,6 +269,22 @@ def test_adapters_are_added_and_removed_on_a_live_model(tmp_path):
     assert len(parameters) == len(list(model.parameters()))
 
 
+def test_save_pretrained_of_a_mixed_adapter_model_is_refused(tmp_path):
+    """transformers' save_pretrained wrote the base weights beside every adapter's deltas, which from_pretrained
+    dropped with a warning: the folder loaded as the base model, without the adapters it was saved with."""
+    base = build_tiny("llama_9_3")
+    paths = save_adapters(base, tmp_path)
+    model = load_adapters(copy.deepcopy(base), paths)
+    with pytest.raises(AdapterError, match=r"mixed-adapter model.*s2ft\.save_adapter"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    for name in paths:
+        remove_adapter(model, name)
+    assert "save_pretrained" not in vars(model)  # the plain base model again: transformers' save_pretrained
+    model.save_pretrained(tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
 @pytest.mark.slow
 def test_smollm2_rows_equal_their_merged_models(tmp_path):
     """SmolLM2-135M with two trained adapters (a few AdamW steps each, on different texts)."""
