@@ -128,15 +128,26 @@ class ResumeRandomState(L.Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
         sampler = _resumable_sampler(trainer)
         version, state, gauss = random.getstate()
-        checkpoint["random_state"] = {
+        state = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
             "python": [version, list(state), gauss],
             "epoch_end": sampler is not None and sampler.consumed >= len(sampler),
         }
+        if trainer.world_size > 1:
+            # Rank 0 writes the checkpoint, but each rank's generators drew for its own batches (their dropout masks
+            # have other shapes): every rank's state is kept. Every rank saves (`LastCheckpoint`), so all gather.
+            ranks = [None] * trainer.world_size
+            torch.distributed.all_gather_object(ranks, state)
+            state = {**state, "ranks": ranks}
+        checkpoint["random_state"] = state
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
-        self._resumed = checkpoint.get("random_state")  # None in checkpoints written before it was stored
+        state = checkpoint.get("random_state")  # None in checkpoints written before it was stored
+        ranks = (state or {}).get("ranks")
+        # A rank beyond the checkpoint's world (refused before: trainer.devices is part of the run's config) or a
+        # checkpoint written before every rank's state was kept resumes with rank 0's.
+        self._resumed = ranks[trainer.global_rank] if ranks and trainer.global_rank < len(ranks) else state
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
         state, self._resumed = self._resumed, None
@@ -224,6 +235,7 @@ class LastCheckpoint(L.Callback):
         self._previous: dict[int, object] = {}
         self._pending = False  # a save waiting for the validation in progress
         self._stop = False  # saved after a signal: stop when the next batch starts
+        self._agreed = False  # whether the ranks agreed at the end of the last optimizer step to stop
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -251,15 +263,21 @@ class LastCheckpoint(L.Callback):
         # Only after an optimizer step: a checkpoint within an accumulation would lose the gradients gathered so far.
         if loop._should_accumulate():
             return
-        if trainer.world_size > 1:  # every rank stops after the same step, when any of them was signalled
-            stop = trainer.strategy.reduce_boolean_decision(self.interrupted is not None, all=False)
-            self.interrupted = self.interrupted or ("a signal to another rank" if stop else None)
-        if not (self.interrupted or trainer.global_step % self.every_n_steps == 0):
+        self._agreed = self._any_signalled(trainer)
+        if not (self._agreed or trainer.global_step % self.every_n_steps == 0):
             return
         if loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
             self._pending = True
             return
         self._save_or_stop(trainer)
+
+    def _any_signalled(self, trainer: L.Trainer) -> bool:
+        """Whether this rank, or under DDP any rank, was signalled; every rank must call it at the same point."""
+        if trainer.world_size == 1:
+            return self.interrupted is not None
+        stop = trainer.strategy.reduce_boolean_decision(self.interrupted is not None, all=False)
+        self.interrupted = self.interrupted or ("a signal to another rank" if stop else None)
+        return stop
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
         if self._pending and not trainer.sanity_checking:
@@ -269,7 +287,9 @@ class LastCheckpoint(L.Callback):
     def _save_or_stop(self, trainer: L.Trainer) -> None:
         trainer.save_checkpoint(self.path, weights_only=False)
         # Stopping waits for the next batch: Lightning hands the loggers this step's rows after the batch-end hooks.
-        self._stop = bool(self.interrupted)
+        # Under DDP only the ranks' agreement counts: a signal that came to one rank since (in the validation or this
+        # save) waits for the next step's, or that rank alone would stop and leave the others waiting on it.
+        self._stop = self._agreed if trainer.world_size > 1 else self.interrupted is not None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
         if self._stop:
@@ -278,7 +298,8 @@ class LastCheckpoint(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         trainer.save_checkpoint(self.path, weights_only=False)
         self._restore_signals()
-        if self.interrupted:  # the signal came during the last batch: stop before the final evaluation
+        # A signal during the last step or the validation after it (to any rank): stop before the final evaluation.
+        if self._any_signalled(trainer):
             raise RunInterrupted(self.interrupted, self.path.parent.parent)
 
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
