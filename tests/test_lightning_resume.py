@@ -281,3 +281,44 @@ def test_a_second_sigterm_inside_an_accumulation_keeps_the_checkpoint_of_the_las
     assert resumed["train"]["loss_curve"] == full["train"]["loss_curve"]
     for key, tensor in adapter_tensors(tmp_path / "full").items():
         assert torch.equal(adapter_tensors(tmp_path / "resumed")[key], tensor), key
+
+
+@pytest.mark.parametrize(
+    ("interval", "every", "saved"), [(3, 2, 2), (4, 100, 3)], ids=["validation_after_it", "no_validation"]
+)
+def test_a_second_sigterm_during_a_step_resumes_exactly(tmp_path, monkeypatch, interval, every, saved):
+    """The first SIGTERM comes after step 2, the second during step 3: the run stops at the end of step 3, saving it,
+    or, when a validation is due after it, in that validation (Lightning's SIGTERMException), keeping the checkpoint
+    before it; either resumes exactly. Without any checkpoint before it, the message says to start again."""
+    overrides = ["trainer.max_steps=6", f"trainer.checkpoint_every_n_steps={every}"]
+    overrides += [f"trainer.val_check_interval={interval}"]
+    full = run_experiment(smoke_config(*overrides, logger="csv"), tmp_path / "full")
+    batch_end, training_step = FineTuneModule.on_train_batch_end, FineTuneModule.training_step
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        batch_end(self, outputs, batch, batch_idx)
+        if self.trainer.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def step(self, batch, batch_idx):
+        if self.trainer.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return training_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(FineTuneModule, "on_train_batch_end", on_train_batch_end)
+    monkeypatch.setattr(FineTuneModule, "training_step", step)
+    with pytest.raises(RunInterrupted, match="stopped by SIGTERM; the checkpoint is saved, resume with: "):
+        run_experiment(smoke_config(*overrides, logger="csv"), tmp_path / "resumed")
+    if interval == 3:
+        first = [*overrides[:1], "trainer.checkpoint_every_n_steps=100", *overrides[2:]]
+        with pytest.raises(RunInterrupted, match=r"before its first checkpoint; start it again with: .*ckpt_path=auto"):
+            run_experiment(smoke_config(*first), tmp_path / "unsaved")
+        assert not (tmp_path / "unsaved" / "checkpoints").exists()
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == saved
+    resumed = run_experiment(smoke_config(*overrides, "ckpt_path=last", logger="csv"), tmp_path / "resumed")
+    for key in ("steps", "loss_curve", "val_curve", "tokens"):
+        assert resumed["train"][key] == full["train"][key], key
+    assert logged(tmp_path / "resumed") == pytest.approx(logged(tmp_path / "full"))
+    for key, tensor in adapter_tensors(tmp_path / "full").items():
+        assert torch.equal(adapter_tensors(tmp_path / "resumed")[key], tensor), key

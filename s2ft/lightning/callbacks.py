@@ -17,16 +17,23 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from s2ft.errors import UserError
-from s2ft.lightning.checkpoint import CheckpointError, read_checkpoint, resume_command
+from s2ft.lightning.checkpoint import CHECKPOINT, CheckpointError, read_checkpoint, resume_command
 from s2ft.lightning.sampler import ResumableBatchSampler
 from s2ft.lightning.sharding import gather_trained, load_whole
 
 
 class RunInterrupted(UserError):
-    """Training stopped on SIGTERM or Ctrl-C after saving its checkpoint; the message is the command that resumes it."""
+    """Training stopped on SIGTERM or Ctrl-C; the message is the command that resumes it, or, when a second signal
+    stopped it before any checkpoint was saved (in a validation, inside an accumulation), the one that starts again."""
 
     def __init__(self, cause: str, run_dir: Path):
-        super().__init__(f"stopped by {cause}; the checkpoint is saved, resume with: {resume_command(run_dir)}")
+        if (run_dir / CHECKPOINT).is_file():
+            super().__init__(f"stopped by {cause}; the checkpoint is saved, resume with: {resume_command(run_dir)}")
+        else:
+            super().__init__(
+                f"stopped by {cause} before its first checkpoint; start it again with: "
+                f"{resume_command(run_dir, 'auto')}"
+            )
 
 
 class TrainingDiverged(UserError):
