@@ -14,6 +14,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
 from s2ft.lightning.callbacks import AtomicCheckpointIO, LastCheckpoint, ResumeRandomState
+from s2ft.lightning.checkpoint import read_checkpoint
 
 
 class Tiny(L.LightningModule):
@@ -30,6 +31,7 @@ class Tiny(L.LightningModule):
             os.kill(os.getpid(), signal.SIGTERM)
 
     def training_step(self, batch, batch_idx):
+        self._signal("training_step")
         torch.rand(self.global_rank + 1)
         self.draws.append([self.trainer.global_step + 1, torch.rand(()).item()])
         return self.layer(batch[0]).pow(2).mean()
@@ -84,7 +86,8 @@ def _rank(rank: int, port: int, out, signals: dict, resume: bool, max_steps: int
 
 
 def train_two_ranks(out, signals: dict | None = None, resume: bool = False, max_steps: int = 6) -> list[dict]:
-    """Each rank's outcome (the exception that ended fit, or "finished"), last step and draws (step, number)."""
+    """Each rank's outcome (the exception that ended fit, or "finished"), last step and draws (step, number), or the
+    exit code of a rank that wrote none."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -99,7 +102,11 @@ def train_two_ranks(out, signals: dict | None = None, resume: bool = False, max_
     for process in ranks:
         process.kill()
     assert not hung, f"ranks {hung} never ended: they waited on each other"
-    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
+    files = [out / f"rank{rank}.json" for rank in range(2)]  # none from a rank killed by its signal
+    return [
+        json.loads(f.read_text()) if f.is_file() else {"exitcode": p.exitcode}
+        for f, p in zip(files, ranks, strict=True)
+    ]
 
 
 def test_each_rank_resumes_its_own_random_state(tmp_path):
@@ -122,3 +129,11 @@ def test_a_signal_to_one_rank_in_the_last_validation_stops_every_rank(tmp_path):
 def test_a_signal_to_one_rank_during_a_save_stops_every_rank_after_the_same_step(tmp_path):
     ranks = train_two_ranks(tmp_path, {"save": [1, 2]})  # the save after step 2 (checkpoint_every_n_steps=2)
     assert [(r["outcome"], r["step"]) for r in ranks] == [("RunInterrupted", 3)] * 2
+
+
+def test_a_second_sigterm_to_one_rank_ends_it_at_once_and_keeps_the_last_checkpoint(tmp_path):
+    """Lightning's handler, which the first signal gave the second, made every rank fail at the collectives' timeout."""
+    ranks = train_two_ranks(tmp_path, {"batch_end": [1, 2], "training_step": [1, 2]})  # after step 2, in step 3
+    assert ranks[1] == {"exitcode": -signal.SIGTERM}
+    assert ranks[0]["outcome"] != "finished" and ranks[0]["step"] == 2
+    assert read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 2  # checkpoint_every_n_steps=2

@@ -217,7 +217,8 @@ class LastCheckpoint(L.Callback):
     way: the optimizer step in flight (the batch in flight, and with gradient accumulation the rest of its
     micro-batches; a validation after it) finishes, the checkpoint is written and `RunInterrupted` names the resume
     command; a second signal acts at once (Lightning's `SIGTERMException`, which the runner turns into
-    `RunInterrupted`), saving the checkpoint only if it stopped at the end of an optimizer step, outside validation.
+    `RunInterrupted`), saving the checkpoint only if it stopped at the end of an optimizer step, outside validation
+    (under DDP a second SIGTERM ends the process, keeping the last checkpoint: one rank cannot save alone).
     Under DDP every rank takes the signals so, and the ranks agree at the end of each optimizer step whether any of
     them was signalled (Lightning's own handling stopped each rank at the end of any batch, inside an accumulation
     or a validation, saved that state, and could leave the ranks waiting on each other). Every checkpoint stores the
@@ -243,15 +244,20 @@ class LastCheckpoint(L.Callback):
         self._pending = False  # a save waiting for the validation in progress
         self._stop = False  # saved after a signal: stop when the next batch starts
         self._agreed = False  # whether the ranks agreed at the end of the last optimizer step to stop
+        self._distributed = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        self._distributed = trainer.world_size > 1
         if threading.current_thread() is threading.main_thread():
             signums = [signal.SIGINT, signal.SIGTERM]
             self._previous = {signum: signal.signal(signum, self._on_signal) for signum in signums}
 
     def _on_signal(self, signum, frame) -> None:
         self.interrupted = self.SIGNALS[signum]
-        signal.signal(signum, self._previous_handler(signum))
+        # Under DDP Lightning's SIGTERM handler broadcasts from inside the handler, a collective the other ranks never
+        # match (every rank failed at the timeout): a second SIGTERM ends the process at once, as SIGKILL would.
+        second = signal.SIG_DFL if self._distributed and signum == signal.SIGTERM else self._previous_handler(signum)
+        signal.signal(signum, second)
 
     def _previous_handler(self, signum: int):
         previous = self._previous.get(signum)
