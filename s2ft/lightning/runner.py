@@ -211,7 +211,8 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
         digests = _gather(trainer, _trained_digest(module))
         if len(set(digests)) > 1:
             raise RuntimeError(f"DDP ranks ended with different trained weights: {digests}")
-    tokens = int(trainer.strategy.reduce(torch.tensor(float(module.tokens_seen)), reduce_op="sum"))
+    # Gathered as ints: a float32 sum (a reduced tensor) rounds any count past 2**24 tokens.
+    tokens = sum(_gather(trainer, module.tokens_seen))
     if trainer.global_rank != 0:
         return None
     if sharded:
