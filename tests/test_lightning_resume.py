@@ -337,3 +337,32 @@ def test_the_token_count_stays_exact_past_float32_precision(tmp_path, monkeypatc
     done = run_experiment(smoke_config("trainer.max_steps=2"), tmp_path)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert done["train"]["tokens"] == ckpt["s2ft"]["tokens_seen"] > 2**26 + 1
+
+
+@pytest.mark.parametrize("every", [3, 100], ids=["save_due", "no_save_due"])
+def test_a_sigterm_during_a_validation_resumes_exactly(tmp_path, monkeypatch, every):
+    """LoRA (dropout draws) with a validation after steps 3 and 6, SIGTERM during the first one: when a checkpoint is
+    due at step 3 it is written after that validation and the run stops there, else the run stops after step 4."""
+    overrides = ["method=lora", "trainer.max_steps=6", f"trainer.checkpoint_every_n_steps={every}"]
+    overrides += ["trainer.val_check_interval=3"]
+    full = run_experiment(smoke_config(*overrides, logger="csv"), tmp_path / "full")
+    validation_step = FineTuneModule.validation_step
+
+    def step(self, batch, batch_idx):
+        if self.trainer.global_step == 3 and batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return validation_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(FineTuneModule, "validation_step", step)
+    with pytest.raises(RunInterrupted, match="stopped by SIGTERM; the checkpoint is saved"):
+        run_experiment(smoke_config(*overrides, logger="csv"), tmp_path / "resumed")
+    monkeypatch.undo()
+    ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == (3 if every == 3 else 4) and len(ckpt["s2ft"]["val_curve"]) == 1
+    resumed = run_experiment(smoke_config(*overrides, "ckpt_path=last", logger="csv"), tmp_path / "resumed")
+    for key in ("steps", "loss_curve", "val_curve", "tokens"):
+        assert resumed["train"][key] == full["train"][key], key
+    assert len(full["train"]["val_curve"]) == 2
+    assert logged(tmp_path / "resumed") == pytest.approx(logged(tmp_path / "full"))
+    for key, tensor in adapter_tensors(tmp_path / "full").items():
+        assert torch.equal(adapter_tensors(tmp_path / "resumed")[key], tensor), key
