@@ -126,7 +126,7 @@ class ResumeRandomState(L.Callback):
     session's first batch starts, after the session rebuilt the model and its dataloaders (which draw numbers of their
     own). An uninterrupted run starting the next epoch draws one number first, for the new epoch's dataloader iterator
     (`torch.utils.data.DataLoader` draws its base seed when an iterator is created): a checkpoint taken at the end of
-    an epoch draws it again after restoring.
+    an epoch draws it again after restoring. Under DDP each rank's state is kept and each rank resumes its own.
     """
 
     def __init__(self):
@@ -245,9 +245,11 @@ class LastCheckpoint(L.Callback):
         self._stop = False  # saved after a signal: stop when the next batch starts
         self._agreed = False  # whether the ranks agreed at the end of the last optimizer step to stop
         self._distributed = False
+        self._launcher = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         self._distributed = trainer.world_size > 1
+        self._launcher = trainer.strategy.launcher  # the ranks Lightning started from this process, if any
         if threading.current_thread() is threading.main_thread():
             signums = [signal.SIGINT, signal.SIGTERM]
             self._previous = {signum: signal.signal(signum, self._on_signal) for signum in signums}
@@ -255,9 +257,17 @@ class LastCheckpoint(L.Callback):
     def _on_signal(self, signum, frame) -> None:
         self.interrupted = self.SIGNALS[signum]
         # Under DDP Lightning's SIGTERM handler broadcasts from inside the handler, a collective the other ranks never
-        # match (every rank failed at the timeout): a second SIGTERM ends the process at once, as SIGKILL would.
-        second = signal.SIG_DFL if self._distributed and signum == signal.SIGTERM else self._previous_handler(signum)
+        # match (every rank failed at the timeout): a second SIGTERM ends the process at once instead.
+        second = self._end_now if self._distributed and signum == signal.SIGTERM else self._previous_handler(signum)
         signal.signal(signum, second)
+
+    def _end_now(self, signum, frame) -> None:
+        """A second SIGTERM under DDP: this rank cannot save alone, so it ends at once (the last checkpoint stays),
+        with the ranks Lightning started from it (which would otherwise wait on it)."""
+        if self._launcher is not None:
+            self._launcher.kill(signal.SIGKILL)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
     def _previous_handler(self, signum: int):
         previous = self._previous.get(signum)
