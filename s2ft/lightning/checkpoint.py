@@ -8,7 +8,6 @@ arbitrary code.
 from __future__ import annotations
 
 import logging
-import pickle
 from pathlib import Path
 
 import torch
@@ -40,7 +39,9 @@ def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+    except Exception as err:
+        # Whatever torch's reader raises on a damaged file (a torn pickle or legacy-format file fails in it with a
+        # struct.error or IndexError), the file is what failed; weights_only runs none of its code.
         # torch's first sentence says what failed; the later ones advise `weights_only=False`, the unsafe load refused.
         reason = str(err).strip().splitlines()[0].split(". ")[0][:200].rstrip(".") if str(err).strip() else ""
         reason = reason or type(err).__name__
