@@ -366,3 +366,26 @@ def test_a_sigterm_during_a_validation_resumes_exactly(tmp_path, monkeypatch, ev
     assert logged(tmp_path / "resumed") == pytest.approx(logged(tmp_path / "full"))
     for key, tensor in adapter_tensors(tmp_path / "full").items():
         assert torch.equal(adapter_tensors(tmp_path / "resumed")[key], tensor), key
+
+
+@pytest.mark.parametrize("select", [[], ["trainer.select_best=val_loss", "method.lr=0.05"]], ids=["last", "best"])
+def test_a_sigterm_in_the_last_step_stops_before_the_evaluation_and_the_resume_only_finishes(
+    tmp_path, stop_at_step, select
+):
+    """The checkpoint the stop leaves holds what training ended with (with select_best, the best validation's)."""
+    overrides = ["trainer.max_steps=4", "trainer.checkpoint_every_n_steps=100", "trainer.val_check_interval=2"]
+    overrides += select
+    full = run_experiment(smoke_config(*overrides, logger="csv"), tmp_path / "full")
+    patch = stop_at_step(3)
+    with pytest.raises(RunInterrupted, match="stopped by SIGTERM; the checkpoint is saved"):
+        run_experiment(smoke_config(*overrides, logger="csv"), tmp_path / "resumed")
+    patch.undo()
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    assert not (tmp_path / "resumed" / "summary.json").exists()
+    resumed = run_experiment(smoke_config(*overrides, "ckpt_path=last", logger="csv"), tmp_path / "resumed")
+    assert resumed["train"].get("best_val_loss") == full["train"].get("best_val_loss")
+    for key in ("steps", "loss_curve", "val_curve", "tokens", "final_loss", "val_loss"):
+        assert resumed["train"][key] == full["train"][key], key
+    assert logged(tmp_path / "resumed") == pytest.approx(logged(tmp_path / "full"))
+    for key, tensor in adapter_tensors(tmp_path / "full").items():
+        assert torch.equal(adapter_tensors(tmp_path / "resumed")[key], tensor), key
