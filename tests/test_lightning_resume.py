@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from s2ft.lightning import FineTuneModule, run_experiment, runner, summary
 from s2ft.lightning.callbacks import RunInterrupted
+from s2ft.lightning.checkpoint import CheckpointError
 from s2ft.lightning.run_dir import RunDirError
 from s2ft.run_config import RunConfigError
 
@@ -389,3 +390,21 @@ def test_a_sigterm_in_the_last_step_stops_before_the_evaluation_and_the_resume_o
     assert logged(tmp_path / "resumed") == pytest.approx(logged(tmp_path / "full"))
     for key, tensor in adapter_tensors(tmp_path / "full").items():
         assert torch.equal(adapter_tensors(tmp_path / "resumed")[key], tensor), key
+
+
+def test_a_resume_on_another_number_of_processes_is_refused(tmp_path, stop_at_step):
+    """trainer.devices=auto (or -1) is the same config on a machine with other GPUs: a checkpoint of two ranks (each
+    its own sampler position, token count and random state) resumed on one would continue neither rank exactly."""
+    overrides = ["trainer.max_steps=4", "trainer.checkpoint_every_n_steps=100"]
+    patch = stop_at_step(1)
+    with pytest.raises(RunInterrupted):
+        run_experiment(smoke_config(*overrides), tmp_path)
+    patch.undo()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["s2ft"]["tokens_seen_per_rank"] *= 2  # as two ranks write it
+    torch.save(ckpt, path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match=r"written by 2 processes, but this run has 1 \(trainer.devices="):
+        run_experiment(smoke_config(*overrides, "ckpt_path=last"), tmp_path)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

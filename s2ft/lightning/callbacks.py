@@ -152,8 +152,8 @@ class ResumeRandomState(L.Callback):
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
         state = checkpoint.get("random_state")  # None in checkpoints written before it was stored
         ranks = (state or {}).get("ranks")
-        # A rank beyond the checkpoint's world (refused before: trainer.devices is part of the run's config) or a
-        # checkpoint written before every rank's state was kept resumes with rank 0's.
+        # A checkpoint written before every rank's state was kept, or by another number of ranks (the runner refuses
+        # it: `check_same_world`), resumes with rank 0's.
         self._resumed = ranks[trainer.global_rank] if ranks and trainer.global_rank < len(ranks) else state
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:

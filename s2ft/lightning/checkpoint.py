@@ -107,6 +107,27 @@ def check_checkpoint_fits(checkpoint: dict, path: Path, trained: dict[str, torch
             )
 
 
+def check_same_world(checkpoint: dict, path: Path, world_size: int) -> None:
+    """Check that a checkpoint was written by as many processes as the run resuming it has.
+
+    Each rank's sampler position, token count and random state travel in the checkpoint; ``trainer.devices=auto`` (or
+    -1) is the same config on a machine with another number of GPUs, which would continue none of them exactly.
+
+    Raises:
+        CheckpointError: Another number of processes; the message names both and the fix.
+    """
+    per_rank = (checkpoint.get("s2ft") or {}).get("tokens_seen_per_rank")
+    if per_rank is None:  # written before checkpoints kept each rank's count: not known
+        return
+    ranks = len(per_rank)
+    if ranks != world_size:
+        raise CheckpointError(
+            f"checkpoint {path} was written by {ranks} processes, but this run has {world_size} (trainer.devices="
+            "auto or -1 counts this machine's GPUs): each rank's data position and random state would not continue. "
+            f"Resume with trainer.devices x trainer.num_nodes = {ranks} processes, or start in a new directory"
+        )
+
+
 def check_same_data(checkpoint: dict, path: Path, sources: list[dict]) -> None:
     """Check that the training files hold what they held when the checkpoint was written.
 
