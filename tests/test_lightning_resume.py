@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from s2ft.lightning import FineTuneModule, run_experiment, runner, summary
 from s2ft.lightning.callbacks import RunInterrupted
+from s2ft.lightning.checkpoint import CheckpointError
 from s2ft.lightning.run_dir import RunDirError
 from s2ft.run_config import RunConfigError
 
@@ -281,3 +282,129 @@ def test_a_second_sigterm_inside_an_accumulation_keeps_the_checkpoint_of_the_las
     assert resumed["train"]["loss_curve"] == full["train"]["loss_curve"]
     for key, tensor in adapter_tensors(tmp_path / "full").items():
         assert torch.equal(adapter_tensors(tmp_path / "resumed")[key], tensor), key
+
+
+@pytest.mark.parametrize(
+    ("interval", "every", "saved"), [(3, 2, 2), (4, 100, 3)], ids=["validation_after_it", "no_validation"]
+)
+def test_a_second_sigterm_during_a_step_resumes_exactly(tmp_path, monkeypatch, interval, every, saved):
+    """The first SIGTERM comes after step 2, the second during step 3: the run stops at the end of step 3, saving it,
+    or, when a validation is due after it, in that validation (Lightning's SIGTERMException), keeping the checkpoint
+    before it; either resumes exactly. Without any checkpoint before it, the message says to start again."""
+    overrides = ["trainer.max_steps=6", f"trainer.checkpoint_every_n_steps={every}"]
+    overrides += [f"trainer.val_check_interval={interval}"]
+    full = run_experiment(smoke_config(*overrides, logger="csv"), tmp_path / "full")
+    batch_end, training_step = FineTuneModule.on_train_batch_end, FineTuneModule.training_step
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        batch_end(self, outputs, batch, batch_idx)
+        if self.trainer.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def step(self, batch, batch_idx):
+        if self.trainer.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return training_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(FineTuneModule, "on_train_batch_end", on_train_batch_end)
+    monkeypatch.setattr(FineTuneModule, "training_step", step)
+    with pytest.raises(RunInterrupted, match="stopped by SIGTERM; the checkpoint is saved, resume with: "):
+        run_experiment(smoke_config(*overrides, logger="csv"), tmp_path / "resumed")
+    if interval == 3:
+        first = [*overrides[:1], "trainer.checkpoint_every_n_steps=100", *overrides[2:]]
+        with pytest.raises(RunInterrupted, match=r"before its first checkpoint; start it again with: .*ckpt_path=auto"):
+            run_experiment(smoke_config(*first), tmp_path / "unsaved")
+        assert not (tmp_path / "unsaved" / "checkpoints").exists()
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == saved
+    resumed = run_experiment(smoke_config(*overrides, "ckpt_path=last", logger="csv"), tmp_path / "resumed")
+    for key in ("steps", "loss_curve", "val_curve", "tokens"):
+        assert resumed["train"][key] == full["train"][key], key
+    assert logged(tmp_path / "resumed") == pytest.approx(logged(tmp_path / "full"))
+    for key, tensor in adapter_tensors(tmp_path / "full").items():
+        assert torch.equal(adapter_tensors(tmp_path / "resumed")[key], tensor), key
+
+
+def test_the_token_count_stays_exact_past_float32_precision(tmp_path, monkeypatch):
+    """A run of more than 2**24 tokens (a few epochs of a commonsense set): summing the ranks' counts in float32 gave
+    a rounded total. The count starts high here, as a resumed session's does."""
+    start = FineTuneModule.on_fit_start
+
+    def on_fit_start(self):
+        start(self)
+        self.tokens_seen = 2**26 + 1
+
+    monkeypatch.setattr(FineTuneModule, "on_fit_start", on_fit_start)
+    done = run_experiment(smoke_config("trainer.max_steps=2"), tmp_path)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert done["train"]["tokens"] == ckpt["s2ft"]["tokens_seen"] > 2**26 + 1
+
+
+@pytest.mark.parametrize("every", [3, 100], ids=["save_due", "no_save_due"])
+def test_a_sigterm_during_a_validation_resumes_exactly(tmp_path, monkeypatch, every):
+    """LoRA (dropout draws) with a validation after steps 3 and 6, SIGTERM during the first one: when a checkpoint is
+    due at step 3 it is written after that validation and the run stops there, else the run stops after step 4."""
+    overrides = ["method=lora", "trainer.max_steps=6", f"trainer.checkpoint_every_n_steps={every}"]
+    overrides += ["trainer.val_check_interval=3"]
+    full = run_experiment(smoke_config(*overrides, logger="csv"), tmp_path / "full")
+    validation_step = FineTuneModule.validation_step
+
+    def step(self, batch, batch_idx):
+        if self.trainer.global_step == 3 and batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return validation_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(FineTuneModule, "validation_step", step)
+    with pytest.raises(RunInterrupted, match="stopped by SIGTERM; the checkpoint is saved"):
+        run_experiment(smoke_config(*overrides, logger="csv"), tmp_path / "resumed")
+    monkeypatch.undo()
+    ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == (3 if every == 3 else 4) and len(ckpt["s2ft"]["val_curve"]) == 1
+    resumed = run_experiment(smoke_config(*overrides, "ckpt_path=last", logger="csv"), tmp_path / "resumed")
+    for key in ("steps", "loss_curve", "val_curve", "tokens"):
+        assert resumed["train"][key] == full["train"][key], key
+    assert len(full["train"]["val_curve"]) == 2
+    assert logged(tmp_path / "resumed") == pytest.approx(logged(tmp_path / "full"))
+    for key, tensor in adapter_tensors(tmp_path / "full").items():
+        assert torch.equal(adapter_tensors(tmp_path / "resumed")[key], tensor), key
+
+
+@pytest.mark.parametrize("select", [[], ["trainer.select_best=val_loss", "method.lr=0.05"]], ids=["last", "best"])
+def test_a_sigterm_in_the_last_step_stops_before_the_evaluation_and_the_resume_only_finishes(
+    tmp_path, stop_at_step, select
+):
+    """The checkpoint the stop leaves holds what training ended with (with select_best, the best validation's)."""
+    overrides = ["trainer.max_steps=4", "trainer.checkpoint_every_n_steps=100", "trainer.val_check_interval=2"]
+    overrides += select
+    full = run_experiment(smoke_config(*overrides, logger="csv"), tmp_path / "full")
+    patch = stop_at_step(3)
+    with pytest.raises(RunInterrupted, match="stopped by SIGTERM; the checkpoint is saved"):
+        run_experiment(smoke_config(*overrides, logger="csv"), tmp_path / "resumed")
+    patch.undo()
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    assert not (tmp_path / "resumed" / "summary.json").exists()
+    resumed = run_experiment(smoke_config(*overrides, "ckpt_path=last", logger="csv"), tmp_path / "resumed")
+    assert resumed["train"].get("best_val_loss") == full["train"].get("best_val_loss")
+    for key in ("steps", "loss_curve", "val_curve", "tokens", "final_loss", "val_loss"):
+        assert resumed["train"][key] == full["train"][key], key
+    assert logged(tmp_path / "resumed") == pytest.approx(logged(tmp_path / "full"))
+    for key, tensor in adapter_tensors(tmp_path / "full").items():
+        assert torch.equal(adapter_tensors(tmp_path / "resumed")[key], tensor), key
+
+
+def test_a_resume_on_another_number_of_processes_is_refused(tmp_path, stop_at_step):
+    """trainer.devices=auto (or -1) is the same config on a machine with other GPUs: a checkpoint of two ranks (each
+    its own sampler position, token count and random state) resumed on one would continue neither rank exactly."""
+    overrides = ["trainer.max_steps=4", "trainer.checkpoint_every_n_steps=100"]
+    patch = stop_at_step(1)
+    with pytest.raises(RunInterrupted):
+        run_experiment(smoke_config(*overrides), tmp_path)
+    patch.undo()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["s2ft"]["tokens_seen_per_rank"] *= 2  # as two ranks write it
+    torch.save(ckpt, path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match=r"written by 2 processes, but this run has 1 \(trainer.devices="):
+        run_experiment(smoke_config(*overrides, "ckpt_path=last"), tmp_path)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

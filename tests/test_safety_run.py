@@ -542,21 +542,26 @@ def test_the_csv_logger_does_not_warn_of_deleting_logs_in_a_checked_directory(tm
     assert [str(w.message) for w in recwarn if "will be deleted" in str(w.message)] == []
 
 
-@pytest.mark.parametrize("damage", ["truncated", "random"])
+@pytest.mark.parametrize("damage", ["truncated", "random", "legacy_torn", "pickle_torn"])
 def test_a_damaged_checkpoint_message_quotes_only_what_failed_not_torchs_unsafe_advice(damage, tmp_path):
     """torch's error for a damaged file goes on to advise `weights_only=False` (the unsafe load the runner refuses);
-    the message keeps its first sentence only."""
+    the message keeps its first sentence only. A file of torch's legacy format torn short, or a pickle torn after its
+    first byte, failed in torch's reader with a struct.error or IndexError, a traceback."""
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir()
-    torch.save({"state_dict": {"w": torch.zeros(64, 64)}}, ckpt)
+    torch.save({"state_dict": {"w": torch.zeros(64, 64)}}, ckpt, _use_new_zipfile_serialization=damage != "legacy_torn")
     if damage == "truncated":
         truncate(ckpt)
-    else:
+    elif damage == "random":
         ckpt.write_bytes(random.Random(0).randbytes(ckpt.stat().st_size))
+    elif damage == "legacy_torn":
+        ckpt.write_bytes(ckpt.read_bytes()[:18])
+    else:
+        ckpt.write_bytes(b"\x80")
     with pytest.raises(CheckpointError) as refused:
         read_checkpoint(ckpt)
     message = str(refused.value)
-    reason = {"truncated": r"[^.()]+", "random": r"Weights only load failed"}[damage]
+    reason = {"random": r"Weights only load failed"}.get(damage, r"[^.()]+")
     assert re.search(
         rf"^checkpoint {re.escape(str(ckpt))} cannot be loaded safely \({reason}\): it is truncated", message
     )

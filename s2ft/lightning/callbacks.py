@@ -17,16 +17,23 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from s2ft.errors import UserError
-from s2ft.lightning.checkpoint import CheckpointError, read_checkpoint, resume_command
+from s2ft.lightning.checkpoint import CHECKPOINT, CheckpointError, read_checkpoint, resume_command
 from s2ft.lightning.sampler import ResumableBatchSampler
 from s2ft.lightning.sharding import gather_trained, load_whole
 
 
 class RunInterrupted(UserError):
-    """Training stopped on SIGTERM or Ctrl-C after saving its checkpoint; the message is the command that resumes it."""
+    """Training stopped on SIGTERM or Ctrl-C; the message is the command that resumes it, or, when a second signal
+    stopped it before any checkpoint was saved (in a validation, inside an accumulation), the one that starts again."""
 
     def __init__(self, cause: str, run_dir: Path):
-        super().__init__(f"stopped by {cause}; the checkpoint is saved, resume with: {resume_command(run_dir)}")
+        if (run_dir / CHECKPOINT).is_file():
+            super().__init__(f"stopped by {cause}; the checkpoint is saved, resume with: {resume_command(run_dir)}")
+        else:
+            super().__init__(
+                f"stopped by {cause} before its first checkpoint; start it again with: "
+                f"{resume_command(run_dir, 'auto')}"
+            )
 
 
 class TrainingDiverged(UserError):
@@ -119,7 +126,7 @@ class ResumeRandomState(L.Callback):
     session's first batch starts, after the session rebuilt the model and its dataloaders (which draw numbers of their
     own). An uninterrupted run starting the next epoch draws one number first, for the new epoch's dataloader iterator
     (`torch.utils.data.DataLoader` draws its base seed when an iterator is created): a checkpoint taken at the end of
-    an epoch draws it again after restoring.
+    an epoch draws it again after restoring. Under DDP each rank's state is kept and each rank resumes its own.
     """
 
     def __init__(self):
@@ -128,15 +135,26 @@ class ResumeRandomState(L.Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
         sampler = _resumable_sampler(trainer)
         version, state, gauss = random.getstate()
-        checkpoint["random_state"] = {
+        state = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
             "python": [version, list(state), gauss],
             "epoch_end": sampler is not None and sampler.consumed >= len(sampler),
         }
+        if trainer.world_size > 1:
+            # Rank 0 writes the checkpoint, but each rank's generators drew for its own batches (their dropout masks
+            # have other shapes): every rank's state is kept. Every rank saves (`LastCheckpoint`), so all gather.
+            ranks = [None] * trainer.world_size
+            torch.distributed.all_gather_object(ranks, state)
+            state = {**state, "ranks": ranks}
+        checkpoint["random_state"] = state
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
-        self._resumed = checkpoint.get("random_state")  # None in checkpoints written before it was stored
+        state = checkpoint.get("random_state")  # None in checkpoints written before it was stored
+        ranks = (state or {}).get("ranks")
+        # A checkpoint written before every rank's state was kept, or by another number of ranks (the runner refuses
+        # it: `check_same_world`), resumes with rank 0's.
+        self._resumed = ranks[trainer.global_rank] if ranks and trainer.global_rank < len(ranks) else state
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
         state, self._resumed = self._resumed, None
@@ -199,7 +217,8 @@ class LastCheckpoint(L.Callback):
     way: the optimizer step in flight (the batch in flight, and with gradient accumulation the rest of its
     micro-batches; a validation after it) finishes, the checkpoint is written and `RunInterrupted` names the resume
     command; a second signal acts at once (Lightning's `SIGTERMException`, which the runner turns into
-    `RunInterrupted`), saving the checkpoint only if it stopped at the end of an optimizer step, outside validation.
+    `RunInterrupted`), saving the checkpoint only if it stopped at the end of an optimizer step, outside validation
+    (under DDP a second SIGTERM ends the process, keeping the last checkpoint: one rank cannot save alone).
     Under DDP every rank takes the signals so, and the ranks agree at the end of each optimizer step whether any of
     them was signalled (Lightning's own handling stopped each rank at the end of any batch, inside an accumulation
     or a validation, saved that state, and could leave the ranks waiting on each other). Every checkpoint stores the
@@ -224,15 +243,31 @@ class LastCheckpoint(L.Callback):
         self._previous: dict[int, object] = {}
         self._pending = False  # a save waiting for the validation in progress
         self._stop = False  # saved after a signal: stop when the next batch starts
+        self._agreed = False  # whether the ranks agreed at the end of the last optimizer step to stop
+        self._distributed = False
+        self._launcher = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        self._distributed = trainer.world_size > 1
+        self._launcher = trainer.strategy.launcher  # the ranks Lightning started from this process, if any
         if threading.current_thread() is threading.main_thread():
             signums = [signal.SIGINT, signal.SIGTERM]
             self._previous = {signum: signal.signal(signum, self._on_signal) for signum in signums}
 
     def _on_signal(self, signum, frame) -> None:
         self.interrupted = self.SIGNALS[signum]
-        signal.signal(signum, self._previous_handler(signum))
+        # Under DDP Lightning's SIGTERM handler broadcasts from inside the handler, a collective the other ranks never
+        # match (every rank failed at the timeout): a second SIGTERM ends the process at once instead.
+        second = self._end_now if self._distributed and signum == signal.SIGTERM else self._previous_handler(signum)
+        signal.signal(signum, second)
+
+    def _end_now(self, signum, frame) -> None:
+        """A second SIGTERM under DDP: this rank cannot save alone, so it ends at once (the last checkpoint stays),
+        with the ranks Lightning started from it (which would otherwise wait on it)."""
+        if self._launcher is not None:
+            self._launcher.kill(signal.SIGKILL)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
     def _previous_handler(self, signum: int):
         previous = self._previous.get(signum)
@@ -251,15 +286,21 @@ class LastCheckpoint(L.Callback):
         # Only after an optimizer step: a checkpoint within an accumulation would lose the gradients gathered so far.
         if loop._should_accumulate():
             return
-        if trainer.world_size > 1:  # every rank stops after the same step, when any of them was signalled
-            stop = trainer.strategy.reduce_boolean_decision(self.interrupted is not None, all=False)
-            self.interrupted = self.interrupted or ("a signal to another rank" if stop else None)
-        if not (self.interrupted or trainer.global_step % self.every_n_steps == 0):
+        self._agreed = self._any_signalled(trainer)
+        if not (self._agreed or trainer.global_step % self.every_n_steps == 0):
             return
         if loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
             self._pending = True
             return
         self._save_or_stop(trainer)
+
+    def _any_signalled(self, trainer: L.Trainer) -> bool:
+        """Whether this rank, or under DDP any rank, was signalled; every rank must call it at the same point."""
+        if trainer.world_size == 1:
+            return self.interrupted is not None
+        stop = trainer.strategy.reduce_boolean_decision(self.interrupted is not None, all=False)
+        self.interrupted = self.interrupted or ("a signal to another rank" if stop else None)
+        return stop
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
         if self._pending and not trainer.sanity_checking:
@@ -269,7 +310,9 @@ class LastCheckpoint(L.Callback):
     def _save_or_stop(self, trainer: L.Trainer) -> None:
         trainer.save_checkpoint(self.path, weights_only=False)
         # Stopping waits for the next batch: Lightning hands the loggers this step's rows after the batch-end hooks.
-        self._stop = bool(self.interrupted)
+        # Under DDP only the ranks' agreement counts: a signal that came to one rank since (in the validation or this
+        # save) waits for the next step's, or that rank alone would stop and leave the others waiting on it.
+        self._stop = self._agreed if trainer.world_size > 1 else self.interrupted is not None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
         if self._stop:
@@ -278,7 +321,8 @@ class LastCheckpoint(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         trainer.save_checkpoint(self.path, weights_only=False)
         self._restore_signals()
-        if self.interrupted:  # the signal came during the last batch: stop before the final evaluation
+        # A signal during the last step or the validation after it (to any rank): stop before the final evaluation.
+        if self._any_signalled(trainer):
             raise RunInterrupted(self.interrupted, self.path.parent.parent)
 
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:

@@ -8,7 +8,6 @@ arbitrary code.
 from __future__ import annotations
 
 import logging
-import pickle
 from pathlib import Path
 
 import torch
@@ -40,7 +39,9 @@ def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+    except Exception as err:
+        # Whatever torch's reader raises on a damaged file (a torn pickle or legacy-format file fails in it with a
+        # struct.error or IndexError), the file is what failed; weights_only runs none of its code.
         # torch's first sentence says what failed; the later ones advise `weights_only=False`, the unsafe load refused.
         reason = str(err).strip().splitlines()[0].split(". ")[0][:200].rstrip(".") if str(err).strip() else ""
         reason = reason or type(err).__name__
@@ -104,6 +105,27 @@ def check_checkpoint_fits(checkpoint: dict, path: Path, trained: dict[str, torch
                 f"checkpoint {path} stopped after batch {consumed} of an epoch, but an epoch of this run has only "
                 f"{batches_per_epoch} batches: it was written with another data.batch_size or data.limit; {fix}"
             )
+
+
+def check_same_world(checkpoint: dict, path: Path, world_size: int) -> None:
+    """Check that a checkpoint was written by as many processes as the run resuming it has.
+
+    Each rank's sampler position, token count and random state travel in the checkpoint; ``trainer.devices=auto`` (or
+    -1) is the same config on a machine with another number of GPUs, which would continue none of them exactly.
+
+    Raises:
+        CheckpointError: Another number of processes; the message names both and the fix.
+    """
+    per_rank = (checkpoint.get("s2ft") or {}).get("tokens_seen_per_rank")
+    if per_rank is None:  # written before checkpoints kept each rank's count: not known
+        return
+    ranks = len(per_rank)
+    if ranks != world_size:
+        raise CheckpointError(
+            f"checkpoint {path} was written by {ranks} processes, but this run has {world_size} (trainer.devices="
+            "auto or -1 counts this machine's GPUs): each rank's data position and random state would not continue. "
+            f"Resume with trainer.devices x trainer.num_nodes = {ranks} processes, or start in a new directory"
+        )
 
 
 def check_same_data(checkpoint: dict, path: Path, sources: list[dict]) -> None:

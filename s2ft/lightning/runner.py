@@ -38,7 +38,13 @@ from s2ft.lightning.callbacks import (
     RunInterrupted,
     StopOnNonFinite,
 )
-from s2ft.lightning.checkpoint import CHECKPOINT, check_checkpoint_fits, check_same_data, code_history
+from s2ft.lightning.checkpoint import (
+    CHECKPOINT,
+    check_checkpoint_fits,
+    check_same_data,
+    check_same_world,
+    code_history,
+)
 from s2ft.lightning.console import StepProgressBar
 from s2ft.lightning.datamodule import SFTDataModule
 from s2ft.lightning.evaluation import evaluate_only, finish, write_config
@@ -146,6 +152,8 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     # first writes of the run's own files (metrics, W&B id, config), so a command it refuses leaves none of them.
     history = code_history(plan.checkpoint, cfg["ckpt_path"], code_record(cfg))
     trainer = _trainer(cfg, run_dir, False, bool(val), plan.checkpoint, provenance["sources"], history)
+    if plan.checkpoint is not None:
+        check_same_world(plan.checkpoint, cfg["ckpt_path"], trainer.world_size)
     # The untrained model is measured, and calibration batches scored, where it trains (this rank's GPU), not where
     # it was loaded (the CPU); the Trainer would move it there only at fit.
     device = trainer.strategy.root_device
@@ -211,7 +219,8 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
         digests = _gather(trainer, _trained_digest(module))
         if len(set(digests)) > 1:
             raise RuntimeError(f"DDP ranks ended with different trained weights: {digests}")
-    tokens = int(trainer.strategy.reduce(torch.tensor(float(module.tokens_seen)), reduce_op="sum"))
+    # Gathered as ints: a float32 sum (a reduced tensor) rounds any count past 2**24 tokens.
+    tokens = sum(_gather(trainer, module.tokens_seen))
     if trainer.global_rank != 0:
         return None
     if sharded:
