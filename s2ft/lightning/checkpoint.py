@@ -122,10 +122,14 @@ def check_same_world(checkpoint: dict, path: Path, world_size: int) -> None:
     ranks = len(per_rank)
     if ranks != world_size:
         raise CheckpointError(
-            f"checkpoint {path} was written by {ranks} processes, but this run has {world_size} (trainer.devices="
+            f"checkpoint {path} was written by {_processes(ranks)}, but this run has {world_size} (trainer.devices="
             "auto or -1 counts this machine's GPUs): each rank's data position and random state would not continue. "
-            f"Resume with trainer.devices x trainer.num_nodes = {ranks} processes, or start in a new directory"
+            f"Resume with trainer.devices x trainer.num_nodes = {_processes(ranks)}, or start in a new directory"
         )
+
+
+def _processes(count: int) -> str:
+    return f"{count} process" + "es" * (count != 1)
 
 
 def check_same_data(checkpoint: dict, path: Path, sources: list[dict]) -> None:
