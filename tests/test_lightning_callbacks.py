@@ -33,6 +33,25 @@ def test_atomic_checkpoint_never_leaves_a_truncated_file_and_keeps_the_one_befor
     assert io.load_checkpoint(path)["global_step"] == 4
 
 
+def test_a_checkpoint_is_synced_and_then_its_rename_is_synced_in_the_directory(tmp_path, monkeypatch):
+    """The rename was not made durable: after a power loss the directory could still point at the old file."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.basename(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    AtomicCheckpointIO().save_checkpoint(state(1), tmp_path / "last.ckpt")
+    assert events == [("fsync", False), ("replace", "last.ckpt"), ("fsync", True)]
+
+
 def test_a_damaged_last_checkpoint_never_replaces_a_good_previous_one(tmp_path):
     path = tmp_path / "checkpoints" / "last.ckpt"
     previous = path.with_name("previous.ckpt")

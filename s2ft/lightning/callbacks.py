@@ -40,6 +40,20 @@ class TrainingDiverged(UserError):
     """The training loss or the trained values became NaN or infinite."""
 
 
+def _sync_directory(folder: Path) -> None:
+    """Makes the renames in ``folder`` durable: until its entry is synced, a power loss may undo an ``os.replace``."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform whose directories cannot be opened (Windows): the rename is as durable as it gets
+        return
+    try:
+        os.fsync(handle)
+    except OSError:  # some filesystems refuse fsync on a directory
+        pass
+    finally:
+        os.close(handle)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes checkpoints atomically, keeps the one before, and loads them with ``weights_only=True``.
 
@@ -86,6 +100,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 shutil.copyfile(path, link)
             os.replace(link, kept)
         os.replace(tmp, path)
+        _sync_directory(path.parent)
         self.trusted.add(path.resolve())
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
