@@ -78,9 +78,9 @@ class Adapter:
     modules: dict[str, AdapterModule]
     base_model: str | None = None
     fingerprint: str | None = None
-    base_digest: dict | None = None
     config: dict = field(default_factory=dict)
     library_version: str | None = None
+    base_digest: dict | None = None
 
     def units(self) -> dict[tuple[int, str], torch.Tensor]:
         """The selection this adapter trained: ``{(layer, component): sorted unit indices}``."""
@@ -281,7 +281,8 @@ def check_digest(digest, source: str = "adapter") -> None:
     sha = digest.get("sha256") if isinstance(digest, dict) else None
     if (
         not isinstance(sha, dict)
-        or digest.get("dtype") not in sha
+        or not isinstance(digest.get("dtype"), str)
+        or digest["dtype"] not in sha
         or not all(name in DIGEST_DTYPES for name in sha)
         or not all(isinstance(h, str) and len(h) == 64 and set(h) <= set("0123456789abcdef") for h in sha.values())
     ):

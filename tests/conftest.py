@@ -244,6 +244,10 @@ BAD_ADAPTERS = {
         lambda p: corrupt_field(p, "base_digest", {"dtype": "float32", "sha256": {"bfloat16": "0" * 64}}),
         "corrupt base_digest",
     ),
+    "base digest dtype not a name": (
+        lambda p: corrupt_field(p, "base_digest", {"dtype": [], "sha256": {"float32": "0" * 64}}),
+        "corrupt base_digest",
+    ),
     "base digest not hex": (
         lambda p: corrupt_field(p, "base_digest", {"dtype": "float32", "sha256": {"float32": "xyz"}}),
         "corrupt base_digest",
