@@ -124,13 +124,16 @@ def test_an_adapter_of_another_base_is_refused_on_every_load_path_and_the_model_
     before, flags = snapshot(model), {n: p.requires_grad for n, p in model.named_parameters()}
     kinds = {name: type(module) for name, module in model.named_modules()}
     attributes = (getattr(model, "s2ft_state", None), getattr(model, "s2ft_adapters", None))
+    recorded = None if attributes[0] is None else copy.deepcopy((attributes[0].modules, attributes[0].config))
     mixed = loaded_adapters(model) if attributes[1] is not None else None
     with pytest.raises(AdapterError, match=REFUSED + r".*Load the adapter onto the model it was trained on$"):
         load(model, paths)
     assert_same_state(model, before)
     assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
     assert kinds == {name: type(module) for name, module in model.named_modules()}
-    assert attributes == (getattr(model, "s2ft_state", None), getattr(model, "s2ft_adapters", None))
+    current = (getattr(model, "s2ft_state", None), getattr(model, "s2ft_adapters", None))
+    assert all(now is then for now, then in zip(current, attributes, strict=True))
+    assert recorded == (None if current[0] is None else (current[0].modules, current[0].config))
     assert mixed == (loaded_adapters(model) if attributes[1] is not None else None)
     assert not paths["lora"].exists()
 
