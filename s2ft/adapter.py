@@ -4,20 +4,27 @@ The file format lives in ``s2ft.adapter_format``; a model's S2FT bookkeeping in 
 validates the adapter against the model before touching it, so a refused adapter leaves the model as it was.
 """
 
+import hashlib
+import logging
 import math
 import os
 import weakref
 from dataclasses import dataclass
+from functools import reduce
 
 import torch
 from torch import nn
 
-from s2ft.adapter_format import Adapter, AdapterError, AdapterModule, as_adapter, write_adapter
+from s2ft.adapter_format import DIGEST_DTYPES, Adapter, AdapterError, AdapterModule, as_adapter, write_adapter
 from s2ft.layers import S2FTLinear, plain_linear, slot_major
 from s2ft.permute import permute_linear
 from s2ft.state import S2FTState, attach_state, check_fresh, detach_state, fingerprint, model_state, s2ft_modules
 from s2ft.structures import find_structures, unit_positions
 from s2ft.version import __version__
+
+log = logging.getLogger(__name__)
+# Besides the base's own dtype, a base digest is taken in the half dtypes a base is loaded in for training or serving.
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _reorder_units(values: torch.Tensor, axis: int, unit_size: int, order: torch.Tensor) -> torch.Tensor:
@@ -44,10 +51,122 @@ def extract_adapter(model: nn.Module) -> Adapter:
         modules[name] = AdapterModule(layer, component, module.axis, module.unit_size, shape, units, values)
     return Adapter(
         modules,
-        base_model=getattr(model, "name_or_path", None) or None,
+        base_model=_model_name(model),
         fingerprint=state.fingerprint,
+        base_digest=base_digest(model, modules),
         config=dict(state.config),
         library_version=__version__,
+    )
+
+
+def _model_name(model: nn.Module) -> str | None:
+    return getattr(model, "name_or_path", None) or None
+
+
+def base_slots(model: nn.Module, modules: dict[str, AdapterModule]) -> dict[str, torch.Tensor]:
+    """The base model's own values at each adapter module's rows/columns, in original coordinates and unit order.
+
+    ``model`` may be the plain base or an S2FT model of it, merged or not, co-permuted or not: the trained slots of an
+    S2FT layer hold zeros or its values, so its ``base_values`` stand in for them, and a co-permuted layer is read at
+    the current positions of the original units. The modules must fit ``model`` (``check_fits``' shape checks).
+    """
+    state = getattr(model, "s2ft_state", None)
+    slots = {}
+    for name, m in modules.items():
+        module = model.get_submodule(name)
+        weight = module.weight.detach()
+        units = m.units
+        if state is not None and (m.layer, m.component) in state.unit_perms:
+            units = torch.argsort(state.unit_perms[m.layer, m.component])[units]
+        positions = unit_positions(units, m.unit_size).to(weight.device)
+        values = weight.index_select(m.axis, positions)
+        if isinstance(module, S2FTLinear):
+            at = torch.full((weight.shape[m.axis],), -1, dtype=torch.long, device=weight.device)
+            at[module.index] = torch.arange(module.index.numel(), device=weight.device)
+            found = at[positions]
+            hit = (found >= 0).nonzero().flatten()
+            values.index_copy_(m.axis, hit, module.base_values.index_select(m.axis, found[hit]).to(values.dtype))
+        slots[name] = values.cpu()
+    return slots
+
+
+def _slots_sha256(slots: dict[str, torch.Tensor], dtype: torch.dtype) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(slots):
+        values = slots[name].to(dtype).contiguous()
+        digest.update(f"{name}:{tuple(values.shape)};".encode())
+        digest.update(values.flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def base_digest(model: nn.Module, modules: dict[str, AdapterModule]) -> dict:
+    """The digest of the base model's values at the modules' trained slots, as ``adapter_config.json`` records it.
+
+    One SHA-256 over the modules in name order (name, shape, then the values' bytes) per dtype: the base's own (the
+    widest of its modules' weights), bfloat16 and float16. An adapter trained on an fp32 base then loads onto the
+    same checkpoint in bf16 (compared in bf16: ``from_pretrained`` rounds as ``Tensor.to`` does) and one trained on
+    a bf16 base onto the fp32 checkpoint (whose values are compared rounded to bf16), while another checkpoint of the
+    same architecture (a base and its -Instruct, another initialization) is told apart. Digests, not values: the
+    record stays a few bytes, and equal digests mean equal values.
+
+    Args:
+        model: The base model or an S2FT model of it (see ``base_slots``).
+        modules: The adapter's modules (original coordinates).
+
+    Returns:
+        ``{"dtype": NAME, "sha256": {NAME: hex digest}}``.
+    """
+    slots = base_slots(model, modules)
+    own = reduce(torch.promote_types, (values.dtype for values in slots.values()))
+    return {
+        "dtype": _dtype_name(own),
+        "sha256": {_dtype_name(dtype): _slots_sha256(slots, dtype) for dtype in dict.fromkeys((own, *HALF_DTYPES))},
+    }
+
+
+def check_base(model: nn.Module, adapter: Adapter) -> None:
+    """Checks that ``model`` holds the adapter's base weights at its trained slots (the recorded ``base_digest``).
+
+    The model's values are compared in its own dtype when the adapter records a digest in it, else rounded to the
+    dtype of the adapter's base (a wider model than the base it was trained on). An adapter without a digest (saved
+    before it was recorded) is not checked: a one-line warning says so.
+
+    Raises:
+        AdapterError: Naming both bases and the fix, when the values differ.
+    """
+    recorded = adapter.base_digest
+    trained_on = adapter.base_model or "unknown"
+    if recorded is None:
+        log.warning(
+            "the S2FT adapter of %s records no base digest (saved by an older s2ft): its base weights are not checked",
+            trained_on,
+        )
+        return
+    slots = base_slots(model, adapter.modules)
+    dtypes = {_dtype_name(values.dtype) for values in slots.values()}
+    here = dtypes.pop() if len(dtypes) == 1 else None
+    dtype = here if here in recorded["sha256"] else recorded["dtype"]
+    if _slots_sha256(slots, DIGEST_DTYPES[dtype]) == recorded["sha256"][dtype]:
+        return
+    loaded = f"{_model_name(model) or 'unnamed'}, {here or 'mixed dtypes'}"
+    # Under one name and dtype the weights changed (a folder or hub revision); in another dtype, rounding may differ.
+    same = _model_name(model) == adapter.base_model and here == recorded["dtype"]
+    renamed = "; the same name, so the weights behind it changed" if same else ""
+    rounding = (
+        f"; a checkpoint rounded to another dtype can differ too, so load the base in {recorded['dtype']}"
+        if here != recorded["dtype"]
+        else ""
+    )
+    raise AdapterError(
+        f"this model ({loaded}) is not the base the adapter was trained on ({trained_on}, {recorded['dtype']}"
+        f"{renamed}): its weights at the adapter's trained rows/columns differ (SHA-256 in {dtype}), as another "
+        "checkpoint of the same architecture (a base and its -Instruct, another initialization) does, and the "
+        "adapter's values would replace or offset the wrong weights. Load the adapter onto the model it was trained "
+        f"on{rounding}"
     )
 
 
@@ -62,7 +181,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 def check_fits(model: nn.Module, adapter: Adapter) -> None:
-    """Checks that ``adapter`` was made for ``model``'s architecture (module names, shapes, fingerprint).
+    """Checks that ``adapter`` was made for ``model``: its architecture (module names, shapes, fingerprint, heads) and
+    its weights (``check_base``).
 
     Raises:
         AdapterError: Naming the first mismatch.
@@ -105,6 +225,7 @@ def check_fits(model: nn.Module, adapter: Adapter) -> None:
                 f"are of {structure.unit_size(m.component)} (another head_dim): the adapter was made for another base "
                 f"model ({adapter.base_model or 'unknown'})"
             )
+    check_base(model, adapter)
 
 
 def _current_coordinates(state: S2FTState | None, m: AdapterModule) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,9 +1,15 @@
 """The S2FT adapter file format: trained rows/columns + their unit indices in the base model's original coordinates.
 
 On disk an adapter is a folder with ``adapter.safetensors`` (``<module name>.values`` per trained module) and
-``adapter_config.json`` (base model, shape fingerprint, selection config, library version, and per module its layer,
-component, axis, unit size, weight shape and unit indices). Reading checks everything a model is not needed for;
-``s2ft.adapter.check_fits`` checks the rest against a model before it is touched.
+``adapter_config.json`` (base model, shape fingerprint, base digest, selection config, library version, and per module
+its layer, component, axis, unit size, weight shape and unit indices). Reading checks everything a model is not needed
+for; ``s2ft.adapter.check_fits`` checks the rest against a model before it is touched.
+
+The base digest (``base_digest``) is the SHA-256 of the base model's own values at the trained rows/columns
+(``s2ft.adapter.base_digest``): names and shapes do not tell a base from its -Instruct model or another
+initialization, its weights do. It is ``{"dtype": <the base's dtype>, "sha256": {<dtype>: <hex digest>}}`` with one
+digest per dtype the base may be loaded in: its own, and bfloat16 and float16 (the base's values rounded to them, as
+``from_pretrained(dtype=...)`` rounds them). Adapters saved before it was recorded have none (null or no field).
 """
 
 import hashlib
@@ -25,6 +31,8 @@ WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter_config.json"
 # The dtypes adapter values may have: S2FT's matmuls (and isfinite) take no other (float8, integers, complex).
 VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The dtypes a base digest may be taken in, by name.
+DIGEST_DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in VALUE_DTYPES}
 
 
 class AdapterError(UserError, ValueError):
@@ -61,13 +69,18 @@ class AdapterModule:
 
 @dataclass
 class Adapter:
-    """An S2FT adapter: per module name, the trained units and values (original coordinates)."""
+    """An S2FT adapter: per module name, the trained units and values (original coordinates).
+
+    ``base_digest`` is the base model's digest at the trained slots (see the module docstring); None for adapters
+    saved before it was recorded, whose base cannot be checked.
+    """
 
     modules: dict[str, AdapterModule]
     base_model: str | None = None
     fingerprint: str | None = None
     config: dict = field(default_factory=dict)
     library_version: str | None = None
+    base_digest: dict | None = None
 
     def units(self) -> dict[tuple[int, str], torch.Tensor]:
         """The selection this adapter trained: ``{(layer, component): sorted unit indices}``."""
@@ -88,6 +101,7 @@ def write_adapter(adapter: Adapter, path: str | os.PathLike) -> None:
         "library_version": adapter.library_version,
         "base_model": adapter.base_model,
         "fingerprint": adapter.fingerprint,
+        "base_digest": adapter.base_digest,
         "components": sorted({m.component for m in adapter.modules.values()}),
         "config": adapter.config,
         "modules": {
@@ -212,6 +226,7 @@ def load_adapter_file(path: str | os.PathLike) -> Adapter:
         modules,
         base_model=config.get("base_model"),
         fingerprint=config.get("fingerprint"),
+        base_digest=config.get("base_digest"),
         config=config.get("config", {}),
         library_version=config.get("library_version"),
     )
@@ -227,6 +242,7 @@ def check_adapter(adapter: Adapter, source: str = "adapter") -> None:
     """
     if not adapter.modules:
         raise AdapterError(f"{source}: the adapter has no modules")
+    check_digest(adapter.base_digest, source)
     for name, m in adapter.modules.items():
         where = f"{source}: module {name!r}"
         if m.component not in AXIS or AXIS[m.component] != m.axis:
@@ -251,6 +267,29 @@ def check_adapter(adapter: Adapter, source: str = "adapter") -> None:
             )
         if not bool(torch.isfinite(m.values).all()):
             raise AdapterError(f"{where}: values contain NaN/inf")
+
+
+def check_digest(digest, source: str = "adapter") -> None:
+    """Checks the form of a recorded base digest (None: not recorded).
+
+    Raises:
+        AdapterError: Anything but ``{"dtype": NAME, "sha256": {NAME: 64 hex digits, ...}}`` with the base's own
+            dtype among the digests.
+    """
+    if digest is None:
+        return
+    sha = digest.get("sha256") if isinstance(digest, dict) else None
+    if (
+        not isinstance(sha, dict)
+        or not isinstance(digest.get("dtype"), str)
+        or digest["dtype"] not in sha
+        or not all(name in DIGEST_DTYPES for name in sha)
+        or not all(isinstance(h, str) and len(h) == 64 and set(h) <= set("0123456789abcdef") for h in sha.values())
+    ):
+        raise AdapterError(
+            f"{source}: corrupt base_digest {digest!r}: expected {{'dtype': NAME, 'sha256': {{NAME: hex SHA-256}}}} "
+            f"with dtype names of {', '.join(DIGEST_DTYPES)}; save the adapter again"
+        )
 
 
 def as_adapter(path_or_adapter) -> Adapter:

@@ -240,6 +240,18 @@ BAD_ADAPTERS = {
     "inf": (lambda p: corrupt_values(p, float("inf")), "NaN/inf"),
     "integers": (lambda p: cast_values(p, torch.int32), "values are torch.int32; S2FT computes with float16"),
     "float8": (lambda p: cast_values(p, torch.float8_e4m3fn), "values are torch.float8_e4m3fn; S2FT computes with"),
+    "base digest without its dtype's": (
+        lambda p: corrupt_field(p, "base_digest", {"dtype": "float32", "sha256": {"bfloat16": "0" * 64}}),
+        "corrupt base_digest",
+    ),
+    "base digest dtype not a name": (
+        lambda p: corrupt_field(p, "base_digest", {"dtype": [], "sha256": {"float32": "0" * 64}}),
+        "corrupt base_digest",
+    ),
+    "base digest not hex": (
+        lambda p: corrupt_field(p, "base_digest", {"dtype": "float32", "sha256": {"float32": "xyz"}}),
+        "corrupt base_digest",
+    ),
 }
 
 # Base models an adapter of build_tiny("llama_gqa") does not fit, and what the refusal says.

@@ -13,6 +13,7 @@ from experiments.bench import serving
 from experiments.bench.models import build_bench_model
 from experiments.bench.serving_layer import VARIANTS, bench_layer_adapters
 from experiments.bench.serving_model import METHODS, random_adapter
+from s2ft.adapter import base_digest
 
 KEYS = {"adapters"} | {f"{method}_tok_s" for method in METHODS}
 
@@ -48,6 +49,7 @@ def test_random_adapter_has_the_budget_and_perturbed_values():
     for name, m in adapter.modules.items():
         original = base.get_submodule(name).weight.detach().index_select(m.axis, m.positions)
         assert not torch.equal(m.values, original) and torch.allclose(m.values, original, atol=0.1)
+    assert adapter.base_digest == base_digest(base, adapter.modules)
 
 
 def test_layer_forms_agree_and_report_every_variant():

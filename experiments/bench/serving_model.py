@@ -24,6 +24,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 import s2ft
+from s2ft.adapter import base_digest
 from s2ft.adapter_format import Adapter, AdapterModule
 from s2ft.selection import select_units
 from s2ft.state import fingerprint
@@ -48,7 +49,11 @@ def random_adapter(base: nn.Module, target_params: int, seed: int) -> Adapter:
         values += 0.01 * values.abs().mean() * torch.randn(values.shape, generator=generator)
         shape = (linear.out_features, linear.in_features)
         modules[structure.module_name(component)] = AdapterModule(layer, component, axis, size, shape, units, values)
-    return Adapter(modules, base_model=getattr(base, "name_or_path", None), fingerprint=fingerprint(base))
+    # With the base's digest, as a saved adapter has it: the loads it is timed through check the base, not warn.
+    digest = base_digest(base, modules)
+    return Adapter(
+        modules, base_model=getattr(base, "name_or_path", None), fingerprint=fingerprint(base), base_digest=digest
+    )
 
 
 def _sync(device: str) -> None:
