@@ -264,6 +264,7 @@ def test_a_second_sigterm_inside_an_accumulation_keeps_the_checkpoint_of_the_las
     """The second signal stops at the end of the batch in flight (Lightning's SIGTERMException): a checkpoint there,
     within a window of 3 micro-batches, would resume without the gradients gathered before it."""
     overrides = ["trainer.max_steps=4", "trainer.checkpoint_every_n_steps=1", "trainer.accumulate_grad_batches=3"]
+    overrides += ["trainer.val_check_interval=3"]  # a validation at each step end, as the config check asks
     full = run_experiment(smoke_config(*overrides), tmp_path / "full")
     original = FineTuneModule.on_train_batch_end
 
