@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from s2ft.adapter_format import AdapterError
 from s2ft.layers import S2FTLinear
@@ -21,6 +22,7 @@ class S2FTState:
             original unit index, for every component of every permuted layer; empty when not permuted.
         requires_grad: The parameters' requires_grad flags before S2FT froze them, restored by merge_and_unload.
         fingerprint: The base model's ``fingerprint`` (names and shapes do not change, so it is computed once).
+        load_hook: The model's load_state_dict pre-hook (``attach_state``), removed by ``detach_state``.
     """
 
     modules: dict[str, tuple[int, str]]
@@ -28,19 +30,34 @@ class S2FTState:
     unit_perms: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     requires_grad: dict[str, bool] = field(default_factory=dict)
     fingerprint: str | None = None
+    load_hook: RemovableHandle | None = field(default=None, compare=False, repr=False)
 
 
 def attach_state(model: nn.Module, state: S2FTState) -> None:
-    """Records ``state`` as ``model.s2ft_state``; while it is there, transformers' ``save_pretrained`` refuses."""
+    """Records ``state`` as ``model.s2ft_state``; while it is there, transformers' ``save_pretrained`` refuses, and
+    ``load_state_dict`` checks every S2FT layer's part of a state dict before it loads any (``_fit_every_layer``)."""
     model.s2ft_state = state
+    state.load_hook = model.register_load_state_dict_pre_hook(_fit_every_layer)
     # A plain function, not a bound method: a pickled model (torch.save) stores it by name and refuses when loaded.
     model.save_pretrained = _refuse_save_pretrained
 
 
 def detach_state(model: nn.Module) -> None:
     """Undoes ``attach_state``: the model is plain again, and ``save_pretrained`` is transformers' own."""
+    model.s2ft_state.load_hook.remove()
     del model.s2ft_state
     model.__dict__.pop("save_pretrained", None)
+
+
+def _fit_every_layer(model: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    # Each S2FT layer refuses its own part of a state dict as it loads, after the tensors before it were copied: one
+    # refused at the last layer left a half-loaded model. Fitted here first, before torch copies anything, a refusal
+    # leaves every tensor as it was. A fitted weight goes into the dict (torch's own copy, from which each module's
+    # part is taken), so a layer's own fit then finds it in its state and copies nothing; a weight a layer computes
+    # for a dict without one is computed again there.
+    for name, module in model.named_modules():
+        if isinstance(module, S2FTLinear):
+            module._fit_state_dict(state_dict, f"{prefix}{name}.")
 
 
 def _refuse_save_pretrained(*args, **kwargs) -> None:

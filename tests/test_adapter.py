@@ -189,6 +189,32 @@ def test_a_plain_models_state_dict_is_refused_by_an_s2ft_model():
         model.load_state_dict(base.state_dict(), strict=False)
 
 
+@pytest.mark.parametrize("merged", [False, True])
+@pytest.mark.parametrize("bad", ["weight", "base_values"])
+def test_a_state_dict_refused_at_its_last_s2ft_layer_loads_nothing(merged, bad):
+    """Each S2FT layer checked only its own part of a state dict as it loaded: one refused at the last layer left
+    every tensor before it loaded, a half-loaded model. Now nothing is copied until every layer's part is checked."""
+    model = trained(build_tiny("llama_9_3"), s2ft.S2FTConfig(ratios=RATIOS))
+    # Other slots and values in every layer, so that a load of any layer before the last would show.
+    source = trained(build_tiny("llama_9_3"), s2ft.S2FTConfig(ratios=RATIOS, seed=2), seed=2)
+    last = list(s2ft_modules(model))[-1]
+    assert not torch.equal(model.get_submodule(last).index, source.get_submodule(last).index)
+    if merged:
+        s2ft.merge_adapter(model)
+    if bad == "weight":  # the base at the trained slots, as a plain model's weight holds
+        source.get_submodule(last).restore_base()
+        state, message = source.state_dict(), "neither zeros .* nor its values"
+    else:  # trained tensors without the weight, whose base is not this model's
+        state = {k: v for k, v in source.state_dict().items() if k != f"{last}.weight"}
+        state[f"{last}.base_values"] = state[f"{last}.base_values"] + 1
+        message = "another base model or layout"
+    before, flags = snapshot(model), [m.merged for m in s2ft_modules(model).values()]
+    with pytest.raises(AdapterError, match=message):
+        model.load_state_dict(state, strict=False)
+    assert_same_state(model, before)
+    assert [m.merged for m in s2ft_modules(model).values()] == flags
+
+
 @pytest.mark.parametrize("layout", ["gather", "permuted"])
 def test_merge_and_unload_saves_a_plain_model_in_original_coordinates(tmp_path, layout):
     base = build_tiny("llama_gqa")
