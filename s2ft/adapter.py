@@ -15,7 +15,15 @@ from functools import reduce
 import torch
 from torch import nn
 
-from s2ft.adapter_format import DIGEST_DTYPES, Adapter, AdapterError, AdapterModule, as_adapter, write_adapter
+from s2ft.adapter_format import (
+    DIGEST_DTYPES,
+    Adapter,
+    AdapterError,
+    AdapterModule,
+    as_adapter,
+    naming,
+    write_adapter,
+)
 from s2ft.layers import S2FTLinear, plain_linear, slot_major
 from s2ft.permute import permute_linear
 from s2ft.state import S2FTState, attach_state, check_fresh, detach_state, fingerprint, model_state, s2ft_modules
@@ -327,8 +335,8 @@ def fuse_adapters(base: nn.Module, paths_or_adapters, weights=None) -> nn.Module
         weights: One weight per adapter (default: all 1).
 
     Raises:
-        AdapterError: On a bad adapter, a mismatched base, or weights that are not one finite number per adapter;
-            the model is unchanged when raised.
+        AdapterError: On a bad adapter or a mismatched base (``adapter I of N (FOLDER): ...``), or weights that are
+            not one finite number per adapter; the model is unchanged when raised.
         AdapterError: Also if ``base`` has S2FT applied or adapters loaded.
     """
     check_fresh(base, "fuse_adapters needs a plain base model: call merge_and_unload or start from a fresh base")
@@ -336,12 +344,17 @@ def fuse_adapters(base: nn.Module, paths_or_adapters, weights=None) -> nn.Module
     if isinstance(paths_or_adapters, (str, os.PathLike, Adapter)):
         raise AdapterError(f"fuse_adapters takes a list of adapters, got {paths_or_adapters!r}: give [path, ...]")
     weights = None if weights is None else _numbers(weights)
-    adapters = [as_adapter(item) for item in paths_or_adapters]
+    sources = list(paths_or_adapters)
+    adapters = []
+    for i, source in enumerate(sources):
+        with naming(f"adapter {i + 1} of {len(sources)}", source):
+            adapters.append(as_adapter(source))
     weights = [1.0] * len(adapters) if weights is None else weights
     if not adapters or len(weights) != len(adapters) or not all(math.isfinite(w) for w in weights):
         raise AdapterError(f"give one finite weight per adapter: {len(adapters)} adapters, weights {weights}")
-    for adapter in adapters:
-        check_fits(base, adapter)
+    for i, (source, adapter) in enumerate(zip(sources, adapters, strict=True)):
+        with naming(f"adapter {i + 1} of {len(sources)}", source):
+            check_fits(base, adapter)
     parts: dict[str, list[tuple[AdapterModule, float]]] = {}
     for adapter, w in zip(adapters, weights, strict=True):
         for name, m in adapter.modules.items():

@@ -16,6 +16,8 @@ import hashlib
 import json
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -298,3 +300,14 @@ def as_adapter(path_or_adapter) -> Adapter:
         check_adapter(path_or_adapter)
         return path_or_adapter
     return load_adapter_file(path_or_adapter)
+
+
+@contextmanager
+def naming(label: str, source) -> Iterator[None]:
+    """Prefixes an ``AdapterError`` raised inside with ``label`` and, for a folder, ``source``: among several adapters
+    (``load_adapters``, ``fuse_adapters``) a refusal then says which one it is."""
+    try:
+        yield
+    except AdapterError as err:
+        where = label if isinstance(source, Adapter) else f"{label} ({source})"
+        raise AdapterError(f"{where}: {err}") from err

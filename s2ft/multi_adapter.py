@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from s2ft.adapter import check_fits
-from s2ft.adapter_format import Adapter, AdapterError, check_adapter, load_adapter_file
+from s2ft.adapter_format import Adapter, AdapterError, as_adapter, naming
 from s2ft.layers import plain_linear
 from s2ft.state import check_fresh
 
@@ -231,13 +231,10 @@ def _group_rows(state: MultiAdapterState, names, rows: int | None, device) -> li
     return [(name, torch.tensor(rows, device=device)) for name, rows in groups.items()]
 
 
-def _validated(model: nn.Module, source) -> Adapter:
-    if isinstance(source, Adapter):
-        check_adapter(source)
-        adapter = source
-    else:
-        adapter = load_adapter_file(source)
-    check_fits(model, adapter)
+def _validated(model: nn.Module, name: str, source) -> Adapter:
+    with naming(f"adapter {name!r}", source):
+        adapter = as_adapter(source)
+        check_fits(model, adapter)
     return adapter
 
 
@@ -267,7 +264,8 @@ def load_adapters(base: nn.Module, adapters: Mapping[str, str | os.PathLike | Ad
         ``base``, with ``base.s2ft_adapters`` recording the loaded adapters.
 
     Raises:
-        AdapterError: A bad adapter or one made for another base; the model is unchanged when raised.
+        AdapterError: A bad adapter or one made for another base, named (``adapter 'NAME' (FOLDER): ...``); the
+            model is unchanged when raised.
         AdapterError: Also for an empty mapping, a bad name, or a model that already has S2FT adapters.
     """
     if getattr(base, "s2ft_adapters", None) is not None:
@@ -280,7 +278,7 @@ def load_adapters(base: nn.Module, adapters: Mapping[str, str | os.PathLike | Ad
     loaded: dict[str, Adapter] = {}
     for name, source in adapters.items():
         _check_name(name, loaded)
-        loaded[name] = _validated(base, source)
+        loaded[name] = _validated(base, name, source)
     state = MultiAdapterState()
     for name, adapter in loaded.items():
         _attach(base, state, name, adapter)
@@ -304,10 +302,11 @@ def _refuse_save_pretrained(*args, **kwargs) -> None:
 
 
 def add_adapter(model: nn.Module, name: str, source: str | os.PathLike | Adapter) -> nn.Module:
-    """Loads one more adapter onto a mixed-adapter model (validated first; the model is unchanged on error)."""
+    """Loads one more adapter onto a mixed-adapter model (validated first; a refusal names the adapter and leaves the
+    model unchanged)."""
     state = _state(model)
     _check_name(name, state.configs)
-    _attach(model, state, name, _validated(model, source))
+    _attach(model, state, name, _validated(model, name, source))
     return model
 
 

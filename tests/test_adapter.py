@@ -3,6 +3,7 @@
 import copy
 import hashlib
 import json
+import re
 import shutil
 
 import pytest
@@ -381,6 +382,30 @@ def test_adapter_for_another_base_model_is_refused(tmp_path, other, message):
     with pytest.raises(AdapterError, match="another base model|differ"):
         s2ft.switch_adapter(other_s2ft, tmp_path)
     assert_same_state(other_s2ft, before)
+
+
+def test_a_refused_adapter_among_several_fused_ones_is_named(tmp_path):
+    """fuse_adapters over several folders refused one without saying which ("corrupt adapter weights ..." names the
+    file, "adapter module ... has weight shape" nothing): now every refusal names the adapter's place and folder."""
+    base = build_tiny("llama_gqa")
+    first, second = adapter_files(tmp_path, base, {"o": 0.25}, seed=1), adapter_files(tmp_path, base, {"down": 0.05}, 2)
+    other_shape = adapter_files(tmp_path / "other", build_tiny("llama_gqa", hidden_size=32), {"o": 0.25}, seed=3)
+    other_base = adapter_files(tmp_path / "instruct", build_tiny("llama_gqa", seed=1), {"o": 0.25}, seed=3)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(first, corrupt)
+    (corrupt / WEIGHTS_NAME).write_bytes(b"\x00garbage")
+    before = snapshot(base)
+    cases = [
+        ([first, second, other_shape], 3, "weight shape"),
+        ([first, second, other_base], 3, "not the base the adapter was trained on"),
+        ([first, corrupt, second], 2, "corrupt adapter weights"),
+    ]
+    for paths, at, message in cases:
+        with pytest.raises(AdapterError, match=rf"^adapter {at} of 3 \({re.escape(str(paths[at - 1]))}\): .*{message}"):
+            s2ft.fuse_adapters(base, paths)
+        assert_same_state(base, before)
+    with pytest.raises(AdapterError, match=r"^adapter 2 of 2: .*weight shape"):
+        s2ft.fuse_adapters(base, [first, s2ft.load_adapter_file(other_shape)])
 
 
 def test_fusion_weights_must_match_the_adapters(tmp_path):

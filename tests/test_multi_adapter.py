@@ -1,6 +1,7 @@
 """Mixed-adapter batches: every row equals its adapter's merged model; loading is validated; memory is the deltas."""
 
 import copy
+import re
 import threading
 
 import pytest
@@ -10,7 +11,7 @@ from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 import s2ft
-from s2ft.adapter_format import AdapterError
+from s2ft.adapter_format import WEIGHTS_NAME, AdapterError, load_adapter_file
 from s2ft.errors import UserError
 from s2ft.multi_adapter import BASE, MultiAdapterLinear, add_adapter, load_adapters, loaded_adapters, remove_adapter
 
@@ -177,6 +178,46 @@ def test_bad_adapter_is_refused_and_the_model_left_unchanged(tmp_path, case):
         add_adapter(model, "bad", paths["bad"])
     assert_same_state(model, before)
     assert loaded_adapters(model) == ["good"]
+
+
+# Ways the third of three adapters is refused: made for another shape, for another checkpoint of the same
+# architecture (its base digest), or a corrupt file.
+BOTH = {"both": SELECTIONS["both"]}
+THIRD_REFUSED = {
+    "other shape": (lambda root: save_adapters(build_tiny("llama_gqa", hidden_size=32), root, BOTH), "weight shape"),
+    "other base": (lambda root: save_adapters(build_tiny("llama_gqa", seed=1), root, BOTH), "not the base the adapter"),
+    "corrupt file": (
+        lambda root: (root / "both" / WEIGHTS_NAME).write_bytes(b"\x00garbage"),
+        "corrupt adapter weights",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(THIRD_REFUSED))
+def test_a_refused_adapter_among_several_is_named_and_none_is_loaded(tmp_path, case):
+    """A refusal among several adapters did not say which one it was (a bare "adapter module ... has weight shape"):
+    now it names the adapter and its folder, and none of the adapters before it is left attached."""
+    base = build_tiny("llama_gqa")
+    paths = save_adapters(base, tmp_path)
+    breaks, message = THIRD_REFUSED[case]
+    breaks(tmp_path)  # the third, "both", is made for another model or broken
+    named = rf"^adapter 'both' \({re.escape(paths['both'])}\): .*{message}"
+    before = snapshot(base)
+    with pytest.raises(AdapterError, match=named):
+        load_adapters(base, paths)
+    assert_same_state(base, before)
+    assert not hasattr(base, "s2ft_adapters") and "generate" not in vars(base) and "save_pretrained" not in vars(base)
+    assert not any(isinstance(m, MultiAdapterLinear) for m in base.modules())
+    assert not base._forward_pre_hooks and not base._forward_hooks
+    model = load_adapters(base, {"cols": paths["cols"], "rows": paths["rows"]})
+    before, configs = snapshot(model), copy.deepcopy(model.s2ft_adapters.configs)
+    with pytest.raises(AdapterError, match=named):
+        add_adapter(model, "both", paths["both"])
+    assert_same_state(model, before)
+    assert model.s2ft_adapters.configs == configs and loaded_adapters(model) == ["cols", "rows"]
+    if case != "corrupt file":  # an Adapter object has no folder to name
+        with pytest.raises(AdapterError, match=rf"^adapter 'both': .*{message}"):
+            add_adapter(model, "both", load_adapter_file(paths["both"]))
 
 
 @pytest.mark.parametrize(("other", "message"), OTHER_BASES)
