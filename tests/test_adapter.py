@@ -216,6 +216,21 @@ def test_a_state_dict_refused_at_its_last_s2ft_layer_loads_nothing(merged, bad):
     assert [m.merged for m in s2ft_modules(model).values()] == flags
 
 
+def test_the_check_before_a_load_goes_with_the_model():
+    """The check before a load is a hook on the model: a deep copy checks its own layers (not the original's), and
+    merge_and_unload removes it with the rest of the S2FT state."""
+    model = trained(build_tiny("llama_9_3"), s2ft.S2FTConfig(ratios=RATIOS))
+    copied = copy.deepcopy(model)
+    source = trained(build_tiny("llama_9_3"), s2ft.S2FTConfig(ratios=RATIOS, seed=2), seed=2)
+    list(s2ft_modules(source).values())[-1].restore_base()
+    before = snapshot(copied)
+    with pytest.raises(AdapterError, match="neither zeros"):
+        copied.load_state_dict(source.state_dict())
+    assert_same_state(copied, before)
+    s2ft.merge_and_unload(copied)
+    assert not copied._load_state_dict_pre_hooks and len(model._load_state_dict_pre_hooks) == 1
+
+
 @pytest.mark.parametrize("layout", ["gather", "permuted"])
 def test_merge_and_unload_saves_a_plain_model_in_original_coordinates(tmp_path, layout):
     base = build_tiny("llama_gqa")
