@@ -276,17 +276,23 @@ def test_a_state_dict_loads_into_a_layer_in_the_other_merged_state(axis, source_
     assert torch.equal(target.weight, make_pair(bias=True)[0].weight.to(dtypes[0]))  # the base, bit for bit
 
 
+def _load_trained_tensors_alone(target: S2FTLinear, source: S2FTLinear) -> None:
+    """Loads ``source``'s trained tensors without its weight (what a checkpoint keeps) into ``target``, which must
+    then compute ``source``'s function."""
+    trained_only = {k: v for k, v in source.state_dict().items() if k in ("values", "index", "base_values")}
+    target.load_state_dict(trained_only, strict=False)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), source(x), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("axis", [0, 1])
 def test_values_loaded_without_the_weight_into_a_merged_layer_are_merged(axis):
     """A checkpoint keeps the trained tensors only (values, index, base values): loaded into a merged layer, the
     weight kept the old values and the layer computed with them."""
     source, target = trained_pair(axis, torch.float64, torch.float64)
     target.merge()
-    trained_only = {k: v for k, v in source.state_dict().items() if k in ("values", "index", "base_values")}
-    target.load_state_dict(trained_only, strict=False)
-    x = torch.randn(3, 16, dtype=torch.float64)
-    with torch.no_grad():
-        torch.testing.assert_close(target(x), source(x), rtol=0, atol=1e-12)
+    _load_trained_tensors_alone(target, source)
 
 
 @pytest.mark.parametrize("merged", [False, True])
@@ -301,11 +307,7 @@ def test_trained_tensors_of_another_index_loaded_without_the_weight_move_the_slo
         source.values.add_(torch.randn(source.values.shape, dtype=torch.float64))
     if merged:
         target.merge()
-    trained_only = {k: v for k, v in source.state_dict().items() if k in ("values", "index", "base_values")}
-    target.load_state_dict(trained_only, strict=False)
-    x = torch.randn(3, 16, dtype=torch.float64)
-    with torch.no_grad():
-        torch.testing.assert_close(target(x), source(x), rtol=0, atol=1e-12)
+    _load_trained_tensors_alone(target, source)
     target.unmerge()
     target.restore_base()
     assert torch.equal(target.weight, make_pair(bias=True)[0].weight)
