@@ -83,10 +83,7 @@ def base_slots(model: nn.Module, modules: dict[str, AdapterModule]) -> dict[str,
     for name, m in modules.items():
         module = model.get_submodule(name)
         weight = module.weight.detach()
-        units = m.units
-        if state is not None and (m.layer, m.component) in state.unit_perms:
-            units = torch.argsort(state.unit_perms[m.layer, m.component])[units]
-        positions = unit_positions(units, m.unit_size).to(weight.device)
+        positions = unit_positions(_current_units(state, m), m.unit_size).to(weight.device)
         values = weight.index_select(m.axis, positions)
         if isinstance(module, S2FTLinear):
             at = torch.full((weight.shape[m.axis],), -1, dtype=torch.long, device=weight.device)
@@ -236,12 +233,18 @@ def check_fits(model: nn.Module, adapter: Adapter) -> None:
     check_base(model, adapter)
 
 
+def _current_units(state: S2FTState | None, m: AdapterModule) -> torch.Tensor:
+    """The module's units in the model's current (possibly co-permuted) coordinates, in the adapter's order."""
+    if state is None or (m.layer, m.component) not in state.unit_perms:
+        return m.units
+    return torch.argsort(state.unit_perms[m.layer, m.component])[m.units]
+
+
 def _current_coordinates(state: S2FTState | None, m: AdapterModule) -> tuple[torch.Tensor, torch.Tensor]:
     """The module's positions and values in the model's current (possibly permuted) coordinates, sorted."""
     if state is None or (m.layer, m.component) not in state.unit_perms:
         return m.positions, m.values
-    to_current = torch.argsort(state.unit_perms[m.layer, m.component])
-    units = to_current[m.units]
+    units = _current_units(state, m)
     order = torch.argsort(units)
     return unit_positions(units[order], m.unit_size), _reorder_units(m.values, m.axis, m.unit_size, order)
 

@@ -67,11 +67,9 @@ def lora_param_count(model: nn.Module, r: int, target_modules: list[str], key: s
     if isinstance(target_modules, str) or not target_modules:
         raise ValueError(f"{key}.target_modules must be a non-empty list of module names, got {target_modules!r}")
     count, matched = 0, set()
-    for name, module in model.named_modules():
-        target = next((t for t in target_modules if name == t or name.endswith("." + t)), None)
-        if target is not None and isinstance(module, nn.Linear):
-            count += r * (module.in_features + module.out_features)
-            matched.add(target)
+    for target, module in _target_linears(model, target_modules):
+        count += r * (module.in_features + module.out_features)
+        matched.add(target)
     missing = sorted(set(target_modules) - matched)
     if missing:
         raise ValueError(f"{key}.target_modules {missing} match no nn.Linear in the model; check the names")
@@ -109,11 +107,16 @@ def rank_for_budget(model: nn.Module, budget: float | int, target_modules: list[
 def full_rank(model: nn.Module, target_modules: list[str]) -> int:
     """The largest ``min(in_features, out_features)`` of the linears ``target_modules`` match."""
     lora_param_count(model, 1, target_modules)  # the targets' own errors first
-    return max(
-        min(module.in_features, module.out_features)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in target_modules)
-    )
+    return max(min(module.in_features, module.out_features) for _, module in _target_linears(model, target_modules))
+
+
+def _target_linears(model: nn.Module, target_modules: list[str]):
+    """(target, module) for each ``nn.Linear`` a target matches as PEFT matches a list: the module name equals the
+    target or ends with ``"." + target``."""
+    for name, module in model.named_modules():
+        target = next((t for t in target_modules if name == t or name.endswith("." + t)), None)
+        if target is not None and isinstance(module, nn.Linear):
+            yield target, module
 
 
 def lora_config(options: dict[str, Any], dora: bool, r: int | None = None):
