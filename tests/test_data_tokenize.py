@@ -7,9 +7,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from s2ft.data.prompt import build_prompt
-from s2ft.data.records import Example
+from s2ft.data.records import DataError, Example
 from s2ft.data.sources import load_eval
-from s2ft.data.tokenize import IGNORE_INDEX, Collator, tokenize_examples
+from s2ft.data.tokenize import IGNORE_INDEX, Collator, special_token_problems, tokenize_examples
 from s2ft.models import tiny_tokenizer
 
 
@@ -179,3 +179,34 @@ def test_smollm2_tokenizer_boundaries():
     examples = [ex for task in TASKS if TASKS[task].hub is None for ex in load_eval(task, DATA)[:50] if ex.output]
     for row, example in zip(tokenize_examples(examples, tokenizer, 4096), examples, strict=True):
         _check_row(row, example, tokenizer)
+
+
+def test_text_holding_a_special_token_is_refused_with_the_items_named():
+    """Before, a response holding "</s>" tokenized it as the EOS: the model learnt to stop in the middle of the answer,
+    and a question holding a chat marker opened a turn of its own; nothing said so."""
+    tokenizer = tiny_tokenizer()
+    clean = [Example(f"ok-{i}", "mine", f"Question {i}?", "", f"Answer {i}.", "") for i in range(3)]
+    stopped = Example("eos-1", "mine", "Say hi.", "", "Hi</s> and more.", "")
+    opened = Example("bos-2", "mine", "<s>Who?", "<pad>", "Me.", "")
+    message = (
+        r"^the items to tokenize: 2 item\(s\) hold the tokenizer's special token\(s\) </s>, <pad>, <s> in their text: "
+        r"eos-1 \(output\), bos-2 \(instruction, input\)\. The tokenizer would read each as its control token, not as "
+        r"text \(an EOS in a response teaches the model to stop there\); remove or rewrite them in the data$"
+    )
+    with pytest.raises(DataError, match=message):
+        tokenize_examples([*clean, stopped, opened], tokenizer, max_length=64)
+    # The same characters spaced out are text: they tokenize, and the response keeps one EOS, at its end.
+    spaced = Example("eos-1", "mine", "Say hi.", "", "Hi< /s> and more.", "")
+    (row,) = tokenize_examples([spaced], tokenizer, max_length=512)
+    assert row["input_ids"].count(tokenizer.eos_token_id) == 1 and row["input_ids"][-1] == tokenizer.eos_token_id
+
+
+def test_special_token_problems_name_five_items_and_count_the_rest():
+    tokenizer = tiny_tokenizer()
+    texts = [(f"item-{i}", "output", "a </s> b") for i in range(8)] + [("clean", "output", "a / s b")]
+    (problem,) = special_token_problems(texts, tokenizer, "data.train")
+    assert problem.startswith(
+        "data.train: 8 item(s) hold the tokenizer's special token(s) </s> in their text: item-0 (output), "
+        "item-1 (output), item-2 (output), item-3 (output), item-4 (output) and 3 more."
+    )
+    assert special_token_problems(texts[-1:], tokenizer, "data.train") == []

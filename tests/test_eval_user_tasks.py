@@ -2,6 +2,7 @@
 log-likelihood tasks with their options, user groups, held-out losses, config checks, the overlap guard and the
 whole run (`run_experiment`) on a tiny model, with the task named as the user named it."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -342,3 +343,26 @@ def test_the_issue_command_runs_end_to_end(tmp_path):
         "logger=none",
     )
     assert run_experiment(again, tmp_path / "again")["template"] == "alpaca"
+
+
+def test_tasks_holding_special_tokens_are_refused_before_any_item_runs(tmp_path, tokenizer, model64):
+    """A question or an option holding the tokenizer's "</s>" or "<s>" would be scored as that control token, not
+    as text: every such task is named at once, before the model answers anything or a predictions file is written."""
+    options = write_jsonl(
+        tmp_path / "mc.jsonl", [{"instruction": "Which?", "options": ["blue", "red</s>"], "answer": "A"}]
+    )
+    questions = write_jsonl(tmp_path / "qa.jsonl", [{"instruction": "<s>Legs of a cat?", "answer": "4"}])
+    tasks = [
+        {"name": "mc", "path": options, "answer": "letter", "mode": "loglik"},
+        {"name": "qa", "path": questions, "answer": "number"},
+    ]
+    message = (
+        r"^task mc: 1 item\(s\) hold the tokenizer's special token\(s\) </s> in their text: mc-0 \(option B\)\. .*\n"
+        r"task qa: 1 item\(s\) hold the tokenizer's special token\(s\) <s> in their text: qa-0 \(instruction\)\. "
+    )
+    with pytest.raises(DataError, match=message):
+        evaluate(model64, tokenizer, tasks, data_dir=DATA, out_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    (items,) = prepare_tasks([tasks[1]], DATA, "generate")
+    with pytest.raises(DataError, match=r"^the held-out items: 1 item\(s\) hold .* <s> in their text: qa-0"):
+        heldout_item_losses(model64, tokenizer, [dataclasses.replace(items.examples[0], output="4")], 4, 256)

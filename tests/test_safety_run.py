@@ -213,6 +213,28 @@ def test_a_training_set_smaller_than_one_batch_is_refused_before_the_model_loads
     assert not run_dir.exists() or snapshot(run_dir) == {}
 
 
+def test_training_text_holding_a_special_token_is_refused_before_anything_is_written(tmp_path):
+    """Only the tokenizer knows its special tokens, so the check runs once the model loads: before the untrained model
+    is measured, the run directory is made or any file is written, for the training items and every evaluated set."""
+    train = tmp_path / "train.jsonl"
+    rows = [{"instruction": f"Q{i}?", "output": f"A{i}."} for i in range(40)]
+    rows[7]["output"] = "A7.</s> More after the end."
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text(json.dumps({"instruction": "<s>Why?", "output": "Because."}) + "\n")
+    definition = tmp_path / "mine.yaml"
+    definition.write_text(json.dumps({"name": "mine", "path": str(heldout), "answer": "text"}))
+    run_dir = tmp_path / "run"
+    overrides = (f"data.train=[{train}]", f"eval.heldout=[{definition}]", "eval.before=true", "eval.tasks=[boolq]")
+    message = (
+        r"^data.train: 1 item\(s\) hold the tokenizer's special token\(s\) </s> in their text: \S+ \(output\)\. .*\n"
+        r"eval.heldout mine: 1 item\(s\) hold the tokenizer's special token\(s\) <s> in their text: "
+    )
+    with pytest.raises(DataError, match=message):
+        run_experiment(config(*overrides), run_dir)
+    assert not run_dir.exists()
+
+
 def test_resume_without_a_checkpoint_names_the_path_and_writes_nothing(tmp_path):
     with pytest.raises(RunDirError, match=r"ckpt_path=last but \S+last\.ckpt does not exist.*hydra\.run\.dir="):
         run_experiment(config("ckpt_path=last"), tmp_path / "new")

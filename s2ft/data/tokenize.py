@@ -13,6 +13,7 @@ covers it with a tokenizer that merges them.
 
 import dataclasses
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import datasets
@@ -67,6 +68,58 @@ def _check_tokenizer(tokenizer, max_length: int) -> None:
         raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
 
 
+def special_token_problems(texts: Iterable[tuple[str, str, str]], tokenizer, where: str) -> list[str]:
+    """The items whose text holds one of the tokenizer's special tokens (its EOS, BOS, pad or chat markers).
+
+    The tokenizer reads such a string in an item's text as the control token itself, not as its characters: an EOS
+    in a response teaches the model to stop there, a chat marker in a question opens a turn of its own. No shipped
+    set holds one; a user's data taken from chat logs or another model's outputs may.
+
+    Args:
+        texts: ``(item id, field, text)`` of every text that goes into a prompt or a response (`example_texts`).
+        tokenizer: The run's tokenizer.
+        where: The set's name for the message, e.g. ``"data.train"``.
+
+    Returns:
+        One problem naming the set, the tokens, how many items hold them and the first five (id and field); none
+        when no text holds a special token.
+    """
+    specials = sorted({token for token in tokenizer.all_special_tokens if token})
+    tokens, items = set(), {}
+    for item_id, field, text in texts:
+        found = [token for token in specials if token in text]
+        if found:
+            tokens.update(found)
+            items.setdefault(item_id, []).append(field)
+    if not items:
+        return []
+    named = ", ".join(f"{item_id} ({', '.join(fields)})" for item_id, fields in list(items.items())[:5])
+    more = f" and {len(items) - 5} more" if len(items) > 5 else ""
+    return [
+        f"{where}: {len(items)} item(s) hold the tokenizer's special token(s) {', '.join(sorted(tokens))} in their "
+        f"text: {named}{more}. The tokenizer would read each as its control token, not as text (an EOS in a response "
+        "teaches the model to stop there); remove or rewrite them in the data"
+    ]
+
+
+def example_texts(examples: Iterable[Example]) -> Iterable[tuple[str, str, str]]:
+    """``(id, field, text)`` of each example's instruction, input and output, for `special_token_problems`."""
+    for example in examples:
+        for field in ("instruction", "input", "output"):
+            yield example.id, field, getattr(example, field)
+
+
+def check_special_tokens(sets: dict[str, Iterable[Example]], tokenizer) -> None:
+    """Raises DataError naming every set (name -> examples) whose items hold a special token of the tokenizer."""
+    problems = [
+        problem
+        for where, examples in sets.items()
+        for problem in special_token_problems(example_texts(examples), tokenizer, where)
+    ]
+    if problems:
+        raise DataError("\n".join(problems))
+
+
 def tokenize_examples(
     examples: list[Example],
     tokenizer,
@@ -89,11 +142,13 @@ def tokenize_examples(
 
     Raises:
         ValueError: No examples, no EOS token or a bad max_length.
-        DataError: No item with a response token left (max_length too short for every prompt).
+        DataError: No item with a response token left (max_length too short for every prompt), or items holding a
+            special token of the tokenizer in their text (`special_token_problems`).
     """
     _check_tokenizer(tokenizer, max_length)
     if not examples:
         raise ValueError("tokenize_examples got no examples")
+    check_special_tokens({"the items to tokenize": examples}, tokenizer)
     records = [dataclasses.asdict(example) for example in examples]
     map_kwargs = {}
     if cache_dir is not None:

@@ -28,6 +28,8 @@ from torchmetrics.classification import BinaryAccuracy
 from s2ft.checks import require_positive_int
 from s2ft.data import GROUPS, Example, TaskSpec, build_prompt, eval_subset, load_eval
 from s2ft.data.prompt import check_template
+from s2ft.data.records import DataError
+from s2ft.data.tokenize import example_texts, special_token_problems
 from s2ft.data.user import file_lines
 from s2ft.data.user_tasks import group_members, load_user_task, resolve_eval_tasks
 from s2ft.evaluation.extract import extract, is_correct, label_settled, parse_gold
@@ -113,6 +115,14 @@ def prepare_tasks(
                 raise ValueError(f"task {spec.name}, item {example.id}{place}: {err}") from None
         prepared.append(items)
     return prepared
+
+
+def _item_texts(items: TaskItems):
+    """The texts of a task's items that the model reads: prompts and, in loglik mode, the answer options."""
+    yield from example_texts(items.examples)
+    for example, options in zip(items.examples, items.options, strict=False):
+        for label, text in options.items():
+            yield example.id, f"option {label}", text
 
 
 def _place(spec: TaskSpec, index: int, count: int, data_dir: str | Path) -> str:
@@ -226,6 +236,13 @@ def evaluate_adapters(
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos_token)")
     for template in templates.values():
         check_template(template, tokenizer)
+    problems = [
+        problem
+        for items in prepared
+        for problem in special_token_problems(_item_texts(items), tokenizer, f"task {items.spec.name}")
+    ]
+    if problems:
+        raise DataError("\n".join(problems))
     settings = dict(batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens, templates=templates)
     was_training = model.training
     model.eval()

@@ -11,7 +11,7 @@ import torch
 
 from s2ft.checks import require_positive_int
 from s2ft.data.records import DataError
-from s2ft.data.tokenize import IGNORE_INDEX, Collator, encode_batch, has_response
+from s2ft.data.tokenize import IGNORE_INDEX, Collator, check_special_tokens, encode_batch, has_response
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,8 @@ def heldout_item_losses(
         ``{"id", "nll", "tokens"}`` per scored item, in the order of ``examples``.
 
     Raises:
-        ValueError: No examples or a bad batch size; DataError: no response token to score (max_length too short).
+        ValueError: No examples or a bad batch size; DataError: no response token to score (max_length too short),
+            or items holding a special token of the tokenizer (`s2ft.data.tokenize.special_token_problems`).
     """
     return adapter_item_losses(model, tokenizer, examples, batch_size, max_length, {None: template})[None]
 
@@ -60,6 +61,7 @@ def adapter_item_losses(
     empty = [example.id for example in examples if not example.output.strip()]
     if empty:
         raise ValueError(f"held-out items need a response to score; these have an empty output: {empty[:5]}")
+    check_special_tokens({"the held-out items": examples}, tokenizer)
     fields = ([e.instruction for e in examples], [e.input for e in examples], [e.output for e in examples])
     encoded = {name: encode_batch(*fields, tokenizer, max_length, template) for name, template in templates.items()}
     # Tokenized as training tokenizes; an item whose prompt fills max_length has no response token and is left out.

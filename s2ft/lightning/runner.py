@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from s2ft.data import DataError, load_eval, load_heldout, load_train, split_validation
 from s2ft.data.overlap import check_overlap
 from s2ft.data.sources import heldout_name
+from s2ft.data.tokenize import check_special_tokens
 from s2ft.data.user_tasks import resolve_eval_tasks
 from s2ft.evaluation.measure import measure_model
 from s2ft.export import export_lora
@@ -137,6 +138,15 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
         check_same_data(plan.checkpoint, cfg["ckpt_path"], provenance["sources"])
 
     model, tokenizer = build_run_model(cfg["model"], paths.get("cache_dir"))
+    # Before the untrained model is measured and the run's first files are written: only the tokenizer can tell.
+    check_special_tokens(
+        {
+            "data.train": train + val,
+            **{f"eval task {name}": items for name, items in eval_sets.items()},
+            **{f"eval.heldout {name}": items for name, items in heldout.items()},
+        },
+        tokenizer,
+    )
     datamodule = SFTDataModule(
         train,
         val,
