@@ -234,6 +234,25 @@ def test_definitions_in_yaml_files_and_the_conf_eval_example(tmp_path):
     assert [task["name"] for task in example["tasks"]] == ["arc_letters", "arc_letters_mc"]
 
 
+def test_a_relative_path_in_a_yaml_file_is_read_beside_it_from_any_working_directory(tmp_path, monkeypatch):
+    """Before, `path: test.jsonl` in tasks/mine.yaml was read from the working directory only: the definitions
+    and their test file could not move together, and a run from another folder did not find the file."""
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    write_jsonl(folder / "test.jsonl", [{"instruction": "Legs of a cat?", "answer": 4}])
+    (folder / "mine.yaml").write_text(yaml.safe_dump({"name": "mine", "path": "test.jsonl", "answer": "number"}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    (items,) = prepare_tasks([str(folder / "mine.yaml")], DATA, "generate")
+    assert [example.instruction for example in items.examples] == ["Legs of a cat?"] and items.golds == [4]
+    # A path written from the working directory, as before, still reads.
+    monkeypatch.chdir(tmp_path)
+    (folder / "cwd.yaml").write_text(yaml.safe_dump({"name": "cwd", "path": "tasks/test.jsonl", "answer": "number"}))
+    (items,) = prepare_tasks(["tasks/cwd.yaml"], DATA, "generate")
+    assert items.golds == [4]
+
+
 def test_a_user_task_is_a_heldout_loss_set(tmp_path):
     test = write_jsonl(
         tmp_path / "t.jsonl", [{"instruction": "Q1", "output": "yes it is"}, {"instruction": "Q2", "output": "no"}]

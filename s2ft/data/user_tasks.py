@@ -110,6 +110,10 @@ def parse_task(definition: dict) -> TaskSpec:
 def read_task_file(path: str | Path) -> list[dict]:
     """The task definitions of a yaml file: one dict, or a list of them (``tasks: [...]`` is accepted too).
 
+    A relative ``path`` in a definition is read from the yaml file's folder when it is there, so a file of
+    definitions and its test files can move together; otherwise as any relative path (`s2ft.data.user.resolve_path`:
+    the working directory, then ``paths.data_dir``).
+
     Raises:
         DataError: A missing or unparsable file, or content that is not definitions.
     """
@@ -127,7 +131,15 @@ def read_task_file(path: str | Path) -> list[dict]:
     definitions = [content] if isinstance(content, dict) else content
     if not isinstance(definitions, list) or not all(isinstance(d, dict) for d in definitions):
         raise DataError(f"task definition file {path}: expected a definition (a dict) or a list of them")
-    return definitions
+    return [_beside(definition, path.parent) for definition in definitions]
+
+
+def _beside(definition: dict, folder: Path) -> dict:
+    """The definition with a relative ``path`` that exists under ``folder`` made to point there."""
+    given = definition.get("path")
+    if not isinstance(given, str) or Path(given).expanduser().is_absolute() or not (folder / given).exists():
+        return definition
+    return {**definition, "path": str(folder / given)}
 
 
 def is_task_file(item) -> bool:
