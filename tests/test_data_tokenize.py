@@ -3,7 +3,7 @@ import logging
 import pytest
 import torch
 from conftest import DATA
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from s2ft.data.prompt import build_prompt
@@ -210,3 +210,21 @@ def test_special_token_problems_name_five_items_and_count_the_rest():
         "item-1 (output), item-2 (output), item-3 (output), item-4 (output) and 3 more."
     )
     assert special_token_problems(texts[-1:], tokenizer, "data.train") == []
+
+
+def test_added_tokens_marked_special_are_refused_too_unless_the_tokenizer_splits_them():
+    """Before, only ``all_special_tokens`` was searched: SmolLM2's ``<repo_name>`` and ``<filename>`` (added tokens
+    marked special that its config lists nowhere else) passed, and the tokenizer read each as its control token."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_tokens([AddedToken("<repo_name>", special=True), AddedToken("<plain>", special=False)])
+    assert "<repo_name>" not in tokenizer.all_special_tokens
+    assert len(tokenizer("a<repo_name>b")["input_ids"]) == 3  # read as one control token
+    texts = [("repo", "input", "see <repo_name> here"), ("plain", "output", "an added <plain> token is text")]
+    (problem,) = special_token_problems(texts, tokenizer, "data.train")
+    assert problem.startswith(
+        "data.train: 1 item(s) hold the tokenizer's special token(s) <repo_name> in their text: repo (input)."
+    )
+    # A tokenizer that splits special tokens reads them as their characters: nothing to refuse.
+    tokenizer.split_special_tokens = True
+    assert len(tokenizer("a<repo_name>b</s>")["input_ids"]) == 17
+    assert special_token_problems([*texts, ("eos", "output", "a</s>")], tokenizer, "data.train") == []

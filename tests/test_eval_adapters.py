@@ -198,6 +198,21 @@ def test_bad_adapters_are_refused_before_anything_is_written(case, sources, tmp_
     assert {name: snapshot(path) for name, path in sources.items()} == before
 
 
+def test_a_special_token_in_a_heldout_set_is_refused_before_anything_is_written(sources, tmp_path):
+    """Before, config.yaml was written and every task evaluated for every adapter before the held-out set's "<s>"
+    was refused."""
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text(json.dumps({"instruction": "<s>Why?", "output": "Because."}) + "\n")
+    definition = tmp_path / "mine.yaml"
+    definition.write_text(json.dumps({"name": "mine", "path": str(heldout), "answer": "text"}))
+    overrides = (f"adapters=[{sources['n1']},{sources['n2']}]", "eval.tasks=[piqa]", f"eval.heldout=[{definition}]")
+    with pytest.raises(
+        UserError, match=r"^eval.heldout mine: 1 item\(s\) hold the tokenizer's special token\(s\) <s> "
+    ):
+        run_experiment(smoke_config(*EVAL, *overrides), tmp_path / "eval")
+    assert not (tmp_path / "eval").exists()
+
+
 def run_py(*overrides: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "run.py", "debug=smoke", "logger=none", *EVAL, "eval.tasks=[piqa]", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -26,6 +26,7 @@ from s2ft.evaluation.judge import (
     rating_complete,
     render_request,
 )
+from s2ft.evaluation.measure import special_token_check
 from s2ft.evaluation.mtbench import (
     CATEGORIES,
     JUDGE_PROMPTS,
@@ -46,7 +47,7 @@ from s2ft.evaluation.mtbench import (
     validate_mtbench,
 )
 from s2ft.lightning.summary import flat_metrics
-from s2ft.models import build_model
+from s2ft.models import build_model, tiny_tokenizer
 
 LOCAL_JUDGE = {"kind": "local", "max_tokens": 6, "local": {"model": "tiny_qwen2", "batch_size": 4}}
 
@@ -551,3 +552,22 @@ def test_chat_template_conversation_continues_the_chat():
     assert conversation_prompt(turns, ["One."]) == build_prompt("First?") + "One." + SECOND_TURN.format(
         instruction="Second?"
     )
+
+
+def test_mtbench_turns_holding_a_special_token_are_refused_before_any_answer(tmp_path):
+    """Before, no check read the MT-Bench questions: a user's question file with "</s>" in a turn was answered as if
+    the turn ended there."""
+    questions = tmp_path / "question.jsonl"
+    rows = [
+        {"question_id": 1, "category": "writing", "turns": ["Write a poem.", "Shorter."]},
+        {"question_id": 2, "category": "coding", "turns": ["Parse <s>bold</s> tags.", "Now in C."]},
+    ]
+    questions.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    cfg = {"eval": {"mtbench": {"questions": str(questions)}}, "paths": {"data_dir": str(DATA)}, "seed": 0}
+    (problem,) = special_token_check(tiny_tokenizer(), cfg)
+    assert problem.startswith(
+        f"eval.mtbench questions {questions}: 1 item(s) hold the tokenizer's special token(s) </s>, <s> in their "
+        "text: 2 (turn 1)."
+    )
+    shipped = {"eval": {"mtbench": {"questions": None}}, "paths": {"data_dir": str(DATA)}, "seed": 0}
+    assert special_token_check(tiny_tokenizer(), shipped) == []

@@ -253,6 +253,32 @@ def test_a_relative_path_in_a_yaml_file_is_read_beside_it_from_any_working_direc
     assert items.golds == [4]
 
 
+def test_one_definition_named_two_ways_stays_one_task_and_a_home_path_reads(tmp_path, monkeypatch, caplog):
+    """Before, the folder-first rule spelled the test file as the yaml file was named: tasks.yaml named by its
+    absolute path and the same definition inline (or tasks/mine.yaml and ./tasks/mine.yaml) became "two different
+    task definitions", as did the held-out check; and a yaml file named with ~ was "does not exist"."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    definition = {"name": "mine", "path": "test.jsonl", "answer": "number"}
+    write_jsonl(tmp_path / "test.jsonl", [{"instruction": "Legs of a cat?", "output": "4"}])
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(definition))
+    (inline,) = resolve_eval_tasks([definition])
+    assert resolve_eval_tasks([definition, str(tmp_path / "mine.yaml"), "~/mine.yaml", "mine.yaml"]) == [inline]
+    assert check_heldout_spec([definition, str(tmp_path / "mine.yaml")], DATA) == []
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    write_jsonl(folder / "test.jsonl", [{"instruction": "Legs of a bird?", "answer": 2}])
+    (folder / "mine.yaml").write_text(yaml.safe_dump(definition))
+    (spec,) = resolve_eval_tasks(["tasks/mine.yaml", "./tasks/mine.yaml", str(folder / "mine.yaml")])
+    assert spec.path == "tasks/test.jsonl"
+    # The working directory's test.jsonl, which this file's path named before the folder-first rule, is not read:
+    # said once per definition read, with both files named.
+    assert [r.getMessage() for r in caplog.records if r.name == "s2ft.data.user_tasks"][0] == (
+        f"task mine: path test.jsonl is read beside its definition file, {Path('tasks/test.jsonl')}, not from the "
+        "working directory"
+    )
+
+
 def test_a_user_task_is_a_heldout_loss_set(tmp_path):
     test = write_jsonl(
         tmp_path / "t.jsonl", [{"instruction": "Q1", "output": "yes it is"}, {"instruction": "Q2", "output": "no"}]

@@ -27,6 +27,7 @@ from s2ft.data.overlap import DataOverlapError
 from s2ft.data.records import DataError
 from s2ft.data.sources import describe_train_sources
 from s2ft.lightning import FineTuneModule, callbacks, run_experiment, runner
+from s2ft.lightning import evaluation as lightning_evaluation
 from s2ft.lightning.callbacks import RunInterrupted, TrainingDiverged
 from s2ft.lightning.checkpoint import CheckpointError, read_checkpoint
 from s2ft.lightning.loggers import ResumableCSVLogger
@@ -233,6 +234,41 @@ def test_training_text_holding_a_special_token_is_refused_before_anything_is_wri
     with pytest.raises(DataError, match=message):
         run_experiment(config(*overrides), run_dir)
     assert not run_dir.exists()
+
+
+def test_evaluated_text_holding_a_special_token_is_refused_before_training(tmp_path):
+    """Before, the runner checked the overlap sets (data.overlap_tasks), not eval.tasks, and no task's options: with
+    eval.before=false a loglik option holding "</s>" was refused only by evaluate, once training had run."""
+    options = tmp_path / "mc.jsonl"
+    options.write_text(json.dumps({"instruction": "Which?", "options": ["blue", "red</s>"], "answer": "A"}) + "\n")
+    task = tmp_path / "mc.yaml"
+    task.write_text(json.dumps({"name": "mc", "path": str(options), "answer": "letter", "mode": "loglik"}))
+    run_dir = tmp_path / "run"
+    overrides = (f"eval.tasks=[{task}]", "data.overlap_tasks=[boolq]", "eval.before=false", "eval.heldout=[]")
+    message = (
+        r"^eval task mc: 1 item\(s\) hold the tokenizer's special token\(s\) </s> in their text: mc-0 \(option B\)\. "
+    )
+    with pytest.raises(DataError, match=message):
+        run_experiment(config(*overrides), run_dir)
+    assert not run_dir.exists()
+
+
+def test_eval_mode_refuses_a_special_token_before_writing_or_evaluating(tmp_path, monkeypatch):
+    """Before, mode=eval wrote config.yaml and evaluated every task before the held-out set's "<s>" was refused: the
+    directory then held a run's outputs, so the corrected command needed overwrite=true."""
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text(json.dumps({"instruction": "<s>Why?", "output": "Because."}) + "\n")
+    definition = tmp_path / "mine.yaml"
+    definition.write_text(json.dumps({"name": "mine", "path": str(heldout), "answer": "text"}))
+    measured, measure = [], lightning_evaluation.measure_model
+    monkeypatch.setattr(lightning_evaluation, "measure_model", lambda *args: measured.append(args) or measure(*args))
+    run_dir = tmp_path / "eval"
+    overrides = ("mode=eval", "method=none", "eval.tasks=[boolq]", "eval.limit=2", f"eval.heldout=[{definition}]")
+    with pytest.raises(
+        DataError, match=r"^eval.heldout mine: 1 item\(s\) hold the tokenizer's special token\(s\) <s> "
+    ):
+        run_experiment(config(*overrides), run_dir)
+    assert not run_dir.exists() and measured == []
 
 
 def test_resume_without_a_checkpoint_names_the_path_and_writes_nothing(tmp_path):

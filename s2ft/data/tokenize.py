@@ -84,7 +84,9 @@ def special_token_problems(texts: Iterable[tuple[str, str, str]], tokenizer, whe
         One problem naming the set, the tokens, how many items hold them and the first five (id and field); none
         when no text holds a special token.
     """
-    specials = sorted({token for token in tokenizer.all_special_tokens if token})
+    if getattr(tokenizer, "split_special_tokens", False):
+        return []  # this tokenizer reads the special tokens' strings in a text as the characters they are
+    specials = sorted({token for token in special_tokens(tokenizer) if token})
     tokens, items = set(), {}
     for item_id, field, text in texts:
         found = [token for token in specials if token in text]
@@ -100,6 +102,14 @@ def special_token_problems(texts: Iterable[tuple[str, str, str]], tokenizer, whe
         f"text: {named}{more}. The tokenizer would read each as its control token, not as text (an EOS in a response "
         "teaches the model to stop there); remove or rewrite them in the data"
     ]
+
+
+def special_tokens(tokenizer) -> set[str]:
+    """The strings a tokenizer reads as a control token: its named special tokens and every added token marked
+    special (SmolLM2's ``<repo_name>`` or ``<filename>``, Llama 3's ``<|start_header_id|>``), which
+    ``all_special_tokens`` leaves out when the tokenizer's config does not list them as additional special tokens."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return set(tokenizer.all_special_tokens) | {token.content for token in added.values() if token.special}
 
 
 def example_texts(examples: Iterable[Example]) -> Iterable[tuple[str, str, str]]:

@@ -23,6 +23,8 @@ summary, as the registered groups do.
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -37,6 +39,7 @@ ANSWER_KINDS = ("number", "letter", "label", "text")
 TASK_KEYS = ("answer", "labels", "tolerance", "max_new_tokens", "mode")
 LETTERS = tuple("ABCDE")
 DEFAULT_BUDGET = {"number": 256, "letter": 32, "label": 32, "text": 32}
+log = logging.getLogger(__name__)
 
 
 def parse_task(definition: dict) -> TaskSpec:
@@ -117,7 +120,7 @@ def read_task_file(path: str | Path) -> list[dict]:
     Raises:
         DataError: A missing or unparsable file, or content that is not definitions.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"task definition file {path} does not exist")
     try:
@@ -135,11 +138,28 @@ def read_task_file(path: str | Path) -> list[dict]:
 
 
 def _beside(definition: dict, folder: Path) -> dict:
-    """The definition with a relative ``path`` that exists under ``folder`` made to point there."""
+    """The definition with a relative ``path`` that exists under ``folder`` made to point there.
+
+    The new path is spelled the same however the yaml file was named (relative to the working directory when it is
+    under it, else absolute), and a path that already names that file is kept as written: two spellings of one
+    definition stay one task for the duplicate-name checks (`resolve_eval_tasks`, ``eval.heldout``).
+    """
     given = definition.get("path")
     if not isinstance(given, str) or Path(given).expanduser().is_absolute() or not (folder / given).exists():
         return definition
-    return {**definition, "path": str(folder / given)}
+    beside, here = folder / given, Path(given)
+    if here.exists():
+        if os.path.samefile(here, beside):
+            return definition
+        # Read from the working directory before the folder-first rule: a run continued now evaluates another file.
+        log.warning(
+            "task %s: path %s is read beside its definition file, %s, not from the working directory",
+            definition.get("name"),
+            given,
+            beside,
+        )
+    spelled = os.path.relpath(os.path.abspath(beside))
+    return {**definition, "path": os.path.abspath(beside) if spelled.split(os.sep)[0] == ".." else spelled}
 
 
 def is_task_file(item) -> bool:

@@ -117,7 +117,7 @@ def prepare_tasks(
     return prepared
 
 
-def _item_texts(items: TaskItems):
+def item_texts(items: TaskItems):
     """The texts of a task's items that the model reads: prompts and, in loglik mode, the answer options."""
     yield from example_texts(items.examples)
     for example, options in zip(items.examples, items.options, strict=False):
@@ -239,7 +239,7 @@ def evaluate_adapters(
     problems = [
         problem
         for items in prepared
-        for problem in special_token_problems(_item_texts(items), tokenizer, f"task {items.spec.name}")
+        for problem in special_token_problems(item_texts(items), tokenizer, f"task {items.spec.name}")
     ]
     if problems:
         raise DataError("\n".join(problems))

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from s2ft.data import eval_subset, load_heldout
+from s2ft.data import DataError, eval_subset, load_heldout
 from s2ft.data.sources import heldout_name
-from s2ft.evaluation.evaluate import evaluate, evaluate_adapters, write_predictions
+from s2ft.data.tokenize import example_texts, special_token_problems
+from s2ft.evaluation.evaluate import evaluate, evaluate_adapters, item_texts, prepare_tasks, write_predictions
 from s2ft.evaluation.heldout import adapter_item_losses, heldout_item_losses, mean_token_loss
-from s2ft.evaluation.mtbench import run_mtbench
+from s2ft.evaluation.mtbench import load_questions, question_file, run_mtbench, select_questions
 
 
 def measure_model(model, tokenizer, cfg: dict, out_dir: Path) -> dict:
@@ -40,6 +41,40 @@ def measure_model(model, tokenizer, cfg: dict, out_dir: Path) -> dict:
     if ev.get("backend", "s2ft") == "lm_eval":
         result["lm_eval"] = harness_results(model, tokenizer, cfg, out_dir)
     return result
+
+
+def special_token_check(tokenizer, cfg: dict) -> list[str]:
+    """The problems (`s2ft.data.tokenize.special_token_problems`) of every text `measure_model` would give the model:
+    the ``eval.tasks`` items and options, the MT-Bench turns and the ``eval.heldout`` items, as drawn for ``cfg``.
+
+    Each measurement checks its own texts too, but only when it starts: a held-out set after every task was
+    evaluated, a task after training when ``eval.before`` is off. The runner and ``mode=eval`` ask here as soon as
+    the tokenizer loads, before any file of the run is written.
+    """
+    ev, problems = cfg["eval"], []
+    if ev.get("tasks"):
+        settings = _evaluate_settings(cfg)
+        prepared = prepare_tasks(
+            ev["tasks"], settings["data_dir"], settings["mode"], settings["limit"], cfg["seed"], ev.get("groups")
+        )
+        for items in prepared:
+            problems += special_token_problems(item_texts(items), tokenizer, f"eval task {items.spec.name}")
+    if ev.get("mtbench"):
+        path = question_file(ev["mtbench"], cfg["paths"]["data_dir"])
+        every = load_questions(path, ev["mtbench"].get("references"))
+        questions = select_questions(every, ev.get("limit"), cfg["seed"])
+        turns = [(str(q.question_id), f"turn {i + 1}", turn) for q in questions for i, turn in enumerate(q.turns)]
+        problems += special_token_problems(turns, tokenizer, f"eval.mtbench questions {path}")
+    for name, examples in _heldout_sets(cfg):
+        problems += special_token_problems(example_texts(examples), tokenizer, f"eval.heldout {name}")
+    return problems
+
+
+def check_special_tokens_measured(tokenizer, cfg: dict) -> None:
+    """Raises DataError with `special_token_check`'s problems, if any."""
+    problems = special_token_check(tokenizer, cfg)
+    if problems:
+        raise DataError("\n".join(problems))
 
 
 def measure_adapters(

@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader
 from s2ft.data import DataError, load_eval, load_heldout, load_train, split_validation
 from s2ft.data.overlap import check_overlap
 from s2ft.data.sources import heldout_name
-from s2ft.data.tokenize import check_special_tokens
+from s2ft.data.tokenize import example_texts, special_token_problems
 from s2ft.data.user_tasks import resolve_eval_tasks
-from s2ft.evaluation.measure import measure_model
+from s2ft.evaluation.measure import measure_model, special_token_check
 from s2ft.export import export_lora
 from s2ft.lightning.callbacks import (
     AdvanceSampler,
@@ -139,14 +139,12 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
 
     model, tokenizer = build_run_model(cfg["model"], paths.get("cache_dir"))
     # Before the untrained model is measured and the run's first files are written: only the tokenizer can tell.
-    check_special_tokens(
-        {
-            "data.train": train + val,
-            **{f"eval task {name}": items for name, items in eval_sets.items()},
-            **{f"eval.heldout {name}": items for name, items in heldout.items()},
-        },
-        tokenizer,
-    )
+    # Every text the model will read: eval.tasks may differ from the overlap sets (data.overlap_tasks), and a task's
+    # own checks run only when it is evaluated, after training when eval.before is off.
+    problems = special_token_problems(example_texts(train + val), tokenizer, "data.train")
+    problems += special_token_check(tokenizer, cfg)
+    if problems:
+        raise DataError("\n".join(problems))
     datamodule = SFTDataModule(
         train,
         val,
