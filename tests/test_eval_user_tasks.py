@@ -408,6 +408,17 @@ def test_tasks_holding_special_tokens_are_refused_before_any_item_runs(tmp_path,
     with pytest.raises(DataError, match=message):
         evaluate(model64, tokenizer, tasks, data_dir=DATA, out_dir=tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+    # A gold output only the scorer reads is no prompt: "</s>" there is not refused.
+    gold = write_jsonl(tmp_path / "gold.jsonl", [{"instruction": "Say it.", "output": "a</s>b", "answer": "a</s>b"}])
+    result = evaluate(
+        model64,
+        tokenizer,
+        [{"name": "gold", "path": gold, "answer": "text"}],
+        data_dir=DATA,
+        progress=False,
+        max_new_tokens=2,
+    )
+    assert result["tasks"]["gold"]["n"] == 1
     (items,) = prepare_tasks([tasks[1]], DATA, "generate")
     with pytest.raises(DataError, match=r"^the held-out items: 1 item\(s\) hold .* <s> in their text: qa-0"):
         heldout_item_losses(model64, tokenizer, [dataclasses.replace(items.examples[0], output="4")], 4, 256)

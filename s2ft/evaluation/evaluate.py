@@ -29,7 +29,7 @@ from s2ft.checks import require_positive_int
 from s2ft.data import GROUPS, Example, TaskSpec, build_prompt, eval_subset, load_eval
 from s2ft.data.prompt import check_template
 from s2ft.data.records import DataError
-from s2ft.data.tokenize import example_texts, special_token_problems
+from s2ft.data.tokenize import special_token_problems
 from s2ft.data.user import file_lines
 from s2ft.data.user_tasks import group_members, load_user_task, resolve_eval_tasks
 from s2ft.evaluation.extract import extract, is_correct, label_settled, parse_gold
@@ -118,8 +118,11 @@ def prepare_tasks(
 
 
 def item_texts(items: TaskItems):
-    """The texts of a task's items that the model reads: prompts and, in loglik mode, the answer options."""
-    yield from example_texts(items.examples)
+    """The texts of a task's items that the model reads: prompts and, in loglik mode, the answer options (not the
+    gold output, which only the scorer reads)."""
+    for example in items.examples:
+        yield example.id, "instruction", example.instruction
+        yield example.id, "input", example.input
     for example, options in zip(items.examples, items.options, strict=False):
         for label, text in options.items():
             yield example.id, f"option {label}", text
