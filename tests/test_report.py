@@ -526,7 +526,11 @@ def test_heldout_backfill_reproduces_a_finished_runs_item_losses(sweep, tmp_path
 
 
 # Each committed study with records, and the report arguments its README names.
-COMMITTED = {"generalization_smollm": [], "selection_smollm": ["--reference", "s2ft order=large strategy=random"]}
+COMMITTED = {
+    "components_smollm": ["--reference", ""],
+    "generalization_smollm": [],
+    "selection_smollm": ["--reference", "s2ft order=large strategy=random"],
+}
 
 
 def test_every_committed_study_with_records_is_checked_below():
