@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# A method-comparison study (commonsense_smollm: paper Table 1; arith_smollm: Table 2) at three seeds, one job per
+# process: S2FT, LoRA, full FT and the untrained model first (the comparisons the claims rest on), then DoRA and
+# SpFT. A finished job is skipped and an interrupted one resumes from its checkpoint (ckpt_path=auto), so the script
+# can be stopped and started again at any point; each job's output goes to $OUT/seedS_METHOD.log.
+#   bash experiments/study/methods_smollm.sh commonsense_smollm    # ~25 min a job on a quiet 2-core machine
+#   bash experiments/study/methods_smollm.sh arith_smollm          # ~35 min a job
+#   ROWS="s2ft lora" SEEDS="0" bash experiments/study/methods_smollm.sh commonsense_smollm
+set -euo pipefail
+STUDY=${1:?give the study: commonsense_smollm or arith_smollm}
+OUT=${OUT:-outputs/$STUDY}
+mkdir -p "$OUT"
+job() {  # job SEED METHOD
+  local run=$OUT/seed$1_$2 method=(method=smollm/$2)
+  [ "$2" = none ] && method=(method=none mode=eval)
+  [ -f "$run/summary.json" ] && return
+  echo "$(date -u +%FT%TZ) start $run"
+  python run.py +experiment="$STUDY" "${method[@]}" seed="$1" logger=csv hydra.run.dir="$run" ckpt_path=auto \
+    > "$run.log" 2>&1
+  echo "$(date -u +%FT%TZ) done $run"
+}
+for rows in "${ROWS:-s2ft lora full none}" "${LATER_ROWS-dora spft}"; do
+  for seed in ${SEEDS:-0 1 2}; do
+    for m in $rows; do job "$seed" "$m"; done
+  done
+done
+python -m experiments.report "$OUT" --export-records "results/$STUDY/runs" --out "results/$STUDY"
