@@ -444,6 +444,10 @@ def switch_adapter(model: nn.Module, path_or_adapter) -> nn.Module:
     column-major from the first switch on (same values; ``S2FTLinear.store_slot_major``), so that a switch copies
     whole runs of memory instead of writing into every row.
 
+    Trainable values stay trainable, but an optimizer built before the switch does not follow it: it holds the
+    modules' old parameters (a module newly wrapped gets a new one) and the old adapter's moments, so build a new
+    optimizer after switching before training on.
+
     Raises:
         AdapterError: On a bad adapter or one made for another base; the model is unchanged when raised.
     """
