@@ -80,6 +80,46 @@ def _sharded(tensor: torch.Tensor | None) -> bool:
     return module is not None and isinstance(tensor, module.DTensor)
 
 
+def _narrower(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """The dtype of the two with fewer bytes (``a`` on a tie): the precision two copies of one base agree at."""
+    return a if torch.finfo(a).bits <= torch.finfo(b).bits else b
+
+
+def _equal_narrowed(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``torch.equal`` at the narrower dtype: a bf16 model's base equals the fp32 base it was cast from."""
+    dtype = _narrower(a.dtype, b.dtype)
+    return torch.equal(a.to(b.device, dtype), b.to(dtype))
+
+
+def _base_at(
+    weight: torch.Tensor, index: torch.Tensor, base: torch.Tensor, positions: torch.Tensor, axis: int
+) -> torch.Tensor:
+    """The base weight at ``positions`` along ``axis`` of a ``weight`` trained at ``index``, whose base there is
+    ``base`` (ordered as ``index``): read from ``weight`` away from ``index``, from ``base`` at it."""
+    out = read_slots(weight, axis, positions).clone()
+    lookup = torch.full((weight.shape[axis],), -1, dtype=torch.long, device=weight.device)
+    lookup[index] = torch.arange(index.numel(), device=weight.device)
+    slots = lookup[positions]
+    hit = (slots >= 0).nonzero().squeeze(1)
+    out.index_copy_(axis, hit, base.to(out.dtype).index_select(axis, slots[hit]))
+    return out
+
+
+def _other_base(name: str, what: str) -> str:
+    return (
+        f"S2FT layer {name}: the state dict's {what}, so it was saved from another base model or layout (gather or "
+        "co-permuted, or permuted for another selection) and its values would land on other units. A state dict "
+        "loads only into a model built as the one that saved it; to move an adapter between layouts, save it with "
+        "s2ft.save_adapter(source, path) and load it with s2ft.load_adapter(base, path) or s2ft.switch_adapter"
+    )
+
+
+# The key under which an S2FT model's load leaves a layer's fitted result (``s2ft.state._fit_every_layer``) in
+# torch's copy of the state dict, popped by the layer before torch reads its keys; absent when a layer loads alone.
+FITTED = "_s2ft_fitted_weight"
+_UNFITTED = object()
+
+
 class S2FTLinear(nn.Module):
     """Replaces an ``nn.Linear``: the rows (``axis=0``) or columns (``axis=1``) at ``index`` train, the rest is frozen.
 
@@ -198,8 +238,11 @@ class S2FTLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # The merged flag is not in the state dict (as extra state it broke FSDP2 resume: rank 1 loaded it as merged),
-        # so what the incoming weight holds at the trained slots is put into this layer's state first.
-        weight = self._fit_state_dict(state_dict, prefix)
+        # so what the incoming weight holds at the trained slots is put into this layer's state first; an S2FT
+        # model's load did that before copying anything (``s2ft.state._fit_every_layer``), and left the result.
+        weight = state_dict.pop(prefix + FITTED, _UNFITTED)
+        if weight is _UNFITTED:
+            weight = self._fit_state_dict(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if weight is not None:
             with torch.no_grad():
@@ -217,10 +260,17 @@ class S2FTLinear(nn.Module):
         (a checkpoint keeps the trained tensors only) that moves the slots or brings values into a merged layer
         needs this layer's weight with the old slots restored from ``base_values`` and the new ones set.
 
+        The state dict does not say in which unit order it was saved (a co-permuted model's, the gather layout's
+        original one, or another selection's permutation; ``S2FTState.unit_perms`` is not in it), so its base must be
+        this layer's base, compared exactly (at the narrower of the two dtypes): a whole weight everywhere, trained
+        tensors alone at their slots. A dict of another order loaded anyway computed the source's function but under
+        this model's permutation, so ``save_adapter``, ``switch_adapter`` and ``merge_and_unload`` then moved the
+        wrong units.
+
         Raises:
-            AdapterError: The incoming weight holds neither zeros nor the values at the slots, the incoming
-                ``base_values`` are not this layer's base at the incoming slots, or a sharded (FSDP2) weight would
-                need converting; this layer loads nothing then.
+            AdapterError: The incoming weight holds neither zeros nor the values at the slots, the incoming base (the
+                weight away from the slots, ``base_values`` at them) is not this layer's (another layout or base
+                model), or a sharded (FSDP2) weight would need converting; this layer loads nothing then.
         """
         index = state_dict.get(prefix + "index", self.index)
         values = state_dict.get(prefix + "values", self.values)
@@ -239,21 +289,21 @@ class S2FTLinear(nn.Module):
         # FSDP2's loader fills in what the dict lacks with the layer's own tensors: that weight is not a given one.
         given = weight is not None and weight is not self.weight
         name = prefix.rstrip(".") or "(root)"
+        base = state_dict.get(prefix + "base_values")
+        if base is not None and base.shape != self.base_values.shape:
+            return None
         if not given:
             moved = not torch.equal(index.to(self.index.device), self.index)
+            if not moved and base is not None and not _equal_narrowed(base, self.base_values):
+                raise AdapterError(_other_base(name, "base_values are not this model's weights at its trained slots"))
             if not moved and not (self.merged and prefix + "values" in state_dict):
                 return None
             self._refuse_sharded(name)
             weight = self.weight.detach().clone()
             write_slots(weight, self.axis, self.index, self.base_values)
             index = index.to(weight.device)
-            base = state_dict.get(prefix + "base_values")
-            if base is not None and not torch.equal(read_slots(weight, self.axis, index), base.to(weight)):
-                raise AdapterError(
-                    f"S2FT layer {name}: the state dict's base_values are not this model's weights at its trained "
-                    "slots, so it was saved from another base model or layout (gather/permuted); load it into a model "
-                    "built as the one that saved it"
-                )
+            if base is not None and not _equal_narrowed(base, read_slots(weight, self.axis, index)):
+                raise AdapterError(_other_base(name, "base_values are not this model's weights at its trained slots"))
         else:
             self._refuse_sharded(name, weight)
             index = index.to(weight.device)
@@ -266,6 +316,8 @@ class S2FTLinear(nn.Module):
                     "told (a plain model's weights?). Load the state dict of an S2FT model of this base "
                     "(model.state_dict()), or an adapter with s2ft.load_adapter / s2ft.switch_adapter"
                 )
+            if not self._same_base(weight, index, base):
+                raise AdapterError(_other_base(name, "weight is not this model's base weight in this unit order"))
             if merged == self.merged:
                 return None
             # In this layer's dtype, so that merged values are rounded to it once (a bf16 dict into an fp32 layer).
@@ -278,6 +330,25 @@ class S2FTLinear(nn.Module):
             return weight
         state_dict[prefix + "weight"] = weight  # torch's load works on its own copy of the caller's dict
         return None
+
+    def _same_base(self, weight: torch.Tensor, index: torch.Tensor, base: torch.Tensor | None) -> bool:
+        """Whether ``weight`` (trained at ``index``, base ``base`` there; unknown when None) holds this layer's base.
+
+        Compares the two weights where neither is trained, then the base values at the slots of either: one
+        elementwise pass over the matrix, no copy of it (unless the dtypes differ).
+        """
+        dtype, device = _narrower(weight.dtype, self.weight.dtype), self.weight.device
+        ours, weight, index = self.weight.to(dtype), weight.to(device, dtype), index.to(device)
+        same = (weight == ours).all(dim=1 - self.axis)
+        positions = torch.cat([self.index, index]).unique()
+        same[positions] = True
+        if not bool(same.all()):
+            return False
+        own = _base_at(ours, self.index, self.base_values, positions, self.axis)
+        # Without base_values the dict does not say its base at its own slots: only the rest can be compared there.
+        base = own.index_select(self.axis, positions.searchsorted(index)) if base is None else base.to(device)
+        theirs = _base_at(weight, index, base, positions, self.axis)
+        return torch.equal(theirs, own)
 
     def _refuse_sharded(self, name: str, weight: torch.Tensor | None = None) -> None:
         if _sharded(self.weight) or _sharded(weight):

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from s2ft.adapter_format import AdapterError
-from s2ft.layers import S2FTLinear
+from s2ft.layers import FITTED, S2FTLinear
 
 
 @dataclass
@@ -22,7 +22,8 @@ class S2FTState:
             original unit index, for every component of every permuted layer; empty when not permuted.
         requires_grad: The parameters' requires_grad flags before S2FT froze them, restored by merge_and_unload.
         fingerprint: The base model's ``fingerprint`` (names and shapes do not change, so it is computed once).
-        load_hook: The model's load_state_dict pre-hook (``attach_state``), removed by ``detach_state``.
+        load_hooks: The load_state_dict pre-hooks of the model and its submodules (``attach_state``), removed by
+            ``detach_state``.
     """
 
     modules: dict[str, tuple[int, str]]
@@ -30,34 +31,48 @@ class S2FTState:
     unit_perms: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     requires_grad: dict[str, bool] = field(default_factory=dict)
     fingerprint: str | None = None
-    load_hook: RemovableHandle | None = field(default=None, compare=False, repr=False)
+    load_hooks: list[RemovableHandle] = field(default_factory=list, compare=False, repr=False)
 
 
 def attach_state(model: nn.Module, state: S2FTState) -> None:
     """Records ``state`` as ``model.s2ft_state``; while it is there, transformers' ``save_pretrained`` refuses, and
-    ``load_state_dict`` checks every S2FT layer's part of a state dict before it loads any (``_fit_every_layer``)."""
+    ``load_state_dict`` checks every S2FT layer's part of a state dict before it loads any (``_fit_every_layer``),
+    on the model and on any of its submodules that holds others (``model.model.layers[3].load_state_dict``)."""
     model.s2ft_state = state
-    state.load_hook = model.register_load_state_dict_pre_hook(_fit_every_layer)
+    # Every module with children, not only those holding an S2FT layer now: switch_adapter may wrap others later.
+    state.load_hooks = [
+        module.register_load_state_dict_pre_hook(_fit_every_layer)
+        for module in model.modules()
+        if module is model or next(module.children(), None) is not None
+    ]
     # A plain function, not a bound method: a pickled model (torch.save) stores it by name and refuses when loaded.
     model.save_pretrained = _refuse_save_pretrained
 
 
 def detach_state(model: nn.Module) -> None:
     """Undoes ``attach_state``: the model is plain again, and ``save_pretrained`` is transformers' own."""
-    model.s2ft_state.load_hook.remove()
+    for hook in model.s2ft_state.load_hooks:
+        hook.remove()
     del model.s2ft_state
     model.__dict__.pop("save_pretrained", None)
 
 
-def _fit_every_layer(model: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+def _fit_every_layer(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
     # Each S2FT layer refuses its own part of a state dict as it loads, after the tensors before it were copied: one
     # refused at the last layer left a half-loaded model. Fitted here first, before torch copies anything, a refusal
-    # leaves every tensor as it was. A fitted weight goes into the dict (torch's own copy, from which each module's
-    # part is taken), so a layer's own fit then finds it in its state and copies nothing; a weight a layer computes
-    # for a dict without one is computed again there.
-    for name, module in model.named_modules():
-        if isinstance(module, S2FTLinear):
-            module._fit_state_dict(state_dict, f"{prefix}{name}.")
+    # leaves every tensor as it was. The hook runs on the module load_state_dict was called on (a submodule's load
+    # is atomic too) and on the S2FT model wherever it sits (a LightningModule's load reaches it as "model."); a
+    # submodule reached inside a larger load was fitted there, so it fits nothing again.
+    if prefix and getattr(module, "s2ft_state", None) is None:
+        return
+    fitted = {}
+    for name, layer in module.named_modules():
+        if isinstance(layer, S2FTLinear):
+            fitted[f"{prefix}{name}.{FITTED}"] = layer._fit_state_dict(state_dict, f"{prefix}{name}.")
+    # Only once every part is accepted: each layer takes its result from torch's own copy of the dict (a fitted
+    # weight is in it already; one computed for a dict without the weight comes under FITTED) and fits nothing
+    # twice.
+    state_dict.update(fitted)
 
 
 def _refuse_save_pretrained(*args, **kwargs) -> None:

@@ -26,6 +26,7 @@ import s2ft
 from s2ft.adapter import extract_adapter
 from s2ft.adapter_format import CONFIG_NAME, WEIGHTS_NAME, AdapterError
 from s2ft.api import apply_selection
+from s2ft.layers import S2FTLinear
 from s2ft.state import fingerprint, s2ft_modules
 from s2ft.structures import AXIS, find_structures, unit_positions
 
@@ -228,7 +229,105 @@ def test_the_check_before_a_load_goes_with_the_model():
         copied.load_state_dict(source.state_dict())
     assert_same_state(copied, before)
     s2ft.merge_and_unload(copied)
-    assert not copied._load_state_dict_pre_hooks and len(model._load_state_dict_pre_hooks) == 1
+    assert not any(m._load_state_dict_pre_hooks for m in copied.modules())
+    assert len(model._load_state_dict_pre_hooks) == 1 and model.model.layers[0]._load_state_dict_pre_hooks
+
+
+def layout_pair(source_layout, target_layout, target_seed, target_values_seed=None):
+    """An fp64 source and target S2FT model of one base (seeds pick the selection; the target's values differ)."""
+    base = build_tiny("llama_9_3").double()
+    source = trained(copy.deepcopy(base), s2ft.S2FTConfig(ratios=RATIOS, seed=1, layout=source_layout), seed=1)
+    cfg = s2ft.S2FTConfig(ratios=RATIOS, seed=target_seed, layout=target_layout)
+    return base, source, trained(copy.deepcopy(base), cfg, seed=target_values_seed or target_seed + 10)
+
+
+def trained_tensors(model) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of an S2FT model: its S2FT layers' values, index and base values."""
+    return {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[1] in ("values", "index", "base_values")}
+
+
+@pytest.mark.parametrize("merged", [False, True])
+@pytest.mark.parametrize("what", ["state_dict", "trained tensors"])
+@pytest.mark.parametrize(
+    ("source_layout", "target_layout", "target_seed"),
+    [("permuted", "gather", 1), ("gather", "permuted", 1), ("permuted", "permuted", 2)],
+)
+def test_a_state_dict_in_another_unit_order_is_refused_and_loads_nothing(
+    source_layout, target_layout, target_seed, what, merged
+):
+    """A co-permuted model's state dict loaded into a gather-layout model of the same adapter (or the reverse, or into
+    a model permuted for another selection): the whole state dict loaded, so the logits were the source's, but under
+    the target's permutation (``unit_perms``, not in the dict): save_adapter wrote other units (an adapter refused
+    by the base digest) and merge_and_unload permuted the weights out of the base's order. Now refused, naming the
+    adapter API that moves an adapter between layouts; every tensor and merged flag stays as it was."""
+    _, source, target = layout_pair(source_layout, target_layout, target_seed)
+    if merged:
+        s2ft.merge_adapter(source)
+    state = source.state_dict() if what == "state_dict" else trained_tensors(source)
+    found = "weight is not this model's base weight" if what == "state_dict" else "base_values are not"
+    before, expected = snapshot(target), logits(target)
+    with pytest.raises(AdapterError, match=rf"{found}.* another base model or layout .* s2ft\.save_adapter"):
+        target.load_state_dict(state, strict=what == "state_dict")
+    assert_same_state(target, before)
+    assert not any(m.merged for m in s2ft_modules(target).values())
+    assert torch.equal(logits(target), expected)
+
+
+@pytest.mark.parametrize("what", ["state_dict", "trained tensors"])
+@pytest.mark.parametrize(("layout", "target_seed"), [("gather", 2), ("permuted", 1)])
+def test_a_state_dict_in_the_same_unit_order_loads_the_sources_adapter(tmp_path, layout, target_seed, what):
+    """The check above passes a state dict of the same unit order: another gather selection of the base, or the
+    same co-permuted one with other values. The loaded model is the source's, adapter included."""
+    base, source, target = layout_pair(layout, layout, target_seed)
+    target.load_state_dict(source.state_dict() if what == "state_dict" else trained_tensors(source), strict=False)
+    assert torch.equal(logits(target), logits(source))
+    s2ft.save_adapter(target, tmp_path)
+    assert torch.equal(logits(s2ft.load_adapter(copy.deepcopy(base), tmp_path)), logits(source))
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_a_refused_submodule_load_loads_nothing(merged):
+    """load_state_dict on a submodule (one decoder layer) did not run the model's check first: each S2FT layer
+    refused only its own part, so one refused at the layer's last S2FT module left the six before it loaded."""
+    model = trained(build_tiny("llama_9_3"), s2ft.S2FTConfig(ratios=RATIOS))
+    source = trained(build_tiny("llama_9_3"), s2ft.S2FTConfig(ratios=RATIOS, seed=2), seed=2)
+    layer = model.model.layers[1]
+    assert not torch.equal(layer.self_attn.q_proj.index, source.model.layers[1].self_attn.q_proj.index)
+    source.model.layers[1].mlp.down_proj.restore_base()  # the last S2FT module: a plain model's weight
+    if merged:
+        s2ft.merge_adapter(model)
+    before = snapshot(model)
+    with pytest.raises(AdapterError, match="S2FT layer mlp.down_proj: .*neither zeros"):
+        layer.load_state_dict(source.model.layers[1].state_dict())
+    assert_same_state(model, before)
+    assert all(m.merged == merged for m in s2ft_modules(model).values())
+
+
+@pytest.mark.parametrize("where", ["model", "submodule", "wrapper"])
+@pytest.mark.parametrize("what", ["state_dict", "trained tensors"])
+def test_each_s2ft_layer_is_fitted_once_per_load(monkeypatch, where, what):
+    """The model's check fitted every S2FT layer's part of the dict, then each layer fitted it again as it loaded
+    (the same result: wasted work, a weight copy for a dict without the weight). Now each layer takes the check's
+    result: one fit per layer, on the model, on a submodule, and on a module holding the model (a LightningModule)."""
+    model = trained(build_tiny("llama_9_3"), s2ft.S2FTConfig(ratios=RATIOS))
+    source = trained(build_tiny("llama_9_3"), s2ft.S2FTConfig(ratios=RATIOS, seed=2), seed=2)
+    s2ft.merge_adapter(model)  # both cases convert: a weight to unmerge, or new slots to set in the merged weight
+    merged_source = copy.deepcopy(source)
+    s2ft.merge_adapter(merged_source)  # what the target must hold after the load
+    pick = {
+        "model": lambda m: m,
+        "submodule": lambda m: m.model.layers[1],
+        "wrapper": lambda m: nn.ModuleDict({"m": m}),
+    }
+    loaded, expected = pick[where](model), pick[where](merged_source).state_dict()
+    state = pick[where](source).state_dict() if what == "state_dict" else trained_tensors(pick[where](source))
+    calls = []
+    fit = S2FTLinear._fit_state_dict
+    monkeypatch.setattr(S2FTLinear, "_fit_state_dict", lambda self, *args: calls.append(self) or fit(self, *args))
+    loaded.load_state_dict(state, strict=what == "state_dict")
+    assert sorted(map(id, calls)) == sorted(id(m) for m in s2ft_modules(loaded).values())
+    assert_same_state(loaded, expected)
+    assert all(m.merged for m in s2ft_modules(model).values())
 
 
 @pytest.mark.parametrize("layout", ["gather", "permuted"])

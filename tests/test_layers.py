@@ -360,3 +360,42 @@ def test_trained_tensors_of_another_base_at_other_slots_are_refused():
     with pytest.raises(AdapterError, match="another base model or layout"):
         target.load_state_dict(trained_only, strict=False)
     assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_trained_tensors_of_another_base_at_the_same_slots_are_refused(axis):
+    """The same slots as this layer's, so nothing moved and nothing was checked: the dict's base values replaced this
+    layer's, and a later restore_base (unloading, switching) wrote another base into the weight."""
+    linear, _ = make_pair(bias=True)
+    other, _ = make_pair(bias=True, seed=1)
+    target = S2FTLinear(linear, axis, torch.tensor([1, 5, 6]))
+    source = S2FTLinear(other, axis, torch.tensor([1, 5, 6]))
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    trained_only = {k: v for k, v in source.state_dict().items() if k in ("values", "index", "base_values")}
+    with pytest.raises(AdapterError, match="base_values are not this model's weights .* another base model or layout"):
+        target.load_state_dict(trained_only, strict=False)
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
+
+@pytest.mark.parametrize("merged", [False, True])
+@pytest.mark.parametrize("where", ["away from the slots", "at the slots"])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_a_state_dict_of_another_base_or_unit_order_is_refused(axis, where, merged):
+    """A whole state dict carries its base: the weight away from the trained slots, ``base_values`` at them. One in
+    another unit order (another layout's: two untrained rows/columns swapped) or of another base was loaded as it
+    was, so this layer's base and the order its model's permutation records no longer matched."""
+    source, target = trained_pair(axis, torch.float64, torch.float64)
+    if merged:
+        source.merge()
+    state = source.state_dict()
+    if where == "away from the slots":
+        state["weight"] = state["weight"].index_select(
+            axis, torch.tensor([0, 1, 3, 2, *range(4, target.weight.shape[axis])])
+        )
+    else:
+        state["base_values"] = state["base_values"] + 1
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(AdapterError, match="weight is not this model's base weight in this unit order"):
+        target.load_state_dict(state)
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+    assert not target.merged
