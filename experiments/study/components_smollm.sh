@@ -7,13 +7,14 @@
 set -euo pipefail
 OUT=${OUT:-outputs/components_smollm}
 mkdir -p "$OUT"
+fail() { echo "$(date -u +%FT%TZ) FAILED $1: see $1.log (rerun this script to go on from there)" >&2; exit 1; }
 for seed in ${SEEDS:-0 1 2}; do
   for c in ${COMPONENTS:-q o down v k up gate}; do
     run=$OUT/seed${seed}_$c
     [ -f "$run/summary.json" ] && continue
     echo "$(date -u +%FT%TZ) start $run"
     python run.py +experiment=components_smollm "method.options.target_split={$c:1.0}" seed="$seed" logger=csv \
-      hydra.run.dir="$run" ckpt_path=auto > "$run.log" 2>&1
+      hydra.run.dir="$run" ckpt_path=auto > "$run.log" 2>&1 || fail "$run"
     echo "$(date -u +%FT%TZ) done $run"
   done
 done

@@ -9,18 +9,19 @@
 set -euo pipefail
 OUT=${OUT:-outputs/fusion_smollm}
 mkdir -p "$OUT"
+fail() { echo "$(date -u +%FT%TZ) FAILED $1: see $1.log (rerun this script to go on from there)" >&2; exit 1; }
 train() {  # train RUN OVERRIDES...
   local run=$1; shift
   [ -f "$run/summary.json" ] && return
   echo "$(date -u +%FT%TZ) start $run"
-  python run.py +experiment=fusion_smollm logger=csv hydra.run.dir="$run" ckpt_path=auto "$@" > "$run.log" 2>&1
+  python run.py +experiment=fusion_smollm logger=csv hydra.run.dir="$run" ckpt_path=auto "$@" > "$run.log" 2>&1 || fail "$run"
   echo "$(date -u +%FT%TZ) done $run"
 }
 fuse() {  # fuse RUN_A RUN_B OUT
   [ -f "$3/summary.json" ] && return
   rm -rf "$3"
   echo "$(date -u +%FT%TZ) start $3"
-  python -m experiments.study.fuse "$1" "$2" --out "$3" > "$3.log" 2>&1
+  python -m experiments.study.fuse "$1" "$2" --out "$3" > "$3.log" 2>&1 || fail "$3"
   echo "$(date -u +%FT%TZ) done $3"
 }
 for seed in ${SEEDS:-0 1 2}; do

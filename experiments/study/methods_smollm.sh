@@ -10,13 +10,14 @@ set -euo pipefail
 STUDY=${1:?give the study: commonsense_smollm or arith_smollm}
 OUT=${OUT:-outputs/$STUDY}
 mkdir -p "$OUT"
+fail() { echo "$(date -u +%FT%TZ) FAILED $1: see $1.log (rerun this script to go on from there)" >&2; exit 1; }
 job() {  # job SEED METHOD
   local run=$OUT/seed$1_$2 method=(method=smollm/$2)
   [ "$2" = none ] && method=(method=none mode=eval)
   [ -f "$run/summary.json" ] && return
   echo "$(date -u +%FT%TZ) start $run"
   python run.py +experiment="$STUDY" "${method[@]}" seed="$1" logger=csv hydra.run.dir="$run" ckpt_path=auto \
-    > "$run.log" 2>&1
+    > "$run.log" 2>&1 || fail "$run"
   echo "$(date -u +%FT%TZ) done $run"
 }
 for rows in "${ROWS:-s2ft lora full none}" "${LATER_ROWS-dora spft}"; do
