@@ -304,7 +304,7 @@ def _eval_mode(model: nn.Module):
 def _calibration(calibration, model: nn.Module, strategy: str, need_labels: bool = False):
     """Checks that calibration data was given, then returns an iterator of checked batches on the model's device."""
     if calibration is None:
-        raise ValueError(
+        raise S2FTConfigError(
             f"strategy {strategy!r} needs calibration data: pass calibration=<iterable of dicts with input_ids, "
             f"attention_mask, labels>, or use strategy 'random' or 'weight'"
         )
@@ -316,11 +316,13 @@ def _calibration(calibration, model: nn.Module, strategy: str, need_labels: bool
         for i, batch in enumerate(calibration):
             missing = [k for k in keys if not isinstance(batch, Mapping) or k not in batch]
             if missing:
-                raise ValueError(f"calibration batch {i} lacks {missing}; strategy {strategy!r} needs {list(keys)}")
+                raise S2FTConfigError(
+                    f"calibration batch {i} lacks {missing}; strategy {strategy!r} needs {list(keys)}"
+                )
             count += 1
             yield {k: torch.as_tensor(batch[k]).to(device) for k in keys}
         if count == 0:
-            raise ValueError(f"calibration yielded no batches; strategy {strategy!r} needs at least one")
+            raise S2FTConfigError(f"calibration yielded no batches; strategy {strategy!r} needs at least one")
 
     return batches()
 

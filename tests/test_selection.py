@@ -310,11 +310,12 @@ def test_gradient_scores_keep_existing_grads(gqa_model):
 @pytest.mark.parametrize("strategy", ["activation", "weight_activation", "gradient"])
 def test_calibration_errors(gqa_model, strategy):
     cfg = S2FTConfig(ratios={"o": 0.5}, strategy=strategy)
-    with pytest.raises(ValueError, match=f"strategy '{strategy}' needs calibration data"):
+    # User errors (run.py prints them without a traceback), still ValueErrors for callers that catch those.
+    with pytest.raises(S2FTConfigError, match=f"strategy '{strategy}' needs calibration data"):
         select_units(gqa_model, cfg)
-    with pytest.raises(ValueError, match="calibration yielded no batches"):
+    with pytest.raises(S2FTConfigError, match="calibration yielded no batches"):
         select_units(gqa_model, cfg, calibration=[])
-    with pytest.raises(ValueError, match=r"calibration batch 0 lacks \['attention_mask'"):
+    with pytest.raises(S2FTConfigError, match=r"calibration batch 0 lacks \['attention_mask'"):
         select_units(gqa_model, cfg, calibration=[{"input_ids": torch.ones(1, 4, dtype=torch.long)}])
     assert not any(layer.self_attn.o_proj._forward_pre_hooks for layer in gqa_model.model.layers)  # hooks removed
 
