@@ -121,11 +121,17 @@ def example_texts(examples: Iterable[Example]) -> Iterable[tuple[str, str, str]]
 
 def check_special_tokens(sets: dict[str, Iterable[Example]], tokenizer) -> None:
     """Raises DataError naming every set (name -> examples) whose items hold a special token of the tokenizer."""
-    problems = [
-        problem
-        for where, examples in sets.items()
-        for problem in special_token_problems(example_texts(examples), tokenizer, where)
-    ]
+    refuse_special_tokens(
+        [
+            problem
+            for where, examples in sets.items()
+            for problem in special_token_problems(example_texts(examples), tokenizer, where)
+        ]
+    )
+
+
+def refuse_special_tokens(problems: list[str]) -> None:
+    """Raises DataError with every `special_token_problems` found (one per line), if any."""
     if problems:
         raise DataError("\n".join(problems))
 

@@ -28,8 +28,7 @@ from torchmetrics.classification import BinaryAccuracy
 from s2ft.checks import require_positive_int
 from s2ft.data import GROUPS, Example, TaskSpec, build_prompt, eval_subset, load_eval
 from s2ft.data.prompt import check_template
-from s2ft.data.records import DataError
-from s2ft.data.tokenize import special_token_problems
+from s2ft.data.tokenize import refuse_special_tokens, special_token_problems
 from s2ft.data.user import file_lines
 from s2ft.data.user_tasks import group_members, load_user_task, resolve_eval_tasks
 from s2ft.evaluation.extract import extract, is_correct, label_settled, parse_gold
@@ -126,6 +125,15 @@ def item_texts(items: TaskItems):
     for example, options in zip(items.examples, items.options, strict=False):
         for label, text in options.items():
             yield example.id, f"option {label}", text
+
+
+def task_problems(prepared: list[TaskItems], tokenizer, label: str) -> list[str]:
+    """`special_token_problems` of every prepared task's `item_texts`, each named ``"{label} {task}"``."""
+    return [
+        problem
+        for items in prepared
+        for problem in special_token_problems(item_texts(items), tokenizer, f"{label} {items.spec.name}")
+    ]
 
 
 def _place(spec: TaskSpec, index: int, count: int, data_dir: str | Path) -> str:
@@ -239,13 +247,7 @@ def evaluate_adapters(
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos_token)")
     for template in templates.values():
         check_template(template, tokenizer)
-    problems = [
-        problem
-        for items in prepared
-        for problem in special_token_problems(item_texts(items), tokenizer, f"task {items.spec.name}")
-    ]
-    if problems:
-        raise DataError("\n".join(problems))
+    refuse_special_tokens(task_problems(prepared, tokenizer, "task"))
     settings = dict(batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens, templates=templates)
     was_training = model.training
     model.eval()

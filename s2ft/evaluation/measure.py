@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from s2ft.data import DataError, eval_subset, load_heldout
+from s2ft.data import eval_subset, load_heldout
 from s2ft.data.sources import heldout_name
 from s2ft.data.tokenize import example_texts, special_token_problems
-from s2ft.evaluation.evaluate import evaluate, evaluate_adapters, item_texts, prepare_tasks, write_predictions
+from s2ft.evaluation.evaluate import evaluate, evaluate_adapters, prepare_tasks, task_problems, write_predictions
 from s2ft.evaluation.heldout import adapter_item_losses, heldout_item_losses, mean_token_loss
 from s2ft.evaluation.mtbench import load_questions, question_file, run_mtbench, select_questions
 
@@ -57,8 +57,7 @@ def special_token_check(tokenizer, cfg: dict) -> list[str]:
         prepared = prepare_tasks(
             ev["tasks"], settings["data_dir"], settings["mode"], settings["limit"], cfg["seed"], ev.get("groups")
         )
-        for items in prepared:
-            problems += special_token_problems(item_texts(items), tokenizer, f"eval task {items.spec.name}")
+        problems += task_problems(prepared, tokenizer, "eval task")
     if ev.get("mtbench"):
         path = question_file(ev["mtbench"], cfg["paths"]["data_dir"])
         every = load_questions(path, ev["mtbench"].get("references"))
@@ -68,13 +67,6 @@ def special_token_check(tokenizer, cfg: dict) -> list[str]:
     for name, examples in _heldout_sets(cfg):
         problems += special_token_problems(example_texts(examples), tokenizer, f"eval.heldout {name}")
     return problems
-
-
-def check_special_tokens_measured(tokenizer, cfg: dict) -> None:
-    """Raises DataError with `special_token_check`'s problems, if any."""
-    problems = special_token_check(tokenizer, cfg)
-    if problems:
-        raise DataError("\n".join(problems))
 
 
 def measure_adapters(

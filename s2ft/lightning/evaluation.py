@@ -15,7 +15,8 @@ import torch
 import yaml
 
 from s2ft.adapter_format import atomic_write
-from s2ft.evaluation.measure import check_special_tokens_measured, measure_adapters, measure_model
+from s2ft.data.tokenize import refuse_special_tokens
+from s2ft.evaluation.measure import measure_adapters, measure_model, special_token_check
 from s2ft.lightning.provenance import check_eval_overlap, read_adapter_record
 from s2ft.lightning.run_dir import RunDirError
 from s2ft.lightning.summary import build_summary, print_summary, write_json
@@ -78,7 +79,7 @@ def evaluate_adapters(cfg: dict, run_dir: Path) -> dict:
         legs[name] = (path, single, described, source, record)
     model_cfg = next(iter(legs.values()))[2]["model"]
     model, tokenizer = build_run_model(model_cfg, cfg["paths"].get("cache_dir"))
-    check_special_tokens_measured(tokenizer, cfg)
+    refuse_special_tokens(special_token_check(tokenizer, cfg))
     counts = trainable_summary(model.requires_grad_(False))  # as the one-adapter model's: the adapters add buffers
     model = load_adapters(model, {name: source for name, (_, _, _, source, _) in legs.items()}).to(device)
     out_dirs = {name: run_dir / "adapters" / name for name in legs}
@@ -177,7 +178,7 @@ def record_evaluation(
         DataError: A text the model would read holds one of the tokenizer's special tokens (before anything is
             written: `s2ft.evaluation.measure.special_token_check`).
     """
-    check_special_tokens_measured(tokenizer, cfg)  # before config.yaml, not once every task has run
+    refuse_special_tokens(special_token_check(tokenizer, cfg))  # before config.yaml, not once every task has run
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(cfg, run_dir)
     return finish(_summary(described or cfg, counts, measure_model(model, tokenizer, cfg, run_dir), **extra), run_dir)

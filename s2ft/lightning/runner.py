@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from s2ft.data import DataError, load_eval, load_heldout, load_train, split_validation
 from s2ft.data.overlap import check_overlap
 from s2ft.data.sources import heldout_name
-from s2ft.data.tokenize import example_texts, special_token_problems
+from s2ft.data.tokenize import example_texts, refuse_special_tokens, special_token_problems
 from s2ft.data.user_tasks import resolve_eval_tasks
 from s2ft.evaluation.measure import measure_model, special_token_check
 from s2ft.export import export_lora
@@ -141,10 +141,10 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     # Before the untrained model is measured and the run's first files are written: only the tokenizer can tell.
     # Every text the model will read: eval.tasks may differ from the overlap sets (data.overlap_tasks), and a task's
     # own checks run only when it is evaluated, after training when eval.before is off.
-    problems = special_token_problems(example_texts(train + val), tokenizer, "data.train")
-    problems += special_token_check(tokenizer, cfg)
-    if problems:
-        raise DataError("\n".join(problems))
+    refuse_special_tokens(
+        special_token_problems(example_texts(train + val), tokenizer, "data.train")
+        + special_token_check(tokenizer, cfg)
+    )
     datamodule = SFTDataModule(
         train,
         val,
