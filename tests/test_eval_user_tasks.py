@@ -253,6 +253,22 @@ def test_a_relative_path_in_a_yaml_file_is_read_beside_it_from_any_working_direc
     assert items.golds == [4]
 
 
+def test_a_missing_file_of_a_yaml_task_names_the_yaml_file_and_every_folder_searched(tmp_path, monkeypatch):
+    """Before, a typo'd relative path in a yaml file was "data file X does not exist (nor under the data directory
+    D)": neither the definition file nor its folder, searched first, was named."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks/mine.yaml").write_text(yaml.safe_dump({"name": "mine", "path": "tset.jsonl", "answer": "text"}))
+    assert check_task_spec(["tasks/mine.yaml"], DATA) == [
+        "eval.tasks: task mine of tasks/mine.yaml (its path is not beside that file either): data file tset.jsonl "
+        f"does not exist (nor under the data directory {DATA})"
+    ]
+    inline = {"name": "mine", "path": "tset.jsonl", "answer": "text"}
+    assert check_task_spec([inline], DATA) == [
+        f"eval.tasks: data file tset.jsonl does not exist (nor under the data directory {DATA})"
+    ]
+
+
 def test_one_definition_named_two_ways_stays_one_task_and_a_home_path_reads(tmp_path, monkeypatch, caplog):
     """Before, the folder-first rule spelled the test file as the yaml file was named: tasks.yaml named by its
     absolute path and the same definition inline (or tasks/mine.yaml and ./tasks/mine.yaml) became "two different

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from s2ft.data.user_tasks import group_members, resolve_eval_tasks
+from s2ft.data.user_tasks import group_members, is_task_file, resolve_eval_tasks
 from s2ft.evaluation.evaluate import prepare_tasks
 
 
@@ -31,7 +31,7 @@ def check_task_spec(
             try:
                 prepare_tasks([spec], data_dir, mode)
             except (ValueError, FileNotFoundError) as err:
-                problems.append(f"{key}: {err}")
+                problems.append(f"{key}: {_defined_in(item, spec)}{err}")
     if not problems and items:
         try:
             resolve_eval_tasks(items, groups)  # two different definitions under one name
@@ -39,3 +39,13 @@ def check_task_spec(
         except (KeyError, ValueError, TypeError) as err:
             problems.append(f"{key}: {err}")
     return problems
+
+
+def _defined_in(item, spec) -> str:
+    """Which definition file a task's problem comes from, and for a relative path not found beside it, that it was
+    looked for there first (``read_task_file``)."""
+    if not is_task_file(item):
+        return ""
+    path = spec.source.path
+    missing = path is not None and not Path(path).expanduser().is_absolute() and not (Path(item).parent / path).exists()
+    return f"task {spec.name} of {item}{' (its path is not beside that file either)' if missing else ''}: "
