@@ -6,17 +6,9 @@
 # summary is deleted and run again (fuse refuses an --out holding outputs); each job's output goes to $OUT/NAME.log.
 #   bash experiments/study/fusion_smollm.sh
 #   SEEDS="1" bash experiments/study/fusion_smollm.sh
-set -euo pipefail
+source "$(dirname "$0")/jobs.sh"
 OUT=${OUT:-outputs/fusion_smollm}
 mkdir -p "$OUT"
-fail() { echo "$(date -u +%FT%TZ) FAILED $1: see $1.log (rerun this script to go on from there)" >&2; exit 1; }
-train() {  # train RUN OVERRIDES...
-  local run=$1; shift
-  [ -f "$run/summary.json" ] && return
-  echo "$(date -u +%FT%TZ) start $run"
-  python run.py +experiment=fusion_smollm logger=csv hydra.run.dir="$run" ckpt_path=auto "$@" > "$run.log" 2>&1 || fail "$run"
-  echo "$(date -u +%FT%TZ) done $run"
-}
 fuse() {  # fuse RUN_A RUN_B OUT
   [ -f "$3/summary.json" ] && return
   rm -rf "$3"
@@ -26,13 +18,13 @@ fuse() {  # fuse RUN_A RUN_B OUT
 }
 for seed in ${SEEDS:-0 1 2}; do
   S=$OUT/seed$seed
-  train "${S}_gsm8k" 'data.train=[gsm8k]' seed="$seed"
-  train "${S}_commonsense" 'data.train=[commonsense_mix]' seed="$seed"
-  train "${S}_commonsense_disjoint" 'data.train=[commonsense_mix]' seed="$seed" \
+  train fusion_smollm "${S}_gsm8k" 'data.train=[gsm8k]' seed="$seed"
+  train fusion_smollm "${S}_commonsense" 'data.train=[commonsense_mix]' seed="$seed"
+  train fusion_smollm "${S}_commonsense_disjoint" 'data.train=[commonsense_mix]' seed="$seed" \
     method.options.exclude="${S}_gsm8k/adapter"
   fuse "${S}_gsm8k" "${S}_commonsense" "${S}_fused_overlap"
   fuse "${S}_gsm8k" "${S}_commonsense_disjoint" "${S}_fused_disjoint"
-  train "${S}_none" method=none mode=eval seed="$seed"
+  train fusion_smollm "${S}_none" method=none mode=eval seed="$seed"
 done
 python -m experiments.report "$OUT" --export-records results/fusion_smollm/runs --reference "fused shared_units=1728" \
   --out results/fusion_smollm

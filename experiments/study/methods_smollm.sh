@@ -6,19 +6,13 @@
 #   bash experiments/study/methods_smollm.sh commonsense_smollm    # ~25 min a job on a quiet 2-core machine
 #   bash experiments/study/methods_smollm.sh arith_smollm          # ~35 min a job
 #   ROWS="s2ft lora" SEEDS="0" bash experiments/study/methods_smollm.sh commonsense_smollm
-set -euo pipefail
+source "$(dirname "$0")/jobs.sh"
 STUDY=${1:?give the study: commonsense_smollm or arith_smollm}
 OUT=${OUT:-outputs/$STUDY}
 mkdir -p "$OUT"
-fail() { echo "$(date -u +%FT%TZ) FAILED $1: see $1.log (rerun this script to go on from there)" >&2; exit 1; }
 job() {  # job SEED METHOD
-  local run=$OUT/seed$1_$2 method=(method=smollm/$2)
-  [ "$2" = none ] && method=(method=none mode=eval)
-  [ -f "$run/summary.json" ] && return
-  echo "$(date -u +%FT%TZ) start $run"
-  python run.py +experiment="$STUDY" "${method[@]}" seed="$1" logger=csv hydra.run.dir="$run" ckpt_path=auto \
-    > "$run.log" 2>&1 || fail "$run"
-  echo "$(date -u +%FT%TZ) done $run"
+  if [ "$2" = none ]; then train "$STUDY" "$OUT/seed$1_$2" method=none mode=eval seed="$1"
+  else train "$STUDY" "$OUT/seed$1_$2" method=smollm/"$2" seed="$1"; fi
 }
 for rows in "${ROWS:-s2ft lora full none}" "${LATER_ROWS-dora spft}"; do
   for seed in ${SEEDS:-0 1 2}; do
