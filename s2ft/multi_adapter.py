@@ -146,6 +146,8 @@ class MultiAdapterLinear(nn.Linear):
         for name, rows in self.state.groups:
             if not self.trains(name):
                 continue
+            # The row groups are made on model.device; a model spread over devices (device_map) has layers elsewhere.
+            rows = rows.to(x.device)
             slots = self.adapters[SLOT_PREFIX + name]
             selected = inputs.index_select(0, rows)
             if self.axis == 1:

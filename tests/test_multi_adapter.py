@@ -99,6 +99,43 @@ def test_every_row_equals_its_adapters_merged_model(tmp_path, family):
     assert_rows_match(model, references, ["both"] * 3, *left_padded(3, seed=2))
 
 
+def on_device(module: nn.Module, device: str) -> None:
+    """Moves ``module`` to ``device`` and its inputs there as it is called, as a device_map split of a model does."""
+
+    def move(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(device)
+        return type(value)(move(v) for v in value) if isinstance(value, tuple | list) else value
+
+    module.to(device)
+    module.register_forward_pre_hook(
+        lambda m, args, kwargs: (move(args), {k: move(v) for k, v in kwargs.items()}), with_kwargs=True
+    )
+
+
+@pytest.mark.gpu
+def test_rows_of_a_model_spread_over_devices_equal_their_merged_models(tmp_path):
+    """The row groups are made on model.device (the first parameter's); on a model spread over devices
+    (device_map="auto") the layers elsewhere indexed their inputs with them: a device mismatch at the first mixed call.
+    Unrun where this was written (no GPU): here the second half of the layers is on the GPU."""
+    base = build_tiny("llama_9_3")
+    paths = save_adapters(base, tmp_path)
+    references = merged_models(base, paths)
+    input_ids, mask = left_padded(len(NAMES))
+    with torch.no_grad():
+        expected = {name: references[name](input_ids=input_ids, attention_mask=mask).logits for name in set(NAMES)}
+    model = load_adapters(copy.deepcopy(base), paths)
+    layers = model.model.layers
+    for module in [*layers[len(layers) // 2 :], model.model.norm, model.lm_head]:
+        on_device(module, "cuda")
+    assert model.device.type == "cpu"
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=mask, adapter_names=NAMES).logits.cpu()
+    for row, name in enumerate(NAMES):
+        real = mask[row].bool()
+        torch.testing.assert_close(logits[row, real], expected[name][row, real], rtol=1e-4, atol=1e-4)
+
+
 def test_without_adapter_names_every_row_is_the_base_model_bit_for_bit(tmp_path):
     base = build_tiny("llama_9_3")
     model = load_adapters(copy.deepcopy(base), save_adapters(base, tmp_path))
