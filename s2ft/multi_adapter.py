@@ -14,9 +14,9 @@ once per call; each wrapped linear then runs one gather-matmul-scatter per adapt
 ``python -m experiments.bench.serving`` measured this grouping against padding the adapters to one batched matmul.
 """
 
+import functools
 import os
 import threading
-import types
 from collections.abc import Mapping
 from contextlib import contextmanager
 
@@ -288,7 +288,9 @@ def load_adapters(base: nn.Module, adapters: Mapping[str, str | os.PathLike | Ad
         base.register_forward_pre_hook(_rows_hook, with_kwargs=True),
         base.register_forward_hook(_clear_rows, always_call=True),
     ]
-    base.generate = types.MethodType(_generate, base)  # a bound method, so a deep copy of the model binds its copy
+    # A partial, not a bound method: both bind a deep copy of the model to its copy, but a bound method pickles as
+    # getattr(model, "_generate"), which the unpickled model lacks, so torch.load of a saved model failed.
+    base.generate = functools.partial(_generate, base)
     base.save_pretrained = _refuse_save_pretrained  # a plain function: pickled by name
     base.s2ft_adapters = state
     return base

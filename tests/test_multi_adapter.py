@@ -363,6 +363,32 @@ def test_save_pretrained_of_a_mixed_adapter_model_is_refused(tmp_path):
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("how", ["pickled", "copied"])
+def test_a_pickled_or_copied_mixed_adapter_model_serves_its_adapters(tmp_path, how):
+    """generate was a bound method, pickled as getattr(model, "_generate"): torch.save of a mixed-adapter model
+    worked and torch.load of it failed with an AttributeError. A copy's generate runs the copy, not the original
+    (whose adapters are removed here)."""
+    base = build_tiny("llama_gqa")
+    paths = save_adapters(base, tmp_path)
+    references = merged_models(base, paths)
+    original = load_adapters(copy.deepcopy(base), paths)
+    if how == "pickled":
+        torch.save(original, tmp_path / "model.pt")
+        model = torch.load(tmp_path / "model.pt", weights_only=False)
+    else:
+        model = copy.deepcopy(original)
+    for name in paths:
+        remove_adapter(original, name)
+    assert loaded_adapters(model) == list(SELECTIONS)
+    assert_rows_match(model, references, NAMES, *left_padded(len(NAMES)))
+    for name in paths:
+        remove_adapter(model, name)
+    assert "generate" not in vars(model)
+    input_ids, mask = left_padded(2)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=input_ids).logits, base(input_ids=input_ids).logits)
+
+
 @pytest.mark.slow
 def test_smollm2_rows_equal_their_merged_models(tmp_path):
     """SmolLM2-135M with two trained adapters (a few AdamW steps each, on different texts)."""
