@@ -196,8 +196,10 @@ def _rows_hook(model: nn.Module, args: tuple, kwargs: dict):
         expected, state.groups = state.generation
         if rows is not None and rows != expected:
             raise AdapterError(
-                f"generate with adapter_names runs {expected} rows but the model got {rows} (beam search or "
-                "num_return_sequences expand the batch): give one adapter name per expanded row"
+                f"generate with adapter_names runs {expected} rows but the model got {rows}: beam search and "
+                "num_return_sequences expand the batch, which adapter_names cannot follow (it takes one name per "
+                "row of the prompt). For n samples per prompt, repeat the rows instead: "
+                "input_ids.repeat_interleave(n, 0) (and the attention mask), each adapter name n times"
             )
     else:
         state.groups = []

@@ -171,14 +171,27 @@ def test_bad_adapter_names_are_refused(tmp_path, names, message):
         model.generate(inputs=input_ids, attention_mask=mask, adapter_names=names, max_new_tokens=2)
 
 
-def test_beam_search_expanding_the_batch_is_refused(tmp_path):
+@pytest.mark.parametrize("expand", [dict(num_beams=2), dict(do_sample=True, num_return_sequences=2)])
+def test_beam_search_expanding_the_batch_is_refused(tmp_path, expand):
+    """The refusal said to give one adapter name per expanded row, which the row count check refuses in turn."""
     base = build_tiny("llama_gqa")
     model = load_adapters(base, save_adapters(base, tmp_path))
     input_ids, mask = left_padded(2)
-    with pytest.raises(ValueError, match="expand the batch"):
-        model.generate(
-            input_ids=input_ids, attention_mask=mask, adapter_names=["cols", "rows"], num_beams=2, max_new_tokens=2
-        )
+    names = ["cols", "rows"]
+    with pytest.raises(AdapterError, match=r"expand the batch.*repeat_interleave\(n, 0\).*each adapter name n"):
+        model.generate(input_ids=input_ids, attention_mask=mask, adapter_names=names, max_new_tokens=2, **expand)
+    # What it says to do instead: the rows repeated, each with its name.
+    torch.manual_seed(0)
+    out = model.generate(
+        input_ids=input_ids.repeat_interleave(2, 0),
+        attention_mask=mask.repeat_interleave(2, 0),
+        adapter_names=[name for name in names for _ in range(2)],
+        max_new_tokens=2,
+        do_sample=True,
+        pad_token_id=0,
+    )
+    assert out.shape[0] == 4
+    assert torch.equal(out[:, : input_ids.shape[1]], input_ids.repeat_interleave(2, 0))
 
 
 def buffer_bytes(model) -> int:
