@@ -123,10 +123,13 @@ class MultiAdapterLinear(nn.Linear):
 
     def add(self, name: str, positions: torch.Tensor, values: torch.Tensor) -> None:
         """Stores adapter ``name``'s trained rows/columns at ``positions`` as deltas against the base weight."""
+        # The difference is taken in fp32 at least (fp32 values beside a bf16 weight), and in fp64 for an fp64 model
+        # (in fp32, its rows were 4e-7 off the merged fp64 model's on the tiny models), then kept in the weight's dtype.
+        dtype = torch.promote_types(torch.promote_types(values.dtype, self.weight.dtype), torch.float32)
         with torch.no_grad():
             positions = positions.to(self.weight.device)
-            base = self.weight.index_select(self.axis, positions).float()
-            delta = (values.to(device=self.weight.device, dtype=torch.float32) - base).to(self.weight.dtype)
+            base = self.weight.index_select(self.axis, positions).to(dtype)
+            delta = (values.to(device=self.weight.device, dtype=dtype) - base).to(self.weight.dtype)
         self.adapters[SLOT_PREFIX + name] = AdapterSlots(positions, delta)
 
     def trains(self, name: str) -> bool:
