@@ -277,7 +277,13 @@ def load_adapters(base: nn.Module, adapters: Mapping[str, str | os.PathLike | Ad
     """
     if getattr(base, "s2ft_adapters", None) is not None:
         raise AdapterError("this model already has S2FT adapters; use s2ft.add_adapter(model, name, path)")
-    check_fresh(base, "load_adapters needs a plain base model: call merge_and_unload or start from a fresh base")
+    # Not "or merge_and_unload": that leaves one adapter merged into the weights, and an adapter that trained other
+    # rows/columns passes the base check there, so its rows (and the base's) were served on top of it, silently.
+    check_fresh(
+        base,
+        "load_adapters needs the plain base model the adapters were trained on: load a fresh copy of it (a merged "
+        "model, merge_and_unload's, keeps its adapter in the weights, under every row)",
+    )
     if not isinstance(adapters, Mapping):
         raise AdapterError(f"load_adapters takes a mapping of names to adapters, got {adapters!r}: {{'name': path}}")
     if not adapters:

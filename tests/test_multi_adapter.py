@@ -569,6 +569,20 @@ def test_two_threads_running_the_model_at_once_each_get_their_own_rows(tmp_path)
     assert loaded_adapters(model) == ["rows"]
 
 
+def test_mixed_adapters_onto_a_model_with_one_adapter_are_refused_naming_a_fresh_base(tmp_path):
+    """The refusal said to call merge_and_unload, whose model keeps the adapter merged: "rows" then loaded onto it
+    (it trains other rows/columns than "cols", so the base check passed) and every row, the base's too, was off by
+    about 2.7 in the logits, silently."""
+    base = build_tiny("llama_gqa")
+    paths = save_adapters(base, tmp_path)
+    single = s2ft.load_adapter(copy.deepcopy(base), paths["cols"])
+    before = snapshot(single)
+    with pytest.raises(AdapterError, match="plain base model the adapters were trained on: load a fresh copy") as err:
+        load_adapters(single, {"rows": paths["rows"]})
+    assert "call merge_and_unload" not in str(err.value)
+    assert_same_state(single, before)
+
+
 def test_refusals_of_the_adapter_lifecycle_are_user_errors(tmp_path):
     """They were bare ValueErrors, which run.py shows as a traceback (a bug) instead of `error: ...`."""
     base = build_tiny("llama_gqa")
