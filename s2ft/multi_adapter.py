@@ -49,7 +49,8 @@ class MultiAdapterState:
         generation: While ``generate`` runs with ``adapter_names`` in this thread: the batch's row count and its
             groups, used by every forward call of that generation.
         generating: How many ``generate`` calls with ``adapter_names`` run now, in any thread.
-        hooks: The top model's forward pre-hook and forward hook (removed when the last adapter is).
+        hooks: The top model's forward pre-hook and forward hook, and the pre-hook of its decoder (``base_model``)
+            that refuses ``adapter_names`` the top model's call did not read (removed when the last adapter is).
     """
 
     def __init__(self) -> None:
@@ -209,6 +210,17 @@ def _rows_hook(model: nn.Module, args: tuple, kwargs: dict):
     return args, kwargs
 
 
+def _refuse_names(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    # Only the top model's call reads adapter_names (its pre-hook pops them); model.forward(...) skips that hook and
+    # hands them on in **kwargs, which transformers' decoders accept and ignore: every row ran the base model.
+    if "adapter_names" in kwargs:
+        raise AdapterError(
+            "adapter_names reached the decoder without the mixed-adapter model's call reading them (every row would "
+            "run the base model): call model(..., adapter_names=...) or model.generate(..., adapter_names=...), not "
+            "model.forward(...) or a submodule"
+        )
+
+
 def _clear_rows(model: nn.Module, args: tuple, output) -> None:
     model.s2ft_adapters.groups = []
 
@@ -299,6 +311,9 @@ def load_adapters(base: nn.Module, adapters: Mapping[str, str | os.PathLike | Ad
         base.register_forward_pre_hook(_rows_hook, with_kwargs=True),
         base.register_forward_hook(_clear_rows, always_call=True),
     ]
+    inner = getattr(base, "base_model", base)
+    if inner is not base:
+        state.hooks.append(inner.register_forward_pre_hook(_refuse_names, with_kwargs=True))
     # A partial, not a bound method: both bind a deep copy of the model to its copy, but a bound method pickles as
     # getattr(model, "_generate"), which the unpickled model lacks, so torch.load of a saved model failed.
     base.generate = functools.partial(_generate, base)

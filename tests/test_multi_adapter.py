@@ -321,7 +321,7 @@ def test_names_and_models_are_checked(tmp_path):
     with pytest.raises(ValueError, match="no adapter named"):
         remove_adapter(model, "rows")
     single = s2ft.load_adapter(build_tiny("llama_gqa"), paths["cols"])
-    with pytest.raises(ValueError, match="already has an S2FT adapter; load_adapters needs a plain base model"):
+    with pytest.raises(ValueError, match="already has an S2FT adapter; load_adapters needs the plain base model"):
         load_adapters(single, paths)
     # The other way round: a mixed-adapter model is no base for one adapter either.
     with pytest.raises(ValueError, match="already has an S2FT adapter"):
@@ -478,6 +478,23 @@ def test_a_submodule_called_after_a_mixed_call_is_the_base_model(tmp_path):
             else:
                 run()
             assert torch.equal(model.model(input_ids=input_ids, attention_mask=mask).last_hidden_state, expected), call
+
+
+def test_adapter_names_given_past_the_models_call_are_refused(tmp_path):
+    """model.forward(...) skips the pre-hook that reads adapter_names, and transformers' decoders accept and ignore
+    unknown keyword arguments: every row ran the base model (logits off by about 3), silently."""
+    base = build_tiny("llama_9_3")
+    paths = save_adapters(base, tmp_path)
+    model = load_adapters(copy.deepcopy(base), paths)
+    input_ids, mask = left_padded(len(NAMES))
+    with torch.no_grad():
+        for call in (model.forward, model.model):
+            with pytest.raises(AdapterError, match=r"call model\(\.\.\., adapter_names=\.\.\.\)"):
+                call(input_ids=input_ids, attention_mask=mask, adapter_names=NAMES)
+        assert_rows_match(model, merged_models(base, paths), NAMES, input_ids, mask, new_tokens=2)
+    for name in paths:
+        remove_adapter(model, name)
+    assert not model.model._forward_pre_hooks
 
 
 def test_an_adapter_is_not_removed_while_generate_runs_with_it(tmp_path):
