@@ -88,6 +88,18 @@ def test_a_save_that_fails_leaves_the_adapter_in_its_folder_byte_identical(tmp_p
     s2ft.load_adapter_file(tmp_path)
 
 
+@pytest.mark.parametrize("where", ["the file", "under the file"])
+def test_a_save_to_a_files_path_is_refused_naming_it(tmp_path, where):
+    """It was a FileExistsError or NotADirectoryError traceback."""
+    model = trained(build_tiny("llama_gqa"), s2ft.S2FTConfig(ratios={"o": 0.25}, seed=1))
+    (tmp_path / "notes.txt").write_text("mine")
+    target = tmp_path / "notes.txt" / ("adapter" if where == "under the file" else "")
+    with pytest.raises(AdapterError, match=re.escape(f"{tmp_path / 'notes.txt'} is a file, not a folder")):
+        s2ft.save_adapter(model, target)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_weights_from_another_save_beside_the_config_are_refused(tmp_path):
     """A save stopped between its two files leaves the new weights beside the old config. Two adapters of the same
     budget have the same shapes, so the pair loaded: one selection's units with the other's values."""
