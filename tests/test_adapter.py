@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import (
     BAD_ADAPTERS,
+    INPUT_IDS,
     OTHER_BASES,
     RATIOS,
     adapter_files,
@@ -158,6 +159,18 @@ def test_merge_unmerge_round_trip_is_bit_exact(layout):
     torch.testing.assert_close(logits(model), unmerged_logits, rtol=0, atol=1e-5)
     s2ft.unmerge_adapter(model)
     assert_same_state(model, before)
+
+
+def test_training_a_merged_model_is_refused_as_a_user_error():
+    """It was a RuntimeError (a traceback, a bug's) naming unmerge(), a method of each layer."""
+    model = trained(build_tiny("llama_9_3"), s2ft.S2FTConfig(ratios=RATIOS)).train()
+    s2ft.merge_adapter(model)
+    with pytest.raises(AdapterError, match=r"merged, so its values get no gradient: call s2ft\.unmerge_adapter"):
+        model(INPUT_IDS)
+    expected = logits(model)  # no gradient: the merged model runs
+    s2ft.unmerge_adapter(model)
+    torch.testing.assert_close(logits(model), expected, rtol=0, atol=1e-5)
+    model(INPUT_IDS).logits.sum().backward()  # unmerged it trains
 
 
 def bf16_trained(cfg: s2ft.S2FTConfig) -> nn.Module:
