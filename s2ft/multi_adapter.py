@@ -213,7 +213,7 @@ def _rows_hook(model: nn.Module, args: tuple, kwargs: dict):
 def _refuse_names(module: nn.Module, args: tuple, kwargs: dict) -> None:
     # Only the top model's call reads adapter_names (its pre-hook pops them); model.forward(...) skips that hook and
     # hands them on in **kwargs, which transformers' decoders accept and ignore: every row ran the base model.
-    if "adapter_names" in kwargs:
+    if kwargs.get("adapter_names") is not None:  # None asks for the base model, which is what runs
         raise AdapterError(
             "adapter_names reached the decoder without the mixed-adapter model's call reading them (every row would "
             "run the base model): call model(..., adapter_names=...) or model.generate(..., adapter_names=...), not "

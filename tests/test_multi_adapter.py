@@ -491,6 +491,8 @@ def test_adapter_names_given_past_the_models_call_are_refused(tmp_path):
         for call in (model.forward, model.model):
             with pytest.raises(AdapterError, match=r"call model\(\.\.\., adapter_names=\.\.\.\)"):
                 call(input_ids=input_ids, attention_mask=mask, adapter_names=NAMES)
+        expected = base(input_ids=input_ids, attention_mask=mask).logits
+        assert torch.equal(model.forward(input_ids=input_ids, attention_mask=mask, adapter_names=None).logits, expected)
         assert_rows_match(model, merged_models(base, paths), NAMES, input_ids, mask, new_tokens=2)
     for name in paths:
         remove_adapter(model, name)
