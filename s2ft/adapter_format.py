@@ -97,7 +97,11 @@ def write_adapter(adapter: Adapter, path: str | os.PathLike) -> None:
         path: Output folder; gets ``adapter.safetensors`` and ``adapter_config.json``.
     """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as err:  # the path, or a folder above it, is a file
+        file = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+        raise AdapterError(f"cannot save the adapter to {path}: {file} is a file, not a folder; give a folder") from err
     config = {
         "format": FORMAT,
         "library_version": adapter.library_version,

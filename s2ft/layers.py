@@ -402,7 +402,10 @@ class S2FTLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             if self.training and self.values.requires_grad and torch.is_grad_enabled():
-                raise RuntimeError("S2FT adapter is merged, so its values get no gradient; call unmerge() first")
+                raise AdapterError(
+                    "S2FT adapter is merged, so its values get no gradient: call s2ft.unmerge_adapter(model) before "
+                    "training, or model.eval() / torch.no_grad() to run the merged model"
+                )
             return F.linear(x, self.weight, self.bias)
         if torch.is_grad_enabled() and (self.values.requires_grad or x.requires_grad):
             return _S2FTLinearFunction.apply(x, self.values, self.weight, self.bias, self.index, self.axis, self.span)

@@ -14,9 +14,9 @@ once per call; each wrapped linear then runs one gather-matmul-scatter per adapt
 ``python -m experiments.bench.serving`` measured this grouping against padding the adapters to one batched matmul.
 """
 
+import functools
 import os
 import threading
-import types
 from collections.abc import Mapping
 from contextlib import contextmanager
 
@@ -49,7 +49,8 @@ class MultiAdapterState:
         generation: While ``generate`` runs with ``adapter_names`` in this thread: the batch's row count and its
             groups, used by every forward call of that generation.
         generating: How many ``generate`` calls with ``adapter_names`` run now, in any thread.
-        hooks: The top model's forward pre-hook and forward hook (removed when the last adapter is).
+        hooks: The top model's forward pre-hook and forward hook, and the pre-hook of its decoder (``base_model``)
+            that refuses ``adapter_names`` the top model's call did not read (removed when the last adapter is).
     """
 
     def __init__(self) -> None:
@@ -123,10 +124,13 @@ class MultiAdapterLinear(nn.Linear):
 
     def add(self, name: str, positions: torch.Tensor, values: torch.Tensor) -> None:
         """Stores adapter ``name``'s trained rows/columns at ``positions`` as deltas against the base weight."""
+        # The difference is taken in fp32 at least (fp32 values beside a bf16 weight), and in fp64 for an fp64 model
+        # (in fp32, its rows were 4e-7 off the merged fp64 model's on the tiny models), then kept in the weight's dtype.
+        dtype = torch.promote_types(torch.promote_types(values.dtype, self.weight.dtype), torch.float32)
         with torch.no_grad():
             positions = positions.to(self.weight.device)
-            base = self.weight.index_select(self.axis, positions).float()
-            delta = (values.to(device=self.weight.device, dtype=torch.float32) - base).to(self.weight.dtype)
+            base = self.weight.index_select(self.axis, positions).to(dtype)
+            delta = (values.to(device=self.weight.device, dtype=dtype) - base).to(self.weight.dtype)
         self.adapters[SLOT_PREFIX + name] = AdapterSlots(positions, delta)
 
     def trains(self, name: str) -> bool:
@@ -196,12 +200,25 @@ def _rows_hook(model: nn.Module, args: tuple, kwargs: dict):
         expected, state.groups = state.generation
         if rows is not None and rows != expected:
             raise AdapterError(
-                f"generate with adapter_names runs {expected} rows but the model got {rows} (beam search or "
-                "num_return_sequences expand the batch): give one adapter name per expanded row"
+                f"generate with adapter_names runs {expected} rows but the model got {rows}: beam search and "
+                "num_return_sequences expand the batch, which adapter_names cannot follow (it takes one name per "
+                "row of the prompt). For n samples per prompt, repeat the rows instead: "
+                "input_ids.repeat_interleave(n, 0) (and the attention mask), each adapter name n times"
             )
     else:
         state.groups = []
     return args, kwargs
+
+
+def _refuse_names(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    # Only the top model's call reads adapter_names (its pre-hook pops them); model.forward(...) skips that hook and
+    # hands them on in **kwargs, which transformers' decoders accept and ignore: every row ran the base model.
+    if kwargs.get("adapter_names") is not None:  # None asks for the base model, which is what runs
+        raise AdapterError(
+            "adapter_names reached the decoder without the mixed-adapter model's call reading them (every row would "
+            "run the base model): call model(..., adapter_names=...) or model.generate(..., adapter_names=...), not "
+            "model.forward(...) or a submodule"
+        )
 
 
 def _clear_rows(model: nn.Module, args: tuple, output) -> None:
@@ -272,7 +289,13 @@ def load_adapters(base: nn.Module, adapters: Mapping[str, str | os.PathLike | Ad
     """
     if getattr(base, "s2ft_adapters", None) is not None:
         raise AdapterError("this model already has S2FT adapters; use s2ft.add_adapter(model, name, path)")
-    check_fresh(base, "load_adapters needs a plain base model: call merge_and_unload or start from a fresh base")
+    # Not "or merge_and_unload": that leaves one adapter merged into the weights, and an adapter that trained other
+    # rows/columns passes the base check there, so its rows (and the base's) were served on top of it, silently.
+    check_fresh(
+        base,
+        "load_adapters needs the plain base model the adapters were trained on: load a fresh copy of it (a merged "
+        "model, merge_and_unload's, keeps its adapter in the weights, under every row)",
+    )
     if not isinstance(adapters, Mapping):
         raise AdapterError(f"load_adapters takes a mapping of names to adapters, got {adapters!r}: {{'name': path}}")
     if not adapters:
@@ -288,7 +311,12 @@ def load_adapters(base: nn.Module, adapters: Mapping[str, str | os.PathLike | Ad
         base.register_forward_pre_hook(_rows_hook, with_kwargs=True),
         base.register_forward_hook(_clear_rows, always_call=True),
     ]
-    base.generate = types.MethodType(_generate, base)  # a bound method, so a deep copy of the model binds its copy
+    inner = getattr(base, "base_model", base)
+    if inner is not base:
+        state.hooks.append(inner.register_forward_pre_hook(_refuse_names, with_kwargs=True))
+    # A partial, not a bound method: both bind a deep copy of the model to its copy, but a bound method pickles as
+    # getattr(model, "_generate"), which the unpickled model lacks, so torch.load of a saved model failed.
+    base.generate = functools.partial(_generate, base)
     base.save_pretrained = _refuse_save_pretrained  # a plain function: pickled by name
     base.s2ft_adapters = state
     return base

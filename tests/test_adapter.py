@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import (
     BAD_ADAPTERS,
+    INPUT_IDS,
     OTHER_BASES,
     RATIOS,
     adapter_files,
@@ -88,6 +89,18 @@ def test_a_save_that_fails_leaves_the_adapter_in_its_folder_byte_identical(tmp_p
     s2ft.load_adapter_file(tmp_path)
 
 
+@pytest.mark.parametrize("where", ["the file", "under the file"])
+def test_a_save_to_a_files_path_is_refused_naming_it(tmp_path, where):
+    """It was a FileExistsError or NotADirectoryError traceback."""
+    model = trained(build_tiny("llama_gqa"), s2ft.S2FTConfig(ratios={"o": 0.25}, seed=1))
+    (tmp_path / "notes.txt").write_text("mine")
+    target = tmp_path / "notes.txt" / ("adapter" if where == "under the file" else "")
+    with pytest.raises(AdapterError, match=re.escape(f"{tmp_path / 'notes.txt'} is a file, not a folder")):
+        s2ft.save_adapter(model, target)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_weights_from_another_save_beside_the_config_are_refused(tmp_path):
     """A save stopped between its two files leaves the new weights beside the old config. Two adapters of the same
     budget have the same shapes, so the pair loaded: one selection's units with the other's values."""
@@ -146,6 +159,18 @@ def test_merge_unmerge_round_trip_is_bit_exact(layout):
     torch.testing.assert_close(logits(model), unmerged_logits, rtol=0, atol=1e-5)
     s2ft.unmerge_adapter(model)
     assert_same_state(model, before)
+
+
+def test_training_a_merged_model_is_refused_as_a_user_error():
+    """It was a RuntimeError (a traceback, a bug's) naming unmerge(), a method of each layer."""
+    model = trained(build_tiny("llama_9_3"), s2ft.S2FTConfig(ratios=RATIOS)).train()
+    s2ft.merge_adapter(model)
+    with pytest.raises(AdapterError, match=r"merged, so its values get no gradient: call s2ft\.unmerge_adapter"):
+        model(INPUT_IDS)
+    expected = logits(model)  # no gradient: the merged model runs
+    s2ft.unmerge_adapter(model)
+    torch.testing.assert_close(logits(model), expected, rtol=0, atol=1e-5)
+    model(INPUT_IDS).logits.sum().backward()  # unmerged it trains
 
 
 def bf16_trained(cfg: s2ft.S2FTConfig) -> nn.Module:

@@ -152,7 +152,7 @@ def test_training_while_merged_is_refused():
     linear, _ = make_pair(bias=False)
     layer = S2FTLinear(linear, 1, torch.tensor([2, 3]))
     layer.merge()
-    with pytest.raises(RuntimeError, match="unmerge"):
+    with pytest.raises(AdapterError, match="unmerge_adapter"):
         layer(torch.randn(2, 16, dtype=torch.float64))
     with torch.no_grad():
         layer(torch.randn(2, 16, dtype=torch.float64))

@@ -136,6 +136,21 @@ def test_rows_of_a_model_spread_over_devices_equal_their_merged_models(tmp_path)
         torch.testing.assert_close(logits[row, real], expected[name][row, real], rtol=1e-4, atol=1e-4)
 
 
+def test_rows_of_a_float64_model_equal_its_merged_models_to_float64_rounding(tmp_path):
+    """The deltas were taken in fp32 whatever the model's dtype: an fp64 model's rows were 4e-7 off its merged
+    models'. (Unpadded: fp64 eager attention gives NaN at left-padded positions, on the base model too.)"""
+    base = build_tiny("llama_gqa").double()
+    paths = save_adapters(base, tmp_path)
+    references = merged_models(base, paths)
+    model = load_adapters(copy.deepcopy(base), paths)
+    input_ids = left_padded(len(NAMES))[0][:, 3:]
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, adapter_names=NAMES).logits
+        for row, name in enumerate(NAMES):
+            expected = references[name](input_ids=input_ids[row : row + 1]).logits[0]
+            torch.testing.assert_close(logits[row], expected, rtol=0, atol=1e-12)
+
+
 def test_without_adapter_names_every_row_is_the_base_model_bit_for_bit(tmp_path):
     base = build_tiny("llama_9_3")
     model = load_adapters(copy.deepcopy(base), save_adapters(base, tmp_path))
@@ -171,14 +186,27 @@ def test_bad_adapter_names_are_refused(tmp_path, names, message):
         model.generate(inputs=input_ids, attention_mask=mask, adapter_names=names, max_new_tokens=2)
 
 
-def test_beam_search_expanding_the_batch_is_refused(tmp_path):
+@pytest.mark.parametrize("expand", [dict(num_beams=2), dict(do_sample=True, num_return_sequences=2)])
+def test_beam_search_expanding_the_batch_is_refused(tmp_path, expand):
+    """The refusal said to give one adapter name per expanded row, which the row count check refuses in turn."""
     base = build_tiny("llama_gqa")
     model = load_adapters(base, save_adapters(base, tmp_path))
     input_ids, mask = left_padded(2)
-    with pytest.raises(ValueError, match="expand the batch"):
-        model.generate(
-            input_ids=input_ids, attention_mask=mask, adapter_names=["cols", "rows"], num_beams=2, max_new_tokens=2
-        )
+    names = ["cols", "rows"]
+    with pytest.raises(AdapterError, match=r"expand the batch.*repeat_interleave\(n, 0\).*each adapter name n"):
+        model.generate(input_ids=input_ids, attention_mask=mask, adapter_names=names, max_new_tokens=2, **expand)
+    # What it says to do instead: the rows repeated, each with its name.
+    torch.manual_seed(0)
+    out = model.generate(
+        input_ids=input_ids.repeat_interleave(2, 0),
+        attention_mask=mask.repeat_interleave(2, 0),
+        adapter_names=[name for name in names for _ in range(2)],
+        max_new_tokens=2,
+        do_sample=True,
+        pad_token_id=0,
+    )
+    assert out.shape[0] == 4
+    assert torch.equal(out[:, : input_ids.shape[1]], input_ids.repeat_interleave(2, 0))
 
 
 def buffer_bytes(model) -> int:
@@ -293,7 +321,7 @@ def test_names_and_models_are_checked(tmp_path):
     with pytest.raises(ValueError, match="no adapter named"):
         remove_adapter(model, "rows")
     single = s2ft.load_adapter(build_tiny("llama_gqa"), paths["cols"])
-    with pytest.raises(ValueError, match="already has an S2FT adapter; load_adapters needs a plain base model"):
+    with pytest.raises(ValueError, match="already has an S2FT adapter; load_adapters needs the plain base model"):
         load_adapters(single, paths)
     # The other way round: a mixed-adapter model is no base for one adapter either.
     with pytest.raises(ValueError, match="already has an S2FT adapter"):
@@ -363,6 +391,32 @@ def test_save_pretrained_of_a_mixed_adapter_model_is_refused(tmp_path):
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("how", ["pickled", "copied"])
+def test_a_pickled_or_copied_mixed_adapter_model_serves_its_adapters(tmp_path, how):
+    """generate was a bound method, pickled as getattr(model, "_generate"): torch.save of a mixed-adapter model
+    worked and torch.load of it failed with an AttributeError. A copy's generate runs the copy, not the original
+    (whose adapters are removed here)."""
+    base = build_tiny("llama_gqa")
+    paths = save_adapters(base, tmp_path)
+    references = merged_models(base, paths)
+    original = load_adapters(copy.deepcopy(base), paths)
+    if how == "pickled":
+        torch.save(original, tmp_path / "model.pt")
+        model = torch.load(tmp_path / "model.pt", weights_only=False)
+    else:
+        model = copy.deepcopy(original)
+    for name in paths:
+        remove_adapter(original, name)
+    assert loaded_adapters(model) == list(SELECTIONS)
+    assert_rows_match(model, references, NAMES, *left_padded(len(NAMES)))
+    for name in paths:
+        remove_adapter(model, name)
+    assert "generate" not in vars(model)
+    input_ids, mask = left_padded(2)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=input_ids).logits, base(input_ids=input_ids).logits)
+
+
 @pytest.mark.slow
 def test_smollm2_rows_equal_their_merged_models(tmp_path):
     """SmolLM2-135M with two trained adapters (a few AdamW steps each, on different texts)."""
@@ -424,6 +478,25 @@ def test_a_submodule_called_after_a_mixed_call_is_the_base_model(tmp_path):
             else:
                 run()
             assert torch.equal(model.model(input_ids=input_ids, attention_mask=mask).last_hidden_state, expected), call
+
+
+def test_adapter_names_given_past_the_models_call_are_refused(tmp_path):
+    """model.forward(...) skips the pre-hook that reads adapter_names, and transformers' decoders accept and ignore
+    unknown keyword arguments: every row ran the base model (logits off by about 3), silently."""
+    base = build_tiny("llama_9_3")
+    paths = save_adapters(base, tmp_path)
+    model = load_adapters(copy.deepcopy(base), paths)
+    input_ids, mask = left_padded(len(NAMES))
+    with torch.no_grad():
+        for call in (model.forward, model.model):
+            with pytest.raises(AdapterError, match=r"call model\(\.\.\., adapter_names=\.\.\.\)"):
+                call(input_ids=input_ids, attention_mask=mask, adapter_names=NAMES)
+        expected = base(input_ids=input_ids, attention_mask=mask).logits
+        assert torch.equal(model.forward(input_ids=input_ids, attention_mask=mask, adapter_names=None).logits, expected)
+        assert_rows_match(model, merged_models(base, paths), NAMES, input_ids, mask, new_tokens=2)
+    for name in paths:
+        remove_adapter(model, name)
+    assert not model.model._forward_pre_hooks
 
 
 def test_an_adapter_is_not_removed_while_generate_runs_with_it(tmp_path):
@@ -513,6 +586,20 @@ def test_two_threads_running_the_model_at_once_each_get_their_own_rows(tmp_path)
     torch.testing.assert_close(got["forward"], expected["forward"], rtol=0, atol=1e-6)
     remove_adapter(model, "cols")  # nothing runs now
     assert loaded_adapters(model) == ["rows"]
+
+
+def test_mixed_adapters_onto_a_model_with_one_adapter_are_refused_naming_a_fresh_base(tmp_path):
+    """The refusal said to call merge_and_unload, whose model keeps the adapter merged: "rows" then loaded onto it
+    (it trains other rows/columns than "cols", so the base check passed) and every row, the base's too, was off by
+    about 2.7 in the logits, silently."""
+    base = build_tiny("llama_gqa")
+    paths = save_adapters(base, tmp_path)
+    single = s2ft.load_adapter(copy.deepcopy(base), paths["cols"])
+    before = snapshot(single)
+    with pytest.raises(AdapterError, match="plain base model the adapters were trained on: load a fresh copy") as err:
+        load_adapters(single, {"rows": paths["rows"]})
+    assert "call merge_and_unload" not in str(err.value)
+    assert_same_state(single, before)
 
 
 def test_refusals_of_the_adapter_lifecycle_are_user_errors(tmp_path):
