@@ -10,6 +10,7 @@ from s2ft.adapter import (
     save_adapter,
     switch_adapter,
     trainable_parameter_count,
+    unload,
     unmerge_adapter,
 )
 from s2ft.adapter_format import Adapter, AdapterError, load_adapter_file
@@ -48,6 +49,7 @@ __all__ = [
     "select_units",
     "switch_adapter",
     "trainable_parameter_count",
+    "unload",
     "unmerge_adapter",
 ]
 

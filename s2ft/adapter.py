@@ -303,9 +303,27 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     that ``switch_adapter`` stored column-major are stored row-major again, as ``from_pretrained`` gives them: the
     plain model computes bit for bit what the freshly merged one does (a matmul's rounding can depend on the layout).
     """
+    return _unwrap(model, merge=True)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Removes the adapter without merging it and returns the plain base model in the original coordinates (in place).
+
+    The base model's own values go back into the trained rows/columns (``base_values``, kept since the adapter was
+    applied), so the result is the base model bit for bit, as ``from_pretrained`` gave it: the model to give
+    ``load_adapters`` or another ``load_adapter``, without loading the base again. The adapter is lost unless saved
+    first (``save_adapter``).
+    """
+    return _unwrap(model, merge=False)
+
+
+def _unwrap(model: nn.Module, merge: bool) -> nn.Module:
     state = model_state(model)
     for name, module in s2ft_modules(model).items():
-        module.merge()
+        if merge:
+            module.merge()
+        else:
+            module.restore_base()
         model.set_submodule(name, plain_linear(module))
     for module in model.modules():  # also the modules a switch unwrapped (restored to the base, left column-major)
         if isinstance(module, nn.Linear) and not module.weight.is_contiguous():
@@ -342,7 +360,7 @@ def fuse_adapters(base: nn.Module, paths_or_adapters, weights=None) -> nn.Module
             not one finite number per adapter; the model is unchanged when raised.
         AdapterError: Also if ``base`` has S2FT applied or adapters loaded.
     """
-    check_fresh(base, "fuse_adapters needs a plain base model: call merge_and_unload or start from a fresh base")
+    check_fresh(base, "fuse_adapters needs the plain base model: s2ft.unload(model) gives it back, or load a fresh one")
     # One folder or one weight is iterable too (by characters, or not at all): refuse it before any file is read.
     if isinstance(paths_or_adapters, (str, os.PathLike, Adapter)):
         raise AdapterError(f"fuse_adapters takes a list of adapters, got {paths_or_adapters!r}: give [path, ...]")

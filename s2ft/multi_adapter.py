@@ -293,8 +293,8 @@ def load_adapters(base: nn.Module, adapters: Mapping[str, str | os.PathLike | Ad
     # rows/columns passes the base check there, so its rows (and the base's) were served on top of it, silently.
     check_fresh(
         base,
-        "load_adapters needs the plain base model the adapters were trained on: load a fresh copy of it (a merged "
-        "model, merge_and_unload's, keeps its adapter in the weights, under every row)",
+        "load_adapters needs the plain base model the adapters were trained on: s2ft.unload(model) gives it back, or "
+        "load a fresh copy (not merge_and_unload: it keeps its adapter in the weights, under every row)",
     )
     if not isinstance(adapters, Mapping):
         raise AdapterError(f"load_adapters takes a mapping of names to adapters, got {adapters!r}: {{'name': path}}")

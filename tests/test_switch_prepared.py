@@ -155,6 +155,31 @@ def test_a_switched_and_unloaded_model_is_the_fresh_merged_model_bit_for_bit(tmp
         assert torch.equal(param, expected), name
 
 
+@pytest.mark.parametrize("seeds", [(2, 3, 2), ()])
+@pytest.mark.parametrize("merged", [False, True])
+@pytest.mark.parametrize("layout", ["gather", "permuted"])
+def test_unload_gives_back_the_base_model_bit_for_bit(tmp_path, merged, layout, seeds):
+    """Before, the way from one adapter to the plain base was to load the base again: merge_and_unload keeps the
+    adapter in the weights (mixed adapters served on it were off by ~3). unload restores the base's own values."""
+    base = build_tiny("llama_9_3")
+    paths = {seed: adapter_files(tmp_path, base, ratios, seed) for seed, ratios in SELECTIONS.items()}
+    model = trained(copy.deepcopy(base), s2ft.S2FTConfig(ratios=RATIOS, seed=1, layout=layout), seed=1)
+    if merged:
+        s2ft.merge_adapter(model)
+    for seed in seeds:
+        s2ft.switch_adapter(model, paths[seed])
+    assert s2ft.unload(model) is model and not hasattr(model, "s2ft_state") and not s2ft_modules(model)
+    assert all(param.is_contiguous() and param.requires_grad for param in model.parameters())
+    for (name, param), (_, expected) in zip(model.named_parameters(), base.named_parameters(), strict=True):
+        assert torch.equal(param, expected), name
+    served = s2ft.load_adapters(model, {"two": paths[2]})
+    fresh = s2ft.merge_and_unload(s2ft.load_adapter(copy.deepcopy(base), paths[2]))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            served(INPUT_IDS, adapter_names=["two"] * len(INPUT_IDS)).logits, fresh(INPUT_IDS).logits
+        )
+
+
 def test_training_after_a_switch_equals_training_the_freshly_loaded_adapter(tmp_path):
     base = build_tiny("llama_9_3")
     paths = {seed: adapter_files(tmp_path, base, ratios, seed) for seed, ratios in SELECTIONS.items()}
