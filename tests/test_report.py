@@ -17,7 +17,7 @@ from scipy import stats
 
 from experiments.report.markdown import heldout_statement, main, pairs_verdict, significance_statement, write_report
 from experiments.report.records import export_records
-from experiments.report.runs import Run, find_runs, wandb_runs
+from experiments.report.runs import Run, find_runs, find_unfinished, wandb_runs
 from experiments.report.stats import ALPHA, estimate, paired_bootstrap_p, seed_level_p, welch_p
 from experiments.report.table import (
     Row,
@@ -797,6 +797,11 @@ def test_a_damaged_record_file_is_named_before_anything_is_written(file, damage,
         ("data.batch_size", 16, "8", "16"),
         ("model.dtype", "bfloat16", "float32", "bfloat16"),
         ("eval.mode", "generate", "loglik", "generate"),
+        # Were not read: a seed scored on other tasks, or on other items, was averaged into the row's Avg.
+        ("eval.tasks", ["boolq"], '["commonsense"]', '["boolq"]'),
+        ("eval.limit", 100, "200", "100"),
+        ("eval.heldout_limit", 64, "128", "64"),
+        ("eval.backend", "lm_eval", "s2ft", "lm_eval"),
         ("method.betas", [0.9, 0.95], "null", "[0.9, 0.95]"),  # absent from conf/method: the code's AdamW betas
     ],
 )
@@ -984,3 +989,108 @@ def test_heldout_seeds_weigh_alike_as_in_the_mean_over_seeds(tmp_path):
         statistics.mean(lora.values(heldout_after("x"))), abs=1e-12
     )
     assert compare_heldout(rows, "x", reference="lora").pvalues == {"s2ft": 1.0}
+
+
+def test_a_run_from_before_eval_backend_scored_with_s2ft_and_is_no_row_of_its_own(tmp_path):
+    runs = _selection_records(tmp_path)
+    config_file = runs / "seed0_random_large" / "config.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    del config["eval"]["backend"]
+    config_file.write_text(yaml.safe_dump(config))
+    assert {row.label: len(row.runs) for row in build_rows(find_runs([runs]))}[RANDOM] == 2
+
+
+def test_exporting_another_sweeps_runs_is_refused_where_their_record_names_are_taken(tmp_path):
+    """Two sweeps' jobs are both named 0, 1, ...: the second export replaced the first sweep's records unsaid, and the
+    report over the records folder lost those runs (here seeds 0 and 1 of a row left one seed of another row)."""
+    runs = _selection_records(tmp_path)
+    records = tmp_path / "records"
+    export_records(find_runs([runs]), records)
+    snapshot = {p: p.read_bytes() for p in records.rglob("*") if p.is_file()}
+    other = shutil.copytree(runs / "seed0_random_large", tmp_path / "other" / "seed0_random_large")
+    config = yaml.safe_load((other / "config.yaml").read_text())
+    config["seed"] = 7
+    (other / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(
+        SystemExit,
+        match=rf"^error: records of other runs have these names already: "
+        rf"{re.escape(str(records / 'seed0_random_large'))} \(from {re.escape(str(other))}\); export into another "
+        "folder, or remove those records first",
+    ):
+        main([str(tmp_path / "other"), "--export-records", str(records), "--out", str(tmp_path / "out")])
+    assert {p: p.read_bytes() for p in records.rglob("*") if p.is_file()} == snapshot
+    assert not (tmp_path / "out").exists()
+    # The same run exported again (its config as the record's) replaces its record, as before.
+    (other / "config.yaml").write_bytes((runs / "seed0_random_large" / "config.yaml").read_bytes())
+    assert export_records(find_runs([other]), records) == [records / "seed0_random_large"]
+
+
+def test_runs_linked_into_a_comparison_folder_are_found_and_a_run_named_twice_is_one(tmp_path):
+    """Links to run directories were not followed: "no summary.json under ['cmp']", or beside real runs the linked
+    ones were left out unsaid. A run given twice (its sweep and itself) was refused as "a rerun of one config"."""
+    runs = _selection_records(tmp_path)
+    compare = tmp_path / "cmp"
+    (compare / "inner").mkdir(parents=True)
+    (compare / "random").symlink_to(runs / "seed0_random_large")
+    (compare / "inner" / "gradient").symlink_to(runs / "seed0_gradient_large")
+    (compare / "inner" / "loop").symlink_to(compare)  # walked once
+    shutil.copytree(runs / "seed1_random_large", compare / "seed1")
+    assert [run.path for run in find_runs([compare])] == [
+        compare / "inner" / "gradient",
+        compare / "random",
+        compare / "seed1",
+    ]
+    assert [run.path for run in find_runs([runs, runs / "seed0_random_large"])] == sorted(runs.iterdir())
+    (runs / "seed3" / ".hydra").mkdir(parents=True)
+    (runs / "seed3" / ".hydra" / "config.yaml").write_text("name: selection_smollm\nmodel: {name: smollm2_135m}\n")
+    (compare / "unfinished").symlink_to(runs / "seed3")
+    assert [run.path for run in find_unfinished([compare])] == [compare / "unfinished"]
+
+
+def test_an_mtbench_run_is_reported_and_exported_without_its_answers(tmp_path):
+    """predictions/mtbench.jsonl (answers and ratings, no id or correct) refused the run: "line 1 lacks one of id,
+    correct; rerun the run's evaluation or leave its run out", so no MT-Bench study could be reported."""
+    runs = shutil.copytree(SELECTION, tmp_path / "runs")
+    answers = {"question_id": 81, "category": "writing", "answers": ["a", "b"], "ratings": [None, None]}
+    (runs / "seed0_random_large" / "predictions" / "mtbench.jsonl").write_text(json.dumps(answers) + "\n")
+    report = main(
+        [
+            str(runs),
+            "--export-records",
+            str(tmp_path / "records"),
+            "--reference",
+            RANDOM,
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert report.read_text() == (ROOT / "results" / "selection_smollm" / "report.md").read_text()
+    assert not list((tmp_path / "records").rglob("mtbench*"))
+
+
+@pytest.mark.parametrize("flag", ["--out", "--export-records"])
+def test_an_output_folder_that_is_a_file_is_refused_before_anything_is_written(flag, tmp_path):
+    """Was a FileExistsError or NotADirectoryError traceback from mkdir, an --export-records one after records were
+    staged."""
+    runs = _selection_records(tmp_path)
+    (tmp_path / "taken").write_text("mine")
+    args = [str(runs), "--out", str(tmp_path / "out"), flag, str(tmp_path / "taken")]
+    with pytest.raises(SystemExit, match=rf"^error: {flag} {re.escape(str(tmp_path / 'taken'))} is a file; give a "):
+        main(args)
+    assert (tmp_path / "taken").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs", "taken"]
+
+
+def test_wandb_that_cannot_be_read_is_one_error_naming_the_fix(monkeypatch):
+    """Was wandb's UsageError traceback ("No API key configured") without a login, CommError without a network."""
+
+    def refuse(project):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr("experiments.report.runs.wandb_summaries", refuse)
+    with pytest.raises(
+        SystemExit,
+        match=r"^error: W&B project 'team/s2ft' cannot be read \(No API key configured. Use `wandb login` to log "
+        r"in.\); log in \(`wandb login`\) on a machine with a network, or report the run directories instead",
+    ):
+        main(["--wandb", "team/s2ft"])

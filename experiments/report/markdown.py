@@ -351,6 +351,9 @@ def main(argv: list[str] | None = None) -> Path:
     if args.wandb and args.export_records:
         parser.error("--export-records needs run directories: W&B runs have no per-item predictions to keep")
     try:
+        for flag, folder in (("--out", args.out), ("--export-records", args.export_records)):
+            if folder is not None and folder.exists() and not folder.is_dir():
+                raise ReportError(f"{flag} {folder} is a file; give a folder (it is created where missing)")
         runs = wandb_runs(args.wandb) if args.wandb else find_runs(args.paths)
         unfinished = [] if args.wandb else find_unfinished(args.paths)
         if args.reference:
