@@ -1094,3 +1094,36 @@ def test_wandb_that_cannot_be_read_is_one_error_naming_the_fix(monkeypatch):
         r"in.\); log in \(`wandb login`\) on a machine with a network, or report the run directories instead",
     ):
         main(["--wandb", "team/s2ft"])
+
+
+def _rewrite_rows(file: Path, change) -> None:
+    rows = [json.loads(line) for line in gzip.decompress(file.read_bytes()).decode().splitlines()]
+    file.write_bytes(gzip.compress("".join(json.dumps(row) + "\n" for row in change(rows)).encode()))
+
+
+@pytest.mark.parametrize(
+    ("stem", "change", "message"),
+    [
+        ("boolq", lambda rows: rows[:-1], "has 199 items where summary.json's eval.boolq.n is 200"),
+        (
+            "boolq",
+            lambda rows: [{**rows[0], "correct": not rows[0]["correct"]}, *rows[1:]],
+            "has 123 of 200 items correct where summary.json's eval.boolq.accuracy is 0.62",
+        ),
+        ("heldout_commonsense_test", lambda rows: rows[:-1], "gives a per-token loss of"),
+    ],
+    ids=["cut short", "another evaluation", "held-out cut short"],
+)
+def test_predictions_that_do_not_give_the_summarys_numbers_are_refused(stem, change, message, tmp_path):
+    """A prediction file cut short at a line (a killed backfill, a broken copy) or of another evaluation was read
+    without a word: the paired tests compared fewer or other items than the table's means."""
+    runs = _selection_records(tmp_path)
+    file = runs / "seed0_random_large" / "predictions" / f"{stem}.jsonl.gz"
+    _rewrite_rows(file, change)
+    with pytest.raises(
+        SystemExit,
+        match=rf"^error: {re.escape(str(file.with_suffix('')))}\[\.gz\] {re.escape(message)}.* \(cut short, or of "
+        r"another evaluation\); rerun the run's evaluation or leave its run out$",
+    ):
+        main([str(runs), "--export-records", str(tmp_path / "records"), "--out", str(tmp_path / "out")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]

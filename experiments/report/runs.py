@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,9 @@ SUMMARY_KEYS = ("experiment", "model", "method")
 # What the report (and a record) reads of each prediction row: ids and numbers, never prompts, outputs or answers.
 ITEM_FIELDS = ("id", "correct")
 HELDOUT_FIELDS = ("id", "nll", "tokens")
+# How far a held-out file's per-token loss may be from its summary's (experiments.study.backfill_heldout keeps files
+# within 1e-5 relative of the recorded mean).
+HELDOUT_TOLERANCE = 1e-4
 
 
 class ReportError(UserError, ValueError):
@@ -151,7 +155,42 @@ class Run:
                         "rerun the run's evaluation or leave its run out"
                     )
             self._rows[stem] = [{key: row[key] for key in fields} for row in rows]
+            if rows:
+                self._check_against_summary(stem, self._rows[stem])
         return self._rows[stem]
+
+    def _check_against_summary(self, stem: str, rows: list[dict]) -> None:
+        """Refuse a prediction file whose items do not give the summary's numbers: a file cut short at a line (a
+        killed backfill, a broken copy) or of another evaluation was paired item by item beside the table's means.
+
+        Raises:
+            ReportError: Naming the file, what it gives and what the summary says.
+        """
+        file = f"{self.path / 'predictions' / stem}.jsonl[.gz]"
+        fix = "(cut short, or of another evaluation); rerun the run's evaluation or leave its run out"
+        if stem.startswith("heldout_"):
+            name = stem.removeprefix("heldout_")
+            after = ((self.summary.get("heldout") or {}).get(name) or {}).get("after")
+            tokens = sum(int(row["tokens"]) for row in rows)
+            loss = sum(float(row["nll"]) for row in rows) / tokens if tokens else math.nan
+            if isinstance(after, int | float) and math.isfinite(after) and math.isfinite(loss):
+                # A backfilled file may differ from the recorded mean by its tolerance (1e-5 relative).
+                if not math.isclose(loss, after, rel_tol=HELDOUT_TOLERANCE):
+                    raise ReportError(
+                        f"{file} gives a per-token loss of {loss:.6f} over {len(rows)} items where summary.json's "
+                        f"heldout.{name}.after is {after:.6f} {fix}"
+                    )
+            return
+        result = (self.summary.get("eval") or {}).get(stem) or {}
+        n, accuracy = result.get("n"), result.get("accuracy")
+        right = sum(bool(row["correct"]) for row in rows)
+        if isinstance(n, int | float) and len(rows) != n:
+            raise ReportError(f"{file} has {len(rows)} items where summary.json's eval.{stem}.n is {n:g} {fix}")
+        if isinstance(accuracy, int | float) and abs(right / len(rows) - accuracy) > 1e-9:
+            raise ReportError(
+                f"{file} has {right} of {len(rows)} items correct where summary.json's eval.{stem}.accuracy is "
+                f"{accuracy:g} {fix}"
+            )
 
     def prediction_stems(self) -> list[str]:
         """The prediction files the report reads: those of the summary's tasks and held-out sets that the run has.
