@@ -1111,8 +1111,10 @@ def _rewrite_rows(file: Path, change) -> None:
             "has 123 of 200 items correct where summary.json's eval.boolq.accuracy is 0.62",
         ),
         ("heldout_commonsense_test", lambda rows: rows[:-1], "gives a per-token loss of"),
+        ("boolq", lambda rows: [], "has 0 items where summary.json's eval.boolq.n is 200"),
+        ("heldout_commonsense_test", lambda rows: [], "gives a per-token loss of nan over 0 items where"),
     ],
-    ids=["cut short", "another evaluation", "held-out cut short"],
+    ids=["cut short", "another evaluation", "held-out cut short", "empty", "held-out empty"],
 )
 def test_predictions_that_do_not_give_the_summarys_numbers_are_refused(stem, change, message, tmp_path):
     """A prediction file cut short at a line (a killed backfill, a broken copy) or of another evaluation was read
@@ -1127,3 +1129,21 @@ def test_predictions_that_do_not_give_the_summarys_numbers_are_refused(stem, cha
     ):
         main([str(runs), "--export-records", str(tmp_path / "records"), "--out", str(tmp_path / "out")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
+def test_rows_scored_on_different_tasks_say_so_above_the_table(tmp_path):
+    """lora's Avg over two tasks (50.0) stood beside s2ft's over one (80.0) as like for like, s2ft the best."""
+
+    def run(method: str, accuracy: dict[str, float]) -> Run:
+        summary = {"experiment": "e", "model": "m", "method": method, "seed": 0}
+        summary |= {"eval": {t: {"accuracy": a} for t, a in accuracy.items()}}
+        return Run(summary | {"avg_accuracy": statistics.mean(accuracy.values())}, None, tmp_path / method)
+
+    runs = [run("lora", {"boolq": 0.8, "arc_easy": 0.2}), run("s2ft", {"boolq": 0.8})]
+    report = write_report(runs, tmp_path / "out").read_text()
+    assert (
+        "\n\nScored on different tasks, so Avg is a mean over different tasks from row to row (a p-value compares only "
+        "the items of tasks both rows scored; compare the task columns): `lora` (arc_easy, boolq); `s2ft` (boolq)."
+        "\n\n|"
+    ) in report
+    assert "Scored on different tasks" not in write_report(runs[:1], tmp_path / "one").read_text()

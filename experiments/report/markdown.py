@@ -94,6 +94,21 @@ def unfinished_statement(unfinished: list[Unfinished], where: str = "of this stu
     return f"Not in the table: {count} {where} without a summary.json (crashed, killed or still running): {named}."
 
 
+def task_sets_statement(rows: list[Row]) -> str | None:
+    """One line naming each row's tasks where the runs were scored on different ones (None when all on the same):
+    their Avg values are then means over different tasks, while a p-value compares the tasks both rows scored."""
+    # A row's runs can differ too: eval.tasks is a row setting, but a summary can lack tasks its config names.
+    sets = {row.label: [sorted(run.summary.get("eval") or {}) for run in row.runs] for row in rows}
+    if len({tuple(tasks) for runs in sets.values() for tasks in runs}) < 2:
+        return None
+    sets = {label: sorted({t for tasks in runs for t in tasks}) for label, runs in sets.items()}
+    named = "; ".join(f"`{label}` ({', '.join(tasks) or 'none'})" for label, tasks in sets.items())
+    return (
+        f"Scored on different tasks, so Avg is a mean over different tasks from row to row (a p-value compares only "
+        f"the items of tasks both rows scored; compare the task columns): {named}."
+    )
+
+
 def unknown_statement(rows: list[Row]) -> str | None:
     """One line naming the rows kept apart only by settings some of their runs' configs lack (None when none)."""
     pairs = unknown_splits(rows)
@@ -138,6 +153,7 @@ def study_section(
     ]
     lines += [unfinished_statement(unfinished), ""] if unfinished else []
     lines += [unknown, ""] if (unknown := unknown_statement(rows)) else []
+    lines += [mixed, ""] if (mixed := task_sets_statement(rows)) else []
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         avg = row.estimate(avg_accuracy)

@@ -148,6 +148,9 @@ class Run:
         if stem not in self._rows:
             fields = HELDOUT_FIELDS if stem.startswith("heldout_") else ITEM_FIELDS
             rows = read_rows(self.path / "predictions", stem) if self.path else []
+            present = self.path is not None and any(
+                (self.path / "predictions" / f"{stem}{ext}").is_file() for ext in (".jsonl", ".jsonl.gz")
+            )
             for line, row in enumerate(rows, 1):
                 if not isinstance(row, dict) or any(key not in row for key in fields):
                     raise ReportError(
@@ -155,7 +158,7 @@ class Run:
                         "rerun the run's evaluation or leave its run out"
                     )
             self._rows[stem] = [{key: row[key] for key in fields} for row in rows]
-            if rows:
+            if present:  # an empty file too: one cut short before its first line
                 self._check_against_summary(stem, self._rows[stem])
         return self._rows[stem]
 
@@ -173,8 +176,9 @@ class Run:
             after = ((self.summary.get("heldout") or {}).get(name) or {}).get("after")
             tokens = sum(int(row["tokens"]) for row in rows)
             loss = sum(float(row["nll"]) for row in rows) / tokens if tokens else math.nan
-            if isinstance(after, int | float) and math.isfinite(after) and math.isfinite(loss):
-                # A backfilled file may differ from the recorded mean by its tolerance (1e-5 relative).
+            if isinstance(after, int | float) and math.isfinite(after):
+                # A backfilled file may differ from the recorded mean by its tolerance (1e-5 relative); an empty file
+                # gives no loss (NaN), never the summary's.
                 if not math.isclose(loss, after, rel_tol=HELDOUT_TOLERANCE):
                     raise ReportError(
                         f"{file} gives a per-token loss of {loss:.6f} over {len(rows)} items where summary.json's "
@@ -186,7 +190,7 @@ class Run:
         right = sum(bool(row["correct"]) for row in rows)
         if isinstance(n, int | float) and len(rows) != n:
             raise ReportError(f"{file} has {len(rows)} items where summary.json's eval.{stem}.n is {n:g} {fix}")
-        if isinstance(accuracy, int | float) and abs(right / len(rows) - accuracy) > 1e-9:
+        if rows and isinstance(accuracy, int | float) and abs(right / len(rows) - accuracy) > 1e-9:
             raise ReportError(
                 f"{file} has {right} of {len(rows)} items correct where summary.json's eval.{stem}.accuracy is "
                 f"{accuracy:g} {fix}"
