@@ -1015,7 +1015,7 @@ def test_exporting_another_sweeps_runs_is_refused_where_their_record_names_are_t
         SystemExit,
         match=rf"^error: records of other runs have these names already: "
         rf"{re.escape(str(records / 'seed0_random_large'))} \(from {re.escape(str(other))}\); export into another "
-        "folder, or remove those records first",
+        r"folder \(or every sweep in one command: their records are named by sweep\), or remove those records first",
     ):
         main([str(tmp_path / "other"), "--export-records", str(records), "--out", str(tmp_path / "out")])
     assert {p: p.read_bytes() for p in records.rglob("*") if p.is_file()} == snapshot
@@ -1147,3 +1147,30 @@ def test_rows_scored_on_different_tasks_say_so_above_the_table(tmp_path):
         "\n\n|"
     ) in report
     assert "Scored on different tasks" not in write_report(runs[:1], tmp_path / "one").read_text()
+
+
+def test_new_runs_are_added_beside_the_records_of_the_folder_they_are_exported_into(tmp_path):
+    """Giving the records folder with a new sweep (to add its runs) named every run below their common folder: the
+    records were written again as records/records/RUN, and the report over the folder was refused (2 runs of seed 0)."""
+    records = _selection_records(tmp_path)
+    new = tmp_path / "new"
+    shutil.copytree(SELECTION / "seed2_random_large", new / "seed2_random_large")
+    report = main([str(records), str(new), "--export-records", str(records), "--out", str(tmp_path / "out")])
+    assert sorted(p.name for p in records.iterdir()) == sorted(
+        [p.name for p in SELECTION.iterdir() if p.name[4] in "01"] + ["seed2_random_large"]
+    )
+    assert report.read_bytes() == main([str(records), "--out", str(tmp_path / "again")]).read_bytes()
+    # Again, the new run beside its record: it updates the record (one run, not two of seed 2).
+    again = main([str(records), str(new), "--export-records", str(records), "--out", str(tmp_path / "twice")])
+    assert again.read_bytes() == report.read_bytes() and len(list(records.iterdir())) == 7
+    # A new sweep whose jobs take the records' names: refused, naming both, nothing written.
+    shutil.copytree(SELECTION / "seed2_gradient_large", new / "seed0_random_large")
+    snapshot = {p: p.read_bytes() for p in records.rglob("*") if p.is_file()}
+    with pytest.raises(
+        SystemExit,
+        match=rf"^error: two runs would share a record name under {re.escape(str(records))}: seed0_random_large "
+        rf"\({re.escape(str(new / 'seed0_random_large'))}, {re.escape(str(records / 'seed0_random_large'))}\); "
+        r"export into another folder, giving every sweep directory in one command",
+    ):
+        main([str(records), str(new), "--export-records", str(records), "--out", str(tmp_path / "out")])
+    assert {p: p.read_bytes() for p in records.rglob("*") if p.is_file()} == snapshot

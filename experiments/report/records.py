@@ -23,8 +23,9 @@ from experiments.report.runs import ReportError, Run
 def export_records(runs: list[Run], dest: Path) -> list[Path]:
     """Write one record per run under ``dest``, named by the run directory's path below the runs' common folder.
 
-    A record of the same name is replaced where it is of the same run (the same `config.yaml`: an updated export);
-    other records in ``dest`` stay.
+    Records already in ``dest`` (the folder given among the runs, to add new runs to it) keep their names. A record
+    of the same name is replaced where it is of the same run (the same `config.yaml`: an updated export); other
+    records in ``dest`` stay.
 
     Raises:
         ReportError: A run without a directory (a W&B run), two runs that would get the same record name, a record
@@ -34,10 +35,30 @@ def export_records(runs: list[Run], dest: Path) -> list[Path]:
     if any(run.path is None for run in runs):
         raise ReportError("records are exported from run directories; W&B runs have none")
     paths = [run.path.resolve() for run in runs]
-    common = Path(os.path.commonpath(paths)) if len(paths) > 1 else paths[0].parent
-    names = [path.relative_to(common) for path in paths]
+    # Were named below the common folder of all the runs, dest's own records too: `dest/dest/RUN` duplicates.
+    home = dest.resolve()
+    outside = [path for path in paths if home not in path.parents]
+    common = Path(os.path.commonpath(outside)) if len(outside) > 1 else outside[0].parent if outside else home
+    names = [path.relative_to(home if home in path.parents else common) for path in paths]
+    # A record given beside the run it came from (an export again of a sweep partly exported): the run updates it.
+    updated = {name for path, name in zip(paths, names, strict=True) if home not in path.parents}
+    keep = [
+        i
+        for i, (path, name) in enumerate(zip(paths, names, strict=True))
+        if home not in path.parents
+        or name not in updated
+        or _identity(path) != _identity(next(p for p, n in zip(paths, names, strict=True) if n == name and p != path))
+    ]
+    runs, paths, names = [runs[i] for i in keep], [paths[i] for i in keep], [names[i] for i in keep]
     if len(set(names)) != len(names):
-        raise ReportError(f"two runs would share a record name under {dest}: {sorted(map(str, names))}")
+        shared = sorted({str(name) for name in names if names.count(name) > 1})
+        runs_of = {n: [str(r.path) for r, m in zip(runs, names, strict=True) if str(m) == n] for n in shared}
+        raise ReportError(
+            f"two runs would share a record name under {dest}: "
+            + "; ".join(f"{name} ({', '.join(paths)})" for name, paths in runs_of.items())
+            + "; export into another folder, giving every sweep directory in one command (records are then named "
+            "by sweep)"
+        )
     if dest.exists() and not dest.is_dir():
         raise ReportError(f"--export-records {dest} is a file; give a folder for the records")
     # Another sweep's runs get the same names (0, 1, ...): replacing their records would drop those runs unsaid.
@@ -48,8 +69,9 @@ def export_records(runs: list[Run], dest: Path) -> list[Path]:
     ]
     if clashes:
         raise ReportError(
-            f"records of other runs have these names already: {'; '.join(clashes)}; export into another folder, "
-            "or remove those records first if they are older exports of these run directories"
+            f"records of other runs have these names already: {'; '.join(clashes)}; export into another folder (or "
+            "every sweep in one command: their records are named by sweep), or remove those records first if they "
+            "are older exports of these run directories"
         )
     written = []
     for run, name in zip(runs, names, strict=True):
