@@ -595,6 +595,21 @@ def test_a_second_run_of_one_seed_in_a_row_is_refused(tmp_path):
     (again / "config.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(SystemExit, match=r"; their configs differ in eval.batch_size\): pass only"):
         main([str(runs), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()  # was created, empty, without --reference
+    # With --export-records too, before any record is written (14 records were, then the report refused).
+    with pytest.raises(SystemExit, match=rf"^error: row '{RANDOM}' has 2 runs of seed 0"):
+        main([str(runs), "--export-records", str(tmp_path / "records"), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "records").exists() and not (tmp_path / "out").exists()
+    # A run of a seed that a record already in the folder holds under another name: refused, the records unchanged.
+    shutil.rmtree(again)
+    records = tmp_path / "records"
+    export_records(find_runs([runs]), records)
+    snapshot = {p: p.read_bytes() for p in records.rglob("*") if p.is_file()}
+    shutil.copytree(runs / "seed0_random_large", tmp_path / "new" / "copy")
+    with pytest.raises(SystemExit, match=rf"^error: row '{RANDOM}' has 2 runs of seed 0 \(.*/new/copy, "):
+        main([str(tmp_path / "new"), "--export-records", str(records), "--out", str(tmp_path / "out")])
+    assert {p: p.read_bytes() for p in records.rglob("*") if p.is_file()} == snapshot
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_prompt_template_is_a_setting_of_a_row():

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from experiments.report.figures import accuracy_vs_trainable, id_vs_ood, loss_curves
-from experiments.report.records import export_records
+from experiments.report.records import export_records, plan_records
 from experiments.report.runs import ReportError, Run, Unfinished, find_runs, find_unfinished, wandb_runs
 from experiments.report.stats import ALPHA, Estimate, estimate, seed_level_p
 from experiments.report.table import (
@@ -347,6 +347,12 @@ def _fmt(value: Estimate | None, scale: float, digits: int) -> str:
     return mean if value.n == 1 else f"{mean} ± {scale * value.std:.{digits}f}"
 
 
+def _records_in(folder: Path) -> list[Run]:
+    """The records already in ``folder`` (none where it holds none yet)."""
+    has_records = folder.is_dir() and any(folder.rglob("summary.json"))
+    return find_runs([folder]) if has_records else []
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="*", help="run directories, sweep directories or summary.json files")
@@ -374,6 +380,16 @@ def main(argv: list[str] | None = None) -> Path:
         unfinished = [] if args.wandb else find_unfinished(args.paths)
         if args.reference:
             check_reference(runs, args.reference)
+        # What the report would refuse (a second run of one seed) is refused before --out or a record is written;
+        # a record given beside the run it came from is that run.
+        planned = runs
+        if args.export_records:
+            plan = plan_records(runs, args.export_records)
+            names = {args.export_records.resolve() / name for _, name in plan}
+            kept = _records_in(args.export_records)  # the report reads those other records too
+            planned = [run for run, _ in plan] + [run for run in kept if run.path.resolve() not in names]
+        for group in group_runs(planned).values():
+            build_rows(group)
         if args.export_records:
             records = export_records(runs, args.export_records)
             print(f"wrote {len(records)} records under {args.export_records}")

@@ -20,8 +20,9 @@ from pathlib import Path
 from experiments.report.runs import ReportError, Run
 
 
-def export_records(runs: list[Run], dest: Path) -> list[Path]:
-    """Write one record per run under ``dest``, named by the run directory's path below the runs' common folder.
+def plan_records(runs: list[Run], dest: Path) -> list[tuple[Run, Path]]:
+    """The runs to export into ``dest``, each with its record's name: the run directory's path below the runs'
+    common folder.
 
     Records already in ``dest`` (the folder given among the runs, to add new runs to it) keep their names. A record
     of the same name is replaced where it is of the same run (the same `config.yaml`: an updated export); other
@@ -31,6 +32,9 @@ def export_records(runs: list[Run], dest: Path) -> list[Path]:
         ReportError: A run without a directory (a W&B run), two runs that would get the same record name, a record
             of that name in ``dest`` that is of another run (its `config.yaml` differs), or a ``dest`` that is a file;
             nothing is written then.
+
+    Returns:
+        (run, name) per run that gets a record; a record in ``dest`` given beside the run it came from is left out.
     """
     if any(run.path is None for run in runs):
         raise ReportError("records are exported from run directories; W&B runs have none")
@@ -73,8 +77,17 @@ def export_records(runs: list[Run], dest: Path) -> list[Path]:
             "every sweep in one command: their records are named by sweep), or remove those records first if they "
             "are older exports of these run directories"
         )
+    return list(zip(runs, names, strict=True))
+
+
+def export_records(runs: list[Run], dest: Path) -> list[Path]:
+    """Write one record per run under ``dest`` (`plan_records`: their names, what is refused) and return the paths.
+
+    Raises:
+        ReportError: As `plan_records`; nothing is written then.
+    """
     written = []
-    for run, name in zip(runs, names, strict=True):
+    for run, name in plan_records(runs, dest):
         target = dest / name
         if target.resolve() == run.path.resolve():
             written.append(target)  # already a record in place
