@@ -17,7 +17,7 @@ from scipy import stats
 
 from experiments.report.markdown import heldout_statement, main, pairs_verdict, significance_statement, write_report
 from experiments.report.records import export_records
-from experiments.report.runs import Run, find_runs, wandb_runs
+from experiments.report.runs import Run, find_runs, find_unfinished, wandb_runs
 from experiments.report.stats import ALPHA, estimate, paired_bootstrap_p, seed_level_p, welch_p
 from experiments.report.table import (
     Row,
@@ -595,6 +595,21 @@ def test_a_second_run_of_one_seed_in_a_row_is_refused(tmp_path):
     (again / "config.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(SystemExit, match=r"; their configs differ in eval.batch_size\): pass only"):
         main([str(runs), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()  # was created, empty, without --reference
+    # With --export-records too, before any record is written (14 records were, then the report refused).
+    with pytest.raises(SystemExit, match=rf"^error: row '{RANDOM}' has 2 runs of seed 0"):
+        main([str(runs), "--export-records", str(tmp_path / "records"), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "records").exists() and not (tmp_path / "out").exists()
+    # A run of a seed that a record already in the folder holds under another name: refused, the records unchanged.
+    shutil.rmtree(again)
+    records = tmp_path / "records"
+    export_records(find_runs([runs]), records)
+    snapshot = {p: p.read_bytes() for p in records.rglob("*") if p.is_file()}
+    shutil.copytree(runs / "seed0_random_large", tmp_path / "new" / "copy")
+    with pytest.raises(SystemExit, match=rf"^error: row '{RANDOM}' has 2 runs of seed 0 \(.*/new/copy, "):
+        main([str(tmp_path / "new"), "--export-records", str(records), "--out", str(tmp_path / "out")])
+    assert {p: p.read_bytes() for p in records.rglob("*") if p.is_file()} == snapshot
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_prompt_template_is_a_setting_of_a_row():
@@ -797,6 +812,11 @@ def test_a_damaged_record_file_is_named_before_anything_is_written(file, damage,
         ("data.batch_size", 16, "8", "16"),
         ("model.dtype", "bfloat16", "float32", "bfloat16"),
         ("eval.mode", "generate", "loglik", "generate"),
+        # Were not read: a seed scored on other tasks, or on other items, was averaged into the row's Avg.
+        ("eval.tasks", ["boolq"], '["commonsense"]', '["boolq"]'),
+        ("eval.limit", 100, "200", "100"),
+        ("eval.heldout_limit", 64, "128", "64"),
+        ("eval.backend", "lm_eval", "s2ft", "lm_eval"),
         ("method.betas", [0.9, 0.95], "null", "[0.9, 0.95]"),  # absent from conf/method: the code's AdamW betas
     ],
 )
@@ -984,3 +1004,188 @@ def test_heldout_seeds_weigh_alike_as_in_the_mean_over_seeds(tmp_path):
         statistics.mean(lora.values(heldout_after("x"))), abs=1e-12
     )
     assert compare_heldout(rows, "x", reference="lora").pvalues == {"s2ft": 1.0}
+
+
+def test_a_run_from_before_eval_backend_scored_with_s2ft_and_is_no_row_of_its_own(tmp_path):
+    runs = _selection_records(tmp_path)
+    config_file = runs / "seed0_random_large" / "config.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    del config["eval"]["backend"]
+    config_file.write_text(yaml.safe_dump(config))
+    assert {row.label: len(row.runs) for row in build_rows(find_runs([runs]))}[RANDOM] == 2
+
+
+def test_exporting_another_sweeps_runs_is_refused_where_their_record_names_are_taken(tmp_path):
+    """Two sweeps' jobs are both named 0, 1, ...: the second export replaced the first sweep's records unsaid, and the
+    report over the records folder lost those runs (here seeds 0 and 1 of a row left one seed of another row)."""
+    runs = _selection_records(tmp_path)
+    records = tmp_path / "records"
+    export_records(find_runs([runs]), records)
+    snapshot = {p: p.read_bytes() for p in records.rglob("*") if p.is_file()}
+    other = shutil.copytree(runs / "seed0_random_large", tmp_path / "other" / "seed0_random_large")
+    config = yaml.safe_load((other / "config.yaml").read_text())
+    config["seed"] = 7
+    (other / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(
+        SystemExit,
+        match=rf"^error: records of other runs have these names already: "
+        rf"{re.escape(str(records / 'seed0_random_large'))} \(from {re.escape(str(other))}\); export into another "
+        r"folder \(or every sweep in one command: their records are named by sweep\), or remove those records first",
+    ):
+        main([str(tmp_path / "other"), "--export-records", str(records), "--out", str(tmp_path / "out")])
+    assert {p: p.read_bytes() for p in records.rglob("*") if p.is_file()} == snapshot
+    assert not (tmp_path / "out").exists()
+    # The same run exported again (its config as the record's) replaces its record, as before.
+    (other / "config.yaml").write_bytes((runs / "seed0_random_large" / "config.yaml").read_bytes())
+    assert export_records(find_runs([other]), records) == [records / "seed0_random_large"]
+
+
+def test_runs_linked_into_a_comparison_folder_are_found_and_a_run_named_twice_is_one(tmp_path):
+    """Links to run directories were not followed: "no summary.json under ['cmp']", or beside real runs the linked
+    ones were left out unsaid. A run given twice (its sweep and itself) was refused as "a rerun of one config"."""
+    runs = _selection_records(tmp_path)
+    compare = tmp_path / "cmp"
+    (compare / "inner").mkdir(parents=True)
+    (compare / "random").symlink_to(runs / "seed0_random_large")
+    (compare / "inner" / "gradient").symlink_to(runs / "seed0_gradient_large")
+    (compare / "inner" / "loop").symlink_to(compare)  # walked once
+    shutil.copytree(runs / "seed1_random_large", compare / "seed1")
+    assert [run.path for run in find_runs([compare])] == [
+        compare / "inner" / "gradient",
+        compare / "random",
+        compare / "seed1",
+    ]
+    assert [run.path for run in find_runs([runs, runs / "seed0_random_large"])] == sorted(runs.iterdir())
+    (runs / "seed3" / ".hydra").mkdir(parents=True)
+    (runs / "seed3" / ".hydra" / "config.yaml").write_text("name: selection_smollm\nmodel: {name: smollm2_135m}\n")
+    (compare / "unfinished").symlink_to(runs / "seed3")
+    assert [run.path for run in find_unfinished([compare])] == [compare / "unfinished"]
+
+
+def test_an_mtbench_run_is_reported_and_exported_without_its_answers(tmp_path):
+    """predictions/mtbench.jsonl (answers and ratings, no id or correct) refused the run: "line 1 lacks one of id,
+    correct; rerun the run's evaluation or leave its run out", so no MT-Bench study could be reported."""
+    runs = shutil.copytree(SELECTION, tmp_path / "runs")
+    answers = {"question_id": 81, "category": "writing", "answers": ["a", "b"], "ratings": [None, None]}
+    (runs / "seed0_random_large" / "predictions" / "mtbench.jsonl").write_text(json.dumps(answers) + "\n")
+    report = main(
+        [
+            str(runs),
+            "--export-records",
+            str(tmp_path / "records"),
+            "--reference",
+            RANDOM,
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert report.read_text() == (ROOT / "results" / "selection_smollm" / "report.md").read_text()
+    assert not list((tmp_path / "records").rglob("mtbench*"))
+
+
+@pytest.mark.parametrize("flag", ["--out", "--export-records"])
+def test_an_output_folder_that_is_a_file_is_refused_before_anything_is_written(flag, tmp_path):
+    """Was a FileExistsError or NotADirectoryError traceback from mkdir, an --export-records one after records were
+    staged."""
+    runs = _selection_records(tmp_path)
+    (tmp_path / "taken").write_text("mine")
+    args = [str(runs), "--out", str(tmp_path / "out"), flag, str(tmp_path / "taken")]
+    with pytest.raises(SystemExit, match=rf"^error: {flag} {re.escape(str(tmp_path / 'taken'))} is a file; give a "):
+        main(args)
+    assert (tmp_path / "taken").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs", "taken"]
+
+
+def test_wandb_that_cannot_be_read_is_one_error_naming_the_fix(monkeypatch):
+    """Was wandb's UsageError traceback ("No API key configured") without a login, CommError without a network."""
+
+    def refuse(project):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr("experiments.report.runs.wandb_summaries", refuse)
+    with pytest.raises(
+        SystemExit,
+        match=r"^error: W&B project 'team/s2ft' cannot be read \(No API key configured. Use `wandb login` to log "
+        r"in.\); log in \(`wandb login`\) on a machine with a network, or report the run directories instead",
+    ):
+        main(["--wandb", "team/s2ft"])
+
+
+def _rewrite_rows(file: Path, change) -> None:
+    rows = [json.loads(line) for line in gzip.decompress(file.read_bytes()).decode().splitlines()]
+    file.write_bytes(gzip.compress("".join(json.dumps(row) + "\n" for row in change(rows)).encode()))
+
+
+@pytest.mark.parametrize(
+    ("stem", "change", "message"),
+    [
+        ("boolq", lambda rows: rows[:-1], "has 199 items where summary.json's eval.boolq.n is 200"),
+        (
+            "boolq",
+            lambda rows: [{**rows[0], "correct": not rows[0]["correct"]}, *rows[1:]],
+            "has 123 of 200 items correct where summary.json's eval.boolq.accuracy is 0.62",
+        ),
+        ("heldout_commonsense_test", lambda rows: rows[:-1], "gives a per-token loss of"),
+        ("boolq", lambda rows: [], "has 0 items where summary.json's eval.boolq.n is 200"),
+        ("heldout_commonsense_test", lambda rows: [], "gives a per-token loss of nan over 0 items where"),
+    ],
+    ids=["cut short", "another evaluation", "held-out cut short", "empty", "held-out empty"],
+)
+def test_predictions_that_do_not_give_the_summarys_numbers_are_refused(stem, change, message, tmp_path):
+    """A prediction file cut short at a line (a killed backfill, a broken copy) or of another evaluation was read
+    without a word: the paired tests compared fewer or other items than the table's means."""
+    runs = _selection_records(tmp_path)
+    file = runs / "seed0_random_large" / "predictions" / f"{stem}.jsonl.gz"
+    _rewrite_rows(file, change)
+    with pytest.raises(
+        SystemExit,
+        match=rf"^error: {re.escape(str(file.with_suffix('')))}\[\.gz\] {re.escape(message)}.* \(cut short, or of "
+        r"another evaluation\); rerun the run's evaluation or leave its run out$",
+    ):
+        main([str(runs), "--export-records", str(tmp_path / "records"), "--out", str(tmp_path / "out")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
+def test_rows_scored_on_different_tasks_say_so_above_the_table(tmp_path):
+    """lora's Avg over two tasks (50.0) stood beside s2ft's over one (80.0) as like for like, s2ft the best."""
+
+    def run(method: str, accuracy: dict[str, float]) -> Run:
+        summary = {"experiment": "e", "model": "m", "method": method, "seed": 0}
+        summary |= {"eval": {t: {"accuracy": a} for t, a in accuracy.items()}}
+        return Run(summary | {"avg_accuracy": statistics.mean(accuracy.values())}, None, tmp_path / method)
+
+    runs = [run("lora", {"boolq": 0.8, "arc_easy": 0.2}), run("s2ft", {"boolq": 0.8})]
+    report = write_report(runs, tmp_path / "out").read_text()
+    assert (
+        "\n\nScored on different tasks, so Avg is a mean over different tasks from row to row (a p-value compares only "
+        "the items of tasks both rows scored; compare the task columns): `lora` (arc_easy, boolq); `s2ft` (boolq)."
+        "\n\n|"
+    ) in report
+    assert "Scored on different tasks" not in write_report(runs[:1], tmp_path / "one").read_text()
+
+
+def test_new_runs_are_added_beside_the_records_of_the_folder_they_are_exported_into(tmp_path):
+    """Giving the records folder with a new sweep (to add its runs) named every run below their common folder: the
+    records were written again as records/records/RUN, and the report over the folder was refused (2 runs of seed 0)."""
+    records = _selection_records(tmp_path)
+    new = tmp_path / "new"
+    shutil.copytree(SELECTION / "seed2_random_large", new / "seed2_random_large")
+    report = main([str(records), str(new), "--export-records", str(records), "--out", str(tmp_path / "out")])
+    assert sorted(p.name for p in records.iterdir()) == sorted(
+        [p.name for p in SELECTION.iterdir() if p.name[4] in "01"] + ["seed2_random_large"]
+    )
+    assert report.read_bytes() == main([str(records), "--out", str(tmp_path / "again")]).read_bytes()
+    # Again, the new run beside its record: it updates the record (one run, not two of seed 2).
+    again = main([str(records), str(new), "--export-records", str(records), "--out", str(tmp_path / "twice")])
+    assert again.read_bytes() == report.read_bytes() and len(list(records.iterdir())) == 7
+    # A new sweep whose jobs take the records' names: refused, naming both, nothing written.
+    shutil.copytree(SELECTION / "seed2_gradient_large", new / "seed0_random_large")
+    snapshot = {p: p.read_bytes() for p in records.rglob("*") if p.is_file()}
+    with pytest.raises(
+        SystemExit,
+        match=rf"^error: two runs would share a record name under {re.escape(str(records))}: seed0_random_large "
+        rf"\({re.escape(str(new / 'seed0_random_large'))}, {re.escape(str(records / 'seed0_random_large'))}\); "
+        r"export into another folder, giving every sweep directory in one command",
+    ):
+        main([str(records), str(new), "--export-records", str(records), "--out", str(tmp_path / "out")])
+    assert {p: p.read_bytes() for p in records.rglob("*") if p.is_file()} == snapshot

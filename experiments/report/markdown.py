@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from experiments.report.figures import accuracy_vs_trainable, id_vs_ood, loss_curves
-from experiments.report.records import export_records
+from experiments.report.records import export_records, plan_records
 from experiments.report.runs import ReportError, Run, Unfinished, find_runs, find_unfinished, wandb_runs
 from experiments.report.stats import ALPHA, Estimate, estimate, seed_level_p
 from experiments.report.table import (
@@ -94,6 +94,21 @@ def unfinished_statement(unfinished: list[Unfinished], where: str = "of this stu
     return f"Not in the table: {count} {where} without a summary.json (crashed, killed or still running): {named}."
 
 
+def task_sets_statement(rows: list[Row]) -> str | None:
+    """One line naming each row's tasks where the runs were scored on different ones (None when all on the same):
+    their Avg values are then means over different tasks, while a p-value compares the tasks both rows scored."""
+    # A row's runs can differ too: eval.tasks is a row setting, but a summary can lack tasks its config names.
+    sets = {row.label: [sorted(run.summary.get("eval") or {}) for run in row.runs] for row in rows}
+    if len({tuple(tasks) for runs in sets.values() for tasks in runs}) < 2:
+        return None
+    sets = {label: sorted({t for tasks in runs for t in tasks}) for label, runs in sets.items()}
+    named = "; ".join(f"`{label}` ({', '.join(tasks) or 'none'})" for label, tasks in sets.items())
+    return (
+        f"Scored on different tasks, so Avg is a mean over different tasks from row to row (a p-value compares only "
+        f"the items of tasks both rows scored; compare the task columns): {named}."
+    )
+
+
 def unknown_statement(rows: list[Row]) -> str | None:
     """One line naming the rows kept apart only by settings some of their runs' configs lack (None when none)."""
     pairs = unknown_splits(rows)
@@ -138,6 +153,7 @@ def study_section(
     ]
     lines += [unfinished_statement(unfinished), ""] if unfinished else []
     lines += [unknown, ""] if (unknown := unknown_statement(rows)) else []
+    lines += [mixed, ""] if (mixed := task_sets_statement(rows)) else []
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         avg = row.estimate(avg_accuracy)
@@ -331,6 +347,12 @@ def _fmt(value: Estimate | None, scale: float, digits: int) -> str:
     return mean if value.n == 1 else f"{mean} ± {scale * value.std:.{digits}f}"
 
 
+def _records_in(folder: Path) -> list[Run]:
+    """The records already in ``folder`` (none where it holds none yet)."""
+    has_records = folder.is_dir() and any(folder.rglob("summary.json"))
+    return find_runs([folder]) if has_records else []
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="*", help="run directories, sweep directories or summary.json files")
@@ -351,10 +373,23 @@ def main(argv: list[str] | None = None) -> Path:
     if args.wandb and args.export_records:
         parser.error("--export-records needs run directories: W&B runs have no per-item predictions to keep")
     try:
+        for flag, folder in (("--out", args.out), ("--export-records", args.export_records)):
+            if folder is not None and folder.exists() and not folder.is_dir():
+                raise ReportError(f"{flag} {folder} is a file; give a folder (it is created where missing)")
         runs = wandb_runs(args.wandb) if args.wandb else find_runs(args.paths)
         unfinished = [] if args.wandb else find_unfinished(args.paths)
         if args.reference:
             check_reference(runs, args.reference)
+        # What the report would refuse (a second run of one seed) is refused before --out or a record is written;
+        # a record given beside the run it came from is that run.
+        planned = runs
+        if args.export_records:
+            plan = plan_records(runs, args.export_records)
+            names = {args.export_records.resolve() / name for _, name in plan}
+            kept = _records_in(args.export_records)  # the report reads those other records too
+            planned = [run for run, _ in plan] + [run for run in kept if run.path.resolve() not in names]
+        for group in group_runs(planned).values():
+            build_rows(group)
         if args.export_records:
             records = export_records(runs, args.export_records)
             print(f"wrote {len(records)} records under {args.export_records}")

@@ -20,23 +20,74 @@ from pathlib import Path
 from experiments.report.runs import ReportError, Run
 
 
-def export_records(runs: list[Run], dest: Path) -> list[Path]:
-    """Write one record per run under ``dest``, named by the run directory's path below the runs' common folder.
+def plan_records(runs: list[Run], dest: Path) -> list[tuple[Run, Path]]:
+    """The runs to export into ``dest``, each with its record's name: the run directory's path below the runs'
+    common folder.
 
-    A record of the same name is replaced (an updated export of the same run); other records in ``dest`` stay.
+    Records already in ``dest`` (the folder given among the runs, to add new runs to it) keep their names. A record
+    of the same name is replaced where it is of the same run (the same `config.yaml`: an updated export); other
+    records in ``dest`` stay.
 
     Raises:
-        ReportError: A run without a directory (a W&B run), or two runs that would get the same record name.
+        ReportError: A run without a directory (a W&B run), two runs that would get the same record name, a record
+            of that name in ``dest`` that is of another run (its `config.yaml` differs), or a ``dest`` that is a file;
+            nothing is written then.
+
+    Returns:
+        (run, name) per run that gets a record; a record in ``dest`` given beside the run it came from is left out.
     """
     if any(run.path is None for run in runs):
         raise ReportError("records are exported from run directories; W&B runs have none")
     paths = [run.path.resolve() for run in runs]
-    common = Path(os.path.commonpath(paths)) if len(paths) > 1 else paths[0].parent
-    names = [path.relative_to(common) for path in paths]
+    # Were named below the common folder of all the runs, dest's own records too: `dest/dest/RUN` duplicates.
+    home = dest.resolve()
+    outside = [path for path in paths if home not in path.parents]
+    common = Path(os.path.commonpath(outside)) if len(outside) > 1 else outside[0].parent if outside else home
+    names = [path.relative_to(home if home in path.parents else common) for path in paths]
+    # A record given beside the run it came from (an export again of a sweep partly exported): the run updates it.
+    updated = {name for path, name in zip(paths, names, strict=True) if home not in path.parents}
+    keep = [
+        i
+        for i, (path, name) in enumerate(zip(paths, names, strict=True))
+        if home not in path.parents
+        or name not in updated
+        or _identity(path) != _identity(next(p for p, n in zip(paths, names, strict=True) if n == name and p != path))
+    ]
+    runs, paths, names = [runs[i] for i in keep], [paths[i] for i in keep], [names[i] for i in keep]
     if len(set(names)) != len(names):
-        raise ReportError(f"two runs would share a record name under {dest}: {sorted(map(str, names))}")
+        shared = sorted({str(name) for name in names if names.count(name) > 1})
+        runs_of = {n: [str(r.path) for r, m in zip(runs, names, strict=True) if str(m) == n] for n in shared}
+        raise ReportError(
+            f"two runs would share a record name under {dest}: "
+            + "; ".join(f"{name} ({', '.join(paths)})" for name, paths in runs_of.items())
+            + "; export into another folder, giving every sweep directory in one command (records are then named "
+            "by sweep)"
+        )
+    if dest.exists() and not dest.is_dir():
+        raise ReportError(f"--export-records {dest} is a file; give a folder for the records")
+    # Another sweep's runs get the same names (0, 1, ...): replacing their records would drop those runs unsaid.
+    clashes = [
+        f"{dest / name} (from {run.path})"
+        for run, name in zip(runs, names, strict=True)
+        if (dest / name).resolve() != run.path.resolve() and _identity(dest / name) not in (None, _identity(run.path))
+    ]
+    if clashes:
+        raise ReportError(
+            f"records of other runs have these names already: {'; '.join(clashes)}; export into another folder (or "
+            "every sweep in one command: their records are named by sweep), or remove those records first if they "
+            "are older exports of these run directories"
+        )
+    return list(zip(runs, names, strict=True))
+
+
+def export_records(runs: list[Run], dest: Path) -> list[Path]:
+    """Write one record per run under ``dest`` (`plan_records`: their names, what is refused) and return the paths.
+
+    Raises:
+        ReportError: As `plan_records`; nothing is written then.
+    """
     written = []
-    for run, name in zip(runs, names, strict=True):
+    for run, name in plan_records(runs, dest):
         target = dest / name
         if target.resolve() == run.path.resolve():
             written.append(target)  # already a record in place
@@ -50,19 +101,28 @@ def export_records(runs: list[Run], dest: Path) -> list[Path]:
     return written
 
 
+def _identity(folder: Path) -> bytes | tuple | None:
+    """Which run a run directory or record holds: its `config.yaml` as written, else its summary's experiment, model,
+    method and seed (None where there is neither, or the summary is unreadable: nothing to keep)."""
+    config, summary = folder / "config.yaml", folder / "summary.json"
+    if config.is_file():
+        return config.read_bytes()
+    try:
+        fields = json.loads(summary.read_text(encoding="utf-8"))
+        return tuple(fields.get(key) for key in ("experiment", "model", "method", "seed"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+
+
 def write_record(run_dir: Path, out: Path) -> None:
     """The record of the run in ``run_dir`` (a run directory or a record) written to ``out``."""
     (out / "predictions").mkdir(parents=True)
     for name in ("summary.json", "config.yaml"):
         if (run_dir / name).is_file():
             shutil.copyfile(run_dir / name, out / name)
-    run = Run({}, None, run_dir)
-    for stem in sorted({_stem(file) for file in (run_dir / "predictions").glob("*.jsonl*")}):
+    run = Run(json.loads((run_dir / "summary.json").read_text(encoding="utf-8")), None, run_dir)
+    for stem in sorted(run.prediction_stems()):
         _write_gzip_jsonl(out / "predictions" / f"{stem}.jsonl.gz", run.predictions(stem))
-
-
-def _stem(file: Path) -> str:
-    return file.name.removesuffix(".gz").removesuffix(".jsonl")
 
 
 def _write_gzip_jsonl(path: Path, rows: list[dict]) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,10 +37,13 @@ TRAINING_KEYS = (
     ("method", "weight_decay"),
     ("method", "betas"),
     ("model", "dtype"),
+    # Which tasks and how many items: seeds scored on other tasks average other things into Avg.
+    *(("eval", key) for key in ("tasks", "limit", "heldout_limit", "backend")),
     *(("eval", key) for key in ("mode", "num_beams", "max_new_tokens")),
 )
-# Optional config keys and what the code runs without them (`s2ft.lightning.runner`: `method.get("betas") or ...`).
-ABSENT_MEANS = {("method", "betas"): None}
+# Optional config keys and what the code runs without them (`s2ft.lightning.runner`: `method.get("betas") or ...`;
+# eval.backend came with lm_eval, before which every run scored with s2ft's own evaluation).
+ABSENT_MEANS = {("method", "betas"): None, ("eval", "backend"): "s2ft"}
 # What a run directory holds before its summary: the runner's resolved config, or only Hydra's (started, not yet
 # training), and the checkpoint an interrupted run resumes from.
 RUN_CONFIGS = (Path("config.yaml"), Path(".hydra") / "config.yaml")
@@ -47,6 +52,9 @@ SUMMARY_KEYS = ("experiment", "model", "method")
 # What the report (and a record) reads of each prediction row: ids and numbers, never prompts, outputs or answers.
 ITEM_FIELDS = ("id", "correct")
 HELDOUT_FIELDS = ("id", "nll", "tokens")
+# How far a held-out file's per-token loss may be from its summary's (experiments.study.backfill_heldout keeps files
+# within 1e-5 relative of the recorded mean).
+HELDOUT_TOLERANCE = 1e-4
 
 
 class ReportError(UserError, ValueError):
@@ -140,6 +148,9 @@ class Run:
         if stem not in self._rows:
             fields = HELDOUT_FIELDS if stem.startswith("heldout_") else ITEM_FIELDS
             rows = read_rows(self.path / "predictions", stem) if self.path else []
+            present = self.path is not None and any(
+                (self.path / "predictions" / f"{stem}{ext}").is_file() for ext in (".jsonl", ".jsonl.gz")
+            )
             for line, row in enumerate(rows, 1):
                 if not isinstance(row, dict) or any(key not in row for key in fields):
                     raise ReportError(
@@ -147,12 +158,57 @@ class Run:
                         "rerun the run's evaluation or leave its run out"
                     )
             self._rows[stem] = [{key: row[key] for key in fields} for row in rows]
+            if present:  # an empty file too: one cut short before its first line
+                self._check_against_summary(stem, self._rows[stem])
         return self._rows[stem]
 
+    def _check_against_summary(self, stem: str, rows: list[dict]) -> None:
+        """Refuse a prediction file whose items do not give the summary's numbers: a file cut short at a line (a
+        killed backfill, a broken copy) or of another evaluation was paired item by item beside the table's means.
+
+        Raises:
+            ReportError: Naming the file, what it gives and what the summary says.
+        """
+        file = f"{self.path / 'predictions' / stem}.jsonl[.gz]"
+        fix = "(cut short, or of another evaluation); rerun the run's evaluation or leave its run out"
+        if stem.startswith("heldout_"):
+            name = stem.removeprefix("heldout_")
+            after = ((self.summary.get("heldout") or {}).get(name) or {}).get("after")
+            tokens = sum(int(row["tokens"]) for row in rows)
+            loss = sum(float(row["nll"]) for row in rows) / tokens if tokens else math.nan
+            if isinstance(after, int | float) and math.isfinite(after):
+                # A backfilled file may differ from the recorded mean by its tolerance (1e-5 relative); an empty file
+                # gives no loss (NaN), never the summary's.
+                if not math.isclose(loss, after, rel_tol=HELDOUT_TOLERANCE):
+                    raise ReportError(
+                        f"{file} gives a per-token loss of {loss:.6f} over {len(rows)} items where summary.json's "
+                        f"heldout.{name}.after is {after:.6f} {fix}"
+                    )
+            return
+        result = (self.summary.get("eval") or {}).get(stem) or {}
+        n, accuracy = result.get("n"), result.get("accuracy")
+        right = sum(bool(row["correct"]) for row in rows)
+        if isinstance(n, int | float) and len(rows) != n:
+            raise ReportError(f"{file} has {len(rows)} items where summary.json's eval.{stem}.n is {n:g} {fix}")
+        if rows and isinstance(accuracy, int | float) and abs(right / len(rows) - accuracy) > 1e-9:
+            raise ReportError(
+                f"{file} has {right} of {len(rows)} items correct where summary.json's eval.{stem}.accuracy is "
+                f"{accuracy:g} {fix}"
+            )
+
+    def prediction_stems(self) -> list[str]:
+        """The prediction files the report reads: those of the summary's tasks and held-out sets that the run has.
+
+        Others are no item scores (MT-Bench's `predictions/mtbench.jsonl` holds answers and ratings).
+        """
+        stems = [*(self.summary.get("eval") or {}), *(f"heldout_{name}" for name in self.summary.get("heldout") or {})]
+        folder = self.path / "predictions" if self.path else None
+        return [s for s in stems if folder and any((folder / f"{s}{ext}").is_file() for ext in (".jsonl", ".jsonl.gz"))]
+
     def check_predictions(self) -> None:
-        """Read every prediction file now, so a damaged one is refused before anything is written."""
-        for file in sorted((self.path / "predictions").glob("*.jsonl*")) if self.path else []:
-            self.predictions(file.name.removesuffix(".gz").removesuffix(".jsonl"))
+        """Read every prediction file the report reads now, so a damaged one is refused before anything is written."""
+        for stem in self.prediction_stems():
+            self.predictions(stem)
 
 
 def read_rows(folder: Path, stem: str) -> list[dict]:
@@ -194,8 +250,8 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
             raise ReportError(f"{path} does not exist; pass run or sweep directories (or summary.json files)")
         if path.is_file():
             files.append(path)
-        else:  # hidden folders hold no run of their own (an overwritten run's outputs wait in `.overwritten/`)
-            files += [f for f in path.rglob("summary.json") if not _hidden(f.relative_to(path))]
+        else:
+            files += _find(path, "summary.json")
     if not files:
         if unfinished := find_unfinished(paths):
             raise ReportError(
@@ -204,8 +260,12 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
                 + "; ".join(f"{run.path} ({run.state})" for run in unfinished)
             )
         raise ReportError(f"no summary.json under {[str(p) for p in paths]}: have the runs finished?")
-    runs = []
+    # One run named twice (a sweep directory and a run in it, a relative and an absolute path) is one run.
+    unique = {}
     for file in sorted(set(files)):
+        unique.setdefault(file.resolve(), file)
+    runs = []
+    for file in unique.values():
         try:
             summary = json.loads(file.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -254,10 +314,9 @@ def find_unfinished(paths: list[str | Path]) -> list[Unfinished]:
     """
     run_dirs: set[Path] = set()
     for path in (Path(p) for p in paths if Path(p).is_dir()):
-        for file in [*path.rglob("summary.json"), *path.rglob("config.yaml")]:
-            run_dir = file.parent.parent if file.parent.name == ".hydra" else file.parent
-            if not _hidden(run_dir.relative_to(path)):
-                run_dirs.add(run_dir)
+        run_dirs.update(file.parent for file in _find(path, "summary.json"))
+        run_dirs.update(file.parent for file in _find(path, "config.yaml"))
+        run_dirs.update(file.parent.parent for file in _find(path, "config.yaml", hydra=True))
     return [
         _unfinished(run_dir)
         for run_dir in sorted(run_dirs)
@@ -284,8 +343,26 @@ def _unfinished(run_dir: Path) -> Unfinished:
     return Unfinished(run_dir, group if all(isinstance(v, str) for v in group) else None, state)
 
 
-def _hidden(relative: Path) -> bool:
-    return any(part.startswith(".") for part in relative.parts)
+def _find(root: Path, name: str, hydra: bool = False) -> list[Path]:
+    """The files ``name`` under ``root`` (``.hydra/NAME`` with ``hydra``), symbolic links to folders followed.
+
+    A comparison folder of links to run directories is a sweep directory too (`Path.rglob` does not follow them, and
+    linked runs were dropped unsaid); a link back up the tree is walked once. Hidden folders hold no run of their
+    own (an overwritten run's outputs wait in `.overwritten/`), except Hydra's `.hydra/` with ``hydra``.
+    """
+    found, seen = [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        if hydra and os.path.isfile(os.path.join(folder, ".hydra", name)):
+            found.append(Path(folder) / ".hydra" / name)
+        elif not hydra and name in files:
+            found.append(Path(folder) / name)
+    return found
 
 
 def wandb_runs(project: str) -> list[Run]:
@@ -296,9 +373,18 @@ def wandb_runs(project: str) -> list[Run]:
     single-seed rows are compared only where a t-test over seeds is possible.
 
     Raises:
-        ReportError: The project has no s2ft run.
+        ReportError: The project has no s2ft run, or W&B cannot be read (no login, no network, no such project).
     """
-    runs = [Run(summary, config) for summary, config in wandb_summaries(project)]
+    import wandb.errors  # only reading W&B pays for importing it
+
+    try:
+        found = wandb_summaries(project)
+    except wandb.errors.Error as err:
+        raise ReportError(
+            f"W&B project {project!r} cannot be read ({err}); log in (`wandb login`) on a machine with a network, or "
+            "report the run directories instead (the report reads their summary.json, offline W&B runs' too)"
+        ) from None
+    runs = [Run(summary, config) for summary, config in found]
     if not runs:
         raise ReportError(f"W&B project {project!r} has no s2ft runs")
     return runs
