@@ -125,11 +125,8 @@ def test_switching_a_bf16_model_keeps_every_modules_fp32_values_exactly(tmp_path
         assert param.dtype == torch.bfloat16 and torch.equal(param, expected), name
 
 
-# Ending on 2: o is wrapped again; ending on 3: o is left a plain linear, restored to the base, column-major.
-@pytest.mark.parametrize("seeds", [(2, 3, 2), (2, 3)])
-@pytest.mark.parametrize("merged", [False, True])
-@pytest.mark.parametrize("layout", ["gather", "permuted"])
-def test_a_switched_and_unloaded_model_is_the_fresh_merged_model_bit_for_bit(tmp_path, merged, layout, seeds):
+def switched_model(tmp_path, layout: str, merged: bool, seeds: tuple[int, ...]):
+    """The base, the adapter files of SELECTIONS, and a trained model (merged or not) switched to ``seeds`` in turn."""
     base = build_tiny("llama_9_3")
     paths = {seed: adapter_files(tmp_path, base, ratios, seed) for seed, ratios in SELECTIONS.items()}
     model = trained(copy.deepcopy(base), s2ft.S2FTConfig(ratios=RATIOS, seed=1, layout=layout), seed=1)
@@ -137,6 +134,21 @@ def test_a_switched_and_unloaded_model_is_the_fresh_merged_model_bit_for_bit(tmp
         s2ft.merge_adapter(model)
     for seed in seeds:
         s2ft.switch_adapter(model, paths[seed])
+    return base, paths, model
+
+
+def assert_same_parameters(model, expected) -> None:
+    """Every parameter of ``model`` equals ``expected``'s bit for bit."""
+    for (name, param), (_, want) in zip(model.named_parameters(), expected.named_parameters(), strict=True):
+        assert torch.equal(param, want), name
+
+
+# Ending on 2: o is wrapped again; ending on 3: o is left a plain linear, restored to the base, column-major.
+@pytest.mark.parametrize("seeds", [(2, 3, 2), (2, 3)])
+@pytest.mark.parametrize("merged", [False, True])
+@pytest.mark.parametrize("layout", ["gather", "permuted"])
+def test_a_switched_and_unloaded_model_is_the_fresh_merged_model_bit_for_bit(tmp_path, merged, layout, seeds):
+    base, paths, model = switched_model(tmp_path, layout, merged, seeds)
     adapter = extract_adapter(model)
     # The in-memory adapter is a plain one: contiguous values, which safetensors can write.
     assert all(m.values.is_contiguous() for m in adapter.modules.values())
@@ -147,12 +159,10 @@ def test_a_switched_and_unloaded_model_is_the_fresh_merged_model_bit_for_bit(tmp
     s2ft.merge_and_unload(model)
     # A plain model in from_pretrained's layout: row-major weights, so its matmuls round as the fresh model's do.
     assert all(param.is_contiguous() for param in model.parameters())
-    for (name, param), (_, expected) in zip(model.named_parameters(), fresh.named_parameters(), strict=True):
-        assert torch.equal(param, expected), name
+    assert_same_parameters(model, fresh)
     model.save_pretrained(tmp_path / "merged")
     reloaded = type(base).from_pretrained(tmp_path / "merged")
-    for (name, param), (_, expected) in zip(reloaded.named_parameters(), fresh.named_parameters(), strict=True):
-        assert torch.equal(param, expected), name
+    assert_same_parameters(reloaded, fresh)
 
 
 @pytest.mark.parametrize("seeds", [(2, 3, 2), ()])
@@ -161,17 +171,10 @@ def test_a_switched_and_unloaded_model_is_the_fresh_merged_model_bit_for_bit(tmp
 def test_unload_gives_back_the_base_model_bit_for_bit(tmp_path, merged, layout, seeds):
     """Before, the way from one adapter to the plain base was to load the base again: merge_and_unload keeps the
     adapter in the weights (mixed adapters served on it were off by ~3). unload restores the base's own values."""
-    base = build_tiny("llama_9_3")
-    paths = {seed: adapter_files(tmp_path, base, ratios, seed) for seed, ratios in SELECTIONS.items()}
-    model = trained(copy.deepcopy(base), s2ft.S2FTConfig(ratios=RATIOS, seed=1, layout=layout), seed=1)
-    if merged:
-        s2ft.merge_adapter(model)
-    for seed in seeds:
-        s2ft.switch_adapter(model, paths[seed])
+    base, paths, model = switched_model(tmp_path, layout, merged, seeds)
     assert s2ft.unload(model) is model and not hasattr(model, "s2ft_state") and not s2ft_modules(model)
     assert all(param.is_contiguous() and param.requires_grad for param in model.parameters())
-    for (name, param), (_, expected) in zip(model.named_parameters(), base.named_parameters(), strict=True):
-        assert torch.equal(param, expected), name
+    assert_same_parameters(model, base)
     served = s2ft.load_adapters(model, {"two": paths[2]})
     fresh = s2ft.merge_and_unload(s2ft.load_adapter(copy.deepcopy(base), paths[2]))
     with torch.no_grad():
