@@ -263,6 +263,11 @@ def test_a_missing_file_of_a_yaml_task_names_the_yaml_file_and_every_folder_sear
         "eval.tasks: task mine of tasks/mine.yaml (its path is not beside that file either): data file tset.jsonl "
         f"does not exist (nor under the data directory {DATA})"
     ]
+    # Found beside a yaml file named with ~, a problem of its records does not claim the path was missing there.
+    monkeypatch.setenv("HOME", str(tmp_path / "tasks"))
+    write_jsonl(tmp_path / "tasks/tset.jsonl", [{"instruction": "Legs of a cat?"}])
+    (problem,) = check_task_spec(["~/mine.yaml"], DATA)
+    assert problem.startswith("eval.tasks: task mine of ~/mine.yaml: ") and "no gold answer" in problem
     inline = {"name": "mine", "path": "tset.jsonl", "answer": "text"}
     assert check_task_spec([inline], DATA) == [
         f"eval.tasks: data file tset.jsonl does not exist (nor under the data directory {DATA})"

@@ -42,10 +42,15 @@ def check_task_spec(
 
 
 def _defined_in(item, spec) -> str:
-    """Which definition file a task's problem comes from, and for a relative path not found beside it, that it was
-    looked for there first (``read_task_file``)."""
+    """Which definition file a task's problem comes from, and for a relative path found nowhere, that it was looked
+    for beside that file first (``read_task_file`` points a path found there at it)."""
     if not is_task_file(item):
         return ""
     path = spec.source.path
-    missing = path is not None and not Path(path).expanduser().is_absolute() and not (Path(item).parent / path).exists()
+    missing = (
+        path is not None
+        and not Path(path).expanduser().is_absolute()
+        and not Path(path).exists()
+        and not (Path(item).expanduser().parent / path).exists()
+    )
     return f"task {spec.name} of {item}{' (its path is not beside that file either)' if missing else ''}: "
