@@ -525,7 +525,7 @@ def test_heldout_backfill_reproduces_a_finished_runs_item_losses(sweep, tmp_path
         backfill_heldout.main([str(tmp_path)])
 
 
-# Each committed study with records, and the report arguments its README names.
+# Each committed study with records (its folder under results/), and the report arguments its README names.
 COMMITTED = {
     "components_smollm": ["--reference", ""],
     "generalization_smollm": [],
@@ -534,7 +534,10 @@ COMMITTED = {
 
 
 def test_every_committed_study_with_records_is_checked_below():
-    studies = {p.parent.name for p in (ROOT / "results").glob("*/runs") if (p.parent / "report.md").is_file()}
+    results = ROOT / "results"
+    studies = {
+        p.parent.relative_to(results).as_posix() for p in results.glob("**/runs") if (p.parent / "report.md").is_file()
+    }
     assert studies == set(COMMITTED)
 
 
@@ -817,6 +820,7 @@ def test_a_damaged_record_file_is_named_before_anything_is_written(file, damage,
         ("eval.limit", 100, "200", "100"),
         ("eval.heldout_limit", 64, "128", "64"),
         ("eval.backend", "lm_eval", "s2ft", "lm_eval"),
+        ("eval.groups", {"mine": ["boolq"]}, "null", '{"mine": ["boolq"]}'),
         ("method.betas", [0.9, 0.95], "null", "[0.9, 0.95]"),  # absent from conf/method: the code's AdamW betas
     ],
 )
@@ -842,6 +846,29 @@ def test_runs_that_trained_or_were_measured_differently_are_different_rows(path,
         label("order=large strategy=random", new): 1,
         label("order=small strategy=activation", old): 2,
     }
+
+
+@pytest.mark.parametrize("backend", ["lm_eval", "s2ft"])
+def test_the_harness_settings_separate_rows_only_where_the_harness_ran(backend, tmp_path):
+    """Seed 1 of the random row scored 50 harness items a task where seed 0 scored all: with backend=lm_eval that is
+    another measurement (it was averaged as a seed), with backend=s2ft the harness never ran (one row)."""
+    runs = _selection_records(tmp_path)
+    for seed, limit in ((0, None), (1, 50)):
+        config_file = runs / f"seed{seed}_random_large" / "config.yaml"
+        config = yaml.safe_load(config_file.read_text())
+        config["eval"]["backend"] = backend
+        config["eval"]["lm_eval"]["limit"] = limit
+        config_file.write_text(yaml.safe_dump(config))
+    random = sorted(
+        (row.label, len(row.runs)) for row in build_rows(find_runs([runs])) if "strategy=random" in row.label
+    )
+    if backend == "s2ft":
+        assert random == [("s2ft order=large strategy=random", 2)]
+    else:
+        assert random == [
+            ("s2ft eval.backend=lm_eval eval.lm_eval.limit=50 order=large strategy=random", 1),
+            ("s2ft eval.backend=lm_eval eval.lm_eval.limit=null order=large strategy=random", 1),
+        ]
 
 
 @pytest.mark.parametrize(("path", "shown"), [("method.options.layout", "layout"), ("trainer.select_best", None)])

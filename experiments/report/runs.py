@@ -38,12 +38,16 @@ TRAINING_KEYS = (
     ("method", "betas"),
     ("model", "dtype"),
     # Which tasks and how many items: seeds scored on other tasks average other things into Avg.
-    *(("eval", key) for key in ("tasks", "limit", "heldout_limit", "backend")),
+    *(("eval", key) for key in ("tasks", "groups", "limit", "heldout_limit", "backend")),
     *(("eval", key) for key in ("mode", "num_beams", "max_new_tokens")),
 )
+# The settings of lm-evaluation-harness (eval.lm_eval), as `Run.settings` names them: they change numbers only where
+# the harness ran (eval.backend=lm_eval).
+HARNESS = "eval.lm_eval."
 # Optional config keys and what the code runs without them (`s2ft.lightning.runner`: `method.get("betas") or ...`;
-# eval.backend came with lm_eval, before which every run scored with s2ft's own evaluation).
-ABSENT_MEANS = {("method", "betas"): None, ("eval", "backend"): "s2ft"}
+# eval.backend came with lm_eval, before which every run scored with s2ft's own evaluation; eval.groups with user
+# groups, before which a run averaged none).
+ABSENT_MEANS = {("method", "betas"): None, ("eval", "backend"): "s2ft", ("eval", "groups"): None}
 # What a run directory holds before its summary: the runner's resolved config, or only Hydra's (started, not yet
 # training), and the checkpoint an interrupted run resumes from.
 RUN_CONFIGS = (Path("config.yaml"), Path(".hydra") / "config.yaml")
@@ -106,6 +110,10 @@ class Run:
                 values = self.config.get(section) or {}
                 if key in values or (section, key) in ABSENT_MEANS:
                     flat[f"{section}.{key}"] = values.get(key, ABSENT_MEANS.get((section, key)))
+            # The harness's tasks and budgets change its numbers only where it ran (backend=lm_eval).
+            evaluation = self.config.get("eval") or {}
+            if evaluation.get("backend") == "lm_eval":
+                flat |= flatten(evaluation.get("lm_eval") or {}, HARNESS.rstrip("."))
         # The prompt template is a variant (results/template_smollm), not a repetition; the summary records the one
         # the run used where its config is older than the option.
         template = ((self.config or {}).get("data") or {}).get("template", self.summary.get("template"))
@@ -115,8 +123,11 @@ class Run:
 
     def lacks(self, key: str) -> bool:
         """Whether the run cannot say its value of the setting ``key`` (a `settings` key of another run): its config
-        has no such setting, where a dict setting without that component (``options.target_split.q``) says "none"."""
+        has no such setting, where a dict setting without that component (``options.target_split.q``) and a harness
+        setting of a run that did not run the harness (``eval.lm_eval.limit``, backend s2ft) say "none"."""
         if key in self.settings():
+            return False
+        if self.config is not None and key.startswith(HARNESS):
             return False
         if self.config is None or not key.startswith("options."):
             return True

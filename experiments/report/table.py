@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import NamedTuple
 
-from experiments.report.runs import ReportError, Run, flatten
+from experiments.report.runs import HARNESS, ReportError, Run, flatten
 from experiments.report.stats import ALPHA, Estimate, estimate, paired_bootstrap_p, welch_p
 from s2ft.data import HELDOUT_DOMAINS
 
@@ -74,7 +74,9 @@ def build_rows(runs: list[Run]) -> list[Row]:
     for method, method_runs in sorted(by_method.items()):
         settings = [run.settings() for run in method_runs]
         keys = sorted({k for s in settings for k in s})
-        varying = [k for k in keys if len({s.get(k) for s in settings}) > 1]
+        # A harness setting is none for runs that did not run the harness (`Run.lacks`); eval.backend sets those
+        # apart, so it labels rows only where it differs between runs that ran it.
+        varying = [k for k in keys if len({s.get(k) for s in settings if k in s or not k.startswith(HARNESS)}) > 1]
         variants: dict[tuple, list[Run]] = {}
         for run, s in zip(method_runs, settings, strict=True):
             values = tuple(s.get(k, UNKNOWN if run.lacks(k) else None) for k in varying)
