@@ -800,6 +800,35 @@ def test_a_damaged_record_file_is_named_before_anything_is_written(file, damage,
     assert not (tmp_path / "out").exists()
 
 
+def test_wrongly_typed_summary_fields_are_named_at_once_before_anything_is_written(tmp_path):
+    """A hand-edited summary (accuracy as a string, a task as a number, a curve of scalars) was a TypeError or
+    AttributeError from inside the table or a figure."""
+    runs = _selection_records(tmp_path)
+    file = runs / "seed1_random_large" / "summary.json"
+    summary = json.loads(file.read_text())
+    summary["avg_accuracy"] = "41.2"
+    summary["seed"] = "1"
+    summary["eval"]["boolq"] = 0.6
+    summary["heldout"]["commonsense_test"]["after"] = [0.15]
+    summary["groups"] = ["commonsense"]
+    summary["train"]["loss_curve"] = [0.5, 0.4]
+    file.write_text(json.dumps(summary))
+    with pytest.raises(SystemExit) as raised:
+        main([str(runs), "--out", str(tmp_path / "out")])
+    message = str(raised.value)
+    assert message.startswith(f"error: {file} has fields of the wrong type: ")
+    for problem in (
+        "avg_accuracy is '41.2', not a number",
+        "seed is '1', not an integer",
+        "eval.boolq is 0.6, not a mapping with numbers accuracy and n",
+        "heldout.commonsense_test is {'before': None, 'after': [0.15]}, not a mapping with numbers before and after",
+        "groups is list, not a mapping",
+        "train.loss_curve is not a list of [step, loss] pairs",
+    ):
+        assert problem in message
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     ("path", "value", "old", "new"),
     [

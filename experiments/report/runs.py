@@ -53,6 +53,8 @@ ABSENT_MEANS = {("method", "betas"): None, ("eval", "backend"): "s2ft", ("eval",
 RUN_CONFIGS = (Path("config.yaml"), Path(".hydra") / "config.yaml")
 # What every summary names: the report groups and labels runs by them.
 SUMMARY_KEYS = ("experiment", "model", "method")
+# Summary fields the report reads as numbers (or null).
+NUMBER_FIELDS = ("avg_accuracy", "trainable_pct")
 # What the report (and a record) reads of each prediction row: ids and numbers, never prompts, outputs or answers.
 ITEM_FIELDS = ("id", "correct")
 HELDOUT_FIELDS = ("id", "nll", "tokens")
@@ -222,6 +224,48 @@ class Run:
             self.predictions(stem)
 
 
+def summary_problems(summary: dict) -> list[str]:
+    """Every field the report reads that a summary holds with the wrong type (a hand-edited or foreign file): each
+    was a TypeError or AttributeError from deep inside a table or a figure, after earlier output was written."""
+
+    def number(value) -> bool:
+        return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+
+    def mapping_of(key: str, check, what: str) -> list[str]:
+        value = summary.get(key)
+        if value is None:
+            return []
+        if not isinstance(value, dict):
+            return [f"{key} is {type(value).__name__}, not a mapping"]
+        return [f"{key}.{name} is {entry!r}, not {what}" for name, entry in value.items() if not check(entry)]
+
+    problems = [f"{key} is {summary[key]!r}, not a number" for key in NUMBER_FIELDS if not number(summary.get(key))]
+    if not (
+        summary.get("seed") is None or (isinstance(summary["seed"], int) and not isinstance(summary["seed"], bool))
+    ):
+        problems.append(f"seed is {summary['seed']!r}, not an integer")
+    problems += mapping_of("groups", number, "a number")
+    problems += mapping_of(
+        "eval",
+        lambda task: isinstance(task, dict) and all(number(task.get(k)) for k in ("accuracy", "n")),
+        "a mapping with numbers accuracy and n",
+    )
+    problems += mapping_of(
+        "heldout",
+        lambda loss: isinstance(loss, dict) and all(number(loss.get(k)) for k in ("before", "after")),
+        "a mapping with numbers before and after",
+    )
+    problems += mapping_of(
+        "train", lambda value: number(value) or isinstance(value, list), "a number or a list (a curve)"
+    )
+    curve = (summary.get("train") or {}).get("loss_curve") if isinstance(summary.get("train"), dict) else None
+    if curve is not None and not (
+        isinstance(curve, list) and all(isinstance(p, list) and len(p) == 2 and all(map(number, p)) for p in curve)
+    ):
+        problems.append("train.loss_curve is not a list of [step, loss] pairs")
+    return problems
+
+
 def read_rows(folder: Path, stem: str) -> list[dict]:
     """The JSON lines of ``folder/STEM.jsonl`` (a run's predictions) or ``STEM.jsonl.gz`` (a record's); [] without."""
     plain, packed = folder / f"{stem}.jsonl", folder / f"{stem}.jsonl.gz"
@@ -287,6 +331,11 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
             raise ReportError(
                 f"{file} is not a run's summary (it needs the strings {', '.join(SUMMARY_KEYS)}); "
                 "leave it out or rerun its job (ckpt_path=auto)"
+            )
+        if problems := summary_problems(summary):
+            raise ReportError(
+                f"{file} has fields of the wrong type: {'; '.join(problems)}; restore it, rerun its job "
+                "(ckpt_path=auto) or leave its run out"
             )
         config_file = file.parent / "config.yaml"
         try:
