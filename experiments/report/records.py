@@ -45,13 +45,12 @@ def plan_records(runs: list[Run], dest: Path) -> list[tuple[Run, Path]]:
     common = Path(os.path.commonpath(outside)) if len(outside) > 1 else outside[0].parent if outside else home
     names = [path.relative_to(home if home in path.parents else common) for path in paths]
     # A record given beside the run it came from (an export again of a sweep partly exported): the run updates it.
-    updated = {name for path, name in zip(paths, names, strict=True) if home not in path.parents}
+    # (Another record of that name, of another run, stays in the plan: the name check below refuses the pair.)
+    run_of = {name: path for path, name in zip(paths, names, strict=True) if home not in path.parents}
     keep = [
         i
         for i, (path, name) in enumerate(zip(paths, names, strict=True))
-        if home not in path.parents
-        or name not in updated
-        or _identity(path) != _identity(next(p for p, n in zip(paths, names, strict=True) if n == name and p != path))
+        if home not in path.parents or name not in run_of or _identity(path) != _identity(run_of[name])
     ]
     runs, paths, names = [runs[i] for i in keep], [paths[i] for i in keep], [names[i] for i in keep]
     if len(set(names)) != len(names):
