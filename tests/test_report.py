@@ -812,6 +812,7 @@ def test_wrongly_typed_summary_fields_are_named_at_once_before_anything_is_writt
     summary["heldout"]["commonsense_test"]["after"] = [0.15]
     summary["groups"] = ["commonsense"]
     summary["train"]["loss_curve"] = [0.5, 0.4]
+    summary["mtbench"] = {"score": "7"}
     file.write_text(json.dumps(summary))
     with pytest.raises(SystemExit) as raised:
         main([str(runs), "--out", str(tmp_path / "out")])
@@ -824,6 +825,7 @@ def test_wrongly_typed_summary_fields_are_named_at_once_before_anything_is_writt
         "heldout.commonsense_test is {'before': None, 'after': [0.15]}, not a mapping with numbers before and after",
         "groups is list, not a mapping",
         "train.loss_curve is not a list of [step, loss] pairs",
+        "mtbench is not a mapping with a number score",
     ):
         assert problem in message
     assert not (tmp_path / "out").exists()
@@ -897,6 +899,31 @@ def test_the_harness_settings_separate_rows_only_where_the_harness_ran(backend, 
         assert random == [
             ("s2ft eval.backend=lm_eval eval.lm_eval.limit=50 order=large strategy=random", 1),
             ("s2ft eval.backend=lm_eval eval.lm_eval.limit=null order=large strategy=random", 1),
+        ]
+
+
+@pytest.mark.parametrize(("setting", "rows"), [("model", 2), ("timeout_s", 1)])
+def test_runs_judged_by_another_judge_are_another_row(setting, rows, tmp_path):
+    """MT-Bench scores of two judges are two measurements (they were averaged as seeds); a judge's timeout is how,
+    not what."""
+    runs = _selection_records(tmp_path)
+    mtbench = yaml.safe_load((ROOT / "conf" / "eval" / "mtbench.yaml").read_text())["mtbench"]
+    for seed in (0, 1):
+        config_file = runs / f"seed{seed}_random_large" / "config.yaml"
+        config = yaml.safe_load(config_file.read_text())
+        config["eval"]["mtbench"] = json.loads(json.dumps(mtbench))
+        if seed == 1:
+            config["eval"]["mtbench"]["judge"]["local" if setting == "model" else "openai"][setting] = "other"
+        config_file.write_text(yaml.safe_dump(config))
+    random = sorted(
+        (row.label, len(row.runs)) for row in build_rows(find_runs([runs])) if "strategy=random" in row.label
+    )
+    if rows == 1:
+        assert random == [("s2ft order=large strategy=random", 2)]
+    else:
+        assert random == [
+            ("s2ft eval.mtbench.judge_model=other order=large strategy=random", 1),
+            ("s2ft eval.mtbench.judge_model=smollm2_135m order=large strategy=random", 1),
         ]
 
 
@@ -1245,3 +1272,39 @@ def test_new_runs_are_added_beside_the_records_of_the_folder_they_are_exported_i
     ):
         main([str(records), str(new), "--export-records", str(records), "--out", str(tmp_path / "out")])
     assert {p: p.read_bytes() for p in records.rglob("*") if p.is_file()} == snapshot
+
+
+def test_mtbench_scores_are_a_column_and_compared_turn_by_turn(tmp_path):
+    """An instruction study (paper Table 3) had no MT-Bench number in its report: rows were compared on accuracy
+    alone. Gradient's runs rate every turn one point above random's on the same seed; activation's rate random's
+    turns alike but leave one unrated (skipped in the pairing)."""
+    runs = _selection_records(tmp_path)
+    scores = {}
+    for run_dir in sorted(runs.iterdir()):
+        seed, strategy = run_dir.name.split("_")[0].removeprefix("seed"), run_dir.name.split("_")[1]
+        ratings = {str(q): [float(1 + (q * 7 + int(seed) * 3 + t) % 8) for t in (0, 1)] for q in range(16)}
+        if strategy == "gradient":
+            ratings = {q: [r + 1 for r in turns] for q, turns in ratings.items()}
+        if strategy == "activation":
+            ratings["0"][1] = None
+        rated = [r for turns in ratings.values() for r in turns if r is not None]
+        scores.setdefault(strategy, []).append(sum(rated) / len(rated))
+        file = run_dir / "summary.json"
+        summary = json.loads(file.read_text())
+        summary["mtbench"] = {"score": sum(rated) / len(rated), "ratings": ratings, "n_rated": len(rated)}
+        file.write_text(json.dumps(summary))
+    text = main([str(runs), "--reference", RANDOM, "--out", str(tmp_path / "out")]).read_text()
+    column = _column(text, "MT-Bench (1-10)")
+    for strategy in scores:
+        mean, std = statistics.mean(scores[strategy]), statistics.stdev(scores[strategy])
+        (cell,) = [cell for label, cell in column.items() if f"strategy={strategy}" in label]
+        assert cell == f"{mean:.2f} ± {std:.2f}"
+    gradient, activation = "s2ft order=large strategy=gradient", "s2ft order=small strategy=activation"
+    assert (
+        f"- MT-Bench-style score: highest `{gradient}`; separable from it: `{RANDOM}` (p=0.000 *; over seeds "
+        f"p=0.000 *), `{activation}` (p=0.000 *; over seeds p="
+    ) in text
+    # Against random: the same ratings on every turn both rated (p = 1), though the means differ by the unrated turn.
+    difference = statistics.mean(scores["activation"]) - statistics.mean(scores["random"])
+    assert f"- MT-Bench-style score: `{gradient}` +1.00 (p=0.000 *; over seeds p=0.000 *), `{activation}` " in text
+    assert f"`{activation}` {difference:+.2f} (p=1.000; over seeds p=" in text

@@ -28,11 +28,13 @@ from experiments.report.table import (
     avg_accuracy,
     build_rows,
     compare_heldout,
+    compare_mtbench,
     compare_to_best,
     group_accuracy,
     group_runs,
     heldout_after,
     heldout_roles,
+    mtbench_score,
     separable,
     task_accuracy,
     train_domain,
@@ -141,6 +143,9 @@ def study_section(
     groups = groups if len(groups) > 1 else []
     header = ["method", *tasks, "Avg", "Avg 95% CI", "p vs best", *(SPLIT_GROUPS[g] for g in groups)]
     has_val = any((run.summary.get("train") or {}).get("val_loss") is not None for run in runs)
+    # MT-Bench-style instruction scores (paper Table 3), where any run was judged.
+    has_mtbench = any(mtbench_score(run.summary) is not None for run in runs)
+    header += ["MT-Bench (1-10)"] * has_mtbench
     header += ["val loss"] * has_val + [f"loss {name}" for name in heldout]
     # Runs from before the pace was recorded have only wall time, which absorbs whatever else the machine ran.
     has_pace = any((run.summary.get("train") or {}).get("median_tokens_per_s") is not None for run in runs)
@@ -163,6 +168,7 @@ def study_section(
         cells += [_fmt(avg, 100, 1), "-" if avg is None or avg.ci is None else f"± {100 * avg.ci:.1f}"]
         cells += ["best" if row is best else "-" if p is None else _fmt_p(p)]
         cells += [_fmt(row.estimate(group_accuracy(g)), 100, 1) for g in groups]
+        cells += [_fmt(row.estimate(mtbench_score), 1, 2)] * has_mtbench
         cells += [_fmt(row.estimate(train_field("val_loss")), 1, 4)] * has_val
         cells += [_fmt(row.estimate(heldout_after(name)), 1, 4) for name in heldout]
         cells += [_fmt(row.estimate(trainable_pct), 1, 3), _fmt(row.estimate(train_field("wall_s")), 1, 0)]
@@ -173,6 +179,11 @@ def study_section(
     lowest = {name: compare_heldout(rows, name) for name in heldout}
     lines += [line for name in heldout if (line := heldout_statement(name, *lowest[name], rows, heldout_after(name)))]
     lines += [""] if heldout else []
+    highest = compare_mtbench(rows) if has_mtbench else Comparison(None, {}, {})
+    if highest.best is not None and any(p is not None for p in highest.pvalues.values()):
+        over_seeds = seed_level_ps(rows, highest.best, mtbench_score, highest.seeds)
+        verdict = pairs_verdict(highest.pvalues, over_seeds)
+        lines += [f"- MT-Bench-style score: highest `{highest.best.label}`; {verdict}.", ""]
     if reference is not None:
 
         def against_reference(found: Comparison, compare) -> Comparison:
@@ -192,6 +203,9 @@ def study_section(
             )
             for name in heldout
         ]
+        if has_mtbench:
+            mtbench = against_reference(highest, lambda: compare_mtbench(rows, reference))
+            against.append(reference_statement("MT-Bench-style score", mtbench_score, 1, 2, rows, *mtbench))
         against = [line for line in against if line]
         if against:
             title = (

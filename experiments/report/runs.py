@@ -41,9 +41,9 @@ TRAINING_KEYS = (
     *(("eval", key) for key in ("tasks", "groups", "limit", "heldout_limit", "backend")),
     *(("eval", key) for key in ("mode", "num_beams", "max_new_tokens")),
 )
-# The settings of lm-evaluation-harness (eval.lm_eval), as `Run.settings` names them: they change numbers only where
-# the harness ran (eval.backend=lm_eval).
-HARNESS = "eval.lm_eval."
+# Settings of optional evaluations, as `Run.settings` names them, which change numbers only where that evaluation
+# ran: lm-evaluation-harness (eval.lm_eval, with eval.backend=lm_eval) and MT-Bench (which questions, which judge).
+OPTIONAL_EVALS = ("eval.lm_eval.", "eval.mtbench.")
 # Optional config keys and what the code runs without them (`s2ft.lightning.runner`: `method.get("betas") or ...`;
 # eval.backend came with lm_eval, before which every run scored with s2ft's own evaluation; eval.groups with user
 # groups, before which a run averaged none).
@@ -112,10 +112,15 @@ class Run:
                 values = self.config.get(section) or {}
                 if key in values or (section, key) in ABSENT_MEANS:
                     flat[f"{section}.{key}"] = values.get(key, ABSENT_MEANS.get((section, key)))
-            # The harness's tasks and budgets change its numbers only where it ran (backend=lm_eval).
             evaluation = self.config.get("eval") or {}
             if evaluation.get("backend") == "lm_eval":
-                flat |= flatten(evaluation.get("lm_eval") or {}, HARNESS.rstrip("."))
+                flat |= flatten(evaluation.get("lm_eval") or {}, "eval.lm_eval")
+            if mtbench := evaluation.get("mtbench"):
+                # What was asked and who judged; not how (timeouts, retries, batch size, the key's variable).
+                judge = mtbench.get("judge") or {}
+                kind = judge.get("kind")
+                flat |= {f"eval.mtbench.{key}": mtbench.get(key) for key in ("questions", "references")}
+                flat |= {"eval.mtbench.judge": kind, "eval.mtbench.judge_model": (judge.get(kind) or {}).get("model")}
         # The prompt template is a variant (results/template_smollm), not a repetition; the summary records the one
         # the run used where its config is older than the option.
         template = ((self.config or {}).get("data") or {}).get("template", self.summary.get("template"))
@@ -125,11 +130,11 @@ class Run:
 
     def lacks(self, key: str) -> bool:
         """Whether the run cannot say its value of the setting ``key`` (a `settings` key of another run): its config
-        has no such setting, where a dict setting without that component (``options.target_split.q``) and a harness
-        setting of a run that did not run the harness (``eval.lm_eval.limit``, backend s2ft) say "none"."""
+        has no such setting, where a dict setting without that component (``options.target_split.q``) and a setting
+        of an optional evaluation the run did not run (``eval.lm_eval.limit`` with backend s2ft) say "none"."""
         if key in self.settings():
             return False
-        if self.config is not None and key.startswith(HARNESS):
+        if self.config is not None and key.startswith(OPTIONAL_EVALS):
             return False
         if self.config is None or not key.startswith("options."):
             return True
@@ -258,6 +263,16 @@ def summary_problems(summary: dict) -> list[str]:
     problems += mapping_of(
         "train", lambda value: number(value) or isinstance(value, list), "a number or a list (a curve)"
     )
+    mtbench = summary.get("mtbench")
+    if mtbench is not None:
+        ratings = mtbench.get("ratings") if isinstance(mtbench, dict) else None
+        if not isinstance(mtbench, dict) or not number(mtbench.get("score")):
+            problems.append("mtbench is not a mapping with a number score")
+        elif ratings is not None and not (
+            isinstance(ratings, dict)
+            and all(isinstance(turns, list) and all(map(number, turns)) for turns in ratings.values())
+        ):
+            problems.append("mtbench.ratings is not a mapping of question ids to lists of ratings")
     curve = (summary.get("train") or {}).get("loss_curve") if isinstance(summary.get("train"), dict) else None
     if curve is not None and not (
         isinstance(curve, list) and all(isinstance(p, list) and len(p) == 2 and all(map(number, p)) for p in curve)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import NamedTuple
 
-from experiments.report.runs import HARNESS, ReportError, Run, flatten
+from experiments.report.runs import OPTIONAL_EVALS, ReportError, Run, flatten
 from experiments.report.stats import ALPHA, Estimate, estimate, paired_bootstrap_p, welch_p
 from s2ft.data import HELDOUT_DOMAINS
 
@@ -74,9 +74,11 @@ def build_rows(runs: list[Run]) -> list[Row]:
     for method, method_runs in sorted(by_method.items()):
         settings = [run.settings() for run in method_runs]
         keys = sorted({k for s in settings for k in s})
-        # A harness setting is none for runs that did not run the harness (`Run.lacks`); eval.backend sets those
-        # apart, so it labels rows only where it differs between runs that ran it.
-        varying = [k for k in keys if len({s.get(k) for s in settings if k in s or not k.startswith(HARNESS)}) > 1]
+        # An optional evaluation's setting is none for runs that did not run it (`Run.lacks`), which other settings
+        # set apart (eval.backend, eval.tasks), so it labels rows only where it differs between runs that ran it.
+        varying = [
+            k for k in keys if len({s.get(k) for s in settings if k in s or not k.startswith(OPTIONAL_EVALS)}) > 1
+        ]
         variants: dict[tuple, list[Run]] = {}
         for run, s in zip(method_runs, settings, strict=True):
             values = tuple(s.get(k, UNKNOWN if run.lacks(k) else None) for k in varying)
@@ -162,6 +164,11 @@ def heldout_after(name: str):
     return lambda summary: ((summary.get("heldout") or {}).get(name) or {}).get("after")
 
 
+def mtbench_score(summary: dict) -> float | None:
+    """The MT-Bench-style score (1-10, the mean over rated turns); None for runs without MT-Bench."""
+    return (summary.get("mtbench") or {}).get("score")
+
+
 def train_field(key: str):
     return lambda summary: (summary.get("train") or {}).get(key)
 
@@ -215,6 +222,33 @@ def compare_to_best(rows: list[Row], tasks: list[str], reference: str | None = N
         )
 
     return _compare(rows, avg_accuracy, min_is_best=False, paired_items=items, reference=reference)
+
+
+def compare_mtbench(rows: list[Row], reference: str | None = None) -> Comparison:
+    """The row with the highest mean MT-Bench-style score and, per other row, the p-value of its difference.
+
+    A paired bootstrap over the turns (question, turn) that the runs of both rows with the same seed had rated (the
+    summary's ``mtbench.ratings``), each seed weighing as one, hierarchical over seeds when they share several;
+    Welch's t-test over seeds for rows without shared rated turns and two or more seeds each; else None.
+    """
+
+    def rated(run: Run) -> dict:
+        ratings = (run.summary.get("mtbench") or {}).get("ratings") or {}
+        return {(q, turn): r for q, turns in ratings.items() for turn, r in enumerate(turns) if r is not None}
+
+    def items(mine: list[Run], theirs: list[Run]):
+        a, b = _by_seed(mine, rated), _by_seed(theirs, rated)
+        shared = sorted(a.keys() & b.keys(), key=str)
+        n = Counter(seed for seed, _ in shared)
+        weight = [1 / n[seed] for seed, _ in shared]
+        return (
+            [a[i] * w for i, w in zip(shared, weight, strict=True)],
+            [b[i] * w for i, w in zip(shared, weight, strict=True)],
+            weight,
+            [seed for seed, _ in shared],
+        )
+
+    return _compare(rows, mtbench_score, min_is_best=False, paired_items=items, reference=reference)
 
 
 def compare_heldout(rows: list[Row], name: str, reference: str | None = None) -> Comparison:
