@@ -15,8 +15,9 @@ import yaml
 from conftest import ROOT, compose_run
 from scipy import stats
 
+from experiments.report import records as records_module
 from experiments.report.markdown import heldout_statement, main, pairs_verdict, significance_statement, write_report
-from experiments.report.records import export_records
+from experiments.report.records import export_records, write_record
 from experiments.report.runs import Run, find_runs, find_unfinished, wandb_runs
 from experiments.report.stats import ALPHA, estimate, paired_bootstrap_p, seed_level_p, welch_p
 from experiments.report.table import (
@@ -1308,3 +1309,35 @@ def test_mtbench_scores_are_a_column_and_compared_turn_by_turn(tmp_path):
     difference = statistics.mean(scores["activation"]) - statistics.mean(scores["random"])
     assert f"- MT-Bench-style score: `{gradient}` +1.00 (p=0.000 *; over seeds p=0.000 *), `{activation}` " in text
     assert f"`{activation}` {difference:+.2f} (p=1.000; over seeds p=" in text
+
+
+def test_an_export_that_fails_on_one_run_replaces_no_record(tmp_path, monkeypatch):
+    """Records were replaced one by one, so a failure at the third run (a full disk) left two updated and the rest
+    old: a records folder of no one export."""
+    runs = _selection_records(tmp_path)
+    records = tmp_path / "records"
+    export_records(find_runs([runs]), records)
+    snapshot = {p: p.read_bytes() for p in records.rglob("*") if p.is_file()}
+    for summary_file in runs.glob("*/summary.json"):  # an updated export of the same runs
+        summary = json.loads(summary_file.read_text())
+        summary["train"]["wall_s"] += 1
+        summary_file.write_text(json.dumps(summary))
+    written = []
+
+    def write_then_fail(run_dir, out):
+        if len(written) == 2:
+            raise OSError(28, "No space left on device")
+        write_record(run_dir, out)
+        written.append(out)
+
+    monkeypatch.setattr(records_module, "write_record", write_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        export_records(find_runs([runs]), records)
+    assert len(written) == 2
+    assert {p: p.read_bytes() for p in records.rglob("*") if p.is_file()} == snapshot  # no .partial left either
+    monkeypatch.undo()
+    export_records(find_runs([runs]), records)
+    assert all(
+        json.loads((records / run.name / "summary.json").read_text()) == json.loads((run / "summary.json").read_text())
+        for run in runs.iterdir()
+    )

@@ -85,19 +85,25 @@ def export_records(runs: list[Run], dest: Path) -> list[Path]:
     Raises:
         ReportError: As `plan_records`; nothing is written then.
     """
-    written = []
-    for run, name in plan_records(runs, dest):
-        target = dest / name
-        if target.resolve() == run.path.resolve():
-            written.append(target)  # already a record in place
-            continue
-        staging = target.with_name(target.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        write_record(run.path, staging)
+    plan = [(run, dest / name) for run, name in plan_records(runs, dest)]
+    staged = []
+    try:
+        # Every record is written before any is replaced: a run that cannot be read (or a full disk) leaves the old
+        # records as they were, never some updated and some old.
+        for run, target in plan:
+            if target.resolve() != run.path.resolve():  # else already a record in place
+                staging = target.with_name(target.name + ".partial")
+                shutil.rmtree(staging, ignore_errors=True)
+                staged.append((staging, target))
+                write_record(run.path, staging)
+    except BaseException:
+        for staging, _ in staged:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for staging, target in staged:
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
-        written.append(target)
-    return written
+    return [target for _, target in plan]
 
 
 def _identity(folder: Path) -> bytes | tuple | None:
