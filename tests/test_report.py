@@ -528,6 +528,7 @@ def test_heldout_backfill_reproduces_a_finished_runs_item_losses(sweep, tmp_path
 
 # Each committed study with records (its folder under results/), and the report arguments its README names.
 COMMITTED = {
+    "commonsense_smollm/rerun": [],
     "components_smollm": ["--reference", ""],
     "generalization_smollm": [],
     "selection_smollm": ["--reference", "s2ft order=large strategy=random"],
