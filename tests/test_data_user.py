@@ -207,6 +207,23 @@ def test_json_numbers_train_as_written_when_ints_and_floats_mix(tmp_path):
     assert fields(load_user_source(str(path))) == [("2", "", "4"), ("1", "", "0.5")]
 
 
+def test_a_json_nan_is_a_missing_field_not_the_text_nan(tmp_path):
+    """Before, a NaN (pandas' missing value, which json.dumps writes as NaN) in a column without a text was read as
+    the text "nan": every input "nan", a gold answer "nan" in place of the response, a response "nan" trained on."""
+    path = tmp_path / "frame.jsonl"
+    path.write_text(
+        '{"instruction": "Q1", "input": NaN, "output": "A1", "answer": NaN}\n'
+        '{"instruction": "Q2", "input": NaN, "output": "A2", "answer": 2}\n'
+    )
+    assert load_user_source(str(path)) == [
+        Example("frame-0", "frame", "Q1", "", "A1", ""),
+        Example("frame-1", "frame", "Q2", "", "A2", "2"),
+    ]
+    path.write_text('{"instruction": "Q1", "output": NaN}\n{"instruction": "Q2", "output": NaN}\n')
+    with pytest.raises(DataError, match=rf"^{path}: line 1: missing field 'output'$"):
+        load_user_source(str(path))
+
+
 def test_a_csv_record_after_a_multi_line_field_is_named_by_its_own_line(tmp_path):
     """Before, lines were counted as records: the bad record on line 6 was reported at line 4, inside record 1."""
     csv = tmp_path / "long.csv"

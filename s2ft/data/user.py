@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -344,6 +345,12 @@ def _text(value, field: str, where: str) -> str:
     return _as_text(value)
 
 
+def _field(value):
+    """A record's value, None where it is missing: Python's json.dumps writes pandas' missing value (NaN, as
+    ``df.to_dict("records")`` holds it) as NaN, which datasets reads as a float; str() would make it the text "nan"."""
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
 def _as_text(value: str | int | float) -> str:
     # Arrow reads a JSON column that mixes ints and floats as floats: the 4 of {"answer": 4} beside {"answer": 0.5}
     # arrives as 4.0, and str() would make the gold "4.0" (a text answer "4" scored wrong) and the target "4.0".
@@ -418,7 +425,7 @@ def to_examples(
     examples = []
     for index, row in enumerate(rows):
         where = f"{source.where}: {lines[index] if lines and index < len(lines) else f'record {index}'}"
-        values = {field: row.get(column[field]) for field in FIELDS[fmt]}
+        values = {field: _field(row.get(column[field])) for field in FIELDS[fmt]}
         if fmt == "chat":
             instruction, context, response = _chat_parts(values["messages"], where, need_response)
         else:
