@@ -16,6 +16,8 @@ from s2ft.adapter_format import CONFIG_NAME
 from s2ft.checks import did_you_mean, is_number, is_positive_int
 from s2ft.data.checks import check_heldout_spec, check_train_spec
 from s2ft.data.prompt import TEMPLATES
+from s2ft.data.tasks import GROUPS as TASK_GROUPS
+from s2ft.data.tasks import TASKS
 from s2ft.errors import UserError
 from s2ft.evaluation.checks import check_task_spec
 from s2ft.evaluation.mtbench import mtbench_config_problems
@@ -289,6 +291,14 @@ def _check_eval(ev: dict, data_dir: Path) -> list[str]:
         problems += check_heldout_spec(heldout, data_dir)
     if ev.get("groups") is not None and not isinstance(ev["groups"], dict):
         problems.append(f"eval.groups must map group names to lists of tasks, got {ev['groups']!r}")
+    # A user group under a registered name would stand in for it: a registered task or group named in eval.tasks
+    # would run the user's members, and the summary's groups (the report's ID / OOD averages) hold the user's mean.
+    shadowing = [name for name in groups or {} if str(name).lower() in TASKS or str(name).lower() in TASK_GROUPS]
+    if shadowing:
+        problems.append(
+            f"eval.groups: user group(s) {', '.join(map(repr, shadowing))} would stand in for the registered task or "
+            "group of that name; give each user group another name"
+        )
     if ev.get("backend", "s2ft") not in EVAL_BACKENDS:
         problems.append(f"eval.backend must be one of {EVAL_BACKENDS}, got {ev.get('backend')!r}")
     elif ev.get("backend") == "lm_eval" and importlib.util.find_spec("lm_eval") is None:

@@ -280,6 +280,20 @@ def test_a_value_of_the_wrong_type_is_one_problem_not_a_crash(override, message)
     assert str(info.value).startswith(f"1 problem(s) in the config:\n  - {message}"), str(info.value)
 
 
+def test_a_user_group_under_a_registered_name_is_refused():
+    """Before, eval.groups={id: [...]} was accepted and stood in for the registered group: the summary's groups.id (the
+    report's ID average) was the user's mean, and eval.tasks=[boolq] with a user group boolq ran the group's tasks."""
+    # eval=user_example holds the user group user_arc, which is no registered name.
+    cfg = compose_run("eval=user_example", "+eval.groups.id=[arc_letters]", "+eval.groups.Boolq=[arc_letters_mc]")
+    with pytest.raises(RunConfigError) as info:
+        validate_run_config(cfg)
+    assert str(info.value) == (
+        "1 problem(s) in the config:\n  - eval.groups: user group(s) 'id', 'Boolq' would stand in for the registered "
+        "task or group of that name; give each user group another name"
+    )
+    validate_run_config(compose_run("eval=user_example"))  # its group user_arc
+
+
 SHAPE_PROBLEMS = [
     # Each was found only when the method was applied: after the model loaded and the untrained model was evaluated
     # (eval.before: ~1 min here, hours at paper scale), and the LoRA / SpFT ones as a ValueError traceback.
