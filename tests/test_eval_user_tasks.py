@@ -4,6 +4,7 @@ whole run (`run_experiment`) on a tiny model, with the task named as the user na
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -232,6 +233,19 @@ def test_definitions_in_yaml_files_and_the_conf_eval_example(tmp_path):
         resolve_eval_tasks([str(tmp_path / "latin.yaml")])
     example = yaml.safe_load((ROOT / "conf/eval/user_example.yaml").read_text())
     assert [task["name"] for task in example["tasks"]] == ["arc_letters", "arc_letters_mc"]
+
+
+def test_yes_no_labels_left_unquoted_in_yaml_are_named_as_booleans(tmp_path):
+    """Before, `labels: [yes, no]` in a yaml file (read as [True, False]) was refused with "answer: label needs labels:
+    [a list of at least two label strings]", which the user had written."""
+    (tmp_path / "yn.yaml").write_text("name: yn\npath: t.json\nanswer: label\nlabels: [yes, no]\n")
+    message = (
+        "task yn: labels [True, False] hold booleans, as yaml reads yes/no/true/false/on/off unquoted; quote each "
+    )
+    with pytest.raises(DataError, match=rf"^{re.escape(message)}label: labels: \['yes', 'no'\]$"):
+        resolve_eval_tasks([str(tmp_path / "yn.yaml")])
+    (tmp_path / "yn.yaml").write_text("name: yn\npath: t.json\nanswer: label\nlabels: ['yes', 'no']\n")
+    assert resolve_eval_tasks([str(tmp_path / "yn.yaml")])[0].labels == ("yes", "no")
 
 
 def test_a_relative_path_in_a_yaml_file_is_read_beside_it_from_any_working_directory(tmp_path, monkeypatch):

@@ -65,6 +65,12 @@ def parse_task(definition: dict) -> TaskSpec:
         raise DataError(f"{where}: answer must be one of {', '.join(ANSWER_KINDS)}, got {kind!r}")
     labels = definition.get("labels")
     if kind == "label":
+        if isinstance(labels, list) and any(isinstance(x, bool) for x in labels):
+            # YAML (a task file, a conf/eval config) reads unquoted yes, no, true, false, on and off as booleans.
+            raise DataError(
+                f"{where}: labels {labels} hold booleans, as yaml reads yes/no/true/false/on/off unquoted; quote each "
+                "label: labels: ['yes', 'no']"
+            )
         if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) and x for x in labels):
             raise DataError(f"{where}: answer: label needs labels: [a list of at least two label strings]")
         if len({label.lower() for label in labels}) < len(labels):
