@@ -288,6 +288,10 @@ def test_empty_set_unknown_format_and_unknown_columns(tmp_path):
     empty.write_text("[]")
     with pytest.raises(DataError, match="empty.json holds no records"):
         load_user_source(str(empty))
+    # Before, datasets' "could not read ...: ArrowInvalid: BatchSize must be greater than 0, got 0".
+    pd.DataFrame({"instruction": [], "output": []}, dtype=str).to_parquet(tmp_path / "none.parquet")
+    with pytest.raises(DataError, match=rf"^{tmp_path}/none.parquet holds no records$"):
+        load_user_source(str(tmp_path / "none.parquet"))
     odd = write_jsonl(tmp_path / "odd.jsonl", [{"question": "Q", "reply": "A"}])
     with pytest.raises(DataError, match=r"cannot tell the format from its columns \['question', 'reply'\]"):
         load_user_source(str(odd))

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import pyarrow.parquet as pq
 
 from s2ft.data.records import DataError, Example
 
@@ -207,7 +208,11 @@ def _check_text(path: Path, where: str) -> bool:
         DataError: A text file that is not UTF-8 (the line of the first bad byte is named).
     """
     if path.suffix.lower() == ".parquet":
-        return True  # an empty Parquet file loads as an empty set, which `to_examples` reports
+        # datasets fails on a Parquet file of no rows ("ArrowInvalid: BatchSize must be greater than 0, got 0").
+        try:
+            return pq.ParquetFile(path).metadata.num_rows > 0
+        except Exception:  # not Parquet (ArrowInvalid, OSError): datasets' own error names it
+            return True
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8").strip()
