@@ -113,6 +113,19 @@ def test_hub_dataset_through_load_dataset_and_a_saved_dataset(tmp_path):
         load_user_source({"path": str(saved), "split": "validation"})
 
 
+def test_a_folder_without_the_split_names_the_split_and_the_fix(tmp_path):
+    """Before, an evaluation task (split test by default) on a folder holding only mydata.jsonl (split train) failed
+    with "could not read FOLDER: ValueError: Unknown split ..." and no word of the split: setting."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    write_jsonl(folder / "mydata.jsonl", [{"instruction": "Q", "output": "B"}])
+    problems = check_task_spec([{"name": "mine", "path": str(folder), "answer": "letter"}], DATA)
+    assert problems == [
+        f"eval.tasks: {folder}: no split 'test' (Unknown split \"test\". Should be one of ['train'].); set split: NAME"
+    ]
+    assert check_task_spec([{"name": "mine", "path": str(folder), "answer": "letter", "split": "train"}], DATA) == []
+
+
 def test_hub_id_that_cannot_load_is_a_data_error(monkeypatch):
     def offline(*args, **kwargs):
         raise ConnectionError("offline")

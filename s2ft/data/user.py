@@ -193,6 +193,10 @@ def load_rows(source: UserSource, data_dir: str | Path | None = None) -> dataset
     except KeyError as err:
         raise DataError(f"{source.where}: no split {source.split!r} ({err}); set split: NAME") from err
     except Exception as err:  # datasets raises many types (DatasetGenerationError, ArrowInvalid, ConnectionError ...)
+        if isinstance(err, ValueError) and str(err).startswith("Unknown split"):
+            # load_dataset of a folder (or hub id) without that split: a folder's files name its splits (train.jsonl,
+            # test.jsonl; a file of any other name is train), and an evaluation task reads test unless told.
+            raise DataError(f"{source.where}: no split {source.split!r} ({err}); set split: NAME") from err
         problem = _json_problem(path, source.where) if source.hub is None and path.suffix.lower() in JSON else None
         raise DataError(problem or f"could not read {source.where}: {_cause(err)}") from err
     return rows
