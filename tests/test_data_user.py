@@ -349,6 +349,11 @@ def test_unreadable_files_name_the_line_and_the_fix(tmp_path):
             r"lists.jsonl: line 1 is not a record \{{field: value, ...\}} but \[",
         ),
         "notes.json": (b"Q: A\n", r"notes.json: not valid JSON \(Expecting value at line 1, column 1\)"),
+        # Before, "could not read ...: ValueError: If using all scalar values, you must pass an index".
+        "twice.jsonl": (
+            ("\n".join([*records[:2], '{"instruction": "Q", "instruction": "Q2", "output": "A"}']) + "\n").encode(),
+            r"^{path}: line 3 has the field 'instruction' twice; keep one$",
+        ),
         "ragged.csv": (
             b"instruction,output\nQ1,A1\nQ2,A2,extra\n",
             r"ragged.csv: line 3 has 3 fields but the header 2; quote a field",

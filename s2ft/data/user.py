@@ -280,12 +280,27 @@ def _json_problem(path: Path, where: str) -> str | None:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line, object_pairs_hook=_pairs)
         except json.JSONDecodeError as err:
             return f"{where}: line {number} is not valid JSON ({err.msg} at column {err.colno}); fix or remove it"
+        except _RepeatedKey as err:
+            # arrow refuses the line ("Column(/instruction) was specified twice"), datasets then fails in pandas.
+            return f"{where}: line {number} has the field {err.args[0]!r} twice; keep one"
         if not isinstance(record, dict):
             return f"{where}: line {number} is not a record {{field: value, ...}} but {line.strip()[:80]}"
     return None
+
+
+class _RepeatedKey(Exception):
+    """A JSON object that names one key twice (the key is the argument)."""
+
+
+def _pairs(pairs: list[tuple[str, object]]) -> dict:
+    keys = [key for key, _ in pairs]
+    repeated = next((key for key in keys if keys.count(key) > 1), None)
+    if repeated is not None:
+        raise _RepeatedKey(repeated)
+    return dict(pairs)
 
 
 def _cause(err: BaseException) -> str:
