@@ -1,6 +1,7 @@
 import json
 import logging
 import re
+import unicodedata
 
 import pytest
 from conftest import DATA, compose_run
@@ -30,6 +31,10 @@ def test_normalize_question():
         "There are 7 crayons in the drawer. Mary took 3"
     )
     assert normalize_question("Ça_coûte 3,5 €?") == "ça coûte 3 5"
+    # Before, an accent written as a combining character (NFD) split its word: "cafe" here, "café" composed.
+    decomposed = unicodedata.normalize("NFD", "Un café, s'il vous plaît ?")
+    assert decomposed != "Un café, s'il vous plaît ?" and normalize_question(decomposed) == "un café s il vous plaît"
+    assert normalize_question("Ｗｈａｔ is ２＋２? ﬁve") == "what is 2 2 five"
 
 
 def test_math_data_counts_match_readme(arithmetic_tests):

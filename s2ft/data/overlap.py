@@ -1,8 +1,9 @@
 """Guard against training on evaluation questions.
 
-Questions are compared after `normalize_question`: lowercase, every run of non-alphanumeric characters (punctuation,
-underscores, whitespace) becomes one space. Dropping *all* punctuation, not only at the edges, is what it takes: the
-AddSub, SingleEq and MAWPS copies inside ``math_data.json`` are re-tokenised ("drawer . Mary" vs "drawer. Mary").
+Questions are compared after `normalize_question`: NFKC, lowercase, every run of non-alphanumeric characters
+(punctuation, underscores, whitespace) becomes one space. Dropping *all* punctuation, not only at the edges, is what it
+takes: the AddSub, SingleEq and MAWPS copies inside ``math_data.json`` are re-tokenised ("drawer . Mary" vs "drawer.
+Mary").
 With it, the counts of data/README.md are reproduced exactly (math_data.json: AQuA 203, AddSub 330, MultiArith 491,
 SVAMP 800, SingleEq 425, GSM8K 1055, MAWPS 131; MAWPS train: AddSub 327, MultiArith 452, SingleEq 416, MAWPS 28);
 lowercasing and collapsing whitespace alone finds only 316 / 406 / 54 of AddSub / SingleEq / MAWPS.
@@ -12,6 +13,7 @@ import functools
 import itertools
 import logging
 import re
+import unicodedata
 
 from s2ft.data.records import Example
 from s2ft.errors import UserError
@@ -30,8 +32,13 @@ class DataOverlapError(UserError, ValueError):
 # Loading a commonsense source cleans it against the same 12k test questions; caching spares re-normalising them.
 @functools.lru_cache(maxsize=1 << 16)
 def normalize_question(text: str) -> str:
-    """Lowercases and reduces every run of non-alphanumeric characters to one space (Unicode letters are kept)."""
-    return _NON_ALPHANUMERIC.sub(" ", text.lower()).strip()
+    """Lowercases and reduces every run of non-alphanumeric characters to one space (Unicode letters are kept).
+
+    The text is NFKC-normalised first: an accent written as its own combining character (NFD, as some tools and
+    macOS write it) is no letter of its own, so "café" so written would read "cafe" and miss the same question
+    written with the composed "é"; full-width letters and digits and ligatures ("ﬁ") are their plain forms.
+    """
+    return _NON_ALPHANUMERIC.sub(" ", unicodedata.normalize("NFKC", text).lower()).strip()
 
 
 def _question(example: Example) -> str:
