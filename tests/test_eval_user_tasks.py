@@ -336,8 +336,17 @@ def test_a_user_task_is_a_heldout_loss_set(tmp_path):
     assert check_heldout_spec([definition, {**definition, "answer": "number"}], DATA) == [
         f"eval.heldout: {clash.format('Mine')}; give each its own name"
     ]
-    assert check_heldout_spec(["gsm8k_test", renamed], DATA) == [
-        f"eval.heldout: {clash.format('gsm8k_test')}; give each its own name"
+    # Before, a user set under a registered set's name passed alone: its loss was the summary's (and the report's)
+    # gsm8k_test forgetting measure; beside the registered set it was the clash above.
+    registered = (
+        "eval.heldout: the user set 'gsm8k_test' has the name of a registered held-out set; give it another name"
+    )
+    assert check_heldout_spec([renamed], DATA) == [registered]
+    assert check_heldout_spec(["gsm8k_test", renamed], DATA) == [registered]
+    # Before, an unknown name listed the evaluation tasks ("unknown task 'gsm8k_tset'; valid tasks: gsm8k, ...").
+    assert check_heldout_spec(["gsm8k_tset"], DATA) == [
+        "eval.heldout: unknown held-out set 'gsm8k_tset'; valid: gsm8k_test, commonsense_test or one user task "
+        "definition {name, path, answer}"
     ]
     (tmp_path / "mine.yaml").write_text(yaml.safe_dump(definition))
     same = [definition, str(tmp_path / "mine.yaml"), "gsm8k_test", "gsm8k_test"]  # the same sets twice

@@ -53,6 +53,12 @@ def check_heldout_spec(heldout, data_dir: str | Path) -> list[str]:
         # A definition inline and the same one in a yaml file are one set: compared as the task they define.
         identity = item if isinstance(item, str) and item in HELDOUT_DOMAINS else resolve_eval_tasks(item)[0]
         name = heldout_name(item)
+        if identity != item and name in HELDOUT_DOMAINS:
+            # The summary and the report would take its loss for the registered set's (a forgetting measure).
+            problems.append(
+                f"eval.heldout: the user set {name!r} has the name of a registered held-out set; give it another name"
+            )
+            continue
         if named.setdefault(name, identity) != identity:
             problems.append(
                 f"eval.heldout: two different held-out sets are named {name!r}: the second's loss and item file "

@@ -213,7 +213,10 @@ def load_heldout(name: str | dict, data_dir: str | Path) -> list[Example]:
         UnknownNameError: Unknown name (lists the valid ones); DataError: a bad user set (records need a response).
     """
     if not (isinstance(name, str) and name in HELDOUT_DOMAINS):
-        specs = resolve_eval_tasks(name)
+        try:
+            specs = resolve_eval_tasks(name)
+        except UnknownNameError:
+            specs = []  # its message lists the evaluation tasks, not the held-out sets
         if len(specs) != 1 or specs[0].source is None:
             raise UnknownNameError(
                 f"unknown held-out set {name!r}; valid: {', '.join(HELDOUT_DOMAINS)} or one user task definition "
