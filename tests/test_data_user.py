@@ -456,7 +456,8 @@ def test_config_check_reports_every_bad_source_before_any_model(tmp_path):
 def test_provenance_names_file_digest_and_count(tmp_path):
     path = write_jsonl(tmp_path / "mine.jsonl", ALPACA)
     mine, boolq = describe_train_sources([str(path), "boolq"], DATA)
-    assert mine == {"name": "mine", "file": str(path), "sha256": file_digest(path), "count": 2}
+    resolved = str(path.resolve())
+    assert mine == {"name": "mine", "file": str(path), "sha256": file_digest(path), "count": 2, "resolved": resolved}
     assert len(mine["sha256"]) == 64
     assert boolq["name"] == "boolq" and boolq["count"] == len(json.loads(Path(boolq["file"]).read_text()))
     folder = tmp_path / "ds"

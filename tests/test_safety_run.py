@@ -503,6 +503,26 @@ def test_a_user_file_edited_since_training_is_named_when_its_path_is_relative(tm
     assert f"train.jsonl changed since {tmp_path / 'adapter'} was trained on it" in caplog.text
 
 
+def test_an_adapter_trained_on_a_relative_path_is_guarded_from_another_working_directory(tmp_path, monkeypatch):
+    """Before, the guard rebuilt the training items from data.train as given: evaluated from another working
+    directory, train.jsonl was not found, a warning said the guard could not run, and the adapter was scored on the
+    questions it was trained on."""
+    (tmp_path / "project").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "project")
+    Path("train.jsonl").write_text(json.dumps({"instruction": "What is 2 + 2?", "output": "4"}) + "\n")
+    spec = ["train.jsonl", {"path": "train.jsonl", "name": "again"}]
+    record = {"train": spec, "limit": None, "seed": 0, "sources": describe_train_sources(spec, DATA)}
+    assert [s["resolved"] for s in record["sources"]] == [str(tmp_path / "project" / "train.jsonl")] * 2
+    test = tmp_path / "test.jsonl"
+    test.write_text(json.dumps({"instruction": "what is 2+2", "output": "4"}) + "\n")
+    cfg = {"eval": {"tasks": [{"name": "t", "path": str(test), "answer": "text"}]}, "paths": {"data_dir": str(DATA)}}
+    cfg["data"] = {}
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(DataOverlapError, match=r"adapter was trained on train, again, which contains questions of "):
+        check_eval_overlap(record, tmp_path / "adapter", cfg)
+
+
 def run_py(*overrides: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "run.py", "debug=smoke", "eval=none", "logger=csv", *OVERRIDES, *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

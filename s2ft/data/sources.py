@@ -21,7 +21,7 @@ from s2ft.data.tasks import (
     resolve_tasks,
     resolve_train_items,
 )
-from s2ft.data.user import UserSource, file_digest, load_user_source, source_digest
+from s2ft.data.user import UserSource, file_digest, load_user_source, resolve_path, source_digest
 from s2ft.data.user_tasks import load_user_task, resolve_eval_tasks
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,8 @@ def read_train_source(source: TrainSource, data_dir: str | Path) -> list[Example
 
 def describe_train_sources(sources: str | dict | Iterable[str | dict], data_dir: str | Path) -> list[dict]:
     """Provenance of each training source: its name, file (or hub id), SHA-256 (a hub dataset's `datasets`
-    fingerprint) and number of records, for a run's summary.
+    fingerprint) and number of records, for a run's summary; a user's local file or folder also its absolute path
+    (``resolved``), since one given relative to the working directory (``file``) names nothing from another.
 
     Raises:
         The errors of `load_train`.
@@ -157,7 +158,10 @@ def describe_train_sources(sources: str | dict | Iterable[str | dict], data_dir:
         else:
             path = data_path(data_dir, source.path)
             where, count, digest = str(path), len(read_train_source(source, data_dir)), file_digest(path)
-        described.append({"name": source.name, "file": where, "sha256": digest, "count": count})
+        entry = {"name": source.name, "file": where, "sha256": digest, "count": count}
+        if isinstance(source, UserSource) and source.path is not None:
+            entry["resolved"] = str(resolve_path(source.path, data_dir).resolve())
+        described.append(entry)
     return described
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from s2ft.data import DataError, load_eval, load_heldout, load_train
 from s2ft.data.overlap import DataOverlapError, overlap_findings
 from s2ft.data.sources import describe_train_sources, heldout_name
-from s2ft.data.user import file_digest
+from s2ft.data.user import file_digest, is_data_file, parse_source
 from s2ft.data.user_tasks import resolve_eval_tasks
 from s2ft.lightning.summary import write_json
 
@@ -71,6 +71,22 @@ def read_adapter_record(adapter_dir: Path) -> dict | None:
     return None
 
 
+def _as_read(record: dict) -> list:
+    """The record's ``train`` with each user file or folder pointed at the absolute path the run read it from, where
+    that is still there: a path relative to the training's working directory is not found from another one (the
+    guard could not run) or names another file there."""
+    resolved = {entry["name"]: entry["resolved"] for entry in record["sources"] if entry.get("resolved")}
+    items = [record["train"]] if isinstance(record["train"], str | dict) else list(record["train"])
+    read = []
+    for item in items:
+        if (isinstance(item, str) and is_data_file(item)) or (isinstance(item, dict) and item.get("path") is not None):
+            name = parse_source(item).name
+            if name in resolved and Path(resolved[name]).exists():
+                item = {**({} if isinstance(item, str) else item), "path": resolved[name], "name": name}
+        read.append(item)
+    return read
+
+
 def check_eval_overlap(record: dict | None, source: Path, cfg: dict) -> None:
     """Refuse to evaluate an adapter on evaluation or held-out sets that share questions with its training items.
 
@@ -90,13 +106,14 @@ def check_eval_overlap(record: dict | None, source: Path, cfg: dict) -> None:
         log.warning("%s records no training data: the train/test overlap guard cannot check this evaluation", source)
         return
     for entry in record["sources"]:
-        # A user's file is recorded as given, relative to the working directory or else to the data directory.
-        given = Path(entry["file"])
+        # A user's file is recorded as given, relative to the working directory or else to the data directory, and
+        # (since resolved was recorded) as the absolute path it was read from.
+        given = Path(entry.get("resolved") or entry["file"])
         file = given if given.is_file() else Path(data_dir) / given
         if entry.get("sha256") and file.is_file() and file_digest(file) != entry["sha256"]:
             log.warning("%s changed since %s was trained on it: the guard checks its current items", file, source)
     try:
-        train = load_train(record["train"], data_dir, record.get("limit"), record.get("seed", 0))
+        train = load_train(_as_read(record), data_dir, record.get("limit"), record.get("seed", 0))
     except (FileNotFoundError, DataError) as err:
         log.warning("the train/test overlap guard cannot rebuild the training items of %s: %s", source, err)
         return
