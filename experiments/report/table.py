@@ -214,12 +214,7 @@ def compare_to_best(rows: list[Row], tasks: list[str], reference: str | None = N
         # would tilt towards the larger tasks, even to the other sign.
         n = Counter((seed, task) for seed, (task, _) in shared)
         weight = [1 / n[seed, task] for seed, (task, _) in shared]
-        return (
-            [a[i] * w for i, w in zip(shared, weight, strict=True)],
-            [b[i] * w for i, w in zip(shared, weight, strict=True)],
-            weight,
-            [seed for seed, _ in shared],
-        )
+        return _weighted_pairs(a, b, shared, weight)
 
     return _compare(rows, avg_accuracy, min_is_best=False, paired_items=items, reference=reference)
 
@@ -241,12 +236,7 @@ def compare_mtbench(rows: list[Row], reference: str | None = None) -> Comparison
         shared = sorted(a.keys() & b.keys(), key=str)
         n = Counter(seed for seed, _ in shared)
         weight = [1 / n[seed] for seed, _ in shared]
-        return (
-            [a[i] * w for i, w in zip(shared, weight, strict=True)],
-            [b[i] * w for i, w in zip(shared, weight, strict=True)],
-            weight,
-            [seed for seed, _ in shared],
-        )
+        return _weighted_pairs(a, b, shared, weight)
 
     return _compare(rows, mtbench_score, min_is_best=False, paired_items=items, reference=reference)
 
@@ -280,6 +270,17 @@ def compare_heldout(rows: list[Row], name: str, reference: str | None = None) ->
         )
 
     return _compare(rows, heldout_after(name), min_is_best=True, paired_items=items, reference=reference)
+
+
+def _weighted_pairs(a: dict, b: dict, shared: list, weight: list[float]):
+    """The ``paired_items`` of `_compare` from two rows' ``(seed, item) -> score``: the shared items' scores times
+    their weights, the weights, and each item's seed."""
+    return (
+        [a[i] * w for i, w in zip(shared, weight, strict=True)],
+        [b[i] * w for i, w in zip(shared, weight, strict=True)],
+        weight,
+        [seed for seed, _ in shared],
+    )
 
 
 def _by_seed(runs: list[Run], read) -> dict:
