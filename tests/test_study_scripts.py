@@ -57,6 +57,15 @@ def test_a_method_study_runs_the_central_rows_first_and_a_rerun_only_reports(tmp
     assert result.returncode == 0 and calls == [report]
 
 
+def test_a_method_study_reports_into_results_beside_the_records_already_there(tmp_path):
+    results = tmp_path / "main/results/commonsense_smollm/rerun"
+    (results / "runs/seed0_s2ft").mkdir(parents=True)
+    result, calls = run_script(tmp_path, "methods_smollm.sh", "commonsense_smollm", SEEDS="0", RESULTS=str(results))
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "o"
+    assert calls[-1] == (f"-m experiments.report {results}/runs {out} --export-records {results}/runs --out {results}")
+
+
 def test_a_failed_job_stops_the_study_naming_its_log_and_a_rerun_goes_on_from_it(tmp_path):
     out = tmp_path / "o"
     result, calls = run_script(tmp_path, "components_smollm.sh", SEEDS="0", FAIL_RUN=str(out / "seed0_down"))
