@@ -3,6 +3,7 @@ log-likelihood tasks with their options, user groups, held-out losses, config ch
 whole run (`run_experiment`) on a tiny model, with the task named as the user named it."""
 
 import dataclasses
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -15,13 +16,14 @@ from s2ft.data import load_eval, load_train
 from s2ft.data.checks import check_heldout_spec
 from s2ft.data.overlap import DataOverlapError, check_overlap
 from s2ft.data.records import DataError
-from s2ft.data.sources import heldout_name, load_heldout
+from s2ft.data.sources import describe_eval_sources, heldout_name, load_heldout
 from s2ft.data.tasks import UnknownNameError
 from s2ft.data.user_tasks import group_members, parse_task, resolve_eval_tasks
 from s2ft.evaluation import evaluate, heldout_item_losses
 from s2ft.evaluation.checks import check_task_spec
 from s2ft.evaluation.evaluate import prepare_tasks
 from s2ft.evaluation.loglik import encode_pairs, score_pairs
+from s2ft.evaluation.measure import eval_data
 from s2ft.models import tiny_model, tiny_tokenizer
 
 
@@ -353,6 +355,60 @@ def test_a_user_task_is_a_heldout_loss_set(tmp_path):
     assert check_heldout_spec(same, DATA) == []
 
 
+def sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_a_run_records_every_file_it_is_measured_on_with_its_digest(tmp_path, monkeypatch):
+    """Before, only the training sources had a SHA-256 in the summary: a user's test file edited under its name
+    between two runs gave two rows of one task that the record could not tell apart."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "mine.jsonl", [{"instruction": "Q", "output": "yes"}])
+    mine = {"name": "Mine", "path": "mine.jsonl", "answer": "text"}
+    registered = DATA / "llm-adapters/dataset"
+    described = describe_eval_sources(["boolq", mine], ["gsm8k_test", "commonsense_test", mine], DATA)
+    assert [(d["name"], d["role"]) for d in described] == [
+        ("boolq", "task"),
+        ("Mine", "task"),
+        ("gsm8k_test", "heldout"),
+    ] + [("commonsense_test", "heldout")] * 7 + [("Mine", "heldout")]
+    assert described[0] == {
+        "name": "boolq",
+        "role": "task",
+        "file": str(registered / "boolq/test.json"),
+        "sha256": sha256(registered / "boolq/test.json"),
+    }
+    user = {"file": "mine.jsonl", "resolved": str(tmp_path / "mine.jsonl"), "sha256": sha256(tmp_path / "mine.jsonl")}
+    assert described[1] == {"name": "Mine", "role": "task", **user} and described[-1] == {
+        "name": "Mine",
+        "role": "heldout",
+        **user,
+    }
+    assert described[2]["file"] == str(DATA / "gsm8k/test.jsonl") and described[2]["sha256"] == sha256(
+        DATA / "gsm8k/test.jsonl"
+    )
+    assert [Path(d["file"]).parent.name for d in described[3:10]] == [
+        "boolq",
+        "piqa",
+        "social_i_qa",
+        "winogrande",
+        "ARC-Easy",
+        "ARC-Challenge",
+        "openbookqa",
+    ]
+    assert all(d["sha256"] == sha256(d["file"]) for d in described[3:10])
+    references = write_jsonl(tmp_path / "ref.jsonl", [{"question_id": 1, "choices": [{"turns": ["a", "b"]}]}])
+    cfg = {
+        "paths": {"data_dir": str(DATA)},
+        "eval": {"tasks": [], "mtbench": {"questions": None, "references": references}},
+    }
+    questions = DATA / "mtbench_style/question.jsonl"
+    assert eval_data(cfg) == [
+        {"name": "questions", "role": "mtbench", "file": str(questions), "sha256": sha256(questions)},
+        {"name": "references", "role": "mtbench", "file": references, "sha256": sha256(references)},
+    ]
+
+
 def test_config_check_reads_every_user_record_before_any_model(tmp_path):
     bad = write_jsonl(
         tmp_path / "bad.jsonl", [{"instruction": "Q1", "output": "B"}, {"instruction": "Q2", "output": "seven"}]
@@ -420,6 +476,11 @@ def test_the_issue_command_runs_end_to_end(tmp_path):
     assert summary["template"] == "alpaca" and summary["train"]["steps"] == 4  # debug=smoke
     assert (tmp_path / "run" / "predictions" / "Mine.jsonl").is_file()
     assert (tmp_path / "run" / "predictions" / "heldout_mine_loss.jsonl").is_file()
+    digest = {"file": str(test), "resolved": str(test.resolve()), "sha256": sha256(test)}
+    assert summary["eval_data"] == [
+        {"name": "Mine", "role": "task", **digest},
+        {"name": "mine_loss", "role": "heldout", **digest},
+    ]
     # Re-evaluating the run uses the template it was trained with (the tiny tokenizer has no chat template, so
     # data.template=chat would be refused if it were applied).
     again = compose_run(
@@ -431,7 +492,8 @@ def test_the_issue_command_runs_end_to_end(tmp_path):
         "eval.heldout=[]",
         "logger=none",
     )
-    assert run_experiment(again, tmp_path / "again")["template"] == "alpaca"
+    evaluated = run_experiment(again, tmp_path / "again")
+    assert evaluated["template"] == "alpaca" and evaluated["eval_data"] == [{"name": "Mine", "role": "task", **digest}]
 
 
 def test_tasks_holding_special_tokens_are_refused_before_any_item_runs(tmp_path, tokenizer, model64):

@@ -165,6 +165,45 @@ def describe_train_sources(sources: str | dict | Iterable[str | dict], data_dir:
     return described
 
 
+def describe_eval_sources(
+    tasks: Iterable | None, heldout: Iterable | None, data_dir: str | Path, groups: dict | None = None
+) -> list[dict]:
+    """Provenance of the files a run measures on, for its summary: one ``{"name", "role", "file", "sha256"}`` per
+    file, ``role`` "task" (``eval.tasks``) or "heldout" (``eval.heldout``; ``commonsense_test`` one entry for each of
+    its seven files); a user's local file or folder also its absolute path (``resolved``), a hub dataset its id as
+    ``file`` and its `datasets` fingerprint (a registered one, read only when its file is absent: none).
+
+    Raises:
+        The errors of `load_eval` and `load_heldout` for a name or file that does not resolve.
+    """
+    specs = [("task", spec.name, spec) for spec in resolve_eval_tasks(list(tasks), groups)] if tasks else []
+    for item in heldout or []:
+        if item == "gsm8k_test":
+            specs.append(("heldout", item, "gsm8k/test.jsonl"))
+        elif item == "commonsense_test":
+            specs += [("heldout", item, spec) for spec in resolve_tasks("commonsense")]
+        else:
+            specs += [("heldout", spec.name, spec) for spec in resolve_eval_tasks(item)]
+    return [{"name": name, "role": role, **_eval_file(spec, data_dir)} for role, name, spec in specs]
+
+
+def _eval_file(spec: TaskSpec | str, data_dir: str | Path) -> dict:
+    """``file`` and ``sha256`` (and ``resolved``) of one evaluation file: a TaskSpec's, or one under ``data_dir``."""
+    if isinstance(spec, str):
+        path = data_path(data_dir, spec)
+        return {"file": str(path), "sha256": file_digest(path)}
+    if spec.source is not None:
+        source = spec.source
+        if source.path is None:
+            return {"file": source.hub, "sha256": source_digest(source, data_dir)}
+        resolved = resolve_path(source.path, data_dir)
+        return {"file": source.path, "resolved": str(resolved.resolve()), "sha256": file_digest(resolved)}
+    path = Path(data_dir) / spec.path
+    if spec.hub is not None and not path.is_file():
+        return {"file": spec.hub, "sha256": None}
+    return _eval_file(spec.path, data_dir)
+
+
 def split_validation(
     examples: list[Example], val_size: int | float, seed: int = 0
 ) -> tuple[list[Example], list[Example]]:

@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from s2ft.data import eval_subset, load_heldout
-from s2ft.data.sources import heldout_name
+from s2ft.data.sources import describe_eval_sources, heldout_name
 from s2ft.data.tokenize import example_texts, special_token_problems
+from s2ft.data.user import file_digest
 from s2ft.evaluation.evaluate import evaluate, evaluate_adapters, prepare_tasks, task_problems, write_predictions
 from s2ft.evaluation.heldout import adapter_item_losses, heldout_item_losses, mean_token_loss
 from s2ft.evaluation.mtbench import load_questions, question_file, run_mtbench, select_questions
@@ -67,6 +68,23 @@ def special_token_check(tokenizer, cfg: dict) -> list[str]:
     for name, examples in _heldout_sets(cfg):
         problems += special_token_problems(example_texts(examples), tokenizer, f"eval.heldout {name}")
     return problems
+
+
+def eval_data(cfg: dict) -> list[dict]:
+    """The provenance of every file `measure_model` reads for ``cfg``: the ``eval.tasks`` and ``eval.heldout`` files
+    (`s2ft.data.sources.describe_eval_sources`) and the ``eval.mtbench`` question and reference files (role
+    "mtbench"), each with its SHA-256, for a run's summary (``eval_data``): a user's file can change under its name.
+    """
+    ev, data_dir = cfg["eval"], cfg["paths"]["data_dir"]
+    described = describe_eval_sources(ev.get("tasks"), ev.get("heldout"), data_dir, ev.get("groups"))
+    if ev.get("mtbench"):
+        files = {"questions": question_file(ev["mtbench"], data_dir), "references": ev["mtbench"].get("references")}
+        described += [
+            {"name": name, "role": "mtbench", "file": str(path), "sha256": file_digest(Path(path))}
+            for name, path in files.items()
+            if path
+        ]
+    return described
 
 
 def measure_adapters(

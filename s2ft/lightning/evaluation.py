@@ -16,7 +16,7 @@ import yaml
 
 from s2ft.adapter_format import atomic_write
 from s2ft.data.tokenize import refuse_special_tokens
-from s2ft.evaluation.measure import measure_adapters, measure_model, special_token_check
+from s2ft.evaluation.measure import eval_data, measure_adapters, measure_model, special_token_check
 from s2ft.lightning.provenance import check_eval_overlap, read_adapter_record
 from s2ft.lightning.run_dir import RunDirError
 from s2ft.lightning.summary import build_summary, print_summary, write_json
@@ -80,6 +80,7 @@ def evaluate_adapters(cfg: dict, run_dir: Path) -> dict:
     model_cfg = next(iter(legs.values()))[2]["model"]
     model, tokenizer = build_run_model(model_cfg, cfg["paths"].get("cache_dir"))
     refuse_special_tokens(special_token_check(tokenizer, cfg))
+    evaluated_files = eval_data(cfg)
     counts = trainable_summary(model.requires_grad_(False))  # as the one-adapter model's: the adapters add buffers
     model = load_adapters(model, {name: source for name, (_, _, _, source, _) in legs.items()}).to(device)
     out_dirs = {name: run_dir / "adapters" / name for name in legs}
@@ -93,7 +94,10 @@ def evaluate_adapters(cfg: dict, run_dir: Path) -> dict:
     index = {}
     for name, (path, _, described, source, record) in legs.items():
         summary = finish(
-            _summary(described, counts, measured[name], source=str(source), training_data=record), out_dirs[name]
+            _summary(
+                described, counts, measured[name], source=str(source), training_data=record, eval_data=evaluated_files
+            ),
+            out_dirs[name],
         )
         index[name] = {
             "source": str(path),
@@ -179,9 +183,11 @@ def record_evaluation(
             written: `s2ft.evaluation.measure.special_token_check`).
     """
     refuse_special_tokens(special_token_check(tokenizer, cfg))  # before config.yaml, not once every task has run
+    files = eval_data(cfg)  # the files about to be measured on (a user's can change under its name later)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(cfg, run_dir)
-    return finish(_summary(described or cfg, counts, measure_model(model, tokenizer, cfg, run_dir), **extra), run_dir)
+    measured = measure_model(model, tokenizer, cfg, run_dir)
+    return finish(_summary(described or cfg, counts, measured, eval_data=files, **extra), run_dir)
 
 
 def _summary(described: dict, counts: dict, results: dict, **extra) -> dict:

@@ -27,7 +27,7 @@ from s2ft.data.overlap import check_overlap
 from s2ft.data.sources import heldout_name
 from s2ft.data.tokenize import example_texts, refuse_special_tokens, special_token_problems
 from s2ft.data.user_tasks import resolve_eval_tasks
-from s2ft.evaluation.measure import measure_model, special_token_check
+from s2ft.evaluation.measure import eval_data, measure_model, special_token_check
 from s2ft.export import export_lora
 from s2ft.lightning.callbacks import (
     AdvanceSampler,
@@ -145,6 +145,7 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
         special_token_problems(example_texts(train + val), tokenizer, "data.train")
         + special_token_check(tokenizer, cfg)
     )
+    evaluated_files = eval_data(cfg)  # at the start: what the untrained model is measured on
     datamodule = SFTDataModule(
         train,
         val,
@@ -280,6 +281,7 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
         extra["lm_eval_before"] = results.get("lm_eval") if results else None
     summary = build_summary(cfg, counts, train_stats, after["eval"], heldout=heldout, wandb=wandb_info(logger), **extra)
     summary["training_data"] = provenance
+    summary["eval_data"] = evaluated_files
     if len(history) > 1:  # sessions under other code: git_commit and versions are the last one's
         summary["code_history"] = history
     if logger:
