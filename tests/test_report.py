@@ -617,6 +617,38 @@ def test_a_second_run_of_one_seed_in_a_row_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_runs_measured_on_files_of_other_content_under_one_name_are_refused(tmp_path):
+    """Summaries record each evaluation file's SHA-256 (eval_data): a task file edited under its name between runs
+    gave rows of other items, which the item-paired tests paired by id."""
+    runs = _selection_records(tmp_path)
+
+    def measured(run: str, boolq: str, heldout: tuple[str, ...] = ("c1", "c2")) -> None:
+        summary = runs / run / "summary.json"
+        entries = [{"name": "boolq", "role": "task", "file": "b.json", "sha256": boolq}]
+        entries += [{"name": "commonsense_test", "role": "heldout", "file": "f", "sha256": d} for d in heldout]
+        summary.write_text(json.dumps({**json.loads(summary.read_text()), "eval_data": entries}))
+
+    measured("seed0_random_large", "a" * 64)
+    measured("seed1_random_large", "a" * 64)  # the other runs predate eval_data: not checked
+    main([str(runs), "--out", str(tmp_path / "same")])
+    measured("seed0_gradient_large", "b" * 64, ("c1", "c3"))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as refused:
+        main([str(runs), "--out", str(out)])
+    message, gradient, random = str(refused.value), runs / "seed0_gradient_large", runs / "seed{}_random_large"
+    assert message == (
+        f"error: heldout 'commonsense_test' was measured on files of other content (sha256 c1, c3 in {gradient}; "
+        f"sha256 c1, c2 in {str(random).format(0)}, {str(random).format(1)}); task 'boolq' was measured on files of "
+        f"other content (sha256 bbbbbbbbbbbb in {gradient}; sha256 aaaaaaaaaaaa in {str(random).format(0)}, "
+        f"{str(random).format(1)}): report runs measured on one file, or give the changed file's task another name"
+    )
+    assert not out.exists()
+    summary = runs / "seed0_gradient_large" / "summary.json"
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "eval_data": {"boolq": "b"}}))
+    with pytest.raises(SystemExit, match=r"eval_data is not a list of \{name, role, file, sha256\} entries"):
+        main([str(runs), "--out", str(out)])
+
+
 def test_the_prompt_template_is_a_setting_of_a_row():
     """The template study's two runs (seed 0 each, alpaca and chat) were one row "s2ft" of "2 seeds" (± 31.8 CI)."""
     rows = build_rows(find_runs([ROOT / "results" / "template_smollm" / "runs"]))

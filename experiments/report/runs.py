@@ -273,6 +273,18 @@ def summary_problems(summary: dict) -> list[str]:
             and all(isinstance(turns, list) and all(map(number, turns)) for turns in ratings.values())
         ):
             problems.append("mtbench.ratings is not a mapping of question ids to lists of ratings")
+    files = summary.get("eval_data")
+    if files is not None and not (
+        isinstance(files, list)
+        and all(
+            isinstance(f, dict)
+            and isinstance(f.get("name"), str)
+            and isinstance(f.get("role"), str)
+            and (f.get("sha256") is None or isinstance(f.get("sha256"), str))
+            for f in files
+        )
+    ):
+        problems.append("eval_data is not a list of {name, role, file, sha256} entries")
     curve = (summary.get("train") or {}).get("loss_curve") if isinstance(summary.get("train"), dict) else None
     if curve is not None and not (
         isinstance(curve, list) and all(isinstance(p, list) and len(p) == 2 and all(map(number, p)) for p in curve)

@@ -67,6 +67,7 @@ def build_rows(runs: list[Run]) -> list[Row]:
     differ in nothing else. Merging them would assume the older code ran what the newer names (that of today's
     conf/ or another run's value), which neither record shows: a new option's default need not be the old behaviour.
     """
+    _refuse_other_files(runs)
     by_method: dict[str, list[Run]] = {}
     for run in runs:
         by_method.setdefault(run.method, []).append(run)
@@ -113,6 +114,36 @@ def _label(method: str, keys: list[str], values: tuple, show) -> str:
     present = [(k, v) for k, v in zip(keys, values, strict=True) if v is not None]
     shown = [f"{k.removeprefix('options.')}={UNKNOWN if v == UNKNOWN else show(v)}" for k, v in present]
     return " ".join([method, *shown])
+
+
+def _refuse_other_files(runs: list[Run]) -> None:
+    """Refuse runs of one study that measured a task or held-out set of one name on files of different content (the
+    summaries' ``eval_data`` digests; runs that predate it are not checked): their numbers are of other items, and
+    the item-paired tests would pair items by id across them.
+
+    Raises:
+        ReportError: Naming every such set, its digests and the runs of each.
+    """
+    measured: dict[tuple[str, str], dict[tuple, list[Run]]] = {}
+    for run in runs:
+        digests: dict[tuple[str, str], list] = {}
+        for entry in run.summary.get("eval_data") or []:
+            digests.setdefault((entry["role"], entry["name"]), []).append(entry.get("sha256"))
+        for key, values in digests.items():
+            measured.setdefault(key, {}).setdefault(tuple(values), []).append(run)
+    problems = []
+    for (role, name), by_digest in sorted(measured.items()):
+        if len(by_digest) > 1:
+            each = "; ".join(
+                f"sha256 {', '.join(str(d)[:12] for d in digest)} in "
+                + ", ".join(str(run.path) if run.path is not None else "a W&B run" for run in same)
+                for digest, same in by_digest.items()
+            )
+            problems.append(f"{role} {name!r} was measured on files of other content ({each})")
+    if problems:
+        raise ReportError(
+            "; ".join(problems) + ": report runs measured on one file, or give the changed file's task another name"
+        )
 
 
 def _refuse_repeated_seeds(label: str, runs: list[Run]) -> None:
