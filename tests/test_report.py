@@ -371,6 +371,26 @@ def test_statement_refuses_to_rank_inseparable_rows():
     )
 
 
+def test_rows_tied_at_the_best_mean_are_all_named_and_bolded(tmp_path):
+    """Full FT and LoRA at seed 0 of the commonsense rerun score 41.64% each: before, `full` (first by label) alone
+    was bold and "the best mean", which ranked two rows the numbers do not rank."""
+    runs = ROOT / "results" / "commonsense_smollm" / "rerun" / "runs"
+    for name in ("seed0_full", "seed0_lora", "seed0_s2ft"):
+        shutil.copytree(runs / name, tmp_path / "runs" / name)
+    report = main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]).read_text()
+    bold = [line.split(" | ")[0] for line in report.splitlines() if line.startswith("| **")]
+    assert bold == ["| **full**", "| **lora**"]
+    assert "no row differs from the best mean (`full`, tied with `lora`) at the 5% level" in report
+    best, lora = Row("s2ft", []), Row("lora", [])
+    assert significance_statement(best, {"lora": 1.0, "none": 0.01}, [lora]).startswith(
+        "Best mean: `s2ft`, tied with `lora`; separable from it: `none`"
+    )
+    assert heldout_statement("x", best, {"lora": 1.0}, tops=[lora]) == (
+        "- Held-out loss x: lowest `s2ft`, tied with `lora`; separable from it: no row; not separable from it: "
+        "`lora` (p=1.000)."
+    )
+
+
 def test_heldout_statement_names_which_pairs_are_separable():
     # The commonsense report's case: only the untrained row differs from the lowest loss; the trained rows do not.
     best = Row("s2ft", [])

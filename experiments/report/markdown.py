@@ -160,10 +160,11 @@ def study_section(
     lines += [unknown, ""] if (unknown := unknown_statement(rows)) else []
     lines += [mixed, ""] if (mixed := task_sets_statement(rows)) else []
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    tops = tied(rows, best, avg_accuracy)
     for row in rows:
         avg = row.estimate(avg_accuracy)
         p = pvalues.get(row.label)
-        cells = [f"**{row.label}**" if row is best else row.label]
+        cells = [f"**{row.label}**" if row is best or row in tops else row.label]
         cells += [_fmt(row.estimate(task_accuracy(task)), 100, 1) for task in tasks]
         cells += [_fmt(avg, 100, 1), "-" if avg is None or avg.ci is None else f"± {100 * avg.ci:.1f}"]
         cells += ["best" if row is best else "-" if p is None else _fmt_p(p)]
@@ -175,15 +176,24 @@ def study_section(
         cells += [_fmt(row.estimate(train_field("median_tokens_per_s")), 1, 0)] * has_pace
         cells += [_fmt(row.estimate(train_field("peak_mem_mb")), 1, 0), str(len(row.runs))]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", significance_statement(best, pvalues), ""]
+    lines += ["", significance_statement(best, pvalues, tops), ""]
     lowest = {name: compare_heldout(rows, name) for name in heldout}
-    lines += [line for name in heldout if (line := heldout_statement(name, *lowest[name], rows, heldout_after(name)))]
+    lines += [
+        line
+        for name in heldout
+        if (
+            line := heldout_statement(
+                name, *lowest[name], rows, heldout_after(name), tied(rows, lowest[name].best, heldout_after(name))
+            )
+        )
+    ]
     lines += [""] if heldout else []
     highest = compare_mtbench(rows) if has_mtbench else Comparison(None, {}, {})
     if highest.best is not None and any(p is not None for p in highest.pvalues.values()):
         over_seeds = seed_level_ps(rows, highest.best, mtbench_score, highest.seeds)
         verdict = pairs_verdict(highest.pvalues, over_seeds)
-        lines += [f"- MT-Bench-style score: highest `{highest.best.label}`; {verdict}.", ""]
+        top = _named(highest.best, tied(rows, highest.best, mtbench_score))
+        lines += [f"- MT-Bench-style score: highest {top}; {verdict}.", ""]
     if reference is not None:
 
         def against_reference(found: Comparison, compare) -> Comparison:
@@ -230,8 +240,25 @@ def study_section(
     return lines + [""]
 
 
-def significance_statement(best: Row | None, pvalues: dict[str, float | None]) -> str:
-    """One sentence on whether the study separates its rows (never a ranking the data do not support).
+def tied(rows: list[Row], best: Row | None, metric) -> list[Row]:
+    """The other rows whose mean of ``metric`` is exactly ``best``'s: the best mean is theirs as much as its (it
+    came first among them by label), so the table bolds them all and the prose names them all."""
+    top = None if best is None else best.estimate(metric)
+    if top is None:
+        return []
+    return [
+        row for row in rows if row is not best and (mean := row.estimate(metric)) is not None and mean.mean == top.mean
+    ]
+
+
+def _named(best: Row, tops: list[Row]) -> str:
+    """The best row's label in a code span, with the rows tied with it."""
+    return f"`{best.label}`" + (f", tied with {', '.join(f'`{row.label}`' for row in tops)}" if tops else "")
+
+
+def significance_statement(best: Row | None, pvalues: dict[str, float | None], tops: list[Row] = ()) -> str:
+    """One sentence on whether the study separates its rows (never a ranking the data do not support); ``tops``:
+    the rows tied with ``best`` (`tied`).
 
     Row labels go in code spans wherever they appear in prose: the untrained row is "none", which reads as "no row".
     """
@@ -243,17 +270,17 @@ def significance_statement(best: Row | None, pvalues: dict[str, float | None]) -
     if len(untested) == len(pvalues):
         # Not "not separable": no test ran (one seed each and no item predictions to pair, or a NaN).
         return (
-            f"Untested: no row could be compared with the best mean (`{best.label}`) (no items both rows' runs of "
-            "one seed scored, and not two seeds each for Welch); do not rank these rows."
+            f"Untested: no row could be compared with the best mean ({_named(best, tops)}) (no items both rows' runs "
+            "of one seed scored, and not two seeds each for Welch); do not rank these rows."
         )
     if not separable(pvalues):
         tail = f"; untested: {', '.join(untested)}" if untested else ""
         return (
-            f"Not separable: no row differs from the best mean (`{best.label}`) at the {ALPHA:.0%} level "
+            f"Not separable: no row differs from the best mean ({_named(best, tops)}) at the {ALPHA:.0%} level "
             "(paired bootstrap over the items of runs with the same seed, hierarchical over seeds; else Welch over "
             f"seeds){tail}; do not rank these rows."
         )
-    return f"Best mean: `{best.label}`; {pairs_verdict(pvalues)} (p < {ALPHA} marked *)."
+    return f"Best mean: {_named(best, tops)}; {pairs_verdict(pvalues)} (p < {ALPHA} marked *)."
 
 
 def heldout_statement(
@@ -263,14 +290,16 @@ def heldout_statement(
     seeds: dict | None = None,
     rows: list[Row] | None = None,
     metric=None,
+    tops: list[Row] = (),
 ) -> str | None:
     """One line per held-out set: the lowest loss and which rows differ from it, and which were untested (a NaN
     loss, one seed without items to pair); None when nothing was tested. With ``seeds``, ``rows`` and ``metric``,
-    pairs compared over two or more seeds also get their seed-level p (`seed_level_ps`)."""
+    pairs compared over two or more seeds also get their seed-level p (`seed_level_ps`); ``tops``: rows tied with
+    ``best`` (`tied`)."""
     if best is None or all(p is None for p in pvalues.values()):
         return None
     over_seeds = seed_level_ps(rows, best, metric, seeds) if rows is not None else {}
-    return f"- Held-out loss {name}: lowest `{best.label}`; {pairs_verdict(pvalues, over_seeds)}."
+    return f"- Held-out loss {name}: lowest {_named(best, tops)}; {pairs_verdict(pvalues, over_seeds)}."
 
 
 def seed_level_ps(rows: list[Row], reference: Row, metric, seeds: dict | None) -> dict[str, float]:
