@@ -126,6 +126,34 @@ def test_a_folder_without_the_split_names_the_split_and_the_fix(tmp_path):
     assert check_task_spec([{"name": "mine", "path": str(folder), "answer": "letter", "split": "train"}], DATA) == []
 
 
+def test_a_local_file_as_hub_a_folder_as_dot_and_a_field_twice_in_a_message(tmp_path, monkeypatch):
+    """Before: hub: train.jsonl tried the network (~40 s offline) and failed as "not cached"; path: . failed with
+    datasets' "dataset_name should be specified"; a chat message naming content twice was read as a messages struct
+    and refused as "field 'messages' must be a non-empty list"."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "train.jsonl", ALPACA)
+
+    def offline(*args, **kwargs):
+        raise AssertionError("load_dataset was called")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(datasets, "load_dataset", offline)
+        with pytest.raises(DataError, match=r"hub 'train.jsonl' is a local data file; give it as path: train.jsonl$"):
+            load_user_source({"hub": "train.jsonl"})
+    assert fields(load_user_source({"path": "."})) == EXPECTED
+    chat = tmp_path / "chat" / "chat.jsonl"
+    chat.parent.mkdir()
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    twice = '{"messages": [{"role": "user", "content": "hi", "content": "x"}, {"role": "assistant", "content": "yo"}]}'
+    chat.write_text(json.dumps(good) + "\n" + twice + "\n")
+    with pytest.raises(DataError, match=rf"^{chat}: line 2 has the field 'content' twice; keep one$"):
+        load_user_source(str(chat))
+    array = tmp_path / "chat" / "chat.json"
+    array.write_text("[" + json.dumps(good) + ", " + twice + "]")
+    with pytest.raises(DataError, match=rf"^{array}: an object names the field 'content' twice; keep one$"):
+        load_user_source(str(array))
+
+
 def test_hub_id_that_cannot_load_is_a_data_error(monkeypatch):
     def offline(*args, **kwargs):
         raise ConnectionError("offline")

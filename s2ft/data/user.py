@@ -107,6 +107,9 @@ def parse_source(spec: str | dict, default_split: str = "train", extra_keys: tup
     for key in ("path", "hub", "config", "split", "name"):
         if spec.get(key) is not None and not isinstance(spec[key], str):
             raise DataError(f"data source {spec!r}: {key} must be a string")
+    if hub is not None and is_data_file(hub) and Path(hub).expanduser().is_file():
+        # load_dataset takes a file for a hub id: it tries the network (retrying ~40 s offline) before failing.
+        raise DataError(f"data source {spec!r}: hub {hub!r} is a local data file; give it as path: {hub}")
     fmt = spec.get("format")
     if fmt is not None and fmt not in FORMATS:
         raise DataError(f"data source {path or hub}: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
@@ -177,13 +180,18 @@ def load_rows(source: UserSource, data_dir: str | Path | None = None) -> dataset
                         f"{source.where}: the folder holds no data file ({', '.join(BUILDERS)}) and is not a folder "
                         "saved with datasets' save_to_disk; point the path at the data file or its folder"
                     )
-                rows = datasets.load_dataset(str(path), source.config, split=source.split)
+                # Resolved: datasets takes "." for no dataset name at all ("dataset_name should be specified").
+                rows = datasets.load_dataset(str(path.resolve()), source.config, split=source.split)
             elif path.suffix.lower() not in BUILDERS:
                 raise DataError(f"data file {path}: unknown file type; use one of {', '.join(BUILDERS)}")
             else:
                 # datasets refuses an empty split with an obscure message, and reads some non-UTF-8 files as mojibake.
                 if not _check_text(path, source.where):
                     raise DataError(f"{source.where} holds no records")
+                # datasets parses a JSON array with Python's json, whose last value of a field named twice wins
+                # silently; it is parsed wholly in memory either way.
+                if path.suffix.lower() == ".json" and (problem := _json_problem(path, source.where)):
+                    raise DataError(problem)
                 options = _csv_options(path, source.where) if path.suffix.lower() == ".csv" else {}
                 rows = datasets.load_dataset(
                     BUILDERS[path.suffix.lower()], data_files=str(path), split="train", **options
@@ -267,9 +275,11 @@ def _json_problem(path: Path, where: str) -> str | None:
     text = path.read_text(encoding="utf-8-sig")
     if path.suffix.lower() == ".json":
         try:
-            content = json.loads(text)
+            content = json.loads(text, object_pairs_hook=_pairs)
         except json.JSONDecodeError as err:
             return f"{where}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); fix the file"
+        except _RepeatedKey as err:
+            return f"{where}: an object names the field {err.args[0]!r} twice; keep one"
         records = content if isinstance(content, list) else []
         bad = next((i for i, record in enumerate(records) if not isinstance(record, dict)), None)
         if bad is not None:
@@ -288,6 +298,22 @@ def _json_problem(path: Path, where: str) -> str | None:
             return f"{where}: line {number} has the field {err.args[0]!r} twice; keep one"
         if not isinstance(record, dict):
             return f"{where}: line {number} is not a record {{field: value, ...}} but {line.strip()[:80]}"
+    return None
+
+
+def _repeated_field(path: Path, where: str) -> str | None:
+    """The first line of a JSONL file holding an object (at any depth) that names a field twice, which arrow refuses
+    only at the top level: in a record's message, datasets reads another shape (the list as one struct)."""
+    with path.open(encoding="utf-8-sig") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                json.loads(line, object_pairs_hook=_pairs)
+            except _RepeatedKey as err:
+                return f"{where}: line {number} has the field {err.args[0]!r} twice; keep one"
+            except json.JSONDecodeError:
+                return None  # not one record per line (a JSON array saved as .jsonl): its records are named
     return None
 
 
@@ -408,7 +434,11 @@ def _chat_parts(messages, where: str, need_response: bool) -> tuple[str, str, st
 
 
 def to_examples(
-    source: UserSource, rows: datasets.Dataset, lines: list[str] | None = None, need_response: bool = True
+    source: UserSource,
+    rows: datasets.Dataset,
+    lines: list[str] | None = None,
+    need_response: bool = True,
+    data_dir: str | Path | None = None,
 ) -> list[Example]:
     """Converts rows into `Example`s by the source's format and column mapping, checking every record.
 
@@ -418,6 +448,7 @@ def to_examples(
         lines: Per row, its place in the file ("line N"); None names record indices.
         need_response: Training and held-out records must have a non-empty response; evaluation records may give
             only an ``answer``.
+        data_dir: The data directory the source's file was read from.
 
     Raises:
         DataError: No records, an unknown format, or the first record that lacks a field or has an empty one (the
@@ -446,27 +477,40 @@ def to_examples(
             f"{rows.column_names}); fix the column name or leave the field out of columns"
         )
     shown = {field: f"{field!r}" + (f" (column {col!r})" if col != field else "") for field, col in column.items()}
-    examples = []
-    for index, row in enumerate(rows):
-        where = f"{source.where}: {lines[index] if lines and index < len(lines) else f'record {index}'}"
-        values = {field: _field(row.get(column[field])) for field in FIELDS[fmt]}
-        if fmt == "chat":
-            instruction, context, response = _chat_parts(values["messages"], where, need_response)
-        else:
-            first, second = ("instruction", "output") if fmt == "alpaca" else ("prompt", "completion")
-            instruction = _text(values[first], shown[first], where)
-            context = _text(values["input"], shown["input"], where) if values.get("input") is not None else ""
-            response = values[second]
-            response = "" if response is None and not need_response else _text(response, shown[second], where)
-        answer = "" if values["answer"] is None else _text(values["answer"], shown["answer"], where)
-        if not instruction.strip():
-            raise DataError(f"{where}: empty {'instruction' if fmt == 'alpaca' else 'prompt'}")
-        if need_response and not response.strip():
-            raise DataError(f"{where}: empty response ({RESPONSE[fmt]})")
-        if not need_response and not (answer.strip() or response.strip()):
-            raise DataError(f"{where}: no gold answer (give an answer field or a response)")
-        examples.append(Example(f"{source.name}-{index}", source.name, instruction, context, response, answer))
-    return examples
+    try:
+        return [
+            _example(source, index, row, lines, fmt, column, shown, need_response) for index, row in enumerate(rows)
+        ]
+    except DataError:
+        # A field named twice inside a record (a chat message's content) is read as something else (the messages
+        # list as one struct), which the record's own problem names misleadingly.
+        path = None if source.path is None else resolve_path(source.path, data_dir)
+        if path is not None and path.is_file() and path.suffix.lower() == ".jsonl":
+            if problem := _repeated_field(path, source.where):
+                raise DataError(problem) from None
+        raise
+
+
+def _example(source, index, row, lines, fmt, column, shown, need_response) -> Example:
+    """One row of `to_examples` as an `Example`, checked."""
+    where = f"{source.where}: {lines[index] if lines and index < len(lines) else f'record {index}'}"
+    values = {field: _field(row.get(column[field])) for field in FIELDS[fmt]}
+    if fmt == "chat":
+        instruction, context, response = _chat_parts(values["messages"], where, need_response)
+    else:
+        first, second = ("instruction", "output") if fmt == "alpaca" else ("prompt", "completion")
+        instruction = _text(values[first], shown[first], where)
+        context = _text(values["input"], shown["input"], where) if values.get("input") is not None else ""
+        response = values[second]
+        response = "" if response is None and not need_response else _text(response, shown[second], where)
+    answer = "" if values["answer"] is None else _text(values["answer"], shown["answer"], where)
+    if not instruction.strip():
+        raise DataError(f"{where}: empty {'instruction' if fmt == 'alpaca' else 'prompt'}")
+    if need_response and not response.strip():
+        raise DataError(f"{where}: empty response ({RESPONSE[fmt]})")
+    if not need_response and not (answer.strip() or response.strip()):
+        raise DataError(f"{where}: no gold answer (give an answer field or a response)")
+    return Example(f"{source.name}-{index}", source.name, instruction, context, response, answer)
 
 
 def load_user_source(
@@ -479,7 +523,7 @@ def load_user_source(
     """
     source = spec if isinstance(spec, UserSource) else parse_source(spec)
     rows = load_rows(source, data_dir)
-    return to_examples(source, rows, file_lines(source, data_dir, len(rows)), need_response)
+    return to_examples(source, rows, file_lines(source, data_dir, len(rows)), need_response, data_dir)
 
 
 def source_digest(source: UserSource, data_dir: str | Path | None = None) -> str:

@@ -268,7 +268,7 @@ def load_user_task(
     source: UserSource = spec.source
     rows = load_rows(source, data_dir)
     lines = file_lines(source, data_dir, len(rows))
-    examples = to_examples(source, rows, lines, need_response=False)
+    examples = to_examples(source, rows, lines, need_response=False, data_dir=data_dir)
     for example in examples:
         if not example.answer.strip():
             example.answer = example.output.strip()
