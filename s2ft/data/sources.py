@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 _READERS = {"llm_adapters": read_llm_adapters, "gsm8k": read_gsm8k, "mawps_raw": read_mawps_raw}
 # The domain of each held-out set: in domain for runs trained on that domain, out of domain (forgetting) otherwise.
 HELDOUT_DOMAINS = {"gsm8k_test": "arithmetic", "commonsense_test": "commonsense"}
+GSM8K_TEST = "gsm8k/test.jsonl"  # the gsm8k_test held-out set, under the data directory
 
 
 def _permutation(count: int, seed: int, stream: str) -> list[int]:
@@ -179,7 +180,7 @@ def describe_eval_sources(
     specs = [("task", spec.name, spec) for spec in resolve_eval_tasks(list(tasks), groups)] if tasks else []
     for item in heldout or []:
         if item == "gsm8k_test":
-            specs.append(("heldout", item, "gsm8k/test.jsonl"))
+            specs.append(("heldout", item, GSM8K_TEST))
         elif item == "commonsense_test":
             specs += [("heldout", item, spec) for spec in resolve_tasks("commonsense")]
         else:
@@ -267,7 +268,7 @@ def load_heldout(name: str | dict, data_dir: str | Path) -> list[Example]:
             )
         return load_user_source(specs[0].source, data_dir)
     if name == "gsm8k_test":
-        return read_gsm8k(data_path(data_dir, "gsm8k/test.jsonl"), "gsm8k_test")
+        return read_gsm8k(data_path(data_dir, GSM8K_TEST), "gsm8k_test")
     if name == "commonsense_test":
         return [ex for task in resolve_tasks("commonsense") for ex in load_eval(task, data_dir)]
     raise UnknownNameError(f"unknown held-out set {name!r}; valid: {', '.join(HELDOUT_DOMAINS)}")
