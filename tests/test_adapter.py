@@ -590,3 +590,20 @@ def test_apply_selection_wraps_exactly_the_selected_slots():
         apply_selection(build_tiny("llama_9_3"), {(2, "o"): [0]})
     with pytest.raises(ValueError, match="unknown layout"):
         apply_selection(build_tiny("llama_9_3"), selection, layout="sideways")
+
+
+@pytest.mark.parametrize("source", [3, None, {"path": "out/a"}, b"out/a"], ids=["int", "None", "dict", "bytes"])
+def test_an_adapter_source_that_is_no_path_is_refused_naming_its_type(tmp_path, source):
+    """An int, None or a dict reached ``Path(source)``: a TypeError traceback from pathlib, not a user error."""
+    base = build_tiny("llama_gqa")
+    before = snapshot(base)
+    refused = rf"an adapter is a folder \(str or os.PathLike\) or an s2ft.Adapter, got {type(source).__name__}: "
+    for action in (lambda: s2ft.load_adapter(base, source), lambda: s2ft.fuse_adapters(base, [source])):
+        with pytest.raises(AdapterError, match=refused):
+            action()
+        assert_same_state(base, before)
+        assert not s2ft_modules(base) and not hasattr(base, "s2ft_state")
+    with pytest.raises(
+        AdapterError, match=rf"an adapter is a folder \(str or os.PathLike\), got {type(source).__name__}"
+    ):
+        s2ft.load_adapter_file(source)

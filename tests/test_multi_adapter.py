@@ -659,3 +659,23 @@ def test_refusals_of_the_adapter_lifecycle_are_user_errors(tmp_path):
     with pytest.raises(AdapterError, match="this model serves mixed adapters"):
         s2ft.switch_adapter(mixed, paths["cols"])
     assert_same_state(mixed, before)
+
+
+@pytest.mark.parametrize("source", [3, None, {"path": "out/a"}], ids=["int", "None", "dict"])
+def test_an_adapter_source_that_is_no_path_is_refused_naming_the_adapter_and_its_type(tmp_path, source):
+    """An int, None or a dict as a mapping's value reached ``Path(source)``: a TypeError traceback from pathlib."""
+    base = build_tiny("llama_gqa")
+    paths = save_adapters(base, tmp_path, {"cols": SELECTIONS["cols"]})
+    before = snapshot(base)
+    kind = type(source).__name__
+    refused = rf"^adapter 'bad' .*an adapter is a folder \(str or os.PathLike\) or an s2ft.Adapter, got {kind}: "
+    with pytest.raises(AdapterError, match=refused):
+        load_adapters(base, {"cols": paths["cols"], "bad": source})
+    assert_same_state(base, before)
+    assert not hasattr(base, "s2ft_adapters") and not any(isinstance(m, MultiAdapterLinear) for m in base.modules())
+    model = load_adapters(base, paths)
+    before = snapshot(model)
+    with pytest.raises(AdapterError, match=refused):
+        add_adapter(model, "bad", source)
+    assert_same_state(model, before)
+    assert loaded_adapters(model) == ["cols"]
