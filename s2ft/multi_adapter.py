@@ -231,13 +231,22 @@ def _generate(model: nn.Module, *args, adapter_names=None, **kwargs):
     if adapter_names is None:
         return type(model).generate(model, *args, **kwargs)
     rows = _row_count(args, kwargs)
-    with state.generating_with((len(adapter_names), _group_rows(state, adapter_names, rows, model.device))):
+    groups = _group_rows(state, adapter_names, rows, model.device)  # checked before len() is taken
+    with state.generating_with((len(adapter_names), groups)):
         return type(model).generate(model, *args, **kwargs)
 
 
 def _group_rows(state: MultiAdapterState, names, rows: int | None, device) -> list[tuple[str, torch.Tensor]]:
-    if isinstance(names, str) or not all(isinstance(name, str) for name in names):
-        raise AdapterError(f"adapter_names must be a list with one adapter name per row, got {names!r}")
+    # Only a list or tuple: a string iterates by characters, a set in no fixed order, a dict by its keys, and an
+    # iterator would be used up by the checks below; each then ran rows with the wrong adapters or failed later.
+    if not isinstance(names, (list, tuple)):
+        hint = f"; for one adapter on every row: [{names!r}] * rows" if isinstance(names, str) else ""
+        raise AdapterError(
+            f"adapter_names must be a list or tuple with one adapter name per row, got {type(names).__name__}: "
+            f"{names!r}{hint}"
+        )
+    if not all(isinstance(name, str) for name in names):
+        raise AdapterError(f"adapter_names must be a list with one adapter name (a string) per row, got {names!r}")
     unknown = sorted(set(names) - set(state.configs) - {BASE})
     if unknown:
         raise AdapterError(f"unknown adapter names {unknown}; loaded: {list(state.configs)} (or {BASE!r})")

@@ -679,3 +679,27 @@ def test_an_adapter_source_that_is_no_path_is_refused_naming_the_adapter_and_its
         add_adapter(model, "bad", source)
     assert_same_state(model, before)
     assert loaded_adapters(model) == ["cols"]
+
+
+@pytest.mark.parametrize(
+    "names",
+    [{"cols", "rows"}, {"cols": 0, "rows": 1}, 2, iter(["cols", "rows"]), "cr"],
+    ids=["set", "dict", "int", "iterator", "str"],
+)
+def test_adapter_names_that_are_no_list_or_tuple_are_refused_naming_the_type(tmp_path, names):
+    """A set ran its rows in arbitrary order, a dict by its keys, an iterator was used up by the check (then a
+    TypeError from len), an int raised a TypeError: each would run or fail without saying what adapter_names takes."""
+    base = build_tiny("llama_gqa")
+    model = load_adapters(base, save_adapters(base, tmp_path, {"cols": SELECTIONS["cols"], "rows": SELECTIONS["rows"]}))
+    input_ids, mask = left_padded(2)
+    refused = rf"adapter_names must be a list or tuple with one adapter name per row, got {type(names).__name__}"
+    with pytest.raises(AdapterError, match=refused):
+        model(input_ids=input_ids, attention_mask=mask, adapter_names=names)
+    with pytest.raises(AdapterError, match=refused):
+        model.generate(input_ids=input_ids, attention_mask=mask, adapter_names=names, max_new_tokens=2)
+    assert not model.s2ft_adapters.groups and not model.s2ft_adapters.generating
+    with torch.no_grad():  # a tuple is a sequence of one name per row too
+        as_list = model(input_ids=input_ids, attention_mask=mask, adapter_names=["cols", "rows"]).logits
+        assert torch.equal(
+            model(input_ids=input_ids, attention_mask=mask, adapter_names=("cols", "rows")).logits, as_list
+        )
