@@ -48,6 +48,16 @@ def lora_factors(
     return (one_hot, delta) if axis == 1 else (delta, one_hot.T)
 
 
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuses an ``out_dir`` that holds files, or one under a file (which ``mkdir`` refuses with an ``OSError``)."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise AdapterError(f"{out_dir} already exists and is not an empty folder; export to a new folder")
+    # exists() is False under a file (NotADirectoryError is swallowed): the first ancestor that exists must be a folder.
+    existing = next((p for p in out_dir.parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise AdapterError(f"cannot export to {out_dir}: {existing} is a file, not a folder; export to a new folder")
+
+
 def export_lora(adapter: str | os.PathLike | Adapter, out_dir: str | os.PathLike, base: nn.Module) -> LoraConfig:
     """Writes an S2FT adapter as a PEFT LoRA adapter folder ``out_dir``.
 
@@ -64,7 +74,8 @@ def export_lora(adapter: str | os.PathLike | Adapter, out_dir: str | os.PathLike
         The written ``LoraConfig`` (per-module ranks in ``rank_pattern``).
 
     Raises:
-        AdapterError: A bad adapter, one made for another base, or an ``out_dir`` that holds files.
+        AdapterError: A bad adapter, one made for another base, an ``out_dir`` that holds files, or one under a file
+            (nothing is written).
         AdapterError: Also if ``base`` has S2FT applied or adapters loaded (its weights are not the base's).
     """
     # An S2FT model's weights hold zeroed or merged slots, which would give wrong deltas without any error.
@@ -75,8 +86,7 @@ def export_lora(adapter: str | os.PathLike | Adapter, out_dir: str | os.PathLike
         adapter = load_adapter_file(adapter)
     check_fits(base, adapter)
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise AdapterError(f"{out_dir} already exists and is not an empty folder; export to a new folder")
+    _check_out_dir(out_dir)
     tensors, ranks = {}, {}
     for name, m in adapter.modules.items():
         weight = base.get_submodule(name).weight.detach().cpu().float()
