@@ -157,17 +157,24 @@ def check_base(model: nn.Module, adapter: Adapter) -> None:
     dtype = here if here in recorded["sha256"] else recorded["dtype"]
     if _slots_sha256(slots, DIGEST_DTYPES[dtype]) == recorded["sha256"][dtype]:
         return
-    loaded = f"{_model_name(model) or 'unnamed'}, {here or 'mixed dtypes'}"
+    name = _model_name(model)
+    loaded = f"{name or 'unnamed'}, {here or 'mixed dtypes'}"
     # Under one name and dtype the weights changed (a folder or hub revision); in another dtype, rounding may differ.
-    same = _model_name(model) == adapter.base_model and here == recorded["dtype"]
-    renamed = "; the same name, so the weights behind it changed" if same else ""
+    # Two missing names are no name in common: saying "the same name" there described models that have none.
+    if name is not None and name == adapter.base_model and here == recorded["dtype"]:
+        renamed = "; the same name, so the weights behind it changed"
+    elif name is None and adapter.base_model is None:
+        renamed = "; neither model has a name_or_path, so only their weights tell them apart"
+    else:
+        renamed = ""
     rounding = (
         f"; a checkpoint rounded to another dtype can differ too, so load the base in {recorded['dtype']}"
         if here != recorded["dtype"]
         else ""
     )
     raise AdapterError(
-        f"this model ({loaded}) is not the base the adapter was trained on ({trained_on}, {recorded['dtype']}"
+        f"this model ({loaded}) is not the base the adapter was trained on "
+        f"({adapter.base_model or 'recorded without a name'}, {recorded['dtype']}"
         f"{renamed}): its weights at the adapter's trained rows/columns differ (SHA-256 in {dtype}), as another "
         "checkpoint of the same architecture (a base and its -Instruct, another initialization) does, and the "
         "adapter's values would replace or offset the wrong weights. Load the adapter onto the model it was trained "
