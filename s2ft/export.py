@@ -26,7 +26,7 @@ from torch import nn
 
 from s2ft.adapter import check_fits
 from s2ft.adapter_format import Adapter, AdapterError, check_adapter, load_adapter_file
-from s2ft.state import check_fresh
+from s2ft.state import check_fresh, check_unmerged
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -76,10 +76,12 @@ def export_lora(adapter: str | os.PathLike | Adapter, out_dir: str | os.PathLike
     Raises:
         AdapterError: A bad adapter, one made for another base, an ``out_dir`` that holds files, or one under a file
             (nothing is written).
-        AdapterError: Also if ``base`` has S2FT applied or adapters loaded (its weights are not the base's).
+        AdapterError: Also if ``base`` has S2FT applied or adapters loaded, or holds a merged update
+            (``merge_and_unload``, ``fuse_adapters``): its weights are not the base's.
     """
     # An S2FT model's weights hold zeroed or merged slots, which would give wrong deltas without any error.
     check_fresh(base, "export_lora needs the plain base model the adapter was trained on: its weights give the deltas")
+    check_unmerged(base, "export_lora")
     if isinstance(adapter, Adapter):
         check_adapter(adapter)
     else:

@@ -27,7 +27,7 @@ from torch import nn
 from s2ft.adapter import check_fits
 from s2ft.adapter_format import Adapter, AdapterError, as_adapter, naming
 from s2ft.layers import plain_linear
-from s2ft.state import check_fresh
+from s2ft.state import check_fresh, check_unmerged
 
 BASE = "__base__"
 # nn.ModuleDict refuses a key that is one of its attributes (train, eval, values, cuda, ...): adapters are kept under
@@ -294,7 +294,8 @@ def load_adapters(base: nn.Module, adapters: Mapping[str, str | os.PathLike | Ad
     Raises:
         AdapterError: A bad adapter or one made for another base, named (``adapter 'NAME' (FOLDER): ...``); the
             model is unchanged when raised.
-        AdapterError: Also for an empty mapping, a bad name, or a model that already has S2FT adapters.
+        AdapterError: Also for an empty mapping, a bad name, a model that already has S2FT adapters, or one that
+            holds a merged update (``merge_and_unload``, ``fuse_adapters``).
     """
     if getattr(base, "s2ft_adapters", None) is not None:
         raise AdapterError("this model already has S2FT adapters; use s2ft.add_adapter(model, name, path)")
@@ -305,6 +306,7 @@ def load_adapters(base: nn.Module, adapters: Mapping[str, str | os.PathLike | Ad
         "load_adapters needs the plain base model the adapters were trained on: s2ft.unload(model) gives it back, or "
         "load a fresh copy (not merge_and_unload: it keeps its adapter in the weights, under every row)",
     )
+    check_unmerged(base, "load_adapters")
     if not isinstance(adapters, Mapping):
         raise AdapterError(f"load_adapters takes a mapping of names to adapters, got {adapters!r}: {{'name': path}}")
     if not adapters:
