@@ -703,3 +703,55 @@ def test_adapter_names_that_are_no_list_or_tuple_are_refused_naming_the_type(tmp
         assert torch.equal(
             model(input_ids=input_ids, attention_mask=mask, adapter_names=("cols", "rows")).logits, as_list
         )
+
+
+def test_an_adapter_is_not_removed_while_a_forward_call_runs_with_adapter_names(tmp_path):
+    """Only generate was counted: a forward call with adapter_names in another thread had its adapter removed under
+    it, and its rows ran the base model from that layer on, silently."""
+    base = build_tiny("llama_gqa")
+    paths = save_adapters(base, tmp_path, {"cols": SELECTIONS["cols"], "rows": SELECTIONS["rows"]})
+    model = load_adapters(copy.deepcopy(base), paths)
+    input_ids, mask = left_padded(2)
+    names = ["cols", "rows"]
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, attention_mask=mask, adapter_names=names).logits
+    paused, resume, got = threading.Event(), threading.Event(), {}
+
+    def pause_in_the_second_layer(module, args):
+        if threading.current_thread().name == "serving":
+            paused.set()
+            resume.wait(30)
+
+    def serve():
+        with torch.no_grad():
+            got["logits"] = model(input_ids=input_ids, attention_mask=mask, adapter_names=names).logits
+
+    hook = model.model.layers[1].register_forward_pre_hook(pause_in_the_second_layer)
+    serving = threading.Thread(target=serve, name="serving")
+    serving.start()
+    try:
+        assert paused.wait(30)
+        before, configs = snapshot(model), copy.deepcopy(model.s2ft_adapters.configs)
+        with pytest.raises(AdapterError, match="a forward call with adapter_names is running; remove adapter 'cols'"):
+            remove_adapter(model, "cols")
+        assert_same_state(model, before)
+        assert model.s2ft_adapters.configs == configs and loaded_adapters(model) == ["cols", "rows"]
+    finally:
+        resume.set()
+        serving.join(30)
+        hook.remove()
+    torch.testing.assert_close(got["logits"], expected, rtol=0, atol=0)
+    # A call refused in its pre-hook, or one that fails inside, holds nothing once it returned.
+    with pytest.raises(AdapterError, match="unknown adapter names"):
+        model(input_ids=input_ids, attention_mask=mask, adapter_names=["cols", "nope"])
+
+    def fail(module, args):
+        raise RuntimeError("a layer failed")
+
+    failing = model.model.layers[0].register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="a layer failed"):
+        model(input_ids=input_ids, attention_mask=mask, adapter_names=names)
+    failing.remove()
+    assert model.s2ft_adapters.forwarding == 0 and not model.s2ft_adapters.groups
+    remove_adapter(model, "cols")  # nothing runs now
+    assert loaded_adapters(model) == ["rows"]
