@@ -26,7 +26,17 @@ from s2ft.adapter_format import (
 )
 from s2ft.layers import S2FTLinear, plain_linear, slot_major
 from s2ft.permute import permute_linear
-from s2ft.state import S2FTState, attach_state, check_fresh, detach_state, fingerprint, model_state, s2ft_modules
+from s2ft.state import (
+    S2FTState,
+    attach_state,
+    check_fresh,
+    check_unmerged,
+    detach_state,
+    fingerprint,
+    mark_merged,
+    model_state,
+    s2ft_modules,
+)
 from s2ft.structures import find_structures, unit_positions
 from s2ft.version import __version__
 
@@ -157,17 +167,24 @@ def check_base(model: nn.Module, adapter: Adapter) -> None:
     dtype = here if here in recorded["sha256"] else recorded["dtype"]
     if _slots_sha256(slots, DIGEST_DTYPES[dtype]) == recorded["sha256"][dtype]:
         return
-    loaded = f"{_model_name(model) or 'unnamed'}, {here or 'mixed dtypes'}"
+    name = _model_name(model)
+    loaded = f"{name or 'unnamed'}, {here or 'mixed dtypes'}"
     # Under one name and dtype the weights changed (a folder or hub revision); in another dtype, rounding may differ.
-    same = _model_name(model) == adapter.base_model and here == recorded["dtype"]
-    renamed = "; the same name, so the weights behind it changed" if same else ""
+    # Two missing names are no name in common: saying "the same name" there described models that have none.
+    if name is not None and name == adapter.base_model and here == recorded["dtype"]:
+        renamed = "; the same name, so the weights behind it changed"
+    elif name is None and adapter.base_model is None:
+        renamed = "; neither model has a name_or_path, so only their weights tell them apart"
+    else:
+        renamed = ""
     rounding = (
         f"; a checkpoint rounded to another dtype can differ too, so load the base in {recorded['dtype']}"
         if here != recorded["dtype"]
         else ""
     )
     raise AdapterError(
-        f"this model ({loaded}) is not the base the adapter was trained on ({trained_on}, {recorded['dtype']}"
+        f"this model ({loaded}) is not the base the adapter was trained on "
+        f"({adapter.base_model or 'recorded without a name'}, {recorded['dtype']}"
         f"{renamed}): its weights at the adapter's trained rows/columns differ (SHA-256 in {dtype}), as another "
         "checkpoint of the same architecture (a base and its -Instruct, another initialization) does, and the "
         "adapter's values would replace or offset the wrong weights. Load the adapter onto the model it was trained "
@@ -263,9 +280,11 @@ def load_adapter(base: nn.Module, path, trainable: bool = False) -> nn.Module:
 
     Raises:
         AdapterError: See ``load_adapter_file`` and ``check_fits``; the model is unchanged when raised.
-        AdapterError: Also if ``base`` already has an S2FT adapter.
+        AdapterError: Also if ``base`` already has an S2FT adapter, or holds a merged one (``merge_and_unload``,
+            ``fuse_adapters``).
     """
     check_fresh(base, "use s2ft.switch_adapter(model, path) instead")
+    check_unmerged(base, "load_adapter")
     adapter = as_adapter(path)
     check_fits(base, adapter)
     flags = {name: p.requires_grad for name, p in base.named_parameters()}
@@ -302,8 +321,13 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     parameters' requires_grad flags are restored, so ``save_pretrained`` / ``from_pretrained`` work as usual. Weights
     that ``switch_adapter`` stored column-major are stored row-major again, as ``from_pretrained`` gives them: the
     plain model computes bit for bit what the freshly merged one does (a matmul's rounding can depend on the layout).
+
+    The result is marked ``model.s2ft_merged = True``: ``load_adapter``, ``load_adapters``, ``fuse_adapters`` and
+    ``export_lora`` refuse it, since their deltas are taken against the base (``unload`` gives the base back instead).
     """
-    return _unwrap(model, merge=True)
+    _unwrap(model, merge=True)
+    mark_merged(model)
+    return model
 
 
 def unload(model: nn.Module) -> nn.Module:
@@ -358,9 +382,13 @@ def fuse_adapters(base: nn.Module, paths_or_adapters, weights=None) -> nn.Module
     Raises:
         AdapterError: On a bad adapter or a mismatched base (``adapter I of N (FOLDER): ...``), or weights that are
             not one finite number per adapter; the model is unchanged when raised.
-        AdapterError: Also if ``base`` has S2FT applied or adapters loaded.
+        AdapterError: Also if ``base`` has S2FT applied or adapters loaded, or already holds a merged update (a
+            fused or ``merge_and_unload`` model: fuse every adapter in one call).
+
+    The result is marked ``base.s2ft_merged = True`` (see ``merge_and_unload``).
     """
     check_fresh(base, "fuse_adapters needs the plain base model: s2ft.unload(model) gives it back, or load a fresh one")
+    check_unmerged(base, "fuse_adapters")
     # One folder or one weight is iterable too (by characters, or not at all): refuse it before any file is read.
     if isinstance(paths_or_adapters, (str, os.PathLike, Adapter)):
         raise AdapterError(f"fuse_adapters takes a list of adapters, got {paths_or_adapters!r}: give [path, ...]")
@@ -399,6 +427,7 @@ def fuse_adapters(base: nn.Module, paths_or_adapters, weights=None) -> nn.Module
     with torch.no_grad():
         for weight, axis, positions, slots in fused:
             weight.index_copy_(axis, positions, slots)
+    mark_merged(base)
     return base
 
 

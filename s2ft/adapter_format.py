@@ -171,7 +171,9 @@ def load_adapter_file(path: str | os.PathLike) -> Adapter:
     Raises:
         AdapterError: Missing or corrupt files, missing fields, unit indices out of range / unsorted / duplicated,
             values of the wrong shape or with NaN/inf.
+        AdapterError: Also for a ``path`` that is no path (a number, None, a mapping), naming its type.
     """
+    _check_source(path, "a folder (str or os.PathLike)")
     path = Path(path)
     if path.is_file():
         raise AdapterError(f"{path} is a file; give the adapter's folder (it holds {WEIGHTS_NAME} and {CONFIG_NAME})")
@@ -299,11 +301,26 @@ def check_digest(digest, source: str = "adapter") -> None:
 
 
 def as_adapter(path_or_adapter) -> Adapter:
-    """A checked ``Adapter`` from a folder or an ``Adapter`` object."""
+    """A checked ``Adapter`` from a folder or an ``Adapter`` object.
+
+    Raises:
+        AdapterError: See ``load_adapter_file`` and ``check_adapter``; also for anything else (a number, None, a
+            mapping), naming its type.
+    """
     if isinstance(path_or_adapter, Adapter):
         check_adapter(path_or_adapter)
         return path_or_adapter
+    _check_source(path_or_adapter, "a folder (str or os.PathLike) or an s2ft.Adapter")
     return load_adapter_file(path_or_adapter)
+
+
+def _check_source(source, accepted: str) -> None:
+    # Path(source) raises a bare TypeError for these (bytes too: pathlib takes only str), a traceback run.py shows as
+    # a bug; the caller's naming() then says which adapter it was.
+    if not isinstance(source, (str, os.PathLike)):
+        raise AdapterError(
+            f"an adapter is {accepted}, got {type(source).__name__}: {source!r}; give the folder save_adapter wrote"
+        )
 
 
 @contextmanager

@@ -26,7 +26,7 @@ from torch import nn
 
 from s2ft.adapter import check_fits
 from s2ft.adapter_format import Adapter, AdapterError, check_adapter, load_adapter_file
-from s2ft.state import check_fresh
+from s2ft.state import check_fresh, check_unmerged
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -48,6 +48,16 @@ def lora_factors(
     return (one_hot, delta) if axis == 1 else (delta, one_hot.T)
 
 
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuses an ``out_dir`` that holds files, or one under a file (which ``mkdir`` refuses with an ``OSError``)."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise AdapterError(f"{out_dir} already exists and is not an empty folder; export to a new folder")
+    # exists() is False under a file (NotADirectoryError is swallowed): the first ancestor that exists must be a folder.
+    existing = next((p for p in out_dir.parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise AdapterError(f"cannot export to {out_dir}: {existing} is a file, not a folder; export to a new folder")
+
+
 def export_lora(adapter: str | os.PathLike | Adapter, out_dir: str | os.PathLike, base: nn.Module) -> LoraConfig:
     """Writes an S2FT adapter as a PEFT LoRA adapter folder ``out_dir``.
 
@@ -64,19 +74,21 @@ def export_lora(adapter: str | os.PathLike | Adapter, out_dir: str | os.PathLike
         The written ``LoraConfig`` (per-module ranks in ``rank_pattern``).
 
     Raises:
-        AdapterError: A bad adapter, one made for another base, or an ``out_dir`` that holds files.
-        AdapterError: Also if ``base`` has S2FT applied or adapters loaded (its weights are not the base's).
+        AdapterError: A bad adapter, one made for another base, an ``out_dir`` that holds files, or one under a file
+            (nothing is written).
+        AdapterError: Also if ``base`` has S2FT applied or adapters loaded, or holds a merged update
+            (``merge_and_unload``, ``fuse_adapters``): its weights are not the base's.
     """
     # An S2FT model's weights hold zeroed or merged slots, which would give wrong deltas without any error.
     check_fresh(base, "export_lora needs the plain base model the adapter was trained on: its weights give the deltas")
+    check_unmerged(base, "export_lora")
     if isinstance(adapter, Adapter):
         check_adapter(adapter)
     else:
         adapter = load_adapter_file(adapter)
     check_fits(base, adapter)
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise AdapterError(f"{out_dir} already exists and is not an empty folder; export to a new folder")
+    _check_out_dir(out_dir)
     tensors, ranks = {}, {}
     for name, m in adapter.modules.items():
         weight = base.get_submodule(name).weight.detach().cpu().float()

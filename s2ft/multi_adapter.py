@@ -27,7 +27,7 @@ from torch import nn
 from s2ft.adapter import check_fits
 from s2ft.adapter_format import Adapter, AdapterError, as_adapter, naming
 from s2ft.layers import plain_linear
-from s2ft.state import check_fresh
+from s2ft.state import check_fresh, check_unmerged
 
 BASE = "__base__"
 # nn.ModuleDict refuses a key that is one of its attributes (train, eval, values, cuda, ...): adapters are kept under
@@ -49,6 +49,7 @@ class MultiAdapterState:
         generation: While ``generate`` runs with ``adapter_names`` in this thread: the batch's row count and its
             groups, used by every forward call of that generation.
         generating: How many ``generate`` calls with ``adapter_names`` run now, in any thread.
+        forwarding: How many calls of the top model with ``adapter_names`` run now, in any thread.
         hooks: The top model's forward pre-hook and forward hook, and the pre-hook of its decoder (``base_model``)
             that refuses ``adapter_names`` the top model's call did not read (removed when the last adapter is).
     """
@@ -57,6 +58,9 @@ class MultiAdapterState:
         self.configs: dict[str, dict] = {}
         self.hooks: list = []
         self.generating = 0
+        self.forwarding = 0
+        # Held while rows are grouped (their names checked against the loaded adapters) and counted, and while
+        # remove_adapter checks the counts and removes: no call starts with an adapter that is going.
         self._lock = threading.Lock()
         self._call = threading.local()
 
@@ -73,17 +77,51 @@ class MultiAdapterState:
         return getattr(self._call, "generation", None)
 
     @contextmanager
-    def generating_with(self, generation: tuple[int, list[tuple[str, torch.Tensor]]]):
-        """This thread's ``generate`` runs with ``generation``'s rows while the context is open."""
-        self._call.generation = generation
+    def generating_with(self, names, rows: int | None, device):
+        """This thread's ``generate`` runs with ``names``' rows (``adapter_names``) while the context is open."""
         with self._lock:
+            groups = _group_rows(self, names, rows, device)
             self.generating += 1
+        self._call.generation = (len(names), groups)
         try:
             yield
         finally:
             self._call.generation = None
             with self._lock:
                 self.generating -= 1
+
+    def open_call(self, names, rows: int | None, device) -> None:
+        """Starts this thread's call of the top model; with ``names`` (``adapter_names``), groups its rows and counts
+        it in ``forwarding`` until ``close_call``.
+
+        Every call pushes one entry on this thread's stack of open calls (whether it counted), which ``close_call``
+        pops: a call refused here, or one nested in another, leaves the count as it found it.
+        """
+        calls = self._open_calls()
+        calls.append(False)
+        if names is None:
+            self.groups = []
+            return
+        with self._lock:
+            groups = _group_rows(self, names, rows, device)
+            self.forwarding += 1
+        calls[-1] = True
+        self.groups = groups
+
+    def close_call(self) -> None:
+        """Ends this thread's innermost call of the top model (``open_call``); the forward hook runs it even when the
+        call raised."""
+        self.groups = []
+        calls = self._open_calls()
+        # Empty when a pre-hook registered before ours raised: our pre-hook did not run, so nothing was opened.
+        if calls and calls.pop():
+            with self._lock:
+                self.forwarding -= 1
+
+    def _open_calls(self) -> list[bool]:
+        if not hasattr(self._call, "open"):
+            self._call.open = []
+        return self._call.open
 
     def __getstate__(self) -> dict:
         # A copy (deepcopy, pickle) has no call in flight; locks and thread-locals are not copied.
@@ -194,9 +232,9 @@ def _rows_hook(model: nn.Module, args: tuple, kwargs: dict):
     state = model.s2ft_adapters
     rows = _row_count(args, kwargs)
     if "adapter_names" in kwargs:
-        names = kwargs.pop("adapter_names")
-        state.groups = [] if names is None else _group_rows(state, names, rows, model.device)
+        state.open_call(kwargs.pop("adapter_names"), rows, model.device)
     elif state.generation is not None:
+        state.open_call(None, rows, model.device)  # generate's step: generate counts its rows
         expected, state.groups = state.generation
         if rows is not None and rows != expected:
             raise AdapterError(
@@ -206,7 +244,7 @@ def _rows_hook(model: nn.Module, args: tuple, kwargs: dict):
                 "input_ids.repeat_interleave(n, 0) (and the attention mask), each adapter name n times"
             )
     else:
-        state.groups = []
+        state.open_call(None, rows, model.device)
     return args, kwargs
 
 
@@ -222,7 +260,7 @@ def _refuse_names(module: nn.Module, args: tuple, kwargs: dict) -> None:
 
 
 def _clear_rows(model: nn.Module, args: tuple, output) -> None:
-    model.s2ft_adapters.groups = []
+    model.s2ft_adapters.close_call()
 
 
 def _generate(model: nn.Module, *args, adapter_names=None, **kwargs):
@@ -230,14 +268,21 @@ def _generate(model: nn.Module, *args, adapter_names=None, **kwargs):
     state = model.s2ft_adapters
     if adapter_names is None:
         return type(model).generate(model, *args, **kwargs)
-    rows = _row_count(args, kwargs)
-    with state.generating_with((len(adapter_names), _group_rows(state, adapter_names, rows, model.device))):
+    with state.generating_with(adapter_names, _row_count(args, kwargs), model.device):
         return type(model).generate(model, *args, **kwargs)
 
 
 def _group_rows(state: MultiAdapterState, names, rows: int | None, device) -> list[tuple[str, torch.Tensor]]:
-    if isinstance(names, str) or not all(isinstance(name, str) for name in names):
-        raise AdapterError(f"adapter_names must be a list with one adapter name per row, got {names!r}")
+    # Only a list or tuple: a string iterates by characters, a set in no fixed order, a dict by its keys, and an
+    # iterator would be used up by the checks below; each then ran rows with the wrong adapters or failed later.
+    if not isinstance(names, (list, tuple)):
+        hint = f"; for one adapter on every row: [{names!r}] * rows" if isinstance(names, str) else ""
+        raise AdapterError(
+            f"adapter_names must be a list or tuple with one adapter name per row, got {type(names).__name__}: "
+            f"{names!r}{hint}"
+        )
+    if not all(isinstance(name, str) for name in names):
+        raise AdapterError(f"adapter_names must be a list with one adapter name (a string) per row, got {names!r}")
     unknown = sorted(set(names) - set(state.configs) - {BASE})
     if unknown:
         raise AdapterError(f"unknown adapter names {unknown}; loaded: {list(state.configs)} (or {BASE!r})")
@@ -285,7 +330,8 @@ def load_adapters(base: nn.Module, adapters: Mapping[str, str | os.PathLike | Ad
     Raises:
         AdapterError: A bad adapter or one made for another base, named (``adapter 'NAME' (FOLDER): ...``); the
             model is unchanged when raised.
-        AdapterError: Also for an empty mapping, a bad name, or a model that already has S2FT adapters.
+        AdapterError: Also for an empty mapping, a bad name, a model that already has S2FT adapters, or one that
+            holds a merged update (``merge_and_unload``, ``fuse_adapters``).
     """
     if getattr(base, "s2ft_adapters", None) is not None:
         raise AdapterError("this model already has S2FT adapters; use s2ft.add_adapter(model, name, path)")
@@ -296,6 +342,7 @@ def load_adapters(base: nn.Module, adapters: Mapping[str, str | os.PathLike | Ad
         "load_adapters needs the plain base model the adapters were trained on: s2ft.unload(model) gives it back, or "
         "load a fresh copy (not merge_and_unload: it keeps its adapter in the weights, under every row)",
     )
+    check_unmerged(base, "load_adapters")
     if not isinstance(adapters, Mapping):
         raise AdapterError(f"load_adapters takes a mapping of names to adapters, got {adapters!r}: {{'name': path}}")
     if not adapters:
@@ -344,24 +391,34 @@ def remove_adapter(model: nn.Module, name: str) -> nn.Module:
     """Drops adapter ``name`` and its memory; projections no adapter trains any more become plain ``nn.Linear``.
 
     Removing the last adapter leaves the plain base model (no hook, no ``s2ft_adapters``).
+
+    Raises:
+        AdapterError: No adapter ``name`` is loaded, or a ``generate`` or forward call with ``adapter_names`` is
+            running (in any thread); the model is unchanged when raised.
     """
     state = _state(model)
-    if name not in state.configs:
-        raise AdapterError(f"no adapter named {name!r} is loaded; loaded: {list(state.configs)}")
-    if state.generating:
-        # Its rows would go on decoding with the base model's weights, silently (from a streamer, a stopping
-        # criterion or another thread).
-        raise AdapterError(f"generate is running with adapter_names; remove adapter {name!r} after it returns")
-    for module_name, module in list(model.named_modules()):
-        if isinstance(module, MultiAdapterLinear) and module.trains(name):
-            module.remove(name)
-            if not len(module.adapters):
-                model.set_submodule(module_name, plain_linear(module))
-    del state.configs[name]
-    if not state.configs:
-        for hook in state.hooks:
-            hook.remove()
-        del model.generate, model.save_pretrained, model.s2ft_adapters
+    # Under the lock that calls take to group and count their rows: none starts between the check and the removal.
+    with state._lock:
+        if name not in state.configs:
+            raise AdapterError(f"no adapter named {name!r} is loaded; loaded: {list(state.configs)}")
+        # Its rows would go on with the base model's weights from the next layer on, silently (from a streamer, a
+        # stopping criterion, a hook or another thread).
+        if state.generating:
+            raise AdapterError(f"generate is running with adapter_names; remove adapter {name!r} after it returns")
+        if state.forwarding:
+            raise AdapterError(
+                f"a forward call with adapter_names is running; remove adapter {name!r} after it returns"
+            )
+        for module_name, module in list(model.named_modules()):
+            if isinstance(module, MultiAdapterLinear) and module.trains(name):
+                module.remove(name)
+                if not len(module.adapters):
+                    model.set_submodule(module_name, plain_linear(module))
+        del state.configs[name]
+        if not state.configs:
+            for hook in state.hooks:
+                hook.remove()
+            del model.generate, model.save_pretrained, model.s2ft_adapters
     return model
 
 

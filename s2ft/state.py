@@ -125,3 +125,38 @@ def check_fresh(model: nn.Module, hint: str = "start from a fresh base model (or
     loaded = getattr(model, "s2ft_state", None) is not None or getattr(model, "s2ft_adapters", None) is not None
     if loaded or s2ft_modules(model):
         raise AdapterError(f"this model already has an S2FT adapter; {hint}")
+
+
+# Set on a plain model whose weights hold a merged S2FT update (``merge_and_unload``, ``fuse_adapters``).
+MERGED = "s2ft_merged"
+
+
+def mark_merged(model: nn.Module) -> None:
+    """Records that ``model``'s plain weights hold a merged S2FT update (``model.s2ft_merged = True``).
+
+    The mark stays while S2FT is applied on top (``unload`` gives the merged weights back) and goes only with the
+    model: ``from_pretrained`` of a saved merged model gives an unmarked one, a base of its own.
+    """
+    setattr(model, MERGED, True)
+
+
+def check_unmerged(model: nn.Module, action: str) -> None:
+    """Refuses a model marked by ``mark_merged``: an adapter's delta is measured against the base it was trained on.
+
+    The base check (``s2ft.adapter.check_base``) cannot see a merged update that lies outside the adapter's own
+    rows/columns, where the merged model still holds the base's values; the mark can.
+
+    Args:
+        model: The model to load, fuse or export onto.
+        action: What was refused, e.g. ``"load_adapter"``.
+
+    Raises:
+        AdapterError: Naming the merged update and how to get the base back.
+    """
+    if getattr(model, MERGED, False):
+        raise AdapterError(
+            f"{action}: this model's weights already hold a merged S2FT update (merge_and_unload or fuse_adapters), "
+            "so another adapter's delta on top would be measured against the wrong base (the base check passes "
+            "wherever the adapters train other rows/columns). Load the base model again (from_pretrained); from an "
+            "S2FT model, s2ft.unload(model) instead of merge_and_unload gives the base back"
+        )

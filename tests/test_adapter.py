@@ -590,3 +590,72 @@ def test_apply_selection_wraps_exactly_the_selected_slots():
         apply_selection(build_tiny("llama_9_3"), {(2, "o"): [0]})
     with pytest.raises(ValueError, match="unknown layout"):
         apply_selection(build_tiny("llama_9_3"), selection, layout="sideways")
+
+
+@pytest.mark.parametrize("source", [3, None, {"path": "out/a"}, b"out/a"], ids=["int", "None", "dict", "bytes"])
+def test_an_adapter_source_that_is_no_path_is_refused_naming_its_type(tmp_path, source):
+    """An int, None or a dict reached ``Path(source)``: a TypeError traceback from pathlib, not a user error."""
+    base = build_tiny("llama_gqa")
+    before = snapshot(base)
+    refused = rf"an adapter is a folder \(str or os.PathLike\) or an s2ft.Adapter, got {type(source).__name__}: "
+    for action in (lambda: s2ft.load_adapter(base, source), lambda: s2ft.fuse_adapters(base, [source])):
+        with pytest.raises(AdapterError, match=refused):
+            action()
+        assert_same_state(base, before)
+        assert not s2ft_modules(base) and not hasattr(base, "s2ft_state")
+    with pytest.raises(
+        AdapterError, match=rf"an adapter is a folder \(str or os.PathLike\), got {type(source).__name__}"
+    ):
+        s2ft.load_adapter_file(source)
+
+
+MERGED = r"this model's weights already hold a merged S2FT update \(merge_and_unload or fuse_adapters\)"
+
+
+@pytest.mark.parametrize("how", ["merge_and_unload", "fuse_adapters"])
+def test_an_adapter_onto_a_model_holding_a_merged_update_is_refused_and_the_model_kept(tmp_path, how):
+    """An adapter training other rows/columns than the merged one passed the base check there (its slots still hold
+    the base's values) and was served, fused or exported on top of the merged update, silently; one training the same
+    ones was refused as "not the base the adapter was trained on ... the same name, so the weights behind it changed".
+    """
+    from s2ft.export import export_lora
+    from s2ft.multi_adapter import load_adapters
+
+    base = build_tiny("llama_gqa")
+    merged_one = adapter_files(tmp_path, base, {"o": 0.25}, seed=1)
+    other = adapter_files(tmp_path, base, {"down": 0.05}, seed=2)  # other modules: the base check passes
+    same = adapter_files(tmp_path, base, {"o": 0.25}, seed=3)  # other values at the merged module
+    assert not hasattr(base, "s2ft_merged")
+    if how == "merge_and_unload":
+        model = s2ft.merge_and_unload(s2ft.load_adapter(copy.deepcopy(base), merged_one))
+    else:
+        model = s2ft.fuse_adapters(copy.deepcopy(base), [merged_one])
+    assert model.s2ft_merged is True
+    before = snapshot(model)
+    refusals = {
+        "load_adapter": lambda path: s2ft.load_adapter(model, path),
+        "load_adapters": lambda path: load_adapters(model, {"x": path}),
+        "fuse_adapters": lambda path: s2ft.fuse_adapters(model, [path]),
+        "export_lora": lambda path: export_lora(path, tmp_path / "lora", model),
+    }
+    for case, refused in refusals.items():
+        for path in (other, same):
+            with pytest.raises(AdapterError, match=rf"{MERGED}.*Load the base model again") as err:
+                refused(path)
+            assert "not the base" not in str(err.value), case
+            assert_same_state(model, before)
+            assert not s2ft_modules(model) and not hasattr(model, "s2ft_state") and not hasattr(model, "s2ft_adapters")
+    assert not (tmp_path / "lora").exists()
+    # Training on from the merged model is allowed; unload gives the merged model back, still marked.
+    s2ft.apply_s2ft(model, s2ft.S2FTConfig(ratios={"up": 0.1}))
+    s2ft.unload(model)
+    assert model.s2ft_merged is True
+    with pytest.raises(AdapterError, match=MERGED):
+        s2ft.load_adapter(model, other)
+    # A refused fusion marks nothing; the plain base and what unload gives back load as before.
+    fresh = copy.deepcopy(base)
+    with pytest.raises(AdapterError, match="give one finite weight per adapter"):
+        s2ft.fuse_adapters(fresh, [other], [float("nan")])
+    assert not hasattr(fresh, "s2ft_merged")
+    assert not hasattr(s2ft.unload(s2ft.load_adapter(fresh, merged_one)), "s2ft_merged")
+    s2ft.load_adapter(fresh, other)

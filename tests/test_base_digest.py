@@ -184,6 +184,35 @@ def test_an_adapter_saved_without_a_digest_loads_with_a_warning(tmp_path, caplog
     s2ft.load_adapter(named_tiny("base-b", 1), path)
 
 
+@pytest.mark.parametrize(
+    ("trained_on", "loaded_onto", "message"),
+    [
+        (
+            None,
+            None,
+            r"this model \(unnamed, float32\) is not the base the adapter was trained on \(recorded without a name, "
+            r"float32; neither model has a name_or_path, so only their weights tell them apart\)",
+        ),
+        (None, "base-b", r"this model \(base-b, float32\) is not the base .* \(recorded without a name, float32\):"),
+        ("base-a", None, r"this model \(unnamed, float32\) is not the base .* \(base-a, float32\):"),
+    ],
+)
+def test_a_refusal_between_unnamed_models_says_which_is_which(tmp_path, trained_on, loaded_onto, message):
+    """Two unnamed models (name_or_path None or "") compared equal by name: the refusal said "(unnamed, float32) ...
+    (unknown, float32; the same name, so the weights behind it changed)", about models that have no name."""
+    source = build_tiny("llama_gqa")
+    source.name_or_path = trained_on
+    path = adapter_files(tmp_path, source, RATIOS, seed=1)
+    other = build_tiny("llama_gqa", seed=1)
+    other.name_or_path = loaded_onto
+    before = snapshot(other)
+    with pytest.raises(AdapterError, match=message) as refused:
+        s2ft.load_adapter(other, path)
+    assert "the same name" not in str(refused.value)
+    assert_same_state(other, before)
+    assert not hasattr(other, "s2ft_state")
+
+
 @pytest.fixture(scope="module")
 def run_on_a_folder(tmp_path_factory):
     """A one-step run trained on a local model folder (tiny_llama's weights), whose folder then holds another seed's

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -117,3 +118,19 @@ def test_an_exported_folder_or_an_adapter_file_given_to_load_adapter_is_named(tm
     with pytest.raises(AdapterError, match="adapter.safetensors is a file; give the adapter's folder"):
         s2ft.load_adapter(base, tmp_path / "cols" / "adapter.safetensors")
     assert not hasattr(base, "s2ft_state")
+
+
+@pytest.mark.parametrize("under", ["sub", "sub/deeper"])
+def test_an_out_dir_under_a_file_is_refused_naming_the_file(tmp_path, under):
+    """out_dir's parent was made with mkdir(parents=True): under a file, a FileExistsError or NotADirectoryError
+    traceback instead of a user error."""
+    base = build_tiny("llama_gqa")
+    path = save_adapters(base, tmp_path, {"cols": SELECTIONS["cols"]})["cols"]
+    (tmp_path / "notes.txt").write_text("mine")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    out_dir = tmp_path / "notes.txt" / under
+    refused = rf"cannot export to {re.escape(str(out_dir))}: {re.escape(str(tmp_path / 'notes.txt'))} is a file"
+    with pytest.raises(AdapterError, match=refused):
+        export_lora(path, out_dir, base)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert (tmp_path / "notes.txt").read_text() == "mine"

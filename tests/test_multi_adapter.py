@@ -659,3 +659,99 @@ def test_refusals_of_the_adapter_lifecycle_are_user_errors(tmp_path):
     with pytest.raises(AdapterError, match="this model serves mixed adapters"):
         s2ft.switch_adapter(mixed, paths["cols"])
     assert_same_state(mixed, before)
+
+
+@pytest.mark.parametrize("source", [3, None, {"path": "out/a"}], ids=["int", "None", "dict"])
+def test_an_adapter_source_that_is_no_path_is_refused_naming_the_adapter_and_its_type(tmp_path, source):
+    """An int, None or a dict as a mapping's value reached ``Path(source)``: a TypeError traceback from pathlib."""
+    base = build_tiny("llama_gqa")
+    paths = save_adapters(base, tmp_path, {"cols": SELECTIONS["cols"]})
+    before = snapshot(base)
+    kind = type(source).__name__
+    refused = rf"^adapter 'bad' .*an adapter is a folder \(str or os.PathLike\) or an s2ft.Adapter, got {kind}: "
+    with pytest.raises(AdapterError, match=refused):
+        load_adapters(base, {"cols": paths["cols"], "bad": source})
+    assert_same_state(base, before)
+    assert not hasattr(base, "s2ft_adapters") and not any(isinstance(m, MultiAdapterLinear) for m in base.modules())
+    model = load_adapters(base, paths)
+    before = snapshot(model)
+    with pytest.raises(AdapterError, match=refused):
+        add_adapter(model, "bad", source)
+    assert_same_state(model, before)
+    assert loaded_adapters(model) == ["cols"]
+
+
+@pytest.mark.parametrize(
+    "names",
+    [{"cols", "rows"}, {"cols": 0, "rows": 1}, 2, iter(["cols", "rows"]), "cr"],
+    ids=["set", "dict", "int", "iterator", "str"],
+)
+def test_adapter_names_that_are_no_list_or_tuple_are_refused_naming_the_type(tmp_path, names):
+    """A set ran its rows in arbitrary order, a dict by its keys, an iterator was used up by the check (then a
+    TypeError from len), an int raised a TypeError: each would run or fail without saying what adapter_names takes."""
+    base = build_tiny("llama_gqa")
+    model = load_adapters(base, save_adapters(base, tmp_path, {"cols": SELECTIONS["cols"], "rows": SELECTIONS["rows"]}))
+    input_ids, mask = left_padded(2)
+    refused = rf"adapter_names must be a list or tuple with one adapter name per row, got {type(names).__name__}"
+    with pytest.raises(AdapterError, match=refused):
+        model(input_ids=input_ids, attention_mask=mask, adapter_names=names)
+    with pytest.raises(AdapterError, match=refused):
+        model.generate(input_ids=input_ids, attention_mask=mask, adapter_names=names, max_new_tokens=2)
+    assert not model.s2ft_adapters.groups and not model.s2ft_adapters.generating
+    with torch.no_grad():  # a tuple is a sequence of one name per row too
+        as_list = model(input_ids=input_ids, attention_mask=mask, adapter_names=["cols", "rows"]).logits
+        assert torch.equal(
+            model(input_ids=input_ids, attention_mask=mask, adapter_names=("cols", "rows")).logits, as_list
+        )
+
+
+def test_an_adapter_is_not_removed_while_a_forward_call_runs_with_adapter_names(tmp_path):
+    """Only generate was counted: a forward call with adapter_names in another thread had its adapter removed under
+    it, and its rows ran the base model from that layer on, silently."""
+    base = build_tiny("llama_gqa")
+    paths = save_adapters(base, tmp_path, {"cols": SELECTIONS["cols"], "rows": SELECTIONS["rows"]})
+    model = load_adapters(copy.deepcopy(base), paths)
+    input_ids, mask = left_padded(2)
+    names = ["cols", "rows"]
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, attention_mask=mask, adapter_names=names).logits
+    paused, resume, got = threading.Event(), threading.Event(), {}
+
+    def pause_in_the_second_layer(module, args):
+        if threading.current_thread().name == "serving":
+            paused.set()
+            resume.wait(30)
+
+    def serve():
+        with torch.no_grad():
+            got["logits"] = model(input_ids=input_ids, attention_mask=mask, adapter_names=names).logits
+
+    hook = model.model.layers[1].register_forward_pre_hook(pause_in_the_second_layer)
+    serving = threading.Thread(target=serve, name="serving")
+    serving.start()
+    try:
+        assert paused.wait(30)
+        before, configs = snapshot(model), copy.deepcopy(model.s2ft_adapters.configs)
+        with pytest.raises(AdapterError, match="a forward call with adapter_names is running; remove adapter 'cols'"):
+            remove_adapter(model, "cols")
+        assert_same_state(model, before)
+        assert model.s2ft_adapters.configs == configs and loaded_adapters(model) == ["cols", "rows"]
+    finally:
+        resume.set()
+        serving.join(30)
+        hook.remove()
+    torch.testing.assert_close(got["logits"], expected, rtol=0, atol=0)
+    # A call refused in its pre-hook, or one that fails inside, holds nothing once it returned.
+    with pytest.raises(AdapterError, match="unknown adapter names"):
+        model(input_ids=input_ids, attention_mask=mask, adapter_names=["cols", "nope"])
+
+    def fail(module, args):
+        raise RuntimeError("a layer failed")
+
+    failing = model.model.layers[0].register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="a layer failed"):
+        model(input_ids=input_ids, attention_mask=mask, adapter_names=names)
+    failing.remove()
+    assert model.s2ft_adapters.forwarding == 0 and not model.s2ft_adapters.groups
+    remove_adapter(model, "cols")  # nothing runs now
+    assert loaded_adapters(model) == ["rows"]
