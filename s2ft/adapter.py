@@ -323,7 +323,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     plain model computes bit for bit what the freshly merged one does (a matmul's rounding can depend on the layout).
 
     The result is marked ``model.s2ft_merged = True``: ``load_adapter``, ``load_adapters``, ``fuse_adapters`` and
-    ``export_lora`` refuse it, since their deltas are taken against the base (``unload`` gives the base back instead).
+    ``export_lora`` refuse it, and ``switch_adapter`` and ``prepare_adapter`` an S2FT model applied on it, since their
+    deltas are taken against the base (``unload`` gives the base back instead).
     """
     _unwrap(model, merge=True)
     mark_merged(model)
@@ -468,9 +469,13 @@ def prepare_adapter(model: nn.Module, path_or_adapter) -> PreparedAdapter:
         path_or_adapter: Adapter folder or ``Adapter``.
 
     Raises:
-        AdapterError: On a bad adapter or one made for another base.
+        AdapterError: On a bad adapter or one made for another base, or a model applied on one that holds a merged
+            update (``merge_and_unload``, ``fuse_adapters``).
     """
     state = model_state(model)
+    # S2FT applied on a merged model keeps the mark (``mark_merged``): an adapter of the original base that trains
+    # other rows/columns passes the base check there and would be switched in on top of the merged update.
+    check_unmerged(model, "prepare_adapter")
     adapter = as_adapter(path_or_adapter)
     check_fits(model, adapter)
     slots = {}
@@ -496,9 +501,12 @@ def switch_adapter(model: nn.Module, path_or_adapter) -> nn.Module:
     optimizer after switching before training on.
 
     Raises:
-        AdapterError: On a bad adapter or one made for another base; the model is unchanged when raised.
+        AdapterError: On a bad adapter or one made for another base, or a model applied on one that holds a merged
+            update (``merge_and_unload``, ``fuse_adapters``; see ``prepare_adapter``); the model is unchanged when
+            raised.
     """
     state = model_state(model)
+    check_unmerged(model, "switch_adapter")  # before a PreparedAdapter skips prepare_adapter's checks
     prepared = path_or_adapter
     if not isinstance(prepared, PreparedAdapter) or prepared.model_state() is not state:
         source = prepared.adapter if isinstance(prepared, PreparedAdapter) else prepared
