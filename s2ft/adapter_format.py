@@ -9,7 +9,8 @@ The base digest (``base_digest``) is the SHA-256 of the base model's own values 
 (``s2ft.adapter.base_digest``): names and shapes do not tell a base from its -Instruct model or another
 initialization, its weights do. It is ``{"dtype": <the base's dtype>, "sha256": {<dtype>: <hex digest>}}`` with one
 digest per dtype the base may be loaded in: its own, and bfloat16 and float16 (the base's values rounded to them, as
-``from_pretrained(dtype=...)`` rounds them). Adapters saved before it was recorded have none (null or no field).
+``from_pretrained(dtype=...)`` rounds them); a base in mixed dtypes records its narrowest as its own. Adapters saved
+before it was recorded have none (null or no field).
 """
 
 import hashlib
