@@ -118,6 +118,16 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _compared_dtype(dtypes: set[torch.dtype]) -> torch.dtype | None:
+    """The narrowest of ``dtypes`` that every other one holds exactly; None where there is none (bf16 and fp16).
+
+    A model loaded in mixed dtypes (some linear weights bf16, the rest fp32) holds, rounded to it, what a load of the
+    checkpoint in that dtype holds: ``from_pretrained`` rounds as ``Tensor.to`` does, and rounding an exact wider copy
+    gives the same bits.
+    """
+    return next((d for d in dtypes if all(torch.promote_types(d, other) == other for other in dtypes)), None)
+
+
 def base_digest(model: nn.Module, modules: dict[str, AdapterModule]) -> dict:
     """The digest of the base model's values at the modules' trained slots, as ``adapter_config.json`` records it.
 
@@ -128,6 +138,10 @@ def base_digest(model: nn.Module, modules: dict[str, AdapterModule]) -> dict:
     same architecture (a base and its -Instruct, another initialization) is told apart. Digests, not values: the
     record stays a few bytes, and equal digests mean equal values.
 
+    A base in mixed dtypes (some weights bf16, the rest fp32) records the narrowest (``_compared_dtype``) as its own:
+    a digest in the widest would hold the narrow weights' rounded values, and the checkpoint loaded in that dtype,
+    the adapter's own base, was refused.
+
     Args:
         model: The base model or an S2FT model of it (see ``base_slots``).
         modules: The adapter's modules (original coordinates).
@@ -136,7 +150,8 @@ def base_digest(model: nn.Module, modules: dict[str, AdapterModule]) -> dict:
         ``{"dtype": NAME, "sha256": {NAME: hex digest}}``.
     """
     slots = base_slots(model, modules)
-    own = reduce(torch.promote_types, (values.dtype for values in slots.values()))
+    dtypes = {values.dtype for values in slots.values()}
+    own = _compared_dtype(dtypes) or reduce(torch.promote_types, dtypes)
     return {
         "dtype": _dtype_name(own),
         "sha256": {_dtype_name(dtype): _slots_sha256(slots, dtype) for dtype in dict.fromkeys((own, *HALF_DTYPES))},
@@ -147,7 +162,8 @@ def check_base(model: nn.Module, adapter: Adapter) -> None:
     """Checks that ``model`` holds the adapter's base weights at its trained slots (the recorded ``base_digest``).
 
     The model's values are compared in its own dtype when the adapter records a digest in it, else rounded to the
-    dtype of the adapter's base (a wider model than the base it was trained on). An adapter without a digest (saved
+    dtype of the adapter's base (a wider model than the base it was trained on); a model in mixed dtypes, in the
+    narrowest, which its other dtypes hold exactly (``_compared_dtype``). An adapter without a digest (saved
     before it was recorded) is not checked: a one-line warning says so.
 
     Raises:
@@ -162,13 +178,29 @@ def check_base(model: nn.Module, adapter: Adapter) -> None:
         )
         return
     slots = base_slots(model, adapter.modules)
-    dtypes = {_dtype_name(values.dtype) for values in slots.values()}
-    here = dtypes.pop() if len(dtypes) == 1 else None
-    dtype = here if here in recorded["sha256"] else recorded["dtype"]
+    dtypes = {values.dtype for values in slots.values()}
+    names = sorted(_dtype_name(d) for d in dtypes)
+    here = names[0] if len(names) == 1 else f"mixed dtypes: {', '.join(names)}"
+    # A model in mixed dtypes is compared in the one that holds all its values as a load of the base in it would.
+    compared = _compared_dtype(dtypes)
+    own = None if compared is None else _dtype_name(compared)
+    dtype = own if own in recorded["sha256"] else recorded["dtype"]
     if _slots_sha256(slots, DIGEST_DTYPES[dtype]) == recorded["sha256"][dtype]:
         return
     name = _model_name(model)
-    loaded = f"{name or 'unnamed'}, {here or 'mixed dtypes'}"
+    recorded_base = f"{adapter.base_model or 'recorded without a name'}, {recorded['dtype']}"
+    if compared is None:
+        # bf16 and fp16 weights (each rounded from the checkpoint) hold no one dtype's load of it: the digests cannot
+        # tell this base from another, so "not the base" would be a guess.
+        raise AdapterError(
+            f"this model ({name or 'unnamed'}, {here}) holds the adapter's modules in dtypes that round the base "
+            "each its own way, so its weights cannot be compared with the base the adapter was trained on "
+            f"({recorded_base}): "
+            f"load the base model in one dtype, the adapter's {recorded['dtype']}: from_pretrained(..., "
+            f"torch_dtype=torch.{recorded['dtype']}) (casting weights already rounded to one half dtype to another "
+            "does not give the base's values back)"
+        )
+    loaded = f"{name or 'unnamed'}, {here}"
     # Under one name and dtype the weights changed (a folder or hub revision); in another dtype, rounding may differ.
     # Two missing names are no name in common: saying "the same name" there described models that have none.
     if name is not None and name == adapter.base_model and here == recorded["dtype"]:
@@ -183,9 +215,8 @@ def check_base(model: nn.Module, adapter: Adapter) -> None:
         else ""
     )
     raise AdapterError(
-        f"this model ({loaded}) is not the base the adapter was trained on "
-        f"({adapter.base_model or 'recorded without a name'}, {recorded['dtype']}"
-        f"{renamed}): its weights at the adapter's trained rows/columns differ (SHA-256 in {dtype}), as another "
+        f"this model ({loaded}) is not the base the adapter was trained on ({recorded_base}{renamed}): its weights "
+        f"at the adapter's trained rows/columns differ (SHA-256 in {dtype}), as another "
         "checkpoint of the same architecture (a base and its -Instruct, another initialization) does, and the "
         "adapter's values would replace or offset the wrong weights. Load the adapter onto the model it was trained "
         f"on{rounding}"
@@ -323,7 +354,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     plain model computes bit for bit what the freshly merged one does (a matmul's rounding can depend on the layout).
 
     The result is marked ``model.s2ft_merged = True``: ``load_adapter``, ``load_adapters``, ``fuse_adapters`` and
-    ``export_lora`` refuse it, since their deltas are taken against the base (``unload`` gives the base back instead).
+    ``export_lora`` refuse it, and ``switch_adapter`` and ``prepare_adapter`` an S2FT model applied on it, since their
+    deltas are taken against the base (``unload`` gives the base back instead).
     """
     _unwrap(model, merge=True)
     mark_merged(model)
@@ -468,9 +500,13 @@ def prepare_adapter(model: nn.Module, path_or_adapter) -> PreparedAdapter:
         path_or_adapter: Adapter folder or ``Adapter``.
 
     Raises:
-        AdapterError: On a bad adapter or one made for another base.
+        AdapterError: On a bad adapter or one made for another base, or a model applied on one that holds a merged
+            update (``merge_and_unload``, ``fuse_adapters``).
     """
     state = model_state(model)
+    # S2FT applied on a merged model keeps the mark (``mark_merged``): an adapter of the original base that trains
+    # other rows/columns passes the base check there and would be switched in on top of the merged update.
+    check_unmerged(model, "prepare_adapter")
     adapter = as_adapter(path_or_adapter)
     check_fits(model, adapter)
     slots = {}
@@ -496,9 +532,12 @@ def switch_adapter(model: nn.Module, path_or_adapter) -> nn.Module:
     optimizer after switching before training on.
 
     Raises:
-        AdapterError: On a bad adapter or one made for another base; the model is unchanged when raised.
+        AdapterError: On a bad adapter or one made for another base, or a model applied on one that holds a merged
+            update (``merge_and_unload``, ``fuse_adapters``; see ``prepare_adapter``); the model is unchanged when
+            raised.
     """
     state = model_state(model)
+    check_unmerged(model, "switch_adapter")  # before a PreparedAdapter skips prepare_adapter's checks
     prepared = path_or_adapter
     if not isinstance(prepared, PreparedAdapter) or prepared.model_state() is not state:
         source = prepared.adapter if isinstance(prepared, PreparedAdapter) else prepared

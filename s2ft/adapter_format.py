@@ -9,7 +9,8 @@ The base digest (``base_digest``) is the SHA-256 of the base model's own values 
 (``s2ft.adapter.base_digest``): names and shapes do not tell a base from its -Instruct model or another
 initialization, its weights do. It is ``{"dtype": <the base's dtype>, "sha256": {<dtype>: <hex digest>}}`` with one
 digest per dtype the base may be loaded in: its own, and bfloat16 and float16 (the base's values rounded to them, as
-``from_pretrained(dtype=...)`` rounds them). Adapters saved before it was recorded have none (null or no field).
+``from_pretrained(dtype=...)`` rounds them); a base in mixed dtypes records its narrowest as its own. Adapters saved
+before it was recorded have none (null or no field).
 """
 
 import hashlib
@@ -196,6 +197,10 @@ def load_adapter_file(path: str | os.PathLike) -> Adapter:
         )
     if not isinstance(config.get("config", {}), dict):
         raise AdapterError(f"corrupt adapter config {config_path}: 'config' (the selection settings) must be a mapping")
+    # Every entry before the weights are read: int() truncated a float shape (576.5 -> 576) or took it (576.0), and
+    # an empty entry or name failed later as a KeyError repr or as the model itself (get_submodule("")).
+    for name, entry in config["modules"].items():
+        _check_entry(config_path, name, entry)
     if not weights_path.is_file():
         raise AdapterError(f"adapter file missing: {weights_path} {missing}")
     try:
@@ -212,24 +217,18 @@ def load_adapter_file(path: str | os.PathLike) -> Adapter:
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         raise AdapterError(f"{weights_path} does not match {config_path}: missing {missing}, unexpected {extra}")
-    modules = {}
-    for name, entry in config["modules"].items():
-        units = entry.get("units") if isinstance(entry, dict) else None
-        if not isinstance(units, list) or not all(isinstance(u, int) and not isinstance(u, bool) for u in units):
-            raise AdapterError(f"corrupt entry for module {name!r} in {config_path}: 'units' must be a list of ints")
-        try:
-            module = AdapterModule(
-                layer=int(entry["layer"]),
-                component=str(entry["component"]),
-                axis=int(entry["axis"]),
-                unit_size=int(entry["unit_size"]),
-                shape=(int(entry["shape"][0]), int(entry["shape"][1])),
-                units=torch.tensor(units, dtype=torch.long),
-                values=tensors[f"{name}.values"],
-            )
-        except (KeyError, TypeError, ValueError, IndexError) as err:
-            raise AdapterError(f"corrupt entry for module {name!r} in {config_path}: {err!r}") from err
-        modules[name] = module
+    modules = {
+        name: AdapterModule(
+            layer=entry["layer"],
+            component=entry["component"],
+            axis=entry["axis"],
+            unit_size=entry["unit_size"],
+            shape=tuple(entry["shape"]),
+            units=torch.tensor(entry["units"], dtype=torch.long),
+            values=tensors[f"{name}.values"],
+        )
+        for name, entry in config["modules"].items()
+    }
     adapter = Adapter(
         modules,
         base_model=config.get("base_model"),
@@ -242,6 +241,47 @@ def load_adapter_file(path: str | os.PathLike) -> Adapter:
     return adapter
 
 
+# The fields of a module's entry in adapter_config.json, in the order save writes them.
+ENTRY_FIELDS = ("layer", "component", "axis", "unit_size", "shape", "units")
+
+
+def _is_int(value) -> bool:
+    # JSON's true and false are Python bools, which are ints; 1.0 is a float, which int() took (and 1.5 truncated).
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_entry(config_path: Path, name: str, entry) -> None:
+    """Checks one module entry of an adapter config: a named mapping of every field, each of its type.
+
+    Raises:
+        AdapterError: Naming the file, the module, the field and the bad value.
+    """
+    if not name:
+        raise AdapterError(
+            f"corrupt adapter config {config_path}: 'modules' has an entry with an empty module name ({name!r}); each "
+            "is named by the module it trains (e.g. model.layers.0.self_attn.o_proj): save the adapter again"
+        )
+    where = f"corrupt entry for module {name!r} in {config_path}"
+    fields = ", ".join(ENTRY_FIELDS[:-1]) + f" and {ENTRY_FIELDS[-1]}"
+    if not isinstance(entry, dict):
+        problem = f"it is {entry!r}, not a mapping of {fields}"
+    elif not entry:
+        problem = f"it is empty: expected {fields}"
+    elif missing := [field for field in ENTRY_FIELDS if field not in entry]:
+        problem = "missing " + ", ".join(map(repr, missing))
+    elif bad := next((field for field in ("layer", "axis", "unit_size") if not _is_int(entry[field])), None):
+        problem = f"{bad!r} must be an integer, got {entry[bad]!r}"
+    elif not isinstance(entry["component"], str):
+        problem = f"'component' must be a string, got {entry['component']!r}"
+    elif not (isinstance(entry["shape"], list) and len(entry["shape"]) == 2 and all(map(_is_int, entry["shape"]))):
+        problem = f"'shape' must be two integers [out_features, in_features], got {entry['shape']!r}"
+    elif not (isinstance(entry["units"], list) and all(map(_is_int, entry["units"]))):
+        problem = f"'units' must be a list of ints, got {entry['units']!r}"
+    else:
+        return
+    raise AdapterError(f"{where}: {problem}; save the adapter again")
+
+
 def check_adapter(adapter: Adapter, source: str = "adapter") -> None:
     """Checks an adapter's internal consistency (indices, shapes, finite values).
 
@@ -252,6 +292,9 @@ def check_adapter(adapter: Adapter, source: str = "adapter") -> None:
         raise AdapterError(f"{source}: the adapter has no modules")
     check_digest(adapter.base_digest, source)
     for name, m in adapter.modules.items():
+        # An Adapter built in Python is not read from a file (_check_entry): "" names the model itself.
+        if not isinstance(name, str) or not name:
+            raise AdapterError(f"{source}: an adapter module's name is empty ({name!r}); name it by its module path")
         where = f"{source}: module {name!r}"
         if m.component not in AXIS or AXIS[m.component] != m.axis:
             raise AdapterError(f"{where}: component {m.component!r} with axis {m.axis} is not an S2FT component")

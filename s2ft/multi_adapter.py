@@ -59,8 +59,9 @@ class MultiAdapterState:
         self.hooks: list = []
         self.generating = 0
         self.forwarding = 0
-        # Held while rows are grouped (their names checked against the loaded adapters) and counted, and while
-        # remove_adapter checks the counts and removes: no call starts with an adapter that is going.
+        # Held while rows are grouped (their names checked against the loaded adapters) and counted, while
+        # remove_adapter checks the counts and removes, and while add_adapter attaches: no call starts with an adapter
+        # that is going or half there, and no add and removal interleave.
         self._lock = threading.Lock()
         self._call = threading.local()
 
@@ -380,10 +381,28 @@ def _refuse_save_pretrained(*args, **kwargs) -> None:
 
 def add_adapter(model: nn.Module, name: str, source: str | os.PathLike | Adapter) -> nn.Module:
     """Loads one more adapter onto a mixed-adapter model (validated first; a refusal names the adapter and leaves the
-    model unchanged)."""
+    model unchanged).
+
+    The files are read and checked before the model's mixed-adapter lock is taken; the adapter is attached under it,
+    so a ``remove_adapter`` or a call grouping its rows (in another thread) runs before or after the add, not within.
+
+    Raises:
+        AdapterError: A bad adapter or one made for another base, a bad name or one already loaded, or the model's
+            last adapter removed (in another thread) while this one was being read.
+    """
     state = _state(model)
-    _check_name(name, state.configs)
-    _attach(model, state, name, _validated(model, name, source))
+    _check_name(name, state.configs)  # before reading any file; checked again under the lock
+    adapter = _validated(model, name, source)
+    with state._lock:
+        # remove_adapter of the last adapter made the model the plain base and dropped this state (its hooks too):
+        # attached to it, the adapter would sit in MultiAdapterLinear modules that no call reads.
+        if getattr(model, "s2ft_adapters", None) is not state:
+            raise AdapterError(
+                f"the model's last mixed adapter was removed while adapter {name!r} was being read: it is the plain "
+                f"base model now; load it with s2ft.load_adapters(model, {{{name!r}: path}})"
+            )
+        _check_name(name, state.configs)  # another add of this name may have come first
+        _attach(model, state, name, adapter)
     return model
 
 

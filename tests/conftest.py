@@ -198,6 +198,19 @@ def corrupt_units(path, units, key="units"):
     (path / CONFIG_NAME).write_text(json.dumps(config))
 
 
+def corrupt_entry(path, entry, name="model.layers.0.self_attn.o_proj"):
+    config = json.loads((path / CONFIG_NAME).read_text())
+    config["modules"][name] = entry
+    (path / CONFIG_NAME).write_text(json.dumps(config))
+
+
+def rename_module(path, new, name="model.layers.0.self_attn.o_proj"):
+    """Renames module ``name`` to ``new`` in the config (its weights keep the old name)."""
+    config = json.loads((path / CONFIG_NAME).read_text())
+    config["modules"][new] = config["modules"].pop(name)
+    (path / CONFIG_NAME).write_text(json.dumps(config))
+
+
 def rewrite_weights(path, tensors):
     """Writes ``tensors`` as the adapter's weights and records their checksum in its config, as a save would: the
     bad values themselves, not a mismatched pair, are what the loader must refuse."""
@@ -248,6 +261,11 @@ BAD_ADAPTERS = {
         lambda p: corrupt_field(p, "base_digest", {"dtype": [], "sha256": {"float32": "0" * 64}}),
         "corrupt base_digest",
     ),
+    "empty module name": (lambda p: rename_module(p, ""), r"'modules' has an entry with an empty module name"),
+    "empty module entry": (lambda p: corrupt_entry(p, {}), r"corrupt entry for module '.*o_proj' in .*: it is empty"),
+    "float shape": (lambda p: corrupt_units(p, [64.0, 64], key="shape"), r"'shape' must be .* got \[64.0, 64\]"),
+    "fractional shape": (lambda p: corrupt_units(p, [64.5, 64], key="shape"), r"'shape' .* got \[64.5, 64\]"),
+    "float layer": (lambda p: corrupt_units(p, 0.0, key="layer"), r"'layer' must be an integer, got 0.0"),
     "base digest not hex": (
         lambda p: corrupt_field(p, "base_digest", {"dtype": "float32", "sha256": {"float32": "xyz"}}),
         "corrupt base_digest",

@@ -659,3 +659,69 @@ def test_an_adapter_onto_a_model_holding_a_merged_update_is_refused_and_the_mode
     assert not hasattr(fresh, "s2ft_merged")
     assert not hasattr(s2ft.unload(s2ft.load_adapter(fresh, merged_one)), "s2ft_merged")
     s2ft.load_adapter(fresh, other)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "refusal"),
+    [
+        ("shape", [64.0, 64], "'shape' must be two integers [out_features, in_features], got [64.0, 64]"),
+        ("shape", [64.5, 64], "'shape' must be two integers [out_features, in_features], got [64.5, 64]"),
+        ("shape", [64], "'shape' must be two integers [out_features, in_features], got [64]"),
+        ("shape", "64x64", "'shape' must be two integers [out_features, in_features], got '64x64'"),
+        ("layer", 0.0, "'layer' must be an integer, got 0.0"),
+        ("layer", "0", "'layer' must be an integer, got '0'"),
+        ("axis", True, "'axis' must be an integer, got True"),
+        ("unit_size", 1.5, "'unit_size' must be an integer, got 1.5"),
+        ("component", 3, "'component' must be a string, got 3"),
+        (None, {}, "it is empty: expected layer, component, axis, unit_size, shape and units"),
+        (None, [], "it is [], not a mapping of layer, component, axis, unit_size, shape and units"),
+        (None, {"layer": 0}, "missing 'component', 'axis', 'unit_size', 'shape', 'units'"),
+    ],
+)
+def test_a_module_entry_with_a_bad_field_is_refused_naming_the_file_the_field_and_the_value(
+    tmp_path, field, value, refusal
+):
+    """A float shape was truncated by int() (576.5 loaded as 576) or taken (576.0), a float layer too, and an empty
+    entry was refused as "'units' must be a list of ints" or a KeyError('layer') repr."""
+    base = build_tiny("llama_gqa")
+    path = adapter_files(tmp_path, base, {"o": 0.25, "down": 0.05}, seed=1)
+    config_path, name = path / CONFIG_NAME, "model.layers.0.self_attn.o_proj"
+    config = json.loads(config_path.read_text())
+    config["modules"][name] = value if field is None else {**config["modules"][name], field: value}
+    config_path.write_text(json.dumps(config))
+    files = {f.name: f.read_bytes() for f in path.iterdir()}
+    before = snapshot(base)
+    for load in (s2ft.load_adapter_file, lambda p: s2ft.load_adapter(base, p)):
+        with pytest.raises(AdapterError) as refused:
+            load(path)
+        assert (
+            str(refused.value)
+            == f"corrupt entry for module {name!r} in {config_path}: {refusal}; save the adapter again"
+        )
+    assert_same_state(base, before)
+    assert not s2ft_modules(base) and not hasattr(base, "s2ft_state")
+    assert files == {f.name: f.read_bytes() for f in path.iterdir()}
+
+
+def test_an_empty_module_name_is_refused_naming_the_file(tmp_path):
+    """An entry named "" named the model itself (get_submodule("")): refused as "adapter module '' is not a linear
+    layer of this model (found LlamaForCausalLM)", or as weights that do not match the config."""
+    base = build_tiny("llama_gqa")
+    path = adapter_files(tmp_path, base, {"o": 0.25}, seed=1)
+    config = json.loads((path / CONFIG_NAME).read_text())
+    config["modules"][""] = config["modules"].pop("model.layers.0.self_attn.o_proj")
+    (path / CONFIG_NAME).write_text(json.dumps(config))
+    adapter = s2ft.load_adapter_file(adapter_files(tmp_path, base, {"o": 0.25}, seed=2))
+    adapter.modules[""] = adapter.modules.pop("model.layers.0.self_attn.o_proj")
+    before = snapshot(base)
+    with pytest.raises(
+        AdapterError,
+        match=rf"^corrupt adapter config {re.escape(str(path / CONFIG_NAME))}: 'modules' has an entry with an empty "
+        r"module name \(''\); each is named by the module it trains \(e.g. model.layers.0.self_attn.o_proj\): save "
+        "the adapter again$",
+    ):
+        s2ft.load_adapter(base, path)
+    with pytest.raises(AdapterError, match=r"^adapter: an adapter module's name is empty \(''\)"):
+        s2ft.load_adapter(base, adapter)
+    assert_same_state(base, before)
+    assert not s2ft_modules(base) and not hasattr(base, "s2ft_state")

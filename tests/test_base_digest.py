@@ -252,3 +252,72 @@ def test_the_runner_evaluates_the_adapter_on_its_checkpoint_in_bf16(run_on_a_fol
     adapter = run_on_a_folder / "run" / "adapter"
     run_experiment(smoke_config(*EVAL, f"adapter={adapter}", "model.name=tiny_llama", "model.dtype=bfloat16"), tmp_path)
     assert (tmp_path / "summary.json").is_file()
+
+
+def in_dtypes(model: torch.nn.Module, dtypes: dict[str, torch.dtype]) -> torch.nn.Module:
+    """``model`` with the linear layers whose names end with a key of ``dtypes`` cast to its dtype (in place)."""
+    for name, module in model.named_modules():
+        for suffix, dtype in dtypes.items():
+            if name.endswith(suffix):
+                module.to(dtype)
+    return model
+
+
+HALF_ATTENTION = {"q_proj": torch.bfloat16, "o_proj": torch.bfloat16}  # bf16 attention, the rest fp32
+
+
+def test_a_base_loaded_in_mixed_dtypes_is_compared_in_its_narrowest_dtype(tmp_path):
+    """A base with some linear weights in bf16 and the rest in fp32 (the same checkpoint) was compared in the
+    adapter's fp32, its bf16 slots against fp32 values: refused as "(base-a, mixed dtypes) is not the base". Rounded
+    to bf16, every slot is what a bf16 load of the checkpoint holds, which the adapter records."""
+    base = named_tiny("base-a", 0)
+    fp32 = adapter_files(tmp_path / "fp32", base, RATIOS, seed=1)
+    bf16 = tmp_path / "bf16"
+    s2ft.save_adapter(trained(copy.deepcopy(base).to(torch.bfloat16), s2ft.S2FTConfig(ratios=RATIOS, seed=1)), bf16)
+    for adapter in (fp32, bf16):
+        mixed = in_dtypes(copy.deepcopy(base), HALF_ATTENTION)
+        assert {p.dtype for p in mixed.parameters()} == {torch.float32, torch.bfloat16}
+        s2ft.load_adapter(mixed, adapter)
+        load_adapters(in_dtypes(copy.deepcopy(base), HALF_ATTENTION), {"a": adapter})
+    # Trained on the mixed model, the adapter records the dtype its slots compare in (bf16; its fp32 digest held
+    # bf16-rounded values, so the fp32 checkpoint was refused), and loads onto the checkpoint in either dtype.
+    on_mixed = tmp_path / "mixed"
+    s2ft.save_adapter(trained(in_dtypes(copy.deepcopy(base), HALF_ATTENTION), s2ft.S2FTConfig(ratios=RATIOS)), on_mixed)
+    recorded = json.loads((on_mixed / CONFIG_NAME).read_text())["base_digest"]
+    assert recorded["dtype"] == "bfloat16" and set(recorded["sha256"]) == {"bfloat16", "float16"}
+    for model in (copy.deepcopy(base), copy.deepcopy(base).to(torch.bfloat16), in_dtypes(copy.deepcopy(base), {})):
+        s2ft.load_adapter(model, on_mixed)
+    # Another base in mixed dtypes is still refused, naming them.
+    other = in_dtypes(named_tiny("base-b", 1), HALF_ATTENTION)
+    before = snapshot(other)
+    with pytest.raises(
+        AdapterError,
+        match=r"this model \(base-b, mixed dtypes: bfloat16, float32\) is not the base .* \(base-a, float32\).*"
+        r"differ \(SHA-256 in bfloat16\)",
+    ):
+        s2ft.load_adapter(other, fp32)
+    assert_same_state(other, before)
+
+
+def test_a_model_in_dtypes_that_compare_in_none_is_refused_saying_so_and_how_to_load_it(tmp_path):
+    """bf16 and fp16 weights round the checkpoint each its own way, so no one dtype holds both as a load of it: the
+    refusal said "(base-a, mixed dtypes) is not the base the adapter was trained on", as for another checkpoint."""
+    base = named_tiny("base-a", 0)
+    fp32 = adapter_files(tmp_path, base, RATIOS, seed=1)
+    model = in_dtypes(copy.deepcopy(base), {"q_proj": torch.bfloat16, "o_proj": torch.float16})
+    before = snapshot(model)
+    with pytest.raises(AdapterError) as refused:
+        s2ft.load_adapter(model, fp32)
+    message = str(refused.value)
+    assert message.startswith(
+        "this model (base-a, mixed dtypes: bfloat16, float16, float32) holds the adapter's modules in dtypes that "
+        "round the base each its own way, so its weights cannot be compared with the base the adapter was trained on "
+        "(base-a, float32):"
+    )
+    assert (
+        "load the base model in one dtype, the adapter's float32: from_pretrained(..., torch_dtype=torch.float32)"
+        in (message)
+    )
+    assert "is not the base" not in message
+    assert_same_state(model, before)
+    assert not hasattr(model, "s2ft_state")

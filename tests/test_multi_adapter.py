@@ -755,3 +755,92 @@ def test_an_adapter_is_not_removed_while_a_forward_call_runs_with_adapter_names(
     assert model.s2ft_adapters.forwarding == 0 and not model.s2ft_adapters.groups
     remove_adapter(model, "cols")  # nothing runs now
     assert loaded_adapters(model) == ["rows"]
+
+
+def test_add_adapter_changes_the_shared_state_under_the_lock_that_remove_adapter_takes(tmp_path, monkeypatch):
+    """add_adapter attached without the lock: a remove_adapter of the last adapter in between deleted the hooks and
+    s2ft_adapters, and the add went on into the orphaned state (MultiAdapterLinear modules, no adapter loaded); one
+    removing a projection's last other adapter made it plain under the add, whose delta went with the old module."""
+    base = build_tiny("llama_gqa")
+    paths = save_adapters(base, tmp_path, {"cols": SELECTIONS["cols"], "rows": SELECTIONS["rows"]})
+    references = merged_models(base, paths)
+    model = load_adapters(copy.deepcopy(base), {"cols": paths["cols"]})
+    state = model.s2ft_adapters
+    inside, resume, errors = threading.Event(), threading.Event(), {}
+    add = MultiAdapterLinear.add
+
+    def held_add(self, name, positions, values):
+        if threading.current_thread().name == "adding" and not inside.is_set():
+            inside.set()
+            resume.wait(30)
+        add(self, name, positions, values)
+
+    def run(key, action):
+        try:
+            action()
+        except AdapterError as err:
+            errors[key] = err
+
+    monkeypatch.setattr(MultiAdapterLinear, "add", held_add)
+    adding = threading.Thread(
+        target=run, args=("add", lambda: add_adapter(model, "rows", paths["rows"])), name="adding"
+    )
+    adding.start()
+    try:
+        assert inside.wait(30)
+        # Held inside the add's first module: the lock is taken, so neither a removal nor another add of the same
+        # name (checked again under the lock) can come in between.
+        assert state._lock.locked()
+        removing = threading.Thread(target=run, args=("remove", lambda: remove_adapter(model, "cols")))
+        again = threading.Thread(target=run, args=("again", lambda: add_adapter(model, "rows", paths["rows"])))
+        removing.start()
+        again.start()
+    finally:
+        resume.set()
+    for thread in (adding, removing, again):
+        thread.join(30)
+        assert not thread.is_alive()
+    assert set(errors) == {"again"}
+    assert "an adapter named 'rows' is already loaded" in str(errors["again"])
+    assert model.s2ft_adapters is state and loaded_adapters(model) == ["rows"]
+    assert not any(isinstance(m, MultiAdapterLinear) and m.trains("cols") for m in model.modules())
+    assert_rows_match(model, references, ["rows", BASE], *left_padded(2))
+
+
+def test_an_add_whose_model_lost_its_last_adapter_while_it_was_read_is_refused_and_the_base_kept(tmp_path, monkeypatch):
+    """The files are read outside the lock; a removal of the last adapter meanwhile leaves the plain base model, which
+    the add must not turn back into a half mixed-adapter model (modules with deltas, no hooks, no s2ft_adapters)."""
+    import s2ft.multi_adapter as multi_adapter
+
+    base = build_tiny("llama_gqa")
+    paths = save_adapters(base, tmp_path, {"cols": SELECTIONS["cols"], "rows": SELECTIONS["rows"]})
+    model = load_adapters(copy.deepcopy(base), {"cols": paths["cols"]})
+    inside, resume, errors = threading.Event(), threading.Event(), {}
+    check_fits = multi_adapter.check_fits
+
+    def held_check_fits(model, adapter):
+        check_fits(model, adapter)
+        inside.set()
+        resume.wait(30)
+
+    def adding():
+        try:
+            add_adapter(model, "rows", paths["rows"])
+        except AdapterError as err:
+            errors["add"] = err
+
+    monkeypatch.setattr(multi_adapter, "check_fits", held_check_fits)
+    thread = threading.Thread(target=adding)
+    thread.start()
+    try:
+        assert inside.wait(30)
+        remove_adapter(model, "cols")
+        before = snapshot(model)
+    finally:
+        resume.set()
+        thread.join(30)
+    assert "the model's last mixed adapter was removed while adapter 'rows' was being read" in str(errors["add"])
+    assert "s2ft.load_adapters(model, {'rows': path})" in str(errors["add"])
+    assert_same_state(model, before)
+    assert not hasattr(model, "s2ft_adapters") and "generate" not in vars(model)
+    assert all(type(m) is not MultiAdapterLinear for m in model.modules())

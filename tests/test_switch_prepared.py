@@ -289,3 +289,39 @@ def test_a_frozen_model_switched_from_bf16_values_to_fp32_ones_keeps_them_exactl
     saved, again = load_adapter_file(tmp_path / "b"), extract_adapter(model)
     assert all(torch.equal(again.modules[n].values, m.values.float()) for n, m in saved.modules.items())
     assert s2ft.trainable_parameter_count(model) == 0
+
+
+MERGED = r"this model's weights already hold a merged S2FT update \(merge_and_unload or fuse_adapters\)"
+
+
+@pytest.mark.parametrize("how", ["merge_and_unload", "fuse_adapters"])
+def test_switching_an_s2ft_model_of_a_merged_model_is_refused_and_the_model_kept(tmp_path, how):
+    """S2FT applied on a merged model keeps its mark, but switch_adapter and prepare_adapter did not read it: an
+    adapter of the original base training other rows/columns than the merged one passed the base check (those slots
+    hold the base's values) and was switched in on top of the merged update, silently, as load_adapter refuses."""
+    base = build_tiny("llama_9_3")
+    merged_one = adapter_files(tmp_path, base, {"o": 0.4}, seed=2)
+    other = adapter_files(tmp_path, base, {"q": 0.3, "down": 0.1}, seed=3)  # other modules: the base check passes
+    if how == "merge_and_unload":
+        model = s2ft.merge_and_unload(s2ft.load_adapter(copy.deepcopy(base), merged_one))
+    else:
+        model = s2ft.fuse_adapters(copy.deepcopy(base), [merged_one])
+    model = trained(model, s2ft.S2FTConfig(ratios={"up": 0.1}, seed=1), seed=1)
+    assert model.s2ft_merged is True
+    before, modules, config = snapshot(model), dict(model.s2ft_state.modules), dict(model.s2ft_state.config)
+    for refused in (
+        lambda: s2ft.switch_adapter(model, other),
+        lambda: s2ft.switch_adapter(model, load_adapter_file(other)),
+        lambda: s2ft.prepare_adapter(model, other),
+    ):
+        with pytest.raises(AdapterError, match=rf"^(switch|prepare)_adapter: {MERGED}.*Load the base model again"):
+            refused()
+        assert_same_state(model, before)
+        assert model.s2ft_state.modules == modules and model.s2ft_state.config == config
+        assert set(s2ft_modules(model)) == set(modules)
+    # Unloaded, the merged model is still refused; the plain base switches as before.
+    s2ft.unload(model)
+    assert model.s2ft_merged is True
+    fresh = s2ft.load_adapter(copy.deepcopy(base), merged_one)
+    s2ft.switch_adapter(fresh, s2ft.prepare_adapter(fresh, other))
+    torch.testing.assert_close(logits(fresh), logits(s2ft.load_adapter(copy.deepcopy(base), other)), rtol=0, atol=1e-5)
