@@ -19,6 +19,7 @@ import os
 import threading
 from collections.abc import Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,14 @@ BASE = "__base__"
 SLOT_PREFIX = "adapter_"
 
 
+@dataclass
+class _Call:
+    """One open call of the top model in a thread: its rows per adapter and whether ``forwarding`` counts it."""
+
+    counted: bool
+    groups: list[tuple[str, torch.Tensor]]
+
+
 class MultiAdapterState:
     """What a mixed-adapter model remembers (``model.s2ft_adapters``).
 
@@ -43,8 +52,8 @@ class MultiAdapterState:
 
     Attributes:
         configs: Per loaded adapter name (in load order), its selection settings.
-        groups: This thread's current call's rows per adapter present, ``[(name, row indices)]``; set by the
-            pre-hook, cleared when the call returns (a submodule called on its own, ``model.model(...)``, is the base
+        groups: This thread's innermost open call's rows per adapter present, ``[(name, row indices)]``; set by the
+            pre-hook, dropped when the call returns (a submodule called on its own, ``model.model(...)``, is the base
             model).
         generation: While ``generate`` runs with ``adapter_names`` in this thread: the batch's row count and its
             groups, used by every forward call of that generation.
@@ -67,11 +76,8 @@ class MultiAdapterState:
 
     @property
     def groups(self) -> list[tuple[str, torch.Tensor]]:
-        return getattr(self._call, "groups", [])
-
-    @groups.setter
-    def groups(self, value: list[tuple[str, torch.Tensor]]) -> None:
-        self._call.groups = value
+        calls = self._open_calls()
+        return calls[-1].groups if calls else []
 
     @property
     def generation(self) -> tuple[int, list[tuple[str, torch.Tensor]]] | None:
@@ -91,35 +97,34 @@ class MultiAdapterState:
             with self._lock:
                 self.generating -= 1
 
-    def open_call(self, names, rows: int | None, device) -> None:
-        """Starts this thread's call of the top model; with ``names`` (``adapter_names``), groups its rows and counts
-        it in ``forwarding`` until ``close_call``.
+    def open_call(self, names, rows: int | None, device, groups: list | None = None) -> None:
+        """Starts this thread's call of the top model: with ``names`` (``adapter_names``), groups its rows and counts
+        it in ``forwarding`` until ``close_call``; else it runs ``groups`` (a generation's), or the base model.
 
-        Every call pushes one entry on this thread's stack of open calls (whether it counted), which ``close_call``
-        pops: a call refused here, or one nested in another, leaves the count as it found it.
+        Every call pushes one entry, its groups and whether it counted, on this thread's stack of open calls, which
+        ``close_call`` pops: a call refused here leaves the count as it found it, and a call nested in another (a
+        hook that runs the model) leaves the outer one its own rows, where one record per thread was cleared by the
+        inner call's end and the outer call's later layers ran the base model.
         """
-        calls = self._open_calls()
-        calls.append(False)
+        call = _Call(counted=False, groups=groups or [])
+        self._open_calls().append(call)
         if names is None:
-            self.groups = []
             return
         with self._lock:
-            groups = _group_rows(self, names, rows, device)
+            call.groups = _group_rows(self, names, rows, device)
             self.forwarding += 1
-        calls[-1] = True
-        self.groups = groups
+        call.counted = True
 
     def close_call(self) -> None:
         """Ends this thread's innermost call of the top model (``open_call``); the forward hook runs it even when the
         call raised."""
-        self.groups = []
         calls = self._open_calls()
         # Empty when a pre-hook registered before ours raised: our pre-hook did not run, so nothing was opened.
-        if calls and calls.pop():
+        if calls and calls.pop().counted:
             with self._lock:
                 self.forwarding -= 1
 
-    def _open_calls(self) -> list[bool]:
+    def _open_calls(self) -> list["_Call"]:
         if not hasattr(self._call, "open"):
             self._call.open = []
         return self._call.open
@@ -235,8 +240,8 @@ def _rows_hook(model: nn.Module, args: tuple, kwargs: dict):
     if "adapter_names" in kwargs:
         state.open_call(kwargs.pop("adapter_names"), rows, model.device)
     elif state.generation is not None:
-        state.open_call(None, rows, model.device)  # generate's step: generate counts its rows
-        expected, state.groups = state.generation
+        expected, groups = state.generation
+        state.open_call(None, rows, model.device, groups)  # generate's step: generate counts its rows
         if rows is not None and rows != expected:
             raise AdapterError(
                 f"generate with adapter_names runs {expected} rows but the model got {rows}: beam search and "

@@ -844,3 +844,34 @@ def test_an_add_whose_model_lost_its_last_adapter_while_it_was_read_is_refused_a
     assert_same_state(model, before)
     assert not hasattr(model, "s2ft_adapters") and "generate" not in vars(model)
     assert all(type(m) is not MultiAdapterLinear for m in model.modules())
+
+
+def test_a_call_nested_in_another_leaves_the_outer_call_its_rows(tmp_path):
+    """One record of the current call's rows per thread: a call made inside another (a layer hook that runs the model)
+    cleared it when it returned, and the outer call's later layers ran the base model for every row, silently."""
+    base = build_tiny("llama_gqa")
+    paths = save_adapters(base, tmp_path, {"cols": SELECTIONS["cols"], "rows": SELECTIONS["rows"]})
+    model = load_adapters(copy.deepcopy(base), paths)
+    input_ids, mask = left_padded(2)
+    outer, inner = ["cols", "rows"], ["rows", BASE]
+    with torch.no_grad():
+        expected_outer = model(input_ids=input_ids, attention_mask=mask, adapter_names=outer).logits
+        expected_inner = model(input_ids=input_ids, attention_mask=mask, adapter_names=inner).logits
+    nested = []
+
+    def run_the_model_inside(module, args):
+        if not nested:  # once: the inner call passes through this hook too
+            nested.append(None)
+            nested[0] = model(input_ids=input_ids, attention_mask=mask, adapter_names=inner).logits
+
+    hook = model.model.layers[1].register_forward_pre_hook(run_the_model_inside)
+    try:
+        with torch.no_grad():
+            got = model(input_ids=input_ids, attention_mask=mask, adapter_names=outer).logits
+    finally:
+        hook.remove()
+    torch.testing.assert_close(nested[0], expected_inner, rtol=0, atol=0)
+    torch.testing.assert_close(got, expected_outer, rtol=0, atol=0)
+    assert model.s2ft_adapters.forwarding == 0 and model.s2ft_adapters.groups == []
+    remove_adapter(model, "cols")  # no call counted is left open
+    assert loaded_adapters(model) == ["rows"]
