@@ -99,6 +99,7 @@ def without_timings(summary: dict) -> dict:
         for key in TIMINGS:
             result.pop(key, None)
     summary.pop("heldout")
+    summary.pop("measure_wall_s")
     return summary
 
 
@@ -123,6 +124,11 @@ def test_one_batched_pass_gives_what_each_adapter_alone_gives(mode, sources, tmp
         assert (batched_dir / "config.yaml").read_text() == (alone_dir / "config.yaml").read_text()
         batched = json.loads((batched_dir / "summary.json").read_text())
         assert without_timings(batched) == without_timings(alone)
+        # The one pass's timing, by part, in every adapter's summary.
+        parts = {"tasks", "heldout"}
+        assert batched["measure_wall_s"]["after"].keys() == alone["measure_wall_s"]["after"].keys() == parts
+        first = json.loads((tmp_path / "batched" / "adapters" / next(iter(legs)) / "summary.json").read_text())
+        assert batched["measure_wall_s"] == first["measure_wall_s"]
         assert batched["heldout"]["gsm8k_test"]["after"] == pytest.approx(alone["heldout"]["gsm8k_test"]["after"], 1e-6)
         assert index["adapters"][name]["heldout"] == {"gsm8k_test": batched["heldout"]["gsm8k_test"]["after"]}
         for file in sorted((alone_dir / "predictions").iterdir()):

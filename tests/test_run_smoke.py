@@ -19,7 +19,7 @@ from s2ft.run_config import RunConfigError
 TASKS = ["boolq", "arc_easy"]
 SUMMARY_KEYS = {
     "experiment", "method", "model", "strategy", "order", "ratios", "seed", "trainable_params", "total_params",
-    "trainable_pct", "train", "eval", "avg_accuracy", "heldout", "git_commit", "versions", "wandb",
+    "trainable_pct", "train", "eval", "avg_accuracy", "heldout", "measure_wall_s", "git_commit", "versions", "wandb",
 }  # fmt: skip
 TRAIN_KEYS = {"steps", "tokens", "wall_s", "median_tokens_per_s", "peak_mem_mb", "final_loss", "loss_curve"}
 
@@ -56,7 +56,12 @@ def test_each_job_has_its_own_complete_run_dir(sweep):
         assert set(summary["eval"]) == set(TASKS) and set(summary["eval_before"]) == set(TASKS)
         for result in summary["eval"].values():
             assert 0.0 <= result["accuracy"] <= 1.0 and result["n"] == 4 and result["mode"] == "generate"
-            assert result["tokens_per_s"] > 0
+            assert result["tokens_per_s"] > 0 and result["wall_s"] > 0
+        # Each measurement is timed by part, the untrained model's too: the study scripts size their jobs by it.
+        for when in ("before", "after"):
+            wall = summary["measure_wall_s"][when]
+            assert wall.keys() == {"tasks", "heldout"} and min(wall.values()) > 0
+        assert sum(r["wall_s"] for r in summary["eval"].values()) <= summary["measure_wall_s"]["after"]["tasks"]
         accuracies = [r["accuracy"] for r in summary["eval"].values()]
         assert summary["avg_accuracy"] == pytest.approx(sum(accuracies) / len(accuracies))
         heldout = summary["heldout"]["commonsense_test"]

@@ -7,6 +7,8 @@ measures every adapter of a mixed-adapter model (`s2ft.load_adapters`) in one ba
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from s2ft.data import eval_subset, load_heldout
@@ -22,26 +24,42 @@ def measure_model(model, tokenizer, cfg: dict, out_dir: Path) -> dict:
     """Task accuracy (`s2ft.evaluation.evaluate`) and held-out losses of `model`, predictions under `out_dir`.
 
     Returns:
-        ``{"eval": evaluate's result or None, "heldout": {NAME: loss}}``, plus ``"mtbench"`` with ``eval.mtbench``
-        and ``"lm_eval"`` with ``eval.backend=lm_eval``.
+        ``{"eval": evaluate's result or None, "heldout": {NAME: loss}, "wall_s": {PART: seconds}}``, plus
+        ``"mtbench"`` with ``eval.mtbench`` and ``"lm_eval"`` with ``eval.backend=lm_eval``; ``wall_s`` times each
+        part measured ("tasks", "mtbench", "heldout", "lm_eval"), so a study's jobs can be sized by measurement.
     """
     ev = cfg["eval"]
-    result = {"eval": None}
+    result, wall = {"eval": None}, {}
     if ev.get("tasks"):
-        result["eval"] = evaluate(
-            model,
-            tokenizer,
-            ev["tasks"],
-            out_dir=out_dir,
-            template=cfg["data"].get("template", "alpaca"),
-            **_evaluate_settings(cfg),
-        )
+        with _timed(wall, "tasks"):
+            result["eval"] = evaluate(
+                model,
+                tokenizer,
+                ev["tasks"],
+                out_dir=out_dir,
+                template=cfg["data"].get("template", "alpaca"),
+                **_evaluate_settings(cfg),
+            )
     if ev.get("mtbench"):
-        result["mtbench"] = run_mtbench(model, tokenizer, cfg, out_dir)
-    result["heldout"] = heldout_losses(model, tokenizer, cfg, out_dir)
+        with _timed(wall, "mtbench"):
+            result["mtbench"] = run_mtbench(model, tokenizer, cfg, out_dir)
+    if ev.get("heldout"):
+        with _timed(wall, "heldout"):
+            result["heldout"] = heldout_losses(model, tokenizer, cfg, out_dir)
+    else:
+        result["heldout"] = {}
     if ev.get("backend", "s2ft") == "lm_eval":
-        result["lm_eval"] = harness_results(model, tokenizer, cfg, out_dir)
+        with _timed(wall, "lm_eval"):
+            result["lm_eval"] = harness_results(model, tokenizer, cfg, out_dir)
+    result["wall_s"] = wall
     return result
+
+
+@contextmanager
+def _timed(wall: dict[str, float], part: str):
+    start = time.perf_counter()
+    yield
+    wall[part] = round(time.perf_counter() - start, 2)
 
 
 def special_token_check(tokenizer, cfg: dict) -> list[str]:
@@ -100,23 +118,27 @@ def measure_adapters(
         out_dirs: Adapter name -> its run directory (``predictions/`` under it).
 
     Returns:
-        Adapter name -> ``{"eval", "heldout"}`` as `measure_model` gives them for that adapter alone.
+        Adapter name -> ``{"eval", "heldout"}`` as `measure_model` gives them for that adapter alone, and ``wall_s``,
+        the one batched pass's (every adapter's the same).
     """
-    ev = cfg["eval"]
-    results = {name: {"eval": None, "heldout": {}} for name in templates}
+    ev, wall = cfg["eval"], {}
+    results = {name: {"eval": None, "heldout": {}, "wall_s": wall} for name in templates}
     if ev.get("tasks"):
-        evaluated = evaluate_adapters(
-            model, tokenizer, ev["tasks"], templates=templates, out_dirs=out_dirs, **_evaluate_settings(cfg)
-        )
+        with _timed(wall, "tasks"):
+            evaluated = evaluate_adapters(
+                model, tokenizer, ev["tasks"], templates=templates, out_dirs=out_dirs, **_evaluate_settings(cfg)
+            )
         for name, evaluation in evaluated.items():
             results[name]["eval"] = evaluation
-    for set_name, examples in _heldout_sets(cfg):
-        scored = adapter_item_losses(
-            model, tokenizer, examples, ev.get("batch_size", 8), cfg["data"].get("max_length", 512), templates
-        )
-        for name, items in scored.items():
-            results[name]["heldout"][set_name] = mean_token_loss(items)
-            write_predictions(out_dirs[name] / "predictions" / f"heldout_{set_name}.jsonl", items)
+    if ev.get("heldout"):
+        with _timed(wall, "heldout"):
+            for set_name, examples in _heldout_sets(cfg):
+                scored = adapter_item_losses(
+                    model, tokenizer, examples, ev.get("batch_size", 8), cfg["data"].get("max_length", 512), templates
+                )
+                for name, items in scored.items():
+                    results[name]["heldout"][set_name] = mean_token_loss(items)
+                    write_predictions(out_dirs[name] / "predictions" / f"heldout_{set_name}.jsonl", items)
     return results
 
 

@@ -198,6 +198,7 @@ def _summary(described: dict, counts: dict, results: dict, **extra) -> dict:
         None,
         results["eval"],
         heldout={name: {"before": None, "after": loss} for name, loss in results["heldout"].items()},
+        **({"measure_wall_s": {"before": None, "after": results["wall_s"]}} if "wall_s" in results else {}),
         **extra,
         **({"mtbench": results["mtbench"]} if results.get("mtbench") else {}),
         **({"lm_eval": results["lm_eval"]} if "lm_eval" in results else {}),

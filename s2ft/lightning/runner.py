@@ -276,6 +276,7 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
         if measured and measured.get("mtbench"):
             extra[key] = measured["mtbench"]
     heldout = _pair(results["heldout"] if results else {}, after["heldout"])
+    extra["measure_wall_s"] = {"before": results["wall_s"] if results else None, "after": after["wall_s"]}
     if "lm_eval" in after:
         extra["lm_eval"] = after["lm_eval"]
         extra["lm_eval_before"] = results.get("lm_eval") if results else None

@@ -55,7 +55,7 @@ def build_summary(cfg: dict, counts: dict, train: dict | None, evaluation: dict 
             (and `val_loss`, `val_curve` with a validation split, `best_val_loss` with checkpoint selection), None
             for eval-only runs.
         evaluation: The result of `s2ft.evaluation.evaluate`, None when no task was evaluated.
-        **extra: Further top-level fields (`eval_before`, `heldout`, `wandb`, `ddp`, ...).
+        **extra: Further top-level fields (`eval_before`, `heldout`, `measure_wall_s`, `wandb`, `ddp`, ...).
     """
     options = cfg["method"].get("options") or {}
     tasks = (evaluation or {}).get("tasks", {})
@@ -81,11 +81,11 @@ def build_summary(cfg: dict, counts: dict, train: dict | None, evaluation: dict 
     return summary
 
 
-TASK_KEYS = ("accuracy", "n", "mode", "tokens_per_s", "accuracy_mean", "accuracy_sum", "primary")
+TASK_KEYS = ("accuracy", "n", "mode", "tokens_per_s", "wall_s", "accuracy_mean", "accuracy_sum", "primary")
 
 
 def task_record(result: dict) -> dict:
-    """The per-task fields a summary keeps: accuracy, size, mode, throughput and, for loglik, both scorings."""
+    """The per-task fields a summary keeps: accuracy, size, mode, throughput, time and, for loglik, both scorings."""
     return {key: result[key] for key in TASK_KEYS if key in result}
 
 
