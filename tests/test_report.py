@@ -1394,3 +1394,43 @@ def test_an_export_that_fails_on_one_run_replaces_no_record(tmp_path, monkeypatc
         json.loads((records / run.name / "summary.json").read_text()) == json.loads((run / "summary.json").read_text())
         for run in runs.iterdir()
     )
+
+
+def test_a_pair_is_separable_only_where_its_seed_level_p_is_below_the_level_too():
+    """The commonsense rerun's GSM8K line read "separable from it: `lora` (p=0.000 *; over seeds p=0.053)", while the
+    note under it says to read a pair as separable only where both p are below 0.05."""
+    assert pairs_verdict({"lora": 0.0, "full": 0.0, "spft": 0.3}, {"lora": 0.053, "full": 0.047}) == (
+        "separable from it: `full` (p=0.000 *; over seeds p=0.047 *); not separable from it: `lora` "
+        "(p=0.000 *; over seeds p=0.053), `spft` (p=0.300)"
+    )
+    # One shared seed has no seed-level p: the bootstrap's decides.
+    assert pairs_verdict({"lora": 0.01}, {}) == "separable from it: `lora` (p=0.010 *)"
+    best = Row("s2ft", [])
+    assert significance_statement(best, {"lora": 0.004, "full": 0.3}, over_seeds={"lora": 0.09, "full": 0.5}) == (
+        "Not separable: no row differs from the best mean (`s2ft`) at the 5% level (paired bootstrap over the items "
+        "of runs with the same seed, hierarchical over seeds, and the t-test over seeds where they share two or "
+        "more; else Welch over seeds); separable by the item bootstrap alone: `lora` (p=0.004 *; over seeds "
+        "p=0.090); do not rank these rows."
+    )
+
+
+def test_the_accuracy_statement_gives_the_seed_level_p_of_every_pair_over_two_or_more_seeds(tmp_path):
+    """The components report read "separable from it: `s2ft target_split.down=1.0` (p=0.005 *), `s2ft
+    target_split.gate=1.0` (p=0.033 *)" over three seeds, with no seed-level p, which is 0.055 and 0.130 there."""
+    runs = ROOT / "results" / "components_smollm" / "runs"
+    accuracy = {p.name: json.loads((p / "summary.json").read_text())["avg_accuracy"] for p in runs.iterdir()}
+    report = main([str(runs), "--reference", "", "--out", str(tmp_path)]).read_text()
+    (line,) = [line for line in report.splitlines() if line.startswith(("Best mean", "Not separable"))]
+    over_seeds = {
+        part: stats.ttest_rel(
+            [accuracy[f"seed{s}_{part}"] for s in range(3)], [accuracy[f"seed{s}_up"] for s in range(3)]
+        ).pvalue
+        for part in ("down", "gate")
+    }
+    assert over_seeds["down"] > ALPHA and over_seeds["gate"] > ALPHA
+    assert line.startswith("Not separable: no row differs from the best mean (`s2ft target_split.up=1.0`)")
+    assert line.endswith(
+        f"separable by the item bootstrap alone: `s2ft target_split.down=1.0` (p=0.005 *; over seeds "
+        f"p={over_seeds['down']:.3f}), `s2ft target_split.gate=1.0` (p=0.033 *; over seeds "
+        f"p={over_seeds['gate']:.3f}); do not rank these rows."
+    )

@@ -176,7 +176,9 @@ def study_section(
         cells += [_fmt(row.estimate(train_field("median_tokens_per_s")), 1, 0)] * has_pace
         cells += [_fmt(row.estimate(train_field("peak_mem_mb")), 1, 0), str(len(row.runs))]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", significance_statement(best, pvalues, tops), ""]
+    # The accuracy pairs get their seed-level p as the held-out and MT-Bench ones do: the verdict needs both.
+    over_seeds = seed_level_ps(rows, best, avg_accuracy, accuracy.seeds) if best is not None else {}
+    lines += ["", significance_statement(best, pvalues, tops, over_seeds), ""]
     lowest = {name: compare_heldout(rows, name) for name in heldout}
     lines += [
         line
@@ -256,9 +258,15 @@ def _named(best: Row, tops: list[Row]) -> str:
     return f"`{best.label}`" + (f", tied with {', '.join(f'`{row.label}`' for row in tops)}" if tops else "")
 
 
-def significance_statement(best: Row | None, pvalues: dict[str, float | None], tops: list[Row] = ()) -> str:
+def significance_statement(
+    best: Row | None,
+    pvalues: dict[str, float | None],
+    tops: list[Row] = (),
+    over_seeds: dict[str, float] | None = None,
+) -> str:
     """One sentence on whether the study separates its rows (never a ranking the data do not support); ``tops``:
-    the rows tied with ``best`` (`tied`).
+    the rows tied with ``best`` (`tied`); ``over_seeds``: the seed-level p of the pairs compared over two or more
+    seeds (`seed_level_ps`), which a pair's verdict needs below the level as well (`pairs_verdict`).
 
     Row labels go in code spans wherever they appear in prose: the untrained row is "none", which reads as "no row".
     """
@@ -273,14 +281,22 @@ def significance_statement(best: Row | None, pvalues: dict[str, float | None], t
             f"Untested: no row could be compared with the best mean ({_named(best, tops)}) (no items both rows' runs "
             "of one seed scored, and not two seeds each for Welch); do not rank these rows."
         )
-    if not separable(pvalues):
-        tail = f"; untested: {', '.join(untested)}" if untested else ""
+    over_seeds = over_seeds or {}
+    if not separable(pvalues, over_seeds):
+        # Pairs the item bootstrap alone separates stay named with both p: "no row differs" would hide them.
+        alone = [
+            f"`{label}` ({_p_text(p, over_seeds.get(label))})"
+            for label, p in sorted(pvalues.items())
+            if p is not None and p < ALPHA
+        ]
+        tail = f"; separable by the item bootstrap alone: {', '.join(alone)}" if alone else ""
+        tail += f"; untested: {', '.join(untested)}" if untested else ""
         return (
             f"Not separable: no row differs from the best mean ({_named(best, tops)}) at the {ALPHA:.0%} level "
-            "(paired bootstrap over the items of runs with the same seed, hierarchical over seeds; else Welch over "
-            f"seeds){tail}; do not rank these rows."
+            "(paired bootstrap over the items of runs with the same seed, hierarchical over seeds, and the t-test "
+            f"over seeds where they share two or more; else Welch over seeds){tail}; do not rank these rows."
         )
-    return f"Best mean: {_named(best, tops)}; {pairs_verdict(pvalues)} (p < {ALPHA} marked *)."
+    return f"Best mean: {_named(best, tops)}; {pairs_verdict(pvalues, over_seeds)} (p < {ALPHA} marked *)."
 
 
 def heldout_statement(
@@ -323,17 +339,25 @@ def _p_text(p: float, over_seeds: float | None) -> str:
 def pairs_verdict(pvalues: dict[str, float | None], over_seeds: dict[str, float] | None = None) -> str:
     """Which rows differ from the compared row and which do not, each with its p-value (and its seed-level p).
 
-    One separable row (often the untrained one) says nothing of the others, so every pair is named on its side.
+    One separable row (often the untrained one) says nothing of the others, so every pair is named on its side. A
+    pair with a seed-level p is separable only where it is below the level too (`SEED_LEVEL`): with two or three
+    seeds the bootstrap's p alone was "separable" at p = 0.000 beside a seed-level p of 0.053.
     """
     over_seeds = over_seeds or {}
     tested = sorted((label, p) for label, p in pvalues.items() if p is not None)
-    apart = [f"`{label}` ({_p_text(p, over_seeds.get(label))})" for label, p in tested if p < ALPHA]
-    close = [f"`{label}` ({_p_text(p, over_seeds.get(label))})" for label, p in tested if p >= ALPHA]
+    split = {label: _separable(p, over_seeds.get(label)) for label, p in tested}
+    apart = [f"`{label}` ({_p_text(p, over_seeds.get(label))})" for label, p in tested if split[label]]
+    close = [f"`{label}` ({_p_text(p, over_seeds.get(label))})" for label, p in tested if not split[label]]
     untested = [f"`{label}`" for label, p in sorted(pvalues.items()) if p is None]
     parts = [f"separable from it: {', '.join(apart) or 'no row'}"]
     parts += [f"not separable from it: {', '.join(close)}"] * bool(close)
     parts += [f"untested: {', '.join(untested)}"] * bool(untested)
     return "; ".join(parts)
+
+
+def _separable(p: float, over_seeds: float | None) -> bool:
+    """Whether a pair differs at the ALPHA level: its p, and its seed-level p where it has one."""
+    return p < ALPHA and (over_seeds is None or over_seeds < ALPHA)
 
 
 def reference_statement(

@@ -360,6 +360,8 @@ def _finite(values: list[float]) -> bool:
     return all(math.isfinite(v) for v in values)
 
 
-def separable(pvalues: dict[str, float | None]) -> bool:
-    """Whether at least one row differs from the best at the ALPHA level."""
-    return any(p is not None and p < ALPHA for p in pvalues.values())
+def separable(pvalues: dict[str, float | None], over_seeds: dict[str, float] | None = None) -> bool:
+    """Whether at least one row differs from the best at the ALPHA level: its p, and its seed-level p where
+    ``over_seeds`` has one (`markdown.seed_level_ps`)."""
+    over_seeds = over_seeds or {}
+    return any(p is not None and p < ALPHA and over_seeds.get(label, 0.0) < ALPHA for label, p in pvalues.items())
