@@ -777,6 +777,8 @@ def test_a_p_value_just_below_the_level_is_not_printed_as_the_level():
     assert pairs_verdict({"a": 0.0497, "b": 0.0504, "c": 0.0449}) == (
         "separable from it: `a` (p=0.0497 *), `c` (p=0.045 *); not separable from it: `b` (p=0.050)"
     )
+    # A t-test's p is not a multiple of 1/10,000: four digits rounded 0.04996 up to "0.0500 *" as well.
+    assert pairs_verdict({"a": 0.04996, "b": 0.0499996}) == "separable from it: `a` (p=0.04996 *), `b` (p=0.0499996 *)"
 
 
 def test_accuracy_is_compared_on_the_mean_over_tasks_that_avg_is(tmp_path):

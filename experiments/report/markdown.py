@@ -399,11 +399,13 @@ def _mean_over(row: Row, metric, seeds: list) -> float:
 
 
 def _fmt_p(p: float) -> str:
-    """A p-value as the report prints it, starred when significant (four digits where three would round it up to
-    the level: "0.050 *" would read as not significant beside its star)."""
-    text = f"{p:.3f}"
-    if p < ALPHA <= float(text):
-        text = f"{p:.4f}"
+    """A p-value as the report prints it, starred when significant (as many more digits as it takes where three
+    would round it up to the level: "0.050 *" would read as not significant beside its star)."""
+    digits = 3
+    text = f"{p:.{digits}f}"
+    while p < ALPHA <= float(text):  # a t-test's p can be 0.04996, which four digits round up as well
+        digits += 1
+        text = f"{p:.{digits}f}"
     return f"{text}{' *' if p < ALPHA else ''}"
 
 
