@@ -25,6 +25,7 @@ from experiments.report.table import (
     avg_accuracy,
     build_rows,
     compare_heldout,
+    compare_mtbench,
     compare_to_best,
     heldout_after,
     heldout_roles,
@@ -1436,3 +1437,22 @@ def test_the_accuracy_statement_gives_the_seed_level_p_of_every_pair_over_two_or
         f"p={over_seeds['down']:.3f}), `s2ft target_split.gate=1.0` (p=0.033 *; over seeds "
         f"p={over_seeds['gate']:.3f}); do not rank these rows."
     )
+
+
+def test_mtbench_turns_are_resampled_with_their_question():
+    """The bootstrap resampled the rated turns one by one, as if a question's two turns (one conversation, rated by
+    one judge) were independent: here every question's turns differ alike (+1 on 12 questions, -1 on 8), and p was
+    0.26, that of 40 independent items, where the 20 questions give about 0.49."""
+
+    def run(method: str, ratings: dict[str, list[float]]) -> Run:
+        score = statistics.mean(r for turns in ratings.values() for r in turns)
+        summary = {"experiment": "e", "model": "m", "method": method, "seed": 0}
+        return Run(summary | {"mtbench": {"score": score, "ratings": ratings}})
+
+    up = {str(q): [6.0, 6.0] if q < 12 else [5.0, 5.0] for q in range(20)}
+    down = {str(q): [5.0, 5.0] if q < 12 else [6.0, 6.0] for q in range(20)}
+    rows = build_rows([run("lora", down), run("s2ft", up)])
+    p = compare_mtbench(rows, reference="lora").pvalues["s2ft"]
+    questions = [1.0] * 12 + [-1.0] * 8
+    assert p == pytest.approx(paired_bootstrap_p(questions, [0.0] * 20), abs=0.03)  # Monte Carlo sd 0.005
+    assert paired_bootstrap_p(questions * 2, [0.0] * 40) < p - 0.1  # the turn-by-turn p
