@@ -1456,3 +1456,32 @@ def test_mtbench_turns_are_resampled_with_their_question():
     questions = [1.0] * 12 + [-1.0] * 8
     assert p == pytest.approx(paired_bootstrap_p(questions, [0.0] * 20), abs=0.03)  # Monte Carlo sd 0.005
     assert paired_bootstrap_p(questions * 2, [0.0] * 40) < p - 0.1  # the turn-by-turn p
+
+
+def test_the_seed_level_p_of_rows_scored_on_different_tasks_is_over_the_tasks_both_scored(tmp_path):
+    """The bootstrap compares the items of the tasks both rows scored, while the seed-level t-test took each seed's Avg
+    difference, here over one task against two: LoRA's second task, which S2FT never ran, swung its Avg from seed to
+    seed and the t-test's p with it (0.50), though S2FT was ahead on the shared task at every seed (p = 0.013)."""
+
+    def run(method: str, seed: int, wins: dict[str, tuple[int, int]]) -> Run:
+        path = tmp_path / "runs" / f"{method}{seed}"
+        (path / "predictions").mkdir(parents=True)
+        accuracy = {}
+        for task, (right, total) in wins.items():
+            rows = [{"id": f"{task}-{i}", "correct": i < right} for i in range(total)]
+            (path / "predictions" / f"{task}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+            accuracy[task] = right / total
+        summary = {"experiment": "e", "model": "m", "method": method, "seed": seed}
+        summary |= {"eval": {t: {"accuracy": a, "n": wins[t][1]} for t, a in accuracy.items()}}
+        (path / "summary.json").write_text(json.dumps(summary | {"avg_accuracy": statistics.mean(accuracy.values())}))
+        return path
+
+    for seed, (right, other) in enumerate([(30, 9), (31, 1), (29, 5)]):
+        run("s2ft", seed, {"t1": (right, 50)})
+        run("lora", seed, {"t1": (25, 50), "t2": (other, 10)})
+    report = main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]).read_text()
+    expected = stats.ttest_rel([0.6, 0.62, 0.58], [0.5, 0.5, 0.5]).pvalue
+    assert 0.01 < expected < ALPHA
+    p = compare_to_best(build_rows(find_runs([tmp_path / "runs"])), ["t1", "t2"]).pvalues["lora"]
+    assert f"Best mean: `s2ft`; separable from it: `lora` (p={p:.3f} *; over seeds p={expected:.3f} *) (p < " in report
+    assert f"- Avg accuracy: `lora` -10.0 (p={p:.3f} *; over seeds p={expected:.3f} *)." in report

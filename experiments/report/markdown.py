@@ -177,7 +177,7 @@ def study_section(
         cells += [_fmt(row.estimate(train_field("peak_mem_mb")), 1, 0), str(len(row.runs))]
         lines.append("| " + " | ".join(cells) + " |")
     # The accuracy pairs get their seed-level p as the held-out and MT-Bench ones do: the verdict needs both.
-    over_seeds = seed_level_ps(rows, best, avg_accuracy, accuracy.seeds) if best is not None else {}
+    over_seeds = seed_level_ps(rows, best, avg_accuracy, accuracy.seeds, tasks) if best is not None else {}
     lines += ["", significance_statement(best, pvalues, tops, over_seeds), ""]
     lowest = {name: compare_heldout(rows, name) for name in heldout}
     lines += [
@@ -203,7 +203,7 @@ def study_section(
             return found if found.best is not None and found.best.label == reference else compare()
 
         accuracy = against_reference(accuracy, lambda: compare_to_best(rows, tasks, reference))
-        against = [reference_statement("Avg accuracy", avg_accuracy, 100, 1, rows, *accuracy)]
+        against = [reference_statement("Avg accuracy", avg_accuracy, 100, 1, rows, *accuracy, tasks=tasks)]
         against += [
             reference_statement(
                 f"held-out loss {name}",
@@ -318,17 +318,31 @@ def heldout_statement(
     return f"- Held-out loss {name}: lowest {_named(best, tops)}; {pairs_verdict(pvalues, over_seeds)}."
 
 
-def seed_level_ps(rows: list[Row], reference: Row, metric, seeds: dict | None) -> dict[str, float]:
+def seed_level_ps(
+    rows: list[Row], reference: Row, metric, seeds: dict | None, tasks: list[str] | None = None
+) -> dict[str, float]:
     """Per row whose paired test compared two or more seeds with ``reference``: the t-test p over its per-seed
     differences (`stats.seed_level_p`), which charges the seed-to-seed spread that few seeds hide from the
-    hierarchical bootstrap."""
+    hierarchical bootstrap. With ``tasks`` (``metric`` is Avg accuracy) a seed whose two runs scored different tasks
+    differs by the mean over the tasks both scored, as the bootstrap compares (`_seed_difference`)."""
     by_label, found = {row.label: row for row in rows}, {}
     for label, shared in (seeds or {}).items():
         if shared and len(shared) >= 2 and label in by_label:
             row = by_label[label]
-            diffs = [_mean_over(row, metric, [s]) - _mean_over(reference, metric, [s]) for s in shared]
-            found[label] = seed_level_p(diffs)
+            found[label] = seed_level_p([_seed_difference(row, reference, metric, s, tasks) for s in shared])
     return found
+
+
+def _seed_difference(row: Row, reference: Row, metric, seed, tasks: list[str] | None) -> float:
+    """``row``'s ``metric`` minus ``reference``'s at ``seed``; with ``tasks``, where the two runs scored different
+    ones, the mean task accuracy difference over those both scored: their Avg values are means over other tasks."""
+    if tasks is not None:
+        mine, theirs = (next(run for run in r.runs if run.summary.get("seed") == seed) for r in (row, reference))
+        accuracy = [{t: task_accuracy(t)(run.summary) for t in tasks} for run in (mine, theirs)]
+        scored = [{t for t, value in acc.items() if value is not None} for acc in accuracy]
+        if scored[0] != scored[1] and (both := sorted(scored[0] & scored[1])):
+            return sum(accuracy[0][t] - accuracy[1][t] for t in both) / len(both)
+    return _mean_over(row, metric, [seed]) - _mean_over(reference, metric, [seed])
 
 
 def _p_text(p: float, over_seeds: float | None) -> str:
@@ -369,17 +383,19 @@ def reference_statement(
     reference: Row | None,
     pvalues: dict,
     seeds: dict | None = None,
+    tasks: list[str] | None = None,
 ) -> str | None:
     """One line: each row's mean difference from the reference row on ``metric`` and its p-value.
 
     ``seeds``: per row, the seeds its paired test compared (`Comparison.seeds`). Where those are not all the seeds
     of both rows, the difference is of the means over those seeds, named: the means over each row's own seeds (and
     so, with evaluation items drawn per seed, over different items) can differ in sign from what the p-value tests.
+    ``tasks``: the study's tasks where ``metric`` is Avg accuracy (`seed_level_ps`).
     """
     if reference is None or not pvalues:
         return None
     by_label = {row.label: row for row in rows}
-    over_seeds = seed_level_ps(rows, reference, metric, seeds)
+    over_seeds = seed_level_ps(rows, reference, metric, seeds, tasks)
     cells = []
     for label, p in sorted(pvalues.items()):
         row, shared = by_label[label], (seeds or {}).get(label)
