@@ -16,7 +16,14 @@ from conftest import ROOT, compose_run
 from scipy import stats
 
 from experiments.report import records as records_module
-from experiments.report.markdown import heldout_statement, main, pairs_verdict, significance_statement, write_report
+from experiments.report.markdown import (
+    _p_is,
+    heldout_statement,
+    main,
+    pairs_verdict,
+    significance_statement,
+    write_report,
+)
 from experiments.report.records import export_records, write_record
 from experiments.report.runs import Run, find_runs, find_unfinished, wandb_runs
 from experiments.report.stats import ALPHA, estimate, paired_bootstrap_p, seed_level_p, welch_p
@@ -264,7 +271,7 @@ def test_heldout_losses_are_compared_item_by_item(sweep):
         line = heldout_statement(name, best, pvalues)
         assert (
             line.startswith(f"- Held-out loss {name}: lowest `{best.label}`;")
-            and f"`{other.label}` (p={pvalues[other.label]:.3f}" in line
+            and f"`{other.label}` ({_p_is(pvalues[other.label])}" in line
         )
 
 
@@ -284,7 +291,7 @@ def test_reference_row_is_compared_with_every_other_row(sweep, tmp_path):
         s2ft.values(heldout_after("gsm8k_test"))
     )
     assert "`s2ft` against each other row" in report
-    assert f"- held-out loss gsm8k_test: `lora` {diff:+.4f} (p={expected:.3f}" in report
+    assert f"- held-out loss gsm8k_test: `lora` {diff:+.4f} ({_p_is(expected)}" in report
     assert "against each other row" not in write_report(runs, tmp_path / "none", reference=None).read_text()
 
 
@@ -397,7 +404,7 @@ def test_heldout_statement_names_which_pairs_are_separable():
     best = Row("s2ft", [])
     pvalues = {"lora": 0.403, "none": 0.0, "spft": 0.111, "dora": None}
     assert heldout_statement("commonsense_test", best, pvalues) == (
-        "- Held-out loss commonsense_test: lowest `s2ft`; separable from it: `none` (p=0.000 *); "
+        "- Held-out loss commonsense_test: lowest `s2ft`; separable from it: `none` (p<0.001 *); "
         "not separable from it: `lora` (p=0.403), `spft` (p=0.111); untested: `dora`."
     )
     assert heldout_statement("x", best, {"dora": None}) is None
@@ -405,7 +412,7 @@ def test_heldout_statement_names_which_pairs_are_separable():
         "- Held-out loss x: lowest `s2ft`; separable from it: no row; not separable from it: `lora` (p=0.200)."
     )
     assert pairs_verdict({"lora": 0.049, "full": None}) == "separable from it: `lora` (p=0.049 *); untested: `full`"
-    assert pairs_verdict({"a": 0.0, "b": 0.01}) == "separable from it: `a` (p=0.000 *), `b` (p=0.010 *)"
+    assert pairs_verdict({"a": 0.0, "b": 0.01}) == "separable from it: `a` (p<0.001 *), `b` (p=0.010 *)"
 
 
 def test_records_regenerate_the_report_byte_for_byte(sweep, tmp_path):
@@ -756,7 +763,7 @@ def test_a_reference_difference_is_over_the_seeds_its_test_compared(tmp_path):
     diffs = [loss[f"seed{s}_gradient_large"] - loss[f"seed{s}_random_large"] for s in (0, 1)]
     t_stat = statistics.mean(diffs) / (statistics.stdev(diffs) / math.sqrt(2))
     over_seeds = 1 - 2 * math.atan(abs(t_stat)) / math.pi
-    assert f"`s2ft order=large strategy=gradient` {gradient:+.4f} (p=0.000 *; over seeds p={over_seeds:.3f})" in report
+    assert f"`s2ft order=large strategy=gradient` {gradient:+.4f} (p<0.001 *; over seeds p={over_seeds:.3f})" in report
     assert f"over seed 0 (p={p:.3f})." in report  # one shared seed: no seed-level test
     accuracy = 100 * (acc["seed0_activation_small"] - acc["seed0_random_large"])
     assert f"`{activation}` {accuracy:+.1f} over seed 0 (p=" in report
@@ -1358,12 +1365,12 @@ def test_mtbench_scores_are_a_column_and_compared_turn_by_turn(tmp_path):
         assert cell == f"{mean:.2f} ± {std:.2f}"
     gradient, activation = "s2ft order=large strategy=gradient", "s2ft order=small strategy=activation"
     assert (
-        f"- MT-Bench-style score: highest `{gradient}`; separable from it: `{RANDOM}` (p=0.000 *; over seeds "
-        f"p=0.000 *), `{activation}` (p=0.000 *; over seeds p="
+        f"- MT-Bench-style score: highest `{gradient}`; separable from it: `{RANDOM}` (p<0.001 *; over seeds "
+        f"p<0.001 *), `{activation}` (p<0.001 *; over seeds p="
     ) in text
     # Against random: the same ratings on every turn both rated (p = 1), though the means differ by the unrated turn.
     difference = statistics.mean(scores["activation"]) - statistics.mean(scores["random"])
-    assert f"- MT-Bench-style score: `{gradient}` +1.00 (p=0.000 *; over seeds p=0.000 *), `{activation}` " in text
+    assert f"- MT-Bench-style score: `{gradient}` +1.00 (p<0.001 *; over seeds p<0.001 *), `{activation}` " in text
     assert f"`{activation}` {difference:+.2f} (p=1.000; over seeds p=" in text
 
 
@@ -1403,8 +1410,8 @@ def test_a_pair_is_separable_only_where_its_seed_level_p_is_below_the_level_too(
     """The commonsense rerun's GSM8K line read "separable from it: `lora` (p=0.000 *; over seeds p=0.053)", while the
     note under it says to read a pair as separable only where both p are below 0.05."""
     assert pairs_verdict({"lora": 0.0, "full": 0.0, "spft": 0.3}, {"lora": 0.053, "full": 0.047}) == (
-        "separable from it: `full` (p=0.000 *; over seeds p=0.047 *); not separable from it: `lora` "
-        "(p=0.000 *; over seeds p=0.053), `spft` (p=0.300)"
+        "separable from it: `full` (p<0.001 *; over seeds p=0.047 *); not separable from it: `lora` "
+        "(p<0.001 *; over seeds p=0.053), `spft` (p=0.300)"
     )
     # One shared seed has no seed-level p: the bootstrap's decides.
     assert pairs_verdict({"lora": 0.01}, {}) == "separable from it: `lora` (p=0.010 *)"
@@ -1485,3 +1492,11 @@ def test_the_seed_level_p_of_rows_scored_on_different_tasks_is_over_the_tasks_bo
     p = compare_to_best(build_rows(find_runs([tmp_path / "runs"])), ["t1", "t2"]).pvalues["lora"]
     assert f"Best mean: `s2ft`; separable from it: `lora` (p={p:.3f} *; over seeds p={expected:.3f} *) (p < " in report
     assert f"- Avg accuracy: `lora` -10.0 (p={p:.3f} *; over seeds p={expected:.3f} *)." in report
+
+
+def test_a_p_value_below_a_thousandth_is_printed_as_below_it_never_as_zero():
+    """No resample of 10,000 as extreme printed "p=0.000 *": a p-value of zero, where the bootstrap can only say p is
+    below a few in 10,000 (and a t-test's p of 2e-5 is no zero either)."""
+    assert pairs_verdict({"a": 0.0, "b": 0.00002, "c": 0.0006}, {"a": 0.0}) == (
+        "separable from it: `a` (p<0.001 *; over seeds p<0.001 *), `b` (p<0.001 *), `c` (p=0.001 *)"
+    )

@@ -346,8 +346,14 @@ def _seed_difference(row: Row, reference: Row, metric, seed, tasks: list[str] | 
 
 
 def _p_text(p: float, over_seeds: float | None) -> str:
-    seeds = "" if over_seeds is None else f"; over seeds p={_fmt_p(over_seeds)}"
-    return f"p={_fmt_p(p)}{seeds}"
+    seeds = "" if over_seeds is None else f"; over seeds {_p_is(over_seeds)}"
+    return f"{_p_is(p)}{seeds}"
+
+
+def _p_is(p: float) -> str:
+    """``p=0.010 *``, or ``p<0.001 *`` for a p `_fmt_p` prints as below a thousandth."""
+    text = _fmt_p(p)
+    return f"p{text}" if text.startswith("<") else f"p={text}"
 
 
 def pairs_verdict(pvalues: dict[str, float | None], over_seeds: dict[str, float] | None = None) -> str:
@@ -415,8 +421,13 @@ def _mean_over(row: Row, metric, seeds: list) -> float:
 
 
 def _fmt_p(p: float) -> str:
-    """A p-value as the report prints it, starred when significant (as many more digits as it takes where three
-    would round it up to the level: "0.050 *" would read as not significant beside its star)."""
+    """A p-value as the report prints it, starred when significant: three digits, "<0.001" where they would print
+    0.000, and as many more digits as it takes where three would round it up to the level ("0.050 *" would read as
+    not significant beside its star)."""
+    if p < 0.0005:
+        # What three digits print as 0.000: a bootstrap with no resample as extreme says p is below a few in 10,000,
+        # never that it is zero.
+        return f"<0.001{' *' if p < ALPHA else ''}"
     digits = 3
     text = f"{p:.{digits}f}"
     while p < ALPHA <= float(text):  # a t-test's p can be 0.04996, which four digits round up as well
