@@ -1500,3 +1500,31 @@ def test_a_p_value_below_a_thousandth_is_printed_as_below_it_never_as_zero():
     assert pairs_verdict({"a": 0.0, "b": 0.00002, "c": 0.0006}, {"a": 0.0}) == (
         "separable from it: `a` (p<0.001 *; over seeds p<0.001 *), `b` (p<0.001 *), `c` (p=0.001 *)"
     )
+
+
+def test_the_seed_level_p_of_rows_scored_on_different_heldout_items_is_over_the_items_both_scored(tmp_path):
+    """As for tasks: the bootstrap compares the held-out items both runs of a seed scored, while the seed-level t-test
+    took the summaries' losses, here LoRA's over 100 items against S2FT's 50, whose other 50 swung LoRA's mean from
+    seed to seed (p = 0.62) though S2FT was 0.10, 0.12, 0.08 lower on the shared items (p = 0.013)."""
+
+    def run(method: str, seed: int, per_token: list[float]) -> None:
+        path = tmp_path / "runs" / f"{method}{seed}"
+        (path / "predictions").mkdir(parents=True)
+        rows = [{"id": f"q{i}", "nll": 10 * loss, "tokens": 10} for i, loss in enumerate(per_token)]
+        (path / "predictions" / "heldout_x.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        summary = {"experiment": "e", "model": "m", "method": method, "seed": seed}
+        (path / "summary.json").write_text(
+            json.dumps(summary | {"heldout": {"x": {"after": statistics.mean(per_token)}}})
+        )
+
+    for seed, (gain, other) in enumerate([(0.10, 2.0), (0.12, 0.2), (0.08, 1.1)]):
+        run("lora", seed, [1.0] * 50 + [other] * 50)
+        run("s2ft", seed, [1.0 - gain] * 50)
+    report = main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]).read_text()
+    expected = stats.ttest_rel([0.9, 0.88, 0.92], [1.0, 1.0, 1.0]).pvalue
+    assert 0.01 < expected < ALPHA
+    assert (
+        f"- Held-out loss x: lowest `s2ft`; separable from it: `lora` (p<0.001 *; over seeds p={expected:.3f} *)."
+        in report
+    )
+    assert f"- held-out loss x: `lora` +0.1500 (p<0.001 *; over seeds p={expected:.3f} *)." in report

@@ -212,6 +212,7 @@ def study_section(
                 4,
                 rows,
                 *against_reference(lowest[name], lambda name=name: compare_heldout(rows, name, reference)),
+                heldout=name,
             )
             for name in heldout
         ]
@@ -314,34 +315,50 @@ def heldout_statement(
     ``best`` (`tied`)."""
     if best is None or all(p is None for p in pvalues.values()):
         return None
-    over_seeds = seed_level_ps(rows, best, metric, seeds) if rows is not None else {}
+    over_seeds = seed_level_ps(rows, best, metric, seeds, heldout=name) if rows is not None else {}
     return f"- Held-out loss {name}: lowest {_named(best, tops)}; {pairs_verdict(pvalues, over_seeds)}."
 
 
 def seed_level_ps(
-    rows: list[Row], reference: Row, metric, seeds: dict | None, tasks: list[str] | None = None
+    rows: list[Row],
+    reference: Row,
+    metric,
+    seeds: dict | None,
+    tasks: list[str] | None = None,
+    heldout: str | None = None,
 ) -> dict[str, float]:
     """Per row whose paired test compared two or more seeds with ``reference``: the t-test p over its per-seed
     differences (`stats.seed_level_p`), which charges the seed-to-seed spread that few seeds hide from the
-    hierarchical bootstrap. With ``tasks`` (``metric`` is Avg accuracy) a seed whose two runs scored different tasks
-    differs by the mean over the tasks both scored, as the bootstrap compares (`_seed_difference`)."""
+    hierarchical bootstrap. With ``tasks`` (``metric`` is Avg accuracy) or ``heldout`` (``metric`` is that set's
+    loss), a seed whose two runs scored different tasks or items differs over those both scored, as the bootstrap
+    compares (`_seed_difference`)."""
     by_label, found = {row.label: row for row in rows}, {}
     for label, shared in (seeds or {}).items():
         if shared and len(shared) >= 2 and label in by_label:
             row = by_label[label]
-            found[label] = seed_level_p([_seed_difference(row, reference, metric, s, tasks) for s in shared])
+            diffs = [_seed_difference(row, reference, metric, s, tasks, heldout) for s in shared]
+            found[label] = seed_level_p(diffs)
     return found
 
 
-def _seed_difference(row: Row, reference: Row, metric, seed, tasks: list[str] | None) -> float:
-    """``row``'s ``metric`` minus ``reference``'s at ``seed``; with ``tasks``, where the two runs scored different
-    ones, the mean task accuracy difference over those both scored: their Avg values are means over other tasks."""
+def _seed_difference(
+    row: Row, reference: Row, metric, seed, tasks: list[str] | None, heldout: str | None = None
+) -> float:
+    """``row``'s ``metric`` minus ``reference``'s at ``seed``. Where the two runs scored different tasks (``tasks``)
+    or held-out items (``heldout``), the mean task accuracy difference over the tasks both scored, or the per-token
+    loss difference over the items both scored with the same token counts (`table.compare_heldout`'s pairs): their
+    summaries' values are over other tasks or items, which the bootstrap never compares."""
+    mine, theirs = (next(run for run in r.runs if run.summary.get("seed") == seed) for r in (row, reference))
     if tasks is not None:
-        mine, theirs = (next(run for run in r.runs if run.summary.get("seed") == seed) for r in (row, reference))
         accuracy = [{t: task_accuracy(t)(run.summary) for t in tasks} for run in (mine, theirs)]
         scored = [{t for t, value in acc.items() if value is not None} for acc in accuracy]
         if scored[0] != scored[1] and (both := sorted(scored[0] & scored[1])):
             return sum(accuracy[0][t] - accuracy[1][t] for t in both) / len(both)
+    if heldout is not None:
+        a, b = mine.item_losses(heldout), theirs.item_losses(heldout)
+        both = [item for item in a.keys() & b.keys() if a[item][1] == b[item][1]]
+        if both and not (len(both) == len(a) == len(b)):
+            return sum(a[i][0] - b[i][0] for i in both) / sum(a[i][1] for i in both)
     return _mean_over(row, metric, [seed]) - _mean_over(reference, metric, [seed])
 
 
@@ -390,18 +407,20 @@ def reference_statement(
     pvalues: dict,
     seeds: dict | None = None,
     tasks: list[str] | None = None,
+    heldout: str | None = None,
 ) -> str | None:
     """One line: each row's mean difference from the reference row on ``metric`` and its p-value.
 
     ``seeds``: per row, the seeds its paired test compared (`Comparison.seeds`). Where those are not all the seeds
     of both rows, the difference is of the means over those seeds, named: the means over each row's own seeds (and
     so, with evaluation items drawn per seed, over different items) can differ in sign from what the p-value tests.
-    ``tasks``: the study's tasks where ``metric`` is Avg accuracy (`seed_level_ps`).
+    ``tasks``: the study's tasks where ``metric`` is Avg accuracy; ``heldout``: the held-out set where ``metric`` is
+    its loss (`seed_level_ps`).
     """
     if reference is None or not pvalues:
         return None
     by_label = {row.label: row for row in rows}
-    over_seeds = seed_level_ps(rows, reference, metric, seeds, tasks)
+    over_seeds = seed_level_ps(rows, reference, metric, seeds, tasks, heldout)
     cells = []
     for label, p in sorted(pvalues.items()):
         row, shared = by_label[label], (seeds or {}).get(label)
