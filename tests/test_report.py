@@ -1366,12 +1366,14 @@ def test_mtbench_scores_are_a_column_and_compared_turn_by_turn(tmp_path):
     gradient, activation = "s2ft order=large strategy=gradient", "s2ft order=small strategy=activation"
     assert (
         f"- MT-Bench-style score: highest `{gradient}`; separable from it: `{RANDOM}` (p<0.001 *; over seeds "
-        f"p<0.001 *), `{activation}` (p<0.001 *; over seeds p="
-    ) in text
+        f"p<0.001 *), `{activation}` (p<0.001 *; over seeds p<0.001 *)."
+    ) in text  # +1 on every turn both rated, at each seed
     # Against random: the same ratings on every turn both rated (p = 1), though the means differ by the unrated turn.
     difference = statistics.mean(scores["activation"]) - statistics.mean(scores["random"])
     assert f"- MT-Bench-style score: `{gradient}` +1.00 (p<0.001 *; over seeds p<0.001 *), `{activation}` " in text
-    assert f"`{activation}` {difference:+.2f} (p=1.000; over seeds p=" in text
+    # And over seeds: each seed's difference is over the turns both rated (0), as the bootstrap's, where it was the
+    # difference of the scores, which the unrated turn sets apart by another amount at each seed (p = 0.626).
+    assert f"`{activation}` {difference:+.2f} (p=1.000; over seeds p=1.000)." in text
 
 
 def test_an_export_that_fails_on_one_run_replaces_no_record(tmp_path, monkeypatch):

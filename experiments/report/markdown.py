@@ -177,7 +177,7 @@ def study_section(
         cells += [_fmt(row.estimate(train_field("peak_mem_mb")), 1, 0), str(len(row.runs))]
         lines.append("| " + " | ".join(cells) + " |")
     # The accuracy pairs get their seed-level p as the held-out and MT-Bench ones do: the verdict needs both.
-    over_seeds = seed_level_ps(rows, best, avg_accuracy, accuracy.seeds, tasks) if best is not None else {}
+    over_seeds = seed_level_ps(rows, best, avg_accuracy, accuracy.seeds, task_parts(tasks)) if best is not None else {}
     lines += ["", significance_statement(best, pvalues, tops, over_seeds), ""]
     lowest = {name: compare_heldout(rows, name) for name in heldout}
     lines += [
@@ -192,7 +192,7 @@ def study_section(
     lines += [""] if heldout else []
     highest = compare_mtbench(rows) if has_mtbench else Comparison(None, {}, {})
     if highest.best is not None and any(p is not None for p in highest.pvalues.values()):
-        over_seeds = seed_level_ps(rows, highest.best, mtbench_score, highest.seeds)
+        over_seeds = seed_level_ps(rows, highest.best, mtbench_score, highest.seeds, turn_parts)
         verdict = pairs_verdict(highest.pvalues, over_seeds)
         top = _named(highest.best, tied(rows, highest.best, mtbench_score))
         lines += [f"- MT-Bench-style score: highest {top}; {verdict}.", ""]
@@ -203,7 +203,7 @@ def study_section(
             return found if found.best is not None and found.best.label == reference else compare()
 
         accuracy = against_reference(accuracy, lambda: compare_to_best(rows, tasks, reference))
-        against = [reference_statement("Avg accuracy", avg_accuracy, 100, 1, rows, *accuracy, tasks=tasks)]
+        against = [reference_statement("Avg accuracy", avg_accuracy, 100, 1, rows, *accuracy, parts=task_parts(tasks))]
         against += [
             reference_statement(
                 f"held-out loss {name}",
@@ -212,13 +212,15 @@ def study_section(
                 4,
                 rows,
                 *against_reference(lowest[name], lambda name=name: compare_heldout(rows, name, reference)),
-                heldout=name,
+                parts=heldout_parts(name),
             )
             for name in heldout
         ]
         if has_mtbench:
             mtbench = against_reference(highest, lambda: compare_mtbench(rows, reference))
-            against.append(reference_statement("MT-Bench-style score", mtbench_score, 1, 2, rows, *mtbench))
+            against.append(
+                reference_statement("MT-Bench-style score", mtbench_score, 1, 2, rows, *mtbench, parts=turn_parts)
+            )
         against = [line for line in against if line]
         if against:
             title = (
@@ -315,50 +317,49 @@ def heldout_statement(
     ``best`` (`tied`)."""
     if best is None or all(p is None for p in pvalues.values()):
         return None
-    over_seeds = seed_level_ps(rows, best, metric, seeds, heldout=name) if rows is not None else {}
+    over_seeds = seed_level_ps(rows, best, metric, seeds, heldout_parts(name)) if rows is not None else {}
     return f"- Held-out loss {name}: lowest {_named(best, tops)}; {pairs_verdict(pvalues, over_seeds)}."
 
 
-def seed_level_ps(
-    rows: list[Row],
-    reference: Row,
-    metric,
-    seeds: dict | None,
-    tasks: list[str] | None = None,
-    heldout: str | None = None,
-) -> dict[str, float]:
+def seed_level_ps(rows: list[Row], reference: Row, metric, seeds: dict | None, parts=None) -> dict[str, float]:
     """Per row whose paired test compared two or more seeds with ``reference``: the t-test p over its per-seed
     differences (`stats.seed_level_p`), which charges the seed-to-seed spread that few seeds hide from the
-    hierarchical bootstrap. With ``tasks`` (``metric`` is Avg accuracy) or ``heldout`` (``metric`` is that set's
-    loss), a seed whose two runs scored different tasks or items differs over those both scored, as the bootstrap
-    compares (`_seed_difference`)."""
+    hierarchical bootstrap. ``parts`` (`task_parts`, `heldout_parts`, `turn_parts`): what ``metric`` is a mean of,
+    so that a seed whose two runs scored different parts differs over those both scored (`_seed_difference`)."""
     by_label, found = {row.label: row for row in rows}, {}
     for label, shared in (seeds or {}).items():
         if shared and len(shared) >= 2 and label in by_label:
             row = by_label[label]
-            diffs = [_seed_difference(row, reference, metric, s, tasks, heldout) for s in shared]
-            found[label] = seed_level_p(diffs)
+            found[label] = seed_level_p([_seed_difference(row, reference, metric, s, parts) for s in shared])
     return found
 
 
-def _seed_difference(
-    row: Row, reference: Row, metric, seed, tasks: list[str] | None, heldout: str | None = None
-) -> float:
-    """``row``'s ``metric`` minus ``reference``'s at ``seed``. Where the two runs scored different tasks (``tasks``)
-    or held-out items (``heldout``), the mean task accuracy difference over the tasks both scored, or the per-token
-    loss difference over the items both scored with the same token counts (`table.compare_heldout`'s pairs): their
-    summaries' values are over other tasks or items, which the bootstrap never compares."""
-    mine, theirs = (next(run for run in r.runs if run.summary.get("seed") == seed) for r in (row, reference))
-    if tasks is not None:
-        accuracy = [{t: task_accuracy(t)(run.summary) for t in tasks} for run in (mine, theirs)]
-        scored = [{t for t, value in acc.items() if value is not None} for acc in accuracy]
-        if scored[0] != scored[1] and (both := sorted(scored[0] & scored[1])):
-            return sum(accuracy[0][t] - accuracy[1][t] for t in both) / len(both)
-    if heldout is not None:
-        a, b = mine.item_losses(heldout), theirs.item_losses(heldout)
-        both = [item for item in a.keys() & b.keys() if a[item][1] == b[item][1]]
-        if both and not (len(both) == len(a) == len(b)):
-            return sum(a[i][0] - b[i][0] for i in both) / sum(a[i][1] for i in both)
+def task_parts(tasks: list[str]):
+    """Avg accuracy's parts (`seed_level_ps`): each task's accuracy, weighing one."""
+    return lambda run: {t: (a, 1.0) for t in tasks if (a := task_accuracy(t)(run.summary)) is not None}
+
+
+def heldout_parts(name: str):
+    """A held-out loss's parts (`seed_level_ps`): each item's summed loss, weighing its tokens."""
+    return lambda run: {item: (nll, float(tokens)) for item, (nll, tokens) in run.item_losses(name).items()}
+
+
+def turn_parts(run: Run) -> dict:
+    """The MT-Bench score's parts (`seed_level_ps`): each rated turn's rating, weighing one."""
+    ratings = (run.summary.get("mtbench") or {}).get("ratings") or {}
+    return {(q, t): (r, 1.0) for q, turns in ratings.items() for t, r in enumerate(turns) if r is not None}
+
+
+def _seed_difference(row: Row, reference: Row, metric, seed, parts=None) -> float:
+    """``row``'s ``metric`` minus ``reference``'s at ``seed``. Where the two runs scored different ``parts`` (tasks,
+    held-out items, rated turns), the difference over the parts both scored with the same weight, as the bootstrap
+    pairs them (`table.compare_to_best` and the like): the summaries' values are over parts it never compares."""
+    if parts is not None:
+        mine, theirs = (next(run for run in r.runs if run.summary.get("seed") == seed) for r in (row, reference))
+        a, b = parts(mine), parts(theirs)
+        both = [key for key in a.keys() & b.keys() if a[key][1] == b[key][1]]
+        if both and not len(both) == len(a) == len(b):
+            return sum(a[k][0] - b[k][0] for k in both) / sum(a[k][1] for k in both)
     return _mean_over(row, metric, [seed]) - _mean_over(reference, metric, [seed])
 
 
@@ -406,21 +407,19 @@ def reference_statement(
     reference: Row | None,
     pvalues: dict,
     seeds: dict | None = None,
-    tasks: list[str] | None = None,
-    heldout: str | None = None,
+    parts=None,
 ) -> str | None:
     """One line: each row's mean difference from the reference row on ``metric`` and its p-value.
 
     ``seeds``: per row, the seeds its paired test compared (`Comparison.seeds`). Where those are not all the seeds
     of both rows, the difference is of the means over those seeds, named: the means over each row's own seeds (and
     so, with evaluation items drawn per seed, over different items) can differ in sign from what the p-value tests.
-    ``tasks``: the study's tasks where ``metric`` is Avg accuracy; ``heldout``: the held-out set where ``metric`` is
-    its loss (`seed_level_ps`).
+    ``parts``: what ``metric`` is a mean of (`seed_level_ps`).
     """
     if reference is None or not pvalues:
         return None
     by_label = {row.label: row for row in rows}
-    over_seeds = seed_level_ps(rows, reference, metric, seeds, tasks, heldout)
+    over_seeds = seed_level_ps(rows, reference, metric, seeds, parts)
     cells = []
     for label, p in sorted(pvalues.items()):
         row, shared = by_label[label], (seeds or {}).get(label)
