@@ -16,7 +16,14 @@ from conftest import ROOT, compose_run
 from scipy import stats
 
 from experiments.report import records as records_module
-from experiments.report.markdown import heldout_statement, main, pairs_verdict, significance_statement, write_report
+from experiments.report.markdown import (
+    _p_is,
+    heldout_statement,
+    main,
+    pairs_verdict,
+    significance_statement,
+    write_report,
+)
 from experiments.report.records import export_records, write_record
 from experiments.report.runs import Run, find_runs, find_unfinished, wandb_runs
 from experiments.report.stats import ALPHA, estimate, paired_bootstrap_p, seed_level_p, welch_p
@@ -25,6 +32,7 @@ from experiments.report.table import (
     avg_accuracy,
     build_rows,
     compare_heldout,
+    compare_mtbench,
     compare_to_best,
     heldout_after,
     heldout_roles,
@@ -263,7 +271,7 @@ def test_heldout_losses_are_compared_item_by_item(sweep):
         line = heldout_statement(name, best, pvalues)
         assert (
             line.startswith(f"- Held-out loss {name}: lowest `{best.label}`;")
-            and f"`{other.label}` (p={pvalues[other.label]:.3f}" in line
+            and f"`{other.label}` ({_p_is(pvalues[other.label])}" in line
         )
 
 
@@ -283,7 +291,7 @@ def test_reference_row_is_compared_with_every_other_row(sweep, tmp_path):
         s2ft.values(heldout_after("gsm8k_test"))
     )
     assert "`s2ft` against each other row" in report
-    assert f"- held-out loss gsm8k_test: `lora` {diff:+.4f} (p={expected:.3f}" in report
+    assert f"- held-out loss gsm8k_test: `lora` {diff:+.4f} ({_p_is(expected)}" in report
     assert "against each other row" not in write_report(runs, tmp_path / "none", reference=None).read_text()
 
 
@@ -396,7 +404,7 @@ def test_heldout_statement_names_which_pairs_are_separable():
     best = Row("s2ft", [])
     pvalues = {"lora": 0.403, "none": 0.0, "spft": 0.111, "dora": None}
     assert heldout_statement("commonsense_test", best, pvalues) == (
-        "- Held-out loss commonsense_test: lowest `s2ft`; separable from it: `none` (p=0.000 *); "
+        "- Held-out loss commonsense_test: lowest `s2ft`; separable from it: `none` (p<0.001 *); "
         "not separable from it: `lora` (p=0.403), `spft` (p=0.111); untested: `dora`."
     )
     assert heldout_statement("x", best, {"dora": None}) is None
@@ -404,7 +412,7 @@ def test_heldout_statement_names_which_pairs_are_separable():
         "- Held-out loss x: lowest `s2ft`; separable from it: no row; not separable from it: `lora` (p=0.200)."
     )
     assert pairs_verdict({"lora": 0.049, "full": None}) == "separable from it: `lora` (p=0.049 *); untested: `full`"
-    assert pairs_verdict({"a": 0.0, "b": 0.01}) == "separable from it: `a` (p=0.000 *), `b` (p=0.010 *)"
+    assert pairs_verdict({"a": 0.0, "b": 0.01}) == "separable from it: `a` (p<0.001 *), `b` (p=0.010 *)"
 
 
 def test_records_regenerate_the_report_byte_for_byte(sweep, tmp_path):
@@ -755,7 +763,7 @@ def test_a_reference_difference_is_over_the_seeds_its_test_compared(tmp_path):
     diffs = [loss[f"seed{s}_gradient_large"] - loss[f"seed{s}_random_large"] for s in (0, 1)]
     t_stat = statistics.mean(diffs) / (statistics.stdev(diffs) / math.sqrt(2))
     over_seeds = 1 - 2 * math.atan(abs(t_stat)) / math.pi
-    assert f"`s2ft order=large strategy=gradient` {gradient:+.4f} (p=0.000 *; over seeds p={over_seeds:.3f})" in report
+    assert f"`s2ft order=large strategy=gradient` {gradient:+.4f} (p<0.001 *; over seeds p={over_seeds:.3f})" in report
     assert f"over seed 0 (p={p:.3f})." in report  # one shared seed: no seed-level test
     accuracy = 100 * (acc["seed0_activation_small"] - acc["seed0_random_large"])
     assert f"`{activation}` {accuracy:+.1f} over seed 0 (p=" in report
@@ -777,6 +785,8 @@ def test_a_p_value_just_below_the_level_is_not_printed_as_the_level():
     assert pairs_verdict({"a": 0.0497, "b": 0.0504, "c": 0.0449}) == (
         "separable from it: `a` (p=0.0497 *), `c` (p=0.045 *); not separable from it: `b` (p=0.050)"
     )
+    # A t-test's p is not a multiple of 1/10,000: four digits rounded 0.04996 up to "0.0500 *" as well.
+    assert pairs_verdict({"a": 0.04996, "b": 0.0499996}) == "separable from it: `a` (p=0.04996 *), `b` (p=0.0499996 *)"
 
 
 def test_accuracy_is_compared_on_the_mean_over_tasks_that_avg_is(tmp_path):
@@ -1355,13 +1365,15 @@ def test_mtbench_scores_are_a_column_and_compared_turn_by_turn(tmp_path):
         assert cell == f"{mean:.2f} ± {std:.2f}"
     gradient, activation = "s2ft order=large strategy=gradient", "s2ft order=small strategy=activation"
     assert (
-        f"- MT-Bench-style score: highest `{gradient}`; separable from it: `{RANDOM}` (p=0.000 *; over seeds "
-        f"p=0.000 *), `{activation}` (p=0.000 *; over seeds p="
-    ) in text
+        f"- MT-Bench-style score: highest `{gradient}`; separable from it: `{RANDOM}` (p<0.001 *; over seeds "
+        f"p<0.001 *), `{activation}` (p<0.001 *; over seeds p<0.001 *)."
+    ) in text  # +1 on every turn both rated, at each seed
     # Against random: the same ratings on every turn both rated (p = 1), though the means differ by the unrated turn.
     difference = statistics.mean(scores["activation"]) - statistics.mean(scores["random"])
-    assert f"- MT-Bench-style score: `{gradient}` +1.00 (p=0.000 *; over seeds p=0.000 *), `{activation}` " in text
-    assert f"`{activation}` {difference:+.2f} (p=1.000; over seeds p=" in text
+    assert f"- MT-Bench-style score: `{gradient}` +1.00 (p<0.001 *; over seeds p<0.001 *), `{activation}` " in text
+    # And over seeds: each seed's difference is over the turns both rated (0), as the bootstrap's, where it was the
+    # difference of the scores, which the unrated turn sets apart by another amount at each seed (p = 0.626).
+    assert f"`{activation}` {difference:+.2f} (p=1.000; over seeds p=1.000)." in text
 
 
 def test_an_export_that_fails_on_one_run_replaces_no_record(tmp_path, monkeypatch):
@@ -1394,3 +1406,127 @@ def test_an_export_that_fails_on_one_run_replaces_no_record(tmp_path, monkeypatc
         json.loads((records / run.name / "summary.json").read_text()) == json.loads((run / "summary.json").read_text())
         for run in runs.iterdir()
     )
+
+
+def test_a_pair_is_separable_only_where_its_seed_level_p_is_below_the_level_too():
+    """The commonsense rerun's GSM8K line read "separable from it: `lora` (p=0.000 *; over seeds p=0.053)", while the
+    note under it says to read a pair as separable only where both p are below 0.05."""
+    assert pairs_verdict({"lora": 0.0, "full": 0.0, "spft": 0.3}, {"lora": 0.053, "full": 0.047}) == (
+        "separable from it: `full` (p<0.001 *; over seeds p=0.047 *); not separable from it: `lora` "
+        "(p<0.001 *; over seeds p=0.053), `spft` (p=0.300)"
+    )
+    # One shared seed has no seed-level p: the bootstrap's decides.
+    assert pairs_verdict({"lora": 0.01}, {}) == "separable from it: `lora` (p=0.010 *)"
+    best = Row("s2ft", [])
+    assert significance_statement(best, {"lora": 0.004, "full": 0.3}, over_seeds={"lora": 0.09, "full": 0.5}) == (
+        "Not separable: no row differs from the best mean (`s2ft`) at the 5% level (paired bootstrap over the items "
+        "of runs with the same seed, hierarchical over seeds, and the t-test over seeds where they share two or "
+        "more; else Welch over seeds); separable by the item bootstrap alone: `lora` (p=0.004 *; over seeds "
+        "p=0.090); do not rank these rows."
+    )
+
+
+def test_the_accuracy_statement_gives_the_seed_level_p_of_every_pair_over_two_or_more_seeds(tmp_path):
+    """The components report read "separable from it: `s2ft target_split.down=1.0` (p=0.005 *), `s2ft
+    target_split.gate=1.0` (p=0.033 *)" over three seeds, with no seed-level p, which is 0.055 and 0.130 there."""
+    runs = ROOT / "results" / "components_smollm" / "runs"
+    accuracy = {p.name: json.loads((p / "summary.json").read_text())["avg_accuracy"] for p in runs.iterdir()}
+    report = main([str(runs), "--reference", "", "--out", str(tmp_path)]).read_text()
+    (line,) = [line for line in report.splitlines() if line.startswith(("Best mean", "Not separable"))]
+    over_seeds = {
+        part: stats.ttest_rel(
+            [accuracy[f"seed{s}_{part}"] for s in range(3)], [accuracy[f"seed{s}_up"] for s in range(3)]
+        ).pvalue
+        for part in ("down", "gate")
+    }
+    assert over_seeds["down"] > ALPHA and over_seeds["gate"] > ALPHA
+    assert line.startswith("Not separable: no row differs from the best mean (`s2ft target_split.up=1.0`)")
+    assert line.endswith(
+        f"separable by the item bootstrap alone: `s2ft target_split.down=1.0` (p=0.005 *; over seeds "
+        f"p={over_seeds['down']:.3f}), `s2ft target_split.gate=1.0` (p=0.033 *; over seeds "
+        f"p={over_seeds['gate']:.3f}); do not rank these rows."
+    )
+
+
+def test_mtbench_turns_are_resampled_with_their_question():
+    """The bootstrap resampled the rated turns one by one, as if a question's two turns (one conversation, rated by
+    one judge) were independent: here every question's turns differ alike (+1 on 12 questions, -1 on 8), and p was
+    0.26, that of 40 independent items, where the 20 questions give about 0.49."""
+
+    def run(method: str, ratings: dict[str, list[float]]) -> Run:
+        score = statistics.mean(r for turns in ratings.values() for r in turns)
+        summary = {"experiment": "e", "model": "m", "method": method, "seed": 0}
+        return Run(summary | {"mtbench": {"score": score, "ratings": ratings}})
+
+    up = {str(q): [6.0, 6.0] if q < 12 else [5.0, 5.0] for q in range(20)}
+    down = {str(q): [5.0, 5.0] if q < 12 else [6.0, 6.0] for q in range(20)}
+    rows = build_rows([run("lora", down), run("s2ft", up)])
+    p = compare_mtbench(rows, reference="lora").pvalues["s2ft"]
+    questions = [1.0] * 12 + [-1.0] * 8
+    assert p == pytest.approx(paired_bootstrap_p(questions, [0.0] * 20), abs=0.03)  # Monte Carlo sd 0.005
+    assert paired_bootstrap_p(questions * 2, [0.0] * 40) < p - 0.1  # the turn-by-turn p
+
+
+def test_the_seed_level_p_of_rows_scored_on_different_tasks_is_over_the_tasks_both_scored(tmp_path):
+    """The bootstrap compares the items of the tasks both rows scored, while the seed-level t-test took each seed's Avg
+    difference, here over one task against two: LoRA's second task, which S2FT never ran, swung its Avg from seed to
+    seed and the t-test's p with it (0.50), though S2FT was ahead on the shared task at every seed (p = 0.013)."""
+
+    def run(method: str, seed: int, wins: dict[str, tuple[int, int]]) -> Run:
+        path = tmp_path / "runs" / f"{method}{seed}"
+        (path / "predictions").mkdir(parents=True)
+        accuracy = {}
+        for task, (right, total) in wins.items():
+            rows = [{"id": f"{task}-{i}", "correct": i < right} for i in range(total)]
+            (path / "predictions" / f"{task}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+            accuracy[task] = right / total
+        summary = {"experiment": "e", "model": "m", "method": method, "seed": seed}
+        summary |= {"eval": {t: {"accuracy": a, "n": wins[t][1]} for t, a in accuracy.items()}}
+        (path / "summary.json").write_text(json.dumps(summary | {"avg_accuracy": statistics.mean(accuracy.values())}))
+        return path
+
+    for seed, (right, other) in enumerate([(30, 9), (31, 1), (29, 5)]):
+        run("s2ft", seed, {"t1": (right, 50)})
+        run("lora", seed, {"t1": (25, 50), "t2": (other, 10)})
+    report = main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]).read_text()
+    expected = stats.ttest_rel([0.6, 0.62, 0.58], [0.5, 0.5, 0.5]).pvalue
+    assert 0.01 < expected < ALPHA
+    p = compare_to_best(build_rows(find_runs([tmp_path / "runs"])), ["t1", "t2"]).pvalues["lora"]
+    assert f"Best mean: `s2ft`; separable from it: `lora` (p={p:.3f} *; over seeds p={expected:.3f} *) (p < " in report
+    assert f"- Avg accuracy: `lora` -10.0 (p={p:.3f} *; over seeds p={expected:.3f} *)." in report
+
+
+def test_a_p_value_below_a_thousandth_is_printed_as_below_it_never_as_zero():
+    """No resample of 10,000 as extreme printed "p=0.000 *": a p-value of zero, where the bootstrap can only say p is
+    below a few in 10,000 (and a t-test's p of 2e-5 is no zero either)."""
+    assert pairs_verdict({"a": 0.0, "b": 0.00002, "c": 0.0006}, {"a": 0.0}) == (
+        "separable from it: `a` (p<0.001 *; over seeds p<0.001 *), `b` (p<0.001 *), `c` (p=0.001 *)"
+    )
+
+
+def test_the_seed_level_p_of_rows_scored_on_different_heldout_items_is_over_the_items_both_scored(tmp_path):
+    """As for tasks: the bootstrap compares the held-out items both runs of a seed scored, while the seed-level t-test
+    took the summaries' losses, here LoRA's over 100 items against S2FT's 50, whose other 50 swung LoRA's mean from
+    seed to seed (p = 0.62) though S2FT was 0.10, 0.12, 0.08 lower on the shared items (p = 0.013)."""
+
+    def run(method: str, seed: int, per_token: list[float]) -> None:
+        path = tmp_path / "runs" / f"{method}{seed}"
+        (path / "predictions").mkdir(parents=True)
+        rows = [{"id": f"q{i}", "nll": 10 * loss, "tokens": 10} for i, loss in enumerate(per_token)]
+        (path / "predictions" / "heldout_x.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        summary = {"experiment": "e", "model": "m", "method": method, "seed": seed}
+        (path / "summary.json").write_text(
+            json.dumps(summary | {"heldout": {"x": {"after": statistics.mean(per_token)}}})
+        )
+
+    for seed, (gain, other) in enumerate([(0.10, 2.0), (0.12, 0.2), (0.08, 1.1)]):
+        run("lora", seed, [1.0] * 50 + [other] * 50)
+        run("s2ft", seed, [1.0 - gain] * 50)
+    report = main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]).read_text()
+    expected = stats.ttest_rel([0.9, 0.88, 0.92], [1.0, 1.0, 1.0]).pvalue
+    assert 0.01 < expected < ALPHA
+    assert (
+        f"- Held-out loss x: lowest `s2ft`; separable from it: `lora` (p<0.001 *; over seeds p={expected:.3f} *)."
+        in report
+    )
+    assert f"- held-out loss x: `lora` +0.1500 (p<0.001 *; over seeds p={expected:.3f} *)." in report

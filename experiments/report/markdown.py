@@ -176,7 +176,9 @@ def study_section(
         cells += [_fmt(row.estimate(train_field("median_tokens_per_s")), 1, 0)] * has_pace
         cells += [_fmt(row.estimate(train_field("peak_mem_mb")), 1, 0), str(len(row.runs))]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", significance_statement(best, pvalues, tops), ""]
+    # The accuracy pairs get their seed-level p as the held-out and MT-Bench ones do: the verdict needs both.
+    over_seeds = seed_level_ps(rows, best, avg_accuracy, accuracy.seeds, task_parts(tasks)) if best is not None else {}
+    lines += ["", significance_statement(best, pvalues, tops, over_seeds), ""]
     lowest = {name: compare_heldout(rows, name) for name in heldout}
     lines += [
         line
@@ -190,7 +192,7 @@ def study_section(
     lines += [""] if heldout else []
     highest = compare_mtbench(rows) if has_mtbench else Comparison(None, {}, {})
     if highest.best is not None and any(p is not None for p in highest.pvalues.values()):
-        over_seeds = seed_level_ps(rows, highest.best, mtbench_score, highest.seeds)
+        over_seeds = seed_level_ps(rows, highest.best, mtbench_score, highest.seeds, turn_parts)
         verdict = pairs_verdict(highest.pvalues, over_seeds)
         top = _named(highest.best, tied(rows, highest.best, mtbench_score))
         lines += [f"- MT-Bench-style score: highest {top}; {verdict}.", ""]
@@ -201,7 +203,7 @@ def study_section(
             return found if found.best is not None and found.best.label == reference else compare()
 
         accuracy = against_reference(accuracy, lambda: compare_to_best(rows, tasks, reference))
-        against = [reference_statement("Avg accuracy", avg_accuracy, 100, 1, rows, *accuracy)]
+        against = [reference_statement("Avg accuracy", avg_accuracy, 100, 1, rows, *accuracy, parts=task_parts(tasks))]
         against += [
             reference_statement(
                 f"held-out loss {name}",
@@ -210,12 +212,15 @@ def study_section(
                 4,
                 rows,
                 *against_reference(lowest[name], lambda name=name: compare_heldout(rows, name, reference)),
+                parts=heldout_parts(name),
             )
             for name in heldout
         ]
         if has_mtbench:
             mtbench = against_reference(highest, lambda: compare_mtbench(rows, reference))
-            against.append(reference_statement("MT-Bench-style score", mtbench_score, 1, 2, rows, *mtbench))
+            against.append(
+                reference_statement("MT-Bench-style score", mtbench_score, 1, 2, rows, *mtbench, parts=turn_parts)
+            )
         against = [line for line in against if line]
         if against:
             title = (
@@ -256,9 +261,15 @@ def _named(best: Row, tops: list[Row]) -> str:
     return f"`{best.label}`" + (f", tied with {', '.join(f'`{row.label}`' for row in tops)}" if tops else "")
 
 
-def significance_statement(best: Row | None, pvalues: dict[str, float | None], tops: list[Row] = ()) -> str:
+def significance_statement(
+    best: Row | None,
+    pvalues: dict[str, float | None],
+    tops: list[Row] = (),
+    over_seeds: dict[str, float] | None = None,
+) -> str:
     """One sentence on whether the study separates its rows (never a ranking the data do not support); ``tops``:
-    the rows tied with ``best`` (`tied`).
+    the rows tied with ``best`` (`tied`); ``over_seeds``: the seed-level p of the pairs compared over two or more
+    seeds (`seed_level_ps`), which a pair's verdict needs below the level as well (`pairs_verdict`).
 
     Row labels go in code spans wherever they appear in prose: the untrained row is "none", which reads as "no row".
     """
@@ -273,14 +284,22 @@ def significance_statement(best: Row | None, pvalues: dict[str, float | None], t
             f"Untested: no row could be compared with the best mean ({_named(best, tops)}) (no items both rows' runs "
             "of one seed scored, and not two seeds each for Welch); do not rank these rows."
         )
-    if not separable(pvalues):
-        tail = f"; untested: {', '.join(untested)}" if untested else ""
+    over_seeds = over_seeds or {}
+    if not separable(pvalues, over_seeds):
+        # Pairs the item bootstrap alone separates stay named with both p: "no row differs" would hide them.
+        alone = [
+            f"`{label}` ({_p_text(p, over_seeds.get(label))})"
+            for label, p in sorted(pvalues.items())
+            if p is not None and p < ALPHA
+        ]
+        tail = f"; separable by the item bootstrap alone: {', '.join(alone)}" if alone else ""
+        tail += f"; untested: {', '.join(untested)}" if untested else ""
         return (
             f"Not separable: no row differs from the best mean ({_named(best, tops)}) at the {ALPHA:.0%} level "
-            "(paired bootstrap over the items of runs with the same seed, hierarchical over seeds; else Welch over "
-            f"seeds){tail}; do not rank these rows."
+            "(paired bootstrap over the items of runs with the same seed, hierarchical over seeds, and the t-test "
+            f"over seeds where they share two or more; else Welch over seeds){tail}; do not rank these rows."
         )
-    return f"Best mean: {_named(best, tops)}; {pairs_verdict(pvalues)} (p < {ALPHA} marked *)."
+    return f"Best mean: {_named(best, tops)}; {pairs_verdict(pvalues, over_seeds)} (p < {ALPHA} marked *)."
 
 
 def heldout_statement(
@@ -298,42 +317,85 @@ def heldout_statement(
     ``best`` (`tied`)."""
     if best is None or all(p is None for p in pvalues.values()):
         return None
-    over_seeds = seed_level_ps(rows, best, metric, seeds) if rows is not None else {}
+    over_seeds = seed_level_ps(rows, best, metric, seeds, heldout_parts(name)) if rows is not None else {}
     return f"- Held-out loss {name}: lowest {_named(best, tops)}; {pairs_verdict(pvalues, over_seeds)}."
 
 
-def seed_level_ps(rows: list[Row], reference: Row, metric, seeds: dict | None) -> dict[str, float]:
+def seed_level_ps(rows: list[Row], reference: Row, metric, seeds: dict | None, parts=None) -> dict[str, float]:
     """Per row whose paired test compared two or more seeds with ``reference``: the t-test p over its per-seed
     differences (`stats.seed_level_p`), which charges the seed-to-seed spread that few seeds hide from the
-    hierarchical bootstrap."""
+    hierarchical bootstrap. ``parts`` (`task_parts`, `heldout_parts`, `turn_parts`): what ``metric`` is a mean of,
+    so that a seed whose two runs scored different parts differs over those both scored (`_seed_difference`)."""
     by_label, found = {row.label: row for row in rows}, {}
     for label, shared in (seeds or {}).items():
         if shared and len(shared) >= 2 and label in by_label:
             row = by_label[label]
-            diffs = [_mean_over(row, metric, [s]) - _mean_over(reference, metric, [s]) for s in shared]
-            found[label] = seed_level_p(diffs)
+            found[label] = seed_level_p([_seed_difference(row, reference, metric, s, parts) for s in shared])
     return found
 
 
+def task_parts(tasks: list[str]):
+    """Avg accuracy's parts (`seed_level_ps`): each task's accuracy, weighing one."""
+    return lambda run: {t: (a, 1.0) for t in tasks if (a := task_accuracy(t)(run.summary)) is not None}
+
+
+def heldout_parts(name: str):
+    """A held-out loss's parts (`seed_level_ps`): each item's summed loss, weighing its tokens."""
+    return lambda run: {item: (nll, float(tokens)) for item, (nll, tokens) in run.item_losses(name).items()}
+
+
+def turn_parts(run: Run) -> dict:
+    """The MT-Bench score's parts (`seed_level_ps`): each rated turn's rating, weighing one."""
+    ratings = (run.summary.get("mtbench") or {}).get("ratings") or {}
+    return {(q, t): (r, 1.0) for q, turns in ratings.items() for t, r in enumerate(turns) if r is not None}
+
+
+def _seed_difference(row: Row, reference: Row, metric, seed, parts=None) -> float:
+    """``row``'s ``metric`` minus ``reference``'s at ``seed``. Where the two runs scored different ``parts`` (tasks,
+    held-out items, rated turns), the difference over the parts both scored with the same weight, as the bootstrap
+    pairs them (`table.compare_to_best` and the like): the summaries' values are over parts it never compares."""
+    if parts is not None:
+        mine, theirs = (next(run for run in r.runs if run.summary.get("seed") == seed) for r in (row, reference))
+        a, b = parts(mine), parts(theirs)
+        both = [key for key in a.keys() & b.keys() if a[key][1] == b[key][1]]
+        if both and not len(both) == len(a) == len(b):
+            return sum(a[k][0] - b[k][0] for k in both) / sum(a[k][1] for k in both)
+    return _mean_over(row, metric, [seed]) - _mean_over(reference, metric, [seed])
+
+
 def _p_text(p: float, over_seeds: float | None) -> str:
-    seeds = "" if over_seeds is None else f"; over seeds p={_fmt_p(over_seeds)}"
-    return f"p={_fmt_p(p)}{seeds}"
+    seeds = "" if over_seeds is None else f"; over seeds {_p_is(over_seeds)}"
+    return f"{_p_is(p)}{seeds}"
+
+
+def _p_is(p: float) -> str:
+    """``p=0.010 *``, or ``p<0.001 *`` for a p `_fmt_p` prints as below a thousandth."""
+    text = _fmt_p(p)
+    return f"p{text}" if text.startswith("<") else f"p={text}"
 
 
 def pairs_verdict(pvalues: dict[str, float | None], over_seeds: dict[str, float] | None = None) -> str:
     """Which rows differ from the compared row and which do not, each with its p-value (and its seed-level p).
 
-    One separable row (often the untrained one) says nothing of the others, so every pair is named on its side.
+    One separable row (often the untrained one) says nothing of the others, so every pair is named on its side. A
+    pair with a seed-level p is separable only where it is below the level too (`SEED_LEVEL`): with two or three
+    seeds the bootstrap's p alone was "separable" at p = 0.000 beside a seed-level p of 0.053.
     """
     over_seeds = over_seeds or {}
     tested = sorted((label, p) for label, p in pvalues.items() if p is not None)
-    apart = [f"`{label}` ({_p_text(p, over_seeds.get(label))})" for label, p in tested if p < ALPHA]
-    close = [f"`{label}` ({_p_text(p, over_seeds.get(label))})" for label, p in tested if p >= ALPHA]
+    split = {label: _separable(p, over_seeds.get(label)) for label, p in tested}
+    apart = [f"`{label}` ({_p_text(p, over_seeds.get(label))})" for label, p in tested if split[label]]
+    close = [f"`{label}` ({_p_text(p, over_seeds.get(label))})" for label, p in tested if not split[label]]
     untested = [f"`{label}`" for label, p in sorted(pvalues.items()) if p is None]
     parts = [f"separable from it: {', '.join(apart) or 'no row'}"]
     parts += [f"not separable from it: {', '.join(close)}"] * bool(close)
     parts += [f"untested: {', '.join(untested)}"] * bool(untested)
     return "; ".join(parts)
+
+
+def _separable(p: float, over_seeds: float | None) -> bool:
+    """Whether a pair differs at the ALPHA level: its p, and its seed-level p where it has one."""
+    return p < ALPHA and (over_seeds is None or over_seeds < ALPHA)
 
 
 def reference_statement(
@@ -345,17 +407,19 @@ def reference_statement(
     reference: Row | None,
     pvalues: dict,
     seeds: dict | None = None,
+    parts=None,
 ) -> str | None:
     """One line: each row's mean difference from the reference row on ``metric`` and its p-value.
 
     ``seeds``: per row, the seeds its paired test compared (`Comparison.seeds`). Where those are not all the seeds
     of both rows, the difference is of the means over those seeds, named: the means over each row's own seeds (and
     so, with evaluation items drawn per seed, over different items) can differ in sign from what the p-value tests.
+    ``parts``: what ``metric`` is a mean of (`seed_level_ps`).
     """
     if reference is None or not pvalues:
         return None
     by_label = {row.label: row for row in rows}
-    over_seeds = seed_level_ps(rows, reference, metric, seeds)
+    over_seeds = seed_level_ps(rows, reference, metric, seeds, parts)
     cells = []
     for label, p in sorted(pvalues.items()):
         row, shared = by_label[label], (seeds or {}).get(label)
@@ -375,11 +439,18 @@ def _mean_over(row: Row, metric, seeds: list) -> float:
 
 
 def _fmt_p(p: float) -> str:
-    """A p-value as the report prints it, starred when significant (four digits where three would round it up to
-    the level: "0.050 *" would read as not significant beside its star)."""
-    text = f"{p:.3f}"
-    if p < ALPHA <= float(text):
-        text = f"{p:.4f}"
+    """A p-value as the report prints it, starred when significant: three digits, "<0.001" where they would print
+    0.000, and as many more digits as it takes where three would round it up to the level ("0.050 *" would read as
+    not significant beside its star)."""
+    if p < 0.0005:
+        # What three digits print as 0.000: a bootstrap with no resample as extreme says p is below a few in 10,000,
+        # never that it is zero.
+        return f"<0.001{' *' if p < ALPHA else ''}"
+    digits = 3
+    text = f"{p:.{digits}f}"
+    while p < ALPHA <= float(text):  # a t-test's p can be 0.04996, which four digits round up as well
+        digits += 1
+        text = f"{p:.{digits}f}"
     return f"{text}{' *' if p < ALPHA else ''}"
 
 

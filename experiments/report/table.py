@@ -253,9 +253,10 @@ def compare_to_best(rows: list[Row], tasks: list[str], reference: str | None = N
 def compare_mtbench(rows: list[Row], reference: str | None = None) -> Comparison:
     """The row with the highest mean MT-Bench-style score and, per other row, the p-value of its difference.
 
-    A paired bootstrap over the turns (question, turn) that the runs of both rows with the same seed had rated (the
-    summary's ``mtbench.ratings``), each seed weighing as one, hierarchical over seeds when they share several;
-    Welch's t-test over seeds for rows without shared rated turns and two or more seeds each; else None.
+    A paired bootstrap over the questions, of the mean rating over the turns (question, turn) that the runs of both
+    rows with the same seed had rated (the summary's ``mtbench.ratings``), each seed weighing as one, hierarchical
+    over seeds when they share several; Welch's t-test over seeds for rows without shared rated turns and two or more
+    seeds each; else None.
     """
 
     def rated(run: Run) -> dict:
@@ -266,8 +267,20 @@ def compare_mtbench(rows: list[Row], reference: str | None = None) -> Comparison
         a, b = _by_seed(mine, rated), _by_seed(theirs, rated)
         shared = sorted(a.keys() & b.keys(), key=str)
         n = Counter(seed for seed, _ in shared)
-        weight = [1 / n[seed] for seed, _ in shared]
-        return _weighted_pairs(a, b, shared, weight)
+        # A question's turns are one conversation, its second turn asked after the model's first answer, rated by
+        # one judge: they are resampled together, as one item of summed (weighted) ratings and weights, so the
+        # statistic is still the mean over rated turns that the score is.
+        question: dict[tuple, list[float]] = {}
+        for seed, (q, turn) in shared:
+            sums = question.setdefault((seed, q), [0.0, 0.0, 0.0])
+            for slot, value in enumerate((a[seed, (q, turn)], b[seed, (q, turn)], 1.0)):
+                sums[slot] += value / n[seed]
+        return (
+            [x for x, _, _ in question.values()],
+            [y for _, y, _ in question.values()],
+            [weight for _, _, weight in question.values()],
+            [seed for seed, _ in question],
+        )
 
     return _compare(rows, mtbench_score, min_is_best=False, paired_items=items, reference=reference)
 
@@ -360,6 +373,8 @@ def _finite(values: list[float]) -> bool:
     return all(math.isfinite(v) for v in values)
 
 
-def separable(pvalues: dict[str, float | None]) -> bool:
-    """Whether at least one row differs from the best at the ALPHA level."""
-    return any(p is not None and p < ALPHA for p in pvalues.values())
+def separable(pvalues: dict[str, float | None], over_seeds: dict[str, float] | None = None) -> bool:
+    """Whether at least one row differs from the best at the ALPHA level: its p, and its seed-level p where
+    ``over_seeds`` has one (`markdown.seed_level_ps`)."""
+    over_seeds = over_seeds or {}
+    return any(p is not None and p < ALPHA and over_seeds.get(label, 0.0) < ALPHA for label, p in pvalues.items())
