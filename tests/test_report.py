@@ -17,6 +17,8 @@ from scipy import stats
 
 from experiments.report import records as records_module
 from experiments.report.markdown import (
+    P_HEADER,
+    _p_cell,
     _p_is,
     heldout_statement,
     main,
@@ -1530,3 +1532,30 @@ def test_the_seed_level_p_of_rows_scored_on_different_heldout_items_is_over_the_
         in report
     )
     assert f"- held-out loss x: `lora` +0.1500 (p<0.001 *; over seeds p={expected:.3f} *)." in report
+
+
+def test_the_p_column_stars_only_the_pairs_the_statement_calls_separable(tmp_path):
+    """The column showed the item bootstrap's p with its star ("0.005 *") beside a statement calling the same pair
+    not separable (its seed-level p 0.055): it shows both p now and stars only a separable pair."""
+    runs = ROOT / "results" / "components_smollm" / "runs"
+    report = main([str(runs), "--reference", "", "--out", str(tmp_path)]).read_text()
+    lines = report.splitlines()
+    header = next(line for line in lines if line.startswith("| method |")).split(" | ")
+    column = header.index(P_HEADER)
+    cells = {
+        line.split(" | ")[0].removeprefix("| ").strip("*"): line.split(" | ")[column]
+        for line in lines
+        if line.startswith(("| s2ft", "| **s2ft"))
+    }
+    assert re.fullmatch(r"0\.005 / 0\.0\d\d", cells["s2ft target_split.down=1.0"])  # no star: not separable
+    assert re.fullmatch(r"0\.033 / 0\.1\d\d", cells["s2ft target_split.gate=1.0"])
+    assert cells["s2ft target_split.up=1.0"] == "best"
+    assert not any(cell.endswith("*") for cell in cells.values())
+    (statement,) = [line for line in lines if line.startswith(("Best mean", "Not separable"))]
+    assert statement.startswith("Not separable")
+    # A separable pair keeps its star; one seed shared (no seed-level p) is the bootstrap's alone.
+    assert (_p_cell(0.0001, 0.01), _p_cell(0.01, None), _p_cell(0.01, 0.2)) == (
+        "<0.001 / 0.010 *",
+        "0.010 *",
+        "0.010 / 0.200",
+    )

@@ -51,6 +51,9 @@ SEED_LEVEL = (
     f"below {ALPHA}."
 )
 
+# The accuracy p column: the item bootstrap's p against the best row, and the seed-level one where there is one.
+P_HEADER = "p vs best (items / seeds)"
+
 # Column titles of the generalization study's groups (s2ft.data.tasks.GROUPS), in the paper's Figure 2 order.
 SPLIT_GROUPS = {"id": "ID", "near_ood_easy": "near-OOD easy", "near_ood_hard": "near-OOD hard", "far_ood": "far-OOD"}
 
@@ -141,7 +144,7 @@ def study_section(
     # The generalization study's split (Figure 2), shown when the runs were evaluated on more than one of its groups.
     groups = [g for g in SPLIT_GROUPS if any(g in (run.summary.get("groups") or {}) for run in runs)]
     groups = groups if len(groups) > 1 else []
-    header = ["method", *tasks, "Avg", "Avg 95% CI", "p vs best", *(SPLIT_GROUPS[g] for g in groups)]
+    header = ["method", *tasks, "Avg", "Avg 95% CI", P_HEADER, *(SPLIT_GROUPS[g] for g in groups)]
     has_val = any((run.summary.get("train") or {}).get("val_loss") is not None for run in runs)
     # MT-Bench-style instruction scores (paper Table 3), where any run was judged.
     has_mtbench = any(mtbench_score(run.summary) is not None for run in runs)
@@ -161,13 +164,16 @@ def study_section(
     lines += [mixed, ""] if (mixed := task_sets_statement(rows)) else []
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     tops = tied(rows, best, avg_accuracy)
+    # The accuracy pairs get their seed-level p as the held-out and MT-Bench ones do: the verdict needs both, and the
+    # table's column shows both, starred only where the statement calls the pair separable.
+    over_seeds = seed_level_ps(rows, best, avg_accuracy, accuracy.seeds, task_parts(tasks)) if best is not None else {}
     for row in rows:
         avg = row.estimate(avg_accuracy)
         p = pvalues.get(row.label)
         cells = [f"**{row.label}**" if row is best or row in tops else row.label]
         cells += [_fmt(row.estimate(task_accuracy(task)), 100, 1) for task in tasks]
         cells += [_fmt(avg, 100, 1), "-" if avg is None or avg.ci is None else f"± {100 * avg.ci:.1f}"]
-        cells += ["best" if row is best else "-" if p is None else _fmt_p(p)]
+        cells += ["best" if row is best else "-" if p is None else _p_cell(p, over_seeds.get(row.label))]
         cells += [_fmt(row.estimate(group_accuracy(g)), 100, 1) for g in groups]
         cells += [_fmt(row.estimate(mtbench_score), 1, 2)] * has_mtbench
         cells += [_fmt(row.estimate(train_field("val_loss")), 1, 4)] * has_val
@@ -176,8 +182,6 @@ def study_section(
         cells += [_fmt(row.estimate(train_field("median_tokens_per_s")), 1, 0)] * has_pace
         cells += [_fmt(row.estimate(train_field("peak_mem_mb")), 1, 0), str(len(row.runs))]
         lines.append("| " + " | ".join(cells) + " |")
-    # The accuracy pairs get their seed-level p as the held-out and MT-Bench ones do: the verdict needs both.
-    over_seeds = seed_level_ps(rows, best, avg_accuracy, accuracy.seeds, task_parts(tasks)) if best is not None else {}
     lines += ["", significance_statement(best, pvalues, tops, over_seeds), ""]
     lowest = {name: compare_heldout(rows, name) for name in heldout}
     lines += [
@@ -436,6 +440,14 @@ def reference_statement(
 
 def _mean_over(row: Row, metric, seeds: list) -> float:
     return estimate(Row(row.label, [run for run in row.runs if run.summary.get("seed") in seeds]).values(metric)).mean
+
+
+def _p_cell(p: float, over_seeds: float | None) -> str:
+    """The table's `P_HEADER` cell: the item bootstrap's p and the seed-level one ("0.005 / 0.055"), starred only
+    where the pair is separable (`_separable`): a lone bootstrap star beside "not separable" read as a difference."""
+    text = _fmt_p(p).removesuffix(" *")
+    text += "" if over_seeds is None else f" / {_fmt_p(over_seeds).removesuffix(' *')}"
+    return f"{text} *" if _separable(p, over_seeds) else text
 
 
 def _fmt_p(p: float) -> str:
