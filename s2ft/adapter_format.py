@@ -275,8 +275,9 @@ def _check_entry(config_path: Path, name: str, entry) -> None:
         problem = f"'component' must be a string, got {entry['component']!r}"
     elif not (isinstance(entry["shape"], list) and len(entry["shape"]) == 2 and all(map(_is_int, entry["shape"]))):
         problem = f"'shape' must be two integers [out_features, in_features], got {entry['shape']!r}"
-    elif not (isinstance(entry["units"], list) and all(map(_is_int, entry["units"]))):
-        problem = f"'units' must be a list of ints, got {entry['units']!r}"
+    elif not (isinstance(entry["units"], list) and all(_is_int(u) and -(2**63) <= u < 2**63 for u in entry["units"])):
+        # Beyond 64 bits torch.tensor raised its own overflow error; the range check (check_adapter) names the rest.
+        problem = f"'units' must be a list of 64-bit ints, got {entry['units']!r}"
     else:
         return
     raise AdapterError(f"{where}: {problem}; save the adapter again")

@@ -246,7 +246,7 @@ BAD_ADAPTERS = {
     "negative": (lambda p: corrupt_units(p, [-1, 2]), r"must lie in \[0, 8\)"),
     "duplicated": (lambda p: corrupt_units(p, [3, 3]), "sorted and unique"),
     "unsorted": (lambda p: corrupt_units(p, [5, 2]), "sorted and unique"),
-    "not integers": (lambda p: corrupt_units(p, [1.5, 2]), "list of ints"),
+    "not integers": (lambda p: corrupt_units(p, [1.5, 2]), "list of 64-bit ints"),
     "wrong count": (lambda p: corrupt_units(p, [1, 2, 3]), "values have shape"),
     "wrong layer": (lambda p: corrupt_units(p, 1, key="layer"), "recorded as the o projection of layer 1"),
     "nan": (lambda p: corrupt_values(p, float("nan")), "NaN/inf"),

@@ -673,6 +673,8 @@ def test_an_adapter_onto_a_model_holding_a_merged_update_is_refused_and_the_mode
         ("axis", True, "'axis' must be an integer, got True"),
         ("unit_size", 1.5, "'unit_size' must be an integer, got 1.5"),
         ("component", 3, "'component' must be a string, got 3"),
+        ("units", [0, 2**70], f"'units' must be a list of 64-bit ints, got [0, {2**70}]"),
+        ("units", [0.0, 1], "'units' must be a list of 64-bit ints, got [0.0, 1]"),
         (None, {}, "it is empty: expected layer, component, axis, unit_size, shape and units"),
         (None, [], "it is [], not a mapping of layer, component, axis, unit_size, shape and units"),
         (None, {"layer": 0}, "missing 'component', 'axis', 'unit_size', 'shape', 'units'"),
