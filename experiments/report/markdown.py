@@ -35,6 +35,7 @@ from experiments.report.table import (
     heldout_after,
     heldout_roles,
     mtbench_score,
+    pair_separable,
     separable,
     task_accuracy,
     train_domain,
@@ -387,7 +388,7 @@ def pairs_verdict(pvalues: dict[str, float | None], over_seeds: dict[str, float]
     """
     over_seeds = over_seeds or {}
     tested = sorted((label, p) for label, p in pvalues.items() if p is not None)
-    split = {label: _separable(p, over_seeds.get(label)) for label, p in tested}
+    split = {label: pair_separable(p, over_seeds.get(label)) for label, p in tested}
     apart = [f"`{label}` ({_p_text(p, over_seeds.get(label))})" for label, p in tested if split[label]]
     close = [f"`{label}` ({_p_text(p, over_seeds.get(label))})" for label, p in tested if not split[label]]
     untested = [f"`{label}`" for label, p in sorted(pvalues.items()) if p is None]
@@ -395,11 +396,6 @@ def pairs_verdict(pvalues: dict[str, float | None], over_seeds: dict[str, float]
     parts += [f"not separable from it: {', '.join(close)}"] * bool(close)
     parts += [f"untested: {', '.join(untested)}"] * bool(untested)
     return "; ".join(parts)
-
-
-def _separable(p: float, over_seeds: float | None) -> bool:
-    """Whether a pair differs at the ALPHA level: its p, and its seed-level p where it has one."""
-    return p < ALPHA and (over_seeds is None or over_seeds < ALPHA)
 
 
 def reference_statement(
@@ -444,10 +440,11 @@ def _mean_over(row: Row, metric, seeds: list) -> float:
 
 def _p_cell(p: float, over_seeds: float | None) -> str:
     """The table's `P_HEADER` cell: the item bootstrap's p and the seed-level one ("0.005 / 0.055"), starred only
-    where the pair is separable (`_separable`): a lone bootstrap star beside "not separable" read as a difference."""
+    where the pair is separable (`table.pair_separable`): a lone bootstrap star beside "not separable" read as a
+    difference."""
     text = _fmt_p(p).removesuffix(" *")
     text += "" if over_seeds is None else f" / {_fmt_p(over_seeds).removesuffix(' *')}"
-    return f"{text} *" if _separable(p, over_seeds) else text
+    return f"{text} *" if pair_separable(p, over_seeds) else text
 
 
 def _fmt_p(p: float) -> str:

@@ -377,4 +377,9 @@ def separable(pvalues: dict[str, float | None], over_seeds: dict[str, float] | N
     """Whether at least one row differs from the best at the ALPHA level: its p, and its seed-level p where
     ``over_seeds`` has one (`markdown.seed_level_ps`)."""
     over_seeds = over_seeds or {}
-    return any(p is not None and p < ALPHA and over_seeds.get(label, 0.0) < ALPHA for label, p in pvalues.items())
+    return any(p is not None and pair_separable(p, over_seeds.get(label)) for label, p in pvalues.items())
+
+
+def pair_separable(p: float, over_seeds: float | None) -> bool:
+    """Whether one pair differs at the ALPHA level: its p, and its seed-level p where it has one."""
+    return p < ALPHA and (over_seeds is None or over_seeds < ALPHA)
