@@ -134,10 +134,23 @@ MERGED = "s2ft_merged"
 def mark_merged(model: nn.Module) -> None:
     """Records that ``model``'s plain weights hold a merged S2FT update (``model.s2ft_merged = True``).
 
-    The mark stays while S2FT is applied on top (``unload`` gives the merged weights back) and goes only with the
-    model: ``from_pretrained`` of a saved merged model gives an unmarked one, a base of its own.
+    The mark stays while S2FT is applied on top (``unload`` gives the merged weights back) and goes with the weights:
+    ``from_pretrained`` of a saved merged model gives an unmarked one, a base of its own, and so does a
+    ``load_state_dict`` that replaces every weight (the base's state dict loaded back, say); one that leaves any
+    weight missing keeps the mark.
     """
+    if getattr(model, MERGED_HOOK, None) is None:
+        setattr(model, MERGED_HOOK, model.register_load_state_dict_post_hook(_unmark_when_replaced))
     setattr(model, MERGED, True)
+
+
+MERGED_HOOK = "_s2ft_merged_hook"
+
+
+def _unmark_when_replaced(model: nn.Module, incompatible_keys) -> None:
+    # Called after the model's own subtree is loaded: no missing key means no merged value is left in it.
+    if not incompatible_keys.missing_keys and hasattr(model, MERGED):
+        delattr(model, MERGED)
 
 
 def check_unmerged(model: nn.Module, action: str) -> None:

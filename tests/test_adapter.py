@@ -661,6 +661,32 @@ def test_an_adapter_onto_a_model_holding_a_merged_update_is_refused_and_the_mode
     s2ft.load_adapter(fresh, other)
 
 
+def test_a_merged_model_given_every_weight_back_by_load_state_dict_loses_its_mark(tmp_path):
+    """The mark stayed after the base's weights were loaded back (``load_state_dict``), so the model, now the base,
+    was still refused; a load that leaves a weight missing keeps the mark, and a copy keeps its own."""
+    base = build_tiny("llama_gqa")
+    merged_one = adapter_files(tmp_path, base, {"o": 0.25}, seed=1)
+    other = adapter_files(tmp_path, base, {"down": 0.05}, seed=2)
+    model = s2ft.merge_and_unload(s2ft.load_adapter(copy.deepcopy(base), merged_one))
+    partial = {k: v for k, v in base.state_dict().items() if ".o_proj." not in k}
+    assert len(partial) < len(base.state_dict())
+    model.load_state_dict(partial, strict=False)
+    assert model.s2ft_merged is True
+    twin = copy.deepcopy(model)
+    model.load_state_dict(base.state_dict())
+    assert not hasattr(model, "s2ft_merged")
+    assert_same_state(model, snapshot(base))
+    s2ft.load_adapter(model, other)
+    assert twin.s2ft_merged is True
+    with pytest.raises(AdapterError, match=MERGED):
+        s2ft.load_adapter(twin, other)
+    twin.load_state_dict(base.state_dict())
+    assert not hasattr(twin, "s2ft_merged")
+    # Marked again by a second merge: the mark is set, the hook registered once.
+    again = s2ft.merge_and_unload(s2ft.load_adapter(twin, merged_one))
+    assert again.s2ft_merged is True and len(again._load_state_dict_post_hooks) == 1
+
+
 @pytest.mark.parametrize(
     ("field", "value", "refusal"),
     [
