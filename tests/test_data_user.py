@@ -310,6 +310,18 @@ def test_a_csv_record_with_more_fields_than_the_header_is_refused(tmp_path):
         load_user_source(str(csv))
 
 
+def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path):
+    """pandas renamed the second column ("output.1") and the first one trained, the other silently dropped."""
+    csv = tmp_path / "twice.csv"
+    for content in ("instruction,output,output\nQ1,A1,B1\n", "\ufeffinstruction,instruction,output\nQ1,Q2,A1\n"):
+        csv.write_text(content, encoding="utf-8")
+        with pytest.raises(DataError, match=rf"^{csv}: the header names the column '(output|instruction)' twice; keep"):
+            load_user_source(str(csv))
+    csv.write_text("\ufeffinstruction,output\nQ1,A1\n", encoding="utf-8")  # a byte-order mark is not part of a name
+    (example,) = load_user_source(str(csv))
+    assert (example.instruction, example.output) == ("Q1", "A1")
+
+
 def test_a_field_absent_from_every_record_and_chat_without_a_response(tmp_path):
     path = write_jsonl(tmp_path / "q.jsonl", [{"instruction": "Q1"}])
     with pytest.raises(DataError, match=r"no field 'output' in any record \(columns: \['instruction'\]\)"):

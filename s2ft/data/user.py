@@ -255,11 +255,16 @@ def _csv_options(path: Path, where: str) -> dict:
     Raises:
         DataError: A record with more fields than the header (an unquoted comma, a trailing comma). When the first
             record has one, pandas silently takes every record's first field as its index and reads the rest one
-            column to the left (the output as the instruction); later ones fail with a tokenizer error.
+            column to the left (the output as the instruction); later ones fail with a tokenizer error. Or a header
+            naming a column twice, which pandas renames (``output``, ``output.1``) and the first one trains.
     """
-    with path.open(encoding="utf-8", newline="") as file:
+    with path.open(encoding="utf-8-sig", newline="") as file:
         reader = csv.reader(file)
-        columns, end = len(next(reader, [])), 1
+        header = next(reader, [])
+        twice = next((name for index, name in enumerate(header) if name in header[:index]), None)
+        if twice is not None:
+            raise DataError(f"{where}: the header names the column {twice!r} twice; keep one (or rename the other)")
+        columns, end = len(header), 1
         for row in reader:
             if len(row) > columns:
                 raise DataError(
