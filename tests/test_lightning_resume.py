@@ -409,3 +409,36 @@ def test_a_resume_on_another_number_of_processes_is_refused(tmp_path, stop_at_st
     with pytest.raises(CheckpointError, match=r"written by 2 processes, but this run has 1 \(trainer.devices="):
         run_experiment(smoke_config(*overrides, "ckpt_path=last"), tmp_path)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("signalled", [False, True], ids=["ctrl_c", "killed"])
+def test_a_resume_stopped_before_its_checkpoint_loads_keeps_the_first_sessions_metrics(
+    tmp_path, stop_at_step, monkeypatch, signalled
+):
+    """Lightning's CSV writer deleted metrics.csv as the resumed session built its logger, and the rows logged before
+    the checkpoint were written back only once the checkpoint loaded, inside fit: a resume stopped in between (Ctrl-C,
+    or a kill while DDP waited for its ranks) lost the first session's rows for good, and so did every later resume."""
+    overrides = ["trainer.max_steps=6", "trainer.checkpoint_every_n_steps=100"]
+    full = run_experiment(smoke_config(*overrides, logger="csv"), tmp_path / "full")
+    patch = stop_at_step(2)
+    with pytest.raises(RunInterrupted):
+        run_experiment(smoke_config(*overrides, logger="csv"), tmp_path / "job")
+    patch.undo()
+    metrics = tmp_path / "job" / "metrics.csv"
+    written = metrics.read_bytes()
+
+    def stopped(self):
+        if signalled:  # a process killed here runs no cleanup: what is on disk then is what the next resume reads
+            raise SystemExit(f"killed; metrics.csv is {'there' if metrics.is_file() else 'gone'}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FineTuneModule, "configure_model", stopped)
+    with pytest.raises((KeyboardInterrupt, SystemExit)) as stop:
+        run_experiment(smoke_config(*overrides, "ckpt_path=last", logger="csv"), tmp_path / "job")
+    if signalled:
+        assert str(stop.value) == "killed; metrics.csv is there"
+    assert metrics.read_bytes() == written
+    monkeypatch.undo()
+    resumed = run_experiment(smoke_config(*overrides, "ckpt_path=last", logger="csv"), tmp_path / "job")
+    assert resumed["train"]["loss_curve"] == full["train"]["loss_curve"]
+    assert logged(tmp_path / "job") == pytest.approx(logged(tmp_path / "full"))

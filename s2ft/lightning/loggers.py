@@ -11,6 +11,10 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities import rank_zero_only
+
+from s2ft.adapter_format import atomic_write
 
 WANDB_ID_FILE = "wandb_id.txt"
 
@@ -92,9 +96,10 @@ def wandb_info(logger) -> dict | None:
 class ResumableCSVLogger(CSVLogger):
     """`metrics.csv` in the run directory that survives a resume.
 
-    Lightning's CSV writer deletes an existing `metrics.csv` when it starts; this logger reads the file first and,
-    once the checkpoint is restored (`ReplayCSVHistory`), writes back the rows logged before the checkpoint's step, so
-    the file of a resumed run matches that of an uninterrupted one.
+    Lightning's CSV writer deletes an existing `metrics.csv` when it starts; on a resume this logger reads the file,
+    leaves it in place and, once the checkpoint is restored (`ReplayCSVHistory`), replaces it (atomically) with the rows
+    logged before the checkpoint's step, so the file of a resumed run matches that of an uninterrupted one, and a
+    resume that stops before its checkpoint loads leaves the file as it was.
 
     Args:
         run_dir: The run directory.
@@ -108,6 +113,10 @@ class ResumableCSVLogger(CSVLogger):
         if resume and file.is_file():
             with file.open(newline="") as handle:
                 self.history = list(csv.DictReader(handle))
+        if self.history and rank_zero_only.rank == 0:
+            # Until the replay the first session's rows exist only in this file: deleted here, a resume stopped before
+            # its checkpoint loads (Ctrl-C, a kill while DDP waits for its ranks) would lose them for good.
+            self._experiment = _KeepingWriter(log_dir=self.log_dir)
         # Lightning's writer warns, on creation, that the old logs "will be deleted" whenever the directory is not
         # empty, which Hydra's `.hydra/` always makes it: a resume writes them back (`replay`), and a fresh run's
         # directory was checked (`prepare_run_dir`) before, so the warning is never news here.
@@ -116,13 +125,39 @@ class ResumableCSVLogger(CSVLogger):
             self.experiment  # noqa: B018  (creates the writer now, inside the filter)
 
     def replay(self, before_step: int) -> None:
-        """Logs again the remembered rows of steps before `before_step` (later ones are logged anew by training)."""
+        """Logs again the remembered rows of steps before `before_step` (later ones are logged anew by training), in a
+        new `metrics.csv` that replaces the old one at once."""
         for row in self.history:
             step = int(row["step"])
             if step < before_step:
                 self.experiment.log_metrics({k: _number(v) for k, v in row.items() if v != "" and k != "step"}, step)
         self.history = []
-        self.save()
+        writer = self.experiment
+        if not isinstance(writer, _KeepingWriter):
+            self.save()
+            return
+        final = Path(writer.metrics_file_path)
+        if not writer.metrics:  # nothing before the checkpoint's step: the old rows all come again
+            final.unlink(missing_ok=True)
+            return
+
+        def write(tmp: Path) -> None:
+            # The writer's own save, into a file of its own: a header of these rows' keys, then the rows; later saves
+            # append to the file that replaces the old one.
+            writer.metrics_file_path = str(tmp)
+            try:
+                self.save()
+            finally:
+                writer.metrics_file_path = str(final)
+
+        atomic_write(final, write)
+
+
+class _KeepingWriter(ExperimentWriter):
+    """Lightning's CSV writer, without deleting the `metrics.csv` it finds (a resume's replay replaces it)."""
+
+    def _check_log_dir_exists(self) -> None:
+        pass
 
 
 def _number(text: str) -> int | float:
