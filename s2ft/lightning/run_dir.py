@@ -115,7 +115,7 @@ def prepare_run_dir(cfg: dict, run_dir: Path) -> RunPlan:
         check_same_config(cfg, run_dir, "ckpt_path=auto")
         summary_file = run_dir / "summary.json"
         if summary_file.is_file():
-            return RunPlan(cfg, finished=json.loads(summary_file.read_text()))
+            return RunPlan(cfg, finished=_read_summary(summary_file))
         if not (run_dir / CHECKPOINT).is_file():
             # Nothing to resume; what the same config's earlier attempt left (no checkpoint) is started over.
             return RunPlan({**cfg, "ckpt_path": None})
@@ -165,6 +165,12 @@ def check_same_config(cfg: dict, run_dir: Path, why: str) -> None:
         saved = yaml.safe_load(saved_file.read_text())
     except yaml.YAMLError as err:
         raise RunDirError(f"{saved_file} is not valid YAML ({err}); restore it or start in a new directory") from err
+    if not isinstance(saved, dict):
+        # An empty or foreign file would compare as one nameless difference: "differs in )".
+        raise RunDirError(
+            f"{saved_file} holds no run config (a YAML mapping), but {str(saved)[:60]}; restore it or start in a new "
+            "directory"
+        )
     differing = config_differences(saved, cfg)
     if differing:
         raise RunConfigError(
@@ -172,6 +178,29 @@ def check_same_config(cfg: dict, run_dir: Path, why: str) -> None:
             f"its own directory (hydra.run.dir, or hydra.sweep.dir for a multirun), or resume with the settings of "
             f"{saved_file}"
         )
+
+
+def _read_summary(summary_file: Path) -> dict:
+    """The summary of a finished run (``ckpt_path=auto`` returns it instead of running again).
+
+    Raises:
+        RunDirError: The file is not a JSON object (torn by a disk or edited: it is written atomically); the message
+            says how to get it again.
+    """
+    try:
+        summary = json.loads(summary_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+    else:
+        if isinstance(summary, dict):
+            return summary
+        reason = f"a JSON {type(summary).__name__}, not an object"
+    # Not "delete it and resume": the finished run's metrics.csv holds its final rows, which a resume would replay.
+    raise RunDirError(
+        f"{summary_file} cannot be read ({reason}): it is damaged. Restore it, evaluate the run again in a directory "
+        f"of its own with python run.py mode=eval run_dir={summary_file.parent}, or train it again with overwrite=true "
+        "(without ckpt_path)"
+    )
 
 
 def config_differences(saved, current, prefix: str = "") -> list[str]:
