@@ -1,5 +1,7 @@
 """Loggers from the `logger` group: W&B offline with a run id kept in the run directory, CSV, none."""
 
+import logging
+
 import pytest
 from conftest import compose_run
 
@@ -98,3 +100,26 @@ def test_resumed_csv_logger_keeps_history_without_the_deletion_warning(tmp_path)
     resumed.save()
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert rows[1:] == ["0,2.0", "1,1.0", "2,0.5"] and "train/loss" in rows[0]
+
+
+def test_a_metrics_file_cut_short_loses_only_its_torn_row_on_resume(tmp_path, caplog):
+    """A session killed while the CSV writer appended (or a machine that went down before the disk had the file's
+    tail) leaves a last line cut short: reading it back stopped every resume with an AttributeError (a missing field
+    is None), or would have replayed a number cut short as if it had been logged."""
+    first = build_logger({"name": "csv"}, CFG, tmp_path)
+    for step in range(3):
+        first.log_metrics({"train/loss": 2.0 - step, "train/lr": 0.125}, step=step)
+    first.save()
+    metrics = tmp_path / "metrics.csv"
+    whole = metrics.read_bytes()
+    assert whole.endswith(b"2,0.0,0.125\r\n")
+    metrics.write_bytes(whole[: -len(b".0,0.125\r\n")])  # "2,0": step 2's row, torn inside its loss
+    with caplog.at_level(logging.WARNING):
+        resumed = build_logger({"name": "csv"}, CFG | {"ckpt_path": "last"}, tmp_path)
+    assert f"{metrics} ends in a row cut short (a session stopped while writing it): dropped" in caplog.text
+    assert [row["step"] for row in resumed.history] == ["0", "1"]
+    resumed.replay(before_step=3)
+    resumed.log_metrics({"train/loss": 0.5, "train/lr": 0.125}, step=3)
+    resumed.save()
+    rows = metrics.read_text().splitlines()
+    assert rows == ["step,train/loss,train/lr", "0,2.0,0.125", "1,1.0,0.125", "3,0.5,0.125"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import sys
 import uuid
@@ -17,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from s2ft.adapter_format import atomic_write
 
 WANDB_ID_FILE = "wandb_id.txt"
+log = logging.getLogger(__name__)
 
 
 def build_logger(logger_cfg: dict, cfg: dict, run_dir: Path):
@@ -111,8 +113,7 @@ class ResumableCSVLogger(CSVLogger):
         file = Path(self.log_dir) / "metrics.csv"
         self.history: list[dict[str, str]] = []
         if resume and file.is_file():
-            with file.open(newline="") as handle:
-                self.history = list(csv.DictReader(handle))
+            self.history = _whole_rows(file)
         if self.history and rank_zero_only.rank == 0:
             # Until the replay the first session's rows exist only in this file: deleted here, a resume stopped before
             # its checkpoint loads (Ctrl-C, a kill while DDP waits for its ranks) would lose them for good.
@@ -151,6 +152,26 @@ class ResumableCSVLogger(CSVLogger):
                 writer.metrics_file_path = str(final)
 
         atomic_write(final, write)
+
+
+def _whole_rows(file: Path) -> list[dict[str, str]]:
+    """The rows of a metrics.csv, without a last line cut short.
+
+    The writer appends every logged row: a session killed while it wrote (or a machine that went down before the disk
+    had the file's tail) leaves a last line without its line end, missing fields (None, which stopped the replay) or
+    holding a number cut short. That row is dropped with a warning; the rows before it are whole.
+    """
+    with file.open(newline="") as handle:
+        text = handle.read()
+    rows = list(csv.DictReader(text.splitlines(keepends=True)))
+    if rows and not text.endswith("\n"):
+        log.warning(
+            "%s ends in a row cut short (a session stopped while writing it): dropped that row (step %s)",
+            file,
+            rows[-1].get("step"),
+        )
+        rows = rows[:-1]
+    return rows
 
 
 class _KeepingWriter(ExperimentWriter):
