@@ -1,5 +1,6 @@
 """Loggers from the `logger` group: W&B offline with a run id kept in the run directory, CSV, none."""
 
+import csv
 import logging
 
 import pytest
@@ -123,3 +124,35 @@ def test_a_metrics_file_cut_short_loses_only_its_torn_row_on_resume(tmp_path, ca
     resumed.save()
     rows = metrics.read_text().splitlines()
     assert rows == ["step,train/loss,train/lr", "0,2.0,0.125", "1,1.0,0.125", "3,0.5,0.125"]
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["fresh", "resumed"])
+def test_a_session_stopped_while_the_csv_header_grows_keeps_every_row(tmp_path, monkeypatch, resume):
+    """A key logged for the first time (the first validation's val/loss, the final results) makes the writer rewrite
+    metrics.csv under a wider header: it truncated the file in place and wrote it again, so a session stopped in
+    between (killed, Ctrl-C) left a file without the rows logged before, which a resume then could not replay."""
+    logger = build_logger({"name": "csv"}, CFG, tmp_path)
+    for step in range(3):
+        logger.log_metrics({"train/loss": 2.0 - step}, step=step)
+    logger.save()
+    if resume:  # the resumed session's replay wrote the file, then it logs a new key
+        logger = build_logger({"name": "csv"}, CFG | {"ckpt_path": "last"}, tmp_path)
+        logger.replay(before_step=3)
+    metrics = tmp_path / "metrics.csv"
+    written = metrics.read_bytes()
+    logger.log_metrics({"val/loss": 1.5}, step=3)
+    rows = csv.DictWriter.writerows
+
+    def killed(self, rowdicts):
+        raise KeyboardInterrupt  # the session stops while the rewrite writes the rows
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", killed)
+    with pytest.raises(KeyboardInterrupt):
+        logger.save()
+    assert metrics.read_bytes() == written
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+    monkeypatch.setattr(csv.DictWriter, "writerows", rows)
+    logger.save()
+    assert metrics.read_text().splitlines() == [
+        "step,train/loss,val/loss", "0,2.0,", "1,1.0,", "2,0.0,", "3,,1.5"
+    ]  # fmt: skip

@@ -114,15 +114,15 @@ class ResumableCSVLogger(CSVLogger):
         self.history: list[dict[str, str]] = []
         if resume and file.is_file():
             self.history = _whole_rows(file)
-        if self.history and rank_zero_only.rank == 0:
-            # Until the replay the first session's rows exist only in this file: deleted here, a resume stopped before
-            # its checkpoint loads (Ctrl-C, a kill while DDP waits for its ranks) would lose them for good.
-            self._experiment = _KeepingWriter(log_dir=self.log_dir)
         # Lightning's writer warns, on creation, that the old logs "will be deleted" whenever the directory is not
         # empty, which Hydra's `.hydra/` always makes it: a resume writes them back (`replay`), and a fresh run's
         # directory was checked (`prepare_run_dir`) before, so the warning is never news here.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Previous log files in this directory will be deleted")
+            if rank_zero_only.rank == 0:  # only rank 0 writes (other ranks get Lightning's dummy experiment)
+                # Until the replay the first session's rows exist only in this file: deleted here, a resume stopped
+                # before its checkpoint loads (Ctrl-C, a kill while DDP waits for its ranks) would lose them for good.
+                self._experiment = _RunWriter(self.log_dir, keep=bool(self.history))
             self.experiment  # noqa: B018  (creates the writer now, inside the filter)
 
     def replay(self, before_step: int) -> None:
@@ -134,7 +134,7 @@ class ResumableCSVLogger(CSVLogger):
                 self.experiment.log_metrics({k: _number(v) for k, v in row.items() if v != "" and k != "step"}, step)
         self.history = []
         writer = self.experiment
-        if not isinstance(writer, _KeepingWriter):
+        if not (isinstance(writer, _RunWriter) and writer.keep):
             self.save()
             return
         final = Path(writer.metrics_file_path)
@@ -174,11 +174,42 @@ def _whole_rows(file: Path) -> list[dict[str, str]]:
     return rows
 
 
-class _KeepingWriter(ExperimentWriter):
-    """Lightning's CSV writer, without deleting the `metrics.csv` it finds (a resume's replay replaces it)."""
+class _RunWriter(ExperimentWriter):
+    """Lightning's CSV writer, made safe for a run's `metrics.csv`: the file is rewritten under a wider header (a key
+    logged for the first time) atomically, and a resumed session leaves the file it finds in place (``keep``) until
+    its replay replaces it.
+
+    Lightning truncated the file and wrote it again in place: a session stopped in between left it without the rows
+    logged before, which a resume could then not replay.
+    """
+
+    def __init__(self, log_dir: str, keep: bool):
+        self.keep = keep
+        super().__init__(log_dir=log_dir)
 
     def _check_log_dir_exists(self) -> None:
-        pass
+        if not self.keep:
+            super()._check_log_dir_exists()  # deletes the file: a fresh run's directory was checked before
+
+    def save(self) -> None:
+        keys = list(self.metrics_keys)
+        try:
+            super().save()
+        except BaseException:
+            # The file still has the header of these keys: the next save sees the new keys again and rewrites it.
+            self.metrics_keys = keys
+            raise
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        final = Path(self.metrics_file_path)
+
+        def write(tmp: Path) -> None:
+            with final.open(newline="") as old, tmp.open("w", newline="") as new:
+                writer = csv.DictWriter(new, fieldnames=fieldnames)
+                writer.writeheader()
+                writer.writerows(csv.DictReader(old))
+
+        atomic_write(final, write)
 
 
 def _number(text: str) -> int | float:
