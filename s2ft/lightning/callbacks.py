@@ -251,9 +251,10 @@ class LastCheckpoint(L.Callback):
         run_config: dict | None = None,
         sources: list | None = None,
         code_history: list | None = None,
+        base: str | None = None,
     ):
         self.path, self.every_n_steps, self.run_config, self.sources = Path(path), every_n_steps, run_config, sources
-        self.code_history = code_history
+        self.code_history, self.base = code_history, base
         self.interrupted: str | None = None  # the signal that asked to stop
         self._previous: dict[int, object] = {}
         self._pending = False  # a save waiting for the validation in progress
@@ -295,6 +296,8 @@ class LastCheckpoint(L.Callback):
             checkpoint["training_sources"] = self.sources  # `training_record`'s: name, file, SHA-256, count, items
         if self.code_history is not None:
             checkpoint["code_history"] = self.code_history  # `s2ft.lightning.checkpoint.code_history`
+        if self.base is not None:
+            checkpoint["base_sample"] = self.base  # `s2ft.lightning.checkpoint.base_sample`
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         loop = trainer.fit_loop.epoch_loop

@@ -41,7 +41,9 @@ from s2ft.lightning.callbacks import (
 )
 from s2ft.lightning.checkpoint import (
     CHECKPOINT,
+    base_sample,
     check_checkpoint_fits,
+    check_same_base,
     check_same_data,
     check_same_world,
     code_history,
@@ -138,6 +140,9 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
         check_same_data(plan.checkpoint, cfg["ckpt_path"], provenance["sources"])
 
     model, tokenizer = build_run_model(cfg["model"], paths.get("cache_dir"))
+    base = base_sample(model)  # as loaded, before any method changes it
+    if plan.checkpoint is not None:
+        check_same_base(plan.checkpoint, cfg["ckpt_path"], base, cfg["model"]["name"])
     # Before the untrained model is measured and the run's first files are written: only the tokenizer can tell.
     # Every text the model will read: eval.tasks may differ from the overlap sets (data.overlap_tasks), and a task's
     # own checks run only when it is evaluated, after training when eval.before is off.
@@ -160,7 +165,7 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     # Lightning checks the accelerator, the devices and the launcher's world as it builds the Trainer: before the
     # first writes of the run's own files (metrics, W&B id, config), so a command it refuses leaves none of them.
     history = code_history(plan.checkpoint, cfg["ckpt_path"], code_record(cfg))
-    trainer = _trainer(cfg, run_dir, False, bool(val), plan.checkpoint, provenance["sources"], history)
+    trainer = _trainer(cfg, run_dir, False, bool(val), plan.checkpoint, provenance["sources"], history, base)
     if plan.checkpoint is not None:
         check_same_world(plan.checkpoint, cfg["ckpt_path"], trainer.world_size)
     # The untrained model is measured, and calibration batches scored, where it trains (this rank's GPU), not where
@@ -345,6 +350,7 @@ def _trainer(
     preloaded: dict | None,
     sources: list | None = None,
     history: list | None = None,
+    base: str | None = None,
 ) -> L.Trainer:
     tr = cfg["trainer"]
     interval = tr.get("val_check_interval")
@@ -360,6 +366,7 @@ def _trainer(
             run_config=cfg,
             sources=sources,
             code_history=history,
+            base=base,
         ),
         ReplayCSVHistory(),
     ]
