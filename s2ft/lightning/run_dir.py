@@ -33,6 +33,9 @@ OUTPUTS = (
     "config.yaml", "hparams.yaml", "metrics.csv", "summary.json", "wandb_id.txt", "adapter", "checkpoints", "merged",
     "lora", "predictions", "before", "wandb", "adapters", "adapters.json",
 )  # fmt: skip
+# What a finished run leaves last: its summary, or the index of an ``adapters=[...]`` evaluation (one summary per
+# adapter, under adapters/NAME/).
+FINISHED = ("summary.json", "adapters.json")
 # Keys that say how to start a command, not what the run is.
 COMMAND_KEYS = {"ckpt_path", "overwrite"}
 # Where ``overwrite=true`` keeps the old run's outputs until the new run writes its own.
@@ -49,7 +52,8 @@ class RunPlan:
 
     Attributes:
         cfg: The config to run (``ckpt_path`` resolved: None for a fresh start, else the checkpoint file).
-        finished: The summary of the run already finished in the directory (``ckpt_path=auto``): nothing to do.
+        finished: The summary (or ``adapters.json`` index) of the run already finished in the directory
+            (``ckpt_path=auto``): nothing to do.
         checkpoint: The checkpoint to resume from, already loaded and checked against the config.
     """
 
@@ -113,9 +117,9 @@ def prepare_run_dir(cfg: dict, run_dir: Path) -> RunPlan:
         )
     if ckpt == "auto":
         check_same_config(cfg, run_dir, "ckpt_path=auto")
-        summary_file = run_dir / "summary.json"
-        if summary_file.is_file():
-            return RunPlan(cfg, finished=_read_summary(summary_file))
+        for name in FINISHED:
+            if (run_dir / name).is_file():
+                return RunPlan(cfg, finished=_read_summary(run_dir / name))
         if not (run_dir / CHECKPOINT).is_file():
             # Nothing to resume; what the same config's earlier attempt left (no checkpoint) is started over.
             return RunPlan({**cfg, "ckpt_path": None})
@@ -181,7 +185,7 @@ def check_same_config(cfg: dict, run_dir: Path, why: str) -> None:
 
 
 def _read_summary(summary_file: Path) -> dict:
-    """The summary of a finished run (``ckpt_path=auto`` returns it instead of running again).
+    """The summary (or index) of a finished run (``ckpt_path=auto`` returns it instead of running again).
 
     Raises:
         RunDirError: The file is not a JSON object (torn by a disk or edited: it is written atomically); the message
@@ -196,11 +200,15 @@ def _read_summary(summary_file: Path) -> dict:
             return summary
         reason = f"a JSON {type(summary).__name__}, not an object"
     # Not "delete it and resume": the finished run's metrics.csv holds its final rows, which a resume would replay.
-    raise RunDirError(
-        f"{summary_file} cannot be read ({reason}): it is damaged. Restore it, evaluate the run again in a directory "
-        f"of its own with python run.py mode=eval run_dir={summary_file.parent}, or train it again with overwrite=true "
-        "(without ckpt_path)"
-    )
+    run_dir = summary_file.parent
+    if (run_dir / "adapter").is_dir():  # a trained run
+        fix = (
+            f"Restore it, evaluate the run again in a directory of its own with python run.py mode=eval run_dir="
+            f"{run_dir}, or train it again with overwrite=true (without ckpt_path)"
+        )
+    else:
+        fix = "Restore it, or run it again with overwrite=true (without ckpt_path)"
+    raise RunDirError(f"{summary_file} cannot be read ({reason}): it is damaged. {fix}")
 
 
 def config_differences(saved, current, prefix: str = "") -> list[str]:
