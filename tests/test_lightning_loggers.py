@@ -2,6 +2,7 @@
 
 import csv
 import logging
+from pathlib import Path
 
 import pytest
 from conftest import compose_run
@@ -156,3 +157,39 @@ def test_a_session_stopped_while_the_csv_header_grows_keeps_every_row(tmp_path, 
     assert metrics.read_text().splitlines() == [
         "step,train/loss,val/loss", "0,2.0,", "1,1.0,", "2,0.0,", "3,,1.5"
     ]  # fmt: skip
+
+
+def test_a_resume_leaves_the_wandb_id_file_as_it_was(tmp_path, monkeypatch):
+    """Every session wrote wandb_id.txt again, in place, even a resume that only reads it: one stopped while writing
+    left it empty, and the next resume then started a new W&B run instead of continuing the run's own."""
+    made = []
+
+    class Recorder:  # stands in for the W&B logger: starting the W&B service takes ~20 s here
+        def __init__(self, **kwargs):
+            made.append(kwargs)
+
+        def log_hyperparams(self, params):
+            pass
+
+    monkeypatch.setattr(loggers, "QuietWandbLogger", Recorder)
+    id_file = tmp_path / WANDB_ID_FILE
+    build_logger({"name": "wandb"}, CFG | {"ckpt_path": None}, tmp_path)
+    written = id_file.read_bytes()
+    write_text = Path.write_text
+
+    def stopped(self, text, *args, **kwargs):
+        if WANDB_ID_FILE in self.name:  # the file (or its temporary twin) is opened, then the session stops
+            write_text(self, "", *args, **kwargs)
+            raise KeyboardInterrupt
+        return write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", stopped)
+    try:
+        build_logger({"name": "wandb"}, CFG | {"ckpt_path": "last"}, tmp_path)
+    except KeyboardInterrupt:
+        pass
+    assert id_file.read_bytes() == written
+    assert made[-1]["id"] == written.decode().strip() and made[-1]["resume"] == "allow"
+    with pytest.raises(KeyboardInterrupt):  # a fresh start writes a new id: stopped, it leaves the old file whole
+        build_logger({"name": "wandb"}, CFG | {"ckpt_path": None}, tmp_path)
+    assert id_file.read_bytes() == written and [p.name for p in tmp_path.iterdir()] == [WANDB_ID_FILE]

@@ -44,9 +44,12 @@ def build_logger(logger_cfg: dict, cfg: dict, run_dir: Path):
         id_file = run_dir / WANDB_ID_FILE
         # A fresh start (ckpt_path=auto starting over an attempt that left no checkpoint) is a new W&B run, as its
         # metrics.csv is a new file; only a resume continues the run of the file.
-        resume = bool(cfg.get("ckpt_path")) and id_file.is_file()
-        run_id = id_file.read_text().strip() if resume else uuid.uuid4().hex[:8]
-        id_file.write_text(run_id + "\n")
+        run_id = id_file.read_text().strip() if cfg.get("ckpt_path") and id_file.is_file() else ""
+        if not run_id:
+            # Only a new id is written, and atomically: a resume that rewrote its own id in place and stopped there
+            # left the file empty, and the next resume started a new W&B run.
+            run_id = uuid.uuid4().hex[:8]
+            atomic_write(id_file, lambda tmp: Path(tmp).write_text(run_id + "\n"))
         method = cfg["method"]["name"]
         logger = QuietWandbLogger(
             project=logger_cfg.get("project") or "s2ft",
