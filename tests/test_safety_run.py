@@ -133,6 +133,10 @@ def emptied_config(ckpt: Path) -> None:
     (ckpt.parent.parent / "config.yaml").write_text("")
 
 
+def garbled_config(ckpt: Path) -> None:
+    (ckpt.parent.parent / "config.yaml").write_bytes(random.Random(0).randbytes(256))
+
+
 PREVIOUS_FIX = r"resume from it with python run\.py <same overrides> hydra\.run\.dir=\S+ ckpt_path=\S+previous\.ckpt"
 UNREADABLE = r"last\.ckpt cannot be loaded safely .*" + PREVIOUS_FIX
 OTHER = RunConfigError
@@ -183,6 +187,10 @@ CASES = {
     "emptied_config": (
         "interrupted", emptied_config, ["ckpt_path=last"], RunDirError,
         r"config\.yaml holds no run config \(a YAML mapping\), but None; restore it or start in a new directory",
+    ),
+    "garbled_config": (
+        "interrupted", garbled_config, ["ckpt_path=auto"], RunDirError,
+        r"config\.yaml cannot be read \(.*\); restore it or start in a new directory",
     ),
     "overwrite_and_resume": (
         "interrupted", None, ["overwrite=true", "ckpt_path=last"], RunConfigError,

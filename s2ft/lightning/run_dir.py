@@ -169,6 +169,9 @@ def check_same_config(cfg: dict, run_dir: Path, why: str) -> None:
         saved = yaml.safe_load(saved_file.read_text())
     except yaml.YAMLError as err:
         raise RunDirError(f"{saved_file} is not valid YAML ({err}); restore it or start in a new directory") from err
+    except (OSError, UnicodeDecodeError) as err:  # not text at all (garbled by a disk), or not readable
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise RunDirError(f"{saved_file} cannot be read ({reason}); restore it or start in a new directory") from err
     if not isinstance(saved, dict):
         # An empty or foreign file would compare as one nameless difference: "differs in )".
         raise RunDirError(
