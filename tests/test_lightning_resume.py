@@ -1,6 +1,7 @@
 """Exact resume: a run stopped by SIGTERM mid-epoch and resumed with ckpt_path=last ends with the same weights."""
 
 import os
+import re
 import signal
 import statistics
 import time
@@ -468,3 +469,35 @@ def test_a_resume_onto_other_base_weights_is_refused_before_anything_is_written(
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     monkeypatch.undo()
     assert run_experiment(smoke_config(*overrides, "ckpt_path=last", logger="csv"), tmp_path)["train"]["steps"] == 4
+
+
+def test_a_resume_refused_for_other_eval_settings_after_training_names_the_evaluation_command(tmp_path, monkeypatch):
+    """Training done, the final evaluation failed (out of memory at eval.batch_size, say): resuming with other eval.*
+    settings is refused, and the fixes the message named were to resume with the settings that failed or to train
+    again in a new directory; the adapter the run saved can be evaluated on its own, which it now says."""
+    overrides = ["trainer.max_steps=2", "eval.tasks=[boolq]", "eval.limit=2", "eval.heldout=[]"]
+
+    def out_of_memory(*args):
+        raise KeyboardInterrupt
+
+    measure = runner.measure_model
+    monkeypatch.setattr(runner, "measure_model", out_of_memory)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(smoke_config(*overrides), tmp_path / "run")
+    monkeypatch.setattr(runner, "measure_model", measure)
+    run_dir = tmp_path / "run"
+    assert (run_dir / "adapter").is_dir() and not (run_dir / "summary.json").exists()
+    message = (
+        r"differs in eval\.batch_size\); .* its training is done \(adapter/\): evaluate it with the new eval settings "
+        rf"in a directory of its own with python run\.py <these overrides, without ckpt_path> mode=eval "
+        rf"run_dir={re.escape(str(run_dir))}$"
+    )
+    with pytest.raises(RunConfigError, match=message):
+        run_experiment(smoke_config(*overrides, "eval.batch_size=2", "ckpt_path=auto"), run_dir)
+    done = run_experiment(
+        smoke_config(*overrides, "eval.batch_size=2", "mode=eval", f"run_dir={run_dir}"), tmp_path / "e"
+    )
+    assert done["eval"]["boolq"]["n"] == 2
+    with pytest.raises(RunConfigError) as refused:  # a change to training itself gets no such advice
+        run_experiment(smoke_config(*overrides, "eval.batch_size=2", "seed=1", "ckpt_path=auto"), run_dir)
+    assert "mode=eval" not in str(refused.value)

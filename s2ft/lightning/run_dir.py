@@ -180,10 +180,18 @@ def check_same_config(cfg: dict, run_dir: Path, why: str) -> None:
         )
     differing = config_differences(saved, cfg)
     if differing:
+        hint = ""
+        if all(key.startswith("eval.") for key in differing) and (run_dir / "adapter").is_dir():
+            # Only the evaluation changed, and training saved its adapter: a final evaluation that failed under the old
+            # settings (out of memory, say) is run again by mode=eval, not by training again in a new directory.
+            hint = (
+                "; its training is done (adapter/): evaluate it with the new eval settings in a directory of its own "
+                f"with python run.py <these overrides, without ckpt_path> mode=eval run_dir={run_dir}"
+            )
         raise RunConfigError(
             f"{why}: {run_dir} holds a run of another config (differs in {', '.join(differing)}); give this config "
             f"its own directory (hydra.run.dir, or hydra.sweep.dir for a multirun), or resume with the settings of "
-            f"{saved_file}"
+            f"{saved_file}{hint}"
         )
 
 
