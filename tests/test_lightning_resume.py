@@ -445,10 +445,11 @@ def test_a_resume_stopped_before_its_checkpoint_loads_keeps_the_first_sessions_m
     assert logged(tmp_path / "job") == pytest.approx(logged(tmp_path / "full"))
 
 
-def test_a_resume_onto_other_base_weights_is_refused_before_anything_is_written(tmp_path, stop_at_step, monkeypatch):
-    """A checkpoint holds only the trained tensors: the resumed session loads the base model again by its name. A hub
-    model updated since (hub ids are not pinned to a revision), or a local folder replaced, trained the run's tensors
-    on another base from then on, with no word; changed training files are refused so (`check_same_data`)."""
+def test_a_resume_onto_another_base_model_is_refused_before_anything_is_written(tmp_path, stop_at_step, monkeypatch):
+    """A checkpoint holds only the trained tensors: the resumed session loads the base model and its tokenizer again by
+    name. A hub model updated since (hub ids are not pinned to a revision; a tokenizer's chat template is often fixed
+    alone), or a local folder replaced, trained the run's tensors on another base, or on other token ids, from then on,
+    with no word; changed training files are refused so (`check_same_data`)."""
     overrides = ["trainer.max_steps=4", "trainer.checkpoint_every_n_steps=100"]
     patch = stop_at_step(1)
     with pytest.raises(RunInterrupted):
@@ -463,10 +464,16 @@ def test_a_resume_onto_other_base_weights_is_refused_before_anything_is_written(
             next(model.parameters()).mul_(1.01)
         return model, tokenizer
 
-    monkeypatch.setattr(runner, "build_run_model", updated)
-    with pytest.raises(CheckpointError, match=r"checkpoint \S+last\.ckpt was written on other base weights than "):
-        run_experiment(smoke_config(*overrides, "ckpt_path=last", logger="csv"), tmp_path)
-    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    def retemplated(*args):  # the same weights, a tokenizer with a fixed chat template (data.template=chat reads it)
+        model, tokenizer = build(*args)
+        tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}\n{% endfor %}"
+        return model, tokenizer
+
+    for changed in (updated, retemplated):
+        monkeypatch.setattr(runner, "build_run_model", changed)
+        with pytest.raises(CheckpointError, match=r"checkpoint \S+last\.ckpt was written on another base model than "):
+            run_experiment(smoke_config(*overrides, "ckpt_path=last", logger="csv"), tmp_path)
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     monkeypatch.undo()
     assert run_experiment(smoke_config(*overrides, "ckpt_path=last", logger="csv"), tmp_path)["train"]["steps"] == 4
 

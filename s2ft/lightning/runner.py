@@ -140,7 +140,7 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
         check_same_data(plan.checkpoint, cfg["ckpt_path"], provenance["sources"])
 
     model, tokenizer = build_run_model(cfg["model"], paths.get("cache_dir"))
-    base = base_sample(model)  # as loaded, before any method changes it
+    base = base_sample(model, tokenizer)  # as loaded, before any method changes it
     if plan.checkpoint is not None:
         check_same_base(plan.checkpoint, cfg["ckpt_path"], base, cfg["model"]["name"])
     # Before the untrained model is measured and the run's first files are written: only the tokenizer can tell.
