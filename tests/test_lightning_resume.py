@@ -508,3 +508,27 @@ def test_a_resume_refused_for_other_eval_settings_after_training_names_the_evalu
     with pytest.raises(RunConfigError) as refused:  # a change to training itself gets no such advice
         run_experiment(smoke_config(*overrides, "eval.batch_size=2", "seed=1", "ckpt_path=auto"), run_dir)
     assert "mode=eval" not in str(refused.value)
+
+
+def test_a_resume_on_other_training_items_is_refused_even_without_a_file_digest(tmp_path, stop_at_step, monkeypatch):
+    """The registered hub sets (commonsense_170k, math_10k, alpaca_gpt4: the paper's training data) record no SHA-256,
+    so `check_same_data` could not see a dataset updated on the hub, or re-downloaded into a fresh cache, between two
+    sessions: the resumed run trained on other items, with no word. The items themselves are compared now."""
+    overrides = ["trainer.max_steps=4", "trainer.checkpoint_every_n_steps=100"]
+    patch = stop_at_step(1)
+    with pytest.raises(RunInterrupted):
+        run_experiment(smoke_config(*overrides, logger="csv"), tmp_path)
+    patch.undo()
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    load_train = runner.load_train
+
+    def updated(*args):  # the same sources, files and count; one answer corrected upstream
+        examples = load_train(*args)
+        return [examples[0].__class__(**{**vars(examples[0]), "output": "corrected"}), *examples[1:]]
+
+    monkeypatch.setattr(runner, "load_train", updated)
+    with pytest.raises(CheckpointError, match=r"checkpoint \S+last\.ckpt was written while the training items were "):
+        run_experiment(smoke_config(*overrides, "ckpt_path=last", logger="csv"), tmp_path)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    monkeypatch.undo()
+    assert run_experiment(smoke_config(*overrides, "ckpt_path=last", logger="csv"), tmp_path)["train"]["steps"] == 4

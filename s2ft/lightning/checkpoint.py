@@ -158,6 +158,26 @@ def check_same_data(checkpoint: dict, path: Path, sources: list[dict]) -> None:
             )
 
 
+def check_same_items(checkpoint: dict, path, digest: str) -> None:
+    """Check that the run's training and validation items are those the checkpoint was written with.
+
+    Args:
+        checkpoint: The loaded checkpoint; one written before checkpoints stored the items' digest is not checked.
+        path: Its file, for the message.
+        digest: `s2ft.lightning.provenance.items_digest` of this session's items.
+
+    Raises:
+        CheckpointError: Other items (the sources' files are checked first, by `check_same_data`, which names them).
+    """
+    saved = checkpoint.get("training_items")
+    if saved and saved != digest:
+        raise CheckpointError(
+            f"checkpoint {path} was written while the training items were others (a hub dataset updated since, or "
+            "read from another datasets cache, a converter changed): the resumed run would train on other items than "
+            "the run it continues. Restore them, or start the run again in a new directory"
+        )
+
+
 def base_sample(model: torch.nn.Module, tokenizer=None) -> str:
     """SHA-256 of the base model as loaded (before a method changes it) and of its tokenizer: every tensor's name,
     shape and dtype and `BASE_SAMPLE` of its values, evenly strided; the tokenizer's whole definition, special tokens
