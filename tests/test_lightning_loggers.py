@@ -193,3 +193,23 @@ def test_a_resume_leaves_the_wandb_id_file_as_it_was(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):  # a fresh start writes a new id: stopped, it leaves the old file whole
         build_logger({"name": "wandb"}, CFG | {"ckpt_path": None}, tmp_path)
     assert id_file.read_bytes() == written and [p.name for p in tmp_path.iterdir()] == [WANDB_ID_FILE]
+
+
+def test_rows_of_metrics_csv_damaged_inside_are_dropped_not_a_traceback(tmp_path, caplog):
+    """A disk fault inside metrics.csv (bytes that are not UTF-8, a field that is no number) stopped every resume with
+    a UnicodeDecodeError or ValueError traceback; the rows that read back are replayed, the others named."""
+    first = build_logger({"name": "csv"}, CFG, tmp_path)
+    for step in range(4):
+        first.log_metrics({"train/loss": 2.0 - step, "train/lr": 0.125}, step=step)
+    first.save()
+    metrics = tmp_path / "metrics.csv"
+    lines = metrics.read_bytes().split(b"\r\n")
+    assert lines[2:4] == [b"1,1.0,0.125", b"2,0.0,0.125"]
+    lines[2], lines[3] = b"1,1.0,0.1\xff5", b"2,0.0,0.1x5"
+    metrics.write_bytes(b"\r\n".join(lines))
+    with caplog.at_level(logging.WARNING):
+        resumed = build_logger({"name": "csv"}, CFG | {"ckpt_path": "last"}, tmp_path)
+    assert f"{metrics}: 2 damaged row(s) dropped (steps 1, 2)" in caplog.text
+    resumed.replay(before_step=4)
+    resumed.save()
+    assert metrics.read_text().splitlines() == ["step,train/loss,train/lr", "0,2.0,0.125", "3,-1.0,0.125"]

@@ -158,13 +158,14 @@ class ResumableCSVLogger(CSVLogger):
 
 
 def _whole_rows(file: Path) -> list[dict[str, str]]:
-    """The rows of a metrics.csv, without a last line cut short.
+    """The rows of a metrics.csv that read back whole.
 
     The writer appends every logged row: a session killed while it wrote (or a machine that went down before the disk
     had the file's tail) leaves a last line without its line end, missing fields (None, which stopped the replay) or
-    holding a number cut short. That row is dropped with a warning; the rows before it are whole.
+    holding a number cut short; a disk fault inside the file leaves bytes that are not text or a field that is no
+    number. Those rows are dropped with a warning, so the resume replays the others instead of stopping on them.
     """
-    with file.open(newline="") as handle:
+    with file.open(newline="", errors="replace") as handle:  # a byte that is not UTF-8 spoils its row, not the file
         text = handle.read()
     rows = list(csv.DictReader(text.splitlines(keepends=True)))
     if rows and not text.endswith("\n"):
@@ -174,7 +175,25 @@ def _whole_rows(file: Path) -> list[dict[str, str]]:
             rows[-1].get("step"),
         )
         rows = rows[:-1]
-    return rows
+    whole = [row for row in rows if _reads_back(row)]
+    if len(whole) < len(rows):
+        damaged = [str(row.get("step")) for row in rows if not _reads_back(row)]
+        log.warning("%s: %d damaged row(s) dropped (steps %s)", file, len(damaged), ", ".join(damaged))
+    return whole
+
+
+def _reads_back(row: dict) -> bool:
+    """Whether a metrics.csv row has every field (no None, no extra) and each one a number (or empty)."""
+    if None in row or None in row.values():
+        return False
+    try:
+        int(row["step"])
+        for key, value in row.items():
+            if value != "" and key != "step":
+                _number(value)
+    except (KeyError, ValueError):
+        return False
+    return True
 
 
 class _RunWriter(ExperimentWriter):
