@@ -401,11 +401,20 @@ def _check_logger(logger: dict) -> list[str]:
 def _check_sources(cfg: dict, mode: str) -> list[str]:
     problems = []
     run_dir, adapter, ckpt = cfg.get("run_dir"), cfg.get("adapter"), cfg.get("ckpt_path")
+    # Anything but a string (ckpt_path=true, run_dir=3) would reach Path() below, whose TypeError is a traceback.
+    if ckpt is not None and not isinstance(ckpt, str):
+        problems.append(f"ckpt_path must be 'last', 'auto' or a checkpoint file, got {ckpt!r} (e.g. ckpt_path=auto)")
+        ckpt = None
+    for key, value in (("run_dir", run_dir), ("adapter", adapter)):
+        if value is not None and not isinstance(value, str):
+            problems.append(f"{key} must be a path to a folder, got {value!r}")
     if mode == "eval" and run_dir is None and adapter is None and cfg["method"].get("name") != "none":
         problems.append(
             "mode=eval needs run_dir=PATH (a finished run), adapter=PATH, adapters=[PATH,...] (several S2FT "
             "adapters in one pass), or method=none (the base model)"
         )
+    run_dir = run_dir if isinstance(run_dir, str) else None
+    adapter = adapter if isinstance(adapter, str) else None
     if run_dir is not None and not (Path(run_dir) / "adapter").is_dir():
         problems.append(f"run_dir {run_dir!r} has no adapter/ folder; point it at a finished run directory")
     if adapter is not None and not Path(adapter).is_dir():

@@ -23,6 +23,7 @@ from s2ft.errors import UserError
 from s2ft.evaluation import evaluate, heldout_item_losses
 from s2ft.evaluation.evaluate import evaluate_adapters
 from s2ft.evaluation.heldout import adapter_item_losses
+from s2ft.lightning import evaluation as lightning_evaluation
 from s2ft.lightning import run_experiment
 from s2ft.lightning.provenance import read_adapter_record, write_adapter_record
 from s2ft.methods import prepare_model, save_trained
@@ -145,6 +146,17 @@ def test_one_batched_pass_gives_what_each_adapter_alone_gives(mode, sources, tmp
         outputs[name] = [r["output"] for r in records(batched_dir / "predictions" / "piqa.jsonl")]
     if mode == "generate":  # every adapter answers in its own way, so a mix-up of rows would show
         assert outputs["n1"] != outputs["n2"] and outputs["n1"] != outputs["cs"]
+
+
+def test_auto_skips_a_finished_batched_pass(sources, tmp_path, monkeypatch):
+    """An adapters=[...] run finishes with adapters.json, not summary.json: ckpt_path=auto (a rerun study sweep) took
+    its directory for an attempt that never finished and evaluated every adapter again, rewriting their results."""
+    overrides = (*EVAL, TASKS["loglik"], "eval.heldout=[]", f"adapters=[{sources['n1']},{sources['n2']}]")
+    index = run_experiment(smoke_config(*overrides, "ckpt_path=auto"), tmp_path / "eval")
+    before = snapshot(tmp_path / "eval")
+    monkeypatch.setattr(lightning_evaluation, "measure_adapters", lambda *args: pytest.fail("evaluated again"))
+    assert run_experiment(smoke_config(*overrides, "ckpt_path=auto"), tmp_path / "eval") == index
+    assert snapshot(tmp_path / "eval") == before
 
 
 def test_each_adapter_is_evaluated_in_its_own_template(tmp_path):

@@ -1,5 +1,9 @@
 """Loggers from the `logger` group: W&B offline with a run id kept in the run directory, CSV, none."""
 
+import csv
+import logging
+from pathlib import Path
+
 import pytest
 from conftest import compose_run
 
@@ -98,3 +102,114 @@ def test_resumed_csv_logger_keeps_history_without_the_deletion_warning(tmp_path)
     resumed.save()
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert rows[1:] == ["0,2.0", "1,1.0", "2,0.5"] and "train/loss" in rows[0]
+
+
+def test_a_metrics_file_cut_short_loses_only_its_torn_row_on_resume(tmp_path, caplog):
+    """A session killed while the CSV writer appended (or a machine that went down before the disk had the file's
+    tail) leaves a last line cut short: reading it back stopped every resume with an AttributeError (a missing field
+    is None), or would have replayed a number cut short as if it had been logged."""
+    first = build_logger({"name": "csv"}, CFG, tmp_path)
+    for step in range(3):
+        first.log_metrics({"train/loss": 2.0 - step, "train/lr": 0.125}, step=step)
+    first.save()
+    metrics = tmp_path / "metrics.csv"
+    whole = metrics.read_bytes()
+    assert whole.endswith(b"2,0.0,0.125\r\n")
+    metrics.write_bytes(whole[: -len(b".0,0.125\r\n")])  # "2,0": step 2's row, torn inside its loss
+    with caplog.at_level(logging.WARNING):
+        resumed = build_logger({"name": "csv"}, CFG | {"ckpt_path": "last"}, tmp_path)
+    assert f"{metrics} ends in a row cut short (a session stopped while writing it): dropped" in caplog.text
+    assert [row["step"] for row in resumed.history] == ["0", "1"]
+    resumed.replay(before_step=3)
+    resumed.log_metrics({"train/loss": 0.5, "train/lr": 0.125}, step=3)
+    resumed.save()
+    rows = metrics.read_text().splitlines()
+    assert rows == ["step,train/loss,train/lr", "0,2.0,0.125", "1,1.0,0.125", "3,0.5,0.125"]
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["fresh", "resumed"])
+def test_a_session_stopped_while_the_csv_header_grows_keeps_every_row(tmp_path, monkeypatch, resume):
+    """A key logged for the first time (the first validation's val/loss, the final results) makes the writer rewrite
+    metrics.csv under a wider header: it truncated the file in place and wrote it again, so a session stopped in
+    between (killed, Ctrl-C) left a file without the rows logged before, which a resume then could not replay."""
+    logger = build_logger({"name": "csv"}, CFG, tmp_path)
+    for step in range(3):
+        logger.log_metrics({"train/loss": 2.0 - step}, step=step)
+    logger.save()
+    if resume:  # the resumed session's replay wrote the file, then it logs a new key
+        logger = build_logger({"name": "csv"}, CFG | {"ckpt_path": "last"}, tmp_path)
+        logger.replay(before_step=3)
+    metrics = tmp_path / "metrics.csv"
+    written = metrics.read_bytes()
+    logger.log_metrics({"val/loss": 1.5}, step=3)
+    rows = csv.DictWriter.writerows
+
+    def killed(self, rowdicts):
+        raise KeyboardInterrupt  # the session stops while the rewrite writes the rows
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", killed)
+    with pytest.raises(KeyboardInterrupt):
+        logger.save()
+    assert metrics.read_bytes() == written
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+    monkeypatch.setattr(csv.DictWriter, "writerows", rows)
+    logger.save()
+    assert metrics.read_text().splitlines() == [
+        "step,train/loss,val/loss", "0,2.0,", "1,1.0,", "2,0.0,", "3,,1.5"
+    ]  # fmt: skip
+
+
+def test_a_resume_leaves_the_wandb_id_file_as_it_was(tmp_path, monkeypatch):
+    """Every session wrote wandb_id.txt again, in place, even a resume that only reads it: one stopped while writing
+    left it empty, and the next resume then started a new W&B run instead of continuing the run's own."""
+    made = []
+
+    class Recorder:  # stands in for the W&B logger: starting the W&B service takes ~20 s here
+        def __init__(self, **kwargs):
+            made.append(kwargs)
+
+        def log_hyperparams(self, params):
+            pass
+
+    monkeypatch.setattr(loggers, "QuietWandbLogger", Recorder)
+    id_file = tmp_path / WANDB_ID_FILE
+    build_logger({"name": "wandb"}, CFG | {"ckpt_path": None}, tmp_path)
+    written = id_file.read_bytes()
+    write_text = Path.write_text
+
+    def stopped(self, text, *args, **kwargs):
+        if WANDB_ID_FILE in self.name:  # the file (or its temporary twin) is opened, then the session stops
+            write_text(self, "", *args, **kwargs)
+            raise KeyboardInterrupt
+        return write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", stopped)
+    try:
+        build_logger({"name": "wandb"}, CFG | {"ckpt_path": "last"}, tmp_path)
+    except KeyboardInterrupt:
+        pass
+    assert id_file.read_bytes() == written
+    assert made[-1]["id"] == written.decode().strip() and made[-1]["resume"] == "allow"
+    with pytest.raises(KeyboardInterrupt):  # a fresh start writes a new id: stopped, it leaves the old file whole
+        build_logger({"name": "wandb"}, CFG | {"ckpt_path": None}, tmp_path)
+    assert id_file.read_bytes() == written and [p.name for p in tmp_path.iterdir()] == [WANDB_ID_FILE]
+
+
+def test_rows_of_metrics_csv_damaged_inside_are_dropped_not_a_traceback(tmp_path, caplog):
+    """A disk fault inside metrics.csv (bytes that are not UTF-8, a field that is no number) stopped every resume with
+    a UnicodeDecodeError or ValueError traceback; the rows that read back are replayed, the others named."""
+    first = build_logger({"name": "csv"}, CFG, tmp_path)
+    for step in range(4):
+        first.log_metrics({"train/loss": 2.0 - step, "train/lr": 0.125}, step=step)
+    first.save()
+    metrics = tmp_path / "metrics.csv"
+    lines = metrics.read_bytes().split(b"\r\n")
+    assert lines[2:4] == [b"1,1.0,0.125", b"2,0.0,0.125"]
+    lines[2], lines[3] = b"1,1.0,0.1\xff5", b"2,0.0,0.1x5"
+    metrics.write_bytes(b"\r\n".join(lines))
+    with caplog.at_level(logging.WARNING):
+        resumed = build_logger({"name": "csv"}, CFG | {"ckpt_path": "last"}, tmp_path)
+    assert f"{metrics}: 2 damaged row(s) dropped (steps 1, 2)" in caplog.text
+    resumed.replay(before_step=4)
+    resumed.save()
+    assert metrics.read_text().splitlines() == ["step,train/loss,train/lr", "0,2.0,0.125", "3,-1.0,0.125"]

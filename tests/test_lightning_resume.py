@@ -1,6 +1,7 @@
 """Exact resume: a run stopped by SIGTERM mid-epoch and resumed with ckpt_path=last ends with the same weights."""
 
 import os
+import re
 import signal
 import statistics
 import time
@@ -409,3 +410,125 @@ def test_a_resume_on_another_number_of_processes_is_refused(tmp_path, stop_at_st
     with pytest.raises(CheckpointError, match=r"written by 2 processes, but this run has 1 \(trainer.devices="):
         run_experiment(smoke_config(*overrides, "ckpt_path=last"), tmp_path)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("signalled", [False, True], ids=["ctrl_c", "killed"])
+def test_a_resume_stopped_before_its_checkpoint_loads_keeps_the_first_sessions_metrics(
+    tmp_path, stop_at_step, monkeypatch, signalled
+):
+    """Lightning's CSV writer deleted metrics.csv as the resumed session built its logger, and the rows logged before
+    the checkpoint were written back only once the checkpoint loaded, inside fit: a resume stopped in between (Ctrl-C,
+    or a kill while DDP waited for its ranks) lost the first session's rows for good, and so did every later resume."""
+    overrides = ["trainer.max_steps=6", "trainer.checkpoint_every_n_steps=100"]
+    full = run_experiment(smoke_config(*overrides, logger="csv"), tmp_path / "full")
+    patch = stop_at_step(2)
+    with pytest.raises(RunInterrupted):
+        run_experiment(smoke_config(*overrides, logger="csv"), tmp_path / "job")
+    patch.undo()
+    metrics = tmp_path / "job" / "metrics.csv"
+    written = metrics.read_bytes()
+
+    def stopped(self):
+        if signalled:  # a process killed here runs no cleanup: what is on disk then is what the next resume reads
+            raise SystemExit(f"killed; metrics.csv is {'there' if metrics.is_file() else 'gone'}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FineTuneModule, "configure_model", stopped)
+    with pytest.raises((KeyboardInterrupt, SystemExit)) as stop:
+        run_experiment(smoke_config(*overrides, "ckpt_path=last", logger="csv"), tmp_path / "job")
+    if signalled:
+        assert str(stop.value) == "killed; metrics.csv is there"
+    assert metrics.read_bytes() == written
+    monkeypatch.undo()
+    resumed = run_experiment(smoke_config(*overrides, "ckpt_path=last", logger="csv"), tmp_path / "job")
+    assert resumed["train"]["loss_curve"] == full["train"]["loss_curve"]
+    assert logged(tmp_path / "job") == pytest.approx(logged(tmp_path / "full"))
+
+
+def test_a_resume_onto_another_base_model_is_refused_before_anything_is_written(tmp_path, stop_at_step, monkeypatch):
+    """A checkpoint holds only the trained tensors: the resumed session loads the base model and its tokenizer again by
+    name. A hub model updated since (hub ids are not pinned to a revision; a tokenizer's chat template is often fixed
+    alone), or a local folder replaced, trained the run's tensors on another base, or on other token ids, from then on,
+    with no word; changed training files are refused so (`check_same_data`)."""
+    overrides = ["trainer.max_steps=4", "trainer.checkpoint_every_n_steps=100"]
+    patch = stop_at_step(1)
+    with pytest.raises(RunInterrupted):
+        run_experiment(smoke_config(*overrides, logger="csv"), tmp_path)
+    patch.undo()
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    build = runner.build_run_model
+
+    def updated(*args):  # the same architecture and name, other values (as a new revision of a hub model)
+        model, tokenizer = build(*args)
+        with torch.no_grad():
+            next(model.parameters()).mul_(1.01)
+        return model, tokenizer
+
+    def retemplated(*args):  # the same weights, a tokenizer with a fixed chat template (data.template=chat reads it)
+        model, tokenizer = build(*args)
+        tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}\n{% endfor %}"
+        return model, tokenizer
+
+    for changed in (updated, retemplated):
+        monkeypatch.setattr(runner, "build_run_model", changed)
+        with pytest.raises(CheckpointError, match=r"checkpoint \S+last\.ckpt was written on another base model than "):
+            run_experiment(smoke_config(*overrides, "ckpt_path=last", logger="csv"), tmp_path)
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    monkeypatch.undo()
+    assert run_experiment(smoke_config(*overrides, "ckpt_path=last", logger="csv"), tmp_path)["train"]["steps"] == 4
+
+
+def test_a_resume_refused_for_other_eval_settings_after_training_names_the_evaluation_command(tmp_path, monkeypatch):
+    """Training done, the final evaluation failed (out of memory at eval.batch_size, say): resuming with other eval.*
+    settings is refused, and the fixes the message named were to resume with the settings that failed or to train
+    again in a new directory; the adapter the run saved can be evaluated on its own, which it now says."""
+    overrides = ["trainer.max_steps=2", "eval.tasks=[boolq]", "eval.limit=2", "eval.heldout=[]"]
+
+    def out_of_memory(*args):
+        raise KeyboardInterrupt
+
+    measure = runner.measure_model
+    monkeypatch.setattr(runner, "measure_model", out_of_memory)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(smoke_config(*overrides), tmp_path / "run")
+    monkeypatch.setattr(runner, "measure_model", measure)
+    run_dir = tmp_path / "run"
+    assert (run_dir / "adapter").is_dir() and not (run_dir / "summary.json").exists()
+    message = (
+        r"differs in eval\.batch_size\); .* its training is done \(adapter/\): evaluate it with the new eval settings "
+        rf"in a directory of its own with python run\.py <these overrides, without ckpt_path> mode=eval "
+        rf"run_dir={re.escape(str(run_dir))}$"
+    )
+    with pytest.raises(RunConfigError, match=message):
+        run_experiment(smoke_config(*overrides, "eval.batch_size=2", "ckpt_path=auto"), run_dir)
+    done = run_experiment(
+        smoke_config(*overrides, "eval.batch_size=2", "mode=eval", f"run_dir={run_dir}"), tmp_path / "e"
+    )
+    assert done["eval"]["boolq"]["n"] == 2
+    with pytest.raises(RunConfigError) as refused:  # a change to training itself gets no such advice
+        run_experiment(smoke_config(*overrides, "eval.batch_size=2", "seed=1", "ckpt_path=auto"), run_dir)
+    assert "mode=eval" not in str(refused.value)
+
+
+def test_a_resume_on_other_training_items_is_refused_even_without_a_file_digest(tmp_path, stop_at_step, monkeypatch):
+    """The registered hub sets (commonsense_170k, math_10k, alpaca_gpt4: the paper's training data) record no SHA-256,
+    so `check_same_data` could not see a dataset updated on the hub, or re-downloaded into a fresh cache, between two
+    sessions: the resumed run trained on other items, with no word. The items themselves are compared now."""
+    overrides = ["trainer.max_steps=4", "trainer.checkpoint_every_n_steps=100"]
+    patch = stop_at_step(1)
+    with pytest.raises(RunInterrupted):
+        run_experiment(smoke_config(*overrides, logger="csv"), tmp_path)
+    patch.undo()
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    load_train = runner.load_train
+
+    def updated(*args):  # the same sources, files and count; one answer corrected upstream
+        examples = load_train(*args)
+        return [examples[0].__class__(**{**vars(examples[0]), "output": "corrected"}), *examples[1:]]
+
+    monkeypatch.setattr(runner, "load_train", updated)
+    with pytest.raises(CheckpointError, match=r"checkpoint \S+last\.ckpt was written while the training items were "):
+        run_experiment(smoke_config(*overrides, "ckpt_path=last", logger="csv"), tmp_path)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    monkeypatch.undo()
+    assert run_experiment(smoke_config(*overrides, "ckpt_path=last", logger="csv"), tmp_path)["train"]["steps"] == 4

@@ -143,6 +143,17 @@ def test_bad_training_numbers_and_resume_source(tmp_path):
         assert line in str(info.value)
 
 
+@pytest.mark.parametrize("value", ["true", "3", "[last]", "{a: 1}"])
+def test_a_resume_or_eval_source_that_is_no_path_is_a_config_problem_not_a_traceback(value):
+    """ckpt_path=true (a resume "switch"), run_dir=3 or adapter=[PATH] reached Path() in the check itself, which raised
+    a TypeError (a traceback from run.py) instead of naming the key."""
+    with pytest.raises(RunConfigError, match=r"ckpt_path must be 'last', 'auto' or a checkpoint file, got "):
+        validate_run_config(compose_run(f"ckpt_path={value}"))
+    for key in ("run_dir", "adapter"):
+        with pytest.raises(RunConfigError, match=rf"{key} must be a path to a folder, got "):
+            validate_run_config(compose_run("mode=eval", f"{key}={value}"))
+
+
 @pytest.mark.parametrize("size", [0.01, 1, 64])
 def test_calibration_size_is_items_or_a_fraction(size):
     validate_run_config(

@@ -123,6 +123,20 @@ def legacy(ckpt: Path) -> None:
     (ckpt.parent.parent / "config.yaml").unlink()
 
 
+def torn_summary(ckpt: Path) -> None:
+    """summary.json cut short (it is written atomically: a disk or a user tore it)."""
+    summary = ckpt.parent.parent / "summary.json"
+    summary.write_text(summary.read_text()[:100])
+
+
+def emptied_config(ckpt: Path) -> None:
+    (ckpt.parent.parent / "config.yaml").write_text("")
+
+
+def garbled_config(ckpt: Path) -> None:
+    (ckpt.parent.parent / "config.yaml").write_bytes(random.Random(0).randbytes(256))
+
+
 PREVIOUS_FIX = r"resume from it with python run\.py <same overrides> hydra\.run\.dir=\S+ ckpt_path=\S+previous\.ckpt"
 UNREADABLE = r"last\.ckpt cannot be loaded safely .*" + PREVIOUS_FIX
 OTHER = RunConfigError
@@ -164,6 +178,19 @@ CASES = {
     "resume_finished": (
         "finished", None, ["ckpt_path=last"], RunDirError,
         r"ckpt_path=last but \S+ holds a finished run \(summary\.json\), so there is nothing to resume; ckpt_path=auto",
+    ),
+    "auto_torn_summary": (
+        "finished", torn_summary, ["ckpt_path=auto"], RunDirError,
+        r"summary\.json cannot be read \(.*\): it is damaged\. Restore it, evaluate the run again in a directory of "
+        r"its own with python run\.py mode=eval run_dir=\S+, or train it again with overwrite=true",
+    ),
+    "emptied_config": (
+        "interrupted", emptied_config, ["ckpt_path=last"], RunDirError,
+        r"config\.yaml holds no run config \(a YAML mapping\), but None; restore it or start in a new directory",
+    ),
+    "garbled_config": (
+        "interrupted", garbled_config, ["ckpt_path=auto"], RunDirError,
+        r"config\.yaml cannot be read \(.*\); restore it or start in a new directory",
     ),
     "overwrite_and_resume": (
         "interrupted", None, ["overwrite=true", "ckpt_path=last"], RunConfigError,

@@ -237,9 +237,9 @@ class LastCheckpoint(L.Callback):
     Under DDP every rank takes the signals so, and the ranks agree at the end of each optimizer step whether any of
     them was signalled (Lightning's own handling stopped each rank at the end of any batch, inside an accumulation
     or a validation, saved that state, and could leave the ranks waiting on each other). Every checkpoint stores the
-    run's config and its training files' digests too, so a resume under another config or on changed data is refused
-    before it starts. They store the code each session trained under (``code_history``), which a resumed run's summary
-    lists.
+    run's config, its training files' and items' digests and its base model's, so a resume under another config, on
+    changed data or on another base model is refused before it starts. They store the code each session trained
+    under (``code_history``), which a resumed run's summary lists.
     """
 
     SIGNALS = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
@@ -251,9 +251,10 @@ class LastCheckpoint(L.Callback):
         run_config: dict | None = None,
         sources: list | None = None,
         code_history: list | None = None,
+        digests: dict[str, str] | None = None,
     ):
         self.path, self.every_n_steps, self.run_config, self.sources = Path(path), every_n_steps, run_config, sources
-        self.code_history = code_history
+        self.code_history, self.digests = code_history, dict(digests or {})
         self.interrupted: str | None = None  # the signal that asked to stop
         self._previous: dict[int, object] = {}
         self._pending = False  # a save waiting for the validation in progress
@@ -295,6 +296,8 @@ class LastCheckpoint(L.Callback):
             checkpoint["training_sources"] = self.sources  # `training_record`'s: name, file, SHA-256, count, items
         if self.code_history is not None:
             checkpoint["code_history"] = self.code_history  # `s2ft.lightning.checkpoint.code_history`
+        # What the run was started on, checked on resume: `base_sample`, the training items' `items_digest`.
+        checkpoint.update(self.digests)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         loop = trainer.fit_loop.epoch_loop

@@ -7,6 +7,8 @@ arbitrary code.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from s2ft.errors import UserError
 CHECKPOINT = Path("checkpoints") / "last.ckpt"
 PREVIOUS = Path("checkpoints") / "previous.ckpt"
 REQUIRED = ("state_dict", "global_step", "loops", "optimizer_states")
+BASE_SAMPLE = 4096  # values of each base tensor that `base_sample` hashes
 log = logging.getLogger(__name__)
 
 
@@ -153,6 +156,72 @@ def check_same_data(checkpoint: dict, path: Path, sources: list[dict]) -> None:
                 f"now {source['sha256'][:12]}...): the resumed run would train on other items than the run it "
                 "continues. Restore that file, or start the run again in a new directory"
             )
+
+
+def check_same_items(checkpoint: dict, path, digest: str) -> None:
+    """Check that the run's training and validation items are those the checkpoint was written with.
+
+    Args:
+        checkpoint: The loaded checkpoint; one written before checkpoints stored the items' digest is not checked.
+        path: Its file, for the message.
+        digest: `s2ft.lightning.provenance.items_digest` of this session's items.
+
+    Raises:
+        CheckpointError: Other items (the sources' files are checked first, by `check_same_data`, which names them).
+    """
+    saved = checkpoint.get("training_items")
+    if saved and saved != digest:
+        raise CheckpointError(
+            f"checkpoint {path} was written while the training items were others (a hub dataset updated since, or "
+            "read from another datasets cache, a converter changed): the resumed run would train on other items than "
+            "the run it continues. Restore them, or start the run again in a new directory"
+        )
+
+
+def base_sample(model: torch.nn.Module, tokenizer=None) -> str:
+    """SHA-256 of the base model as loaded (before a method changes it) and of its tokenizer: every tensor's name,
+    shape and dtype and `BASE_SAMPLE` of its values, evenly strided; the tokenizer's whole definition, special tokens
+    and chat template (``data.template=chat`` renders the training items with it).
+
+    A checkpoint holds only the trained tensors, so a resumed session loads the base again by its name; another
+    revision of a hub model, another conversion or a replaced folder changes nearly every value, which a sample
+    shows at a cost of milliseconds where hashing a 7B model would take a minute.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // BASE_SAMPLE)][:BASE_SAMPLE]
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(sample.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    if tokenizer is not None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer's vocabulary, merges, normalizer
+        definition = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
+        special = {key: str(value) for key, value in tokenizer.special_tokens_map.items()}
+        digest.update(json.dumps([definition, special, tokenizer.chat_template], default=str).encode())
+    return digest.hexdigest()
+
+
+def check_same_base(checkpoint: dict, path, sample: str, name: str) -> None:
+    """Check that the base model and its tokenizer load as they did when the checkpoint was written.
+
+    Args:
+        checkpoint: The loaded checkpoint; one written before checkpoints stored the base's sample is not checked.
+        path: Its file, for the message.
+        sample: `base_sample` of the base model and tokenizer this session loaded.
+        name: Its ``model.name``, for the message.
+
+    Raises:
+        CheckpointError: Other values or another tokenizer: the resumed run would train its tensors on another base
+            model, or on other token ids.
+    """
+    saved = checkpoint.get("base_sample")
+    if saved and saved != sample:
+        raise CheckpointError(
+            f"checkpoint {path} was written on another base model than model.name={name!r} loads now (other weights or "
+            "another tokenizer: a hub model updated since, another conversion, a replaced folder): the resumed run "
+            "would train its tensors on another base model. Restore that model, or start the run again in a new "
+            "directory"
+        )
 
 
 def code_history(checkpoint: dict | None, path, code: dict) -> list[dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import sys
 import uuid
@@ -11,8 +12,13 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities import rank_zero_only
+
+from s2ft.adapter_format import atomic_write
 
 WANDB_ID_FILE = "wandb_id.txt"
+log = logging.getLogger(__name__)
 
 
 def build_logger(logger_cfg: dict, cfg: dict, run_dir: Path):
@@ -38,9 +44,12 @@ def build_logger(logger_cfg: dict, cfg: dict, run_dir: Path):
         id_file = run_dir / WANDB_ID_FILE
         # A fresh start (ckpt_path=auto starting over an attempt that left no checkpoint) is a new W&B run, as its
         # metrics.csv is a new file; only a resume continues the run of the file.
-        resume = bool(cfg.get("ckpt_path")) and id_file.is_file()
-        run_id = id_file.read_text().strip() if resume else uuid.uuid4().hex[:8]
-        id_file.write_text(run_id + "\n")
+        run_id = id_file.read_text().strip() if cfg.get("ckpt_path") and id_file.is_file() else ""
+        if not run_id:
+            # Only a new id is written, and atomically: a resume that rewrote its own id in place and stopped there
+            # left the file empty, and the next resume started a new W&B run.
+            run_id = uuid.uuid4().hex[:8]
+            atomic_write(id_file, lambda tmp: Path(tmp).write_text(run_id + "\n"))
         method = cfg["method"]["name"]
         logger = QuietWandbLogger(
             project=logger_cfg.get("project") or "s2ft",
@@ -92,9 +101,10 @@ def wandb_info(logger) -> dict | None:
 class ResumableCSVLogger(CSVLogger):
     """`metrics.csv` in the run directory that survives a resume.
 
-    Lightning's CSV writer deletes an existing `metrics.csv` when it starts; this logger reads the file first and,
-    once the checkpoint is restored (`ReplayCSVHistory`), writes back the rows logged before the checkpoint's step, so
-    the file of a resumed run matches that of an uninterrupted one.
+    Lightning's CSV writer deletes an existing `metrics.csv` when it starts; on a resume this logger reads the file,
+    leaves it in place and, once the checkpoint is restored (`ReplayCSVHistory`), replaces it (atomically) with the rows
+    logged before the checkpoint's step, so the file of a resumed run matches that of an uninterrupted one, and a
+    resume that stops before its checkpoint loads leaves the file as it was.
 
     Args:
         run_dir: The run directory.
@@ -106,23 +116,122 @@ class ResumableCSVLogger(CSVLogger):
         file = Path(self.log_dir) / "metrics.csv"
         self.history: list[dict[str, str]] = []
         if resume and file.is_file():
-            with file.open(newline="") as handle:
-                self.history = list(csv.DictReader(handle))
+            self.history = _whole_rows(file)
         # Lightning's writer warns, on creation, that the old logs "will be deleted" whenever the directory is not
         # empty, which Hydra's `.hydra/` always makes it: a resume writes them back (`replay`), and a fresh run's
         # directory was checked (`prepare_run_dir`) before, so the warning is never news here.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Previous log files in this directory will be deleted")
+            if rank_zero_only.rank == 0:  # only rank 0 writes (other ranks get Lightning's dummy experiment)
+                # Until the replay the first session's rows exist only in this file: deleted here, a resume stopped
+                # before its checkpoint loads (Ctrl-C, a kill while DDP waits for its ranks) would lose them for good.
+                self._experiment = _RunWriter(self.log_dir, keep=bool(self.history))
             self.experiment  # noqa: B018  (creates the writer now, inside the filter)
 
     def replay(self, before_step: int) -> None:
-        """Logs again the remembered rows of steps before `before_step` (later ones are logged anew by training)."""
+        """Logs again the remembered rows of steps before `before_step` (later ones are logged anew by training), in a
+        new `metrics.csv` that replaces the old one at once."""
         for row in self.history:
             step = int(row["step"])
             if step < before_step:
                 self.experiment.log_metrics({k: _number(v) for k, v in row.items() if v != "" and k != "step"}, step)
         self.history = []
-        self.save()
+        writer = self.experiment
+        if not (isinstance(writer, _RunWriter) and writer.keep):
+            self.save()
+            return
+        final = Path(writer.metrics_file_path)
+        if not writer.metrics:  # nothing before the checkpoint's step: the old rows all come again
+            final.unlink(missing_ok=True)
+            return
+
+        def write(tmp: Path) -> None:
+            # The writer's own save, into a file of its own: a header of these rows' keys, then the rows; later saves
+            # append to the file that replaces the old one.
+            writer.metrics_file_path = str(tmp)
+            try:
+                self.save()
+            finally:
+                writer.metrics_file_path = str(final)
+
+        atomic_write(final, write)
+
+
+def _whole_rows(file: Path) -> list[dict[str, str]]:
+    """The rows of a metrics.csv that read back whole.
+
+    The writer appends every logged row: a session killed while it wrote (or a machine that went down before the disk
+    had the file's tail) leaves a last line without its line end, missing fields (None, which stopped the replay) or
+    holding a number cut short; a disk fault inside the file leaves bytes that are not text or a field that is no
+    number. Those rows are dropped with a warning, so the resume replays the others instead of stopping on them.
+    """
+    with file.open(newline="", errors="replace") as handle:  # a byte that is not UTF-8 spoils its row, not the file
+        text = handle.read()
+    rows = list(csv.DictReader(text.splitlines(keepends=True)))
+    if rows and not text.endswith("\n"):
+        log.warning(
+            "%s ends in a row cut short (a session stopped while writing it): dropped that row (step %s)",
+            file,
+            rows[-1].get("step"),
+        )
+        rows = rows[:-1]
+    whole = [row for row in rows if _reads_back(row)]
+    if len(whole) < len(rows):
+        damaged = [str(row.get("step")) for row in rows if not _reads_back(row)]
+        log.warning("%s: %d damaged row(s) dropped (steps %s)", file, len(damaged), ", ".join(damaged))
+    return whole
+
+
+def _reads_back(row: dict) -> bool:
+    """Whether a metrics.csv row has every field (no None, no extra) and each one a number (or empty)."""
+    if None in row or None in row.values():
+        return False
+    try:
+        int(row["step"])
+        for key, value in row.items():
+            if value != "" and key != "step":
+                _number(value)
+    except (KeyError, ValueError):
+        return False
+    return True
+
+
+class _RunWriter(ExperimentWriter):
+    """Lightning's CSV writer, made safe for a run's `metrics.csv`: the file is rewritten under a wider header (a key
+    logged for the first time) atomically, and a resumed session leaves the file it finds in place (``keep``) until
+    its replay replaces it.
+
+    Lightning truncated the file and wrote it again in place: a session stopped in between left it without the rows
+    logged before, which a resume could then not replay.
+    """
+
+    def __init__(self, log_dir: str, keep: bool):
+        self.keep = keep
+        super().__init__(log_dir=log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        if not self.keep:
+            super()._check_log_dir_exists()  # deletes the file: a fresh run's directory was checked before
+
+    def save(self) -> None:
+        keys = list(self.metrics_keys)
+        try:
+            super().save()
+        except BaseException:
+            # The file still has the header of these keys: the next save sees the new keys again and rewrites it.
+            self.metrics_keys = keys
+            raise
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        final = Path(self.metrics_file_path)
+
+        def write(tmp: Path) -> None:
+            with final.open(newline="") as old, tmp.open("w", newline="") as new:
+                writer = csv.DictWriter(new, fieldnames=fieldnames)
+                writer.writeheader()
+                writer.writerows(csv.DictReader(old))
+
+        atomic_write(final, write)
 
 
 def _number(text: str) -> int | float:

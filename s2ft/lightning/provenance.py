@@ -9,6 +9,7 @@ refused as training on them is (`s2ft.data.overlap.check_overlap`, held-out loss
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections import Counter
@@ -46,6 +47,21 @@ def training_record(cfg: dict, train: list, val: list, overlap_checked: list[str
         "overlap_checked": overlap_checked,
         "allow_overlap": bool(data.get("allow_overlap", False)),
     }
+
+
+def items_digest(train: list, val: list) -> str:
+    """SHA-256 of a run's training and validation items (`Example` lists) in their order, every field of each.
+
+    A file's SHA-256 (`training_record`'s sources) says nothing of a registered hub set (commonsense_170k, math_10k,
+    alpaca_gpt4), which a hub update or a fresh ``datasets`` cache can change between two sessions of one run.
+    """
+    digest = hashlib.sha256()
+    for split in (train, val):
+        digest.update(f"{len(split)}\n".encode())
+        for example in split:
+            fields = (example.id, example.task, example.instruction, example.input, example.output, example.answer)
+            digest.update((json.dumps(fields) + "\n").encode())
+    return digest.hexdigest()
 
 
 def write_adapter_record(adapter_dir: Path, method: str, record: dict) -> None:

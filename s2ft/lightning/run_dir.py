@@ -33,6 +33,9 @@ OUTPUTS = (
     "config.yaml", "hparams.yaml", "metrics.csv", "summary.json", "wandb_id.txt", "adapter", "checkpoints", "merged",
     "lora", "predictions", "before", "wandb", "adapters", "adapters.json",
 )  # fmt: skip
+# What a finished run leaves last: its summary, or the index of an ``adapters=[...]`` evaluation (one summary per
+# adapter, under adapters/NAME/).
+FINISHED = ("summary.json", "adapters.json")
 # Keys that say how to start a command, not what the run is.
 COMMAND_KEYS = {"ckpt_path", "overwrite"}
 # Where ``overwrite=true`` keeps the old run's outputs until the new run writes its own.
@@ -49,7 +52,8 @@ class RunPlan:
 
     Attributes:
         cfg: The config to run (``ckpt_path`` resolved: None for a fresh start, else the checkpoint file).
-        finished: The summary of the run already finished in the directory (``ckpt_path=auto``): nothing to do.
+        finished: The summary (or ``adapters.json`` index) of the run already finished in the directory
+            (``ckpt_path=auto``): nothing to do.
         checkpoint: The checkpoint to resume from, already loaded and checked against the config.
     """
 
@@ -113,9 +117,9 @@ def prepare_run_dir(cfg: dict, run_dir: Path) -> RunPlan:
         )
     if ckpt == "auto":
         check_same_config(cfg, run_dir, "ckpt_path=auto")
-        summary_file = run_dir / "summary.json"
-        if summary_file.is_file():
-            return RunPlan(cfg, finished=json.loads(summary_file.read_text()))
+        for name in FINISHED:
+            if (run_dir / name).is_file():
+                return RunPlan(cfg, finished=_read_summary(run_dir / name))
         if not (run_dir / CHECKPOINT).is_file():
             # Nothing to resume; what the same config's earlier attempt left (no checkpoint) is started over.
             return RunPlan({**cfg, "ckpt_path": None})
@@ -165,13 +169,57 @@ def check_same_config(cfg: dict, run_dir: Path, why: str) -> None:
         saved = yaml.safe_load(saved_file.read_text())
     except yaml.YAMLError as err:
         raise RunDirError(f"{saved_file} is not valid YAML ({err}); restore it or start in a new directory") from err
+    except (OSError, UnicodeDecodeError) as err:  # not text at all (garbled by a disk), or not readable
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise RunDirError(f"{saved_file} cannot be read ({reason}); restore it or start in a new directory") from err
+    if not isinstance(saved, dict):
+        # An empty or foreign file would compare as one nameless difference: "differs in )".
+        raise RunDirError(
+            f"{saved_file} holds no run config (a YAML mapping), but {str(saved)[:60]}; restore it or start in a new "
+            "directory"
+        )
     differing = config_differences(saved, cfg)
     if differing:
+        hint = ""
+        if all(key.startswith("eval.") for key in differing) and (run_dir / "adapter").is_dir():
+            # Only the evaluation changed, and training saved its adapter: a final evaluation that failed under the old
+            # settings (out of memory, say) is run again by mode=eval, not by training again in a new directory.
+            hint = (
+                "; its training is done (adapter/): evaluate it with the new eval settings in a directory of its own "
+                f"with python run.py <these overrides, without ckpt_path> mode=eval run_dir={run_dir}"
+            )
         raise RunConfigError(
             f"{why}: {run_dir} holds a run of another config (differs in {', '.join(differing)}); give this config "
             f"its own directory (hydra.run.dir, or hydra.sweep.dir for a multirun), or resume with the settings of "
-            f"{saved_file}"
+            f"{saved_file}{hint}"
         )
+
+
+def _read_summary(summary_file: Path) -> dict:
+    """The summary (or index) of a finished run (``ckpt_path=auto`` returns it instead of running again).
+
+    Raises:
+        RunDirError: The file is not a JSON object (torn by a disk or edited: it is written atomically); the message
+            says how to get it again.
+    """
+    try:
+        summary = json.loads(summary_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+    else:
+        if isinstance(summary, dict):
+            return summary
+        reason = f"a JSON {type(summary).__name__}, not an object"
+    # Not "delete it and resume": the finished run's metrics.csv holds its final rows, which a resume would replay.
+    run_dir = summary_file.parent
+    if (run_dir / "adapter").is_dir():  # a trained run
+        fix = (
+            f"Restore it, evaluate the run again in a directory of its own with python run.py mode=eval run_dir="
+            f"{run_dir}, or train it again with overwrite=true (without ckpt_path)"
+        )
+    else:
+        fix = "Restore it, or run it again with overwrite=true (without ckpt_path)"
+    raise RunDirError(f"{summary_file} cannot be read ({reason}): it is damaged. {fix}")
 
 
 def config_differences(saved, current, prefix: str = "") -> list[str]:

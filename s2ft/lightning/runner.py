@@ -41,8 +41,11 @@ from s2ft.lightning.callbacks import (
 )
 from s2ft.lightning.checkpoint import (
     CHECKPOINT,
+    base_sample,
     check_checkpoint_fits,
+    check_same_base,
     check_same_data,
+    check_same_items,
     check_same_world,
     code_history,
 )
@@ -51,7 +54,7 @@ from s2ft.lightning.datamodule import SFTDataModule
 from s2ft.lightning.evaluation import evaluate_only, finish, write_config
 from s2ft.lightning.loggers import ReplayCSVHistory, build_logger, end_wandb_run, wandb_info
 from s2ft.lightning.module import FineTuneModule
-from s2ft.lightning.provenance import training_record, write_adapter_record
+from s2ft.lightning.provenance import items_digest, training_record, write_adapter_record
 from s2ft.lightning.run_dir import RunPlan, honour_umask, prepare_run_dir, run_dir_lock, settle_overwrite
 from s2ft.lightning.sharding import FSDP2Strategy, gather_trained, local_elements
 from s2ft.lightning.summary import build_summary, code_record, flat_metrics, task_record
@@ -134,10 +137,15 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
             "data.batch_size or data.val_size, or train on more items"
         )
     provenance = training_record(cfg, train, val, sorted(eval_sets) + [f"heldout:{name}" for name in heldout])
+    digests = {"training_items": items_digest(train, val)}
     if plan.checkpoint is not None:
         check_same_data(plan.checkpoint, cfg["ckpt_path"], provenance["sources"])
+        check_same_items(plan.checkpoint, cfg["ckpt_path"], digests["training_items"])
 
     model, tokenizer = build_run_model(cfg["model"], paths.get("cache_dir"))
+    digests["base_sample"] = base_sample(model, tokenizer)  # as loaded, before any method changes it
+    if plan.checkpoint is not None:
+        check_same_base(plan.checkpoint, cfg["ckpt_path"], digests["base_sample"], cfg["model"]["name"])
     # Before the untrained model is measured and the run's first files are written: only the tokenizer can tell.
     # Every text the model will read: eval.tasks may differ from the overlap sets (data.overlap_tasks), and a task's
     # own checks run only when it is evaluated, after training when eval.before is off.
@@ -160,7 +168,7 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     # Lightning checks the accelerator, the devices and the launcher's world as it builds the Trainer: before the
     # first writes of the run's own files (metrics, W&B id, config), so a command it refuses leaves none of them.
     history = code_history(plan.checkpoint, cfg["ckpt_path"], code_record(cfg))
-    trainer = _trainer(cfg, run_dir, False, bool(val), plan.checkpoint, provenance["sources"], history)
+    trainer = _trainer(cfg, run_dir, False, bool(val), plan.checkpoint, provenance["sources"], history, digests)
     if plan.checkpoint is not None:
         check_same_world(plan.checkpoint, cfg["ckpt_path"], trainer.world_size)
     # The untrained model is measured, and calibration batches scored, where it trains (this rank's GPU), not where
@@ -345,6 +353,7 @@ def _trainer(
     preloaded: dict | None,
     sources: list | None = None,
     history: list | None = None,
+    digests: dict[str, str] | None = None,
 ) -> L.Trainer:
     tr = cfg["trainer"]
     interval = tr.get("val_check_interval")
@@ -360,6 +369,7 @@ def _trainer(
             run_config=cfg,
             sources=sources,
             code_history=history,
+            digests=digests,
         ),
         ReplayCSVHistory(),
     ]
