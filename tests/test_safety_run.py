@@ -241,6 +241,28 @@ def test_a_training_set_smaller_than_one_batch_is_refused_before_the_model_loads
     assert not run_dir.exists() or snapshot(run_dir) == {}
 
 
+def test_a_fractional_val_interval_inside_an_optimizer_step_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """The config check refuses an int val_check_interval that is no multiple of accumulate_grad_batches; a fraction
+    passed, and Lightning validated every int(fraction * batches) batches, inside an accumulation."""
+    train = tmp_path / "items.jsonl"
+    train.write_text("".join(json.dumps({"instruction": f"Q{i}?", "output": f"A{i}."}) + "\n" for i in range(40)))
+    monkeypatch.setattr(runner, "build_run_model", lambda *args: pytest.fail("the model was loaded"))
+    run_dir = tmp_path / "run"
+    trained = (f"data.train=[{train}]", "data.val_size=8", "data.batch_size=2", "trainer.accumulate_grad_batches=4")
+    message = (
+        r"^trainer.val_check_interval=0.4 is 6 of an epoch's 16 training batches, not a multiple of "
+        r"trainer.accumulate_grad_batches=4: validation would run inside an optimizer step; give it as a batch count, "
+        r"trainer.val_check_interval=4 or 8$"
+    )
+    with pytest.raises(RunConfigError, match=message):
+        run_experiment(config(*trained, "trainer.val_check_interval=0.4"), run_dir)
+    assert not run_dir.exists() or snapshot(run_dir) == {}
+    # Whole optimizer steps between validations, validation only at an epoch's end, or no accumulation: accepted.
+    for interval, accumulate, per_epoch in [(0.5, 4, 16), (1.0, 4, 15), (0.3, 4, 40), (0.4, 1, 16)]:
+        runner.check_val_fraction({"val_check_interval": interval, "accumulate_grad_batches": accumulate}, per_epoch)
+    runner.check_val_fraction({"val_check_interval": 6, "accumulate_grad_batches": 4}, 16)  # the config check's own
+
+
 def test_training_text_holding_a_special_token_is_refused_before_anything_is_written(tmp_path):
     """Only the tokenizer knows its special tokens, so the check runs once the model loads: before the untrained model
     is measured, the run directory is made or any file is written, for the training items and every evaluated set."""

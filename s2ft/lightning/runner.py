@@ -136,6 +136,8 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
             f"cannot fill one batch of data.batch_size={data['batch_size']} on {processes} process(es); lower "
             "data.batch_size or data.val_size, or train on more items"
         )
+    if val:
+        check_val_fraction(tr, len(train) // (data["batch_size"] * processes))
     provenance = training_record(cfg, train, val, sorted(eval_sets) + [f"heldout:{name}" for name in heldout])
     digests = {"training_items": items_digest(train, val)}
     if plan.checkpoint is not None:
@@ -343,6 +345,31 @@ def unsharded_model(cfg: dict, calibration, trained: dict[str, torch.Tensor], de
             f"unknown tensors {unexpected[:3]}"
         )
     return model
+
+
+def check_val_fraction(tr: dict, per_epoch: int) -> None:
+    """Refuse a fractional ``trainer.val_check_interval`` whose batches between validations are no multiple of
+    ``trainer.accumulate_grad_batches``: validation would run inside an optimizer step (the config check refuses an int
+    interval of that kind; a fraction's batch count is known only once the training items are).
+
+    Args:
+        tr: The trainer config.
+        per_epoch: Training batches of an epoch on each process.
+
+    Raises:
+        RunConfigError: Naming the interval's batch count and the intervals that fit.
+    """
+    interval, accumulate = tr.get("val_check_interval"), tr.get("accumulate_grad_batches", 1)
+    if not isinstance(interval, float) or accumulate <= 1:
+        return
+    every = max(1, int(per_epoch * interval))  # Lightning's batches between two validations of an epoch
+    if every < per_epoch and every % accumulate:
+        fits = sorted({max(accumulate, every // accumulate * accumulate), -(-every // accumulate) * accumulate})
+        raise RunConfigError(
+            f"trainer.val_check_interval={interval} is {every} of an epoch's {per_epoch} training batches, not a "
+            f"multiple of trainer.accumulate_grad_batches={accumulate}: validation would run inside an optimizer step; "
+            f"give it as a batch count, trainer.val_check_interval={' or '.join(map(str, fits))}"
+        )
 
 
 def _trainer(
