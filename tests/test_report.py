@@ -558,6 +558,7 @@ def test_heldout_backfill_reproduces_a_finished_runs_item_losses(sweep, tmp_path
 
 # Each committed study with records (its folder under results/), and the report arguments its README names.
 COMMITTED = {
+    "arith_smollm/rerun": [],
     "commonsense_smollm/rerun": [],
     "components_smollm": ["--reference", ""],
     "generalization_smollm": [],
