@@ -30,12 +30,12 @@ def test_wandb_is_offline_and_a_resumed_run_keeps_its_id(tmp_path, monkeypatch):
     again.experiment.finish()
 
 
-def test_only_a_resume_continues_the_wandb_run_of_its_directory(tmp_path, monkeypatch):
-    """ckpt_path=auto starts over in a directory whose first attempt stopped before its first checkpoint: that is a
-    new run (its metrics.csv is a new file), so it must not log into the failed attempt's W&B run."""
+def recorded_wandb(monkeypatch) -> list[dict]:
+    """Stands a recorder in for the W&B logger (starting the W&B service takes ~20 s here); returns the keyword
+    arguments of every logger built."""
     made = []
 
-    class Recorder:  # stands in for the W&B logger: starting the W&B service takes ~20 s here
+    class Recorder:
         def __init__(self, **kwargs):
             made.append(kwargs)
 
@@ -43,6 +43,13 @@ def test_only_a_resume_continues_the_wandb_run_of_its_directory(tmp_path, monkey
             pass
 
     monkeypatch.setattr(loggers, "QuietWandbLogger", Recorder)
+    return made
+
+
+def test_only_a_resume_continues_the_wandb_run_of_its_directory(tmp_path, monkeypatch):
+    """ckpt_path=auto starts over in a directory whose first attempt stopped before its first checkpoint: that is a
+    new run (its metrics.csv is a new file), so it must not log into the failed attempt's W&B run."""
+    made = recorded_wandb(monkeypatch)
     (tmp_path / WANDB_ID_FILE).write_text("oldrun12\n")
     build_logger({"name": "wandb"}, CFG | {"ckpt_path": None}, tmp_path)
     fresh = made[-1]["id"]
@@ -162,16 +169,7 @@ def test_a_session_stopped_while_the_csv_header_grows_keeps_every_row(tmp_path, 
 def test_a_resume_leaves_the_wandb_id_file_as_it_was(tmp_path, monkeypatch):
     """Every session wrote wandb_id.txt again, in place, even a resume that only reads it: one stopped while writing
     left it empty, and the next resume then started a new W&B run instead of continuing the run's own."""
-    made = []
-
-    class Recorder:  # stands in for the W&B logger: starting the W&B service takes ~20 s here
-        def __init__(self, **kwargs):
-            made.append(kwargs)
-
-        def log_hyperparams(self, params):
-            pass
-
-    monkeypatch.setattr(loggers, "QuietWandbLogger", Recorder)
+    made = recorded_wandb(monkeypatch)
     id_file = tmp_path / WANDB_ID_FILE
     build_logger({"name": "wandb"}, CFG | {"ckpt_path": None}, tmp_path)
     written = id_file.read_bytes()

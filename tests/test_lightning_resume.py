@@ -120,18 +120,25 @@ def test_auto_starts_fresh_skips_a_finished_run_and_refuses_another_config(tmp_p
         run_experiment(smoke_config(*overrides, "method.lr=0.5", "seed=3"), tmp_path / "job")
 
 
+def stopped_in(monkeypatch, owner, name: str, cfg: dict, run_dir) -> None:
+    """Runs ``cfg`` in ``run_dir`` with ``owner.name`` raising KeyboardInterrupt (the job stopped there); the original
+    is back afterwards."""
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(owner, name, stop)
+        with pytest.raises(KeyboardInterrupt):
+            run_experiment(cfg, run_dir)
+
+
 def test_auto_after_a_run_stopped_during_its_final_evaluation_trains_nothing_more(tmp_path, monkeypatch):
     overrides = ["ckpt_path=auto", "trainer.max_steps=3", "trainer.checkpoint_every_n_steps=100"]
     full = run_experiment(smoke_config(*overrides, logger="csv"), tmp_path / "full")
 
-    def killed(*args):
-        raise KeyboardInterrupt  # the job was stopped after training, while it evaluated
-
-    measure = runner.measure_model
-    monkeypatch.setattr(runner, "measure_model", killed)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(smoke_config(*overrides, logger="csv"), tmp_path / "job")
-    monkeypatch.setattr(runner, "measure_model", measure)
+    # The job was stopped after training, while it evaluated.
+    stopped_in(monkeypatch, runner, "measure_model", smoke_config(*overrides, logger="csv"), tmp_path / "job")
     path = tmp_path / "job" / "checkpoints" / "last.ckpt"
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["global_step"] == 3 and not (tmp_path / "job" / "summary.json").exists()
@@ -185,14 +192,7 @@ def test_a_run_stopped_while_saving_its_merged_model_finishes_on_resume(tmp_path
     overrides = ["ckpt_path=auto", "trainer.max_steps=2", "save_lora=true", "save_merged=true"]
     run_experiment(smoke_config(*overrides), tmp_path / "full")
 
-    def killed(*args):
-        raise KeyboardInterrupt
-
-    save_merged = runner._save_merged
-    monkeypatch.setattr(runner, "_save_merged", killed)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(smoke_config(*overrides), tmp_path / "job")
-    monkeypatch.setattr(runner, "_save_merged", save_merged)
+    stopped_in(monkeypatch, runner, "_save_merged", smoke_config(*overrides), tmp_path / "job")
     assert (tmp_path / "job" / "lora").is_dir() and not (tmp_path / "job" / "summary.json").exists()
     run_experiment(smoke_config(*overrides), tmp_path / "job")
     for folder in ("lora", "merged"):
@@ -484,14 +484,7 @@ def test_a_resume_refused_for_other_eval_settings_after_training_names_the_evalu
     again in a new directory; the adapter the run saved can be evaluated on its own, which it now says."""
     overrides = ["trainer.max_steps=2", "eval.tasks=[boolq]", "eval.limit=2", "eval.heldout=[]"]
 
-    def out_of_memory(*args):
-        raise KeyboardInterrupt
-
-    measure = runner.measure_model
-    monkeypatch.setattr(runner, "measure_model", out_of_memory)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(smoke_config(*overrides), tmp_path / "run")
-    monkeypatch.setattr(runner, "measure_model", measure)
+    stopped_in(monkeypatch, runner, "measure_model", smoke_config(*overrides), tmp_path / "run")
     run_dir = tmp_path / "run"
     assert (run_dir / "adapter").is_dir() and not (run_dir / "summary.json").exists()
     message = (
