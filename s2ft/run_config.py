@@ -368,11 +368,10 @@ def _check_trainer(tr: dict) -> list[str]:
         if interval % accumulate:
             # It counts batches: validation fell inside an accumulation, twice in one optimizer step when below it,
             # and the validation loss was logged for a step whose update had not happened yet.
-            lower, upper = max(accumulate, interval // accumulate * accumulate), -(-interval // accumulate) * accumulate
             problems.append(
                 f"trainer.val_check_interval={interval} counts training batches, and is not a multiple of "
                 f"trainer.accumulate_grad_batches={accumulate}: validation would run inside an optimizer step; use "
-                f"{lower}" + (f" or {upper}" if upper != lower else "")
+                + " or ".join(map(str, whole_steps_near(interval, accumulate)))
             )
     if tr.get("select_best") not in SELECT_BEST:
         problems.append(f"trainer.select_best must be null or 'val_loss', got {tr.get('select_best')!r}")
@@ -380,6 +379,11 @@ def _check_trainer(tr: dict) -> list[str]:
     if not is_number(after) or not 0 <= after < 1:
         problems.append(f"trainer.select_best_after must be a fraction of training in [0, 1), got {after!r}")
     return problems
+
+
+def whole_steps_near(batches: int, accumulate: int) -> list[int]:
+    """The batch counts of whole optimizer steps nearest ``batches`` (below and above; at least one step)."""
+    return sorted({max(accumulate, batches // accumulate * accumulate), -(-batches // accumulate) * accumulate})
 
 
 def _check_logger(logger: dict) -> list[str]:

@@ -60,7 +60,7 @@ from s2ft.lightning.sharding import FSDP2Strategy, gather_trained, local_element
 from s2ft.lightning.summary import build_summary, code_record, flat_metrics, task_record
 from s2ft.methods import get_method, merge_trained, prepare_model, save_trained, trainable_summary
 from s2ft.models import build_run_model
-from s2ft.run_config import RunConfigError, process_count, validate_run_config
+from s2ft.run_config import RunConfigError, process_count, validate_run_config, whole_steps_near
 
 ADAM_BETAS = (0.9, 0.999)  # torch's default; the paper configs set method.betas to the official (0.9, 0.95)
 log = logging.getLogger(__name__)
@@ -364,7 +364,7 @@ def check_val_fraction(tr: dict, per_epoch: int) -> None:
         return
     every = max(1, int(per_epoch * interval))  # Lightning's batches between two validations of an epoch
     if every < per_epoch and every % accumulate:
-        fits = sorted({max(accumulate, every // accumulate * accumulate), -(-every // accumulate) * accumulate})
+        fits = whole_steps_near(every, accumulate)
         raise RunConfigError(
             f"trainer.val_check_interval={interval} is {every} of an epoch's {per_epoch} training batches, not a "
             f"multiple of trainer.accumulate_grad_batches={accumulate}: validation would run inside an optimizer step; "
