@@ -15,6 +15,7 @@ os.environ.setdefault("S2FT_ROOT", str(ROOT))
 def main(cfg: DictConfig) -> None:
     # Imported here, not at the top, so that `run.py --help` and `--cfg job` answer in ~0.6 s without loading torch.
     from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
 
     from s2ft.errors import UserError
     from s2ft.lightning import run_experiment
@@ -23,8 +24,15 @@ def main(cfg: DictConfig) -> None:
 
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
+    # What Hydra writes to .hydra/ itself (conf/hydra/default.yaml turns that off: it writes before any check); the
+    # runner writes it once the run directory accepts the command.
+    record = {
+        "config.yaml": OmegaConf.to_yaml(cfg),
+        "hydra.yaml": OmegaConf.to_yaml(HydraConfig.instance().cfg),
+        "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.overrides.task),
+    }
     try:
-        run_experiment(job_config(cfg, hydra_cfg), run_dir)
+        run_experiment(job_config(cfg, hydra_cfg), run_dir, record)
     except UserError as err:  # bad input, or a stop on SIGTERM / Ctrl-C (RunInterrupted names the resume command)
         sys.exit(f"error: {err}")
     except KeyboardInterrupt:  # Ctrl-C outside training (loading, evaluating): auto resumes, finishes or restarts

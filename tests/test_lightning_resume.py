@@ -1,5 +1,6 @@
 """Exact resume: a run stopped by SIGTERM mid-epoch and resumed with ckpt_path=last ends with the same weights."""
 
+import csv
 import os
 import re
 import signal
@@ -160,6 +161,18 @@ def test_auto_after_a_run_stopped_during_its_final_evaluation_trains_nothing_mor
         assert resumed["train"][key] == full["train"][key], key
     for key, tensor in adapter_tensors(tmp_path / "full").items():
         assert torch.equal(adapter_tensors(tmp_path / "job")[key], tensor), key
+
+
+def test_a_run_stopped_after_logging_its_results_logs_them_once_at_its_last_step(tmp_path, monkeypatch):
+    """The final results went to metrics.csv at step 0: a job stopped after logging them (writing its summary) was
+    resumed from its last checkpoint, replayed every row before step 3 (theirs too) and logged them again."""
+    cfg = smoke_config("ckpt_path=auto", "trainer.max_steps=3", "trainer.checkpoint_every_n_steps=100", logger="csv")
+    stopped_in(monkeypatch, runner, "finish", cfg, tmp_path / "job")
+    run_experiment(cfg, tmp_path / "job")
+    with (tmp_path / "job" / "metrics.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["step"] for row in rows if row["train/wall_s"]] == ["3"]  # one copy of the final rows, at step 3
+    assert max(int(row["step"]) for row in rows) == 3
 
 
 def test_a_run_evaluated_before_training_resumes(tmp_path, stop_at_step):

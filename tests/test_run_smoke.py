@@ -69,6 +69,13 @@ def test_each_job_has_its_own_complete_run_dir(sweep):
         assert summary["versions"]["torch"] and summary["versions"]["lightning"]
         config = yaml.safe_load((run_dir / "config.yaml").read_text())
         assert config["seed"] == seed and config["model"]["name"] == "tiny_llama"  # resolved, debug settings applied
+        # Hydra's record of the job's command, written by the runner once the directory accepted it.
+        assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+        overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+        assert f"seed={seed}" in overrides and "trainer.max_steps=5" in overrides
+        hydra_record = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]
+        assert (hydra_record["job"]["num"], hydra_record["runtime"]["output_dir"]) == (seed, str(run_dir))
+        assert yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["seed"] == seed
         assert (run_dir / "adapter" / "adapter_config.json").is_file()
         assert (run_dir / "checkpoints" / "last.ckpt").is_file()
         with (run_dir / "metrics.csv").open() as handle:
@@ -76,6 +83,7 @@ def test_each_job_has_its_own_complete_run_dir(sweep):
         # The final results logged after training reach the CSV too, with the summary's values.
         final = [row for row in rows if row.get("eval/avg_accuracy")]
         assert len(final) == 1 and float(final[0]["eval/avg_accuracy"]) == pytest.approx(summary["avg_accuracy"])
+        assert final[0]["step"] == "5"  # after the training rows (steps 0-4), on the loggers' step axis
         for task in TASKS:
             lines = (run_dir / "predictions" / f"{task}.jsonl").read_text().splitlines()
             assert len(lines) == 4 and {"id", "output", "gold", "correct"} <= json.loads(lines[0]).keys()

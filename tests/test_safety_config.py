@@ -245,7 +245,7 @@ def test_a_bug_keeps_its_traceback(tmp_path):
     script = (
         "import runpy, sys\n"
         "import s2ft.lightning\n"
-        "def bug(cfg, run_dir):\n"
+        "def bug(cfg, run_dir, record):\n"
         "    raise RuntimeError('a bug in the runner')\n"
         "s2ft.lightning.run_experiment = bug\n"
         f"sys.argv = ['run.py', 'debug=smoke', 'hydra.run.dir={tmp_path / 'run'}']\n"

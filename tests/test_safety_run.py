@@ -397,8 +397,9 @@ def test_a_resume_on_an_edited_training_file_is_refused_before_anything_is_writt
 def test_overwrite_clears_the_old_run_first(copy_of):
     run_dir = copy_of("finished")
     (run_dir / ".hydra").mkdir()
-    (run_dir / ".hydra" / "config.yaml").write_text("kept: true\n")
-    summary = run_experiment(config("method=lora", "overwrite=true", "trainer.max_steps=2"), run_dir)
+    (run_dir / ".hydra" / "config.yaml").write_text("old: true\n")
+    record = {"overrides.yaml": "- method=lora\n"}
+    summary = run_experiment(config("method=lora", "overwrite=true", "trainer.max_steps=2"), run_dir, record)
     assert summary["method"] == "lora" and summary["train"]["steps"] == 2
     adapter = sorted(p.name for p in (run_dir / "adapter").iterdir())
     assert adapter == ["README.md", "adapter_config.json", "adapter_model.safetensors", "training_data.json"]
@@ -407,8 +408,25 @@ def test_overwrite_clears_the_old_run_first(copy_of):
     # The old run's checkpoints went with it: previous.ckpt, if any, is the new run's.
     assert all(step_of(f) <= 2 for f in (run_dir / "checkpoints").glob("*.ckpt"))
     assert {step for _, step in logged(run_dir)} == {0, 1}  # two steps, logged from 0
-    assert (run_dir / ".hydra" / "config.yaml").read_text() == "kept: true\n"  # Hydra's files are not a run's outputs
+    # Hydra's record of the old run's command went with the old run; the new command's replaced it.
+    assert [p.name for p in (run_dir / ".hydra").iterdir()] == ["overrides.yaml"]
+    assert (run_dir / ".hydra" / "overrides.yaml").read_text() == "- method=lora\n"
     assert not (run_dir / DISPLACED).exists()  # the old outputs are gone once the new run has written its own
+
+
+def test_hydras_record_is_the_accepted_commands(copy_of):
+    """`.hydra/` records the command that last ran in the directory: an accepted resume writes its own; a finished
+    run skipped by ckpt_path=auto keeps the one that trained it."""
+    record = {"config.yaml": "seed: 0\n", "overrides.yaml": "- ckpt_path=auto\n"}
+    finished = copy_of("finished")
+    (finished / ".hydra").mkdir()
+    (finished / ".hydra" / "overrides.yaml").write_text("- seed=0\n")
+    run_experiment(config("ckpt_path=auto"), finished, record)
+    assert [p.name for p in (finished / ".hydra").iterdir()] == ["overrides.yaml"]
+    assert (finished / ".hydra" / "overrides.yaml").read_text() == "- seed=0\n"
+    interrupted = copy_of("interrupted")
+    run_experiment(config("ckpt_path=auto"), interrupted, record)
+    assert {p.name: p.read_text() for p in (interrupted / ".hydra").iterdir()} == record
 
 
 @pytest.mark.parametrize("refusal", ["no unit", "killed"])
@@ -416,15 +434,17 @@ def test_an_overwrite_refused_after_the_directory_check_leaves_the_old_run_as_it
     """overwrite=true moves the old outputs aside; a command refused before the new run writes anything (a budget
     that gives no unit) puts them back, and so does the next command after one killed in that window."""
     run_dir = copy_of("finished")
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "overrides.yaml").write_text("- seed=0\n")  # the old run's command
     before = snapshot(run_dir)
     cfg = config("overwrite=true", "method.options.ratios={o: 0.01}")
     cfg["method"]["options"]["match_lora"] = None
     if refusal == "killed":  # SIGKILL: no handler runs, the old outputs stay aside until the next command
         monkeypatch.setattr(runner, "settle_overwrite", lambda run_dir: None)
     with pytest.raises(S2FTConfigError, match="gives 0 of 20 units per layer"):
-        run_experiment(cfg, run_dir)
-    if refusal == "killed":
-        assert sorted(p.name for p in run_dir.iterdir()) == [DISPLACED]
+        run_experiment(cfg, run_dir, {"overrides.yaml": "- overwrite=true\n", "config.yaml": "new: true\n"})
+    if refusal == "killed":  # the refused command's record stands until the old run's is put back
+        assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", DISPLACED]
         with pytest.raises(RunDirError, match="already holds a run's outputs"):
             run_experiment(config(), run_dir)
     assert snapshot(run_dir) == before
@@ -600,14 +620,16 @@ def test_run_py_prints_one_error_and_exits_1(change, overrides, message, copy_of
     run_dir = copy_of("interrupted")
     if change is not None:
         change(run_dir / "checkpoints" / "last.ckpt")
+    (run_dir / ".hydra").mkdir()  # what run.py leaves beside a run: Hydra's record of its command, its job log
+    (run_dir / ".hydra" / "overrides.yaml").write_text("- seed=0\n")
+    (run_dir / "run.log").write_text("[...][s2ft.lightning.runner][INFO] - the first session\n")
     before = snapshot(run_dir)
     done = run_py(*overrides, f"hydra.run.dir={run_dir}")
     assert done.returncode == 1, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     error_lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(error_lines) == 1 and re.search(message, error_lines[0]), done.stderr[-3000:]
-    # Hydra writes its own .hydra/ folder and job log; the run's files are untouched.
-    assert {k: v for k, v in snapshot(run_dir).items() if not k.startswith(".hydra") and k != "run.log"} == before
+    assert snapshot(run_dir) == before  # Hydra's record and the job log too: the refused command wrote nothing
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ import fcntl
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +24,13 @@ from pathlib import Path
 import yaml
 from lightning.pytorch.utilities import rank_zero_only
 
+from s2ft.adapter_format import atomic_write
 from s2ft.errors import UserError
 from s2ft.lightning.checkpoint import CHECKPOINT, read_checkpoint, resume_command
 from s2ft.run_config import RunConfigError
 
-# What a run writes into its directory; Hydra's own `.hydra/` and job log are not a run's outputs.
+# What a run writes into its directory; Hydra's record of the command (`COMMAND_RECORD`) and its job log are not a run's
+# outputs.
 OUTPUTS = (
     "config.yaml", "hparams.yaml", "metrics.csv", "summary.json", "wandb_id.txt", "adapter", "checkpoints", "merged",
     "lora", "predictions", "before", "wandb", "adapters", "adapters.json",
@@ -40,6 +42,9 @@ FINISHED = ("summary.json", "adapters.json")
 COMMAND_KEYS = {"ckpt_path", "overwrite"}
 # Where ``overwrite=true`` keeps the old run's outputs until the new run writes its own.
 DISPLACED = ".overwritten"
+# Hydra's record of the command (config.yaml, hydra.yaml, overrides.yaml), written by `write_command_record` once the
+# command is accepted: Hydra's own, written before any check, made a refused command replace a run's record.
+COMMAND_RECORD = ".hydra"
 
 
 class RunDirError(UserError):
@@ -242,7 +247,7 @@ def _check_fresh(cfg: dict, run_dir: Path) -> None:
     if cfg.get("overwrite"):
         aside = run_dir / DISPLACED
         aside.mkdir()  # `prepare_run_dir` settled any earlier one first
-        for name in present:
+        for name in [*present, COMMAND_RECORD] if (run_dir / COMMAND_RECORD).is_dir() else present:
             os.replace(run_dir / name, aside / name)
         return
     if (run_dir / CHECKPOINT).is_file() and not (run_dir / "summary.json").is_file():
@@ -268,8 +273,21 @@ def settle_overwrite(run_dir: Path) -> None:
         shutil.rmtree(aside)
         return
     for entry in aside.iterdir():
+        if entry.name == COMMAND_RECORD:  # the refused command's record makes way for the old run's
+            shutil.rmtree(run_dir / COMMAND_RECORD, ignore_errors=True)
         os.replace(entry, run_dir / entry.name)
     aside.rmdir()
+
+
+def write_command_record(run_dir: Path, record: Mapping[str, str]) -> None:
+    """Write Hydra's record of the accepted command (file name -> YAML text) into ``run_dir/.hydra/``, atomically
+    file by file; DDP ranks other than 0 write nothing."""
+    if rank_zero_only.rank != 0:
+        return
+    folder = run_dir / COMMAND_RECORD
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in record.items():
+        atomic_write(folder / name, lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _outputs(run_dir: Path) -> list[str]:

@@ -14,6 +14,7 @@ import signal
 import statistics
 import threading
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import lightning as L
@@ -55,7 +56,14 @@ from s2ft.lightning.evaluation import evaluate_only, finish, write_config
 from s2ft.lightning.loggers import ReplayCSVHistory, build_logger, end_wandb_run, wandb_info
 from s2ft.lightning.module import FineTuneModule
 from s2ft.lightning.provenance import items_digest, training_record, write_adapter_record
-from s2ft.lightning.run_dir import RunPlan, honour_umask, prepare_run_dir, run_dir_lock, settle_overwrite
+from s2ft.lightning.run_dir import (
+    RunPlan,
+    honour_umask,
+    prepare_run_dir,
+    run_dir_lock,
+    settle_overwrite,
+    write_command_record,
+)
 from s2ft.lightning.sharding import FSDP2Strategy, gather_trained, local_elements
 from s2ft.lightning.summary import build_summary, code_record, flat_metrics, task_record
 from s2ft.methods import get_method, merge_trained, prepare_model, save_trained, trainable_summary
@@ -66,12 +74,15 @@ ADAM_BETAS = (0.9, 0.999)  # torch's default; the paper configs set method.betas
 log = logging.getLogger(__name__)
 
 
-def run_experiment(cfg: dict, run_dir: str | Path) -> dict | None:
+def run_experiment(cfg: dict, run_dir: str | Path, command_record: Mapping[str, str] | None = None) -> dict | None:
     """Run the experiment `cfg` describes and fill `run_dir` with its outputs.
 
     Args:
         cfg: The resolved config as a plain dict (schema: conf/config.yaml, checked by `validate_run_config`).
         run_dir: The run directory (Hydra's output directory under `run.py`).
+        command_record: Hydra's record of the command (`run.py`: file name -> YAML text), written to
+            ``run_dir/.hydra/`` once the directory's checks accept the command; a refused command, or a finished
+            run skipped by ``ckpt_path=auto``, leaves the record there as it was.
 
     Returns:
         The summary written to `run_dir/summary.json`; None on DDP ranks other than 0.
@@ -79,15 +90,17 @@ def run_experiment(cfg: dict, run_dir: str | Path) -> dict | None:
     validate_run_config(cfg)
     run_dir = Path(run_dir)
     with run_dir_lock(run_dir):
-        return _run_locked(cfg, run_dir)
+        return _run_locked(cfg, run_dir, command_record)
 
 
-def _run_locked(cfg: dict, run_dir: Path) -> dict | None:
+def _run_locked(cfg: dict, run_dir: Path, command_record: Mapping[str, str] | None) -> dict | None:
     # Every check of the directory, its config and its checkpoint comes before the first write into it.
     plan = prepare_run_dir(cfg, run_dir)
     if plan.finished is not None:
         log.info("%s already holds this finished run; nothing to do (ckpt_path=auto)", run_dir)
         return plan.finished
+    if command_record:
+        write_command_record(run_dir, command_record)
     cfg = plan.cfg
     L.seed_everything(cfg["seed"], workers=True)
     try:
@@ -296,7 +309,9 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     if len(history) > 1:  # sessions under other code: git_commit and versions are the last one's
         summary["code_history"] = history
     if logger:
-        logger.log_metrics(flat_metrics(summary))
+        # At the step count, after every training row: logged at no step they went to step 0 (before training, in
+        # metrics.csv, so a resume of the last checkpoint replayed them and logged them again; off W&B's step axis).
+        logger.log_metrics(flat_metrics(summary), step=trainer.global_step)
         logger.save()  # Lightning saved the CSV logger when fit ended; these rows come after it
     return finish(summary, run_dir)
 
