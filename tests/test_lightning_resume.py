@@ -3,13 +3,15 @@
 import csv
 import os
 import re
+import shutil
 import signal
 import statistics
 import time
 
 import pytest
 import torch
-from conftest import adapter_tensors, compose_run, logged, smoke_config
+import yaml
+from conftest import DATA, adapter_tensors, compose_run, logged, smoke_config
 from safetensors.torch import load_file
 
 from s2ft.lightning import FineTuneModule, run_experiment, runner, summary
@@ -96,6 +98,28 @@ def test_sigterm_checkpoint_then_resume_matches_uninterrupted_run(tmp_path, stop
     run_experiment(smoke_config(*overrides, "ckpt_path=auto"), tmp_path / "ctrl_c")  # auto finds the checkpoint
     for key, tensor in adapter_tensors(tmp_path / "ctrl_c").items():
         assert torch.equal(expected[key], tensor), key
+
+
+def test_a_run_resumes_exactly_from_a_moved_checkout(tmp_path, stop_at_step):
+    """paths.* say where the checkout and its data are, not what the run is: a resume from a moved checkout (or on a
+    node that mounts it elsewhere) was refused as "another config (differs in paths.data_dir, paths.root, ...)"."""
+    overrides = ["trainer.max_steps=5", "trainer.checkpoint_every_n_steps=100"]
+    full = run_experiment(smoke_config(*overrides), tmp_path / "full")
+    patch = stop_at_step(2)
+    with pytest.raises(RunInterrupted):
+        run_experiment(smoke_config(*overrides), tmp_path / "job")
+    patch.undo()
+    moved = tmp_path / "moved"
+    shutil.copytree(DATA, moved / "data")
+    elsewhere = [f"paths.root={moved}", f"paths.data_dir={moved / 'data'}", f"paths.output_dir={moved / 'outputs'}"]
+    resumed = run_experiment(smoke_config(*overrides, *elsewhere, "ckpt_path=last"), tmp_path / "job")
+    assert resumed["train"]["loss_curve"] == full["train"]["loss_curve"] and resumed["train"]["steps"] == 5
+    for key, tensor in adapter_tensors(tmp_path / "full").items():
+        assert torch.equal(adapter_tensors(tmp_path / "job")[key], tensor), key
+    assert yaml.safe_load((tmp_path / "job" / "config.yaml").read_text())["paths"]["data_dir"] == str(moved / "data")
+    # A key of the run itself still refuses the resume, however the paths are spelled.
+    with pytest.raises(RunConfigError, match=r"differs in method\.lr\)"):
+        run_experiment(smoke_config(*overrides, "method.lr=2e-3", "ckpt_path=auto"), tmp_path / "job")
 
 
 def test_resume_without_a_checkpoint_names_the_fix(tmp_path):

@@ -40,6 +40,10 @@ OUTPUTS = (
 FINISHED = ("summary.json", "adapters.json")
 # Keys that say how to start a command, not what the run is.
 COMMAND_KEYS = {"ckpt_path", "overwrite"}
+# Where the checkout, its data and caches are: a resume from a moved checkout, or on a cluster node that mounts them
+# elsewhere, is the same run. What they hold is checked by digest (the training files and items, the base model:
+# `s2ft.lightning.checkpoint`), not by where they are.
+LOCATION_KEYS = {"paths"}
 # Where ``overwrite=true`` keeps the old run's outputs until the new run writes its own.
 DISPLACED = ".overwritten"
 # Hydra's record of the command (config.yaml, hydra.yaml, overrides.yaml), written by `write_command_record` once the
@@ -165,7 +169,7 @@ def check_same_config(cfg: dict, run_dir: Path, why: str) -> None:
     """Refuse to continue the run in ``run_dir`` under a config other than the one in its ``config.yaml``.
 
     Raises:
-        RunConfigError: Naming every differing key (``ckpt_path`` and ``overwrite`` do not count).
+        RunConfigError: Naming every differing key (``ckpt_path``, ``overwrite`` and ``paths.*`` do not count).
     """
     saved_file = run_dir / "config.yaml"
     if not saved_file.is_file():
@@ -228,13 +232,14 @@ def _read_summary(summary_file: Path) -> dict:
 
 
 def config_differences(saved, current, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two configs (`COMMAND_KEYS` at the top level are ignored)."""
+    """Dotted keys whose values differ between two configs (`COMMAND_KEYS` and `LOCATION_KEYS` at the top level are
+    ignored)."""
     if isinstance(saved, dict) and isinstance(current, dict):
         keys = sorted(set(saved) | set(current), key=str)
         return [
             diff
             for key in keys
-            if prefix or key not in COMMAND_KEYS
+            if prefix or key not in COMMAND_KEYS | LOCATION_KEYS
             for diff in config_differences(saved.get(key), current.get(key), f"{prefix}{key}.")
         ]
     return [] if saved == current else [prefix.removesuffix(".")]
