@@ -431,9 +431,10 @@ def test_a_sigterm_in_the_last_step_stops_before_the_evaluation_and_the_resume_o
         assert torch.equal(adapter_tensors(tmp_path / "resumed")[key], tensor), key
 
 
-def test_a_resume_on_another_number_of_processes_is_refused(tmp_path, stop_at_step):
+def test_a_resume_on_another_number_of_processes_or_kind_of_device_is_refused(tmp_path, stop_at_step):
     """trainer.devices=auto (or -1) is the same config on a machine with other GPUs: a checkpoint of two ranks (each
-    its own sampler position, token count and random state) resumed on one would continue neither rank exactly."""
+    its own sampler position, token count and random state) resumed on one would continue neither rank exactly; and
+    trainer.accelerator=auto the same config on a machine without a GPU."""
     overrides = ["trainer.max_steps=4", "trainer.checkpoint_every_n_steps=100"]
     patch = stop_at_step(1)
     with pytest.raises(RunInterrupted):
@@ -445,6 +446,14 @@ def test_a_resume_on_another_number_of_processes_is_refused(tmp_path, stop_at_st
     torch.save(ckpt, path)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     with pytest.raises(CheckpointError, match=r"written by 2 processes, but this run has 1 \(trainer.devices="):
+        run_experiment(smoke_config(*overrides, "ckpt_path=last"), tmp_path)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert ckpt["s2ft"]["device_type"] == "cpu"
+    ckpt["s2ft"]["tokens_seen_per_rank"] = ckpt["s2ft"]["tokens_seen_per_rank"][:1]
+    ckpt["s2ft"]["device_type"] = "cuda"  # trainer.accelerator=auto: trained on a GPU node, requeued on a CPU one
+    torch.save(ckpt, path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match=r"written on cuda, but this run trains on cpu .*trainer.accelerator=gpu"):
         run_experiment(smoke_config(*overrides, "ckpt_path=last"), tmp_path)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 

@@ -110,16 +110,27 @@ def check_checkpoint_fits(checkpoint: dict, path: Path, trained: dict[str, torch
             )
 
 
-def check_same_world(checkpoint: dict, path: Path, world_size: int) -> None:
-    """Check that a checkpoint was written by as many processes as the run resuming it has.
+def check_same_world(checkpoint: dict, path: Path, world_size: int, device_type: str) -> None:
+    """Check that a checkpoint was written by as many processes, on the same kind of device, as the run resuming it.
 
     Each rank's sampler position, token count and random state travel in the checkpoint; ``trainer.devices=auto`` (or
-    -1) is the same config on a machine with another number of GPUs, which would continue none of them exactly.
+    -1) is the same config on a machine with another number of GPUs, which would continue none of them exactly, and
+    ``trainer.accelerator=auto`` the same config on a machine without a GPU, whose kernels and random generators
+    (dropout, the GPU's own state) would continue none of it exactly either.
 
     Raises:
-        CheckpointError: Another number of processes; the message names both and the fix.
+        CheckpointError: Another number of processes or another kind of device; the message names both and the fix.
     """
-    per_rank = (checkpoint.get("s2ft") or {}).get("tokens_seen_per_rank")
+    state = checkpoint.get("s2ft") or {}
+    written_on = state.get("device_type")  # None: written before checkpoints kept it
+    if written_on is not None and written_on != device_type:
+        raise CheckpointError(
+            f"checkpoint {path} was written on {written_on}, but this run trains on {device_type} "
+            "(trainer.accelerator=auto picks what this machine has): its random state and numerics would not "
+            f"continue. Resume on a machine with {written_on} (trainer.accelerator="
+            f"{_ACCELERATORS.get(written_on, written_on)}), or start in a new directory"
+        )
+    per_rank = state.get("tokens_seen_per_rank")
     if per_rank is None:  # written before checkpoints kept each rank's count: not known
         return
     ranks = len(per_rank)
@@ -129,6 +140,10 @@ def check_same_world(checkpoint: dict, path: Path, world_size: int) -> None:
             "auto or -1 counts this machine's GPUs): each rank's data position and random state would not continue. "
             f"Resume with trainer.devices x trainer.num_nodes = {_processes(ranks)}, or start in a new directory"
         )
+
+
+# Lightning's accelerator name for a torch device type.
+_ACCELERATORS = {"cuda": "gpu", "cpu": "cpu", "mps": "mps"}
 
 
 def _processes(count: int) -> str:

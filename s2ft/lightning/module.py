@@ -186,6 +186,7 @@ class FineTuneModule(L.LightningModule):
             "tokens_seen": self.tokens_seen,
             # Each rank counts its own batches' tokens and rank 0 writes the checkpoint: every rank's count is kept.
             "tokens_seen_per_rank": self._tokens_per_rank(),
+            "device_type": self.device.type,  # cpu, cuda, mps: a resume continues on the same kind (check_same_world)
             "last_loss": self.last_loss,
             "loss_curve": self.loss_curve,
             "val_curve": self.val_curve,

@@ -185,7 +185,7 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     history = code_history(plan.checkpoint, cfg["ckpt_path"], code_record(cfg))
     trainer = _trainer(cfg, run_dir, False, bool(val), plan.checkpoint, provenance["sources"], history, digests)
     if plan.checkpoint is not None:
-        check_same_world(plan.checkpoint, cfg["ckpt_path"], trainer.world_size)
+        check_same_world(plan.checkpoint, cfg["ckpt_path"], trainer.world_size, trainer.strategy.root_device.type)
     # The untrained model is measured, and calibration batches scored, where it trains (this rank's GPU), not where
     # it was loaded (the CPU); the Trainer would move it there only at fit.
     device = trainer.strategy.root_device
