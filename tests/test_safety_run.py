@@ -425,17 +425,34 @@ def test_hydras_record_is_the_accepted_commands(copy_of):
     assert [p.name for p in (finished / ".hydra").iterdir()] == ["overrides.yaml"]
     assert (finished / ".hydra" / "overrides.yaml").read_text() == "- seed=0\n"
     interrupted = copy_of("interrupted")
+    (interrupted / ".hydra").mkdir()
+    (interrupted / ".hydra" / "overrides.yaml").write_text("- seed=0\n")
+    # A resume refused after the directory's checks (the checkpoint of a GPU session, here a CPU) keeps it too.
+    path = interrupted / "checkpoints" / "last.ckpt"
+    good = path.read_bytes()
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["s2ft"]["device_type"] = "cuda"
+    torch.save(ckpt, path)
+    before = snapshot(interrupted)
+    with pytest.raises(CheckpointError, match="written on cuda"):
+        run_experiment(config("ckpt_path=auto"), interrupted, record)
+    assert snapshot(interrupted) == before
+    path.write_bytes(good)
     run_experiment(config("ckpt_path=auto"), interrupted, record)
     assert {p.name: p.read_text() for p in (interrupted / ".hydra").iterdir()} == record
+    evaluated = interrupted.parent / "evaluated"
+    run_experiment(config("mode=eval", f"run_dir={interrupted}"), evaluated, record)
+    assert {p.name: p.read_text() for p in (evaluated / ".hydra").iterdir()} == record
 
 
-@pytest.mark.parametrize("refusal", ["no unit", "killed"])
+@pytest.mark.parametrize("refusal", ["no unit", "no record", "killed"])
 def test_an_overwrite_refused_after_the_directory_check_leaves_the_old_run_as_it_was(copy_of, refusal, monkeypatch):
     """overwrite=true moves the old outputs aside; a command refused before the new run writes anything (a budget
     that gives no unit) puts them back, and so does the next command after one killed in that window."""
     run_dir = copy_of("finished")
-    (run_dir / ".hydra").mkdir()
-    (run_dir / ".hydra" / "overrides.yaml").write_text("- seed=0\n")  # the old run's command
+    if refusal != "no record":
+        (run_dir / ".hydra").mkdir()
+        (run_dir / ".hydra" / "overrides.yaml").write_text("- seed=0\n")  # the old run's command
     before = snapshot(run_dir)
     cfg = config("overwrite=true", "method.options.ratios={o: 0.01}")
     cfg["method"]["options"]["match_lora"] = None
@@ -443,8 +460,8 @@ def test_an_overwrite_refused_after_the_directory_check_leaves_the_old_run_as_it
         monkeypatch.setattr(runner, "settle_overwrite", lambda run_dir: None)
     with pytest.raises(S2FTConfigError, match="gives 0 of 20 units per layer"):
         run_experiment(cfg, run_dir, {"overrides.yaml": "- overwrite=true\n", "config.yaml": "new: true\n"})
-    if refusal == "killed":  # the refused command's record stands until the old run's is put back
-        assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", DISPLACED]
+    if refusal == "killed":
+        assert sorted(p.name for p in run_dir.iterdir()) == [DISPLACED]
         with pytest.raises(RunDirError, match="already holds a run's outputs"):
             run_experiment(config(), run_dir)
     assert snapshot(run_dir) == before

@@ -9,6 +9,7 @@ under ``adapters/NAME/`` holds what the one-adapter command would write, ``adapt
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from s2ft.adapter_format import atomic_write
 from s2ft.data.tokenize import refuse_special_tokens
 from s2ft.evaluation.measure import eval_data, measure_adapters, measure_model, special_token_check
 from s2ft.lightning.provenance import check_eval_overlap, read_adapter_record
-from s2ft.lightning.run_dir import RunDirError
+from s2ft.lightning.run_dir import RunDirError, write_command_record
 from s2ft.lightning.summary import build_summary, print_summary, write_json
 from s2ft.methods import load_trained, trainable_summary
 from s2ft.models import build_run_model
@@ -28,18 +29,21 @@ from s2ft.run_config import RunConfigError, adapter_sources, single_source
 INDEX = "adapters.json"  # the index of an adapters=[...] run: per adapter, its source and its results' folder
 
 
-def evaluate_only(cfg: dict, run_dir: Path) -> dict:
+def evaluate_only(cfg: dict, run_dir: Path, command_record: Mapping[str, str] | None = None) -> dict:
     """``mode=eval``: evaluate ``cfg["run_dir"]``'s adapter, ``cfg["adapter"]``, or the base model into ``run_dir``
     (``cfg["adapters"]``: several adapters, `evaluate_adapters`).
 
     A saved run decides its base model, its method and its prompt template; every source's training record is
     checked against the evaluation tasks (`check_eval_overlap`) before the model is built.
 
+    ``command_record`` (Hydra's record of the command) is written to ``run_dir/.hydra/`` with ``config.yaml``, after
+    every check.
+
     Returns:
         The summary written to ``run_dir/summary.json``.
     """
     if cfg.get("adapters") is not None:
-        return evaluate_adapters(cfg, run_dir)
+        return evaluate_adapters(cfg, run_dir, command_record)
     device = eval_device(cfg["trainer"])
     cfg, described, source = resolve_source(cfg)
     record = None if source is None else read_adapter_record(source)
@@ -58,10 +62,11 @@ def evaluate_only(cfg: dict, run_dir: Path) -> dict:
         described=described,
         source=None if source is None else str(source),
         training_data=record,
+        command_record=command_record,
     )
 
 
-def evaluate_adapters(cfg: dict, run_dir: Path) -> dict:
+def evaluate_adapters(cfg: dict, run_dir: Path, command_record: Mapping[str, str] | None = None) -> dict:
     """``mode=eval adapters=[...]``: every adapter on one base model, evaluated in one batched pass.
 
     Each source is resolved as the one-adapter command (`single_source`) resolves it: a run directory decides its
@@ -85,7 +90,7 @@ def evaluate_adapters(cfg: dict, run_dir: Path) -> dict:
     model = load_adapters(model, {name: source for name, (_, _, _, source, _) in legs.items()}).to(device)
     out_dirs = {name: run_dir / "adapters" / name for name in legs}
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(cfg, run_dir)
+    write_config(cfg, run_dir, command_record)
     for name, (_, single, *_) in legs.items():
         out_dirs[name].mkdir(parents=True, exist_ok=True)
         write_config(single, out_dirs[name])
@@ -162,7 +167,14 @@ def with_template(cfg: dict, saved: dict) -> dict:
 
 
 def record_evaluation(
-    model, tokenizer, cfg: dict, run_dir: Path, counts: dict, described: dict | None = None, **extra
+    model,
+    tokenizer,
+    cfg: dict,
+    run_dir: Path,
+    counts: dict,
+    described: dict | None = None,
+    command_record: Mapping[str, str] | None = None,
+    **extra,
 ) -> dict:
     """Measure ``model`` as ``cfg`` says and write the run directory of the result.
 
@@ -173,6 +185,7 @@ def record_evaluation(
         run_dir: The run directory (created).
         counts: The trainable counts of the summary (`s2ft.methods.trainable_summary`, or what a fusion changed).
         described: The config the summary describes, when it is not ``cfg`` (a saved run's method and model).
+        command_record: Hydra's record of the command, written to ``.hydra/`` with ``config.yaml``.
         **extra: Further top-level fields of the summary (``source``, ``training_data``, ``fusion``, ...).
 
     Returns:
@@ -185,7 +198,7 @@ def record_evaluation(
     refuse_special_tokens(special_token_check(tokenizer, cfg))  # before config.yaml, not once every task has run
     files = eval_data(cfg)  # the files about to be measured on (a user's can change under its name later)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(cfg, run_dir)
+    write_config(cfg, run_dir, command_record)
     measured = measure_model(model, tokenizer, cfg, run_dir)
     return finish(_summary(described or cfg, counts, measured, eval_data=files, **extra), run_dir)
 
@@ -212,6 +225,9 @@ def finish(summary: dict, run_dir: Path) -> dict:
     return summary
 
 
-def write_config(cfg: dict, run_dir: Path) -> None:
-    """The run's resolved config, as ``config.yaml`` (atomically: a resume compares against it)."""
+def write_config(cfg: dict, run_dir: Path, command_record: Mapping[str, str] | None = None) -> None:
+    """The run's resolved config, as ``config.yaml`` (atomically: a resume compares against it), after the command's
+    record (Hydra's, `write_command_record`) when one is given."""
+    if command_record:
+        write_command_record(run_dir, command_record)
     atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(cfg, sort_keys=False)))

@@ -118,8 +118,8 @@ class ResumableCSVLogger(CSVLogger):
         if resume and file.is_file():
             self.history = _whole_rows(file)
         # Lightning's writer warns, on creation, that the old logs "will be deleted" whenever the directory is not
-        # empty, which Hydra's `.hydra/` always makes it: a resume writes them back (`replay`), and a fresh run's
-        # directory was checked (`prepare_run_dir`) before, so the warning is never news here.
+        # empty, which the command's `.hydra/` record and run.log always make it: a resume writes them back
+        # (`replay`), and a fresh run's directory was checked (`prepare_run_dir`) before, so the warning is never news.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Previous log files in this directory will be deleted")
             if rank_zero_only.rank == 0:  # only rank 0 writes (other ranks get Lightning's dummy experiment)

@@ -46,8 +46,8 @@ COMMAND_KEYS = {"ckpt_path", "overwrite"}
 LOCATION_KEYS = {"paths"}
 # Where ``overwrite=true`` keeps the old run's outputs until the new run writes its own.
 DISPLACED = ".overwritten"
-# Hydra's record of the command (config.yaml, hydra.yaml, overrides.yaml), written by `write_command_record` once the
-# command is accepted: Hydra's own, written before any check, made a refused command replace a run's record.
+# Hydra's record of the command (config.yaml, hydra.yaml, overrides.yaml), written by `write_command_record` once every
+# check has accepted the command: Hydra's own, written before any check, made a refused command replace a run's record.
 COMMAND_RECORD = ".hydra"
 
 
@@ -277,9 +277,9 @@ def settle_overwrite(run_dir: Path) -> None:
     if _outputs(run_dir):
         shutil.rmtree(aside)
         return
+    # A record here now is the refused command's (the old run's, if it had one, is aside): it makes way.
+    shutil.rmtree(run_dir / COMMAND_RECORD, ignore_errors=True)
     for entry in aside.iterdir():
-        if entry.name == COMMAND_RECORD:  # the refused command's record makes way for the old run's
-            shutil.rmtree(run_dir / COMMAND_RECORD, ignore_errors=True)
         os.replace(entry, run_dir / entry.name)
     aside.rmdir()
 

@@ -81,8 +81,8 @@ def run_experiment(cfg: dict, run_dir: str | Path, command_record: Mapping[str, 
         cfg: The resolved config as a plain dict (schema: conf/config.yaml, checked by `validate_run_config`).
         run_dir: The run directory (Hydra's output directory under `run.py`).
         command_record: Hydra's record of the command (`run.py`: file name -> YAML text), written to
-            ``run_dir/.hydra/`` once the directory's checks accept the command; a refused command, or a finished
-            run skipped by ``ckpt_path=auto``, leaves the record there as it was.
+            ``run_dir/.hydra/`` once every check has accepted the command, just before the run's first output; a
+            refused command, or a finished run skipped by ``ckpt_path=auto``, leaves the record there as it was.
 
     Returns:
         The summary written to `run_dir/summary.json`; None on DDP ranks other than 0.
@@ -99,15 +99,13 @@ def _run_locked(cfg: dict, run_dir: Path, command_record: Mapping[str, str] | No
     if plan.finished is not None:
         log.info("%s already holds this finished run; nothing to do (ckpt_path=auto)", run_dir)
         return plan.finished
-    if command_record:
-        write_command_record(run_dir, command_record)
     cfg = plan.cfg
     L.seed_everything(cfg["seed"], workers=True)
     try:
         if cfg["mode"] == "eval":
-            return evaluate_only(cfg, run_dir)
+            return evaluate_only(cfg, run_dir, command_record)
         try:
-            summary = _train(plan, run_dir)
+            summary = _train(plan, run_dir, command_record)
         except SIGTERMException as err:
             end_wandb_run(failed=True)
             raise RunInterrupted("SIGTERM", run_dir) from err
@@ -120,7 +118,7 @@ def _run_locked(cfg: dict, run_dir: Path, command_record: Mapping[str, str] | No
         settle_overwrite(run_dir)
 
 
-def _train(plan: RunPlan, run_dir: Path) -> dict | None:
+def _train(plan: RunPlan, run_dir: Path, command_record: Mapping[str, str] | None) -> dict | None:
     cfg = plan.cfg
     data, paths, tr = cfg["data"], cfg["paths"], cfg["trainer"]
     data_dir = paths["data_dir"]
@@ -224,6 +222,9 @@ def _train(plan: RunPlan, run_dir: Path) -> dict | None:
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    # Every check has passed: the command's record, then the run's outputs.
+    if command_record and trainer.global_rank == 0:
+        write_command_record(run_dir, command_record)
     if partial.is_dir():
         # A resumed run measured the same untrained model again: its first session's before/ makes way.
         shutil.rmtree(before_dir, ignore_errors=True)
