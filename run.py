@@ -25,7 +25,7 @@ def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
     # What Hydra writes to .hydra/ itself (conf/hydra/default.yaml turns that off: it writes before any check); the
-    # runner writes it once the run directory accepts the command.
+    # runner writes it once every check has accepted the command.
     record = {
         "config.yaml": OmegaConf.to_yaml(cfg),
         "hydra.yaml": OmegaConf.to_yaml(HydraConfig.instance().cfg),

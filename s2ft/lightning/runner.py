@@ -223,7 +223,7 @@ def _train(plan: RunPlan, run_dir: Path, command_record: Mapping[str, str] | Non
         shutil.rmtree(partial, ignore_errors=True)
         raise
     # Every check has passed: the command's record, then the run's outputs.
-    if command_record and trainer.global_rank == 0:
+    if command_record:  # rank 0 only, as `write_command_record` decides
         write_command_record(run_dir, command_record)
     if partial.is_dir():
         # A resumed run measured the same untrained model again: its first session's before/ makes way.
