@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from s2ft.evaluation.heldout import adapter_item_losses
 from s2ft.lightning import evaluation as lightning_evaluation
 from s2ft.lightning import run_experiment
 from s2ft.lightning.provenance import read_adapter_record, write_adapter_record
+from s2ft.lightning.run_dir import RunDirError
 from s2ft.methods import prepare_model, save_trained
 from s2ft.models import build_run_model
 
@@ -156,6 +158,15 @@ def test_auto_skips_a_finished_batched_pass(sources, tmp_path, monkeypatch):
     before = snapshot(tmp_path / "eval")
     monkeypatch.setattr(lightning_evaluation, "measure_adapters", lambda *args: pytest.fail("evaluated again"))
     assert run_experiment(smoke_config(*overrides, "ckpt_path=auto"), tmp_path / "eval") == index
+    assert snapshot(tmp_path / "eval") == before
+    # Other evaluation files under the same config (paths.data_dir elsewhere): refused, not skipped.
+    data = tmp_path / "data"
+    shutil.copytree(DATA, data)
+    piqa = json.loads((tmp_path / "eval" / "adapters" / "n1" / "summary.json").read_text())["eval_data"][0]
+    edited = data / Path(piqa["file"]).relative_to(DATA)
+    edited.write_text(edited.read_text().replace("a", "b", 1))
+    with pytest.raises(RunDirError, match=rf"evaluation file piqa \({edited}: SHA-256 .*overwrite=true"):
+        run_experiment(smoke_config(*overrides, "ckpt_path=auto", f"paths.data_dir={data}"), tmp_path / "eval")
     assert snapshot(tmp_path / "eval") == before
 
 

@@ -7,17 +7,18 @@ import shutil
 import signal
 import statistics
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import DATA, adapter_tensors, compose_run, logged, smoke_config
+from conftest import DATA, ROOT, adapter_tensors, compose_run, logged, smoke_config
 from safetensors.torch import load_file
 
 from s2ft.lightning import FineTuneModule, run_experiment, runner, summary
 from s2ft.lightning.callbacks import RunInterrupted
 from s2ft.lightning.checkpoint import CheckpointError
-from s2ft.lightning.run_dir import RunDirError
+from s2ft.lightning.run_dir import RunDirError, config_differences
 from s2ft.run_config import RunConfigError
 
 
@@ -104,6 +105,8 @@ def test_a_run_resumes_exactly_from_a_moved_checkout(tmp_path, stop_at_step):
     """paths.* say where the checkout and its data are, not what the run is: a resume from a moved checkout (or on a
     node that mounts it elsewhere) was refused as "another config (differs in paths.data_dir, paths.root, ...)"."""
     overrides = ["trainer.max_steps=5", "trainer.checkpoint_every_n_steps=100"]
+    # A task file spelled ${paths.root}/examples/...: resolved in the saved config, it was compared as another path.
+    overrides += ["eval=user_example", "eval.limit=2", "eval.before=false"]
     full = run_experiment(smoke_config(*overrides), tmp_path / "full")
     patch = stop_at_step(2)
     with pytest.raises(RunInterrupted):
@@ -111,15 +114,35 @@ def test_a_run_resumes_exactly_from_a_moved_checkout(tmp_path, stop_at_step):
     patch.undo()
     moved = tmp_path / "moved"
     shutil.copytree(DATA, moved / "data")
+    shutil.copytree(ROOT / "examples", moved / "examples")
     elsewhere = [f"paths.root={moved}", f"paths.data_dir={moved / 'data'}", f"paths.output_dir={moved / 'outputs'}"]
     resumed = run_experiment(smoke_config(*overrides, *elsewhere, "ckpt_path=last"), tmp_path / "job")
     assert resumed["train"]["loss_curve"] == full["train"]["loss_curve"] and resumed["train"]["steps"] == 5
     for key, tensor in adapter_tensors(tmp_path / "full").items():
         assert torch.equal(adapter_tensors(tmp_path / "job")[key], tensor), key
-    assert yaml.safe_load((tmp_path / "job" / "config.yaml").read_text())["paths"]["data_dir"] == str(moved / "data")
+    saved = yaml.safe_load((tmp_path / "job" / "config.yaml").read_text())
+    assert saved["paths"]["data_dir"] == str(moved / "data")
+    assert saved["eval"]["tasks"][0]["path"] == str(moved / "examples" / "user_data" / "test.json")
+    assert set(full["eval"]) == {"arc_letters", "arc_letters_mc"}
+    for task, result in full["eval"].items():
+        assert resumed["eval"][task]["accuracy"] == result["accuracy"] and resumed["eval"][task]["n"] == 2
     # A key of the run itself still refuses the resume, however the paths are spelled.
     with pytest.raises(RunConfigError, match=r"differs in method\.lr\)"):
         run_experiment(smoke_config(*overrides, "method.lr=2e-3", "ckpt_path=auto"), tmp_path / "job")
+
+
+def test_paths_compare_relative_to_the_checkout_they_are_under():
+    def run(root: str, task: str, data_dir: str | None = None) -> dict:
+        paths = {"root": root, "data_dir": data_dir or f"{root}/data"}
+        return {"paths": paths, "seed": 0, "eval": {"tasks": [{"name": "mine", "path": task}]}}
+
+    assert config_differences(run("/a", "/a/x.json"), run("/b/c", "/b/c/x.json")) == []
+    assert config_differences(run("/a", "/a/data/x.json"), run("/b", "/b/data/x.json")) == []
+    assert config_differences(run("/a", "/a/x.json"), run("/b", "/b/y.json")) == ["eval.tasks"]
+    assert config_differences(run("/a", "/a/x.json"), run("/b", "/a/x.json")) == ["eval.tasks"]  # not under /b
+    assert config_differences(run("/a", "/ab/x.json"), run("/b", "/bb/x.json")) == ["eval.tasks"]  # not a prefix
+    # The same file named through another base: data_dir moved off the checkout in one of them.
+    assert config_differences(run("/a", "/a/data/x.json"), run("/b", "/b/data/x.json", "/d")) == ["eval.tasks"]
 
 
 def test_resume_without_a_checkpoint_names_the_fix(tmp_path):
@@ -143,6 +166,44 @@ def test_auto_starts_fresh_skips_a_finished_run_and_refuses_another_config(tmp_p
         match=r"differs in method\.lr, method\.options\.seed, seed\); give this config its own directory",
     ):
         run_experiment(smoke_config(*overrides, "method.lr=0.5", "seed=3"), tmp_path / "job")
+
+
+def test_auto_refuses_to_skip_a_finished_run_whose_files_changed(tmp_path, monkeypatch):
+    """paths.* are not compared (a moved checkout is the same run), so ``ckpt_path=auto`` with paths.data_dir at other
+    files returned the finished run's summary as if measured on them: the recorded SHA-256s are checked now."""
+    data = tmp_path / "data"
+    shutil.copytree(DATA, data)
+    overrides = ["ckpt_path=auto", "trainer.max_steps=2", "eval=commonsense_demo", "eval.tasks=[boolq]", "eval.limit=2"]
+    overrides += ["eval.before=false", "eval.heldout=[]", f"paths.data_dir={data}"]
+    job = tmp_path / "job"
+    first = run_experiment(smoke_config(*overrides), job)
+    (evaluated,) = first["eval_data"]
+    trained = first["training_data"]["sources"][0]
+
+    def train_again(*args):
+        raise AssertionError("the finished run was trained again")
+
+    monkeypatch.setattr(runner, "_train", train_again)
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved)
+    assert run_experiment(smoke_config(*overrides, f"paths.data_dir={moved}"), job) == first  # same files elsewhere
+
+    before = {p: p.read_bytes() for p in sorted(job.rglob("*")) if p.is_file()}
+    test_file = moved / Path(evaluated["file"]).relative_to(data)
+    test_file.write_text(test_file.read_text().replace("true", "false", 1))
+    with pytest.raises(RunDirError) as refused:
+        run_experiment(smoke_config(*overrides, f"paths.data_dir={moved}"), job)
+    message = str(refused.value)
+    assert f"evaluation file boolq ({test_file}: SHA-256 " in message and evaluated["sha256"][:12] in message
+    assert f"mode=eval run_dir={job}" in message and "training file" not in message
+    train_file = moved / Path(trained["file"]).relative_to(data)
+    train_file.write_text(train_file.read_text() + "\n")
+    with pytest.raises(RunDirError) as refused:
+        run_experiment(smoke_config(*overrides, f"paths.data_dir={moved}"), job)
+    message = str(refused.value)
+    assert f"training file {trained['name']} ({train_file}: SHA-256 " in message and "evaluation file boolq" in message
+    assert "train it again on the files of now with overwrite=true" in message
+    assert {p: p.read_bytes() for p in sorted(job.rglob("*")) if p.is_file()} == before  # refused: nothing written
 
 
 def stopped_in(monkeypatch, owner, name: str, cfg: dict, run_dir) -> None:

@@ -152,18 +152,31 @@ def describe_train_sources(sources: str | dict | Iterable[str | dict], data_dir:
     described = []
     for source in resolve_train_items(sources):
         if isinstance(source, UserSource):
-            where = source.path if source.path is not None else source.hub
-            count, digest = len(load_user_source(source, data_dir)), source_digest(source, data_dir)
-        elif source.reader == "hub":
-            where, count, digest = source.path, len(read_train_source(source, data_dir)), None
+            count = len(load_user_source(source, data_dir))
         else:
-            path = data_path(data_dir, source.path)
-            where, count, digest = str(path), len(read_train_source(source, data_dir)), file_digest(path)
-        entry = {"name": source.name, "file": where, "sha256": digest, "count": count}
-        if isinstance(source, UserSource) and source.path is not None:
-            entry["resolved"] = str(resolve_path(source.path, data_dir).resolve())
-        described.append(entry)
+            count = len(read_train_source(source, data_dir))
+        described.append({**_train_file(source, data_dir), "count": count})
     return described
+
+
+def train_source_files(sources: str | dict | Iterable[str | dict], data_dir: str | Path) -> list[dict]:
+    """`describe_train_sources` without the record counts, so without reading the sources (a registered hub set's
+    SHA-256 is None): what a finished run's recorded digests are compared with."""
+    return [_train_file(source, data_dir) for source in resolve_train_items(sources)]
+
+
+def _train_file(source: TrainSource | UserSource, data_dir: str | Path) -> dict:
+    """``name``, ``file`` (or hub id), ``sha256`` (and a user's local ``resolved`` path) of one training source."""
+    if isinstance(source, UserSource):
+        where = source.path if source.path is not None else source.hub
+        entry = {"name": source.name, "file": where, "sha256": source_digest(source, data_dir)}
+        if source.path is not None:
+            entry["resolved"] = str(resolve_path(source.path, data_dir).resolve())
+        return entry
+    if source.reader == "hub":
+        return {"name": source.name, "file": source.path, "sha256": None}
+    path = data_path(data_dir, source.path)
+    return {"name": source.name, "file": str(path), "sha256": file_digest(path)}
 
 
 def describe_eval_sources(

@@ -25,7 +25,9 @@ import yaml
 from lightning.pytorch.utilities import rank_zero_only
 
 from s2ft.adapter_format import atomic_write
+from s2ft.data.sources import train_source_files
 from s2ft.errors import UserError
+from s2ft.evaluation.measure import eval_data
 from s2ft.lightning.checkpoint import CHECKPOINT, read_checkpoint, resume_command
 from s2ft.run_config import RunConfigError
 
@@ -128,7 +130,9 @@ def prepare_run_dir(cfg: dict, run_dir: Path) -> RunPlan:
         check_same_config(cfg, run_dir, "ckpt_path=auto")
         for name in FINISHED:
             if (run_dir / name).is_file():
-                return RunPlan(cfg, finished=_read_summary(run_dir / name))
+                finished = _read_summary(run_dir / name)
+                check_same_files(cfg, run_dir, finished)
+                return RunPlan(cfg, finished=finished)
         if not (run_dir / CHECKPOINT).is_file():
             # Nothing to resume; what the same config's earlier attempt left (no checkpoint) is started over.
             return RunPlan({**cfg, "ckpt_path": None})
@@ -204,6 +208,61 @@ def check_same_config(cfg: dict, run_dir: Path, why: str) -> None:
         )
 
 
+def check_same_files(cfg: dict, run_dir: Path, finished: dict) -> None:
+    """Refuse to skip a finished run (``ckpt_path=auto``) whose training or evaluation files have changed since.
+
+    The config is the same (`check_same_config`), but ``paths.*`` may point at other data, and a file can change under
+    its name: the SHA-256s the run's summary recorded are compared with the files' now. A run finished before
+    summaries recorded them (``eval_data``) is not checked.
+
+    Raises:
+        RunDirError: Naming every changed file, and the command that measures (or trains) on the files of now.
+    """
+    summary = finished
+    if "adapters" in finished:  # an adapters=[...] evaluation's index: every adapter's summary records the same files
+        first = next(iter(finished["adapters"].values()), None)
+        summary = _read_summary(run_dir / first["results"] / "summary.json") if first else {}
+    changed = []
+    if cfg.get("mode") != "eval" and summary.get("training_data"):
+        now = train_source_files(cfg["data"]["train"], cfg["paths"]["data_dir"])
+        changed += _changed_files(summary["training_data"].get("sources") or [], now, "training")
+    trained = len(changed)
+    if summary.get("eval_data") is not None:
+        changed += _changed_files(summary["eval_data"], eval_data(cfg), "evaluation")
+    if not changed:
+        return
+    if trained:
+        fix = "train it again on the files of now with overwrite=true (without ckpt_path), or in a directory of its own"
+    elif (run_dir / "adapter").is_dir():
+        fix = (
+            "evaluate it on the files of now in a directory of its own with python run.py <these overrides, without "
+            f"ckpt_path> mode=eval run_dir={run_dir}"
+        )
+    else:
+        fix = "run it again on the files of now with overwrite=true (without ckpt_path), or in a directory of its own"
+    raise RunDirError(
+        f"ckpt_path=auto: {run_dir} holds a finished run, but of other files than this command's: "
+        f"{'; '.join(changed)}. Its results stand for the files it read; point paths.data_dir (or the tasks) back at "
+        f"them to keep it, or {fix}"
+    )
+
+
+def _changed_files(recorded: list[dict], now: list[dict], what: str) -> list[str]:
+    """``what`` files (`train_source_files` / `eval_data` entries) whose SHA-256 differs from the recorded one,
+    named with both digests; an entry recorded without a digest (a registered hub set) is not compared."""
+    before = {(entry.get("role"), entry["name"]): entry for entry in recorded}
+    changed = []
+    for entry in now:
+        old = before.get((entry.get("role"), entry["name"]))
+        if old is None or not old.get("sha256") or not entry.get("sha256") or old["sha256"] == entry["sha256"]:
+            continue
+        changed.append(
+            f"{what} file {entry['name']} ({entry.get('resolved', entry['file'])}: SHA-256 {entry['sha256'][:12]}... "
+            f"now, {old['sha256'][:12]}... when the run read {old.get('resolved', old['file'])})"
+        )
+    return changed
+
+
 def _read_summary(summary_file: Path) -> dict:
     """The summary (or index) of a finished run (``ckpt_path=auto`` returns it instead of running again).
 
@@ -233,7 +292,9 @@ def _read_summary(summary_file: Path) -> dict:
 
 def config_differences(saved, current, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two configs (`COMMAND_KEYS` and `LOCATION_KEYS` at the top level are
-    ignored)."""
+    ignored; a path under one of a config's ``paths.*`` compares as relative to it: `_relative_to_paths`)."""
+    if not prefix:
+        saved, current = _relative_to_paths(saved), _relative_to_paths(current)
     if isinstance(saved, dict) and isinstance(current, dict):
         keys = sorted(set(saved) | set(current), key=str)
         return [
@@ -243,6 +304,32 @@ def config_differences(saved, current, prefix: str = "") -> list[str]:
             for diff in config_differences(saved.get(key), current.get(key), f"{prefix}{key}.")
         ]
     return [] if saved == current else [prefix.removesuffix(".")]
+
+
+def _relative_to_paths(cfg):
+    """``cfg`` with every string that is one of its own ``paths.*`` values, or a path under one, spelled as the
+    interpolation it came from (``/old/checkout/examples/x.json`` -> ``${paths.root}/examples/x.json``): a task's
+    ``path: ${paths.root}/...`` is resolved before the config is saved, and made a moved checkout another run."""
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("paths"), dict):
+        return cfg
+    # Longest first: data_dir (root/data) before root, so both configs spell a file the same way.
+    bases = sorted(
+        ((str(value).rstrip("/"), key) for key, value in cfg["paths"].items() if isinstance(value, str) and value),
+        key=lambda pair: -len(pair[0]),
+    )
+
+    def spelled(value):
+        if isinstance(value, dict):
+            return {key: spelled(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [spelled(item) for item in value]
+        if isinstance(value, str):
+            for base, key in bases:
+                if value == base or value.startswith(base + "/"):
+                    return "${paths." + key + "}" + value[len(base) :]
+        return value
+
+    return spelled(cfg)
 
 
 def _check_fresh(cfg: dict, run_dir: Path) -> None:
