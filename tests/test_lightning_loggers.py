@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 from conftest import compose_run
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from s2ft.lightning import loggers
-from s2ft.lightning.loggers import WANDB_ID_FILE, build_logger, wandb_info
+from s2ft.lightning.loggers import WANDB_ID_FILE, ResumableCSVLogger, build_logger, wandb_info
 
 CFG = {"name": "exp", "seed": 3, "method": {"name": "s2ft"}, "model": {"name": "tiny_llama"}}
 
@@ -211,3 +212,13 @@ def test_rows_of_metrics_csv_damaged_inside_are_dropped_not_a_traceback(tmp_path
     resumed.replay(before_step=4)
     resumed.save()
     assert metrics.read_text().splitlines() == ["step,train/loss,train/lr", "0,2.0,0.125", "3,-1.0,0.125"]
+
+
+@pytest.mark.parametrize("hook", ["_check_log_dir_exists", "_rewrite_with_new_header"])
+def test_a_lightning_without_the_csv_writers_hooks_is_refused_not_bypassed(tmp_path, monkeypatch, hook):
+    """The resume-safe metrics.csv replaces two private hooks of Lightning's writer: renamed by an upgrade, they would
+    be skipped silently (the old in-place rewrite, and the deletion of a resumed run's rows, back)."""
+    owner = next(cls for cls in ExperimentWriter.__mro__ if hook in vars(cls))  # fabric's writer, which it extends
+    monkeypatch.delattr(owner, hook)
+    with pytest.raises(RuntimeError, match=rf"CSV writer has no {hook}, .*pip install 'lightning>=2.4,<2.7'"):
+        ResumableCSVLogger(tmp_path, resume=False)

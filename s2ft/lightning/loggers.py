@@ -10,6 +10,7 @@ import uuid
 import warnings
 from pathlib import Path
 
+import lightning
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -205,7 +206,18 @@ class _RunWriter(ExperimentWriter):
     logged before, which a resume could then not replay.
     """
 
+    # Lightning's private hooks this writer replaces: renamed by an upgrade, they would be bypassed without an error and
+    # a resume would lose the rows logged before it.
+    HOOKS = ("_check_log_dir_exists", "_rewrite_with_new_header")
+
     def __init__(self, log_dir: str, keep: bool):
+        missing = [name for name in self.HOOKS if not callable(getattr(ExperimentWriter, name, None))]
+        if missing:
+            raise RuntimeError(
+                f"lightning {lightning.__version__}'s CSV writer has no {', '.join(missing)}, which s2ft's resume-safe "
+                "metrics.csv replaces (tested with lightning 2.6): pip install 'lightning>=2.4,<2.7', or log with "
+                "logger=wandb or logger=none"
+            )
         self.keep = keep
         super().__init__(log_dir=log_dir)
 
