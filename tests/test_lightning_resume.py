@@ -206,6 +206,28 @@ def test_auto_refuses_to_skip_a_finished_run_whose_files_changed(tmp_path, monke
     assert {p: p.read_bytes() for p in sorted(job.rglob("*")) if p.is_file()} == before  # refused: nothing written
 
 
+def test_auto_skips_a_finished_run_held_out_on_commonsense_test(tmp_path, monkeypatch):
+    """commonsense_test is one held-out name for seven files: paired by name alone, each file was compared with the
+    last one's digest, and every finished run of a commonsense_test experiment was refused as "of other files"."""
+    data = tmp_path / "data"
+    shutil.copytree(DATA, data)
+    overrides = ["ckpt_path=auto", "trainer.max_steps=2", "eval.tasks=[]", "eval.heldout=[commonsense_test]"]
+    overrides += ["eval.before=false", f"paths.data_dir={data}"]
+    job = tmp_path / "job"
+    first = run_experiment(smoke_config(*overrides), job)
+    assert len(first["eval_data"]) == 7
+    monkeypatch.setattr(runner, "_train", lambda *args: pytest.fail("the finished run was trained again"))
+    assert run_experiment(smoke_config(*overrides), job) == first
+    # One of the seven edited: named by its own file and digests.
+    piqa = next(entry for entry in first["eval_data"] if "piqa" in entry["file"])
+    Path(piqa["file"]).write_text(Path(piqa["file"]).read_text().replace("a", "b", 1))
+    with pytest.raises(RunDirError) as refused:
+        run_experiment(smoke_config(*overrides), job)
+    message = str(refused.value)
+    assert message.count("evaluation file commonsense_test") == 1
+    assert f"({piqa['file']}: SHA-256 " in message and f"{piqa['sha256'][:12]}... when the run read" in message
+
+
 def stopped_in(monkeypatch, owner, name: str, cfg: dict, run_dir) -> None:
     """Runs ``cfg`` in ``run_dir`` with ``owner.name`` raising KeyboardInterrupt (the job stopped there); the original
     is back afterwards."""

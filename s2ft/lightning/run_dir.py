@@ -249,11 +249,15 @@ def check_same_files(cfg: dict, run_dir: Path, finished: dict) -> None:
 
 def _changed_files(recorded: list[dict], now: list[dict], what: str) -> list[str]:
     """``what`` files (`train_source_files` / `eval_data` entries) whose SHA-256 differs from the recorded one,
-    named with both digests; an entry recorded without a digest (a registered hub set) is not compared."""
-    before = {(entry.get("role"), entry["name"]): entry for entry in recorded}
+    named with both digests; an entry recorded without a digest (a registered hub set) is not compared.
+
+    Entries pair by role, name and place among the entries of that role and name: ``commonsense_test`` is one
+    held-out name for seven files, which paired by name alone were each compared with the last one's digest.
+    """
+    before = dict(zip(_entry_keys(recorded), recorded, strict=True))
     changed = []
-    for entry in now:
-        old = before.get((entry.get("role"), entry["name"]))
+    for key, entry in zip(_entry_keys(now), now, strict=True):
+        old = before.get(key)
         if old is None or not old.get("sha256") or not entry.get("sha256") or old["sha256"] == entry["sha256"]:
             continue
         changed.append(
@@ -261,6 +265,17 @@ def _changed_files(recorded: list[dict], now: list[dict], what: str) -> list[str
             f"now, {old['sha256'][:12]}... when the run read {old.get('resolved', old['file'])})"
         )
     return changed
+
+
+def _entry_keys(entries: list[dict]) -> list[tuple]:
+    """``(role, name, n)`` of each entry: its role, its name, and how many entries of that role and name come first."""
+    seen: dict[tuple, int] = {}
+    keys = []
+    for entry in entries:
+        key = (entry.get("role"), entry.get("name"))
+        keys.append((*key, seen.get(key, 0)))
+        seen[key] = seen.get(key, 0) + 1
+    return keys
 
 
 def _read_summary(summary_file: Path) -> dict:
