@@ -145,6 +145,26 @@ def test_paths_compare_relative_to_the_checkout_they_are_under():
     assert config_differences(run("/a", "/a/data/x.json"), run("/b", "/b/data/x.json", "/d")) == ["eval.tasks"]
 
 
+def test_paths_compare_relative_only_where_the_files_are_checked_by_digest():
+    """A mode=eval source under paths.output_dir of another value names other weights, which no digest compares: a
+    finished evaluation of /o1/exp/A was skipped for run_dir=/o2/exp/A (paths.output_dir=/o2). And a paths.* value of
+    "/" made every absolute path one under it (model.path=/m/a and /x/m/a compared the same)."""
+
+    def run(output_dir: str, **settings) -> dict:
+        return {"paths": {"root": "/r", "output_dir": output_dir}, "mode": "eval", **settings}
+
+    assert config_differences(run("/o1", run_dir="/o1/exp/A"), run("/o2", run_dir="/o2/exp/A")) == ["run_dir"]
+    assert config_differences(run("/o1", adapters=["/o1/a"]), run("/o2", adapters=["/o2/a"])) == ["adapters"]
+    assert config_differences(run("/o1", eval={"p": "/o1/t.json"}), run("/o2", eval={"p": "/o2/t.json"})) == []
+    slash, moved = (
+        {"paths": {"root": "/"}, "model": {"path": "/m/a"}},
+        {"paths": {"root": "/x"}, "model": {"path": "/x/m/a"}},
+    )
+    assert config_differences(slash, moved) == ["model.path"]
+    slash, moved = {"paths": {"root": "/"}, "data": {"p": "/m/a"}}, {"paths": {"root": "/x"}, "data": {"p": "/x/m/a"}}
+    assert config_differences(slash, moved) == ["data.p"]
+
+
 def test_resume_without_a_checkpoint_names_the_fix(tmp_path):
     with pytest.raises(RunDirError, match="hydra.run.dir=<that run directory> ckpt_path=last"):
         run_experiment(smoke_config("ckpt_path=last"), tmp_path / "fresh")

@@ -46,6 +46,9 @@ COMMAND_KEYS = {"ckpt_path", "overwrite"}
 # elsewhere, is the same run. What they hold is checked by digest (the training files and items, the base model:
 # `s2ft.lightning.checkpoint`), not by where they are.
 LOCATION_KEYS = {"paths"}
+# The settings whose files are checked by digest wherever a run is continued or skipped: their paths compare relative
+# to ``paths.*`` (`_relative_to_paths`).
+CHECKED_BY_DIGEST = {"data", "eval"}
 # Where ``overwrite=true`` keeps the old run's outputs until the new run writes its own.
 DISPLACED = ".overwritten"
 # Hydra's record of the command (config.yaml, hydra.yaml, overrides.yaml), written by `write_command_record` once every
@@ -322,16 +325,21 @@ def config_differences(saved, current, prefix: str = "") -> list[str]:
 
 
 def _relative_to_paths(cfg):
-    """``cfg`` with every string that is one of its own ``paths.*`` values, or a path under one, spelled as the
-    interpolation it came from (``/old/checkout/examples/x.json`` -> ``${paths.root}/examples/x.json``): a task's
-    ``path: ${paths.root}/...`` is resolved before the config is saved, and made a moved checkout another run."""
+    """``cfg`` with every string of its data and evaluation settings (`CHECKED_BY_DIGEST`) that is one of its own
+    ``paths.*`` values, or a path under one, spelled as the interpolation it came from
+    (``/old/checkout/examples/x.json`` -> ``${paths.root}/examples/x.json``): a task's ``path: ${paths.root}/...`` is
+    resolved before the config is saved, and made a moved checkout another run.
+
+    Only there: what those files hold is checked by digest (the checkpoint's training sources and items, the finished
+    run's summary: `check_same_files`), while ``run_dir``, ``adapter``, ``adapters`` or a model path under
+    ``paths.output_dir`` of another value name other weights, which nothing compares. A ``paths.*`` value of ``/``
+    (nothing once its trailing slash is dropped) is no base: every absolute path is under it.
+    """
     if not isinstance(cfg, dict) or not isinstance(cfg.get("paths"), dict):
         return cfg
     # Longest first: data_dir (root/data) before root, so both configs spell a file the same way.
-    bases = sorted(
-        ((str(value).rstrip("/"), key) for key, value in cfg["paths"].items() if isinstance(value, str) and value),
-        key=lambda pair: -len(pair[0]),
-    )
+    values = {key: value.rstrip("/") for key, value in cfg["paths"].items() if isinstance(value, str)}
+    bases = sorted(((value, key) for key, value in values.items() if value), key=lambda pair: -len(pair[0]))
 
     def spelled(value):
         if isinstance(value, dict):
@@ -344,7 +352,7 @@ def _relative_to_paths(cfg):
                     return "${paths." + key + "}" + value[len(base) :]
         return value
 
-    return spelled(cfg)
+    return {key: spelled(value) if key in CHECKED_BY_DIGEST else value for key, value in cfg.items()}
 
 
 def _check_fresh(cfg: dict, run_dir: Path) -> None:
