@@ -246,6 +246,7 @@ def test_auto_skips_a_finished_run_held_out_on_commonsense_test(tmp_path, monkey
     message = str(refused.value)
     assert message.count("evaluation file commonsense_test") == 1
     assert f"({piqa['file']}: SHA-256 " in message and f"{piqa['sha256'][:12]}... when the run read" in message
+    assert "restore them (or point paths.data_dir or the tasks back at them) to keep it" in message
 
 
 def stopped_in(monkeypatch, owner, name: str, cfg: dict, run_dir) -> None:

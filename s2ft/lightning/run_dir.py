@@ -215,8 +215,9 @@ def check_same_files(cfg: dict, run_dir: Path, finished: dict) -> None:
     """Refuse to skip a finished run (``ckpt_path=auto``) whose training or evaluation files have changed since.
 
     The config is the same (`check_same_config`), but ``paths.*`` may point at other data, and a file can change under
-    its name: the SHA-256s the run's summary recorded are compared with the files' now. A run finished before
-    summaries recorded them (``eval_data``) is not checked.
+    its name: the SHA-256s the run's summary recorded are compared with the files' now. The evaluation files of a run
+    finished before summaries recorded them (``eval_data``) are not checked, nor a registered hub set (no SHA-256)
+    or the adapter a ``mode=eval`` run read.
 
     Raises:
         RunDirError: Naming every changed file, and the command that measures (or trains) on the files of now.
@@ -245,8 +246,8 @@ def check_same_files(cfg: dict, run_dir: Path, finished: dict) -> None:
         fix = "run it again on the files of now with overwrite=true (without ckpt_path), or in a directory of its own"
     raise RunDirError(
         f"ckpt_path=auto: {run_dir} holds a finished run, but of other files than this command's: "
-        f"{'; '.join(changed)}. Its results stand for the files it read; point paths.data_dir (or the tasks) back at "
-        f"them to keep it, or {fix}"
+        f"{'; '.join(changed)}. Its results stand for the files it read; restore them (or point paths.data_dir or the "
+        f"tasks back at them) to keep it, or {fix}"
     )
 
 
