@@ -145,6 +145,26 @@ def test_paths_compare_relative_to_the_checkout_they_are_under():
     assert config_differences(run("/a", "/a/data/x.json"), run("/b", "/b/data/x.json", "/d")) == ["eval.tasks"]
 
 
+def test_paths_compare_relative_only_where_the_files_are_checked_by_digest():
+    """A mode=eval source under paths.output_dir of another value names other weights, which no digest compares: a
+    finished evaluation of /o1/exp/A was skipped for run_dir=/o2/exp/A (paths.output_dir=/o2). And a paths.* value of
+    "/" made every absolute path one under it (model.path=/m/a and /x/m/a compared the same)."""
+
+    def run(output_dir: str, **settings) -> dict:
+        return {"paths": {"root": "/r", "output_dir": output_dir}, "mode": "eval", **settings}
+
+    assert config_differences(run("/o1", run_dir="/o1/exp/A"), run("/o2", run_dir="/o2/exp/A")) == ["run_dir"]
+    assert config_differences(run("/o1", adapters=["/o1/a"]), run("/o2", adapters=["/o2/a"])) == ["adapters"]
+    assert config_differences(run("/o1", eval={"p": "/o1/t.json"}), run("/o2", eval={"p": "/o2/t.json"})) == []
+    slash, moved = (
+        {"paths": {"root": "/"}, "model": {"path": "/m/a"}},
+        {"paths": {"root": "/x"}, "model": {"path": "/x/m/a"}},
+    )
+    assert config_differences(slash, moved) == ["model.path"]
+    slash, moved = {"paths": {"root": "/"}, "data": {"p": "/m/a"}}, {"paths": {"root": "/x"}, "data": {"p": "/x/m/a"}}
+    assert config_differences(slash, moved) == ["data.p"]
+
+
 def test_resume_without_a_checkpoint_names_the_fix(tmp_path):
     with pytest.raises(RunDirError, match="hydra.run.dir=<that run directory> ckpt_path=last"):
         run_experiment(smoke_config("ckpt_path=last"), tmp_path / "fresh")
@@ -204,6 +224,29 @@ def test_auto_refuses_to_skip_a_finished_run_whose_files_changed(tmp_path, monke
     assert f"training file {trained['name']} ({train_file}: SHA-256 " in message and "evaluation file boolq" in message
     assert "train it again on the files of now with overwrite=true" in message
     assert {p: p.read_bytes() for p in sorted(job.rglob("*")) if p.is_file()} == before  # refused: nothing written
+
+
+def test_auto_skips_a_finished_run_held_out_on_commonsense_test(tmp_path, monkeypatch):
+    """commonsense_test is one held-out name for seven files: paired by name alone, each file was compared with the
+    last one's digest, and every finished run of a commonsense_test experiment was refused as "of other files"."""
+    data = tmp_path / "data"
+    shutil.copytree(DATA, data)
+    overrides = ["ckpt_path=auto", "trainer.max_steps=2", "eval.tasks=[]", "eval.heldout=[commonsense_test]"]
+    overrides += ["eval.before=false", f"paths.data_dir={data}"]
+    job = tmp_path / "job"
+    first = run_experiment(smoke_config(*overrides), job)
+    assert len(first["eval_data"]) == 7
+    monkeypatch.setattr(runner, "_train", lambda *args: pytest.fail("the finished run was trained again"))
+    assert run_experiment(smoke_config(*overrides), job) == first
+    # One of the seven edited: named by its own file and digests.
+    piqa = next(entry for entry in first["eval_data"] if "piqa" in entry["file"])
+    Path(piqa["file"]).write_text(Path(piqa["file"]).read_text().replace("a", "b", 1))
+    with pytest.raises(RunDirError) as refused:
+        run_experiment(smoke_config(*overrides), job)
+    message = str(refused.value)
+    assert message.count("evaluation file commonsense_test") == 1
+    assert f"({piqa['file']}: SHA-256 " in message and f"{piqa['sha256'][:12]}... when the run read" in message
+    assert "restore them (or point paths.data_dir or the tasks back at them) to keep it" in message
 
 
 def stopped_in(monkeypatch, owner, name: str, cfg: dict, run_dir) -> None:

@@ -46,6 +46,9 @@ COMMAND_KEYS = {"ckpt_path", "overwrite"}
 # elsewhere, is the same run. What they hold is checked by digest (the training files and items, the base model:
 # `s2ft.lightning.checkpoint`), not by where they are.
 LOCATION_KEYS = {"paths"}
+# The settings whose files are checked by digest wherever a run is continued or skipped: their paths compare relative
+# to ``paths.*`` (`_relative_to_paths`).
+CHECKED_BY_DIGEST = {"data", "eval"}
 # Where ``overwrite=true`` keeps the old run's outputs until the new run writes its own.
 DISPLACED = ".overwritten"
 # Hydra's record of the command (config.yaml, hydra.yaml, overrides.yaml), written by `write_command_record` once every
@@ -212,8 +215,9 @@ def check_same_files(cfg: dict, run_dir: Path, finished: dict) -> None:
     """Refuse to skip a finished run (``ckpt_path=auto``) whose training or evaluation files have changed since.
 
     The config is the same (`check_same_config`), but ``paths.*`` may point at other data, and a file can change under
-    its name: the SHA-256s the run's summary recorded are compared with the files' now. A run finished before
-    summaries recorded them (``eval_data``) is not checked.
+    its name: the SHA-256s the run's summary recorded are compared with the files' now. The evaluation files of a run
+    finished before summaries recorded them (``eval_data``) are not checked, nor a registered hub set (no SHA-256)
+    or the adapter a ``mode=eval`` run read.
 
     Raises:
         RunDirError: Naming every changed file, and the command that measures (or trains) on the files of now.
@@ -242,18 +246,22 @@ def check_same_files(cfg: dict, run_dir: Path, finished: dict) -> None:
         fix = "run it again on the files of now with overwrite=true (without ckpt_path), or in a directory of its own"
     raise RunDirError(
         f"ckpt_path=auto: {run_dir} holds a finished run, but of other files than this command's: "
-        f"{'; '.join(changed)}. Its results stand for the files it read; point paths.data_dir (or the tasks) back at "
-        f"them to keep it, or {fix}"
+        f"{'; '.join(changed)}. Its results stand for the files it read; restore them (or point paths.data_dir or the "
+        f"tasks back at them) to keep it, or {fix}"
     )
 
 
 def _changed_files(recorded: list[dict], now: list[dict], what: str) -> list[str]:
     """``what`` files (`train_source_files` / `eval_data` entries) whose SHA-256 differs from the recorded one,
-    named with both digests; an entry recorded without a digest (a registered hub set) is not compared."""
-    before = {(entry.get("role"), entry["name"]): entry for entry in recorded}
+    named with both digests; an entry recorded without a digest (a registered hub set) is not compared.
+
+    Entries pair by role, name and place among the entries of that role and name: ``commonsense_test`` is one
+    held-out name for seven files, which paired by name alone were each compared with the last one's digest.
+    """
+    before = dict(zip(_entry_keys(recorded), recorded, strict=True))
     changed = []
-    for entry in now:
-        old = before.get((entry.get("role"), entry["name"]))
+    for key, entry in zip(_entry_keys(now), now, strict=True):
+        old = before.get(key)
         if old is None or not old.get("sha256") or not entry.get("sha256") or old["sha256"] == entry["sha256"]:
             continue
         changed.append(
@@ -261,6 +269,17 @@ def _changed_files(recorded: list[dict], now: list[dict], what: str) -> list[str
             f"now, {old['sha256'][:12]}... when the run read {old.get('resolved', old['file'])})"
         )
     return changed
+
+
+def _entry_keys(entries: list[dict]) -> list[tuple]:
+    """``(role, name, n)`` of each entry: its role, its name, and how many entries of that role and name come first."""
+    seen: dict[tuple, int] = {}
+    keys = []
+    for entry in entries:
+        key = (entry.get("role"), entry.get("name"))
+        keys.append((*key, seen.get(key, 0)))
+        seen[key] = seen.get(key, 0) + 1
+    return keys
 
 
 def _read_summary(summary_file: Path) -> dict:
@@ -307,16 +326,21 @@ def config_differences(saved, current, prefix: str = "") -> list[str]:
 
 
 def _relative_to_paths(cfg):
-    """``cfg`` with every string that is one of its own ``paths.*`` values, or a path under one, spelled as the
-    interpolation it came from (``/old/checkout/examples/x.json`` -> ``${paths.root}/examples/x.json``): a task's
-    ``path: ${paths.root}/...`` is resolved before the config is saved, and made a moved checkout another run."""
+    """``cfg`` with every string of its data and evaluation settings (`CHECKED_BY_DIGEST`) that is one of its own
+    ``paths.*`` values, or a path under one, spelled as the interpolation it came from
+    (``/old/checkout/examples/x.json`` -> ``${paths.root}/examples/x.json``): a task's ``path: ${paths.root}/...`` is
+    resolved before the config is saved, and made a moved checkout another run.
+
+    Only there: what those files hold is checked by digest (the checkpoint's training sources and items, the finished
+    run's summary: `check_same_files`), while ``run_dir``, ``adapter``, ``adapters`` or a model path under
+    ``paths.output_dir`` of another value name other weights, which nothing compares. A ``paths.*`` value of ``/``
+    (nothing once its trailing slash is dropped) is no base: every absolute path is under it.
+    """
     if not isinstance(cfg, dict) or not isinstance(cfg.get("paths"), dict):
         return cfg
     # Longest first: data_dir (root/data) before root, so both configs spell a file the same way.
-    bases = sorted(
-        ((str(value).rstrip("/"), key) for key, value in cfg["paths"].items() if isinstance(value, str) and value),
-        key=lambda pair: -len(pair[0]),
-    )
+    values = {key: value.rstrip("/") for key, value in cfg["paths"].items() if isinstance(value, str)}
+    bases = sorted(((value, key) for key, value in values.items() if value), key=lambda pair: -len(pair[0]))
 
     def spelled(value):
         if isinstance(value, dict):
@@ -329,7 +353,7 @@ def _relative_to_paths(cfg):
                     return "${paths." + key + "}" + value[len(base) :]
         return value
 
-    return spelled(cfg)
+    return {key: spelled(value) if key in CHECKED_BY_DIGEST else value for key, value in cfg.items()}
 
 
 def _check_fresh(cfg: dict, run_dir: Path) -> None:
