@@ -160,8 +160,9 @@ def describe_train_sources(sources: str | dict | Iterable[str | dict], data_dir:
 
 
 def train_source_files(sources: str | dict | Iterable[str | dict], data_dir: str | Path) -> list[dict]:
-    """`describe_train_sources` without the record counts, so without reading the sources (a registered hub set's
-    SHA-256 is None): what a finished run's recorded digests are compared with."""
+    """`describe_train_sources` without the record counts: what a finished run's recorded digests are compared with.
+    Local files are hashed, not parsed; a registered hub set is not loaded (its SHA-256 is None), a user's hub dataset
+    is (its `datasets` fingerprint)."""
     return [_train_file(source, data_dir) for source in resolve_train_items(sources)]
 
 
