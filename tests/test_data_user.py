@@ -539,3 +539,70 @@ def test_overlap_guard_refuses_user_data_holding_builtin_test_questions(tmp_path
 def test_parse_source_defaults():
     assert parse_source("dir/my.data.jsonl") == UserSource(name="my.data", path="dir/my.data.jsonl")
     assert parse_source({"hub": "org/set", "config": "main"}) == UserSource(name="set", hub="org/set", config="main")
+
+
+def test_a_folder_datasets_would_read_in_part_is_refused(tmp_path, monkeypatch):
+    """Before, datasets read a folder's files by split from their names and by the most common file type, silently:
+    a more.jsonl beside train.jsonl, or a b.csv beside a.jsonl, trained on half the data the folder held."""
+    named = tmp_path / "named"
+    named.mkdir()
+    write_jsonl(named / "train.jsonl", ALPACA[:1])
+    write_jsonl(named / "more.jsonl", ALPACA[1:])
+    write_jsonl(named / "test.jsonl", ALPACA[:1])
+    with pytest.raises(DataError) as refused:
+        load_user_source(str(named))
+    assert str(refused.value) == (
+        f"{named}: datasets reads a folder's files by split, from their names (train*, test*, validation*, dev*, "
+        "eval* ...; any other name is train only when no file names a split), here train: 1 file, test: 1 file, so 1 "
+        "data file(s) would not be read: more.jsonl; name each by its split (train_2.jsonl), or give each file as a "
+        "source of its own"
+    )
+    (named / "more.jsonl").rename(named / "train_2.jsonl")
+    assert fields(load_user_source(str(named))) == EXPECTED
+    (named / "test.jsonl").unlink()
+
+    mixed = tmp_path / "mixed"
+    (mixed / "sub").mkdir(parents=True)
+    write_jsonl(mixed / "a.jsonl", ALPACA[:1])
+    pd.DataFrame(ALPACA[1:]).to_csv(mixed / "sub" / "b.csv", index=False)
+    with pytest.raises(DataError) as refused:
+        load_user_source(str(mixed))
+    assert str(refused.value) == (
+        f"{mixed}: split 'train' mixes file types (csv, json: a.jsonl, sub/b.csv), and datasets reads only the most "
+        "common one; save them as one type, or give each file as a source of its own"
+    )
+    monkeypatch.chdir(tmp_path)  # a relative folder: datasets names its files absolute
+    with pytest.raises(DataError, match=r"^mixed: split 'train' mixes file types \(csv, json: a.jsonl, sub/b.csv\)"):
+        load_user_source("mixed")
+    (mixed / "sub" / "b.csv").unlink()
+    write_jsonl(mixed / "sub" / "b.json", ALPACA[1:])  # .json and .jsonl are one type; subfolders are read
+    with gzip.open(mixed / "c.jsonl.gz", "wt") as file:  # and a compressed file is of its data suffix's type
+        file.write(json.dumps(ALPACA[0]) + "\n")
+    (mixed / ".ipynb_checkpoints").mkdir()  # datasets skips names starting with "." or "_"; so does the check
+    write_jsonl(mixed / ".ipynb_checkpoints" / "a-checkpoint.jsonl", ALPACA)
+    assert sorted(fields(load_user_source(str(mixed)))) == sorted([EXPECTED[0], EXPECTED[0], EXPECTED[1]])
+
+
+def test_a_bad_file_in_a_folder_is_named_with_its_line(tmp_path):
+    """Before, a file of a folder that was not UTF-8 crashed with a UnicodeDecodeError traceback when its records
+    were read, and a broken JSONL line gave arrow's "JSON parse error: Column(/output) changed from string to object
+    in row 1", naming neither the file nor the line; an empty file is named too."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", ALPACA)
+    bad = folder / "b.jsonl"
+    bad.write_bytes(json.dumps(ALPACA[0]).encode() + b'\n{"instruction": "caf\xe9", "output": "x"}\n')
+    with pytest.raises(DataError) as refused:
+        load_user_source(str(folder))
+    assert str(refused.value) == (
+        f"{bad}: line 2 is not UTF-8 text (byte 0xe9); save the file as UTF-8, e.g. iconv -f latin1 -t utf-8 b.jsonl "
+        "> utf8_b.jsonl"
+    )
+    bad.write_text(json.dumps(ALPACA[0]) + '\n{"instruction": "x", "output": \n')
+    with pytest.raises(DataError) as refused:
+        load_user_source(str(folder))
+    assert str(refused.value) == f"{bad}: line 2 is not valid JSON (Expecting value at column 32); fix or remove it"
+    bad.write_text("\n")
+    with pytest.raises(DataError) as refused:
+        load_user_source(str(folder))
+    assert str(refused.value) == f"{bad} (in {folder}) holds no records; remove it or fill it"

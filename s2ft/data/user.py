@@ -180,6 +180,7 @@ def load_rows(source: UserSource, data_dir: str | Path | None = None) -> dataset
                         f"{source.where}: the folder holds no data file ({', '.join(BUILDERS)}) and is not a folder "
                         "saved with datasets' save_to_disk; point the path at the data file or its folder"
                     )
+                _check_folder(path, source)
                 # Resolved: datasets takes "." for no dataset name at all ("dataset_name should be specified").
                 rows = datasets.load_dataset(str(path.resolve()), source.config, split=source.split)
             elif path.suffix.lower() not in BUILDERS:
@@ -205,9 +206,72 @@ def load_rows(source: UserSource, data_dir: str | Path | None = None) -> dataset
             # load_dataset of a folder (or hub id) without that split: a folder's files name its splits (train.jsonl,
             # test.jsonl; a file of any other name is train), and an evaluation task reads test unless told.
             raise DataError(f"{source.where}: no split {source.split!r} ({err}); set split: NAME") from err
-        problem = _json_problem(path, source.where) if source.hub is None and path.suffix.lower() in JSON else None
+        problem = None
+        if source.hub is None and path.is_dir():  # a folder's files: the first bad one, named (datasets names none)
+            files = (file for file in _folder_files(path)[1].get(source.split, []) if file.suffix.lower() in JSON)
+            problem = next((found for file in files if (found := _json_problem(file, str(file)))), None)
+        elif source.hub is None and path.suffix.lower() in JSON:
+            problem = _json_problem(path, source.where)
         raise DataError(problem or f"could not read {source.where}: {_cause(err)}") from err
     return rows
+
+
+def _folder_files(path: Path) -> tuple[list[Path], dict[str, list[Path]]]:
+    """A plain folder's data files (those datasets would consider: not under a name starting with "." or "_"), and
+    the files of each split as datasets assigns them from their names (train.jsonl, test/..., else all train)."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    readable = {*BUILDERS, ".arrow"}
+    path = path.resolve()  # as datasets names the files
+    found = [
+        file
+        for file in sorted(path.rglob("*"))
+        if file.is_file()
+        and readable & {x.lower() for x in file.suffixes}
+        and not any(part.startswith((".", "_")) for part in file.relative_to(path).parts)
+    ]
+    base = str(path)
+    try:
+        splits = DataFilesDict.from_patterns(get_data_patterns(base), base_path=base)
+    except Exception:  # no data file at all (EmptyDatasetError): datasets' own message follows
+        return found, {}
+    return found, {str(split): [Path(file) for file in files] for split, files in splits.items()}
+
+
+def _check_folder(path: Path, source: UserSource) -> None:
+    """Refuse a plain folder that datasets would read in part, silently, and check each file of the split read as
+    a single file is checked (datasets fails on a non-UTF-8 one only when a record is read, past every check).
+
+    Raises:
+        DataError: Data files of no split (a more.jsonl beside train.jsonl), a split of several file types (datasets
+            reads the most common one), or a file that is not UTF-8 text or holds no records.
+    """
+    found, splits = _folder_files(path)
+    readable, path = {*BUILDERS, ".arrow"}, path.resolve()
+    assigned = {file.resolve() for files in splits.values() for file in files}
+    unread = [file for file in found if file.resolve() not in assigned]
+    if splits and unread:
+        named = ", ".join(f"{name}: {len(files)} file{'s' * (len(files) > 1)}" for name, files in splits.items())
+        raise DataError(
+            f"{source.where}: datasets reads a folder's files by split, from their names (train*, test*, validation*, "
+            f"dev*, eval* ...; any other name is train only when no file names a split), here {named}, so "
+            f"{len(unread)} data file(s) would not be read: {', '.join(str(f.relative_to(path)) for f in unread[:5])}"
+            "; name each by its split (train_2.jsonl), or give each file as a source of its own"
+        )
+    files = splits.get(source.split, [])
+    # By the data suffix, a compression one aside (train.jsonl.gz is json).
+    kinds = sorted(
+        {next((BUILDERS.get(x.lower(), "arrow") for x in file.suffixes if x.lower() in readable), "") for file in files}
+    )
+    if len(kinds) > 1:
+        raise DataError(
+            f"{source.where}: split {source.split!r} mixes file types ({', '.join(kinds)}: "
+            f"{', '.join(str(f.relative_to(path)) for f in files[:5])}), and datasets reads only the most common one; "
+            "save them as one type, or give each file as a source of its own"
+        )
+    for file in files:
+        if file.suffix.lower() in BUILDERS and not _check_text(file, str(file)):
+            raise DataError(f"{file} (in {source.where}) holds no records; remove it or fill it")
 
 
 JSON = (".json", ".jsonl")
