@@ -348,11 +348,20 @@ def test_a_user_task_is_a_heldout_loss_set(tmp_path):
     # Before, an unknown name listed the evaluation tasks ("unknown task 'gsm8k_tset'; valid tasks: gsm8k, ...").
     assert check_heldout_spec(["gsm8k_tset"], DATA) == [
         "eval.heldout: unknown held-out set 'gsm8k_tset'; valid: gsm8k_test, commonsense_test or one user task "
-        "definition {name, path, answer}"
+        "definition {name, path}"
     ]
     (tmp_path / "mine.yaml").write_text(yaml.safe_dump(definition))
     same = [definition, str(tmp_path / "mine.yaml"), "gsm8k_test", "gsm8k_test"]  # the same sets twice
     assert check_heldout_spec(same, DATA) == []
+    # Before, a loss set without an answer kind (it scores the responses) was refused as "eval.heldout: task Mine:
+    # answer must be one of number, letter, label, text, got None"; inline or in a yaml file of its own folder.
+    loose = {"name": "Mine", "path": test}
+    (tmp_path / "loose.yaml").write_text(yaml.safe_dump({"name": "Mine", "path": "t.jsonl"}))
+    for item in (loose, str(tmp_path / "loose.yaml")):
+        assert check_heldout_spec([item], DATA) == [] and heldout_name(item) == "Mine"
+        assert load_heldout(item, DATA) == examples
+        (entry,) = describe_eval_sources(None, [item], DATA)
+        assert (entry["name"], entry["role"], entry["sha256"]) == ("Mine", "heldout", sha256(test))
 
 
 def sha256(path) -> str:

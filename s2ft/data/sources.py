@@ -22,7 +22,7 @@ from s2ft.data.tasks import (
     resolve_train_items,
 )
 from s2ft.data.user import UserSource, file_digest, load_user_source, resolve_path, source_digest
-from s2ft.data.user_tasks import load_user_task, resolve_eval_tasks
+from s2ft.data.user_tasks import is_task_file, load_user_task, read_task_file, resolve_eval_tasks
 
 log = logging.getLogger(__name__)
 _READERS = {"llm_adapters": read_llm_adapters, "gsm8k": read_gsm8k, "mawps_raw": read_mawps_raw}
@@ -198,7 +198,7 @@ def describe_eval_sources(
         elif item == "commonsense_test":
             specs += [("heldout", item, spec) for spec in resolve_tasks("commonsense")]
         else:
-            specs += [("heldout", spec.name, spec) for spec in resolve_eval_tasks(item)]
+            specs += [("heldout", spec.name, spec) for spec in resolve_eval_tasks(heldout_definition(item))]
     return [{"name": name, "role": role, **_eval_file(spec, data_dir)} for role, name, spec in specs]
 
 
@@ -252,9 +252,24 @@ def split_validation(
     return train, val
 
 
+def heldout_definition(item: str | dict) -> str | dict | list[dict]:
+    """A held-out definition (or yaml file of one) as a task definition: a loss set scores its records' responses,
+    so it needs no ``answer`` (it was refused as "answer must be one of number, letter, label, text, got None")."""
+    if is_task_file(item):
+        try:
+            return [heldout_definition(definition) for definition in read_task_file(item)]
+        except DataError:
+            return item  # resolve_eval_tasks names the problem
+    return {**item, "answer": "text"} if isinstance(item, dict) and "answer" not in item else item
+
+
 def heldout_name(item: str | dict) -> str:
     """The name a held-out set is reported under: the registered name, or the user task definition's name."""
-    return item if isinstance(item, str) and item in HELDOUT_DOMAINS else resolve_eval_tasks(item)[0].name
+    return (
+        item
+        if isinstance(item, str) and item in HELDOUT_DOMAINS
+        else resolve_eval_tasks(heldout_definition(item))[0].name
+    )
 
 
 def load_heldout(name: str | dict, data_dir: str | Path) -> list[Example]:
@@ -272,13 +287,13 @@ def load_heldout(name: str | dict, data_dir: str | Path) -> list[Example]:
     """
     if not (isinstance(name, str) and name in HELDOUT_DOMAINS):
         try:
-            specs = resolve_eval_tasks(name)
+            specs = resolve_eval_tasks(heldout_definition(name))
         except UnknownNameError:
             specs = []  # its message lists the evaluation tasks, not the held-out sets
         if len(specs) != 1 or specs[0].source is None:
             raise UnknownNameError(
                 f"unknown held-out set {name!r}; valid: {', '.join(HELDOUT_DOMAINS)} or one user task definition "
-                "{name, path, answer}"
+                "{name, path}"
             )
         return load_user_source(specs[0].source, data_dir)
     if name == "gsm8k_test":
