@@ -419,7 +419,13 @@ def _check_sources(cfg: dict, mode: str) -> list[str]:
         )
     run_dir = run_dir if isinstance(run_dir, str) else None
     adapter = adapter if isinstance(adapter, str) else None
-    if run_dir is not None and not (Path(run_dir) / "adapter").is_dir():
+    if run_dir is not None and not Path(run_dir).is_dir():
+        # A relative run_dir is read from the working directory: "has no adapter/ folder" hid a folder not there.
+        problems.append(
+            f"run_dir {run_dir!r} does not exist (a relative path is read from the working directory, "
+            f"{Path.cwd()}); point it at a finished run directory"
+        )
+    elif run_dir is not None and not (Path(run_dir) / "adapter").is_dir():
         problems.append(f"run_dir {run_dir!r} has no adapter/ folder; point it at a finished run directory")
     if adapter is not None and not Path(adapter).is_dir():
         problems.append(f"adapter {adapter!r} is not a folder; give the adapter/ folder of a run")

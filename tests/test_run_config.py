@@ -119,6 +119,12 @@ def test_eval_mode_needs_something_to_evaluate(tmp_path):
         validate_run_config(compose_run("mode=eval"))
     with pytest.raises(RunConfigError, match="has no adapter/ folder"):
         validate_run_config(compose_run("mode=eval", f"run_dir={tmp_path}"))
+    # Before, a folder not there (a relative path from another directory) was said to have no adapter/ folder.
+    with pytest.raises(RunConfigError) as refused:
+        validate_run_config(compose_run("mode=eval", f"run_dir={tmp_path / 'gone'}"))
+    assert f"run_dir '{tmp_path / 'gone'}' does not exist (a relative path is read from the working directory, " in str(
+        refused.value
+    )
     validate_run_config(compose_run("mode=eval", "method=none"))
 
 
