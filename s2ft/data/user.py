@@ -31,6 +31,7 @@ from pathlib import Path
 
 import datasets
 import pyarrow.parquet as pq
+from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
 
 from s2ft.data.records import DataError, Example
 
@@ -219,8 +220,6 @@ def load_rows(source: UserSource, data_dir: str | Path | None = None) -> dataset
 def _folder_files(path: Path) -> tuple[list[Path], dict[str, list[Path]]]:
     """A plain folder's data files (those datasets would consider: not under a name starting with "." or "_"), and
     the files of each split as datasets assigns them from their names (train.jsonl, test/..., else all train)."""
-    from datasets.data_files import DataFilesDict, get_data_patterns
-
     readable = {*BUILDERS, ".arrow"}
     path = path.resolve()  # as datasets names the files
     found = [
@@ -233,7 +232,7 @@ def _folder_files(path: Path) -> tuple[list[Path], dict[str, list[Path]]]:
     base = str(path)
     try:
         splits = DataFilesDict.from_patterns(get_data_patterns(base), base_path=base)
-    except Exception:  # no data file at all (EmptyDatasetError): datasets' own message follows
+    except EmptyDatasetError:  # no data file at all: datasets' own message follows
         return found, {}
     return found, {str(split): [Path(file) for file in files] for split, files in splits.items()}
 
