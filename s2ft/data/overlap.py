@@ -137,7 +137,6 @@ def check_overlap(
         log.warning("the training set shares questions with %s (allowed by data.allow_overlap)", found)
         return counts
     raise DataOverlapError(
-        f"the training set contains questions of {found}. Remove those items from the training data (GSM8K train "
-        "has no overlap), check other sets (eval.tasks or data.overlap_tasks, eval.heldout), or opt in with "
-        "data.allow_overlap=true"
+        f"the training set contains questions of {found}. Remove those items from the training data, check other sets "
+        "(eval.tasks or data.overlap_tasks, eval.heldout), or opt in with data.allow_overlap=true"
     )
