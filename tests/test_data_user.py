@@ -327,7 +327,20 @@ def test_a_field_absent_from_every_record_and_chat_without_a_response(tmp_path):
     with pytest.raises(DataError, match=r"no field 'output' in any record \(columns: \['instruction'\]\)"):
         load_user_source({"path": str(path), "format": "alpaca"})
     chat = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "Hi"}]}])
-    with pytest.raises(DataError, match=r"c.jsonl: line 1: the last message must be the assistant's response"):
+    with pytest.raises(
+        DataError,
+        match=r"c.jsonl: line 1: the last message must be the assistant's response \(role "
+        r"'assistant'\), not a 'user' message$",
+    ):
+        load_user_source(str(chat))
+    # ShareGPT's role names were taken for other roles: "the last message must be the assistant's response".
+    sharegpt = [{"role": "human", "content": "Hi"}, {"role": "gpt", "content": "Hello"}]
+    chat = write_jsonl(tmp_path / "s.jsonl", [{"messages": sharegpt}])
+    with pytest.raises(
+        DataError,
+        match=r"s.jsonl: line 1: messages use ShareGPT's role names; rename them \(human -> "
+        r"user, gpt -> assistant\): roles are system, user, assistant$",
+    ):
         load_user_source(str(chat))
     # OpenAI-style content parts were read as their Python repr ("[{'type': 'text', ...}]") and trained on.
     parts = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}, {"role": "assistant", "content": "Hello"}]

@@ -477,6 +477,10 @@ def _as_text(value: str | int | float) -> str:
     return str(value)
 
 
+ROLES = "system, user, assistant"
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
+
+
 def _chat_parts(messages, where: str, need_response: bool) -> tuple[str, str, str]:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: field 'messages' must be a non-empty list of {{role, content}}")
@@ -490,13 +494,21 @@ def _chat_parts(messages, where: str, need_response: bool) -> tuple[str, str, st
                 f"{where}: a {message['role']} message's content is a {type(content).__name__}, not text; give each "
                 "message's content as a string (content parts such as [{type: text, text: ...}] are not read)"
             )
+    roles = {message["role"] for message in messages}
+    if roles & SHAREGPT_ROLES.keys():
+        # ShareGPT's names: read as they are, "human"/"gpt" were neither the prompt nor the response.
+        renames = ", ".join(f"{old} -> {new}" for old, new in SHAREGPT_ROLES.items() if old in roles)
+        raise DataError(f"{where}: messages use ShareGPT's role names; rename them ({renames}): roles are {ROLES}")
     response = ""
     if messages[-1]["role"] == "assistant":
         response, messages = _as_text(messages[-1]["content"]), messages[:-1]
     elif need_response:
-        raise DataError(f"{where}: the last message must be the assistant's response (role 'assistant')")
+        raise DataError(
+            f"{where}: the last message must be the assistant's response (role 'assistant'), not a "
+            f"{messages[-1]['role']!r} message"
+        )
     if not messages or messages[-1]["role"] != "user":
-        raise DataError(f"{where}: the response must follow a user message")
+        raise DataError(f"{where}: the response must follow a user message (role 'user'; roles are {ROLES})")
     context = "\n".join(f"{m['role']}: {_as_text(m['content'])}" for m in messages[:-1])
     return _as_text(messages[-1]["content"]), context, response
 
