@@ -180,6 +180,12 @@ def load_adapter_file(path: str | os.PathLike) -> Adapter:
         raise AdapterError(f"{path} is a file; give the adapter's folder (it holds {WEIGHTS_NAME} and {CONFIG_NAME})")
     config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
     missing = f"(save one with s2ft.save_adapter(model, {str(path)!r}))"
+    if not config_path.is_file() and (path / "adapter" / CONFIG_NAME).is_file():
+        # A run directory (run.py's outputs): saving an adapter into it, as the hint below says, was not the fix.
+        raise AdapterError(
+            f"adapter file missing: {config_path}; {path} is a run directory, whose adapter is its adapter/ folder: "
+            f"give {str(path / 'adapter')!r}"
+        )
     if not config_path.is_file():
         raise AdapterError(f"adapter file missing: {config_path} {missing}")
     try:

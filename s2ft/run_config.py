@@ -493,6 +493,15 @@ def _check_adapters(cfg: dict[str, Any], mode: str) -> list[str]:
         key = "run_dir" if single.get("run_dir") else "adapter"
         folder = path / "adapter" if key == "run_dir" else path
         method = saved_method(folder)
+        if method is None:
+            # Not "holds a unknown adapter ... S2FT adapters only": an S2FT folder whose config is gone or corrupt.
+            config = folder / CONFIG_NAME
+            why = "is missing" if not config.is_file() else "is not an adapter's (corrupt, or written by another tool)"
+            problems.append(
+                f"adapters: {path} is not a saved adapter: {config} {why}; give run directories or the adapter "
+                "folders that s2ft.save_adapter wrote"
+            )
+            continue
         if method != "s2ft":
             problems.append(
                 f"adapters: {path} holds a {method or 'unknown'} adapter; the batched pass serves S2FT adapters only: "

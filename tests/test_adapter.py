@@ -505,6 +505,26 @@ def test_bad_adapter_is_refused_and_the_model_left_unchanged(tmp_path, case):
     assert_same_state(base, before)
 
 
+def test_a_run_directory_given_as_the_adapter_is_refused_naming_its_adapter_folder(tmp_path):
+    """Before, the refusal said to save an adapter into the run directory (s2ft.save_adapter(model, RUN_DIR))."""
+    model = trained(build_tiny("llama_gqa"), s2ft.S2FTConfig(ratios={"o": 0.25}))
+    s2ft.save_adapter(model, tmp_path / "run" / "adapter")
+    base = build_tiny("llama_gqa")
+    before = snapshot(base)
+    adapter = re.escape(repr(str(tmp_path / "run" / "adapter")))
+    message = rf"^adapter file missing: \S+/run/{CONFIG_NAME}; \S+/run is a run directory, .*: give {adapter}$"
+    for action in (
+        lambda: s2ft.load_adapter(base, tmp_path / "run"),
+        lambda: s2ft.load_adapters(base, {"a": tmp_path / "run"}),
+        lambda: s2ft.fuse_adapters(base, [tmp_path / "run"]),
+    ):
+        with pytest.raises(AdapterError, match=message.removeprefix("^")):
+            action()
+        assert_same_state(base, before)
+    with pytest.raises(AdapterError, match=message):
+        s2ft.load_adapter(base, tmp_path / "run")
+
+
 @pytest.mark.parametrize(("other", "message"), OTHER_BASES)
 def test_adapter_for_another_base_model_is_refused(tmp_path, other, message):
     model = trained(build_tiny("llama_gqa"), s2ft.S2FTConfig(ratios={"o": 0.25, "down": 0.05}))

@@ -264,3 +264,38 @@ def test_run_py_refuses_a_bad_adapter_with_one_error_and_exit_1(sources, tmp_pat
     assert done.stderr.count("error: ") == 1, done.stderr[-3000:]
     assert re.search(r"error: 1 problem\(s\) in the config:\n  - adapters: \S+lora holds a lora adapter", done.stderr)
     assert not (tmp_path / "adapters.json").exists() and not (tmp_path / "adapters").exists()
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+def test_an_adapters_source_without_a_readable_config_is_named_not_called_another_method(damage, tmp_path):
+    """Before, a corrupt or missing adapter_config.json was reported as 'holds a unknown adapter; the batched pass
+    serves S2FT adapters only', which sent the user to evaluate an S2FT adapter on its own."""
+    folder = noisy_adapter(tmp_path / "n1", 1)
+    config = folder / "adapter_config.json"
+    if damage == "corrupt":
+        config.write_text("{not json")
+    else:
+        config.unlink()
+    why = "is missing" if damage == "missing" else r"is not an adapter's \(corrupt, or written by another tool\)"
+    with pytest.raises(UserError) as info:
+        run_experiment(smoke_config(*EVAL, "eval.tasks=[piqa]", f"adapters=[{folder}]"), tmp_path / "eval")
+    assert re.search(rf"adapters: \S+n1 is not a saved adapter: \S+n1/adapter_config\.json {why}; ", str(info.value))
+    assert "holds a" not in str(info.value)
+    assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize("method", ["s2ft", "lora"])
+def test_mode_eval_of_an_adapter_with_a_corrupt_record_is_refused_naming_the_file(method, tmp_path):
+    """Before, the training record's JSON was read unguarded: a JSONDecodeError traceback."""
+    folder = tmp_path / "adapter"
+    if method == "s2ft":
+        noisy_adapter(folder, 1)
+        damaged = folder / "adapter_config.json"
+    else:
+        save_trained(prepare_model(build_run_model({"name": "tiny_llama"})[0], "lora", {}), "lora", folder)
+        damaged = folder / "training_data.json"
+    damaged.write_text('{"train": ')
+    overrides = (*EVAL, "eval.tasks=[piqa]", f"method={method}", f"adapter={folder}")
+    with pytest.raises(s2ft.AdapterError, match=rf"^corrupt {re.escape(str(damaged))}: Expecting value: .*save the"):
+        run_experiment(smoke_config(*overrides), tmp_path / "eval")
+    assert not (tmp_path / "eval").exists()

@@ -15,6 +15,7 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+from s2ft.adapter_format import AdapterError
 from s2ft.data import DataError, load_eval, load_heldout, load_train
 from s2ft.data.overlap import DataOverlapError, overlap_findings
 from s2ft.data.sources import describe_train_sources, heldout_name
@@ -78,13 +79,24 @@ def read_adapter_record(adapter_dir: Path) -> dict | None:
     """The training record saved with an adapter (either place), or None for an adapter saved without one."""
     record_file = adapter_dir / RECORD_FILE
     if record_file.is_file():
-        return json.loads(record_file.read_text())
+        return _read_json(record_file)
     config_file = adapter_dir / ADAPTER_CONFIG
     if config_file.is_file():
-        config = json.loads(config_file.read_text())
+        config = _read_json(config_file)
         if isinstance(config, dict) and isinstance(config.get(TRAINING_KEY), dict):
             return config[TRAINING_KEY]
     return None
+
+
+def _read_json(path: Path):
+    """``path``'s JSON; an ``AdapterError`` naming the file when it is not JSON (a save cut short, an edit)."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        raise AdapterError(
+            f"corrupt {path}: {err}; it is not the JSON a saved adapter holds: save the adapter again, or restore the "
+            "file"
+        ) from None
 
 
 def _as_read(record: dict) -> list:
