@@ -504,7 +504,7 @@ def _check_adapters(cfg: dict[str, Any], mode: str) -> list[str]:
             continue
         if method != "s2ft":
             problems.append(
-                f"adapters: {path} holds a {method or 'unknown'} adapter; the batched pass serves S2FT adapters only: "
+                f"adapters: {path} holds a {method} adapter; the batched pass serves S2FT adapters only: "
                 f"evaluate it alone with mode=eval {key}={path}"
             )
             continue
