@@ -4,10 +4,9 @@ is loaded: each returns the list of problems found, for `s2ft.run_config` to rep
 from pathlib import Path
 
 from s2ft.data.records import DataError
-from s2ft.data.sources import HELDOUT_DOMAINS, heldout_definition, heldout_name, load_heldout
+from s2ft.data.sources import HELDOUT_DOMAINS, heldout_name, load_heldout, resolve_heldout
 from s2ft.data.tasks import resolve_train_items
 from s2ft.data.user import UserSource, load_user_source
-from s2ft.data.user_tasks import resolve_eval_tasks
 
 
 def check_train_spec(train, data_dir: str | Path) -> list[str]:
@@ -51,11 +50,7 @@ def check_heldout_spec(heldout, data_dir: str | Path) -> list[str]:
             problems.append(f"eval.heldout: {err}")
             continue
         # A definition inline and the same one in a yaml file are one set: compared as the task they define.
-        identity = (
-            item
-            if isinstance(item, str) and item in HELDOUT_DOMAINS
-            else resolve_eval_tasks(heldout_definition(item))[0]
-        )
+        identity = item if isinstance(item, str) and item in HELDOUT_DOMAINS else resolve_heldout(item)[0]
         name = heldout_name(item)
         if identity != item and name in HELDOUT_DOMAINS:
             # The summary and the report would take its loss for the registered set's (a forgetting measure).

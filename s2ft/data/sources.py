@@ -198,7 +198,7 @@ def describe_eval_sources(
         elif item == "commonsense_test":
             specs += [("heldout", item, spec) for spec in resolve_tasks("commonsense")]
         else:
-            specs += [("heldout", spec.name, spec) for spec in resolve_eval_tasks(heldout_definition(item))]
+            specs += [("heldout", spec.name, spec) for spec in resolve_heldout(item)]
     return [{"name": name, "role": role, **_eval_file(spec, data_dir)} for role, name, spec in specs]
 
 
@@ -252,12 +252,17 @@ def split_validation(
     return train, val
 
 
-def heldout_definition(item: str | dict) -> str | dict | list[dict]:
+def resolve_heldout(item: str | dict) -> list[TaskSpec]:
+    """The task specs of a user's held-out definition (or yaml file of them), as `resolve_eval_tasks` gives a task's."""
+    return resolve_eval_tasks(_heldout_definition(item))
+
+
+def _heldout_definition(item: str | dict) -> str | dict | list[dict]:
     """A held-out definition (or yaml file of one) as a task definition: a loss set scores its records' responses,
     so it needs no ``answer`` (it was refused as "answer must be one of number, letter, label, text, got None")."""
     if is_task_file(item):
         try:
-            return [heldout_definition(definition) for definition in read_task_file(item)]
+            return [_heldout_definition(definition) for definition in read_task_file(item)]
         except DataError:
             return item  # resolve_eval_tasks names the problem
     return {**item, "answer": "text"} if isinstance(item, dict) and "answer" not in item else item
@@ -265,11 +270,7 @@ def heldout_definition(item: str | dict) -> str | dict | list[dict]:
 
 def heldout_name(item: str | dict) -> str:
     """The name a held-out set is reported under: the registered name, or the user task definition's name."""
-    return (
-        item
-        if isinstance(item, str) and item in HELDOUT_DOMAINS
-        else resolve_eval_tasks(heldout_definition(item))[0].name
-    )
+    return item if isinstance(item, str) and item in HELDOUT_DOMAINS else resolve_heldout(item)[0].name
 
 
 def load_heldout(name: str | dict, data_dir: str | Path) -> list[Example]:
@@ -287,7 +288,7 @@ def load_heldout(name: str | dict, data_dir: str | Path) -> list[Example]:
     """
     if not (isinstance(name, str) and name in HELDOUT_DOMAINS):
         try:
-            specs = resolve_eval_tasks(heldout_definition(name))
+            specs = resolve_heldout(name)
         except UnknownNameError:
             specs = []  # its message lists the evaluation tasks, not the held-out sets
         if len(specs) != 1 or specs[0].source is None:

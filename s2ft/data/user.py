@@ -45,6 +45,8 @@ FIELDS = {
 REQUIRED = {"alpaca": ("instruction", "output"), "chat": ("messages",), "prompt_completion": ("prompt", "completion")}
 RESPONSE = {"alpaca": "output", "chat": "messages", "prompt_completion": "completion"}
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+# The data files datasets reads from a plain folder: these, and its own .arrow shards.
+FOLDER_SUFFIXES = {*BUILDERS, ".arrow"}
 SOURCE_KEYS = ("path", "hub", "config", "split", "format", "columns", "name")
 
 
@@ -174,8 +176,10 @@ def load_rows(source: UserSource, data_dir: str | Path | None = None) -> dataset
                 if isinstance(rows, datasets.DatasetDict):
                     rows = rows[source.split]
             elif path.is_dir():
-                readable = {*BUILDERS, ".arrow"}  # compressed ones too: data.jsonl.gz
-                if not any(readable & {x.lower() for x in file.suffixes} for file in path.rglob("*") if file.is_file()):
+                # Compressed ones too: data.jsonl.gz.
+                if not any(
+                    FOLDER_SUFFIXES & {x.lower() for x in file.suffixes} for file in path.rglob("*") if file.is_file()
+                ):
                     # datasets' own message for it is about resolving the pattern ** (or reads .txt files as text).
                     raise DataError(
                         f"{source.where}: the folder holds no data file ({', '.join(BUILDERS)}) and is not a folder "
@@ -220,13 +224,12 @@ def load_rows(source: UserSource, data_dir: str | Path | None = None) -> dataset
 def _folder_files(path: Path) -> tuple[list[Path], dict[str, list[Path]]]:
     """A plain folder's data files (those datasets would consider: not under a name starting with "." or "_"), and
     the files of each split as datasets assigns them from their names (train.jsonl, test/..., else all train)."""
-    readable = {*BUILDERS, ".arrow"}
     path = path.resolve()  # as datasets names the files
     found = [
         file
         for file in sorted(path.rglob("*"))
         if file.is_file()
-        and readable & {x.lower() for x in file.suffixes}
+        and FOLDER_SUFFIXES & {x.lower() for x in file.suffixes}
         and not any(part.startswith((".", "_")) for part in file.relative_to(path).parts)
     ]
     base = str(path)
@@ -246,7 +249,7 @@ def _check_folder(path: Path, source: UserSource) -> None:
             reads the most common one), or a file that is not UTF-8 text or holds no records.
     """
     found, splits = _folder_files(path)
-    readable, path = {*BUILDERS, ".arrow"}, path.resolve()
+    path = path.resolve()
     assigned = {file.resolve() for files in splits.values() for file in files}
     unread = [file for file in found if file.resolve() not in assigned]
     if splits and unread:
@@ -260,7 +263,10 @@ def _check_folder(path: Path, source: UserSource) -> None:
     files = splits.get(source.split, [])
     # By the data suffix, a compression one aside (train.jsonl.gz is json).
     kinds = sorted(
-        {next((BUILDERS.get(x.lower(), "arrow") for x in file.suffixes if x.lower() in readable), "") for file in files}
+        {
+            next((BUILDERS.get(x.lower(), "arrow") for x in file.suffixes if x.lower() in FOLDER_SUFFIXES), "")
+            for file in files
+        }
     )
     if len(kinds) > 1:
         raise DataError(
